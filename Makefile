@@ -1,0 +1,25 @@
+# Two commands do everything: `make demo` and `make test`. Each builds .venv itself.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+NP ?= 4
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[mpi,test,trainer,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/collective-run -n $(NP) $(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

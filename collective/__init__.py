@@ -1,0 +1,120 @@
+"""collective: topology-aware allreduce, reduce, broadcast, reduce-scatter and allgather over MPI, for data-parallel training."""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .communicator import ALGORITHMS, COLLECTIVE_NAMES, Communicator, Work
+from .errors import (
+    BackendUnavailableError,
+    CollectiveError,
+    CollectiveMismatchError,
+    CollectiveTimeoutError,
+    CollectiveTypeError,
+    CollectiveValueError,
+)
+from .ops import OPS
+
+__all__ = [
+    "init", "get_default", "is_initialized", "Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES", "OPS",
+    "allreduce", "allreduce_async", "reduce", "reduce_async", "broadcast", "broadcast_async",
+    "reduce_scatter", "reduce_scatter_async", "allgather", "allgather_async", "barrier",
+    "CollectiveError", "CollectiveValueError", "CollectiveTypeError", "CollectiveTimeoutError",
+    "CollectiveMismatchError", "BackendUnavailableError",
+]
+__version__ = "0.1.0"
+
+_default: Communicator | None = None
+_init_lock = threading.Lock()
+
+
+def init(**kwargs: Any) -> Communicator:
+    """Create (once) and return the default communicator over ``MPI.COMM_WORLD``.
+
+    Idempotent: later calls return the same communicator and ignore their
+    arguments. Also installs the hook that aborts the whole job when any rank
+    dies of an uncaught exception (``COLLECTIVE_ABORT_ON_EXCEPTION=0`` disables it).
+
+    Args:
+        **kwargs: passed to :class:`Communicator` on the first call (algorithm,
+            timeout, segment_bytes).
+
+    Example::
+
+        import collective as col
+        comm = col.init()
+        print(comm.rank, comm.size, comm.local_rank, comm.local_size)
+    """
+    global _default
+    with _init_lock:
+        if _default is None:
+            from .watchdog import install_excepthook
+
+            _default = Communicator(**kwargs)
+            install_excepthook(_default.rank, _default.size)
+        return _default
+
+
+def is_initialized() -> bool:
+    """True once :func:`init` has created the default communicator."""
+    return _default is not None
+
+
+def get_default() -> Communicator:
+    """The default communicator, created by :func:`init` on first use."""
+    return _default if _default is not None else init()
+
+
+def allreduce(x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Any:
+    """:meth:`Communicator.allreduce` on the default communicator."""
+    return get_default().allreduce(x, op=op, algorithm=algorithm, out=out)
+
+
+def allreduce_async(x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Work:
+    """:meth:`Communicator.allreduce_async` on the default communicator."""
+    return get_default().allreduce_async(x, op=op, algorithm=algorithm, out=out)
+
+
+def reduce(x: Any, root: int = 0, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Any:
+    """:meth:`Communicator.reduce` on the default communicator."""
+    return get_default().reduce(x, root=root, op=op, algorithm=algorithm, out=out)
+
+
+def reduce_async(x: Any, root: int = 0, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Work:
+    """:meth:`Communicator.reduce_async` on the default communicator."""
+    return get_default().reduce_async(x, root=root, op=op, algorithm=algorithm, out=out)
+
+
+def broadcast(x: Any, root: int = 0, algorithm: str | None = None, out: Any = None) -> Any:
+    """:meth:`Communicator.broadcast` on the default communicator."""
+    return get_default().broadcast(x, root=root, algorithm=algorithm, out=out)
+
+
+def broadcast_async(x: Any, root: int = 0, algorithm: str | None = None, out: Any = None) -> Work:
+    """:meth:`Communicator.broadcast_async` on the default communicator."""
+    return get_default().broadcast_async(x, root=root, algorithm=algorithm, out=out)
+
+
+def reduce_scatter(x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Any:
+    """:meth:`Communicator.reduce_scatter` on the default communicator."""
+    return get_default().reduce_scatter(x, op=op, algorithm=algorithm, out=out)
+
+
+def reduce_scatter_async(x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Work:
+    """:meth:`Communicator.reduce_scatter_async` on the default communicator."""
+    return get_default().reduce_scatter_async(x, op=op, algorithm=algorithm, out=out)
+
+
+def allgather(x: Any, algorithm: str | None = None, out: Any = None) -> Any:
+    """:meth:`Communicator.allgather` on the default communicator."""
+    return get_default().allgather(x, algorithm=algorithm, out=out)
+
+
+def allgather_async(x: Any, algorithm: str | None = None, out: Any = None) -> Work:
+    """:meth:`Communicator.allgather_async` on the default communicator."""
+    return get_default().allgather_async(x, algorithm=algorithm, out=out)
+
+
+def barrier() -> None:
+    """:meth:`Communicator.barrier` on the default communicator."""
+    get_default().barrier()

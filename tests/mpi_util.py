@@ -1,0 +1,112 @@
+"""Launch real mpiexec jobs from pytest under a hard timeout, and report which rank failed and why."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from collective.run import mpiexec_command
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = Path(__file__).resolve().parent / "jobs"
+
+
+@dataclass
+class JobResult:
+    """What one mpiexec job did."""
+
+    returncode: int
+    output: str
+    timed_out: bool
+    seconds: float
+
+    def failures(self) -> list[str]:
+        """The lines in which a rank reported a failure."""
+        return [ln for ln in self.output.splitlines() if "FAIL" in ln or "Traceback" in ln or "Error" in ln]
+
+
+def mpirun(script: str | Path, nprocs: int, args: list[str] | None = None, timeout: float = 120,
+           env: dict[str, str] | None = None, python_args: list[str] | None = None) -> JobResult:
+    """Run ``python script args`` on ``nprocs`` ranks; kill the whole job at ``timeout`` seconds.
+
+    On timeout every process of the job gets SIGTERM then SIGKILL (the job runs in
+    its own session), and the stacks of the Python ranks are dumped first via
+    faulthandler (SIGUSR1), so a hang shows where each rank was.
+    """
+    import time
+
+    script = Path(script)
+    if not script.is_absolute():
+        script = JOBS / script
+    e = dict(os.environ)
+    e.setdefault("COLLECTIVE_TIMEOUT", "60")
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e["PYTHONFAULTHANDLER"] = "1"
+    if env:
+        e.update(env)
+    cmd, e = mpiexec_command(["-n", str(nprocs), "--oversubscribe", sys.executable, *(python_args or []), str(script),
+                              *(args or [])], e)
+    e["OMPI_MCA_mpi_yield_when_idle"] = "1"
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e, start_new_session=True,
+                         cwd=str(ROOT))
+    timed_out = False
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _dump_and_kill(p.pid)
+        out, _ = p.communicate()
+    text = out.decode(errors="replace")
+    return JobResult(p.returncode, text, timed_out, time.monotonic() - t0)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        return []
+    kids = [int(x) for x in out.split()]
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def _dump_and_kill(pid: int) -> None:
+    import time
+
+    for k in _children(pid):
+        try:
+            with open(f"/proc/{k}/cmdline", "rb") as f:
+                if b"python" in f.read():
+                    os.kill(k, signal.SIGUSR1)  # faulthandler.register(SIGUSR1) in the job prints stacks
+        except OSError:
+            pass
+    time.sleep(0.5)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except OSError:
+            pass
+        time.sleep(0.3)
+
+
+def check(res: JobResult, what: str) -> None:
+    """Fail the test with the ranks' complaints if the job failed or hung."""
+    if res.timed_out or res.returncode != 0:
+        lines = res.output.splitlines()
+        fails = res.failures()
+        head = "TIMED OUT" if res.timed_out else f"exit code {res.returncode}"
+        msg = [f"{what}: {head} after {res.seconds:.1f} s"]
+        if fails:
+            msg.append("failures:\n  " + "\n  ".join(fails[:40]))
+        msg.append("output tail:\n" + "\n".join(lines[-60:]))
+        raise AssertionError("\n".join(msg))
+
+
+def count_passed(res: JobResult) -> int:
+    """The number of cases the job reported as passed (its 'PASSED n' line)."""
+    m = re.findall(r"PASSED (\d+)", res.output)
+    return int(m[-1]) if m else 0

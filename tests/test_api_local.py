@@ -1,0 +1,85 @@
+"""Single-process checks of the API (P=1 inside pytest itself): arguments, dtypes, shapes, the launcher."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import collective as col
+from collective.ops import OPS, check_dtype, get_op
+from collective.run import _nprocs, mpiexec_command
+
+
+@pytest.fixture(scope="module")
+def comm() -> col.Communicator:
+    return col.Communicator()
+
+
+def test_single_rank_is_identity(comm: col.Communicator) -> None:
+    x = np.arange(10, dtype=np.float32)
+    for alg in col.ALGORITHMS:
+        np.testing.assert_array_equal(comm.allreduce(x, algorithm=alg), x)
+        np.testing.assert_array_equal(comm.allreduce(x, op="avg", algorithm=alg), x)
+        np.testing.assert_array_equal(comm.allgather(x, algorithm=alg), x)
+        np.testing.assert_array_equal(comm.reduce_scatter(x, algorithm=alg), x)
+    assert comm.rank == 0 and comm.size == 1 and comm.local_rank == 0 and comm.local_size == 1
+
+
+def test_integer_avg_floor_divides() -> None:
+    assert get_op("AVG").average and get_op("sum").ufunc is np.add
+    assert get_op("median") is None
+
+
+@pytest.mark.parametrize("dt", ["int8", "uint16", "int64", "float16", "float32", "float64", "longdouble", "complex64", "complex128"])
+def test_numeric_dtypes_accepted(dt: str) -> None:
+    assert check_dtype(np.dtype(dt), OPS["sum"]) is None
+
+
+def test_bool_object_and_complex_order_refused() -> None:
+    assert "bool" in check_dtype(np.dtype(bool), OPS["sum"])
+    assert "object" in check_dtype(np.dtype(object), OPS["sum"])
+    assert "complex" in check_dtype(np.dtype("complex64"), OPS["max"])
+    assert check_dtype(np.dtype("complex64"), OPS["prod"]) is None
+
+
+def test_messages_name_op_rank_shape_dtype_algorithm(comm: col.Communicator) -> None:
+    with pytest.raises(col.CollectiveValueError) as e:
+        comm.allreduce(np.ones((2, 3), np.float32), op="median", algorithm="ring")
+    msg = str(e.value)
+    for word in ("allreduce", "rank 0", "(2, 3)", "float32", "ring", "median"):
+        assert word in msg, msg
+
+
+def test_out_checks(comm: col.Communicator) -> None:
+    x = np.ones(6, np.float64)
+    with pytest.raises(col.CollectiveValueError, match="contiguous"):
+        comm.allreduce(x, out=np.empty(12)[::2])
+    ro = np.empty(6)
+    ro.flags.writeable = False
+    with pytest.raises(col.CollectiveValueError, match="read-only"):
+        comm.allreduce(x, out=ro)
+    with pytest.raises(col.CollectiveValueError, match="overlaps"):
+        big = np.ones(7)
+        comm.allreduce(big[:6], out=big[1:])
+    y = x.copy()
+    assert comm.allreduce(y, out=y) is y
+
+
+def test_async_handle(comm: col.Communicator) -> None:
+    x = np.arange(5.0)
+    w = comm.allreduce_async(x)
+    np.testing.assert_array_equal(w.wait(), x)
+    assert w.done()
+
+
+def test_launcher_adds_oversubscribe_and_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    cmd, env = mpiexec_command(["-n", "8", "python", "x.py"], env={})
+    assert "--oversubscribe" in cmd
+    assert cmd[-4:] == ["-n", "8", "python", "x.py"]
+    cmd2, _ = mpiexec_command(["-n", "2", "python", "x.py"], env={})
+    assert "--oversubscribe" not in cmd2
+    if os.geteuid() == 0:
+        assert env["OMPI_ALLOW_RUN_AS_ROOT"] == "1"
+    assert _nprocs(["--np=3", "a"]) == 3 and _nprocs(["a"]) is None

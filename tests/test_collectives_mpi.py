@@ -1,0 +1,26 @@
+"""The foundation's correctness suite under real mpiexec, at P = 1, 2, 3, 4, 5 and 8."""
+from __future__ import annotations
+
+import pytest
+
+from mpi_util import check, count_passed, mpirun
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3, 4, 5, 8])
+def test_every_algorithm_collective_op_dtype_size(nprocs: int) -> None:
+    """Exact answers, in-place == out-of-place, inputs untouched, bitwise identical ranks, async, bad args."""
+    args = ["--large"] if nprocs in (1, 2, 3, 4, 8) else []
+    res = mpirun("correctness.py", nprocs, args, timeout=400)
+    check(res, f"correctness at P={nprocs}")
+    assert count_passed(res) > 1000
+
+
+@pytest.mark.parametrize("nprocs", [3, 4])
+def test_multi_segment_path(nprocs: int) -> None:
+    """Tiny segments force every transfer through the segmented, overlapped receive-and-reduce path."""
+    res = mpirun("correctness.py", nprocs, ["--algorithms", "ring,tree,star", "--dtypes", "int8,float16,float64"],
+                 timeout=300, env={"COLLECTIVE_SEGMENT_BYTES": "24"})
+    check(res, f"segmented correctness at P={nprocs}")
+    assert count_passed(res) > 500
