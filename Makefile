@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/collective-run -n $(NP) $(BIN)/python examples/demo.py
+	$(BIN)/collective-run -n $(NP) $(BIN)/python examples/allreduce_demo.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs tests

@@ -24,3 +24,15 @@ def test_multi_segment_path(nprocs: int) -> None:
                  timeout=300, env={"COLLECTIVE_SEGMENT_BYTES": "24"})
     check(res, f"segmented correctness at P={nprocs}")
     assert count_passed(res) > 500
+
+
+@pytest.mark.parametrize("nprocs", [2, 3, 5])
+def test_shm_small_chunks_and_alloc(nprocs: int) -> None:
+    """The shm algorithm with 4 KiB chunks (many chunks per call, both regions reused) and comm.alloc arrays."""
+    env = {"COLLECTIVE_SHM_CHUNK_BYTES": "4096"}
+    res = mpirun("correctness.py", nprocs, ["--algorithms", "shm", "--dtypes", "int8,float16,float64,complex128"],
+                 timeout=300, env=env)
+    check(res, f"shm with small chunks at P={nprocs}")
+    res = mpirun("shm_alloc.py", nprocs, timeout=300, env=env)
+    check(res, f"alloc at P={nprocs}")
+    assert count_passed(res) == 16

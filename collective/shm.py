@@ -1,0 +1,310 @@
+"""The `shm` algorithm and `alloc()`: collectives inside one node over MPI-3 shared windows, no message passing.
+
+Terms (the names below follow them):
+
+* **arena** -- one ``MPI.Win.Allocate_shared`` window over the node
+  communicator. Every rank owns a *segment* of it: a 64-byte *flag* (a
+  monotonically increasing int64 counter) followed by two *regions* of
+  ``chunk`` bytes (double buffering). Every rank maps every segment.
+* **chunk** -- a piece of the user's buffer processed as a unit; chunks are
+  cache-sized so the bytes one rank copies in are still in the shared cache
+  when the others read them.
+* **slice** -- within a chunk, the part rank r reduces: chunk elements split
+  evenly by local rank.
+* **phase** -- a rank publishes that it finished a phase by raising its flag
+  to that phase's *ticket*; a rank waits until every flag has reached it.
+  Tickets only grow, so no flag is ever reset.
+
+Allreduce of one chunk, on rank r (P ranks on the node)::
+
+    copy own input chunk -> region_r            | publish ARRIVED, wait all
+    out[slice r] = region_0 + ... + region_P-1  | (rank order: deterministic)
+    region_r[slice r] = out[slice r]            | publish REDUCED, wait all
+    out[slice q] = region_q[slice q], q != r
+
+Chunk g uses region g % 2. Writing region g % 2 again at chunk g+2 is safe:
+rank r gets there only after every rank arrived at chunk g+1, which each did
+after finishing chunk g. So two phases per chunk, and no barrier at the end.
+
+``alloc()`` hands out arrays that live in their own shared window; an
+allreduce on such an array reads every rank's data where it lies (no copy-in)
+and writes the result in place, at the price of a final phase so no rank
+changes its array while another still reads it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import CollectiveValueError
+
+__all__ = ["ShmArena", "SharedArrays", "DEFAULT_CHUNK_BYTES"]
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+_FLAG = 64  # one cache line for the flag, so flags of different ranks never share a line
+
+
+def _waiter(flags: list[memoryview], sync: Callable[[], Any], state: list[int]) -> Callable[[int], None]:
+    """A function that blocks until every flag reaches a ticket.
+
+    It spins briefly (the common case: the others are microseconds behind),
+    then yields the CPU and the GIL, since ranks may outnumber cores and the
+    caller's own compute thread may need the core. The watchdog thread
+    enforces the deadline.
+    """
+    sleep = time.sleep
+
+    def wait(ticket: int) -> None:
+        state[0] = ticket
+        for f in flags:
+            if f[0] < ticket:
+                spins = 0
+                while f[0] < ticket:
+                    spins += 1
+                    if spins > 200:
+                        sleep(0 if spins < 2000 else 50e-6)
+        state[0] = 0
+        sync()
+
+    return wait
+
+
+class ShmArena:
+    """The node's shared window of flags and double-buffered regions, plus the shm collectives."""
+
+    def __init__(self, node_comm: Any, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        from mpi4py import MPI
+
+        self._mpi = MPI
+        self.comm = node_comm
+        self.rank = node_comm.Get_rank()
+        self.size = node_comm.Get_size()
+        self.chunk = max(4096, (chunk_bytes + 63) // 64 * 64)
+        seg_bytes = _FLAG + 2 * self.chunk
+        self.win = MPI.Win.Allocate_shared(seg_bytes, 1, comm=node_comm)
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+        self.segs = []
+        for p in range(self.size):
+            buf, _ = self.win.Shared_query(p)
+            self.segs.append(np.frombuffer(buf, np.uint8, count=seg_bytes))
+        self.flags = [memoryview(s[:8]).cast("q") for s in self.segs]
+        self.my_flag = self.flags[self.rank]
+        self.my_flag[0] = 0
+        self._sync = self.win.Sync
+        self.awaiting = [0]  # the ticket being waited for (0: none), for stall and timeout reports
+        self._wait = _waiter(self.flags, self._sync, self.awaiting)
+        self.ticket = 0
+        self.chunks_done = 0
+        self.comm.Barrier()  # every flag is zeroed before anyone waits on it
+
+    def waiting_on(self) -> tuple[int, ...]:
+        """Node-local ranks whose flag has not reached the ticket being waited for."""
+        t = self.awaiting[0]
+        return tuple(p for p, f in enumerate(self.flags) if t and f[0] < t)
+
+    def _publish(self, ticket: int) -> None:
+        self._sync()  # our data writes become visible before the flag that announces them
+        self.my_flag[0] = ticket
+
+    def regions(self, g: int, dtype: np.dtype) -> list[np.ndarray]:
+        """Every rank's region for chunk number ``g``, viewed as ``dtype``."""
+        off = _FLAG + (g & 1) * self.chunk
+        n = self.chunk // dtype.itemsize
+        return [s[off:off + n * dtype.itemsize].view(dtype) for s in self.segs]
+
+    def chunk_elems(self, dtype: np.dtype) -> int:
+        """Elements of ``dtype`` per chunk."""
+        return self.chunk // dtype.itemsize
+
+    def allreduce(self, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any], root: int | None = None) -> None:
+        """Reduce ``x`` (1-D, contiguous) over the node into ``out``; only ``root`` gets all of it when root is given.
+
+        ``out`` may be ``x`` (in place). On non-root ranks of a reduce, ``out``
+        is scratch: it receives this rank's slices only.
+        """
+        P, r = self.size, self.rank
+        n = x.size
+        step = self.chunk_elems(x.dtype)
+        wait, publish = self._wait, self._publish
+        for c0 in range(0, n, step):
+            c1 = min(n, c0 + step)
+            m = c1 - c0
+            g = self.chunks_done
+            self.chunks_done = g + 1
+            regs = self.regions(g, x.dtype)
+            mine = regs[r]
+            np.copyto(mine[:m], x[c0:c1])
+            self.ticket += 1
+            publish(self.ticket)
+            wait(self.ticket)
+            base, extra = divmod(m, P)
+            s0 = r * base + min(r, extra)
+            s1 = s0 + base + (1 if r < extra else 0)
+            if s1 > s0:
+                dst = out[c0 + s0:c0 + s1]
+                if P > 1:
+                    ufunc(regs[0][s0:s1], regs[1][s0:s1], out=dst)
+                else:
+                    np.copyto(dst, regs[0][s0:s1])
+                for p in range(2, P):
+                    ufunc(dst, regs[p][s0:s1], out=dst)
+                np.copyto(mine[s0:s1], dst)
+            self.ticket += 1
+            publish(self.ticket)
+            if root is not None and r != root:
+                continue  # nobody reads our out; chunk g+2's ARRIVED keeps our region safe
+            wait(self.ticket)
+            for q in range(P):
+                if q == r:
+                    continue
+                q0 = q * base + min(q, extra)
+                q1 = q0 + base + (1 if q < extra else 0)
+                if q1 > q0:
+                    np.copyto(out[c0 + q0:c0 + q1], regs[q][q0:q1])
+
+    def broadcast(self, out: np.ndarray, root: int) -> None:
+        """Copy ``root``'s ``out`` (1-D, contiguous) into every rank's ``out``."""
+        r = self.rank
+        n = out.size
+        step = self.chunk_elems(out.dtype)
+        wait, publish = self._wait, self._publish
+        for c0 in range(0, n, step):
+            c1 = min(n, c0 + step)
+            g = self.chunks_done
+            self.chunks_done = g + 1
+            regs = self.regions(g, out.dtype)
+            if r == root:
+                np.copyto(regs[r][:c1 - c0], out[c0:c1])
+            # One phase per chunk: writing region g % 2 again at chunk g+2 happens after every rank
+            # arrived at chunk g+1, i.e. after each finished copying chunk g out.
+            self.ticket += 1
+            publish(self.ticket)
+            wait(self.ticket)
+            if r != root:
+                np.copyto(out[c0:c1], regs[root][:c1 - c0])
+
+    def reduce_scatter(self, x: np.ndarray, out: np.ndarray, blocks: tuple[int, ...], ufunc: Callable[..., Any]) -> None:
+        """Reduce ``x`` over the node; this rank's ``out`` gets ``[blocks[r], blocks[r+1])`` of the result."""
+        r, P = self.rank, self.size
+        n = x.size
+        b0, b1 = blocks[r], blocks[r + 1]
+        step = self.chunk_elems(x.dtype)
+        wait, publish = self._wait, self._publish
+        for c0 in range(0, n, step):
+            c1 = min(n, c0 + step)
+            g = self.chunks_done
+            self.chunks_done = g + 1
+            regs = self.regions(g, x.dtype)
+            np.copyto(regs[r][:c1 - c0], x[c0:c1])
+            # One phase per chunk, as in broadcast: region g % 2 is rewritten only after all arrived at g+1.
+            self.ticket += 1
+            publish(self.ticket)
+            wait(self.ticket)
+            a, b = max(c0, b0), min(c1, b1)
+            if b > a:
+                dst = out[a - b0:b - b0]
+                if P > 1:
+                    ufunc(regs[0][a - c0:b - c0], regs[1][a - c0:b - c0], out=dst)
+                else:
+                    np.copyto(dst, regs[0][a - c0:b - c0])
+                for p in range(2, P):
+                    ufunc(dst, regs[p][a - c0:b - c0], out=dst)
+
+    def allgather(self, x: np.ndarray, out: np.ndarray) -> None:
+        """Concatenate every rank's ``x`` (same size everywhere) into ``out`` in rank order."""
+        r, P = self.rank, self.size
+        m = x.size
+        step = self.chunk_elems(x.dtype)
+        wait, publish = self._wait, self._publish
+        for c0 in range(0, m, step):
+            c1 = min(m, c0 + step)
+            g = self.chunks_done
+            self.chunks_done = g + 1
+            regs = self.regions(g, x.dtype)
+            np.copyto(regs[r][:c1 - c0], x[c0:c1])
+            self.ticket += 1
+            publish(self.ticket)
+            wait(self.ticket)
+            for q in range(P):
+                np.copyto(out[q * m + c0:q * m + c1], regs[q][:c1 - c0])
+
+    def free(self) -> None:
+        """Release the window (collective over the node)."""
+        self.win.Unlock_all()
+        self.win.Free()
+
+
+class SharedArrays:
+    """Arrays allocated in the node's shared memory by ``comm.alloc``; collectives on them copy nothing in.
+
+    Each ``alloc`` is one collective ``Allocate_shared``; the arrays are
+    remembered by their address so a collective recognises them.
+    """
+
+    def __init__(self, arena: ShmArena) -> None:
+        self.arena = arena
+        self._by_addr: dict[int, tuple[Any, list[np.ndarray]]] = {}
+
+    def alloc(self, nbytes: int) -> np.ndarray:
+        """A uint8 array of ``nbytes`` in a new shared window (collective over the node)."""
+        MPI = self.arena._mpi
+        win = MPI.Win.Allocate_shared(max(nbytes, 1), 1, comm=self.arena.comm)
+        segs = []
+        for p in range(self.arena.size):
+            buf, _ = win.Shared_query(p)
+            segs.append(np.frombuffer(buf, np.uint8, count=max(nbytes, 1))[:nbytes])
+        mine = segs[self.arena.rank]
+        self._by_addr[mine.__array_interface__["data"][0]] = (win, segs)
+        return mine
+
+    def lookup(self, a: np.ndarray) -> list[np.ndarray] | None:
+        """Every rank's segment of the window ``a`` starts, when ``a`` is a whole alloc'd array (any dtype)."""
+        ent = self._by_addr.get(a.__array_interface__["data"][0])
+        if ent is None or ent[1][self.arena.rank].nbytes != a.nbytes:
+            return None
+        return ent[1]
+
+    def allreduce_inplace(self, segs: list[np.ndarray], dtype: np.dtype, ufunc: Callable[..., Any]) -> None:
+        """Allreduce every rank's segment in place (the segments are the user's arrays)."""
+        ar = self.arena
+        P, r = ar.size, ar.rank
+        arrs = [s.view(dtype) for s in segs]
+        n = arrs[0].size
+        step = ar.chunk_elems(dtype)
+        wait, publish = ar._wait, ar._publish
+        ar.ticket += 1
+        publish(ar.ticket)  # ARRIVED: every rank's array holds its input
+        wait(ar.ticket)
+        for c0 in range(0, n, step):
+            c1 = min(n, c0 + step)
+            m = c1 - c0
+            base, extra = divmod(m, P)
+            s0 = c0 + r * base + min(r, extra)
+            s1 = s0 + base + (1 if r < extra else 0)
+            # Only this rank touches slice r of any array in this phase, so its own copy of the slice can
+            # take the result; the others' slices are read, never written.
+            if s1 > s0:
+                dst = arrs[r][s0:s1]
+                for p in range(P):
+                    if p != r:
+                        ufunc(dst, arrs[p][s0:s1], out=dst)
+            ar.ticket += 1
+            publish(ar.ticket)  # REDUCED (this chunk)
+            wait(ar.ticket)
+            for q in range(P):
+                if q == r:
+                    continue
+                q0 = c0 + q * base + min(q, extra)
+                q1 = q0 + base + (1 if q < extra else 0)
+                if q1 > q0:
+                    np.copyto(arrs[r][q0:q1], arrs[q][q0:q1])
+        ar.ticket += 1
+        publish(ar.ticket)  # DONE: nobody reads our array any more once all have published this
+        wait(ar.ticket)
+
+    def check_all(self, a: np.ndarray, what: str) -> None:
+        """Raise if ``a`` is not a whole alloc'd array."""
+        if self.lookup(a) is None:
+            raise CollectiveValueError(f"{what}: the array is not one returned by comm.alloc()")
