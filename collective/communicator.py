@@ -22,7 +22,8 @@ import topologies
 from topologies import even_blocks
 from topologies.cluster import Cluster
 
-from .arrays import to_numpy
+from .arrays import Deferred, to_numpy
+from .calibrate import calibrate
 from .backends.mpi import MPIBackend, mpi_dtype, mpi_op, require_mpi
 from .errors import (
     BackendUnavailableError,
@@ -39,9 +40,9 @@ from .watchdog import Watchdog, install_excepthook
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES"]
 
 #: Algorithms a caller may name. "auto" picks one per call.
-ALGORITHMS: tuple[str, ...] = ("auto", "native", "ring", "tree", "star", "shm")
+ALGORITHMS: tuple[str, ...] = ("auto", "native", "ring", "tree", "star", "hierarchical", "shm")
 #: Schedule algorithms (run by the executor).
-SCHEDULED: frozenset[str] = frozenset(("ring", "tree", "star"))
+SCHEDULED: frozenset[str] = frozenset(("ring", "tree", "star", "hierarchical"))
 COLLECTIVE_NAMES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
 _ROOTED = frozenset(("reduce", "broadcast"))
 _REDUCING = frozenset(("allreduce", "reduce", "reduce_scatter"))
@@ -150,12 +151,16 @@ class Communicator:
         seg = segment_bytes or _env_int("COLLECTIVE_SEGMENT_BYTES") or (1 << 18)
         self._exec = Executor(self._backend, ExecutorOptions(segment_bytes=seg))
         self.cluster: Cluster = self._discover_cluster()
+        # Link costs for the cost model (explain, auto); rank 0's measurement, identical on every rank.
+        self.cluster = calibrate(self._backend.comm, self.cluster)
+        self._choices: dict[tuple, Any] = {}
         node = self.cluster.node_of_rank[self.rank]
         peers = self.cluster.ranks_of_node(node)
         self.node: int = node
         self.local_rank: int = peers.index(self.rank)
         self.local_size: int = len(peers)
         self._seq = 0
+        self._static: dict[tuple, tuple] = {}
         self._work_buf = np.empty(0, np.uint8)
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue | None = None
@@ -225,10 +230,106 @@ class Communicator:
 
     def _prepare(self, name: str, x: Any, op: Any, algorithm: str | None, root: int, out: Any) -> _Call:
         try:
-            arr, wrap = to_numpy(x)
-        except CollectiveTypeError as exc:
-            raise CollectiveTypeError(f"{describe(name, self.rank, self.size)}: {exc}") from None
+            return self._prepare_args(name, x, op, algorithm, root, out)
+        except Exception as exc:
+            # The other ranks may be entering this collective: take part in its fingerprint check with
+            # a poison print, in call order, so they raise CollectiveMismatchError naming this rank and
+            # its error instead of waiting for it. If every rank failed, each raises its own error.
+            if self.watchdog.check is not None:
+                from .fingerprint import Poison
+
+                p = Poison(name, exc)
+                if self._pending == 0:
+                    with self._lock:
+                        try:
+                            self._execute(p)
+                        except Exception:  # noqa: BLE001 - this rank raises its own error below
+                            pass
+                else:
+                    self._submit(p)
+            raise
+
+    def _prepare_args(self, name: str, x: Any, op: Any, algorithm: str | None, root: int, out: Any) -> _Call:
+        if type(x) is np.ndarray:
+            arr, wrap = x, None
+        else:
+            try:
+                arr, wrap = to_numpy(x)
+            except CollectiveTypeError as exc:
+                raise CollectiveTypeError(f"{describe(name, self.rank, self.size)}: {exc}") from None
         shape, dtype = arr.shape, arr.dtype
+        # Everything that depends only on the call's signature is checked once and cached: the hot
+        # path of a repeated call is a dict lookup plus the checks of this call's own arrays.
+        try:
+            key = (name, shape, dtype, op, algorithm, root)
+            st = self._static.get(key)
+        except TypeError:  # an unhashable op or root: let the full check explain it
+            key, st = None, None
+        if st is None:
+            st = self._static_checks(name, shape, dtype, op, algorithm, root)
+            if key is not None:
+                if len(self._static) > 4096:
+                    self._static.clear()
+                self._static[key] = st
+        rop, alg, rshape, blocks, root = st
+        if arr.flags.c_contiguous:
+            xf = arr if arr.ndim == 1 else arr.reshape(-1)
+        else:
+            xf = np.ascontiguousarray(arr).reshape(-1)
+        needs_out = name != "reduce" or self.rank == root
+        inplace = False
+        if out is not None:
+            if type(out) is np.ndarray:
+                o = out
+            else:
+                try:
+                    o, owrap = to_numpy(out)
+                except CollectiveTypeError as exc:
+                    raise self._fail(CollectiveTypeError, name, shape, dtype, alg, f"out: {exc}") from None
+            if o.dtype != dtype:
+                raise self._fail(CollectiveTypeError, name, shape, dtype, alg,
+                                 f"out has dtype {o.dtype}, expected {dtype}")
+            if o.shape != rshape:
+                raise self._fail(CollectiveValueError, name, shape, dtype, alg,
+                                 f"out has shape {o.shape}, expected {rshape}")
+            flags = o.flags
+            fresh = False
+            if not flags.writeable:
+                from .arrays import is_immutable
+
+                if not is_immutable(out):
+                    raise self._fail(CollectiveValueError, name, shape, dtype, alg, "out is read-only")
+                # JAX arrays (and NumPy scalars) are never written in place: the result is a new one of out's type
+                o, fresh = np.empty(rshape, dtype), True
+                flags = o.flags
+            if not flags.c_contiguous:
+                raise self._fail(CollectiveValueError, name, shape, dtype, alg,
+                                 "out is not C-contiguous; pass a contiguous array (e.g. np.ascontiguousarray)")
+            of = o if o.ndim == 1 else o.reshape(-1)
+            if o is arr:
+                inplace = True
+            elif of.size and xf.size and np.may_share_memory(of, xf):
+                if of.size != xf.size or of.__array_interface__["data"][0] != xf.__array_interface__["data"][0]:
+                    raise self._fail(CollectiveValueError, name, shape, dtype, alg,
+                                     "out partly overlaps the input; pass out=x (the same array) or a separate array")
+                inplace = True
+            result = (owrap(o) if fresh else out) if needs_out else None
+            if not needs_out:
+                of = None
+        elif needs_out:
+            o = np.empty(rshape, dtype)
+            of = o if o.ndim == 1 else o.reshape(-1)
+            result = o if wrap is None else wrap(o)
+        else:
+            of, result = None, None
+        if alg == "shm" and inplace and name == "allreduce" and self._shared is not None:
+            if self._shared.lookup(xf) is not None:
+                alg = "shm-window"  # a distinct name, so a rank passing a plain array is caught as a mismatch
+        return _Call(name, xf, shape, dtype, rop, alg, root, of, result, blocks, inplace)
+
+    def _static_checks(self, name: str, shape: tuple, dtype: np.dtype, op: Any, algorithm: str | None,
+                       root: Any) -> tuple:
+        """Check what depends only on the call's signature; returns (op, algorithm, result shape, blocks, root)."""
         alg = algorithm or self.algorithm
         if alg not in ALGORITHMS:
             raise self._fail(CollectiveValueError, name, shape, dtype, alg,
@@ -248,7 +349,9 @@ class Communicator:
                 raise self._fail(CollectiveValueError, name, shape, dtype, alg,
                                  f"root {root!r} is not a rank of this communicator (0..{P - 1})")
             root = int(root)
-        xf = arr.reshape(-1) if arr.flags.c_contiguous else np.ascontiguousarray(arr).reshape(-1)
+        else:
+            root = 0
+        n = int(np.prod(shape)) if shape else 1
         blocks = None
         if name == "reduce_scatter":
             rows = shape[0] if len(shape) else 1
@@ -258,48 +361,12 @@ class Communicator:
             blocks = tuple(b * row for b in rb)
             rshape: tuple = (rb[r + 1] - rb[r], *rest)
         elif name == "allgather":
-            m = xf.size
-            blocks = tuple(i * m for i in range(P + 1))
+            blocks = tuple(i * n for i in range(P + 1))
             rshape = (P * shape[0], *shape[1:]) if len(shape) else (P,)
         else:
             rshape = shape
-        needs_out = name != "reduce" or r == root
-        inplace = False
-        if out is not None:
-            try:
-                o, _ = to_numpy(out)
-            except CollectiveTypeError as exc:
-                raise self._fail(CollectiveTypeError, name, shape, dtype, alg, f"out: {exc}") from None
-            if o.dtype != dtype:
-                raise self._fail(CollectiveTypeError, name, shape, dtype, alg,
-                                 f"out has dtype {o.dtype}, expected {dtype}")
-            if o.shape != rshape:
-                raise self._fail(CollectiveValueError, name, shape, dtype, alg,
-                                 f"out has shape {o.shape}, expected {rshape}")
-            if not o.flags.writeable:
-                raise self._fail(CollectiveValueError, name, shape, dtype, alg, "out is read-only")
-            if not o.flags.c_contiguous:
-                raise self._fail(CollectiveValueError, name, shape, dtype, alg,
-                                 "out is not C-contiguous; pass a contiguous array (e.g. np.ascontiguousarray)")
-            of = o.reshape(-1)
-            if o is arr:
-                inplace = True
-            elif of.size and xf.size and np.may_share_memory(of, xf):
-                if of.size != xf.size or of.__array_interface__["data"][0] != xf.__array_interface__["data"][0]:
-                    raise self._fail(CollectiveValueError, name, shape, dtype, alg,
-                                     "out partly overlaps the input; pass out=x (the same array) or a separate array")
-                inplace = True
-            result = out if needs_out else None
-            if not needs_out:
-                of = None
-        elif needs_out:
-            o = np.empty(rshape, dtype)
-            of = o.reshape(-1)
-            result = o if wrap is None else wrap(o)
-        else:
-            of, result = None, None
         if alg == "auto":
-            alg = self._auto(name, xf.size * dtype.itemsize, dtype)
+            alg = self._auto(name, n * dtype.itemsize, dtype)
         elif alg == "shm" and not self.single_node:
             raise self._fail(CollectiveValueError, name, shape, dtype, alg,
                              f"shm needs every rank on one node, but these {P} ranks span "
@@ -307,10 +374,7 @@ class Communicator:
         elif alg == "native" and mpi_dtype(dtype) is None:
             raise self._fail(CollectiveTypeError, name, shape, dtype, alg,
                              "MPI has no datatype for this dtype; use algorithm ring, tree or star")
-        if alg == "shm" and inplace and name == "allreduce" and self._shared is not None:
-            if self._shared.lookup(xf) is not None:
-                alg = "shm-window"  # a distinct name, so a rank passing a plain array is caught as a mismatch
-        return _Call(name, xf, shape, dtype, rop, alg, root, of, result, blocks, inplace)
+        return rop, alg, rshape, blocks, root
 
     def _auto(self, name: str, nbytes: int, dtype: np.dtype) -> str:
         """The algorithm "auto" picks, by size and layout (a tuning table, when given, comes first).
@@ -346,6 +410,8 @@ class Communicator:
         wd = self.watchdog
         wd.begin(rec)
         try:
+            if wd.check is not None:  # cross-rank fingerprint: a mismatch raises on every rank before data moves
+                wd.check(rec, c)
             alg = c.algorithm
             if alg == "native":
                 self._native(c)
@@ -356,7 +422,8 @@ class Communicator:
         finally:
             self._exec.current = None
             wd.end(rec)
-        return c.result
+        r = c.result
+        return r.resolve() if type(r) is Deferred else r  # types that copy on construction (JAX) are made now
 
     def _scheduled(self, c: _Call) -> None:
         name, xf, of, P, r = c.name, c.xf, c.of, self.size, self.rank
@@ -366,7 +433,7 @@ class Communicator:
             work = of
             if not c.inplace:
                 np.copyto(work, xf)
-            sched = topologies.build(c.algorithm, name, P, n)
+            sched = topologies.build(c.algorithm, name, P, n, nodes=self.cluster.node_of_rank)
         elif name == "reduce":
             if r == c.root:
                 work = of
@@ -375,21 +442,21 @@ class Communicator:
             else:  # other ranks' partial sums must not land in the caller's buffers
                 work = self._work(n, c.dtype)
                 np.copyto(work, xf)
-            sched = topologies.build(c.algorithm, name, P, n, c.root)
+            sched = topologies.build(c.algorithm, name, P, n, c.root, nodes=self.cluster.node_of_rank)
         elif name == "broadcast":
             work = of
             if r == c.root and not c.inplace:
                 np.copyto(work, xf)
-            sched = topologies.build(c.algorithm, name, P, n, c.root)
+            sched = topologies.build(c.algorithm, name, P, n, c.root, nodes=self.cluster.node_of_rank)
         elif name == "reduce_scatter":
             work = self._work(n, c.dtype)
             np.copyto(work, xf)
-            sched = topologies.build(c.algorithm, name, P, n, 0, c.blocks)
+            sched = topologies.build(c.algorithm, name, P, n, 0, c.blocks, nodes=self.cluster.node_of_rank)
         else:  # allgather
             work = of
             a, b = c.blocks[r], c.blocks[r + 1]
             np.copyto(work[a:b], xf)
-            sched = topologies.build(c.algorithm, name, P, work.size, 0, c.blocks)
+            sched = topologies.build(c.algorithm, name, P, work.size, 0, c.blocks, nodes=self.cluster.node_of_rank)
         ex = self._exec
         ufunc = rop.ufunc if rop is not None else None
         ex.run(ex.plan(sched, c.dtype.itemsize), work, ufunc, self._seq)
@@ -603,6 +670,58 @@ class Communicator:
         """Asynchronous :meth:`allgather`."""
         return self._submit(self._prepare("allgather", x, None, algorithm, 0, out))
 
+    def cost_choice(self, collective: str, nbytes: int, dtype: Any = "float32", root: int = 0,
+                    candidates: Any = None) -> Any:
+        """The cost model's pick for one call: a ``topologies.cost.Choice`` (best algorithm, predicted seconds of each).
+
+        Local and deterministic: every rank holds the same calibrated ``cluster``,
+        so every rank gets the same choice (what "auto" needs). Cached per
+        (collective, nbytes, itemsize, root, candidates).
+
+        Args:
+            collective: "allreduce", "reduce", "broadcast", "reduce_scatter" or "allgather".
+            nbytes: bytes of one rank's input (``x.nbytes``).
+            dtype: element type (its itemsize matters; native is left out when MPI lacks it).
+            root: root of reduce and broadcast.
+            candidates: algorithm names to compare (default: native and every Schedule algorithm).
+
+        Example::
+
+            comm.cost_choice("allreduce", 4 << 20).best   # e.g. "hierarchical" across nodes
+        """
+        from topologies import cost
+
+        dt = np.dtype(dtype)
+        if candidates is None:
+            candidates = tuple(a for a in cost.CANDIDATES if a != "native" or mpi_dtype(dt) is not None)
+        key = (collective, int(nbytes), dt.itemsize, root, tuple(candidates))
+        ch = self._choices.get(key)
+        if ch is None:
+            if len(self._choices) > 4096:
+                self._choices.clear()
+            ch = cost.choose(collective, int(nbytes), self.cluster, dt.itemsize, candidates, root)
+            self._choices[key] = ch
+        return ch
+
+    def explain(self, collective: str, nbytes: int, dtype: Any = "float32", root: int = 0) -> str:
+        """Each algorithm's predicted time for one call, the cost model's choice, and what "auto" picks now.
+
+        Local (no messages). The links are the ones measured at init (or the
+        documented defaults with ``COLLECTIVE_CALIBRATE=0``).
+
+        Example::
+
+            print(comm.explain("allreduce", 4 << 20))
+        """
+        from topologies import cost
+
+        if collective not in COLLECTIVE_NAMES:
+            raise CollectiveValueError(f"{describe('explain', self.rank, self.size)}: unknown collective "
+                                       f"{collective!r}; choose one of {', '.join(COLLECTIVE_NAMES)}")
+        dt = np.dtype(dtype)
+        text = cost.explain(self.cost_choice(collective, nbytes, dt, root), self.cluster)
+        return f"{text}\n  auto picks now: {self._auto(collective, int(nbytes), dt)}"
+
     def barrier(self) -> None:
         """Block until every rank has called barrier (after any queued async work)."""
         if self._pending:
@@ -616,7 +735,9 @@ class Communicator:
         rec = [self._seq, "barrier", (), None, "native", None, time.monotonic(), None]
         self.watchdog.begin(rec)
         try:
-            self._backend.comm.Barrier()
+            chk = self.watchdog.check
+            if chk is None or not chk(rec, _BARRIER):  # the fingerprint allreduce already synchronised every rank
+                self._backend.comm.Barrier()
         finally:
             self.watchdog.end(rec)
 

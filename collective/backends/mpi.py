@@ -7,6 +7,12 @@ import numpy as np
 
 from ..errors import BackendUnavailableError
 
+import os as _os
+
+# Open MPI's UCX one-sided component prints a spurious error on machines without UCX networks when
+# a shared window is created; the shared-memory component does the job.
+_os.environ.setdefault("OMPI_MCA_osc", "^ucx")
+
 try:
     from mpi4py import MPI
 except ImportError as _exc:  # pragma: no cover - depends on the environment
