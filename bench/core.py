@@ -1,0 +1,502 @@
+"""Measuring: buffers allocated once, algorithms interleaved round-robin per size, slowest-rank times, exact checks.
+
+Terms used below. A *column* is one algorithm of the library (native, ring,
+...), or a reference: ``gloo`` (torch.distributed over Gloo) or ``memcpy``
+(a local copy of the same bytes, no communication). A *mode* is out-of-place
+(a separate output buffer) or in-place (``out=x``). A *case* is one column in
+one mode at one size: a zero-argument call on preallocated buffers.
+
+Method (absolute times drift up to 4x between runs here, ratios inside one
+run do not): within each size every case runs once per iteration, in a
+round-robin order shuffled each round (the same seed on every rank), so no
+case always runs after the same neighbour and inherits its after-effects
+(a Gloo thread still spinning, caches full of another buffer); a barrier on the
+benchmark's own MPI communicator precedes every timed call; a call's time is
+the slowest rank's (a native MPI Allreduce(MAX) of the per-iteration times);
+the reported time is the median over iterations and the spread their
+interquartile range. Buffers are allocated once for the largest size and
+sliced: glibc maps and unmaps every allocation above 32 MiB, which alone
+halves native MPI's speed at 64 MiB.
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from .cli import Options, busbw_factor
+from .gloo import unsupported_dtype
+from .predict import predicted_us
+
+__all__ = ["MODES", "Stat", "SizeResult", "CollectiveResult", "JobInfo", "Reporter", "run", "counts", "values",
+           "expected", "modes_of"]
+
+OOP, IP = "out_of_place", "in_place"
+#: The modes, in column order.
+MODES: tuple[str, ...] = (OOP, IP)
+_IN_PLACE_COLLECTIVES = frozenset(("allreduce", "reduce", "broadcast"))
+
+
+@dataclass
+class Stat:
+    """One case's measurement at one size.
+
+    Attributes:
+        times_us: per timed iteration, the slowest rank's time in microseconds.
+        nbytes: the size column (bytes) that algbw divides.
+        factor: busbw / algbw for this collective and P.
+        wrong: elements that differ from the exact answer, summed over ranks (None: not checked).
+    """
+
+    times_us: np.ndarray
+    nbytes: int
+    factor: float
+    wrong: int | None = None
+
+    @property
+    def median_us(self) -> float:
+        """Median over iterations."""
+        return float(np.median(self.times_us))
+
+    @property
+    def iqr(self) -> float:
+        """Interquartile range over the median (0.1 = 10 %)."""
+        q1, q3 = np.percentile(self.times_us, [25, 75])
+        m = self.median_us
+        return float((q3 - q1) / m) if m > 0 else 0.0
+
+    @property
+    def algbw(self) -> float:
+        """Size / median time, GB/s (10^9 bytes)."""
+        m = self.median_us
+        return self.nbytes / (m * 1e3) if m > 0 else 0.0
+
+    @property
+    def busbw(self) -> float:
+        """algbw times the collective's nccl-tests factor, GB/s."""
+        return self.algbw * self.factor
+
+    def to_json(self) -> dict[str, Any]:
+        """The statistics and the raw samples."""
+        t = self.times_us
+        q1, q3 = np.percentile(t, [25, 75])
+        return {"time_us": self.median_us, "min_us": float(t.min()), "p25_us": float(q1), "p75_us": float(q3),
+                "max_us": float(t.max()), "iqr": self.iqr, "algbw": self.algbw, "busbw": self.busbw,
+                "wrong": self.wrong, "samples_us": [float(v) for v in t]}
+
+
+@dataclass
+class SizeResult:
+    """Every case at one size.
+
+    Attributes:
+        size: bytes (nccl-tests convention: the largest per-rank buffer).
+        count: elements in that buffer.
+        input_bytes: bytes of one rank's input (what `auto` and tuning tables key on).
+        cells: column -> mode -> Stat; a missing mode is n/a.
+        pred_us: column -> predicted time (or None).
+    """
+
+    size: int
+    count: int
+    input_bytes: int
+    cells: dict[str, dict[str, Stat]] = field(default_factory=dict)
+    pred_us: dict[str, float | None] = field(default_factory=dict)
+
+    def ratio_vs_native(self, col: str, mode: str) -> float | None:
+        """busbw(col) / busbw(native) in ``mode`` (memcpy compares with native out-of-place)."""
+        a = self.cells.get(col, {}).get(mode)
+        b = self.cells.get("native", {}).get(mode if col != "memcpy" else OOP)
+        if a is None or b is None:
+            return None
+        # busbw is zero at P=1 (factor 0) or for empty buffers; algbw ratios are the same thing then.
+        if b.busbw > 0 and a.busbw > 0:
+            return a.busbw / b.busbw
+        if b.algbw > 0:
+            return a.algbw / b.algbw
+        return None
+
+
+@dataclass
+class CollectiveResult:
+    """All sizes of one collective.
+
+    Attributes:
+        collective: its name.
+        root: root rank (reduce, broadcast) or -1.
+        factor: busbw / algbw.
+        columns: column names, in order.
+        modes: column -> the modes it has.
+        show_pred: some prediction is a number (print the pred(us) column).
+        rows: one per size.
+        notes: why a column or case was left out.
+    """
+
+    collective: str
+    root: int
+    factor: float
+    columns: list[str]
+    modes: dict[str, tuple[str, ...]]
+    show_pred: bool
+    rows: list[SizeResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def wrong(self) -> int:
+        """#wrong summed over every size, column and mode."""
+        return sum(s.wrong or 0 for r in self.rows for m in r.cells.values() for s in m.values())
+
+    def avg_busbw(self, col: str, mode: str) -> float | None:
+        """Mean busbw over the sizes where the case ran (algbw for memcpy: its factor is 1)."""
+        v = [r.cells[col][mode].busbw for r in self.rows if mode in r.cells.get(col, {})]
+        return float(np.mean(v)) if v else None
+
+
+@dataclass
+class JobInfo:
+    """What the header says about the job."""
+
+    mpi_library: str
+    mpi_version: str
+    mpi4py_version: str
+    nranks: int
+    ranks_per_node: list[int]
+
+
+class Reporter(Protocol):
+    """Receives results as they are measured (only rank 0's reporter prints)."""
+
+    def begin(self, info: JobInfo, opts: Options, res: CollectiveResult) -> None: ...
+    def row(self, res: CollectiveResult, row: SizeResult) -> None: ...
+    def end(self, res: CollectiveResult) -> None: ...
+
+
+# ------------------------------------------------------------------ data
+def counts(coll: str, size: int, itemsize: int, nranks: int) -> tuple[int, int, int]:
+    """``(count, n_in, n_out)`` for a size in bytes: elements of the size column, of each input, of each output.
+
+    reduce_scatter's input and allgather's output are rounded down to a multiple of P elements (as nccl-tests).
+
+    Example::
+
+        counts("allgather", 4096, 4, 2)   # (1024, 512, 1024)
+    """
+    count = size // itemsize
+    if coll == "reduce_scatter":
+        count -= count % nranks
+        return count, count, count // nranks
+    if coll == "allgather":
+        count -= count % nranks
+        return count, count // nranks, count
+    return count, count, count
+
+
+def values(rank: int, n: int, dtype: np.dtype, op: str) -> np.ndarray:
+    """Rank ``rank``'s input: small integers whose reduction over the ranks is exact in ``dtype`` (any order).
+
+    The same scheme as tests/jobs/correctness.py: |sum| <= 5P, |product| <= 4.
+    """
+    i = np.arange(n, dtype=np.int64)
+    if op == "prod":
+        v = np.where((i + rank) % 3 == 0, -1, 1) if dtype.kind != "u" else np.ones(n, np.int64)
+        if rank < 2:
+            v = v * np.where((i + rank) % 2 == 0, 2, 1)
+    elif dtype.kind == "u" or dtype.itemsize == 1:
+        v = (i * 7 + rank * 3) % 4
+    else:
+        v = (i * 7 + rank * 5) % 11 - 5
+    return v.astype(dtype)
+
+
+def _reduce_all(n: int, dtype: np.dtype, op: str, nranks: int) -> np.ndarray:
+    uf = {"sum": np.add, "avg": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum}[op]
+    acc = values(0, n, dtype, op)
+    for r in range(1, nranks):
+        acc = uf(acc, values(r, n, dtype, op))
+    if op == "avg":
+        acc = np.floor_divide(acc, dtype.type(nranks)) if dtype.kind in "iu" else np.divide(acc, nranks).astype(dtype)
+    return acc
+
+
+def expected(coll: str, n_in: int, dtype: np.dtype, op: str, root: int, rank: int, nranks: int) -> np.ndarray | None:
+    """The exact result this rank must hold (None: it holds none, reduce off the root)."""
+    if coll == "allreduce":
+        return _reduce_all(n_in, dtype, op, nranks)
+    if coll == "reduce":
+        return _reduce_all(n_in, dtype, op, nranks) if rank == root else None
+    if coll == "broadcast":
+        return values(root, n_in, dtype, op)
+    if coll == "reduce_scatter":
+        m = n_in // nranks
+        return _reduce_all(n_in, dtype, op, nranks)[rank * m:(rank + 1) * m]
+    return np.concatenate([values(r, n_in, dtype, op) for r in range(nranks)])
+
+
+def modes_of(col: str, coll: str) -> tuple[str, ...]:
+    """The modes a column has for a collective (memcpy and reduce_scatter/allgather: out-of-place only)."""
+    if col == "memcpy" or coll not in _IN_PLACE_COLLECTIVES:
+        return (OOP,)
+    return MODES
+
+
+# ------------------------------------------------------------------ cases
+class _Buffers:
+    """One column's buffers, allocated (and touched) once for the largest size, then sliced."""
+
+    def __init__(self, n_in: int, n_out: int, in_place: bool, dtype: np.dtype) -> None:
+        self.x = np.zeros(n_in, dtype)
+        self.o = np.zeros(n_out, dtype)
+        self.z = np.zeros(n_in if in_place else 0, dtype)
+
+
+@dataclass
+class _Case:
+    col: str
+    mode: str
+    fn: Callable[[], Any]
+    result: np.ndarray | None  # where this rank's answer lands (None: nowhere)
+    reset: Callable[[], None] | None = None  # restore the input before the in-place check
+
+
+def _library_call(comm: Any, coll: str, alg: str, op: str, root: int, x: np.ndarray, out: np.ndarray) -> Callable:
+    # partial, not a lambda: one less Python frame inside the timed call.
+    if coll == "allreduce":
+        return functools.partial(comm.allreduce, x, op, alg, out)
+    if coll == "reduce":
+        return functools.partial(comm.reduce, x, root, op, alg, out)
+    if coll == "broadcast":
+        return functools.partial(comm.broadcast, x, root, alg, out)
+    if coll == "reduce_scatter":
+        return functools.partial(comm.reduce_scatter, x, op, alg, out)
+    return functools.partial(comm.allgather, x, alg, out)
+
+
+def _broken(call: Callable, res: np.ndarray | None) -> Callable:
+    """native, then one element of this rank's result made wrong: proves #wrong and the exit status work."""
+    def fn() -> None:
+        call()
+        if res is not None and res.size:
+            res[0] += 1
+
+    return fn
+
+
+# ------------------------------------------------------------------ the run
+class _Run:
+    def __init__(self, opts: Options, comm: Any, mpicomm: Any, reporter: Reporter | None) -> None:
+        from mpi4py import MPI
+
+        self.MPI, self.opts, self.comm, self.mpi, self.rep = MPI, opts, comm, mpicomm, reporter
+        self.P, self.R = mpicomm.Get_size(), mpicomm.Get_rank()
+        self.gloo: Any = None
+
+    def info(self) -> JobInfo:
+        import mpi4py
+
+        MPI = self.MPI
+        lib = MPI.Get_library_version().strip().splitlines()[0].split(", package")[0].strip()
+        v = MPI.Get_version()
+        cl = self.comm.cluster
+        rpn = [len(cl.ranks_of_node(n)) for n in range(cl.nnodes)]
+        return JobInfo(lib, f"{v[0]}.{v[1]}", mpi4py.__version__, self.P, rpn)
+
+    def columns(self, coll: str) -> tuple[list[str], list[str]]:
+        cols, notes = [], []
+        for c in self.opts.algorithms:
+            if c == "gloo" and coll != "allreduce":
+                notes.append(f"gloo: measured for allreduce only, absent for {coll}")
+                continue
+            if c == "gloo" and self.gloo is None:
+                from .gloo import GlooGroup, unavailable_reason
+
+                why_torch = unavailable_reason()
+                why = why_torch or unsupported_dtype(self.opts.dtype)
+                ok = np.array([0 if why else 1], np.int32)
+                self.mpi.Allreduce(self.MPI.IN_PLACE, ok, op=self.MPI.MIN)
+                if not ok[0]:
+                    why = why or "torch.distributed is missing on another rank"
+                    if self.opts.explicit:
+                        hint = ("install torch (pip install 'collective[torch]') or leave gloo out" if why_torch
+                                else "leave gloo out or choose another -d")
+                        raise SystemExit(f"collective-bench: -a gloo: {why}; {hint}")
+                    notes.append(f"gloo: column absent, {why}")
+                    continue
+                self.gloo = GlooGroup(self.mpi, single_node=self.comm.cluster.nnodes == 1)
+            cols.append(c)
+        return cols, notes
+
+    def measure(self, coll: str, info: JobInfo) -> CollectiveResult:
+        o, P = self.opts, self.P
+        dtype = o.dtype
+        root = o.root if coll in ("reduce", "broadcast") else -1
+        cols, notes = self.columns(coll)
+        modes = {c: modes_of(c, coll) for c in cols}
+        factor = busbw_factor(coll, P)
+        # Sizes that round to the same element count (below one element, or P for reduce_scatter/allgather) run once.
+        shapes = list(dict.fromkeys(counts(coll, s, dtype.itemsize, P) for s in o.sizes))
+        sizes = [s[0] * dtype.itemsize for s in shapes]
+        preds = {(c, s): predicted_us(c, coll, s, self.comm.cluster) for c in cols for s in sizes}
+        res = CollectiveResult(coll, root, factor, cols, modes, any(v is not None for v in preds.values()),
+                               notes=notes)
+        if self.rep is not None:
+            self.rep.begin(info, o, res)
+        max_in = max(s[1] for s in shapes)
+        max_out = max(s[2] for s in shapes)
+        max_count = max(s[0] for s in shapes)
+        bufs = {c: (_Buffers(max_count, max_count, False, dtype) if c == "memcpy" else
+                    _Buffers(max_in, max_out, IP in modes[c], dtype)) for c in cols}
+        seen_notes: set[str] = set(notes)
+        for size, (count, n_in, n_out) in zip(sizes, shapes):
+            row = self.one_size(coll, root, cols, modes, bufs, count, n_in, n_out, factor, seen_notes, res)
+            row.pred_us = {c: preds[(c, size)] for c in cols}
+            res.rows.append(row)
+            if self.rep is not None:
+                self.rep.row(res, row)
+        del bufs
+        if self.rep is not None:
+            self.rep.end(res)
+        return res
+
+    def cases(self, coll: str, root: int, cols: list[str], modes: dict, bufs: dict, count: int, n_in: int,
+              n_out: int, inp: np.ndarray) -> list[_Case]:
+        o, comm, R = self.opts, self.comm, self.R
+        out: list[_Case] = []
+        holder = root if coll == "reduce" else 0  # the rank whose result `broken` spoils
+        has_result = coll != "reduce" or R == root
+        for c in cols:
+            b = bufs[c]
+            if c == "memcpy":
+                # The bytes copied do not matter; the buffers were zeroed (touched) when allocated.
+                src, dst = b.x[:count], b.o[:count]
+                out.append(_Case(c, OOP, functools.partial(np.copyto, dst, src), None))
+                continue
+            x, y = b.x[:n_in], b.o[:n_out]
+            np.copyto(x, inp)
+            for mode in modes[c]:
+                if mode == IP:
+                    z = b.z[:n_in]
+                    np.copyto(z, inp)
+                    tgt, dst = z, z
+                    reset = functools.partial(np.copyto, z, inp)
+                else:
+                    tgt, dst, reset = x, y, None
+                res = dst if has_result else None
+                if c == "gloo":
+                    fn = self.gloo.make_allreduce(o.op, tgt, None if mode == IP else dst)
+                elif c == "broken":
+                    fn = _broken(_library_call(comm, coll, "native", o.op, root, tgt, dst),
+                                 res if R == holder else None)
+                else:
+                    fn = _library_call(comm, coll, c, o.op, root, tgt, dst)
+                out.append(_Case(c, mode, fn, res, reset))
+        return out
+
+    def one_size(self, coll: str, root: int, cols: list[str], modes: dict, bufs: dict, count: int, n_in: int,
+                 n_out: int, factor: float, seen_notes: set[str], res: CollectiveResult) -> SizeResult:
+        from collective import CollectiveError
+
+        o, MPI, mpi, P, R = self.opts, self.MPI, self.mpi, self.P, self.R
+        dtype = o.dtype
+        size = count * dtype.itemsize
+        inp = values(R, n_in, dtype, o.op)
+        cases = self.cases(coll, root, cols, modes, bufs, count, n_in, n_out, inp)
+
+        # Probe once: a case the library refuses (an algorithm without this collective or dtype)
+        # raises on every rank before any message, so all ranks agree; it shows as n/a.
+        ok = np.ones(len(cases), np.int32)
+        why: dict[int, str] = {}
+        for i, cs in enumerate(cases):
+            try:
+                cs.fn()
+            except CollectiveError as exc:
+                ok[i] = 0
+                why[i] = str(exc).split(": ", 1)[-1].splitlines()[0]
+        mpi.Allreduce(MPI.IN_PLACE, ok, op=MPI.MIN)
+        for i, cs in enumerate(cases):
+            if not ok[i]:
+                note = f"{cs.col} {cs.mode.replace('_', '-')}: n/a ({why.get(i, 'refused on another rank')})"
+                if note not in seen_notes:
+                    seen_notes.add(note)
+                    res.notes.append(note)
+        cases = [cs for i, cs in enumerate(cases) if ok[i]]
+
+        k, n = len(cases), o.iters
+        t = np.zeros((k, n), np.float64)
+        barrier, clock = mpi.Barrier, time.perf_counter
+        gc.collect()
+        gc_was = gc.isenabled()
+        gc.disable()  # a collection inside a timed call would be charged to whichever case ran it
+        # A rotation would keep every case's predecessor fixed (the sequence is one cycle): shuffle instead.
+        orders = np.random.default_rng(20240531).permuted(np.tile(np.arange(k), (o.warmup + n, 1)), axis=1)
+        try:
+            for it in range(-o.warmup, n):
+                for i in orders[it + o.warmup]:
+                    fn = cases[i].fn
+                    barrier()
+                    t0 = clock()
+                    fn()
+                    t1 = clock()
+                    if it >= 0:
+                        t[i, it] = t1 - t0
+        finally:
+            if gc_was:
+                gc.enable()
+        if k:
+            mpi.Allreduce(MPI.IN_PLACE, t, op=MPI.MAX)
+
+        wrong = np.zeros(k, np.int64)
+        if o.check and k:
+            want = expected(coll, n_in, dtype, o.op, root, R, P)
+            for i, cs in enumerate(cases):
+                if cs.col == "memcpy":
+                    continue
+                if cs.reset is not None:  # in place: the timed calls overwrote the input
+                    cs.reset()
+                    barrier()
+                    cs.fn()
+                if cs.result is not None and want is not None:
+                    wrong[i] = int(np.count_nonzero(cs.result != want))
+            mpi.Allreduce(MPI.IN_PLACE, wrong, op=MPI.SUM)
+
+        row = SizeResult(size, count, n_in * dtype.itemsize)
+        for i, cs in enumerate(cases):
+            f = 1.0 if cs.col == "memcpy" else factor
+            checked = o.check and cs.col != "memcpy"
+            row.cells.setdefault(cs.col, {})[cs.mode] = Stat(t[i] * 1e6, size, f, int(wrong[i]) if checked else None)
+        return row
+
+
+def run(opts: Options, comm: Any, mpicomm: Any, reporter: Reporter | None = None) -> tuple[JobInfo,
+                                                                                           list[CollectiveResult]]:
+    """Measure every collective of ``opts`` on every size; call ``reporter`` as results arrive.
+
+    Args:
+        opts: what to measure.
+        comm: the library's Communicator (what is measured).
+        mpicomm: the benchmark's own mpi4py communicator (barriers, timing and checks ride on it,
+            so they never disturb the library's traffic).
+        reporter: receives the header, each size's row and the footer; None on ranks that print nothing.
+
+    Returns:
+        The job description and one result per collective (the same on every rank).
+
+    Example::
+
+        info, results = run(parse_args(["-b", "4K", "-e", "4K"]), col.init(), MPI.COMM_WORLD.Dup())
+    """
+    r = _Run(opts, comm, mpicomm, reporter)
+    if not 0 <= opts.root < r.P and any(c in ("reduce", "broadcast") for c in opts.collectives):
+        raise SystemExit(f"collective-bench: -r {opts.root} is not a rank (0..{r.P - 1})")
+    info = r.info()
+    out = []
+    try:
+        for coll in opts.collectives:
+            out.append(r.measure(coll, info))
+    finally:
+        if r.gloo is not None:
+            r.gloo.close()
+    return info, out

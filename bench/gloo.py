@@ -1,0 +1,95 @@
+"""The `gloo` reference column: torch.distributed's all_reduce over Gloo on the same data, what a PyTorch user gets."""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["unavailable_reason", "unsupported_dtype", "GlooGroup"]
+
+# Element types Gloo reduces on the CPU; anything else is shown as n/a.
+_DTYPES = ("float16", "float32", "float64", "int8", "uint8", "int32", "int64")
+
+
+def unavailable_reason() -> str | None:
+    """Why the gloo column cannot run here (torch missing, no Gloo), or None when it can."""
+    try:
+        import torch.distributed as dist
+    except Exception as exc:  # noqa: BLE001 - any import failure means "no column"
+        return f"torch.distributed cannot be imported ({type(exc).__name__}: {exc})"
+    if not dist.is_available() or not dist.is_gloo_available():
+        return "this torch build has no Gloo backend"
+    return None
+
+
+def unsupported_dtype(dtype: np.dtype) -> str | None:
+    """Why the gloo column does not measure ``dtype`` (None when it does)."""
+    return None if str(dtype) in _DTYPES else f"the gloo column does not measure {dtype}"
+
+
+class GlooGroup:
+    """A Gloo process group over the same ranks as an mpi4py communicator (rank and size from MPI).
+
+    Rank 0 picks a free TCP port and broadcasts it (an integer buffer, no pickle).
+    The rendezvous address is ``MASTER_ADDR`` when set, 127.0.0.1 when every rank
+    is on one node, else rank 0's host name.
+
+    Args:
+        mpicomm: the benchmark's own mpi4py communicator.
+        single_node: every rank shares one node.
+    """
+
+    def __init__(self, mpicomm: Any, single_node: bool) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.size = mpicomm.Get_rank(), mpicomm.Get_size()
+        port = np.zeros(1, np.int64)
+        host = np.zeros(256, np.uint8)
+        if self.rank == 0:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("", 0))
+                port[0] = s.getsockname()[1]
+            name = socket.gethostname().encode()[:255]
+            host[: len(name)] = np.frombuffer(name, np.uint8)
+        mpicomm.Bcast(port, root=0)
+        mpicomm.Bcast(host, root=0)
+        addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if single_node else
+                                                 bytes(host).rstrip(b"\0").decode(errors="replace"))
+        dist.init_process_group("gloo", init_method=f"tcp://{addr}:{int(port[0])}", rank=self.rank,
+                                world_size=self.size, timeout=datetime.timedelta(seconds=300))
+
+    def make_allreduce(self, op: str, x: np.ndarray, out: np.ndarray | None) -> Callable[[], None]:
+        """A call that allreduces ``x`` with Gloo: into ``out`` (copy, then all_reduce) or in place when out is None.
+
+        ``x.dtype`` must pass :func:`unsupported_dtype`.
+        """
+        import torch
+
+        dist = self.dist
+        rop = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT,
+               "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
+        tx = torch.from_numpy(x)
+        tgt = tx if out is None else torch.from_numpy(out)
+        P = self.size
+        avg_int = op == "avg" and x.dtype.kind in "iu"
+
+        def call() -> None:
+            if out is not None:
+                tgt.copy_(tx)
+            dist.all_reduce(tgt, op=rop)
+            if op == "avg":  # Gloo has no AVG: divide as collective does (floor for integers)
+                if avg_int:
+                    tgt.floor_divide_(P)
+                else:
+                    tgt.div_(P)
+
+        return call
+
+    def close(self) -> None:
+        """Destroy the process group."""
+        self.dist.destroy_process_group()

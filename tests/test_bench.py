@@ -1,0 +1,398 @@
+"""collective-bench: flag parsing, the nccl-tests table, JSON, plot, tuning output, and the #wrong column's exit status.
+
+Formatting is tested on synthetic results; whole runs go in-process at P=1 and
+in two short mpiexec jobs (P=2 every collective, P=3 with a broken algorithm).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.cli import BROKEN_ENV, busbw_factor, default_algorithms, format_size, parse_args, parse_size, size_sweep
+from bench.core import IP, OOP, CollectiveResult, JobInfo, SizeResult, Stat, counts, expected, modes_of, values
+from bench.predict import predicted_us
+from bench.report import TextReporter, fmt_time, footer_lines, to_json
+from bench.tune import best_algorithm, table_entries
+from collective.tuning import Entry, load_table
+from mpi_util import check, mpirun
+
+try:
+    import torch.distributed  # noqa: F401
+
+    HAVE_TORCH = True
+except Exception:  # noqa: BLE001
+    HAVE_TORCH = False
+
+
+# ------------------------------------------------------------------ parsing
+@pytest.mark.parametrize("text, n", [("0", 0), ("4096", 4096), ("4K", 4096), ("4k", 4096), ("64M", 64 << 20),
+                                     ("1G", 1 << 30), ("4KB", 4096), ("4KiB", 4096), (" 2M ", 2 << 20)])
+def test_parse_size(text: str, n: int) -> None:
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize("text", ["", "K", "4X", "-1", "1.5K", "4 K B x", "0x10"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a size"):
+        parse_size(text)
+
+
+def test_size_sweep_and_format() -> None:
+    assert size_sweep(4096, 65536, 4) == [4096, 16384, 65536]
+    assert size_sweep(4096, 100000, 4) == [4096, 16384, 65536]  # stops below the max
+    assert size_sweep(1024, 1024, 1) == [1024]
+    assert size_sweep(0, 4, 2) == [0, 1, 2, 4]
+    with pytest.raises(ValueError, match="-f must be >= 2"):
+        size_sweep(1, 8, 1)
+    with pytest.raises(ValueError, match="min size <= max size"):
+        size_sweep(8, 1, 2)
+    assert [format_size(n) for n in (0, 1536, 4096, 64 << 20, 1 << 30)] == ["0", "1536", "4K", "64M", "1G"]
+
+
+def test_defaults_and_flags() -> None:
+    o = parse_args([])
+    assert o.sizes[0] == 4096 and o.sizes[-1] == 64 << 20 and o.iters == 20 and o.warmup == 5 and o.check
+    assert o.op == "sum" and o.dtype == np.float32 and o.collectives == ("allreduce",) and not o.explicit
+    assert o.algorithms == default_algorithms()
+    assert o.algorithms[0] == "native" and "auto" in o.algorithms and o.algorithms[-2:] == ("gloo", "memcpy")
+    o = parse_args(["-b", "1K", "-e", "16K", "-f", "2", "-n", "3", "-w", "0", "-c", "0", "-o", "MAX", "-d", "int32",
+                    "-a", "ring,native,ring", "--collective", "reduce,allgather", "-r", "1", "-J", "x.json",
+                    "--plot", "x.png", "--tune", "t.json"])
+    assert o.sizes == [1024, 2048, 4096, 8192, 16384] and (o.iters, o.warmup, o.check) == (3, 0, False)
+    assert o.op == "max" and o.dtype == np.int32 and o.algorithms == ("ring", "native") and o.explicit
+    assert o.collectives == ("reduce", "allgather") and o.root == 1
+    assert (o.json_path, o.plot_path, o.tune_path) == ("x.json", "x.png", "t.json")
+    assert parse_args(["--collective", "all"]).collectives == ("allreduce", "reduce", "broadcast", "reduce_scatter",
+                                                               "allgather")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["-b", "4X"], "is not a size"),
+    (["-b", "64K", "-e", "4K"], "min size <= max size"),
+    (["-n", "0"], "-n must be >= 1"),
+    (["-w", "-1"], "-w must be >= 0"),
+    (["-c", "2"], "invalid choice"),
+    (["-o", "median"], "unknown op"),
+    (["-d", "float99"], "not a NumPy dtype"),
+    (["-d", "bool"], "bool"),
+    (["-d", "complex64", "-o", "max"], "complex"),
+    (["-a", "ring,bogus"], "unknown algorithm bogus"),
+    (["-a", "broken"], "unknown algorithm broken"),
+    (["--collective", "gather"], "unknown collective gather"),
+    (["-r", "-1"], "-r must be >= 0"),
+])
+def test_bad_flags_exit_2_with_a_message(argv: list[str], words: str, capsys, monkeypatch) -> None:
+    monkeypatch.delenv(BROKEN_ENV, raising=False)
+    with pytest.raises(SystemExit) as ei:
+        parse_args(argv)
+    assert ei.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_broken_only_under_the_test_variable(monkeypatch) -> None:
+    monkeypatch.setenv(BROKEN_ENV, "1")
+    assert parse_args(["-a", "native,broken"]).algorithms == ("native", "broken")
+    assert "broken" not in default_algorithms()
+
+
+def test_busbw_factors_are_nccl_tests() -> None:
+    assert busbw_factor("allreduce", 4) == 1.5 and busbw_factor("allreduce", 1) == 0
+    assert busbw_factor("reduce_scatter", 4) == 0.75 and busbw_factor("allgather", 2) == 0.5
+    assert busbw_factor("reduce", 8) == 1 and busbw_factor("broadcast", 8) == 1
+
+
+def test_counts_and_expected() -> None:
+    assert counts("allreduce", 4096, 4, 3) == (1024, 1024, 1024)
+    assert counts("reduce_scatter", 4096, 4, 3) == (1023, 1023, 341)
+    assert counts("allgather", 4096, 4, 3) == (1023, 341, 1023)
+    assert counts("broadcast", 4099, 4, 3) == (1024, 1024, 1024)
+    P, n, dt = 3, 12, np.dtype(np.float32)
+    full = values(0, n, dt, "sum") + values(1, n, dt, "sum") + values(2, n, dt, "sum")
+    np.testing.assert_array_equal(expected("allreduce", n, dt, "sum", -1, 1, P), full)
+    np.testing.assert_array_equal(expected("reduce_scatter", n, dt, "sum", -1, 2, P), full[8:])
+    assert expected("reduce", n, dt, "sum", 0, 1, P) is None
+    np.testing.assert_array_equal(expected("broadcast", n, dt, "sum", 2, 0, P), values(2, n, dt, "sum"))
+    assert expected("allgather", 4, dt, "sum", -1, 0, P).size == 12
+    assert modes_of("ring", "allreduce") == (OOP, IP) and modes_of("memcpy", "allreduce") == (OOP,)
+    assert modes_of("ring", "allgather") == (OOP,)
+    assert predicted_us("ring", "allreduce", 4096) is None
+
+
+# ------------------------------------------------------------------ formatting (synthetic results)
+INFO = JobInfo("Open MPI v5.0.11", "3.1", "4.1.2", 4, [2, 2])
+
+
+def synth(coll: str = "allreduce", cols: tuple[str, ...] = ("native", "ring", "memcpy"), sizes=(4096, 65536),
+          pred: bool = False, wrong: int = 0, missing: tuple[str, str] | None = None) -> CollectiveResult:
+    """native takes 10 us, the i-th column 10*(i+1) us (so ring = 0.5x native); iqr 25 %."""
+    factor = busbw_factor(coll, INFO.nranks)
+    modes = {c: modes_of(c, coll) for c in cols}
+    res = CollectiveResult(coll, -1, factor, list(cols), modes, pred)
+    for s in sizes:
+        row = SizeResult(s, s // 4, s)
+        for i, c in enumerate(cols):
+            for m in modes[c]:
+                if (c, m) == missing:
+                    continue
+                t = 10.0 * (i + 1)
+                row.cells.setdefault(c, {})[m] = Stat(np.array([t, t, t, 2 * t]), s, 1.0 if c == "memcpy" else factor,
+                                                      None if c == "memcpy" else (wrong if c == "ring" else 0))
+        row.pred_us = {c: (123.0 if pred and c != "memcpy" else None) for c in cols}
+        res.rows.append(row)
+    return res
+
+
+def _bars(line: str) -> list[int]:
+    return [i for i, ch in enumerate(line) if ch == "|"]
+
+
+def _render(res: CollectiveResult, argv: list[str] | None = None) -> list[str]:
+    import io
+
+    buf = io.StringIO()
+    rep = TextReporter(buf)
+    opts = parse_args(argv or ["-b", "4K", "-e", "64K", "-f", "16"])
+    rep.begin(INFO, opts, res)
+    for row in res.rows:
+        rep.row(res, row)
+    rep.end(res)
+    return buf.getvalue().splitlines()
+
+
+def test_stat_numbers() -> None:
+    s = Stat(np.array([10.0, 10.0, 10.0, 20.0]), 4096, 1.5, 0)
+    assert s.median_us == 10.0 and s.iqr == pytest.approx(0.25)
+    assert s.algbw == pytest.approx(0.4096) and s.busbw == pytest.approx(0.6144)
+    j = s.to_json()
+    assert j["time_us"] == 10.0 and j["min_us"] == 10.0 and j["max_us"] == 20.0 and j["samples_us"] == [10, 10, 10, 20]
+    assert fmt_time(1.234) == "1.23" and fmt_time(1234.5) == "1234.5" and fmt_time(123456.7) == "123457"
+
+
+def test_table_layout_lines_up() -> None:
+    lines = _render(synth())
+    head = [ln for ln in lines if ln.startswith("#")]
+    assert head[0] == "# collective-bench: allreduce, float32, op sum"
+    assert "Open MPI v5.0.11 (MPI 3.1, mpi4py 4.1.2)" in head[1]
+    assert "nranks 4, ranks per node [2, 2] (2 nodes)" in head[2]
+    assert any("2(P-1)/P = 1.500" in h for h in head)
+    rows = [ln for ln in lines if not ln.startswith("#")]
+    assert len(rows) == 2
+    table_head = [ln for ln in lines if ln.startswith("#") and "|" in ln]
+    assert len(table_head) == 4  # names, modes, column names, units
+    assert "native" in table_head[0] and "ring" in table_head[0] and "memcpy" in table_head[0]
+    assert table_head[1].count("out-of-place") == 2 and table_head[1].count("in-place") == 2
+    assert table_head[2].count("#wrong") == 4 and table_head[2].count("busbw") == 4
+    for h in table_head:
+        assert _bars(h) == _bars(rows[0]) == _bars(rows[1])
+    f = rows[0].split()
+    assert f[:5] == ["4096", "1024", "float32", "sum", "-1"]
+    # native out-of-place: 10 us, iqr 25 %, algbw 0.41, busbw 0.61, 0 wrong
+    assert f[6:11] == ["10.00", "25", "0.41", "0.61", "0"]
+
+
+def test_footer_average_and_ratio_vs_native() -> None:
+    res = synth()
+    foot = footer_lines(res)
+    assert foot[0] == "# Out of bounds values : 0 OK"
+    ring = next(ln for ln in foot if ln.startswith("#   ring"))
+    # busbw 4096 B / 20 us * 1.5 = 0.307 and 65536 B / 20 us * 1.5 = 4.915 GB/s: mean 2.611
+    assert "out-of-place 2.611" in ring and "in-place 2.611" in ring
+    hdr = next(ln for ln in foot if "ring:ip" in ln)
+    assert hdr.split()[1:] == ["size", "ring", "ring:ip", "memcpy"]
+    ratios = [ln.split() for ln in foot if re.match(r"#\s+(4K|64K)\s", ln)]
+    # memcpy (30 us): 4096 B / 30 us against native's busbw 4096 B / 10 us * 1.5 = 0.22x
+    assert ratios[0] == ["#", "4K", "0.50x", "0.50x", "0.22x"]
+    assert res.rows[0].ratio_vs_native("ring", OOP) == pytest.approx(0.5)
+
+
+def test_wrong_na_and_pred_columns() -> None:
+    res = synth(wrong=3, missing=("ring", IP), pred=True)
+    lines = _render(res)
+    assert "# Out of bounds values : 6 FAILED" in lines
+    assert res.wrong == 6
+    rows = [ln for ln in lines if not ln.startswith("#")]
+    assert " n/a " in rows[0] + " "
+    head = [ln for ln in lines if ln.startswith("#") and "|" in ln]
+    assert head[2].count("pred") == 2 and _bars(head[2]) == _bars(rows[0])
+    assert "123.00" in rows[0]
+    assert "pred" not in "".join(_render(synth()))  # no numbers, no column
+
+
+def test_reduce_scatter_has_no_in_place() -> None:
+    lines = _render(synth("reduce_scatter"))
+    assert not any("in-place" in ln for ln in lines if "|" in ln)
+    assert any("(P-1)/P = 0.750" in ln for ln in lines)
+
+
+def test_json_document() -> None:
+    doc = to_json(INFO, parse_args(["-b", "4K", "-e", "64K", "-f", "16"]), [synth(), synth("broadcast", wrong=1)],
+                  ["-b", "4K"])
+    json.dumps(doc, allow_nan=False)
+    assert doc["tool"] == "collective-bench" and doc["nranks"] == 4 and doc["ranks_per_node"] == [2, 2]
+    assert doc["wrong"] == 4 and doc["ok"] is False  # ring: 1 per size and mode and doc["argv"] == ["-b", "4K"]
+    c = doc["collectives"][0]
+    assert c["collective"] == "allreduce" and c["busbw_factor"] == 1.5 and c["wrong"] == 0
+    s = c["sizes"][0]
+    assert s["size"] == 4096 and s["count"] == 1024 and s["input_bytes"] == 4096
+    assert s["results"]["native"]["out_of_place"]["time_us"] == 10.0
+    assert s["results"]["ring"]["in_place"]["wrong"] == 0
+    assert s["ratio_vs_native"]["ring"] == {"out_of_place": 0.5, "in_place": 0.5}
+    assert "native" not in s["ratio_vs_native"] and s["pred_us"]["ring"] is None
+    assert c["avg_busbw"]["memcpy"]["out_of_place"] > 0
+
+
+def test_tuning_choice_from_results() -> None:
+    res = synth(cols=("native", "ring", "auto", "broken"), sizes=(4096, 65536, 1 << 20))
+    # Make ring win from 64K on; auto and broken are never candidates, nor a column with wrong elements.
+    for row in res.rows[1:]:
+        for m in row.cells["ring"].values():
+            m.times_us = m.times_us / 100
+    for row in res.rows:
+        for m in row.cells["broken"].values():
+            m.times_us = m.times_us / 1000
+    assert [best_algorithm(r) for r in res.rows] == ["native", "ring", "ring"]
+    assert table_entries(res) == [Entry(4096, "native"), Entry(None, "ring")]
+    res.rows[2].cells["ring"][OOP].wrong = 1
+    assert best_algorithm(res.rows[2]) == "native"
+
+
+# ------------------------------------------------------------------ whole runs at P=1, in this process
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    from bench.__main__ import main
+
+    rc = main(argv)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_run_p1_json_plot_tune(tmp_path: Path, capsys) -> None:
+    j, png, tune = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "t.json"
+    rc, out, _ = _run(["-b", "1K", "-e", "16K", "-f", "4", "-n", "3", "-w", "1", "-a", "native,ring,tree,auto,memcpy",
+                    "--collective", "all", "-J", str(j), "--plot", str(png), "--tune", str(tune)], capsys)
+    assert rc == 0, out
+    assert out.count("# collective-bench: ") == 5
+    data_rows = [ln for ln in out.splitlines() if ln and not ln.startswith("#")]
+    assert len(data_rows) == 15  # 3 sizes x 5 collectives
+    doc = json.loads(j.read_text())
+    assert doc["ok"] and doc["wrong"] == 0 and doc["nranks"] == 1
+    assert [c["collective"] for c in doc["collectives"]] == ["allreduce", "reduce", "broadcast", "reduce_scatter",
+                                                             "allgather"]
+    ar = doc["collectives"][0]
+    assert ar["columns"] == ["native", "ring", "tree", "auto", "memcpy"]
+    for s in ar["sizes"]:
+        for c in ("native", "ring", "tree", "auto"):
+            for m in ("out_of_place", "in_place"):
+                r = s["results"][c][m]
+                assert r["wrong"] == 0 and len(r["samples_us"]) == 3 and r["time_us"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    t = load_table(tune)
+    assert t.nranks == 1 and t.ranks_per_node == (1,) and set(t.table) == {"allreduce", "reduce", "broadcast",
+                                                                           "reduce_scatter", "allgather"}
+    assert all(e.algorithm in ("native", "ring", "tree") for es in t.table.values() for e in es)
+    assert t.choose("allreduce", 4096, 1) in ("native", "ring", "tree")
+    assert f"COLLECTIVE_TUNING={tune}" in out
+    # A second --tune of one collective keeps the other four.
+    rc, out, _ = _run(["-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "-a", "native", "--tune", str(tune)], capsys)
+    assert rc == 0
+    t2 = load_table(tune)
+    assert t2.table["allreduce"] == (Entry(None, "native"),) and t2.table["allgather"] == t.table["allgather"]
+
+
+def test_run_p1_broken_column_fails(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv(BROKEN_ENV, "1")
+    j = tmp_path / "r.json"
+    rc, out, _ = _run(["-b", "64", "-e", "256", "-f", "4", "-n", "2", "-w", "0", "-a", "native,broken",
+                    "-d", "int32", "-J", str(j)], capsys)
+    assert rc == 1
+    assert "# Out of bounds values : 4 FAILED" in out
+    doc = json.loads(j.read_text())
+    s = doc["collectives"][0]["sizes"][0]["results"]
+    assert s["broken"]["out_of_place"]["wrong"] == 1 and s["broken"]["in_place"]["wrong"] == 1
+    assert s["native"]["out_of_place"]["wrong"] == 0 and not doc["ok"]
+
+
+def test_run_p1_check_off(capsys) -> None:
+    rc, out, _ = _run(["-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "-c", "0", "-a", "native", "-d", "float16",
+                    "-o", "avg"], capsys)
+    assert rc == 0
+    row = next(ln for ln in out.splitlines() if ln and not ln.startswith("#"))
+    assert "N/A" in row and "float16" in row and " avg " in row
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed: the gloo column is absent")
+def test_run_p1_gloo_column(tmp_path: Path, capsys) -> None:
+    j = tmp_path / "g.json"
+    rc, out, _ = _run(["-b", "1K", "-e", "4K", "-n", "2", "-w", "0", "-a", "native,gloo", "-J", str(j)], capsys)
+    assert rc == 0, out
+    s = json.loads(j.read_text())["collectives"][0]["sizes"][0]["results"]["gloo"]
+    assert s["out_of_place"]["wrong"] == 0 and s["in_place"]["wrong"] == 0
+
+
+def test_gloo_named_without_torch_is_an_error(capsys, monkeypatch) -> None:
+    import bench.gloo
+
+    monkeypatch.setattr(bench.gloo, "unavailable_reason", lambda: "torch.distributed cannot be imported (test)")
+    rc, _, err = _run(["-b", "1K", "-e", "1K", "-n", "1", "-a", "native,gloo"], capsys)
+    assert rc == 2 and "-a gloo: torch.distributed cannot be imported (test)" in err
+    rc, out, _ = _run(["-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "-a", "all"], capsys)
+    assert rc == 0 and "gloo: column absent" in out
+
+
+# ------------------------------------------------------------------ real mpiexec jobs
+@pytest.mark.mpi
+def test_mpi_p2_every_collective(tmp_path: Path) -> None:
+    """Every collective and algorithm (gloo too when torch is here) checked exactly at P=2; JSON and tuning table."""
+    j, tune = tmp_path / "p2.json", tmp_path / "tune.json"
+    res = mpirun("bench_job.py", 2, ["-b", "1K", "-e", "64K", "-f", "8", "-n", "3", "-w", "1", "--collective", "all",
+                                     "-J", str(j), "--tune", str(tune)], timeout=240)
+    check(res, "collective-bench at P=2")
+    doc = json.loads(j.read_text())
+    assert doc["nranks"] == 2 and doc["ok"] and doc["wrong"] == 0
+    ar = doc["collectives"][0]
+    assert "native" in ar["columns"] and "memcpy" in ar["columns"] and ("gloo" in ar["columns"]) == HAVE_TORCH
+    assert ar["busbw_factor"] == 1.0
+    for c in doc["collectives"]:
+        for s in c["sizes"]:
+            for col, modes in s["results"].items():
+                for m, r in modes.items():
+                    assert col == "memcpy" or r["wrong"] == 0, (c["collective"], s["size"], col, m)
+    t = load_table(tune)
+    assert t.nranks == 2 and sum(t.ranks_per_node) == 2 and len(t.table) == 5
+    assert res.output.count("# Out of bounds values : 0 OK") == 5
+
+
+@pytest.mark.mpi
+def test_mpi_p3_broken_algorithm_exits_non_zero(tmp_path: Path) -> None:
+    """A wrong result shows as #wrong > 0 in its column only, and the job exits non-zero."""
+    j = tmp_path / "p3.json"
+    res = mpirun("bench_job.py", 3, ["-b", "1000", "-e", "4000", "-f", "4", "-n", "2", "-w", "0", "-a",
+                                     "native,ring,broken", "--collective", "allreduce,reduce,reduce_scatter,allgather",
+                                     "-J", str(j)], timeout=180, env={BROKEN_ENV: "1"})
+    assert not res.timed_out and res.returncode != 0, res.output[-3000:]
+    assert "FAILED" in res.output
+    doc = json.loads(j.read_text())
+    assert not doc["ok"]
+    for c in doc["collectives"]:
+        for s in c["sizes"]:
+            for col, modes in s["results"].items():
+                for m, r in modes.items():
+                    assert (r["wrong"] > 0) == (col == "broken"), (c["collective"], s["size"], col, m, r["wrong"])
+    rs = doc["collectives"][2]["sizes"][0]
+    assert rs["size"] == 996 and rs["count"] == 249  # rounded down to a multiple of P elements
+
+
+def test_run_p1_gloo_dtype_and_pred_hook(capsys, monkeypatch) -> None:
+    import bench.core
+
+    rc, out, _ = _run(["-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "-a", "all", "-d", "int16"], capsys)
+    assert rc == 0 and "gloo: column absent" in out
+    monkeypatch.setattr(bench.core, "predicted_us", lambda alg, coll, nbytes, cluster=None: nbytes / 1e3)
+    rc, out, _ = _run(["-b", "2K", "-e", "2K", "-n", "1", "-w", "0", "-a", "native,ring"], capsys)
+    assert rc == 0
+    assert [ln for ln in out.splitlines() if "#wrong" in ln][0].count("pred") == 2
+    row = next(ln for ln in out.splitlines() if ln and not ln.startswith("#"))
+    assert row.count(" 2.05 ") == 2  # 2048 B -> 2.05 us predicted, in both groups
