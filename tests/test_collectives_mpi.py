@@ -36,3 +36,13 @@ def test_shm_small_chunks_and_alloc(nprocs: int) -> None:
     res = mpirun("shm_alloc.py", nprocs, timeout=300, env=env)
     check(res, f"alloc at P={nprocs}")
     assert count_passed(res) == 16
+
+
+def test_memory_flat_over_1000_calls() -> None:
+    """No allocation per call in steady state, for every algorithm and for comm.alloc buffers."""
+    # The flight recorder is a bounded ring (COLLECTIVE_TRACE_BUFFER entries); keep it small so that it is
+    # full before the measurement starts and its own fill-up does not read as growth.
+    res = mpirun("memory_flat.py", 2, timeout=300, env={"COLLECTIVE_TRACE_BUFFER": "8"})
+    check(res, "memory flat")
+    print(res.output)
+    assert count_passed(res) == 7
