@@ -1,11 +1,11 @@
-"""Collective algorithms as data: Schedule builders (ring, tree, star), a simulator that proves them, their counts."""
+"""Collective algorithms as data: Schedule builders (ring, tree, star, hierarchical), a simulator that proves them, their counts."""
 from __future__ import annotations
 
 import functools
 import operator
 from typing import Sequence
 
-from . import ring, star, tree
+from . import hierarchical, ring, star, tree
 from .schedule import (
     COLLECTIVES,
     Recv,
@@ -39,8 +39,8 @@ __all__ = [
 ]
 
 #: The Schedule builders ``build`` knows, by name.
-ALGORITHMS: tuple[str, ...] = ("ring", "tree", "star")
-_BUILDERS = {"ring": ring.BUILDERS, "tree": tree.BUILDERS, "star": star.BUILDERS}
+ALGORITHMS: tuple[str, ...] = ("ring", "tree", "star", "hierarchical")
+_BUILDERS = {"ring": ring.BUILDERS, "tree": tree.BUILDERS, "star": star.BUILDERS, "hierarchical": hierarchical.BUILDERS}
 #: Collectives whose ``root`` means something; the others always build with root 0.
 _ROOTED = ("reduce", "broadcast")
 
@@ -52,6 +52,7 @@ def build(
     nelems: int,
     root: int = 0,
     blocks: Sequence[int] | None = None,
+    nodes: Sequence[int] | None = None,
 ) -> Schedule:
     """Build (or fetch from the cache) the Schedule of ``collective`` by ``algorithm``.
 
@@ -65,6 +66,10 @@ def build(
         blocks: P+1 non-decreasing offsets from 0 to ``nelems`` delimiting
             block r = [blocks[r], blocks[r+1]); blocks may be empty. Defaults
             to ``even_blocks(nelems, nranks)``.
+        nodes: node label of each rank (e.g. ``Cluster.node_of_rank``); None
+            means one node. Used by "hierarchical" (its whole shape) and
+            "ring" (the ring keeps a node's ranks adjacent); ignored by the
+            others.
 
     Returns:
         The Schedule. It is immutable and cached, so equal arguments return
@@ -79,16 +84,42 @@ def build(
         sched = build("ring", "allreduce", 4, 1000)
         verify(sched)
         assert stats(sched).rounds == 6
+        hier = build("hierarchical", "allreduce", 4, 1000, nodes=(0, 0, 1, 1))
     """
     # lru_cache needs hashable arguments: a list or an array of offsets becomes a tuple.
     if blocks is not None and not isinstance(blocks, tuple):
         blocks = tuple(blocks)
-    return _build(algorithm, collective, nranks, nelems, root, blocks)
+    if nodes is not None and not isinstance(nodes, tuple):
+        nodes = tuple(nodes)
+    return _build(algorithm, collective, nranks, nelems, root, blocks, _normalize_nodes(algorithm, nranks, nodes))
+
+
+@functools.lru_cache(maxsize=64)
+def _normalize_nodes(algorithm: str, nranks: int, nodes: Sequence[int] | None) -> tuple[int, ...] | None:
+    """Node labels renumbered 0, 1, ... by lowest rank, or None where they change nothing (so the cache hits)."""
+    if nodes is None or algorithm not in ("ring", "hierarchical"):
+        return None
+    nodes = tuple(operator.index(n) for n in nodes)
+    if len(nodes) != nranks:
+        raise ValueError(f"topologies.build({algorithm!r}): nodes has {len(nodes)} entries for {nranks} ranks")
+    label: dict[int, int] = {}
+    nodes = tuple(label.setdefault(n, len(label)) for n in nodes)
+    if len(label) == 1:
+        return None  # one node: the plain schedules
+    if algorithm == "ring" and ring.node_order(nodes) == tuple(range(nranks)):
+        return None  # every node's ranks are consecutive: the plain ring already crosses each boundary once
+    return nodes
 
 
 @functools.lru_cache(maxsize=256)
 def _build(
-    algorithm: str, collective: str, nranks: int, nelems: int, root: int, blocks: tuple[int, ...] | None
+    algorithm: str,
+    collective: str,
+    nranks: int,
+    nelems: int,
+    root: int,
+    blocks: tuple[int, ...] | None,
+    nodes: tuple[int, ...] | None = None,
 ) -> Schedule:
     where = f"topologies.build({algorithm!r}, {collective!r})"
     if algorithm not in _BUILDERS:
@@ -115,4 +146,10 @@ def _build(
             raise ValueError(
                 f"{where}: blocks must be {nranks + 1} non-decreasing offsets from 0 to {nelems}, got {blocks}"
             )
-    return _BUILDERS[algorithm][collective](nranks, nelems, root if collective in _ROOTED else 0, blocks)
+    builder = _BUILDERS[algorithm][collective]
+    root = root if collective in _ROOTED else 0
+    if nodes is None:
+        return builder(nranks, nelems, root, blocks)
+    if algorithm == "ring":
+        return builder(nranks, nelems, root, blocks, order=ring.node_order(nodes))
+    return builder(nranks, nelems, root, blocks, nodes=nodes)

@@ -1,4 +1,4 @@
-"""Ring schedules: reduce-scatter and allgather passes around the ring 0 -> 1 -> ... -> P-1 -> 0."""
+"""Ring schedules: reduce-scatter and allgather passes around the ring 0 -> 1 -> ... -> P-1 -> 0 (or a given order)."""
 
 # Terms (the names below follow them):
 #
@@ -23,17 +23,24 @@
 # reduction of chunk (first + r + 1); an allgather pass (receives copy) needs
 # rank r to start with chunk (first + r) and leaves it holding every chunk.
 #
+# order  -- the ring as a list of ranks: position p holds rank order[p]. The
+#           default is 0, 1, ..., P-1; topologies.build passes a node-adjacent
+#           order (ranks of a node next to each other) so that only one link
+#           per node boundary crosses nodes. Right, left and chunk indices above
+#           are positions; chunk c is block order[c], so rank order[p] still
+#           ends (reduce-scatter) or starts (allgather) with its own block.
+#
 # Fewer elements than ranks, or caller-supplied uneven blocks, give empty
 # chunks. Their transfers are skipped by range length, identically on the
 # sender and the receiver, so channel matching stays in step; a step left with
 # nothing to do is dropped.
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 from .schedule import Recv, Schedule, Send, Step
 
-__all__ = ["allreduce", "reduce", "broadcast", "reduce_scatter", "allgather", "BUILDERS"]
+__all__ = ["allreduce", "reduce", "broadcast", "reduce_scatter", "allgather", "node_order", "BUILDERS"]
 
 _Steps = list[list[Step]]
 
@@ -46,53 +53,83 @@ def _schedule(collective: str, nelems: int, root: int, blocks: tuple[int, ...], 
     return Schedule(collective, "ring", len(steps), nelems, root, blocks, tuple(tuple(s) for s in steps))
 
 
-def _pass(steps: _Steps, blocks: tuple[int, ...], first: int, reduce: bool) -> None:
+def _pass(steps: _Steps, blocks: tuple[int, ...], first: int, reduce: bool, order: Sequence[int] | None) -> None:
     """Append one ring pass (P-1 steps per rank) to ``steps``; see the comment at the top."""
     P = len(steps)
-    for r in range(P):
-        right, left = (r + 1) % P, (r - 1) % P
+    if order is None:
+        order = range(P)
+    for p in range(P):
+        r, right, left = order[p], order[(p + 1) % P], order[(p - 1) % P]
         for s in range(P - 1):
-            out, inc = (first + r - s) % P, (first + r - s - 1) % P
+            out, inc = order[(first + p - s) % P], order[(first + p - s - 1) % P]
             sends = (Send(right, blocks[out], blocks[out + 1]),) if blocks[out] < blocks[out + 1] else ()
             recvs = (Recv(left, blocks[inc], blocks[inc + 1], reduce),) if blocks[inc] < blocks[inc + 1] else ()
             if sends or recvs:
                 steps[r].append(Step(sends, recvs))
 
 
-def allreduce(nranks: int, nelems: int, root: int, blocks: tuple[int, ...]) -> Schedule:
+def node_order(nodes: Sequence[int]) -> tuple[int, ...]:
+    """The ring order that keeps the ranks of each node adjacent: nodes by lowest rank, ranks ascending inside.
+
+    Args:
+        nodes: node label of each rank.
+
+    Returns:
+        A permutation of range(P); the identity when every node's ranks are consecutive.
+
+    Example::
+
+        node_order((0, 1, 0, 1))   # (0, 2, 1, 3): one link 2 -> 1 and one 3 -> 0 cross nodes
+    """
+    first: dict[int, int] = {}
+    for r, n in enumerate(nodes):
+        first.setdefault(n, r)
+    return tuple(sorted(range(len(nodes)), key=lambda r: (first[nodes[r]], r)))
+
+
+def allreduce(
+    nranks: int, nelems: int, root: int, blocks: tuple[int, ...], order: Sequence[int] | None = None
+) -> Schedule:
     """Ring allreduce: a reduce-scatter pass, then an allgather pass; 2(P-1) steps per rank.
 
     Rank r sends chunk (r - s) in reduce-scatter step s, so it ends owning
-    chunk r + 1, which the allgather pass starts from. Arguments are validated
-    by :func:`topologies.build`.
+    chunk r + 1, which the allgather pass starts from. ``order`` is the ring
+    (default 0..P-1; see the comment at the top). Arguments are validated by
+    :func:`topologies.build`.
     """
     steps = _empty(nranks)
     if nranks == 1 or nelems == 0:  # nothing to move
         return _schedule("allreduce", nelems, 0, blocks, steps)
-    _pass(steps, blocks, first=0, reduce=True)
-    _pass(steps, blocks, first=1, reduce=False)
+    _pass(steps, blocks, first=0, reduce=True, order=order)
+    _pass(steps, blocks, first=1, reduce=False, order=order)
     return _schedule("allreduce", nelems, 0, blocks, steps)
 
 
-def reduce_scatter(nranks: int, nelems: int, root: int, blocks: tuple[int, ...]) -> Schedule:
+def reduce_scatter(
+    nranks: int, nelems: int, root: int, blocks: tuple[int, ...], order: Sequence[int] | None = None
+) -> Schedule:
     """Ring reduce-scatter: one pass, offset so that rank r ends owning the reduced block r."""
     steps = _empty(nranks)
     if nranks == 1 or nelems == 0:
         return _schedule("reduce_scatter", nelems, 0, blocks, steps)
-    _pass(steps, blocks, first=-1, reduce=True)
+    _pass(steps, blocks, first=-1, reduce=True, order=order)
     return _schedule("reduce_scatter", nelems, 0, blocks, steps)
 
 
-def allgather(nranks: int, nelems: int, root: int, blocks: tuple[int, ...]) -> Schedule:
+def allgather(
+    nranks: int, nelems: int, root: int, blocks: tuple[int, ...], order: Sequence[int] | None = None
+) -> Schedule:
     """Ring allgather: one copy pass starting from block r on rank r."""
     steps = _empty(nranks)
     if nranks == 1 or nelems == 0:
         return _schedule("allgather", nelems, 0, blocks, steps)
-    _pass(steps, blocks, first=0, reduce=False)
+    _pass(steps, blocks, first=0, reduce=False, order=order)
     return _schedule("allgather", nelems, 0, blocks, steps)
 
 
-def reduce(nranks: int, nelems: int, root: int, blocks: tuple[int, ...]) -> Schedule:
+def reduce(
+    nranks: int, nelems: int, root: int, blocks: tuple[int, ...], order: Sequence[int] | None = None
+) -> Schedule:
     """Ring reduce: a reduce-scatter pass, then every other rank sends its reduced block to ``root``.
 
     The root receives its P-1 blocks as copies in one step; they are disjoint.
@@ -100,7 +137,7 @@ def reduce(nranks: int, nelems: int, root: int, blocks: tuple[int, ...]) -> Sche
     steps = _empty(nranks)
     if nranks == 1 or nelems == 0:
         return _schedule("reduce", nelems, root, blocks, steps)
-    _pass(steps, blocks, first=-1, reduce=True)
+    _pass(steps, blocks, first=-1, reduce=True, order=order)
     gather = []
     for r in range(nranks):
         if r != root and blocks[r] < blocks[r + 1]:
@@ -111,7 +148,9 @@ def reduce(nranks: int, nelems: int, root: int, blocks: tuple[int, ...]) -> Sche
     return _schedule("reduce", nelems, root, blocks, steps)
 
 
-def broadcast(nranks: int, nelems: int, root: int, blocks: tuple[int, ...]) -> Schedule:
+def broadcast(
+    nranks: int, nelems: int, root: int, blocks: tuple[int, ...], order: Sequence[int] | None = None
+) -> Schedule:
     """Ring broadcast (scatter-allgather): ``root`` sends block r to rank r in one step, then an allgather pass.
 
     Each rank sends about n elements in all instead of the root sending P-1
@@ -127,12 +166,12 @@ def broadcast(nranks: int, nelems: int, root: int, blocks: tuple[int, ...]) -> S
             steps[r].append(Step(recvs=(Recv(root, blocks[r], blocks[r + 1]),)))
     if scatter:
         steps[root].append(Step(sends=tuple(scatter)))
-    _pass(steps, blocks, first=0, reduce=False)
+    _pass(steps, blocks, first=0, reduce=False, order=order)
     return _schedule("broadcast", nelems, root, blocks, steps)
 
 
-#: Collective -> builder, each called as ``builder(nranks, nelems, root, blocks)``.
-BUILDERS: dict[str, Callable[[int, int, int, tuple[int, ...]], Schedule]] = {
+#: Collective -> builder, each called as ``builder(nranks, nelems, root, blocks, order=None)``.
+BUILDERS: dict[str, Callable[..., Schedule]] = {
     "allreduce": allreduce,
     "reduce": reduce,
     "broadcast": broadcast,

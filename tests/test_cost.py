@@ -1,0 +1,131 @@
+"""The alpha-beta-gamma cost model: closed forms it must reproduce, the choices it makes, and its explanation."""
+from __future__ import annotations
+
+import pytest
+
+from topologies import ALGORITHMS, COLLECTIVES, build
+from topologies.cluster import Cluster, LinkCost
+from topologies.cost import CANDIDATES, choose, cost, explain, predict, recursive_doubling_allreduce
+
+INTRA = LinkCost(alpha=1e-5, beta=1e-9)  # 10 us, 1 GB/s
+INTER = LinkCost(alpha=1e-4, beta=1e-8)  # 100 us, 100 MB/s
+GAMMA = 5e-10
+
+
+def cluster(nodes: tuple[int, ...]) -> Cluster:
+    return Cluster(nodes, intra=INTRA, inter=INTER, gamma=GAMMA)
+
+
+def test_one_message() -> None:
+    """Two ranks on two nodes, one broadcast message of n elements: alpha + bytes * beta of the inter link."""
+    n = 4000
+    assert cost(build("star", "broadcast", 2, n), cluster((0, 1))) == pytest.approx(INTER.alpha + 4 * n * INTER.beta)
+    assert cost(build("star", "broadcast", 2, n), cluster((0, 0))) == pytest.approx(INTRA.alpha + 4 * n * INTRA.beta)
+    assert cost(build("star", "broadcast", 2, n), cluster((0, 0)), itemsize=8) == pytest.approx(
+        INTRA.alpha + 8 * n * INTRA.beta)
+
+
+@pytest.mark.parametrize("P", [2, 3, 4, 8])
+def test_ring_allreduce_closed_form(P: int) -> None:
+    """2(P-1) steps of alpha + (n/P) beta, and (P-1) of them reduce n/P elements."""
+    n = 1000 * P
+    b = 4 * n / P
+    want = 2 * (P - 1) * (INTRA.alpha + b * INTRA.beta) + (P - 1) * b * GAMMA
+    assert cost(build("ring", "allreduce", P, n), cluster((0,) * P)) == pytest.approx(want)
+
+
+def test_star_root_port_is_the_bottleneck() -> None:
+    """The root receives P-1 whole buffers one after another through its in-port."""
+    P, n = 5, 10000
+    t = cost(build("star", "reduce", P, n), cluster((0,) * P))
+    assert t == pytest.approx(INTRA.alpha + (P - 1) * 4 * n * (INTRA.beta + GAMMA))
+
+
+def test_node_link_is_shared() -> None:
+    """Two ranks of a node sending across at once share its link: twice the time of one."""
+    n = 100000
+    one = cost(build("star", "broadcast", 2, n), cluster((0, 1)))
+    two = cost(build("hierarchical", "allgather", 4, 2 * n, nodes=(0, 0, 1, 1)), cluster((0, 0, 1, 1)))
+    assert two > one  # each node sends n elements over its link, and the intra step comes on top
+
+
+def test_no_steps_cost_nothing() -> None:
+    assert cost(build("ring", "allreduce", 1, 100), cluster((0,))) == 0.0
+    assert cost(build("tree", "reduce", 4, 0), cluster((0, 0, 1, 1))) == 0.0
+    assert predict("allreduce", 4096, cluster((0,)), "native") == 0.0
+
+
+def test_mismatched_cluster() -> None:
+    with pytest.raises(ValueError, match="4 ranks, the cluster 2"):
+        cost(build("ring", "allreduce", 4, 100), cluster((0, 1)))
+
+
+def test_recursive_doubling_rounds() -> None:
+    n = 1000
+    t = cost(recursive_doubling_allreduce(8, n), cluster((0,) * 8))
+    assert t == pytest.approx(3 * (INTRA.alpha + 4 * n * (INTRA.beta + GAMMA)))
+    assert cost(recursive_doubling_allreduce(6, n), cluster((0,) * 6)) > cost(
+        recursive_doubling_allreduce(4, n), cluster((0,) * 4))  # folding in the extra ranks costs two steps
+
+
+@pytest.mark.parametrize("per_node", [2, 4])
+def test_hierarchical_wins_large_messages_across_a_slow_link(per_node: int) -> None:
+    nodes = tuple(r // per_node for r in range(2 * per_node))
+    cl = cluster(nodes)
+    c = choose("allreduce", 16 << 20, cl)
+    assert c.best == "hierarchical"
+    # Bytes across the node link dominate: ring / hierarchical approaches 2(P-1)/P.
+    P = len(nodes)
+    ratio = c.seconds("ring") / c.seconds("hierarchical")
+    assert 0.85 * 2 * (P - 1) / P < ratio <= 2 * (P - 1) / P
+
+
+def test_small_messages_want_few_steps() -> None:
+    c = choose("allreduce", 64, cluster((0,) * 8))
+    assert c.best != "ring"  # 14 latencies lose to 3 or fewer
+    assert c.seconds("ring") > 4 * c.seconds(c.best)
+
+
+@pytest.mark.parametrize("collective", list(COLLECTIVES))
+def test_choice_table_is_complete_and_sorted(collective: str) -> None:
+    cl = cluster((0, 0, 1, 1, 2))
+    c = choose(collective, 1 << 16, cl, root=3)
+    assert sorted(a for a, _ in c.predictions) == sorted(CANDIDATES)
+    times = [t for _, t in c.predictions]
+    assert times == sorted(times) and all(t > 0 for t in times)
+    assert c.best == c.predictions[0][0]
+    assert choose(collective, 1 << 16, cl, candidates=["tree"], root=3).best == "tree"
+    with pytest.raises(ValueError):
+        choose(collective, 10, cl, candidates=[])
+
+
+def test_ties_go_to_the_earlier_candidate() -> None:
+    # On one node the flat ring and the modelled native ring cost the same at large sizes.
+    cl = cluster((0, 0, 0, 0))
+    a = choose("allreduce", 64 << 20, cl, candidates=["native", "ring"])
+    b = choose("allreduce", 64 << 20, cl, candidates=["ring", "native"])
+    assert a.seconds("ring") == a.seconds("native")
+    assert (a.best, b.best) == ("native", "ring")
+
+
+def test_explain_names_every_candidate_and_the_choice() -> None:
+    cl = cluster((0, 0, 1, 1))
+    text = explain(choose("allreduce", 4 << 20, cl), cl)
+    for alg in ("native", *ALGORITHMS):
+        assert alg in text
+    assert "<- chosen" in text and "measured" in text
+    assert "not calibrated" in explain(choose("allreduce", 100, Cluster((0, 1))), Cluster((0, 1)))
+
+
+def test_node_bus_is_shared_by_transfers_inside_it() -> None:
+    """With a node-wide rate, the ring's 2(P-1)P transfers queue on the node: their bytes at its rate, plus one latency."""
+    from topologies.cost import SharedLinkCost
+
+    P, n = 4, 4000 * 4
+    b = 4 * n / P
+    fast_ranks = SharedLinkCost(alpha=1e-5, beta=1e-10, shared_beta=1e-9)  # the node, not the ranks, limits
+    cl = Cluster((0,) * P, intra=fast_ranks, gamma=0.0)
+    assert cost(build("ring", "allreduce", P, n), cl) == pytest.approx(1e-5 + 2 * (P - 1) * P * b * 1e-9)
+    # One transfer alone is limited by the slower of its rank ports and the node.
+    assert cost(build("star", "broadcast", 2, n), Cluster((0, 0), intra=fast_ranks)) == pytest.approx(
+        1e-5 + 4 * n * 1e-9)

@@ -1,0 +1,350 @@
+"""Alpha-beta-gamma cost of any Schedule on a cluster's links, computed from its own steps, and the choice for "auto"."""
+
+# Terms (the names below follow them):
+#
+#   alpha  -- latency of one message on a link kind, seconds (per step, it is
+#             paid once: a step's messages are posted together).
+#   beta   -- inverse bandwidth of a link kind, seconds per byte.
+#   gamma  -- seconds per byte to reduce an incoming buffer into the local one.
+#   kind   -- "intra" when both ranks of a message sit on one node, else "inter".
+#   port   -- what a message occupies while its bytes move: the sending rank's
+#             out-port and the receiving rank's in-port (each rank moves one
+#             message's bytes at a time); for an inter-node message also its
+#             source node's egress and its destination node's ingress (the
+#             ranks of a node share its network link), for an intra-node one
+#             its node's bus at ``SharedLinkCost.shared_beta`` (the ranks of a
+#             node share its cores and memory).
+#
+# The replay follows the executor: a rank's step starts when its previous step
+# has ended; at its start it posts its sends. A message starts moving when its
+# sender's step has started; each of its ports moves it in bytes * beta after
+# what that port already has queued, and it lands alpha after the slowest. A step ends when its own sends have
+# left, its receives have landed and at least alpha has passed, plus gamma for
+# every byte it reduces (reductions are counted after the transfer: the
+# executor overlaps them per segment, so this is an upper bound). Steps post in
+# order of their start times, so ports are handed out first come, first served.
+# The schedule's time is when its last step ends.
+#
+# The same replay prices every Schedule, so no algorithm has a hand-written
+# formula. "native" (MPI's own collective, not a Schedule) is modelled by the
+# schedule of what Open MPI's tuned component runs for it: recursive doubling
+# or ring for allreduce, a binomial tree or ring (scatter-allgather) for
+# reduce and broadcast, ring or binomial for reduce_scatter and allgather;
+# whichever is cheaper, in rank order, on the same links. MPI's own steps cost
+# the same alpha as ours here, though they skip the Python executor: the model
+# favours native slightly less than it should at small sizes.
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from . import ALGORITHMS, COLLECTIVES, build
+from .cluster import Cluster, LinkCost
+from .schedule import Recv, Schedule, ScheduleError, Send, Step, even_blocks
+
+__all__ = [
+    "DEFAULT_INTRA",
+    "DEFAULT_INTER",
+    "DEFAULT_GAMMA",
+    "CANDIDATES",
+    "Choice",
+    "SharedLinkCost",
+    "links",
+    "cost",
+    "traffic",
+    "predict",
+    "choose",
+    "explain",
+    "recursive_doubling_allreduce",
+]
+
+#: Link costs used when a Cluster is not calibrated (COLLECTIVE_CALIBRATE=0): shared memory
+#: through MPI on a small machine (a message costs ~10 us in our Python path, ~3 GB/s) ...
+DEFAULT_INTRA = LinkCost(alpha=10e-6, beta=1 / 3e9)
+#: ... and a 10 Gbit/s-class network (~50 us, ~1.1 GB/s).
+DEFAULT_INTER = LinkCost(alpha=50e-6, beta=1 / 1.1e9)
+#: NumPy adds two float32 buffers at a few GB/s of input.
+DEFAULT_GAMMA = 1 / 3e9
+#: What ``choose`` compares by default: every Schedule algorithm, and MPI's own.
+CANDIDATES: tuple[str, ...] = ("native", *ALGORITHMS)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The cheapest algorithm and every candidate's predicted seconds, cheapest first."""
+
+    collective: str
+    nbytes: int
+    best: str
+    predictions: tuple[tuple[str, float], ...]
+
+    def seconds(self, algorithm: str) -> float:
+        """The predicted seconds of ``algorithm`` (KeyError if it was not a candidate)."""
+        return dict(self.predictions)[algorithm]
+
+
+@dataclass(frozen=True)
+class SharedLinkCost(LinkCost):
+    """An intra-node LinkCost that also knows what the node's transfers share.
+
+    Attributes:
+        shared_beta: seconds per byte of the node as a whole: every transfer
+            inside the node at the same time queues for it (the cores, when
+            ranks outnumber them, and memory bandwidth). 0 means no limit
+            beyond each rank's own ``beta``.
+    """
+
+    shared_beta: float = 0.0
+
+
+def _shared(link: LinkCost) -> float:
+    return getattr(link, "shared_beta", 0.0)
+
+
+def links(cluster: Cluster) -> tuple[LinkCost, LinkCost, float]:
+    """The (intra, inter, gamma) of ``cluster``, with the documented defaults where it is not calibrated."""
+    return (cluster.intra or DEFAULT_INTRA, cluster.inter or DEFAULT_INTER,
+            DEFAULT_GAMMA if cluster.gamma is None else cluster.gamma)
+
+
+def cost(sched: Schedule, cluster: Cluster, itemsize: int = 4) -> float:
+    """Predicted seconds of ``sched`` on ``cluster``'s links, replayed step by step (see the comment at the top).
+
+    Args:
+        sched: any Schedule over ``cluster.size`` ranks.
+        cluster: which node each rank is on, and the link costs (defaults where None).
+        itemsize: bytes per element.
+
+    Returns:
+        Seconds until the last rank finishes its last step (0.0 for no steps).
+
+    Example::
+
+        cl = Cluster((0, 0, 1, 1))
+        cost(build("ring", "allreduce", 4, 1 << 20), cl) > cost(build("hierarchical", "allreduce", 4, 1 << 20,
+                                                                        nodes=cl.node_of_rank), cl)
+    """
+    P = sched.nranks
+    if P != cluster.size:
+        raise ValueError(f"cost: {sched.algorithm} {sched.collective} has {P} ranks, the cluster {cluster.size}")
+    intra, inter, gamma = links(cluster)
+    node = cluster.node_of_rank
+    free: dict[tuple, float] = {}  # port -> time it is next free
+    arrivals: dict[tuple[int, int], list[float]] = {}  # channel -> landing times, in send order
+    consumed: dict[tuple[int, int], int] = {}
+    ptr = [0] * P
+    done = [0.0] * P
+    sends_end = [0.0] * P
+    heap = [(0.0, r) for r in range(P) if sched.steps[r]]
+    heapq.heapify(heap)
+    waiting: set[int] = set()
+
+    def ready(r: int) -> bool:
+        need: dict[int, int] = {}
+        for rv in sched.steps[r][ptr[r]].recvs:
+            need[rv.peer] = need.get(rv.peer, 0) + 1
+        return all(len(arrivals.get((p, r), ())) - consumed.get((p, r), 0) >= k for p, k in need.items())
+
+    def finish(r: int) -> None:
+        step = sched.steps[r][ptr[r]]
+        t0 = done[r]
+        end = sends_end[r]
+        lat = 0.0
+        reduced = 0
+        for t in (*step.sends, *step.recvs):
+            lat = max(lat, (intra if node[t.peer] == node[r] else inter).alpha)
+        end = max(end, t0 + lat)
+        for rv in step.recvs:
+            k = consumed.get((rv.peer, r), 0)
+            end = max(end, arrivals[(rv.peer, r)][k])
+            consumed[(rv.peer, r)] = k + 1
+            if rv.reduce:
+                reduced += rv.stop - rv.start
+        done[r] = end + reduced * itemsize * gamma
+        ptr[r] += 1
+        if ptr[r] < len(sched.steps[r]):
+            heapq.heappush(heap, (done[r], r))
+
+    while heap:
+        t0, r = heapq.heappop(heap)
+        step = sched.steps[r][ptr[r]]
+        end = t0
+        for s in step.sends:
+            q = s.peer
+            link = intra if node[q] == node[r] else inter
+            nbytes = (s.stop - s.start) * itemsize
+            if node[q] != node[r]:  # the nodes' shared links carry it at the inter-node rate
+                ports = [(("out", r), link.beta), (("in", q), link.beta),
+                         (("egress", node[r]), link.beta), (("ingress", node[q]), link.beta)]
+            else:  # the ranks' own rate, and the node's aggregate shared by every transfer inside it
+                ports = [(("out", r), link.beta), (("in", q), link.beta), (("bus", node[r]), _shared(link))]
+            # Each port is its own queue (a fluid model): the message is through when its slowest
+            # port has moved it. Reserving all ports for one interval instead fragments them badly.
+            stop = t0
+            for p, beta in ports:
+                free[p] = max(free.get(p, 0.0), t0) + nbytes * beta
+                stop = max(stop, free[p])
+            arrivals.setdefault((r, q), []).append(stop + link.alpha)
+            end = max(end, stop)
+        sends_end[r] = end
+        waiting.add(r)
+        for w in sorted(waiting):
+            if ready(w):
+                waiting.discard(w)
+                finish(w)
+        # A rank finished above may start a step at once whose messages are all in: the heap picks it up.
+    if waiting:
+        stuck = {r: ptr[r] for r in sorted(waiting)}
+        raise ScheduleError(f"{sched.algorithm} {sched.collective}: deadlock while pricing; rank: step = {stuck}")
+    return max(done, default=0.0)
+
+
+def traffic(sched: Schedule, nodes: Sequence[int]) -> dict[tuple[int, int], int]:
+    """Elements each ordered pair of distinct nodes sends the other in ``sched``: {(from, to): elements}.
+
+    Example::
+
+        traffic(build("ring", "allreduce", 4, 400), (0, 0, 1, 1))   # {(0, 1): 600, (1, 0): 600}
+    """
+    out: dict[tuple[int, int], int] = {}
+    for r in range(sched.nranks):
+        for step in sched.steps[r]:
+            for s in step.sends:
+                a, b = nodes[r], nodes[s.peer]
+                if a != b:
+                    out[(a, b)] = out.get((a, b), 0) + s.stop - s.start
+    return out
+
+
+def recursive_doubling_allreduce(nranks: int, nelems: int) -> Schedule:
+    """The schedule of MPI's recursive-doubling allreduce, as a model of ``native`` (never executed).
+
+    Ranks past the largest power of two p first fold into a partner (rank - p),
+    the p ranks exchange whole buffers with partners at distance 1, 2, 4, ...
+    and reduce, then the folded ranks get the result back. Each exchange sends
+    and reduce-receives the same range in one step, which the executor's
+    Schedules never do (the simulator rejects it): this one is for pricing only.
+
+    Example::
+
+        cost(recursive_doubling_allreduce(8, 1 << 20), Cluster((0,) * 8))
+    """
+    P = nranks
+    steps: list[list[Step]] = [[] for _ in range(P)]
+    if P > 1 and nelems:
+        p = 1 << (P.bit_length() - 1)
+        full = (0, nelems)
+        for r in range(p, P):
+            steps[r].append(Step(sends=(Send(r - p, *full),)))
+            steps[r - p].append(Step(recvs=(Recv(r, *full, reduce=True),)))
+        d = 1
+        while d < p:
+            for r in range(p):
+                q = r ^ d
+                steps[r].append(Step(sends=(Send(q, *full),), recvs=(Recv(q, *full, reduce=True),)))
+            d *= 2
+        for r in range(p, P):
+            steps[r - p].append(Step(sends=(Send(r, *full),)))
+            steps[r].append(Step(recvs=(Recv(r - p, *full),)))
+    return Schedule("allreduce", "recursive-doubling", P, nelems, 0, even_blocks(nelems, P),
+                    tuple(tuple(s) for s in steps))
+
+
+def _native(collective: str, nelems: int, root: int, cluster: Cluster, itemsize: int) -> float:
+    P = cluster.size
+    models: list[Schedule] = [build("ring", collective, P, nelems, root)]
+    if collective == "allreduce":
+        models.append(recursive_doubling_allreduce(P, nelems))
+    else:
+        models.append(build("tree", collective, P, nelems, root))
+    return min(cost(m, cluster, itemsize) for m in models)
+
+
+def _elems(collective: str, nbytes: int, itemsize: int, P: int) -> int:
+    """Work-buffer elements for a call whose per-rank input is ``nbytes`` (allgather gathers P of them)."""
+    n = max(0, nbytes) // itemsize
+    return n * P if collective == "allgather" else n
+
+
+def predict(collective: str, nbytes: int, cluster: Cluster, algorithm: str, itemsize: int = 4, root: int = 0) -> float:
+    """Predicted seconds of one call of ``collective`` by ``algorithm`` with ``nbytes`` per rank on ``cluster``.
+
+    Args:
+        collective: one of ``COLLECTIVES``.
+        nbytes: bytes of one rank's input (``x.nbytes``; for allgather the
+            result is P times that).
+        cluster: ranks, nodes and link costs.
+        algorithm: "native" or one of ``ALGORITHMS``.
+        itemsize: bytes per element.
+        root: root of reduce and broadcast.
+
+    Example::
+
+        predict("allreduce", 1 << 20, Cluster((0, 0, 1, 1)), "hierarchical")
+    """
+    if collective not in COLLECTIVES:
+        raise ValueError(f"predict: unknown collective {collective!r}; choose one of {tuple(COLLECTIVES)}")
+    P = cluster.size
+    n = _elems(collective, nbytes, itemsize, P)
+    if algorithm == "native":
+        return _native(collective, n, root, cluster, itemsize)
+    return cost(build(algorithm, collective, P, n, root, nodes=cluster.node_of_rank), cluster, itemsize)
+
+
+def choose(
+    collective: str,
+    nbytes: int,
+    cluster: Cluster,
+    itemsize: int = 4,
+    candidates: Iterable[str] = CANDIDATES,
+    root: int = 0,
+) -> Choice:
+    """The candidate with the least predicted time, and the table of predictions.
+
+    Deterministic: the same arguments give the same choice on every rank (ties
+    go to the earlier candidate), so ranks never disagree on the algorithm.
+
+    Args:
+        collective: one of ``COLLECTIVES``.
+        nbytes: bytes of one rank's input.
+        cluster: ranks, nodes and link costs (``comm.cluster``).
+        itemsize: bytes per element.
+        candidates: algorithm names ("native" and/or ``ALGORITHMS``).
+        root: root of reduce and broadcast.
+
+    Example::
+
+        c = choose("allreduce", 4 << 20, comm.cluster)
+        c.best, c.predictions
+    """
+    cands = list(dict.fromkeys(candidates))
+    if not cands:
+        raise ValueError("choose: no candidates")
+    table = [(a, predict(collective, nbytes, cluster, a, itemsize, root)) for a in cands]
+    order = sorted(range(len(table)), key=lambda i: (table[i][1], i))
+    ranked = tuple(table[i] for i in order)
+    return Choice(collective, nbytes, ranked[0][0], ranked)
+
+
+def explain(choice: Choice, cluster: Cluster) -> str:
+    """A few lines: the links used, each candidate's predicted time, and the choice.
+
+    Example::
+
+        print(explain(choose("allreduce", 1 << 20, cl), cl))
+    """
+    intra, inter, gamma = links(cluster)
+    src = "measured" if cluster.intra is not None else "defaults (not calibrated)"
+    lines = [
+        f"{choice.collective} of {choice.nbytes} bytes per rank on {cluster.size} ranks, {cluster.nnodes} node(s); "
+        f"links {src}:",
+        f"  intra alpha {intra.alpha * 1e6:.1f} us, {1e-9 / intra.beta:.2f} GB/s; "
+        f"inter alpha {inter.alpha * 1e6:.1f} us, {1e-9 / inter.beta:.2f} GB/s; reduce {1e-9 / gamma:.2f} GB/s",
+    ]
+    best = choice.predictions[0][1]
+    for alg, t in choice.predictions:
+        mark = "  <- chosen" if alg == choice.best else ""
+        rel = f"{t / best:.2f}x" if best > 0 else "-"
+        lines.append(f"  {alg:<14} {t * 1e6:12.1f} us  {rel:>7}{mark}")
+    return "\n".join(lines)
