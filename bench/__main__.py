@@ -24,6 +24,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .cli import parse_args
 
     args = list(sys.argv[1:] if argv is None else argv)
+    if "gpu" in args and any(a == "--device" or a.startswith("--device=") for a in args):
+        from . import bench_gpu  # CuPy arrays over NCCL or MPI: the same columns
+
+        return bench_gpu.main(args)
     opts = parse_args(args)  # before MPI starts: --help and bad flags need no MPI
 
     import collective as col

@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "algorithms run interleaved round-robin (shuffled each round) with their own buffers; time = "
                     "median over iterations of the slowest rank; compare algorithms by the ratios of one run.",
     )
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: NumPy arrays over MPI (default); gpu: CuPy arrays over NCCL or MPI (bench.bench_gpu)")
     p.add_argument("-b", "--minbytes", type=_size_arg, default=4096, metavar="SIZE",
                    help="smallest buffer size in bytes, e.g. 4K (default 4K)")
     p.add_argument("-e", "--maxbytes", type=_size_arg, default=64 << 20, metavar="SIZE",

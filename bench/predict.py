@@ -21,10 +21,21 @@ def predicted_us(alg: str, coll: str, nbytes: int, cluster: Any = None) -> float
             link costs once calibrated).
 
     Returns:
-        Microseconds, or None (always None until the cost model is wired in).
+        Microseconds from ``topologies.cost.predict`` on the calibrated links, or
+        None for columns the model does not cover (shm, auto, gloo, memcpy) or
+        an uncalibrated cluster.
 
     Example::
 
-        predicted_us("ring", "allreduce", 1 << 20, comm.cluster)   # None for now
+        predicted_us("ring", "allreduce", 1 << 20, comm.cluster)
     """
-    return None
+    from topologies import ALGORITHMS
+    from topologies import cost
+
+    if cluster is None or cluster.intra is None or (alg != "native" and alg not in ALGORITHMS):
+        return None
+    per_rank = nbytes // cluster.size if coll == "allgather" else nbytes
+    try:
+        return cost.predict(coll, per_rank, cluster, alg) * 1e6
+    except ValueError:
+        return None

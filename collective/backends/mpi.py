@@ -61,18 +61,23 @@ _USER_OPS: dict[tuple[str, np.dtype], Any] = {}
 def mpi_op(name: str, dtype: np.dtype | None = None) -> Any:
     """The MPI reduction op for "SUM", "PROD", "MIN" or "MAX" on ``dtype``.
 
-    Open MPI 5's built-in PROD on complex types returns wrong products inside
-    MPI_Reduce (seen here: P=4, root 3), so complex PROD uses a user-defined op
-    that multiplies with NumPy; MPI still runs its own collective algorithm.
+    Two Open MPI 5 built-ins are wrong here, so those use a user-defined op
+    that combines with NumPy while MPI still runs its own collective algorithm:
+    PROD on complex types returned wrong products inside MPI_Reduce (P=4,
+    root 3), and MIN/MAX on floats drop a NaN depending on which rank holds
+    it (IEEE and NumPy propagate it).
     """
-    if name == "PROD" and dtype is not None and dtype.kind == "c":
+    user = dtype is not None and ((name == "PROD" and dtype.kind == "c") or (name in ("MIN", "MAX") and dtype.kind == "f"))
+    if user:
         op = _USER_OPS.get((name, dtype))
         if op is None:
-            def prod(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
-                b = np.frombuffer(inoutbuf, dtype)
-                np.multiply(np.frombuffer(inbuf, dtype), b, out=b)
+            ufunc = {"PROD": np.multiply, "MIN": np.minimum, "MAX": np.maximum}[name]
 
-            op = _USER_OPS[(name, dtype)] = MPI.Op.Create(prod, commute=True)
+            def combine(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
+                b = np.frombuffer(inoutbuf, dtype)
+                ufunc(np.frombuffer(inbuf, dtype), b, out=b)
+
+            op = _USER_OPS[(name, dtype)] = MPI.Op.Create(combine, commute=True)
         return op
     return getattr(MPI, name)
 

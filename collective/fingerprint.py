@@ -1,0 +1,228 @@
+"""Cross-rank call fingerprints: one two-integer allreduce per collective proves that every rank makes the same call.
+
+Terms (the names below follow them):
+
+* **signature** -- what must agree across ranks for a collective to be
+  correct: the collective, the reduction op, the dtype, the shape, the root
+  and the algorithm actually used ("auto" already resolved; it resolves from
+  size, rank count and dtype only, so identically on every rank).
+* **fingerprint** -- a 62-bit hash of the signature XORed with the call's
+  sequence number (so a skipped or extra call on one rank shows up as well).
+  The signature's hash is computed once per distinct signature (crc32, which
+  unlike Python's ``hash()`` of a str is the same in every process) and cached;
+  every call is still checked, so all ranks always agree on when a check
+  happens.
+* **check** -- every rank contributes ``[h, -h]`` to one native MPI allreduce
+  with MAX: ``max(h) == -max(-h)`` exactly when all fingerprints are equal.
+  Only on a mismatch (or with ``COLLECTIVE_DEBUG=DETAIL``) do the ranks
+  allgather a fixed-size *record* (utf-8 text of the signature, no pickle) to
+  say which rank called what.
+* **poison** -- the fingerprint of a call that failed its argument checks on
+  this rank. The rank still takes part in the check, so the other ranks raise
+  CollectiveMismatchError naming it and its error instead of waiting for it.
+  If every rank failed, the fingerprints agree and each raises its own error.
+"""
+from __future__ import annotations
+
+import zlib
+from array import array
+from typing import Any
+
+import numpy as np
+
+from .errors import CollectiveMismatchError
+
+__all__ = ["Fingerprints", "Poison", "POISON", "RECORD_BYTES", "FIELDS", "rank_list"]
+
+#: The fingerprint of a call whose arguments this rank rejected (no real fingerprint takes this value).
+POISON = (1 << 63) - 1
+#: Size of one rank's record in the mismatch allgather (the error text of a poison call is cut to fit).
+RECORD_BYTES = 256
+#: The fields of a record, in order; what differs between ranks is named by these words.
+FIELDS = ("collective", "op", "dtype", "shape", "root", "algorithm", "sequence", "error")
+_SEP = "\x1f"
+_MASK62 = (1 << 62) - 1
+
+
+class Poison:
+    """A collective call that failed its argument checks on this rank (carries the error).
+
+    Looks like a prepared call to the communicator's ``_execute`` (name, shape,
+    dtype, algorithm, root, rop), so it takes the same path, in the same order,
+    as the other ranks' real call; the fingerprint check then raises.
+    """
+
+    __slots__ = ("name", "error", "shape", "dtype", "algorithm", "root", "rop", "xf")
+
+    def __init__(self, name: str, error: BaseException) -> None:
+        self.name, self.error = name, error
+        self.shape = self.dtype = self.algorithm = self.root = self.rop = self.xf = None
+
+
+def rank_list(ranks: list[int]) -> str:
+    """``[1]`` -> "rank 1"; ``[0, 2]`` -> "ranks 0 and 2"; ``[0, 1, 2, 3, 5]`` -> "ranks 0-3 and 5"."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    runs: list[str] = []
+    start = prev = ranks[0]
+    for r in ranks[1:] + [None]:  # type: ignore[operator]
+        if r is not None and r == prev + 1:
+            prev = r
+            continue
+        runs.append(str(start) if start == prev else (f"{start}, {prev}" if prev == start + 1 else f"{start}-{prev}"))
+        if r is not None:
+            start = prev = r
+    text = ", ".join(runs)
+    head, _, last = text.rpartition(", ")
+    return "ranks " + (f"{head} and {last}" if head else last)
+
+
+class Fingerprints:
+    """The per-call cross-rank check on one (private) MPI communicator.
+
+    Args:
+        comm: the mpi4py communicator the collectives run on (the check's
+            allreduce is ordered with them, before any of the call's data moves).
+        rank, size: this rank and the number of ranks.
+        detail: gather every rank's full record on every call
+            (``COLLECTIVE_DEBUG=DETAIL``), not only after a mismatch.
+
+    Example::
+
+        fp = Fingerprints(mpi_comm, rank, size)
+        fp.check(seq, "allreduce", "ring", OPS["sum"], np.dtype("float32"), (1024,), None)
+    """
+
+    def __init__(self, comm: Any, rank: int, size: int, detail: bool = False) -> None:
+        from mpi4py import MPI
+
+        self.comm, self.rank, self.size, self.detail = comm, rank, size, detail
+        self._static: dict[tuple, tuple[int, list[str]]] = {}
+        # array.array, not numpy: setting and reading two items is several times cheaper.
+        self._send = array("q", [0, 0])
+        self._recv = array("q", [0, 0])
+        self._sargs = [self._send, MPI.INT64_T]
+        self._rargs = [self._recv, MPI.INT64_T]
+        self._max = MPI.MAX
+        self._allreduce = comm.Allreduce
+
+    def _signature(self, name: str, alg: Any, opname: Any, dtype: Any, shape: Any, root: Any) -> tuple[int, list[str]]:
+        key = (name, alg, opname, dtype, shape, root)
+        hit = self._static.get(key)
+        if hit is None:
+            fields = [name, opname or "-", "-" if dtype is None else str(dtype), "-" if shape is None else str(tuple(shape)),
+                      "-" if root is None else str(root), str(alg)]
+            text = _SEP.join(fields).encode()
+            h = (zlib.crc32(text) | (zlib.crc32(text, 0x5BD1E995) << 32)) & _MASK62
+            if len(self._static) > 4096:  # a program with endlessly many shapes: keep the cache bounded
+                self._static.clear()
+            hit = self._static[key] = (h, fields)
+        return hit
+
+    def check(self, seq: int, name: str, alg: Any, rop: Any, dtype: Any, shape: Any, root: Any,
+              poison: BaseException | None = None) -> None:
+        """Raise CollectiveMismatchError on every rank unless every rank's call has the same fingerprint.
+
+        A poison call (``poison`` is its error) always raises: that error when
+        every rank was poisoned, else the mismatch (with the mismatch report
+        added to this rank's own error as a note).
+        """
+        opname = rop.name if rop is not None else None
+        if poison is None:
+            h, fields = self._signature(name, alg, opname, dtype, shape, root)
+            h ^= seq  # below 2**62, so never POISON
+        else:
+            h, fields = POISON, [name, "-", "-", "-", "-", "-"]
+        if self.detail:
+            self._gather(seq, fields, poison, always=True)
+        else:
+            s = self._send
+            s[0] = h
+            s[1] = -h
+            self._allreduce(self._sargs, self._rargs, self._max)
+            r = self._recv
+            if r[0] != -r[1]:
+                self._gather(seq, fields, poison, always=False)
+        if poison is not None:
+            raise poison
+
+    def _gather(self, seq: int, fields: list[str], poison: BaseException | None, always: bool) -> None:
+        """Allgather every rank's record; raise the mismatch report on every rank if any differ."""
+        mine = fields + [f"#{seq}", "" if poison is None else f"{type(poison).__name__}: {poison}"]
+        raw = _SEP.join(mine).encode()
+        if len(raw) > RECORD_BYTES:
+            raw = raw[: RECORD_BYTES - 3] + b"..."
+        rec = np.zeros(RECORD_BYTES, np.uint8)
+        rec[: len(raw)] = np.frombuffer(raw, np.uint8)
+        allrec = np.empty((self.size, RECORD_BYTES), np.uint8)
+        from mpi4py import MPI
+
+        self.comm.Allgather([rec, MPI.BYTE], [allrec, MPI.BYTE])
+        records = [bytes(allrec[q]).rstrip(b"\0").decode(errors="replace").split(_SEP) for q in range(self.size)]
+        for rc in records:  # a record cut short still has every field
+            rc.extend([""] * (len(FIELDS) - len(rc)))
+        if always:
+            keys = {"poison" if rc[7] else _SEP.join(rc[:7]) for rc in records}
+            if len(keys) == 1:  # all agree, or every rank rejected its arguments (each raises its own error)
+                return
+        msg = mismatch_message(self.rank, self.size, records)
+        if poison is not None:
+            poison.add_note(msg)
+            raise poison
+        raise CollectiveMismatchError(msg)
+
+
+def mismatch_message(rank: int, size: int, records: list[list[str]]) -> str:
+    """The report every rank raises: which fields differ, and each group of ranks' values, grouped by value.
+
+    Example: ``allreduce #7 on rank 0 of 3: the ranks' calls do not match (dtype, shape differ):
+    rank 1: float64 (65537,); ranks 0 and 2: float32 (65536,) ...``
+    """
+    me = records[rank]
+    bad = [q for q, rc in enumerate(records) if rc[7]]
+    good = [q for q in range(size) if q not in bad]
+    idx = [i for i in range(7) if len({records[q][i] for q in good}) > 1] if good else []
+    parts = []
+    if bad:
+        parts.extend(f"rank {q} rejected its arguments ({records[q][7]})" for q in bad[:8])
+        if len(bad) > 8:
+            parts.append(f"{len(bad) - 8} more ranks rejected theirs")
+    if idx:
+        groups: dict[tuple, list[int]] = {}
+        for q in good:
+            groups.setdefault(tuple(records[q][i] for i in idx), []).append(q)
+        order = sorted(groups.items(), key=lambda kv: (len(kv[1]), kv[1][0]))  # the odd one out first
+        parts.append("; ".join(f"{rank_list(rs)}: {' '.join(_show(idx, v))}" for v, rs in order))
+    if idx:
+        what = ", ".join(FIELDS[i] for i in idx) + (" differ" if len(idx) > 1 else " differs")
+        head = (f"{me[0]} {me[6]} on rank {rank} of {size}: the ranks' calls do not match ({what}): {'; '.join(parts)}. "
+                "No data was sent and every rank raises this error. Every rank must make the same collective calls, "
+                "in the same order, with the same op, dtype, shape, root and algorithm.")
+    else:
+        head = (f"{me[0]} {me[6]} on rank {rank} of {size} cannot run: {'; '.join(parts)}. No data was sent; "
+                "every rank raises an error (a rank that rejected its arguments raises its own).")
+    full: dict[str, list[int]] = {}
+    for q, rc in enumerate(records):
+        full.setdefault(_full(rc), []).append(q)
+    lines = [f"  {rank_list(rs)}: {text}" for text, rs in full.items()]
+    return head + "\nEach rank's call:\n" + "\n".join(lines)
+
+
+def _show(idx: list[int], values: tuple) -> list[str]:
+    out = []
+    for i, v in zip(idx, values):
+        name = FIELDS[i]
+        out.append(v if name in ("collective", "dtype", "shape", "sequence") else f"{name} {v}")
+    return out
+
+
+def _full(rc: list[str]) -> str:
+    if rc[7]:
+        return f"{rc[6]} {rc[0]}: rejected its arguments: {rc[7]}"
+    s = f"{rc[6]} {rc[0]}"
+    if rc[1] != "-":
+        s += f" op {rc[1]}"
+    s += f" {rc[2]} shape {rc[3]}"
+    if rc[4] != "-":
+        s += f" root {rc[4]}"
+    return s + f" algorithm {rc[5]}"

@@ -1,0 +1,87 @@
+"""One failure scenario that must end the whole job (non-zero exit, a message naming the rank and op, no orphans).
+
+Usage: mpiexec -n P python reliability_fail.py SCENARIO [--algorithm A] [--async] [--marker TOKEN]
+
+Every rank runs a few good collectives, then rank 1 (the *victim*) misbehaves
+while the others enter an allreduce with algorithm A:
+
+  sigkill   the victim SIGKILLs itself in the middle of a large allreduce
+  exit1     the victim calls os._exit(1) in the middle of a large allreduce
+  raise     the victim dies of an uncaught exception (plain python, no -m mpi4py)
+  sysexit   the victim calls sys.exit(0)
+  nojoin    the victim never joins (sleeps for an hour)
+  mismatch  every rank raises CollectiveMismatchError and nobody catches it
+
+``--marker`` is ignored: tests pass a unique token so they can look for orphans.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+
+import collective as col
+
+ap = argparse.ArgumentParser()
+ap.add_argument("scenario", choices=["sigkill", "exit1", "raise", "sysexit", "nojoin", "mismatch"])
+ap.add_argument("--algorithm", default="ring")
+ap.add_argument("--async", dest="use_async", action="store_true", help="the waiting ranks use allreduce_async().wait()")
+ap.add_argument("--marker", default="")
+args = ap.parse_args()
+
+comm = col.init()
+R, P = comm.rank, comm.size
+VICTIM = 1
+alg = args.algorithm
+
+for i in range(3):  # a little history for the flight recorder
+    comm.allreduce(np.full(8, i, np.float32), algorithm=alg)
+comm.barrier()
+print(f"rank {R}: ready for scenario {args.scenario} with algorithm {alg}", flush=True)
+
+
+def allreduce(x: np.ndarray) -> np.ndarray:
+    if args.use_async:
+        return comm.allreduce_async(x, algorithm=alg).wait()
+    return comm.allreduce(x, algorithm=alg)
+
+
+if args.scenario in ("sigkill", "exit1"):
+    big = np.ones(1 << 20, np.float32)  # 4 MiB: the victim dies while the data is moving
+    if R == VICTIM:
+        def die() -> None:
+            rec = comm.watchdog.current
+            what = comm.watchdog.describe(rec) if rec is not None else "between ops"
+            print(f"rank {R}: dying ({args.scenario}) during {what}", flush=True)
+            if args.scenario == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(1)
+
+        threading.Timer(0.3, die).start()
+    while True:
+        allreduce(big)
+
+x = np.ones(1000, np.float32)
+if R != VICTIM:
+    if args.scenario == "mismatch":
+        allreduce(x)
+    else:
+        allreduce(x)
+        print(f"rank {R}: FAIL the allreduce finished without rank {VICTIM}", flush=True)
+        sys.exit(3)
+elif args.scenario == "raise":
+    raise RuntimeError("boom: an uncaught exception on purpose")
+elif args.scenario == "sysexit":
+    print(f"rank {R}: sys.exit(0) while the others wait", flush=True)
+    sys.exit(0)
+elif args.scenario == "nojoin":
+    time.sleep(3600)
+elif args.scenario == "mismatch":
+    allreduce(np.ones(1001, np.float64))
+print(f"rank {R}: FAIL reached the end", flush=True)
+sys.exit(3)

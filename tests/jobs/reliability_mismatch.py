@@ -1,0 +1,186 @@
+"""Mismatched calls and bad arguments on one rank: every rank raises (nothing hangs, nothing is silently wrong), and the job goes on.
+
+Usage: mpiexec -n P python reliability_mismatch.py   (P >= 2; rank 1 is the odd one out)
+Run with COLLECTIVE_DEBUG=DETAIL and COLLECTIVE_NAN_CHECK=1 as well: the same cases must hold.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+import collective as col
+from harness import Cases
+
+comm = col.init()
+R, P = comm.rank, comm.size
+assert P >= 2, "run on at least 2 ranks"
+cases = Cases(comm)
+ODD = 1
+Mismatch = col.CollectiveMismatchError
+
+
+def expect(fn: Callable[[], Any], words: list[str], bad_rank: int | None = None, bad_cls: type = col.CollectiveError,
+           bad_words: tuple[str, ...] = ()) -> None:
+    """Every rank raises: CollectiveMismatchError with ``words`` in it; ``bad_rank`` its own ``bad_cls`` error."""
+    try:
+        fn()
+    except Mismatch as exc:
+        if R == bad_rank:
+            raise AssertionError(f"rank {R} rejected its arguments but raised the mismatch: {exc}") from None
+        msg = str(exc)
+        for w in words + [f"on rank {R} of {P}"]:
+            assert w in msg, f"mismatch message lacks {w!r}: {msg}"
+    except col.CollectiveError as exc:
+        if R != bad_rank or not isinstance(exc, bad_cls):
+            raise
+        for w in bad_words:
+            assert w in str(exc), f"error message lacks {w!r}: {exc}"
+    else:
+        raise AssertionError("no error raised")
+    ok()
+
+
+def ok() -> None:
+    """The communicator still works after the error."""
+    y = comm.allreduce(np.full(5, R + 1, np.int64), algorithm="ring")
+    assert (y == P * (P + 1) // 2).all(), y
+
+
+def odd(a: Any, b: Any) -> Any:
+    return a if R == ODD else b
+
+
+for alg in ("ring", "tree", "star", "native"):
+    f32 = np.dtype(np.float32)
+    cases.run(f"{alg} shape", lambda: expect(
+        lambda: comm.allreduce(np.ones(odd(65537, 65536), np.float32), algorithm=alg),
+        ["shape differs", "rank 1: (65537,)", "(65536,)", f"algorithm {alg}"]))
+    cases.run(f"{alg} dtype and shape", lambda: expect(
+        lambda: comm.allreduce(np.ones(odd(65537, 65536), odd(np.float64, np.float32)), algorithm=alg),
+        ["dtype, shape differ", "rank 1: float64 (65537,)", "float32 (65536,)"]))
+    cases.run(f"{alg} op", lambda: expect(
+        lambda: comm.allreduce(np.ones(10, np.float32), op=odd("max", "sum"), algorithm=alg),
+        ["op differs", "rank 1: op max", "op sum"]))
+    cases.run(f"{alg} reduce root", lambda: expect(
+        lambda: comm.reduce(np.ones(10, np.int32), root=odd(0, P - 1), algorithm=alg),
+        ["root differs", "rank 1: root 0", f"root {P - 1}"]))
+    cases.run(f"{alg} broadcast root", lambda: expect(
+        lambda: comm.broadcast(np.ones(10, np.int32), root=odd(1, 0), algorithm=alg),
+        ["root differs", "rank 1: root 1", "root 0"]))
+    cases.run(f"{alg} algorithm", lambda: expect(
+        lambda: comm.allreduce(np.ones(10, np.float32), algorithm=odd("tree" if alg != "tree" else "ring", alg)),
+        ["algorithm differs", f"algorithm {alg}"]))
+
+    def call_order() -> None:
+        x = np.ones(10, np.float32)
+        first = (lambda: comm.broadcast(x, root=0, algorithm=alg)) if R == ODD else (lambda: comm.allreduce(x, algorithm=alg))
+        second = (lambda: comm.allreduce(x, algorithm=alg)) if R == ODD else (lambda: comm.broadcast(x, root=0, algorithm=alg))
+        expect(first, ["collective", "rank 1: broadcast", "allreduce"])
+        expect(second, ["collective", "rank 1: allreduce", "broadcast"])
+    cases.run(f"{alg} call order", call_order)
+
+    def barrier_vs_collective() -> None:
+        expect(lambda: comm.barrier() if R == ODD else comm.allgather(np.ones(3), algorithm=alg),
+               ["collective", "rank 1: barrier", "allgather"])
+    cases.run(f"{alg} barrier vs allgather", barrier_vs_collective)
+
+    cases.run(f"{alg} reduce_scatter rows", lambda: expect(
+        lambda: comm.reduce_scatter(np.ones((odd(2 * P + 1, 2 * P), 3)), algorithm=alg), ["shape differs"]))
+
+    # A bad argument on one rank only: that rank raises its own error, the others the mismatch naming it.
+    for label, call, cls, word in [
+        ("op name", lambda: comm.allreduce(np.ones(10, np.float32), op=odd("median", "sum"), algorithm=alg),
+         col.CollectiveValueError, "unknown op 'median'"),
+        ("root", lambda: comm.broadcast(np.ones(4), root=odd(P, 0), algorithm=alg), col.CollectiveValueError, "root"),
+        ("dtype", lambda: comm.allreduce(np.ones(4, odd(bool, np.uint8)), algorithm=alg), col.CollectiveTypeError, "bool"),
+        ("out shape", lambda: comm.allreduce(np.ones(4), out=np.empty(odd(5, 4)), algorithm=alg),
+         col.CollectiveValueError, "out has shape"),
+        ("algorithm name", lambda: comm.allreduce(np.ones(4), algorithm=odd("bogus", alg)), col.CollectiveValueError,
+         "unknown algorithm"),
+    ]:
+        cases.run(f"{alg} bad {label} on rank 1 only", lambda: expect(
+            call, ["rank 1 rejected its arguments", word, "cannot run"], bad_rank=ODD, bad_cls=cls, bad_words=(word,)))
+
+    def async_mismatch() -> None:
+        x = np.ones(odd(100, 101), np.float32)
+        w = comm.allreduce_async(x, algorithm=alg)
+        expect(w.wait, ["shape differs", "rank 1: (100,)"])
+    cases.run(f"{alg} async mismatch", async_mismatch)
+
+    def async_bad_arg_with_queue() -> None:
+        # Rank 1's bad call happens while good async work is queued: its poison must keep its place in line.
+        big = np.ones(1 << 16, np.float32)
+        w1 = comm.allreduce_async(big, algorithm=alg)
+        try:
+            w2 = comm.allreduce_async(np.ones(8), op=odd("nope", "sum"), algorithm=alg)
+        except col.CollectiveValueError:
+            assert R == ODD
+            w2 = None
+        w3 = comm.allreduce_async(np.full(3, 2.0), algorithm=alg)
+        assert (w1.wait() == P).all()
+        assert (w3.wait() == 2.0 * P).all()
+        if w2 is not None:
+            expect(w2.wait, ["rank 1 rejected its arguments", "unknown op 'nope'"])
+        else:
+            ok()
+    cases.run(f"{alg} async bad argument on rank 1 behind queued work", async_bad_arg_with_queue)
+
+
+def count_1000_vs_200000() -> None:  # the issue's case: corrupted memory, then hung, with raw MPI
+    expect(lambda: comm.allreduce(np.ones(odd(1000, 200000), np.float32), algorithm="native"),
+           ["shape differs", "rank 1: (1000,)", "(200000,)"])
+cases.run("count 1000 vs 200000", count_1000_vs_200000)
+
+
+def auto_resolves_alike() -> None:  # one rank names the algorithm auto resolves to: no mismatch
+    x = np.ones(10, np.float32)
+    y = comm.allreduce(x, algorithm=odd("native", "auto"))
+    assert (y == P).all()
+cases.run("auto resolves alike", auto_resolves_alike)
+
+
+def every_rank_bad() -> None:  # each rank rejects its own arguments: each raises its own error, nothing hangs
+    try:
+        comm.allreduce(np.ones(4), op=f"bad{R}")
+    except col.CollectiveMismatchError as exc:
+        raise AssertionError(f"expected this rank's own error: {exc}") from None
+    except col.CollectiveValueError as exc:
+        assert f"bad{R}" in str(exc)
+    else:
+        raise AssertionError("no error")
+    ok()
+cases.run("every rank bad", every_rank_bad)
+
+
+def nan_inf() -> None:  # IEEE: NaN propagates through every op, Inf through sums, Inf + -Inf is NaN
+    for alg in ("native", "ring", "tree", "star", "shm"):
+        x = np.arange(8, dtype=np.float64)
+        if R == ODD:
+            x[1] = np.nan
+            x[2] = np.inf
+            x[3] = -np.inf
+        if R == 0:
+            x[3] = np.inf
+        want3 = {"sum": np.nan, "min": -np.inf, "max": np.inf, "prod": -np.inf}
+        for op in ("sum", "min", "max", "prod"):
+            y = comm.allreduce(x, op=op, algorithm=alg)
+            assert np.isnan(y[1]), (alg, op, y)
+            assert y[2] == (2.0 if op == "min" else np.inf), (alg, op, y)
+            assert np.array_equal(y[3:4], [want3[op]], equal_nan=True), (alg, op, y)
+cases.run("NaN and Inf propagate", nan_inf)
+
+if os.environ.get("COLLECTIVE_DEBUG", "").upper() == "DETAIL":
+    def detail_agrees() -> None:
+        for n in (1, 100, 1000):
+            assert (comm.allreduce(np.ones(n), algorithm="ring") == P).all()
+        comm.barrier()
+    cases.run("DETAIL mode: agreeing calls pass", detail_agrees)
+
+cases.finish()
+# Ranks leaving at different times is normal: rank 1 exits last, after the others announced their exit.
+if R == ODD:
+    import time
+
+    time.sleep(1.0)
