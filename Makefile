@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/collective-run -n $(NP) $(BIN)/python examples/train_digits.py
 	$(BIN)/collective-run -n $(NP) $(BIN)/python examples/allreduce_demo.py
 
 test: $(STAMP)

@@ -17,6 +17,8 @@ __all__ = ["Options", "parse_args", "parse_size", "size_sweep", "format_size", "
 COLLECTIVES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
 #: Reference columns that are not algorithms of the library.
 REFERENCE_ALGORITHMS: tuple[str, ...] = ("gloo", "memcpy")
+#: Library variants that are not algorithm names: "alloc" is shm on a comm.alloc() buffer, in place.
+VARIANTS: tuple[str, ...] = ("alloc",)
 #: Set to 1 to register the deliberately wrong `broken` algorithm (tests of the check column).
 BROKEN_ENV = "COLLECTIVE_BENCH_TEST_BROKEN"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -98,7 +100,7 @@ def known_algorithms() -> tuple[str, ...]:
     """Every name ``-a`` accepts here: the library's algorithms, gloo, memcpy (and broken under the test variable)."""
     from collective import ALGORITHMS
 
-    names = tuple(ALGORITHMS) + REFERENCE_ALGORITHMS
+    names = tuple(ALGORITHMS) + VARIANTS + REFERENCE_ALGORITHMS
     if os.environ.get(BROKEN_ENV) == "1":
         names += ("broken",)
     return names
@@ -113,7 +115,7 @@ def default_algorithms() -> tuple[str, ...]:
 
     # native first (every ratio is against it), auto after the algorithms it chooses from.
     algs = [a for a in ALGORITHMS if a not in ("native", "auto")]
-    return ("native", *algs, "auto", *REFERENCE_ALGORITHMS)
+    return ("native", *algs, "auto", *VARIANTS, *REFERENCE_ALGORITHMS)
 
 
 @dataclass
@@ -218,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="element type, e.g. float32, float16, bfloat16, int32 (default float32)")
     p.add_argument("-a", "--algorithms", default="all", metavar="LIST",
                    help="comma list of columns: native, ring, tree, star, auto, gloo (torch.distributed), "
-                        "memcpy (local copy reference); default all")
+                        "memcpy (local copy reference), alloc (shm on a comm.alloc buffer, in place, allreduce on one "
+                        "node); default all")
     p.add_argument("--collective", default="allreduce", metavar="NAME[,NAME]",
                    help="allreduce, reduce, broadcast, reduce_scatter, allgather, a comma list, or all "
                         "(default allreduce)")

@@ -240,6 +240,8 @@ def modes_of(col: str, coll: str) -> tuple[str, ...]:
     """The modes a column has for a collective (memcpy and reduce_scatter/allgather: out-of-place only)."""
     if col == "memcpy" or coll not in _IN_PLACE_COLLECTIVES:
         return (OOP,)
+    if col == "alloc":  # the array lives in the shared window and is reduced where it lies
+        return (IP,)
     return MODES
 
 
@@ -307,6 +309,10 @@ class _Run:
     def columns(self, coll: str) -> tuple[list[str], list[str]]:
         cols, notes = [], []
         for c in self.opts.algorithms:
+            if c == "alloc" and (coll != "allreduce" or not self.comm.single_node):
+                notes.append(f"alloc: shm on comm.alloc buffers, allreduce on one node only; absent for {coll}"
+                             + ("" if self.comm.single_node else " across nodes"))
+                continue
             if c == "gloo" and coll != "allreduce":
                 notes.append(f"gloo: measured for allreduce only, absent for {coll}")
                 continue
@@ -349,6 +355,8 @@ class _Run:
         max_count = max(s[0] for s in shapes)
         bufs = {c: (_Buffers(max_count, max_count, False, dtype) if c == "memcpy" else
                     _Buffers(max_in, max_out, IP in modes[c], dtype)) for c in cols}
+        if "alloc" in bufs:  # collective: every rank reaches it in the same column order
+            bufs["alloc"].z = self.comm.alloc(max_in, dtype)
         seen_notes: set[str] = set(notes)
         for size, (count, n_in, n_out) in zip(sizes, shapes):
             row = self.one_size(coll, root, cols, modes, bufs, count, n_in, n_out, factor, seen_notes, res)
@@ -391,7 +399,7 @@ class _Run:
                     fn = _broken(_library_call(comm, coll, "native", o.op, root, tgt, dst),
                                  res if R == holder else None)
                 else:
-                    fn = _library_call(comm, coll, c, o.op, root, tgt, dst)
+                    fn = _library_call(comm, coll, "shm" if c == "alloc" else c, o.op, root, tgt, dst)
                 out.append(_Case(c, mode, fn, res, reset))
         return out
 

@@ -24,6 +24,9 @@ from topologies.cluster import Cluster
 
 from .arrays import Deferred, to_numpy
 from .calibrate import calibrate
+from .backends import BACKENDS
+from .backends.device import DeviceCollectives, DeviceRequest
+from .backends.gpu_staging import is_device_array
 from .backends.mpi import MPIBackend, mpi_dtype, mpi_op, require_mpi
 from .errors import (
     BackendUnavailableError,
@@ -35,7 +38,7 @@ from .errors import (
 from .executor import Executor, ExecutorOptions
 from .ops import OPS, ReduceOp, check_dtype, get_op
 from .shm import DEFAULT_CHUNK_BYTES, SharedArrays, ShmArena
-from .watchdog import Watchdog, install_excepthook
+from .watchdog import Watchdog, deadline, install_excepthook
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES"]
 
@@ -125,6 +128,9 @@ class Communicator:
             ``COLLECTIVE_TIMEOUT``, else 300).
         segment_bytes: largest single message of scheduled algorithms (else
             ``COLLECTIVE_SEGMENT_BYTES``, else 256 KiB).
+        backend: for device arrays (CuPy, ``__cuda_array_interface__``): "auto"
+            (NCCL when every rank can use it, else MPI), "nccl" or "mpi" (else
+            ``COLLECTIVE_BACKEND``, else "auto"). Host arrays always use MPI.
 
     Example::
 
@@ -134,11 +140,19 @@ class Communicator:
     """
 
     def __init__(self, comm: Any = None, *, algorithm: str | None = None, timeout: float | None = None,
-                 segment_bytes: int | None = None) -> None:
+                 segment_bytes: int | None = None, backend: str | None = None) -> None:
         MPI = require_mpi()
         if comm is None:
             comm = MPI.COMM_WORLD
         self._mpi = MPI
+        # Every collective step of construction has a deadline: a rank that never calls init()
+        # must not hang the others forever.
+        with deadline("init: duplicating the communicator, discovering nodes and calibrating links", timeout):
+            self._construct(comm, algorithm, timeout, segment_bytes, backend)
+
+    def _construct(self, comm: Any, algorithm: str | None, timeout: float | None, segment_bytes: int | None,
+                   backend: str | None) -> None:
+        MPI = self._mpi
         self._backend = MPIBackend(comm)
         self.rank: int = self._backend.rank
         self.size: int = self._backend.size
@@ -148,6 +162,13 @@ class Communicator:
             raise CollectiveValueError(f"{describe('init', self.rank, self.size)}: unknown algorithm {alg!r}; "
                                        f"choose one of {', '.join(ALGORITHMS)}")
         self.algorithm: str = alg
+        be = backend or os.environ.get("COLLECTIVE_BACKEND") or "auto"
+        if be not in BACKENDS:
+            raise CollectiveValueError(f"{describe('init', self.rank, self.size)}: unknown backend {be!r}; "
+                                       f"choose one of {', '.join(BACKENDS)}")
+        #: Backend of device-array collectives (host arrays always go through MPI).
+        self.backend: str = be
+        self._device_colls: DeviceCollectives | None = None
         seg = segment_bytes or _env_int("COLLECTIVE_SEGMENT_BYTES") or (1 << 18)
         self._exec = Executor(self._backend, ExecutorOptions(segment_bytes=seg))
         self.cluster: Cluster = self._discover_cluster()
@@ -161,12 +182,20 @@ class Communicator:
         self.local_size: int = len(peers)
         self._seq = 0
         self._static: dict[tuple, tuple] = {}
+        self._ranks_per_node = [len(self.cluster.ranks_of_node(n)) for n in range(self.cluster.nnodes)]
+        self._tuning = None
+        tuning_path = os.environ.get("COLLECTIVE_TUNING")
+        if tuning_path:
+            from .tuning import load_table
+
+            self._tuning = load_table(tuning_path, known_algorithms=[a for a in ALGORITHMS if a != "auto"])
         self._work_buf = np.empty(0, np.uint8)
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue | None = None
         self._worker: threading.Thread | None = None
         self._pending = 0
-        self.watchdog = Watchdog(self.rank, self.size, timeout=timeout, waiting_on=self._waiting_on)
+        self.watchdog = Watchdog(self.rank, self.size, timeout=timeout, waiting_on=self._waiting_on,
+                                 comm=self._backend.comm)
         self._shm_chunk = _env_int("COLLECTIVE_SHM_CHUNK_BYTES") or DEFAULT_CHUNK_BYTES
         self._shm_arena: ShmArena | None = None
         self._shared: SharedArrays | None = None
@@ -229,6 +258,9 @@ class Communicator:
         return cls(f"{describe(name, self.rank, self.size, shape, dtype, alg)}: {what}")
 
     def _prepare(self, name: str, x: Any, op: Any, algorithm: str | None, root: int, out: Any) -> _Call:
+        if type(x) is not np.ndarray and is_device_array(x):
+            # CuPy & co: NCCL, or MPI (CUDA-aware or staged); run by DeviceCollectives in _dispatch/_submit.
+            return DeviceRequest(name, x, op, algorithm, root, out)  # type: ignore[return-value]
         try:
             return self._prepare_args(name, x, op, algorithm, root, out)
         except Exception as exc:
@@ -377,21 +409,24 @@ class Communicator:
         return rop, alg, rshape, blocks, root
 
     def _auto(self, name: str, nbytes: int, dtype: np.dtype) -> str:
-        """The algorithm "auto" picks, by size and layout (a tuning table, when given, comes first).
+        """The algorithm "auto" picks; every input is the same on every rank, so is the pick.
 
-        On one node: MPI's own below 32 KiB (fewest Python steps), shm above
-        (measured 1.3-2x native from 64 KiB here). Across nodes: MPI's own for
-        small messages, ring for large ones.
+        In order: a tuning table (``COLLECTIVE_TUNING``, written by
+        ``collective-bench --tune``) when it covers this P and layout; on one
+        node, MPI's own below 32 KiB (fewest Python steps) and shm above
+        (measured 1.3-2x native from 64 KiB here); across nodes, the cost
+        model's cheapest among native and the Schedules on the calibrated
+        links (see :meth:`explain`).
         """
-        if mpi_dtype(dtype) is None:
-            if self.single_node and self.size > 1:
-                return "shm"
-            return "ring" if name in ("allreduce", "reduce_scatter", "allgather") else "tree"
-        if self.size == 1 or nbytes < (32 << 10):
-            return "native"
+        if self._tuning is not None and mpi_dtype(dtype) is not None:
+            chosen = self._tuning.choose(name, nbytes, self.size, self._ranks_per_node)
+            if chosen is not None and (chosen != "shm" or self.single_node):
+                return chosen
+        if self.size == 1:
+            return "native" if mpi_dtype(dtype) is not None else "ring"
         if self.single_node:
-            return "shm"
-        return "ring" if name in ("allreduce", "reduce_scatter", "allgather") else "tree"
+            return "native" if nbytes < (32 << 10) and mpi_dtype(dtype) is not None else "shm"
+        return self.cost_choice(name, nbytes, dtype).best
 
     # -------------------------------------------------------------- execution
     def _work(self, n: int, dtype: np.dtype) -> np.ndarray:
@@ -404,6 +439,8 @@ class Communicator:
         if c is _BARRIER:
             self._barrier()
             return None
+        if type(c) is _AllocReq:
+            return self._alloc_now(c.nbytes)
         self._seq += 1
         rec = [self._seq, c.name, c.shape, c.dtype, c.algorithm, c.root if c.name in _ROOTED else None,
                time.monotonic(), None]
@@ -507,10 +544,20 @@ class Communicator:
         dt = np.dtype(dtype)
         shp = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
         n = int(np.prod(shp)) if shp else 1
-        if self._shared is None:
-            self._shared = SharedArrays(self._arena())
-        with self._lock:
-            return self._shared.alloc(n * dt.itemsize).view(dt).reshape(shp)
+        # Collective, so it takes its turn behind queued async work like any collective: run inline it
+        # could meet a peer's communication thread in the middle of an allreduce and deadlock.
+        if self._pending:
+            buf = self._submit(_AllocReq(n * dt.itemsize)).wait()
+        else:
+            with self._lock:
+                buf = self._alloc_now(n * dt.itemsize)
+        return buf.view(dt).reshape(shp)
+
+    def _alloc_now(self, nbytes: int) -> np.ndarray:
+        with deadline(f"alloc of {nbytes} bytes on rank {self.rank} (collective over the node)"):
+            if self._shared is None:
+                self._shared = SharedArrays(self._arena())
+            return self._shared.alloc(nbytes)
 
     def _native(self, c: _Call) -> None:
         MPI, comm = self._mpi, self._backend.comm
@@ -538,12 +585,22 @@ class Communicator:
             _average(of, self.size)
 
     def _dispatch(self, c: _Call) -> Any:
+        if type(c) is DeviceRequest:
+            return self._device().run(c)
         if self._pending == 0:
             with self._lock:
                 return self._execute(c)
         return self._submit(c).wait()
 
+    def _device(self) -> DeviceCollectives:
+        """The device-array collectives of this communicator (set up on first use, collectively)."""
+        if self._device_colls is None:
+            self._device_colls = DeviceCollectives(self, self.backend)
+        return self._device_colls
+
     def _submit(self, c: _Call) -> Work:
+        if type(c) is DeviceRequest:
+            return self._device().run(c, async_=True)
         if self._worker is None:
             if self.size > 1 and self.thread_level < self._mpi.THREAD_MULTIPLE:
                 raise BackendUnavailableError(
@@ -743,6 +800,9 @@ class Communicator:
 
     def close(self) -> None:
         """Stop the communication thread and free the private MPI communicator."""
+        self.watchdog.close(announce=False)  # stop polling the control channel before the communicator goes
+        if self._device_colls is not None and self._device_colls.nccl is not None:
+            self._device_colls.nccl.close()
         if self._worker is not None:
             self._queue.put(None)
             self._worker.join()
@@ -756,6 +816,15 @@ class Communicator:
 
 class _Barrier:
     name = "barrier"
+
+
+class _AllocReq:
+    """A comm.alloc() queued behind async work (it is collective over the node)."""
+
+    name = "alloc"
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
 
 
 _BARRIER: Any = _Barrier()

@@ -260,11 +260,14 @@ class SharedArrays:
         return mine
 
     def lookup(self, a: np.ndarray) -> list[np.ndarray] | None:
-        """Every rank's segment of the window ``a`` starts, when ``a`` is a whole alloc'd array (any dtype)."""
+        """Every rank's matching part of the window, when ``a`` is an alloc'd array or a leading slice of one.
+
+        Every rank must pass the same length (the fingerprint check compares shapes).
+        """
         ent = self._by_addr.get(a.__array_interface__["data"][0])
-        if ent is None or ent[1][self.arena.rank].nbytes != a.nbytes:
+        if ent is None or ent[1][self.arena.rank].nbytes < a.nbytes:
             return None
-        return ent[1]
+        return [s[:a.nbytes] for s in ent[1]]
 
     def allreduce_inplace(self, segs: list[np.ndarray], dtype: np.dtype, ufunc: Callable[..., Any]) -> None:
         """Allreduce every rank's segment in place (the segments are the user's arrays)."""

@@ -46,3 +46,12 @@ def test_memory_flat_over_1000_calls() -> None:
     check(res, "memory flat")
     print(res.output)
     assert count_passed(res) == 7
+
+
+def test_bfloat16_everywhere_but_native() -> None:
+    """bfloat16 (ml_dtypes) through every Schedule algorithm and shm; MPI itself has no bfloat16 type."""
+    pytest.importorskip("ml_dtypes")
+    res = mpirun("correctness.py", 3, ["--algorithms", "ring,tree,star,hierarchical,shm,auto", "--dtypes", "bfloat16"],
+                 timeout=300)
+    check(res, "bfloat16 at P=3")
+    assert count_passed(res) > 300

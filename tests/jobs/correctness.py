@@ -19,6 +19,8 @@ ap.add_argument("--large", action="store_true", help="also 1 MiB and 16 MiB floa
 ap.add_argument("--algorithms", default="native,ring,tree,star,hierarchical,shm,auto")
 ap.add_argument("--dtypes", default="int8,uint8,int32,int64,uint64,float16,float32,float64,complex64")
 args = ap.parse_args()
+if "bfloat16" in args.dtypes:
+    import ml_dtypes  # noqa: F401  (registers the bfloat16 dtype name with NumPy)
 
 comm = col.init()
 P, R = comm.size, comm.rank
