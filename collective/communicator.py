@@ -413,8 +413,8 @@ class Communicator:
 
         In order: a tuning table (``COLLECTIVE_TUNING``, written by
         ``collective-bench --tune``) when it covers this P and layout; on one
-        node, MPI's own below 32 KiB (fewest Python steps) and shm above
-        (measured 1.3-2x native from 64 KiB here); across nodes, the cost
+        node, MPI's own below 32 KiB (2 MiB when ranks outnumber cores) and
+        shm above; across nodes, the cost
         model's cheapest among native and the Schedules on the calibrated
         links (see :meth:`explain`).
         """
@@ -425,7 +425,10 @@ class Communicator:
         if self.size == 1:
             return "native" if mpi_dtype(dtype) is not None else "ring"
         if self.single_node:
-            return "native" if nbytes < (32 << 10) and mpi_dtype(dtype) is not None else "shm"
+            # With more ranks than cores, ranks waiting on shm flags take turns on a core: MPI's own
+            # stayed ahead up to 1 MiB at P=4 on 2 cores, so shm takes over later there.
+            crossover = (32 << 10) if self.local_size <= (os.cpu_count() or 1) else (2 << 20)
+            return "native" if nbytes < crossover and mpi_dtype(dtype) is not None else "shm"
         return self.cost_choice(name, nbytes, dtype).best
 
     # -------------------------------------------------------------- execution
