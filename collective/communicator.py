@@ -14,12 +14,11 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 import topologies
-from topologies import even_blocks
 from topologies.cluster import Cluster
 
 from .arrays import Deferred, to_numpy
@@ -36,9 +35,10 @@ from .errors import (
     describe,
 )
 from .executor import Executor, ExecutorOptions
-from .ops import OPS, ReduceOp, check_dtype, get_op
+from .ops import ReduceOp
+from .signature import check_signature
 from .shm import DEFAULT_CHUNK_BYTES, SharedArrays, ShmArena
-from .watchdog import Watchdog, deadline, install_excepthook
+from .watchdog import Watchdog, deadline
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES"]
 
@@ -366,42 +366,14 @@ class Communicator:
         if alg not in ALGORITHMS:
             raise self._fail(CollectiveValueError, name, shape, dtype, alg,
                              f"unknown algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)}")
-        rop = None
-        if name in _REDUCING:
-            rop = get_op(op)
-            if rop is None:
-                raise self._fail(CollectiveValueError, name, shape, dtype, alg,
-                                 f"unknown op {op!r}; choose one of {', '.join(OPS)}")
-        why = check_dtype(dtype, rop)
-        if why is not None:
-            raise self._fail(CollectiveTypeError, name, shape, dtype, alg, why)
-        P, r = self.size, self.rank
-        if name in _ROOTED:
-            if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 0 <= root < P:
-                raise self._fail(CollectiveValueError, name, shape, dtype, alg,
-                                 f"root {root!r} is not a rank of this communicator (0..{P - 1})")
-            root = int(root)
-        else:
-            root = 0
+        rop, root, rshape, blocks = check_signature(name, shape, dtype, op, root, alg, self.rank, self.size,
+                                                    self._fail)
         n = int(np.prod(shape)) if shape else 1
-        blocks = None
-        if name == "reduce_scatter":
-            rows = shape[0] if len(shape) else 1
-            rest = shape[1:]
-            row = int(np.prod(rest)) if rest else 1
-            rb = even_blocks(rows, P)
-            blocks = tuple(b * row for b in rb)
-            rshape: tuple = (rb[r + 1] - rb[r], *rest)
-        elif name == "allgather":
-            blocks = tuple(i * n for i in range(P + 1))
-            rshape = (P * shape[0], *shape[1:]) if len(shape) else (P,)
-        else:
-            rshape = shape
         if alg == "auto":
             alg = self._auto(name, n * dtype.itemsize, dtype)
         elif alg == "shm" and not self.single_node:
             raise self._fail(CollectiveValueError, name, shape, dtype, alg,
-                             f"shm needs every rank on one node, but these {P} ranks span "
+                             f"shm needs every rank on one node, but these {self.size} ranks span "
                              f"{self._node_count} nodes; use auto, ring, tree or hierarchical")
         elif alg == "native" and mpi_dtype(dtype) is None:
             raise self._fail(CollectiveTypeError, name, shape, dtype, alg,

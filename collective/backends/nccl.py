@@ -46,7 +46,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import topologies
-from topologies import even_blocks
 
 from ..errors import (
     BackendUnavailableError,
@@ -57,7 +56,8 @@ from ..errors import (
     describe,
 )
 from ..executor import Plan, compile_plan
-from ..ops import OPS, ReduceOp, check_dtype, get_op
+from ..ops import ReduceOp
+from ..signature import check_signature
 
 __all__ = [
     "NCCL_DTYPES", "NCCL_OPS", "NCCL_BYTE", "MIN_VERSION", "DTYPE_MIN_VERSION", "ALGORITHMS",
@@ -699,37 +699,8 @@ class NCCLBackend:
         if alg not in ALGORITHMS:
             raise self._fail(CollectiveValueError, name, shape, dtype, alg,
                              f"unknown algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)}")
-        rop = None
-        if name in _REDUCING:
-            rop = get_op(op)
-            if rop is None:
-                raise self._fail(CollectiveValueError, name, shape, dtype, alg,
-                                 f"unknown op {op!r}; choose one of {', '.join(OPS)}")
-        why = check_dtype(dtype, rop)
-        if why is not None:
-            raise self._fail(CollectiveTypeError, name, shape, dtype, alg, why)
-        P, r = self.size, self.rank
-        if name in _ROOTED:
-            if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 0 <= root < P:
-                raise self._fail(CollectiveValueError, name, shape, dtype, alg,
-                                 f"root {root!r} is not a rank of this communicator (0..{P - 1})")
-            root = int(root)
-        else:
-            root = 0
-        n = int(np.prod(shape)) if shape else 1
-        blocks = None
-        if name == "reduce_scatter":
-            rows = shape[0] if len(shape) else 1
-            rest = shape[1:]
-            row = int(np.prod(rest)) if rest else 1
-            rb = even_blocks(rows, P)
-            blocks = tuple(b * row for b in rb)
-            rshape: tuple = (rb[r + 1] - rb[r], *rest)
-        elif name == "allgather":
-            blocks = tuple(i * n for i in range(P + 1))
-            rshape = (P * shape[0], *shape[1:]) if len(shape) else (P,)
-        else:
-            rshape = shape
+        rop, root, rshape, blocks = check_signature(name, shape, dtype, op, root, alg, self.rank, self.size,
+                                                    self._fail)
         nat = native_plan(name, dtype, rop.name if rop is not None else None, self.version)
         if alg == "auto":
             # NCCL's own collectives are tuned for the GPU's links; Schedules are for comparison and dtypes it lacks.

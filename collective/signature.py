@@ -1,0 +1,63 @@
+"""The checks of a collective call that depend only on its signature: op, dtype, root, result shape and blocks."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from topologies import even_blocks
+
+from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError
+from .ops import OPS, ReduceOp, check_dtype, get_op
+
+__all__ = ["ROOTED", "REDUCING", "check_signature"]
+
+ROOTED = frozenset(("reduce", "broadcast"))
+REDUCING = frozenset(("allreduce", "reduce", "reduce_scatter"))
+
+Fail = Callable[[type, str, Any, Any, Any, str], CollectiveError]
+
+
+def check_signature(name: str, shape: tuple, dtype: np.dtype, op: Any, root: Any, alg: str, rank: int, size: int,
+                    fail: Fail) -> tuple[ReduceOp | None, int, tuple, tuple[int, ...] | None]:
+    """Check op, dtype and root of one call; return ``(op, root, result shape, blocks)``.
+
+    Raises what ``fail(cls, name, shape, dtype, alg, message)`` builds (a
+    message naming the op, rank, shape, dtype and algorithm), before anything
+    is sent. ``blocks`` are the element offsets of each rank's block for
+    reduce_scatter (rows split like ``np.array_split``) and allgather, else None.
+
+    Example::
+
+        check_signature("allreduce", (4,), np.dtype("float32"), "sum", 0, "ring", 0, 2, fail)
+    """
+    rop = None
+    if name in REDUCING:
+        rop = get_op(op)
+        if rop is None:
+            raise fail(CollectiveValueError, name, shape, dtype, alg, f"unknown op {op!r}; choose one of {', '.join(OPS)}")
+    why = check_dtype(dtype, rop)
+    if why is not None:
+        raise fail(CollectiveTypeError, name, shape, dtype, alg, why)
+    if name in ROOTED:
+        if isinstance(root, bool) or not isinstance(root, (int, np.integer)) or not 0 <= root < size:
+            raise fail(CollectiveValueError, name, shape, dtype, alg,
+                       f"root {root!r} is not a rank of this communicator (0..{size - 1})")
+        root = int(root)
+    else:
+        root = 0
+    n = int(np.prod(shape)) if shape else 1
+    blocks = None
+    if name == "reduce_scatter":
+        rows = shape[0] if len(shape) else 1
+        rest = shape[1:]
+        row = int(np.prod(rest)) if rest else 1
+        rb = even_blocks(rows, size)
+        blocks = tuple(b * row for b in rb)
+        rshape: tuple = (rb[rank + 1] - rb[rank], *rest)
+    elif name == "allgather":
+        blocks = tuple(i * n for i in range(size + 1))
+        rshape = (size * shape[0], *shape[1:]) if len(shape) else (size,)
+    else:
+        rshape = shape
+    return rop, root, rshape, blocks
