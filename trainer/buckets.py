@@ -28,6 +28,7 @@ allocated per step.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -277,6 +278,7 @@ class GradBuckets:
         for group in groups:
             self._build(group, grad_alloc, param_alloc, algorithm, extra if not self.buckets else 0)
         self._next = 0  # the next bucket to launch this step
+        self._nan_check = os.environ.get("COLLECTIVE_NAN_CHECK", "0") not in ("", "0")
         self._t_first_launch = 0.0
         self.extra: Array = self.buckets[0].buffer[self.buckets[0].nelems:]
 
@@ -421,7 +423,21 @@ class GradBuckets:
         b.t_launch = time.monotonic()
         if not self._t_first_launch:
             self._t_first_launch = b.t_launch
+        if self._nan_check:
+            self._report_nonfinite(b)
         b.future = self.hook(b)
+
+    def _report_nonfinite(self, b: GradBucket) -> None:
+        """COLLECTIVE_NAN_CHECK=1: name the rank, bucket and parameters whose gradients hold NaN or Inf."""
+        xp = array_module(b.grad)
+        if bool(xp.isfinite(b.grad).all()):
+            return
+        names = [p.name or f"#{i}" for i, (p, (a, z)) in enumerate(zip(b.params, b.offsets))
+                 if not bool(xp.isfinite(b.grad[a:z]).all())]
+        rank = getattr(b.comm, "rank", 0)
+        sys.stderr.write(f"collective: rank {rank}: bucket {b.index} holds NaN or Inf before its allreduce, "
+                         f"in the gradients of {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}\n")
+        sys.stderr.flush()
 
     def finish(self) -> None:
         """End of backward: check every gradient was reported, and launch what has not been launched."""
