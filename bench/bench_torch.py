@@ -163,7 +163,8 @@ def _worker(args: argparse.Namespace) -> None:
                     if it >= 1:
                         times[k].append(dt)
             nbytes = sum(p.numel() * 4 for p in models["local"].parameters())
-            row = {"model": name, "grad_bytes": nbytes, **{k + "_ms": float(np.median(v)) * 1e3 for k, v in times.items()}}
+            row = {"model": name, "grad_bytes": nbytes,
+                   **{k + "_ms": float(np.median(v)) * 1e3 for k, v in times.items()}}
             out["train"].append(row)
             if R == 0:
                 print(f"  P={P} {name}: " + "  ".join(f"{k} {row[k + '_ms']:.1f} ms" for k in names),
@@ -197,7 +198,8 @@ def _report(results: list[dict]) -> str:
     lines = []
     if any(r["allreduce"] for r in results):
         lines += ["## allreduce, float32 torch CPU tensors, in place: busbw GB/s (ratio = ours / gloo)", "",
-                  "| P | size | ours | window | gloo | ours/gloo | window/gloo | check |", "|---|---|---|---|---|---|---|---|"]
+                  "| P | size | ours | window | gloo | ours/gloo | window/gloo | check |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in results:
             for a in r["allreduce"]:
                 lines.append(f"| {r['P']} | {_fmt(a['bytes'])} | {a['ours_busbw']:.2f} | {a['window_busbw']:.2f} | "

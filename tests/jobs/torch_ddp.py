@@ -1,0 +1,326 @@
+"""PyTorch adapter under mpiexec: our DDP and comm hook against torch DDP(gloo), no_sync, unused params, interop.
+
+Every case trains copies of one model from one seed on the same global batch
+(each rank its own shard) and compares the parameters after the steps with
+torch's own DistributedDataParallel over Gloo; our ranks must agree bitwise.
+"""
+from __future__ import annotations
+
+import sys
+import zlib
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import collective as col
+from bench.gloo import GlooGroup
+from harness import Cases
+from trainer.torch import CommHookState, DistributedDataParallel, allreduce_hook
+
+# --only ddp|more|interop: one group of cases (ddp: the equivalence runs; interop: torch/JAX/CuPy arrays)
+ONLY = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+torch.set_num_threads(1)
+comm = col.init()
+P, R = comm.size, comm.rank
+cases = Cases(comm)
+gloo = GlooGroup(MPI.COMM_WORLD, single_node=comm.single_node)
+STEPS = 20
+
+
+def run(group: str, name: str, fn: object) -> None:
+    if ONLY is None or ONLY == group:
+        cases.run(name, fn)  # type: ignore[arg-type]
+
+TOL = 1e-6
+
+
+class Net(torch.nn.Module):
+    """An MLP, with an optional head that only some steps use (for find_unused_parameters)."""
+
+    def __init__(self, sizes: tuple[int, ...], extra: bool) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        self.body = torch.nn.Sequential(*layers[:-1])
+        self.head = torch.nn.Linear(sizes[-1], 1) if extra else None
+
+    def forward(self, x: torch.Tensor, use_head: bool = False) -> torch.Tensor:
+        out = self.body(x)
+        return out + self.head(out) if use_head else out
+
+
+def mlp(sizes: tuple[int, ...], seed: int = 0, extra: bool = False) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    m = Net(sizes, extra)
+    if R:  # ranks start different: the wrappers must broadcast rank 0's parameters
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * R)
+    return m
+
+
+def batches(sizes: tuple[int, ...], steps: int, per_rank: int = 16, seed: int = 1) -> list[tuple[torch.Tensor, ...]]:
+    """This rank's shard of each step's global batch (the same global batch on every rank)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(P * per_rank, sizes[0], generator=g)
+        y = torch.randint(0, sizes[-1], (P * per_rank,), generator=g)
+        out.append((x[R * per_rank:(R + 1) * per_rank], y[R * per_rank:(R + 1) * per_rank]))
+    return out
+
+
+def train(model: torch.nn.Module, data: list, opt_name: str = "sgd", accumulate: int = 1, set_to_none: bool = True,
+          use_extra: bool = False) -> torch.nn.Module:
+    opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if opt_name == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=1e-3))
+    loss_fn = torch.nn.functional.cross_entropy
+    for s in range(0, len(data), accumulate):
+        opt.zero_grad(set_to_none=set_to_none)
+        for j in range(accumulate):
+            x, y = data[s + j]
+            ctx = model.no_sync() if j < accumulate - 1 else _nullcontext()
+            with ctx:
+                out = model(x, use_head=use_extra and (s // accumulate) % 2 == 0)
+                loss_fn(out, y).backward()
+        opt.step()
+    return model
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+def params_of(m: torch.nn.Module) -> list[torch.Tensor]:
+    inner = m.module if hasattr(m, "module") else m
+    return [p.detach() for p in inner.parameters()]
+
+
+def crc(m: torch.nn.Module) -> int:
+    c = 0
+    for p in params_of(m):
+        c = zlib.crc32(p.contiguous().numpy().tobytes(), c)
+    return c
+
+
+def assert_close(ours: torch.nn.Module, ref: torch.nn.Module, what: str) -> None:
+    worst = max(float((a - b).abs().max()) for a, b in zip(params_of(ours), params_of(ref)))
+    assert worst <= TOL, f"{what}: max |ours - torch DDP| = {worst:.3g} > {TOL}"
+
+
+def assert_ranks_identical(m: torch.nn.Module, what: str) -> None:
+    every = comm.allgather(np.array([crc(m)], np.int64))
+    assert len(set(every.tolist())) == 1, f"{what}: parameter checksums differ across ranks: {every.tolist()}"
+
+
+def torch_ddp(model: torch.nn.Module, **kw: object) -> torch.nn.Module:
+    return torch.nn.parallel.DistributedDataParallel(model, **kw)
+
+
+def equivalence(sizes: tuple[int, ...], opt: str, bucket_mb: float | None, first_mb: float | None,
+                overlap: bool | None = None, shared_memory: bool | None = None) -> None:
+    data = batches(sizes, STEPS)
+    ours = train(DistributedDataParallel(mlp(sizes), comm, bucket_mb=bucket_mb, first_bucket_mb=first_mb,
+                                         overlap=overlap, shared_memory=shared_memory), data, opt)
+    ref = train(torch_ddp(mlp(sizes)), data, opt)
+    assert_close(ours, ref, f"{sizes} {opt}")
+    assert_ranks_identical(ours, f"{sizes} {opt}")
+
+
+SMALL = (20, 64, 48, 10)
+MEDIUM = (256, 512, 512, 10)  # ~1.6 MB of gradients: spans the 1 MB first bucket and a second one
+
+run("ddp", "ddp sgd default buckets", lambda: equivalence(MEDIUM, "sgd", None, None))
+run("ddp", "ddp adam tiny buckets, overlap on the comm thread", lambda: equivalence(SMALL, "adam", 0.004, 0.001, True))
+run("ddp", "ddp sgd no overlap, private memory", lambda: equivalence(SMALL, "sgd", 0.004, 0.001, False, False))
+
+
+def bucket_layout() -> None:
+    m = DistributedDataParallel(mlp(MEDIUM), comm)
+    sizes = m.bucket_sizes
+    assert sizes[0] <= 1 << 20 and len(sizes) == 2, sizes
+    assert sum(sizes) == 4 * sum(p.numel() for p in m.parameters()), sizes
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, MEDIUM[0], generator=g)
+    m(x).sum().backward()
+    for p in m.module.parameters():  # every grad is a view into a bucket (no copy after the allreduce)
+        assert any(p.grad.data_ptr() >= b.flat.data_ptr() and p.grad.data_ptr() < b.flat.data_ptr() + b.array.nbytes
+                   for b in m._buckets)
+
+
+run("more", "bucket layout and grads as views", bucket_layout)
+
+
+def env_bucket_mb() -> None:
+    import os
+
+    os.environ["COLLECTIVE_BUCKET_MB"] = "0.5"
+    try:
+        m = DistributedDataParallel(mlp(MEDIUM), comm)
+    finally:
+        del os.environ["COLLECTIVE_BUCKET_MB"]
+    assert max(m.bucket_sizes) <= (1 << 20) and len(m.bucket_sizes) >= 3, m.bucket_sizes
+
+
+run("more", "COLLECTIVE_BUCKET_MB", env_bucket_mb)
+
+
+def no_sync() -> None:
+    data = batches(SMALL, 12)
+    ours = train(DistributedDataParallel(mlp(SMALL), comm, bucket_mb=0.004, first_bucket_mb=0.001), data,
+                 accumulate=3)
+    ref = train(torch_ddp(mlp(SMALL)), data, accumulate=3)
+    assert_close(ours, ref, "no_sync")
+    assert_ranks_identical(ours, "no_sync")
+
+
+run("more", "no_sync accumulation", no_sync)
+
+
+def keep_grads() -> None:
+    data = batches(SMALL, 8)
+    ours = train(DistributedDataParallel(mlp(SMALL), comm), data, set_to_none=False)
+    ref = train(torch_ddp(mlp(SMALL)), data, set_to_none=False)
+    assert_close(ours, ref, "zero_grad(set_to_none=False)")
+
+
+run("more", "zero_grad(set_to_none=False)", keep_grads)
+
+
+def unused() -> None:
+    data = batches(SMALL, 6)
+    ours = train(DistributedDataParallel(mlp(SMALL, extra=True), comm, find_unused_parameters=True), data,
+                 use_extra=True)
+    ref = train(torch_ddp(mlp(SMALL, extra=True), find_unused_parameters=True), data, use_extra=True)
+    assert_close(ours, ref, "find_unused_parameters")
+    m = DistributedDataParallel(mlp(SMALL, extra=True), comm)
+    x, y = batches(SMALL, 1)[0]
+    try:
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+    except RuntimeError as exc:
+        assert "find_unused_parameters" in str(exc), exc
+    else:
+        raise AssertionError("an unused parameter without find_unused_parameters did not raise")
+
+
+run("more", "find_unused_parameters", unused)
+
+
+def layout_mismatch() -> None:
+    sizes = SMALL if R == 0 else (20, 64, 49, 10)
+    try:
+        DistributedDataParallel(mlp(sizes), comm)
+    except ValueError as exc:
+        assert "differ between rank 0" in str(exc), exc
+    else:
+        raise AssertionError("differing models did not raise")
+
+
+if P > 1:
+    run("more", "differing models raise on every rank", layout_mismatch)
+
+
+def comm_hook() -> None:
+    data = batches(MEDIUM, 10)
+    hooked = torch_ddp(mlp(MEDIUM), bucket_cap_mb=0.5)
+    hooked.register_comm_hook(CommHookState(comm), allreduce_hook)
+    ours = train(hooked, data)
+    ref = train(torch_ddp(mlp(MEDIUM), bucket_cap_mb=0.5), data)
+    assert_close(ours, ref, "comm hook")
+    assert_ranks_identical(ours, "comm hook")
+
+
+run("more", "torch DDP with our comm hook", comm_hook)
+
+
+# ------------------------------------------------------------------ interop at P ranks
+def torch_tensors() -> None:
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4) + R
+    want = P * torch.arange(12, dtype=torch.float32).reshape(3, 4) + P * (P - 1) / 2
+    y = comm.allreduce(t)
+    assert type(y) is torch.Tensor and y.dtype == torch.float32 and torch.equal(y, want)
+    a = comm.allreduce(t, op="avg")
+    assert torch.allclose(a, want / P)
+    o = torch.empty(3, 4)
+    assert comm.allreduce(t, out=o) is o and torch.equal(o, want)
+    i = t.clone()
+    assert comm.allreduce(i, out=i) is i and torch.equal(i, want)
+    w = comm.allreduce_async(t.to(torch.int64))
+    assert torch.equal(w.wait(), want.to(torch.int64))
+    g = comm.allgather(torch.full((2,), float(R)))
+    assert type(g) is torch.Tensor and g.tolist() == [float(r) for r in range(P) for _ in range(2)]
+    col_t = col.allreduce(torch.ones(5, dtype=torch.float64))
+    assert type(col_t) is torch.Tensor and col_t.dtype == torch.float64 and (col_t == P).all()
+
+
+run("interop", "torch tensors: type, values, out=, async, module-level", torch_tensors)
+
+
+def bf16() -> None:
+    from collective.ops import BFLOAT16
+
+    t = torch.full((7,), 1.5, dtype=torch.bfloat16)
+    if BFLOAT16 is None:
+        try:
+            comm.allreduce(t)
+        except col.CollectiveTypeError as exc:
+            assert "ml_dtypes" in str(exc)
+        else:
+            raise AssertionError("bfloat16 without ml_dtypes did not raise")
+        return
+    y = comm.allreduce(t)
+    assert y.dtype == torch.bfloat16 and (y == 1.5 * P).all()
+
+
+run("interop", "torch bfloat16", bf16)
+
+
+def jax_arrays() -> None:
+    try:
+        import jax.numpy as jnp
+    except ImportError:
+        if R == 0:
+            print("SKIP jax arrays: jax is not installed", flush=True)
+        return
+    x = jnp.arange(6.0, dtype=jnp.float32) + R
+    y = comm.allreduce(x)
+    assert type(y) is type(x), type(y)
+    assert np.array_equal(np.asarray(y), P * np.arange(6.0) + P * (P - 1) / 2)
+    z = comm.allreduce(x, out=x)  # immutable: a new array, x untouched
+    assert z is not x and np.array_equal(np.asarray(z), np.asarray(y))
+    assert np.array_equal(np.asarray(x), np.arange(6.0) + R)
+
+
+run("interop", "jax arrays", jax_arrays)
+
+
+def cupy_arrays() -> None:
+    try:
+        import cupy
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - no CuPy or no GPU
+        if R == 0:
+            print(f"SKIP cupy arrays: no CuPy with a GPU here ({type(exc).__name__})", flush=True)
+        return
+    try:
+        comm.allreduce(cupy.ones(4, cupy.float32))
+    except col.CollectiveTypeError as exc:
+        assert "GPU backend" in str(exc), exc
+        if R == 0:
+            print("SKIP cupy arrays: the MPI backend refuses device memory (a GPU backend is needed)", flush=True)
+        return
+    y = comm.allreduce(cupy.ones(4, cupy.float32))
+    assert type(y) is cupy.ndarray and bool((y == P).all())
+
+
+run("interop", "cupy arrays", cupy_arrays)
+
+gloo.close()
+cases.finish()
+sys.exit(0)

@@ -1,0 +1,95 @@
+"""The PyTorch adapter (trainer/torch.py) and torch interop: in-process checks, then mpiexec jobs against torch DDP."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from mpi_util import ROOT, check, count_passed, mpirun
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'collective[torch]')")
+dist = pytest.importorskip("torch.distributed", reason="this torch build has no torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
+    pytest.skip("this torch build has no Gloo backend to compare with", allow_module_level=True)
+
+import collective as col  # noqa: E402
+from trainer.torch import DistributedDataParallel  # noqa: E402
+
+
+def test_single_rank_wrapper_is_transparent() -> None:
+    """At P=1 nothing is reduced or hooked; the module trains as it would unwrapped; state_dict keys as torch DDP."""
+    comm = col.Communicator()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    ref.load_state_dict(net.state_dict())
+    m = DistributedDataParallel(net, comm)
+    assert list(m.state_dict()) == ["module." + k for k in ref.state_dict()]
+    x = torch.randn(5, 4)
+    m(x).sum().backward()
+    ref(x).sum().backward()
+    for a, b in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    with pytest.raises(ValueError, match="no parameters"):
+        DistributedDataParallel(torch.nn.ReLU(), comm)
+
+
+@pytest.mark.mpi
+def test_matches_torch_ddp_p2() -> None:
+    """20 steps against torch DDP(gloo) within 1e-6, ranks bitwise identical; no_sync, unused params, comm hook,
+    torch/JAX/CuPy interop at P=2 (JAX and CuPy report SKIP when absent)."""
+    res = mpirun("torch_ddp.py", 2, timeout=240)
+    check(res, "torch adapter at P=2")
+    assert count_passed(res) >= 14
+    for line in res.output.splitlines():
+        if line.startswith("SKIP"):
+            print(line)
+
+
+@pytest.mark.mpi
+def test_matches_torch_ddp_p3() -> None:
+    """A rank count that is not a power of two: the 1/P scaling must match torch DDP's arithmetic."""
+    res = mpirun("torch_ddp.py", 3, ["--only", "ddp"], timeout=240)
+    check(res, "torch adapter at P=3")
+    assert count_passed(res) >= 3
+
+
+@pytest.mark.mpi
+def test_jax_arrays_p2() -> None:
+    """allreduce of a JAX array at P=2 returns a JAX array with the right values (out= an immutable one: a new one)."""
+    pytest.importorskip("jax", reason="jax is not installed (pip install jax): JAX interop not exercised")
+    res = mpirun("torch_ddp.py", 2, ["--only", "interop"], timeout=240)
+    check(res, "interop at P=2")
+    assert "SKIP jax" not in res.output
+
+
+@pytest.mark.mpi
+@pytest.mark.gpu
+def test_cupy_arrays_p2() -> None:
+    """allreduce of a CuPy array at P=2: a CuPy array with the right values (needs a GPU)."""
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed: no GPU interop to exercise here")
+    try:
+        cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - no driver or no device
+        pytest.skip(f"no CUDA GPU here ({type(exc).__name__}): CuPy interop not exercised")
+    res = mpirun("torch_ddp.py", 2, ["--only", "interop"], timeout=240)
+    check(res, "interop at P=2")
+
+
+@pytest.mark.mpi
+def test_example_trains() -> None:
+    res = mpirun(ROOT / "examples" / "train_torch.py", 2, ["--epochs", "1"], timeout=240)
+    check(res, "examples/train_torch.py at P=2")
+    assert "parameters identical on all 2 ranks: True" in res.output
+
+
+@pytest.mark.mpi
+def test_benchmark_script_runs() -> None:
+    """bench/bench_torch.py end to end on tiny settings (its numbers are not checked here)."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_torch.py"), "--procs", "2", "--max", "16K",
+                        "--iters", "2", "--rounds", "1", "--steps", "1", "--shapes", "784-1024-1024-10"],
+                       capture_output=True, text=True, timeout=240, cwd=str(ROOT))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "| 2 | 16 KiB |" in r.stdout and "| 2 | 784-1024-1024-10" in r.stdout and "WRONG" not in r.stdout
