@@ -18,6 +18,8 @@ import numpy as np
 
 import collective as col
 from collective.backends.nccl import native_plan, probe
+from bench.core import _reduce_all as exact_reduction
+from bench.core import values  # small integers whose reduction is exact in every dtype and order
 from harness import Cases
 
 ap = argparse.ArgumentParser()
@@ -51,28 +53,9 @@ SIZES = [1, 37, 4099] if args.quick else [1, 37, 4099, (1 << 16) + 3]
 OPS = ["sum", "avg", "prod", "min", "max"]
 
 
-def values(rank: int, n: int, dtype: np.dtype, op: str) -> np.ndarray:
-    """Rank ``rank``'s input: small integers whose reduction is exact in ``dtype`` (as tests/jobs/correctness.py)."""
-    i = np.arange(n, dtype=np.int64)
-    if op == "prod":
-        v = np.where((i + rank) % 3 == 0, -1, 1) if dtype.kind != "u" else np.ones(n, np.int64)
-        if rank < 2:
-            v = v * np.where((i + rank) % 2 == 0, 2, 1)
-    elif dtype.kind == "u" or dtype.itemsize == 1:
-        v = (i * 7 + rank * 3) % 4
-    else:
-        v = (i * 7 + rank * 5) % 11 - 5
-    return v.astype(dtype)
-
-
 def reduce_all(n: int, dtype: np.dtype, op: str) -> np.ndarray:
-    uf = {"sum": np.add, "avg": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum}[op]
-    acc = values(0, n, dtype, op)
-    for r in range(1, P):
-        acc = uf(acc, values(r, n, dtype, op))
-    if op == "avg":
-        acc = np.floor_divide(acc, dtype.type(P)) if dtype.kind in "iu" else np.divide(acc, P).astype(dtype)
-    return acc
+    """The exact reduction of every rank's ``values`` (the benchmark's small integers)."""
+    return exact_reduction(n, dtype, op, P)
 
 
 def expected(name: str, n: int, dtype: np.dtype, op: str, root: int) -> np.ndarray | None:

@@ -15,6 +15,8 @@ from collective.backends.device import DeviceCollectives
 from collective.backends.gpu_staging import GpuStager
 from collective.errors import CollectiveMismatchError, CollectiveValueError
 from gpu_fakes import FakeOps, HostCudaArray
+from bench.core import _reduce_all as exact_reduction
+from bench.core import values  # small integers whose reduction is exact in every dtype and order
 from harness import Cases
 
 comm = col.init()
@@ -23,25 +25,9 @@ cases = Cases(comm)
 PRODUCER = 7  # the stream HostCudaArray names as its producer
 
 
-def values(rank: int, n: int, dtype: np.dtype, op: str) -> np.ndarray:
-    i = np.arange(n, dtype=np.int64)
-    if op == "prod":
-        v = np.where((i + rank) % 3 == 0, -1, 1)
-    elif dtype.itemsize == 1:
-        v = (i * 7 + rank * 3) % 4
-    else:
-        v = (i * 7 + rank * 5) % 11 - 5
-    return v.astype(dtype)
-
-
 def reduce_all(n: int, dtype: np.dtype, op: str) -> np.ndarray:
-    uf = {"sum": np.add, "avg": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum}[op]
-    acc = values(0, n, dtype, op)
-    for r in range(1, P):
-        acc = uf(acc, values(r, n, dtype, op))
-    if op == "avg":
-        acc = np.floor_divide(acc, dtype.type(P)) if dtype.kind in "iu" else np.divide(acc, P).astype(dtype)
-    return acc
+    """The exact reduction of every rank's ``values`` (the benchmark's small integers)."""
+    return exact_reduction(n, dtype, op, P)
 
 
 def expect(name: str, n: int, dtype: np.dtype, op: str, root: int) -> np.ndarray | None:
