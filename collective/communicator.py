@@ -34,9 +34,9 @@ from .errors import (
     CollectiveValueError,
     describe,
 )
-from .executor import Executor, ExecutorOptions
+from .executor import Executor, ExecutorOptions, Plan
 from .ops import ReduceOp
-from .signature import check_signature
+from .signature import cached_checks, check_signature
 from .shm import DEFAULT_CHUNK_BYTES, SharedArrays, ShmArena
 from .watchdog import Watchdog, deadline
 
@@ -96,14 +96,15 @@ class Work:
 class _Call:
     """A prepared collective: every argument checked, the result allocated."""
 
-    __slots__ = ("name", "xf", "shape", "dtype", "rop", "algorithm", "root", "of", "result", "blocks", "inplace")
+    __slots__ = ("name", "xf", "shape", "dtype", "rop", "algorithm", "root", "of", "result", "blocks", "inplace",
+                 "plan")
 
     def __init__(self, name: str, xf: np.ndarray, shape: tuple, dtype: np.dtype, rop: ReduceOp | None,
                  algorithm: str, root: int, of: np.ndarray | None, result: Any, blocks: tuple | None,
-                 inplace: bool) -> None:
+                 inplace: bool, plan: Plan | None) -> None:
         self.name, self.xf, self.shape, self.dtype, self.rop = name, xf, shape, dtype, rop
         self.algorithm, self.root, self.of, self.result, self.blocks = algorithm, root, of, result, blocks
-        self.inplace = inplace
+        self.inplace, self.plan = inplace, plan
 
 
 def _env_int(name: str) -> int | None:
@@ -292,18 +293,9 @@ class Communicator:
         shape, dtype = arr.shape, arr.dtype
         # Everything that depends only on the call's signature is checked once and cached: the hot
         # path of a repeated call is a dict lookup plus the checks of this call's own arrays.
-        try:
-            key = (name, shape, dtype, op, algorithm, root)
-            st = self._static.get(key)
-        except TypeError:  # an unhashable op or root: let the full check explain it
-            key, st = None, None
-        if st is None:
-            st = self._static_checks(name, shape, dtype, op, algorithm, root)
-            if key is not None:
-                if len(self._static) > 4096:
-                    self._static.clear()
-                self._static[key] = st
-        rop, alg, rshape, blocks, root = st
+        rop, alg, rshape, blocks, root, plan = cached_checks(
+            self._static, (name, shape, dtype, op, algorithm, root),
+            lambda: self._static_checks(name, shape, dtype, op, algorithm, root))
         if arr.flags.c_contiguous:
             xf = arr if arr.ndim == 1 else arr.reshape(-1)
         else:
@@ -357,11 +349,16 @@ class Communicator:
         if alg == "shm" and inplace and name == "allreduce" and self._shared is not None:
             if self._shared.lookup(xf) is not None:
                 alg = "shm-window"  # a distinct name, so a rank passing a plain array is caught as a mismatch
-        return _Call(name, xf, shape, dtype, rop, alg, root, of, result, blocks, inplace)
+        return _Call(name, xf, shape, dtype, rop, alg, root, of, result, blocks, inplace, plan)
 
     def _static_checks(self, name: str, shape: tuple, dtype: np.dtype, op: Any, algorithm: str | None,
                        root: Any) -> tuple:
-        """Check what depends only on the call's signature; returns (op, algorithm, result shape, blocks, root)."""
+        """Check what depends only on the call's signature.
+
+        Returns (op, algorithm, result shape, blocks, root, plan): ``plan`` is this
+        rank's compiled Schedule for the Schedule algorithms (None for the others),
+        so a repeated call neither rebuilds nor looks up its Schedule.
+        """
         alg = algorithm or self.algorithm
         if alg not in ALGORITHMS:
             raise self._fail(CollectiveValueError, name, shape, dtype, alg,
@@ -378,7 +375,13 @@ class Communicator:
         elif alg == "native" and mpi_dtype(dtype) is None:
             raise self._fail(CollectiveTypeError, name, shape, dtype, alg,
                              "MPI has no datatype for this dtype; use algorithm ring, tree or star")
-        return rop, alg, rshape, blocks, root
+        plan = None
+        if alg in SCHEDULED:
+            nelems = self.size * n if name == "allgather" else n
+            sched = topologies.build(alg, name, self.size, nelems, root if name in _ROOTED else 0, blocks,
+                                     nodes=self.cluster.node_of_rank)
+            plan = self._exec.plan(sched, dtype.itemsize)
+        return rop, alg, rshape, blocks, root, plan
 
     def _auto(self, name: str, nbytes: int, dtype: np.dtype) -> str:
         """The algorithm "auto" picks; every input is the same on every rank, so is the pick.
@@ -441,37 +444,18 @@ class Communicator:
         name, xf, of, P, r = c.name, c.xf, c.of, self.size, self.rank
         n = xf.size
         rop = c.rop
-        if name == "allreduce":
+        if name == "allreduce" or name == "broadcast" or (name == "reduce" and r == c.root):
             work = of
-            if not c.inplace:
+            if not c.inplace and (name != "broadcast" or r == c.root):
                 np.copyto(work, xf)
-            sched = topologies.build(c.algorithm, name, P, n, nodes=self.cluster.node_of_rank)
-        elif name == "reduce":
-            if r == c.root:
-                work = of
-                if not c.inplace:
-                    np.copyto(work, xf)
-            else:  # other ranks' partial sums must not land in the caller's buffers
-                work = self._work(n, c.dtype)
-                np.copyto(work, xf)
-            sched = topologies.build(c.algorithm, name, P, n, c.root, nodes=self.cluster.node_of_rank)
-        elif name == "broadcast":
-            work = of
-            if r == c.root and not c.inplace:
-                np.copyto(work, xf)
-            sched = topologies.build(c.algorithm, name, P, n, c.root, nodes=self.cluster.node_of_rank)
-        elif name == "reduce_scatter":
+        elif name == "reduce" or name == "reduce_scatter":
+            # Other ranks' partial sums (and reduce_scatter's whole input) must not land in the caller's buffers.
             work = self._work(n, c.dtype)
             np.copyto(work, xf)
-            sched = topologies.build(c.algorithm, name, P, n, 0, c.blocks, nodes=self.cluster.node_of_rank)
         else:  # allgather
             work = of
-            a, b = c.blocks[r], c.blocks[r + 1]
-            np.copyto(work[a:b], xf)
-            sched = topologies.build(c.algorithm, name, P, work.size, 0, c.blocks, nodes=self.cluster.node_of_rank)
-        ex = self._exec
-        ufunc = rop.ufunc if rop is not None else None
-        ex.run(ex.plan(sched, c.dtype.itemsize), work, ufunc, self._seq)
+            np.copyto(work[c.blocks[r]:c.blocks[r + 1]], xf)
+        self._exec.run(c.plan, work, rop.ufunc if rop is not None else None, self._seq)
         if name == "reduce_scatter":
             np.copyto(of, work[c.blocks[r]:c.blocks[r + 1]])
         if rop is not None and rop.average and of is not None:

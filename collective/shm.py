@@ -46,6 +46,16 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 _FLAG = 64  # one cache line for the flag, so flags of different ranks never share a line
 
 
+def _reduce_slices(ufunc: Callable[..., Any], regs: list[np.ndarray], a: int, b: int, dst: np.ndarray) -> None:
+    """``dst = regs[0][a:b] op regs[1][a:b] op ...``, in rank order (so every rank's result is bitwise the same)."""
+    if len(regs) > 1:
+        ufunc(regs[0][a:b], regs[1][a:b], out=dst)
+    else:
+        np.copyto(dst, regs[0][a:b])
+    for reg in regs[2:]:
+        ufunc(dst, reg[a:b], out=dst)
+
+
 def _waiter(flags: list[memoryview], sync: Callable[[], Any], state: list[int]) -> Callable[[int], None]:
     """A function that blocks until every flag reaches a ticket.
 
@@ -144,12 +154,7 @@ class ShmArena:
             s1 = s0 + base + (1 if r < extra else 0)
             if s1 > s0:
                 dst = out[c0 + s0:c0 + s1]
-                if P > 1:
-                    ufunc(regs[0][s0:s1], regs[1][s0:s1], out=dst)
-                else:
-                    np.copyto(dst, regs[0][s0:s1])
-                for p in range(2, P):
-                    ufunc(dst, regs[p][s0:s1], out=dst)
+                _reduce_slices(ufunc, regs, s0, s1, dst)
                 np.copyto(mine[s0:s1], dst)
             self.ticket += 1
             publish(self.ticket)
@@ -187,7 +192,7 @@ class ShmArena:
 
     def reduce_scatter(self, x: np.ndarray, out: np.ndarray, blocks: tuple[int, ...], ufunc: Callable[..., Any]) -> None:
         """Reduce ``x`` over the node; this rank's ``out`` gets ``[blocks[r], blocks[r+1])`` of the result."""
-        r, P = self.rank, self.size
+        r = self.rank
         n = x.size
         b0, b1 = blocks[r], blocks[r + 1]
         step = self.chunk_elems(x.dtype)
@@ -204,13 +209,7 @@ class ShmArena:
             wait(self.ticket)
             a, b = max(c0, b0), min(c1, b1)
             if b > a:
-                dst = out[a - b0:b - b0]
-                if P > 1:
-                    ufunc(regs[0][a - c0:b - c0], regs[1][a - c0:b - c0], out=dst)
-                else:
-                    np.copyto(dst, regs[0][a - c0:b - c0])
-                for p in range(2, P):
-                    ufunc(dst, regs[p][a - c0:b - c0], out=dst)
+                _reduce_slices(ufunc, regs, a - c0, b - c0, out[a - b0:b - b0])
 
     def allgather(self, x: np.ndarray, out: np.ndarray) -> None:
         """Concatenate every rank's ``x`` (same size everywhere) into ``out`` in rank order."""

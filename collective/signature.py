@@ -10,12 +10,32 @@ from topologies import even_blocks
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError
 from .ops import OPS, ReduceOp, check_dtype, get_op
 
-__all__ = ["ROOTED", "REDUCING", "check_signature"]
+__all__ = ["ROOTED", "REDUCING", "check_signature", "cached_checks"]
 
 ROOTED = frozenset(("reduce", "broadcast"))
 REDUCING = frozenset(("allreduce", "reduce", "reduce_scatter"))
 
 Fail = Callable[[type, str, Any, Any, Any, str], CollectiveError]
+
+
+def cached_checks(cache: dict[tuple, tuple], key: tuple, compute: Callable[[], tuple]) -> tuple:
+    """``cache[key]``, computing it with ``compute()`` (which raises on a bad call) the first time.
+
+    The hot path of a repeated call is one dict lookup. An unhashable part of
+    the key (a list passed as root, say) skips the cache so that ``compute``
+    explains the error; the cache is cleared when a program makes it grow
+    past 4096 signatures.
+    """
+    try:
+        hit = cache.get(key)
+    except TypeError:
+        return compute()
+    if hit is None:
+        hit = compute()
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = hit
+    return hit
 
 
 def check_signature(name: str, shape: tuple, dtype: np.dtype, op: Any, root: Any, alg: str, rank: int, size: int,

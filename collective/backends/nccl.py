@@ -57,7 +57,7 @@ from ..errors import (
 )
 from ..executor import Plan, compile_plan
 from ..ops import ReduceOp
-from ..signature import check_signature
+from ..signature import cached_checks, check_signature
 
 __all__ = [
     "NCCL_DTYPES", "NCCL_OPS", "NCCL_BYTE", "MIN_VERSION", "DTYPE_MIN_VERSION", "ALGORITHMS",
@@ -723,18 +723,9 @@ class NCCLBackend:
         if self.watch.failed is not None:
             raise self._fail(CollectiveError, name, shape, dtype, algorithm,
                              f"the NCCL communicator failed earlier ({self.watch.failed})")
-        try:
-            key = (name, shape, dtype, op, algorithm, root)
-            st = self._static.get(key)
-        except TypeError:
-            key, st = None, None
-        if st is None:
-            st = self._static_checks(name, shape, dtype, op, algorithm, root)
-            if key is not None:
-                if len(self._static) > 4096:
-                    self._static.clear()
-                self._static[key] = st
-        rop, alg, rshape, blocks, root, nat = st
+        rop, alg, rshape, blocks, root, nat = cached_checks(
+            self._static, (name, shape, dtype, op, algorithm, root),
+            lambda: self._static_checks(name, shape, dtype, op, algorithm, root))
         if dev.device_of(x) != dev.device_id:
             raise self._fail(CollectiveValueError, name, shape, dtype, alg,
                              f"x is on CUDA device {dev.device_of(x)} but this rank's NCCL communicator uses device "
