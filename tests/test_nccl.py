@@ -297,6 +297,64 @@ def test_bootstrap_failure_on_one_rank_raises_everywhere() -> None:
     assert all(isinstance(e, BackendUnavailableError) for e in out) and "3 entries" in str(out[0])
 
 
+class _Cupy14Comm:
+    """NcclCommunicator(int ndev, bytes commId, int rank): CuPy 14+."""
+
+    def __init__(self, ndev: int, commId: object, rank: int) -> None:
+        if not isinstance(commId, bytes):
+            raise TypeError(f"Argument 'commId' has incorrect type (expected bytes, got {type(commId).__name__})")
+        assert len(commId) == 128
+        self.uid = commId
+
+
+class _Cupy13Comm:
+    """NcclCommunicator(int ndev, tuple commId, int rank): CuPy 13, items stored in C char (signed on x86)."""
+
+    lo, hi = -128, 127
+
+    def __init__(self, ndev: int, commId: object, rank: int) -> None:
+        if not isinstance(commId, tuple):
+            raise TypeError(f"Argument 'commId' has incorrect type (expected tuple, got {type(commId).__name__})")
+        for v in commId:
+            if not self.lo <= v <= self.hi:
+                raise OverflowError("value too large to convert to char")
+        self.uid = commId
+
+
+class _Cupy13CommUnsignedChar(_Cupy13Comm):
+    lo, hi = 0, 255  # aarch64
+
+
+def test_unique_id_in_the_form_the_installed_cupy_takes() -> None:
+    raw = bytes(range(128, 256))
+    ints = list(raw)  # what the bootstrap gives after CuPy 14's bytes
+    signed = tuple(v - 256 for v in raw)  # what CuPy 13 on x86 returns and the bootstrap passes on
+    assert N.unique_id_forms(ints) == N.unique_id_forms(signed) == [raw, signed, tuple(raw)]
+    for uid in (ints, signed):
+        assert N.new_communicator(_Mod(NcclCommunicator=_Cupy14Comm), 2, uid, 0).uid == raw
+        assert N.new_communicator(_Mod(NcclCommunicator=_Cupy13Comm), 2, uid, 0).uid == signed
+        assert N.new_communicator(_Mod(NcclCommunicator=_Cupy13CommUnsignedChar), 2, uid, 0).uid == tuple(raw)
+
+    def refuses(ndev: int, commId: object, rank: int) -> None:
+        raise TypeError("expected str")
+
+    with pytest.raises(BackendUnavailableError, match="no known form.*bytes: TypeError"):
+        N.new_communicator(_Mod(NcclCommunicator=refuses), 2, ints, 0)
+
+    def init_fails(ndev: int, commId: object, rank: int) -> None:
+        raise RuntimeError("NCCL_ERROR_UNHANDLED_CUDA_ERROR")
+
+    with pytest.raises(RuntimeError, match="UNHANDLED_CUDA_ERROR"):  # ncclCommInitRank ran: not retried
+        N.new_communicator(_Mod(NcclCommunicator=init_fails), 2, ints, 0)
+
+
+def test_bootstrap_carries_cupy14_bytes_ids() -> None:
+    uid = bytes(range(256))[::2]  # get_unique_id of CuPy 14+ returns 128 bytes
+    out = _bootstrap(2, {}, lambda: uid)
+    assert out == [tuple(uid)] * 2
+    assert N.new_communicator(_Mod(NcclCommunicator=_Cupy14Comm), 2, out[1], 1).uid == uid
+
+
 def test_bootstrap_over_real_mpi_self() -> None:
     from mpi4py import MPI
 

@@ -34,6 +34,7 @@ NCCL without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import threading
@@ -41,7 +42,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -61,7 +62,8 @@ from ..signature import cached_checks, check_signature
 
 __all__ = [
     "NCCL_DTYPES", "NCCL_OPS", "NCCL_BYTE", "MIN_VERSION", "DTYPE_MIN_VERSION", "ALGORITHMS",
-    "version_text", "nccl_datatype", "native_plan", "probe", "bootstrap_unique_id", "pick_device",
+    "version_text", "nccl_datatype", "native_plan", "probe", "bootstrap_unique_id", "unique_id_forms",
+    "new_communicator", "pick_device",
     "gpus_per_rank_problem", "check_constants", "CupyDevice", "NcclWatch", "NcclWork", "NcclCall", "NCCLBackend",
 ]
 
@@ -71,7 +73,8 @@ NCCL_DTYPES: dict[str, int] = {
     "int8": 0, "uint8": 1, "int32": 2, "uint32": 3, "int64": 4, "uint64": 5,
     "float16": 6, "float32": 7, "float64": 8, "bfloat16": 9,
 }
-#: Our op name -> ncclRedOp_t. avg is NCCL's sum followed by our division (ncclAvg refuses integers).
+#: Our op name -> ncclRedOp_t. avg is NCCL's sum followed by our division: ncclAvg (4, NCCL 2.10+) truncates
+#: integer averages toward zero, the CPU path floor-divides, and NCCL 2.7-2.9 has no ncclAvg.
 NCCL_OPS: dict[str, int] = {"sum": 0, "prod": 1, "max": 2, "min": 3, "avg": 0}
 #: Bytes: what collectives without reduction and every send/recv move.
 NCCL_BYTE: int = NCCL_DTYPES["uint8"]
@@ -80,7 +83,7 @@ MIN_VERSION: int = 2700
 #: Dtypes that need a newer NCCL than MIN_VERSION.
 DTYPE_MIN_VERSION: dict[str, int] = {"bfloat16": 21000}
 #: Algorithms the NCCL backend runs ("shm" is host memory only).
-ALGORITHMS: tuple[str, ...] = ("auto", "native", "ring", "tree", "star", "hierarchical")
+ALGORITHMS: tuple[str, ...] = ("auto", "native", "ring", "tree", "star", "hierarchical", "pipeline")
 #: cupy.cuda.nccl constant name -> our table's value, checked when a communicator is made.
 _CONSTANTS: dict[str, int] = {
     **{f"NCCL_{k.upper()}": v for k, v in NCCL_DTYPES.items()},
@@ -281,15 +284,18 @@ def bootstrap_unique_id(mpi_comm: Any, local_problem: str | None,
     Args:
         mpi_comm: an mpi4py communicator (uppercase buffer calls only).
         local_problem: why NCCL is not usable on this rank, or None.
-        make_id: ``cupy.cuda.nccl.get_unique_id`` (called on rank 0 only).
+        make_id: ``cupy.cuda.nccl.get_unique_id`` (called on rank 0 only): 128 bytes
+            (CuPy 14+) or a tuple of 128 C ``char`` values (CuPy 13).
 
     Returns:
-        The id as a tuple of ints, as ``NcclCommunicator`` takes it.
+        The id's 128 values as ints, as rank 0's ``make_id`` gave them (0..255 from
+        bytes, -128..127 from CuPy 13 on x86); :func:`new_communicator` turns them
+        into the form the installed CuPy takes.
 
     Example::
 
         uid = bootstrap_unique_id(comm, probe(), nccl.get_unique_id)
-        nc = nccl.NcclCommunicator(comm.Get_size(), uid, comm.Get_rank())
+        nc = new_communicator(nccl, comm.Get_size(), uid, comm.Get_rank())
     """
     rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
     mine = np.array([0 if local_problem is None else 1], np.int64)
@@ -319,6 +325,38 @@ def bootstrap_unique_id(mpi_comm: Any, local_problem: str | None,
     return tuple(int(v) for v in buf[1:])
 
 
+def unique_id_forms(uid: Sequence[int]) -> list[Any]:
+    """The NCCL unique id in each form a ``NcclCommunicator`` of some CuPy takes, most recent CuPy first.
+
+    CuPy 14+ takes ``bytes`` (``NcclCommunicator(int ndev, bytes commId, int rank)``);
+    CuPy 13 takes a ``tuple`` whose items it stores in C ``char``: -128..127 where char
+    is signed (x86), 0..255 where it is unsigned (aarch64, ppc64le).
+
+    Example::
+
+        unique_id_forms([255] * 128)   # [b"\\xff" * 128, (-1,) * 128, (255,) * 128]
+    """
+    raw = bytes(int(v) & 0xFF for v in uid)
+    return [raw, tuple(v - 256 if v > 127 else v for v in raw), tuple(raw)]
+
+
+def new_communicator(nccl: Any, size: int, uid: Sequence[int], rank: int) -> Any:
+    """``nccl.NcclCommunicator(size, uid, rank)`` with the id in the form the installed CuPy takes.
+
+    Only argument conversion is retried: CuPy rejects an id of the wrong type
+    (TypeError) or a char out of range (OverflowError) before it calls
+    ``ncclCommInitRank``, so every rank still joins the communicator exactly once.
+    """
+    errors = []
+    for form in unique_id_forms(uid):
+        try:
+            return nccl.NcclCommunicator(size, form, rank)
+        except (TypeError, OverflowError) as exc:
+            errors.append(f"{type(form).__name__}: {type(exc).__name__}: {exc}")
+    raise BackendUnavailableError("cupy.cuda.nccl.NcclCommunicator took the NCCL unique id in no known form ("
+                                  + "; ".join(errors) + ")")
+
+
 # ------------------------------------------------------------ device side
 class CupyDevice:
     """The CuPy calls the NCCL backend makes: pointers, the comm stream and the events that order it.
@@ -345,27 +383,40 @@ class CupyDevice:
         """The device ``a`` lives on."""
         return int(a.device.id)
 
-    def on_stream(self) -> Any:
-        """Context in which CuPy kernels and allocations use the comm stream."""
-        return self.stream
+    @contextlib.contextmanager
+    def on_stream(self) -> Iterator[None]:
+        """Context in which CuPy kernels and allocations run on this rank's device and the comm stream.
+
+        The device is entered first: CuPy refuses ``with stream`` while another device is current.
+        """
+        with self.xp.cuda.Device(self.device_id), self.stream:
+            yield
 
     def wait_for_caller(self, streams: Sequence[int] = ()) -> None:
-        """Make the comm stream wait for the work queued so far on the caller's stream (and on ``streams``)."""
+        """Make the comm stream wait for the work queued so far on the caller's stream (and on ``streams``).
+
+        The caller's stream is the current stream of this rank's device (where the arrays are); events
+        are created on that device, as cudaEventRecord needs an event and a stream of one device.
+        """
         cp = self.xp
-        ev = cp.cuda.Event(block=False, disable_timing=True)
-        ev.record(cp.cuda.get_current_stream())
-        self.stream.wait_event(ev)
-        for s in streams:
-            e = cp.cuda.Event(block=False, disable_timing=True)
-            e.record(cp.cuda.ExternalStream(int(s)))
-            self.stream.wait_event(e)
+        with cp.cuda.Device(self.device_id):
+            ev = cp.cuda.Event(block=False, disable_timing=True)
+            ev.record(cp.cuda.get_current_stream())
+            self.stream.wait_event(ev)
+            for s in streams:
+                # A raw handle (1 and 2 name the legacy and per-thread default streams): cudaEventRecord takes
+                # it as it is (cupy.cuda.ExternalStream, the other way, is deprecated since CuPy 14).
+                e = cp.cuda.Event(block=False, disable_timing=True)
+                cp.cuda.runtime.eventRecord(e.ptr, int(s))
+                self.stream.wait_event(e)
 
     def release_to_caller(self) -> Any:
         """Make the caller's stream wait for the comm stream; the returned event marks this point."""
         cp = self.xp
-        ev = cp.cuda.Event(block=False, disable_timing=True)
-        ev.record(self.stream)
-        cp.cuda.get_current_stream().wait_event(ev)
+        with cp.cuda.Device(self.device_id):
+            ev = cp.cuda.Event(block=False, disable_timing=True)
+            ev.record(self.stream)
+            cp.cuda.get_current_stream().wait_event(ev)
         return ev
 
     def done(self, event: Any) -> bool:
@@ -682,7 +733,7 @@ class NCCLBackend:
         uid = bootstrap_unique_id(mpi_comm, problem, lambda: nccl.get_unique_id())
         dev = CupyDevice(cupy, device)
         rank, size = mpi_comm.Get_rank(), mpi_comm.Get_size()
-        nc = nccl.NcclCommunicator(size, uid, rank)  # binds to the device CupyDevice made current
+        nc = new_communicator(nccl, size, uid, rank)  # binds to the device CupyDevice made current
         return cls(nc, rank, size, nccl=nccl, device=dev, nodes=nodes, timeout=timeout, blocking=blocking,
                    version=int(nccl.get_version()))
 
@@ -695,7 +746,8 @@ class NCCLBackend:
         alg = algorithm or "auto"
         if alg == "shm":
             raise self._fail(CollectiveValueError, name, shape, dtype, alg,
-                             "shm works on host memory; for device arrays use native, ring, tree, star or hierarchical")
+                             "shm works on host memory; for device arrays use native, ring, tree, star, hierarchical "
+                             "or pipeline")
         if alg not in ALGORITHMS:
             raise self._fail(CollectiveValueError, name, shape, dtype, alg,
                              f"unknown algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)}")

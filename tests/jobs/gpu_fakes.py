@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import operator
 import threading
 from collections import defaultdict, deque
 from typing import Any, Callable
@@ -173,8 +174,23 @@ class FakeNcclWorld:
             self.barrier.wait()
 
 
+def _c_args(count: int, dt: int, *ints: Any) -> None:
+    """Convert the arguments as CuPy's Cython signatures do (``intptr_t``/``int``/``size_t``), so a float,
+    a None or a negative count fails here as it would on a GPU; and check the datatype is one nccl.h has."""
+    for v in (count, dt, *ints):
+        operator.index(v)  # TypeError for what Cython's integer conversion refuses
+    if operator.index(count) < 0:
+        raise OverflowError("can't convert negative value to size_t")
+    if dt not in NCCL_H_TYPES:
+        raise FakeNcclError(f"fake NCCL: ncclInvalidArgument: datatype {dt}")
+
+
 class FakeNcclComm:
-    """One rank's communicator, with cupy.cuda.nccl.NcclCommunicator's method names."""
+    """One rank's communicator, with cupy.cuda.nccl.NcclCommunicator's method names, argument order and types.
+
+    The signatures are those of CuPy (13 and 14); tests/test_cupy_api.py checks them against the
+    installed CuPy. As in CuPy, ``abort()`` frees the communicator: later calls raise.
+    """
 
     def __init__(self, world: FakeNcclWorld, rank: int, module: "FakeNccl") -> None:
         self.world, self.r, self.module = world, rank, module
@@ -183,7 +199,12 @@ class FakeNcclComm:
         self.async_error: Exception | None = None
         self.fail_next: Exception | None = None
 
+    def _live(self) -> None:
+        if self.aborted:  # CuPy sets the ncclComm_t to NULL on abort: NCCL refuses it
+            raise FakeNcclError("NCCL_ERROR_INVALID_ARGUMENT: the communicator was aborted")
+
     def _op(self, *op: Any) -> None:
+        self._live()
         self.calls.append(op)
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
@@ -195,39 +216,50 @@ class FakeNcclComm:
             self.world._group(self.r, [op])
 
     def send(self, ptr: int, count: int, dt: int, peer: int, stream: int) -> None:
+        _c_args(count, dt, ptr, peer, stream)
         self._op("send", ptr, count, dt, peer)
 
     def recv(self, ptr: int, count: int, dt: int, peer: int, stream: int) -> None:
+        _c_args(count, dt, ptr, peer, stream)
         self._op("recv", ptr, count, dt, peer)
 
     def _coll(self, kind: str, *args: Any) -> None:
+        self._live()
         self.calls.append((kind, *args))
         if self.fail_next is not None:
             exc, self.fail_next = self.fail_next, None
             raise exc
         self.world._collective(self.r, kind, *args)
 
+    # count: elements of dt in each buffer; reduceScatter's is the per-rank (received) count,
+    # allGather's the per-rank (sent) count, as in nccl.h.
     def allReduce(self, s: int, r: int, count: int, dt: int, op: int, stream: int) -> None:
+        _c_args(count, dt, s, r, op, stream)
         self._coll("allReduce", s, r, count, dt, op, None)
 
     def reduce(self, s: int, r: int, count: int, dt: int, op: int, root: int, stream: int) -> None:
+        _c_args(count, dt, s, r, op, root, stream)
         self._coll("reduce", s, r, count, dt, op, root)
 
     def broadcast(self, s: int, r: int, count: int, dt: int, root: int, stream: int) -> None:
+        _c_args(count, dt, s, r, root, stream)
         self._coll("broadcast", s, r, count, dt, None, root)
 
     def reduceScatter(self, s: int, r: int, count: int, dt: int, op: int, stream: int) -> None:
+        _c_args(count, dt, s, r, op, stream)
         self._coll("reduceScatter", s, r, count, dt, op, None)
 
     def allGather(self, s: int, r: int, count: int, dt: int, stream: int) -> None:
+        _c_args(count, dt, s, r, stream)
         self._coll("allGather", s, r, count, dt, None, None)
 
     def check_async_error(self) -> None:
+        self._live()
         if self.async_error is not None:
             raise self.async_error
 
     def abort(self) -> None:
-        self.aborted = True
+        self.aborted = True  # idempotent, as CuPy's (it skips a NULL communicator)
 
     def destroy(self) -> None:
         pass
