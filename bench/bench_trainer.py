@@ -56,6 +56,18 @@ import collective as col
 from trainer import SGD, DataParallel, StepStats, mlp
 
 MODELS = {"7.5MB": [784, 1024, 1024, 10], "40MB": [784, 2048, 2048, 2048, 10]}
+
+
+def _layer_sizes(spec: str) -> list[int]:
+    """``"784-4096-10"`` -> ``[784, 4096, 10]`` (a model named by its layer sizes)."""
+    try:
+        sizes = [int(v) for v in spec.split("-")]
+    except ValueError:
+        sizes = []
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise SystemExit(f"bench_trainer: unknown model {spec!r}: name one of {', '.join(MODELS)} "
+                         "or give layer sizes like 784-4096-4096-10")
+    return sizes
 OURS = ("local", "overlap", "no-overlap", "per-param", "overlap-alloc")
 TORCH = ("torch-local", "torch-ddp")
 
@@ -174,7 +186,8 @@ def breakdown(stats: list[StepStats]) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="7.5MB,40MB", help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--models", default="7.5MB,40MB",
+                    help=f"comma list of {', '.join(MODELS)} or layer sizes such as 784-4096-4096-10")
     ap.add_argument("--methods", default=",".join(OURS + TORCH))
     ap.add_argument("--batch", type=int, default=64, help="per-rank batch")
     ap.add_argument("--cycles", type=int, default=30, help="timed cycles (one step of every method each)")
@@ -205,7 +218,7 @@ def main() -> None:
         if why_no_torch:
             print(f"# torch columns skipped: {why_no_torch}", flush=True)
     for name in args.models.split(","):
-        sizes = MODELS[name]
+        sizes = MODELS[name] if name in MODELS else _layer_sizes(name)
         runners: dict[str, Any] = {}
         for m in methods:
             runners[m] = (Torch(m, sizes, comm, args.batch, args.seed) if m in TORCH

@@ -99,6 +99,7 @@ class SizeResult:
         input_bytes: bytes of one rank's input (what `auto` and tuning tables key on).
         cells: column -> mode -> Stat; a missing mode is n/a.
         pred_us: column -> predicted time (or None).
+        auto_pick: the algorithm ``auto`` ran at this size (None without an auto column).
     """
 
     size: int
@@ -106,6 +107,7 @@ class SizeResult:
     input_bytes: int
     cells: dict[str, dict[str, Stat]] = field(default_factory=dict)
     pred_us: dict[str, float | None] = field(default_factory=dict)
+    auto_pick: str | None = None
 
     def ratio_vs_native(self, col: str, mode: str) -> float | None:
         """busbw(col) / busbw(native) in ``mode`` (memcpy compares with native out-of-place)."""
@@ -361,6 +363,8 @@ class _Run:
         for size, (count, n_in, n_out) in zip(sizes, shapes):
             row = self.one_size(coll, root, cols, modes, bufs, count, n_in, n_out, factor, seen_notes, res)
             row.pred_us = {c: preds[(c, size)] for c in cols}
+            if "auto" in cols:
+                row.auto_pick = self.comm.auto_algorithm(coll, n_in * dtype.itemsize, dtype)
             res.rows.append(row)
             if self.rep is not None:
                 self.rep.row(res, row)

@@ -211,6 +211,7 @@ def to_json(info: JobInfo, opts: Options, results: list[CollectiveResult], argv:
                 "count": row.count,
                 "input_bytes": row.input_bytes,
                 "pred_us": {c: row.pred_us.get(c) for c in res.columns},
+                "auto_pick": row.auto_pick,
                 "results": {c: {m: s.to_json() for m, s in row.cells.get(c, {}).items()} for c in res.columns},
                 "ratio_vs_native": {c: {m: row.ratio_vs_native(c, m) for m in res.modes[c]}
                                     for c in res.columns if c != "native"},

@@ -5,7 +5,10 @@ import argparse
 import json
 from typing import Any
 
-__all__ = ["markdown", "main"]
+__all__ = ["markdown", "auto_markdown", "main"]
+
+#: Columns that are not a fixed algorithm auto could pick for a plain array.
+_NOT_FIXED = ("auto", "alloc", "gloo", "memcpy", "broken")
 
 
 def _fmt_size(n: int) -> str:
@@ -48,14 +51,48 @@ def markdown(doc: dict[str, Any], collective: str = "allreduce") -> str:
     return "\n".join(lines)
 
 
+def auto_markdown(doc: dict[str, Any], collective: str = "allreduce", mode: str = "out_of_place") -> str:
+    """A table of ``auto`` against the best fixed algorithm, per size, with the cost model's predictions.
+
+    Columns: what auto ran, its median time, the fastest fixed algorithm
+    measured in the same run and its time, auto / best (1.00 = auto was the
+    best; <= 1.10 is the "within 10 %" target), then the cost model's own
+    pick (the cheapest predicted) and, for each measured algorithm the model
+    covers, measured / predicted for the fastest one.
+
+    Example::
+
+        print(auto_markdown(json.load(open("allreduce_p4.json"))))
+    """
+    coll = next(c for c in doc["collectives"] if c["collective"] == collective)
+    fixed = [c for c in coll["columns"] if c not in _NOT_FIXED]
+    lines = ["| size | auto ran | auto (us) | best fixed | best (us) | auto / best | model's pick | best: measured / predicted |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in coll["sizes"]:
+        res = row["results"]
+        times = {c: res[c][mode]["time_us"] for c in fixed if mode in res.get(c, {})}
+        auto = res.get("auto", {}).get(mode)
+        if not times or auto is None:
+            continue
+        best = min(times, key=times.get)
+        preds = {c: v for c, v in row.get("pred_us", {}).items() if v is not None and c in fixed}
+        model = min(preds, key=preds.get) if preds else ""
+        ratio = f"{times[best] / preds[best]:.2f}" if best in preds and preds[best] else "no model"
+        lines.append(f"| {_fmt_size(row['size'])} | {row.get('auto_pick') or '?'} | {auto['time_us']:.1f} | {best} | "
+                     f"{times[best]:.1f} | {auto['time_us'] / times[best]:.2f} | {model} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    """``python -m bench.tables RUN.json [--collective allreduce]``."""
+    """``python -m bench.tables RUN.json [--collective allreduce] [--auto]``."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("json")
     ap.add_argument("--collective", default="allreduce")
+    ap.add_argument("--auto", action="store_true", help="auto against the best fixed algorithm, with predictions")
     a = ap.parse_args()
     with open(a.json) as f:
-        print(markdown(json.load(f), a.collective))
+        doc = json.load(f)
+    print(auto_markdown(doc, a.collective) if a.auto else markdown(doc, a.collective))
 
 
 if __name__ == "__main__":

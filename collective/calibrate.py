@@ -25,7 +25,8 @@ Cached per process (per layout), and in ``COLLECTIVE_CALIBRATION_FILE`` when tha
 names a file (read if it holds this layout, else written after measuring), which
 is how ``collective-bench --tune`` can keep one for later jobs.
 ``COLLECTIVE_CALIBRATE=0`` skips it all: the cost model then uses its documented
-defaults (``topologies.cost.DEFAULT_*``).
+defaults (``topologies.cost.DEFAULT_*``). A topology file (``COLLECTIVE_TOPOLOGY``)
+that declares ``links`` also skips it: the declared costs are used as they are.
 """
 from __future__ import annotations
 
@@ -197,7 +198,8 @@ def calibrate(comm: Any, cluster: Cluster, force: bool = False) -> Cluster:
 
     Returns:
         ``cluster`` with ``intra``, ``inter`` (None on one node) and ``gamma``
-        set and ``source`` noting the calibration; unchanged when disabled.
+        set and ``source`` noting the calibration; unchanged when disabled or
+        when its links were declared in a topology file (``links_declared``).
 
     Example::
 
@@ -205,8 +207,8 @@ def calibrate(comm: Any, cluster: Cluster, force: bool = False) -> Cluster:
         cl = calibrate(MPI.COMM_WORLD.Dup(), Cluster.from_node_size(MPI.COMM_WORLD.size, 2))
         cl.intra.alpha, cl.inter.beta
     """
-    if not force and not enabled():
-        return cluster
+    if not force and (cluster.links_declared or not enabled()):
+        return cluster  # the topology file's links replace measuring, identically on every rank
     key = (cluster.node_of_rank, comm.Get_size())
     if not force and key in _cache:
         return _cache[key]

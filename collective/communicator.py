@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import topologies
-from topologies.cluster import Cluster
+from topologies.cluster import TOPOLOGY_ENV, Cluster, TopologyFileError, parse_topology
 
 from .arrays import Deferred, to_numpy
 from .calibrate import calibrate
@@ -43,9 +43,9 @@ from .watchdog import Watchdog, deadline
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES"]
 
 #: Algorithms a caller may name. "auto" picks one per call.
-ALGORITHMS: tuple[str, ...] = ("auto", "native", "ring", "tree", "star", "hierarchical", "shm")
+ALGORITHMS: tuple[str, ...] = ("auto", "native", "ring", "tree", "star", "hierarchical", "pipeline", "shm")
 #: Schedule algorithms (run by the executor).
-SCHEDULED: frozenset[str] = frozenset(("ring", "tree", "star", "hierarchical"))
+SCHEDULED: frozenset[str] = frozenset(("ring", "tree", "star", "hierarchical", "pipeline"))
 COLLECTIVE_NAMES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
 _ROOTED = frozenset(("reduce", "broadcast"))
 _REDUCING = frozenset(("allreduce", "reduce", "reduce_scatter"))
@@ -97,7 +97,7 @@ class _Call:
     """A prepared collective: every argument checked, the result allocated."""
 
     __slots__ = ("name", "xf", "shape", "dtype", "rop", "algorithm", "root", "of", "result", "blocks", "inplace",
-                 "plan")
+                 "plan", "views")
 
     def __init__(self, name: str, xf: np.ndarray, shape: tuple, dtype: np.dtype, rop: ReduceOp | None,
                  algorithm: str, root: int, of: np.ndarray | None, result: Any, blocks: tuple | None,
@@ -105,6 +105,7 @@ class _Call:
         self.name, self.xf, self.shape, self.dtype, self.rop = name, xf, shape, dtype, rop
         self.algorithm, self.root, self.of, self.result, self.blocks = algorithm, root, of, result, blocks
         self.inplace, self.plan = inplace, plan
+        self.views: list[np.ndarray] | None = None  # every rank's view of an alloc'd array (shm-window)
 
 
 def _env_int(name: str) -> int | None:
@@ -208,6 +209,13 @@ class Communicator:
     def _discover_cluster(self) -> Cluster:
         MPI, comm = self._mpi, self._backend.comm
         k = _env_int("COLLECTIVE_NODE_SIZE")
+        path = os.environ.get(TOPOLOGY_ENV) or None
+        if path is not None:
+            if k is not None:
+                # Two sources of truth for one layout: refuse rather than silently prefer one.
+                raise CollectiveValueError(f"{describe('init', self.rank, self.size)}: both {TOPOLOGY_ENV}={path} and "
+                                           f"COLLECTIVE_NODE_SIZE={k} are set; unset one of them")
+            return self._topology_file(path)
         if k is not None:
             if k < 1:
                 raise CollectiveValueError(f"COLLECTIVE_NODE_SIZE={k} must be >= 1")
@@ -234,6 +242,38 @@ class Communicator:
         comm.Allgather(leader, leaders)
         order = {ld: i for i, ld in enumerate(sorted(set(leaders.tolist())))}
         return Cluster(tuple(order[int(ld)] for ld in leaders), source=source)
+
+    def _topology_file(self, path: str) -> Cluster:
+        """The layout (and maybe links) of the topology file at ``path``: rank 0 reads it, every rank checks it.
+
+        Rank 0 sends the bytes (or why it could not read them) to every rank,
+        so the file need only exist where rank 0 runs, and every rank parses
+        the same text and raises the same error, before any collective moves
+        data. Plain buffers, no pickle.
+        """
+        comm = self._backend.comm
+        head = np.zeros(2, np.int64)  # (1 if read else 0, length of the bytes that follow)
+        data = b""
+        if self.rank == 0:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+                head[0] = 1
+            except OSError as exc:
+                data = f"cannot read the file: {exc.strerror or exc}".encode()
+            head[1] = len(data)
+        comm.Bcast(head, root=0)
+        buf = np.frombuffer(data, np.uint8).copy() if self.rank == 0 else np.empty(int(head[1]), np.uint8)
+        if head[1]:
+            comm.Bcast(buf, root=0)
+        where = f"{TOPOLOGY_ENV}={path}"
+        if not head[0]:
+            raise CollectiveValueError(f"{describe('init', self.rank, self.size)}: {where} (read by rank 0): "
+                                       f"{buf.tobytes().decode(errors='replace')}")
+        try:
+            return parse_topology(buf.tobytes(), where, nranks=self.size)
+        except TopologyFileError as exc:
+            raise CollectiveValueError(f"{describe('init', self.rank, self.size)}: {exc}") from None
 
     def _real_node_count(self) -> int:
         if self.cluster.source == "MPI shared-memory split":
@@ -346,10 +386,14 @@ class Communicator:
             result = o if wrap is None else wrap(o)
         else:
             of, result = None, None
+        views = None
         if alg == "shm" and inplace and name == "allreduce" and self._shared is not None:
-            if self._shared.lookup(xf) is not None:
+            views = self._shared.lookup(xf)
+            if views is not None:
                 alg = "shm-window"  # a distinct name, so a rank passing a plain array is caught as a mismatch
-        return _Call(name, xf, shape, dtype, rop, alg, root, of, result, blocks, inplace, plan)
+        c = _Call(name, xf, shape, dtype, rop, alg, root, of, result, blocks, inplace, plan)
+        c.views = views
+        return c
 
     def _static_checks(self, name: str, shape: tuple, dtype: np.dtype, op: Any, algorithm: str | None,
                        root: Any) -> tuple:
@@ -471,8 +515,11 @@ class Communicator:
         ar = self._arena()
         name, xf, of, rop = c.name, c.xf, c.of, c.rop
         if c.algorithm == "shm-window":
-            self._shared.allreduce_inplace(self._shared.lookup(xf), c.dtype, rop.ufunc)
-        elif name == "allreduce":
+            P = self.size
+            finish = (lambda a: _average(a, P)) if rop.average else None
+            self._shared.allreduce_inplace(c.views, rop.ufunc, finish)
+            return
+        if name == "allreduce":
             ar.allreduce(xf, of, rop.ufunc)
         elif name == "reduce":
             ar.allreduce(xf, of if self.rank == c.root else self._work(xf.size, c.dtype), rop.ufunc, c.root)
@@ -599,7 +646,8 @@ class Communicator:
             x: array of any shape and numeric dtype (NumPy, a PyTorch CPU tensor, ...).
             op: "sum", "avg", "prod", "min" or "max". avg of integers is the sum
                 floor-divided by the number of ranks (it stays an integer).
-            algorithm: "auto", "native", "ring", "tree" or "star".
+            algorithm: one of ``ALGORITHMS``: "auto", "native", "ring", "tree", "star",
+                "hierarchical", "pipeline" or "shm".
             out: array for the result (same shape and dtype, contiguous, writable);
                 ``out=x`` works in place.
 
@@ -718,6 +766,18 @@ class Communicator:
             ch = cost.choose(collective, int(nbytes), self.cluster, dt.itemsize, candidates, root)
             self._choices[key] = ch
         return ch
+
+    def auto_algorithm(self, collective: str, nbytes: int, dtype: Any = "float32") -> str:
+        """The algorithm ``algorithm="auto"`` runs for a call whose input is ``nbytes`` of ``dtype`` (local, no messages).
+
+        Example::
+
+            comm.auto_algorithm("allreduce", 4 << 20)   # e.g. "shm" on one node
+        """
+        if collective not in COLLECTIVE_NAMES:
+            raise CollectiveValueError(f"{describe('auto_algorithm', self.rank, self.size)}: unknown collective "
+                                       f"{collective!r}; choose one of {', '.join(COLLECTIVE_NAMES)}")
+        return self._auto(collective, int(nbytes), np.dtype(dtype))
 
     def explain(self, collective: str, nbytes: int, dtype: Any = "float32", root: int = 0) -> str:
         """Each algorithm's predicted time for one call, the cost model's choice, and what "auto" picks now.

@@ -11,9 +11,9 @@ Terms (the names below follow them):
   when the others read them.
 * **slice** -- within a chunk, the part rank r reduces: chunk elements split
   evenly by local rank.
-* **phase** -- a rank publishes that it finished a phase by raising its flag
-  to that phase's *ticket*; a rank waits until every flag has reached it.
-  Tickets only grow, so no flag is ever reset.
+* **phase** -- a rank raises its flag to the phase's *ticket* (tickets only
+  grow; the flags tell stall reports who is behind), then waits in the node
+  communicator's barrier until every rank has ended the phase.
 
 Allreduce of one chunk, on rank r (P ranks on the node)::
 
@@ -24,16 +24,15 @@ Allreduce of one chunk, on rank r (P ranks on the node)::
 
 Chunk g uses region g % 2. Writing region g % 2 again at chunk g+2 is safe:
 rank r gets there only after every rank arrived at chunk g+1, which each did
-after finishing chunk g. So two phases per chunk, and no barrier at the end.
+after finishing chunk g. So two phases per chunk, and no final phase.
 
 ``alloc()`` hands out arrays that live in their own shared window; an
-allreduce on such an array reads every rank's data where it lies (no copy-in)
-and writes the result in place, at the price of a final phase so no rank
-changes its array while another still reads it.
+allreduce on such an array reads every rank's data where it lies (no copy-in):
+rank r reduces slice r and writes it straight into every rank's array, so a
+call is two phases whatever its size (inputs ready; all results landed).
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -54,31 +53,6 @@ def _reduce_slices(ufunc: Callable[..., Any], regs: list[np.ndarray], a: int, b:
         np.copyto(dst, regs[0][a:b])
     for reg in regs[2:]:
         ufunc(dst, reg[a:b], out=dst)
-
-
-def _waiter(flags: list[memoryview], sync: Callable[[], Any], state: list[int]) -> Callable[[int], None]:
-    """A function that blocks until every flag reaches a ticket.
-
-    It spins briefly (the common case: the others are microseconds behind),
-    then yields the CPU and the GIL, since ranks may outnumber cores and the
-    caller's own compute thread may need the core. The watchdog thread
-    enforces the deadline.
-    """
-    sleep = time.sleep
-
-    def wait(ticket: int) -> None:
-        state[0] = ticket
-        for f in flags:
-            if f[0] < ticket:
-                spins = 0
-                while f[0] < ticket:
-                    spins += 1
-                    if spins > 200:
-                        sleep(0 if spins < 2000 else 50e-6)
-        state[0] = 0
-        sync()
-
-    return wait
 
 
 class ShmArena:
@@ -103,8 +77,8 @@ class ShmArena:
         self.my_flag = self.flags[self.rank]
         self.my_flag[0] = 0
         self._sync = self.win.Sync
+        self._barrier = node_comm.Barrier
         self.awaiting = [0]  # the ticket being waited for (0: none), for stall and timeout reports
-        self._wait = _waiter(self.flags, self._sync, self.awaiting)
         self.ticket = 0
         self.chunks_done = 0
         self.comm.Barrier()  # every flag is zeroed before anyone waits on it
@@ -114,9 +88,23 @@ class ShmArena:
         t = self.awaiting[0]
         return tuple(p for p, f in enumerate(self.flags) if t and f[0] < t)
 
-    def _publish(self, ticket: int) -> None:
-        self._sync()  # our data writes become visible before the flag that announces them
-        self.my_flag[0] = ticket
+    def phase(self) -> None:
+        """End a phase on this rank and wait until every rank of the node has ended it.
+
+        The flag records how far this rank got (for stall and timeout
+        reports); the wait itself is the node communicator's barrier, between
+        two window syncs so every rank's writes before it are visible to every
+        rank's reads after it. A barrier blocks in MPI, which yields the CPU
+        when ranks outnumber cores, where a spinning wait here cost 2-4x.
+        """
+        self.ticket += 1
+        t = self.ticket
+        self.my_flag[0] = t
+        self.awaiting[0] = t
+        self._sync()
+        self._barrier()
+        self._sync()
+        self.awaiting[0] = 0
 
     def regions(self, g: int, dtype: np.dtype) -> list[np.ndarray]:
         """Every rank's region for chunk number ``g``, viewed as ``dtype``."""
@@ -137,7 +125,7 @@ class ShmArena:
         P, r = self.size, self.rank
         n = x.size
         step = self.chunk_elems(x.dtype)
-        wait, publish = self._wait, self._publish
+        phase = self.phase
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
             m = c1 - c0
@@ -146,9 +134,7 @@ class ShmArena:
             regs = self.regions(g, x.dtype)
             mine = regs[r]
             np.copyto(mine[:m], x[c0:c1])
-            self.ticket += 1
-            publish(self.ticket)
-            wait(self.ticket)
+            phase()
             base, extra = divmod(m, P)
             s0 = r * base + min(r, extra)
             s1 = s0 + base + (1 if r < extra else 0)
@@ -156,11 +142,9 @@ class ShmArena:
                 dst = out[c0 + s0:c0 + s1]
                 _reduce_slices(ufunc, regs, s0, s1, dst)
                 np.copyto(mine[s0:s1], dst)
-            self.ticket += 1
-            publish(self.ticket)
+            phase()  # every rank joins the barrier, even a reduce's non-roots that read nothing after it
             if root is not None and r != root:
-                continue  # nobody reads our out; chunk g+2's ARRIVED keeps our region safe
-            wait(self.ticket)
+                continue
             for q in range(P):
                 if q == r:
                     continue
@@ -174,7 +158,7 @@ class ShmArena:
         r = self.rank
         n = out.size
         step = self.chunk_elems(out.dtype)
-        wait, publish = self._wait, self._publish
+        phase = self.phase
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
             g = self.chunks_done
@@ -184,9 +168,7 @@ class ShmArena:
                 np.copyto(regs[r][:c1 - c0], out[c0:c1])
             # One phase per chunk: writing region g % 2 again at chunk g+2 happens after every rank
             # arrived at chunk g+1, i.e. after each finished copying chunk g out.
-            self.ticket += 1
-            publish(self.ticket)
-            wait(self.ticket)
+            phase()
             if r != root:
                 np.copyto(out[c0:c1], regs[root][:c1 - c0])
 
@@ -196,7 +178,7 @@ class ShmArena:
         n = x.size
         b0, b1 = blocks[r], blocks[r + 1]
         step = self.chunk_elems(x.dtype)
-        wait, publish = self._wait, self._publish
+        phase = self.phase
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
             g = self.chunks_done
@@ -204,9 +186,7 @@ class ShmArena:
             regs = self.regions(g, x.dtype)
             np.copyto(regs[r][:c1 - c0], x[c0:c1])
             # One phase per chunk, as in broadcast: region g % 2 is rewritten only after all arrived at g+1.
-            self.ticket += 1
-            publish(self.ticket)
-            wait(self.ticket)
+            phase()
             a, b = max(c0, b0), min(c1, b1)
             if b > a:
                 _reduce_slices(ufunc, regs, a - c0, b - c0, out[a - b0:b - b0])
@@ -216,16 +196,14 @@ class ShmArena:
         r, P = self.rank, self.size
         m = x.size
         step = self.chunk_elems(x.dtype)
-        wait, publish = self._wait, self._publish
+        phase = self.phase
         for c0 in range(0, m, step):
             c1 = min(m, c0 + step)
             g = self.chunks_done
             self.chunks_done = g + 1
             regs = self.regions(g, x.dtype)
             np.copyto(regs[r][:c1 - c0], x[c0:c1])
-            self.ticket += 1
-            publish(self.ticket)
-            wait(self.ticket)
+            phase()
             for q in range(P):
                 np.copyto(out[q * m + c0:q * m + c1], regs[q][:c1 - c0])
 
@@ -245,6 +223,7 @@ class SharedArrays:
     def __init__(self, arena: ShmArena) -> None:
         self.arena = arena
         self._by_addr: dict[int, tuple[Any, list[np.ndarray]]] = {}
+        self._views: dict[tuple[int, int, np.dtype], list[np.ndarray]] = {}
 
     def alloc(self, nbytes: int) -> np.ndarray:
         """A uint8 array of ``nbytes`` in a new shared window (collective over the node)."""
@@ -259,52 +238,59 @@ class SharedArrays:
         return mine
 
     def lookup(self, a: np.ndarray) -> list[np.ndarray] | None:
-        """Every rank's matching part of the window, when ``a`` is an alloc'd array or a leading slice of one.
+        """Every rank's matching part of the window as ``a``'s dtype, when ``a`` is an alloc'd array or a leading slice of one.
 
-        Every rank must pass the same length (the fingerprint check compares shapes).
+        Every rank must pass the same length (the fingerprint check compares
+        shapes). The views are cached per (address, size, dtype), so a
+        training loop's repeated calls on the same buckets build nothing.
         """
-        ent = self._by_addr.get(a.__array_interface__["data"][0])
-        if ent is None or ent[1][self.arena.rank].nbytes < a.nbytes:
-            return None
-        return [s[:a.nbytes] for s in ent[1]]
+        addr = a.__array_interface__["data"][0]
+        key = (addr, a.nbytes, a.dtype)
+        views = self._views.get(key)
+        if views is None:
+            ent = self._by_addr.get(addr)
+            if ent is None or ent[1][self.arena.rank].nbytes < a.nbytes:
+                return None
+            views = [s[:a.nbytes].view(a.dtype) for s in ent[1]]
+            if len(self._views) >= 1024:  # many distinct prefix lengths: keep the cache bounded
+                self._views.clear()
+            self._views[key] = views
+        return views
 
-    def allreduce_inplace(self, segs: list[np.ndarray], dtype: np.dtype, ufunc: Callable[..., Any]) -> None:
-        """Allreduce every rank's segment in place (the segments are the user's arrays)."""
+    def allreduce_inplace(self, arrs: list[np.ndarray], ufunc: Callable[..., Any],
+                          finish: Callable[[np.ndarray], None] | None = None) -> None:
+        """Allreduce every rank's array in place (``arrs``: every rank's view, from ``lookup``).
+
+        Rank r alone reduces slice r (reading every rank's slice r) into its
+        own array, applies ``finish`` (e.g. the division of ``avg``) to it,
+        and pushes the result into slice r of every other rank's array. No
+        other rank reads or writes slice r meanwhile, so one phase before
+        (inputs ready) and one after (all pushes landed) suffice, whatever
+        the size: no per-chunk synchronisation.
+        """
         ar = self.arena
         P, r = ar.size, ar.rank
-        arrs = [s.view(dtype) for s in segs]
         n = arrs[0].size
-        step = ar.chunk_elems(dtype)
-        wait, publish = ar._wait, ar._publish
-        ar.ticket += 1
-        publish(ar.ticket)  # ARRIVED: every rank's array holds its input
-        wait(ar.ticket)
-        for c0 in range(0, n, step):
-            c1 = min(n, c0 + step)
-            m = c1 - c0
-            base, extra = divmod(m, P)
-            s0 = c0 + r * base + min(r, extra)
-            s1 = s0 + base + (1 if r < extra else 0)
-            # Only this rank touches slice r of any array in this phase, so its own copy of the slice can
-            # take the result; the others' slices are read, never written.
-            if s1 > s0:
-                dst = arrs[r][s0:s1]
-                for p in range(P):
-                    if p != r:
-                        ufunc(dst, arrs[p][s0:s1], out=dst)
-            ar.ticket += 1
-            publish(ar.ticket)  # REDUCED (this chunk)
-            wait(ar.ticket)
-            for q in range(P):
-                if q == r:
-                    continue
-                q0 = c0 + q * base + min(q, extra)
-                q1 = q0 + base + (1 if q < extra else 0)
-                if q1 > q0:
-                    np.copyto(arrs[r][q0:q1], arrs[q][q0:q1])
-        ar.ticket += 1
-        publish(ar.ticket)  # DONE: nobody reads our array any more once all have published this
-        wait(ar.ticket)
+        base, extra = divmod(n, P)
+        s0 = r * base + min(r, extra)
+        s1 = s0 + base + (1 if r < extra else 0)
+        mine = arrs[r]
+        others = [arrs[p] for p in range(P) if p != r]
+        phase = ar.phase
+        phase()  # ARRIVED: every rank's array holds its input
+        # Pieces of one arena chunk keep the reduced piece in cache while it is pushed out.
+        step = ar.chunk_elems(mine.dtype)
+        copyto = np.copyto
+        for a in range(s0, s1, step):
+            b = min(s1, a + step)
+            dst = mine[a:b]
+            for o in others:  # a fixed order (own, then the others by rank): one result, computed once
+                ufunc(dst, o[a:b], out=dst)
+            if finish is not None:
+                finish(dst)
+            for o in others:
+                copyto(o[a:b], dst)
+        phase()  # DONE: every slice has landed everywhere, and nobody reads our array any more
 
     def check_all(self, a: np.ndarray, what: str) -> None:
         """Raise if ``a`` is not a whole alloc'd array."""

@@ -35,7 +35,7 @@ def test_shm_small_chunks_and_alloc(nprocs: int) -> None:
     check(res, f"shm with small chunks at P={nprocs}")
     res = mpirun("shm_alloc.py", nprocs, timeout=300, env=env)
     check(res, f"alloc at P={nprocs}")
-    assert count_passed(res) == 16
+    assert count_passed(res) == 17
 
 
 def test_memory_flat_over_1000_calls() -> None:

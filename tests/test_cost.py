@@ -129,3 +129,20 @@ def test_node_bus_is_shared_by_transfers_inside_it() -> None:
     # One transfer alone is limited by the slower of its rank ports and the node.
     assert cost(build("star", "broadcast", 2, n), Cluster((0, 0), intra=fast_ranks)) == pytest.approx(
         1e-5 + 4 * n * 1e-9)
+
+
+@pytest.mark.parametrize("P", [8, 16, 17])
+def test_pipeline_is_priced_by_its_pieces(P: int) -> None:
+    """One rank per node, 4 MiB: 16 pieces approach the root's out-link bound (2 n beta: two children), well under
+    one piece (D hops of n each) and the binomial tree; no hand-written formula, the replay of its steps."""
+    assert "pipeline" in CANDIDATES
+    cl = cluster(tuple(range(P)))
+    n, k = 1 << 20, 16
+    D = P.bit_length() - 1
+    b = 4 * n / k
+    for collective in ("broadcast", "reduce"):
+        one = cost(build("pipeline", collective, P, n, pieces=1), cl)
+        many = cost(build("pipeline", collective, P, n, pieces=k), cl)
+        tree = cost(build("tree", collective, P, n), cl)
+        assert 2 * 4 * n * INTER.beta <= many <= (D + k - 1) * (INTER.alpha + 2 * b * (INTER.beta + GAMMA))
+        assert many < 0.75 * tree and many < 0.6 * one, (collective, many, tree, one)

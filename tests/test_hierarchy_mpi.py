@@ -1,5 +1,7 @@
-"""The correctness suite for the node-aware algorithms under real mpiexec, on fake nodes (COLLECTIVE_NODE_SIZE)."""
+"""Node-aware algorithms under real mpiexec, exact, on fake nodes (COLLECTIVE_NODE_SIZE or a topology file)."""
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -33,3 +35,28 @@ def test_explain_and_calibration_at_init() -> None:
     res = mpirun("explain_job.py", 4, [], timeout=120, env={"COLLECTIVE_NODE_SIZE": "2"})
     check(res, "explain at P=4")
     assert count_passed(res) == 3
+
+
+def test_topology_file(tmp_path) -> None:
+    """COLLECTIVE_TOPOLOGY declaring 2 interleaved nodes and their links: every rank takes that layout, does not
+    calibrate, explains with the declared links, and the node-aware algorithms stay exact; a file for another
+    job size is refused by every rank at init."""
+    topo = tmp_path / "topo.json"
+    topo.write_text(json.dumps({
+        "nodes": [[0, 2], [1, 3]],
+        "links": {"intra": {"alpha_us": 7, "GBps": 2.5}, "inter": {"alpha_us": 80, "GBps": 0.4}, "reduce_GBps": 5},
+    }))
+    env = {"COLLECTIVE_TOPOLOGY": str(topo)}
+    res = mpirun("topology_file.py", 4, ["check", "0,1,0,1"], timeout=120, env=env)
+    check(res, "topology file at P=4")
+    assert count_passed(res) == 4
+    res = mpirun("correctness.py", 4, ["--algorithms", "hierarchical,ring", "--dtypes", "int32,float16,float64"],
+                 timeout=300, env=env)
+    check(res, "hierarchical and node-ordered ring correctness at P=4 on the file's nodes")
+    assert count_passed(res) > 300
+    wrong = tmp_path / "three.json"
+    wrong.write_text(json.dumps({"node_of_rank": ["a", "a", "b"]}))
+    res = mpirun("topology_file.py", 4, ["refused", "describes 3 ranks, but this job has 4"], timeout=120,
+                 env={"COLLECTIVE_TOPOLOGY": str(wrong)})
+    check(res, "a topology file for 3 ranks in a 4-rank job")
+    assert "REFUSED on 4 of 4 ranks" in res.output

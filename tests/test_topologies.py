@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import topologies
+from topologies import pipeline
 from topologies import (
     ALGORITHMS,
     COLLECTIVES,
@@ -91,15 +92,17 @@ def test_uneven_blocks(algorithm: str, collective: str, P: int) -> None:
     collective=st.sampled_from(list(COLLECTIVES)),
     P=st.integers(1, 40),
     n=st.integers(0, 5000),
+    pieces=st.one_of(st.none(), st.integers(1, 80)),
     data=st.data(),
 )
-def test_random(algorithm: str, collective: str, P: int, n: int, data: st.DataObject) -> None:
+def test_random(algorithm: str, collective: str, P: int, n: int, pieces: int | None, data: st.DataObject) -> None:
     root = data.draw(st.integers(0, P - 1), label="root")
     blocks = None
     if data.draw(st.booleans(), label="custom blocks"):
         cuts = data.draw(st.lists(st.integers(0, n), min_size=P - 1, max_size=P - 1), label="cuts")
         blocks = (0, *sorted(cuts), n)
-    verify(build(algorithm, collective, P, n, root, blocks), seed=n)
+    # pieces: the pipeline's piece count (None: its own rule); the other algorithms ignore it.
+    verify(build(algorithm, collective, P, n, root, blocks, pieces=pieces), seed=n)
 
 
 # -- the textbook figures ---------------------------------------------------------------------------------------------
@@ -137,6 +140,94 @@ def test_tree_rounds_are_logarithmic(P: int) -> None:
     n = 10 * P
     assert stats(build("tree", "allgather", P, n)).elems_received[0] == n - n // P
     assert stats(build("tree", "reduce_scatter", P, n)).elems_sent[0] == n - n // P
+
+
+@pytest.mark.parametrize("P", SIZES)
+@pytest.mark.parametrize("collective", list(COLLECTIVES))
+def test_pipeline_many_pieces(collective: str, P: int) -> None:
+    """Small buffers cut into many pieces (the rule alone gives one piece below 32K elements)."""
+    for n in counts(P):
+        for k in (2, 3, 8, max(1, min(n, 64))):  # up to one element per piece
+            for root in roots(collective, P)[:5]:
+                sched = build("pipeline", collective, P, n, root, pieces=k)
+                verify(sched, seed=n + root + k)
+    rng = np.random.default_rng(P)
+    for _ in range(3):  # uneven, often empty, blocks with several pieces that straddle them
+        blocks = random_blocks(rng, 50, P)
+        verify(build("pipeline", collective, P, 50, P - 1 if collective in ROOTED else 0, blocks, pieces=6))
+
+
+@pytest.mark.parametrize("P", [*range(2, 18), 32, 33])
+def test_pipeline_rounds_are_depth_plus_pieces(P: int) -> None:
+    """D + k - 1 rounds each way (D = floor(log2 P)), where a binomial tree takes ceil(log2 P) rounds of n."""
+    D = pipeline.depth(P)
+    assert D == int(np.floor(np.log2(P)))
+    for k in (1, 2, 5, 16):
+        for root in roots("reduce", P)[:4]:
+            assert stats(build("pipeline", "reduce", P, 1000, root, pieces=k)).rounds == D + k - 1
+            assert stats(build("pipeline", "broadcast", P, 1000, root, pieces=k)).rounds == D + k - 1
+        assert stats(build("pipeline", "allreduce", P, 1000, pieces=k)).rounds == 2 * (D + k - 1)
+        assert stats(build("pipeline", "reduce_scatter", P, 1000, pieces=k)).rounds == D + k
+        assert stats(build("pipeline", "allgather", P, 1000, pieces=k)).rounds == D + k
+    # A binary tree: the root sends each piece to at most two children; every rank receives each piece once.
+    n, k = 1200, 6
+    s = stats(build("pipeline", "broadcast", P, n, 0, pieces=k))
+    assert s.elems_sent[0] == min(P - 1, 2) * n
+    assert sum(s.elems_sent) == (P - 1) * n and s.elems_received[1:] == (n,) * (P - 1)
+    s = stats(build("pipeline", "reduce", P, n, 0, pieces=k))
+    assert s.elems_received[0] == s.elems_reduced[0] == min(P - 1, 2) * n
+
+
+@pytest.mark.parametrize("P", [4, 7, 10, 33])
+def test_pipeline_forwards_while_receiving(P: int) -> None:
+    """Every inner node sends piece j-1 on in the same step as piece j arrives (down), or is reduced in (up)."""
+    k = 5
+    parents, children = pipeline.tree(P)
+    inner = [v for v in range(1, P) if children[v]]
+    assert inner, "these P have inner nodes"
+    for collective in ("broadcast", "reduce"):
+        sched = build("pipeline", collective, P, 10 * k, 0, pieces=k)
+        for v in inner:
+            both = [st for st in sched.steps[v] if st.sends and st.recvs]
+            assert len(both) == k - 1, f"{collective}: rank {v} overlaps {len(both)} steps"
+            for step in both:
+                assert all(rv.start == step.sends[0].stop for rv in step.recvs)  # the next piece
+
+
+def test_pipeline_tree_and_piece_rule() -> None:
+    assert pipeline.tree(1) == ((-1,), ((),))
+    assert pipeline.tree(4) == ((-1, 0, 1, 0), ((1, 3), (2,), (), ()))
+    for P in range(1, 70):
+        parents, children = pipeline.tree(P)
+        assert sorted(c for cs in children for c in cs) == list(range(1, P))
+        assert all(len(cs) <= 2 for cs in children)
+        assert all(parents[c] == v for v, cs in enumerate(children) for c in cs)
+        depth = [0] * P
+        for v in range(1, P):
+            depth[v] = depth[parents[v]] + 1
+        assert max(depth) == pipeline.depth(P)
+    # One piece when there is nothing to pipeline through or too little data; never tiny pieces; bounded count.
+    assert pipeline.piece_count(3, 1 << 24) == 1 and pipeline.piece_count(64, 1000) == 1
+    assert pipeline.piece_count(8, 1 << 22) == 23
+    for P in (4, 8, 33, 1000):
+        for n in (1, 2 * pipeline.PIECE_ELEMS, 10**5, 10**6, 10**8):
+            k = pipeline.piece_count(P, n)
+            assert 1 <= k <= pipeline.MAX_PIECES and (k == 1 or n // k >= pipeline.PIECE_ELEMS)
+    assert len(build("pipeline", "broadcast", 8, 1 << 22).steps[0]) == 23
+    assert build("pipeline", "broadcast", 8, 5, pieces=100).steps[0] == build("pipeline", "broadcast", 8, 5,
+                                                                              pieces=5).steps[0]
+
+
+def test_pipeline_allreduce_same_bits_everywhere() -> None:
+    """With a non-associative, non-commutative 'op', ranks agree only if each value is reduced once, then copied."""
+    for P in (2, 5, 8, 13):
+        sched = build("pipeline", "allreduce", P, 97, pieces=4)
+        bufs = [np.arange(97, dtype=np.int64) * 7 + r for r in range(P)]
+        out = simulate(sched, bufs, reduce=lambda a, b: (a * 31 + b) % 1000003)
+        for r in range(1, P):
+            assert np.array_equal(out[r], out[0]), f"P={P}: rank {r} differs from rank 0"
+        again = simulate(sched, bufs, reduce=lambda a, b: (a * 31 + b) % 1000003)
+        assert np.array_equal(again[0], out[0])
 
 
 @pytest.mark.parametrize("P", [2, 3, 5, 8, 17])
@@ -178,6 +269,10 @@ def test_build_is_cached() -> None:
     blocks = [0, 10, 10, 60, 100]
     assert build("tree", "allgather", 4, 100, blocks=blocks) is build("tree", "allgather", 4, 100, blocks=tuple(blocks))
     assert build("star", "reduce_scatter", 4, 100, blocks=np.array(blocks)).blocks == tuple(blocks)
+    # pieces means nothing to the others: it does not split their cache.
+    assert build("ring", "allreduce", 4, 100, pieces=3) is a
+    assert build("pipeline", "allreduce", 8, 100, pieces=3) is build("pipeline", "allreduce", 8, 100, pieces=3)
+    assert build("pipeline", "allreduce", 8, 100, pieces=3) is not build("pipeline", "allreduce", 8, 100)
 
 
 @pytest.mark.parametrize(
@@ -194,6 +289,8 @@ def test_build_is_cached() -> None:
         (("star", "allgather", 3, 10, 0, (0, 6, 4, 10)), "blocks"),
         (("mesh", "allreduce", 4, 10), "unknown algorithm"),
         (("ring", "alltoall", 4, 10), "unknown collective"),
+        (("pipeline", "broadcast", 4, 10, 0, None, None, 0), "pieces"),
+        (("pipeline", "reduce", 4, 10, 0, None, None, -3), "pieces"),
     ],
 )
 def test_bad_arguments(args: tuple, match: str) -> None:

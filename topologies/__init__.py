@@ -1,11 +1,11 @@
-"""Collective algorithms as data: Schedule builders (ring, tree, star, hierarchical), a simulator that proves them, their counts."""
+"""Collective algorithms as data: Schedule builders, a simulator that proves them, and their counts."""
 from __future__ import annotations
 
 import functools
 import operator
 from typing import Sequence
 
-from . import hierarchical, ring, star, tree
+from . import hierarchical, pipeline, ring, star, tree
 from .schedule import (
     COLLECTIVES,
     Recv,
@@ -39,8 +39,9 @@ __all__ = [
 ]
 
 #: The Schedule builders ``build`` knows, by name.
-ALGORITHMS: tuple[str, ...] = ("ring", "tree", "star", "hierarchical")
-_BUILDERS = {"ring": ring.BUILDERS, "tree": tree.BUILDERS, "star": star.BUILDERS, "hierarchical": hierarchical.BUILDERS}
+ALGORITHMS: tuple[str, ...] = ("ring", "tree", "star", "hierarchical", "pipeline")
+_BUILDERS = {"ring": ring.BUILDERS, "tree": tree.BUILDERS, "star": star.BUILDERS, "hierarchical": hierarchical.BUILDERS,
+             "pipeline": pipeline.BUILDERS}
 #: Collectives whose ``root`` means something; the others always build with root 0.
 _ROOTED = ("reduce", "broadcast")
 
@@ -53,6 +54,7 @@ def build(
     root: int = 0,
     blocks: Sequence[int] | None = None,
     nodes: Sequence[int] | None = None,
+    pieces: int | None = None,
 ) -> Schedule:
     """Build (or fetch from the cache) the Schedule of ``collective`` by ``algorithm``.
 
@@ -70,6 +72,10 @@ def build(
             means one node. Used by "hierarchical" (its whole shape) and
             "ring" (the ring keeps a node's ranks adjacent); ignored by the
             others.
+        pieces: "pipeline" only (the others ignore it): cut the buffer into
+            this many pieces (at most one per element) instead of
+            ``pipeline.piece_count``'s choice; tests use it to cover many
+            pieces on small buffers.
 
     Returns:
         The Schedule. It is immutable and cached, so equal arguments return
@@ -85,13 +91,23 @@ def build(
         verify(sched)
         assert stats(sched).rounds == 6
         hier = build("hierarchical", "allreduce", 4, 1000, nodes=(0, 0, 1, 1))
+        piped = build("pipeline", "broadcast", 8, 1 << 22, root=3)   # 23 pieces down a binary tree
     """
     # lru_cache needs hashable arguments: a list or an array of offsets becomes a tuple.
     if blocks is not None and not isinstance(blocks, tuple):
         blocks = tuple(blocks)
     if nodes is not None and not isinstance(nodes, tuple):
         nodes = tuple(nodes)
-    return _build(algorithm, collective, nranks, nelems, root, blocks, _normalize_nodes(algorithm, nranks, nodes))
+    if pieces is not None:
+        if algorithm != "pipeline":
+            pieces = None  # ignored, and left out of the cache key so the cache hits
+        elif isinstance(pieces, bool) or operator.index(pieces) < 1:
+            raise ValueError(f"topologies.build({algorithm!r}, {collective!r}): pieces must be an integer >= 1, "
+                             f"got {pieces!r}")
+        else:
+            pieces = operator.index(pieces)
+    return _build(algorithm, collective, nranks, nelems, root, blocks, _normalize_nodes(algorithm, nranks, nodes),
+                  pieces)
 
 
 @functools.lru_cache(maxsize=64)
@@ -120,6 +136,7 @@ def _build(
     root: int,
     blocks: tuple[int, ...] | None,
     nodes: tuple[int, ...] | None = None,
+    pieces: int | None = None,
 ) -> Schedule:
     where = f"topologies.build({algorithm!r}, {collective!r})"
     if algorithm not in _BUILDERS:
@@ -148,6 +165,8 @@ def _build(
             )
     builder = _BUILDERS[algorithm][collective]
     root = root if collective in _ROOTED else 0
+    if algorithm == "pipeline":
+        return builder(nranks, nelems, root, blocks, pieces=pieces)
     if nodes is None:
         return builder(nranks, nelems, root, blocks)
     if algorithm == "ring":

@@ -335,7 +335,10 @@ def explain(choice: Choice, cluster: Cluster) -> str:
         print(explain(choose("allreduce", 1 << 20, cl), cl))
     """
     intra, inter, gamma = links(cluster)
-    src = "measured" if cluster.intra is not None else "defaults (not calibrated)"
+    if cluster.links_declared:
+        src = f"from {cluster.source}"
+    else:
+        src = "measured" if cluster.intra is not None else "defaults (not calibrated)"
     lines = [
         f"{choice.collective} of {choice.nbytes} bytes per rank on {cluster.size} ranks, {cluster.nnodes} node(s); "
         f"links {src}:",

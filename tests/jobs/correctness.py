@@ -18,7 +18,7 @@ from harness import Cases
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--large", action="store_true", help="also 1 MiB and 16 MiB float32 for every algorithm/collective")
-ap.add_argument("--algorithms", default="native,ring,tree,star,hierarchical,shm,auto")
+ap.add_argument("--algorithms", default="native,ring,tree,star,hierarchical,pipeline,shm,auto")
 ap.add_argument("--dtypes", default="int8,uint8,int32,int64,uint64,float16,float32,float64,complex64")
 args = ap.parse_args()
 if "bfloat16" in args.dtypes:

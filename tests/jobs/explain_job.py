@@ -26,7 +26,7 @@ def same_choice_everywhere() -> None:
             crc = np.array([zlib.crc32(text.encode())], np.int64)
             allc = comm.allgather(crc, algorithm="native")
             assert (allc == allc[0]).all(), f"{coll} {nbytes}: explanations differ between ranks"
-            for alg in ("native", "ring", "tree", "star", "hierarchical"):
+            for alg in ("native", "ring", "tree", "star", "hierarchical", "pipeline"):
                 assert alg in text, f"{alg} missing from\n{text}"
             assert "<- chosen" in text and "auto picks now" in text
             assert comm.cost_choice(coll, nbytes).best in text

@@ -34,4 +34,33 @@ def twod() -> None:
     comm.allreduce(m, out=m, algorithm="shm")
     assert (m == P * (P - 1) / 2).all()
 cases.run("alloc 2-D", twod)
+
+
+def ops_inplace() -> None:
+    """avg/max/min/prod in place, and random floats: every rank ends with the same bits."""
+    import zlib
+    rng = np.random.default_rng(1234 + R)
+    n = 300_001
+    for dtype, op in ((np.float64, "avg"), (np.int32, "avg"), (np.float32, "max"), (np.int16, "min"),
+                      (np.float64, "prod"), (np.float32, "sum")):
+        g = comm.alloc(n, dtype)
+        src = (rng.standard_normal(n) * 50).astype(dtype)
+        g[:] = src
+        every = np.empty((P, n), dtype)
+        comm._backend.comm.Allgather(src, every)  # the inputs of all ranks, to compute the answer here
+        comm.allreduce(g, op=op, out=g, algorithm="shm")
+        if op == "avg":
+            want = every.sum(axis=0, dtype=dtype)
+            want = want // P if np.dtype(dtype).kind == "i" else want / P
+            close = np.allclose(g, want, rtol=1e-12, atol=1e-9) if np.dtype(dtype).kind == "f" else np.array_equal(g, want)
+        else:
+            want = {"max": every.max(axis=0), "min": every.min(axis=0), "prod": every.prod(axis=0),
+                    "sum": every.sum(axis=0)}[op].astype(dtype)
+            close = np.allclose(g, want, rtol=1e-5, atol=1e-3) if np.dtype(dtype).kind == "f" else np.array_equal(g, want)
+        assert close, f"{op} {np.dtype(dtype)}: {g[:4]} vs {want[:4]}"
+        crcs = comm._backend.comm.allgather(zlib.crc32(g.tobytes()))
+        assert len(set(crcs)) == 1, f"{op} {np.dtype(dtype)}: ranks differ {crcs}"
+
+
+cases.run("alloc ops in place, bitwise equal", ops_inplace)
 cases.finish()
