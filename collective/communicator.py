@@ -10,11 +10,12 @@ so every rank issues collectives in the same order.
 """
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -469,13 +470,17 @@ class Communicator:
         wd = self.watchdog
         wd.begin(rec)
         try:
-            if wd.check is not None:  # cross-rank fingerprint: a mismatch raises on every rank before data moves
-                wd.check(rec, c)
             alg = c.algorithm
+            first = None
+            if wd.check is not None:  # cross-rank fingerprint: a mismatch raises on every rank before data moves
+                if (alg == "shm" or alg == "shm-window") and c.name != "broadcast" and c.xf.size:
+                    first = functools.partial(wd.check, rec, c)  # shm's first phase is the check (ShmArena.arrive)
+                else:
+                    wd.check(rec, c)
             if alg == "native":
                 self._native(c)
             elif alg == "shm" or alg == "shm-window":
-                self._shm(c)
+                self._shm(c, first)
             else:
                 self._scheduled(c)
         finally:
@@ -511,26 +516,26 @@ class Communicator:
             self._shm_arena = ShmArena(node, self._shm_chunk)
         return self._shm_arena
 
-    def _shm(self, c: _Call) -> None:
+    def _shm(self, c: _Call, first: Callable[[], Any] | None = None) -> None:
         ar = self._arena()
         name, xf, of, rop = c.name, c.xf, c.of, c.rop
         if c.algorithm == "shm-window":
             P = self.size
             finish = (lambda a: _average(a, P)) if rop.average else None
-            self._shared.allreduce_inplace(c.views, rop.ufunc, finish)
+            self._shared.allreduce_inplace(c.views, rop.ufunc, finish, first)
             return
         if name == "allreduce":
-            ar.allreduce(xf, of, rop.ufunc)
+            ar.allreduce(xf, of, rop.ufunc, None, first)
         elif name == "reduce":
-            ar.allreduce(xf, of if self.rank == c.root else self._work(xf.size, c.dtype), rop.ufunc, c.root)
+            ar.allreduce(xf, of if self.rank == c.root else self._work(xf.size, c.dtype), rop.ufunc, c.root, first)
         elif name == "broadcast":
             if self.rank == c.root and not c.inplace:
                 np.copyto(of, xf)
             ar.broadcast(of, c.root)
         elif name == "reduce_scatter":
-            ar.reduce_scatter(xf, of, c.blocks, rop.ufunc)
+            ar.reduce_scatter(xf, of, c.blocks, rop.ufunc, first)
         else:
-            ar.allgather(xf, of)
+            ar.allgather(xf, of, first)
         if rop is not None and rop.average and of is not None:
             _average(of, self.size)
 

@@ -106,6 +106,26 @@ class ShmArena:
         self._sync()
         self.awaiting[0] = 0
 
+    def arrive(self, first: Callable[[], Any], rollback: bool = True) -> None:
+        """End the first phase of a call with ``first()`` instead of a barrier.
+
+        ``first`` is the call's cross-rank fingerprint check: an allreduce
+        every rank enters, whatever its algorithm, so when it returns every
+        rank has entered the call, which is all the first phase says (one
+        synchronisation instead of two; with more ranks than cores each costs
+        a round of context switches). If it raises (a mismatch), this rank's
+        chunk count goes back by the chunk it started, so every rank still
+        agrees which region comes next.
+        """
+        self._sync()
+        try:
+            first()
+        except BaseException:
+            if rollback:
+                self.chunks_done -= 1
+            raise
+        self._sync()
+
     def regions(self, g: int, dtype: np.dtype) -> list[np.ndarray]:
         """Every rank's region for chunk number ``g``, viewed as ``dtype``."""
         off = _FLAG + (g & 1) * self.chunk
@@ -116,16 +136,17 @@ class ShmArena:
         """Elements of ``dtype`` per chunk."""
         return self.chunk // dtype.itemsize
 
-    def allreduce(self, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any], root: int | None = None) -> None:
+    def allreduce(self, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any], root: int | None = None,
+                  first: Callable[[], Any] | None = None) -> None:
         """Reduce ``x`` (1-D, contiguous) over the node into ``out``; only ``root`` gets all of it when root is given.
 
         ``out`` may be ``x`` (in place). On non-root ranks of a reduce, ``out``
-        is scratch: it receives this rank's slices only.
+        is scratch: it receives this rank's slices only. ``first``: see :meth:`arrive`.
         """
         P, r = self.size, self.rank
         n = x.size
         step = self.chunk_elems(x.dtype)
-        phase = self.phase
+        phase, arrive = self.phase, self.arrive
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
             m = c1 - c0
@@ -134,7 +155,7 @@ class ShmArena:
             regs = self.regions(g, x.dtype)
             mine = regs[r]
             np.copyto(mine[:m], x[c0:c1])
-            phase()
+            arrive(first) if first is not None and c0 == 0 else phase()
             base, extra = divmod(m, P)
             s0 = r * base + min(r, extra)
             s1 = s0 + base + (1 if r < extra else 0)
@@ -158,7 +179,7 @@ class ShmArena:
         r = self.rank
         n = out.size
         step = self.chunk_elems(out.dtype)
-        phase = self.phase
+        phase, arrive = self.phase, self.arrive
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
             g = self.chunks_done
@@ -172,13 +193,14 @@ class ShmArena:
             if r != root:
                 np.copyto(out[c0:c1], regs[root][:c1 - c0])
 
-    def reduce_scatter(self, x: np.ndarray, out: np.ndarray, blocks: tuple[int, ...], ufunc: Callable[..., Any]) -> None:
+    def reduce_scatter(self, x: np.ndarray, out: np.ndarray, blocks: tuple[int, ...], ufunc: Callable[..., Any],
+                       first: Callable[[], Any] | None = None) -> None:
         """Reduce ``x`` over the node; this rank's ``out`` gets ``[blocks[r], blocks[r+1])`` of the result."""
         r = self.rank
         n = x.size
         b0, b1 = blocks[r], blocks[r + 1]
         step = self.chunk_elems(x.dtype)
-        phase = self.phase
+        phase, arrive = self.phase, self.arrive
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
             g = self.chunks_done
@@ -186,24 +208,24 @@ class ShmArena:
             regs = self.regions(g, x.dtype)
             np.copyto(regs[r][:c1 - c0], x[c0:c1])
             # One phase per chunk, as in broadcast: region g % 2 is rewritten only after all arrived at g+1.
-            phase()
+            arrive(first) if first is not None and c0 == 0 else phase()
             a, b = max(c0, b0), min(c1, b1)
             if b > a:
                 _reduce_slices(ufunc, regs, a - c0, b - c0, out[a - b0:b - b0])
 
-    def allgather(self, x: np.ndarray, out: np.ndarray) -> None:
+    def allgather(self, x: np.ndarray, out: np.ndarray, first: Callable[[], Any] | None = None) -> None:
         """Concatenate every rank's ``x`` (same size everywhere) into ``out`` in rank order."""
         r, P = self.rank, self.size
         m = x.size
         step = self.chunk_elems(x.dtype)
-        phase = self.phase
+        phase, arrive = self.phase, self.arrive
         for c0 in range(0, m, step):
             c1 = min(m, c0 + step)
             g = self.chunks_done
             self.chunks_done = g + 1
             regs = self.regions(g, x.dtype)
             np.copyto(regs[r][:c1 - c0], x[c0:c1])
-            phase()
+            arrive(first) if first is not None and c0 == 0 else phase()
             for q in range(P):
                 np.copyto(out[q * m + c0:q * m + c1], regs[q][:c1 - c0])
 
@@ -258,7 +280,8 @@ class SharedArrays:
         return views
 
     def allreduce_inplace(self, arrs: list[np.ndarray], ufunc: Callable[..., Any],
-                          finish: Callable[[np.ndarray], None] | None = None) -> None:
+                          finish: Callable[[np.ndarray], None] | None = None,
+                          first: Callable[[], Any] | None = None) -> None:
         """Allreduce every rank's array in place (``arrs``: every rank's view, from ``lookup``).
 
         Rank r alone reduces slice r (reading every rank's slice r) into its
@@ -276,8 +299,8 @@ class SharedArrays:
         s1 = s0 + base + (1 if r < extra else 0)
         mine = arrs[r]
         others = [arrs[p] for p in range(P) if p != r]
-        phase = ar.phase
-        phase()  # ARRIVED: every rank's array holds its input
+        phase, arrive = ar.phase, ar.arrive
+        arrive(first, rollback=False) if first is not None else phase()  # ARRIVED: every rank's array holds its input
         # Pieces of one arena chunk keep the reduced piece in cache while it is pushed out.
         step = ar.chunk_elems(mine.dtype)
         copyto = np.copyto

@@ -43,16 +43,18 @@ def expect(fn: Callable[[], Any], words: list[str], bad_rank: int | None = None,
 
 
 def ok() -> None:
-    """The communicator still works after the error."""
+    """The communicator still works after the error (shm too, over several chunks: every rank agrees on the regions)."""
     y = comm.allreduce(np.full(5, R + 1, np.int64), algorithm="ring")
     assert (y == P * (P + 1) // 2).all(), y
+    z = comm.allreduce(np.arange(300_000, dtype=np.float64) + R, algorithm="shm")
+    assert np.array_equal(z, P * np.arange(300_000, dtype=np.float64) + P * (P - 1) // 2), z[:4]
 
 
 def odd(a: Any, b: Any) -> Any:
     return a if R == ODD else b
 
 
-for alg in ("ring", "tree", "star", "native"):
+for alg in ("ring", "tree", "star", "native", "shm"):
     f32 = np.dtype(np.float32)
     cases.run(f"{alg} shape", lambda: expect(
         lambda: comm.allreduce(np.ones(odd(65537, 65536), np.float32), algorithm=alg),
@@ -152,6 +154,29 @@ def every_rank_bad() -> None:  # each rank rejects its own arguments: each raise
         raise AssertionError("no error")
     ok()
 cases.run("every rank bad", every_rank_bad)
+
+
+def alloc_vs_plain() -> None:
+    """In place on an alloc'd array on every rank but one, which passes a plain array: a mismatch, not a hang."""
+    g = comm.alloc(1000, np.float32)
+    g[:] = 1
+    x = g if R != ODD else np.ones(1000, np.float32)
+    expect(lambda: comm.allreduce(x, out=x, algorithm="shm"), ["algorithm differs"])
+    g2 = comm.alloc(7, np.float32)
+    g2[:] = R
+    comm.allreduce(g2, out=g2, algorithm="shm")
+    assert (g2 == P * (P - 1) / 2).all(), g2
+cases.run("alloc'd vs plain array", alloc_vs_plain)
+
+
+def alloc_shape() -> None:
+    """alloc'd arrays whose lengths differ on one rank (prefix slices): a mismatch before anything is pushed."""
+    g = comm.alloc(1000, np.float32)
+    g[:] = R
+    x = g[:odd(999, 1000)]
+    expect(lambda: comm.allreduce(x, out=x, algorithm="shm"), ["shape differs"])
+    assert (g == R).all(), "an array was written before the mismatch was found"
+cases.run("alloc'd shape", alloc_shape)
 
 
 def nan_inf() -> None:  # IEEE: NaN propagates through every op, Inf through sums, Inf + -Inf is NaN
