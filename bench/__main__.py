@@ -37,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .report import TextReporter, to_json, write_json
 
     comm = col.init()
+    if opts.explain:
+        return _explain(comm, opts)
     # The benchmark's own communicator: barriers, time maxima and checks never share the library's.
     mpicomm = MPI.COMM_WORLD.Dup()
     rank0 = mpicomm.Get_rank() == 0
@@ -72,6 +74,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"collective-bench: FAILED: {wrong} wrong element(s); see the #wrong columns", file=sys.stderr)
         sys.stdout.flush()
     return status
+
+
+def _explain(comm: object, opts: object) -> int:
+    """``--explain``: rank 0 prints ``comm.explain`` for every collective and size (nccl-tests size convention)."""
+    from .core import counts
+
+    if comm.rank == 0:  # type: ignore[attr-defined]
+        cl = comm.cluster  # type: ignore[attr-defined]
+        print(f"# collective-bench --explain: {cl.size} ranks on {cl.nnodes} node(s) ({cl.source}), {opts.dtype}")  # type: ignore[attr-defined]
+        for coll in opts.collectives:  # type: ignore[attr-defined]
+            for size in opts.sizes:  # type: ignore[attr-defined]
+                _, n_in, _ = counts(coll, size, opts.dtype.itemsize, comm.size)  # type: ignore[attr-defined]
+                print(f"\n## {coll}, {size} B ({n_in * opts.dtype.itemsize} B input per rank)")  # type: ignore[attr-defined]
+                print(comm.explain(coll, n_in * opts.dtype.itemsize, opts.dtype, opts.root))  # type: ignore[attr-defined]
+        sys.stdout.flush()
+    return 0
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ class Options:
         json_path: write the results as JSON here.
         plot_path: write a PNG of busbw against size here.
         tune_path: write (or update) a tuning table here.
+        explain: print the cost model's predictions and auto's pick per size instead of measuring.
     """
 
     sizes: list[int]
@@ -152,6 +153,7 @@ class Options:
     json_path: str | None = None
     plot_path: str | None = None
     tune_path: str | None = None
+    explain: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -232,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the fastest algorithm per size range as a tuning table for this P and layout "
                         "(COLLECTIVE_TUNING=PATH makes `auto` read it); an existing table of the same layout "
                         "keeps the collectives not measured now")
+    p.add_argument("--explain", action="store_true",
+                   help="measure nothing: print, per collective and size, every algorithm's predicted time on the "
+                        "links calibrated at start-up, the cost model's choice and what auto picks")
     return p
 
 
@@ -288,4 +293,4 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         p.error(f"-r must be >= 0, got {a.root}")
     return Options(sizes=sizes, iters=a.iters, warmup=a.warmup_iters, check=bool(a.check), op=op, dtype=dtype,
                    algorithms=tuple(algs), explicit=explicit, collectives=tuple(dict.fromkeys(colls)), root=a.root,
-                   json_path=a.json, plot_path=a.plot, tune_path=a.tune)
+                   json_path=a.json, plot_path=a.plot, tune_path=a.tune, explain=a.explain)

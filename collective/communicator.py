@@ -433,7 +433,7 @@ class Communicator:
 
         In order: a tuning table (``COLLECTIVE_TUNING``, written by
         ``collective-bench --tune``) when it covers this P and layout; on one
-        node, MPI's own below 32 KiB (2 MiB when ranks outnumber cores) and
+        node, MPI's own below 32 KiB (256 KiB when ranks outnumber cores) and
         shm above; across nodes, the cost
         model's cheapest among native and the Schedules on the calibrated
         links (see :meth:`explain`).
@@ -445,9 +445,9 @@ class Communicator:
         if self.size == 1:
             return "native" if mpi_dtype(dtype) is not None else "ring"
         if self.single_node:
-            # With more ranks than cores, ranks waiting on shm flags take turns on a core: MPI's own
-            # stayed ahead up to 1 MiB at P=4 on 2 cores, so shm takes over later there.
-            crossover = (32 << 10) if self.local_size <= (os.cpu_count() or 1) else (2 << 20)
+            # With more ranks than cores every synchronisation is a round of context switches, and
+            # MPI's own stayed level with shm below 256 KiB at P=4 and 8 on 2 cores, so shm takes over later there.
+            crossover = (32 << 10) if self.local_size <= (os.cpu_count() or 1) else (256 << 10)
             return "native" if nbytes < crossover and mpi_dtype(dtype) is not None else "shm"
         return self.cost_choice(name, nbytes, dtype).best
 

@@ -363,6 +363,25 @@ def test_mpi_p2_every_collective(tmp_path: Path) -> None:
     t = load_table(tune)
     assert t.nranks == 2 and sum(t.ranks_per_node) == 2 and len(t.table) == 5
     assert res.output.count("# Out of bounds values : 0 OK") == 5
+    # what auto ran is recorded per size, and the auto-vs-best table is built from it
+    picks = [s["auto_pick"] for s in ar["sizes"]]
+    assert all(p in ("native", "shm") for p in picks), picks
+    from bench.tables import auto_markdown
+
+    table = auto_markdown(doc).splitlines()
+    assert table[0].startswith("| size | auto ran |") and len(table) == 2 + len(ar["sizes"])
+    assert all(f"| {p} |" in row for p, row in zip(picks, table[2:]))
+
+
+@pytest.mark.mpi
+def test_mpi_p2_explain() -> None:
+    """--explain measures nothing: the cost model's prediction per algorithm and size, its choice, auto's pick."""
+    res = mpirun("bench_job.py", 2, ["--explain", "-b", "4K", "-e", "4M", "-f", "32", "--collective",
+                                     "allreduce,broadcast"], timeout=120)
+    check(res, "collective-bench --explain at P=2")
+    out = res.output
+    assert out.count("<- chosen") == 6 and out.count("auto picks now:") == 6, out
+    assert "## broadcast, 4194304 B" in out and "pipeline" in out and "Out of bounds" not in out
 
 
 @pytest.mark.mpi
