@@ -44,8 +44,13 @@ class GlooGroup:
     def __init__(self, mpicomm: Any, single_node: bool) -> None:
         import datetime
 
+        import torch
         import torch.distributed as dist
 
+        # One intra-op thread per rank, as torch DDP users run one process per core: torch's default
+        # (a thread per core) leaves OpenMP workers spinning after each reduction, on the cores every
+        # other column of the interleaved run needs.
+        torch.set_num_threads(1)
         self.dist = dist
         self.rank, self.size = mpicomm.Get_rank(), mpicomm.Get_size()
         port = np.zeros(1, np.int64)

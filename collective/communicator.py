@@ -38,7 +38,7 @@ from .errors import (
 from .executor import Executor, ExecutorOptions, Plan
 from .ops import ReduceOp
 from .signature import cached_checks, check_signature
-from .shm import DEFAULT_CHUNK_BYTES, SharedArrays, ShmArena
+from .shm import DEFAULT_CHUNK_BYTES, ONE_PHASE_BYTES, SharedArrays, ShmArena
 from .watchdog import Watchdog, deadline
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES"]
@@ -388,7 +388,8 @@ class Communicator:
         else:
             of, result = None, None
         views = None
-        if alg == "shm" and inplace and name == "allreduce" and self._shared is not None:
+        # Small alloc'd arrays take shm's one-phase copy-in path; the window pays off above it.
+        if alg == "shm" and inplace and name == "allreduce" and self._shared is not None and xf.nbytes > ONE_PHASE_BYTES:
             views = self._shared.lookup(xf)
             if views is not None:
                 alg = "shm-window"  # a distinct name, so a rank passing a plain array is caught as a mismatch
@@ -433,7 +434,7 @@ class Communicator:
 
         In order: a tuning table (``COLLECTIVE_TUNING``, written by
         ``collective-bench --tune``) when it covers this P and layout; on one
-        node, MPI's own below 32 KiB (256 KiB when ranks outnumber cores) and
+        node, MPI's own below 16 KiB and
         shm above; across nodes, the cost
         model's cheapest among native and the Schedules on the calibrated
         links (see :meth:`explain`).
@@ -445,10 +446,9 @@ class Communicator:
         if self.size == 1:
             return "native" if mpi_dtype(dtype) is not None else "ring"
         if self.single_node:
-            # With more ranks than cores every synchronisation is a round of context switches, and
-            # MPI's own stayed level with shm below 256 KiB at P=4 and 8 on 2 cores, so shm takes over later there.
-            crossover = (32 << 10) if self.local_size <= (os.cpu_count() or 1) else (256 << 10)
-            return "native" if nbytes < crossover and mpi_dtype(dtype) is not None else "shm"
+            # shm's one-phase path beat MPI's own from 16 KiB at P = 2, 4 and 8 on 2 cores (1.1-1.3x);
+            # at 4 KiB they tie or MPI's own wins.
+            return "native" if nbytes < (16 << 10) and mpi_dtype(dtype) is not None else "shm"
         return self.cost_choice(name, nbytes, dtype).best
 
     # -------------------------------------------------------------- execution

@@ -158,9 +158,10 @@ cases.run("every rank bad", every_rank_bad)
 
 def alloc_vs_plain() -> None:
     """In place on an alloc'd array on every rank but one, which passes a plain array: a mismatch, not a hang."""
-    g = comm.alloc(1000, np.float32)
+    n = 100_000  # above ONE_PHASE_BYTES, where alloc'd arrays are reduced in the window
+    g = comm.alloc(n, np.float32)
     g[:] = 1
-    x = g if R != ODD else np.ones(1000, np.float32)
+    x = g if R != ODD else np.ones(n, np.float32)
     expect(lambda: comm.allreduce(x, out=x, algorithm="shm"), ["algorithm differs"])
     g2 = comm.alloc(7, np.float32)
     g2[:] = R
@@ -171,9 +172,9 @@ cases.run("alloc'd vs plain array", alloc_vs_plain)
 
 def alloc_shape() -> None:
     """alloc'd arrays whose lengths differ on one rank (prefix slices): a mismatch before anything is pushed."""
-    g = comm.alloc(1000, np.float32)
+    g = comm.alloc(100_000, np.float32)
     g[:] = R
-    x = g[:odd(999, 1000)]
+    x = g[:odd(99_999, 100_000)]
     expect(lambda: comm.allreduce(x, out=x, algorithm="shm"), ["shape differs"])
     assert (g == R).all(), "an array was written before the mismatch was found"
 cases.run("alloc'd shape", alloc_shape)
