@@ -38,7 +38,7 @@ from .errors import (
 from .executor import Executor, ExecutorOptions, Plan
 from .ops import ReduceOp
 from .signature import cached_checks, check_signature
-from .shm import DEFAULT_CHUNK_BYTES, ONE_PHASE_BYTES, SharedArrays, ShmArena
+from .shm import DEFAULT_CHUNK_BYTES, SharedArrays, ShmArena
 from .watchdog import Watchdog, deadline
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES"]
@@ -388,8 +388,8 @@ class Communicator:
         else:
             of, result = None, None
         views = None
-        # Small alloc'd arrays take shm's one-phase copy-in path; the window pays off above it.
-        if alg == "shm" and inplace and name == "allreduce" and self._shared is not None and xf.nbytes > ONE_PHASE_BYTES:
+        # Small alloc'd arrays take shm's one-phase copy-in path; the window paid off from 64 KiB (P = 2, 4).
+        if alg == "shm" and inplace and name == "allreduce" and self._shared is not None and xf.nbytes >= (64 << 10):
             views = self._shared.lookup(xf)
             if views is not None:
                 alg = "shm-window"  # a distinct name, so a rank passing a plain array is caught as a mismatch

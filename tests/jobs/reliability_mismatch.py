@@ -158,7 +158,7 @@ cases.run("every rank bad", every_rank_bad)
 
 def alloc_vs_plain() -> None:
     """In place on an alloc'd array on every rank but one, which passes a plain array: a mismatch, not a hang."""
-    n = 100_000  # above ONE_PHASE_BYTES, where alloc'd arrays are reduced in the window
+    n = 100_000  # 400 KB: alloc'd arrays this large are reduced in the window
     g = comm.alloc(n, np.float32)
     g[:] = 1
     x = g if R != ODD else np.ones(n, np.float32)
