@@ -46,6 +46,8 @@ __all__ = ["ShmArena", "SharedArrays", "DEFAULT_CHUNK_BYTES", "ONE_PHASE_BYTES"]
 # 4 MiB: measured against 1 MiB at P = 2, 4, 8 on 2 cores (4-64 MiB), fewer phases won more than
 # cache-sized chunks kept, above all when ranks outnumber cores and every phase costs context switches.
 DEFAULT_CHUNK_BYTES = 4 << 20
+#: Piece of its slice a rank reduces and then pushes to the others in the window path (alloc'd arrays).
+WINDOW_PIECE_BYTES = 1 << 20
 #: Allreduce and reduce up to this many bytes (in one chunk) run in one phase: every rank reduces all of
 #: it, reading P times the bytes, which beats a second synchronisation while the bytes are few.
 ONE_PHASE_BYTES = 256 << 10
@@ -320,8 +322,8 @@ class SharedArrays:
         others = [arrs[p] for p in range(P) if p != r]
         phase, arrive = ar.phase, ar.arrive
         arrive(first, rollback=False) if first is not None else phase()  # ARRIVED: every rank's array holds its input
-        # Pieces of one arena chunk keep the reduced piece in cache while it is pushed out.
-        step = ar.chunk_elems(mine.dtype)
+        # Cache-sized pieces keep the reduced piece in cache while it is pushed out.
+        step = max(1, WINDOW_PIECE_BYTES // mine.dtype.itemsize)
         copyto = np.copyto
         for a in range(s0, s1, step):
             b = min(s1, a + step)
