@@ -77,7 +77,7 @@ def test_two_hosts_of_two_ranks() -> None:
 def test_correctness_suite_on_two_hosts() -> None:
     """The correctness suite across two emulated hosts: every algorithm but shm (one node only); 1-8 byte dtypes."""
     res = _run(["--emulate", "2x2", "--", sys.executable, str(JOBS / "correctness.py"),
-                "--algorithms", "native,ring,tree,star,hierarchical,auto", "--dtypes", "int8,int64,float16,float32,float64"],
+                "--algorithms", "native,ring,tree,star,pipeline,hierarchical,auto", "--dtypes", "int8,int64,float16,float32,float64"],
                timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]

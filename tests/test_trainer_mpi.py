@@ -44,7 +44,7 @@ def test_overlap_seen_in_the_timeline(tmp_path: Path) -> None:
     """Buckets launch in index order during backward: bucket 0's allreduce is launched, and starts on the
     communication thread, before the backward of the first layer has finished."""
     tl = tmp_path / "tl.json"
-    res = mpirun("trainer_fit.py", 2, ["--steps", "8", "--sizes", "256,1024,1024,512,10", "--bucket-mb", "2",
+    res = mpirun("trainer_fit.py", 2, ["--steps", "8", "--sizes", "2048,1024,1024,512,10", "--bucket-mb", "2",
                                        "--batch", "64", "--timeline", str(tl)], timeout=180)
     check(res, "trainer_fit with a timeline")
     for rank in (0, 1):

@@ -226,6 +226,22 @@ def traffic(sched: Schedule, nodes: Sequence[int]) -> dict[tuple[int, int], int]
     return out
 
 
+def _fold_in(steps: list[list[Step]], P: int, nelems: int) -> int:
+    """Ranks past the largest power of two p send their buffer to rank - p, which reduces it; returns p."""
+    p = 1 << (P.bit_length() - 1)
+    for r in range(p, P):
+        steps[r].append(Step(sends=(Send(r - p, 0, nelems),)))
+        steps[r - p].append(Step(recvs=(Recv(r, 0, nelems, reduce=True),)))
+    return p
+
+
+def _fold_out(steps: list[list[Step]], P: int, nelems: int, p: int) -> None:
+    """The folded-in ranks get the result back from rank - p."""
+    for r in range(p, P):
+        steps[r - p].append(Step(sends=(Send(r, 0, nelems),)))
+        steps[r].append(Step(recvs=(Recv(r - p, 0, nelems),)))
+
+
 def recursive_doubling_allreduce(nranks: int, nelems: int) -> Schedule:
     """The schedule of MPI's recursive-doubling allreduce, as a model of ``native`` (never executed).
 
@@ -242,20 +258,15 @@ def recursive_doubling_allreduce(nranks: int, nelems: int) -> Schedule:
     P = nranks
     steps: list[list[Step]] = [[] for _ in range(P)]
     if P > 1 and nelems:
-        p = 1 << (P.bit_length() - 1)
+        p = _fold_in(steps, P, nelems)
         full = (0, nelems)
-        for r in range(p, P):
-            steps[r].append(Step(sends=(Send(r - p, *full),)))
-            steps[r - p].append(Step(recvs=(Recv(r, *full, reduce=True),)))
         d = 1
         while d < p:
             for r in range(p):
                 q = r ^ d
                 steps[r].append(Step(sends=(Send(q, *full),), recvs=(Recv(q, *full, reduce=True),)))
             d *= 2
-        for r in range(p, P):
-            steps[r - p].append(Step(sends=(Send(r, *full),)))
-            steps[r].append(Step(recvs=(Recv(r - p, *full),)))
+        _fold_out(steps, P, nelems, p)
     return Schedule("allreduce", "recursive-doubling", P, nelems, 0, even_blocks(nelems, P),
                     tuple(tuple(s) for s in steps))
 
@@ -278,11 +289,8 @@ def rabenseifner_allreduce(nranks: int, nelems: int) -> Schedule:
     P = nranks
     steps: list[list[Step]] = [[] for _ in range(P)]
     if P > 1 and nelems:
-        p = 1 << (P.bit_length() - 1)
+        p = _fold_in(steps, P, nelems)
         full = (0, nelems)
-        for r in range(p, P):
-            steps[r].append(Step(sends=(Send(r - p, *full),)))
-            steps[r - p].append(Step(recvs=(Recv(r, *full, reduce=True),)))
         held = [full] * p
         history: list[list[tuple[int, tuple[int, int], tuple[int, int]]]] = [[] for _ in range(p)]
         d = 1
@@ -301,9 +309,7 @@ def rabenseifner_allreduce(nranks: int, nelems: int) -> Schedule:
         for r in range(p):
             for q, keep, give in reversed(history[r]):
                 steps[r].append(Step(sends=(Send(q, *keep),), recvs=(Recv(q, *give),)))
-        for r in range(p, P):
-            steps[r - p].append(Step(sends=(Send(r, *full),)))
-            steps[r].append(Step(recvs=(Recv(r - p, *full),)))
+        _fold_out(steps, P, nelems, p)
     return Schedule("allreduce", "rabenseifner", P, nelems, 0, even_blocks(nelems, P),
                     tuple(tuple(s) for s in steps))
 
