@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .cli import format_size
-from .core import OOP, CollectiveResult, JobInfo
+from .core import IP, OOP, CollectiveResult, JobInfo
 
 __all__ = ["write_plot"]
 
@@ -32,12 +32,19 @@ def write_plot(path: str, info: JobInfo, results: list[CollectiveResult], dtype:
     for ax, res in zip(axes[:, 0], results):
         sizes = [r.size for r in res.rows]
         for c in res.columns:
-            pts = [(r.size, r.cells[c][OOP].busbw) for r in res.rows if OOP in r.cells.get(c, {}) and r.size > 0]
+            # Out of place where a column has it; a column that only runs in place (alloc) shows that.
+            mode = OOP if any(OOP in r.cells.get(c, {}) for r in res.rows) else IP
+            pts = [(r.size, r.cells[c][mode].busbw) for r in res.rows if mode in r.cells.get(c, {}) and r.size > 0]
             if not pts:
                 continue
             xs, ys = zip(*pts)
             style = {"color": "grey", "linestyle": ":"} if c == "memcpy" else {"marker": "o", "markersize": 3}
-            ax.plot(xs, ys, label=c, **style)
+            ax.plot(xs, ys, label=c if mode == OOP else f"{c} (in place)", **style)
+            if mode == IP and "native" in res.columns:  # its reference: native in place
+                ref = [(r.size, r.cells["native"][IP].busbw) for r in res.rows
+                       if IP in r.cells.get("native", {}) and r.size > 0]
+                if ref:
+                    ax.plot(*zip(*ref), label="native (in place)", color="C0", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
         ticks = [s for s in sizes if s > 0]
         if ticks:
