@@ -473,8 +473,11 @@ class Communicator:
             alg = c.algorithm
             first = None
             if wd.check is not None:  # cross-rank fingerprint: a mismatch raises on every rank before data moves
-                if (alg == "shm" or alg == "shm-window") and c.name != "broadcast" and c.xf.size:
-                    first = functools.partial(wd.check, rec, c)  # shm's first phase is the check (ShmArena.arrive)
+                # shm's first phase is the check (ShmArena.arrive), once the arena exists: creating it is
+                # collective, and a rank whose call differs must meet the check, not the arena's set-up.
+                if ((alg == "shm" or alg == "shm-window") and c.name != "broadcast" and c.xf.size
+                        and self._shm_arena is not None):
+                    first = functools.partial(wd.check, rec, c)
                 else:
                     wd.check(rec, c)
             if alg == "native":

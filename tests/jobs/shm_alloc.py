@@ -1,4 +1,4 @@
-"""comm.alloc arrays: the in-window allreduce, mixed with ordinary shm calls, several chunk counts and dtypes."""
+"""comm.alloc arrays: the in-window allreduce (64 KiB and up) and the copy-in path below it, mixed with ordinary shm calls."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +11,7 @@ P, R = comm.size, comm.rank
 cases = Cases(comm)
 
 for dtype in (np.float32, np.int64, np.float16):
-    for n in (0, 1, P + 1, 1000, 300_001):
+    for n in (0, 1, P + 1, 1000, 16383, 16384, 300_001):
         def case() -> None:
             g = comm.alloc(n, dtype)
             assert g.shape == (n,) and g.dtype == dtype
@@ -21,11 +21,12 @@ for dtype in (np.float32, np.int64, np.float16):
                 assert y is g
                 want = (P * (np.arange(n) % 7 + rep) + P * (P - 1) // 2).astype(dtype)
                 assert np.array_equal(g, want), f"rep {rep}: {g[:5]} vs {want[:5]}"
-                # an ordinary shm call in between keeps tickets aligned
+                # an ordinary shm call in between: the two paths share the arena's regions and counters
                 z = comm.allreduce(np.full(3, R, dtype), algorithm="shm")
                 assert np.array_equal(z, np.full(3, P * (P - 1) // 2, dtype))
             a = comm.allreduce(g, op="avg", algorithm="auto")  # out-of-place on an alloc'd array
-            assert a.shape == g.shape
+            want = g.copy()  # every rank holds the same g now: their average is g
+            assert a.shape == g.shape and np.array_equal(a, want), f"avg {a[:4]} vs {want[:4]}"
         cases.run(f"alloc {np.dtype(dtype)} n={n}", case)
 
 def twod() -> None:
@@ -60,7 +61,27 @@ def ops_inplace() -> None:
         assert close, f"{op} {np.dtype(dtype)}: {g[:4]} vs {want[:4]}"
         crcs = comm._backend.comm.allgather(zlib.crc32(g.tobytes()))
         assert len(set(crcs)) == 1, f"{op} {np.dtype(dtype)}: ranks differ {crcs}"
+        plain = comm.allreduce(src, op=op, algorithm="shm")  # the copy-in path reduces in rank order too
+        assert plain.tobytes() == g.tobytes(), f"{op} {np.dtype(dtype)}: window and copy-in paths differ"
 
 
 cases.run("alloc ops in place, bitwise equal", ops_inplace)
+
+
+def late_ranks() -> None:
+    """Ranks arriving late, by turns: nobody reads a region or an array before its owner wrote it."""
+    import time
+
+    g = comm.alloc(100_000, np.float32)  # the window path
+    small = np.empty(5000, np.float32)  # the one-phase copy-in path
+    big = np.empty(1_200_000, np.float32)  # two chunks of the two-phase path
+    for it in range(12):
+        if it % P == R:
+            time.sleep(0.01)
+        for a in (g, small, big):
+            a[:] = it * 10 + R
+            comm.allreduce(a, out=a, algorithm="shm")
+            want = P * it * 10 + P * (P - 1) // 2
+            assert (a == want).all(), f"iteration {it}, {a.size} elements: {a[:3]} vs {want}"
+cases.run("late ranks", late_ranks)
 cases.finish()
