@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .cli import busbw_factor, parse_args
-from .core import IP, OOP, CollectiveResult, JobInfo, SizeResult, Stat, counts, expected, modes_of, values
+from .core import (IP, OOP, CollectiveResult, JobInfo, SizeResult, Stat, counts, expected, modes_of, probe_cases,
+                   values)
 
 __all__ = ["main", "split_args", "gpu_columns", "TEST_HOST_ENV"]
 
@@ -225,8 +226,6 @@ class _GpuRun:
 
     def one_size(self, coll: str, cols: list[str], modes: dict, bufs: dict, count: int, n_in: int, n_out: int,
                  factor: float, seen: set[str], res: CollectiveResult) -> SizeResult:
-        from collective import CollectiveError
-
         o, MPI, mpi, P, R, ar = self.opts, self.MPI, self.mpi, self.P, self.R, self.ar
         dtype = o.dtype
         size = count * dtype.itemsize
@@ -246,22 +245,7 @@ class _GpuRun:
                     cases.append((c, mode, self._call(coll, c, zs, zs), zs, functools.partial(ar.upload, zs, inp)))
                 else:
                     cases.append((c, mode, self._call(coll, c, xs, ys), ys, None))
-        ok = np.ones(len(cases), np.int32)
-        why: dict[int, str] = {}
-        for i, cs in enumerate(cases):  # a refused case raises on every rank before any message: n/a
-            try:
-                cs[2]()
-            except CollectiveError as exc:
-                ok[i] = 0
-                why[i] = str(exc).split(": ", 1)[-1].splitlines()[0]
-        ar.sync()
-        mpi.Allreduce(MPI.IN_PLACE, ok, op=MPI.MIN)
-        for i, cs in enumerate(cases):
-            if not ok[i]:
-                note = f"{cs[0]} {cs[1].replace('_', '-')}: n/a ({why.get(i, 'refused on another rank')})"
-                if note not in seen:
-                    seen.add(note)
-                    res.notes.append(note)
+        ok = probe_cases([cs[2] for cs in cases], [(cs[0], cs[1]) for cs in cases], mpi, seen, res.notes, ar.sync)
         cases = [cs for i, cs in enumerate(cases) if ok[i]]
         k, n = len(cases), o.iters
         t = np.zeros((k, n), np.float64)

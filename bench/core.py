@@ -24,7 +24,7 @@ import functools
 import gc
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -232,9 +232,8 @@ def expected(coll: str, n_in: int, dtype: np.dtype, op: str, root: int, rank: in
         return _reduce_all(n_in, dtype, op, nranks) if rank == root else None
     if coll == "broadcast":
         return values(root, n_in, dtype, op)
-    if coll == "reduce_scatter":
-        m = n_in // nranks
-        return _reduce_all(n_in, dtype, op, nranks)[rank * m:(rank + 1) * m]
+    if coll == "reduce_scatter":  # the library's even blocks: the first n % P ranks get one more
+        return np.array_split(_reduce_all(n_in, dtype, op, nranks), nranks)[rank]
     return np.concatenate([values(r, n_in, dtype, op) for r in range(nranks)])
 
 
@@ -264,6 +263,38 @@ class _Case:
     fn: Callable[[], Any]
     result: np.ndarray | None  # where this rank's answer lands (None: nowhere)
     reset: Callable[[], None] | None = None  # restore the input before the in-place check
+
+
+def probe_cases(calls: Sequence[Callable[[], Any]], labels: Sequence[tuple[str, str]], mpicomm: Any,
+                seen: set[str], notes: list[str], after: Callable[[], Any] | None = None) -> list[bool]:
+    """Run every case once; which ones every rank ran (a refused one shows as n/a, with the reason, once per run).
+
+    A case the library refuses (an algorithm without this collective or dtype)
+    raises on every rank before any message, so all ranks agree. ``after``
+    runs before the agreement (e.g. a device synchronisation).
+    """
+    from mpi4py import MPI
+
+    from collective import CollectiveError
+
+    ok = np.ones(len(calls), np.int32)
+    why: dict[int, str] = {}
+    for i, fn in enumerate(calls):
+        try:
+            fn()
+        except CollectiveError as exc:
+            ok[i] = 0
+            why[i] = str(exc).split(": ", 1)[-1].splitlines()[0]
+    if after is not None:
+        after()
+    mpicomm.Allreduce(MPI.IN_PLACE, ok, op=MPI.MIN)
+    for i, (col, mode) in enumerate(labels):
+        if not ok[i]:
+            note = f"{col} {mode.replace('_', '-')}: n/a ({why.get(i, 'refused on another rank')})"
+            if note not in seen:
+                seen.add(note)
+                notes.append(note)
+    return [bool(v) for v in ok]
 
 
 def _library_call(comm: Any, coll: str, alg: str, op: str, root: int, x: np.ndarray, out: np.ndarray) -> Callable:
@@ -409,31 +440,13 @@ class _Run:
 
     def one_size(self, coll: str, root: int, cols: list[str], modes: dict, bufs: dict, count: int, n_in: int,
                  n_out: int, factor: float, seen_notes: set[str], res: CollectiveResult) -> SizeResult:
-        from collective import CollectiveError
-
         o, MPI, mpi, P, R = self.opts, self.MPI, self.mpi, self.P, self.R
         dtype = o.dtype
         size = count * dtype.itemsize
         inp = values(R, n_in, dtype, o.op)
         cases = self.cases(coll, root, cols, modes, bufs, count, n_in, n_out, inp)
 
-        # Probe once: a case the library refuses (an algorithm without this collective or dtype)
-        # raises on every rank before any message, so all ranks agree; it shows as n/a.
-        ok = np.ones(len(cases), np.int32)
-        why: dict[int, str] = {}
-        for i, cs in enumerate(cases):
-            try:
-                cs.fn()
-            except CollectiveError as exc:
-                ok[i] = 0
-                why[i] = str(exc).split(": ", 1)[-1].splitlines()[0]
-        mpi.Allreduce(MPI.IN_PLACE, ok, op=MPI.MIN)
-        for i, cs in enumerate(cases):
-            if not ok[i]:
-                note = f"{cs.col} {cs.mode.replace('_', '-')}: n/a ({why.get(i, 'refused on another rank')})"
-                if note not in seen_notes:
-                    seen_notes.add(note)
-                    res.notes.append(note)
+        ok = probe_cases([cs.fn for cs in cases], [(cs.col, cs.mode) for cs in cases], mpi, seen_notes, res.notes)
         cases = [cs for i, cs in enumerate(cases) if ok[i]]
 
         k, n = len(cases), o.iters

@@ -31,6 +31,7 @@ from gpu_fakes import (  # noqa: E402
 
 import collective.backends as backends  # noqa: E402
 from collective.backends import nccl as N  # noqa: E402
+from bench.core import _reduce_all, values as _values  # noqa: E402  (the exact-input generator every correctness job uses)
 from collective.backends.gpu_staging import GpuStager, cuda_array_info, is_device_array, mpi_cuda_aware  # noqa: E402
 from collective.errors import (  # noqa: E402
     BackendUnavailableError,
@@ -574,32 +575,9 @@ def test_watch_thread_enforces_deadline_without_a_waiter() -> None:
 
 
 # ----------------------------------------------- NCCL backend on fake NCCL
-def _values(rank: int, n: int, dtype: np.dtype, op: str) -> np.ndarray:
-    i = np.arange(n, dtype=np.int64)
-    if op == "prod":
-        v = np.where((i + rank) % 3 == 0, -1, 1) if dtype.kind != "u" else np.ones(n, np.int64)
-        if rank < 2:
-            v = v * np.where((i + rank) % 2 == 0, 2, 1)
-    elif dtype.kind == "u" or dtype.itemsize == 1:
-        v = (i * 7 + rank * 3) % 4
-    else:
-        v = (i * 7 + rank * 5) % 11 - 5
-    return v.astype(dtype)
-
-
-def _reduce_all(P: int, n: int, dtype: np.dtype, op: str) -> np.ndarray:
-    uf = {"sum": np.add, "avg": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum}[op]
-    acc = _values(0, n, dtype, op)
-    for r in range(1, P):
-        acc = uf(acc, _values(r, n, dtype, op))
-    if op == "avg":
-        acc = np.floor_divide(acc, dtype.type(P)) if dtype.kind in "iu" else np.divide(acc, P).astype(dtype)
-    return acc
-
-
 def _expected(name: str, P: int, r: int, shape: tuple, dtype: np.dtype, op: str, root: int) -> np.ndarray | None:
     n = int(np.prod(shape))
-    full = _reduce_all(P, n, dtype, op).reshape(shape) if name in ("allreduce", "reduce", "reduce_scatter") else None
+    full = _reduce_all(n, dtype, op, P).reshape(shape) if name in ("allreduce", "reduce", "reduce_scatter") else None
     if name == "allreduce":
         return full
     if name == "reduce":

@@ -18,7 +18,7 @@ import numpy as np
 
 import collective as col
 from collective.backends.nccl import native_plan, probe
-from bench.core import _reduce_all as exact_reduction
+from bench.core import expected as exact_expected
 from bench.core import values  # small integers whose reduction is exact in every dtype and order
 from harness import Cases
 
@@ -53,21 +53,9 @@ SIZES = [1, 37, 4099] if args.quick else [1, 37, 4099, (1 << 16) + 3]
 OPS = ["sum", "avg", "prod", "min", "max"]
 
 
-def reduce_all(n: int, dtype: np.dtype, op: str) -> np.ndarray:
-    """The exact reduction of every rank's ``values`` (the benchmark's small integers)."""
-    return exact_reduction(n, dtype, op, P)
-
-
 def expected(name: str, n: int, dtype: np.dtype, op: str, root: int) -> np.ndarray | None:
-    if name == "allreduce":
-        return reduce_all(n, dtype, op)
-    if name == "reduce":
-        return reduce_all(n, dtype, op) if R == root else None
-    if name == "broadcast":
-        return values(root, n, dtype, op)
-    if name == "reduce_scatter":
-        return np.array_split(reduce_all(n, dtype, op), P)[R]
-    return np.concatenate([values(r, n, dtype, op) for r in range(P)])
+    """The exact result this rank must hold (the benchmark's check, on its small integers)."""
+    return exact_expected(name, n, dtype, op, root, R, P)
 
 
 def same(got, want, what: str) -> None:

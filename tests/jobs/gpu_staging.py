@@ -15,7 +15,7 @@ from collective.backends.device import DeviceCollectives
 from collective.backends.gpu_staging import GpuStager
 from collective.errors import CollectiveMismatchError, CollectiveValueError
 from gpu_fakes import FakeOps, HostCudaArray
-from bench.core import _reduce_all as exact_reduction
+from bench.core import expected as exact_expected
 from bench.core import values  # small integers whose reduction is exact in every dtype and order
 from harness import Cases
 
@@ -25,22 +25,9 @@ cases = Cases(comm)
 PRODUCER = 7  # the stream HostCudaArray names as its producer
 
 
-def reduce_all(n: int, dtype: np.dtype, op: str) -> np.ndarray:
-    """The exact reduction of every rank's ``values`` (the benchmark's small integers)."""
-    return exact_reduction(n, dtype, op, P)
-
-
 def expect(name: str, n: int, dtype: np.dtype, op: str, root: int) -> np.ndarray | None:
-    if name == "allreduce":
-        return reduce_all(n, dtype, op)
-    if name == "reduce":
-        return reduce_all(n, dtype, op) if R == root else None
-    if name == "broadcast":
-        return values(root, n, dtype, op)
-    if name == "reduce_scatter":
-        b = np.array_split(np.arange(n), P)[R]
-        return reduce_all(n, dtype, op)[b[0]:b[-1] + 1] if b.size else np.empty(0, dtype)
-    return np.concatenate([values(r, n, dtype, op) for r in range(P)])
+    """The exact result this rank must hold (the benchmark's check, on its small integers)."""
+    return exact_expected(name, n, dtype, op, root, R, P)
 
 
 def same(got, want, what: str) -> None:
