@@ -38,7 +38,7 @@ call is two phases whatever its size (inputs ready; all results landed).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -156,6 +156,22 @@ class ShmArena:
         """Elements of ``dtype`` per chunk."""
         return self.chunk // dtype.itemsize
 
+    def _filled(self, x: np.ndarray, first: Callable[[], Any] | None) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+        """Per chunk of ``x``: copy it into this rank's region and end the phase; yield (start, stop, regions).
+
+        The first chunk's phase is ``first`` when given (see :meth:`arrive`).
+        """
+        n, step = x.size, self.chunk_elems(x.dtype)
+        mine = self.rank
+        for c0 in range(0, n, step):
+            c1 = min(n, c0 + step)
+            g = self.chunks_done
+            self.chunks_done = g + 1
+            regs = self.regions(g, x.dtype)
+            np.copyto(regs[mine][:c1 - c0], x[c0:c1])
+            self.arrive(first) if first is not None and c0 == 0 else self.phase()
+            yield c0, c1, regs
+
     def allreduce(self, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any], root: int | None = None,
                   first: Callable[[], Any] | None = None) -> None:
         """Reduce ``x`` (1-D, contiguous) over the node into ``out``; only ``root`` gets all of it when root is given.
@@ -165,29 +181,18 @@ class ShmArena:
         """
         P, r = self.size, self.rank
         n = x.size
-        step = self.chunk_elems(x.dtype)
-        phase, arrive = self.phase, self.arrive
-        if 0 < n * x.dtype.itemsize <= ONE_PHASE_BYTES and n <= step:
-            # Small: every rank that wants the result reduces the whole chunk itself, in rank order
-            # (the same bits as the two-phase path), so one synchronisation per call instead of two.
+        phase = self.phase
+        if 0 < n * x.dtype.itemsize <= ONE_PHASE_BYTES and n <= self.chunk_elems(x.dtype):
+            # Small (one chunk): every rank that wants the result reduces the whole chunk itself, in rank
+            # order (the same bits as the two-phase path), so one synchronisation per call instead of two.
             # The region is rewritten two chunks later, after everyone arrived at the next one.
-            g = self.chunks_done
-            self.chunks_done = g + 1
-            regs = self.regions(g, x.dtype)
-            np.copyto(regs[r][:n], x)
-            arrive(first) if first is not None else phase()
-            if root is None or r == root:
-                _reduce_slices(ufunc, regs, 0, n, out)
+            for _, _, regs in self._filled(x, first):
+                if root is None or r == root:
+                    _reduce_slices(ufunc, regs, 0, n, out)
             return
-        for c0 in range(0, n, step):
-            c1 = min(n, c0 + step)
+        for c0, c1, regs in self._filled(x, first):
             m = c1 - c0
-            g = self.chunks_done
-            self.chunks_done = g + 1
-            regs = self.regions(g, x.dtype)
             mine = regs[r]
-            np.copyto(mine[:m], x[c0:c1])
-            arrive(first) if first is not None and c0 == 0 else phase()
             base, extra = divmod(m, P)
             s0 = r * base + min(r, extra)
             s1 = s0 + base + (1 if r < extra else 0)
@@ -211,7 +216,7 @@ class ShmArena:
         r = self.rank
         n = out.size
         step = self.chunk_elems(out.dtype)
-        phase, arrive = self.phase, self.arrive
+        phase = self.phase
         for c0 in range(0, n, step):
             c1 = min(n, c0 + step)
             g = self.chunks_done
@@ -228,36 +233,17 @@ class ShmArena:
     def reduce_scatter(self, x: np.ndarray, out: np.ndarray, blocks: tuple[int, ...], ufunc: Callable[..., Any],
                        first: Callable[[], Any] | None = None) -> None:
         """Reduce ``x`` over the node; this rank's ``out`` gets ``[blocks[r], blocks[r+1])`` of the result."""
-        r = self.rank
-        n = x.size
-        b0, b1 = blocks[r], blocks[r + 1]
-        step = self.chunk_elems(x.dtype)
-        phase, arrive = self.phase, self.arrive
-        for c0 in range(0, n, step):
-            c1 = min(n, c0 + step)
-            g = self.chunks_done
-            self.chunks_done = g + 1
-            regs = self.regions(g, x.dtype)
-            np.copyto(regs[r][:c1 - c0], x[c0:c1])
-            # One phase per chunk, as in broadcast: region g % 2 is rewritten only after all arrived at g+1.
-            arrive(first) if first is not None and c0 == 0 else phase()
+        b0, b1 = blocks[self.rank], blocks[self.rank + 1]
+        # One phase per chunk, as in broadcast: region g % 2 is rewritten only after all arrived at g+1.
+        for c0, c1, regs in self._filled(x, first):
             a, b = max(c0, b0), min(c1, b1)
             if b > a:
                 _reduce_slices(ufunc, regs, a - c0, b - c0, out[a - b0:b - b0])
 
     def allgather(self, x: np.ndarray, out: np.ndarray, first: Callable[[], Any] | None = None) -> None:
         """Concatenate every rank's ``x`` (same size everywhere) into ``out`` in rank order."""
-        r, P = self.rank, self.size
-        m = x.size
-        step = self.chunk_elems(x.dtype)
-        phase, arrive = self.phase, self.arrive
-        for c0 in range(0, m, step):
-            c1 = min(m, c0 + step)
-            g = self.chunks_done
-            self.chunks_done = g + 1
-            regs = self.regions(g, x.dtype)
-            np.copyto(regs[r][:c1 - c0], x[c0:c1])
-            arrive(first) if first is not None and c0 == 0 else phase()
+        P, m = self.size, x.size
+        for c0, c1, regs in self._filled(x, first):
             for q in range(P):
                 np.copyto(out[q * m + c0:q * m + c1], regs[q][:c1 - c0])
 

@@ -209,8 +209,9 @@ def _lane_rings(steps: _Steps, lay: _Layout, pieces: _Pieces, first: int, reduce
         _append(steps, sends, recvs)
 
 
-def _pieces_to_root(steps: _Steps, lay: _Layout, pieces: _Pieces, root: int) -> None:
-    """After the lane rings' reduce-scatter pass (first=-1) node c holds piece (j, c) whole; send it to the root."""
+def _root_exchange(steps: _Steps, lay: _Layout, pieces: _Pieces, root: int, to_root: bool) -> None:
+    """Piece (j, c) between its holder on node c and the root: to the root after the lane rings' reduce-scatter
+    pass (first=-1, node c then holds it whole), or from the root before their allgather pass (first=0)."""
     sends: dict[int, list[Send]] = {}
     recvs: dict[int, list[Recv]] = {}
     for j in range(lay.K):
@@ -218,22 +219,9 @@ def _pieces_to_root(steps: _Steps, lay: _Layout, pieces: _Pieces, root: int) -> 
             h = lay.holder(j, c, c)
             a, b = pieces[j][c]
             if h != root and a < b:
-                sends.setdefault(h, []).append(Send(root, a, b))
-                recvs.setdefault(root, []).append(Recv(h, a, b))
-    _append(steps, sends, recvs)
-
-
-def _root_to_pieces(steps: _Steps, lay: _Layout, pieces: _Pieces, root: int) -> None:
-    """The root sends piece (j, c) to its holder on node c, where the lane rings' allgather pass (first=0) starts it."""
-    sends: dict[int, list[Send]] = {}
-    recvs: dict[int, list[Recv]] = {}
-    for j in range(lay.K):
-        for c in range(lay.L):
-            h = lay.holder(j, c, c)
-            a, b = pieces[j][c]
-            if h != root and a < b:
-                sends.setdefault(root, []).append(Send(h, a, b))
-                recvs.setdefault(h, []).append(Recv(root, a, b))
+                src, dst = (h, root) if to_root else (root, h)
+                sends.setdefault(src, []).append(Send(dst, a, b))
+                recvs.setdefault(dst, []).append(Recv(src, a, b))
     _append(steps, sends, recvs)
 
 
@@ -273,7 +261,7 @@ def reduce(
     pieces = _even_pieces(nelems, lay)
     _intra_reduce_scatter(steps, lay, pieces)
     _lane_rings(steps, lay, pieces, first=-1, reduce=True)
-    _pieces_to_root(steps, lay, pieces, root)
+    _root_exchange(steps, lay, pieces, root, to_root=True)
     return _schedule("reduce", nelems, root, blocks, steps)
 
 
@@ -286,7 +274,7 @@ def broadcast(
         return _schedule("broadcast", nelems, root, blocks, steps)
     lay = _Layout(nranks, nodes)
     pieces = _even_pieces(nelems, lay)
-    _root_to_pieces(steps, lay, pieces, root)
+    _root_exchange(steps, lay, pieces, root, to_root=False)
     _lane_rings(steps, lay, pieces, first=0, reduce=False)
     _intra_allgather(steps, lay, pieces, skip=root)
     return _schedule("broadcast", nelems, root, blocks, steps)
