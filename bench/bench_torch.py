@@ -127,14 +127,15 @@ def _worker(args: argparse.Namespace) -> None:
                     layers += [torch.nn.Linear(a_, b_), torch.nn.ReLU()]
                 return torch.nn.Sequential(*layers[:-1])
 
+            want = args.methods.split(",")
             models = {
                 "local": make(),
                 "ddp-gloo": torch.nn.parallel.DistributedDataParallel(make()),
                 "ours": DistributedDataParallel(make(), comm),
             }
-            if not models["ours"].overlap:  # the default did not overlap here: show what forcing it costs
+            if "ours-overlap" in want and not models["ours"].overlap:  # default did not overlap: what forcing costs
                 models["ours-overlap"] = DistributedDataParallel(make(), comm, overlap=True)
-            if not args.no_hook:
+            if "ddp-hook" in want and not args.no_hook:
                 hooked = torch.nn.parallel.DistributedDataParallel(make())
                 hooked.register_comm_hook(CommHookState(comm), allreduce_hook)
                 models["ddp-hook"] = hooked
@@ -184,7 +185,7 @@ def _launch(P: int, args: argparse.Namespace) -> dict:
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OMPI_MCA_mpi_yield_when_idle="1")
     wargs = ["--worker", "--part", args.part, "--min", str(args.min_bytes), "--max", str(args.max_bytes),
              "--iters", str(args.iters), "--shapes", args.shapes, "--rounds", str(args.rounds),
-             "--steps", str(args.steps), "--batch", str(args.batch)] + (["--no-hook"] if args.no_hook else [])
+             "--steps", str(args.steps), "--batch", str(args.batch), "--methods", args.methods] + (["--no-hook"] if args.no_hook else [])
     cmd, env = mpiexec_command(["-n", str(P), "--oversubscribe", sys.executable, str(Path(__file__).resolve()), *wargs],
                                env)
     res = subprocess.run(cmd, env=env, cwd=str(ROOT), stdout=subprocess.PIPE, text=True, timeout=args.timeout)
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64, help="per-rank batch")
     ap.add_argument("--train-procs", default="2", help="rank counts for the training part (default 2)")
     ap.add_argument("--no-hook", action="store_true", help="leave out the ddp-hook column")
+    ap.add_argument("--methods", default="local,ddp-gloo,ours,ours-overlap,ddp-hook",
+                    help="training columns besides the three always run (local, ddp-gloo, ours): ours-overlap, ddp-hook")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

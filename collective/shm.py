@@ -4,7 +4,8 @@ Terms (the names below follow them):
 
 * **arena** -- one ``MPI.Win.Allocate_shared`` window over the node
   communicator. Every rank owns a *segment* of it: a 64-byte *flag* (a
-  monotonically increasing int64 counter) followed by two *regions* of
+  monotonically increasing int64 counter, then two fingerprint slots: see
+  ``exchange``) followed by two *regions* of
   ``chunk`` bytes (double buffering). Every rank maps every segment.
 * **chunk** -- a piece of the user's buffer processed as a unit (4 MiB: fewer
   phases measured faster than cache-sized chunks here).
@@ -85,7 +86,7 @@ class ShmArena:
         for p in range(self.size):
             buf, _ = self.win.Shared_query(p)
             self.segs.append(np.frombuffer(buf, np.uint8, count=seg_bytes))
-        self.flags = [memoryview(s[:8]).cast("q") for s in self.segs]
+        self.flags = [memoryview(s[:_FLAG]).cast("q") for s in self.segs]
         self.my_flag = self.flags[self.rank]
         self.my_flag[0] = 0
         self._sync = self.win.Sync
@@ -117,6 +118,26 @@ class ShmArena:
         self._barrier()
         self._sync()
         self.awaiting[0] = 0
+
+    def exchange(self, h: int, seq: int) -> bool:
+        """Post fingerprint ``h`` of call ``seq``, end a phase, and return whether every rank posted ``h``.
+
+        The cross-rank check of a call (Fingerprints.check) on one node: a
+        barrier and P reads of shared memory instead of an MPI allreduce
+        (measured 0.9 us vs 2.3 us at P = 2). Every rank reads the same P
+        values, so every rank reaches the same verdict. Calls alternate
+        between two slots: a rank can post call seq+1's fingerprint while a
+        slower one still reads call seq's, but not seq+2's, since that needs
+        the slower rank to have reached call seq+1's barrier. (Every rank is
+        at the same seq until the first mismatch, which this reports.)
+        """
+        slot = 1 + (seq & 1)
+        self.my_flag[slot] = h
+        self.phase()
+        for f in self.flags:
+            if f[slot] != h:
+                return False
+        return True
 
     def arrive(self, first: Callable[[], Any], rollback: bool = True) -> None:
         """End the first phase of a call with ``first()`` instead of a barrier.

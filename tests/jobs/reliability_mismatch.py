@@ -59,6 +59,10 @@ def odd(a: Any, b: Any) -> Any:
 cases.run("first shm call, one rank native", lambda: expect(
     lambda: comm.allreduce(np.ones(100_000, np.float32), algorithm=odd("native", "shm")), ["algorithm differs"]))
 
+# From here on the node's shared window exists, so every call's check goes through it (ShmArena.exchange) instead
+# of an MPI allreduce: every case below is a mismatch that exchange must catch on every rank.
+fp = comm.watchdog._fp
+assert fp is not None and fp.exchange is not None, "the check should go through the shared window by now"
 
 for alg in ("ring", "tree", "star", "native", "shm"):
     f32 = np.dtype(np.float32)

@@ -84,4 +84,31 @@ def late_ranks() -> None:
             want = P * it * 10 + P * (P - 1) // 2
             assert (a == want).all(), f"iteration {it}, {a.size} elements: {a[:3]} vs {want}"
 cases.run("late ranks", late_ranks)
+
+
+def repeated_call_changes() -> None:
+    """Repeated in-place calls on one alloc'd array reuse the prepared call: whatever changed in between counts."""
+    g = comm.alloc(100_000, np.float32)
+    for op, want in (("sum", P * (P - 1) / 2), ("max", P - 1), ("min", 0), ("sum", P * (P - 1) / 2)):
+        g[:] = R
+        comm.allreduce(g, op=op, out=g, algorithm="shm")
+        assert (g == want).all(), f"{op}: {g[:3]} vs {want}"
+    g[:] = R
+    g.shape = (4, 25_000)  # the same array object, another shape: the result keeps it
+    y = comm.allreduce(g, out=g, algorithm="shm")
+    assert y is g and g.shape == (4, 25_000) and (g == P * (P - 1) / 2).all()
+    g.shape = (100_000,)
+    g.flags.writeable = False
+    try:
+        comm.allreduce(g, out=g, algorithm="shm")
+    except col.CollectiveValueError as exc:
+        assert "read-only" in str(exc), exc
+    else:
+        raise AssertionError("a read-only alloc'd array was written in place")
+    finally:
+        g.flags.writeable = True
+    g[:] = R + 1
+    comm.allreduce(g, out=g, algorithm="shm")
+    assert (g == P * (P + 1) / 2).all()
+cases.run("repeated calls on one array", repeated_call_changes)
 cases.finish()
