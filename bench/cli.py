@@ -11,14 +11,19 @@ from typing import NoReturn, Sequence
 import numpy as np
 
 __all__ = ["Options", "parse_args", "parse_size", "size_sweep", "format_size", "COLLECTIVES", "busbw_factor",
-           "REFERENCE_ALGORITHMS", "BROKEN_ENV", "default_algorithms", "known_algorithms", "env_rank"]
+           "REFERENCE_ALGORITHMS", "VARIANTS", "LIB_NATIVE", "BROKEN_ENV", "default_algorithms", "known_algorithms",
+           "env_rank"]
 
 #: Collectives the benchmark measures, in the order `--collective all` runs them.
 COLLECTIVES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
 #: Reference columns that are not algorithms of the library.
 REFERENCE_ALGORITHMS: tuple[str, ...] = ("gloo", "memcpy")
-#: Library variants that are not algorithm names: "alloc" is shm on a comm.alloc() buffer, in place.
-VARIANTS: tuple[str, ...] = ("alloc",)
+#: Library variants that are not algorithm names: "alloc" is shm on a comm.alloc() buffer, in place;
+#: "native-lib" is the library's native algorithm (MPI's own behind collective's checks and dispatch), while the
+#: "native" column is MPI's own called straight through mpi4py, the baseline every ratio is against.
+VARIANTS: tuple[str, ...] = ("alloc", "native-lib")
+#: The column of the library's native algorithm (what auto runs when it picks "native").
+LIB_NATIVE = "native-lib"
 #: Set to 1 to register the deliberately wrong `broken` algorithm (tests of the check column).
 BROKEN_ENV = "COLLECTIVE_BENCH_TEST_BROKEN"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -115,7 +120,7 @@ def default_algorithms() -> tuple[str, ...]:
 
     # native first (every ratio is against it), auto after the algorithms it chooses from.
     algs = [a for a in ALGORITHMS if a not in ("native", "auto")]
-    return ("native", *algs, "auto", *VARIANTS, *REFERENCE_ALGORITHMS)
+    return ("native", LIB_NATIVE, *algs, "auto", *[v for v in VARIANTS if v != LIB_NATIVE], *REFERENCE_ALGORITHMS)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .cli import Options, busbw_factor
+from .cli import LIB_NATIVE, Options, busbw_factor
 from .gloo import unsupported_dtype
 from .predict import predicted_us
 
@@ -310,6 +310,59 @@ def _library_call(comm: Any, coll: str, alg: str, op: str, root: int, x: np.ndar
     return functools.partial(comm.allgather, x, alg, out)
 
 
+def _native_call(mpicomm: Any, coll: str, op: str, root: int, x: np.ndarray, out: np.ndarray,
+                 in_place: bool) -> Callable:
+    """MPI's own collective called straight through mpi4py, as its users call it: the baseline column.
+
+    No library code runs inside the timed call (no checks, no dispatch), so a
+    ratio against it charges our whole Python path to us. ``avg`` is MPI's
+    sum followed by NumPy's division, as a user of MPI would write it.
+    Raises (and the probe drops the column at this size) where MPI has no
+    datatype for the dtype.
+    """
+    from mpi4py import MPI
+
+    from collective.backends.mpi import mpi_dtype, mpi_op
+    from collective.ops import OPS
+
+    T = mpi_dtype(x.dtype)
+    if T is None:
+        raise TypeError(f"native: MPI has no datatype for {x.dtype}")
+    rop = OPS[op] if coll in ("allreduce", "reduce", "reduce_scatter") else None
+    mop = mpi_op(rop.mpi_name, x.dtype) if rop is not None else None
+    P, R = mpicomm.Get_size(), mpicomm.Get_rank()
+    has_out = coll != "reduce" or R == root
+    avg = rop is not None and rop.average and has_out
+    send = MPI.IN_PLACE if in_place else [x, T]
+    recv = [out, T]
+    if coll == "allreduce":
+        call = functools.partial(mpicomm.Allreduce, send, recv, mop)
+    elif coll == "reduce":
+        call = functools.partial(mpicomm.Reduce, send if R == root else [x, T], recv if R == root else None, mop, root)
+    elif coll == "broadcast":
+        if in_place or R != root:
+            return functools.partial(mpicomm.Bcast, recv, root)
+
+        def call() -> None:  # out of place: the root's input lands in its output, as the library's does
+            np.copyto(out, x)
+            mpicomm.Bcast(recv, root)
+        return call
+    elif coll == "reduce_scatter":
+        call = functools.partial(mpicomm.Reduce_scatter_block, [x, T], recv, mop)
+    else:
+        return functools.partial(mpicomm.Allgather, [x, T], recv)
+    if not avg:
+        return call
+
+    def averaged() -> None:
+        call()
+        if out.dtype.kind in "iu":
+            np.floor_divide(out, out.dtype.type(P), out=out)
+        else:
+            np.divide(out, P, out=out, casting="unsafe")
+    return averaged
+
+
 def _broken(call: Callable, res: np.ndarray | None) -> Callable:
     """native, then one element of this rank's result made wrong: proves #wrong and the exit status work."""
     def fn() -> None:
@@ -430,6 +483,10 @@ class _Run:
                 res = dst if has_result else None
                 if c == "gloo":
                     fn = self.gloo.make_allreduce(o.op, tgt, None if mode == IP else dst)
+                elif c == "native":
+                    fn = _native_call(self.mpi, coll, o.op, root, tgt, dst, mode == IP)
+                elif c == LIB_NATIVE:
+                    fn = _library_call(comm, coll, "native", o.op, root, tgt, dst)
                 elif c == "broken":
                     fn = _broken(_library_call(comm, coll, "native", o.op, root, tgt, dst),
                                  res if R == holder else None)

@@ -5,6 +5,8 @@ import argparse
 import json
 from typing import Any
 
+from .cli import LIB_NATIVE
+
 __all__ = ["markdown", "auto_markdown", "main"]
 
 #: Columns that are not a fixed algorithm auto could pick for a plain array.
@@ -66,6 +68,8 @@ def auto_markdown(doc: dict[str, Any], collective: str = "allreduce", mode: str 
     """
     coll = next(c for c in doc["collectives"] if c["collective"] == collective)
     fixed = [c for c in coll["columns"] if c not in _NOT_FIXED]
+    if LIB_NATIVE in fixed and "native" in fixed:  # auto's "native" is the library's: compare with that column
+        fixed.remove("native")
     lines = ["| size | auto ran | auto (us) | best fixed | best (us) | auto / best | model's pick | best: measured / predicted |",
              "|---|---|---|---|---|---|---|---|"]
     for row in coll["sizes"]:

@@ -13,6 +13,7 @@ from collective.tuning import (
     write_table,
 )
 
+from .cli import LIB_NATIVE
 from .core import CollectiveResult, JobInfo, SizeResult
 
 __all__ = ["best_algorithm", "table_entries", "write_tuning"]
@@ -22,8 +23,12 @@ def best_algorithm(row: SizeResult) -> str | None:
     """The concrete algorithm with the least median time summed over its modes, among those with no wrong element.
 
     Only algorithms measured in every mode the size has compete (so none wins by skipping the in-place run).
+    When the run has the ``native-lib`` column, it stands for "native" (what auto would run: MPI's own behind
+    the library's checks) and the bare ``native`` baseline does not compete.
     """
     cands = {c: m for c, m in row.cells.items() if c not in PSEUDO_ALGORITHMS}
+    if LIB_NATIVE in cands:  # what auto would run for "native": MPI's own behind our checks, not the bare call
+        cands.pop("native", None)
     if not cands:
         return None
     nmodes = max(len(m) for m in cands.values())
@@ -34,7 +39,7 @@ def best_algorithm(row: SizeResult) -> str | None:
         t = sum(s.median_us for s in modes.values())
         if t < best_t:
             best, best_t = c, t
-    return best
+    return "native" if best == LIB_NATIVE else best
 
 
 def table_entries(res: CollectiveResult) -> list[Entry]:

@@ -537,6 +537,7 @@ class Communicator:
                 # Every rank creates the arena in the same call, so from the next call on every rank checks
                 # through it.
                 fp.exchange = self._shm_arena.exchange
+                self._shm_arena.check_fenced = not fp.detail  # DETAIL checks by an MPI allgather instead
         return self._shm_arena
 
     def _shm(self, c: _Call, first: Callable[[], Any] | None = None) -> None:

@@ -260,6 +260,24 @@ def test_tuning_choice_from_results() -> None:
     assert best_algorithm(res.rows[2]) == "native"
 
 
+def test_bare_native_is_the_baseline_and_native_lib_what_auto_would_run() -> None:
+    """The bare MPI call never wins a tuning entry or the auto table while the library's own native was measured."""
+    from bench.tables import auto_markdown
+
+    res = synth(cols=("native", "native-lib", "ring", "auto"), sizes=(4096, 65536))
+    # bare native 10 us, native-lib 20, ring 30, auto 40: native-lib is the best auto could have run
+    assert [best_algorithm(r) for r in res.rows] == ["native", "native"]
+    for row in res.rows[1:]:
+        for m in row.cells["ring"].values():
+            m.times_us = m.times_us / 2  # ring 15 us: beats native-lib (20) though not the bare call (10)
+    assert [best_algorithm(r) for r in res.rows] == ["native", "ring"]
+    from bench.report import to_json
+
+    doc = json.loads(json.dumps(to_json(INFO, parse_args(["-b", "4K", "-e", "64K"]), [res])))
+    rows = auto_markdown(doc).splitlines()[2:]
+    assert "| native-lib | 20.0 |" in rows[0] and "| ring | 15.0 |" in rows[1], rows
+
+
 # ------------------------------------------------------------------ whole runs at P=1, in this process
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
     from bench.__main__ import main
