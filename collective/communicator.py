@@ -98,7 +98,7 @@ class _Call:
     """A prepared collective: every argument checked, the result allocated."""
 
     __slots__ = ("name", "xf", "shape", "dtype", "rop", "algorithm", "root", "of", "result", "blocks", "inplace",
-                 "plan", "views")
+                 "plan", "views", "sig")
 
     def __init__(self, name: str, xf: np.ndarray, shape: tuple, dtype: np.dtype, rop: ReduceOp | None,
                  algorithm: str, root: int, of: np.ndarray | None, result: Any, blocks: tuple | None,
@@ -107,6 +107,7 @@ class _Call:
         self.algorithm, self.root, self.of, self.result, self.blocks = algorithm, root, of, result, blocks
         self.inplace, self.plan = inplace, plan
         self.views: list[np.ndarray] | None = None  # every rank's view of an alloc'd array (shm-window)
+        self.sig: Any = None  # the fingerprint of this call's signature, once the check computed it (reused calls)
 
 
 def _env_int(name: str) -> int | None:

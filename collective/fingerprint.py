@@ -124,16 +124,24 @@ class Fingerprints:
         return hit
 
     def check(self, seq: int, name: str, alg: Any, rop: Any, dtype: Any, shape: Any, root: Any,
-              poison: BaseException | None = None) -> None:
+              poison: BaseException | None = None, call: Any = None) -> None:
         """Raise CollectiveMismatchError on every rank unless every rank's call has the same fingerprint.
 
         A poison call (``poison`` is its error) always raises: that error when
         every rank was poisoned, else the mismatch (with the mismatch report
-        added to this rank's own error as a note).
+        added to this rank's own error as a note). ``call``: the prepared call,
+        whose ``sig`` attribute keeps the signature's fingerprint when it has
+        one (a call reused step after step then skips the lookup).
         """
-        opname = rop.name if rop is not None else None
         if poison is None:
-            h, fields = self._signature(name, alg, opname, dtype, shape, root)
+            sig = getattr(call, "sig", None)
+            if sig is None:
+                sig = self._signature(name, alg, rop.name if rop is not None else None, dtype, shape, root)
+                try:
+                    call.sig = sig
+                except AttributeError:  # None, or a request type without the attribute
+                    pass
+            h, fields = sig
             h ^= seq  # below 2**62, so never POISON
         else:
             h, fields = POISON, [name, "-", "-", "-", "-", "-"]

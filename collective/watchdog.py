@@ -282,7 +282,8 @@ class Watchdog:
             if poison is not None:
                 raise poison
             return False
-        fp.check(rec[0], rec[1], rec[4], getattr(c, "rop", None), rec[3], rec[2], rec[5], poison)
+        fp.check(rec[0], rec[1], rec[4], getattr(c, "rop", None), rec[3], rec[2], rec[5], poison,
+                 None if poison is not None else c)
         return True
 
     def _nan(self, rec: OpRecord, xf: np.ndarray) -> None:
