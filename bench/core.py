@@ -431,7 +431,8 @@ class _Run:
         # Sizes that round to the same element count (below one element, or P for reduce_scatter/allgather) run once.
         shapes = list(dict.fromkeys(counts(coll, s, dtype.itemsize, P) for s in o.sizes))
         sizes = [s[0] * dtype.itemsize for s in shapes]
-        preds = {(c, s): predicted_us(c, coll, s, self.comm.cluster) for c in cols for s in sizes}
+        preds = {(c, s): predicted_us("native" if c == LIB_NATIVE else c, coll, s, self.comm.cluster)
+                 for c in cols for s in sizes}
         res = CollectiveResult(coll, root, factor, cols, modes, any(v is not None for v in preds.values()),
                                notes=notes)
         if self.rep is not None:
