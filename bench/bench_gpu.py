@@ -34,7 +34,8 @@ __all__ = ["main", "split_args", "gpu_columns", "TEST_HOST_ENV"]
 TEST_HOST_ENV = "COLLECTIVE_BENCH_TEST_HOST_GPU"
 #: Columns that mean nothing on a GPU.
 _HOST_ONLY = {"shm": "shm works on host memory", "gloo": "gloo is a CPU transport here",
-              "broken": "the test column exists on CPU only"}
+              "broken": "the test column exists on CPU only", "alloc": "comm.alloc arrays live in host memory",
+              "native-lib": "on a GPU the native column itself runs NCCL's (or MPI's) own behind the library"}
 
 
 def split_args(argv: Sequence[str]) -> tuple[list[str], str, str]:

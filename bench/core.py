@@ -316,9 +316,9 @@ def _native_call(mpicomm: Any, coll: str, op: str, root: int, x: np.ndarray, out
 
     No library code runs inside the timed call (no checks, no dispatch), so a
     ratio against it charges our whole Python path to us. ``avg`` is MPI's
-    sum followed by NumPy's division, as a user of MPI would write it.
-    Raises (and the probe drops the column at this size) where MPI has no
-    datatype for the dtype.
+    sum followed by NumPy's division, as a user of MPI would write it. Where
+    MPI has no datatype for the dtype the call raises CollectiveTypeError
+    (and the probe marks the column n/a).
     """
     from mpi4py import MPI
 
@@ -326,8 +326,12 @@ def _native_call(mpicomm: Any, coll: str, op: str, root: int, x: np.ndarray, out
     from collective.ops import OPS
 
     T = mpi_dtype(x.dtype)
-    if T is None:
-        raise TypeError(f"native: MPI has no datatype for {x.dtype}")
+    if T is None:  # the probe of the cases marks the column n/a at this size
+        from collective.errors import CollectiveTypeError
+
+        def refused() -> None:
+            raise CollectiveTypeError(f"native: MPI has no datatype for {x.dtype}")
+        return refused
     rop = OPS[op] if coll in ("allreduce", "reduce", "reduce_scatter") else None
     mop = mpi_op(rop.mpi_name, x.dtype) if rop is not None else None
     P, R = mpicomm.Get_size(), mpicomm.Get_rank()

@@ -303,12 +303,15 @@ class Communicator:
         return cls(f"{describe(name, self.rank, self.size, shape, dtype, alg)}: {what}")
 
     def _prepare(self, name: str, x: Any, op: Any, algorithm: str | None, root: int, out: Any) -> _Call:
-        if out is x and type(x) is np.ndarray:
+        if out is x and type(x) is np.ndarray and type(op) is str and (algorithm is None or type(algorithm) is str):
             # A training loop reduces the same alloc'd buckets every step: reuse the prepared call (every
             # check already passed for this very array object; only its mutable attributes can differ).
+            # Only plain str/None arguments are compared here: anything else takes the full path, whose
+            # errors reach the other ranks through the check.
             hot = self._hot.get(id(x))
             if (hot is not None and hot[0] is x and hot[1] == (name, op, algorithm, root)
-                    and x.shape == hot[2].shape and x.dtype == hot[2].dtype and x.flags.writeable):
+                    and x.shape == hot[2].shape and x.dtype == hot[2].dtype and x.flags.writeable
+                    and x.flags.c_contiguous):
                 return hot[2]
         if type(x) is not np.ndarray and is_device_array(x):
             # CuPy & co: NCCL, or MPI (CUDA-aware or staged); run by DeviceCollectives in _dispatch/_submit.

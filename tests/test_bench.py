@@ -341,6 +341,15 @@ def test_run_p1_check_off(capsys) -> None:
     assert "N/A" in row and "float16" in row and " avg " in row
 
 
+def test_run_p1_dtype_mpi_lacks(capsys) -> None:
+    """bfloat16 (no MPI datatype): the bare native column is n/a, the library's algorithms run."""
+    pytest.importorskip("ml_dtypes")
+    rc, out, _ = _run(["-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "-a", "native,ring", "-d", "bfloat16"], capsys)
+    assert rc == 0, out
+    row = next(ln for ln in out.splitlines() if ln and not ln.startswith("#"))
+    assert "bfloat16" in row and " n/a " in row + " ", row
+
+
 @pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed: the gloo column is absent")
 def test_run_p1_gloo_column(tmp_path: Path, capsys) -> None:
     j = tmp_path / "g.json"

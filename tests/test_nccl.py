@@ -898,8 +898,14 @@ def test_bench_gpu_arguments() -> None:
         split_args(["--device", "cpu"])
     with pytest.raises(SystemExit, match="choose nccl or mpi"):
         split_args(["--backend", "gloo"])
+    from bench.cli import default_algorithms
+
     cols, notes = gpu_columns(["ring", "native", "shm", "gloo", "auto", "memcpy"], explicit=False)
     assert cols == ["native", "ring", "auto", "memcpy"]
+    # the CPU default list: host-only columns (shm, alloc, native-lib, gloo) become notes, not empty columns
+    cols, notes = gpu_columns(default_algorithms(), explicit=False)
+    assert not {"shm", "alloc", "native-lib", "gloo"} & set(cols) and cols[0] == "native", cols
+    assert any(n.startswith("native-lib: column absent") for n in notes), notes
     assert any(n.startswith("shm: column absent") for n in notes) and any(n.startswith("gloo:") for n in notes)
     with pytest.raises(SystemExit, match="-a shm: shm works on host memory"):
         gpu_columns(["native", "shm"], explicit=True)

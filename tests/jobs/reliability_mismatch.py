@@ -190,6 +190,16 @@ def alloc_shape() -> None:
 cases.run("alloc'd shape", alloc_shape)
 
 
+def cached_call_bad_op() -> None:
+    """A bad op on one rank for an alloc'd array whose call is cached: it still reaches the others as a poison."""
+    g = comm.alloc(100_000, np.float32)
+    comm.allreduce(g, out=g, algorithm="shm")  # the next identical call would reuse this one
+    op = np.array(["sum", "max"]) if R == ODD else "sum"
+    expect(lambda: comm.allreduce(g, op=op, out=g, algorithm="shm"),
+           ["rank 1 rejected its arguments", "cannot run"], bad_rank=ODD)
+cases.run("cached alloc'd call, bad op on rank 1 only", cached_call_bad_op)
+
+
 def nan_inf() -> None:  # IEEE: NaN propagates through every op, Inf through sums, Inf + -Inf is NaN
     for alg in ("native", "ring", "tree", "star", "shm"):
         x = np.arange(8, dtype=np.float64)
