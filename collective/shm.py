@@ -127,7 +127,8 @@ class ShmArena:
 
         The cross-rank check of a call (Fingerprints.check) on one node: a
         barrier and P reads of shared memory instead of an MPI allreduce
-        (measured 0.9 us vs 2.3 us at P = 2). Every rank reads the same P
+        (tight loop at P = 2: 1.4-2.3 us per check, 2.8 us with the MPI
+        allreduce; the barrier alone is 0.65 us). Every rank reads the same P
         values, so every rank reaches the same verdict. Calls alternate
         between two slots: a rank can post call seq+1's fingerprint while a
         slower one still reads call seq's, but not seq+2's, since that needs
