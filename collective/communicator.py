@@ -661,15 +661,18 @@ class Communicator:
             if item is None:
                 return
             c, w = item
+            # The count drops before the waiter can wake, so a synchronous call made right after wait()
+            # returns never queues behind a collective that has already finished (CPython's GIL hand-off
+            # makes the other order rare, not impossible).
             try:
                 with self._lock:
                     res = self._execute(c)
             except BaseException as exc:  # handed to the waiter, who re-raises it
+                self._pending -= 1
                 w._finish(None, exc)
             else:
-                w._finish(res, None)
-            finally:
                 self._pending -= 1
+                w._finish(res, None)
 
     # ------------------------------------------------------------ public API
     def allreduce(self, x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Any:
