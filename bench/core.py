@@ -323,7 +323,7 @@ def _native_call(mpicomm: Any, coll: str, op: str, root: int, x: np.ndarray, out
     from mpi4py import MPI
 
     from collective.backends.mpi import mpi_dtype, mpi_op
-    from collective.ops import OPS
+    from collective.ops import OPS, average_in_place
 
     T = mpi_dtype(x.dtype)
     if T is None:  # the probe of the cases marks the column n/a at this size
@@ -360,10 +360,7 @@ def _native_call(mpicomm: Any, coll: str, op: str, root: int, x: np.ndarray, out
 
     def averaged() -> None:
         call()
-        if out.dtype.kind in "iu":
-            np.floor_divide(out, out.dtype.type(P), out=out)
-        else:
-            np.divide(out, P, out=out, casting="unsafe")
+        average_in_place(out, P)
     return averaged
 
 

@@ -36,7 +36,7 @@ from .errors import (
     describe,
 )
 from .executor import Executor, ExecutorOptions, Plan
-from .ops import ReduceOp
+from .ops import ReduceOp, average_in_place
 from .signature import cached_checks, check_signature
 from .shm import DEFAULT_CHUNK_BYTES, SharedArrays, ShmArena
 from .watchdog import Watchdog, deadline
@@ -186,6 +186,8 @@ class Communicator:
         self.local_size: int = len(peers)
         self._seq = 0
         self._static: dict[tuple, tuple] = {}
+        #: avg's division for the shm window path, which applies it to each reduced piece while it is in cache.
+        self._finish_avg = functools.partial(average_in_place, n=self.size)
         #: id(array) -> (array, call key, prepared _Call) of in-place calls on alloc'd arrays (see _prepare).
         self._hot: dict[int, tuple[np.ndarray, tuple, _Call]] = {}
         self._ranks_per_node = [len(self.cluster.ranks_of_node(n)) for n in range(self.cluster.nnodes)]
@@ -530,7 +532,7 @@ class Communicator:
         if name == "reduce_scatter":
             np.copyto(of, work[c.blocks[r]:c.blocks[r + 1]])
         if rop is not None and rop.average and of is not None:
-            _average(of, P)
+            average_in_place(of, P)
 
     def _arena(self) -> ShmArena:
         if self._shm_arena is None:
@@ -548,9 +550,7 @@ class Communicator:
         ar = self._arena()
         name, xf, of, rop = c.name, c.xf, c.of, c.rop
         if c.algorithm == "shm-window":
-            P = self.size
-            finish = (lambda a: _average(a, P)) if rop.average else None
-            self._shared.allreduce_inplace(c.views, rop.ufunc, finish, first)
+            self._shared.allreduce_inplace(c.views, rop.ufunc, self._finish_avg if rop.average else None, first)
             return
         if name == "allreduce":
             ar.allreduce(xf, of, rop.ufunc, None, first)
@@ -565,7 +565,7 @@ class Communicator:
         else:
             ar.allgather(xf, of, first)
         if rop is not None and rop.average and of is not None:
-            _average(of, self.size)
+            average_in_place(of, self.size)
 
     def alloc(self, shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
         """An array in the node's shared memory, which shm collectives use in place with no copy-in.
@@ -621,7 +621,7 @@ class Communicator:
         else:
             comm.Allgather([xf, T], [of, T])
         if c.rop is not None and c.rop.average and of is not None:
-            _average(of, self.size)
+            average_in_place(of, self.size)
 
     def _dispatch(self, c: _Call) -> Any:
         if type(c) is DeviceRequest:
@@ -885,8 +885,3 @@ class _AllocReq:
 _BARRIER: Any = _Barrier()
 
 
-def _average(a: np.ndarray, n: int) -> None:
-    if a.dtype.kind in "iu":
-        np.floor_divide(a, a.dtype.type(n), out=a)
-    else:
-        np.divide(a, n, out=a, casting="unsafe")

@@ -6,7 +6,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["ReduceOp", "OPS", "get_op", "check_dtype", "BFLOAT16", "dtype_name"]
+__all__ = ["ReduceOp", "OPS", "get_op", "check_dtype", "BFLOAT16", "dtype_name", "average_in_place"]
 
 try:  # bfloat16 is not a NumPy dtype; ml_dtypes (shipped with JAX and others) provides one.
     import ml_dtypes as _ml_dtypes
@@ -77,3 +77,16 @@ def check_dtype(dtype: np.dtype, op: ReduceOp | None) -> str | None:
     if dtype.kind == "O":
         return "object arrays cannot be sent without pickle; use a numeric dtype"
     return f"dtype {dtype} is not numeric; use an integer, float or complex dtype"
+
+
+def average_in_place(a: np.ndarray, n: int) -> None:
+    """Divide the sum ``a`` by ``n`` in place: ``avg``'s last step (integers floor-divide and stay integers).
+
+    Example::
+
+        s = np.array([7, 9]); average_in_place(s, 2)   # s is now [3, 4]
+    """
+    if a.dtype.kind in "iu":
+        np.floor_divide(a, a.dtype.type(n), out=a)
+    else:
+        np.divide(a, n, out=a, casting="unsafe")
