@@ -98,7 +98,7 @@ class _Call:
     """A prepared collective: every argument checked, the result allocated."""
 
     __slots__ = ("name", "xf", "shape", "dtype", "rop", "algorithm", "root", "of", "result", "blocks", "inplace",
-                 "plan", "views", "sig")
+                 "plan", "views", "sig", "mpi")
 
     def __init__(self, name: str, xf: np.ndarray, shape: tuple, dtype: np.dtype, rop: ReduceOp | None,
                  algorithm: str, root: int, of: np.ndarray | None, result: Any, blocks: tuple | None,
@@ -108,6 +108,7 @@ class _Call:
         self.inplace, self.plan = inplace, plan
         self.views: list[np.ndarray] | None = None  # every rank's view of an alloc'd array (shm-window)
         self.sig: Any = None  # the fingerprint of this call's signature, once the check computed it (reused calls)
+        self.mpi: Any = None  # (MPI datatype, MPI op) of a native call, once it ran (reused calls)
 
 
 def _env_int(name: str) -> int | None:
@@ -190,6 +191,8 @@ class Communicator:
         self._finish_avg = functools.partial(average_in_place, n=self.size)
         #: id(array) -> (array, call key, prepared _Call) of in-place calls on alloc'd arrays (see _prepare).
         self._hot: dict[int, tuple[np.ndarray, tuple, _Call]] = {}
+        #: (shape, dtype, op, algorithm) -> a prepared allreduce of plain NumPy arrays, refilled per call (see allreduce)
+        self._quick_calls: dict[tuple, _Call] = {}
         self._ranks_per_node = [len(self.cluster.ranks_of_node(n)) for n in range(self.cluster.nnodes)]
         self._tuning = None
         tuning_path = os.environ.get("COLLECTIVE_TUNING")
@@ -410,6 +413,14 @@ class Communicator:
                 alg = "shm-window"  # a distinct name, so a rank passing a plain array is caught as a mismatch
         c = _Call(name, xf, shape, dtype, rop, alg, root, of, result, blocks, inplace, plan)
         c.views = views
+        if (name == "allreduce" and views is None and type(x) is np.ndarray and type(op) is str
+                and (algorithm is None or type(algorithm) is str) and (out is None or type(out) is np.ndarray)):
+            # Every check of this signature passed: the next call like it takes allreduce's quick path (a
+            # template of its own, holding no array, so a user's arrays are never kept alive).
+            if len(self._quick_calls) >= 256:
+                self._quick_calls.clear()
+            self._quick_calls[(shape, dtype, op, algorithm)] = _Call(name, None, shape, dtype, rop, alg, root,  # type: ignore[arg-type]
+                                                                     None, None, blocks, False, plan)
         if views is not None and out is x:
             # Only calls on alloc'd arrays are kept: that memory lives as long as the communicator anyway,
             # whereas keeping a user's plain arrays would keep them alive.
@@ -600,10 +611,11 @@ class Communicator:
 
     def _native(self, c: _Call) -> None:
         MPI, comm = self._mpi, self._backend.comm
-        T = mpi_dtype(c.dtype)
+        m = c.mpi
+        if m is None:
+            m = c.mpi = (mpi_dtype(c.dtype), mpi_op(c.rop.mpi_name, c.dtype) if c.rop is not None else None)
+        T, mop = m
         name, xf, of = c.name, c.xf, c.of
-        if c.rop is not None:
-            mop = mpi_op(c.rop.mpi_name, c.dtype)
         if name == "allreduce":
             comm.Allreduce(MPI.IN_PLACE if c.inplace else [xf, T], [of, T], mop)
         elif name == "reduce":
@@ -695,6 +707,47 @@ class Communicator:
 
             y = comm.allreduce(np.arange(3.0))   # rank-wise sum
         """
+        if type(x) is np.ndarray and self._pending == 0:
+            # The small-message path, inlined (every frame counted at 4 KiB): a synchronous call on NumPy
+            # arrays whose signature passed every check before. Only this call's own arrays are checked
+            # (contiguous; out absent, x itself, or a separate array of the same shape and dtype that does
+            # not overlap x); the template is refilled under the lock and emptied again, so no user array
+            # is kept alive. Anything else takes the full path below, which explains what is wrong; so do
+            # in-place shm calls on views, which may be alloc'd arrays (the window path).
+            if out is x and type(op) is str and (algorithm is None or type(algorithm) is str):
+                hot = self._hot.get(id(x))  # an alloc'd array reduced in place again (see _prepare)
+                if (hot is not None and hot[0] is x and hot[1] == ("allreduce", op, algorithm, 0)
+                        and x.shape == hot[2].shape and x.dtype == hot[2].dtype and x.flags.writeable
+                        and x.flags.c_contiguous):
+                    with self._lock:
+                        if not self._pending:
+                            return self._execute(hot[2])
+            try:
+                c = self._quick_calls.get((x.shape, x.dtype, op, algorithm))
+            except TypeError:  # an unhashable op or algorithm
+                c = None
+            if c is not None and x.flags.c_contiguous:
+                if out is None:
+                    o = np.empty(x.shape, x.dtype)
+                elif out is x:
+                    o = x if x.flags.writeable and (x.base is None or c.algorithm != "shm") else None
+                elif type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype:
+                    f = out.flags
+                    o = out if (f.writeable and f.c_contiguous and ((out.base is None and x.base is None)
+                                                                    or not np.may_share_memory(out, x))) else None
+                else:
+                    o = None
+                if o is not None:
+                    with self._lock:
+                        if not self._pending:  # else an async call got in first: queue behind it, below
+                            c.xf = x if x.ndim == 1 else x.reshape(-1)
+                            c.of = o if o.ndim == 1 else o.reshape(-1)
+                            c.result = o
+                            c.inplace = o is x
+                            try:
+                                return self._execute(c)
+                            finally:
+                                c.xf = c.of = c.result = None  # type: ignore[assignment]
         return self._dispatch(self._prepare("allreduce", x, op, algorithm, 0, out))
 
     def allreduce_async(self, x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Work:

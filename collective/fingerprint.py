@@ -163,6 +163,26 @@ class Fingerprints:
         if poison is not None:
             raise poison
 
+    def check_call(self, rec: list, c: Any) -> bool:
+        """:meth:`check` of prepared call ``c`` (op record ``rec``), as the watchdog's check; returns True.
+
+        The per-call entry: one frame from the communicator to the exchange
+        for a call whose signature fingerprint is known, which is most of what
+        a small allreduce costs in Python. Poisoned calls, DETAIL mode and the
+        MPI allreduce go through :meth:`check`.
+        """
+        ex = self.exchange
+        sig = getattr(c, "sig", None)
+        if ex is None or sig is None or self.detail:
+            poisoned = type(c) is Poison
+            self.check(rec[0], rec[1], rec[4], getattr(c, "rop", None), rec[3], rec[2], rec[5],
+                       c.error if poisoned else None, None if poisoned else c)
+            return True
+        seq = rec[0]
+        if not ex(sig[0] ^ seq, seq):
+            self._gather(seq, sig[1], None, always=False)
+        return True
+
     def _gather(self, seq: int, fields: list[str], poison: BaseException | None, always: bool) -> None:
         """Allgather every rank's record; raise the mismatch report on every rank if any differ."""
         mine = fields + [f"#{seq}", "" if poison is None else f"{type(poison).__name__}: {poison}"]

@@ -200,6 +200,20 @@ def cached_call_bad_op() -> None:
 cases.run("cached alloc'd call, bad op on rank 1 only", cached_call_bad_op)
 
 
+def quick_path_mismatch() -> None:
+    """Plain-array calls every rank prepared before (allreduce's quick path): a mismatch is still caught."""
+    for alg in ("native", "shm"):
+        x = np.ones(1024, np.float32)
+        for op in ("sum", "max"):
+            comm.allreduce(x, op=op, algorithm=alg)  # every rank now holds a template for both ops
+        expect(lambda: comm.allreduce(x, op="max" if R == ODD else "sum", algorithm=alg), ["op differs"])
+        # rank 1 has no float64 template (the full path) while the others take the quick one
+        y = np.ones(1024, np.float32 if R != ODD else np.float64)
+        expect(lambda: comm.allreduce(y, out=y, algorithm=alg), ["dtype differs"])
+        assert (y == 1).all(), "an array was written before the mismatch was found"
+cases.run("quick path, op and dtype differ on rank 1", quick_path_mismatch)
+
+
 def nan_inf() -> None:  # IEEE: NaN propagates through every op, Inf through sums, Inf + -Inf is NaN
     for alg in ("native", "ring", "tree", "star", "shm"):
         x = np.arange(8, dtype=np.float64)

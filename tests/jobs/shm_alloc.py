@@ -111,4 +111,57 @@ def repeated_call_changes() -> None:
     comm.allreduce(g, out=g, algorithm="shm")
     assert (g == P * (P + 1) / 2).all()
 cases.run("repeated calls on one array", repeated_call_changes)
+
+
+def quick_path_edges() -> None:
+    """Repeated allreduces of plain arrays reuse a prepared template: each call's own arrays are still checked."""
+    import gc
+    import weakref
+
+    for alg in ("native", "shm", "ring", None):
+        base = np.zeros(40_000, np.float32)
+        x, o = base[:20_000], base[20_000:]  # views of one array that do not overlap
+        for rep in range(3):
+            x[:] = R + rep
+            y = comm.allreduce(x, algorithm=alg)  # out=None: a new array each call
+            assert y is not x and (y == P * rep + P * (P - 1) / 2).all(), (alg, rep, y[:3])
+            r = comm.allreduce(x, out=o, algorithm=alg)
+            assert r is o and (o == P * rep + P * (P - 1) / 2).all(), (alg, rep, o[:3])
+            r = comm.allreduce(x, out=x, algorithm=alg)
+            assert r is x and (x == P * rep + P * (P - 1) / 2).all(), (alg, rep, x[:3])
+        # out overlapping x partly: refused as on the first call, before anything moves
+        try:
+            comm.allreduce(x, out=base[10_000:30_000], algorithm=alg)
+        except col.CollectiveValueError as exc:
+            assert "overlaps" in str(exc), exc
+        else:
+            raise AssertionError(f"{alg}: a partly overlapping out was accepted")
+        ro = np.empty_like(x)
+        ro.flags.writeable = False
+        try:
+            comm.allreduce(x, out=ro, algorithm=alg)
+        except col.CollectiveValueError as exc:
+            assert "read-only" in str(exc), exc
+        else:
+            raise AssertionError(f"{alg}: a read-only out was written")
+        strided = np.full(40_000, R, np.float32)[::2]  # not contiguous: the full path copies it
+        y = comm.allreduce(strided, algorithm=alg)
+        assert (y == P * (P - 1) / 2).all()
+        # the template keeps no user array alive
+        z = np.full(20_000, R, np.float32)
+        comm.allreduce(z, out=z, algorithm=alg)
+        ref = weakref.ref(z)
+        del z
+        gc.collect()
+        assert ref() is None, f"{alg}: a reduced array outlived its last reference"
+    # a plain array's template must not catch an alloc'd array reduced in place: that is the window path
+    a = comm.alloc(20_000, np.float32)
+    a[:] = R
+    comm.allreduce(a, out=a, algorithm="shm")
+    assert comm.watchdog.trace[-1][4] == "shm-window" and (a == P * (P - 1) / 2).all()
+    v = a[:]  # a view of the alloc'd array, not the array itself
+    v[:] = R
+    comm.allreduce(v, out=v, algorithm="shm")
+    assert comm.watchdog.trace[-1][4] == "shm-window" and (v == P * (P - 1) / 2).all()
+cases.run("quick path edges", quick_path_edges)
 cases.finish()
