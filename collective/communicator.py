@@ -50,6 +50,9 @@ SCHEDULED: frozenset[str] = frozenset(("ring", "tree", "star", "hierarchical", "
 COLLECTIVE_NAMES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
 _ROOTED = frozenset(("reduce", "broadcast"))
 _REDUCING = frozenset(("allreduce", "reduce", "reduce_scatter"))
+#: In-place shm allreduces of alloc'd arrays from this size on run in their window (shm-window); smaller ones
+#: are copied in like any array (the window paid off from 64 KiB at P = 2 and 4).
+_WINDOW_MIN_BYTES = 64 << 10
 
 
 class Work:
@@ -213,6 +216,12 @@ class Communicator:
         # shm needs the whole communicator inside one shared-memory node (real, not COLLECTIVE_NODE_SIZE).
         self._node_count = self._real_node_count()
         self.single_node: bool = self._node_count == 1
+        if self.single_node and self.size > 1 and self.watchdog._fp is not None:
+            # The shared window now, not at the first shm call: from the first collective on, the mismatch
+            # check is a node barrier and P reads (ShmArena.exchange) instead of an MPI allreduce, which
+            # halves a small native allreduce's synchronisations' cost. Its pages are touched only when
+            # shm uses them: the check itself writes one cache line per rank.
+            self._arena()
 
     # ----------------------------------------------------------------- layout
     def _discover_cluster(self) -> Cluster:
@@ -407,7 +416,8 @@ class Communicator:
             of, result = None, None
         views = None
         # Small alloc'd arrays take shm's one-phase copy-in path; the window paid off from 64 KiB (P = 2, 4).
-        if alg == "shm" and inplace and name == "allreduce" and self._shared is not None and xf.nbytes >= (64 << 10):
+        if (alg == "shm" and inplace and name == "allreduce" and self._shared is not None
+                and xf.nbytes >= _WINDOW_MIN_BYTES):
             views = self._shared.lookup(xf)
             if views is not None:
                 alg = "shm-window"  # a distinct name, so a rank passing a plain array is caught as a mismatch
@@ -713,7 +723,7 @@ class Communicator:
             # (contiguous; out absent, x itself, or a separate array of the same shape and dtype that does
             # not overlap x); the template is refilled under the lock and emptied again, so no user array
             # is kept alive. Anything else takes the full path below, which explains what is wrong; so do
-            # in-place shm calls on views, which may be alloc'd arrays (the window path).
+            # in-place shm calls on views of 64 KiB and more, which may be alloc'd arrays (the window path).
             if out is x and type(op) is str and (algorithm is None or type(algorithm) is str):
                 hot = self._hot.get(id(x))  # an alloc'd array reduced in place again (see _prepare)
                 if (hot is not None and hot[0] is x and hot[1] == ("allreduce", op, algorithm, 0)
@@ -730,7 +740,8 @@ class Communicator:
                 if out is None:
                     o = np.empty(x.shape, x.dtype)
                 elif out is x:
-                    o = x if x.flags.writeable and (x.base is None or c.algorithm != "shm") else None
+                    o = x if x.flags.writeable and (x.base is None or c.algorithm != "shm"
+                                                    or x.nbytes < _WINDOW_MIN_BYTES) else None
                 elif type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype:
                     f = out.flags
                     o = out if (f.writeable and f.c_contiguous and ((out.base is None and x.base is None)

@@ -11,3 +11,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if hasattr(os, "geteuid") and os.geteuid() == 0:
     os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+
+# The in-process communicators (P=1) make pytest itself an MPI singleton, and Open MPI leaves a singleton's
+# shared-memory file behind: keep it in a directory of this session, removed at exit. Jobs started by
+# mpi_util.mpirun get a directory each (mpi_util.private_backing_dir).
+if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) and "OMPI_MCA_btl_sm_backing_directory" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _backing = tempfile.mkdtemp(prefix="collective-pytest-", dir="/dev/shm")
+    os.environ["OMPI_MCA_btl_sm_backing_directory"] = _backing
+    atexit.register(shutil.rmtree, _backing, True)

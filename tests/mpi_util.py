@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,21 @@ class JobResult:
     def failures(self) -> list[str]:
         """The lines in which a rank reported a failure."""
         return [ln for ln in self.output.splitlines() if "FAIL" in ln or "Traceback" in ln or "Error" in ln]
+
+
+def private_backing_dir(env: dict[str, str]) -> str | None:
+    """A fresh directory for one job's Open MPI shared-memory files (set in ``env``), or None without /dev/shm.
+
+    A job killed on a timeout (SIGKILL to the whole session) leaves its
+    ``sm_segment`` files behind; a later job whose id hashes to the same name
+    would reuse the stale file, contents and all. Each job's own directory,
+    removed when it ends, rules that out.
+    """
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        return None
+    path = tempfile.mkdtemp(prefix="collective-job-", dir="/dev/shm")
+    env["OMPI_MCA_btl_sm_backing_directory"] = path
+    return path
 
 
 def mpirun(script: str | Path, nprocs: int, args: list[str] | None = None, timeout: float = 120,
@@ -51,6 +68,7 @@ def mpirun(script: str | Path, nprocs: int, args: list[str] | None = None, timeo
     cmd, e = mpiexec_command(["-n", str(nprocs), "--oversubscribe", sys.executable, *(python_args or []), str(script),
                               *(args or [])], e)
     e["OMPI_MCA_mpi_yield_when_idle"] = "1"
+    backing = private_backing_dir(e)  # replaces pytest's own (conftest): each job has its own
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e, start_new_session=True,
                          cwd=str(ROOT))
@@ -61,6 +79,9 @@ def mpirun(script: str | Path, nprocs: int, args: list[str] | None = None, timeo
         timed_out = True
         _dump_and_kill(p.pid)
         out, _ = p.communicate()
+    finally:
+        if backing is not None:
+            shutil.rmtree(backing, ignore_errors=True)
     text = out.decode(errors="replace")
     return JobResult(p.returncode, text, timed_out, time.monotonic() - t0)
 

@@ -83,3 +83,37 @@ def test_launcher_adds_oversubscribe_and_root(monkeypatch: pytest.MonkeyPatch) -
     if os.geteuid() == 0:
         assert env["OMPI_ALLOW_RUN_AS_ROOT"] == "1"
     assert _nprocs(["--np=3", "a"]) == 3 and _nprocs(["a"]) is None
+
+
+def test_launcher_does_not_initialise_mpi() -> None:
+    """collective-run only launches: importing it must not make the launcher an MPI process."""
+    import subprocess
+    import sys
+
+    code = "import sys, collective.run, collective; print('mpi4py.MPI' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_launcher_leaves_no_shared_memory_files() -> None:
+    """collective-run and a job that dies (a rank kills itself) leave nothing in /dev/shm.
+
+    The launcher used to import mpi4py.MPI (through the package), which made it
+    an MPI singleton whose 16 MB shared-memory file Open MPI never removed.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    before = set(os.listdir("/dev/shm"))
+    code = ("import os, signal, numpy as np, collective; c = collective.init(); c.allreduce(np.ones(4)); "
+            "os.kill(os.getpid(), signal.SIGKILL) if c.rank == 1 else c.barrier()")
+    env = {k: v for k, v in os.environ.items() if k != "OMPI_MCA_btl_sm_backing_directory"}
+    env["COLLECTIVE_TIMEOUT"] = "20"
+    res = subprocess.run([sys.executable, "-m", "collective.run", "-n", "2", sys.executable, "-c", code], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0, res.stdout + res.stderr
+    left = sorted(f for f in set(os.listdir("/dev/shm")) - before if f.startswith(("sm_segment", "collective-job-")))
+    assert not left, f"left in /dev/shm: {left}"

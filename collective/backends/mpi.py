@@ -13,23 +13,24 @@ import os as _os
 # a shared window is created; the shared-memory component does the job.
 _os.environ.setdefault("OMPI_MCA_osc", "^ucx")
 
-try:
-    from mpi4py import MPI
-except ImportError as _exc:  # pragma: no cover - depends on the environment
-    MPI = None
-    _IMPORT_ERROR: Exception | None = _exc
-else:
-    _IMPORT_ERROR = None
+# Imported on first use, not with the package: importing mpi4py.MPI initialises MPI, which a process that
+# only launches jobs (collective-run, the test runner) must not do: it cost a second, and Open MPI left that
+# singleton's shared-memory file in /dev/shm for good.
+MPI: Any = None
 
 __all__ = ["MPIBackend", "require_mpi", "mpi_dtype", "mpi_op"]
 
 
 def require_mpi() -> Any:
-    """The mpi4py ``MPI`` module, or BackendUnavailableError saying what to install."""
+    """The mpi4py ``MPI`` module (importing it initialises MPI), or BackendUnavailableError saying what to install."""
+    global MPI
     if MPI is None:
-        raise BackendUnavailableError(
-            f"mpi4py cannot be imported ({_IMPORT_ERROR}); install it with: pip install 'collective[mpi]'"
-        )
+        try:
+            from mpi4py import MPI as mod
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise BackendUnavailableError(
+                f"mpi4py cannot be imported ({exc}); install it with: pip install 'collective[mpi]'") from None
+        MPI = mod
     return MPI
 
 
@@ -48,7 +49,8 @@ def mpi_dtype(dtype: np.dtype) -> Any | None:
              ("u", 1): "UINT8_T", ("u", 2): "UINT16_T", ("u", 4): "UINT32_T", ("u", 8): "UINT64_T"}
     name = fixed.get((dtype.kind, dtype.itemsize))
     try:
-        t = getattr(MPI, name) if name else MPI._typedict.get(dtype.char)
+        M = require_mpi()
+        t = getattr(M, name) if name else M._typedict.get(dtype.char)
     except Exception:
         t = None
     _DTYPE_CACHE[dtype] = t
@@ -77,9 +79,9 @@ def mpi_op(name: str, dtype: np.dtype | None = None) -> Any:
                 b = np.frombuffer(inoutbuf, dtype)
                 ufunc(np.frombuffer(inbuf, dtype), b, out=b)
 
-            op = _USER_OPS[(name, dtype)] = MPI.Op.Create(combine, commute=True)
+            op = _USER_OPS[(name, dtype)] = require_mpi().Op.Create(combine, commute=True)
         return op
-    return getattr(MPI, name)
+    return getattr(require_mpi(), name)
 
 
 class MPIBackend:
