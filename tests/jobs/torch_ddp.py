@@ -142,10 +142,15 @@ run("ddp", "ddp sgd no overlap, private memory", lambda: equivalence(SMALL, "sgd
 
 
 def bucket_layout() -> None:
-    m = DistributedDataParallel(mlp(MEDIUM), comm)
+    total = 4 * sum(p.numel() for p in mlp(MEDIUM).parameters())
+    one = DistributedDataParallel(mlp(MEDIUM), comm, overlap=False)  # inline: one meeting of the ranks per step
+    assert one.bucket_sizes == [total], one.bucket_sizes
+    default = DistributedDataParallel(mlp(MEDIUM), comm)
+    assert len(default.bucket_sizes) == (2 if default.overlap else 1), (default.overlap, default.bucket_sizes)
+    m = DistributedDataParallel(mlp(MEDIUM), comm, overlap=True)
     sizes = m.bucket_sizes
     assert sizes[0] <= 1 << 20 and len(sizes) == 2, sizes
-    assert sum(sizes) == 4 * sum(p.numel() for p in m.parameters()), sizes
+    assert sum(sizes) == total, sizes
     g = torch.Generator().manual_seed(3)
     x = torch.randn(8, MEDIUM[0], generator=g)
     m(x).sum().backward()
