@@ -10,7 +10,10 @@ Method (absolute times drift up to 4x between runs here, ratios inside one
 run do not): within each size every case runs once per iteration, in a
 round-robin order shuffled each round (the same seed on every rank), so no
 case always runs after the same neighbour and inherits its after-effects
-(a Gloo thread still spinning, caches full of another buffer); a barrier on the
+(caches full of another buffer); the ``gloo`` cases run after the others, each
+iteration of them in turn, because any call right after a Gloo all_reduce ran
+3-5x slower here, native MPI's included, even 10 ms later (a rank that
+blocked in Gloo comes back to cold caches); a barrier on the
 benchmark's own MPI communicator precedes every timed call; a call's time is
 the slowest rank's (a native MPI Allreduce(MAX) of the per-iteration times);
 the reported time is the median over iterations and the spread their
@@ -514,18 +517,26 @@ class _Run:
         gc.collect()
         gc_was = gc.isenabled()
         gc.disable()  # a collection inside a timed call would be charged to whichever case ran it
+        mixed = np.array([i for i, cs in enumerate(cases) if cs.col != "gloo"], np.int64)
+        apart = [i for i, cs in enumerate(cases) if cs.col == "gloo"]  # after the others: see the module docstring
         # A rotation would keep every case's predecessor fixed (the sequence is one cycle): shuffle instead.
-        orders = np.random.default_rng(20240531).permuted(np.tile(np.arange(k), (o.warmup + n, 1)), axis=1)
+        orders = np.random.default_rng(20240531).permuted(np.tile(mixed, (o.warmup + n, 1)), axis=1)
+        def timed(i: int, it: int) -> None:
+            fn = cases[i].fn
+            barrier()
+            t0 = clock()
+            fn()
+            t1 = clock()
+            if it >= 0:  # else a warm-up iteration
+                t[i, it] = t1 - t0
+
         try:
             for it in range(-o.warmup, n):
                 for i in orders[it + o.warmup]:
-                    fn = cases[i].fn
-                    barrier()
-                    t0 = clock()
-                    fn()
-                    t1 = clock()
-                    if it >= 0:
-                        t[i, it] = t1 - t0
+                    timed(i, it)
+            for it in range(-o.warmup, n):
+                for i in apart:
+                    timed(i, it)
         finally:
             if gc_was:
                 gc.enable()

@@ -179,7 +179,8 @@ class TextReporter:
             f"# busbw = algbw x {FACTOR_TEXT[res.collective]} = {res.factor:.3f}; time = median over iterations of "
             "the slowest rank; iqr = interquartile range / median",
             "# each size runs the columns interleaved round-robin, shuffled each round, with their own buffers, a "
-            "barrier before every timed call; compare columns as ratios within one run",
+            "barrier before every timed call (gloo after the others: a Gloo call slows whatever follows it); "
+            "compare columns as ratios within one run",
             "#",
             *self.layout.header(opts),
         )

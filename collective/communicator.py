@@ -723,7 +723,7 @@ class Communicator:
             # (contiguous; out absent, x itself, or a separate array of the same shape and dtype that does
             # not overlap x); the template is refilled under the lock and emptied again, so no user array
             # is kept alive. Anything else takes the full path below, which explains what is wrong; so do
-            # in-place shm calls on views of 64 KiB and more, which may be alloc'd arrays (the window path).
+            # in-place shm calls on alloc'd arrays of 64 KiB and more (the window path).
             if out is x and type(op) is str and (algorithm is None or type(algorithm) is str):
                 hot = self._hot.get(id(x))  # an alloc'd array reduced in place again (see _prepare)
                 if (hot is not None and hot[0] is x and hot[1] == ("allreduce", op, algorithm, 0)
@@ -741,7 +741,8 @@ class Communicator:
                     o = np.empty(x.shape, x.dtype)
                 elif out is x:
                     o = x if x.flags.writeable and (x.base is None or c.algorithm != "shm"
-                                                    or x.nbytes < _WINDOW_MIN_BYTES) else None
+                                                    or x.nbytes < _WINDOW_MIN_BYTES or self._shared is None
+                                                    or self._shared.lookup(x) is None) else None
                 elif type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype:
                     f = out.flags
                     o = out if (f.writeable and f.c_contiguous and ((out.base is None and x.base is None)

@@ -324,8 +324,14 @@ class SharedArrays:
         shapes). The views are cached per (address, size, dtype), so a
         training loop's repeated calls on the same buckets build nothing.
         """
-        if a.base is None:  # owns its memory, so not a view of a window (the common case, decided in 30 ns)
+        b = a.base
+        if b is None:  # owns its memory, so not a view of a window (the common case, decided in 30 ns)
             return None
+        while type(b) is np.ndarray:  # a view (of a view...): an array that owns its memory at the root is
+            nb = b.base               # a plain one; a window's roots in the MPI buffer it was made from
+            if nb is None:
+                return None
+            b = nb
         addr = a.__array_interface__["data"][0]
         key = (addr, a.nbytes, a.dtype)
         views = self._views.get(key)
