@@ -745,7 +745,7 @@ class Communicator:
                                                     or self._shared.lookup(x) is None) else None
                 elif type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype:
                     f = out.flags
-                    o = out if (f.writeable and f.c_contiguous and ((out.base is None and x.base is None)
+                    o = out if (f.writeable and f.c_contiguous and ((f.owndata and x.flags.owndata)
                                                                     or not np.may_share_memory(out, x))) else None
                 else:
                     o = None
@@ -927,6 +927,9 @@ class Communicator:
             self._queue.put(None)
             self._worker.join()
             self._worker = None
+        if self._shm_arena is not None:  # collective over the node, like the free below over every rank
+            self._shm_arena.free()
+            self._shm_arena = None
         self._backend.free()
 
     def __repr__(self) -> str:

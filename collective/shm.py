@@ -289,6 +289,9 @@ class ShmArena:
 
     def free(self) -> None:
         """Release the window (collective over the node)."""
+        self.flags = []
+        self._regions.clear()
+        self.segs = []
         self.win.Unlock_all()
         self.win.Free()
 

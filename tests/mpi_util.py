@@ -68,12 +68,13 @@ def mpirun(script: str | Path, nprocs: int, args: list[str] | None = None, timeo
     cmd, e = mpiexec_command(["-n", str(nprocs), "--oversubscribe", sys.executable, *(python_args or []), str(script),
                               *(args or [])], e)
     e["OMPI_MCA_mpi_yield_when_idle"] = "1"
-    backing = private_backing_dir(e)  # replaces pytest's own (conftest): each job has its own
+    # Each job gets its own shared-memory directory (not pytest's, see conftest), unless the caller chose one.
+    backing = None if env and "OMPI_MCA_btl_sm_backing_directory" in env else private_backing_dir(e)
     t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e, start_new_session=True,
-                         cwd=str(ROOT))
     timed_out = False
     try:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e, start_new_session=True,
+                             cwd=str(ROOT))
         out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True

@@ -135,7 +135,13 @@ class DistributedDataParallel(torch.nn.Module):
         self.algorithm = algorithm
         self.broadcast_buffers = broadcast_buffers
         self.find_unused_parameters = find_unused_parameters
-        self.overlap = _spare_core(self.comm) if overlap is None else bool(overlap)
+        if overlap is None:
+            # Whether a core is spare is each rank's own view (its affinity, its torch threads), but the bucket
+            # layout follows from it and must be the same on every rank: overlap only if every rank can.
+            spare = np.array([1 if _spare_core(self.comm) else 0], np.int32)
+            self.overlap = bool(self.comm.allreduce(spare, op="min")[0]) if self.comm.size > 1 else bool(spare[0])
+        else:
+            self.overlap = bool(overlap)
         if not self.overlap and bucket_mb is None and first_bucket_mb is None and not os.environ.get("COLLECTIVE_BUCKET_MB"):
             # Reduced inline, buckets overlap nothing and each one is a meeting point of the ranks, where the
             # faster waits out the slower's jitter: one bucket, one meeting per step (measured here, P=2 on

@@ -176,6 +176,24 @@ def env_bucket_mb() -> None:
 run("more", "COLLECTIVE_BUCKET_MB", env_bucket_mb)
 
 
+def overlap_agreed() -> None:
+    """Ranks that see a spare core differently still build one bucket layout (the default overlap is agreed)."""
+    import trainer.torch as tt
+
+    real = tt._spare_core
+    tt._spare_core = lambda comm: comm.rank == 0  # only rank 0 thinks it has a core to spare
+    try:
+        m = DistributedDataParallel(mlp(MEDIUM), comm)
+    finally:
+        tt._spare_core = real
+    assert not m.overlap, "rank 0 alone had a spare core, so nobody overlaps"
+    layouts = comm._backend.comm.allgather(tuple(m.bucket_sizes))
+    assert len(set(layouts)) == 1, layouts
+
+
+run("more", "default overlap agreed across ranks", overlap_agreed)
+
+
 def no_sync() -> None:
     data = batches(SMALL, 12)
     ours = train(DistributedDataParallel(mlp(SMALL), comm, bucket_mb=0.004, first_bucket_mb=0.001), data,
