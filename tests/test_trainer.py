@@ -120,6 +120,12 @@ def test_bucket_caps_argument_env_default(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("COLLECTIVE_BUCKET_MB", "lots")
     with pytest.raises(ValueError, match="COLLECTIVE_BUCKET_MB"):
         bucket_caps()
+    # nothing overlaps: one bucket, unless a cap is given somewhere
+    monkeypatch.delenv("COLLECTIVE_BUCKET_MB")
+    assert bucket_caps(overlap=False) == (1 << 62, 1 << 62)
+    assert bucket_caps(2.0, overlap=False) == (1 << 20, 2 << 20)
+    monkeypatch.setenv("COLLECTIVE_BUCKET_MB", "4")
+    assert bucket_caps(overlap=False) == (1 << 20, 4 << 20)
 
 
 def test_buckets_reverse_order_capped_and_views() -> None:

@@ -6,8 +6,8 @@ registration order (the order backward produces gradients) and capped like the
 NumPy trainer's (``trainer.buckets.bucket_caps``: a first bucket of 1 MB so
 communication starts early, 25 MB after, ``COLLECTIVE_BUCKET_MB``) when they
 are reduced on the communication thread; reduced inline (no core to spare),
-all gradients share one bucket unless caps are given. Every parameter has a
-*slot*: a view of its shape into its bucket's buffer.
+all gradients share one bucket unless caps are given, by the same rule.
+Every parameter has a *slot*: a view of its shape into its bucket's buffer.
 
 One step, on each rank::
 
@@ -142,13 +142,8 @@ class DistributedDataParallel(torch.nn.Module):
             self.overlap = bool(self.comm.allreduce(spare, op="min")[0]) if self.comm.size > 1 else bool(spare[0])
         else:
             self.overlap = bool(overlap)
-        if not self.overlap and bucket_mb is None and first_bucket_mb is None and not os.environ.get("COLLECTIVE_BUCKET_MB"):
-            # Reduced inline, buckets overlap nothing and each one is a meeting point of the ranks, where the
-            # faster waits out the slower's jitter: one bucket, one meeting per step (measured here, P=2 on
-            # 2 cores, five runs each: 1.11-1.31x local per step with one bucket, 1.13-1.47x with 1 + 25 MB).
-            self.first_cap = self.cap = 1 << 62
-        else:
-            self.first_cap, self.cap = bucket_caps(bucket_mb, first_bucket_mb)
+        # Reduced inline, buckets overlap nothing: one bucket unless caps are given (as in the NumPy trainer)
+        self.first_cap, self.cap = bucket_caps(bucket_mb, first_bucket_mb, self.overlap)
         params: list[torch.nn.Parameter] = []
         seen: set[int] = set()
         for name, p in module.named_parameters():
