@@ -117,3 +117,19 @@ def test_launcher_leaves_no_shared_memory_files() -> None:
     assert res.returncode != 0, res.stdout + res.stderr
     left = sorted(f for f in set(os.listdir("/dev/shm")) - before if f.startswith(("sm_segment", "collective-job-")))
     assert not left, f"left in /dev/shm: {left}"
+
+
+def test_singleton_leaves_no_shared_memory_files() -> None:
+    """``python script.py`` without a launcher (an MPI singleton) leaves nothing in /dev/shm either."""
+    import subprocess
+    import sys
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    before = set(os.listdir("/dev/shm"))
+    code = "import numpy as np, collective; c = collective.init(); assert c.allreduce(np.ones(4))[0] == 1"
+    env = {k: v for k, v in os.environ.items() if k != "OMPI_MCA_btl_sm_backing_directory"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    left = sorted(f for f in set(os.listdir("/dev/shm")) - before if f.startswith(("sm_segment", "collective-")))
+    assert not left, f"left in /dev/shm: {left}"

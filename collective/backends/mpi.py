@@ -21,10 +21,35 @@ MPI: Any = None
 __all__ = ["MPIBackend", "require_mpi", "mpi_dtype", "mpi_op"]
 
 
+def _singleton_backing_dir() -> None:
+    """Give a process started without a launcher its own directory for Open MPI's shared-memory file.
+
+    Open MPI (5.0.x) never removes a singleton's ``sm_segment`` file from
+    /dev/shm, so every ``python script.py`` would leave 16 MB there; a later
+    job whose id hashes to the same name reuses the stale file and can crash in
+    its first collective. A private directory, removed at exit, avoids both.
+    Launched ranks (mpiexec sets PMIX_RANK) and a user's own setting are left alone.
+    """
+    env = _os.environ
+    if any(k in env for k in ("PMIX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "OMPI_MCA_btl_sm_backing_directory")):
+        return
+    if not _os.path.isdir("/dev/shm") or not _os.access("/dev/shm", _os.W_OK):
+        return
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="collective-singleton-", dir="/dev/shm")
+    env["OMPI_MCA_btl_sm_backing_directory"] = path
+    # Runs before mpi4py's finalisation (which unlinks nothing here); removing a mapped file is harmless on Linux.
+    atexit.register(shutil.rmtree, path, True)
+
+
 def require_mpi() -> Any:
     """The mpi4py ``MPI`` module (importing it initialises MPI), or BackendUnavailableError saying what to install."""
     global MPI
     if MPI is None:
+        _singleton_backing_dir()
         try:
             from mpi4py import MPI as mod
         except ImportError as exc:  # pragma: no cover - depends on the environment
