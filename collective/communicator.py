@@ -317,16 +317,10 @@ class Communicator:
         return cls(f"{describe(name, self.rank, self.size, shape, dtype, alg)}: {what}")
 
     def _prepare(self, name: str, x: Any, op: Any, algorithm: str | None, root: int, out: Any) -> _Call:
-        if out is x and type(x) is np.ndarray and type(op) is str and (algorithm is None or type(algorithm) is str):
-            # A training loop reduces the same alloc'd buckets every step: reuse the prepared call (every
-            # check already passed for this very array object; only its mutable attributes can differ).
-            # Only plain str/None arguments are compared here: anything else takes the full path, whose
-            # errors reach the other ranks through the check.
-            hot = self._hot.get(id(x))
-            if (hot is not None and hot[0] is x and hot[1] == (name, op, algorithm, root)
-                    and x.shape == hot[2].shape and x.dtype == hot[2].dtype and x.flags.writeable
-                    and x.flags.c_contiguous):
-                return hot[2]
+        if out is x and type(x) is np.ndarray:
+            hot = self._hot_call(name, x, op, algorithm, root)
+            if hot is not None:
+                return hot
         if type(x) is not np.ndarray and is_device_array(x):
             # CuPy & co: NCCL, or MPI (CUDA-aware or staged); run by DeviceCollectives in _dispatch/_submit.
             return DeviceRequest(name, x, op, algorithm, root, out)  # type: ignore[return-value]
@@ -349,6 +343,24 @@ class Communicator:
                 else:
                     self._submit(p)
             raise
+
+    def _hot_call(self, name: str, x: np.ndarray, op: Any, algorithm: Any, root: int) -> _Call | None:
+        """The prepared in-place call on alloc'd array ``x`` when this one repeats it, else None.
+
+        A training loop reduces the same alloc'd buckets every step: every
+        check already passed for this very array object; only its mutable
+        attributes can differ. Only plain str/None arguments are compared:
+        anything else takes the full path, whose errors reach the other ranks
+        through the check.
+        """
+        if type(op) is not str or not (algorithm is None or type(algorithm) is str):
+            return None
+        hot = self._hot.get(id(x))
+        if (hot is not None and hot[0] is x and hot[1] == (name, op, algorithm, root)
+                and x.shape == hot[2].shape and x.dtype == hot[2].dtype and x.flags.writeable
+                and x.flags.c_contiguous):
+            return hot[2]
+        return None
 
     def _prepare_args(self, name: str, x: Any, op: Any, algorithm: str | None, root: int, out: Any) -> _Call:
         if type(x) is np.ndarray:
@@ -426,11 +438,14 @@ class Communicator:
         if (name == "allreduce" and views is None and type(x) is np.ndarray and type(op) is str
                 and (algorithm is None or type(algorithm) is str) and (out is None or type(out) is np.ndarray)):
             # Every check of this signature passed: the next call like it takes allreduce's quick path (a
-            # template of its own, holding no array, so a user's arrays are never kept alive).
-            if len(self._quick_calls) >= 256:
-                self._quick_calls.clear()
-            self._quick_calls[(shape, dtype, op, algorithm)] = _Call(name, None, shape, dtype, rop, alg, root,  # type: ignore[arg-type]
-                                                                     None, None, blocks, False, plan)
+            # template of its own, holding no array, so a user's arrays are never kept alive). Made once:
+            # allreduce_async comes through here every call.
+            key = (shape, dtype, op, algorithm)
+            if key not in self._quick_calls:
+                if len(self._quick_calls) >= 256:
+                    self._quick_calls.clear()
+                self._quick_calls[key] = _Call(name, None, shape, dtype, rop, alg, root,  # type: ignore[arg-type]
+                                               None, None, blocks, False, plan)
         if views is not None and out is x:
             # Only calls on alloc'd arrays are kept: that memory lives as long as the communicator anyway,
             # whereas keeping a user's plain arrays would keep them alive.
@@ -724,14 +739,12 @@ class Communicator:
             # not overlap x); the template is refilled under the lock and emptied again, so no user array
             # is kept alive. Anything else takes the full path below, which explains what is wrong; so do
             # in-place shm calls on alloc'd arrays of 64 KiB and more (the window path).
-            if out is x and type(op) is str and (algorithm is None or type(algorithm) is str):
-                hot = self._hot.get(id(x))  # an alloc'd array reduced in place again (see _prepare)
-                if (hot is not None and hot[0] is x and hot[1] == ("allreduce", op, algorithm, 0)
-                        and x.shape == hot[2].shape and x.dtype == hot[2].dtype and x.flags.writeable
-                        and x.flags.c_contiguous):
+            if out is x:
+                hot = self._hot_call("allreduce", x, op, algorithm, 0)
+                if hot is not None:
                     with self._lock:
                         if not self._pending:
-                            return self._execute(hot[2])
+                            return self._execute(hot)
             try:
                 c = self._quick_calls.get((x.shape, x.dtype, op, algorithm))
             except TypeError:  # an unhashable op or algorithm
@@ -928,6 +941,8 @@ class Communicator:
             self._worker.join()
             self._worker = None
         if self._shm_arena is not None:  # collective over the node, like the free below over every rank
+            if self.watchdog._fp is not None:
+                self.watchdog._fp.exchange = None
             self._shm_arena.free()
             self._shm_arena = None
         self._backend.free()

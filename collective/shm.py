@@ -196,18 +196,21 @@ class ShmArena:
         """Elements of ``dtype`` per chunk."""
         return self.chunk // dtype.itemsize
 
+    def _chunks(self, n: int, dtype: np.dtype) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+        """Per chunk of ``n`` elements: (start, stop, every rank's region for it), counting the chunks done."""
+        step = self.chunk_elems(dtype)
+        for c0 in range(0, n, step):
+            g = self.chunks_done
+            self.chunks_done = g + 1
+            yield c0, min(n, c0 + step), self.regions(g, dtype)
+
     def _filled(self, x: np.ndarray, first: Callable[[], Any] | None) -> Iterator[tuple[int, int, list[np.ndarray]]]:
         """Per chunk of ``x``: copy it into this rank's region and end the phase; yield (start, stop, regions).
 
         The first chunk's phase is ``first`` when given (see :meth:`arrive`).
         """
-        n, step = x.size, self.chunk_elems(x.dtype)
         mine = self.rank
-        for c0 in range(0, n, step):
-            c1 = min(n, c0 + step)
-            g = self.chunks_done
-            self.chunks_done = g + 1
-            regs = self.regions(g, x.dtype)
+        for c0, c1, regs in self._chunks(x.size, x.dtype):
             np.copyto(regs[mine][:c1 - c0], x[c0:c1])
             self.arrive(first) if first is not None and c0 == 0 else self.phase()
             yield c0, c1, regs
@@ -254,14 +257,8 @@ class ShmArena:
     def broadcast(self, out: np.ndarray, root: int) -> None:
         """Copy ``root``'s ``out`` (1-D, contiguous) into every rank's ``out``."""
         r = self.rank
-        n = out.size
-        step = self.chunk_elems(out.dtype)
         phase = self.phase
-        for c0 in range(0, n, step):
-            c1 = min(n, c0 + step)
-            g = self.chunks_done
-            self.chunks_done = g + 1
-            regs = self.regions(g, out.dtype)
+        for c0, c1, regs in self._chunks(out.size, out.dtype):
             if r == root:
                 np.copyto(regs[r][:c1 - c0], out[c0:c1])
             # One phase per chunk: writing region g % 2 again at chunk g+2 happens after every rank
