@@ -18,7 +18,8 @@ __all__ = ["Options", "parse_args", "parse_size", "size_sweep", "format_size", "
 COLLECTIVES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
 #: Reference columns that are not algorithms of the library.
 REFERENCE_ALGORITHMS: tuple[str, ...] = ("gloo", "memcpy")
-#: Library variants that are not algorithm names: "alloc" is shm on a comm.alloc() buffer, in place;
+#: Library variants that are not algorithm names: "alloc" is shm on comm.alloc() buffers (in place, and out of
+#: place from one such buffer into another);
 #: "native-lib" is the library's native algorithm (MPI's own behind collective's checks and dispatch), while the
 #: "native" column is MPI's own called straight through mpi4py, the baseline every ratio is against.
 VARIANTS: tuple[str, ...] = ("alloc", "native-lib")
@@ -227,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="element type, e.g. float32, float16, bfloat16, int32 (default float32)")
     p.add_argument("-a", "--algorithms", default="all", metavar="LIST",
                    help="comma list of columns: native, ring, tree, star, auto, gloo (torch.distributed), "
-                        "memcpy (local copy reference), alloc (shm on a comm.alloc buffer, in place, allreduce on one "
-                        "node); default all")
+                        "memcpy (local copy reference), alloc (shm on comm.alloc buffers: in place, and from one into "
+                        "another; allreduce on one node); default all")
     p.add_argument("--collective", default="allreduce", metavar="NAME[,NAME]",
                    help="allreduce, reduce, broadcast, reduce_scatter, allgather, a comma list, or all "
                         "(default allreduce)")

@@ -244,8 +244,6 @@ def modes_of(col: str, coll: str) -> tuple[str, ...]:
     """The modes a column has for a collective (memcpy and reduce_scatter/allgather: out-of-place only)."""
     if col == "memcpy" or coll not in _IN_PLACE_COLLECTIVES:
         return (OOP,)
-    if col == "alloc":  # the array lives in the shared window and is reduced where it lies
-        return (IP,)
     return MODES
 
 
@@ -447,7 +445,10 @@ class _Run:
         bufs = {c: (_Buffers(max_count, max_count, False, dtype) if c == "memcpy" else
                     _Buffers(max_in, max_out, IP in modes[c], dtype)) for c in cols}
         if "alloc" in bufs:  # collective: every rank reaches it in the same column order
-            bufs["alloc"].z = self.comm.alloc(max_in, dtype)
+            b = bufs["alloc"]  # in place on one window; out of place from one window into another
+            b.x, b.o, b.z = (self.comm.alloc(n, dtype) for n in (max_in, max_out, max_in))
+            for a in (b.x, b.o, b.z):
+                a[...] = 0  # touched now, like the other columns' buffers
         seen_notes: set[str] = set(notes)
         for size, (count, n_in, n_out) in zip(sizes, shapes):
             row = self.one_size(coll, root, cols, modes, bufs, count, n_in, n_out, factor, seen_notes, res)

@@ -50,8 +50,8 @@ SCHEDULED: frozenset[str] = frozenset(("ring", "tree", "star", "hierarchical", "
 COLLECTIVE_NAMES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
 _ROOTED = frozenset(("reduce", "broadcast"))
 _REDUCING = frozenset(("allreduce", "reduce", "reduce_scatter"))
-#: In-place shm allreduces of alloc'd arrays from this size on run in their window (shm-window); smaller ones
-#: are copied in like any array (the window paid off from 64 KiB at P = 2 and 4).
+#: shm allreduces of alloc'd arrays (in place, or into another alloc'd array) from this size on run in their
+#: window (shm-window); smaller ones are copied in like any array (the window paid off from 64 KiB at P = 2, 4).
 _WINDOW_MIN_BYTES = 64 << 10
 
 
@@ -101,7 +101,7 @@ class _Call:
     """A prepared collective: every argument checked, the result allocated."""
 
     __slots__ = ("name", "xf", "shape", "dtype", "rop", "algorithm", "root", "of", "result", "blocks", "inplace",
-                 "plan", "views", "sig", "mpi")
+                 "plan", "views", "out_views", "sig", "mpi")
 
     def __init__(self, name: str, xf: np.ndarray, shape: tuple, dtype: np.dtype, rop: ReduceOp | None,
                  algorithm: str, root: int, of: np.ndarray | None, result: Any, blocks: tuple | None,
@@ -109,7 +109,8 @@ class _Call:
         self.name, self.xf, self.shape, self.dtype, self.rop = name, xf, shape, dtype, rop
         self.algorithm, self.root, self.of, self.result, self.blocks = algorithm, root, of, result, blocks
         self.inplace, self.plan = inplace, plan
-        self.views: list[np.ndarray] | None = None  # every rank's view of an alloc'd array (shm-window)
+        self.views: list[np.ndarray] | None = None  # every rank's view of an alloc'd input (shm-window)
+        self.out_views: list[np.ndarray] | None = None  # ... and of its alloc'd output (views itself in place)
         self.sig: Any = None  # the fingerprint of this call's signature, once the check computed it (reused calls)
         self.mpi: Any = None  # (MPI datatype, MPI op) of a native call, once it ran (reused calls)
 
@@ -426,15 +427,20 @@ class Communicator:
             result = o if wrap is None else wrap(o)
         else:
             of, result = None, None
-        views = None
+        views = out_views = None
         # Small alloc'd arrays take shm's one-phase copy-in path; the window paid off from 64 KiB (P = 2, 4).
-        if (alg == "shm" and inplace and name == "allreduce" and self._shared is not None
-                and xf.nbytes >= _WINDOW_MIN_BYTES):
-            views = self._shared.lookup(xf)
-            if views is not None:
-                alg = "shm-window"  # a distinct name, so a rank passing a plain array is caught as a mismatch
+        if (alg == "shm" and name == "allreduce" and self._shared is not None and xf.nbytes >= _WINDOW_MIN_BYTES
+                and (inplace or (of is not None and of.base is not None))):
+            found = self._shared.lookup(xf)
+            dst = found if inplace or found is None else self._shared.lookup(of)
+            if found is not None and dst is not None:
+                # A distinct name, so a rank passing a plain array is caught as a mismatch; the windows'
+                # numbers are in it too, since ranks reducing different windows would each update only
+                # their own slice of each.
+                alg = f"shm-window#{found[0]}" if inplace else f"shm-window#{found[0]}->#{dst[0]}"
+                views, out_views = found[1], dst[1]
         c = _Call(name, xf, shape, dtype, rop, alg, root, of, result, blocks, inplace, plan)
-        c.views = views
+        c.views, c.out_views = views, out_views
         if (name == "allreduce" and views is None and type(x) is np.ndarray and type(op) is str
                 and (algorithm is None or type(algorithm) is str) and (out is None or type(out) is np.ndarray)):
             # Every check of this signature passed: the next call like it takes allreduce's quick path (a
@@ -532,14 +538,14 @@ class Communicator:
             if wd.check is not None:  # cross-rank fingerprint: a mismatch raises on every rank before data moves
                 # shm's first phase is the check (ShmArena.arrive), once the arena exists: creating it is
                 # collective, and a rank whose call differs must meet the check, not the arena's set-up.
-                if ((alg == "shm" or alg == "shm-window") and c.name != "broadcast" and c.xf.size
+                if ((alg == "shm" or c.views is not None) and c.name != "broadcast" and c.xf.size
                         and self._shm_arena is not None):
                     first = functools.partial(wd.check, rec, c)
                 else:
                     wd.check(rec, c)
             if alg == "native":
                 self._native(c)
-            elif alg == "shm" or alg == "shm-window":
+            elif alg == "shm" or c.views is not None:
                 self._shm(c, first)
             else:
                 self._scheduled(c)
@@ -585,8 +591,8 @@ class Communicator:
     def _shm(self, c: _Call, first: Callable[[], Any] | None = None) -> None:
         ar = self._arena()
         name, xf, of, rop = c.name, c.xf, c.of, c.rop
-        if c.algorithm == "shm-window":
-            self._shared.allreduce_inplace(c.views, rop.ufunc, self._finish_avg if rop.average else None, first)
+        if c.views is not None:
+            self._shared.allreduce(c.views, c.out_views, rop.ufunc, self._finish_avg if rop.average else None, first)
             return
         if name == "allreduce":
             ar.allreduce(xf, of, rop.ufunc, None, first)
@@ -738,7 +744,7 @@ class Communicator:
             # (contiguous; out absent, x itself, or a separate array of the same shape and dtype that does
             # not overlap x); the template is refilled under the lock and emptied again, so no user array
             # is kept alive. Anything else takes the full path below, which explains what is wrong; so do
-            # in-place shm calls on alloc'd arrays of 64 KiB and more (the window path).
+            # shm calls on alloc'd arrays of 64 KiB and more, in place or into alloc'd arrays (the window path).
             if out is x:
                 hot = self._hot_call("allreduce", x, op, algorithm, 0)
                 if hot is not None:
@@ -760,6 +766,10 @@ class Communicator:
                     f = out.flags
                     o = out if (f.writeable and f.c_contiguous and ((f.owndata and x.flags.owndata)
                                                                     or not np.may_share_memory(out, x))) else None
+                    if (o is not None and c.algorithm == "shm" and not f.owndata and x.base is not None
+                            and x.nbytes >= _WINDOW_MIN_BYTES and self._shared is not None
+                            and self._shared.lookup(x) is not None and self._shared.lookup(out) is not None):
+                        o = None  # alloc'd into alloc'd: the window path
                 else:
                     o = None
                 if o is not None:

@@ -52,11 +52,11 @@ class Poison:
     as the other ranks' real call; the fingerprint check then raises.
     """
 
-    __slots__ = ("name", "error", "shape", "dtype", "algorithm", "root", "rop", "xf")
+    __slots__ = ("name", "error", "shape", "dtype", "algorithm", "root", "rop", "xf", "views")
 
     def __init__(self, name: str, error: BaseException) -> None:
         self.name, self.error = name, error
-        self.shape = self.dtype = self.algorithm = self.root = self.rop = self.xf = None
+        self.shape = self.dtype = self.algorithm = self.root = self.rop = self.xf = self.views = None
 
 
 def rank_list(ranks: list[int]) -> str:
@@ -235,6 +235,9 @@ def mismatch_message(rank: int, size: int, records: list[list[str]]) -> str:
         head = (f"{me[0]} {me[6]} on rank {rank} of {size}: the ranks' calls do not match ({what}): {'; '.join(parts)}. "
                 "No data was sent and every rank raises this error. Every rank must make the same collective calls, "
                 "in the same order, with the same op, dtype, shape, root and algorithm.")
+        if any(records[q][5].startswith("shm-window#") for q in good):
+            head += (" (shm-window#k is the k-th comm.alloc() array, reduced where it lies; #k->#j: into the j-th; "
+                     "every rank must pass the same ones)")
     else:
         head = (f"{me[0]} {me[6]} on rank {rank} of {size} cannot run: {'; '.join(parts)}. No data was sent; "
                 "every rank raises an error (a rank that rejected its arguments raises its own).")

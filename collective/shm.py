@@ -33,9 +33,10 @@ at most ``ONE_PHASE_BYTES`` is one phase: after ARRIVED every rank reduces the
 whole chunk from all regions itself (in rank order, the same bits).
 
 ``alloc()`` hands out arrays that live in their own shared window; an
-allreduce on such an array reads every rank's data where it lies (no copy-in):
-rank r reduces slice r and writes it straight into every rank's array, so a
-call is two phases whatever its size (inputs ready; all results landed).
+allreduce on such an array, in place or into another alloc'd array, reads
+every rank's data where it lies (no copy-in): rank r reduces slice r and
+writes it straight into every rank's output, so a call is two phases
+whatever its size (inputs ready; all results landed).
 """
 from __future__ import annotations
 
@@ -296,14 +297,16 @@ class ShmArena:
 class SharedArrays:
     """Arrays allocated in the node's shared memory by ``comm.alloc``; collectives on them copy nothing in.
 
-    Each ``alloc`` is one collective ``Allocate_shared``; the arrays are
-    remembered by their address so a collective recognises them.
+    Each ``alloc`` is one collective ``Allocate_shared``, numbered in call
+    order (the same number on every rank); the arrays are remembered by their
+    address so a collective recognises them, and by that number so the
+    cross-rank check can tell one rank's window from another's.
     """
 
     def __init__(self, arena: ShmArena) -> None:
         self.arena = arena
-        self._by_addr: dict[int, tuple[Any, list[np.ndarray]]] = {}
-        self._views: dict[tuple[int, int, np.dtype], list[np.ndarray]] = {}
+        self._by_addr: dict[int, tuple[Any, list[np.ndarray], int]] = {}
+        self._views: dict[tuple[int, int, np.dtype], tuple[int, list[np.ndarray]]] = {}
 
     def alloc(self, nbytes: int) -> np.ndarray:
         """A uint8 array of ``nbytes`` in a new shared window (collective over the node)."""
@@ -314,15 +317,17 @@ class SharedArrays:
             buf, _ = win.Shared_query(p)
             segs.append(np.frombuffer(buf, np.uint8, count=max(nbytes, 1))[:nbytes])
         mine = segs[self.arena.rank]
-        self._by_addr[mine.__array_interface__["data"][0]] = (win, segs)
+        self._by_addr[mine.__array_interface__["data"][0]] = (win, segs, len(self._by_addr))
         return mine
 
-    def lookup(self, a: np.ndarray) -> list[np.ndarray] | None:
-        """Every rank's matching part of the window as ``a``'s dtype, when ``a`` is an alloc'd array or a leading slice of one.
+    def lookup(self, a: np.ndarray) -> tuple[int, list[np.ndarray]] | None:
+        """(window number, every rank's matching part of the window as ``a``'s dtype) when ``a`` is an alloc'd
+        array or a leading slice of one, else None.
 
         Every rank must pass the same length (the fingerprint check compares
-        shapes). The views are cached per (address, size, dtype), so a
-        training loop's repeated calls on the same buckets build nothing.
+        shapes) and the same window (the caller puts its number into the
+        checked signature). The views are cached per (address, size, dtype),
+        so a training loop's repeated calls on the same buckets build nothing.
         """
         b = a.base
         if b is None:  # owns its memory, so not a view of a window (the common case, decided in 30 ns)
@@ -334,37 +339,40 @@ class SharedArrays:
             b = nb
         addr = a.__array_interface__["data"][0]
         key = (addr, a.nbytes, a.dtype)
-        views = self._views.get(key)
-        if views is None:
+        found = self._views.get(key)
+        if found is None:
             ent = self._by_addr.get(addr)
             if ent is None or ent[1][self.arena.rank].nbytes < a.nbytes:
                 return None
-            views = [s[:a.nbytes].view(a.dtype) for s in ent[1]]
+            found = (ent[2], [s[:a.nbytes].view(a.dtype) for s in ent[1]])
             if len(self._views) >= 1024:  # many distinct prefix lengths: keep the cache bounded
                 self._views.clear()
-            self._views[key] = views
-        return views
+            self._views[key] = found
+        return found
 
-    def allreduce_inplace(self, arrs: list[np.ndarray], ufunc: Callable[..., Any],
-                          finish: Callable[[np.ndarray], None] | None = None,
-                          first: Callable[[], Any] | None = None) -> None:
-        """Allreduce every rank's array in place (``arrs``: every rank's view, from ``lookup``).
+    def allreduce(self, src: list[np.ndarray], dst: list[np.ndarray], ufunc: Callable[..., Any],
+                  finish: Callable[[np.ndarray], None] | None = None,
+                  first: Callable[[], Any] | None = None) -> None:
+        """Allreduce alloc'd arrays where they lie: every rank's ``dst`` gets the reduction of every rank's ``src``.
 
-        Rank r alone reduces slice r (reading every rank's slice r), in rank
-        order into rank 0's copy of the slice (the same operations, hence the
-        same bits, as every other shm path), applies ``finish`` (e.g. the
-        division of ``avg``) and copies the result into slice r of every other
-        rank's array. No other rank reads or writes slice r meanwhile, so one
-        phase before (inputs ready) and one after (all copies landed) suffice,
+        ``src`` and ``dst`` are every rank's view (from ``lookup``); ``dst`` is
+        ``src`` in place, else another window. Rank r alone reduces slice r
+        (reading every rank's slice r), in rank order into rank 0's ``dst``
+        slice (the same operations, hence the same bits, as every other shm
+        path), applies ``finish`` (e.g. the division of ``avg``) and copies the
+        result into slice r of every other rank's ``dst``. No other rank reads
+        or writes slice r meanwhile, so one phase before (inputs ready, and
+        every rank inside the call, so no one still uses its ``dst``) and one
+        after (all copies landed, no one reads ``src`` any more) suffice,
         whatever the size: no per-chunk synchronisation.
         """
         ar = self.arena
         P, r = ar.size, ar.rank
-        n = arrs[0].size
+        n = src[0].size
         base, extra = divmod(n, P)
         s0 = r * base + min(r, extra)
         s1 = s0 + base + (1 if r < extra else 0)
-        acc, rest = arrs[0], arrs[1:]
+        acc, rest = dst[0], dst[1:]
         phase, arrive = ar.phase, ar.arrive
         arrive(first, rollback=False) if first is not None else phase()  # ARRIVED: every rank's array holds its input
         # Cache-sized pieces keep the reduced piece in cache while it is copied out.
@@ -372,16 +380,10 @@ class SharedArrays:
         copyto = np.copyto
         for a in range(s0, s1, step):
             b = min(s1, a + step)
-            dst = acc[a:b]  # rank 0's copy of slice r: only this rank touches slice r in this phase
-            for o in rest:
-                ufunc(dst, o[a:b], out=dst)
+            d = acc[a:b]  # rank 0's copy of slice r: only this rank touches slice r in this phase
+            _reduce_slices(ufunc, src, a, b, d)
             if finish is not None:
-                finish(dst)
+                finish(d)
             for o in rest:
-                copyto(o[a:b], dst)
+                copyto(o[a:b], d)
         phase()  # DONE: every slice has landed everywhere, and nobody reads our array any more
-
-    def check_all(self, a: np.ndarray, what: str) -> None:
-        """Raise if ``a`` is not a whole alloc'd array."""
-        if self.lookup(a) is None:
-            raise CollectiveValueError(f"{what}: the array is not one returned by comm.alloc()")

@@ -190,6 +190,25 @@ def alloc_shape() -> None:
 cases.run("alloc'd shape", alloc_shape)
 
 
+def alloc_other_window() -> None:
+    """Same shape, but rank 1 reduces another alloc'd array: each rank would update only its own slice of each."""
+    a, b = comm.alloc(100_000, np.float32), comm.alloc(100_000, np.float32)
+    a[:] = R
+    b[:] = R
+    x = odd(b, a)
+    expect(lambda: comm.allreduce(x, out=x, algorithm="shm"), ["algorithm differs", "shm-window#"])
+    assert (a == R).all() and (b == R).all(), "an array was written before the mismatch was found"
+    # alloc'd into alloc'd on rank 1, in place on the others
+    expect(lambda: comm.allreduce(a, out=odd(b, a), algorithm="shm"), ["algorithm differs", "->#"])
+    # into different alloc'd outputs
+    c = comm.alloc(100_000, np.float32)
+    expect(lambda: comm.allreduce(a, out=odd(c, b), algorithm="shm"), ["algorithm differs", "->#"])
+    assert (a == R).all() and (b == R).all() and (c == 0).all(), "an array was written before the mismatch was found"
+    comm.allreduce(a, out=b, algorithm="shm")  # agreeing again: works
+    assert (b == P * (P - 1) / 2).all() and (a == R).all()
+cases.run("alloc'd arrays, rank 1 reduces another window", alloc_other_window)
+
+
 def cached_call_bad_op() -> None:
     """A bad op on one rank for an alloc'd array whose call is cached: it still reaches the others as a poison."""
     g = comm.alloc(100_000, np.float32)

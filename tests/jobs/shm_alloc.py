@@ -158,10 +158,57 @@ def quick_path_edges() -> None:
     a = comm.alloc(20_000, np.float32)
     a[:] = R
     comm.allreduce(a, out=a, algorithm="shm")
-    assert comm.watchdog.trace[-1][4] == "shm-window" and (a == P * (P - 1) / 2).all()
+    assert comm.watchdog.trace[-1][4].startswith("shm-window#") and (a == P * (P - 1) / 2).all()
     v = a[:]  # a view of the alloc'd array, not the array itself
     v[:] = R
     comm.allreduce(v, out=v, algorithm="shm")
-    assert comm.watchdog.trace[-1][4] == "shm-window" and (v == P * (P - 1) / 2).all()
+    assert comm.watchdog.trace[-1][4].startswith("shm-window#") and (v == P * (P - 1) / 2).all()
+    # nor one alloc'd array reduced into another (the out-of-place window path)
+    big = np.zeros(20_000, np.float32)
+    comm.allreduce(big, out=np.empty_like(big), algorithm="shm")  # a plain template for this signature
+    b = comm.alloc(20_000, np.float32)
+    a[:] = R
+    comm.allreduce(a, out=b, algorithm="shm")
+    assert "->#" in comm.watchdog.trace[-1][4] and (b == P * (P - 1) / 2).all() and (a == R).all()
 cases.run("quick path edges", quick_path_edges)
+
+
+def window_out_of_place() -> None:
+    """One alloc'd array reduced into another: in the window from 64 KiB, the same bits as the other paths."""
+    import zlib
+    rng = np.random.default_rng(99 + R)
+    for n in (0, 3, 1000, 16_384, 300_001):
+        for dtype, op in ((np.float32, "sum"), (np.float64, "avg"), (np.int32, "max"), (np.int64, "avg")):
+            x, out = comm.alloc(n, dtype), comm.alloc(n, dtype)
+            src = (rng.standard_normal(n) * 50).astype(dtype)
+            x[:] = src
+            out[:] = -7
+            every = np.empty((P, n), dtype)
+            comm._backend.comm.Allgather(src, every)
+            y = comm.allreduce(x, op=op, out=out, algorithm="shm")
+            window = x.nbytes >= 64 << 10
+            alg = comm.watchdog.trace[-1][4]
+            assert y is out and (("->#" in alg) == window), (n, alg)
+            assert np.array_equal(x, src), f"n={n} {op}: the input was modified"
+            plain = comm.allreduce(src, op=op, algorithm="shm")  # copy-in path: the same operations, same bits
+            assert plain.tobytes() == out.tobytes(), f"n={n} {np.dtype(dtype)} {op}: window and copy-in differ"
+            if op == "max":
+                assert np.array_equal(out, every.max(axis=0))
+            elif op == "sum":
+                assert np.allclose(out, every.sum(axis=0), rtol=1e-5, atol=1e-3)
+            crcs = comm._backend.comm.allgather(zlib.crc32(out.tobytes()))
+            assert len(set(crcs)) == 1, f"n={n} {op}: ranks differ {crcs}"
+            # repeated (auto is shm from 16 KiB on one node; below, MPI's own order may round differently)
+            again = comm.allreduce(x, op=op, out=out, algorithm="auto" if x.nbytes >= 16 << 10 else "shm")
+            assert again.tobytes() == plain.tobytes()
+    # a leading slice of one window into another window's
+    x, out = comm.alloc(50_000, np.float32), comm.alloc(60_000, np.float32)
+    x[:] = R
+    comm.allreduce(x[:40_000], out=out[:40_000], algorithm="shm")
+    assert "->#" in comm.watchdog.trace[-1][4] and (out[:40_000] == P * (P - 1) / 2).all() and (out[40_000:] == 0).all()
+    # into a plain array: the copy-in path
+    plain = np.empty(50_000, np.float32)
+    comm.allreduce(x, out=plain, algorithm="shm")
+    assert comm.watchdog.trace[-1][4] == "shm" and (plain == P * (P - 1) / 2).all()
+cases.run("alloc'd into alloc'd (out of place)", window_out_of_place)
 cases.finish()
