@@ -194,7 +194,7 @@ class Communicator:
         #: avg's division for the shm window path, which applies it to each reduced piece while it is in cache.
         self._finish_avg = functools.partial(average_in_place, n=self.size)
         #: id(array) -> (array, call key, prepared _Call) of in-place calls on alloc'd arrays (see _prepare).
-        self._hot: dict[int, tuple[np.ndarray, tuple, _Call]] = {}
+        self._hot: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, tuple, _Call]] = {}
         #: (shape, dtype, op, algorithm) -> a prepared allreduce of plain NumPy arrays, refilled per call (see allreduce)
         self._quick_calls: dict[tuple, _Call] = {}
         self._ranks_per_node = [len(self.cluster.ranks_of_node(n)) for n in range(self.cluster.nnodes)]
@@ -318,8 +318,8 @@ class Communicator:
         return cls(f"{describe(name, self.rank, self.size, shape, dtype, alg)}: {what}")
 
     def _prepare(self, name: str, x: Any, op: Any, algorithm: str | None, root: int, out: Any) -> _Call:
-        if out is x and type(x) is np.ndarray:
-            hot = self._hot_call(name, x, op, algorithm, root)
+        if out is not None and type(x) is np.ndarray and x.base is not None:  # alloc'd arrays are views
+            hot = self._hot_call(name, x, op, algorithm, root, out)
             if hot is not None:
                 return hot
         if type(x) is not np.ndarray and is_device_array(x):
@@ -345,22 +345,24 @@ class Communicator:
                     self._submit(p)
             raise
 
-    def _hot_call(self, name: str, x: np.ndarray, op: Any, algorithm: Any, root: int) -> _Call | None:
-        """The prepared in-place call on alloc'd array ``x`` when this one repeats it, else None.
+    def _hot_call(self, name: str, x: np.ndarray, op: Any, algorithm: Any, root: int, out: Any) -> _Call | None:
+        """The prepared call on alloc'd ``x`` into alloc'd ``out`` (maybe ``x``) if this one repeats it, else None.
 
         A training loop reduces the same alloc'd buckets every step: every
-        check already passed for this very array object; only its mutable
+        check already passed for these very array objects; only their mutable
         attributes can differ. Only plain str/None arguments are compared:
         anything else takes the full path, whose errors reach the other ranks
         through the check.
         """
-        if type(op) is not str or not (algorithm is None or type(algorithm) is str):
+        hot = self._hot.get((id(x), id(out)))
+        if hot is None or type(op) is not str or not (algorithm is None or type(algorithm) is str):
             return None
-        hot = self._hot.get(id(x))
-        if (hot is not None and hot[0] is x and hot[1] == (name, op, algorithm, root)
-                and x.shape == hot[2].shape and x.dtype == hot[2].dtype and x.flags.writeable
-                and x.flags.c_contiguous):
-            return hot[2]
+        c = hot[3]
+        if (hot[0] is x and hot[1] is out and hot[2] == (name, op, algorithm, root) and x.shape == c.shape
+                and x.dtype == c.dtype and x.flags.c_contiguous
+                and (out is x or (out.shape == c.shape and out.dtype == c.dtype and out.flags.c_contiguous))
+                and out.flags.writeable):
+            return c
         return None
 
     def _prepare_args(self, name: str, x: Any, op: Any, algorithm: str | None, root: int, out: Any) -> _Call:
@@ -452,12 +454,12 @@ class Communicator:
                     self._quick_calls.clear()
                 self._quick_calls[key] = _Call(name, None, shape, dtype, rop, alg, root,  # type: ignore[arg-type]
                                                None, None, blocks, False, plan)
-        if views is not None and out is x:
+        if views is not None and type(out) is np.ndarray:
             # Only calls on alloc'd arrays are kept: that memory lives as long as the communicator anyway,
             # whereas keeping a user's plain arrays would keep them alive.
             if len(self._hot) >= 256:
                 self._hot.clear()
-            self._hot[id(x)] = (x, (name, op, algorithm, root), c)
+            self._hot[(id(x), id(out))] = (x, out, (name, op, algorithm, root), c)
         return c
 
     def _static_checks(self, name: str, shape: tuple, dtype: np.dtype, op: Any, algorithm: str | None,
@@ -745,8 +747,8 @@ class Communicator:
             # not overlap x); the template is refilled under the lock and emptied again, so no user array
             # is kept alive. Anything else takes the full path below, which explains what is wrong; so do
             # shm calls on alloc'd arrays of 64 KiB and more, in place or into alloc'd arrays (the window path).
-            if out is x:
-                hot = self._hot_call("allreduce", x, op, algorithm, 0)
+            if out is not None and x.base is not None:  # alloc'd arrays are views
+                hot = self._hot_call("allreduce", x, op, algorithm, 0, out)
                 if hot is not None:
                     with self._lock:
                         if not self._pending:

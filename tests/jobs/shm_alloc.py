@@ -201,6 +201,25 @@ def window_out_of_place() -> None:
             # repeated (auto is shm from 16 KiB on one node; below, MPI's own order may round differently)
             again = comm.allreduce(x, op=op, out=out, algorithm="auto" if x.nbytes >= 16 << 10 else "shm")
             assert again.tobytes() == plain.tobytes()
+    # ranks with different histories: a plain template for this signature under "shm" on rank 0, under "auto"
+    # (which resolves to shm) elsewhere, so rank 0 meets the alloc'd arrays in the quick path, the others not
+    x, out = comm.alloc(30_000, np.float32), comm.alloc(30_000, np.float32)
+    comm.allreduce(np.zeros(30_000, np.float32), out=np.empty(30_000, np.float32), algorithm="shm" if R == 0 else "auto")
+    x[:] = R
+    comm.allreduce(x, out=out, algorithm="shm" if R == 0 else "auto")
+    assert "->#" in comm.watchdog.trace[-1][4] and (out == P * (P - 1) / 2).all()
+    # a repeated call reuses the prepared one; what changed in between still counts
+    for op, want in (("sum", P * (P - 1) / 2), ("max", P - 1), ("sum", P * (P - 1) / 2)):
+        out[:] = -1
+        assert comm.allreduce(x, op=op, out=out, algorithm="shm") is out and (out == want).all(), (op, out[:3])
+    out.shape = (2, 15_000)
+    try:
+        comm.allreduce(x, out=out, algorithm="shm")  # every rank refuses it before anything moves
+    except col.CollectiveValueError as exc:
+        assert "shape" in str(exc), exc
+    else:
+        raise AssertionError("an out of another shape was accepted")
+    out.shape = (30_000,)
     # a leading slice of one window into another window's
     x, out = comm.alloc(50_000, np.float32), comm.alloc(60_000, np.float32)
     x[:] = R
