@@ -499,7 +499,7 @@ class Communicator:
 
         In order: a tuning table (``COLLECTIVE_TUNING``, written by
         ``collective-bench --tune``) when it covers this P and layout; on one
-        node, MPI's own below 16 KiB and
+        node, MPI's own below 16 KiB (4 KiB with three ranks or more) and
         shm above; across nodes, the cost
         model's cheapest among native and the Schedules on the calibrated
         links (see :meth:`explain`).
@@ -511,9 +511,12 @@ class Communicator:
         if self.size == 1:
             return "native" if mpi_dtype(dtype) is not None else "ring"
         if self.single_node:
-            # shm's one-phase path beat MPI's own from 16 KiB at P = 2, 4 and 8 on 2 cores (1.1-1.3x);
-            # at 4 KiB they tie or MPI's own wins.
-            return "native" if nbytes < (16 << 10) and mpi_dtype(dtype) is not None else "shm"
+            # shm's one-phase path beat MPI's own from 16 KiB at P = 2, 4 and 8 on 2 cores (1.1-1.3x). At
+            # 4 KiB MPI's own wins at P = 2 (one exchange, 1.4-1.6x), shm at P = 4 (1.1-1.3x, 6 runs of 6:
+            # its one synchronisation is also the check, where MPI's takes log2 P rounds after the check);
+            # at 1 KiB they tie.
+            small = (16 << 10) if self.local_size == 2 else (4 << 10)
+            return "native" if nbytes < small and mpi_dtype(dtype) is not None else "shm"
         return self.cost_choice(name, nbytes, dtype).best
 
     # -------------------------------------------------------------- execution
