@@ -31,6 +31,7 @@ buckets through collective's allreduce instead of the process group's.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import queue
 import threading
@@ -45,13 +46,39 @@ from collective.arrays import to_numpy
 
 from .buckets import DEFAULT_BUCKET_MB, DEFAULT_FIRST_BUCKET_MB, bucket_caps
 
-__all__ = ["DistributedDataParallel", "DDP", "CommHookState", "allreduce_hook", "DEFAULT_BUCKET_MB",
+__all__ = ["DistributedDataParallel", "DDP", "CommHookState", "allreduce_hook", "keep_freed_memory", "DEFAULT_BUCKET_MB",
            "DEFAULT_FIRST_BUCKET_MB"]
 
 
 def _np_dtype(dt: torch.dtype) -> np.dtype:
     """The NumPy dtype holding torch dtype ``dt`` (bfloat16 through ml_dtypes); raises when there is none."""
     return to_numpy(torch.empty(0, dtype=dt))[0].dtype
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_MMAP_THRESHOLD_MAX = 32 << 20  # the largest glibc accepts on 64-bit systems
+
+
+def keep_freed_memory(trim_bytes: int) -> bool:
+    """Ask glibc's malloc to keep freed blocks for reuse instead of handing them back to the kernel.
+
+    The wrapper copies each fresh gradient into its bucket and drops it, so
+    autograd allocates a new one every step. With glibc's defaults a freed
+    block of many MB goes back to the kernel (unmapped, or trimmed off the top
+    of the heap), and the next step's gradient faults in every 4 KiB page
+    again: measured here, 4096 page faults per step and +5 ms per
+    2048x2048 layer's backward (+10 ms on a 72 ms step). Blocks up to 32 MiB
+    then come from the heap (glibc's largest ``M_MMAP_THRESHOLD``), and up to
+    ``trim_bytes`` of free heap is kept. Process-wide; a no-op (False) where
+    the C library has no ``mallopt`` (not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+    return mallopt(_M_TRIM_THRESHOLD, min(trim_bytes, (1 << 31) - 1)) == 1 and ok
 
 
 def _spare_core(comm: Any) -> bool:
@@ -107,6 +134,9 @@ class DistributedDataParallel(torch.nn.Module):
         broadcast_buffers: give every rank rank 0's buffers (BatchNorm statistics) before each forward, as DDP does.
         find_unused_parameters: parameters that get no gradient in a step count as zero instead of raising.
         shared_memory: keep the buckets in the node's shared window (default: when every rank is on one node).
+        keep_memory: tune glibc's malloc to keep freed blocks (see :func:`keep_freed_memory`; default
+            ``COLLECTIVE_KEEP_MEMORY``, else True): the process keeps up to twice the gradient bytes plus
+            64 MiB of freed memory for reuse instead of faulting it in again every step.
         overlap: how a complete bucket is reduced. True: its allreduce starts on the communication
             thread and runs while backward goes on. False: it runs at once on this thread, inside
             backward, while the bucket is still in cache. None (default): True when this rank has a
@@ -128,7 +158,7 @@ class DistributedDataParallel(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, comm: Any = None, *, bucket_mb: float | None = None,
                  first_bucket_mb: float | None = None, algorithm: str | None = None, broadcast_buffers: bool = True,
                  find_unused_parameters: bool = False, shared_memory: bool | None = None,
-                 overlap: bool | None = None) -> None:
+                 overlap: bool | None = None, keep_memory: bool | None = None) -> None:
         super().__init__()
         self.module = module
         self.comm = comm if comm is not None else collective.init()
@@ -156,6 +186,10 @@ class DistributedDataParallel(torch.nn.Module):
             params.append(p)
         if not params:
             raise ValueError("DistributedDataParallel: the module has no parameters that require gradients")
+        if keep_memory is None:
+            keep_memory = os.environ.get("COLLECTIVE_KEEP_MEMORY", "1").strip() not in ("0", "false", "no", "off")
+        if keep_memory and self.comm.size > 1:
+            keep_freed_memory(2 * sum(p.numel() * p.element_size() for p in params) + (64 << 20))
         P = self.comm.size
         if shared_memory is None:
             shared_memory = P > 1 and bool(getattr(self.comm, "single_node", False))
