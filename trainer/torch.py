@@ -46,8 +46,8 @@ from collective.arrays import to_numpy
 
 from .buckets import DEFAULT_BUCKET_MB, DEFAULT_FIRST_BUCKET_MB, bucket_caps
 
-__all__ = ["DistributedDataParallel", "DDP", "CommHookState", "allreduce_hook", "keep_freed_memory", "DEFAULT_BUCKET_MB",
-           "DEFAULT_FIRST_BUCKET_MB"]
+__all__ = ["DistributedDataParallel", "DDP", "CommHookState", "allreduce_hook", "keep_freed_memory",
+           "DEFAULT_BUCKET_MB", "DEFAULT_FIRST_BUCKET_MB"]
 
 
 def _np_dtype(dt: torch.dtype) -> np.dtype:
@@ -57,6 +57,7 @@ def _np_dtype(dt: torch.dtype) -> np.dtype:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _MMAP_THRESHOLD_MAX = 32 << 20  # the largest glibc accepts on 64-bit systems
+_trim_kept = 0  # the largest trim threshold asked for so far: a second, smaller model must not lower it
 
 
 def keep_freed_memory(trim_bytes: int) -> bool:
@@ -69,16 +70,19 @@ def keep_freed_memory(trim_bytes: int) -> bool:
     again: measured here, 4096 page faults per step and +5 ms per
     2048x2048 layer's backward (+10 ms on a 72 ms step). Blocks up to 32 MiB
     then come from the heap (glibc's largest ``M_MMAP_THRESHOLD``), and up to
-    ``trim_bytes`` of free heap is kept. Process-wide; a no-op (False) where
-    the C library has no ``mallopt`` (not glibc).
+    ``trim_bytes`` of free heap is kept (or more, if an earlier call asked
+    for more). Process-wide; a no-op (False) where the C library has no
+    ``mallopt`` (not glibc).
     """
+    global _trim_kept
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    _trim_kept = max(_trim_kept, min(trim_bytes, (1 << 31) - 1))
     ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
-    return mallopt(_M_TRIM_THRESHOLD, min(trim_bytes, (1 << 31) - 1)) == 1 and ok
+    return mallopt(_M_TRIM_THRESHOLD, _trim_kept) == 1 and ok
 
 
 def _spare_core(comm: Any) -> bool:
