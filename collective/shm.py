@@ -17,10 +17,11 @@ Terms (the names below follow them):
 
 Allreduce of one chunk, on rank r (P ranks on the node)::
 
-    copy own input chunk -> region_r            | phase ARRIVED (the call's first one: its
-                                                |   fingerprint check, see ShmArena.arrive)
-    out[slice r] = region_0 + ... + region_P-1  | (rank order: deterministic)
-    region_r[slice r] = out[slice r]            | phase REDUCED
+    copy own input chunk but slice r -> region_r      | phase ARRIVED (the call's first one: its
+                                                      |   fingerprint check, see ShmArena.arrive)
+    region_r[slice r] = region_0 + ... + input + ...  | (rank order: deterministic; rank r's own
+        ... + region_P-1                              |   slice read from its input, never copied)
+    out[slice r] = region_r[slice r]                  | phase REDUCED
     out[slice q] = region_q[slice q], q != r
 
 Copying into its own region before the check sends nothing: no other rank
@@ -205,16 +206,32 @@ class ShmArena:
             self.chunks_done = g + 1
             yield c0, min(n, c0 + step), self.regions(g, dtype)
 
-    def _filled(self, x: np.ndarray, first: Callable[[], Any] | None) -> Iterator[tuple[int, int, list[np.ndarray]]]:
+    def _filled(self, x: np.ndarray, first: Callable[[], Any] | None,
+                own: bool = False) -> Iterator[tuple[int, int, list[np.ndarray]]]:
         """Per chunk of ``x``: copy it into this rank's region and end the phase; yield (start, stop, regions).
 
         The first chunk's phase is ``first`` when given (see :meth:`arrive`).
+        ``own``: leave out this rank's slice of the chunk (see :meth:`slice_of`),
+        which only this rank reads, straight from ``x``.
         """
-        mine = self.rank
+        mine, P = self.rank, self.size
+        copyto = np.copyto
         for c0, c1, regs in self._chunks(x.size, x.dtype):
-            np.copyto(regs[mine][:c1 - c0], x[c0:c1])
+            reg = regs[mine]
+            if own:
+                s0, s1 = self.slice_of(c1 - c0, mine)
+                copyto(reg[:s0], x[c0:c0 + s0])
+                copyto(reg[s1:c1 - c0], x[c0 + s1:c1])
+            else:
+                copyto(reg[:c1 - c0], x[c0:c1])
             self.arrive(first) if first is not None and c0 == 0 else self.phase()
             yield c0, c1, regs
+
+    def slice_of(self, m: int, q: int) -> tuple[int, int]:
+        """The part [start, stop) of an m-element chunk that rank q reduces (split evenly by rank)."""
+        base, extra = divmod(m, self.size)
+        s0 = q * base + min(q, extra)
+        return s0, s0 + base + (1 if q < extra else 0)
 
     def allreduce(self, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any], root: int | None = None,
                   first: Callable[[], Any] | None = None) -> None:
@@ -234,16 +251,18 @@ class ShmArena:
                 if root is None or r == root:
                     _reduce_slices(ufunc, regs, 0, n, out)
             return
-        for c0, c1, regs in self._filled(x, first):
+        # Only this rank reads its own slice of its region, so that slice is read straight from x, never copied
+        # in, and the region's slice is free to take the result (x may be out: in place, x is still read).
+        for c0, c1, regs in self._filled(x, first, own=True):
             m = c1 - c0
             mine = regs[r]
             base, extra = divmod(m, P)
-            s0 = r * base + min(r, extra)
-            s1 = s0 + base + (1 if r < extra else 0)
+            s0, s1 = self.slice_of(m, r)
             if s1 > s0:
-                dst = out[c0 + s0:c0 + s1]
-                _reduce_slices(ufunc, regs, s0, s1, dst)
-                np.copyto(mine[s0:s1], dst)
+                srcs = list(regs)
+                srcs[r] = x[c0:c1]
+                _reduce_slices(ufunc, srcs, s0, s1, mine[s0:s1])
+                np.copyto(out[c0 + s0:c0 + s1], mine[s0:s1])
             phase()  # every rank joins the barrier, even a reduce's non-roots that read nothing after it
             if root is not None and r != root:
                 continue
