@@ -602,7 +602,7 @@ class Communicator:
         if name == "allreduce":
             ar.allreduce(xf, of, rop.ufunc, None, first)
         elif name == "reduce":
-            ar.allreduce(xf, of if self.rank == c.root else self._work(xf.size, c.dtype), rop.ufunc, c.root, first)
+            ar.allreduce(xf, of if self.rank == c.root else None, rop.ufunc, c.root, first)
         elif name == "broadcast":
             if self.rank == c.root and not c.inplace:
                 np.copyto(of, xf)

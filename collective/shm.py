@@ -214,7 +214,7 @@ class ShmArena:
         ``own``: leave out this rank's slice of the chunk (see :meth:`slice_of`),
         which only this rank reads, straight from ``x``.
         """
-        mine, P = self.rank, self.size
+        mine = self.rank
         copyto = np.copyto
         for c0, c1, regs in self._chunks(x.size, x.dtype):
             reg = regs[mine]
@@ -237,8 +237,8 @@ class ShmArena:
                   first: Callable[[], Any] | None = None) -> None:
         """Reduce ``x`` (1-D, contiguous) over the node into ``out``; only ``root`` gets all of it when root is given.
 
-        ``out`` may be ``x`` (in place). On non-root ranks of a reduce, ``out``
-        is scratch: it receives this rank's slices only. ``first``: see :meth:`arrive`.
+        ``out`` may be ``x`` (in place). On non-root ranks of a reduce ``out`` is
+        not touched (it may be None). ``first``: see :meth:`arrive`.
         """
         P, r = self.size, self.rank
         n = x.size
@@ -256,21 +256,21 @@ class ShmArena:
         for c0, c1, regs in self._filled(x, first, own=True):
             m = c1 - c0
             mine = regs[r]
-            base, extra = divmod(m, P)
             s0, s1 = self.slice_of(m, r)
+            wants = root is None or r == root
             if s1 > s0:
                 srcs = list(regs)
                 srcs[r] = x[c0:c1]
                 _reduce_slices(ufunc, srcs, s0, s1, mine[s0:s1])
-                np.copyto(out[c0 + s0:c0 + s1], mine[s0:s1])
+                if wants:
+                    np.copyto(out[c0 + s0:c0 + s1], mine[s0:s1])
             phase()  # every rank joins the barrier, even a reduce's non-roots that read nothing after it
-            if root is not None and r != root:
+            if not wants:
                 continue
             for q in range(P):
                 if q == r:
                     continue
-                q0 = q * base + min(q, extra)
-                q1 = q0 + base + (1 if q < extra else 0)
+                q0, q1 = self.slice_of(m, q)
                 if q1 > q0:
                     np.copyto(out[c0 + q0:c0 + q1], regs[q][q0:q1])
 

@@ -56,14 +56,17 @@ def test_fresh_gradients_do_not_fault_in_again() -> None:
     """
     import statistics
 
-    res = mpirun("torch_memory.py", 2, ["1"], timeout=120)
-    check(res, "torch wrapper memory")
-    lines = [ln for ln in res.output.splitlines() if " FAULTS " in ln]
-    assert len(lines) == 2, res.output
-    for ln in lines:
-        faults = [int(v) for v in ln.split(" FAULTS ")[1].split()]
-        assert len(faults) == 12 and statistics.median(faults[4:]) < 256, ln
-        print(ln)
+    for keep in ("1", "0"):
+        res = mpirun("torch_memory.py", 2, [keep], timeout=120)
+        check(res, f"torch wrapper memory, keep_memory={keep}")
+        lines = [ln for ln in res.output.splitlines() if " FAULTS " in ln]
+        assert len(lines) == 2, res.output
+        for ln in lines:
+            print(ln)  # keep=0, glibc's defaults, for comparison: whether they fault depends on the C library
+            faults = [int(v) for v in ln.split(" FAULTS ")[1].split()]
+            assert len(faults) == 12, ln
+            if keep == "1":
+                assert statistics.median(faults[4:]) < 256, ln
 
 
 @pytest.mark.mpi

@@ -71,13 +71,16 @@ def keep_freed_memory(trim_bytes: int) -> bool:
     2048x2048 layer's backward (+10 ms on a 72 ms step). Blocks up to 32 MiB
     then come from the heap (glibc's largest ``M_MMAP_THRESHOLD``), and up to
     ``trim_bytes`` of free heap is kept (or more, if an earlier call asked
-    for more). Process-wide; a no-op (False) where the C library has no
-    ``mallopt`` (not glibc).
+    for more). Process-wide and for the rest of the process: glibc stops
+    adapting its mmap threshold, so blocks of 128 KiB to 32 MiB always come
+    from the heap and freed ones are reused rather than returned (a process
+    whose shapes keep changing may hold more memory). A no-op (False) where
+    the C library has no ``mallopt`` (not glibc).
     """
     global _trim_kept
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
+    except (OSError, AttributeError, TypeError):  # pragma: no cover - not glibc (Windows: CDLL(None) is a TypeError)
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _trim_kept = max(_trim_kept, min(trim_bytes, (1 << 31) - 1))
@@ -191,7 +194,7 @@ class DistributedDataParallel(torch.nn.Module):
         if not params:
             raise ValueError("DistributedDataParallel: the module has no parameters that require gradients")
         if keep_memory is None:
-            keep_memory = os.environ.get("COLLECTIVE_KEEP_MEMORY", "1").strip() not in ("0", "false", "no", "off")
+            keep_memory = os.environ.get("COLLECTIVE_KEEP_MEMORY", "1").strip().lower() not in ("0", "false", "no", "off")
         if keep_memory and self.comm.size > 1:
             keep_freed_memory(2 * sum(p.numel() * p.element_size() for p in params) + (64 << 20))
         P = self.comm.size
