@@ -101,7 +101,7 @@ class _Call:
     """A prepared collective: every argument checked, the result allocated."""
 
     __slots__ = ("name", "xf", "shape", "dtype", "rop", "algorithm", "root", "of", "result", "blocks", "inplace",
-                 "plan", "views", "out_views", "sig", "mpi")
+                 "plan", "views", "out_views", "own", "sig", "mpi")
 
     def __init__(self, name: str, xf: np.ndarray, shape: tuple, dtype: np.dtype, rop: ReduceOp | None,
                  algorithm: str, root: int, of: np.ndarray | None, result: Any, blocks: tuple | None,
@@ -111,6 +111,7 @@ class _Call:
         self.inplace, self.plan = inplace, plan
         self.views: list[np.ndarray] | None = None  # every rank's view of an alloc'd input (shm-window)
         self.out_views: list[np.ndarray] | None = None  # ... and of its alloc'd output (views itself in place)
+        self.own: list | None = None  # shm-window: this rank's input for parts of its slice (_allreduce_own)
         self.sig: Any = None  # the fingerprint of this call's signature, once the check computed it (reused calls)
         self.mpi: Any = None  # (MPI datatype, MPI op) of a native call, once it ran (reused calls)
 
@@ -597,7 +598,8 @@ class Communicator:
         ar = self._arena()
         name, xf, of, rop = c.name, c.xf, c.of, c.rop
         if c.views is not None:
-            self._shared.allreduce(c.views, c.out_views, rop.ufunc, self._finish_avg if rop.average else None, first)
+            self._shared.allreduce(c.views, c.out_views, rop.ufunc, self._finish_avg if rop.average else None, first,
+                                   c.own)
             return
         if name == "allreduce":
             ar.allreduce(xf, of, rop.ufunc, None, first)
@@ -678,6 +680,34 @@ class Communicator:
             with self._lock:
                 return self._execute(c)
         return self._submit(c).wait()
+
+    def _allreduce_own(self, x: np.ndarray, own: list[tuple[int, int, np.ndarray, float]],
+                       algorithm: str | None = None) -> bool:
+        """Sum alloc'd ``x`` in place, this rank's input being ``g * scale`` on each piece of ``own``; False if not run.
+
+        For the torch wrapper: on the part of a bucket only this rank reads
+        (``self._shared.own_slice``), autograd's gradient is reduced where it
+        lies instead of being copied into the window first. Runs only when the
+        call takes the window path (``shm-window``) synchronously; otherwise
+        returns False before anything is sent, and the caller copies the
+        pieces in and makes an ordinary call. Every check of an ordinary call
+        applies; ``own`` is not part of the cross-rank signature (every rank's
+        result is the same either way).
+        """
+        if self._pending:
+            return False
+        c = self._prepare("allreduce", x, "sum", algorithm, 0, x)
+        if c.views is None or c.out_views is not c.views:
+            return False
+        with self._lock:
+            if self._pending:
+                return False
+            c.own = own
+            try:
+                self._execute(c)
+            finally:
+                c.own = None
+        return True
 
     def _device(self) -> DeviceCollectives:
         """The device-array collectives of this communicator (set up on first use, collectively)."""

@@ -324,6 +324,7 @@ class SharedArrays:
 
     def __init__(self, arena: ShmArena) -> None:
         self.arena = arena
+        self._scratch_buf = np.empty(WINDOW_PIECE_BYTES, np.uint8)
         self._by_addr: dict[int, tuple[Any, list[np.ndarray], int]] = {}
         self._views: dict[tuple[int, int, np.dtype], tuple[int, list[np.ndarray]]] = {}
 
@@ -338,6 +339,10 @@ class SharedArrays:
         mine = segs[self.arena.rank]
         self._by_addr[mine.__array_interface__["data"][0]] = (win, segs, len(self._by_addr))
         return mine
+
+    def _scratch(self, n: int, dtype: np.dtype) -> np.ndarray:
+        """n elements of ``dtype`` of scratch (at most one window piece)."""
+        return self._scratch_buf[:n * dtype.itemsize].view(dtype)
 
     def lookup(self, a: np.ndarray) -> tuple[int, list[np.ndarray]] | None:
         """(window number, every rank's matching part of the window as ``a``'s dtype) when ``a`` is an alloc'd
@@ -369,9 +374,14 @@ class SharedArrays:
             self._views[key] = found
         return found
 
+    def own_slice(self, n: int) -> tuple[int, int]:
+        """The part [start, stop) of an n-element array that this rank reduces in :meth:`allreduce`."""
+        return self.arena.slice_of(n, self.arena.rank)
+
     def allreduce(self, src: list[np.ndarray], dst: list[np.ndarray], ufunc: Callable[..., Any],
                   finish: Callable[[np.ndarray], None] | None = None,
-                  first: Callable[[], Any] | None = None) -> None:
+                  first: Callable[[], Any] | None = None,
+                  own: list[tuple[int, int, np.ndarray, float]] | None = None) -> None:
         """Allreduce alloc'd arrays where they lie: every rank's ``dst`` gets the reduction of every rank's ``src``.
 
         ``src`` and ``dst`` are every rank's view (from ``lookup``); ``dst`` is
@@ -384,25 +394,47 @@ class SharedArrays:
         every rank inside the call, so no one still uses its ``dst``) and one
         after (all copies landed, no one reads ``src`` any more) suffice,
         whatever the size: no per-chunk synchronisation.
+
+        ``own``: pieces ``(start, stop, g, scale)`` of this rank's slice (see
+        :meth:`own_slice`; sorted, disjoint) whose input is ``g * scale``
+        rather than what its ``src`` holds there: the torch wrapper leaves
+        autograd's gradient where it is for the part only this rank reads,
+        instead of copying it into the window first. The product is formed
+        per cache-sized piece, as the copy would have (the same bits).
         """
         ar = self.arena
-        P, r = ar.size, ar.rank
+        r = ar.rank
         n = src[0].size
-        base, extra = divmod(n, P)
-        s0 = r * base + min(r, extra)
-        s1 = s0 + base + (1 if r < extra else 0)
+        s0, s1 = ar.slice_of(n, r)
         acc, rest = dst[0], dst[1:]
         phase, arrive = ar.phase, ar.arrive
         arrive(first, rollback=False) if first is not None else phase()  # ARRIVED: every rank's array holds its input
         # Cache-sized pieces keep the reduced piece in cache while it is copied out.
         step = max(1, WINDOW_PIECE_BYTES // acc.dtype.itemsize)
         copyto = np.copyto
-        for a in range(s0, s1, step):
-            b = min(s1, a + step)
-            d = acc[a:b]  # rank 0's copy of slice r: only this rank touches slice r in this phase
-            _reduce_slices(ufunc, src, a, b, d)
-            if finish is not None:
-                finish(d)
-            for o in rest:
-                copyto(o[a:b], d)
+        segs: list[tuple[int, int, Any, float]] = []
+        pos = s0
+        for a, b, g, scale in own or ():
+            if a > pos:
+                segs.append((pos, a, None, 1.0))
+            segs.append((a, b, g, scale))
+            pos = b
+        if pos < s1:
+            segs.append((pos, s1, None, 1.0))
+        for a0, b0, g, scale in segs:
+            for a in range(a0, b0, step):
+                b = min(b0, a + step)
+                d = acc[a:b]  # rank 0's copy of slice r: only this rank touches slice r in this phase
+                if g is None:
+                    _reduce_slices(ufunc, src, a, b, d)
+                else:
+                    mine = self._scratch(b - a, acc.dtype)
+                    np.multiply(g[a - a0:b - a0], scale, out=mine)
+                    parts = [s[a:b] for s in src]
+                    parts[r] = mine
+                    _reduce_slices(ufunc, parts, 0, b - a, d)
+                if finish is not None:
+                    finish(d)
+                for o in rest:
+                    copyto(o[a:b], d)
         phase()  # DONE: every slice has landed everywhere, and nobody reads our array any more

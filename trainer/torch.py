@@ -43,6 +43,7 @@ import torch
 
 import collective
 from collective.arrays import to_numpy
+from collective.communicator import _WINDOW_MIN_BYTES  # the size from which alloc'd arrays are reduced in place
 
 from .buckets import DEFAULT_BUCKET_MB, DEFAULT_FIRST_BUCKET_MB, bucket_caps
 
@@ -103,7 +104,8 @@ def _spare_core(comm: Any) -> bool:
 class _Bucket:
     """One bucket: its parameters, their slots in the flat buffer, and this step's state."""
 
-    __slots__ = ("index", "params", "slots", "array", "flat", "pending", "ready", "work")
+    __slots__ = ("index", "params", "slots", "offsets", "array", "flat", "pending", "ready", "work", "own_slice",
+                 "own")
 
     def __init__(self, index: int, params: list[torch.nn.Parameter], array: np.ndarray, dtype: torch.dtype) -> None:
         self.index = index
@@ -112,14 +114,20 @@ class _Bucket:
         flat = torch.from_numpy(array.view(np.int16) if dtype == torch.bfloat16 else array)
         self.flat = flat.view(dtype) if dtype == torch.bfloat16 else flat
         self.slots: list[torch.Tensor] = []
+        self.offsets: list[int] = []
         off = 0
         for p in params:
             n = p.numel()
             self.slots.append(self.flat[off:off + n].view(p.shape))
+            self.offsets.append(off)
             off += n
         self.pending = len(params)
         self.ready = bytearray(len(params))  # 1 once this step's gradient of params[i] is in its slot
         self.work: Any = None
+        #: [start, stop) of the buffer that only this rank reads in the window allreduce (None: not used), and
+        #: this step's gradients for parts of it, left where autograd put them: (start, stop, ndarray, scale)
+        self.own_slice: tuple[int, int] | None = None
+        self.own: list[tuple[int, int, np.ndarray, float]] = []
 
 
 class DistributedDataParallel(torch.nn.Module):
@@ -246,6 +254,12 @@ class DistributedDataParallel(torch.nn.Module):
             array = np.zeros(n, npdt)
         k = len(self._buckets)
         b = _Bucket(k, group, array, dt)
+        if (self.shared_memory and not self.overlap and dt in (torch.float32, torch.float64)
+                and array.nbytes >= _WINDOW_MIN_BYTES and getattr(self.comm, "_shared", None) is not None
+                and self.comm.size > 1):
+            # Reduced inline in the window: the part of the bucket only this rank reads is reduced straight
+            # from autograd's gradients, never copied in (Communicator._allreduce_own).
+            b.own_slice = self.comm._shared.own_slice(n)
         for i, p in enumerate(group):
             self._where[id(p)] = (k, i)
         self._buckets.append(b)
@@ -334,6 +348,8 @@ class DistributedDataParallel(torch.nn.Module):
                 slot.zero_()
             elif g.data_ptr() == slot.data_ptr() and g.stride() == slot.stride():
                 slot.mul_(self._scale)
+            elif b.own_slice is not None and g.dtype == slot.dtype and g.is_contiguous():
+                self._copy_but_own(b, i, g, slot)
             else:
                 torch.mul(g, self._scale, out=slot)
         p.grad = slot
@@ -345,6 +361,22 @@ class DistributedDataParallel(torch.nn.Module):
         b.pending -= 1
         self._launch_ready(inline=not self.overlap)
 
+    def _copy_but_own(self, b: _Bucket, i: int, g: torch.Tensor, slot: torch.Tensor) -> None:
+        """Copy ``g * (1/P)`` into its slot but for the part in this rank's own slice, which is kept for the allreduce."""
+        lo = b.offsets[i]
+        hi = lo + slot.numel()
+        s0, s1 = b.own_slice  # type: ignore[misc]
+        a, z = max(lo, s0), min(hi, s1)
+        gf, sf, scale = g.detach().reshape(-1), slot.view(-1), self._scale
+        if a >= z:
+            torch.mul(gf, scale, out=sf)
+            return
+        if a > lo:
+            torch.mul(gf[:a - lo], scale, out=sf[:a - lo])
+        if z < hi:
+            torch.mul(gf[z - lo:], scale, out=sf[z - lo:])
+        b.own.append((a, z, gf[a - lo:z - lo].numpy(), scale))  # the view keeps autograd's tensor alive
+
     def _launch_ready(self, inline: bool = False) -> None:
         """Start the allreduce of every complete bucket, in bucket order (the same order on every rank).
 
@@ -354,7 +386,14 @@ class DistributedDataParallel(torch.nn.Module):
         comm, alg = self.comm, self.algorithm
         while self._next < len(bs) and bs[self._next].pending == 0:
             b = bs[self._next]
-            if inline:
+            if inline and b.own:
+                b.own.sort(key=lambda piece: piece[0])
+                if not comm._allreduce_own(b.array, b.own, alg):
+                    for a, z, g, scale in b.own:  # not in the window after all: copy the kept parts in
+                        np.multiply(g, scale, out=b.array[a:z])
+                    comm.allreduce(b.array, op="sum", algorithm=alg, out=b.array)
+                b.own.clear()
+            elif inline:
                 comm.allreduce(b.array, op="sum", algorithm=alg, out=b.array)
             else:
                 b.work = comm.allreduce_async(b.array, op="sum", algorithm=alg, out=b.array)
@@ -385,6 +424,7 @@ class DistributedDataParallel(torch.nn.Module):
                     with contextlib.suppress(Exception):
                         b.work.wait()
                 b.work = None
+                b.own.clear()
                 b.pending = len(b.params)
                 b.ready = bytearray(len(b.params))
             self._next = 0

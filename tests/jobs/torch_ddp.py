@@ -216,6 +216,39 @@ def keep_grads() -> None:
 run("more", "zero_grad(set_to_none=False)", keep_grads)
 
 
+def own_slice_bitwise() -> None:
+    """Buckets reduced inline in the window take this rank's own slice straight from autograd's gradients: the
+    parameters must be bitwise those of plain buckets (every part copied in), with and without no_sync and with
+    a rank's gradient missing (find_unused_parameters)."""
+    used = []
+    real = comm._allreduce_own
+
+    def counting(*a: object, **k: object) -> bool:
+        ok = real(*a, **k)
+        used.append(ok)
+        return ok
+
+    comm._allreduce_own = counting  # type: ignore[method-assign]
+    try:
+        for bucket_mb in (None, 0.5):
+            data = batches(MEDIUM, 6)
+            fused = train(DistributedDataParallel(mlp(MEDIUM), comm, overlap=False, bucket_mb=bucket_mb), data,
+                          accumulate=2)
+            assert used and all(used), f"the own-slice path did not run: {used}"
+            used.clear()
+            plain = train(DistributedDataParallel(mlp(MEDIUM), comm, overlap=False, bucket_mb=bucket_mb,
+                                                  shared_memory=False), data, accumulate=2)
+            assert not used, "plain buckets took the own-slice path"
+            for a_, b_ in zip(params_of(fused), params_of(plain)):
+                assert torch.equal(a_, b_), f"bucket_mb={bucket_mb}: own-slice and copied paths differ"
+            assert_ranks_identical(fused, "own-slice path")
+    finally:
+        comm._allreduce_own = real  # type: ignore[method-assign]
+
+
+run("more", "own slice reduced from autograd's gradients: bitwise as copied", own_slice_bitwise)
+
+
 def unused() -> None:
     data = batches(SMALL, 6)
     ours = train(DistributedDataParallel(mlp(SMALL, extra=True), comm, find_unused_parameters=True), data,
