@@ -21,7 +21,10 @@ One step, on each rank::
 
 On one node the buffers live in the node's shared window (``comm.alloc``), so
 the allreduce is ``shm-window``: each rank reduces its slice reading every
-rank's buffer where it lies, and nothing is copied in. ``no_sync()`` skips
+rank's buffer where it lies, and nothing is copied in. Reduced inline, a
+bucket's slice that only this rank reads is not even copied into the bucket:
+the hook keeps that part of autograd's gradient, and the allreduce reads it
+there (``Communicator._allreduce_own``; the same bits). ``no_sync()`` skips
 all of it (gradients accumulate locally) until the first backward after it.
 
 For users who keep ``torch.nn.parallel.DistributedDataParallel``:
