@@ -128,9 +128,9 @@ class _Bucket:
         self.ready = bytearray(len(params))  # 1 once this step's gradient of params[i] is in its slot
         self.work: Any = None
         #: [start, stop) of the buffer that only this rank reads in the window allreduce (None: not used), and
-        #: this step's gradients for parts of it, left where autograd put them: (start, stop, ndarray, scale)
+        #: this step's gradients for parts of it, left where autograd put them: (start, stop, ndarray, scale, param)
         self.own_slice: tuple[int, int] | None = None
-        self.own: list[tuple[int, int, np.ndarray, float]] = []
+        self.own: list[tuple[int, int, np.ndarray, float, torch.nn.Parameter]] = []
 
 
 class DistributedDataParallel(torch.nn.Module):
@@ -258,8 +258,8 @@ class DistributedDataParallel(torch.nn.Module):
         k = len(self._buckets)
         b = _Bucket(k, group, array, dt)
         if (self.shared_memory and not self.overlap and dt in (torch.float32, torch.float64)
-                and array.nbytes >= _WINDOW_MIN_BYTES and getattr(self.comm, "_shared", None) is not None
-                and self.comm.size > 1):
+                and self.algorithm in (None, "auto", "shm") and array.nbytes >= _WINDOW_MIN_BYTES
+                and getattr(self.comm, "_shared", None) is not None and self.comm.size > 1):
             # Reduced inline in the window: the part of the bucket only this rank reads is reduced straight
             # from autograd's gradients, never copied in (Communicator._allreduce_own).
             b.own_slice = self.comm._shared.own_slice(n)
@@ -314,6 +314,8 @@ class DistributedDataParallel(torch.nn.Module):
     # ---------------------------------------------------------- per step
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the wrapped module (after taking rank 0's buffers when ``broadcast_buffers``)."""
+        if self._queued:  # the last backward failed before its end callback: start this step afresh
+            self._reset_step()
         if self.broadcast_buffers and self.comm.size > 1 and self.module.training:
             self._broadcast_buffers()
         return self.module(*args, **kwargs)
@@ -344,6 +346,10 @@ class DistributedDataParallel(torch.nn.Module):
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         k, i = self._where[id(p)]
         b = self._buckets[k]
+        if b.ready[i]:
+            raise RuntimeError(f"DistributedDataParallel on rank {self.comm.rank}: the gradient of a parameter of "
+                               f"shape {tuple(p.shape)} was reported twice before its bucket was reduced (two "
+                               "backward passes per step need no_sync() around all but the last)")
         slot = b.slots[i]
         g = p.grad
         with torch.no_grad():
@@ -355,11 +361,10 @@ class DistributedDataParallel(torch.nn.Module):
                 self._copy_but_own(b, i, g, slot)
             else:
                 torch.mul(g, self._scale, out=slot)
-        p.grad = slot
-        if b.ready[i]:
-            raise RuntimeError(f"DistributedDataParallel on rank {self.comm.rank}: the gradient of a parameter of "
-                               f"shape {tuple(p.shape)} was reported twice before its bucket was reduced (two "
-                               "backward passes per step need no_sync() around all but the last)")
+        if not (b.own and b.own[-1][4] is p):
+            p.grad = slot
+        # else p.grad stays autograd's (local, unscaled, as under torch DDP) until the bucket is reduced: part of
+        # the slot is not filled in until then
         b.ready[i] = 1
         b.pending -= 1
         self._launch_ready(inline=not self.overlap)
@@ -378,7 +383,7 @@ class DistributedDataParallel(torch.nn.Module):
             torch.mul(gf[:a - lo], scale, out=sf[:a - lo])
         if z < hi:
             torch.mul(gf[z - lo:], scale, out=sf[z - lo:])
-        b.own.append((a, z, gf[a - lo:z - lo].numpy(), scale))  # the view keeps autograd's tensor alive
+        b.own.append((a, z, gf[a - lo:z - lo].numpy(), scale, b.params[i]))  # the view keeps the tensor alive
 
     def _launch_ready(self, inline: bool = False) -> None:
         """Start the allreduce of every complete bucket, in bucket order (the same order on every rank).
@@ -389,12 +394,18 @@ class DistributedDataParallel(torch.nn.Module):
         comm, alg = self.comm, self.algorithm
         while self._next < len(bs) and bs[self._next].pending == 0:
             b = bs[self._next]
-            if inline and b.own:
+            if b.own:
                 b.own.sort(key=lambda piece: piece[0])
-                if not comm._allreduce_own(b.array, b.own, alg):
-                    for a, z, g, scale in b.own:  # not in the window after all: copy the kept parts in
+                pieces = [piece[:4] for piece in b.own]
+                if not (inline and comm._allreduce_own(b.array, pieces, alg)):
+                    for a, z, g, scale in pieces:  # not reduced in the window here: copy the kept parts in
                         np.multiply(g, scale, out=b.array[a:z])
-                    comm.allreduce(b.array, op="sum", algorithm=alg, out=b.array)
+                    if inline:
+                        comm.allreduce(b.array, op="sum", algorithm=alg, out=b.array)
+                    else:
+                        b.work = comm.allreduce_async(b.array, op="sum", algorithm=alg, out=b.array)
+                for piece in b.own:
+                    piece[4].grad = b.slots[self._where[id(piece[4])][1]]
                 b.own.clear()
             elif inline:
                 comm.allreduce(b.array, op="sum", algorithm=alg, out=b.array)
@@ -422,15 +433,20 @@ class DistributedDataParallel(torch.nn.Module):
                 if b.work is not None:
                     b.work.wait()
         finally:
-            for b in self._buckets:
-                if b.work is not None and not b.work.done():  # after an error: never leave a launched bucket running
-                    with contextlib.suppress(Exception):
-                        b.work.wait()
-                b.work = None
-                b.own.clear()
-                b.pending = len(b.params)
-                b.ready = bytearray(len(b.params))
-            self._next = 0
+            self._reset_step()
+
+    def _reset_step(self) -> None:
+        """Every bucket back to the start of a step (after an error too: no launched bucket left running)."""
+        self._queued = False
+        for b in self._buckets:
+            if b.work is not None and not b.work.done():
+                with contextlib.suppress(Exception):
+                    b.work.wait()
+            b.work = None
+            b.own.clear()
+            b.pending = len(b.params)
+            b.ready = bytearray(len(b.params))
+        self._next = 0
 
 
 DDP = DistributedDataParallel

@@ -218,9 +218,9 @@ run("more", "zero_grad(set_to_none=False)", keep_grads)
 
 def own_slice_bitwise() -> None:
     """Buckets reduced inline in the window take this rank's own slice straight from autograd's gradients: the
-    parameters must be bitwise those of plain buckets (every part copied in), with and without no_sync and with
-    a rank's gradient missing (find_unused_parameters)."""
-    used = []
+    parameters must be bitwise those of plain buckets (every part copied in), with no_sync, with unused parameters
+    (find_unused_parameters), and with rank 1 falling back to copying everything in while the others do not."""
+    used: list[bool] = []
     real = comm._allreduce_own
 
     def counting(*a: object, **k: object) -> bool:
@@ -228,25 +228,61 @@ def own_slice_bitwise() -> None:
         used.append(ok)
         return ok
 
-    comm._allreduce_own = counting  # type: ignore[method-assign]
+    def refusing(*a: object, **k: object) -> bool:  # as when the call would not run in the window
+        used.append(False)
+        return False
+
+    def plain(m: torch.nn.Module, **kw: object) -> torch.nn.Module:
+        return DistributedDataParallel(m, comm, overlap=False, shared_memory=False, find_unused_parameters=True, **kw)
+
     try:
-        for bucket_mb in (None, 0.5):
+        for bucket_mb, fallback in ((None, False), (0.5, False), (None, True)):
+            comm._allreduce_own = refusing if (fallback and R == 1) else counting  # type: ignore[method-assign]
             data = batches(MEDIUM, 6)
-            fused = train(DistributedDataParallel(mlp(MEDIUM), comm, overlap=False, bucket_mb=bucket_mb), data,
-                          accumulate=2)
-            assert used and all(used), f"the own-slice path did not run: {used}"
+            model = DistributedDataParallel(mlp(MEDIUM, extra=True), comm, overlap=False, bucket_mb=bucket_mb,
+                                            find_unused_parameters=True)
+            fused = train(model, data, accumulate=2, use_extra=True)
+            assert used and (all(used) if not (fallback and R == 1) else not any(used)), used
             used.clear()
-            plain = train(DistributedDataParallel(mlp(MEDIUM), comm, overlap=False, bucket_mb=bucket_mb,
-                                                  shared_memory=False), data, accumulate=2)
+            comm._allreduce_own = counting  # type: ignore[method-assign]
+            ref = train(plain(mlp(MEDIUM, extra=True), bucket_mb=bucket_mb), data, accumulate=2, use_extra=True)
             assert not used, "plain buckets took the own-slice path"
-            for a_, b_ in zip(params_of(fused), params_of(plain)):
-                assert torch.equal(a_, b_), f"bucket_mb={bucket_mb}: own-slice and copied paths differ"
+            for a_, b_ in zip(params_of(fused), params_of(ref)):
+                assert torch.equal(a_, b_), f"bucket_mb={bucket_mb} fallback={fallback}: own-slice and copied differ"
             assert_ranks_identical(fused, "own-slice path")
     finally:
         comm._allreduce_own = real  # type: ignore[method-assign]
 
 
 run("more", "own slice reduced from autograd's gradients: bitwise as copied", own_slice_bitwise)
+
+
+def failed_backward_recovers() -> None:
+    """A backward that raises half-way (autograd then skips the wrapper's end-of-backward callback) must not
+    break the next step: the next forward starts it afresh."""
+    data = batches(MEDIUM, 4)
+    model = DistributedDataParallel(mlp(MEDIUM), comm, overlap=False)
+    first = next(model.module.parameters())  # the first layer's weight: its gradient comes last
+
+    def boom(grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom in a gradient hook")
+
+    handle = first.register_hook(boom)
+    x, y = data[0]
+    try:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    except RuntimeError as exc:
+        assert "boom" in str(exc), exc
+    else:
+        raise AssertionError("the hook did not raise")
+    handle.remove()
+    ours = train(model, data)
+    ref = train(torch_ddp(mlp(MEDIUM)), data)
+    assert_close(ours, ref, "after a failed backward")
+    assert_ranks_identical(ours, "after a failed backward")
+
+
+run("more", "a failed backward does not break the next step", failed_backward_recovers)
 
 
 def unused() -> None:
