@@ -257,6 +257,17 @@ def own_slice_bitwise() -> None:
 run("more", "own slice reduced from autograd's gradients: bitwise as copied", own_slice_bitwise)
 
 
+def backward_raises(model: torch.nn.Module, batch: tuple, words: str) -> None:
+    """One forward and backward that must raise a RuntimeError containing ``words``."""
+    x, y = batch
+    try:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    except RuntimeError as exc:
+        assert words in str(exc), exc
+    else:
+        raise AssertionError(f"backward did not raise (expected {words!r})")
+
+
 def failed_backward_recovers() -> None:
     """A backward that raises half-way (autograd then skips the wrapper's end-of-backward callback) must not
     break the next step: the next forward starts it afresh."""
@@ -268,13 +279,7 @@ def failed_backward_recovers() -> None:
         raise RuntimeError("boom in a gradient hook")
 
     handle = first.register_hook(boom)
-    x, y = data[0]
-    try:
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-    except RuntimeError as exc:
-        assert "boom" in str(exc), exc
-    else:
-        raise AssertionError("the hook did not raise")
+    backward_raises(model, data[0], "boom")
     handle.remove()
     ours = train(model, data)
     ref = train(torch_ddp(mlp(MEDIUM)), data)
@@ -292,13 +297,7 @@ def unused() -> None:
     ref = train(torch_ddp(mlp(SMALL, extra=True), find_unused_parameters=True), data, use_extra=True)
     assert_close(ours, ref, "find_unused_parameters")
     m = DistributedDataParallel(mlp(SMALL, extra=True), comm)
-    x, y = batches(SMALL, 1)[0]
-    try:
-        torch.nn.functional.cross_entropy(m(x), y).backward()
-    except RuntimeError as exc:
-        assert "find_unused_parameters" in str(exc), exc
-    else:
-        raise AssertionError("an unused parameter without find_unused_parameters did not raise")
+    backward_raises(m, batches(SMALL, 1)[0], "find_unused_parameters")
 
 
 run("more", "find_unused_parameters", unused)
