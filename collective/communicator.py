@@ -431,17 +431,10 @@ class Communicator:
         else:
             of, result = None, None
         views = out_views = None
-        # Small alloc'd arrays take shm's one-phase copy-in path; the window paid off from 64 KiB (P = 2, 4).
-        if (alg == "shm" and name == "allreduce" and self._shared is not None and xf.nbytes >= _WINDOW_MIN_BYTES
-                and (inplace or (of is not None and of.base is not None))):
-            found = self._shared.lookup(xf)
-            dst = found if inplace or found is None else self._shared.lookup(of)
-            if found is not None and dst is not None:
-                # A distinct name, so a rank passing a plain array is caught as a mismatch; the windows'
-                # numbers are in it too, since ranks reducing different windows would each update only
-                # their own slice of each.
-                alg = f"shm-window#{found[0]}" if inplace else f"shm-window#{found[0]}->#{dst[0]}"
-                views, out_views = found[1], dst[1]
+        if alg == "shm" and name == "allreduce":
+            window = self._window(xf, of, inplace)
+            if window is not None:
+                alg, views, out_views = window
         c = _Call(name, xf, shape, dtype, rop, alg, root, of, result, blocks, inplace, plan)
         c.views, c.out_views = views, out_views
         if (name == "allreduce" and views is None and type(x) is np.ndarray and type(op) is str
@@ -462,6 +455,25 @@ class Communicator:
                 self._hot.clear()
             self._hot[(id(x), id(out))] = (x, out, (name, op, algorithm, root), c)
         return c
+
+    def _window(self, x: np.ndarray, out: np.ndarray | None, inplace: bool) -> tuple[str, list, list] | None:
+        """(algorithm name, every rank's view of ``x``, of ``out``) when an shm allreduce of ``x`` into ``out``
+        runs in their windows (both alloc'd, or ``x`` in place), else None.
+
+        Small alloc'd arrays take shm's one-phase copy-in path; the window paid
+        off from 64 KiB (P = 2, 4). The name is distinct, so a rank passing a
+        plain array is caught as a mismatch, and holds the windows' numbers,
+        since ranks reducing different windows would each update only their
+        own slice of each.
+        """
+        if (self._shared is None or x.nbytes < _WINDOW_MIN_BYTES
+                or not (inplace or (out is not None and out.base is not None))):
+            return None
+        found = self._shared.lookup(x)
+        dst = found if inplace or found is None else self._shared.lookup(out)
+        if found is None or dst is None:
+            return None
+        return (f"shm-window#{found[0]}" if inplace else f"shm-window#{found[0]}->#{dst[0]}"), found[1], dst[1]
 
     def _static_checks(self, name: str, shape: tuple, dtype: np.dtype, op: Any, algorithm: str | None,
                        root: Any) -> tuple:
@@ -795,15 +807,13 @@ class Communicator:
                     o = np.empty(x.shape, x.dtype)
                 elif out is x:
                     o = x if x.flags.writeable and (x.base is None or c.algorithm != "shm"
-                                                    or x.nbytes < _WINDOW_MIN_BYTES or self._shared is None
-                                                    or self._shared.lookup(x) is None) else None
+                                                    or self._window(x, x, True) is None) else None
                 elif type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype:
                     f = out.flags
                     o = out if (f.writeable and f.c_contiguous and ((f.owndata and x.flags.owndata)
                                                                     or not np.may_share_memory(out, x))) else None
-                    if (o is not None and c.algorithm == "shm" and not f.owndata and x.base is not None
-                            and x.nbytes >= _WINDOW_MIN_BYTES and self._shared is not None
-                            and self._shared.lookup(x) is not None and self._shared.lookup(out) is not None):
+                    if (o is not None and c.algorithm == "shm" and x.base is not None
+                            and self._window(x, out, False) is not None):
                         o = None  # alloc'd into alloc'd: the window path
                 else:
                     o = None

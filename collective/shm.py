@@ -45,7 +45,6 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import CollectiveValueError
 
 __all__ = ["ShmArena", "SharedArrays", "DEFAULT_CHUNK_BYTES", "ONE_PHASE_BYTES"]
 

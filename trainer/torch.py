@@ -352,25 +352,27 @@ class DistributedDataParallel(torch.nn.Module):
                                "backward passes per step need no_sync() around all but the last)")
         slot = b.slots[i]
         g = p.grad
+        kept = False
         with torch.no_grad():
             if g is None:
                 slot.zero_()
             elif g.data_ptr() == slot.data_ptr() and g.stride() == slot.stride():
                 slot.mul_(self._scale)
             elif b.own_slice is not None and g.dtype == slot.dtype and g.is_contiguous():
-                self._copy_but_own(b, i, g, slot)
+                kept = self._copy_but_own(b, i, g, slot)
             else:
                 torch.mul(g, self._scale, out=slot)
-        if not (b.own and b.own[-1][4] is p):
-            p.grad = slot
-        # else p.grad stays autograd's (local, unscaled, as under torch DDP) until the bucket is reduced: part of
-        # the slot is not filled in until then
+        if not kept:  # else p.grad stays autograd's (local, unscaled, as under torch DDP) until the bucket is
+            p.grad = slot  # reduced: part of the slot is filled in only then
         b.ready[i] = 1
         b.pending -= 1
         self._launch_ready(inline=not self.overlap)
 
-    def _copy_but_own(self, b: _Bucket, i: int, g: torch.Tensor, slot: torch.Tensor) -> None:
-        """Copy ``g * (1/P)`` into its slot but for the part in this rank's own slice, which is kept for the allreduce."""
+    def _copy_but_own(self, b: _Bucket, i: int, g: torch.Tensor, slot: torch.Tensor) -> bool:
+        """Copy ``g * (1/P)`` into its slot but for the part in this rank's own slice, kept for the allreduce.
+
+        Returns whether a part was kept (else all of it was copied).
+        """
         lo = b.offsets[i]
         hi = lo + slot.numel()
         s0, s1 = b.own_slice  # type: ignore[misc]
@@ -378,12 +380,13 @@ class DistributedDataParallel(torch.nn.Module):
         gf, sf, scale = g.detach().reshape(-1), slot.view(-1), self._scale
         if a >= z:
             torch.mul(gf, scale, out=sf)
-            return
+            return False
         if a > lo:
             torch.mul(gf[:a - lo], scale, out=sf[:a - lo])
         if z < hi:
             torch.mul(gf[z - lo:], scale, out=sf[z - lo:])
         b.own.append((a, z, gf[a - lo:z - lo].numpy(), scale, b.params[i]))  # the view keeps the tensor alive
+        return True
 
     def _launch_ready(self, inline: bool = False) -> None:
         """Start the allreduce of every complete bucket, in bucket order (the same order on every rank).
@@ -394,19 +397,19 @@ class DistributedDataParallel(torch.nn.Module):
         comm, alg = self.comm, self.algorithm
         while self._next < len(bs) and bs[self._next].pending == 0:
             b = bs[self._next]
+            done = False
             if b.own:
                 b.own.sort(key=lambda piece: piece[0])
                 pieces = [piece[:4] for piece in b.own]
-                if not (inline and comm._allreduce_own(b.array, pieces, alg)):
+                done = inline and comm._allreduce_own(b.array, pieces, alg)
+                if not done:
                     for a, z, g, scale in pieces:  # not reduced in the window here: copy the kept parts in
                         np.multiply(g, scale, out=b.array[a:z])
-                    if inline:
-                        comm.allreduce(b.array, op="sum", algorithm=alg, out=b.array)
-                    else:
-                        b.work = comm.allreduce_async(b.array, op="sum", algorithm=alg, out=b.array)
                 for piece in b.own:
                     piece[4].grad = b.slots[self._where[id(piece[4])][1]]
                 b.own.clear()
+            if done:  # reduced by _allreduce_own
+                pass
             elif inline:
                 comm.allreduce(b.array, op="sum", algorithm=alg, out=b.array)
             else:
