@@ -63,6 +63,8 @@ def mpirun(script: str | Path, nprocs: int, args: list[str] | None = None, timeo
     e.setdefault("COLLECTIVE_TIMEOUT", "60")
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e["PYTHONFAULTHANDLER"] = "1"
+    # Ranks may share one GPU: JAX would otherwise reserve 75 % of its memory in each of them.
+    e.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if env:
         e.update(env)
     cmd, e = mpiexec_command(["-n", str(nprocs), "--oversubscribe", sys.executable, *(python_args or []), str(script),

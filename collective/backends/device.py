@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..arrays import is_immutable
 from ..errors import BackendUnavailableError, CollectiveTypeError, CollectiveValueError, describe
 from . import BACKENDS
 from .gpu_staging import GpuStager, cuda_array_info, is_device_array, mpi_cuda_aware
@@ -248,14 +249,18 @@ class DeviceCollectives:
             async_: return a handle whose ``wait()`` returns the result.
 
         Returns:
-            The result as a device array (a CuPy array for non-CuPy inputs on the NCCL
-            path), None off the root of reduce; or a handle when ``async_``.
+            The result as ``x``'s type (a CuPy array, a CUDA tensor, a new jax.Array;
+            a CuPy array for other ``__cuda_array_interface__`` inputs), or ``out``;
+            None off the root of reduce; or a handle when ``async_``. JAX arrays
+            are never written in place: as ``out`` they get a new array.
         """
         if name not in _NAMES:
             raise CollectiveValueError(f"unknown collective {name!r}; choose one of {', '.join(_NAMES)}")
         if not is_device_array(x):
             raise CollectiveTypeError(f"{describe(name, self.comm.rank, self.comm.size)}: {type(x).__qualname__} is "
                                       "not a device array")
+        if out is not None and is_immutable(out):
+            out = None  # a JAX array is never written in place: a new one comes back, as on the host path
         self.setup()
         if self.nccl is not None:
             return self._nccl_call(name, x, op, algorithm, root, out, async_)
@@ -317,8 +322,8 @@ class DeviceCollectives:
         if call.result is not None:
             if out_in is not None:
                 w._result = out_in  # the caller's own object, whatever its type
-            elif _is_torch(x_in):
-                w._result = _torch_like(x_in, call.result)  # a CUDA tensor sharing the result's memory
+            else:
+                w._result = _like(x_in, call.result)
         return w if async_ else w._result
 
     @staticmethod
@@ -405,7 +410,7 @@ class DeviceCollectives:
                 if r is None or ho is None:
                     return None
                 r = st.to_device(ho, target)
-                return _torch_like(x, r) if target is None and _is_torch(x) else r
+                return _like(x, r) if target is None else r
             finally:
                 st.release(h, ho)
 
@@ -469,11 +474,19 @@ def _is_torch(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _torch_like(x: Any, r: Any) -> Any:
-    """``r`` (a CuPy array) as a tensor on ``x``'s device, sharing memory (through __cuda_array_interface__)."""
-    import torch
+def _like(x: Any, r: Any) -> Any:
+    """``r`` (a CuPy array) as ``x``'s type, sharing its memory: a CUDA tensor for a tensor, a jax.Array for one."""
+    if _is_torch(x):
+        import torch
 
-    return torch.as_tensor(r, device=x.device)
+        return torch.as_tensor(r, device=x.device)
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.Array):
+        import jax.dlpack
+
+        # DLPack hands JAX the buffer with the producing stream ordered before JAX's use of it.
+        return jax.dlpack.from_dlpack(r)
+    return r
 
 
 class _Signature:

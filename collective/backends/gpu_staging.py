@@ -48,7 +48,9 @@ class CudaArrayInfo:
         dtype: the element type.
         readonly: the producer forbids writes.
         stream: the producing stream's handle (1: legacy default, 2: per-thread default),
-            or None when the producer needs no synchronisation.
+            or None when the producer says it needs no synchronisation (version 3,
+            ``"stream": None``). A producer that names no stream (version 2,
+            PyTorch) is waited for on its current stream (see ``_unnamed_stream``).
         contiguous: C-contiguous (``strides`` None or the C strides).
     """
 
@@ -87,6 +89,28 @@ def is_device_array(x: Any) -> bool:
         return hasattr(x, "__cuda_array_interface__")
     except Exception:  # noqa: BLE001 - a property that raises (e.g. a CPU tensor's) means "not a device array"
         return False
+
+
+#: cudaStreamLegacy, as __cuda_array_interface__ names the legacy default stream.
+LEGACY_STREAM = 1
+
+
+def _unnamed_stream(x: Any) -> int:
+    """The stream to wait for when the producer names none (interface version 2, PyTorch's included).
+
+    Such producers rely on the ordering of the legacy default stream, which the
+    private non-blocking streams the copies and NCCL run on do not have: a
+    tensor made by ``t.clone()`` just before the call could still be in flight.
+    A PyTorch tensor is ordered on torch's current stream (as its DLPack export
+    says); anything else on the legacy default stream.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        try:
+            return int(torch.cuda.current_stream(x.device).cuda_stream) or LEGACY_STREAM
+        except Exception:  # noqa: BLE001 - a torch built without CUDA cannot hold CUDA tensors anyway
+            return LEGACY_STREAM
+    return LEGACY_STREAM
 
 
 def cuda_array_info(x: Any) -> CudaArrayInfo:
@@ -131,12 +155,15 @@ def cuda_array_info(x: Any) -> CudaArrayInfo:
         want.reverse()
         # Axes of length 1 (and empty arrays) may carry any stride.
         contiguous = 0 in shape or all(n == 1 or int(s) == w for n, s, w in zip(shape, strides, want))
-    stream = cai.get("stream") if int(cai.get("version", 0)) >= 3 else None
-    if stream is not None:
-        stream = int(stream)
-        if stream == 0:
-            raise CollectiveValueError(f"{type(x).__qualname__}: __cuda_array_interface__ stream 0 is forbidden by the "
-                                       "protocol (it is ambiguous); the producer must name its stream")
+    if int(cai.get("version", 0)) >= 3 and "stream" in cai:
+        stream = cai["stream"]
+        if stream is not None:
+            stream = int(stream)
+            if stream == 0:
+                raise CollectiveValueError(f"{type(x).__qualname__}: __cuda_array_interface__ stream 0 is forbidden by "
+                                           "the protocol (it is ambiguous); the producer must name its stream")
+    else:
+        stream = _unnamed_stream(x)
     return CudaArrayInfo(int(ptr or 0), shape, dtype, bool(ro), stream, contiguous)
 
 

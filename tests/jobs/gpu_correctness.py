@@ -40,11 +40,28 @@ if why is not None:
 import cupy  # noqa: E402
 
 from collective.backends.device import DeviceCollectives  # noqa: E402
-from collective.backends.nccl import pick_device  # noqa: E402
+from collective.backends.nccl import gpus_per_rank_problem, pick_device  # noqa: E402
 
 # As in any NCCL program, each rank picks its GPU before it makes arrays (the NCCL backend uses the same rule).
 cupy.cuda.Device(pick_device(comm.local_rank, cupy.cuda.runtime.getDeviceCount())).use()
 dev = DeviceCollectives(comm, args.backend)
+shared_gpu = gpus_per_rank_problem(comm.local_size, cupy.cuda.runtime.getDeviceCount())
+if args.backend == "nccl" and shared_gpu is not None:
+    def refused_everywhere() -> None:
+        # More ranks than GPUs: NCCL itself would fail in ncclCommInitRank ("Duplicate GPU"); every rank
+        # must get our reason instead, before any NCCL call, and nobody may be left waiting.
+        try:
+            dev.call("allreduce", cupy.ones(4, cupy.float32))
+        except col.BackendUnavailableError as exc:
+            assert "NCCL needs one GPU per rank" in str(exc) and "or use backend 'mpi'" in str(exc), str(exc)
+            if R == 0:
+                print(f"REFUSED as expected: {exc}", flush=True)
+        else:
+            raise AssertionError(f"backend 'nccl' accepted {P} ranks on one GPU")
+
+    cases.run("ranks sharing a GPU: backend nccl refused on every rank", refused_everywhere)
+    cases.finish()
+    sys.exit(0)
 ALGS = ["native", "ring", "tree", "star", "hierarchical", "auto"]
 DTYPES = [np.dtype(d) for d in (("int32", "float32", "complex64", "int16") if args.quick else
                                 ("int8", "uint8", "int32", "int64", "float16", "float32", "float64", "complex64",
@@ -93,7 +110,7 @@ def check(name: str, alg: str, dtype: np.dtype, op: str, n: int, root: int) -> N
     got = dev.call(name, x, op, alg, root)
     same(got, want, what)
     assert bool((x == x0).all()), f"{what}: the input changed"
-    if got is not None and name != "reduce":
+    if got is not None and name not in ("reduce", "reduce_scatter"):  # reduce_scatter: each rank its own block
         identical_on_every_rank(got, what)
     if name in ("allreduce", "broadcast", "reduce"):
         y = x.copy()

@@ -6,6 +6,8 @@ torch's own DistributedDataParallel over Gloo; our ranks must agree bitwise.
 """
 from __future__ import annotations
 
+import contextlib
+
 import sys
 import zlib
 
@@ -411,6 +413,41 @@ def cupy_arrays() -> None:
 
 
 run("interop", "cupy arrays", cupy_arrays)
+
+
+def torch_cuda_tensors() -> None:
+    try:
+        import cupy  # noqa: F401 - device memory moves through CuPy
+    except ImportError:
+        cupy = None
+    if cupy is None or not torch.cuda.is_available():
+        if R == 0:
+            print("SKIP torch CUDA tensors: no CuPy with a CUDA device here", flush=True)
+        return
+    t = torch.arange(12, dtype=torch.float32, device="cuda").reshape(3, 4) + R
+    want = P * torch.arange(12, dtype=torch.float32).reshape(3, 4) + P * (P - 1) / 2
+    y = comm.allreduce(t)
+    assert type(y) is torch.Tensor and y.device == t.device and torch.equal(y.cpu(), want), (type(y), y)
+    o = torch.empty_like(t)
+    assert comm.allreduce(t, out=o) is o and torch.equal(o.cpu(), want)
+    i = t.clone()
+    r = comm.allreduce(i, out=i)
+    assert r is i, type(r)
+    assert torch.equal(i.cpu(), want), (i.cpu(), want)
+    g = comm.allgather(torch.full((2,), float(R), device="cuda"))
+    assert type(g) is torch.Tensor and g.is_cuda and g.tolist() == [float(r) for r in range(P) for _ in range(2)]
+    # Tensors still being written when the call comes: torch names no stream in __cuda_array_interface__, so the
+    # collective must wait for torch's current stream (the default one, and a side stream inside its context).
+    for side in (None, torch.cuda.Stream()):
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            x = torch.zeros(1 << 22, device="cuda")
+            for _ in range(20):
+                x += 1
+            y = comm.allreduce(x)
+            assert torch.equal(y, torch.full_like(x, 20.0 * P)), (side, y[:4], y[-4:])
+
+
+run("interop", "torch CUDA tensors", torch_cuda_tensors)
 
 gloo.close()
 cases.finish()
