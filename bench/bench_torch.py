@@ -12,8 +12,10 @@ columns ``ours`` (``comm.allreduce(t, out=t)`` on the user's tensor),
 as nccl-tests. Part ``train``: one step (zero_grad, forward, cross-entropy,
 backward, SGD step) of an MLP, per-rank batch 64, one thread per rank, for
 ``local`` (every rank trains alone at the same time: the ideal), ``ddp-gloo``
-(torch DDP over Gloo), ``ours`` (trainer.torch.DistributedDataParallel) and
-``ddp-hook`` (torch DDP with our comm hook); ``ours-overlap`` (overlap forced on) appears
+(torch DDP over Gloo), ``ours`` (trainer.torch.DistributedDataParallel),
+``ours-shard`` (the same with ``shard_optimizer``: one copy of the parameters
+on the node, each rank updating its share) and ``ddp-hook`` (torch DDP with
+our comm hook); ``ours-overlap`` (overlap forced on) appears
 when the default chose not to overlap (no spare core).
 
 Method: absolute times drift several-fold on a shared machine, ratios inside
@@ -139,7 +141,10 @@ def _worker(args: argparse.Namespace) -> None:
                 hooked = torch.nn.parallel.DistributedDataParallel(make())
                 hooked.register_comm_hook(CommHookState(comm), allreduce_hook)
                 models["ddp-hook"] = hooked
-            opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+            if "ours-shard" in want:  # one copy of the parameters on the node, optimizer split over the ranks
+                models["ours-shard"] = DistributedDataParallel(make(), comm)
+            opts = {k: (m.shard_optimizer(torch.optim.SGD, lr=0.01, momentum=0.9) if k == "ours-shard" else
+                        torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)) for k, m in models.items()}
             g = torch.Generator().manual_seed(1 + R)
             x = torch.randn(args.batch, sizes[0], generator=g)
             y = torch.randint(0, sizes[-1], (args.batch,), generator=g)
@@ -208,17 +213,24 @@ def _report(results: list[dict]) -> str:
                              f"{a['window_busbw'] / a['gloo_busbw']:.2f}x | {'ok' if a['check'] else 'WRONG'} |")
         lines.append("")
     if any(r["train"] for r in results):
-        extra = [c for c in ("ours-overlap", "ddp-hook") if any(c + "_ms" in t for r in results for t in r["train"])]
+        extra = [c for c in ("ours-shard", "ours-overlap", "ddp-hook")
+                 if any(c + "_ms" in t for r in results for t in r["train"])]
+        shard = "ours-shard" in extra
         lines += ["## training step, per-rank batch 64, one thread per rank: ms per step (median)", "",
                   "| P | model (grad MB) | local | ddp-gloo | ours | " + "".join(f"{c} | " for c in extra)
-                  + "ddp-gloo/ours | ours/local | ddp-gloo/local |",
-                  "|---|---|---|---|---|" + "---|" * len(extra) + "---|---|---|"]
+                  + "ddp-gloo/ours | ours/local | " + ("ddp-gloo/ours-shard | ours-shard/local | " if shard else "")
+                  + "ddp-gloo/local |",
+                  "|---|---|---|---|---|" + "---|" * len(extra) + "---|---|" + "---|---|" * shard + "---|"]
         for r in results:
             for t in r["train"]:
                 cells = "".join(f"{t[c + '_ms']:.1f} | " if c + "_ms" in t else "- | " for c in extra)
+                sh = ""
+                if shard:
+                    sh = (f"{t['ddp-gloo_ms'] / t['ours-shard_ms']:.2f}x | {t['ours-shard_ms'] / t['local_ms']:.2f}x | "
+                          if "ours-shard_ms" in t else "- | - | ")
                 lines.append(f"| {r['P']} | {t['model']} ({t['grad_bytes'] / 1e6:.1f}) | {t['local_ms']:.1f} | "
                              f"{t['ddp-gloo_ms']:.1f} | {t['ours_ms']:.1f} | {cells}"
-                             f"{t['ddp-gloo_ms'] / t['ours_ms']:.2f}x | {t['ours_ms'] / t['local_ms']:.2f}x | "
+                             f"{t['ddp-gloo_ms'] / t['ours_ms']:.2f}x | {t['ours_ms'] / t['local_ms']:.2f}x | {sh}"
                              f"{t['ddp-gloo_ms'] / t['local_ms']:.2f}x |")
     return "\n".join(lines)
 
@@ -237,8 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64, help="per-rank batch")
     ap.add_argument("--train-procs", default="2", help="rank counts for the training part (default 2)")
     ap.add_argument("--no-hook", action="store_true", help="leave out the ddp-hook column")
-    ap.add_argument("--methods", default="local,ddp-gloo,ours,ours-overlap,ddp-hook",
-                    help="training columns besides the three always run (local, ddp-gloo, ours): ours-overlap, ddp-hook")
+    ap.add_argument("--methods", default="local,ddp-gloo,ours,ours-shard,ours-overlap,ddp-hook",
+                    help="training columns besides the three always run (local, ddp-gloo, ours): ours-shard "
+                         "(shard_optimizer), ours-overlap, ddp-hook")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

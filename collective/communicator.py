@@ -653,6 +653,28 @@ class Communicator:
                 buf = self._alloc_now(n * dt.itemsize)
         return buf.view(dt).reshape(shp)
 
+    def alloc_views(self, a: np.ndarray) -> list[np.ndarray]:
+        """Every node rank's array of the ``comm.alloc`` that ``a`` is (or starts), indexed by rank on the node.
+
+        ``alloc_views(a)[q]`` is the memory rank q got back as its own array:
+        what q writes there, this rank reads after a ``comm.barrier()`` (which
+        fences the node's shared memory). Not collective.
+
+        Raises:
+            CollectiveValueError: ``a`` is not from ``comm.alloc`` (or a leading slice of one).
+
+        Example::
+
+            g = comm.alloc(1 << 20)
+            peers = comm.alloc_views(g)   # peers[comm.local_rank] is g's memory
+        """
+        found = self._shared.lookup(a) if self._shared is not None and type(a) is np.ndarray else None
+        if found is None:
+            raise CollectiveValueError(f"alloc_views on rank {self.rank} of {self.size}: {type(a).__name__} of shape "
+                                       f"{getattr(a, 'shape', '?')} dtype {getattr(a, 'dtype', '?')} is not an array "
+                                       "from comm.alloc (or a leading slice of one)")
+        return [v.reshape(a.shape) for v in found[1]]
+
     def _alloc_now(self, nbytes: int) -> np.ndarray:
         with deadline(f"alloc of {nbytes} bytes on rank {self.rank} (collective over the node)"):
             if self._shared is None:
@@ -968,7 +990,11 @@ class Communicator:
         return f"{text}\n  auto picks now: {self._auto(collective, int(nbytes), dt)}"
 
     def barrier(self) -> None:
-        """Block until every rank has called barrier (after any queued async work)."""
+        """Block until every rank has called barrier (after any queued async work).
+
+        It also fences the node's shared memory: what a rank wrote to ``comm.alloc``
+        arrays before the barrier, every rank of the node reads after it.
+        """
         if self._pending:
             self._submit(_BARRIER).wait()
             return
@@ -980,9 +1006,14 @@ class Communicator:
         rec = [self._seq, "barrier", (), None, "native", None, time.monotonic(), None]
         self.watchdog.begin(rec)
         try:
+            arena = self._shm_arena
+            if arena is not None:  # a fence on each side, as between the phases of shm
+                arena._sync()
             chk = self.watchdog.check
             if chk is None or not chk(rec, _BARRIER):  # the fingerprint allreduce already synchronised every rank
                 self._backend.comm.Barrier()
+            if arena is not None:
+                arena._sync()
         finally:
             self.watchdog.end(rec)
 

@@ -34,6 +34,30 @@ def test_single_rank_wrapper_is_transparent() -> None:
         DistributedDataParallel(torch.nn.ReLU(), comm)
 
 
+def test_single_rank_sharded_optimizer_is_the_plain_one() -> None:
+    """At P=1 shard_optimizer owns everything: the same steps as the plain optimizer, bit for bit."""
+    comm = col.Communicator()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    ref.load_state_dict(net.state_dict())
+    m = DistributedDataParallel(net, comm)
+    opt = m.shard_optimizer(torch.optim.Adam, lr=0.01)
+    ropt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    for i in range(3):
+        x = torch.randn(5, 4)
+        for model, o in ((m, opt), (ref, ropt)):
+            o.zero_grad()
+            model(x).square().sum().backward()
+            o.step()
+    for a, b in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="no closure"):
+        opt.step(lambda: 0.0)
+    with pytest.raises(ValueError, match="already sharded"):
+        m.shard_optimizer(torch.optim.Adam, lr=0.01)
+
+
 @pytest.mark.mpi
 def test_matches_torch_ddp_p2() -> None:
     """20 steps against torch DDP(gloo) within 1e-6, ranks bitwise identical; no_sync, unused params, comm hook,
@@ -72,7 +96,7 @@ def test_fresh_gradients_do_not_fault_in_again() -> None:
 @pytest.mark.mpi
 def test_matches_torch_ddp_p3() -> None:
     """A rank count that is not a power of two: the 1/P scaling must match torch DDP's arithmetic."""
-    res = mpirun("torch_ddp.py", 3, ["--only", "ddp"], timeout=240)
+    res = mpirun("torch_ddp.py", 3, ["--only", "ddp,shard"], timeout=240)
     check(res, "torch adapter at P=3")
     assert count_passed(res) >= 3
 

@@ -50,7 +50,7 @@ from collective.communicator import _WINDOW_MIN_BYTES  # the size from which all
 
 from .buckets import DEFAULT_BUCKET_MB, DEFAULT_FIRST_BUCKET_MB, bucket_caps
 
-__all__ = ["DistributedDataParallel", "DDP", "CommHookState", "allreduce_hook", "keep_freed_memory",
+__all__ = ["DistributedDataParallel", "DDP", "ShardedOptimizer", "CommHookState", "allreduce_hook", "keep_freed_memory",
            "DEFAULT_BUCKET_MB", "DEFAULT_FIRST_BUCKET_MB"]
 
 
@@ -108,7 +108,7 @@ class _Bucket:
     """One bucket: its parameters, their slots in the flat buffer, and this step's state."""
 
     __slots__ = ("index", "params", "slots", "offsets", "array", "flat", "pending", "ready", "work", "own_slice",
-                 "own")
+                 "own", "peers")
 
     def __init__(self, index: int, params: list[torch.nn.Parameter], array: np.ndarray, dtype: torch.dtype) -> None:
         self.index = index
@@ -131,6 +131,8 @@ class _Bucket:
         #: this step's gradients for parts of it, left where autograd put them: (start, stop, ndarray, scale, param)
         self.own_slice: tuple[int, int] | None = None
         self.own: list[tuple[int, int, np.ndarray, float, torch.nn.Parameter]] = []
+        #: under shard_optimizer: every node rank's buffer (flat tensors), read by the owners of its parameters
+        self.peers: list[torch.Tensor] = []
 
 
 class DistributedDataParallel(torch.nn.Module):
@@ -218,6 +220,12 @@ class DistributedDataParallel(torch.nn.Module):
         self._next = 0
         self._buckets: list[_Bucket] = []
         self._where: dict[int, tuple[int, int]] = {}
+        self._params = params
+        #: under shard_optimizer: the rank that updates each parameter (by id), and whether a backward has put
+        #: gradients in the buckets that no step has consumed yet
+        self._owner: dict[int, int] | None = None
+        self._grads_waiting = False
+        self._unused: set[int] = set()  # under shard_optimizer: ids of parameters no rank used this step
         groups = self._assign(params)
         if P > 1:
             self._check_same_layout(groups)  # before comm.alloc: a collective that differing models would hang in
@@ -350,6 +358,9 @@ class DistributedDataParallel(torch.nn.Module):
             raise RuntimeError(f"DistributedDataParallel on rank {self.comm.rank}: the gradient of a parameter of "
                                f"shape {tuple(p.shape)} was reported twice before its bucket was reduced (two "
                                "backward passes per step need no_sync() around all but the last)")
+        if self._owner is not None:
+            self._shard_grad_ready(p, b, i)
+            return
         slot = b.slots[i]
         g = p.grad
         kept = False
@@ -426,17 +437,44 @@ class DistributedDataParallel(torch.nn.Module):
                 raise RuntimeError(f"DistributedDataParallel on rank {self.comm.rank}: backward produced no gradient "
                                    f"for {len(missing)} parameter(s) (shapes {shapes}); pass "
                                    "find_unused_parameters=True if parts of the model are unused in some steps")
+            # Every rank takes part (any rank may miss some), as torch DDP's used-parameter map does.
+            unused = self._globally_unused() if self.find_unused_parameters and self.comm.size > 1 else set()
+            if self._owner is not None:
+                with torch.no_grad():
+                    for b, i in missing:  # this rank's part, as if its hook had run (zero unless accumulated)
+                        self._shard_grad_ready(b.params[i], b, i)
+                self._unused = unused if not self._grads_waiting else self._unused & unused
+                self._grads_waiting = True
+                return
             with torch.no_grad():
-                for b, i in missing:  # a zero contribution: the other ranks may have used the parameter
-                    b.slots[i].zero_()
-                    b.params[i].grad = b.slots[i]
+                for b, i in missing:  # a zero contribution unless no_sync accumulated one: others may have used it
+                    p, slot = b.params[i], b.slots[i]
+                    g = p.grad
+                    if g is None:
+                        slot.zero_()
+                    elif g.data_ptr() == slot.data_ptr() and g.stride() == slot.stride():
+                        slot.mul_(self._scale)
+                    else:
+                        torch.mul(g, self._scale, out=slot)
+                    p.grad = slot
                     b.pending -= 1
             self._launch_ready(inline=not self.overlap)
             for b in self._buckets:
                 if b.work is not None:
                     b.work.wait()
+            for b, i in missing:  # unused on every rank: no gradient at all, so optimizers skip it (as torch DDP)
+                if id(b.params[i]) in unused:
+                    b.params[i].grad = None
         finally:
             self._reset_step()
+
+    def _globally_unused(self) -> set[int]:
+        """Ids of the parameters no rank used since the last step: a max-allreduce of this rank's used flags."""
+        ps = [p for b in self._buckets for p in b.params]
+        used = np.fromiter(((1 if self._buckets[self._where[id(p)][0]].ready[self._where[id(p)][1]]
+                             or p.grad is not None else 0) for p in ps), np.int32, len(ps))
+        every = self.comm.allreduce(used, op="max")
+        return {id(p) for p, u in zip(ps, every) if not u}
 
     def _reset_step(self) -> None:
         """Every bucket back to the start of a step (after an error too: no launched bucket left running)."""
@@ -450,6 +488,188 @@ class DistributedDataParallel(torch.nn.Module):
             b.pending = len(b.params)
             b.ready = bytearray(len(b.params))
         self._next = 0
+
+    # ------------------------------------------------- sharded optimizer
+    def shard_optimizer(self, optimizer_class: type, **defaults: Any) -> "ShardedOptimizer":
+        """Keep one copy of the parameters in the node's shared memory and split the optimizer over the ranks.
+
+        Every parameter gets an *owner* rank (the largest first, each to the
+        least loaded rank). After this call backward no longer allreduces:
+        each rank leaves its gradient of every parameter it does not own in
+        that parameter's bucket slot, and the returned optimizer's ``step()``
+        has each owner add the other ranks' gradients of its parameters to
+        its own (their average), update them with ``optimizer_class``, and
+        write them once, into the memory every rank's model reads. Per rank
+        that is 1/P of the optimizer's work and state and no copy of reduced
+        gradients or parameters at all (ZeRO stage 1 on shared memory).
+
+        Collective over every rank, before the first step, with the same
+        class and arguments on every rank (checked). Needs every rank on one
+        node (``shared_memory``) and float32/float64 parameters.
+
+        Differences from a plain optimizer: after ``step()`` (and before it)
+        ``p.grad`` is None for parameters another rank owns; the average is
+        in the owner's ``p.grad`` only, so clip or read gradients through
+        the owners. ``state_dict()`` holds this rank's share. The
+        parameters live in the shared window until MPI finalizes.
+
+        Args:
+            optimizer_class: a ``torch.optim.Optimizer`` subclass (SGD, Adam, ...).
+            **defaults: its arguments (lr, momentum, ...).
+
+        Returns:
+            The :class:`ShardedOptimizer` to call ``zero_grad()`` and ``step()`` on.
+
+        Example::
+
+            model = DistributedDataParallel(make_model(), comm)
+            opt = model.shard_optimizer(torch.optim.SGD, lr=0.01, momentum=0.9)
+            for x, y in shard:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+        """
+        comm = self.comm
+        where = f"DistributedDataParallel.shard_optimizer on rank {comm.rank} of {comm.size}"
+        if self._owner is not None:
+            raise ValueError(f"{where}: the optimizer is already sharded")
+        if self._grads_waiting or self._queued:
+            raise ValueError(f"{where}: call it before the first backward")
+        if comm.size > 1 and not self.shared_memory:
+            raise ValueError(f"{where}: the ranks must share one node's memory (shared_memory=True, every rank on "
+                             "one node); across nodes use a plain optimizer")
+        bad = sorted({str(b.flat.dtype) for b in self._buckets} - {"torch.float32", "torch.float64"})
+        if bad:
+            raise ValueError(f"{where}: parameters of dtype {', '.join(bad)}; sharding takes float32 and float64")
+        name = f"{optimizer_class.__module__}.{optimizer_class.__qualname__}"
+        sig = f"{name}|{sorted((k, repr(v)) for k, v in defaults.items())}"
+        if comm.size > 1:
+            every = comm.allgather(np.array([zlib.crc32(sig.encode()) & 0x7FFFFFFF], np.int64))
+            odd = [r for r in range(comm.size) if every[r] != every[0]]
+            if odd:
+                raise ValueError(f"{where}: rank(s) {odd} pass another optimizer or other arguments than rank 0 "
+                                 f"(here: {name} with {defaults})")
+        load = [0] * comm.size
+        owner: dict[int, int] = {}
+        for p in sorted(self._params, key=lambda q: -q.numel()):  # same order everywhere (stable sort, same model)
+            r = min(range(comm.size), key=lambda q: load[q])
+            owner[id(p)] = r
+            load[r] += p.numel()
+        if comm.size > 1:
+            ones: list[torch.Tensor] = []
+            with torch.no_grad():
+                for b in self._buckets:
+                    shared = comm.alloc(b.array.size, b.array.dtype)  # collective over the node, bucket by bucket
+                    one = torch.from_numpy(comm.alloc_views(shared)[0])  # local rank 0's: the copy all ranks use
+                    if comm.local_rank == 0:
+                        for p, off in zip(b.params, b.offsets):
+                            one[off:off + p.numel()].copy_(p.reshape(-1))
+                    b.peers = [torch.from_numpy(v) for v in comm.alloc_views(b.array)]
+                    b.own_slice = None
+                    ones.append(one)
+            comm.barrier()  # rank 0's copy is complete (and fenced) before any rank reads it
+            with torch.no_grad():
+                for b, one in zip(self._buckets, ones):
+                    for p, off in zip(b.params, b.offsets):
+                        p.data = one[off:off + p.numel()].view(p.shape)
+        mine = [p for p in self._params if owner[id(p)] == comm.rank]
+        self._owner = owner
+        return ShardedOptimizer(self, optimizer_class(mine, **defaults) if mine else None)
+
+    def _shard_grad_ready(self, p: torch.Tensor, b: _Bucket, i: int) -> None:
+        """Hook under shard_optimizer: an owned gradient stays; another rank's goes (scaled by 1/P) into its slot."""
+        b.ready[i] = 1
+        b.pending -= 1
+        if self._owner[id(p)] == self.comm.rank:  # type: ignore[index]
+            return
+        g = p.grad
+        slot = b.slots[i]
+        with torch.no_grad():
+            if self._grads_waiting:  # a second backward before the step: accumulate, as gradients do
+                if g is not None:
+                    slot.add_(g, alpha=self._scale)
+            elif g is None:
+                slot.zero_()
+            else:
+                torch.mul(g, self._scale, out=slot)
+        p.grad = None  # its memory goes back to the allocator for the next backward
+
+    @torch.no_grad()
+    def _shard_step(self, inner: Any) -> None:
+        """Owners average their parameters' gradients from every rank's slots and update them in shared memory."""
+        comm = self.comm
+        if comm.size > 1:
+            flags = comm.allgather(np.array([1 if self._grads_waiting else 0], np.int8))
+            if flags.min() != flags.max():
+                raise RuntimeError(f"ShardedOptimizer.step on rank {comm.rank} of {comm.size}: rank(s) "
+                                   f"{[r for r in range(comm.size) if not flags[r]]} step without a backward since "
+                                   "their last step or zero_grad, the others after one")
+            comm.barrier()  # every rank's slots are written (and fenced) before the owners read them
+            if flags[0]:
+                me, P = comm.rank, comm.size
+                for b in self._buckets:
+                    for p, off, slot in zip(b.params, b.offsets, b.slots):
+                        if self._owner[id(p)] != me:  # type: ignore[index]
+                            continue
+                        g = p.grad
+                        if g is None and id(p) in self._unused:
+                            continue  # no rank used it: no gradient, the optimizer skips it (as under torch DDP)
+                        if g is None or not g.is_contiguous() or g.dtype != p.dtype:
+                            g = torch.zeros_like(p) if g is None else g.contiguous().to(p.dtype)
+                        n = p.numel()
+                        others = [b.peers[q][off:off + n].view(p.shape) for q in range(P) if q != me]
+                        torch.add(others[0], g, alpha=self._scale, out=g)  # own * 1/P + the others' (scaled)
+                        for o in others[1:]:
+                            g.add_(o)
+                        p.grad = g
+        if inner is not None:
+            inner.step()
+        self._grads_waiting = False
+        if comm.size > 1:
+            comm.barrier()  # every owner's parameters are written before any rank's next forward reads them
+
+
+class ShardedOptimizer:
+    """The optimizer :meth:`DistributedDataParallel.shard_optimizer` returns: this rank's share of the update.
+
+    ``step()`` is collective (every rank calls it after the same backward
+    passes); ``zero_grad()`` is local. ``optimizer`` is the wrapped torch
+    optimizer over this rank's parameters (None if it owns none).
+    """
+
+    def __init__(self, model: DistributedDataParallel, optimizer: Any) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The wrapped optimizer's parameter groups (this rank's parameters; change ``lr`` here on every rank)."""
+        return self.optimizer.param_groups if self.optimizer is not None else []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop this step's gradients (those waiting in the buckets too)."""
+        for p in self.model._params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+        self.model._grads_waiting = False
+
+    def step(self, closure: Any = None) -> None:
+        """Average the owned gradients over the ranks, update the owned parameters, wait for every owner."""
+        if closure is not None:
+            raise ValueError("ShardedOptimizer.step takes no closure: run forward and backward before it")
+        self.model._shard_step(self.optimizer)
+
+    def state_dict(self) -> dict:
+        """This rank's share of the optimizer state (the wrapped optimizer's state_dict; {} if it owns nothing)."""
+        return self.optimizer.state_dict() if self.optimizer is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load what :meth:`state_dict` returned on this rank."""
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state)
 
 
 DDP = DistributedDataParallel

@@ -20,8 +20,9 @@ from bench.gloo import GlooGroup
 from harness import Cases
 from trainer.torch import CommHookState, DistributedDataParallel, allreduce_hook
 
-# --only ddp|more|interop: one group of cases (ddp: the equivalence runs; interop: torch/JAX/CuPy arrays)
-ONLY = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+# --only ddp,more,shard,interop: some groups of cases (ddp: the equivalence runs; shard: shard_optimizer;
+# interop: torch/JAX/CuPy arrays)
+ONLY = set(sys.argv[sys.argv.index("--only") + 1].split(",")) if "--only" in sys.argv else None
 torch.set_num_threads(1)
 comm = col.init()
 P, R = comm.size, comm.rank
@@ -31,7 +32,7 @@ STEPS = 20
 
 
 def run(group: str, name: str, fn: object) -> None:
-    if ONLY is None or ONLY == group:
+    if ONLY is None or group in ONLY:
         cases.run(name, fn)  # type: ignore[arg-type]
 
 TOL = 1e-6
@@ -75,15 +76,16 @@ def batches(sizes: tuple[int, ...], steps: int, per_rank: int = 16, seed: int = 
 
 
 def train(model: torch.nn.Module, data: list, opt_name: str = "sgd", accumulate: int = 1, set_to_none: bool = True,
-          use_extra: bool = False) -> torch.nn.Module:
-    opt = (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9) if opt_name == "sgd"
-           else torch.optim.Adam(model.parameters(), lr=1e-3))
+          use_extra: bool = False, shard: bool = False, no_sync: bool = True) -> torch.nn.Module:
+    cls, kw = ((torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}) if opt_name == "sgd"
+               else (torch.optim.Adam, {"lr": 1e-3}))
+    opt = model.shard_optimizer(cls, **kw) if shard else cls(model.parameters(), **kw)
     loss_fn = torch.nn.functional.cross_entropy
     for s in range(0, len(data), accumulate):
         opt.zero_grad(set_to_none=set_to_none)
         for j in range(accumulate):
             x, y = data[s + j]
-            ctx = model.no_sync() if j < accumulate - 1 else _nullcontext()
+            ctx = model.no_sync() if no_sync and j < accumulate - 1 else _nullcontext()
             with ctx:
                 out = model(x, use_head=use_extra and (s // accumulate) % 2 == 0)
                 loss_fn(out, y).backward()
@@ -298,6 +300,18 @@ def unused() -> None:
                  use_extra=True)
     ref = train(torch_ddp(mlp(SMALL, extra=True), find_unused_parameters=True), data, use_extra=True)
     assert_close(ours, ref, "find_unused_parameters")
+    # Unused on every rank: no gradient at all (an optimizer skips the parameter), as torch DDP leaves it; unused
+    # here but used under no_sync before: what no_sync accumulated is this rank's part.
+    m = DistributedDataParallel(mlp(SMALL, extra=True), comm, find_unused_parameters=True)
+    x, y = data[0]
+    torch.nn.functional.cross_entropy(m(x, use_head=False), y).backward()
+    assert m.module.head.weight.grad is None, "a parameter no rank used got a gradient"
+    with m.no_sync():
+        torch.nn.functional.cross_entropy(m(x, use_head=True), y).backward()
+    local = m.module.head.weight.grad.clone()
+    torch.nn.functional.cross_entropy(m(x, use_head=False), y).backward()
+    want = comm.allreduce(local.contiguous(), op="avg")
+    assert torch.allclose(m.module.head.weight.grad, want, rtol=1e-5, atol=1e-12), "no_sync's gradient was dropped"
     m = DistributedDataParallel(mlp(SMALL, extra=True), comm)
     backward_raises(m, batches(SMALL, 1)[0], "find_unused_parameters")
 
@@ -330,6 +344,89 @@ def comm_hook() -> None:
 
 
 run("more", "torch DDP with our comm hook", comm_hook)
+
+
+# ------------------------------------------------------------------ shard_optimizer
+def sharded(sizes: tuple[int, ...], opt: str, extra: bool = False, **kw: object) -> None:
+    """shard_optimizer trains as torch DDP does (accumulation with and without no_sync, unused parameters)."""
+    for accumulate, no_sync_ in ((1, True), (3, True), (2, False)):
+        data = batches(sizes, 6 * accumulate)
+        ours = train(DistributedDataParallel(mlp(sizes, extra=extra), comm, find_unused_parameters=extra, **kw), data,
+                     opt, accumulate=accumulate, use_extra=extra, shard=True, no_sync=no_sync_)
+        ref = train(torch_ddp(mlp(sizes, extra=extra), find_unused_parameters=extra), data, opt,
+                    accumulate=accumulate, use_extra=extra, no_sync=no_sync_)
+        what = f"sharded {sizes} {opt} accumulate={accumulate} no_sync={no_sync_}"
+        assert_close(ours, ref, what)
+        assert_ranks_identical(ours, what)
+
+
+# (The unused head's gradients are ~1e-9, differences of O(1) terms: Adam would scale rounding up to 1e-5.)
+run("shard", "shard_optimizer sgd, default buckets, unused head", lambda: sharded(MEDIUM, "sgd", True))
+run("shard", "shard_optimizer adam, tiny buckets", lambda: sharded(SMALL, "adam", bucket_mb=0.004, first_bucket_mb=0.001))
+
+
+def shard_layout() -> None:
+    """One copy of the parameters on the node; every parameter has one owner; the owner's share of the state."""
+    model = DistributedDataParallel(mlp(MEDIUM), comm)
+    opt = model.shard_optimizer(torch.optim.SGD, lr=0.05, momentum=0.9)
+    owned = np.zeros(len(model._params), np.int64)
+    mine = {id(p) for g in opt.param_groups for p in g["params"]}
+    for i, p in enumerate(model._params):
+        owned[i] = 1 if id(p) in mine else 0
+    every = comm.allreduce(owned)
+    assert (every == 1).all(), f"owners per parameter: {every.tolist()}"
+    first = next(model.module.parameters())
+    comm.barrier()
+    if R == 0:
+        with torch.no_grad():
+            first[0, 0] = 12345.0  # written once, by one rank ...
+    comm.barrier()
+    assert float(first[0, 0]) == 12345.0, "parameters are not shared: rank 0's write is not seen here"
+    x, y = batches(MEDIUM, 1)[0]
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    for p in model._params:  # ... and gradients stay only with their owner, averaged at the step
+        assert (p.grad is not None) == (id(p) in mine), "a gradient left with a rank that does not own it"
+    opt.step()
+    assert len(opt.state_dict().get("state", {})) == len(mine)
+
+
+run("shard", "shard_optimizer: one copy, one owner each", shard_layout)
+
+
+def shard_refusals() -> None:
+    model = DistributedDataParallel(mlp(SMALL), comm)
+    try:
+        model.shard_optimizer(torch.optim.SGD, lr=0.05 if R == 0 else 0.1)
+    except ValueError as exc:
+        assert "another optimizer or other arguments" in str(exc), exc
+    else:
+        raise AssertionError("differing optimizer arguments were accepted")
+    model = DistributedDataParallel(mlp(SMALL), comm)
+    opt = model.shard_optimizer(torch.optim.SGD, lr=0.05)
+    x, y = batches(SMALL, 1)[0]
+    if R != 0:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        assert "step without a backward" in str(exc) and "[0]" in str(exc), exc
+    else:
+        raise AssertionError("a step after no backward on rank 0 was accepted")
+    opt.zero_grad()  # every rank starts over: the next step works
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert_ranks_identical(model, "after a refused step")
+    try:
+        model.shard_optimizer(torch.optim.SGD, lr=0.05)
+    except ValueError as exc:
+        assert "already sharded" in str(exc), exc
+    else:
+        raise AssertionError("sharding twice was accepted")
+
+
+if P > 1:
+    run("shard", "shard_optimizer refusals on every rank", shard_refusals)
 
 
 # ------------------------------------------------------------------ interop at P ranks
