@@ -1,6 +1,6 @@
 """Train a PyTorch MLP data-parallel with collective's DDP adapter.
 
-Run: collective-run -n 2 python examples/train_torch.py [--epochs 8] [--batch 64]
+Run: collective-run -n 2 python examples/train_torch.py [--epochs 8] [--batch 64] [--shard]
 
 Every rank builds the same model, wraps it in trainer.torch.DistributedDataParallel
 (which gives every rank rank 0's parameters), and takes its own slice of each
@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--shard", action="store_true",
+                    help="model.shard_optimizer: one copy of the parameters per node, each rank updates its share")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -63,7 +65,10 @@ def main() -> None:
                               torch.nn.Linear(args.hidden, args.hidden), torch.nn.ReLU(),
                               torch.nn.Linear(args.hidden, classes))
     model = DistributedDataParallel(net, comm)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    if args.shard:
+        opt = model.shard_optimizer(torch.optim.SGD, lr=args.lr, momentum=0.9)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     loss_fn = torch.nn.functional.cross_entropy
     if R == 0:
         print(f"{P} ranks, {len(xtr)} training samples, global batch {args.batch}, buckets "
