@@ -16,13 +16,19 @@ import collective as col  # noqa: E402
 from trainer.torch import DistributedDataParallel  # noqa: E402
 
 
-def test_single_rank_wrapper_is_transparent() -> None:
-    """At P=1 nothing is reduced or hooked; the module trains as it would unwrapped; state_dict keys as torch DDP."""
-    comm = col.Communicator()
+def _twins() -> tuple[object, object]:
+    """Two small MLPs with the same parameters."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     ref = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     ref.load_state_dict(net.state_dict())
+    return net, ref
+
+
+def test_single_rank_wrapper_is_transparent() -> None:
+    """At P=1 nothing is reduced or hooked; the module trains as it would unwrapped; state_dict keys as torch DDP."""
+    comm = col.Communicator()
+    net, ref = _twins()
     m = DistributedDataParallel(net, comm)
     assert list(m.state_dict()) == ["module." + k for k in ref.state_dict()]
     x = torch.randn(5, 4)
@@ -37,10 +43,7 @@ def test_single_rank_wrapper_is_transparent() -> None:
 def test_single_rank_sharded_optimizer_is_the_plain_one() -> None:
     """At P=1 shard_optimizer owns everything: the same steps as the plain optimizer, bit for bit."""
     comm = col.Communicator()
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    ref = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    ref.load_state_dict(net.state_dict())
+    net, ref = _twins()
     m = DistributedDataParallel(net, comm)
     opt = m.shard_optimizer(torch.optim.Adam, lr=0.01)
     ropt = torch.optim.Adam(ref.parameters(), lr=0.01)

@@ -123,6 +123,16 @@ def assert_ranks_identical(m: torch.nn.Module, what: str) -> None:
     assert len(set(every.tolist())) == 1, f"{what}: parameter checksums differ across ranks: {every.tolist()}"
 
 
+def must_raise(cls: type, words: str, fn: object, what: str) -> None:
+    """``fn()`` must raise ``cls`` with ``words`` in its message."""
+    try:
+        fn()  # type: ignore[operator]
+    except cls as exc:
+        assert words in str(exc), exc
+    else:
+        raise AssertionError(f"{what} was accepted")
+
+
 def torch_ddp(model: torch.nn.Module, **kw: object) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model, **kw)
 
@@ -321,12 +331,7 @@ run("more", "find_unused_parameters", unused)
 
 def layout_mismatch() -> None:
     sizes = SMALL if R == 0 else (20, 64, 49, 10)
-    try:
-        DistributedDataParallel(mlp(sizes), comm)
-    except ValueError as exc:
-        assert "differ between rank 0" in str(exc), exc
-    else:
-        raise AssertionError("differing models did not raise")
+    must_raise(ValueError, "differ between rank 0", lambda: DistributedDataParallel(mlp(sizes), comm), "differing models")
 
 
 if P > 1:
@@ -396,33 +401,19 @@ run("shard", "shard_optimizer: one copy, one owner each", shard_layout)
 
 def shard_refusals() -> None:
     model = DistributedDataParallel(mlp(SMALL), comm)
-    try:
-        model.shard_optimizer(torch.optim.SGD, lr=0.05 if R == 0 else 0.1)
-    except ValueError as exc:
-        assert "another optimizer or other arguments" in str(exc), exc
-    else:
-        raise AssertionError("differing optimizer arguments were accepted")
+    must_raise(ValueError, "another optimizer or other arguments",
+               lambda: model.shard_optimizer(torch.optim.SGD, lr=0.05 if R == 0 else 0.1), "differing optimizer arguments")
     model = DistributedDataParallel(mlp(SMALL), comm)
     opt = model.shard_optimizer(torch.optim.SGD, lr=0.05)
     x, y = batches(SMALL, 1)[0]
     if R != 0:
         torch.nn.functional.cross_entropy(model(x), y).backward()
-    try:
-        opt.step()
-    except RuntimeError as exc:
-        assert "step without a backward" in str(exc) and "[0]" in str(exc), exc
-    else:
-        raise AssertionError("a step after no backward on rank 0 was accepted")
+    must_raise(RuntimeError, "rank(s) [0] step without a backward", opt.step, "a step after no backward on rank 0")
     opt.zero_grad()  # every rank starts over: the next step works
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     assert_ranks_identical(model, "after a refused step")
-    try:
-        model.shard_optimizer(torch.optim.SGD, lr=0.05)
-    except ValueError as exc:
-        assert "already sharded" in str(exc), exc
-    else:
-        raise AssertionError("sharding twice was accepted")
+    must_raise(ValueError, "already sharded", lambda: model.shard_optimizer(torch.optim.SGD, lr=0.05), "sharding twice")
 
 
 if P > 1:
@@ -430,21 +421,31 @@ if P > 1:
 
 
 # ------------------------------------------------------------------ interop at P ranks
-def torch_tensors() -> None:
-    t = torch.arange(12, dtype=torch.float32).reshape(3, 4) + R
+def tensors_on(device: str) -> None:
+    """Type, device and values back, out= and in place, avg, async, allgather: for tensors on ``device``."""
+    t = torch.arange(12, dtype=torch.float32, device=device).reshape(3, 4) + R
     want = P * torch.arange(12, dtype=torch.float32).reshape(3, 4) + P * (P - 1) / 2
-    y = comm.allreduce(t)
-    assert type(y) is torch.Tensor and y.dtype == torch.float32 and torch.equal(y, want)
-    a = comm.allreduce(t, op="avg")
-    assert torch.allclose(a, want / P)
-    o = torch.empty(3, 4)
-    assert comm.allreduce(t, out=o) is o and torch.equal(o, want)
-    i = t.clone()
-    assert comm.allreduce(i, out=i) is i and torch.equal(i, want)
+
+    def same(a: torch.Tensor, w: torch.Tensor = want) -> bool:
+        return type(a) is torch.Tensor and a.device == t.device and a.dtype == w.dtype and torch.equal(a.cpu(), w)
+
+    assert same(comm.allreduce(t))
+    assert torch.allclose(comm.allreduce(t, op="avg").cpu(), want / P)
+    o = torch.empty_like(t)
+    assert comm.allreduce(t, out=o) is o and same(o)
+    i = t.clone()  # just made (on a GPU maybe still being made): the collective must see it finished
+    r = comm.allreduce(i, out=i)
+    assert r is i, type(r)
+    assert same(i), (i, want)
     w = comm.allreduce_async(t.to(torch.int64))
-    assert torch.equal(w.wait(), want.to(torch.int64))
-    g = comm.allgather(torch.full((2,), float(R)))
-    assert type(g) is torch.Tensor and g.tolist() == [float(r) for r in range(P) for _ in range(2)]
+    assert same(w.wait(), want.to(torch.int64))
+    g = comm.allgather(torch.full((2,), float(R), device=device))
+    assert type(g) is torch.Tensor and g.device == t.device
+    assert g.tolist() == [float(r) for r in range(P) for _ in range(2)]
+
+
+def torch_tensors() -> None:
+    tensors_on("cpu")
     col_t = col.allreduce(torch.ones(5, dtype=torch.float64))
     assert type(col_t) is torch.Tensor and col_t.dtype == torch.float64 and (col_t == P).all()
 
@@ -521,18 +522,7 @@ def torch_cuda_tensors() -> None:
         if R == 0:
             print("SKIP torch CUDA tensors: no CuPy with a CUDA device here", flush=True)
         return
-    t = torch.arange(12, dtype=torch.float32, device="cuda").reshape(3, 4) + R
-    want = P * torch.arange(12, dtype=torch.float32).reshape(3, 4) + P * (P - 1) / 2
-    y = comm.allreduce(t)
-    assert type(y) is torch.Tensor and y.device == t.device and torch.equal(y.cpu(), want), (type(y), y)
-    o = torch.empty_like(t)
-    assert comm.allreduce(t, out=o) is o and torch.equal(o.cpu(), want)
-    i = t.clone()
-    r = comm.allreduce(i, out=i)
-    assert r is i, type(r)
-    assert torch.equal(i.cpu(), want), (i.cpu(), want)
-    g = comm.allgather(torch.full((2,), float(R), device="cuda"))
-    assert type(g) is torch.Tensor and g.is_cuda and g.tolist() == [float(r) for r in range(P) for _ in range(2)]
+    tensors_on("cuda")
     # Tensors still being written when the call comes: torch names no stream in __cuda_array_interface__, so the
     # collective must wait for torch's current stream (the default one, and a side stream inside its context).
     for side in (None, torch.cuda.Stream()):
