@@ -661,18 +661,19 @@ class Communicator:
         fences the node's shared memory). Not collective.
 
         Raises:
-            CollectiveValueError: ``a`` is not from ``comm.alloc`` (or a leading slice of one).
+            CollectiveValueError: ``a`` is not from ``comm.alloc`` (or a contiguous leading slice of one).
 
         Example::
 
             g = comm.alloc(1 << 20)
             peers = comm.alloc_views(g)   # peers[comm.local_rank] is g's memory
         """
-        found = self._shared.lookup(a) if self._shared is not None and type(a) is np.ndarray else None
+        found = (self._shared.lookup(a) if self._shared is not None and type(a) is np.ndarray
+                 and a.flags.c_contiguous else None)  # a strided view would name other memory on every rank
         if found is None:
             raise CollectiveValueError(f"alloc_views on rank {self.rank} of {self.size}: {type(a).__name__} of shape "
                                        f"{getattr(a, 'shape', '?')} dtype {getattr(a, 'dtype', '?')} is not an array "
-                                       "from comm.alloc (or a leading slice of one)")
+                                       "from comm.alloc (or a contiguous leading slice of one)")
         return [v.reshape(a.shape) for v in found[1]]
 
     def _alloc_now(self, nbytes: int) -> np.ndarray:

@@ -235,6 +235,12 @@ class DistributedDataParallel(torch.nn.Module):
         self._owner: dict[int, int] | None = None
         self._grads_waiting = False
         self._unused: set[int] = set()  # under shard_optimizer: ids of parameters no rank used this step
+        self._reduced = False  # under shard_optimizer: this step's gradients are averaged (clip_grad_norm_ did it)
+        #: under shard_optimizer: ids of the owned parameters whose gradient the last step averaged, until a
+        #: zero_grad; a backward that meets such a gradient adds to an average (averaging again would scale it
+        #: by 1/P), which sets _stale
+        self._averaged: set[int] = set()
+        self._stale = False
         groups = self._assign(params)
         if P > 1:
             self._check_same_layout(groups)  # before comm.alloc: a collective that differing models would hang in
@@ -446,9 +452,11 @@ class DistributedDataParallel(torch.nn.Module):
                 raise RuntimeError(f"DistributedDataParallel on rank {self.comm.rank}: backward produced no gradient "
                                    f"for {len(missing)} parameter(s) (shapes {shapes}); pass "
                                    "find_unused_parameters=True if parts of the model are unused in some steps")
-            # Every rank takes part (any rank may miss some), as torch DDP's used-parameter map does.
-            unused = self._globally_unused() if self.find_unused_parameters and self.comm.size > 1 else set()
-            if self._owner is not None:
+            # Every rank takes part (any rank may miss some), as in torch DDP's used-parameter map; flags are
+            # read before the loops below give missing parameters a gradient.
+            used = self._used_flags() if self.find_unused_parameters and self.comm.size > 1 else None
+            if self._owner is not None:  # no bucket collectives under shard_optimizer: agree on them at once
+                unused = self._globally_unused(used) if used is not None else set()
                 with torch.no_grad():
                     for b, i in missing:  # this rank's part, as if its hook had run (zero unless accumulated)
                         self._shard_grad_ready(b.params[i], b, i)
@@ -471,19 +479,25 @@ class DistributedDataParallel(torch.nn.Module):
             for b in self._buckets:
                 if b.work is not None:
                     b.work.wait()
-            for b, i in missing:  # unused on every rank: no gradient at all, so optimizers skip it (as torch DDP)
-                if id(b.params[i]) in unused:
-                    b.params[i].grad = None
+            if used is not None:
+                # After every bucket: ranks that used a parameter reduced its bucket during backward, the others
+                # only now, so this allreduce must come after all of them on every rank.
+                unused = self._globally_unused(used)
+                for b, i in missing:  # unused on every rank: no gradient at all, so optimizers skip it (torch DDP)
+                    if id(b.params[i]) in unused:
+                        b.params[i].grad = None
         finally:
             self._reset_step()
 
-    def _globally_unused(self) -> set[int]:
-        """Ids of the parameters no rank used since the last step: a max-allreduce of this rank's used flags."""
-        ps = [p for b in self._buckets for p in b.params]
-        used = np.fromiter(((1 if self._buckets[self._where[id(p)][0]].ready[self._where[id(p)][1]]
-                             or p.grad is not None else 0) for p in ps), np.int32, len(ps))
+    def _used_flags(self) -> np.ndarray:
+        """1 for every parameter (bucket order) this rank used since its gradients were last reduced."""
+        return np.fromiter((1 if b.ready[i] or p.grad is not None else 0
+                            for b in self._buckets for i, p in enumerate(b.params)), np.int32)
+
+    def _globally_unused(self, used: np.ndarray) -> set[int]:
+        """Ids of the parameters no rank used: a max-allreduce of every rank's :meth:`_used_flags`."""
         every = self.comm.allreduce(used, op="max")
-        return {id(p) for p, u in zip(ps, every) if not u}
+        return {id(p) for p, u in zip((p for b in self._buckets for p in b.params), every) if not u}
 
     def _reset_step(self) -> None:
         """Every bucket back to the start of a step (after an error too: no launched bucket left running)."""
@@ -516,11 +530,17 @@ class DistributedDataParallel(torch.nn.Module):
         class and arguments on every rank (checked). Needs every rank on one
         node (``shared_memory``) and float32/float64 parameters.
 
-        Differences from a plain optimizer: after ``step()`` (and before it)
-        ``p.grad`` is None for parameters another rank owns; the average is
-        in the owner's ``p.grad`` only, so clip or read gradients through
-        the owners. ``state_dict()`` holds this rank's share. The
-        parameters live in the shared window until MPI finalizes.
+        Differences from a plain optimizer: ``p.grad`` is None for
+        parameters another rank owns, and the owner's holds its own gradient
+        until the step (or :meth:`ShardedOptimizer.clip_grad_norm_`)
+        averages it; clip with ``opt.clip_grad_norm_``, not torch's.
+        Gradients must be zeroed between steps (they cannot accumulate
+        across steps; checked), and the last backward before a step must
+        run outside ``no_sync()`` (checked). ``state_dict()`` holds this
+        rank's share; ``opt.optimizer`` is the torch optimizer over this
+        rank's parameters (None if it owns none). It is not a
+        ``torch.optim.Optimizer`` (no GradScaler). The parameters live in
+        the shared window until MPI finalizes.
 
         Args:
             optimizer_class: a ``torch.optim.Optimizer`` subclass (SGD, Adam, ...).
@@ -544,9 +564,9 @@ class DistributedDataParallel(torch.nn.Module):
             raise ValueError(f"{where}: the optimizer is already sharded")
         if self._grads_waiting or self._queued:
             raise ValueError(f"{where}: call it before the first backward")
-        if comm.size > 1 and not self.shared_memory:
-            raise ValueError(f"{where}: the ranks must share one node's memory (shared_memory=True, every rank on "
-                             "one node); across nodes use a plain optimizer")
+        if comm.size > 1 and not (self.shared_memory and getattr(comm, "single_node", False)):
+            raise ValueError(f"{where}: every rank must be on one node, sharing its memory (shared_memory=True); "
+                             "across nodes use a plain optimizer")
         bad = sorted({str(b.flat.dtype) for b in self._buckets} - {"torch.float32", "torch.float64"})
         if bad:
             raise ValueError(f"{where}: parameters of dtype {', '.join(bad)}; sharding takes float32 and float64")
@@ -582,8 +602,14 @@ class DistributedDataParallel(torch.nn.Module):
                     for p, off in zip(b.params, b.offsets):
                         p.data = one[off:off + p.numel()].view(p.shape)
         mine = [p for p in self._params if owner[id(p)] == comm.rank]
+        for p in mine:  # a tensor hook runs before autograd accumulates: p.grad is still what the step left
+            self._hooks.append(p.register_hook(lambda g, p=p: self._before_accumulate(p)))
         self._owner = owner
         return ShardedOptimizer(self, optimizer_class(mine, **defaults) if mine else None)
+
+    def _before_accumulate(self, p: torch.Tensor) -> None:
+        if p.grad is not None and id(p) in self._averaged:
+            self._stale = True
 
     def _shard_grad_ready(self, p: torch.Tensor, b: _Bucket, i: int) -> None:
         """Hook under shard_optimizer: an owned gradient stays; another rank's goes (scaled by 1/P) into its slot."""
@@ -603,39 +629,95 @@ class DistributedDataParallel(torch.nn.Module):
                 torch.mul(g, self._scale, out=slot)
         p.grad = None  # its memory goes back to the allocator for the next backward
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.nn.Module.zero_grad``; under shard_optimizer it also drops gradients waiting for the step."""
+        super().zero_grad(set_to_none)
+        self._grads_waiting = self._stale = False
+        self._averaged.clear()
+
     @torch.no_grad()
-    def _shard_step(self, inner: Any) -> None:
-        """Owners average their parameters' gradients from every rank's slots and update them in shared memory."""
+    def _shard_reduce(self) -> None:
+        """Owners average their parameters' gradients from every rank's slots (once per step; collective)."""
         comm = self.comm
-        if comm.size > 1:
-            flags = comm.allgather(np.array([1 if self._grads_waiting else 0], np.int8))
-            if flags.min() != flags.max():
-                raise RuntimeError(f"ShardedOptimizer.step on rank {comm.rank} of {comm.size}: rank(s) "
-                                   f"{[r for r in range(comm.size) if not flags[r]]} step without a backward since "
-                                   "their last step or zero_grad, the others after one")
-            comm.barrier()  # every rank's slots are written (and fenced) before the owners read them
-            if flags[0]:
-                me, P = comm.rank, comm.size
-                for b in self._buckets:
-                    for p, off, slot in zip(b.params, b.offsets, b.slots):
-                        if self._owner[id(p)] != me:  # type: ignore[index]
-                            continue
-                        g = p.grad
-                        if g is None and id(p) in self._unused:
-                            continue  # no rank used it: no gradient, the optimizer skips it (as under torch DDP)
-                        if g is None or not g.is_contiguous() or g.dtype != p.dtype:
-                            g = torch.zeros_like(p) if g is None else g.contiguous().to(p.dtype)
-                        n = p.numel()
-                        others = [b.peers[q][off:off + n].view(p.shape) for q in range(P) if q != me]
-                        torch.add(others[0], g, alpha=self._scale, out=g)  # own * 1/P + the others' (scaled)
-                        for o in others[1:]:
-                            g.add_(o)
-                        p.grad = g
+        if self._reduced or comm.size == 1:
+            self._reduced = True
+            return
+        me, P = comm.rank, comm.size
+        stale = self._stale
+        left = any(p.grad is not None for p in self._params if self._owner[id(p)] != me)  # type: ignore[index]
+        flags = comm.allgather(np.array([[1 if self._grads_waiting else 0, int(stale), int(left)]], np.int8))
+        where = f"ShardedOptimizer on rank {me} of {P}"
+        if flags[:, 1].any():
+            raise RuntimeError(f"{where}: rank(s) {np.flatnonzero(flags[:, 1]).tolist()} did not zero the gradients "
+                               "since the last step (opt.zero_grad() or model.zero_grad()); under shard_optimizer "
+                               "gradients do not accumulate across steps")
+        if flags[:, 2].any():
+            raise RuntimeError(f"{where}: rank(s) {np.flatnonzero(flags[:, 2]).tolist()} hold gradients of a "
+                               "no_sync() backward that no later backward reduced: the last backward before the "
+                               "step must run outside no_sync()")
+        if flags[:, 0].min() != flags[:, 0].max():
+            raise RuntimeError(f"{where}: rank(s) {np.flatnonzero(flags[:, 0] == 0).tolist()} step without a "
+                               "backward since their last step or zero_grad, the others after one")
+        comm.barrier()  # every rank's slots are written (and fenced) before the owners read them
+        if flags[0, 0]:
+            for b in self._buckets:
+                for p, off in zip(b.params, b.offsets):
+                    if self._owner[id(p)] != me:  # type: ignore[index]
+                        continue
+                    g = p.grad
+                    if g is None and id(p) in self._unused:
+                        continue  # no rank used it: no gradient, the optimizer skips it (as under torch DDP)
+                    if g is None or not g.is_contiguous() or g.dtype != p.dtype:
+                        g = torch.zeros_like(p) if g is None else g.contiguous().to(p.dtype)
+                    n = p.numel()
+                    others = [b.peers[q][off:off + n].view(p.shape) for q in range(P) if q != me]
+                    torch.add(others[0], g, alpha=self._scale, out=g)  # own * 1/P + the others' (scaled)
+                    for o in others[1:]:
+                        g.add_(o)
+                    p.grad = g
+        self._reduced = True
+
+    def _shard_step(self, inner: Any) -> None:
+        """Average (unless clip_grad_norm_ did), update the owned parameters, wait for every owner."""
+        comm = self.comm
+        self._shard_reduce()
+        err: BaseException | None = None
         if inner is not None:
-            inner.step()
-        self._grads_waiting = False
+            try:
+                inner.step()
+            except Exception as exc:  # noqa: BLE001 - reported below, after every rank has finished its share
+                err = exc
+        self._grads_waiting = self._reduced = False
+        me = comm.rank
+        self._averaged = {id(p) for p in self._params
+                          if self._owner[id(p)] == me and p.grad is not None}  # type: ignore[index]
         if comm.size > 1:
+            failed = comm.allgather(np.array([1 if err is not None else 0], np.int8))
             comm.barrier()  # every owner's parameters are written before any rank's next forward reads them
+            if err is None and failed.any():
+                raise RuntimeError(f"ShardedOptimizer.step on rank {me} of {comm.size}: the optimizer failed on "
+                                   f"rank(s) {np.flatnonzero(failed).tolist()}; the parameters they own are not "
+                                   "(all) updated")
+        if err is not None:
+            raise err
+
+    @torch.no_grad()
+    def _shard_clip(self, max_norm: float, norm_type: float) -> torch.Tensor:
+        self._shard_reduce()
+        me = self.comm.rank
+        gs = [p.grad for p in self._params if self._owner[id(p)] == me and p.grad is not None]  # type: ignore[index]
+        if norm_type == float("inf"):
+            part = max((float(g.abs().max()) for g in gs if g.numel()), default=0.0)
+            total = float(self.comm.allreduce(np.array([part]), op="max")[0]) if self.comm.size > 1 else part
+        else:
+            part = sum(float(torch.linalg.vector_norm(g, norm_type, dtype=torch.float64)) ** norm_type for g in gs)
+            whole = float(self.comm.allreduce(np.array([part]), op="sum")[0]) if self.comm.size > 1 else part
+            total = whole ** (1.0 / norm_type)
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for g in gs:
+                g.mul_(coef)
+        return torch.tensor(total)
 
 
 class ShardedOptimizer:
@@ -656,14 +738,22 @@ class ShardedOptimizer:
         return self.optimizer.param_groups if self.optimizer is not None else []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Drop this step's gradients (those waiting in the buckets too)."""
-        for p in self.model._params:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
-        self.model._grads_waiting = False
+        """Drop this step's gradients (those waiting in the buckets too): the model's ``zero_grad``."""
+        self.model.zero_grad(set_to_none)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Average the gradients now, then scale them so that their norm over every parameter is at most ``max_norm``.
+
+        What ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` does
+        after a torch DDP backward; it has to be this call here, since the
+        gradients are averaged by their owners (a torch clip before
+        ``step()`` would see each rank's own). Collective; call it between
+        backward and ``step()``.
+
+        Returns:
+            The total norm before clipping (a 0-d tensor, the same on every rank).
+        """
+        return self.model._shard_clip(float(max_norm), float(norm_type))
 
     def step(self, closure: Any = None) -> None:
         """Average the owned gradients over the ranks, update the owned parameters, wait for every owner."""

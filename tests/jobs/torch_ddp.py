@@ -76,7 +76,9 @@ def batches(sizes: tuple[int, ...], steps: int, per_rank: int = 16, seed: int = 
 
 
 def train(model: torch.nn.Module, data: list, opt_name: str = "sgd", accumulate: int = 1, set_to_none: bool = True,
-          use_extra: bool = False, shard: bool = False, no_sync: bool = True) -> torch.nn.Module:
+          use_extra: bool | str = False, shard: bool = False, no_sync: bool = True,
+          clip: float | None = None) -> torch.nn.Module:
+    """Train on ``data``; ``use_extra``: the head on even steps (True), or on rank 0 only ("rank0")."""
     cls, kw = ((torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}) if opt_name == "sgd"
                else (torch.optim.Adam, {"lr": 1e-3}))
     opt = model.shard_optimizer(cls, **kw) if shard else cls(model.parameters(), **kw)
@@ -87,8 +89,13 @@ def train(model: torch.nn.Module, data: list, opt_name: str = "sgd", accumulate:
             x, y = data[s + j]
             ctx = model.no_sync() if no_sync and j < accumulate - 1 else _nullcontext()
             with ctx:
-                out = model(x, use_head=use_extra and (s // accumulate) % 2 == 0)
-                loss_fn(out, y).backward()
+                head = R == 0 if use_extra == "rank0" else bool(use_extra) and (s // accumulate) % 2 == 0
+                loss_fn(model(x, use_head=head), y).backward()
+        if clip is not None:
+            if shard:
+                opt.clip_grad_norm_(clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
     return model
 
@@ -324,6 +331,11 @@ def unused() -> None:
     assert torch.allclose(m.module.head.weight.grad, want, rtol=1e-5, atol=1e-12), "no_sync's gradient was dropped"
     m = DistributedDataParallel(mlp(SMALL, extra=True), comm)
     backward_raises(m, batches(SMALL, 1)[0], "find_unused_parameters")
+    for overlap in (False, True):  # used on rank 0 only: its bucket is reduced in backward there, at the end elsewhere
+        ours = train(DistributedDataParallel(mlp(SMALL, extra=True), comm, find_unused_parameters=True,
+                                             overlap=overlap), data, use_extra="rank0")
+        ref = train(torch_ddp(mlp(SMALL, extra=True), find_unused_parameters=True), data, use_extra="rank0")
+        assert_close(ours, ref, f"head used on rank 0 only, overlap={overlap}")
 
 
 run("more", "find_unused_parameters", unused)
@@ -331,7 +343,8 @@ run("more", "find_unused_parameters", unused)
 
 def layout_mismatch() -> None:
     sizes = SMALL if R == 0 else (20, 64, 49, 10)
-    must_raise(ValueError, "differ between rank 0", lambda: DistributedDataParallel(mlp(sizes), comm), "differing models")
+    must_raise(ValueError, "differ between rank 0", lambda: DistributedDataParallel(mlp(sizes), comm),
+               "differing models")
 
 
 if P > 1:
@@ -367,7 +380,22 @@ def sharded(sizes: tuple[int, ...], opt: str, extra: bool = False, **kw: object)
 
 # (The unused head's gradients are ~1e-9, differences of O(1) terms: Adam would scale rounding up to 1e-5.)
 run("shard", "shard_optimizer sgd, default buckets, unused head", lambda: sharded(MEDIUM, "sgd", True))
-run("shard", "shard_optimizer adam, tiny buckets", lambda: sharded(SMALL, "adam", bucket_mb=0.004, first_bucket_mb=0.001))
+run("shard", "shard_optimizer adam, tiny buckets",
+    lambda: sharded(SMALL, "adam", bucket_mb=0.004, first_bucket_mb=0.001))
+
+
+def sharded_more() -> None:
+    """A head used on rank 0 only; clip_grad_norm_ against torch's clip after a torch DDP backward."""
+    data = batches(MEDIUM, 6)
+    for extra, clip in (("rank0", None), (False, 0.05), (False, float("inf"))):
+        ours = train(DistributedDataParallel(mlp(MEDIUM, extra=bool(extra)), comm, find_unused_parameters=bool(extra)),
+                     data, use_extra=extra, shard=True, clip=clip)
+        ref = train(torch_ddp(mlp(MEDIUM, extra=bool(extra)), find_unused_parameters=bool(extra)), data,
+                    use_extra=extra, clip=clip)
+        assert_close(ours, ref, f"sharded, head {extra}, clip {clip}")
+
+
+run("shard", "shard_optimizer: head on rank 0 only, gradient clipping", sharded_more)
 
 
 def shard_layout() -> None:
@@ -394,6 +422,9 @@ def shard_layout() -> None:
         assert (p.grad is not None) == (id(p) in mine), "a gradient left with a rank that does not own it"
     opt.step()
     assert len(opt.state_dict().get("state", {})) == len(mine)
+    a = comm.alloc(16)
+    assert comm.alloc_views(a)[comm.local_rank].__array_interface__["data"][0] == a.__array_interface__["data"][0]
+    must_raise(col.CollectiveValueError, "contiguous leading slice", lambda: comm.alloc_views(a[::2]), "a strided view")
 
 
 run("shard", "shard_optimizer: one copy, one owner each", shard_layout)
@@ -402,7 +433,8 @@ run("shard", "shard_optimizer: one copy, one owner each", shard_layout)
 def shard_refusals() -> None:
     model = DistributedDataParallel(mlp(SMALL), comm)
     must_raise(ValueError, "another optimizer or other arguments",
-               lambda: model.shard_optimizer(torch.optim.SGD, lr=0.05 if R == 0 else 0.1), "differing optimizer arguments")
+               lambda: model.shard_optimizer(torch.optim.SGD, lr=0.05 if R == 0 else 0.1),
+               "differing optimizer arguments")
     model = DistributedDataParallel(mlp(SMALL), comm)
     opt = model.shard_optimizer(torch.optim.SGD, lr=0.05)
     x, y = batches(SMALL, 1)[0]
@@ -414,6 +446,33 @@ def shard_refusals() -> None:
     opt.step()
     assert_ranks_identical(model, "after a refused step")
     must_raise(ValueError, "already sharded", lambda: model.shard_optimizer(torch.optim.SGD, lr=0.05), "sharding twice")
+    loss = torch.nn.functional.cross_entropy
+    held = [q.grad for q in model.parameters()]  # noqa: F841 - held: autograd then accumulates out of place
+    loss(model(x), y).backward()  # no zero_grad since the last step (on rank 1 only)
+    if R != 1:
+        opt.zero_grad()
+        loss(model(x), y).backward()
+    must_raise(RuntimeError, "rank(s) [1] did not zero the gradients", opt.step, "gradients accumulated across steps")
+    opt.zero_grad()
+    loss(model(x), y).backward()
+    if R == 0:
+        with model.no_sync():
+            loss(model(x), y).backward()
+    must_raise(RuntimeError, "rank(s) [0] hold gradients of a no_sync() backward", opt.step, "a no_sync gradient")
+    opt.zero_grad()
+    loss(model(x), y).backward()
+    real = opt.optimizer.step if opt.optimizer is not None else None
+    if R == 1 and real is not None:
+        def broken() -> None:
+            raise FloatingPointError("optimizer broke on rank 1")
+        opt.optimizer.step = broken
+    must_raise(Exception, "rank", opt.step, "an optimizer failing on rank 1")  # rank 1 its own, the others naming it
+    if real is not None:
+        opt.optimizer.step = real
+    opt.zero_grad()
+    loss(model(x), y).backward()
+    opt.step()
+    assert_ranks_identical(model, "after the refusals")
 
 
 if P > 1:
