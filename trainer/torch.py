@@ -114,7 +114,7 @@ class _Bucket:
     """One bucket: its parameters, their slots in the flat buffer, and this step's state."""
 
     __slots__ = ("index", "params", "slots", "offsets", "array", "flat", "pending", "ready", "work", "own_slice",
-                 "own", "peers")
+                 "own")
 
     def __init__(self, index: int, params: list[torch.nn.Parameter], array: np.ndarray, dtype: torch.dtype) -> None:
         self.index = index
@@ -137,8 +137,6 @@ class _Bucket:
         #: this step's gradients for parts of it, left where autograd put them: (start, stop, ndarray, scale, param)
         self.own_slice: tuple[int, int] | None = None
         self.own: list[tuple[int, int, np.ndarray, float, torch.nn.Parameter]] = []
-        #: under shard_optimizer: every node rank's buffer (flat tensors), read by the owners of its parameters
-        self.peers: list[torch.Tensor] = []
 
 
 class DistributedDataParallel(torch.nn.Module):
@@ -233,6 +231,8 @@ class DistributedDataParallel(torch.nn.Module):
         #: under shard_optimizer: the rank that updates each parameter (by id), and whether a backward has put
         #: gradients in the buckets that no step has consumed yet
         self._owner: dict[int, int] | None = None
+        #: under shard_optimizer: this rank's parameters, each with the other ranks' slots of its gradient
+        self._mine: list[tuple[torch.nn.Parameter, list[torch.Tensor]]] = []
         self._grads_waiting = False
         self._unused: set[int] = set()  # under shard_optimizer: ids of parameters no rank used this step
         self._reduced = False  # under shard_optimizer: this step's gradients are averaged (clip_grad_norm_ did it)
@@ -377,22 +377,30 @@ class DistributedDataParallel(torch.nn.Module):
             self._shard_grad_ready(p, b, i)
             return
         slot = b.slots[i]
-        g = p.grad
-        kept = False
         with torch.no_grad():
-            if g is None:
-                slot.zero_()
-            elif g.data_ptr() == slot.data_ptr() and g.stride() == slot.stride():
-                slot.mul_(self._scale)
-            elif b.own_slice is not None and g.dtype == slot.dtype and g.is_contiguous():
-                kept = self._copy_but_own(b, i, g, slot)
-            else:
-                torch.mul(g, self._scale, out=slot)
+            kept = self._into_slot(p.grad, slot, b, i)
         if not kept:  # else p.grad stays autograd's (local, unscaled, as under torch DDP) until the bucket is
             p.grad = slot  # reduced: part of the slot is filled in only then
         b.ready[i] = 1
         b.pending -= 1
         self._launch_ready(inline=not self.overlap)
+
+    def _into_slot(self, g: torch.Tensor | None, slot: torch.Tensor, b: _Bucket | None = None, i: int = 0) -> bool:
+        """``slot = g * (1/P)``: None is a zero contribution, a gradient already in the slot is scaled there.
+
+        Given its bucket ``b`` (index ``i``), the part of ``g`` in this rank's
+        own slice may be kept for the window allreduce instead: returns
+        whether a part was kept.
+        """
+        if g is None:
+            slot.zero_()
+        elif g.data_ptr() == slot.data_ptr() and g.stride() == slot.stride():
+            slot.mul_(self._scale)
+        elif b is not None and b.own_slice is not None and g.dtype == slot.dtype and g.is_contiguous():
+            return self._copy_but_own(b, i, g, slot)
+        else:
+            torch.mul(g, self._scale, out=slot)
+        return False
 
     def _copy_but_own(self, b: _Bucket, i: int, g: torch.Tensor, slot: torch.Tensor) -> bool:
         """Copy ``g * (1/P)`` into its slot but for the part in this rank's own slice, kept for the allreduce.
@@ -465,15 +473,8 @@ class DistributedDataParallel(torch.nn.Module):
                 return
             with torch.no_grad():
                 for b, i in missing:  # a zero contribution unless no_sync accumulated one: others may have used it
-                    p, slot = b.params[i], b.slots[i]
-                    g = p.grad
-                    if g is None:
-                        slot.zero_()
-                    elif g.data_ptr() == slot.data_ptr() and g.stride() == slot.stride():
-                        slot.mul_(self._scale)
-                    else:
-                        torch.mul(g, self._scale, out=slot)
-                    p.grad = slot
+                    self._into_slot(b.params[i].grad, b.slots[i])
+                    b.params[i].grad = b.slots[i]
                     b.pending -= 1
             self._launch_ready(inline=not self.overlap)
             for b in self._buckets:
@@ -584,6 +585,8 @@ class DistributedDataParallel(torch.nn.Module):
             r = min(range(comm.size), key=lambda q: load[q])
             owner[id(p)] = r
             load[r] += p.numel()
+        mine = [p for p in self._params if owner[id(p)] == comm.rank]
+        others: dict[int, list[torch.Tensor]] = {id(p): [] for p in mine}
         if comm.size > 1:
             ones: list[torch.Tensor] = []
             with torch.no_grad():
@@ -593,7 +596,10 @@ class DistributedDataParallel(torch.nn.Module):
                     if comm.local_rank == 0:
                         for p, off in zip(b.params, b.offsets):
                             one[off:off + p.numel()].copy_(p.reshape(-1))
-                    b.peers = [torch.from_numpy(v) for v in comm.alloc_views(b.array)]
+                    peers = [torch.from_numpy(v) for q, v in enumerate(comm.alloc_views(b.array)) if q != comm.rank]
+                    for p, off in zip(b.params, b.offsets):
+                        if id(p) in others:
+                            others[id(p)] = [v[off:off + p.numel()].view(p.shape) for v in peers]
                     b.own_slice = None
                     ones.append(one)
             comm.barrier()  # rank 0's copy is complete (and fenced) before any rank reads it
@@ -601,9 +607,9 @@ class DistributedDataParallel(torch.nn.Module):
                 for b, one in zip(self._buckets, ones):
                     for p, off in zip(b.params, b.offsets):
                         p.data = one[off:off + p.numel()].view(p.shape)
-        mine = [p for p in self._params if owner[id(p)] == comm.rank]
         for p in mine:  # a tensor hook runs before autograd accumulates: p.grad is still what the step left
             self._hooks.append(p.register_hook(lambda g, p=p: self._before_accumulate(p)))
+        self._mine = [(p, others[id(p)]) for p in mine]
         self._owner = owner
         return ShardedOptimizer(self, optimizer_class(mine, **defaults) if mine else None)
 
@@ -618,15 +624,11 @@ class DistributedDataParallel(torch.nn.Module):
         if self._owner[id(p)] == self.comm.rank:  # type: ignore[index]
             return
         g = p.grad
-        slot = b.slots[i]
         with torch.no_grad():
-            if self._grads_waiting:  # a second backward before the step: accumulate, as gradients do
-                if g is not None:
-                    slot.add_(g, alpha=self._scale)
-            elif g is None:
-                slot.zero_()
-            else:
-                torch.mul(g, self._scale, out=slot)
+            if not self._grads_waiting:
+                self._into_slot(g, b.slots[i])
+            elif g is not None:  # a second backward before the step: accumulate, as gradients do
+                b.slots[i].add_(g, alpha=self._scale)
         p.grad = None  # its memory goes back to the allocator for the next backward
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -660,21 +662,16 @@ class DistributedDataParallel(torch.nn.Module):
                                "backward since their last step or zero_grad, the others after one")
         comm.barrier()  # every rank's slots are written (and fenced) before the owners read them
         if flags[0, 0]:
-            for b in self._buckets:
-                for p, off in zip(b.params, b.offsets):
-                    if self._owner[id(p)] != me:  # type: ignore[index]
-                        continue
-                    g = p.grad
-                    if g is None and id(p) in self._unused:
-                        continue  # no rank used it: no gradient, the optimizer skips it (as under torch DDP)
-                    if g is None or not g.is_contiguous() or g.dtype != p.dtype:
-                        g = torch.zeros_like(p) if g is None else g.contiguous().to(p.dtype)
-                    n = p.numel()
-                    others = [b.peers[q][off:off + n].view(p.shape) for q in range(P) if q != me]
-                    torch.add(others[0], g, alpha=self._scale, out=g)  # own * 1/P + the others' (scaled)
-                    for o in others[1:]:
-                        g.add_(o)
-                    p.grad = g
+            for p, others in self._mine:
+                g = p.grad
+                if g is None and id(p) in self._unused:
+                    continue  # no rank used it: no gradient, the optimizer skips it (as under torch DDP)
+                if g is None or not g.is_contiguous() or g.dtype != p.dtype:
+                    g = torch.zeros_like(p) if g is None else g.contiguous().to(p.dtype)
+                torch.add(others[0], g, alpha=self._scale, out=g)  # own * 1/P + the others' (scaled)
+                for o in others[1:]:
+                    g.add_(o)
+                p.grad = g
         self._reduced = True
 
     def _shard_step(self, inner: Any) -> None:
@@ -688,14 +685,12 @@ class DistributedDataParallel(torch.nn.Module):
             except Exception as exc:  # noqa: BLE001 - reported below, after every rank has finished its share
                 err = exc
         self._grads_waiting = self._reduced = False
-        me = comm.rank
-        self._averaged = {id(p) for p in self._params
-                          if self._owner[id(p)] == me and p.grad is not None}  # type: ignore[index]
+        self._averaged = {id(p) for p, _ in self._mine if p.grad is not None}
         if comm.size > 1:
             failed = comm.allgather(np.array([1 if err is not None else 0], np.int8))
             comm.barrier()  # every owner's parameters are written before any rank's next forward reads them
             if err is None and failed.any():
-                raise RuntimeError(f"ShardedOptimizer.step on rank {me} of {comm.size}: the optimizer failed on "
+                raise RuntimeError(f"ShardedOptimizer.step on rank {comm.rank} of {comm.size}: the optimizer failed on "
                                    f"rank(s) {np.flatnonzero(failed).tolist()}; the parameters they own are not "
                                    "(all) updated")
         if err is not None:
@@ -704,8 +699,7 @@ class DistributedDataParallel(torch.nn.Module):
     @torch.no_grad()
     def _shard_clip(self, max_norm: float, norm_type: float) -> torch.Tensor:
         self._shard_reduce()
-        me = self.comm.rank
-        gs = [p.grad for p in self._params if self._owner[id(p)] == me and p.grad is not None]  # type: ignore[index]
+        gs = [p.grad for p, _ in self._mine if p.grad is not None]
         if norm_type == float("inf"):
             part = max((float(g.abs().max()) for g in gs if g.numel()), default=0.0)
             total = float(self.comm.allreduce(np.array([part]), op="max")[0]) if self.comm.size > 1 else part
