@@ -38,7 +38,7 @@ from .errors import (
 from .executor import Executor, ExecutorOptions, Plan
 from .ops import ReduceOp, average_in_place
 from .signature import cached_checks, check_signature
-from .shm import DEFAULT_CHUNK_BYTES, SharedArrays, ShmArena
+from .shm import DEFAULT_CHUNK_BYTES, ONE_PHASE_BYTES, SharedArrays, ShmArena
 from .watchdog import Watchdog, deadline
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES"]
@@ -101,7 +101,7 @@ class _Call:
     """A prepared collective: every argument checked, the result allocated."""
 
     __slots__ = ("name", "xf", "shape", "dtype", "rop", "algorithm", "root", "of", "result", "blocks", "inplace",
-                 "plan", "views", "out_views", "own", "sig", "mpi")
+                 "plan", "views", "out_views", "own", "sig", "mpi", "quick")
 
     def __init__(self, name: str, xf: np.ndarray, shape: tuple, dtype: np.dtype, rop: ReduceOp | None,
                  algorithm: str, root: int, of: np.ndarray | None, result: Any, blocks: tuple | None,
@@ -114,6 +114,8 @@ class _Call:
         self.own: list | None = None  # shm-window: this rank's input for parts of its slice (_allreduce_own)
         self.sig: Any = None  # the fingerprint of this call's signature, once the check computed it (reused calls)
         self.mpi: Any = None  # (MPI datatype, MPI op) of a native call, once it ran (reused calls)
+        #: A small shm allreduce: None until it may take Communicator._quick_shm, then its regions there.
+        self.quick: Any = False
 
 
 def _env_int(name: str) -> int | None:
@@ -214,6 +216,8 @@ class Communicator:
                                  comm=self._backend.comm)
         self._shm_chunk = _env_int("COLLECTIVE_SHM_CHUNK_BYTES") or DEFAULT_CHUNK_BYTES
         self._shm_arena: ShmArena | None = None
+        #: The arena when small shm allreduces may take _quick_shm (its check fenced in the arena; no NaN check).
+        self._quick_arena: ShmArena | None = None
         self._shared: SharedArrays | None = None
         # shm needs the whole communicator inside one shared-memory node (real, not COLLECTIVE_NODE_SIZE).
         self._node_count = self._real_node_count()
@@ -446,8 +450,11 @@ class Communicator:
             if key not in self._quick_calls:
                 if len(self._quick_calls) >= 256:
                     self._quick_calls.clear()
-                self._quick_calls[key] = _Call(name, None, shape, dtype, rop, alg, root,  # type: ignore[arg-type]
-                                               None, None, blocks, False, plan)
+                q = self._quick_calls[key] = _Call(name, None, shape, dtype, rop, alg, root,  # type: ignore[arg-type]
+                                                   None, None, blocks, False, plan)
+                if (alg == "shm" and 0 < xf.nbytes <= ONE_PHASE_BYTES and rop is not None
+                        and xf.size <= self._shm_chunk // dtype.itemsize):
+                    q.quick = None  # eligible for _quick_shm once its signature's fingerprint is known
         if views is not None and type(out) is np.ndarray:
             # Only calls on alloc'd arrays are kept: that memory lives as long as the communicator anyway,
             # whereas keeping a user's plain arrays would keep them alive.
@@ -512,8 +519,8 @@ class Communicator:
 
         In order: a tuning table (``COLLECTIVE_TUNING``, written by
         ``collective-bench --tune``) when it covers this P and layout; on one
-        node, MPI's own below 16 KiB (4 KiB with three ranks or more) and
-        shm above; across nodes, the cost
+        node, shm for allreduce, and for the others MPI's own below 16 KiB
+        (4 KiB with three ranks or more) and shm above; across nodes, the cost
         model's cheapest among native and the Schedules on the calibrated
         links (see :meth:`explain`).
         """
@@ -524,10 +531,14 @@ class Communicator:
         if self.size == 1:
             return "native" if mpi_dtype(dtype) is not None else "ring"
         if self.single_node:
-            # shm's one-phase path beat MPI's own from 16 KiB at P = 2, 4 and 8 on 2 cores (1.1-1.3x). At
-            # 4 KiB MPI's own wins at P = 2 (one exchange, 1.4-1.6x), shm at P = 4 (1.1-1.3x, 6 runs of 6:
-            # its one synchronisation is also the check, where MPI's takes log2 P rounds after the check);
-            # at 1 KiB they tie.
+            if name == "allreduce":
+                # shm at every size: its one synchronisation is also the cross-rank check, where MPI's own
+                # collective follows a check of its own. With the quick path (ShmArena.quick_allreduce) it
+                # beat our checked native call at 256 B-64 KiB at P = 2 and 4 on 2 cores (1.2-1.3x at 4 KiB,
+                # 1.5-2x from 16 KiB; 3 runs each), and the one- and two-phase paths beat it above.
+                return "shm"
+            # The other collectives: shm beat MPI's own from 16 KiB at P = 2, 4 and 8 on 2 cores
+            # (1.1-1.3x); at 4 KiB MPI's own won at P = 2, shm at P = 4; at 1 KiB they tied.
             small = (16 << 10) if self.local_size == 2 else (4 << 10)
             return "native" if nbytes < small and mpi_dtype(dtype) is not None else "shm"
         return self.cost_choice(name, nbytes, dtype).best
@@ -594,6 +605,29 @@ class Communicator:
         if rop is not None and rop.average and of is not None:
             average_in_place(of, P)
 
+    def _quick_window(self, c: _Call) -> Any:
+        """Run repeated allreduce ``c`` on alloc'd arrays (the window path) with its check as the first phase.
+
+        What ``_execute`` does for it (sequence number, flight record, the
+        check before any rank touches another's data, avg), in fewer frames
+        (SharedArrays.quick_allreduce): a training loop's buckets take this.
+        """
+        self._seq = seq = self._seq + 1
+        rec = [seq, "allreduce", c.shape, c.dtype, c.algorithm, None, time.monotonic(), None]
+        wd = self.watchdog
+        wd.trace.append(rec)  # wd.begin(rec), inlined
+        wd.current = rec
+        try:
+            sig = c.sig
+            rop = c.rop
+            if not self._shared.quick_allreduce(c.views, c.out_views, rop.ufunc,  # type: ignore
+                                                self._finish_avg if rop.average else None, sig[0] ^ seq, seq):
+                wd._fp._gather(seq, sig[1], None, always=False)  # type: ignore[union-attr]  # raises the mismatch
+        finally:
+            rec[7] = time.monotonic()  # wd.end(rec), inlined
+            wd.current = None
+        return c.result
+
     def _arena(self) -> ShmArena:
         if self._shm_arena is None:
             node = self._backend.comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank)
@@ -604,6 +638,8 @@ class Communicator:
                 # through it.
                 fp.exchange = self._shm_arena.exchange
                 self._shm_arena.check_fenced = not fp.detail  # DETAIL checks by an MPI allgather instead
+                if not fp.detail and self.watchdog.check == fp.check_call:  # no NaN check either
+                    self._quick_arena = self._shm_arena
         return self._shm_arena
 
     def _shm(self, c: _Call, first: Callable[[], Any] | None = None) -> None:
@@ -815,11 +851,15 @@ class Communicator:
             # not overlap x); the template is refilled under the lock and emptied again, so no user array
             # is kept alive. Anything else takes the full path below, which explains what is wrong; so do
             # shm calls on alloc'd arrays of 64 KiB and more, in place or into alloc'd arrays (the window path).
-            if out is not None and x.base is not None:  # alloc'd arrays are views
+            if out is not None and x.base is not None and (id(x), id(out)) in self._hot:  # alloc'd arrays are views
                 hot = self._hot_call("allreduce", x, op, algorithm, 0, out)
                 if hot is not None:
                     with self._lock:
                         if not self._pending:
+                            if hot.quick:
+                                return self._quick_window(hot)
+                            if hot.sig is not None and self._quick_arena is not None:
+                                hot.quick = True  # checked once through _execute: the next call takes _quick_window
                             return self._execute(hot)
             try:
                 c = self._quick_calls.get((x.shape, x.dtype, op, algorithm))
@@ -829,20 +869,48 @@ class Communicator:
                 if out is None:
                     o = np.empty(x.shape, x.dtype)
                 elif out is x:
-                    o = x if x.flags.writeable and (x.base is None or c.algorithm != "shm"
+                    o = x if x.flags.writeable and (x.base is None or c.algorithm != "shm" or x.nbytes < _WINDOW_MIN_BYTES
                                                     or self._window(x, x, True) is None) else None
                 elif type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype:
                     f = out.flags
                     o = out if (f.writeable and f.c_contiguous and ((f.owndata and x.flags.owndata)
                                                                     or not np.may_share_memory(out, x))) else None
                     if (o is not None and c.algorithm == "shm" and x.base is not None
-                            and self._window(x, out, False) is not None):
+                            and x.nbytes >= _WINDOW_MIN_BYTES and self._window(x, out, False) is not None):
                         o = None  # alloc'd into alloc'd: the window path
                 else:
                     o = None
                 if o is not None:
-                    with self._lock:
+                    lock = self._lock
+                    lock.acquire()  # not `with`: half the cost, counted at 4 KiB
+                    try:
                         if not self._pending:  # else an async call got in first: queue behind it, below
+                            q = c.quick
+                            if q:
+                                # A small shm allreduce repeated: what _execute does for it (sequence number,
+                                # flight record, the check before any rank reads another's data, avg), with the
+                                # check and the data sharing one barrier (ShmArena.quick_allreduce), inlined.
+                                self._seq = seq = self._seq + 1
+                                rec = [seq, "allreduce", c.shape, c.dtype, "shm", None, time.monotonic(), None]
+                                wd = self.watchdog
+                                wd.trace.append(rec)  # wd.begin(rec), inlined
+                                wd.current = rec
+                                try:
+                                    of = o if o.ndim == 1 else o.reshape(-1)
+                                    sig = c.sig
+                                    rop = c.rop
+                                    if not self._quick_arena.quick_allreduce(  # type: ignore[union-attr]
+                                            x if x.ndim == 1 else x.reshape(-1), of, rop.ufunc, sig[0] ^ seq, seq, q):
+                                        wd._fp._gather(seq, sig[1], None, always=False)  # type: ignore  # raises
+                                    if rop.average:
+                                        average_in_place(of, self.size)
+                                finally:
+                                    rec[7] = time.monotonic()  # wd.end(rec), inlined
+                                    wd.current = None
+                                return o
+                            if q is None and c.sig is not None and self._quick_arena is not None:
+                                # Checked once through _execute: from the next call on, one phase.
+                                c.quick = self._quick_arena.quick_regions(c.dtype, x.size)
                             c.xf = x if x.ndim == 1 else x.reshape(-1)
                             c.of = o if o.ndim == 1 else o.reshape(-1)
                             c.result = o
@@ -851,6 +919,8 @@ class Communicator:
                                 return self._execute(c)
                             finally:
                                 c.xf = c.of = c.result = None  # type: ignore[assignment]
+                    finally:
+                        lock.release()
         return self._dispatch(self._prepare("allreduce", x, op, algorithm, 0, out))
 
     def allreduce_async(self, x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Work:
@@ -1031,7 +1101,8 @@ class Communicator:
             if self.watchdog._fp is not None:
                 self.watchdog._fp.exchange = None
             self._shm_arena.free()
-            self._shm_arena = None
+            self._shm_arena = self._quick_arena = None
+            self._quick_calls.clear()  # their regions were in the arena
         self._backend.free()
 
     def __repr__(self) -> str:

@@ -151,6 +151,49 @@ class ShmArena:
                 return False
         return True
 
+    def quick_regions(self, dtype: np.dtype, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Every rank's region for even and for odd chunk numbers, cut to ``n`` elements (for quick_allreduce)."""
+        return tuple([r[:n] for r in self.regions(g, dtype)] for g in (0, 1))  # type: ignore[return-value]
+
+    def quick_allreduce(self, x: np.ndarray, out: np.ndarray, ufunc: Callable[..., Any], h: int, seq: int,
+                        regions: tuple[list[np.ndarray], list[np.ndarray]]) -> bool:
+        """:meth:`allreduce`'s one-phase path with :meth:`exchange` folded in; False (nothing reduced) on a mismatch.
+
+        The same steps, regions and synchronisation as ``allreduce(x, out,
+        ufunc, first=check)`` for ``x`` of at most ``ONE_PHASE_BYTES`` with the
+        check fenced in this arena, in one frame instead of seven: at 4 KiB
+        the Python around one barrier is what a call costs. ``regions``: from
+        :meth:`quick_regions` for ``x``'s dtype and size. ``x`` must not
+        overlap ``out`` unless it is ``out``. Every rank reads the same P
+        fingerprints, so all return the same verdict; on False the chunk count
+        goes back, as :meth:`arrive` does.
+        """
+        g = self.chunks_done
+        self.chunks_done = g + 1
+        regs = regions[g & 1]
+        regs[self.rank][...] = x  # half np.copyto's cost at 4 KiB
+        flag = self.my_flag
+        slot = 1 + (seq & 1)
+        flag[slot] = h
+        t = self.ticket = self.ticket + 1
+        flag[0] = t
+        self.awaiting[0] = t
+        self._sync()
+        self._barrier()
+        self._sync()
+        self.awaiting[0] = 0
+        for f in self.flags:
+            if f[slot] != h:
+                self.chunks_done = g
+                return False
+        if len(regs) == 1:
+            out[...] = regs[0]
+            return True
+        ufunc(regs[0], regs[1], out)
+        for reg in regs[2:]:
+            ufunc(out, reg, out)
+        return True
+
     def arrive(self, first: Callable[[], Any], rollback: bool = True) -> None:
         """End the first phase of a call with ``first()`` instead of a barrier.
 
@@ -402,12 +445,30 @@ class SharedArrays:
         per cache-sized piece, as the copy would have (the same bits).
         """
         ar = self.arena
+        ar.arrive(first, rollback=False) if first is not None else ar.phase()  # ARRIVED: every rank's input is there
+        self._reduce_mine(src, dst, ufunc, finish, own)
+        ar.phase()  # DONE: every slice has landed everywhere, and nobody reads our array any more
+
+    def quick_allreduce(self, src: list[np.ndarray], dst: list[np.ndarray], ufunc: Callable[..., Any],
+                        finish: Callable[[np.ndarray], None] | None, h: int, seq: int) -> bool:
+        """:meth:`allreduce` (no ``own``) with the cross-rank check as its first phase (ShmArena.exchange of
+        fingerprint ``h`` of call ``seq``), in three frames fewer; False, with nothing touched, on a mismatch."""
+        ar = self.arena
+        if not ar.exchange(h, seq):
+            return False
+        self._reduce_mine(src, dst, ufunc, finish, None)
+        ar.phase()
+        return True
+
+    def _reduce_mine(self, src: list[np.ndarray], dst: list[np.ndarray], ufunc: Callable[..., Any],
+                     finish: Callable[[np.ndarray], None] | None,
+                     own: list[tuple[int, int, np.ndarray, float]] | None) -> None:
+        """The middle of :meth:`allreduce`: reduce this rank's slice and copy it into every rank's ``dst``."""
+        ar = self.arena
         r = ar.rank
         n = src[0].size
         s0, s1 = ar.slice_of(n, r)
         acc, rest = dst[0], dst[1:]
-        phase, arrive = ar.phase, ar.arrive
-        arrive(first, rollback=False) if first is not None else phase()  # ARRIVED: every rank's array holds its input
         # Cache-sized pieces keep the reduced piece in cache while it is copied out.
         step = max(1, WINDOW_PIECE_BYTES // acc.dtype.itemsize)
         copyto = np.copyto
@@ -436,4 +497,3 @@ class SharedArrays:
                     finish(d)
                 for o in rest:
                     copyto(o[a:b], d)
-        phase()  # DONE: every slice has landed everywhere, and nobody reads our array any more

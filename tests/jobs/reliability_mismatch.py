@@ -146,9 +146,36 @@ def count_1000_vs_200000() -> None:  # the issue's case: corrupted memory, then 
 cases.run("count 1000 vs 200000", count_1000_vs_200000)
 
 
+def quick_path_mismatch() -> None:
+    """Small shm allreduces repeated enough to take the one-phase quick path (check and data share one barrier):
+    a rank whose call differs, through the full path or through a quick call of its own, is still caught on
+    every rank, nothing is written into out, and the quick path works afterwards."""
+    a, b = np.full(1000, R + 1.0, np.float32), np.full(1001, R + 1.0, np.float32)
+    out_a, out_b = np.zeros(1000, np.float32), np.zeros(1001, np.float32)
+    for _ in range(4):  # both signatures armed on every rank
+        comm.allreduce(a, out=out_a, algorithm="shm")
+        comm.allreduce(b, out=out_b, algorithm="shm")
+    assert (out_a == P * (P + 1) / 2).all() and (out_b == P * (P + 1) / 2).all()
+    out_a[:] = -1
+    out_b[:] = -1
+    # Both quick: rank 1 calls the 1001-element one.
+    expect(lambda: comm.allreduce(odd(b, a), out=odd(out_b, out_a), algorithm="shm"),
+           ["shape differs", "rank 1: (1001,)", "(1000,)"])
+    # Rank 1 through the full path (another op), the others quick.
+    expect(lambda: comm.allreduce(a, op=odd("max", "sum"), out=out_a, algorithm="shm"), ["op differs", "rank 1: op max"])
+    # In place, quick everywhere but on rank 1 (float64).
+    c = np.full(1000, 2.0, odd(np.float64, np.float32))
+    expect(lambda: comm.allreduce(c, out=c, algorithm="shm"), ["dtype differs", "rank 1: float64"])
+    assert (out_a == -1).all() and (out_b == -1).all() and (c == 2.0).all(), "out written before the mismatch"
+    for _ in range(3):
+        y = comm.allreduce(a, out=out_a, op="avg", algorithm="shm")
+        assert y is out_a and (y == (P + 1) / 2).all(), y[:3]
+cases.run("quick path (small repeated shm allreduce) mismatch", quick_path_mismatch)
+
+
 def auto_resolves_alike() -> None:  # one rank names the algorithm auto resolves to: no mismatch
     x = np.ones(10, np.float32)
-    y = comm.allreduce(x, algorithm=odd("native", "auto"))
+    y = comm.allreduce(x, algorithm=odd(comm.auto_algorithm("allreduce", x.nbytes, x.dtype), "auto"))
     assert (y == P).all()
 cases.run("auto resolves alike", auto_resolves_alike)
 
