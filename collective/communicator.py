@@ -51,8 +51,9 @@ COLLECTIVE_NAMES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce
 _ROOTED = frozenset(("reduce", "broadcast"))
 _REDUCING = frozenset(("allreduce", "reduce", "reduce_scatter"))
 #: shm allreduces of alloc'd arrays (in place, or into another alloc'd array) from this size on run in their
-#: window (shm-window); smaller ones are copied in like any array (the window paid off from 64 KiB at P = 2, 4).
-_WINDOW_MIN_BYTES = 64 << 10
+#: window (shm-window); smaller ones are copied in like any array and take the one-phase quick path, which
+#: beat the window's two phases at 64-128 KiB (P = 2: 1.1-1.2x in place; P = 4: 1.1-1.4x) and tied at 256 KiB.
+_WINDOW_MIN_BYTES = 256 << 10
 
 
 class Work:
@@ -114,7 +115,8 @@ class _Call:
         self.own: list | None = None  # shm-window: this rank's input for parts of its slice (_allreduce_own)
         self.sig: Any = None  # the fingerprint of this call's signature, once the check computed it (reused calls)
         self.mpi: Any = None  # (MPI datatype, MPI op) of a native call, once it ran (reused calls)
-        #: A small shm allreduce: None until it may take Communicator._quick_shm, then its regions there.
+        #: A template of a small shm allreduce: None until allreduce's quick path may run it in one phase, then
+        #: its regions (ShmArena.quick_regions). A repeated call on alloc'd arrays: True once _quick_window may.
         self.quick: Any = False
 
 
@@ -216,7 +218,7 @@ class Communicator:
                                  comm=self._backend.comm)
         self._shm_chunk = _env_int("COLLECTIVE_SHM_CHUNK_BYTES") or DEFAULT_CHUNK_BYTES
         self._shm_arena: ShmArena | None = None
-        #: The arena when small shm allreduces may take _quick_shm (its check fenced in the arena; no NaN check).
+        #: The arena when repeated shm allreduces may take the quick paths (the check fenced in it; no NaN check).
         self._quick_arena: ShmArena | None = None
         self._shared: SharedArrays | None = None
         # shm needs the whole communicator inside one shared-memory node (real, not COLLECTIVE_NODE_SIZE).
@@ -454,7 +456,7 @@ class Communicator:
                                                    None, None, blocks, False, plan)
                 if (alg == "shm" and 0 < xf.nbytes <= ONE_PHASE_BYTES and rop is not None
                         and xf.size <= self._shm_chunk // dtype.itemsize):
-                    q.quick = None  # eligible for _quick_shm once its signature's fingerprint is known
+                    q.quick = None  # eligible for the one-phase quick path once its fingerprint is known
         if views is not None and type(out) is np.ndarray:
             # Only calls on alloc'd arrays are kept: that memory lives as long as the communicator anyway,
             # whereas keeping a user's plain arrays would keep them alive.
@@ -467,8 +469,8 @@ class Communicator:
         """(algorithm name, every rank's view of ``x``, of ``out``) when an shm allreduce of ``x`` into ``out``
         runs in their windows (both alloc'd, or ``x`` in place), else None.
 
-        Small alloc'd arrays take shm's one-phase copy-in path; the window paid
-        off from 64 KiB (P = 2, 4). The name is distinct, so a rank passing a
+        Small alloc'd arrays take shm's one-phase copy-in path (below
+        ``_WINDOW_MIN_BYTES``). The name is distinct, so a rank passing a
         plain array is caught as a mismatch, and holds the windows' numbers,
         since ranks reducing different windows would each update only their
         own slice of each.
@@ -531,14 +533,15 @@ class Communicator:
         if self.size == 1:
             return "native" if mpi_dtype(dtype) is not None else "ring"
         if self.single_node:
-            if name == "allreduce":
+            if name == "allreduce" and self._quick_arena is not None:
                 # shm at every size: its one synchronisation is also the cross-rank check, where MPI's own
                 # collective follows a check of its own. With the quick path (ShmArena.quick_allreduce) it
-                # beat our checked native call at 256 B-64 KiB at P = 2 and 4 on 2 cores (1.2-1.3x at 4 KiB,
-                # 1.5-2x from 16 KiB; 3 runs each), and the one- and two-phase paths beat it above.
+                # beat our checked native call at 256 B-64 KiB at P = 2, 4 and 8 on 2 cores (1.2-1.6x at
+                # 4 KiB, 1.5-2x from 16 KiB; 3 runs each), and the one- and two-phase paths beat it above.
                 return "shm"
-            # The other collectives: shm beat MPI's own from 16 KiB at P = 2, 4 and 8 on 2 cores
-            # (1.1-1.3x); at 4 KiB MPI's own won at P = 2, shm at P = 4; at 1 KiB they tied.
+            # The others, and allreduce without the quick path (check off, DETAIL, NaN check): shm beat MPI's
+            # own from 16 KiB at P = 2, 4 and 8 on 2 cores (1.1-1.3x); at 4 KiB MPI's own won at P = 2, shm
+            # at P = 4; at 1 KiB they tied.
             small = (16 << 10) if self.local_size == 2 else (4 << 10)
             return "native" if nbytes < small and mpi_dtype(dtype) is not None else "shm"
         return self.cost_choice(name, nbytes, dtype).best
@@ -850,7 +853,7 @@ class Communicator:
             # (contiguous; out absent, x itself, or a separate array of the same shape and dtype that does
             # not overlap x); the template is refilled under the lock and emptied again, so no user array
             # is kept alive. Anything else takes the full path below, which explains what is wrong; so do
-            # shm calls on alloc'd arrays of 64 KiB and more, in place or into alloc'd arrays (the window path).
+            # shm calls on alloc'd arrays from _WINDOW_MIN_BYTES, in place or into alloc'd arrays (the window path).
             if out is not None and x.base is not None and (id(x), id(out)) in self._hot:  # alloc'd arrays are views
                 hot = self._hot_call("allreduce", x, op, algorithm, 0, out)
                 if hot is not None:
@@ -869,7 +872,8 @@ class Communicator:
                 if out is None:
                     o = np.empty(x.shape, x.dtype)
                 elif out is x:
-                    o = x if x.flags.writeable and (x.base is None or c.algorithm != "shm" or x.nbytes < _WINDOW_MIN_BYTES
+                    o = x if x.flags.writeable and (x.base is None or c.algorithm != "shm"
+                                                    or x.nbytes < _WINDOW_MIN_BYTES
                                                     or self._window(x, x, True) is None) else None
                 elif type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype:
                     f = out.flags
@@ -1103,6 +1107,7 @@ class Communicator:
             self._shm_arena.free()
             self._shm_arena = self._quick_arena = None
             self._quick_calls.clear()  # their regions were in the arena
+            self._hot.clear()  # their windows are gone with it
         self._backend.free()
 
     def __repr__(self) -> str:

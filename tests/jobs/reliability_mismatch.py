@@ -146,7 +146,7 @@ def count_1000_vs_200000() -> None:  # the issue's case: corrupted memory, then 
 cases.run("count 1000 vs 200000", count_1000_vs_200000)
 
 
-def quick_path_mismatch() -> None:
+def quick_path_check() -> None:
     """Small shm allreduces repeated enough to take the one-phase quick path (check and data share one barrier):
     a rank whose call differs, through the full path or through a quick call of its own, is still caught on
     every rank, nothing is written into out, and the quick path works afterwards."""
@@ -170,7 +170,7 @@ def quick_path_mismatch() -> None:
     for _ in range(3):
         y = comm.allreduce(a, out=out_a, op="avg", algorithm="shm")
         assert y is out_a and (y == (P + 1) / 2).all(), y[:3]
-cases.run("quick path (small repeated shm allreduce) mismatch", quick_path_mismatch)
+cases.run("quick path (small repeated shm allreduce) mismatch", quick_path_check)
 
 
 def auto_resolves_alike() -> None:  # one rank names the algorithm auto resolves to: no mismatch

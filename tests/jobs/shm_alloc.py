@@ -1,9 +1,10 @@
-"""comm.alloc arrays: the in-window allreduce (64 KiB and up) and the copy-in path below it, mixed with ordinary shm calls."""
+"""comm.alloc arrays: the in-window allreduce (256 KiB and up) and the copy-in path below it, mixed with ordinary shm calls."""
 from __future__ import annotations
 
 import numpy as np
 
 import collective as col
+from collective.communicator import _WINDOW_MIN_BYTES
 from harness import Cases
 
 comm = col.init()
@@ -155,7 +156,7 @@ def quick_path_edges() -> None:
         gc.collect()
         assert ref() is None, f"{alg}: a reduced array outlived its last reference"
     # a plain array's template must not catch an alloc'd array reduced in place: that is the window path
-    a = comm.alloc(20_000, np.float32)
+    a = comm.alloc(70_000, np.float32)
     a[:] = R
     comm.allreduce(a, out=a, algorithm="shm")
     assert comm.watchdog.trace[-1][4].startswith("shm-window#") and (a == P * (P - 1) / 2).all()
@@ -164,9 +165,9 @@ def quick_path_edges() -> None:
     comm.allreduce(v, out=v, algorithm="shm")
     assert comm.watchdog.trace[-1][4].startswith("shm-window#") and (v == P * (P - 1) / 2).all()
     # nor one alloc'd array reduced into another (the out-of-place window path)
-    big = np.zeros(20_000, np.float32)
+    big = np.zeros(70_000, np.float32)
     comm.allreduce(big, out=np.empty_like(big), algorithm="shm")  # a plain template for this signature
-    b = comm.alloc(20_000, np.float32)
+    b = comm.alloc(70_000, np.float32)
     a[:] = R
     comm.allreduce(a, out=b, algorithm="shm")
     assert "->#" in comm.watchdog.trace[-1][4] and (b == P * (P - 1) / 2).all() and (a == R).all()
@@ -174,7 +175,7 @@ cases.run("quick path edges", quick_path_edges)
 
 
 def window_out_of_place() -> None:
-    """One alloc'd array reduced into another: in the window from 64 KiB, the same bits as the other paths."""
+    """One alloc'd array reduced into another: in the window from 256 KiB, the same bits as the other paths."""
     import zlib
     rng = np.random.default_rng(99 + R)
     for n in (0, 3, 1000, 16_384, 300_001):
@@ -186,7 +187,7 @@ def window_out_of_place() -> None:
             every = np.empty((P, n), dtype)
             comm._backend.comm.Allgather(src, every)
             y = comm.allreduce(x, op=op, out=out, algorithm="shm")
-            window = x.nbytes >= 64 << 10
+            window = x.nbytes >= _WINDOW_MIN_BYTES
             alg = comm.watchdog.trace[-1][4]
             assert y is out and (("->#" in alg) == window), (n, alg)
             assert np.array_equal(x, src), f"n={n} {op}: the input was modified"
@@ -198,13 +199,12 @@ def window_out_of_place() -> None:
                 assert np.allclose(out, every.sum(axis=0), rtol=1e-5, atol=1e-3)
             crcs = comm._backend.comm.allgather(zlib.crc32(out.tobytes()))
             assert len(set(crcs)) == 1, f"n={n} {op}: ranks differ {crcs}"
-            # repeated (auto is shm from 16 KiB on one node; below, MPI's own order may round differently)
-            again = comm.allreduce(x, op=op, out=out, algorithm="auto" if x.nbytes >= 16 << 10 else "shm")
+            again = comm.allreduce(x, op=op, out=out, algorithm="auto")  # repeated (auto is shm on one node)
             assert again.tobytes() == plain.tobytes()
     # ranks with different histories: a plain template for this signature under "shm" on rank 0, under "auto"
     # (which resolves to shm) elsewhere, so rank 0 meets the alloc'd arrays in the quick path, the others not
-    x, out = comm.alloc(30_000, np.float32), comm.alloc(30_000, np.float32)
-    comm.allreduce(np.zeros(30_000, np.float32), out=np.empty(30_000, np.float32), algorithm="shm" if R == 0 else "auto")
+    x, out = comm.alloc(70_000, np.float32), comm.alloc(70_000, np.float32)
+    comm.allreduce(np.zeros(70_000, np.float32), out=np.empty(70_000, np.float32), algorithm="shm" if R == 0 else "auto")
     x[:] = R
     comm.allreduce(x, out=out, algorithm="shm" if R == 0 else "auto")
     assert "->#" in comm.watchdog.trace[-1][4] and (out == P * (P - 1) / 2).all()
@@ -212,22 +212,43 @@ def window_out_of_place() -> None:
     for op, want in (("sum", P * (P - 1) / 2), ("max", P - 1), ("sum", P * (P - 1) / 2)):
         out[:] = -1
         assert comm.allreduce(x, op=op, out=out, algorithm="shm") is out and (out == want).all(), (op, out[:3])
-    out.shape = (2, 15_000)
+    out.shape = (2, 35_000)
     try:
         comm.allreduce(x, out=out, algorithm="shm")  # every rank refuses it before anything moves
     except col.CollectiveValueError as exc:
         assert "shape" in str(exc), exc
     else:
         raise AssertionError("an out of another shape was accepted")
-    out.shape = (30_000,)
+    out.shape = (70_000,)
     # a leading slice of one window into another window's
-    x, out = comm.alloc(50_000, np.float32), comm.alloc(60_000, np.float32)
+    x, out = comm.alloc(90_000, np.float32), comm.alloc(100_000, np.float32)
     x[:] = R
-    comm.allreduce(x[:40_000], out=out[:40_000], algorithm="shm")
-    assert "->#" in comm.watchdog.trace[-1][4] and (out[:40_000] == P * (P - 1) / 2).all() and (out[40_000:] == 0).all()
+    comm.allreduce(x[:80_000], out=out[:80_000], algorithm="shm")
+    assert "->#" in comm.watchdog.trace[-1][4] and (out[:80_000] == P * (P - 1) / 2).all() and (out[80_000:] == 0).all()
     # into a plain array: the copy-in path
-    plain = np.empty(50_000, np.float32)
+    plain = np.empty(90_000, np.float32)
     comm.allreduce(x, out=plain, algorithm="shm")
     assert comm.watchdog.trace[-1][4] == "shm" and (plain == P * (P - 1) / 2).all()
 cases.run("alloc'd into alloc'd (out of place)", window_out_of_place)
+
+
+def after_close() -> None:
+    """Calls on a closed communicator raise; the quick paths kept nothing that points into its freed windows."""
+    c2 = col.Communicator()
+    g = c2.alloc(_WINDOW_MIN_BYTES // 4, np.float32)
+    small = np.ones(100, np.float32)
+    for _ in range(4):  # both quick paths armed
+        g[:] = 1
+        c2.allreduce(g, out=g, algorithm="shm")
+        c2.allreduce(small, out=small, algorithm="shm")
+    assert c2._hot and any(t.quick for t in c2._quick_calls.values())
+    c2.close()
+    for call in (lambda: c2.allreduce(g, out=g, algorithm="shm"), lambda: c2.allreduce(small, out=small, algorithm="shm")):
+        try:
+            call()
+        except Exception:  # noqa: BLE001 - MPI's own error for the freed communicator
+            pass
+        else:
+            raise AssertionError("a call on a closed communicator returned")
+cases.run("calls after close raise", after_close)
 cases.finish()
