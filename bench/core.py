@@ -1,4 +1,4 @@
-"""Measuring: buffers allocated once, algorithms interleaved round-robin per size, slowest-rank times, exact checks.
+"""Measuring: buffers per size, algorithms interleaved round-robin per size, slowest-rank times, exact checks.
 
 Terms used below. A *column* is one algorithm of the library (native, ring,
 ...), or a reference: ``gloo`` (torch.distributed over Gloo) or ``memcpy``
@@ -17,9 +17,11 @@ blocked in Gloo comes back to cold caches); a barrier on the
 benchmark's own MPI communicator precedes every timed call; a call's time is
 the slowest rank's (a native MPI Allreduce(MAX) of the per-iteration times);
 the reported time is the median over iterations and the spread their
-interquartile range. Buffers are allocated once for the largest size and
-sliced: glibc maps and unmaps every allocation above 32 MiB, which alone
-halves native MPI's speed at 64 MiB.
+interquartile range. Each size gets its own buffers, made and touched before
+its first call and kept for all its iterations (so no call allocates), the
+size a user's array of that size has: slices of one buffer for the largest
+size would give small sizes the transparent huge pages NumPy advises for
+arrays from 4 MiB (see _Buffers).
 """
 from __future__ import annotations
 
@@ -249,12 +251,19 @@ def modes_of(col: str, coll: str) -> tuple[str, ...]:
 
 # ------------------------------------------------------------------ cases
 class _Buffers:
-    """One column's buffers, allocated (and touched) once for the largest size, then sliced."""
+    """One column's buffers for one size (alloc's: once for the largest, then sliced), touched when made.
+
+    Per size, not slices of one allocation for the largest: NumPy advises
+    transparent huge pages for arrays from 4 MiB, so a 1 MiB slice of a 64 MiB
+    buffer sat on huge pages that a user's 1 MiB array never gets (MPI's own
+    1 MiB in-place allreduce ran 1.6x faster on them here). ``alloc``'s
+    shared windows cannot have huge pages where shmem THP is off, as here.
+    """
 
     def __init__(self, n_in: int, n_out: int, in_place: bool, dtype: np.dtype) -> None:
-        self.x = np.zeros(n_in, dtype)
-        self.o = np.zeros(n_out, dtype)
-        self.z = np.zeros(n_in if in_place else 0, dtype)
+        self.x, self.o, self.z = (np.empty(n, dtype) for n in (n_in, n_out, n_in if in_place else 0))
+        for a in (self.x, self.o, self.z):
+            a[...] = 0  # every page faulted in now, not in a timed call
 
 
 @dataclass
@@ -441,24 +450,24 @@ class _Run:
             self.rep.begin(info, o, res)
         max_in = max(s[1] for s in shapes)
         max_out = max(s[2] for s in shapes)
-        max_count = max(s[0] for s in shapes)
-        bufs = {c: (_Buffers(max_count, max_count, False, dtype) if c == "memcpy" else
-                    _Buffers(max_in, max_out, IP in modes[c], dtype)) for c in cols}
-        if "alloc" in bufs:  # collective: every rank reaches it in the same column order
-            b = bufs["alloc"]  # in place on one window; out of place from one window into another
-            b.x, b.o, b.z = (self.comm.alloc(n, dtype) for n in (max_in, max_out, max_in))
-            for a in (b.x, b.o, b.z):
+        alloc = None
+        if "alloc" in cols:  # collective: every rank reaches it in the same column order
+            alloc = _Buffers(0, 0, False, dtype)  # in place on one window; out of place from one into another
+            alloc.x, alloc.o, alloc.z = (self.comm.alloc(n, dtype) for n in (max_in, max_out, max_in))
+            for a in (alloc.x, alloc.o, alloc.z):
                 a[...] = 0  # touched now, like the other columns' buffers
         seen_notes: set[str] = set(notes)
         for size, (count, n_in, n_out) in zip(sizes, shapes):
+            bufs = {c: (alloc if c == "alloc" else _Buffers(count, count, False, dtype) if c == "memcpy" else
+                        _Buffers(n_in, n_out, IP in modes[c], dtype)) for c in cols}
             row = self.one_size(coll, root, cols, modes, bufs, count, n_in, n_out, factor, seen_notes, res)
+            del bufs  # before the next size's: at most one size's buffers at a time
             row.pred_us = {c: preds[(c, size)] for c in cols}
             if "auto" in cols:
                 row.auto_pick = self.comm.auto_algorithm(coll, n_in * dtype.itemsize, dtype)
             res.rows.append(row)
             if self.rep is not None:
                 self.rep.row(res, row)
-        del bufs
         if self.rep is not None:
             self.rep.end(res)
         return res

@@ -116,7 +116,8 @@ class _Call:
         self.sig: Any = None  # the fingerprint of this call's signature, once the check computed it (reused calls)
         self.mpi: Any = None  # (MPI datatype, MPI op) of a native call, once it ran (reused calls)
         #: A template of a small shm allreduce: None until allreduce's quick path may run it in one phase, then
-        #: its regions (ShmArena.quick_regions). A repeated call on alloc'd arrays: True once _quick_window may.
+        #: its regions (ShmArena.quick_regions). A repeated call on alloc'd arrays: its pieces
+        #: (SharedArrays.plan) once allreduce may run it through SharedArrays.quick_allreduce.
         self.quick: Any = False
 
 
@@ -608,29 +609,6 @@ class Communicator:
         if rop is not None and rop.average and of is not None:
             average_in_place(of, P)
 
-    def _quick_window(self, c: _Call) -> Any:
-        """Run repeated allreduce ``c`` on alloc'd arrays (the window path) with its check as the first phase.
-
-        What ``_execute`` does for it (sequence number, flight record, the
-        check before any rank touches another's data, avg), in fewer frames
-        (SharedArrays.quick_allreduce): a training loop's buckets take this.
-        """
-        self._seq = seq = self._seq + 1
-        rec = [seq, "allreduce", c.shape, c.dtype, c.algorithm, None, time.monotonic(), None]
-        wd = self.watchdog
-        wd.trace.append(rec)  # wd.begin(rec), inlined
-        wd.current = rec
-        try:
-            sig = c.sig
-            rop = c.rop
-            if not self._shared.quick_allreduce(c.views, c.out_views, rop.ufunc,  # type: ignore
-                                                self._finish_avg if rop.average else None, sig[0] ^ seq, seq):
-                wd._fp._gather(seq, sig[1], None, always=False)  # type: ignore[union-attr]  # raises the mismatch
-        finally:
-            rec[7] = time.monotonic()  # wd.end(rec), inlined
-            wd.current = None
-        return c.result
-
     def _arena(self) -> ShmArena:
         if self._shm_arena is None:
             node = self._backend.comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank)
@@ -854,16 +832,47 @@ class Communicator:
             # not overlap x); the template is refilled under the lock and emptied again, so no user array
             # is kept alive. Anything else takes the full path below, which explains what is wrong; so do
             # shm calls on alloc'd arrays from _WINDOW_MIN_BYTES, in place or into alloc'd arrays (the window path).
-            if out is not None and x.base is not None and (id(x), id(out)) in self._hot:  # alloc'd arrays are views
-                hot = self._hot_call("allreduce", x, op, algorithm, 0, out)
-                if hot is not None:
-                    with self._lock:
-                        if not self._pending:
-                            if hot.quick:
-                                return self._quick_window(hot)
-                            if hot.sig is not None and self._quick_arena is not None:
-                                hot.quick = True  # checked once through _execute: the next call takes _quick_window
-                            return self._execute(hot)
+            if out is not None and x.base is not None:  # alloc'd arrays are views
+                # _hot_call and what _execute does, inlined: between two steps the caches and TLB go cold, and
+                # then every frame and object touched costs misses (about 1 us each here; see
+                # SharedArrays.quick_allreduce).
+                e = self._hot.get((id(x), id(out)))
+                if e is not None and type(op) is str and (algorithm is None or type(algorithm) is str):
+                    hot = e[3]
+                    if (e[0] is x and e[1] is out and e[2] == ("allreduce", op, algorithm, 0) and x.shape == hot.shape
+                            and x.dtype == hot.dtype and x.flags.c_contiguous
+                            and (out is x or (out.shape == hot.shape and out.dtype == hot.dtype
+                                              and out.flags.c_contiguous))
+                            and out.flags.writeable):
+                        lock = self._lock
+                        lock.acquire()
+                        try:
+                            if not self._pending:
+                                plan = hot.quick
+                                if plan:
+                                    self._seq = seq = self._seq + 1
+                                    rec = [seq, "allreduce", hot.shape, hot.dtype, hot.algorithm, None,
+                                           time.monotonic(), None]
+                                    wd = self.watchdog
+                                    wd.trace.append(rec)  # wd.begin(rec), inlined
+                                    wd.current = rec
+                                    try:
+                                        sig = hot.sig
+                                        rop = hot.rop
+                                        if not self._shared.quick_allreduce(  # type: ignore[union-attr]
+                                                plan, rop.ufunc, self._finish_avg if rop.average else None,
+                                                sig[0] ^ seq, seq):
+                                            wd._fp._gather(seq, sig[1], None, always=False)  # type: ignore  # raises
+                                    finally:
+                                        rec[7] = time.monotonic()  # wd.end(rec), inlined
+                                        wd.current = None
+                                    return hot.result
+                                if hot.sig is not None and self._quick_arena is not None:
+                                    # Checked once through _execute: the next call takes the lines above.
+                                    hot.quick = self._shared.plan(hot.views, hot.out_views)  # type: ignore[union-attr]
+                                return self._execute(hot)
+                        finally:
+                            lock.release()
             try:
                 c = self._quick_calls.get((x.shape, x.dtype, op, algorithm))
             except TypeError:  # an unhashable op or algorithm
