@@ -35,7 +35,7 @@ def test_shm_small_chunks_and_alloc(nprocs: int) -> None:
     check(res, f"shm with small chunks at P={nprocs}")
     res = mpirun("shm_alloc.py", nprocs, timeout=300, env=env)
     check(res, f"alloc at P={nprocs}")
-    assert count_passed(res) == 27
+    assert count_passed(res) == 28
     # The NaN check alone (no fingerprint exchange) must not stand in for shm's first synchronisation.
     res = mpirun("shm_alloc.py", nprocs, timeout=300, env={"COLLECTIVE_CHECK": "0", "COLLECTIVE_NAN_CHECK": "1"})
     check(res, f"alloc at P={nprocs} with only the NaN check")
