@@ -832,7 +832,7 @@ class Communicator:
             # not overlap x); the template is refilled under the lock and emptied again, so no user array
             # is kept alive. Anything else takes the full path below, which explains what is wrong; so do
             # shm calls on alloc'd arrays from _WINDOW_MIN_BYTES, in place or into alloc'd arrays (the window path).
-            if out is not None and x.base is not None:  # alloc'd arrays are views
+            if out is not None and x.base is not None and x.nbytes >= _WINDOW_MIN_BYTES:  # windows are views
                 # _hot_call and what _execute does, inlined: between two steps the caches and TLB go cold, and
                 # then every frame and object touched costs misses (about 1 us each here; see
                 # SharedArrays.quick_allreduce).
