@@ -266,6 +266,11 @@ class _Buffers:
             a[...] = 0  # every page faulted in now, not in a timed call
 
 
+def _first(a: np.ndarray, n: int) -> np.ndarray:
+    """``a`` itself when it holds n elements (an array of its own, as a user's is: no view), else ``a[:n]``."""
+    return a if a.size == n else a[:n]
+
+
 @dataclass
 class _Case:
     col: str
@@ -482,14 +487,14 @@ class _Run:
             b = bufs[c]
             if c == "memcpy":
                 # The bytes copied do not matter; the buffers were zeroed (touched) when allocated.
-                src, dst = b.x[:count], b.o[:count]
+                src, dst = _first(b.x, count), _first(b.o, count)
                 out.append(_Case(c, OOP, functools.partial(np.copyto, dst, src), None))
                 continue
-            x, y = b.x[:n_in], b.o[:n_out]
+            x, y = _first(b.x, n_in), _first(b.o, n_out)
             np.copyto(x, inp)
             for mode in modes[c]:
                 if mode == IP:
-                    z = b.z[:n_in]
+                    z = _first(b.z, n_in)
                     np.copyto(z, inp)
                     tgt, dst = z, z
                     reset = functools.partial(np.copyto, z, inp)

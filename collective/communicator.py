@@ -833,46 +833,39 @@ class Communicator:
             # is kept alive. Anything else takes the full path below, which explains what is wrong; so do
             # shm calls on alloc'd arrays from _WINDOW_MIN_BYTES, in place or into alloc'd arrays (the window path).
             if out is not None and x.base is not None and x.nbytes >= _WINDOW_MIN_BYTES:  # windows are views
-                # _hot_call and what _execute does, inlined: between two steps the caches and TLB go cold, and
-                # then every frame and object touched costs misses (about 1 us each here; see
-                # SharedArrays.quick_allreduce).
-                e = self._hot.get((id(x), id(out)))
-                if e is not None and type(op) is str and (algorithm is None or type(algorithm) is str):
-                    hot = e[3]
-                    if (e[0] is x and e[1] is out and e[2] == ("allreduce", op, algorithm, 0) and x.shape == hot.shape
-                            and x.dtype == hot.dtype and x.flags.c_contiguous
-                            and (out is x or (out.shape == hot.shape and out.dtype == hot.dtype
-                                              and out.flags.c_contiguous))
-                            and out.flags.writeable):
-                        lock = self._lock
-                        lock.acquire()
-                        try:
-                            if not self._pending:
-                                plan = hot.quick
-                                if plan:
-                                    self._seq = seq = self._seq + 1
-                                    rec = [seq, "allreduce", hot.shape, hot.dtype, hot.algorithm, None,
-                                           time.monotonic(), None]
-                                    wd = self.watchdog
-                                    wd.trace.append(rec)  # wd.begin(rec), inlined
-                                    wd.current = rec
-                                    try:
-                                        sig = hot.sig
-                                        rop = hot.rop
-                                        if not self._shared.quick_allreduce(  # type: ignore[union-attr]
-                                                plan, rop.ufunc, self._finish_avg if rop.average else None,
-                                                sig[0] ^ seq, seq):
-                                            wd._fp._gather(seq, sig[1], None, always=False)  # type: ignore  # raises
-                                    finally:
-                                        rec[7] = time.monotonic()  # wd.end(rec), inlined
-                                        wd.current = None
-                                    return hot.result
-                                if hot.sig is not None and self._quick_arena is not None:
-                                    # Checked once through _execute: the next call takes the lines above.
-                                    hot.quick = self._shared.plan(hot.views, hot.out_views)  # type: ignore[union-attr]
-                                return self._execute(hot)
-                        finally:
-                            lock.release()
+                # What _execute does, inlined: between two steps the caches and TLB go cold, and then every
+                # frame and object touched costs misses (about 1 us each here; see SharedArrays.quick_allreduce).
+                hot = self._hot_call("allreduce", x, op, algorithm, 0, out)
+                if hot is not None:
+                    lock = self._lock
+                    lock.acquire()
+                    try:
+                        if not self._pending:
+                            plan = hot.quick
+                            if plan is not False:  # a list of pieces (empty where this rank's slice is)
+                                self._seq = seq = self._seq + 1
+                                rec = [seq, "allreduce", hot.shape, hot.dtype, hot.algorithm, None,
+                                       time.monotonic(), None]
+                                wd = self.watchdog
+                                wd.trace.append(rec)  # wd.begin(rec), inlined
+                                wd.current = rec
+                                try:
+                                    sig = hot.sig
+                                    rop = hot.rop
+                                    if not self._shared.quick_allreduce(  # type: ignore[union-attr]
+                                            plan, rop.ufunc, self._finish_avg if rop.average else None,
+                                            sig[0] ^ seq, seq):
+                                        wd._fp._gather(seq, sig[1], None, always=False)  # type: ignore  # raises
+                                finally:
+                                    rec[7] = time.monotonic()  # wd.end(rec), inlined
+                                    wd.current = None
+                                return hot.result
+                            if hot.sig is not None and self._quick_arena is not None:
+                                # Checked once through _execute: the next call takes the lines above.
+                                hot.quick = self._shared.plan(hot.views, hot.out_views)  # type: ignore[union-attr]
+                            return self._execute(hot)
+                    finally:
+                        lock.release()
             try:
                 c = self._quick_calls.get((x.shape, x.dtype, op, algorithm))
             except TypeError:  # an unhashable op or algorithm
