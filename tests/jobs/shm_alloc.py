@@ -199,7 +199,9 @@ def window_out_of_place() -> None:
                 assert np.allclose(out, every.sum(axis=0), rtol=1e-5, atol=1e-3)
             crcs = comm._backend.comm.allgather(zlib.crc32(out.tobytes()))
             assert len(set(crcs)) == 1, f"n={n} {op}: ranks differ {crcs}"
-            again = comm.allreduce(x, op=op, out=out, algorithm="auto")  # repeated (auto is shm on one node)
+            # repeated (auto is shm on one node from 16 KiB, and below too with the check on; MPI's own order,
+            # which auto may pick below 16 KiB with the check off, may round differently)
+            again = comm.allreduce(x, op=op, out=out, algorithm="auto" if x.nbytes >= 16 << 10 else "shm")
             assert again.tobytes() == plain.tobytes()
     # ranks with different histories: a plain template for this signature under "shm" on rank 0, under "auto"
     # (which resolves to shm) elsewhere, so rank 0 meets the alloc'd arrays in the quick path, the others not
@@ -241,7 +243,8 @@ def after_close() -> None:
         g[:] = 1
         c2.allreduce(g, out=g, algorithm="shm")
         c2.allreduce(small, out=small, algorithm="shm")
-    assert c2._hot and any(t.quick for t in c2._quick_calls.values())
+    if c2._quick_arena is not None:  # the quick paths run with the fingerprint check (not with it off)
+        assert c2._hot and any(t.quick for t in c2._quick_calls.values())
     c2.close()
     for call in (lambda: c2.allreduce(g, out=g, algorithm="shm"), lambda: c2.allreduce(small, out=small, algorithm="shm")):
         try:
