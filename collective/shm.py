@@ -59,14 +59,20 @@ ONE_PHASE_BYTES = 256 << 10
 _FLAG = 64  # one cache line for the flag, so flags of different ranks never share a line
 
 
-def _reduce_slices(ufunc: Callable[..., Any], regs: list[np.ndarray], a: int, b: int, dst: np.ndarray) -> None:
-    """``dst = regs[0][a:b] op regs[1][a:b] op ...``, in rank order (so every rank's result is bitwise the same)."""
-    if len(regs) > 1:
-        ufunc(regs[0][a:b], regs[1][a:b], out=dst)
+def _reduce_into(ufunc: Callable[..., Any], parts: list[np.ndarray], dst: np.ndarray) -> None:
+    """``dst = parts[0] op parts[1] op ...``, in rank order: every shm path reduces through here, so every rank's
+    result, whatever its path, is bitwise the same."""
+    if len(parts) > 1:
+        ufunc(parts[0], parts[1], dst)
     else:
-        np.copyto(dst, regs[0][a:b])
-    for reg in regs[2:]:
-        ufunc(dst, reg[a:b], out=dst)
+        np.copyto(dst, parts[0])
+    for p in parts[2:]:
+        ufunc(dst, p, dst)
+
+
+def _reduce_slices(ufunc: Callable[..., Any], regs: list[np.ndarray], a: int, b: int, dst: np.ndarray) -> None:
+    """``dst = regs[0][a:b] op regs[1][a:b] op ...`` (see :func:`_reduce_into`)."""
+    _reduce_into(ufunc, [r[a:b] for r in regs], dst)
 
 
 class ShmArena:
@@ -155,7 +161,8 @@ class ShmArena:
         """Every rank's region for even and for odd chunk numbers, cut to ``n`` elements (for quick_allreduce)."""
         return tuple([r[:n] for r in self.regions(g, dtype)] for g in (0, 1))  # type: ignore[return-value]
 
-    def quick_allreduce(self, x: np.ndarray, out: np.ndarray, ufunc: Callable[..., Any], h: int, seq: int,
+    def quick_allreduce(self, h: int, seq: int, x: np.ndarray, out: np.ndarray, ufunc: Callable[..., Any],
+                        finish: Callable[[np.ndarray], None] | None,
                         regions: tuple[list[np.ndarray], list[np.ndarray]]) -> bool:
         """:meth:`allreduce`'s one-phase path with :meth:`exchange` folded in; False (nothing reduced) on a mismatch.
 
@@ -163,7 +170,8 @@ class ShmArena:
         ufunc, first=check)`` for ``x`` of at most ``ONE_PHASE_BYTES`` with the
         check fenced in this arena, in two frames instead of seven: at 4 KiB
         the Python around one barrier is what a call costs. ``regions``: from
-        :meth:`quick_regions` for ``x``'s dtype and size. ``x`` must not
+        :meth:`quick_regions` for ``x``'s dtype and size; ``finish``, applied
+        to ``out`` (e.g. avg's division). ``x`` must not
         overlap ``out`` unless it is ``out``. Every rank reads the same P
         fingerprints, so all return the same verdict; on False the chunk count
         goes back, as :meth:`arrive` does.
@@ -175,12 +183,15 @@ class ShmArena:
         if not self.exchange(h, seq):
             self.chunks_done = g
             return False
-        if len(regs) == 1:
+        # _reduce_into(ufunc, regs, out), inlined (the same operations): its frame cost 2-4 % at 4 KiB.
+        if len(regs) > 1:
+            ufunc(regs[0], regs[1], out)
+        else:
             out[...] = regs[0]
-            return True
-        ufunc(regs[0], regs[1], out)
         for reg in regs[2:]:
             ufunc(out, reg, out)
+        if finish is not None:
+            finish(out)
         return True
 
     def arrive(self, first: Callable[[], Any], rollback: bool = True) -> None:
@@ -434,60 +445,12 @@ class SharedArrays:
         per cache-sized piece, as the copy would have (the same bits).
         """
         ar = self.arena
-        ar.arrive(first, rollback=False) if first is not None else ar.phase()  # ARRIVED: every rank's input is there
-        self._reduce_mine(src, dst, ufunc, finish, own)
-        ar.phase()  # DONE: every slice has landed everywhere, and nobody reads our array any more
-
-    def plan(self, src: list[np.ndarray], dst: list[np.ndarray]) -> list[tuple[list[np.ndarray], np.ndarray,
-                                                                              list[np.ndarray]]]:
-        """The pieces of :meth:`allreduce` (no ``own``) on these views, cut once for :meth:`quick_allreduce`:
-        per piece of this rank's slice, (every rank's input there, the output it is reduced into, the other
-        outputs it is copied to)."""
-        r = self.arena.rank
-        s0, s1 = self.arena.slice_of(src[0].size, r)
-        step = max(1, WINDOW_PIECE_BYTES // src[0].dtype.itemsize)
-        return [([s[a:min(s1, a + step)] for s in src], dst[0][a:min(s1, a + step)],
-                 [o[a:min(s1, a + step)] for o in dst[1:]]) for a in range(s0, s1, step)]
-
-    def quick_allreduce(self, plan: list[tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]],
-                        ufunc: Callable[..., Any], finish: Callable[[np.ndarray], None] | None, h: int,
-                        seq: int) -> bool:
-        """:meth:`allreduce` (no ``own``) with the cross-rank check as its first phase (ShmArena.exchange of
-        fingerprint ``h`` of call ``seq``) over pieces cut once (:meth:`plan`); False, with nothing touched,
-        on a mismatch.
-
-        The same operations in the same order as :meth:`allreduce`, with as
-        little Python around them as can be: between two calls a training
-        step (or the benchmark's other columns) evicts the caches and TLB, and
-        every object the interpreter touches then costs a miss (measured at
-        1 MiB, P = 2, after 32 MiB of other traffic: the path through
-        ``allreduce`` took 49 us more than the bare NumPy calls, the data
-        itself 95 us).
-        """
-        ar = self.arena
-        if not ar.exchange(h, seq):
-            return False
-        copyto = np.copyto
-        for ins, acc, rest in plan:
-            ufunc(ins[0], ins[1], acc) if len(ins) > 1 else copyto(acc, ins[0])
-            for other in ins[2:]:
-                ufunc(acc, other, acc)
-            if finish is not None:
-                finish(acc)
-            for o in rest:
-                copyto(o, acc)
-        ar.phase()
-        return True
-
-    def _reduce_mine(self, src: list[np.ndarray], dst: list[np.ndarray], ufunc: Callable[..., Any],
-                     finish: Callable[[np.ndarray], None] | None,
-                     own: list[tuple[int, int, np.ndarray, float]] | None) -> None:
-        """The middle of :meth:`allreduce`: reduce this rank's slice and copy it into every rank's ``dst``."""
-        ar = self.arena
         r = ar.rank
         n = src[0].size
         s0, s1 = ar.slice_of(n, r)
         acc, rest = dst[0], dst[1:]
+        phase, arrive = ar.phase, ar.arrive
+        arrive(first, rollback=False) if first is not None else phase()  # ARRIVED: every rank's array holds its input
         # Cache-sized pieces keep the reduced piece in cache while it is copied out.
         step = max(1, WINDOW_PIECE_BYTES // acc.dtype.itemsize)
         copyto = np.copyto
@@ -516,3 +479,42 @@ class SharedArrays:
                     finish(d)
                 for o in rest:
                     copyto(o[a:b], d)
+        phase()  # DONE: every slice has landed everywhere, and nobody reads our array any more
+
+    def plan(self, src: list[np.ndarray], dst: list[np.ndarray]) -> list[tuple[list[np.ndarray], np.ndarray,
+                                                                              list[np.ndarray]]]:
+        """The pieces of :meth:`allreduce` (no ``own``) on these views, cut once for :meth:`quick_allreduce`:
+        per piece of this rank's slice, (every rank's input there, the output it is reduced into, the other
+        outputs it is copied to)."""
+        r = self.arena.rank
+        s0, s1 = self.arena.slice_of(src[0].size, r)
+        step = max(1, WINDOW_PIECE_BYTES // src[0].dtype.itemsize)
+        return [([s[a:min(s1, a + step)] for s in src], dst[0][a:min(s1, a + step)],
+                 [o[a:min(s1, a + step)] for o in dst[1:]]) for a in range(s0, s1, step)]
+
+    def quick_allreduce(self, h: int, seq: int, plan: list[tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]],
+                        ufunc: Callable[..., Any], finish: Callable[[np.ndarray], None] | None) -> bool:
+        """:meth:`allreduce` (no ``own``) with the cross-rank check as its first phase (ShmArena.exchange of
+        fingerprint ``h`` of call ``seq``) over pieces cut once (:meth:`plan`); False, with nothing touched,
+        on a mismatch.
+
+        The same operations in the same order as :meth:`allreduce`, with as
+        little Python around them as can be: between two calls a training
+        step (or the benchmark's other columns) evicts the caches and TLB, and
+        every object the interpreter touches then costs a miss (measured at
+        1 MiB, P = 2, after 32 MiB of other traffic: the path through
+        ``allreduce`` took 49 us more than the bare NumPy calls, the data
+        itself 95 us).
+        """
+        ar = self.arena
+        if not ar.exchange(h, seq):
+            return False
+        copyto = np.copyto
+        for ins, acc, rest in plan:
+            _reduce_into(ufunc, ins, acc)
+            if finish is not None:
+                finish(acc)
+            for o in rest:
+                copyto(o, acc)
+        ar.phase()
+        return True
