@@ -38,7 +38,7 @@ from .errors import (
 from .executor import Executor, ExecutorOptions, Plan
 from .ops import ReduceOp, average_in_place
 from .signature import cached_checks, check_signature
-from .shm import DEFAULT_CHUNK_BYTES, ONE_PHASE_BYTES, SharedArrays, ShmArena
+from .shm import DEFAULT_CHUNK_BYTES, ONE_PHASE_BYTES, SHM_WAITS, SharedArrays, ShmArena
 from .watchdog import Watchdog, deadline
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES"]
@@ -183,6 +183,11 @@ class Communicator:
                                        f"choose one of {', '.join(BACKENDS)}")
         #: Backend of device-array collectives (host arrays always go through MPI).
         self.backend: str = be
+        wait = os.environ.get("COLLECTIVE_SHM_WAIT") or "auto"
+        if wait not in SHM_WAITS:
+            raise CollectiveValueError(f"{describe('init', self.rank, self.size)}: COLLECTIVE_SHM_WAIT={wait!r}; "
+                                       f"choose one of {', '.join(SHM_WAITS)}")
+        self._shm_wait: str = wait
         self._device_colls: DeviceCollectives | None = None
         seg = segment_bytes or _env_int("COLLECTIVE_SEGMENT_BYTES") or (1 << 18)
         self._exec = Executor(self._backend, ExecutorOptions(segment_bytes=seg))
@@ -313,8 +318,11 @@ class Communicator:
         return 1 if leaders.all() else 2
 
     def _waiting_on(self) -> tuple[int, ...] | None:
-        if self._shm_arena is not None and self._shm_arena.awaiting[0]:
-            return self._shm_arena.waiting_on()
+        arena = self._shm_arena
+        if arena is not None:
+            behind = arena.waiting_on()
+            if behind:
+                return behind
         cur = self._exec.current
         if cur is None:
             return None
@@ -634,7 +642,7 @@ class Communicator:
     def _arena(self) -> ShmArena:
         if self._shm_arena is None:
             node = self._backend.comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank)
-            self._shm_arena = ShmArena(node, self._shm_chunk)
+            self._shm_arena = ShmArena(node, self._shm_chunk, self._shm_wait)
             fp = self.watchdog._fp
             if fp is not None and self._shm_arena.size == self.size:
                 # Every rank creates the arena in the same call, so from the next call on every rank checks

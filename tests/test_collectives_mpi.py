@@ -41,6 +41,25 @@ def test_shm_small_chunks_and_alloc(nprocs: int) -> None:
     check(res, f"alloc at P={nprocs} with only the NaN check")
 
 
+@pytest.mark.parametrize("nprocs,wait", [(2, "barrier"), (3, "spin"), (2, None), (3, None)])
+def test_shm_wait_modes(nprocs: int, wait: str | None) -> None:
+    """Phases waiting on flags and in MPI's barrier, each forced where auto would pick the other (2 CI cores):
+    the same answers; the ranks agree on one way even when they ask for different ones."""
+    env = {"COLLECTIVE_SHM_WAIT": wait} if wait else {}
+    res = mpirun("shm_wait.py", nprocs, timeout=120, env=env)
+    check(res, f"shm wait {wait or 'auto'} at P={nprocs}")
+    assert count_passed(res) == 4
+    if wait is None:
+        return
+    res = mpirun("correctness.py", nprocs, ["--algorithms", "shm,auto", "--dtypes", "int8,float32,float64"],
+                 timeout=300, env=env)
+    check(res, f"shm correctness, wait {wait}, P={nprocs}")
+    assert count_passed(res) > 500
+    res = mpirun("shm_alloc.py", nprocs, timeout=300, env=env)
+    check(res, f"alloc, wait {wait}, P={nprocs}")
+    assert count_passed(res) == 28
+
+
 def test_memory_flat_over_1000_calls() -> None:
     """No allocation per call in steady state, for every algorithm and for comm.alloc buffers."""
     # The flight recorder is a bounded ring (COLLECTIVE_TRACE_BUFFER entries); keep it small so that it is

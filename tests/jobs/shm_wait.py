@@ -1,0 +1,91 @@
+"""How the ranks of a node wait in a shm phase: agreed by every rank, and both ways give the same answers."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from mpi4py import MPI
+
+import collective as col
+from collective.errors import CollectiveValueError
+from collective.shm import ShmArena
+from harness import Cases
+
+comm = col.init()
+P, R = comm.size, comm.rank
+world = comm._backend.comm
+cases = Cases(comm)
+
+
+def agreed() -> None:
+    """Every rank of the node waits the same way; a forced COLLECTIVE_SHM_WAIT is what they do."""
+    arena = comm._arena()
+    every = np.empty(P, np.int32)
+    world.Allgather(np.array([arena.spins], np.int32), every)
+    assert (every == every[0]).all(), f"ranks disagree on spinning: {every}"
+    want = os.environ.get("COLLECTIVE_SHM_WAIT")
+    if want in ("spin", "barrier"):
+        assert arena.spins == (want == "spin"), f"COLLECTIVE_SHM_WAIT={want} but spins={arena.spins}"
+
+
+cases.run("wait agreed", agreed)
+
+
+def mixed() -> None:
+    """One rank asking for spin while another asks for a barrier: all take the barrier, and phases still meet."""
+    for wants in ([("spin" if r == 0 else "barrier") for r in range(P)], ["spin"] * P, ["barrier"] * P):
+        node = world.Split_type(MPI.COMM_TYPE_SHARED, key=R)
+        arena = ShmArena(node, 4096, wants[R])
+        try:
+            assert arena.spins is (set(wants) == {"spin"}), f"{wants}: spins={arena.spins}"
+            for n in (1, 1000, 5000):  # one phase, then several 4 KiB chunks (two phases each)
+                x = np.arange(n, dtype=np.float64) + R
+                out = np.empty_like(x)
+                for rep in range(3):
+                    arena.allreduce(x, out, np.add)
+                    want = P * np.arange(n) + P * (P - 1) / 2
+                    assert np.array_equal(out, want), f"{wants} n={n} rep {rep}"
+            assert arena.waiting_on() == (), arena.waiting_on()
+            for seq in range(4):  # the check's exchange (consecutive calls): agreeing, then disagreeing fingerprints
+                assert arena.exchange(1000 + seq, seq)
+            assert arena.exchange(7 if R == 0 else 8, 4) is (P == 1)
+        finally:
+            arena.free()
+            node.Free()
+
+
+cases.run("mixed wishes", mixed)
+
+
+def bad_value() -> None:
+    """An unknown COLLECTIVE_SHM_WAIT is refused at init, naming the variable, before any collective."""
+    old = os.environ.get("COLLECTIVE_SHM_WAIT")
+    os.environ["COLLECTIVE_SHM_WAIT"] = "sometimes"
+    try:
+        col.Communicator()
+    except CollectiveValueError as e:
+        assert "COLLECTIVE_SHM_WAIT='sometimes'" in str(e) and "spin" in str(e), str(e)
+    else:
+        raise AssertionError("COLLECTIVE_SHM_WAIT=sometimes was accepted")
+    finally:
+        if old is None:
+            del os.environ["COLLECTIVE_SHM_WAIT"]
+        else:
+            os.environ["COLLECTIVE_SHM_WAIT"] = old
+
+
+cases.run("bad value", bad_value)
+
+
+def behind() -> None:
+    """A rank far behind (0.3 s): the others wait (spin, yield, then nap) and get the right sum."""
+    import time
+    for _ in range(2):
+        if R == P - 1:
+            time.sleep(0.3)
+        y = comm.allreduce(np.full(8, R + 1.0), algorithm="shm")
+        assert np.array_equal(y, np.full(8, P * (P + 1) / 2)), y
+
+
+cases.run("a rank behind", behind)
+cases.finish()
