@@ -168,25 +168,25 @@ class Communicator:
     def _construct(self, comm: Any, algorithm: str | None, timeout: float | None, segment_bytes: int | None,
                    backend: str | None) -> None:
         MPI = self._mpi
+        # Settings first, before any collective: a rank with a bad one raises (and, uncaught, aborts the job)
+        # instead of leaving the others in the communicator's duplication until the deadline.
+        where = describe("init", comm.Get_rank(), comm.Get_size())
+        alg = algorithm or os.environ.get("COLLECTIVE_ALGORITHM") or "auto"
+        if alg not in ALGORITHMS:
+            raise CollectiveValueError(f"{where}: unknown algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)}")
+        be = backend or os.environ.get("COLLECTIVE_BACKEND") or "auto"
+        if be not in BACKENDS:
+            raise CollectiveValueError(f"{where}: unknown backend {be!r}; choose one of {', '.join(BACKENDS)}")
+        wait = os.environ.get("COLLECTIVE_SHM_WAIT") or "auto"
+        if wait not in SHM_WAITS:
+            raise CollectiveValueError(f"{where}: COLLECTIVE_SHM_WAIT={wait!r}; choose one of {', '.join(SHM_WAITS)}")
         self._backend = MPIBackend(comm)
         self.rank: int = self._backend.rank
         self.size: int = self._backend.size
         self.thread_level: int = MPI.Query_thread()
-        alg = algorithm or os.environ.get("COLLECTIVE_ALGORITHM") or "auto"
-        if alg not in ALGORITHMS:
-            raise CollectiveValueError(f"{describe('init', self.rank, self.size)}: unknown algorithm {alg!r}; "
-                                       f"choose one of {', '.join(ALGORITHMS)}")
         self.algorithm: str = alg
-        be = backend or os.environ.get("COLLECTIVE_BACKEND") or "auto"
-        if be not in BACKENDS:
-            raise CollectiveValueError(f"{describe('init', self.rank, self.size)}: unknown backend {be!r}; "
-                                       f"choose one of {', '.join(BACKENDS)}")
         #: Backend of device-array collectives (host arrays always go through MPI).
         self.backend: str = be
-        wait = os.environ.get("COLLECTIVE_SHM_WAIT") or "auto"
-        if wait not in SHM_WAITS:
-            raise CollectiveValueError(f"{describe('init', self.rank, self.size)}: COLLECTIVE_SHM_WAIT={wait!r}; "
-                                       f"choose one of {', '.join(SHM_WAITS)}")
         self._shm_wait: str = wait
         self._device_colls: DeviceCollectives | None = None
         seg = segment_bytes or _env_int("COLLECTIVE_SEGMENT_BYTES") or (1 << 18)
@@ -232,7 +232,7 @@ class Communicator:
         self.single_node: bool = self._node_count == 1
         if self.single_node and self.size > 1 and self.watchdog._fp is not None:
             # The shared window now, not at the first shm call: from the first collective on, the mismatch
-            # check is a node barrier and P reads (ShmArena.exchange) instead of an MPI allreduce, which
+            # check is a node phase and P reads (ShmArena.exchange) instead of an MPI allreduce, which
             # halves a small native allreduce's synchronisations' cost. Its pages are touched only when
             # shm uses them: the check itself writes one cache line per rank.
             self._arena()
@@ -908,7 +908,7 @@ class Communicator:
                         if not self._pending:  # else an async call got in first: queue behind it, below
                             q = c.quick
                             if q:
-                                # A small shm allreduce repeated: check and data share one barrier. _run_quick,
+                                # A small shm allreduce repeated: check and data share one phase. _run_quick,
                                 # inlined: its frame and argument tuple cost 7-9 % at 4 KiB (interleaved A/B).
                                 self._seq = seq = self._seq + 1
                                 rec = [seq, "allreduce", c.shape, c.dtype, c.algorithm, None, time.monotonic(), None]

@@ -106,8 +106,8 @@ class Fingerprints:
         self._max = MPI.MAX
         self._allreduce = comm.Allreduce
         #: When every rank shares one node and the shm arena exists: ``exchange(h, seq)`` posts this rank's
-        #: fingerprint in shared memory, waits in the node barrier and returns whether every rank posted ``h``
-        #: (a barrier and P reads instead of an MPI allreduce; see ShmArena.exchange).
+        #: fingerprint in shared memory, ends a phase of the node's arena and returns whether every rank posted
+        #: ``h`` (a phase and P reads instead of an MPI allreduce; see ShmArena.exchange).
         self.exchange: Callable[[int, int], bool] | None = None
 
     def _signature(self, name: str, alg: Any, opname: Any, dtype: Any, shape: Any, root: Any) -> tuple[int, list[str]]:

@@ -63,20 +63,40 @@ ONE_PHASE_BYTES = 256 << 10
 _FLAG = 64  # one cache line for the flag, so flags of different ranks never share a line
 # Waiting on a flag: this many plain reads (about 10 us, holding the interpreter lock: a partner within a few
 # microseconds is caught at once), then sched_yield (which lets other threads of this process run) for
-# _YIELD_S, then naps, for a rank that is far behind (a long step or a slow rank: no core burnt meanwhile).
+# _YIELD_S, then naps, for a rank that is far behind (a long step or a slow rank: a fifth of a core or so
+# meanwhile, where a spin takes all of it; a nap oversleeps by the timer slack, 50 us, which a wait this
+# long can afford).
 _SPINS = 200
 _YIELD_S = 2e-3
 _NAP_S = 20e-6
 
 
-def _cpu_quota() -> int | None:
-    """CPUs a cgroup v2 quota allows this process (rounded up), or None without a quota."""
+def _cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """Whole CPUs a cgroup v2 quota allows (``cpu.max``: quota and period; rounded down, at least 1), or None
+    without one. Read where a container sees its own cgroup; a quota set elsewhere goes unseen."""
     try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
+        with open(path) as f:
             quota, period = f.read().split()[:2]
-        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+        return None if quota == "max" else max(1, int(quota) // int(period))
     except (OSError, ValueError):
         return None
+
+
+def _own_cpus(cpus: list[set[int]]) -> bool:
+    """Whether every rank can have a CPU of its own, each rank choosing from its allowed set (a matching:
+    ranks bound to {0}, {0}, {1}, {2, 3} cannot, though the four sets span four CPUs)."""
+    owner: dict[int, int] = {}
+
+    def place(r: int, seen: set[int]) -> bool:
+        for c in cpus[r]:
+            if c not in seen:
+                seen.add(c)
+                if c not in owner or place(owner[c], seen):
+                    owner[c] = r
+                    return True
+        return False
+
+    return all(place(r, set()) for r in range(len(cpus)))
 
 
 #: How the ranks of a node wait for each other in a phase (COLLECTIVE_SHM_WAIT): see _node_spins.
@@ -86,12 +106,13 @@ SHM_WAITS = ("auto", "spin", "barrier")
 def _node_spins(node_comm: Any, MPI: Any, want: str) -> bool:
     """Whether the node's ranks wait for each other by watching flags (collective; the same answer on every rank).
 
-    ``want`` (one of SHM_WAITS) on each rank: ``auto`` spins when the node
-    has a CPU for every rank, counting the union of the ranks' affinities
-    (mpiexec may bind each rank to one core), capped by a cgroup CPU quota.
-    A spinning rank takes the core of a rank that shares it, which cost 20x
-    at P=4 on 2 cores: there MPI's barrier, which yields the core, waits
-    instead. The ranks spin only if every one of them would.
+    ``want`` (one of SHM_WAITS) on each rank: ``auto`` spins when every rank
+    can have a CPU of its own within its affinity (mpiexec may bind each rank
+    to one core) and the ranks are no more than a cgroup CPU quota allows. A
+    spinning rank takes the core of a rank that shares it (at P=4 on 2 cores:
+    1.2-1.8x the time at 4 KiB, a plain spin 20x): there MPI's barrier, which
+    yields the core, waits instead. The ranks spin only if every one of them
+    would.
     """
     try:
         mine = os.sched_getaffinity(0)
@@ -101,12 +122,13 @@ def _node_spins(node_comm: Any, MPI: Any, want: str) -> bool:
     for c in mine:
         if c < 1024:
             mask[c >> 6] |= np.uint64(1 << (c & 63))
-    node_comm.Allreduce(MPI.IN_PLACE, mask, MPI.BOR)
-    cpus = int(np.unpackbits(mask.view(np.uint8)).sum())
+    size = node_comm.Get_size()
+    masks = np.empty((size, 16), np.uint64)
+    node_comm.Allgather(mask, masks)
+    bits = np.unpackbits(masks.view(np.uint8), axis=1, bitorder="little")
     quota = _cpu_quota()
-    if quota is not None:
-        cpus = min(cpus, quota)
-    vote = {"spin": 1, "barrier": 0}.get(want, int(node_comm.Get_size() <= cpus))
+    fits = _own_cpus([set(np.flatnonzero(b).tolist()) for b in bits]) and (quota is None or size <= quota)
+    vote = {"spin": 1, "barrier": 0}.get(want, int(fits))
     v = np.array([vote], np.int32)
     node_comm.Allreduce(MPI.IN_PLACE, v, MPI.MIN)  # every rank must wait the same way, or phases never meet
     return bool(v[0])
@@ -219,14 +241,14 @@ class ShmArena:
         """Post fingerprint ``h`` of call ``seq``, end a phase, and return whether every rank posted ``h``.
 
         The cross-rank check of a call (Fingerprints.check) on one node: a
-        barrier and P reads of shared memory instead of an MPI allreduce
-        (tight loop at P = 2: 1.4-2.3 us per check, 2.8 us with the MPI
-        allreduce; the barrier alone is 0.65 us). Every rank reads the same P
-        values, so every rank reaches the same verdict. Calls alternate
+        phase and P reads of shared memory instead of an MPI allreduce
+        (tight loop at P = 2: 0.55 us per check waiting on flags, 0.9-1.1 us
+        in MPI's barrier, 2.8 us with the MPI allreduce). Every rank reads the
+        same P values, so every rank reaches the same verdict. Calls alternate
         between two slots: a rank can post call seq+1's fingerprint while a
         slower one still reads call seq's, but not seq+2's, since that needs
-        the slower rank to have reached call seq+1's barrier. (Every rank is
-        at the same seq until the first mismatch, which this reports.)
+        the slower rank to have ended call seq+1's phase. (Every rank is at
+        the same seq until the first mismatch, which this reports.)
         """
         flag = self.my_flag
         slot = 1 + (seq & 1)
@@ -258,7 +280,7 @@ class ShmArena:
         The same steps, regions and synchronisation as ``allreduce(x, out,
         ufunc, first=check)`` for ``x`` of at most ``ONE_PHASE_BYTES`` with the
         check fenced in this arena, in two frames instead of seven: at 4 KiB
-        the Python around one barrier is what a call costs. ``regions``: from
+        the Python around one phase is what a call costs. ``regions``: from
         :meth:`quick_regions` for ``x``'s dtype and size; ``finish``, applied
         to ``out`` (e.g. avg's division). ``x`` must not
         overlap ``out`` unless it is ``out``. Every rank reads the same P
@@ -284,7 +306,7 @@ class ShmArena:
         return True
 
     def arrive(self, first: Callable[[], Any], rollback: bool = True) -> None:
-        """End the first phase of a call with ``first()`` instead of a barrier.
+        """End the first phase of a call with ``first()`` instead of a phase of its own.
 
         ``first`` is the call's cross-rank fingerprint check: an allreduce
         every rank enters, whatever its algorithm, so when it returns every
@@ -294,7 +316,7 @@ class ShmArena:
         chunk count goes back by the chunk it started, so every rank still
         agrees which region comes next. ``first`` returns whether it
         synchronised every rank; when it did not (the NaN check alone, with
-        the fingerprint check off), the barrier runs as well.
+        the fingerprint check off), a phase follows.
 
         Memory: ``Win_sync`` on the arena is the fence for the ``alloc``'d
         windows too; Open MPI's (and MPICH's) is a full memory barrier of the
@@ -396,7 +418,7 @@ class ShmArena:
                 _reduce_slices(ufunc, srcs, s0, s1, mine[s0:s1])
                 if wants:
                     np.copyto(out[c0 + s0:c0 + s1], mine[s0:s1])
-            phase()  # every rank joins the barrier, even a reduce's non-roots that read nothing after it
+            phase()  # every rank ends it, even a reduce's non-roots that read nothing after it
             if not wants:
                 continue
             for q in range(P):

@@ -57,6 +57,18 @@ SCENARIOS = [
     *[Scenario(f"nojoin-unchecked-{a}", ["nojoin", "--algorithm", a] + (["--async"] if a == "tree" else []),
                [f"#5 allreduce shape (1000,) float32 algorithm {a} timed out after", "still waiting for rank 1",
                 "in the current step of " + a], env={"COLLECTIVE_CHECK": "0"}) for a in ALGS],
+    # shm with its phases waiting on flags (forced: on 2 cores auto waits in MPI's barrier at P=3): the watchdog
+    # still ends the job while a rank spins, and the flags tell which rank it waits for.
+    Scenario("sigkill-shm-spin", ["sigkill", "--algorithm", "shm"],
+             ["process rank 1", "signal 9", "rank 1: dying (sigkill) during #", "algorithm shm"],
+             env={"COLLECTIVE_SHM_WAIT": "spin"}),
+    Scenario("sysexit-shm-spin", ["sysexit", "--algorithm", "shm"],
+             ["#5 allreduce shape (1000,) float32 algorithm shm cannot finish: rank 1 exited",
+              "is waiting for rank 1 in the current step of shm"], env={"COLLECTIVE_SHM_WAIT": "spin"}),
+    Scenario("nojoin-shm-spin", ["nojoin", "--algorithm", "shm"],
+             ["#5 allreduce shape (1000,) float32 algorithm shm timed out after", f"COLLECTIVE_TIMEOUT={TIMEOUT}",
+              "is waiting for rank 1 in the current step of shm", "rank 1: has not entered #5"],
+             env={"COLLECTIVE_SHM_WAIT": "spin"}),
     Scenario("mismatch-uncaught", ["mismatch", "--algorithm", "ring"],
              ["CollectiveMismatchError", "rank 1: float64 (1001,); ranks 0 and 2: float32 (1000,)",
               "died of an uncaught exception"]),

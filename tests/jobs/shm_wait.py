@@ -8,7 +8,7 @@ from mpi4py import MPI
 
 import collective as col
 from collective.errors import CollectiveValueError
-from collective.shm import ShmArena
+from collective.shm import ShmArena, _cpu_quota, _own_cpus
 from harness import Cases
 
 comm = col.init()
@@ -26,6 +26,11 @@ def agreed() -> None:
     want = os.environ.get("COLLECTIVE_SHM_WAIT")
     if want in ("spin", "barrier"):
         assert arena.spins == (want == "spin"), f"COLLECTIVE_SHM_WAIT={want} but spins={arena.spins}"
+    else:  # auto: a CPU of its own for every rank, within the quota
+        cpus = world.allgather(sorted(os.sched_getaffinity(0)))  # test-side bookkeeping, not the data path
+        quota = _cpu_quota()
+        fits = _own_cpus([set(c) for c in cpus]) and (quota is None or P <= quota)
+        assert arena.spins == fits, f"affinities {cpus}, quota {quota}: spins={arena.spins}"
 
 
 cases.run("wait agreed", agreed)
@@ -39,11 +44,11 @@ def mixed() -> None:
         try:
             assert arena.spins is (set(wants) == {"spin"}), f"{wants}: spins={arena.spins}"
             for n in (1, 1000, 5000):  # one phase, then several 4 KiB chunks (two phases each)
-                x = np.arange(n, dtype=np.float64) + R
-                out = np.empty_like(x)
-                for rep in range(3):
+                out = np.empty(n)
+                for rep in range(3):  # new values every call: a read of the last call's data shows
+                    x = np.arange(n, dtype=np.float64) + R + 1000 * rep + n
                     arena.allreduce(x, out, np.add)
-                    want = P * np.arange(n) + P * (P - 1) / 2
+                    want = P * (np.arange(n) + 1000 * rep + n) + P * (P - 1) / 2
                     assert np.array_equal(out, want), f"{wants} n={n} rep {rep}"
             assert arena.waiting_on() == (), arena.waiting_on()
             for seq in range(4):  # the check's exchange (consecutive calls): agreeing, then disagreeing fingerprints
@@ -78,13 +83,40 @@ cases.run("bad value", bad_value)
 
 
 def behind() -> None:
-    """A rank far behind (0.3 s): the others wait (spin, yield, then nap) and get the right sum."""
+    """A rank far behind (0.3 s), before a call and between the phases of one: the others wait (spin, yield,
+    then nap, using a fraction of a core where they spin) and get the right sums, on the small quick path too."""
     import time
-    for _ in range(2):
-        if R == P - 1:
+    arena = comm._arena()
+    for rep in range(6):  # the third call on is the prepared one-phase path (check and data in one phase)
+        late = rep in (1, 4)
+        if late and R == P - 1:
             time.sleep(0.3)
-        y = comm.allreduce(np.full(8, R + 1.0), algorithm="shm")
-        assert np.array_equal(y, np.full(8, P * (P + 1) / 2)), y
+        cpu, wall = time.process_time(), time.perf_counter()
+        y = comm.allreduce(np.full(8, R + 1.0 + rep), algorithm="shm")
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        assert np.array_equal(y, np.full(8, P * (P + 1) / 2 + P * rep)), y
+        if late and R != P - 1 and arena.spins:
+            assert wall > 0.2 and cpu < 0.6 * wall, f"waited {wall:.3f} s using {cpu:.3f} s of CPU"
+    # Late between the two phases of each 4 MiB chunk: rank P-1 ends every second phase 50 ms late.
+    real_phase = arena.phase
+    count = [0]
+
+    def slow_phase() -> None:
+        count[0] += 1
+        if count[0] % 2 == 0:
+            time.sleep(0.05)
+        real_phase()
+
+    if R == P - 1:
+        arena.phase = slow_phase  # type: ignore[method-assign]
+    try:
+        n = 3 * (4 << 20) // 8 + 5
+        x = np.arange(n, dtype=np.float64) * (R + 1)
+        y = comm.allreduce(x, algorithm="shm")
+        assert np.array_equal(y, np.arange(n, dtype=np.float64) * (P * (P + 1) / 2)), "late between phases"
+    finally:
+        arena.phase = real_phase  # type: ignore[method-assign]
+    assert R != P - 1 or count[0] >= 3, count
 
 
 cases.run("a rank behind", behind)
