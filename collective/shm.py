@@ -250,19 +250,9 @@ class ShmArena:
         the slower rank to have ended call seq+1's phase. (Every rank is at
         the same seq until the first mismatch, which this reports.)
         """
-        flag = self.my_flag
         slot = 1 + (seq & 1)
-        flag[slot] = h
-        t = self.ticket = self.ticket + 1  # self.phase(), inlined: this is every small call's check
-        self._sync()
-        flag[0] = t
-        if self.spins:
-            for f in self._others:
-                if f[0] < t:
-                    _await_flag(f, t)
-        else:
-            self._barrier()
-        self._sync()
+        self.my_flag[slot] = h
+        self.phase()
         for f in self._others:
             if f[slot] != h:
                 return False
