@@ -260,10 +260,15 @@ class _Buffers:
     shared windows cannot have huge pages where shmem THP is off, as here.
     """
 
-    def __init__(self, n_in: int, n_out: int, in_place: bool, dtype: np.dtype) -> None:
-        self.x, self.o, self.z = (np.empty(n, dtype) for n in (n_in, n_out, n_in if in_place else 0))
-        for a in (self.x, self.o, self.z):
+    def __init__(self, x: np.ndarray, o: np.ndarray, z: np.ndarray) -> None:
+        self.x, self.o, self.z = x, o, z
+        for a in (x, o, z):
             a[...] = 0  # every page faulted in now, not in a timed call
+
+    @classmethod
+    def new(cls, n_in: int, n_out: int, in_place: bool, dtype: np.dtype) -> "_Buffers":
+        """Fresh arrays: input, output, and the in-place copy of the input when the column runs in place."""
+        return cls(*(np.empty(n, dtype) for n in (n_in, n_out, n_in if in_place else 0)))
 
 
 def _first(a: np.ndarray, n: int) -> np.ndarray:
@@ -457,14 +462,12 @@ class _Run:
         max_out = max(s[2] for s in shapes)
         alloc = None
         if "alloc" in cols:  # collective: every rank reaches it in the same column order
-            alloc = _Buffers(0, 0, False, dtype)  # in place on one window; out of place from one into another
-            alloc.x, alloc.o, alloc.z = (self.comm.alloc(n, dtype) for n in (max_in, max_out, max_in))
-            for a in (alloc.x, alloc.o, alloc.z):
-                a[...] = 0  # touched now, like the other columns' buffers
+            # In place on one window; out of place from one window into another.
+            alloc = _Buffers(*(self.comm.alloc(n, dtype) for n in (max_in, max_out, max_in)))
         seen_notes: set[str] = set(notes)
         for size, (count, n_in, n_out) in zip(sizes, shapes):
-            bufs = {c: (alloc if c == "alloc" else _Buffers(count, count, False, dtype) if c == "memcpy" else
-                        _Buffers(n_in, n_out, IP in modes[c], dtype)) for c in cols}
+            bufs = {c: (alloc if c == "alloc" else _Buffers.new(count, count, False, dtype) if c == "memcpy" else
+                        _Buffers.new(n_in, n_out, IP in modes[c], dtype)) for c in cols}
             row = self.one_size(coll, root, cols, modes, bufs, count, n_in, n_out, factor, seen_notes, res)
             del bufs  # before the next size's: at most one size's buffers at a time
             row.pred_us = {c: preds[(c, size)] for c in cols}

@@ -118,16 +118,13 @@ def _node_spins(node_comm: Any, MPI: Any, want: str) -> bool:
         mine = os.sched_getaffinity(0)
     except (AttributeError, OSError):  # not Linux
         mine = set(range(os.cpu_count() or 1))
-    mask = np.zeros(16, np.uint64)  # CPUs 0-1023
-    for c in mine:
-        if c < 1024:
-            mask[c >> 6] |= np.uint64(1 << (c & 63))
+    allowed = np.zeros(1024, np.uint8)  # CPUs 0-1023, one byte each
+    allowed[[c for c in mine if c < 1024]] = 1
     size = node_comm.Get_size()
-    masks = np.empty((size, 16), np.uint64)
-    node_comm.Allgather(mask, masks)
-    bits = np.unpackbits(masks.view(np.uint8), axis=1, bitorder="little")
+    every = np.empty((size, allowed.size), np.uint8)
+    node_comm.Allgather(allowed, every)
     quota = _cpu_quota()
-    fits = _own_cpus([set(np.flatnonzero(b).tolist()) for b in bits]) and (quota is None or size <= quota)
+    fits = _own_cpus([set(np.flatnonzero(row).tolist()) for row in every]) and (quota is None or size <= quota)
     vote = {"spin": 1, "barrier": 0}.get(want, int(fits))
     v = np.array([vote], np.int32)
     node_comm.Allreduce(MPI.IN_PLACE, v, MPI.MIN)  # every rank must wait the same way, or phases never meet
