@@ -4,7 +4,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .communicator import ALGORITHMS, COLLECTIVE_NAMES, Communicator, Work
+from .communicator import ALGORITHMS, COLLECTIVE_NAMES, WINDOW_MIN_BYTES, Communicator, Work
+from .sequencer import OpRecord
 from .errors import (
     BackendUnavailableError,
     CollectiveError,
@@ -16,7 +17,8 @@ from .errors import (
 from .ops import OPS
 
 __all__ = [
-    "init", "get_default", "is_initialized", "Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES", "OPS",
+    "init", "get_default", "is_initialized", "Communicator", "Work", "OpRecord", "ALGORITHMS", "COLLECTIVE_NAMES",
+    "OPS", "WINDOW_MIN_BYTES",
     "allreduce", "allreduce_async", "reduce", "reduce_async", "broadcast", "broadcast_async",
     "reduce_scatter", "reduce_scatter_async", "allgather", "allgather_async", "barrier",
     "CollectiveError", "CollectiveValueError", "CollectiveTypeError", "CollectiveTimeoutError",

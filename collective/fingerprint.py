@@ -163,8 +163,8 @@ class Fingerprints:
         if poison is not None:
             raise poison
 
-    def check_call(self, rec: list, c: Any) -> bool:
-        """:meth:`check` of prepared call ``c`` (op record ``rec``), as the watchdog's check; returns True.
+    def check_call(self, rec: Any, c: Any) -> bool:
+        """:meth:`check` of prepared call ``c`` (its ``OpRecord`` ``rec``), as the communicator's check; returns True.
 
         The per-call entry: one frame from the communicator to the exchange
         for a call whose signature fingerprint is known, which is most of what
@@ -175,13 +175,21 @@ class Fingerprints:
         sig = getattr(c, "sig", None)
         if ex is None or sig is None or self.detail:
             poisoned = type(c) is Poison
-            self.check(rec[0], rec[1], rec[4], getattr(c, "rop", None), rec[3], rec[2], rec[5],
+            self.check(rec.seq, rec.op, rec.algorithm, getattr(c, "rop", None), rec.dtype, rec.shape, rec.root,
                        c.error if poisoned else None, None if poisoned else c)
             return True
-        seq = rec[0]
+        seq = rec.seq
         if not ex(sig[0] ^ seq, seq):
             self._gather(seq, sig[1], None, always=False)
         return True
+
+    def report(self, seq: int, fields: list[str]) -> None:
+        """Raise the mismatch report of call ``seq`` (this rank's signature ``fields``) on every rank.
+
+        For a quick path that compared fingerprints itself and found them
+        different: every rank calls it, so the records' allgather matches.
+        """
+        self._gather(seq, fields, None, always=False)
 
     def _gather(self, seq: int, fields: list[str], poison: BaseException | None, always: bool) -> None:
         """Allgather every rank's record; raise the mismatch report on every rank if any differ."""

@@ -7,8 +7,8 @@ Terms (the names below follow them):
   monotonically increasing int64 counter, then two fingerprint slots: see
   ``exchange``) followed by two *regions* of
   ``chunk`` bytes (double buffering). Every rank maps every segment.
-* **chunk** -- a piece of the user's buffer processed as a unit (4 MiB: fewer
-  phases measured faster than cache-sized chunks here).
+* **chunk** -- a piece of the user's buffer processed as a unit (4 MiB by
+  default: fewer phases beat cache-sized chunks, see docs/bench).
 * **slice** -- within a chunk, the part rank r reduces: chunk elements split
   evenly by local rank.
 * **phase** -- a rank raises its flag to the phase's *ticket* (tickets only
@@ -50,22 +50,24 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 
-__all__ = ["ShmArena", "SharedArrays", "DEFAULT_CHUNK_BYTES", "ONE_PHASE_BYTES", "SHM_WAITS"]
+__all__ = ["ShmArena", "SharedArrays", "DEFAULT_CHUNK_BYTES", "ONE_PHASE_BYTES", "WINDOW_MIN_BYTES", "SHM_WAITS"]
 
-# 4 MiB: measured against 1 MiB at P = 2, 4, 8 on 2 cores (4-64 MiB), fewer phases won more than
-# cache-sized chunks kept, above all when ranks outnumber cores and every phase costs context switches.
+# Fewer phases won over cache-sized chunks in the chunk-size runs of docs/bench (above all when ranks outnumber
+# cores and every phase costs context switches).
 DEFAULT_CHUNK_BYTES = 4 << 20
 #: Piece of its slice a rank reduces and then pushes to the others in the window path (alloc'd arrays).
 WINDOW_PIECE_BYTES = 1 << 20
 #: Allreduce and reduce up to this many bytes (in one chunk) run in one phase: every rank reduces all of
 #: it, reading P times the bytes, which beats a second synchronisation while the bytes are few.
 ONE_PHASE_BYTES = 256 << 10
+#: shm allreduces of alloc'd arrays (in place, or into another alloc'd array) from this size on run in their
+#: window; smaller ones are copied in and take the one-phase path, which beats the window's two phases there.
+WINDOW_MIN_BYTES = 256 << 10
 _FLAG = 64  # one cache line for the flag, so flags of different ranks never share a line
-# Waiting on a flag: this many plain reads (about 10 us, holding the interpreter lock: a partner within a few
-# microseconds is caught at once), then sched_yield (which lets other threads of this process run) for
-# _YIELD_S, then naps, for a rank that is far behind (a long step or a slow rank: a fifth of a core or so
-# meanwhile, where a spin takes all of it; a nap oversleeps by the timer slack, 50 us, which a wait this
-# long can afford).
+# Waiting on a flag: this many plain reads (holding the interpreter lock, so a partner a few microseconds behind
+# is caught at once), then sched_yield (which lets other threads of this process run) for _YIELD_S, then naps,
+# for a rank that is far behind (a long step or a slow rank: a nap costs a fraction of a core where a spin takes
+# all of it, and oversleeps by the timer slack, which a wait this long can afford).
 _SPINS = 200
 _YIELD_S = 2e-3
 _NAP_S = 20e-6
@@ -109,9 +111,9 @@ def _node_spins(node_comm: Any, MPI: Any, want: str) -> bool:
     ``want`` (one of SHM_WAITS) on each rank: ``auto`` spins when every rank
     can have a CPU of its own within its affinity (mpiexec may bind each rank
     to one core) and the ranks are no more than a cgroup CPU quota allows. A
-    spinning rank takes the core of a rank that shares it (at P=4 on 2 cores:
-    1.2-1.8x the time at 4 KiB, a plain spin 20x): there MPI's barrier, which
-    yields the core, waits instead. The ranks spin only if every one of them
+    spinning rank takes the core of a rank that shares it (many times slower
+    where ranks outnumber cores): there MPI's barrier, which yields the core,
+    waits instead. The ranks spin only if every one of them
     would.
     """
     try:
@@ -175,7 +177,7 @@ class ShmArena:
     def __init__(self, node_comm: Any, chunk_bytes: int = DEFAULT_CHUNK_BYTES, wait: str = "auto") -> None:
         from mpi4py import MPI
 
-        self._mpi = MPI
+        self._mpi = self.mpi = MPI
         self.comm = node_comm
         self.rank = node_comm.Get_rank()
         self.size = node_comm.Get_size()
@@ -191,6 +193,8 @@ class ShmArena:
         self.my_flag = self.flags[self.rank]
         self.my_flag[0] = 0
         self._sync = self.win.Sync
+        #: A full memory fence over the node's shared memory (the arena's and the alloc'd windows').
+        self.fence = self._sync
         self._barrier = node_comm.Barrier
         #: Phases wait by watching the other ranks' flags (else in MPI's barrier): see _node_spins.
         self.spins = _node_spins(node_comm, MPI, wait)
@@ -215,8 +219,8 @@ class ShmArena:
         """End a phase on this rank and wait until every rank of the node has ended it.
 
         The flag says how far this rank got. With :attr:`spins` the wait is
-        for every other rank's flag to reach this phase's ticket (at P=2,
-        4 KiB: 0.2-0.5 us less per call than a barrier); else the node
+        for every other rank's flag to reach this phase's ticket (cheaper than a
+        barrier where every rank has a core); else the node
         communicator's barrier, which blocks in MPI and so yields the core to
         a rank that shares it. The window sync before the flag is raised and
         the one after the wait order every rank's writes before the phase
@@ -238,9 +242,8 @@ class ShmArena:
         """Post fingerprint ``h`` of call ``seq``, end a phase, and return whether every rank posted ``h``.
 
         The cross-rank check of a call (Fingerprints.check) on one node: a
-        phase and P reads of shared memory instead of an MPI allreduce
-        (tight loop at P = 2: 0.55 us per check waiting on flags, 0.9-1.1 us
-        in MPI's barrier, 2.8 us with the MPI allreduce). Every rank reads the
+        phase and P reads of shared memory instead of an MPI allreduce (a
+        fraction of its cost, see docs/bench). Every rank reads the
         same P values, so every rank reaches the same verdict. Calls alternate
         between two slots: a rank can post call seq+1's fingerprint while a
         slower one still reads call seq's, but not seq+2's, since that needs
@@ -326,7 +329,7 @@ class ShmArena:
             self.phase()
 
     def regions(self, g: int, dtype: np.dtype) -> list[np.ndarray]:
-        """Every rank's region for chunk number ``g``, viewed as ``dtype`` (cached: building them cost 1.5 us)."""
+        """Every rank's region for chunk number ``g``, viewed as ``dtype`` (cached: building the views is not free)."""
         key = (g & 1, dtype)
         regs = self._regions.get(key)
         if regs is None:
@@ -471,7 +474,7 @@ class SharedArrays:
 
     def alloc(self, nbytes: int) -> np.ndarray:
         """A uint8 array of ``nbytes`` in a new shared window (collective over the node)."""
-        MPI = self.arena._mpi
+        MPI = self.arena.mpi
         win = MPI.Win.Allocate_shared(max(nbytes, 1), 1, comm=self.arena.comm)
         segs = []
         for p in range(self.arena.size):
@@ -600,10 +603,8 @@ class SharedArrays:
         The same operations in the same order as :meth:`allreduce`, with as
         little Python around them as can be: between two calls a training
         step (or the benchmark's other columns) evicts the caches and TLB, and
-        every object the interpreter touches then costs a miss (measured at
-        1 MiB, P = 2, after 32 MiB of other traffic: the path through
-        ``allreduce`` took 49 us more than the bare NumPy calls, the data
-        itself 95 us).
+        every object the interpreter touches then costs a miss, which at 1 MiB
+        was comparable to moving the data itself (see docs/bench).
         """
         ar = self.arena
         if not ar.exchange(h, seq):

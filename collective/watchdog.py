@@ -2,9 +2,13 @@
 
 Terms (the names below follow them):
 
-* **op record** -- one entry of the *flight recorder*: ``[seq, op, shape,
-  dtype, algorithm, root, t_start, t_end]`` (a list, so ``end`` fills in the
-  end time cheaply). Each rank keeps its last ``COLLECTIVE_TRACE_BUFFER``.
+* **op record** -- one entry of the *flight recorder*
+  (``collective.sequencer.OpRecord``: seq, op, shape, dtype, algorithm, root,
+  start and end time). Each rank keeps its last ``COLLECTIVE_TRACE_BUFFER``.
+* **status** -- what the watchdog reads of the communicator it watches, and
+  nothing else (:class:`OpStatus`): the flight recorder (with the op in
+  flight), how many async ops are pending, and which peers the op in flight
+  waits for right now.
 * **deadline** -- every collective (and so every blocking wait inside one,
   sync or on the async thread) must end within ``timeout`` seconds of its
   start. A timed-out MPI operation cannot be cancelled safely, so expiry
@@ -19,10 +23,6 @@ Terms (the names below follow them):
   EXIT (this rank's program is ending; its last op was #L).
   A rank waiting in op #N > L of a rank that sent EXIT aborts the job at
   once: that rank will never join.
-* **check** -- the per-call cross-rank fingerprint comparison
-  (:mod:`collective.fingerprint`) and, with ``COLLECTIVE_NAN_CHECK=1``, the
-  scan of the input for NaN and Inf; run by the communicator after ``begin``
-  (so the deadline covers it) and before any of the call's data moves.
 """
 from __future__ import annotations
 
@@ -33,21 +33,30 @@ import threading
 import time
 import traceback
 import weakref
-from collections import deque
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from .fingerprint import Fingerprints, Poison, rank_list
+from .fingerprint import rank_list
+from .sequencer import FlightRecorder, OpRecord
+from .spec import OP_NAMES
 
-__all__ = ["Watchdog", "OpRecord", "install_excepthook", "abort_job", "deadline"]
+__all__ = ["Watchdog", "OpStatus", "install_excepthook", "abort_job", "deadline"]
 
-#: Fields of one flight-recorder entry (a list, so the end time can be filled in cheaply).
-OpRecord = list  # [seq, op, shape, dtype, algorithm, root, t_start, t_end]
-
-_NAMES = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather", "barrier")
+_NAMES = OP_NAMES
 _CODE = {n: i for i, n in enumerate(_NAMES)}
+
+
+class OpStatus(Protocol):
+    """What the watchdog reads of the communicator it watches (``collective.sequencer.Sequencer`` has it)."""
+
+    recorder: FlightRecorder
+    pending: int
+
+    def waiting_on(self) -> tuple[int, ...] | None:
+        """The peers the op in flight waits for right now, or None."""
+        ...
 _QUERY, _STATUS, _EXIT = 1, 2, 3
 _RECENT = 20  # flight-recorder entries printed one per line; older ones are summarised by kind
 
@@ -176,7 +185,7 @@ def _live() -> list["Watchdog"]:
 
 
 class Watchdog:
-    """Watches the op in flight: deadline, stall warning, flight recorder, cross-rank checks, exit notices.
+    """Watches the op in flight: deadline, stall warning, flight-recorder reports, exit notices.
 
     Args:
         rank, size: this rank and the number of ranks of the communicator.
@@ -184,24 +193,14 @@ class Watchdog:
             ``COLLECTIVE_TIMEOUT``, else 300; ``inf`` disables).
         stall_warn: seconds after which a stalled op is reported, once (else
             ``COLLECTIVE_STALL_WARN``, else 60).
-        trace_len: flight-recorder length (else ``COLLECTIVE_TRACE_BUFFER``, else 1024).
-        waiting_on: returns the peers the op in flight waits for right now
-            (the executor's current step), or None. When it is a bound method of
-            the Communicator, the communicator's private MPI communicator and
-            queue length are found through it unless ``comm`` is given.
-        comm: the private mpi4py communicator the collectives run on.
+        status: the communicator's :class:`OpStatus` (its sequencer); None for
+            a watchdog with nothing to watch yet (an empty recorder).
+        comm: the private mpi4py communicator the collectives run on (the
+            control channel uses it).
 
     Example::
 
-        wd = Watchdog(rank, size, timeout=30, comm=mpi_comm)
-        rec = [seq, "allreduce", x.shape, x.dtype, "ring", None, time.monotonic(), None]
-        wd.begin(rec)
-        try:
-            if wd.check is not None:
-                wd.check(rec, call)     # raises CollectiveMismatchError on every rank
-            ...                         # move the data
-        finally:
-            wd.end(rec)
+        wd = Watchdog(rank, size, timeout=30, status=sequencer, comm=mpi_comm)
     """
 
     def __init__(
@@ -210,8 +209,7 @@ class Watchdog:
         size: int,
         timeout: float | None = None,
         stall_warn: float | None = None,
-        trace_len: int | None = None,
-        waiting_on: Callable[[], Any] | None = None,
+        status: OpStatus | None = None,
         comm: Any = None,
     ) -> None:
         self.rank, self.size = rank, size
@@ -219,32 +217,18 @@ class Watchdog:
         if not self.timeout > 0:
             raise ValueError(f"timeout={timeout!r} must be > 0 seconds")
         self.stall_warn = stall_warn if stall_warn is not None else _env_float("COLLECTIVE_STALL_WARN", 60.0)
-        n = trace_len if trace_len is not None else _env_int("COLLECTIVE_TRACE_BUFFER", 1024)
-        self.trace: deque[OpRecord] = deque(maxlen=max(1, n))
-        self.current: OpRecord | None = None
-        self.waiting_on = waiting_on
-        owner = getattr(waiting_on, "__self__", None)
-        self._owner = weakref.ref(owner) if owner is not None else None
-        if comm is None and owner is not None:
-            comm = owner._backend.comm
+        self._status_src: OpStatus | None = status
+        self.recorder: FlightRecorder = status.recorder if status is not None else FlightRecorder(1)
         self.comm = comm
         #: How often the watchdog thread wakes: deadline resolution and exit-notice latency.
         self.interval = max(0.05, min(1.0, self.timeout / 10, self.stall_warn / 4))
         self._answer_wait = min(3.0, 2 * self.interval + 0.3)
         #: Ranks that announced their exit -> the last op they began.
         self.exited: dict[int, int] = {}
-        fp_on = size > 1 and comm is not None and os.environ.get("COLLECTIVE_CHECK", "1") != "0"
-        detail = os.environ.get("COLLECTIVE_DEBUG", "").upper() == "DETAIL"
-        self._fp = Fingerprints(comm, rank, size, detail) if fp_on else None
-        self.nan_check = os.environ.get("COLLECTIVE_NAN_CHECK", "0") not in ("", "0")
-        #: None when there is nothing to check (one rank, or COLLECTIVE_CHECK=0 without NaN checks).
-        self.check: Callable[[OpRecord, Any], bool] | None = self._check if (self._fp or self.nan_check) else None
-        if self._fp is not None and not self.nan_check:
-            self.check = self._fp.check_call  # one frame less per call: see Fingerprints.check_call
         self._ctrl: _Ctrl | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._warned: OpRecord | None = None
+        self._warned: Any = None
         self._dumped: Any = None
         self._nonce = 0
         self._answers: dict[int, list[int]] = {}
@@ -261,47 +245,18 @@ class Watchdog:
             self._thread = threading.Thread(target=self._loop, name="collective-watchdog", daemon=True)
             self._thread.start()
 
-    # ------------------------------------------------------------- hot path
-    def begin(self, rec: OpRecord) -> None:
-        """Mark ``rec`` as the op in flight (cheap: the hot path calls this per collective)."""
-        self.trace.append(rec)
-        self.current = rec
+    @property
+    def running(self) -> bool:
+        """True while the watchdog thread runs (never at one rank)."""
+        return self._thread is not None
 
-    def end(self, rec: OpRecord) -> None:
-        """Mark ``rec`` finished."""
-        rec[7] = time.monotonic()
-        self.current = None
+    def _pending(self) -> int:
+        st = self._status_src
+        return int(st.pending) if st is not None else 0
 
-    def _check(self, rec: OpRecord, c: Any) -> bool:
-        """Check call ``c`` (record ``rec``) across ranks; True if that synchronised every rank (a barrier needs no more)."""
-        poison = c.error if type(c) is Poison else None
-        if self.nan_check and poison is None:
-            xf = getattr(c, "xf", None)
-            if xf is not None and not (rec[1] == "broadcast" and rec[5] != self.rank):  # only the root's input counts
-                self._nan(rec, xf)
-        fp = self._fp
-        if fp is None:
-            if poison is not None:
-                raise poison
-            return False
-        fp.check(rec[0], rec[1], rec[4], getattr(c, "rop", None), rec[3], rec[2], rec[5], poison,
-                 None if poison is not None else c)
-        return True
-
-    def _nan(self, rec: OpRecord, xf: np.ndarray) -> None:
-        if xf.dtype.kind in "iu" or xf.size == 0:
-            return
-        try:
-            finite = np.isfinite(xf)
-        except TypeError:  # a dtype without isfinite
-            return
-        if finite.all():
-            return
-        nans = int(np.count_nonzero(np.isnan(xf)))
-        infs = int(xf.size - np.count_nonzero(finite) - nans)
-        first = int(np.flatnonzero(~finite)[0])
-        _say(f"collective: rank {self.rank} of {self.size}: COLLECTIVE_NAN_CHECK: the input of {self.describe(rec, False)} "
-             f"holds {nans} NaN and {infs} Inf (first at flat element {first}); they propagate to the result as IEEE 754 says")
+    def _waiting_on(self) -> tuple[int, ...] | None:
+        st = self._status_src
+        return st.waiting_on() if st is not None else None
 
     # ----------------------------------------------------------- the thread
     def _loop(self) -> None:
@@ -310,26 +265,27 @@ class Watchdog:
             try:
                 if self._ctrl is not None:
                     self._poll()
-                rec = self.current
+                rec = self.recorder.current
                 if rec is None:
                     continue
+                seq = rec.seq
                 if self.exited:
-                    gone = sorted(q for q, last in list(self.exited.items()) if rec[0] > last)
-                    if gone and rec is self.current:
-                        peers = self._ask_peers(rec[0], dump=True)
+                    gone = sorted(q for q, last in list(self.exited.items()) if seq > last)
+                    if gone and rec is self.recorder.current:
+                        peers = self._ask_peers(seq, dump=True)
                         abort_job(self.report(rec, f"cannot finish: {rank_list(gone)} exited (its program ended) "
                                                    f"without entering it; aborting the job", peers))
-                age = time.monotonic() - rec[6]
-                if age > self.timeout and rec is self.current:
-                    peers = self._ask_peers(rec[0], dump=True)
-                    if rec is self.current:
+                age = time.monotonic() - rec.t_start
+                if age > self.timeout and rec is self.recorder.current and rec.seq == seq:
+                    peers = self._ask_peers(seq, dump=True)
+                    if rec is self.recorder.current and rec.seq == seq:
                         abort_job(self.report(rec, f"timed out after {age:.1f} s (COLLECTIVE_TIMEOUT={self.timeout:g}); "
                                                    "a timed-out MPI operation cannot be cancelled, so the job is aborted",
                                               peers))
-                elif age > self.stall_warn and self._warned is not rec:
-                    self._warned = rec
-                    peers = self._ask_peers(rec[0], dump=False)
-                    if rec is self.current:
+                elif age > self.stall_warn and self._warned != seq:
+                    self._warned = seq
+                    peers = self._ask_peers(seq, dump=False)
+                    if rec is self.recorder.current and rec.seq == seq:
                         _say(self.report(rec, f"has been stalled for {age:.1f} s (COLLECTIVE_STALL_WARN={self.stall_warn:g}; "
                                               f"the job is aborted at COLLECTIVE_TIMEOUT={self.timeout:g})", peers,
                                          trace=False))
@@ -351,8 +307,10 @@ class Watchdog:
                 with ctrl.lock:
                     if ctrl.usable():
                         ctrl.send(q, _STATUS, self.rank, *st, m[7])
-                if m[3] and self._dumped is not self.current:
-                    self._dumped = self.current
+                cur = self.recorder.current
+                cur_seq = cur.seq if cur is not None else None
+                if m[3] and self._dumped != cur_seq:
+                    self._dumped = cur_seq
                     _say("\n".join(self.trace_lines(f"as rank {q} asked (it is aborting the job at op #{m[2]})")))
             elif kind == _STATUS:
                 if m[7] == self._nonce:
@@ -363,16 +321,14 @@ class Watchdog:
     def _status(self) -> tuple[int, int, int, int, int]:
         """(last op begun, in flight, its name code, ms since it began or ended, async ops queued)."""
         now = time.monotonic()
-        owner = self._owner() if self._owner is not None else None
-        queued = int(getattr(owner, "_pending", 0) or 0)
-        cur = self.current
+        queued = self._pending()
+        cur = self.recorder.current
         if cur is not None:
-            return cur[0], 1, _CODE.get(cur[1], -1), int((now - cur[6]) * 1000), queued
-        try:
-            last = self.trace[-1]
-        except IndexError:
+            return cur.seq, 1, _CODE.get(cur.op, -1), int((now - cur.t_start) * 1000), queued
+        last = self.recorder.last()
+        if last is None:
             return 0, 0, -1, 0, queued
-        return last[0], 0, _CODE.get(last[1], -1), int((now - (last[7] or last[6])) * 1000), queued
+        return last.seq, 0, _CODE.get(last.op, -1), int((now - (last.t_end or last.t_start)) * 1000), queued
 
     def _ask_peers(self, seq: int, dump: bool, wait: float | None = None) -> dict[int, Any]:
         """Ask every live peer what it is doing; their answers, None for no answer, "exited" for exited ones."""
@@ -398,42 +354,23 @@ class Watchdog:
     # -------------------------------------------------------------- reports
     def describe(self, rec: OpRecord, timing: bool = True) -> str:
         """One line for one op record: ``#7 allreduce shape (4,) float32 algorithm ring (12 us)``."""
-        seq, op, shape, dtype, alg, root, t0, t1 = rec
-        if alg is None:
-            s = f"#{seq} {op} (arguments rejected on this rank)"
-        elif op == "barrier":
-            s = f"#{seq} barrier"
-        else:
-            s = f"#{seq} {op} shape {tuple(shape)} {dtype} algorithm {alg}"
-            if root is not None:
-                s += f" root {root}"
-        if timing:
-            s += " (in flight)" if t1 is None else f" ({(t1 - t0) * 1e6:.0f} us)"
-        return s
+        return rec.describe(timing)
 
     def trace_lines(self, why: str = "") -> list[str]:
         """The flight recorder: the last ops one per line, older ones counted by kind (oldest first)."""
-        for _ in range(5):
-            try:
-                recs = list(self.trace)
-                break
-            except RuntimeError:  # appended to while copied
-                continue
-        else:  # pragma: no cover
-            recs = []
+        recs = self.recorder.records()
         lines = [f"collective: rank {self.rank} of {self.size}: flight recorder{', ' + why if why else ''}: "
-                 f"last {len(recs)} ops, oldest first (COLLECTIVE_TRACE_BUFFER={self.trace.maxlen}):"]
+                 f"last {len(recs)} ops, oldest first (COLLECTIVE_TRACE_BUFFER={self.recorder.length}):"]
         old, recent = recs[:-_RECENT], recs[-_RECENT:]
         if old:
             kinds: dict[str, list[int]] = {}
             for rc in old:
-                k = self.describe([0, *rc[1:6], 0, 0], False)[3:]
-                e = kinds.setdefault(k, [0, rc[0], rc[0]])
+                e = kinds.setdefault(rc.kind(), [0, rc.seq, rc.seq])
                 e[0] += 1
-                e[2] = rc[0]
+                e[2] = rc.seq
             lines.append(f"  {len(old)} older ops, by kind:")
             lines.extend(f"    {n} x {k} (#{a}..#{b})" for k, (n, a, b) in kinds.items())
-        lines.extend("  " + self.describe(rc) for rc in recent)
+        lines.extend("  " + rc.describe() for rc in recent)
         return lines
 
     def peer_lines(self, seq: int, peers: dict[int, Any], plain: bool = False) -> tuple[list[str], list[int]]:
@@ -479,21 +416,20 @@ class Watchdog:
 
     def report(self, rec: OpRecord, what: str, peers: dict[int, Any] | None = None, trace: bool = True) -> str:
         """The report for op ``rec``: what happened, the peers it waits for, what each peer does, the flight recorder."""
-        lines = [f"collective: rank {self.rank} of {self.size}: {self.describe(rec, False)} {what}"]
-        owner = self._owner() if self._owner is not None else None
-        queued = int(getattr(owner, "_pending", 0) or 0)
+        lines = [f"collective: rank {self.rank} of {self.size}: {rec.describe(False)} {what}"]
+        queued = self._pending()
         if queued > 0:
             lines.append(f"collective: rank {self.rank}: {queued} async op{'s' if queued > 1 else ''} not finished "
                          "on this rank (this one, if it is async, and any queued behind it)")
-        step = self.waiting_on() if self.waiting_on else None
+        step = self._waiting_on()
         if step:
             lines.append(f"collective: rank {self.rank} is waiting for {rank_list(list(step))} in the current step "
-                         f"of {rec[4]}")
+                         f"of {rec.algorithm}")
         if peers:
-            plines, missing = self.peer_lines(rec[0], peers)
+            plines, missing = self.peer_lines(rec.seq, peers)
             if missing:
                 lines.append(f"collective: rank {self.rank} is still waiting for {rank_list(missing)}, which "
-                             f"{'has' if len(missing) == 1 else 'have'} not entered #{rec[0]} {rec[1]}")
+                             f"{'has' if len(missing) == 1 else 'have'} not entered #{rec.seq} {rec.op}")
             lines.append(f"collective: rank {self.rank} asked the other ranks what they are doing:")
             lines.extend(plines)
         elif self._ctrl is None and self.size > 1:
@@ -504,8 +440,8 @@ class Watchdog:
 
     def failure_report(self) -> str:
         """For an abort outside any deadline (an uncaught exception): this rank's recorder and what the peers do."""
-        rec = self.current
-        nxt = rec[0] if rec is not None else (self.trace[-1][0] + 1 if self.trace else 1)
+        rec = self.recorder.current
+        nxt = rec.seq if rec is not None else self.recorder.last_seq + 1
         peers = self._ask_peers(nxt, dump=True, wait=min(1.5, self.interval + 0.5))
         lines = []
         if peers:
@@ -517,8 +453,7 @@ class Watchdog:
     # ------------------------------------------------------------- shutdown
     def _drain(self) -> None:
         """Wait until no op is in flight or queued on this communicator (the deadline still applies)."""
-        owner = self._owner() if self._owner is not None else None
-        while self.current is not None or (owner is not None and getattr(owner, "_pending", 0) > 0):
+        while self.recorder.current is not None or self._pending() > 0:
             if self._thread is None or not self._thread.is_alive():
                 return
             time.sleep(0.005)
@@ -544,7 +479,7 @@ class Watchdog:
                 if m[0] == _EXIT:
                     self.exited[m[1]] = m[2]
             if announce:
-                last = self.trace[-1][0] if self.trace else 0
+                last = self.recorder.last_seq
                 for q in range(self.size):
                     if q != self.rank and q not in self.exited:
                         ctrl.send(q, _EXIT, self.rank, last)

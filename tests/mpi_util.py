@@ -46,6 +46,28 @@ def private_backing_dir(env: dict[str, str]) -> str | None:
     return path
 
 
+def run_with_private_shm(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[subprocess.CompletedProcess,
+                                                                                     list[str] | None]:
+    """Run ``cmd`` with a /dev/shm of its own; return its result and the files it left there (None: not checkable).
+
+    The command runs in a private mount namespace over a fresh tmpfs on
+    /dev/shm, so what it leaves there is its own, whatever other jobs on the
+    machine create meanwhile. Without the rights for that (not root, no
+    ``unshare``) it runs plainly and the files are None.
+    """
+    wrapped = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs -o size=256m tmpfs /dev/shm || exit 99; "$@"; rc=$?; '
+               'echo "@@SHM@@ $(ls -A /dev/shm | tr "\\n" " ")"; exit $rc', "sh", *cmd]
+    if shutil.which("unshare") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        res = subprocess.run(wrapped, env=env, capture_output=True, text=True, timeout=timeout)
+        if res.returncode != 99:
+            marks = [ln for ln in res.stdout.splitlines() if ln.startswith("@@SHM@@")]
+            left = marks[-1].split()[1:] if marks else None
+            res.stdout = "\n".join(ln for ln in res.stdout.splitlines() if not ln.startswith("@@SHM@@"))
+            return res, left
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout), None
+
+
 def mpirun(script: str | Path, nprocs: int, args: list[str] | None = None, timeout: float = 120,
            env: dict[str, str] | None = None, python_args: list[str] | None = None) -> JobResult:
     """Run ``python script args`` on ``nprocs`` ranks; kill the whole job at ``timeout`` seconds.

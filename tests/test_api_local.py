@@ -98,12 +98,12 @@ def test_launcher_does_not_initialise_mpi() -> None:
 def test_launcher_leaves_no_shared_memory_files() -> None:
     """collective-run and a job that dies (a rank kills itself) leave nothing in /dev/shm.
 
-    The launcher used to import mpi4py.MPI (through the package), which made it
-    an MPI singleton whose 16 MB shared-memory file Open MPI never removed.
+    The launcher must not import mpi4py.MPI (through the package): that would
+    make it an MPI singleton whose shared-memory file Open MPI never removes.
     """
-    import signal
-    import subprocess
     import sys
+
+    from mpi_util import run_with_private_shm
 
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm here")
@@ -112,26 +112,27 @@ def test_launcher_leaves_no_shared_memory_files() -> None:
             "os.kill(os.getpid(), signal.SIGKILL) if c.rank == 1 else c.barrier()")
     env = {k: v for k, v in os.environ.items() if k != "OMPI_MCA_btl_sm_backing_directory"}
     env["COLLECTIVE_TIMEOUT"] = "20"
-    res = subprocess.run([sys.executable, "-m", "collective.run", "-n", "2", sys.executable, "-c", code], env=env,
-                         capture_output=True, text=True, timeout=120)
+    res, left = run_with_private_shm([sys.executable, "-m", "collective.run", "-n", "2", sys.executable, "-c", code],
+                                     env, 120)
     assert res.returncode != 0, res.stdout + res.stderr
-    # Open MPI's own files only: collective-job-* directories are the test harness's (tests/mpi_util.py), made and
-    # removed by other test processes that may run meanwhile; this job makes none.
-    left = sorted(f for f in set(os.listdir("/dev/shm")) - before if f.startswith("sm_segment"))
+    if left is None:  # no private /dev/shm here: Open MPI's own files only, as other jobs may run meanwhile
+        left = sorted(f for f in set(os.listdir("/dev/shm")) - before if f.startswith("sm_segment"))
     assert not left, f"left in /dev/shm: {left}"
 
 
 def test_singleton_leaves_no_shared_memory_files() -> None:
     """``python script.py`` without a launcher (an MPI singleton) leaves nothing in /dev/shm either."""
-    import subprocess
     import sys
+
+    from mpi_util import run_with_private_shm
 
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm here")
     before = set(os.listdir("/dev/shm"))
     code = "import numpy as np, collective; c = collective.init(); assert c.allreduce(np.ones(4))[0] == 1"
     env = {k: v for k, v in os.environ.items() if k != "OMPI_MCA_btl_sm_backing_directory"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    res, left = run_with_private_shm([sys.executable, "-c", code], env, 120)
     assert res.returncode == 0, res.stdout + res.stderr
-    left = sorted(f for f in set(os.listdir("/dev/shm")) - before if f.startswith(("sm_segment", "collective-")))
+    if left is None:
+        left = sorted(f for f in set(os.listdir("/dev/shm")) - before if f.startswith(("sm_segment", "collective-")))
     assert not left, f"left in /dev/shm: {left}"

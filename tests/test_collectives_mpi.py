@@ -17,6 +17,22 @@ def test_every_algorithm_collective_op_dtype_size(nprocs: int) -> None:
     assert count_passed(res) > 1000
 
 
+@pytest.mark.parametrize("nprocs", [1, 2, 3])
+def test_every_allreduce_route_agrees_across_ranks(nprocs: int) -> None:
+    """One-phase shm, window, native, Schedules, async and the device path: same records and check verdicts."""
+    res = mpirun("routes.py", nprocs, timeout=200)
+    check(res, f"allreduce routes at P={nprocs}")
+    assert count_passed(res) == (2 if nprocs == 1 else 5)
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_shm_quick_paths_give_the_plain_paths_bits(nprocs: int) -> None:
+    """ShmArena.quick_allreduce and SharedArrays.quick_allreduce, bit for bit against the paths they stand for."""
+    res = mpirun("shm_paths.py", nprocs, timeout=200)
+    check(res, f"shm quick paths at P={nprocs}")
+    assert count_passed(res) == 32
+
+
 @pytest.mark.parametrize("nprocs", [3, 4])
 def test_multi_segment_path(nprocs: int) -> None:
     """Tiny segments force every transfer through the segmented, overlapped receive-and-reduce path."""

@@ -151,7 +151,7 @@ def test_one_rank_checks_nothing() -> None:
     import collective as col
 
     c = col.Communicator()
-    assert c.watchdog.check is None and c.watchdog._thread is None
+    assert not c.checking and not c.watchdog.running
     assert (c.allreduce(np.ones(3)) == 1).all()
 
 
@@ -183,18 +183,27 @@ def test_fingerprint_hash_is_the_same_in_every_process() -> None:
 
 
 def test_flight_recorder_keeps_the_last_n_and_summarises_older_ones() -> None:
+    from collective.sequencer import FlightRecorder
     from collective.watchdog import Watchdog
 
-    wd = Watchdog(0, 1, timeout=5, trace_len=30)
+    class Status:
+        recorder = FlightRecorder(30)
+        pending = 0
+
+        def waiting_on(self) -> None:
+            return None
+
+    st = Status()
+    wd = Watchdog(0, 1, timeout=5, status=st)
     for i in range(1, 41):
-        rec = [i, "allreduce" if i % 2 else "broadcast", (4,), np.dtype("float32"), "ring", 0 if i % 2 == 0 else None,
-               0.0, None]
-        wd.begin(rec)
-        wd.end(rec)
+        rec = st.recorder.begin(i, "allreduce" if i % 2 else "broadcast", (4,), np.dtype("float32"), "ring",
+                                0 if i % 2 == 0 else None)
+        st.recorder.end(rec)
     lines = wd.trace_lines()
     assert "last 30 ops" in lines[0] and "COLLECTIVE_TRACE_BUFFER=30" in lines[0]
     assert any("5 x allreduce shape (4,) float32 algorithm ring (#11..#19)" in ln for ln in lines), lines
     assert lines[-1].startswith("  #40 broadcast shape (4,) float32 algorithm ring root 0")
+    assert [r.seq for r in st.recorder.records()] == list(range(11, 41))
 
 
 def test_deadline_aborts_a_blocked_call() -> None:

@@ -488,14 +488,14 @@ class GradBuckets:
         """
         out: list[list[tuple[float, float]]] = [[] for _ in self.buckets]
         log = self._issue_log
-        trace = getattr(getattr(self.comm, "watchdog", None), "trace", None)
+        trace = getattr(self.comm, "trace", None)
         if not log or trace is None or not self._t_first_launch:
             return out
         t0 = self._t_first_launch - 1e-6
-        recs = [r for r in list(trace) if r[1] == "allreduce" and r[6] >= t0]
+        recs = [(r.t_start, r.t_end) for r in trace() if r.op == "allreduce" and r.t_start >= t0]
         if len(recs) < len(log):
             return out
-        for k, r in zip(log, recs):
-            if r[7] is not None:
-                out[k].append((r[6], r[7]))
+        for k, (a, b) in zip(log, recs):
+            if b is not None:
+                out[k].append((a, b))
         return out

@@ -24,7 +24,7 @@ the allreduce is ``shm-window``: each rank reduces its slice reading every
 rank's buffer where it lies, and nothing is copied in. Reduced inline, a
 bucket's slice that only this rank reads is not even copied into the bucket:
 the hook keeps that part of autograd's gradient, and the allreduce reads it
-there (``Communicator._allreduce_own``; the same bits). ``no_sync()`` skips
+there (``Communicator.allreduce_in_window``; the same bits). ``no_sync()`` skips
 all of it (gradients accumulate locally) until the first backward after it.
 
 ``model.shard_optimizer(cls, **kw)`` (one node) replaces the allreduce: the
@@ -52,7 +52,7 @@ import torch
 
 import collective
 from collective.arrays import to_numpy
-from collective.communicator import _WINDOW_MIN_BYTES  # the size from which alloc'd arrays are reduced in place
+from collective import WINDOW_MIN_BYTES  # the size from which alloc'd arrays are reduced in place
 
 from .buckets import DEFAULT_BUCKET_MB, DEFAULT_FIRST_BUCKET_MB, bucket_caps
 
@@ -281,11 +281,11 @@ class DistributedDataParallel(torch.nn.Module):
         k = len(self._buckets)
         b = _Bucket(k, group, array, dt)
         if (self.shared_memory and not self.overlap and dt in (torch.float32, torch.float64)
-                and self.algorithm in (None, "auto", "shm") and array.nbytes >= _WINDOW_MIN_BYTES
-                and getattr(self.comm, "_shared", None) is not None and self.comm.size > 1):
+                and self.algorithm in (None, "auto", "shm") and array.nbytes >= WINDOW_MIN_BYTES
+                and self.comm.window_slice(n) is not None and self.comm.size > 1):
             # Reduced inline in the window: the part of the bucket only this rank reads is reduced straight
-            # from autograd's gradients, never copied in (Communicator._allreduce_own).
-            b.own_slice = self.comm._shared.own_slice(n)
+            # from autograd's gradients, never copied in (Communicator.allreduce_in_window).
+            b.own_slice = self.comm.window_slice(n)
         for i, p in enumerate(group):
             self._where[id(p)] = (k, i)
         self._buckets.append(b)
@@ -435,14 +435,14 @@ class DistributedDataParallel(torch.nn.Module):
             if b.own:
                 b.own.sort(key=lambda piece: piece[0])
                 pieces = [piece[:4] for piece in b.own]
-                done = inline and comm._allreduce_own(b.array, pieces, alg)
+                done = inline and comm.allreduce_in_window(b.array, pieces, alg)
                 if not done:
                     for a, z, g, scale in pieces:  # not reduced in the window here: copy the kept parts in
                         np.multiply(g, scale, out=b.array[a:z])
                 for piece in b.own:
                     piece[4].grad = b.slots[self._where[id(piece[4])][1]]
                 b.own.clear()
-            if done:  # reduced by _allreduce_own
+            if done:  # reduced by allreduce_in_window
                 pass
             elif inline:
                 comm.allreduce(b.array, op="sum", algorithm=alg, out=b.array)

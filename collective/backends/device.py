@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -33,28 +32,11 @@ from ..arrays import is_immutable
 from ..errors import BackendUnavailableError, CollectiveTypeError, CollectiveValueError, describe
 from . import BACKENDS
 from .gpu_staging import GpuStager, cuda_array_info, is_device_array, mpi_cuda_aware
+from ..spec import COLLECTIVE_NAMES as _NAMES, REDUCING, result_shape
 
 __all__ = ["DeviceCollectives", "DeviceRequest", "StagedWork", "result_shape"]
 
-_NAMES = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
-_REDUCING = frozenset(("allreduce", "reduce", "reduce_scatter"))
-
-
-def result_shape(name: str, shape: tuple[int, ...], size: int, rank: int) -> tuple[int, ...]:
-    """The shape of this rank's result (the Communicator's rule: reduce_scatter splits rows as np.array_split).
-
-    Example::
-
-        result_shape("allgather", (2, 3), size=4, rank=0)        # (8, 3)
-        result_shape("reduce_scatter", (5,), size=2, rank=1)      # (2,)
-    """
-    if name == "reduce_scatter":
-        rows = shape[0] if shape else 1
-        base, extra = divmod(rows, size)
-        return (base + (1 if rank < extra else 0), *shape[1:])
-    if name == "allgather":
-        return (size * shape[0], *shape[1:]) if shape else (size,)
-    return tuple(shape)
+_REDUCING = REDUCING
 
 
 class DeviceRequest:
@@ -167,50 +149,52 @@ class DeviceCollectives:
         with self._setup_lock:
             if self._ready:
                 return
-            c = self.comm
-            c.barrier()  # queued async work first: what follows talks MPI on the private communicator
-            with c._lock:
-                mcomm = c._backend.comm
-                error: BaseException | None = None
-                problem: str | None = "not checked"
-                aware, how = False, "not checked"
-                try:
-                    problem = self._local_problem(c)
-                    if self._aware_forced is not None:
-                        aware, how = bool(self._aware_forced), "forced"
-                    else:
-                        aware, how = mpi_cuda_aware()
-                except Exception as exc:  # noqa: BLE001 - raised below, after the others have been told
-                    error = exc
-                mine = np.array([0 if problem is None else 1, 1 if aware else 0, 0 if error is None else 1], np.int64)
-                every = np.empty((c.size, 3), np.int64)
-                mcomm.Allgather(mine, every)
-                if error is not None:
-                    raise error
-                failed = [int(r) for r in np.flatnonzero(every[:, 2])]
-                if failed:
-                    raise BackendUnavailableError(f"{describe('setup', c.rank, c.size)}: device-array setup failed on "
-                                                  f"rank(s) {', '.join(map(str, failed))} (see their errors)")
-                bad = [int(r) for r in np.flatnonzero(every[:, 0])]
-                self.cuda_aware = bool(every[:, 1].all())
-                here = f" (here: {problem})" if problem else ""
-                if self.requested == "nccl" and bad:
-                    raise BackendUnavailableError(
-                        f"{describe('setup', c.rank, c.size)}: backend 'nccl' was requested but NCCL is not usable on "
-                        f"rank(s) {', '.join(map(str, bad))}{here}")
-                path = f"CUDA-aware MPI ({how})" if self.cuda_aware else "MPI staged through pinned host memory"
-                if not bad:
-                    try:
-                        self.nccl = (self._factory or self._default_factory)(mcomm)
-                        self.why = "NCCL usable on every rank"
-                    except BackendUnavailableError as exc:
-                        # The bootstrap raises on every rank alike, so every rank falls back alike.
-                        if self.requested == "nccl":
-                            raise
-                        self.why = f"NCCL could not be set up ({exc}); {path}"
-                else:
-                    self.why = f"NCCL not usable on rank(s) {', '.join(map(str, bad))}{here}; {path}"
+            # Queued async work first: what follows talks MPI on the private communicator.
+            self.comm.sequencer.run_locked(self._agree)
             self._ready = True
+
+    def _agree(self) -> None:
+        c = self.comm
+        mcomm = c.mpi_comm
+        error: BaseException | None = None
+        problem: str | None = "not checked"
+        aware, how = False, "not checked"
+        try:
+            problem = self._local_problem(c)
+            if self._aware_forced is not None:
+                aware, how = bool(self._aware_forced), "forced"
+            else:
+                aware, how = mpi_cuda_aware()
+        except Exception as exc:  # noqa: BLE001 - raised below, after the others have been told
+            error = exc
+        mine = np.array([0 if problem is None else 1, 1 if aware else 0, 0 if error is None else 1], np.int64)
+        every = np.empty((c.size, 3), np.int64)
+        mcomm.Allgather(mine, every)
+        if error is not None:
+            raise error
+        failed = [int(r) for r in np.flatnonzero(every[:, 2])]
+        if failed:
+            raise BackendUnavailableError(f"{describe('setup', c.rank, c.size)}: device-array setup failed on "
+                                          f"rank(s) {', '.join(map(str, failed))} (see their errors)")
+        bad = [int(r) for r in np.flatnonzero(every[:, 0])]
+        self.cuda_aware = bool(every[:, 1].all())
+        here = f" (here: {problem})" if problem else ""
+        if self.requested == "nccl" and bad:
+            raise BackendUnavailableError(
+                f"{describe('setup', c.rank, c.size)}: backend 'nccl' was requested but NCCL is not usable on "
+                f"rank(s) {', '.join(map(str, bad))}{here}")
+        path = f"CUDA-aware MPI ({how})" if self.cuda_aware else "MPI staged through pinned host memory"
+        if not bad:
+            try:
+                self.nccl = (self._factory or self._default_factory)(mcomm)
+                self.why = "NCCL usable on every rank"
+            except BackendUnavailableError as exc:
+                # The bootstrap raises on every rank alike, so every rank falls back alike.
+                if self.requested == "nccl":
+                    raise
+                self.why = f"NCCL could not be set up ({exc}); {path}"
+        else:
+            self.why = f"NCCL not usable on rank(s) {', '.join(map(str, bad))}{here}; {path}"
 
     def _local_problem(self, c: Any) -> str | None:
         """Why this rank cannot use NCCL (None: it can)."""
@@ -269,37 +253,13 @@ class DeviceCollectives:
     # ------------------------------------------------- communicator's order
     def _in_order(self, name: str, shape: tuple, dtype: Any, alg: str, root: int, rop: Any,
                   run: Callable[[], Any]) -> Any:
-        """Run ``run()`` as the Communicator's next op: flight recorder, cross-rank fingerprint, then ``run``."""
-        c = self.comm
-        if c._pending:
-            c.barrier()  # queued async work first: every rank issues its ops in the same order
-        with c._lock:
-            c._seq += 1
-            rec = [c._seq, name, shape, dtype, alg, root if name in ("reduce", "broadcast") else None,
-                   time.monotonic(), None]
-            wd = c.watchdog
-            wd.begin(rec)
-            try:
-                if wd.check is not None:
-                    wd.check(rec, _Signature(rop))  # a mismatch raises on every rank before data moves
-                return run()
-            finally:
-                wd.end(rec)
+        """Run ``run()`` as the Communicator's next op, on this thread: flight recorder, cross-rank check, then ``run``."""
+        op = _DeviceOp(name, shape, dtype, alg, root if name in ("reduce", "broadcast") else 0, rop)
+        return self.comm.sequencer.run_here(op, lambda c, first, seq: run())
 
     def _poison(self, name: str, exc: BaseException) -> None:
         """Take part in the fingerprint check with a poison print, so the other ranks raise instead of waiting."""
-        c = self.comm
-        if getattr(c.watchdog, "check", None) is None:
-            return
-        from ..fingerprint import Poison
-
-        try:
-            if c._pending:
-                c.barrier()
-            with c._lock:
-                c._execute(Poison(name, exc))
-        except Exception:  # noqa: BLE001 - this rank raises its own error
-            pass
+        self.comm.sequencer.poison(name, exc)
 
     # ---------------------------------------------------------------- nccl
     def _nccl_call(self, name: str, x: Any, op: Any, algorithm: str | None, root: Any, out: Any, async_: bool) -> Any:
@@ -321,10 +281,10 @@ class DeviceCollectives:
                            lambda: be.enqueue(call, False if async_ else None))
         if call.result is not None:
             if out_in is not None:
-                w._result = out_in  # the caller's own object, whatever its type
+                w.result = out_in  # the caller's own object, whatever its type
             else:
-                w._result = _like(x_in, call.result)
-        return w if async_ else w._result
+                w.result = _like(x_in, call.result)
+        return w if async_ else w.result
 
     @staticmethod
     def _as_backend_array(xp: Any, a: Any, streams: list[int]) -> Any:
@@ -436,7 +396,9 @@ class DeviceCollectives:
 
         c = self.comm
         st = self.stager
-        MPI = c._mpi
+        from .mpi import require_mpi
+
+        MPI = require_mpi()
         T = mpi_dtype(info.dtype)
         o = None
         if needs_out:
@@ -445,7 +407,7 @@ class DeviceCollectives:
         if o is not None and o is not x:
             st.sync_producer(cuda_array_info(o))
         mop = mpi_op(rop.mpi_name, info.dtype) if rop is not None else None
-        m = c._backend.comm
+        m = c.mpi_comm
         if name == "allreduce":
             m.Allreduce(MPI.IN_PLACE if inplace else [x, T], [o, T], mop)
         elif name == "reduce":
@@ -489,13 +451,14 @@ def _like(x: Any, r: Any) -> Any:
     return r
 
 
-class _Signature:
-    """What the fingerprint check reads from a call besides its record: the op (and no host input to scan)."""
+class _DeviceOp:
+    """A device-array op as the sequencer records and checks it (its signature; no host input to scan)."""
 
-    __slots__ = ("rop", "xf")
+    __slots__ = ("name", "shape", "dtype", "algorithm", "root", "rop", "xf", "views", "sig")
 
-    def __init__(self, rop: Any) -> None:
-        self.rop, self.xf = rop, None
+    def __init__(self, name: str, shape: tuple, dtype: Any, algorithm: str, root: int, rop: Any) -> None:
+        self.name, self.shape, self.dtype, self.algorithm, self.root, self.rop = name, shape, dtype, algorithm, root, rop
+        self.xf = self.views = self.sig = None
 
 
 def _same_memory(out: Any, info: Any) -> bool:

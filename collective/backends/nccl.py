@@ -623,6 +623,15 @@ class NcclWork:
         """True once the collective has completed on the GPU (does not block)."""
         return self._watch.is_done(self._p)
 
+    @property
+    def result(self) -> Any:
+        """What ``wait()`` returns (the output array; the caller may swap in its own object for it)."""
+        return self._result
+
+    @result.setter
+    def result(self, value: Any) -> None:
+        self._result = value
+
 
 # ------------------------------------------------------------------ backend
 @dataclass

@@ -92,7 +92,7 @@ def same(got, want, what: str) -> None:
 def identical_on_every_rank(a, what: str) -> None:
     h = np.array([zlib.crc32(cupy.asnumpy(a).tobytes())], np.int64)
     every = np.empty(P, np.int64)
-    comm._backend.comm.Allgather(h, every)
+    comm.mpi_comm.Allgather(h, every)
     assert (every == every[0]).all(), f"{what}: results differ between ranks (crc32 {every.tolist()})"
 
 

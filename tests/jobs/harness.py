@@ -34,7 +34,7 @@ class Cases:
 
         bad = np.array([len(self.failed)], np.int64)
         tot = np.empty(1, np.int64)
-        self.comm._backend.comm.Allreduce(bad, tot)
+        self.comm.mpi_comm.Allreduce(bad, tot)
         if self.comm.rank == 0:
             print(f"PASSED {self.passed} cases on rank 0; {int(tot[0])} failures over all ranks", flush=True)
         sys.stdout.flush()

@@ -25,12 +25,12 @@ from collective.ops import OPS  # noqa: E402
 on = col.Communicator()
 os.environ["COLLECTIVE_CHECK"] = "0"
 off = col.Communicator()
-assert on.watchdog.check is not None or on.size == 1
-assert off.watchdog.check is None
+assert on.checking or on.size == 1
+assert not off.checking
 R, P = on.rank, on.size
 x = np.ones(args.bytes // 4, np.float32)
 out = np.empty_like(x)
-mpi = on._backend.comm
+mpi = on.mpi_comm
 
 
 def timed(fn) -> float:
@@ -59,7 +59,7 @@ for alg in args.algorithms.split(","):
     report(f"allreduce {args.bytes} B {alg}", s)
 
 if P > 1:
-    fp = on.watchdog._fp
+    fp = on.sequencer.check.fingerprints
     seq = [0]
     dt = np.dtype(np.float32)
 

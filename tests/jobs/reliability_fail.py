@@ -55,8 +55,8 @@ if args.scenario in ("sigkill", "exit1"):
     big = np.ones(1 << 20, np.float32)  # 4 MiB: the victim dies while the data is moving
     if R == VICTIM:
         def die() -> None:
-            rec = comm.watchdog.current
-            what = comm.watchdog.describe(rec) if rec is not None else "between ops"
+            rec = comm.sequencer.recorder.current
+            what = rec.describe() if rec is not None else "between ops"
             print(f"rank {R}: dying ({args.scenario}) during {what}", flush=True)
             if args.scenario == "sigkill":
                 os.kill(os.getpid(), signal.SIGKILL)

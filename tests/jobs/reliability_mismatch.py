@@ -61,7 +61,7 @@ cases.run("first shm call, one rank native", lambda: expect(
 
 # From here on the node's shared window exists, so every call's check goes through it (ShmArena.exchange) instead
 # of an MPI allreduce: every case below is a mismatch that exchange must catch on every rank.
-fp = comm.watchdog._fp
+fp = comm.sequencer.check.fingerprints
 assert fp is not None and fp.exchange is not None, "the check should go through the shared window by now"
 
 for alg in ("ring", "tree", "star", "native", "shm"):

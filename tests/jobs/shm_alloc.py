@@ -49,7 +49,7 @@ def ops_inplace() -> None:
         src = (rng.standard_normal(n) * 50).astype(dtype)
         g[:] = src
         every = np.empty((P, n), dtype)
-        comm._backend.comm.Allgather(src, every)  # the inputs of all ranks, to compute the answer here
+        comm.mpi_comm.Allgather(src, every)  # the inputs of all ranks, to compute the answer here
         comm.allreduce(g, op=op, out=g, algorithm="shm")
         if op == "avg":
             want = every.sum(axis=0, dtype=dtype)
@@ -60,7 +60,7 @@ def ops_inplace() -> None:
                     "sum": every.sum(axis=0)}[op].astype(dtype)
             close = np.allclose(g, want, rtol=1e-5, atol=1e-3) if np.dtype(dtype).kind == "f" else np.array_equal(g, want)
         assert close, f"{op} {np.dtype(dtype)}: {g[:4]} vs {want[:4]}"
-        crcs = comm._backend.comm.allgather(zlib.crc32(g.tobytes()))
+        crcs = comm.mpi_comm.allgather(zlib.crc32(g.tobytes()))
         assert len(set(crcs)) == 1, f"{op} {np.dtype(dtype)}: ranks differ {crcs}"
         plain = comm.allreduce(src, op=op, algorithm="shm")  # the copy-in path reduces in rank order too
         assert plain.tobytes() == g.tobytes(), f"{op} {np.dtype(dtype)}: window and copy-in paths differ"
@@ -159,18 +159,18 @@ def quick_path_edges() -> None:
     a = comm.alloc(70_000, np.float32)
     a[:] = R
     comm.allreduce(a, out=a, algorithm="shm")
-    assert comm.watchdog.trace[-1][4].startswith("shm-window#") and (a == P * (P - 1) / 2).all()
+    assert comm.trace()[-1].algorithm.startswith("shm-window#") and (a == P * (P - 1) / 2).all()
     v = a[:]  # a view of the alloc'd array, not the array itself
     v[:] = R
     comm.allreduce(v, out=v, algorithm="shm")
-    assert comm.watchdog.trace[-1][4].startswith("shm-window#") and (v == P * (P - 1) / 2).all()
+    assert comm.trace()[-1].algorithm.startswith("shm-window#") and (v == P * (P - 1) / 2).all()
     # nor one alloc'd array reduced into another (the out-of-place window path)
     big = np.zeros(70_000, np.float32)
     comm.allreduce(big, out=np.empty_like(big), algorithm="shm")  # a plain template for this signature
     b = comm.alloc(70_000, np.float32)
     a[:] = R
     comm.allreduce(a, out=b, algorithm="shm")
-    assert "->#" in comm.watchdog.trace[-1][4] and (b == P * (P - 1) / 2).all() and (a == R).all()
+    assert "->#" in comm.trace()[-1].algorithm and (b == P * (P - 1) / 2).all() and (a == R).all()
 cases.run("quick path edges", quick_path_edges)
 
 
@@ -185,10 +185,10 @@ def window_out_of_place() -> None:
             x[:] = src
             out[:] = -7
             every = np.empty((P, n), dtype)
-            comm._backend.comm.Allgather(src, every)
+            comm.mpi_comm.Allgather(src, every)
             y = comm.allreduce(x, op=op, out=out, algorithm="shm")
             window = x.nbytes >= _WINDOW_MIN_BYTES
-            alg = comm.watchdog.trace[-1][4]
+            alg = comm.trace()[-1].algorithm
             assert y is out and (("->#" in alg) == window), (n, alg)
             assert np.array_equal(x, src), f"n={n} {op}: the input was modified"
             plain = comm.allreduce(src, op=op, algorithm="shm")  # copy-in path: the same operations, same bits
@@ -197,7 +197,7 @@ def window_out_of_place() -> None:
                 assert np.array_equal(out, every.max(axis=0))
             elif op == "sum":
                 assert np.allclose(out, every.sum(axis=0), rtol=1e-5, atol=1e-3)
-            crcs = comm._backend.comm.allgather(zlib.crc32(out.tobytes()))
+            crcs = comm.mpi_comm.allgather(zlib.crc32(out.tobytes()))
             assert len(set(crcs)) == 1, f"n={n} {op}: ranks differ {crcs}"
             # repeated (auto is shm on one node from 16 KiB, and below too with the check on; MPI's own order,
             # which auto may pick below 16 KiB with the check off, may round differently)
@@ -209,7 +209,7 @@ def window_out_of_place() -> None:
     comm.allreduce(np.zeros(70_000, np.float32), out=np.empty(70_000, np.float32), algorithm="shm" if R == 0 else "auto")
     x[:] = R
     comm.allreduce(x, out=out, algorithm="shm" if R == 0 else "auto")
-    assert "->#" in comm.watchdog.trace[-1][4] and (out == P * (P - 1) / 2).all()
+    assert "->#" in comm.trace()[-1].algorithm and (out == P * (P - 1) / 2).all()
     # a repeated call reuses the prepared one; what changed in between still counts
     for op, want in (("sum", P * (P - 1) / 2), ("max", P - 1), ("sum", P * (P - 1) / 2)):
         out[:] = -1
@@ -226,11 +226,11 @@ def window_out_of_place() -> None:
     x, out = comm.alloc(90_000, np.float32), comm.alloc(100_000, np.float32)
     x[:] = R
     comm.allreduce(x[:80_000], out=out[:80_000], algorithm="shm")
-    assert "->#" in comm.watchdog.trace[-1][4] and (out[:80_000] == P * (P - 1) / 2).all() and (out[80_000:] == 0).all()
+    assert "->#" in comm.trace()[-1].algorithm and (out[:80_000] == P * (P - 1) / 2).all() and (out[80_000:] == 0).all()
     # into a plain array: the copy-in path
     plain = np.empty(90_000, np.float32)
     comm.allreduce(x, out=plain, algorithm="shm")
-    assert comm.watchdog.trace[-1][4] == "shm" and (plain == P * (P - 1) / 2).all()
+    assert comm.trace()[-1].algorithm == "shm" and (plain == P * (P - 1) / 2).all()
 cases.run("alloc'd into alloc'd (out of place)", window_out_of_place)
 
 
@@ -243,8 +243,8 @@ def after_close() -> None:
         g[:] = 1
         c2.allreduce(g, out=g, algorithm="shm")
         c2.allreduce(small, out=small, algorithm="shm")
-    if c2._quick_arena is not None:  # the quick paths run with the fingerprint check (not with it off)
-        assert c2._hot and any(t.quick for t in c2._quick_calls.values())
+    if c2.sequencer.check.quick_arena is not None:  # the quick paths run with the fingerprint check (not with it off)
+        assert c2.sequencer.prep.hot_calls() and any(t.quick for t in c2.sequencer.prep.templates.values())
     c2.close()
     for call in (lambda: c2.allreduce(g, out=g, algorithm="shm"), lambda: c2.allreduce(small, out=small, algorithm="shm")):
         try:

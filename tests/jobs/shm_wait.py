@@ -13,13 +13,13 @@ from harness import Cases
 
 comm = col.init()
 P, R = comm.size, comm.rank
-world = comm._backend.comm
+world = comm.mpi_comm
 cases = Cases(comm)
 
 
 def agreed() -> None:
     """Every rank of the node waits the same way; a forced COLLECTIVE_SHM_WAIT is what they do."""
-    arena = comm._arena()
+    arena = comm.node_arena()
     every = np.empty(P, np.int32)
     world.Allgather(np.array([arena.spins], np.int32), every)
     assert (every == every[0]).all(), f"ranks disagree on spinning: {every}"
@@ -86,7 +86,7 @@ def behind() -> None:
     """A rank far behind (0.3 s), before a call and between the phases of one: the others wait (spin, yield,
     then nap, using a fraction of a core where they spin) and get the right sums, on the small quick path too."""
     import time
-    arena = comm._arena()
+    arena = comm.node_arena()
     for rep in range(6):  # the third call on is the prepared one-phase path (check and data in one phase)
         late = rep in (1, 4)
         if late and R == P - 1:

@@ -208,7 +208,7 @@ def overlap_agreed() -> None:
     finally:
         tt._spare_core = real
     assert not m.overlap, "rank 0 alone had a spare core, so nobody overlaps"
-    layouts = comm._backend.comm.allgather(tuple(m.bucket_sizes))
+    layouts = comm.mpi_comm.allgather(tuple(m.bucket_sizes))
     assert len(set(layouts)) == 1, layouts
 
 
@@ -242,7 +242,7 @@ def own_slice_bitwise() -> None:
     parameters must be bitwise those of plain buckets (every part copied in), with no_sync, with unused parameters
     (find_unused_parameters), and with rank 1 falling back to copying everything in while the others do not."""
     used: list[bool] = []
-    real = comm._allreduce_own
+    real = comm.allreduce_in_window
 
     def counting(*a: object, **k: object) -> bool:
         ok = real(*a, **k)
@@ -258,21 +258,21 @@ def own_slice_bitwise() -> None:
 
     try:
         for bucket_mb, fallback in ((None, False), (0.5, False), (None, True)):
-            comm._allreduce_own = refusing if (fallback and R == 1) else counting  # type: ignore[method-assign]
+            comm.allreduce_in_window = refusing if (fallback and R == 1) else counting  # type: ignore[method-assign]
             data = batches(MEDIUM, 6)
             model = DistributedDataParallel(mlp(MEDIUM, extra=True), comm, overlap=False, bucket_mb=bucket_mb,
                                             find_unused_parameters=True)
             fused = train(model, data, accumulate=2, use_extra=True)
             assert used and (all(used) if not (fallback and R == 1) else not any(used)), used
             used.clear()
-            comm._allreduce_own = counting  # type: ignore[method-assign]
+            comm.allreduce_in_window = counting  # type: ignore[method-assign]
             ref = train(plain(mlp(MEDIUM, extra=True), bucket_mb=bucket_mb), data, accumulate=2, use_extra=True)
             assert not used, "plain buckets took the own-slice path"
             for a_, b_ in zip(params_of(fused), params_of(ref)):
                 assert torch.equal(a_, b_), f"bucket_mb={bucket_mb} fallback={fallback}: own-slice and copied differ"
             assert_ranks_identical(fused, "own-slice path")
     finally:
-        comm._allreduce_own = real  # type: ignore[method-assign]
+        comm.allreduce_in_window = real  # type: ignore[method-assign]
 
 
 run("more", "own slice reduced from autograd's gradients: bitwise as copied", own_slice_bitwise)

@@ -1,0 +1,81 @@
+"""What "auto" runs: a tuning table, the rules for one node, or the cost model on the calibrated links."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from topologies import cost
+from topologies.cluster import Cluster
+
+from .backends.mpi import mpi_dtype
+
+__all__ = ["Chooser"]
+
+
+class Chooser:
+    """Picks algorithms for one communicator; every input is the same on every rank, so is every pick.
+
+    Args:
+        cluster: the calibrated layout (identical on every rank).
+        rank, size, local_size: this rank, the number of ranks, ranks on this node.
+        single_node: every rank shares one shared-memory node (shm can run).
+        tuning: a table from ``collective-bench --tune`` (``COLLECTIVE_TUNING``), or None.
+        quick: returns whether small shm allreduces run in one phase (the check fenced in the arena).
+    """
+
+    def __init__(self, cluster: Cluster, rank: int, size: int, local_size: int, single_node: bool, tuning: Any,
+                 quick: Callable[[], bool]) -> None:
+        self.cluster, self.rank, self.size, self.local_size = cluster, rank, size, local_size
+        self.single_node = single_node
+        self.tuning = tuning
+        self._quick = quick
+        self._ranks_per_node = [len(cluster.ranks_of_node(n)) for n in range(cluster.nnodes)]
+        self._choices: dict[tuple, Any] = {}
+
+    def auto(self, name: str, nbytes: int, dtype: np.dtype) -> str:
+        """The algorithm "auto" picks for a call of ``nbytes`` of ``dtype``.
+
+        In order: a tuning table when it covers this P and layout; on one
+        node, shm for allreduce, and for the others MPI's own below 16 KiB
+        (4 KiB with three ranks or more) and shm above; across nodes, the cost
+        model's cheapest among native and the Schedules on the calibrated
+        links (see :meth:`explain`).
+        """
+        if self.tuning is not None and mpi_dtype(dtype) is not None:
+            chosen = self.tuning.choose(name, nbytes, self.size, self._ranks_per_node)
+            if chosen is not None and (chosen != "shm" or self.single_node):
+                return chosen
+        if self.size == 1:
+            return "native" if mpi_dtype(dtype) is not None else "ring"
+        if self.single_node:
+            if name == "allreduce" and self._quick():
+                # shm at every size: its one synchronisation is also the cross-rank check, where MPI's own
+                # collective follows a check of its own (docs/bench: the auto tables).
+                return "shm"
+            # The others, and allreduce without the one-phase path (check off, DETAIL, NaN check): MPI's own
+            # won at the smallest sizes in the shm runs of docs/bench, shm above.
+            small = (16 << 10) if self.local_size == 2 else (4 << 10)
+            return "native" if nbytes < small and mpi_dtype(dtype) is not None else "shm"
+        return self.cost_choice(name, nbytes, dtype).best
+
+    def cost_choice(self, collective: str, nbytes: int, dtype: Any = "float32", root: int = 0,
+                    candidates: Any = None) -> Any:
+        """The cost model's pick for one call (cached): see ``Communicator.cost_choice``."""
+        dt = np.dtype(dtype)
+        if candidates is None:
+            candidates = tuple(a for a in cost.CANDIDATES if a != "native" or mpi_dtype(dt) is not None)
+        key = (collective, int(nbytes), dt.itemsize, root, tuple(candidates))
+        ch = self._choices.get(key)
+        if ch is None:
+            if len(self._choices) > 4096:
+                self._choices.clear()
+            ch = cost.choose(collective, int(nbytes), self.cluster, dt.itemsize, candidates, root)
+            self._choices[key] = ch
+        return ch
+
+    def explain(self, collective: str, nbytes: int, dtype: Any = "float32", root: int = 0) -> str:
+        """Each algorithm's predicted time, the cost model's choice, and what "auto" picks now (see ``Communicator.explain``)."""
+        dt = np.dtype(dtype)
+        text = cost.explain(self.cost_choice(collective, nbytes, dt, root), self.cluster)
+        return f"{text}\n  auto picks now: {self.auto(collective, int(nbytes), dt)}"

@@ -1,0 +1,194 @@
+"""The host engine: moves a prepared call's data by MPI's own collective, the node's shared memory, or a Schedule.
+
+It owns what the host paths need: the MPI backend and the Schedule executor,
+the node's shm arena (made when the communicator is, on one node, so the
+cross-rank check can be one of its phases) and the ``comm.alloc`` windows.
+The sequencer calls :meth:`HostEngine.execute` once per op, with the lock
+held, after the op's record began; ``first`` is the cross-rank check when it
+is to be the call's first shm phase.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import numpy as np
+
+from .backends.mpi import MPIBackend, mpi_dtype, mpi_op, require_mpi
+from .executor import Executor, ExecutorOptions, Plan
+from .ops import average_in_place
+from .prepare import Barrier
+from .shm import SharedArrays, ShmArena
+from .watchdog import deadline
+
+__all__ = ["HostEngine"]
+
+
+class HostEngine:
+    """Runs prepared host calls on one communicator.
+
+    Args:
+        backend: the MPI backend over the communicator's private mpi4py communicator.
+        segment_bytes: largest single message of Schedule algorithms.
+        chunk_bytes, shm_wait: the shm arena's chunk size and wait (``COLLECTIVE_SHM_CHUNK_BYTES``,
+            ``COLLECTIVE_SHM_WAIT``).
+        check: the cross-rank check, which the arena fences once it exists.
+    """
+
+    def __init__(self, backend: MPIBackend, segment_bytes: int, chunk_bytes: int, shm_wait: str, check: Any) -> None:
+        self.backend = backend
+        self.rank, self.size = backend.rank, backend.size
+        self._mpi = require_mpi()
+        self._exec = Executor(backend, ExecutorOptions(segment_bytes=segment_bytes))
+        self.chunk_bytes, self.shm_wait = chunk_bytes, shm_wait
+        self._check = check
+        self.arena: ShmArena | None = None
+        #: The ``comm.alloc`` arrays, once the first is made.
+        self.shared: SharedArrays | None = None
+        #: avg's division for the window path, which applies it to each reduced piece while it is in cache.
+        self.finish_avg = functools.partial(average_in_place, n=self.size)
+        self._work_buf = np.empty(0, np.uint8)
+
+    def plan(self, sched: Any, itemsize: int) -> Plan:
+        """This rank's compiled ``sched`` for elements of ``itemsize`` bytes."""
+        return self._exec.plan(sched, itemsize)
+
+    def waiting_on(self) -> tuple[int, ...] | None:
+        """The peers the op in flight waits for right now (an shm phase or a Schedule step), or None."""
+        arena = self.arena
+        if arena is not None:
+            behind = arena.waiting_on()
+            if behind:
+                return behind
+        cur = self._exec.current
+        if cur is None:
+            return None
+        plan, i = cur
+        return plan.steps[i].peers
+
+    def step_done(self) -> None:
+        """Forget the Schedule step in flight (an op ended, maybe by an error inside a step)."""
+        self._exec.current = None
+
+    # --------------------------------------------------------------- arena
+    def make_arena(self) -> ShmArena:
+        """The node's shm arena (created collectively over the node on first use); the check is fenced in it."""
+        if self.arena is None:
+            node = self.backend.comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank)
+            self.arena = ShmArena(node, self.chunk_bytes, self.shm_wait)
+            # Every rank creates the arena in the same call, so from the next call on every rank checks through it.
+            self._check.attach_arena(self.arena, self.arena.size == self.size)
+        return self.arena
+
+    def alloc(self, nbytes: int) -> np.ndarray:
+        """``nbytes`` in a new shared window of the node (collective over the node)."""
+        with deadline(f"alloc of {nbytes} bytes on rank {self.rank} (collective over the node)"):
+            if self.shared is None:
+                self.shared = SharedArrays(self.make_arena())
+            return self.shared.alloc(nbytes)
+
+    def close(self) -> None:
+        """Free the arena (collective over the node); the alloc'd windows go with it."""
+        if self.arena is not None:
+            self._check.detach_arena()
+            self.arena.free()
+            self.arena = None
+
+    # ----------------------------------------------------------- execution
+    def execute(self, c: Any, first: Callable[[], Any] | None, seq: int) -> Any:
+        """Move the data of call ``c``, op number ``seq``; its result."""
+        if type(c) is Barrier:
+            self._barrier(first)
+            return None
+        alg = c.algorithm
+        if alg == "native":
+            self._native(c)
+        elif alg == "shm" or c.views is not None:
+            self._shm(c, first)
+        else:
+            self._scheduled(c, seq)
+        return c.result
+
+    def _barrier(self, check: Callable[[], Any] | None) -> None:
+        arena = self.arena
+        if arena is not None:  # a fence on each side, as between the phases of shm
+            arena.fence()
+        if check is None or not check():  # the check already synchronised every rank
+            self.backend.comm.Barrier()
+        if arena is not None:
+            arena.fence()
+
+    def _work(self, n: int, dtype: np.dtype) -> np.ndarray:
+        nbytes = n * dtype.itemsize
+        if self._work_buf.nbytes < nbytes:
+            self._work_buf = np.empty(max(nbytes, 2 * self._work_buf.nbytes), np.uint8)
+        return self._work_buf[:nbytes].view(dtype)
+
+    def _native(self, c: Any) -> None:
+        MPI, comm = self._mpi, self.backend.comm
+        m = c.mpi
+        if m is None:
+            m = c.mpi = (mpi_dtype(c.dtype), mpi_op(c.rop.mpi_name, c.dtype) if c.rop is not None else None)
+        T, mop = m
+        name, xf, of = c.name, c.xf, c.of
+        if name == "allreduce":
+            comm.Allreduce(MPI.IN_PLACE if c.inplace else [xf, T], [of, T], mop)
+        elif name == "reduce":
+            if self.rank == c.root:
+                comm.Reduce(MPI.IN_PLACE if c.inplace else [xf, T], [of, T], mop, c.root)
+            else:
+                comm.Reduce([xf, T], None, mop, c.root)
+        elif name == "broadcast":
+            if self.rank == c.root and not c.inplace:
+                np.copyto(of, xf)
+            comm.Bcast([of, T], c.root)
+        elif name == "reduce_scatter":
+            counts = [c.blocks[i + 1] - c.blocks[i] for i in range(self.size)]
+            comm.Reduce_scatter([xf, T], [of, T], counts, mop)
+        else:
+            comm.Allgather([xf, T], [of, T])
+        if c.rop is not None and c.rop.average and of is not None:
+            average_in_place(of, self.size)
+
+    def _scheduled(self, c: Any, seq: int) -> None:
+        name, xf, of, r = c.name, c.xf, c.of, self.rank
+        n = xf.size
+        rop = c.rop
+        if name == "allreduce" or name == "broadcast" or (name == "reduce" and r == c.root):
+            work = of
+            if not c.inplace and (name != "broadcast" or r == c.root):
+                np.copyto(work, xf)
+        elif name == "reduce" or name == "reduce_scatter":
+            # Other ranks' partial sums (and reduce_scatter's whole input) must not land in the caller's buffers.
+            work = self._work(n, c.dtype)
+            np.copyto(work, xf)
+        else:  # allgather
+            work = of
+            np.copyto(work[c.blocks[r]:c.blocks[r + 1]], xf)
+        self._exec.run(c.plan, work, rop.ufunc if rop is not None else None, seq)
+        if name == "reduce_scatter":
+            np.copyto(of, work[c.blocks[r]:c.blocks[r + 1]])
+        if rop is not None and rop.average and of is not None:
+            average_in_place(of, self.size)
+
+    def _shm(self, c: Any, first: Callable[[], Any] | None) -> None:
+        ar = self.make_arena()
+        name, xf, of, rop = c.name, c.xf, c.of, c.rop
+        if c.views is not None:
+            self.shared.allreduce(c.views, c.out_views, rop.ufunc,  # type: ignore[union-attr]
+                                  self.finish_avg if rop.average else None, first, c.own)
+            return
+        if name == "allreduce":
+            ar.allreduce(xf, of, rop.ufunc, None, first)
+        elif name == "reduce":
+            ar.allreduce(xf, of if self.rank == c.root else None, rop.ufunc, c.root, first)
+        elif name == "broadcast":
+            if self.rank == c.root and not c.inplace:
+                np.copyto(of, xf)
+            ar.broadcast(of, c.root)
+        elif name == "reduce_scatter":
+            ar.reduce_scatter(xf, of, c.blocks, rop.ufunc, first)
+        else:
+            ar.allgather(xf, of, first)
+        if rop is not None and rop.average and of is not None:
+            average_in_place(of, self.size)
