@@ -10,12 +10,14 @@ from typing import NoReturn, Sequence
 
 import numpy as np
 
+from collective.spec import COLLECTIVE_NAMES, busbw_factor
+
 __all__ = ["Options", "parse_args", "parse_size", "size_sweep", "format_size", "COLLECTIVES", "busbw_factor",
            "REFERENCE_ALGORITHMS", "VARIANTS", "LIB_NATIVE", "BROKEN_ENV", "default_algorithms", "known_algorithms",
            "env_rank"]
 
 #: Collectives the benchmark measures, in the order `--collective all` runs them.
-COLLECTIVES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
+COLLECTIVES: tuple[str, ...] = COLLECTIVE_NAMES
 #: Reference columns that are not algorithms of the library.
 REFERENCE_ALGORITHMS: tuple[str, ...] = ("gloo", "memcpy")
 #: Library variants that are not algorithm names: "alloc" is shm on comm.alloc() buffers (in place, and out of
@@ -29,21 +31,6 @@ LIB_NATIVE = "native-lib"
 BROKEN_ENV = "COLLECTIVE_BENCH_TEST_BROKEN"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
-
-
-def busbw_factor(collective: str, nranks: int) -> float:
-    """busbw / algbw as nccl-tests defines it: 2(P-1)/P for allreduce, (P-1)/P for reduce_scatter/allgather, else 1.
-
-    Example::
-
-        busbw_factor("allreduce", 4)   # 1.5
-    """
-    P = nranks
-    if collective == "allreduce":
-        return 2.0 * (P - 1) / P
-    if collective in ("reduce_scatter", "allgather"):
-        return (P - 1) / P
-    return 1.0
 
 
 def parse_size(text: str) -> int:

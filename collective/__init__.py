@@ -34,7 +34,7 @@ def init(**kwargs: Any) -> Communicator:
     """Create (once) and return the default communicator over ``MPI.COMM_WORLD``.
 
     Idempotent: later calls return the same communicator and ignore their
-    arguments. Also installs the hook that aborts the whole job when any rank
+    arguments (after ``close()`` of the default communicator, a new one). Also installs the hook that aborts the whole job when any rank
     dies of an uncaught exception (``COLLECTIVE_ABORT_ON_EXCEPTION=0`` disables it).
 
     Args:
@@ -49,7 +49,7 @@ def init(**kwargs: Any) -> Communicator:
     """
     global _default
     with _init_lock:
-        if _default is None:
+        if _default is None or _default.closed:
             from .watchdog import install_excepthook
 
             _default = Communicator(**kwargs)
@@ -58,13 +58,13 @@ def init(**kwargs: Any) -> Communicator:
 
 
 def is_initialized() -> bool:
-    """True once :func:`init` has created the default communicator."""
-    return _default is not None
+    """True once :func:`init` has created the default communicator (and it is not closed)."""
+    return _default is not None and not _default.closed
 
 
 def get_default() -> Communicator:
     """The default communicator, created by :func:`init` on first use."""
-    return _default if _default is not None else init()
+    return _default if _default is not None and not _default.closed else init()
 
 
 def allreduce(x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Any:

@@ -33,7 +33,7 @@ from .calibrate import calibrate
 from .check import CrossRankCheck
 from .choose import Chooser
 from .engine import HostEngine
-from .errors import CollectiveValueError, describe
+from .errors import CollectiveError, CollectiveValueError, describe
 from .layout import discover_cluster, real_node_count
 from .prepare import BARRIER, Call, Preparer
 from .sequencer import OpRecord, Sequencer, Work
@@ -185,7 +185,19 @@ class Communicator:
         """
         return self._seqr.recorder.records()
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run: every call then raises CollectiveError."""
+        return self._closed
+
+    def _open(self, name: str) -> None:
+        if self._closed:
+            raise CollectiveError(f"{describe(name, self.rank, self.size)}: this communicator is closed; "
+                                  "collective.init() after closing the default one gives a new one")
+
     def _prepare(self, name: str, x: Any, op: Any, algorithm: str | None, root: int, out: Any) -> Any:
+        if self._closed:
+            self._open(name)
         if type(x) is not np.ndarray and is_device_array(x):
             # CuPy & co: NCCL, or MPI (CUDA-aware or staged); run by DeviceCollectives.
             return DeviceRequest(name, x, op, algorithm, root, out)
@@ -334,6 +346,7 @@ class Communicator:
         n = int(np.prod(shp)) if shp else 1
         # Collective, so it takes its turn behind queued async work like any collective: run inline it
         # could meet a peer's communication thread in the middle of an allreduce and deadlock.
+        self._open("alloc")
         buf = self._seqr.run_locked(functools.partial(self._engine.alloc, n * dt.itemsize))
         return buf.view(dt).reshape(shp)
 
@@ -461,20 +474,26 @@ class Communicator:
         It also fences the node's shared memory: what a rank wrote to ``comm.alloc``
         arrays before the barrier, every rank of the node reads after it.
         """
+        self._open("barrier")
         self._seqr.run(BARRIER)
 
     def close(self) -> None:
-        """Stop the communication thread and free the private MPI communicator (collective)."""
+        """Stop the communication thread and free the private MPI communicator (collective; later calls raise).
+
+        Every rank must call it; it has a deadline like every collective.
+        """
         if self._closed:
             return
         self._closed = True
         self.watchdog.close(announce=False)  # stop polling the control channel before the communicator goes
-        if self._device_colls is not None and self._device_colls.nccl is not None:
-            self._device_colls.nccl.close()
-        self._seqr.close()
-        self._prep.forget()  # templates' regions were in the arena, hot calls' windows go with it
-        self._engine.close()  # collective over the node, like the free below over every rank
-        self._backend.free()
+        with deadline(f"close of the communicator on rank {self.rank} of {self.size} (collective)",
+                      self.watchdog.timeout):
+            if self._device_colls is not None and self._device_colls.nccl is not None:
+                self._device_colls.nccl.close()
+            self._seqr.close()
+            self._prep.forget()  # templates' regions were in the arena, hot calls' windows go with it
+            self._engine.close()  # collective over the node, like the free below over every rank
+            self._backend.free()
 
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "

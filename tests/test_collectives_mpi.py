@@ -22,7 +22,7 @@ def test_every_allreduce_route_agrees_across_ranks(nprocs: int) -> None:
     """One-phase shm, window, native, Schedules, async and the device path: same records and check verdicts."""
     res = mpirun("routes.py", nprocs, timeout=200)
     check(res, f"allreduce routes at P={nprocs}")
-    assert count_passed(res) == (2 if nprocs == 1 else 5)
+    assert count_passed(res) == (3 if nprocs == 1 else 6)
 
 
 @pytest.mark.parametrize("nprocs", [2, 3])

@@ -58,6 +58,7 @@ from ..errors import (
 )
 from ..executor import Plan, compile_plan
 from ..ops import ReduceOp
+from ..spec import COLLECTIVE_NAMES, NCCL_ALGORITHMS, REDUCING, ROOTED
 from ..signature import cached_checks, check_signature
 
 __all__ = [
@@ -83,15 +84,15 @@ MIN_VERSION: int = 2700
 #: Dtypes that need a newer NCCL than MIN_VERSION.
 DTYPE_MIN_VERSION: dict[str, int] = {"bfloat16": 21000}
 #: Algorithms the NCCL backend runs ("shm" is host memory only).
-ALGORITHMS: tuple[str, ...] = ("auto", "native", "ring", "tree", "star", "hierarchical", "pipeline")
+ALGORITHMS: tuple[str, ...] = NCCL_ALGORITHMS
 #: cupy.cuda.nccl constant name -> our table's value, checked when a communicator is made.
 _CONSTANTS: dict[str, int] = {
     **{f"NCCL_{k.upper()}": v for k, v in NCCL_DTYPES.items()},
     "NCCL_SUM": 0, "NCCL_PROD": 1, "NCCL_MAX": 2, "NCCL_MIN": 3,
 }
-_ROOTED = frozenset(("reduce", "broadcast"))
-_REDUCING = frozenset(("allreduce", "reduce", "reduce_scatter"))
-_NAMES = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
+_ROOTED = ROOTED
+_REDUCING = REDUCING
+_NAMES = COLLECTIVE_NAMES
 #: One message per transfer: NCCL pipelines inside a send itself, so Schedules are not segmented here.
 _ONE_SEGMENT = 1 << 62
 

@@ -20,7 +20,7 @@ from harness import Cases
 
 comm = col.init()
 P, R = comm.size, comm.rank
-cases = Cases(comm)
+cases = Cases(col.Communicator())  # its own: the last case closes the default communicator
 mpi = comm.mpi_comm
 
 
@@ -115,9 +115,35 @@ def device_route() -> None:
     mismatch_raises("device", lambda: dev.call("allreduce", bad, algorithm="ring"))
 
 
+def closed() -> None:
+    """A closed communicator raises our error on every call; init() after closing the default gives a new one."""
+    from collective.errors import CollectiveError
+
+    c = col.Communicator()
+    x = np.ones(10, np.float32)
+    for _ in range(3):
+        c.allreduce(x)  # the repeat path armed, then gone with close()
+    c.close()
+    c.close()  # a second close does nothing
+    for call in (lambda: c.allreduce(x), lambda: c.allreduce_async(x), lambda: c.broadcast(x), c.barrier,
+                 lambda: c.alloc(4)):
+        try:
+            call()
+        except CollectiveError as exc:
+            assert "closed" in str(exc), exc
+        else:
+            raise AssertionError("a call on a closed communicator did not raise")
+    old = col.init()
+    old.close()
+    assert not col.is_initialized()
+    new = col.init()
+    assert new is not old and not new.closed
+    expect(new.allreduce(np.ones(3)), P)
+
+
 for name, fn in [("one-phase", one_phase), ("window", window), ("native and schedules", native_and_schedules),
-                 ("async", async_route), ("device", device_route)]:
-    if P == 1 and name != "one-phase" and name != "native and schedules":
+                 ("async", async_route), ("device", device_route), ("closed", closed)]:
+    if P == 1 and name not in ("one-phase", "native and schedules", "closed"):
         continue
     cases.run(name, fn)
 cases.finish()
