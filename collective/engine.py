@@ -21,7 +21,64 @@ from .prepare import Barrier
 from .shm import SharedArrays, ShmArena
 from .watchdog import deadline
 
-__all__ = ["HostEngine"]
+__all__ = ["HostEngine", "mpi_collective", "schedule_work", "schedule_result"]
+
+
+def mpi_collective(comm: Any, MPI: Any, name: str, x: Any, out: Any, T: Any, mop: Any, root: int, rank: int,
+                   inplace: bool, counts: list[int] | None, copy: Callable[[Any, Any], None]) -> None:
+    """MPI's own collective ``name`` from ``x`` into ``out`` (host buffers, or device ones for CUDA-aware MPI).
+
+    ``out`` is None off the root of reduce; ``counts``: elements of each
+    rank's block (reduce_scatter); ``copy(dst, src)`` copies the root's input
+    into its output before a broadcast, which works in one buffer.
+    """
+    if name == "allreduce":
+        comm.Allreduce(MPI.IN_PLACE if inplace else [x, T], [out, T], mop)
+    elif name == "reduce":
+        if rank == root:
+            comm.Reduce(MPI.IN_PLACE if inplace else [x, T], [out, T], mop, root)
+        else:
+            comm.Reduce([x, T], None, mop, root)
+    elif name == "broadcast":
+        if rank == root and not inplace:
+            copy(out, x)
+        comm.Bcast([out, T], root)
+    elif name == "reduce_scatter":
+        comm.Reduce_scatter([x, T], [out, T], counts, mop)
+    else:
+        comm.Allgather([x, T], [out, T])
+
+
+def schedule_work(name: str, rank: int, root: int, x: Any, out: Any, inplace: bool, blocks: tuple | None,
+                  scratch: Callable[[], Any], copy: Callable[[Any, Any], None]) -> Any:
+    """The buffer a Schedule of collective ``name`` runs in, filled with this rank's input.
+
+    The output itself where the result lands in place (allreduce, broadcast,
+    the root of reduce, allgather); otherwise ``scratch()`` (a reusable buffer
+    of ``x``'s size), so other ranks' partial sums never land in the caller's
+    buffers. Host (NumPy) and device (CuPy) buffers alike.
+    """
+    if name == "allreduce" or name == "broadcast" or (name == "reduce" and rank == root):
+        if not inplace and (name != "broadcast" or rank == root):
+            copy(out, x)
+        return out
+    if name == "reduce" or name == "reduce_scatter":
+        work = scratch()
+        copy(work, x)
+        return work
+    a, b = blocks[rank], blocks[rank + 1]  # type: ignore[index]
+    if b > a:  # allgather: this rank's block of the output
+        copy(out[a:b], x)
+    return out
+
+
+def schedule_result(name: str, rank: int, work: Any, out: Any, blocks: tuple | None,
+                    copy: Callable[[Any, Any], None]) -> None:
+    """After the Schedule: reduce_scatter copies this rank's block of ``work`` into ``out``."""
+    if name == "reduce_scatter":
+        a, b = blocks[rank], blocks[rank + 1]  # type: ignore[index]
+        if b > a:
+            copy(out, work[a:b])
 
 
 class HostEngine:
@@ -125,51 +182,25 @@ class HostEngine:
         return self._work_buf[:nbytes].view(dtype)
 
     def _native(self, c: Any) -> None:
-        MPI, comm = self._mpi, self.backend.comm
         m = c.mpi
         if m is None:
             m = c.mpi = (mpi_dtype(c.dtype), mpi_op(c.rop.mpi_name, c.dtype) if c.rop is not None else None)
-        T, mop = m
-        name, xf, of = c.name, c.xf, c.of
-        if name == "allreduce":
-            comm.Allreduce(MPI.IN_PLACE if c.inplace else [xf, T], [of, T], mop)
-        elif name == "reduce":
-            if self.rank == c.root:
-                comm.Reduce(MPI.IN_PLACE if c.inplace else [xf, T], [of, T], mop, c.root)
-            else:
-                comm.Reduce([xf, T], None, mop, c.root)
-        elif name == "broadcast":
-            if self.rank == c.root and not c.inplace:
-                np.copyto(of, xf)
-            comm.Bcast([of, T], c.root)
-        elif name == "reduce_scatter":
+        counts = None
+        if c.name == "reduce_scatter":
             counts = [c.blocks[i + 1] - c.blocks[i] for i in range(self.size)]
-            comm.Reduce_scatter([xf, T], [of, T], counts, mop)
-        else:
-            comm.Allgather([xf, T], [of, T])
-        if c.rop is not None and c.rop.average and of is not None:
-            average_in_place(of, self.size)
+        mpi_collective(self.backend.comm, self._mpi, c.name, c.xf, c.of, m[0], m[1], c.root, self.rank, c.inplace,
+                       counts, np.copyto)
+        if c.rop is not None and c.rop.average and c.of is not None:
+            average_in_place(c.of, self.size)
 
     def _scheduled(self, c: Any, seq: int) -> None:
-        name, xf, of, r = c.name, c.xf, c.of, self.rank
-        n = xf.size
-        rop = c.rop
-        if name == "allreduce" or name == "broadcast" or (name == "reduce" and r == c.root):
-            work = of
-            if not c.inplace and (name != "broadcast" or r == c.root):
-                np.copyto(work, xf)
-        elif name == "reduce" or name == "reduce_scatter":
-            # Other ranks' partial sums (and reduce_scatter's whole input) must not land in the caller's buffers.
-            work = self._work(n, c.dtype)
-            np.copyto(work, xf)
-        else:  # allgather
-            work = of
-            np.copyto(work[c.blocks[r]:c.blocks[r + 1]], xf)
+        name, rop = c.name, c.rop
+        work = schedule_work(name, self.rank, c.root, c.xf, c.of, c.inplace, c.blocks,
+                             lambda: self._work(c.xf.size, c.dtype), np.copyto)
         self._exec.run(c.plan, work, rop.ufunc if rop is not None else None, seq)
-        if name == "reduce_scatter":
-            np.copyto(of, work[c.blocks[r]:c.blocks[r + 1]])
-        if rop is not None and rop.average and of is not None:
-            average_in_place(of, self.size)
+        schedule_result(name, self.rank, work, c.of, c.blocks, np.copyto)
+        if rop is not None and rop.average and c.of is not None:
+            average_in_place(c.of, self.size)
 
     def _shm(self, c: Any, first: Callable[[], Any] | None) -> None:
         ar = self.make_arena()

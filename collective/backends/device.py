@@ -32,7 +32,7 @@ from ..arrays import is_immutable
 from ..errors import BackendUnavailableError, CollectiveTypeError, CollectiveValueError, describe
 from . import BACKENDS
 from .gpu_staging import GpuStager, cuda_array_info, is_device_array, mpi_cuda_aware
-from ..spec import COLLECTIVE_NAMES as _NAMES, REDUCING, result_shape
+from ..spec import COLLECTIVE_NAMES as _NAMES, REDUCING, blocks_of, result_shape
 
 __all__ = ["DeviceCollectives", "DeviceRequest", "StagedWork", "result_shape"]
 
@@ -392,6 +392,7 @@ class DeviceCollectives:
     def _direct(self, name: str, x: Any, info: Any, rop: Any, root: int, out: Any, rshape: tuple, needs_out: bool,
                 inplace: bool) -> Any:
         """MPI's own collective on device buffers (CUDA-aware MPI), producing streams synchronised first."""
+        from ..engine import mpi_collective
         from .mpi import mpi_dtype, mpi_op
 
         c = self.comm
@@ -408,26 +409,15 @@ class DeviceCollectives:
             st.sync_producer(cuda_array_info(o))
         mop = mpi_op(rop.mpi_name, info.dtype) if rop is not None else None
         m = c.mpi_comm
-        if name == "allreduce":
-            m.Allreduce(MPI.IN_PLACE if inplace else [x, T], [o, T], mop)
-        elif name == "reduce":
-            if c.rank == root:
-                m.Reduce(MPI.IN_PLACE if inplace else [x, T], [o, T], mop, root)
-            else:
-                m.Reduce([x, T], None, mop, root)
-        elif name == "broadcast":
-            if c.rank == root and not inplace:
-                # Bcast works in one buffer: the root's data goes to out first (a device copy MPI makes).
-                m.Sendrecv([x, T], c.rank, 0, [o, T], c.rank, 0)
-            m.Bcast([o, T], root)
-        elif name == "reduce_scatter":
-            rows = info.shape[0] if info.shape else 1
-            row = info.size // rows if rows else 0
-            base, extra = divmod(rows, c.size)
-            counts = [(base + (1 if i < extra else 0)) * row for i in range(c.size)]
-            m.Reduce_scatter([x, T], [o, T], counts, mop)
-        else:
-            m.Allgather([x, T], [o, T])
+        counts = None
+        if name == "reduce_scatter":
+            b = blocks_of(name, tuple(info.shape), c.size)
+            counts = [b[i + 1] - b[i] for i in range(c.size)]
+
+        def device_copy(dst: Any, src: Any) -> None:  # a device copy MPI makes (Bcast works in one buffer)
+            m.Sendrecv([src, T], c.rank, 0, [dst, T], c.rank, 0)
+
+        mpi_collective(m, MPI, name, x, o, T, mop, root, c.rank, inplace, counts, device_copy)
         return o if needs_out else None
 
 

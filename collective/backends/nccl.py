@@ -56,6 +56,7 @@ from ..errors import (
     CollectiveValueError,
     describe,
 )
+from ..engine import schedule_result, schedule_work
 from ..executor import Plan, compile_plan
 from ..ops import ReduceOp
 from ..spec import COLLECTIVE_NAMES, NCCL_ALGORITHMS, REDUCING, ROOTED
@@ -938,44 +939,19 @@ class NCCLBackend:
         return self._buffer("_work_buf", nbytes)[:nbytes].view(dtype)
 
     def _scheduled(self, c: NcclCall) -> None:
-        xp, name, xf, of, P, r = self.xp, c.name, c.xf, c.of, self.size, self.rank
-        n = xf.size
-        nodes = self.nodes
-        if name == "allreduce":
-            work = of
-            if not c.inplace:
-                xp.copyto(work, xf)
-            sched = topologies.build(c.algorithm, name, P, n, nodes=nodes)
-        elif name == "reduce":
-            if r == c.root:
-                work = of
-                if not c.inplace:
-                    xp.copyto(work, xf)
-            else:  # partial results must not land in the caller's buffers
-                work = self._work(n, c.dtype)
-                xp.copyto(work, xf)
-            sched = topologies.build(c.algorithm, name, P, n, c.root, nodes=nodes)
-        elif name == "broadcast":
-            work = of
-            if r == c.root and not c.inplace:
-                xp.copyto(work, xf)
-            sched = topologies.build(c.algorithm, name, P, n, c.root, nodes=nodes)
+        xp, name, P, r = self.xp, c.name, self.size, self.rank
+        n = c.xf.size
+        work = schedule_work(name, r, c.root, c.xf, c.of, c.inplace, c.blocks, lambda: self._work(n, c.dtype),
+                             xp.copyto)
+        if name == "allgather":
+            sched = topologies.build(c.algorithm, name, P, work.size, 0, c.blocks, nodes=self.nodes)
         elif name == "reduce_scatter":
-            work = self._work(n, c.dtype)
-            xp.copyto(work, xf)
-            sched = topologies.build(c.algorithm, name, P, n, 0, c.blocks, nodes=nodes)
+            sched = topologies.build(c.algorithm, name, P, n, 0, c.blocks, nodes=self.nodes)
         else:
-            work = of
-            a, b = c.blocks[r], c.blocks[r + 1]
-            if b > a:
-                xp.copyto(work[a:b], xf)
-            sched = topologies.build(c.algorithm, name, P, work.size, 0, c.blocks, nodes=nodes)
+            sched = topologies.build(c.algorithm, name, P, n, c.root if name in _ROOTED else 0, nodes=self.nodes)
         ufunc = getattr(xp, c.rop.ufunc.__name__) if c.rop is not None else None
         self.run_plan(self.plan(sched, c.dtype.itemsize), work, ufunc)
-        if name == "reduce_scatter":
-            a, b = c.blocks[r], c.blocks[r + 1]
-            if b > a:
-                xp.copyto(of, work[a:b])
+        schedule_result(name, r, work, c.of, c.blocks, xp.copyto)
 
     def plan(self, sched: topologies.Schedule, itemsize: int) -> Plan:
         """This rank's cached plan of ``sched``: one message per transfer (NCCL pipelines inside a send)."""
