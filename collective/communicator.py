@@ -11,7 +11,6 @@ so every rank issues collectives in the same order.
 from __future__ import annotations
 
 import functools
-import os
 import queue
 import threading
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import topologies
 from topologies.cluster import TOPOLOGY_ENV, Cluster, TopologyFileError, parse_topology
 
+from . import config
 from .arrays import Deferred, to_numpy
 from .calibrate import calibrate
 from .backends import BACKENDS
@@ -38,7 +38,7 @@ from .errors import (
 from .executor import Executor, ExecutorOptions, Plan
 from .ops import ReduceOp, average_in_place
 from .signature import cached_checks, check_signature
-from .shm import DEFAULT_CHUNK_BYTES, ONE_PHASE_BYTES, SHM_WAITS, SharedArrays, ShmArena
+from .shm import ONE_PHASE_BYTES, SharedArrays, ShmArena
 from .watchdog import Watchdog, deadline
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES"]
@@ -121,16 +121,6 @@ class _Call:
         self.quick: Any = False
 
 
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        raise CollectiveValueError(f"{name}={v!r} is not an integer") from None
-
-
 class Communicator:
     """A group of ranks and the collectives over them.
 
@@ -171,16 +161,22 @@ class Communicator:
         # Settings first, before any collective: a rank with a bad one raises (and, uncaught, aborts the job)
         # instead of leaving the others in the communicator's duplication until the deadline.
         where = describe("init", comm.Get_rank(), comm.Get_size())
-        alg = algorithm or os.environ.get("COLLECTIVE_ALGORITHM") or "auto"
+        config.warn_unknown()
+        alg = algorithm or config.get("ALGORITHM")
         if alg not in ALGORITHMS:
             raise CollectiveValueError(f"{where}: unknown algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)}")
-        be = backend or os.environ.get("COLLECTIVE_BACKEND") or "auto"
+        be = backend or config.get("BACKEND")
         if be not in BACKENDS:
             raise CollectiveValueError(f"{where}: unknown backend {be!r}; choose one of {', '.join(BACKENDS)}")
-        wait = os.environ.get("COLLECTIVE_SHM_WAIT") or "auto"
-        if wait not in SHM_WAITS:
-            raise CollectiveValueError(f"{where}: COLLECTIVE_SHM_WAIT={wait!r}; choose one of {', '.join(SHM_WAITS)}")
+        wait = config.get("SHM_WAIT")
+        seg = segment_bytes or config.get("SEGMENT_BYTES")
+        tuning = self._read_tuning()
+        same = config.local_values({"ALGORITHM": alg, "BACKEND": be, "SEGMENT_BYTES": seg,
+                                    **({"TUNING": tuning[1]} if tuning[1] is not None else {})})
         self._backend = MPIBackend(comm)
+        # Before anything that depends on them (node discovery, topology file, calibration, the check): a
+        # rank whose settings differ would otherwise wait in a different collective until the deadline.
+        config.agree(self._backend.comm, same, where)
         self.rank: int = self._backend.rank
         self.size: int = self._backend.size
         self.thread_level: int = MPI.Query_thread()
@@ -189,7 +185,6 @@ class Communicator:
         self.backend: str = be
         self._shm_wait: str = wait
         self._device_colls: DeviceCollectives | None = None
-        seg = segment_bytes or _env_int("COLLECTIVE_SEGMENT_BYTES") or (1 << 18)
         self._exec = Executor(self._backend, ExecutorOptions(segment_bytes=seg))
         self.cluster: Cluster = self._discover_cluster()
         # Link costs for the cost model (explain, auto); rank 0's measurement, identical on every rank.
@@ -209,12 +204,7 @@ class Communicator:
         #: (shape, dtype, op, algorithm) -> a prepared allreduce of plain NumPy arrays, refilled per call (see allreduce)
         self._quick_calls: dict[tuple, _Call] = {}
         self._ranks_per_node = [len(self.cluster.ranks_of_node(n)) for n in range(self.cluster.nnodes)]
-        self._tuning = None
-        tuning_path = os.environ.get("COLLECTIVE_TUNING")
-        if tuning_path:
-            from .tuning import load_table
-
-            self._tuning = load_table(tuning_path, known_algorithms=[a for a in ALGORITHMS if a != "auto"])
+        self._tuning = tuning[0]
         self._work_buf = np.empty(0, np.uint8)
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue | None = None
@@ -222,7 +212,7 @@ class Communicator:
         self._pending = 0
         self.watchdog = Watchdog(self.rank, self.size, timeout=timeout, waiting_on=self._waiting_on,
                                  comm=self._backend.comm)
-        self._shm_chunk = _env_int("COLLECTIVE_SHM_CHUNK_BYTES") or DEFAULT_CHUNK_BYTES
+        self._shm_chunk = config.get("SHM_CHUNK_BYTES")
         self._shm_arena: ShmArena | None = None
         #: The arena when repeated shm allreduces may take the quick paths (the check fenced in it; no NaN check).
         self._quick_arena: ShmArena | None = None
@@ -237,11 +227,25 @@ class Communicator:
             # shm uses them: the check itself writes one cache line per rank.
             self._arena()
 
+    @staticmethod
+    def _read_tuning() -> tuple[Any, config.Local | None]:
+        """(the table ``COLLECTIVE_TUNING`` names or None, what every rank must agree on; None when unset)."""
+        path = config.get("TUNING")
+        if not path:
+            return None, None
+        from .tuning import load_table
+
+        try:
+            table = load_table(path, known_algorithms=[a for a in ALGORITHMS if a != "auto"])
+        except CollectiveValueError as exc:
+            return None, config.Local("COLLECTIVE_TUNING", b"", str(exc), ok=False)
+        return table, config.Local("COLLECTIVE_TUNING", repr(sorted(table.to_json().items())).encode(), repr(path))
+
     # ----------------------------------------------------------------- layout
     def _discover_cluster(self) -> Cluster:
         MPI, comm = self._mpi, self._backend.comm
-        k = _env_int("COLLECTIVE_NODE_SIZE")
-        path = os.environ.get(TOPOLOGY_ENV) or None
+        k = config.get("NODE_SIZE")
+        path = config.get("TOPOLOGY")
         if path is not None:
             if k is not None:
                 # Two sources of truth for one layout: refuse rather than silently prefer one.
@@ -249,8 +253,6 @@ class Communicator:
                                            f"COLLECTIVE_NODE_SIZE={k} are set; unset one of them")
             return self._topology_file(path)
         if k is not None:
-            if k < 1:
-                raise CollectiveValueError(f"COLLECTIVE_NODE_SIZE={k} must be >= 1")
             return Cluster.from_node_size(self.size, k)
         try:
             local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)

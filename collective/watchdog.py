@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from . import config
 from .fingerprint import Fingerprints, Poison, rank_list
 
 __all__ = ["Watchdog", "OpRecord", "install_excepthook", "abort_job", "deadline"]
@@ -50,29 +51,6 @@ _NAMES = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather", "ba
 _CODE = {n: i for i, n in enumerate(_NAMES)}
 _QUERY, _STATUS, _EXIT = 1, 2, 3
 _RECENT = 20  # flight-recorder entries printed one per line; older ones are summarised by kind
-
-
-def _env_float(name: str, default: float) -> float:
-    v = os.environ.get(name)
-    if not v:
-        return default
-    try:
-        x = float(v)
-    except ValueError:
-        raise ValueError(f"{name}={v!r} is not a number of seconds") from None
-    if not x > 0:
-        raise ValueError(f"{name}={v!r} must be > 0 (use 'inf' for no limit)")
-    return x
-
-
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    if not v:
-        return default
-    try:
-        return int(v)
-    except ValueError:
-        raise ValueError(f"{name}={v!r} is not an integer") from None
 
 
 def _say(text: str) -> None:
@@ -147,7 +125,7 @@ def deadline(what: str, timeout: float | None = None) -> Iterator[None]:
         with deadline("init: duplicating the communicator"):
             comm = MPI.COMM_WORLD.Dup()
     """
-    t = float(timeout) if timeout is not None else _env_float("COLLECTIVE_TIMEOUT", 300.0)
+    t = float(timeout) if timeout is not None else config.get("TIMEOUT")
 
     def expire() -> None:
         try:
@@ -215,11 +193,11 @@ class Watchdog:
         comm: Any = None,
     ) -> None:
         self.rank, self.size = rank, size
-        self.timeout = float(timeout) if timeout is not None else _env_float("COLLECTIVE_TIMEOUT", 300.0)
+        self.timeout = float(timeout) if timeout is not None else config.get("TIMEOUT")
         if not self.timeout > 0:
             raise ValueError(f"timeout={timeout!r} must be > 0 seconds")
-        self.stall_warn = stall_warn if stall_warn is not None else _env_float("COLLECTIVE_STALL_WARN", 60.0)
-        n = trace_len if trace_len is not None else _env_int("COLLECTIVE_TRACE_BUFFER", 1024)
+        self.stall_warn = stall_warn if stall_warn is not None else config.get("STALL_WARN")
+        n = trace_len if trace_len is not None else config.get("TRACE_BUFFER")
         self.trace: deque[OpRecord] = deque(maxlen=max(1, n))
         self.current: OpRecord | None = None
         self.waiting_on = waiting_on
@@ -233,10 +211,10 @@ class Watchdog:
         self._answer_wait = min(3.0, 2 * self.interval + 0.3)
         #: Ranks that announced their exit -> the last op they began.
         self.exited: dict[int, int] = {}
-        fp_on = size > 1 and comm is not None and os.environ.get("COLLECTIVE_CHECK", "1") != "0"
-        detail = os.environ.get("COLLECTIVE_DEBUG", "").upper() == "DETAIL"
+        fp_on = size > 1 and comm is not None and config.get("CHECK")
+        detail = config.get("DEBUG") == "detail"
         self._fp = Fingerprints(comm, rank, size, detail) if fp_on else None
-        self.nan_check = os.environ.get("COLLECTIVE_NAN_CHECK", "0") not in ("", "0")
+        self.nan_check = config.get("NAN_CHECK")
         #: None when there is nothing to check (one rank, or COLLECTIVE_CHECK=0 without NaN checks).
         self.check: Callable[[OpRecord, Any], bool] | None = self._check if (self._fp or self.nan_check) else None
         if self._fp is not None and not self.nan_check:
@@ -585,7 +563,7 @@ def install_excepthook(rank: int, size: int) -> None:
         install_excepthook(comm.rank, comm.size)   # collective.init() does this
     """
     global _HOOK_INSTALLED
-    if _HOOK_INSTALLED or os.environ.get("COLLECTIVE_ABORT_ON_EXCEPTION", "1") == "0":
+    if _HOOK_INSTALLED or not config.get("ABORT_ON_EXCEPTION"):
         return
     _HOOK_INSTALLED = True
     prev = sys.excepthook
