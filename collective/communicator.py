@@ -171,8 +171,8 @@ class Communicator:
         wait = config.get("SHM_WAIT")
         seg = segment_bytes or config.get("SEGMENT_BYTES")
         tuning = self._read_tuning()
-        same = config.local_values({"ALGORITHM": alg, "BACKEND": be, "SEGMENT_BYTES": seg,
-                                    **({"TUNING": tuning[1]} if tuning[1] is not None else {})})
+        given = {"ALGORITHM": algorithm, "BACKEND": backend, "SEGMENT_BYTES": segment_bytes, "TUNING": tuning[1]}
+        same = config.local_values({k: v for k, v in given.items() if v})
         self._backend = MPIBackend(comm)
         # Before anything that depends on them (node discovery, topology file, calibration, the check): a
         # rank whose settings differ would otherwise wait in a different collective until the deadline.

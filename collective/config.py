@@ -133,10 +133,11 @@ def _rows() -> tuple[Setting, ...]:
         S("COLLECTIVE_SHM_CHUNK_BYTES", "size", 4 << 20, low=1, high=_GIB, same_on_all_ranks=True,
           meaning="Chunk of the `shm` algorithm (rounded up to a multiple of 64 bytes, at least 4 KiB). The "
                   "node's shared window holds two chunks per rank, so a smaller chunk needs less /dev/shm."),
-        S("COLLECTIVE_SHM_WAIT", "choice", "auto", choices="collective.shm:SHM_WAITS", same_on_all_ranks=True,
+        S("COLLECTIVE_SHM_WAIT", "choice", "auto", choices="collective.shm:SHM_WAITS",
           meaning="How a node's ranks wait for each other in `shm`: `spin` (watch each other's flags), "
                   "`barrier` (MPI's, which yields the core), or `auto`: spin when every rank can have a CPU "
-                  "of its own within the ranks' affinities and the cgroup's CPU quota."),
+                  "of its own within the ranks' affinities and the cgroup's CPU quota. The ranks of a node "
+                  "vote: they spin only if every one of them would, so ranks may differ here."),
         S("COLLECTIVE_NODE_SIZE", "int", None, low=1, high=1 << 20, same_on_all_ranks=True,
           default_text="unset (MPI's node layout)",
           meaning="Pretend nodes are this many consecutive ranks (to exercise node-aware algorithms on one "
@@ -444,7 +445,7 @@ def local_values(effective: Mapping[str, Any] | None = None, env: Mapping[str, s
             out.append(eff[s.name])
             continue
         if s.name in eff:
-            v, shown = eff[s.name], f"{eff[s.name]!r}"
+            v, shown = eff[s.name], f"{eff[s.name]!r} (argument)"
         else:
             v = get(s.name, env)
             shown = f"{text!r} ({v!r})" if text is not None and repr(v) != repr(text) else \
