@@ -7,6 +7,7 @@ from typing import Any
 from .communicator import ALGORITHMS, COLLECTIVE_NAMES, Communicator, Work
 from .errors import (
     BackendUnavailableError,
+    CollectiveConfigError,
     CollectiveError,
     CollectiveMismatchError,
     CollectiveTimeoutError,
@@ -20,7 +21,7 @@ __all__ = [
     "allreduce", "allreduce_async", "reduce", "reduce_async", "broadcast", "broadcast_async",
     "reduce_scatter", "reduce_scatter_async", "allgather", "allgather_async", "barrier",
     "CollectiveError", "CollectiveValueError", "CollectiveTypeError", "CollectiveTimeoutError",
-    "CollectiveMismatchError", "BackendUnavailableError",
+    "CollectiveMismatchError", "BackendUnavailableError", "CollectiveConfigError",
 ]
 __version__ = "0.1.0"
 

@@ -136,7 +136,8 @@ def _rows() -> tuple[Setting, ...]:
         S("COLLECTIVE_SHM_WAIT", "choice", "auto", choices="collective.shm:SHM_WAITS",
           meaning="How a node's ranks wait for each other in `shm`: `spin` (watch each other's flags), "
                   "`barrier` (MPI's, which yields the core), or `auto`: spin when every rank can have a CPU "
-                  "of its own within the ranks' affinities and the cgroup's CPU quota. The ranks of a node "
+                  "of its own within the ranks' affinities and a cgroup v2 CPU quota (`/sys/fs/cgroup/cpu.max`, as a "
+                  "container sees it) allows that many. The ranks of a node "
                   "vote: they spin only if every one of them would, so ranks may differ here."),
         S("COLLECTIVE_NODE_SIZE", "int", None, low=1, high=1 << 20, same_on_all_ranks=True,
           default_text="unset (MPI's node layout)",
