@@ -106,7 +106,7 @@ def _rows() -> tuple[Setting, ...]:
         S("COLLECTIVE_TUNING", "path", None, same_on_all_ranks=True,
           meaning="A tuning table written by `collective-bench --tune`, read by `auto`. Every rank reads it "
                   "at `init()`; a rank that cannot, or a table that differs across ranks, is an error on every "
-                  "rank."),
+                  "rank (the paths may differ: the tables are compared)."),
         S("COLLECTIVE_TIMEOUT", "duration", 300.0, low=0, low_open=True, high=_LONGEST_S, allow_inf=True,
           meaning="How long a collective (or `init()`) may take before the job is aborted with a report of "
                   "what every rank was doing. `inf` disables the deadline."),
