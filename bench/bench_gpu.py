@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import os
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -316,7 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(exc.code, file=sys.stderr)
             return 2
         return int(exc.code or 0)
-    test_host = os.environ.get(TEST_HOST_ENV) == "1"
+    from collective import config
+
+    test_host = config.get(TEST_HOST_ENV)
     if not test_host:
         from collective.backends.nccl import probe
 

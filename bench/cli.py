@@ -94,7 +94,9 @@ def known_algorithms() -> tuple[str, ...]:
     from collective import ALGORITHMS
 
     names = tuple(ALGORITHMS) + VARIANTS + REFERENCE_ALGORITHMS
-    if os.environ.get(BROKEN_ENV) == "1":
+    from collective import config
+
+    if config.get(BROKEN_ENV):
         names += ("broken",)
     return names
 

@@ -8,6 +8,7 @@ from .communicator import ALGORITHMS, COLLECTIVE_NAMES, WINDOW_MIN_BYTES, Commun
 from .sequencer import OpRecord
 from .errors import (
     BackendUnavailableError,
+    CollectiveConfigError,
     CollectiveError,
     CollectiveMismatchError,
     CollectiveTimeoutError,
@@ -22,7 +23,7 @@ __all__ = [
     "allreduce", "allreduce_async", "reduce", "reduce_async", "broadcast", "broadcast_async",
     "reduce_scatter", "reduce_scatter_async", "allgather", "allgather_async", "barrier",
     "CollectiveError", "CollectiveValueError", "CollectiveTypeError", "CollectiveTimeoutError",
-    "CollectiveMismatchError", "BackendUnavailableError",
+    "CollectiveMismatchError", "BackendUnavailableError", "CollectiveConfigError",
 ]
 __version__ = "0.1.0"
 

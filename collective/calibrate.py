@@ -41,6 +41,8 @@ import numpy as np
 from topologies.cluster import Cluster, LinkCost
 from topologies.cost import SharedLinkCost
 
+from . import config
+
 __all__ = ["calibrate", "enabled", "measure_gamma", "SIZES", "BUDGET_S"]
 
 #: Message sizes of the ping-pong, bytes. The first gives alpha; the ones from 64 KiB on give beta.
@@ -54,7 +56,7 @@ _cache: dict[tuple, Cluster] = {}
 
 def enabled() -> bool:
     """False when ``COLLECTIVE_CALIBRATE`` is 0/false/no/off."""
-    return os.environ.get("COLLECTIVE_CALIBRATE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return bool(config.get("CALIBRATE"))
 
 
 def measure_gamma(nbytes: int = 8 << 20, reps: int = 3) -> float:
@@ -215,7 +217,7 @@ def calibrate(comm: Any, cluster: Cluster, force: bool = False) -> Cluster:
     me, P = comm.Get_rank(), comm.Get_size()
     if P != cluster.size:
         raise ValueError(f"calibrate: the communicator has {P} ranks, the cluster {cluster.size}")
-    path = os.environ.get("COLLECTIVE_CALIBRATION_FILE") or None
+    path = config.get("CALIBRATION_FILE")
     # vals: intra alpha, beta, inter alpha, beta, gamma, intra shared beta (NaN where absent); 1.0 if from the file.
     vals = np.full(7, np.nan)
     if me == 0 and path and not force:

@@ -20,11 +20,11 @@ and bounds every op by a deadline.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import numpy as np
 
+from . import config
 from .backends import BACKENDS
 from .backends.device import DeviceCollectives, DeviceRequest
 from .backends.gpu_staging import is_device_array
@@ -37,21 +37,11 @@ from .errors import CollectiveError, CollectiveValueError, describe
 from .layout import discover_cluster, real_node_count
 from .prepare import BARRIER, Call, Preparer
 from .sequencer import OpRecord, Sequencer, Work
-from .shm import DEFAULT_CHUNK_BYTES, SHM_WAITS, WINDOW_MIN_BYTES
+from .shm import WINDOW_MIN_BYTES
 from .spec import ALGORITHMS, COLLECTIVE_NAMES
 from .watchdog import Watchdog, deadline
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES", "WINDOW_MIN_BYTES"]
-
-
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        raise CollectiveValueError(f"{name}={v!r} is not an integer") from None
 
 
 class Communicator:
@@ -94,24 +84,28 @@ class Communicator:
         # Settings first, before any collective: a rank with a bad one raises (and, uncaught, aborts the job)
         # instead of leaving the others in the communicator's duplication until the deadline.
         where = describe("init", comm.Get_rank(), comm.Get_size())
-        alg = algorithm or os.environ.get("COLLECTIVE_ALGORITHM") or "auto"
+        config.warn_unknown()
+        alg = algorithm or config.get("ALGORITHM")
         if alg not in ALGORITHMS:
             raise CollectiveValueError(f"{where}: unknown algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)}")
-        be = backend or os.environ.get("COLLECTIVE_BACKEND") or "auto"
+        be = backend or config.get("BACKEND")
         if be not in BACKENDS:
             raise CollectiveValueError(f"{where}: unknown backend {be!r}; choose one of {', '.join(BACKENDS)}")
-        wait = os.environ.get("COLLECTIVE_SHM_WAIT") or "auto"
-        if wait not in SHM_WAITS:
-            raise CollectiveValueError(f"{where}: COLLECTIVE_SHM_WAIT={wait!r}; choose one of {', '.join(SHM_WAITS)}")
-        seg = segment_bytes or _env_int("COLLECTIVE_SEGMENT_BYTES") or (1 << 18)
-        chunk = _env_int("COLLECTIVE_SHM_CHUNK_BYTES") or DEFAULT_CHUNK_BYTES
-        trace_len = _env_int("COLLECTIVE_TRACE_BUFFER") or 1024
-        check_on = os.environ.get("COLLECTIVE_CHECK", "1") != "0"
-        detail = os.environ.get("COLLECTIVE_DEBUG", "").upper() == "DETAIL"
-        nan_check = os.environ.get("COLLECTIVE_NAN_CHECK", "0") not in ("", "0")
-        tuning_path = os.environ.get("COLLECTIVE_TUNING")
+        wait = config.get("SHM_WAIT")
+        seg = segment_bytes or config.get("SEGMENT_BYTES")
+        chunk = config.get("SHM_CHUNK_BYTES")
+        trace_len = config.get("TRACE_BUFFER")
+        check_on = config.get("CHECK")
+        detail = config.get("DEBUG") == "detail"
+        nan_check = config.get("NAN_CHECK")
+        tuning, tuning_local = self._read_tuning()
+        given = {"ALGORITHM": algorithm, "BACKEND": backend, "SEGMENT_BYTES": segment_bytes, "TUNING": tuning_local}
+        same = config.local_values({k: v for k, v in given.items() if v})
 
         backend_ = MPIBackend(comm)
+        # Before anything that depends on them (node discovery, topology file, calibration, the check): a
+        # rank whose settings differ would otherwise wait in a different collective until the deadline.
+        config.agree(backend_.comm, same, where)
         self.rank: int = backend_.rank
         self.size: int = backend_.size
         self.thread_level: int = MPI.Query_thread()
@@ -132,11 +126,6 @@ class Communicator:
         # shm needs the whole communicator inside one shared-memory node (real, not COLLECTIVE_NODE_SIZE).
         node_count = real_node_count(backend_.comm, MPI, self.cluster)
         self.single_node: bool = node_count == 1
-        tuning = None
-        if tuning_path:
-            from .tuning import load_table
-
-            tuning = load_table(tuning_path, known_algorithms=[a for a in ALGORITHMS if a != "auto"])
         self._chooser = Chooser(self.cluster, self.rank, self.size, self.local_size, self.single_node, tuning,
                                 lambda: self._check.quick_arena is not None)
         self._prep = Preparer(self.rank, self.size, alg, self._chooser.auto, self._engine.plan,
@@ -155,6 +144,20 @@ class Communicator:
             # check is a node phase and P reads (ShmArena.exchange) instead of an MPI allreduce. Its pages
             # are touched only when shm uses them: the check itself writes one cache line per rank.
             self._engine.make_arena()
+
+    @staticmethod
+    def _read_tuning() -> tuple[Any, config.Local | None]:
+        """(the table ``COLLECTIVE_TUNING`` names or None, what every rank must agree on; None when unset)."""
+        path = config.get("TUNING")
+        if not path:
+            return None, None
+        from .tuning import load_table
+
+        try:
+            table = load_table(path, known_algorithms=[a for a in ALGORITHMS if a != "auto"])
+        except CollectiveValueError as exc:
+            return None, config.Local("COLLECTIVE_TUNING", b"", str(exc), ok=False)
+        return table, config.Local("COLLECTIVE_TUNING", repr(sorted(table.to_json().items())).encode(), repr(path))
 
     # ------------------------------------------------------------ plumbing
     @property

@@ -37,6 +37,8 @@ import tempfile
 import time
 from typing import Sequence
 
+from . import config
+
 __all__ = ["EmulatedCluster", "EmulationError", "unavailable", "parse_shape", "run"]
 
 
@@ -210,7 +212,7 @@ class EmulatedCluster:
         # tbf needs a bucket of at least rate/HZ bytes to reach its rate; 4 ms worth, 64 KiB at least.
         burst = max(64 << 10, int(_rate_bits(self.rate) / 8 * 0.004))
         _cmd("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate, "burst", str(burst),
-            "latency", os.environ.get("COLLECTIVE_EMULATE_TBF_LATENCY", "20ms"), ns=ns)
+            "latency", f"{round(config.get('EMULATE_TBF_LATENCY') * 1e6)}us", ns=ns)
 
     def teardown(self) -> None:
         """Kill what still runs in the hosts, delete them, the veths and the bridge. Safe to call twice."""

@@ -6,6 +6,7 @@ from typing import Any
 __all__ = [
     "CollectiveError",
     "CollectiveValueError",
+    "CollectiveConfigError",
     "CollectiveTypeError",
     "CollectiveTimeoutError",
     "CollectiveMismatchError",
@@ -42,6 +43,13 @@ class CollectiveError(Exception):
 
 class CollectiveValueError(CollectiveError, ValueError):
     """An argument has a bad value (op, root, algorithm, out's shape...); raised before any message is sent."""
+
+
+class CollectiveConfigError(CollectiveValueError):
+    """A ``COLLECTIVE_*`` environment variable has a bad value, or one that differs across ranks where it must not.
+
+    The message names the variable, the value (and the ranks, for a mismatch) and what is accepted.
+    """
 
 
 class CollectiveTypeError(CollectiveError, TypeError):

@@ -1,26 +1,16 @@
 """Where the ranks are: node discovery (MPI's shared-memory split, a topology file, or a fixed node size)."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
 from topologies.cluster import TOPOLOGY_ENV, Cluster, TopologyFileError, parse_topology
 
+from . import config
 from .errors import CollectiveValueError, describe
 
 __all__ = ["discover_cluster", "real_node_count"]
-
-
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        raise CollectiveValueError(f"{name}={v!r} is not an integer") from None
 
 
 def discover_cluster(comm: Any, MPI: Any) -> Cluster:
@@ -32,8 +22,8 @@ def discover_cluster(comm: Any, MPI: Any) -> Cluster:
         cluster.node_of_rank   # e.g. (0, 0, 1, 1)
     """
     rank, size = comm.Get_rank(), comm.Get_size()
-    k = _env_int("COLLECTIVE_NODE_SIZE")
-    path = os.environ.get(TOPOLOGY_ENV) or None
+    k = config.get("NODE_SIZE")
+    path = config.get("TOPOLOGY")
     if path is not None:
         if k is not None:
             # Two sources of truth for one layout: refuse rather than silently prefer one.
@@ -41,8 +31,6 @@ def discover_cluster(comm: Any, MPI: Any) -> Cluster:
                                        f"COLLECTIVE_NODE_SIZE={k} are set; unset one of them")
         return _topology_file(comm, path)
     if k is not None:
-        if k < 1:
-            raise CollectiveValueError(f"COLLECTIVE_NODE_SIZE={k} must be >= 1")
         return Cluster.from_node_size(size, k)
     try:
         local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)

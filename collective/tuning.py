@@ -107,7 +107,7 @@ class TuningTable:
 
         Example::
 
-            t = load_table(os.environ["COLLECTIVE_TUNING"])
+            t = load_table(config.get("TUNING"))   # collective.config
             alg = t.choose("allreduce", x.nbytes, comm.size) or "ring"
         """
         if nranks != self.nranks:

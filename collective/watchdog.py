@@ -38,6 +38,7 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
+from . import config
 from .fingerprint import rank_list
 from .sequencer import FlightRecorder, OpRecord
 from .spec import OP_NAMES
@@ -59,29 +60,6 @@ class OpStatus(Protocol):
         ...
 _QUERY, _STATUS, _EXIT = 1, 2, 3
 _RECENT = 20  # flight-recorder entries printed one per line; older ones are summarised by kind
-
-
-def _env_float(name: str, default: float) -> float:
-    v = os.environ.get(name)
-    if not v:
-        return default
-    try:
-        x = float(v)
-    except ValueError:
-        raise ValueError(f"{name}={v!r} is not a number of seconds") from None
-    if not x > 0:
-        raise ValueError(f"{name}={v!r} must be > 0 (use 'inf' for no limit)")
-    return x
-
-
-def _env_int(name: str, default: int) -> int:
-    v = os.environ.get(name)
-    if not v:
-        return default
-    try:
-        return int(v)
-    except ValueError:
-        raise ValueError(f"{name}={v!r} is not an integer") from None
 
 
 def _say(text: str) -> None:
@@ -156,7 +134,7 @@ def deadline(what: str, timeout: float | None = None) -> Iterator[None]:
         with deadline("init: duplicating the communicator"):
             comm = MPI.COMM_WORLD.Dup()
     """
-    t = float(timeout) if timeout is not None else _env_float("COLLECTIVE_TIMEOUT", 300.0)
+    t = float(timeout) if timeout is not None else config.get("TIMEOUT")
 
     def expire() -> None:
         try:
@@ -213,10 +191,10 @@ class Watchdog:
         comm: Any = None,
     ) -> None:
         self.rank, self.size = rank, size
-        self.timeout = float(timeout) if timeout is not None else _env_float("COLLECTIVE_TIMEOUT", 300.0)
+        self.timeout = float(timeout) if timeout is not None else config.get("TIMEOUT")
         if not self.timeout > 0:
             raise ValueError(f"timeout={timeout!r} must be > 0 seconds")
-        self.stall_warn = stall_warn if stall_warn is not None else _env_float("COLLECTIVE_STALL_WARN", 60.0)
+        self.stall_warn = stall_warn if stall_warn is not None else config.get("STALL_WARN")
         self._status_src: OpStatus | None = status
         self.recorder: FlightRecorder = status.recorder if status is not None else FlightRecorder(1)
         self.comm = comm
@@ -520,7 +498,7 @@ def install_excepthook(rank: int, size: int) -> None:
         install_excepthook(comm.rank, comm.size)   # collective.init() does this
     """
     global _HOOK_INSTALLED
-    if _HOOK_INSTALLED or os.environ.get("COLLECTIVE_ABORT_ON_EXCEPTION", "1") == "0":
+    if _HOOK_INSTALLED or not config.get("ABORT_ON_EXCEPTION"):
         return
     _HOOK_INSTALLED = True
     prev = sys.excepthook

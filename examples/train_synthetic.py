@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import collective as col
+from collective import config
 from trainer import SGD, DataParallel, ShardedLoader, fit, fp16_compress_wrapper, mlp
 
 
@@ -68,8 +69,8 @@ def main() -> None:
               f"backward {ms['backward']:.1f}, waiting for buckets {ms['exposed']:.1f}, optimizer {ms['update']:.1f}; "
               f"allreduce time {ms['comm']:.1f} ms, hidden {100 * res.mean('hidden', skip):.0f}%; "
               f"final loss {res.losses[-1]:.4f}", flush=True)
-        if args.timeline or os.environ.get("COLLECTIVE_TIMELINE"):
-            print(f"timeline: {args.timeline or os.environ['COLLECTIVE_TIMELINE']} (one file per rank, "
+        if args.timeline or config.get("TIMELINE"):
+            print(f"timeline: {args.timeline or config.get('TIMELINE')} (one file per rank, "
                   f"'.rank<r>' before the suffix)")
 
 

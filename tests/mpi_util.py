@@ -69,8 +69,13 @@ def run_with_private_shm(cmd: list[str], env: dict[str, str], timeout: float) ->
 
 
 def mpirun(script: str | Path, nprocs: int, args: list[str] | None = None, timeout: float = 120,
-           env: dict[str, str] | None = None, python_args: list[str] | None = None) -> JobResult:
+           env: dict[str, str] | None = None, python_args: list[str] | None = None,
+           rank_env: dict[int, dict[str, str | None]] | None = None) -> JobResult:
     """Run ``python script args`` on ``nprocs`` ranks; kill the whole job at ``timeout`` seconds.
+
+    ``rank_env`` sets (or, with None, unsets) variables on some ranks only, as
+    a variable exported on one host would: consecutive ranks with the same
+    settings form one MPMD app context (``-n k env VAR=v python ... : -n m python ...``).
 
     On timeout every process of the job gets SIGTERM then SIGKILL (the job runs in
     its own session), and the stacks of the Python ranks are dumped first via
@@ -89,8 +94,8 @@ def mpirun(script: str | Path, nprocs: int, args: list[str] | None = None, timeo
     e.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if env:
         e.update(env)
-    cmd, e = mpiexec_command(["-n", str(nprocs), "--oversubscribe", sys.executable, *(python_args or []), str(script),
-                              *(args or [])], e)
+    prog = [sys.executable, *(python_args or []), str(script), *(args or [])]
+    cmd, e = mpiexec_command(["--oversubscribe", *_app_contexts(nprocs, prog, rank_env or {})], e)
     e["OMPI_MCA_mpi_yield_when_idle"] = "1"
     # Each job gets its own shared-memory directory (not pytest's, see conftest), unless the caller chose one.
     backing = None if env and "OMPI_MCA_btl_sm_backing_directory" in env else private_backing_dir(e)
@@ -109,6 +114,23 @@ def mpirun(script: str | Path, nprocs: int, args: list[str] | None = None, timeo
             shutil.rmtree(backing, ignore_errors=True)
     text = out.decode(errors="replace")
     return JobResult(p.returncode, text, timed_out, time.monotonic() - t0)
+
+
+def _app_contexts(nprocs: int, prog: list[str], rank_env: dict[int, dict[str, str | None]]) -> list[str]:
+    """mpiexec's app contexts for ``nprocs`` ranks of ``prog``, ranks with their own variables run under ``env``."""
+    out: list[str] = []
+    r = 0
+    while r < nprocs:
+        mine = rank_env.get(r, {})
+        k = r + 1
+        while k < nprocs and rank_env.get(k, {}) == mine:
+            k += 1
+        # env's options (-u) must come before its assignments.
+        pre = [a for n, v in sorted(mine.items()) if v is None for a in ("-u", n)]
+        pre += [f"{n}={v}" for n, v in sorted(mine.items()) if v is not None]
+        out += ([":"] if out else []) + ["-n", str(k - r), *(["env", *pre] if pre else []), *prog]
+        r = k
+    return out
 
 
 def _children(pid: int) -> list[int]:

@@ -468,8 +468,10 @@ def test_stager_buffers_in_flight_are_not_shared() -> None:
 def test_mpi_cuda_aware_query() -> None:
     assert mpi_cuda_aware(env={"COLLECTIVE_MPI_CUDA_AWARE": "1"}) == (True, "COLLECTIVE_MPI_CUDA_AWARE=1")
     assert mpi_cuda_aware(env={"COLLECTIVE_MPI_CUDA_AWARE": "0"})[0] is False
+    # One boolean parser for every variable (collective.config): yes/no/on/off too; anything else is an error.
+    assert mpi_cuda_aware(env={"COLLECTIVE_MPI_CUDA_AWARE": "yes"}) == (True, "COLLECTIVE_MPI_CUDA_AWARE=yes")
     with pytest.raises(CollectiveValueError):
-        mpi_cuda_aware(env={"COLLECTIVE_MPI_CUDA_AWARE": "yes"})
+        mpi_cuda_aware(env={"COLLECTIVE_MPI_CUDA_AWARE": "maybe"})
     assert mpi_cuda_aware(_Mod(Query_cuda_support=lambda: True), env={}) == (True, "MPI.Query_cuda_support()")
     kinds = _Mod(INFO_ENV=_Mod(Get=lambda k: "mpi,system,cuda:device"), __file__="/nonexistent.so")
     assert mpi_cuda_aware(kinds, env={})[0] is True

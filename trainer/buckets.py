@@ -27,7 +27,6 @@ allocated per step.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 import zlib
@@ -35,6 +34,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+
+from collective import config
 
 from .nn import Array, Module, Parameter, array_module
 
@@ -207,17 +208,10 @@ def bucket_caps(bucket_mb: float | None = None, first_bucket_mb: float | None = 
     wrapper, 40 MB MLP at P=2, five runs: 1.11-1.31x local per step with one
     bucket against 1.13-1.47x with 1 + 25 MB).
     """
-    if not overlap and bucket_mb is None and first_bucket_mb is None and not os.environ.get("COLLECTIVE_BUCKET_MB"):
+    if not overlap and bucket_mb is None and first_bucket_mb is None and not config.is_set("BUCKET_MB"):
         return ONE_BUCKET, ONE_BUCKET
     if bucket_mb is None:
-        env = os.environ.get("COLLECTIVE_BUCKET_MB", "")
-        if env:
-            try:
-                bucket_mb = float(env)
-            except ValueError:
-                raise ValueError(f"COLLECTIVE_BUCKET_MB={env!r} is not a number of megabytes") from None
-        else:
-            bucket_mb = DEFAULT_BUCKET_MB
+        bucket_mb = config.get("BUCKET_MB") if config.is_set("BUCKET_MB") else DEFAULT_BUCKET_MB
     if bucket_mb <= 0:
         raise ValueError(f"bucket size {bucket_mb} MB must be > 0")
     first = DEFAULT_FIRST_BUCKET_MB if first_bucket_mb is None else first_bucket_mb
@@ -293,7 +287,7 @@ class GradBuckets:
         for group in groups:
             self._build(group, grad_alloc, param_alloc, algorithm, extra if not self.buckets else 0)
         self._next = 0  # the next bucket to launch this step
-        self._nan_check = os.environ.get("COLLECTIVE_NAN_CHECK", "0") not in ("", "0")
+        self._nan_check = config.get("NAN_CHECK")
         self._t_first_launch = 0.0
         self.extra: Array = self.buckets[0].buffer[self.buckets[0].nelems:]
 

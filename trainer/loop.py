@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from collective import config
+
 from .buckets import Allocator, CommHook, GradBuckets
 from .checkpoint import Checkpointer
 from .data import ShardedLoader
@@ -413,7 +415,7 @@ def fit(dp: DataParallel, optimizer: Optimizer, loader: ShardedLoader, steps: in
                                  f"run's {dp.seed}")
             dp.load_state(arrays, meta, optimizer)
             start = int(meta["step"])
-    tl_path = timeline if timeline is not None else os.environ.get("COLLECTIVE_TIMELINE") or None
+    tl_path = timeline if timeline is not None else config.get("TIMELINE")
     if tl_path:
         dp.set_timeline(Timeline(dp.rank))
     bar = _progress(steps, start, progress and dp.rank == 0)

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 import collective
+from collective import config
 from collective.arrays import to_numpy
 from collective import WINDOW_MIN_BYTES  # the size from which alloc'd arrays are reduced in place
 
@@ -214,7 +215,7 @@ class DistributedDataParallel(torch.nn.Module):
         if not params:
             raise ValueError("DistributedDataParallel: the module has no parameters that require gradients")
         if keep_memory is None:
-            keep_memory = os.environ.get("COLLECTIVE_KEEP_MEMORY", "1").strip().lower() not in ("0", "false", "no", "off")
+            keep_memory = config.get("KEEP_MEMORY")
         if keep_memory and self.comm.size > 1:
             keep_freed_memory(2 * sum(p.numel() * p.element_size() for p in params) + (64 << 20))
         P = self.comm.size

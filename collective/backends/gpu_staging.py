@@ -24,7 +24,6 @@ Terms (the names below follow them):
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .. import config
 from ..errors import BackendUnavailableError, CollectiveTypeError, CollectiveValueError
 
 __all__ = ["CudaArrayInfo", "cuda_array_info", "is_device_array", "DeviceOps", "CupyOps", "GpuStager",
@@ -389,12 +389,9 @@ def mpi_cuda_aware(MPI: Any = None, env: dict[str, str] | None = None) -> tuple[
 
         aware, how = mpi_cuda_aware()   # (False, "MPIX_Query_cuda_support() returned 0 (Open MPI)")
     """
-    env = os.environ if env is None else env
-    v = env.get("COLLECTIVE_MPI_CUDA_AWARE", "")
-    if v in ("0", "1"):
-        return v == "1", f"COLLECTIVE_MPI_CUDA_AWARE={v}"
-    if v:
-        raise CollectiveValueError(f"COLLECTIVE_MPI_CUDA_AWARE={v!r} must be 0 or 1")
+    aware = config.get("MPI_CUDA_AWARE", env)
+    if aware is not None:
+        return aware, f"COLLECTIVE_MPI_CUDA_AWARE={config.raw('MPI_CUDA_AWARE', env)}"
     if MPI is None:
         try:
             from mpi4py import MPI

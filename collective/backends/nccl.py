@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import threading
 import time
 import warnings
@@ -48,6 +47,7 @@ import numpy as np
 
 import topologies
 
+from .. import config
 from ..errors import (
     BackendUnavailableError,
     CollectiveError,
@@ -246,14 +246,9 @@ def pick_device(local_rank: int, device_count: int, env: dict[str, str] | None =
 
         pick_device(local_rank=3, device_count=2)   # 1
     """
-    env = os.environ if env is None else env
-    v = env.get("COLLECTIVE_CUDA_DEVICE", "")
-    if v != "":
-        try:
-            d = int(v)
-        except ValueError:
-            raise CollectiveValueError(f"COLLECTIVE_CUDA_DEVICE={v!r} is not an integer") from None
-        if not 0 <= d < device_count:
+    d = config.get("CUDA_DEVICE", env)
+    if d is not None:
+        if not d < device_count:
             raise CollectiveValueError(f"COLLECTIVE_CUDA_DEVICE={d} but {device_count} CUDA device(s) are visible")
         return d
     if device_count < 1:
@@ -702,10 +697,9 @@ class NCCLBackend:
         self.nodes = tuple(nodes) if nodes is not None else None
         self.version = version
         if timeout is None:
-            v = os.environ.get("COLLECTIVE_TIMEOUT", "")
-            timeout = float(v) if v else 300.0
+            timeout = config.get("TIMEOUT")
         if blocking is None:
-            blocking = os.environ.get("COLLECTIVE_NCCL_BLOCKING", "0") not in ("", "0")
+            blocking = config.get("NCCL_BLOCKING")
         self.blocking = bool(blocking)
         self.watch = NcclWatch(comm, device.done, timeout, on_fail, thread=watch_thread,
                                where=f"rank {rank} of {size}: ", thread_init=getattr(device, "bind_thread", None))
