@@ -140,7 +140,9 @@ def build(
         nodes = tuple(nodes)
     if counts is not None:
         counts = _normalize_counts(algorithm, collective, nranks, nelems, blocks, counts)
-        if collective != "alltoall":
+        if collective == "alltoall":
+            blocks = offsets([sum(row) for row in counts])
+        else:
             blocks, counts = offsets(counts), None  # type: ignore[arg-type]
     if pieces is not None:
         if algorithm != "pipeline":

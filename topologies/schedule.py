@@ -184,6 +184,9 @@ class Schedule:
         for name, sizes in ext.items():
             if name not in BUFFERS or len(sizes) != self.nranks or any(n < 0 for n in sizes):
                 raise ScheduleError(f"{self.algorithm} {self.collective}: bad extents {name!r}: {sizes}")
+        if self.counts is not None and self.blocks != offsets([sum(row) for row in self.counts]):
+            raise ScheduleError(f"{self.algorithm} {self.collective}: blocks {self.blocks} are not the running sums "
+                                f"of the rows of counts")
         object.__setattr__(self, "extents", MappingProxyType(ext))
 
     def __hash__(self) -> int:  # extents is a read-only mapping; the other fields determine it
