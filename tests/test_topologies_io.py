@@ -164,7 +164,7 @@ def test_binomial_gather_scatter_are_log_rounds_moving_each_block_once_per_level
                 assert 1 <= sg.messages_sent[r] <= 2 and len([x for x in sc.steps[r] if x.recvs]) == 1
         assert sum(sg.elems_sent) == sum(ss.elems_received)
         # Each block travels once per tree level above it: sum of depths * b, where depth = popcount(vrank).
-        depth = sum(bin(v).count("1") for v in range(P))
+        depth = sum(v.bit_count() for v in range(P))
         assert sum(sg.elems_sent) == b * depth
         assert sum(sg.messages_sent) <= P  # P-1 edges, and at most one subtree wraps around rank P-1 -> 0
     assert sum(stats(build("tree", "gather", P, b * P, 0)).messages_sent) == P - 1  # root 0: nothing wraps

@@ -19,6 +19,7 @@ from .schedule import (
     Step,
     alltoall_displacements,
     even_blocks,
+    even_counts,
     expected,
     offsets,
     simulate,
@@ -43,6 +44,7 @@ __all__ = [
     "alltoall_displacements",
     "build",
     "even_blocks",
+    "even_counts",
     "expected",
     "offsets",
     "simulate",
@@ -249,8 +251,7 @@ def _build(
     root = root if collective in _ROOTED else 0
     if collective == "alltoall":
         if counts is None:  # each rank's input cut evenly among the destinations
-            counts = tuple(tuple(b - a for a, b in zip(cut, cut[1:]))
-                           for cut in (even_blocks(blocks[r + 1] - blocks[r], nranks) for r in range(nranks)))
+            counts = even_counts(blocks)
         return builder(nranks, nelems, root, blocks, counts)
     if algorithm == "pipeline":
         return builder(nranks, nelems, root, blocks, pieces=pieces)

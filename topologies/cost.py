@@ -46,8 +46,19 @@ from typing import Iterable, Sequence
 
 from . import ALGORITHMS, ALL_COLLECTIVES, COLLECTIVE_ALGORITHMS, build
 from .cluster import Cluster, LinkCost
-from .schedule import (INPUT, OUTPUT, Copy, Recv, Schedule, ScheduleError, Send, Step, alltoall_displacements,
-                       even_blocks)
+from .schedule import (
+    INPUT,
+    OUTPUT,
+    Copy,
+    Recv,
+    Schedule,
+    ScheduleError,
+    Send,
+    Step,
+    alltoall_displacements,
+    even_blocks,
+    even_counts,
+)
 
 __all__ = [
     "DEFAULT_INTRA",
@@ -353,8 +364,7 @@ def linear_alltoall(nranks: int, nelems: int) -> Schedule:
     """
     P = nranks
     blocks = even_blocks(nelems, P)
-    counts = tuple(tuple(b - a for a, b in zip(cut, cut[1:]))
-                   for cut in (even_blocks(blocks[r + 1] - blocks[r], P) for r in range(P)))
+    counts = even_counts(blocks)
     send, recv = alltoall_displacements(counts)
     steps = []
     for r in range(P):

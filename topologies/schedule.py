@@ -35,6 +35,7 @@ A Schedule is pure data: ``steps[rank]`` is that rank's tuple of Steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 from types import MappingProxyType
 from typing import Callable, Mapping, Sequence
 
@@ -58,6 +59,7 @@ __all__ = [
     "even_blocks",
     "offsets",
     "alltoall_displacements",
+    "even_counts",
     "simulate",
     "expected",
     "verify",
@@ -382,6 +384,12 @@ def expected(
             full[a:b] = inputs[r][a:b]
         return [full.copy() for _ in range(P)]
     raise ScheduleError(f"unknown collective {c!r}")
+
+
+def even_counts(blocks: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """alltoall counts where rank i's input, block i of ``blocks``, is cut evenly (``even_blocks``) among the ranks."""
+    P = len(blocks) - 1
+    return tuple(tuple(b - a for a, b in pairwise(even_blocks(blocks[i + 1] - blocks[i], P))) for i in range(P))
 
 
 def alltoall_displacements(counts: Sequence[Sequence[int]]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:

@@ -14,7 +14,6 @@ import sys
 from types import SimpleNamespace
 
 import numpy as np
-
 from harness import Cases
 
 from collective.backends.mpi import MPIBackend, require_mpi
@@ -139,17 +138,17 @@ def main() -> None:
             seed += 1
             if s in big and name not in ("float32", "int8"):
                 continue  # a few MiB in two dtypes is enough; the small cases cover every dtype
-            cases.run(f"allgatherv {name} {s[:8]}", lambda s=s, seed=seed: job.allgatherv(s, dt, seed))
+            cases.run(f"allgatherv {name} {s[:8]}", lambda s=s, seed=seed, dt=dt: job.allgatherv(s, dt, seed))
             for root in sorted({0, P - 1, P // 2, 1 % P}):
-                cases.run(f"gather {name} root={root}", lambda s=s, root=root, seed=seed: job.gather(s, root, dt, seed))
+                cases.run(f"gather {name} root={root}", lambda s=s, root=root, seed=seed, dt=dt: job.gather(s, root, dt, seed))
                 cases.run(f"scatter {name} root={root}",
-                          lambda s=s, root=root, seed=seed: job.scatter(s, root, dt, seed))
+                          lambda s=s, root=root, seed=seed, dt=dt: job.scatter(s, root, dt, seed))
         for m in mats:
             seed += 1
             if sum(map(sum, m)) > 1 << 16 and name not in ("float32", "int8"):
                 continue
             for alg in ("pairwise", "bruck"):
-                cases.run(f"{alg} alltoall {name}", lambda alg=alg, m=m, seed=seed: job.alltoall(alg, m, dt, seed))
+                cases.run(f"{alg} alltoall {name}", lambda alg=alg, m=m, seed=seed, dt=dt: job.alltoall(alg, m, dt, seed))
     # Every root, once, in one dtype.
     for root in range(P):
         seed += 1
