@@ -25,6 +25,8 @@ import numpy as np
 from topologies import Schedule
 from topologies.schedule import TEMP, WORK
 
+from .errors import CollectiveValueError
+
 __all__ = ["Plan", "compile_plan", "Executor", "ExecutorOptions"]
 
 
@@ -195,12 +197,14 @@ class Executor:
             seq: the op's sequence number (the high bits of the tags).
 
         Raises:
-            ValueError: a buffer is missing or has the wrong size or dtype for
-                the plan (nothing has been sent).
+            CollectiveValueError: a buffer is missing or has the wrong size or
+                dtype for the plan (nothing has been sent).
         """
-        if plan.buffers != (WORK,) or isinstance(work, Mapping):
+        if plan.buffers != (WORK,):
             self._run_buffers(plan, work, ufunc, seq)
             return
+        if isinstance(work, Mapping):  # {"work": array} for a plan of the work buffer alone
+            (work,) = self._arrays(plan, work)
         if not plan.steps:
             return
         be = self.backend
@@ -231,16 +235,17 @@ class Executor:
         where = f"{sched.algorithm} {sched.collective} on rank {plan.rank} of {sched.nranks}"
         if not isinstance(given, Mapping):
             given = {WORK: given}
-        unknown = set(given) - set(plan.buffers)
+        unknown = set(given) - set(plan.buffers) | ({TEMP} & set(given))
         if unknown:
-            raise ValueError(f"{where}: buffers {sorted(unknown)} are not the schedule's {plan.buffers}")
+            raise CollectiveValueError(f"{where}: buffers {sorted(unknown)} given; the caller's are "
+                             f"{tuple(b for b in plan.buffers if b != TEMP)} (temp comes from the executor)")
         dtypes = {np.asarray(a).dtype for a in given.values() if a is not None}
         if len(dtypes) > 1:
-            raise ValueError(f"{where}: buffers of several dtypes {sorted(map(str, dtypes))}")
+            raise CollectiveValueError(f"{where}: buffers of several dtypes {sorted(map(str, dtypes))}")
         dtype = dtypes.pop() if dtypes else np.dtype(np.uint8)
         if dtype.itemsize != plan.itemsize:
-            raise ValueError(f"{where}: buffers of {dtype} ({dtype.itemsize} bytes) for a plan of {plan.itemsize}-byte "
-                             "elements")
+            raise CollectiveValueError(f"{where}: buffers of {dtype} ({dtype.itemsize} bytes) for a plan of "
+                                       f"{plan.itemsize}-byte elements")
         arrays = []
         scratch_bytes = plan.scratch_elems * plan.itemsize
         for name, n in zip(plan.buffers, plan.extents):
@@ -251,11 +256,11 @@ class Executor:
             a = given.get(name)
             if a is None:
                 if n:
-                    raise ValueError(f"{where}: no {name} buffer; this rank's needs {n} elements")
+                    raise CollectiveValueError(f"{where}: no {name} buffer; this rank's needs {n} elements")
                 a = np.empty(0, dtype)
             if a.ndim != 1 or a.size != n or not a.flags.c_contiguous:
-                raise ValueError(f"{where}: {name} buffer of shape {a.shape} ({a.dtype}); the plan needs {n} "
-                                 "contiguous elements in one dimension")
+                raise CollectiveValueError(f"{where}: {name} buffer of shape {a.shape} ({a.dtype}); the plan needs "
+                                           f"{n} contiguous elements in one dimension")
             arrays.append(a)
         return arrays
 

@@ -156,18 +156,36 @@ def main() -> None:
         cases.run(f"gather every root {root}", lambda root=root, s=s, seed=seed: job.gather(s, root, np.dtype("float64"), seed))
         cases.run(f"scatter every root {root}",
                   lambda root=root, s=s, seed=seed: job.scatter(s, root, np.dtype("float64"), seed))
-    # A buffer of the wrong size is refused before anything is sent, on the rank that has it.
-    def bad_size() -> None:
-        sched = build("pairwise", "alltoall", P, 2 * P * P)
-        x = np.zeros(2 * P + 1, np.float32)
+    # Bad buffers are refused before anything is sent, on the rank that has them, naming buffer and rank.
+    def refused(sched, buffers: dict, itemsize: int, words: tuple[str, ...]) -> None:
         try:
-            job.ex.run(job.ex.plan(sched, 4), {"input": x, "output": np.zeros(2 * P, np.float32)}, None, 1)
+            job.ex.run(job.ex.plan(sched, itemsize), buffers, None, 1)
         except ValueError as exc:
-            if "input" not in str(exc) or f"rank {job.rank}" not in str(exc):
-                raise AssertionError(f"message does not name the buffer and rank: {exc}") from None
+            missing = [w for w in (*words, f"rank {job.rank}") if w not in str(exc)]
+            if missing:
+                raise AssertionError(f"message lacks {missing}: {exc}") from None
         else:
-            raise AssertionError("a wrong-size input was accepted")
-    cases.run("bad size", bad_size)
+            raise AssertionError(f"accepted: {words}")
+
+    a2a = build("pairwise", "alltoall", P, 2 * P * P)
+    f32 = np.float32
+    cases.run("bad size", lambda: refused(a2a, {"input": np.zeros(2 * P + 1, f32), "output": np.zeros(2 * P, f32)},
+                                          4, ("input", str(2 * P))))
+    cases.run("bad dtype", lambda: refused(a2a, {"input": np.zeros(2 * P), "output": np.zeros(2 * P)}, 4,
+                                           ("float64",)))
+    cases.run("temp given", lambda: refused(a2a, {"input": np.zeros(2 * P, f32), "output": np.zeros(2 * P, f32),
+                                                  "temp": np.zeros(4, f32)}, 4, ("temp",)))
+    g = build("tree", "gather", P, 3 * P, P - 1)
+    if job.rank == P - 1:
+        cases.run("gather root without output", lambda: refused(g, {"input": np.zeros(3, f32)}, 4, ("output",)))
+
+    def work_mapping() -> None:  # a plan of the work buffer alone also takes {"work": array}
+        sched = build("ring", "allgather", P, 3 * P)
+        w = np.full(3 * P, -1.0)
+        w[3 * job.rank:3 * job.rank + 3] = job.rank
+        job.run(sched, w.dtype, {"work": w})
+        same(w, np.repeat(np.arange(P, dtype=np.float64), 3), "allgather through a mapping")
+    cases.run("work mapping", work_mapping)
     cases.finish()
 
 
