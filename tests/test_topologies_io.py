@@ -95,7 +95,7 @@ def test_nothing_to_move_is_no_steps_and_one_rank_a_local_copy() -> None:
         assert one.steps[0] == (Step(copies=(one.steps[0][0].copies[0],)),)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(case=st.sampled_from(CASES), P=st.integers(1, 24), data=st.data())
 def test_random(case: tuple[str, str], P: int, data: st.DataObject) -> None:
     collective, algorithm = case
