@@ -183,3 +183,82 @@ def test_rabenseifner_model_moves_what_hierarchical_moves(P: int) -> None:
         assert across == {(0, 1): n, (1, 0): n}
         hier = traffic(build("hierarchical", "allreduce", P, n, nodes=nodes), nodes)
         assert across == hier
+
+
+# -- the in/out collectives: alltoall, gather, scatter, allgatherv ----------------------------------------------------
+
+
+def test_candidates_per_collective() -> None:
+    from topologies import COLLECTIVE_ALGORITHMS
+    from topologies.cost import candidates_for
+
+    assert candidates_for("alltoall") == ("native", "pairwise", "bruck")
+    assert candidates_for("gather") == candidates_for("scatter") == ("native", "tree")
+    assert candidates_for("allgatherv") == ("native", "ring")
+    for collective in COLLECTIVES:
+        assert candidates_for(collective) == CANDIDATES  # the choices of before, unchanged
+    assert set(COLLECTIVE_ALGORITHMS) >= set(COLLECTIVES)
+    with pytest.raises(ValueError, match="unknown collective"):
+        candidates_for("alltoallw")
+
+
+@pytest.mark.parametrize("collective", ["alltoall", "gather", "scatter", "allgatherv"])
+def test_in_out_choice_table_is_complete_and_sorted(collective: str) -> None:
+    from topologies.cost import candidates_for
+
+    cl = cluster((0, 0, 1, 1, 2))
+    c = choose(collective, 1 << 16, cl, root=3)
+    assert sorted(a for a, _ in c.predictions) == sorted(candidates_for(collective))
+    times = [t for _, t in c.predictions]
+    assert times == sorted(times) and all(t > 0 for t in times)
+    # MPI's own runs the same shapes (and linear ones) in C, without our per-step Python: never slower in the model.
+    assert c.best == "native"
+    assert "native" not in [a for a, _ in choose(collective, 1 << 16, cl, candidates=candidates_for(collective)[1:],
+                                                 root=3).predictions]
+
+
+@pytest.mark.parametrize("P", [4, 8, 16])
+def test_bruck_for_small_alltoall_pairwise_for_large(P: int) -> None:
+    """Without MPI's own (a dtype MPI lacks), auto picks Bruck's log steps for small blocks, pairwise's fewer bytes
+    for large ones, on one node and across nodes."""
+    for nodes in ((0,) * P, tuple(r * 2 // P for r in range(P))):
+        cl = cluster(nodes)
+        small = choose("alltoall", 64 * P, cl, candidates=("pairwise", "bruck"))
+        large = choose("alltoall", (16 << 20), cl, candidates=("pairwise", "bruck"))
+        assert (small.best, large.best) == ("bruck", "pairwise"), nodes
+        assert small.seconds("pairwise") > (1.1 if P == 4 else 1.5) * small.seconds("bruck")
+
+
+@pytest.mark.parametrize("P", [2, 3, 4, 8])
+def test_pairwise_closed_form(P: int) -> None:
+    """One node: the own-block copy, then P-1 steps of alpha + one block's bytes through each rank's ports."""
+    from topologies.cost import EXECUTOR_STEP
+
+    b = 1000  # elements per block
+    want = 4 * b * GAMMA + (P - 1) * (INTRA.alpha + 4 * b * INTRA.beta)
+    sched = build("pairwise", "alltoall", P, b * P * P)
+    assert cost(sched, cluster((0,) * P)) == pytest.approx(want)
+    assert predict("alltoall", 4 * b * P, cluster((0,) * P), "pairwise") == pytest.approx(want + (P - 1) * EXECUTOR_STEP)
+
+
+def test_copies_are_priced_and_one_rank_is_a_copy() -> None:
+    n = 10000
+    for collective, alg in (("alltoall", "pairwise"), ("alltoall", "bruck"), ("gather", "tree"), ("scatter", "tree"),
+                            ("allgatherv", "ring")):
+        assert cost(build(alg, collective, 1, n), cluster((0,))) == pytest.approx(4 * n * GAMMA)
+    # Bruck's packing copies cost on top of its messages: more than a copy-free exchange of the same bytes.
+    b8 = build("bruck", "alltoall", 8, 8 * 8 * 100)
+    assert sum(s.stop - s.start for st in b8.steps[0] for s in st.copies) > 0
+
+
+def test_native_gather_scatter_is_the_cheaper_of_tree_and_linear() -> None:
+    """MPI's own gather/scatter is modelled by a binomial tree or the linear one-step shape, whichever costs less."""
+    from topologies.cost import linear_gather, linear_scatter
+
+    P = 8
+    cl = cluster(tuple(range(P)))
+    for n in (8, 8 << 20):
+        for lin, coll in ((linear_gather(P, n, 3), "gather"), (linear_scatter(P, n, 3), "scatter")):
+            tree = build("tree", coll, P, n, 3)
+            assert predict(coll, 4 * n // P if coll == "gather" else 4 * n, cl, "native", root=3) == pytest.approx(
+                min(cost(tree, cl), cost(lin, cl)))

@@ -5,17 +5,23 @@ import functools
 import operator
 from typing import Sequence
 
-from . import hierarchical, pipeline, ring, star, tree
+from . import bruck, hierarchical, pairwise, pipeline, ring, star, tree
 from .schedule import (
+    BUFFERS,
     COLLECTIVES,
+    IN_OUT_COLLECTIVES,
+    Copy,
     Recv,
     Schedule,
     ScheduleError,
     ScheduleStats,
     Send,
     Step,
+    alltoall_displacements,
     even_blocks,
+    even_counts,
     expected,
+    offsets,
     simulate,
     stats,
     verify,
@@ -23,27 +29,53 @@ from .schedule import (
 
 __all__ = [
     "ALGORITHMS",
+    "ALL_COLLECTIVES",
+    "BUFFERS",
     "COLLECTIVES",
+    "COLLECTIVE_ALGORITHMS",
+    "IN_OUT_COLLECTIVES",
+    "Copy",
     "Recv",
     "Schedule",
     "ScheduleError",
     "ScheduleStats",
     "Send",
     "Step",
+    "alltoall_displacements",
     "build",
     "even_blocks",
+    "even_counts",
     "expected",
+    "offsets",
     "simulate",
     "stats",
     "verify",
 ]
 
-#: The Schedule builders ``build`` knows, by name.
+#: The Schedule builders of every collective of ``COLLECTIVES``, by name.
 ALGORITHMS: tuple[str, ...] = ("ring", "tree", "star", "hierarchical", "pipeline")
 _BUILDERS = {"ring": ring.BUILDERS, "tree": tree.BUILDERS, "star": star.BUILDERS, "hierarchical": hierarchical.BUILDERS,
-             "pipeline": pipeline.BUILDERS}
+             "pipeline": pipeline.BUILDERS, "pairwise": pairwise.BUILDERS, "bruck": bruck.BUILDERS}
+#: Every collective a Schedule can express: ``COLLECTIVES`` (one work buffer) and ``IN_OUT_COLLECTIVES``.
+ALL_COLLECTIVES: dict[str, tuple[str, str]] = {**COLLECTIVES, **IN_OUT_COLLECTIVES}
+#: Collective -> the Schedule algorithms that build it (the one table; "native", MPI's own, is not a Schedule).
+#:
+#: ============== ==========================================================================
+#: allreduce ...  ring, tree, star, hierarchical, pipeline (every collective of COLLECTIVES)
+#: alltoall       pairwise (P-1 steps, large messages), bruck (ceil(log2 P) steps, small ones)
+#: gather         tree (binomial, any root)
+#: scatter        tree (binomial, any root)
+#: allgatherv     ring (uneven and empty blocks)
+#: ============== ==========================================================================
+COLLECTIVE_ALGORITHMS: dict[str, tuple[str, ...]] = {
+    **{c: ALGORITHMS for c in COLLECTIVES},
+    "alltoall": ("pairwise", "bruck"),
+    "gather": ("tree",),
+    "scatter": ("tree",),
+    "allgatherv": ("ring",),
+}
 #: Collectives whose ``root`` means something; the others always build with root 0.
-_ROOTED = ("reduce", "broadcast")
+_ROOTED = ("reduce", "broadcast", "gather", "scatter")
 
 
 def build(
@@ -55,19 +87,27 @@ def build(
     blocks: Sequence[int] | None = None,
     nodes: Sequence[int] | None = None,
     pieces: int | None = None,
+    counts: Sequence[Sequence[int]] | Sequence[int] | None = None,
 ) -> Schedule:
     """Build (or fetch from the cache) the Schedule of ``collective`` by ``algorithm``.
 
     Args:
-        algorithm: one of ``ALGORITHMS``.
-        collective: one of ``COLLECTIVES``.
+        algorithm: one of ``COLLECTIVE_ALGORITHMS[collective]``.
+        collective: one of ``ALL_COLLECTIVES``.
         nranks: number of ranks P, >= 1.
-        nelems: elements in each rank's work buffer, >= 0.
-        root: root rank of reduce and broadcast, 0 <= root < P; checked but
-            ignored (the schedule's root is 0) for the other collectives.
+        nelems: elements in each rank's work buffer, >= 0. For
+            ``IN_OUT_COLLECTIVES``: the elements of all ranks' inputs together
+            (gather's and allgatherv's output, scatter's input at the root, the
+            sum of alltoall's counts).
+        root: root rank of reduce, broadcast, gather and scatter,
+            0 <= root < P; checked but ignored (the schedule's root is 0) for
+            the other collectives.
         blocks: P+1 non-decreasing offsets from 0 to ``nelems`` delimiting
             block r = [blocks[r], blocks[r+1]); blocks may be empty. Defaults
-            to ``even_blocks(nelems, nranks)``.
+            to ``even_blocks(nelems, nranks)``. For gather, scatter and
+            allgatherv block r is rank r's part; for alltoall rank r's input,
+            cut evenly (``even_blocks``) among the destinations unless
+            ``counts`` says otherwise.
         nodes: node label of each rank (e.g. ``Cluster.node_of_rank``); None
             means one node. Used by "hierarchical" (its whole shape) and
             "ring" (the ring keeps a node's ranks adjacent); ignored by the
@@ -92,12 +132,20 @@ def build(
         assert stats(sched).rounds == 6
         hier = build("hierarchical", "allreduce", 4, 1000, nodes=(0, 0, 1, 1))
         piped = build("pipeline", "broadcast", 8, 1 << 22, root=3)   # 23 pieces down a binary tree
+        a2a = build("bruck", "alltoall", 3, 9, counts=[[1, 2, 0], [3, 0, 1], [0, 0, 2]])
+        g = build("tree", "gather", 4, 10, root=2, counts=[4, 0, 3, 3])
     """
     # lru_cache needs hashable arguments: a list or an array of offsets becomes a tuple.
     if blocks is not None and not isinstance(blocks, tuple):
         blocks = tuple(blocks)
     if nodes is not None and not isinstance(nodes, tuple):
         nodes = tuple(nodes)
+    if counts is not None:
+        counts = _normalize_counts(algorithm, collective, nranks, nelems, blocks, counts)
+        if collective == "alltoall":
+            blocks = offsets([sum(row) for row in counts])
+        else:
+            blocks, counts = offsets(counts), None  # type: ignore[arg-type]
     if pieces is not None:
         if algorithm != "pipeline":
             pieces = None  # ignored, and left out of the cache key so the cache hits
@@ -107,7 +155,39 @@ def build(
         else:
             pieces = operator.index(pieces)
     return _build(algorithm, collective, nranks, nelems, root, blocks, _normalize_nodes(algorithm, nranks, nodes),
-                  pieces)
+                  pieces, counts)
+
+
+def _normalize_counts(algorithm: str, collective: str, nranks: int, nelems: int, blocks: tuple[int, ...] | None,
+                      counts: Sequence[Sequence[int]] | Sequence[int]) -> tuple:
+    """``counts`` as a tuple (of tuples), checked against the collective, ``nranks``, ``nelems`` and ``blocks``."""
+    where = f"topologies.build({algorithm!r}, {collective!r})"
+    P = operator.index(nranks)
+    try:
+        if collective == "alltoall":
+            out: tuple = tuple(tuple(operator.index(c) for c in row) for row in counts)  # type: ignore[union-attr]
+            flat = [c for row in out for c in row]
+            shape_ok = len(out) == P and all(len(row) == P for row in out)
+        elif collective in ("gather", "scatter", "allgatherv"):
+            out = tuple(operator.index(c) for c in counts)  # type: ignore[arg-type]
+            flat = list(out)
+            shape_ok = len(out) == P
+        else:
+            raise ValueError(f"{where}: counts is for alltoall, gather, scatter and allgatherv only")
+    except TypeError:
+        raise ValueError(f"{where}: counts must be integers, got {counts!r}") from None
+    if not shape_ok:
+        want = f"{P} x {P}" if collective == "alltoall" else f"{P}"
+        raise ValueError(f"{where}: counts must be {want} for {P} ranks, got {counts!r}")
+    if any(c < 0 for c in flat):
+        raise ValueError(f"{where}: counts must be >= 0, got {counts!r}")
+    if sum(flat) != nelems:
+        raise ValueError(f"{where}: counts sum to {sum(flat)}, but nelems is {nelems}")
+    if blocks is not None:
+        rows = offsets([sum(row) for row in out]) if collective == "alltoall" else offsets(out)
+        if tuple(blocks) != rows:
+            raise ValueError(f"{where}: blocks {tuple(blocks)} disagree with counts (which give {rows}); pass one")
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -137,12 +217,16 @@ def _build(
     blocks: tuple[int, ...] | None,
     nodes: tuple[int, ...] | None = None,
     pieces: int | None = None,
+    counts: tuple[tuple[int, ...], ...] | None = None,
 ) -> Schedule:
     where = f"topologies.build({algorithm!r}, {collective!r})"
     if algorithm not in _BUILDERS:
-        raise ValueError(f"{where}: unknown algorithm; choose one of {ALGORITHMS}")
-    if collective not in COLLECTIVES:
-        raise ValueError(f"{where}: unknown collective; choose one of {tuple(COLLECTIVES)}")
+        raise ValueError(f"{where}: unknown algorithm; choose one of {tuple(_BUILDERS)}")
+    if collective not in ALL_COLLECTIVES:
+        raise ValueError(f"{where}: unknown collective; choose one of {tuple(ALL_COLLECTIVES)}")
+    if algorithm not in COLLECTIVE_ALGORITHMS[collective]:
+        raise ValueError(f"{where}: unknown collective for this algorithm; {collective} is built by "
+                         f"{COLLECTIVE_ALGORITHMS[collective]}")
     nranks, nelems, root = operator.index(nranks), operator.index(nelems), operator.index(root)
     if nranks < 1:
         raise ValueError(f"{where}: nranks must be >= 1, got {nranks}")
@@ -165,6 +249,10 @@ def _build(
             )
     builder = _BUILDERS[algorithm][collective]
     root = root if collective in _ROOTED else 0
+    if collective == "alltoall":
+        if counts is None:  # each rank's input cut evenly among the destinations
+            counts = even_counts(blocks)
+        return builder(nranks, nelems, root, blocks, counts)
     if algorithm == "pipeline":
         return builder(nranks, nelems, root, blocks, pieces=pieces)
     if nodes is None:

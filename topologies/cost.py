@@ -5,7 +5,9 @@
 #   alpha  -- latency of one message on a link kind, seconds (per step, it is
 #             paid once: a step's messages are posted together).
 #   beta   -- inverse bandwidth of a link kind, seconds per byte.
-#   gamma  -- seconds per byte to reduce an incoming buffer into the local one.
+#   gamma  -- seconds per byte to reduce an incoming buffer into the local one;
+#             also what a local copy (Step.copies) costs per byte: both stream
+#             the bytes through memory once.
 #   kind   -- "intra" when both ranks of a message sit on one node, else "inter".
 #   port   -- what a message occupies while its bytes move: the sending rank's
 #             out-port and the receiving rank's in-port (each rank moves one
@@ -16,7 +18,7 @@
 #             node share its cores and memory).
 #
 # The replay follows the executor: a rank's step starts when its previous step
-# has ended; at its start it posts its sends. A message starts moving when its
+# has ended; it makes its local copies, then posts its sends. A message starts moving when its
 # sender's step has started; each of its ports moves it in bytes * beta after
 # what that port already has queued, and it lands alpha after the slowest. A step ends when its own sends have
 # left, its receives have landed and at least alpha has passed, plus gamma for
@@ -30,7 +32,10 @@
 # schedule of what Open MPI's tuned component runs for it: recursive doubling,
 # Rabenseifner's reduce-scatter + allgather, or ring for allreduce, a binomial tree or ring (scatter-allgather) for
 # reduce and broadcast, ring or binomial for reduce_scatter and allgather;
-# whichever is cheaper, in rank order, on the same links. Our Schedules pay
+# whichever is cheaper, in rank order, on the same links. For the in/out
+# collectives: pairwise, Bruck or linear (every message posted at once) for
+# alltoall; a binomial tree or linear for gather and scatter; ring or a
+# binomial gather + broadcast for allgatherv. Our Schedules pay
 # ``EXECUTOR_STEP`` of Python per step on top of the link's alpha; MPI's own
 # steps do not.
 from __future__ import annotations
@@ -39,9 +44,21 @@ import heapq
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from . import ALGORITHMS, COLLECTIVES, build
+from . import ALGORITHMS, ALL_COLLECTIVES, COLLECTIVE_ALGORITHMS, build
 from .cluster import Cluster, LinkCost
-from .schedule import Recv, Schedule, ScheduleError, Send, Step, even_blocks
+from .schedule import (
+    INPUT,
+    OUTPUT,
+    Copy,
+    Recv,
+    Schedule,
+    ScheduleError,
+    Send,
+    Step,
+    alltoall_displacements,
+    even_blocks,
+    even_counts,
+)
 
 __all__ = [
     "DEFAULT_INTRA",
@@ -49,6 +66,7 @@ __all__ = [
     "DEFAULT_GAMMA",
     "EXECUTOR_STEP",
     "CANDIDATES",
+    "candidates_for",
     "Choice",
     "SharedLinkCost",
     "links",
@@ -59,6 +77,9 @@ __all__ = [
     "explain",
     "recursive_doubling_allreduce",
     "rabenseifner_allreduce",
+    "linear_alltoall",
+    "linear_gather",
+    "linear_scatter",
 ]
 
 #: Link costs used when a Cluster is not calibrated (COLLECTIVE_CALIBRATE=0): shared memory
@@ -73,8 +94,21 @@ DEFAULT_GAMMA = 1 / 3e9
 #: Sendrecv took 2.7 us (P=2, one node, 8 us per step once the ~2 us of argument checks are out).
 #: MPI's own collectives do not pay it, which is what makes "native" win small messages.
 EXECUTOR_STEP = 8e-6
-#: What ``choose`` compares by default: every Schedule algorithm, and MPI's own.
+#: What ``choose`` compares by default for the collectives of ``COLLECTIVES``: every Schedule algorithm, and
+#: MPI's own. ``candidates_for(collective)`` gives it for any collective.
 CANDIDATES: tuple[str, ...] = ("native", *ALGORITHMS)
+
+
+def candidates_for(collective: str) -> tuple[str, ...]:
+    """"native" and every Schedule algorithm of ``collective`` (``COLLECTIVE_ALGORITHMS``): what ``choose`` compares.
+
+    Example::
+
+        candidates_for("alltoall")   # ("native", "pairwise", "bruck")
+    """
+    if collective not in COLLECTIVE_ALGORITHMS:
+        raise ValueError(f"candidates_for: unknown collective {collective!r}; choose one of {tuple(ALL_COLLECTIVES)}")
+    return ("native", *COLLECTIVE_ALGORITHMS[collective])
 
 
 @dataclass(frozen=True)
@@ -144,6 +178,7 @@ def cost(sched: Schedule, cluster: Cluster, itemsize: int = 4, overhead: float =
     consumed: dict[tuple[int, int], int] = {}
     ptr = [0] * P
     done = [0.0] * P
+    begun = [0.0] * P  # when the current step's copies are done and its sends are posted
     sends_end = [0.0] * P
     heap = [(0.0, r) for r in range(P) if sched.steps[r]]
     heapq.heapify(heap)
@@ -157,7 +192,7 @@ def cost(sched: Schedule, cluster: Cluster, itemsize: int = 4, overhead: float =
 
     def finish(r: int) -> None:
         step = sched.steps[r][ptr[r]]
-        t0 = done[r]
+        t0 = begun[r]
         end = sends_end[r]
         lat = 0.0
         reduced = 0
@@ -178,6 +213,9 @@ def cost(sched: Schedule, cluster: Cluster, itemsize: int = 4, overhead: float =
     while heap:
         t0, r = heapq.heappop(heap)
         step = sched.steps[r][ptr[r]]
+        if step.copies:
+            t0 += sum(c.stop - c.start for c in step.copies) * itemsize * gamma
+        begun[r] = t0
         end = t0
         for s in step.sends:
             q = s.peer
@@ -314,8 +352,81 @@ def rabenseifner_allreduce(nranks: int, nelems: int) -> Schedule:
                     tuple(tuple(s) for s in steps))
 
 
+def linear_alltoall(nranks: int, nelems: int) -> Schedule:
+    """MPI's basic linear alltoall, as a model of ``native``: one step posting every send and receive at once.
+
+    Every rank's share of ``nelems`` is cut evenly among the destinations (as
+    ``build`` does without ``counts``); its own block is a local copy.
+
+    Example::
+
+        cost(linear_alltoall(8, 8 * 8 * 256), Cluster((0,) * 8))
+    """
+    P = nranks
+    blocks = even_blocks(nelems, P)
+    counts = even_counts(blocks)
+    send, recv = alltoall_displacements(counts)
+    steps = []
+    for r in range(P):
+        sends = tuple(Send(j, send[r][j], send[r][j + 1], INPUT) for j in range(P) if j != r and counts[r][j])
+        recvs = tuple(Recv(i, recv[r][i], recv[r][i + 1], buf=OUTPUT) for i in range(P) if i != r and counts[i][r])
+        own = counts[r][r]
+        copies = (Copy(INPUT, send[r][r], send[r][r] + own, OUTPUT, recv[r][r]),) if own else ()
+        steps.append((Step(sends, recvs, copies),) if sends or recvs or copies else ())
+    extents = {INPUT: tuple(send[r][P] for r in range(P)), OUTPUT: tuple(recv[r][P] for r in range(P))}
+    return Schedule("alltoall", "linear", P, nelems, 0, blocks, tuple(steps), counts, extents)
+
+
+def _linear_rooted(collective: str, nranks: int, nelems: int, root: int) -> Schedule:
+    P = nranks
+    blocks = even_blocks(nelems, P)
+    size = [blocks[r + 1] - blocks[r] for r in range(P)]
+    steps: list[tuple[Step, ...]] = []
+    hub = []
+    for r in range(P):
+        if r == root or not size[r]:
+            steps.append(())
+        elif collective == "gather":
+            steps.append((Step(sends=(Send(root, 0, size[r], INPUT),)),))
+            hub.append(Recv(r, blocks[r], blocks[r + 1], buf=OUTPUT))
+        else:
+            steps.append((Step(recvs=(Recv(root, 0, size[r], buf=OUTPUT),)),))
+            hub.append(Send(r, blocks[r], blocks[r + 1], INPUT))  # type: ignore[arg-type]
+    if collective == "gather":
+        own = (Copy(INPUT, 0, size[root], OUTPUT, blocks[root]),) if size[root] else ()
+        rs = tuple(hub)
+        steps[root] = (Step(recvs=rs, copies=own),) if rs or own else ()  # type: ignore[arg-type]
+        extents = {INPUT: tuple(size), OUTPUT: tuple(nelems if r == root else 0 for r in range(P))}
+    else:
+        own = (Copy(INPUT, blocks[root], blocks[root + 1], OUTPUT, 0),) if size[root] else ()
+        ss = tuple(hub)
+        steps[root] = (Step(sends=ss, copies=own),) if ss or own else ()  # type: ignore[arg-type]
+        extents = {INPUT: tuple(nelems if r == root else 0 for r in range(P)), OUTPUT: tuple(size)}
+    return Schedule(collective, "linear", P, nelems, root, blocks, tuple(steps), None, extents)
+
+
+def linear_gather(nranks: int, nelems: int, root: int = 0) -> Schedule:
+    """MPI's basic linear gather, as a model of ``native``: the root receives every rank's block in one step."""
+    return _linear_rooted("gather", nranks, nelems, root)
+
+
+def linear_scatter(nranks: int, nelems: int, root: int = 0) -> Schedule:
+    """MPI's basic linear scatter, as a model of ``native``: the root sends every rank its block in one step."""
+    return _linear_rooted("scatter", nranks, nelems, root)
+
+
 def _native(collective: str, nelems: int, root: int, cluster: Cluster, itemsize: int) -> float:
     P = cluster.size
+    if collective == "alltoall":
+        models = [build("pairwise", collective, P, nelems), build("bruck", collective, P, nelems),
+                  linear_alltoall(P, nelems)]
+        return min(cost(m, cluster, itemsize) for m in models)
+    if collective in ("gather", "scatter"):
+        lin = linear_gather(P, nelems, root) if collective == "gather" else linear_scatter(P, nelems, root)
+        return min(cost(m, cluster, itemsize) for m in (build("tree", collective, P, nelems, root), lin))
+    if collective == "allgatherv":
+        models = [build("ring", "allgatherv", P, nelems), build("tree", "allgather", P, nelems)]
+        return min(cost(m, cluster, itemsize) for m in models)
     models: list[Schedule] = [build("ring", collective, P, nelems, root)]
     if collective == "allreduce":
         models.append(recursive_doubling_allreduce(P, nelems))
@@ -326,29 +437,35 @@ def _native(collective: str, nelems: int, root: int, cluster: Cluster, itemsize:
 
 
 def _elems(collective: str, nbytes: int, itemsize: int, P: int) -> int:
-    """Work-buffer elements for a call whose per-rank input is ``nbytes`` (allgather gathers P of them)."""
+    """A Schedule's ``nelems`` for a call whose per-rank input is ``nbytes``.
+
+    allgather(v), gather and alltoall count every rank's input (P of them);
+    scatter's ``nbytes`` is the root's whole input.
+    """
     n = max(0, nbytes) // itemsize
-    return n * P if collective == "allgather" else n
+    return n * P if collective in ("allgather", "allgatherv", "gather", "alltoall") else n
 
 
 def predict(collective: str, nbytes: int, cluster: Cluster, algorithm: str, itemsize: int = 4, root: int = 0) -> float:
     """Predicted seconds of one call of ``collective`` by ``algorithm`` with ``nbytes`` per rank on ``cluster``.
 
     Args:
-        collective: one of ``COLLECTIVES``.
-        nbytes: bytes of one rank's input (``x.nbytes``; for allgather the
-            result is P times that).
+        collective: one of ``ALL_COLLECTIVES``.
+        nbytes: bytes of one rank's input (``x.nbytes``; for allgather,
+            allgatherv and gather the result is P times that; alltoall sends
+            it in P equal blocks); for scatter the root's whole input.
         cluster: ranks, nodes and link costs.
-        algorithm: "native" or one of ``ALGORITHMS``.
+        algorithm: "native" or one of ``COLLECTIVE_ALGORITHMS[collective]``.
         itemsize: bytes per element.
-        root: root of reduce and broadcast.
+        root: root of reduce, broadcast, gather and scatter.
 
     Example::
 
         predict("allreduce", 1 << 20, Cluster((0, 0, 1, 1)), "hierarchical")
+        predict("alltoall", 4096, Cluster((0,) * 8), "bruck")
     """
-    if collective not in COLLECTIVES:
-        raise ValueError(f"predict: unknown collective {collective!r}; choose one of {tuple(COLLECTIVES)}")
+    if collective not in ALL_COLLECTIVES:
+        raise ValueError(f"predict: unknown collective {collective!r}; choose one of {tuple(ALL_COLLECTIVES)}")
     P = cluster.size
     n = _elems(collective, nbytes, itemsize, P)
     if algorithm == "native":
@@ -361,7 +478,7 @@ def choose(
     nbytes: int,
     cluster: Cluster,
     itemsize: int = 4,
-    candidates: Iterable[str] = CANDIDATES,
+    candidates: Iterable[str] | None = None,
     root: int = 0,
 ) -> Choice:
     """The candidate with the least predicted time, and the table of predictions.
@@ -370,19 +487,22 @@ def choose(
     go to the earlier candidate), so ranks never disagree on the algorithm.
 
     Args:
-        collective: one of ``COLLECTIVES``.
-        nbytes: bytes of one rank's input.
+        collective: one of ``ALL_COLLECTIVES``.
+        nbytes: bytes of one rank's input (see :func:`predict`).
         cluster: ranks, nodes and link costs (``comm.cluster``).
         itemsize: bytes per element.
-        candidates: algorithm names ("native" and/or ``ALGORITHMS``).
-        root: root of reduce and broadcast.
+        candidates: algorithm names ("native" and/or
+            ``COLLECTIVE_ALGORITHMS[collective]``); None means
+            ``candidates_for(collective)``.
+        root: root of reduce, broadcast, gather and scatter.
 
     Example::
 
         c = choose("allreduce", 4 << 20, comm.cluster)
         c.best, c.predictions
+        choose("alltoall", 256, comm.cluster, candidates=("pairwise", "bruck")).best   # "bruck"
     """
-    cands = list(dict.fromkeys(candidates))
+    cands = list(dict.fromkeys(candidates_for(collective) if candidates is None else candidates))
     if not cands:
         raise ValueError("choose: no candidates")
     table = [(a, predict(collective, nbytes, cluster, a, itemsize, root)) for a in cands]

@@ -30,6 +30,10 @@
 #           are positions; chunk c is block order[c], so rank order[p] still
 #           ends (reduce-scatter) or starts (allgather) with its own block.
 #
+# allgatherv is the allgather pass on an output buffer (see topologies.schedule):
+# rank r first copies its input, block r, into place, in the same step as its
+# first send, which the copy precedes.
+#
 # Fewer elements than ranks, or caller-supplied uneven blocks, give empty
 # chunks. Their transfers are skipped by range length, identically on the
 # sender and the receiver, so channel matching stays in step; a step left with
@@ -38,9 +42,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from .schedule import Recv, Schedule, Send, Step
+from .schedule import INPUT, OUTPUT, Copy, Recv, Schedule, Send, Step
 
-__all__ = ["allreduce", "reduce", "broadcast", "reduce_scatter", "allgather", "node_order", "BUILDERS"]
+__all__ = ["allreduce", "reduce", "broadcast", "reduce_scatter", "allgather", "allgatherv", "node_order", "BUILDERS"]
 
 _Steps = list[list[Step]]
 
@@ -127,6 +131,33 @@ def allgather(
     return _schedule("allgather", nelems, 0, blocks, steps)
 
 
+def allgatherv(
+    nranks: int, nelems: int, root: int, blocks: tuple[int, ...], order: Sequence[int] | None = None
+) -> Schedule:
+    """Ring allgatherv: rank r's input (block r, any size, empty too) to every rank's output; P-1 steps.
+
+    The first step copies the input into place in the output, then one copy
+    pass runs on the output.
+    """
+    steps = _empty(nranks)
+    if nelems:
+        if nranks > 1:
+            _pass(steps, blocks, first=0, reduce=False, order=order)
+        for r in range(nranks):
+            mine = steps[r]
+            for i, st in enumerate(mine):
+                mine[i] = Step(tuple(Send(s.peer, s.start, s.stop, OUTPUT) for s in st.sends),
+                               tuple(Recv(rv.peer, rv.start, rv.stop, buf=OUTPUT) for rv in st.recvs))
+            if blocks[r] < blocks[r + 1]:
+                copy = (Copy(INPUT, 0, blocks[r + 1] - blocks[r], OUTPUT, blocks[r]),)
+                if mine:
+                    mine[0] = Step(mine[0].sends, mine[0].recvs, copy)
+                else:
+                    mine.append(Step(copies=copy))
+    extents = {INPUT: tuple(blocks[r + 1] - blocks[r] for r in range(nranks)), OUTPUT: (nelems,) * nranks}
+    return Schedule("allgatherv", "ring", nranks, nelems, 0, blocks, tuple(tuple(s) for s in steps), None, extents)
+
+
 def reduce(
     nranks: int, nelems: int, root: int, blocks: tuple[int, ...], order: Sequence[int] | None = None
 ) -> Schedule:
@@ -177,4 +208,5 @@ BUILDERS: dict[str, Callable[..., Schedule]] = {
     "broadcast": broadcast,
     "reduce_scatter": reduce_scatter,
     "allgather": allgather,
+    "allgatherv": allgatherv,
 }

@@ -18,25 +18,48 @@ Terms used throughout `topologies/` (the builders' variable names follow them):
 * **channel** -- messages from rank ``a`` to rank ``b`` match in order: the k-th
   send ``a -> b`` is the k-th receive ``b <- a``, whatever steps they sit in.
   The executor turns k into the MPI tag, so matching never depends on timing.
+* **buffer** -- the collectives of ``COLLECTIVES`` use the work buffer alone
+  (``"work"``). Those of ``IN_OUT_COLLECTIVES`` (alltoall, gather, scatter,
+  allgatherv) read an ``"input"`` buffer, which no step may write, and fill an
+  ``"output"`` buffer laid out differently; a rank may also use a private
+  ``"temp"`` buffer (the executor provides it). Each range names its buffer
+  (``buf``), and ``Schedule.extents`` gives every buffer's size on every rank,
+  which may differ from rank to rank.
+* **copy** -- a local copy between ranges of a rank's buffers (``Step.copies``).
+  A step's copies run first, in order, before its receives and sends are
+  posted, so its sends read what they wrote. A step with copies alone is local
+  work: it takes no round.
 
 A Schedule is pure data: ``steps[rank]`` is that rank's tuple of Steps.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from itertools import pairwise
+from types import MappingProxyType
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 __all__ = [
     "COLLECTIVES",
+    "IN_OUT_COLLECTIVES",
+    "BUFFERS",
+    "WORK",
+    "INPUT",
+    "OUTPUT",
+    "TEMP",
     "Send",
     "Recv",
+    "Copy",
     "Step",
     "Schedule",
     "ScheduleError",
     "ScheduleStats",
     "even_blocks",
+    "offsets",
+    "alltoall_displacements",
+    "even_counts",
     "simulate",
     "expected",
     "verify",
@@ -52,6 +75,22 @@ COLLECTIVES: dict[str, tuple[str, str]] = {
     "allgather": ("rank r, block r: its contribution", "every rank: every block"),
 }
 
+#: Collectives with an input and an output buffer -> (input of each rank, output of each rank).
+#: ``blocks`` are the rank blocks of the concatenation of every rank's input: rank r contributes
+#: block r (for scatter, the root's input is that concatenation). alltoall's ``counts[i][j]``
+#: is what rank i sends rank j: rank i's input holds its blocks for ranks 0..P-1 in order, rank
+#: j's output the blocks from ranks 0..P-1 in order.
+IN_OUT_COLLECTIVES: dict[str, tuple[str, str]] = {
+    "alltoall": ("rank i: counts[i][j] elements for each rank j", "rank j: counts[i][j] elements from each rank i"),
+    "gather": ("rank r: block r", "root: every block; others: nothing"),
+    "scatter": ("root: every block; others: nothing", "rank r: block r"),
+    "allgatherv": ("rank r: block r", "every rank: every block"),
+}
+
+WORK, INPUT, OUTPUT, TEMP = "work", "input", "output", "temp"
+#: The buffers a range may name; see the module docstring.
+BUFFERS: tuple[str, ...] = (WORK, INPUT, OUTPUT, TEMP)
+
 
 class ScheduleError(ValueError):
     """A Schedule is malformed, deadlocks, or computes the wrong result."""
@@ -59,16 +98,17 @@ class ScheduleError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """Send ``buffer[start:stop]`` to ``peer``."""
+    """Send ``buf[start:stop]`` to ``peer``."""
 
     peer: int
     start: int
     stop: int
+    buf: str = WORK
 
 
 @dataclass(frozen=True, slots=True)
 class Recv:
-    """Receive ``stop - start`` elements from ``peer`` into ``buffer[start:stop]``.
+    """Receive ``stop - start`` elements from ``peer`` into ``buf[start:stop]``.
 
     ``reduce=True`` combines them with the op (``buf = op(buf, incoming)``);
     ``reduce=False`` overwrites the range.
@@ -78,14 +118,32 @@ class Recv:
     start: int
     stop: int
     reduce: bool = False
+    buf: str = WORK
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """Copy ``src[start:stop]`` to ``dst[dst_start:dst_start + stop - start]`` on the same rank."""
+
+    src: str
+    start: int
+    stop: int
+    dst: str
+    dst_start: int
+
+    @property
+    def dst_stop(self) -> int:
+        """End of the destination range."""
+        return self.dst_start + self.stop - self.start
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """Sends and receives a rank posts together; see the module docstring."""
+    """Copies, then sends and receives a rank posts together; see the module docstring."""
 
     sends: tuple[Send, ...] = ()
     recvs: tuple[Recv, ...] = ()
+    copies: tuple[Copy, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,14 +151,18 @@ class Schedule:
     """One collective, for every rank, as data.
 
     Attributes:
-        collective: one of ``COLLECTIVES``.
+        collective: one of ``COLLECTIVES`` or ``IN_OUT_COLLECTIVES``.
         algorithm: the builder's name ("ring", "tree", ...), for messages.
         nranks: number of ranks P.
-        nelems: elements in each rank's work buffer.
-        root: the root rank for reduce/broadcast (and the internal root of
-            rooted algorithms), or 0.
+        nelems: elements in each rank's work buffer; for ``IN_OUT_COLLECTIVES``
+            the elements of all ranks' inputs together.
+        root: the root rank for reduce/broadcast/gather/scatter (and the
+            internal root of rooted algorithms), or 0.
         blocks: P+1 offsets delimiting block r = [blocks[r], blocks[r+1]).
         steps: ``steps[rank]`` is that rank's Steps in order.
+        counts: alltoall only: ``counts[i][j]`` elements go from rank i to rank j.
+        extents: buffer name -> its elements on each rank. None (the default)
+            means the work buffer alone, ``nelems`` on every rank.
     """
 
     collective: str
@@ -110,14 +172,38 @@ class Schedule:
     root: int
     blocks: tuple[int, ...]
     steps: tuple[tuple[Step, ...], ...]
+    counts: tuple[tuple[int, ...], ...] | None = None
+    extents: Mapping[str, tuple[int, ...]] | None = None
 
     def __post_init__(self) -> None:
-        if self.collective not in COLLECTIVES:
+        if self.collective not in COLLECTIVES and self.collective not in IN_OUT_COLLECTIVES:
             raise ScheduleError(f"unknown collective {self.collective!r}")
         if len(self.steps) != self.nranks:
             raise ScheduleError(f"{self.algorithm} {self.collective}: steps for {len(self.steps)} ranks, expected {self.nranks}")
         if len(self.blocks) != self.nranks + 1 or self.blocks[0] != 0 or self.blocks[-1] != self.nelems:
             raise ScheduleError(f"{self.algorithm} {self.collective}: blocks {self.blocks} do not split {self.nelems} elements in {self.nranks}")
+        ext = {WORK: (self.nelems,) * self.nranks} if self.extents is None else dict(self.extents)
+        for name, sizes in ext.items():
+            if name not in BUFFERS or len(sizes) != self.nranks or any(n < 0 for n in sizes):
+                raise ScheduleError(f"{self.algorithm} {self.collective}: bad extents {name!r}: {sizes}")
+        if self.counts is not None and self.blocks != offsets([sum(row) for row in self.counts]):
+            raise ScheduleError(f"{self.algorithm} {self.collective}: blocks {self.blocks} are not the running sums "
+                                f"of the rows of counts")
+        object.__setattr__(self, "extents", MappingProxyType(ext))
+
+    def __hash__(self) -> int:  # extents is a read-only mapping; the other fields determine it
+        return hash((self.collective, self.algorithm, self.nranks, self.nelems, self.root, self.blocks, self.steps,
+                     self.counts))
+
+    def extent(self, buf: str, rank: int) -> int:
+        """Elements of buffer ``buf`` on ``rank`` (0 for a buffer the schedule does not use)."""
+        sizes = self.extents.get(buf)  # type: ignore[union-attr]
+        return 0 if sizes is None else sizes[rank]
+
+    @property
+    def buffers(self) -> tuple[str, ...]:
+        """The buffers this schedule uses, in ``BUFFERS`` order."""
+        return tuple(b for b in BUFFERS if b in self.extents)  # type: ignore[operator]
 
 
 def even_blocks(nelems: int, nranks: int) -> tuple[int, ...]:
@@ -129,42 +215,90 @@ def even_blocks(nelems: int, nranks: int) -> tuple[int, ...]:
     return tuple(offsets)
 
 
+def offsets(sizes: Sequence[int]) -> tuple[int, ...]:
+    """Running offsets of ``sizes``: ``(0, sizes[0], sizes[0] + sizes[1], ...)``, one more entry than ``sizes``."""
+    out = [0]
+    for n in sizes:
+        out.append(out[-1] + n)
+    return tuple(out)
+
+
 def _check_step(sched: Schedule, rank: int, index: int, step: Step) -> None:
     where = f"{sched.algorithm} {sched.collective} P={sched.nranks} n={sched.nelems}: rank {rank} step {index}"
+
+    def in_range(buf: str, start: int, stop: int) -> None:
+        if buf not in sched.extents:  # type: ignore[operator]
+            raise ScheduleError(f"{where}: buffer {buf!r} is not one of the schedule's {sched.buffers}")
+        if not 0 <= start < stop <= sched.extent(buf, rank):
+            raise ScheduleError(f"{where}: bad or empty range [{start}, {stop}) of {buf}")
+
     for t in (*step.sends, *step.recvs):
         if not 0 <= t.peer < sched.nranks or t.peer == rank:
             raise ScheduleError(f"{where}: bad peer {t.peer}")
-        if not 0 <= t.start < t.stop <= sched.nelems:
-            raise ScheduleError(f"{where}: bad or empty range [{t.start}, {t.stop})")
+        in_range(t.buf, t.start, t.stop)
+    for c in step.copies:
+        in_range(c.src, c.start, c.stop)
+        in_range(c.dst, c.dst_start, c.dst_stop)
+        if c.src == c.dst and c.start < c.dst_stop and c.dst_start < c.stop:
+            raise ScheduleError(f"{where}: copy [{c.start},{c.stop}) onto itself in {c.src}")
+    for w in (*(r.buf for r in step.recvs), *(c.dst for c in step.copies)):
+        if w == INPUT:
+            raise ScheduleError(f"{where}: writes the input buffer, which is read-only")
     for s in step.sends:
         for r in step.recvs:
-            if s.start < r.stop and r.start < s.stop:
+            if s.buf == r.buf and s.start < r.stop and r.start < s.stop:
                 raise ScheduleError(f"{where}: send [{s.start},{s.stop}) overlaps receive [{r.start},{r.stop})")
     for i, a in enumerate(step.recvs):
         for b in step.recvs[i + 1:]:
-            if (not a.reduce or not b.reduce) and a.start < b.stop and b.start < a.stop:
+            if a.buf == b.buf and (not a.reduce or not b.reduce) and a.start < b.stop and b.start < a.stop:
                 raise ScheduleError(f"{where}: copy receive overlaps another receive")
+        for c in step.copies:
+            if a.buf == c.dst and a.start < c.dst_stop and c.dst_start < a.stop:
+                raise ScheduleError(f"{where}: copy into [{c.dst_start},{c.dst_stop}) overlaps a receive")
 
 
 def simulate(
     sched: Schedule,
-    buffers: Sequence[np.ndarray],
+    buffers: Sequence[np.ndarray] | Sequence[Mapping[str, np.ndarray]],
     reduce: Callable[[np.ndarray, np.ndarray], np.ndarray] = np.add,
-) -> list[np.ndarray]:
+) -> list:
     """Run ``sched`` on in-memory buffers, one per rank, and return the final buffers.
 
     Each rank advances through its steps as soon as the messages its current
     step receives have been posted, exactly the dependency the executor has.
     Raises ScheduleError on a malformed step, a size mismatch between a send
     and its receive, a deadlock, or messages left unreceived.
+
+    Args:
+        sched: the Schedule.
+        buffers: one work buffer per rank; or, for a schedule with several
+            buffers, one mapping per rank from buffer name to array. A buffer
+            left out starts as zeros of the dtype of the first one given (the
+            ``"temp"`` buffer, or one of zero elements on this rank).
+        reduce: the reduction op of ``reduce`` receives.
+
+    Returns:
+        The final work buffers; with mappings given, one dict per rank of
+        every buffer of the schedule.
     """
     P = sched.nranks
     if len(buffers) != P:
         raise ScheduleError(f"simulate: {len(buffers)} buffers for {P} ranks")
-    bufs = [np.array(b, copy=True).reshape(-1) for b in buffers]
-    for b in bufs:
-        if b.size != sched.nelems:
-            raise ScheduleError(f"simulate: buffer of {b.size} elements, schedule has {sched.nelems}")
+    mapped = any(isinstance(b, Mapping) for b in buffers)
+    bufs: list[dict[str, np.ndarray]] = []
+    for r, given in enumerate(buffers):
+        given = dict(given) if isinstance(given, Mapping) else {WORK: given}
+        dtype = next(iter(given.values())).dtype if given else np.dtype(np.int64)
+        mine = {}
+        for name in sched.buffers:
+            if name in given:
+                mine[name] = np.array(given[name], copy=True).reshape(-1)
+            else:
+                mine[name] = np.zeros(sched.extent(name, r), dtype)
+            if mine[name].size != sched.extent(name, r):
+                raise ScheduleError(f"simulate: rank {r} buffer {name!r} of {mine[name].size} elements, "
+                                    f"schedule has {sched.extent(name, r)}")
+        bufs.append(mine)
     for r in range(P):
         for i, step in enumerate(sched.steps[r]):
             _check_step(sched, r, i, step)
@@ -177,9 +311,12 @@ def simulate(
             if ptr[r] >= len(sched.steps[r]):
                 continue
             step = sched.steps[r][ptr[r]]
+            b = bufs[r]
             if not posted[r]:
+                for c in step.copies:
+                    b[c.dst][c.dst_start:c.dst_stop] = b[c.src][c.start:c.stop]
                 for s in step.sends:
-                    channels.setdefault((r, s.peer), []).append(bufs[r][s.start:s.stop].copy())
+                    channels.setdefault((r, s.peer), []).append(b[s.buf][s.start:s.stop].copy())
                 posted[r] = True
                 progress = True
             need: dict[int, int] = {}
@@ -194,10 +331,11 @@ def simulate(
                         f"{sched.algorithm} {sched.collective} P={P} n={sched.nelems}: rank {r} step {ptr[r]} "
                         f"receives {rv.stop - rv.start} elements from {rv.peer}, which sent {msg.size}"
                     )
+                dst = b[rv.buf]
                 if rv.reduce:
-                    bufs[r][rv.start:rv.stop] = reduce(bufs[r][rv.start:rv.stop], msg)
+                    dst[rv.start:rv.stop] = reduce(dst[rv.start:rv.stop], msg)
                 else:
-                    bufs[r][rv.start:rv.stop] = msg
+                    dst[rv.start:rv.stop] = msg
             ptr[r] += 1
             posted[r] = False
             progress = True
@@ -209,7 +347,7 @@ def simulate(
     left = {k: len(v) for k, v in channels.items() if v}
     if left:
         raise ScheduleError(f"{sched.algorithm} {sched.collective} P={P} n={sched.nelems}: unreceived messages {left}")
-    return bufs
+    return bufs if mapped else [b[WORK] for b in bufs]
 
 
 def expected(
@@ -220,8 +358,12 @@ def expected(
     """What each rank's work buffer must hold after ``sched`` on ``inputs``.
 
     Elements the collective leaves unspecified are returned as None (a whole
-    rank) or checked only on the ranges that matter by :func:`verify`.
+    rank) or checked only on the ranges that matter by :func:`verify`. For
+    ``IN_OUT_COLLECTIVES``, ``inputs`` are the ranks' input buffers and the
+    result their output buffers.
     """
+    if sched.collective in IN_OUT_COLLECTIVES:
+        return list(_expected_outputs(sched, inputs))
     P, root = sched.nranks, sched.root
     total = inputs[0].copy()
     for x in inputs[1:]:
@@ -244,13 +386,76 @@ def expected(
     raise ScheduleError(f"unknown collective {c!r}")
 
 
+def even_counts(blocks: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """alltoall counts where rank i's input, block i of ``blocks``, is cut evenly (``even_blocks``) among the ranks."""
+    P = len(blocks) - 1
+    return tuple(tuple(b - a for a, b in pairwise(even_blocks(blocks[i + 1] - blocks[i], P))) for i in range(P))
+
+
+def alltoall_displacements(counts: Sequence[Sequence[int]]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """Where each block sits: ``send[i][j]`` is the offset of i's block for j in i's input, ``recv[j][i]`` in j's output.
+
+    Each has P+1 entries per rank (the last is the buffer's size).
+    """
+    P = len(counts)
+    send = [offsets(counts[i]) for i in range(P)]
+    recv = [offsets([counts[i][j] for i in range(P)]) for j in range(P)]
+    return send, recv
+
+
+def _expected_outputs(sched: Schedule, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    P, c, blocks = sched.nranks, sched.collective, sched.blocks
+    if c == "alltoall":
+        assert sched.counts is not None
+        send, _ = alltoall_displacements(sched.counts)
+        return [np.concatenate([inputs[i][send[i][j]:send[i][j + 1]] for i in range(P)]) for j in range(P)]
+    if c == "scatter":
+        full = inputs[sched.root]
+        return [full[blocks[r]:blocks[r + 1]].copy() for r in range(P)]
+    full = np.concatenate([np.asarray(x).reshape(-1) for x in inputs])
+    if c == "gather":
+        return [full if r == sched.root else full[:0] for r in range(P)]
+    return [full.copy() for _ in range(P)]  # allgatherv
+
+
+def _verify_in_out(sched: Schedule, seed: int) -> None:
+    """verify() for IN_OUT_COLLECTIVES: distinct input values, poisoned output and temp buffers."""
+    rng = np.random.default_rng(seed)
+    P = sched.nranks
+    poison = -(10**12)
+    inputs = [rng.integers(-10**9, 10**9, size=sched.extent(INPUT, r)).astype(np.int64) for r in range(P)]
+    start = [
+        {name: inputs[r].copy() if name == INPUT else np.full(sched.extent(name, r), poison, np.int64)
+         for name in sched.buffers}
+        for r in range(P)
+    ]
+    out = simulate(sched, start)
+    want = _expected_outputs(sched, inputs)
+    for r in range(P):
+        got, w = out[r][OUTPUT], want[r]
+        if got.shape != w.shape or not np.array_equal(got, w):
+            bad = int(np.flatnonzero(got != w)[0]) if got.shape == w.shape else -1
+            raise ScheduleError(
+                f"{sched.algorithm} {sched.collective} P={P} n={sched.nelems} root={sched.root}: rank {r} output "
+                + (f"element {bad} is {got[bad]}, expected {w[bad]}" if bad >= 0 else
+                   f"has {got.size} elements, expected {w.size}")
+            )
+        if not np.array_equal(out[r][INPUT], inputs[r]):
+            raise ScheduleError(f"{sched.algorithm} {sched.collective} P={P}: rank {r} input was changed")
+
+
 def verify(sched: Schedule, seed: int = 0) -> None:
     """Simulate ``sched`` on random small-integer inputs and check the result exactly.
 
     Unspecified elements (non-root ranks of reduce, other ranks' blocks of
     reduce_scatter, non-root inputs of broadcast, other blocks of allgather)
     are filled with a poison value so a schedule that relies on them fails.
+    For ``IN_OUT_COLLECTIVES`` every input element is distinct and the output
+    and temp buffers start poisoned, so a block in the wrong place fails too.
     """
+    if sched.collective in IN_OUT_COLLECTIVES:
+        _verify_in_out(sched, seed)
+        return
     rng = np.random.default_rng(seed)
     P, n = sched.nranks, sched.nelems
     inputs = [rng.integers(-8, 9, size=n).astype(np.int64) for _ in range(P)]
@@ -289,7 +494,8 @@ class ScheduleStats:
 
     ``rounds`` is the number of dependent steps on the longest chain: a step
     completes one round after both its own previous step and the steps that
-    sent it data have started.
+    sent it data have started. A step of copies alone takes no round;
+    ``elems_copied`` counts the elements of local copies.
     """
 
     steps: tuple[int, ...]
@@ -299,6 +505,7 @@ class ScheduleStats:
     messages_sent: tuple[int, ...]
     rounds: int
     extra: dict = field(default_factory=dict)
+    elems_copied: tuple[int, ...] = ()
 
 
 def stats(sched: Schedule) -> ScheduleStats:
@@ -308,8 +515,11 @@ def stats(sched: Schedule) -> ScheduleStats:
     recvd = [0] * P
     reduced = [0] * P
     msgs = [0] * P
+    copied = [0] * P
     for r in range(P):
         for step in sched.steps[r]:
+            for c in step.copies:
+                copied[r] += c.stop - c.start
             for s in step.sends:
                 sent[r] += s.stop - s.start
                 msgs[r] += 1
@@ -345,10 +555,11 @@ def stats(sched: Schedule) -> ScheduleStats:
                 k = consumed.get((rv.peer, r), 0)
                 t = max(t, send_start[(rv.peer, r)][k])
                 consumed[(rv.peer, r)] = k + 1
-            done_at[r] = t + 1
+            done_at[r] = t + 1 if step.sends or step.recvs else t  # copies alone are local: no round
             ptr[r] += 1
             remaining -= 1
             progress = True
         if not progress:
             raise ScheduleError(f"{sched.algorithm} {sched.collective}: deadlock while counting rounds")
-    return ScheduleStats(tuple(len(s) for s in sched.steps), tuple(sent), tuple(recvd), tuple(reduced), tuple(msgs), max(done_at, default=0))
+    return ScheduleStats(tuple(len(s) for s in sched.steps), tuple(sent), tuple(recvd), tuple(reduced), tuple(msgs),
+                         max(done_at, default=0), {}, tuple(copied))
