@@ -42,7 +42,7 @@ alg = args.algorithm
 for i in range(3):  # a little history for the flight recorder
     comm.allreduce(np.full(8, i, np.float32), algorithm=alg)
 comm.barrier()
-print(f"rank {R}: ready for scenario {args.scenario} with algorithm {alg}", flush=True)
+print(f"rank {R}: ready for scenario {args.scenario} with algorithm {alg} at {time.time():.3f}", flush=True)
 
 
 def allreduce(x: np.ndarray) -> np.ndarray:
