@@ -170,3 +170,31 @@ def test_readme_is_short() -> None:
     assert len(lines) <= 200, len(lines)
     wide = [i + 1 for i, ln in enumerate(lines) if len(ln) > 160 and not ln.startswith("|")]
     assert not wide, f"README lines wider than 160 characters: {wide}"
+
+
+def _gen_performance():  # noqa: ANN202 - a module
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_performance", ROOT / "docs" / "gen_performance.py")
+    gen = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gen  # dataclasses look their module up there
+    spec.loader.exec_module(gen)
+    return gen
+
+
+def test_performance_page_is_generated() -> None:
+    """docs/performance.md is what docs/gen_performance.py writes from docs/bench/*.json, and uses every file."""
+    gen = _gen_performance()
+    page = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    assert page == gen.render(), "docs/performance.md is stale: run python docs/gen_performance.py"
+    for f in sorted((ROOT / "docs" / "bench").glob("*.json")):
+        assert f"docs/bench/{f.name}" in page, f"{f.name} is not on the Performance page"
+    for run in gen.RUNS:
+        if run.plot:
+            assert (ROOT / "docs" / "img" / f"{run.name}.png").is_file(), "run python docs/gen_performance.py --plots"
+
+
+def test_readme_headline_table_matches_the_data() -> None:
+    """The README's benchmark table is the one docs/gen_performance.py computes from docs/bench."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert _gen_performance().headline() in readme, "README's table differs from docs/gen_performance.headline()"
