@@ -1,8 +1,12 @@
-"""MkDocs hook: fills ``<!-- help: MODULE[|MODULE...] -->`` markers with that command-line tool's ``--help`` text.
+"""MkDocs hooks: the command-line tools' ``--help`` on the reference page, and docstrings' Sphinx roles tidied.
 
-The text comes from running the tool at build time, so the reference cannot
-drift from the code. The first module of the list that runs is used (so the
-page survives a tool moving between packages); if none does, the build fails.
+``<!-- help: MODULE[|MODULE...] -->`` markers are replaced by that tool's
+``--help`` text, run at build time, so the reference cannot drift from the
+code. The first module of the list that runs is used (so the page survives a
+tool moving between packages); if none does, the build fails.
+
+Docstrings use Sphinx roles (``:class:`Communicator```), which the API pages
+would show literally; the role prefix is dropped and the name stays as code.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 _MARKER = re.compile(r"<!--\s*help:\s*([\w.|]+)\s*-->")
+_ROLE = re.compile(r":(?:py:)?(?:class|meth|func|attr|mod|data|obj|exc):(?=<code>)")
 
 
 def cli_help(modules: str) -> str:
@@ -34,3 +39,8 @@ def cli_help(modules: str) -> str:
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ANN001 - MkDocs' hook signature
     """Replace each help marker with a fenced block of the tool's help text."""
     return _MARKER.sub(lambda m: "```text\n" + cli_help(m.group(1)) + "\n```", markdown)
+
+
+def on_page_content(html: str, page, config, files) -> str:  # noqa: ANN001 - MkDocs' hook signature
+    """Drop Sphinx role prefixes (``:meth:``) left in front of code spans rendered from docstrings."""
+    return _ROLE.sub("", html)
