@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from dataclasses import dataclass
@@ -115,8 +116,8 @@ def _bench_section(run: Run) -> str:
     if doc["nranks"] == 1:
         out += ["algbw of each column over native's algbw, same run:", "", _algbw_markdown(doc)]
     else:
-        out += ["busbw of each column over native's busbw in the same mode (out of place, or in place), same run; "
-                "`memcpy` against native out of place:", "", markdown(doc)]
+        out += [("busbw of each column over native's busbw in the same mode (out of place, or in place), same run; "
+                 "`memcpy` against native out of place:"), "", markdown(doc)]
     if run.plot:
         out += ["", f"![busbw against size, {run.title}](img/{run.name}.png)"]
     if run.auto:
@@ -132,11 +133,11 @@ def _trainer_section(name: str, title: str, command: str) -> str:
     command += f" --cycles {doc['cycles']} --json {name}.json"
     out = [f"### {title}", "", f"Command: `{command}`  ", f"Machine: {VM}.  ",
            f"Files: `docs/bench/{name}.json`, `docs/bench/{name}.txt`.", "",
-           f"P = {doc['P']}, per-rank batch {doc['batch_per_rank']}, median over {doc['cycles']} cycles; "
-           "step time in ms, and in parentheses over the local step (torch methods over torch's local step). "
-           "`overlap-alloc`: buckets in shared memory (the default on one node); `overlap`: plain NumPy buckets; "
-           "`no-overlap`: one allreduce after backward; `hidden`: the part of the allreduce time hidden behind "
-           "backward.", "",
+           (f"P = {doc['P']}, per-rank batch {doc['batch_per_rank']}, median over {doc['cycles']} cycles; "
+            "step time in ms, and in parentheses over the local step (torch methods over torch's local step). "
+            "`overlap-alloc`: buckets in shared memory (the default on one node); `overlap`: plain NumPy buckets; "
+            "`no-overlap`: one allreduce after backward; `hidden`: the part of the allreduce time hidden behind "
+            "backward."), "",
            "| model (gradients) | " + " | ".join(methods) + " | hidden |",
            "|---" * (len(methods) + 2) + "|"]
     for label, mod in doc["models"].items():
@@ -144,7 +145,7 @@ def _trainer_section(name: str, title: str, command: str) -> str:
                  for m in methods]
         best = "overlap-alloc" if "overlap-alloc" in mod["breakdown_ms"] else "overlap"
         hidden = mod["breakdown_ms"].get(best, {}).get("hidden")
-        hid = f"{100 * hidden:.0f} % ({best})" if isinstance(hidden, float) and hidden == hidden else ""
+        hid = f"{100 * hidden:.0f} % ({best})" if isinstance(hidden, float) and not math.isnan(hidden) else ""
         out.append(f"| {label} ({mod['gradient_MB']:.1f} MB) | " + " | ".join(cells) + f" | {hid} |")
     return "\n".join(out) + "\n"
 
@@ -154,8 +155,8 @@ def _torch_section() -> str:
     out = ["### PyTorch: allreduce and training steps against Gloo", "",
            "Command: `python bench/bench_torch.py` (it launches its own mpiexec jobs at P = 2 and 4)  ",
            f"Machine: {VM}, torch 2.13 CPU.  ", "Files: `docs/bench/torch.json`, `docs/bench/torch.txt`.", "",
-           "Allreduce of float32 torch CPU tensors, in place, busbw GB/s: `ours` through `collective`, `window` on "
-           "tensors in `comm.alloc` memory, `gloo` through `torch.distributed`:", "",
+           ("Allreduce of float32 torch CPU tensors, in place, busbw GB/s: `ours` through `collective`, `window` on "
+            "tensors in `comm.alloc` memory, `gloo` through `torch.distributed`:"), "",
            "| P | size | ours | window | gloo | ours / gloo | window / gloo |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         for row in r["allreduce"]:
@@ -164,11 +165,11 @@ def _torch_section() -> str:
             out.append(f"| {r['P']} | {size} | {row['ours_busbw']:.2f} | {row['window_busbw']:.2f} | "
                        f"{row['gloo_busbw']:.2f} | {row['ours_busbw'] / row['gloo_busbw']:.1f}x | "
                        f"{row['window_busbw'] / row['gloo_busbw']:.1f}x |")
-    out += ["", "One training step, per-rank batch 64, one thread per rank, median ms (`ours`: "
-            "`trainer.torch.DistributedDataParallel`; `ours-shard`: with `shard_optimizer`; `ddp-hook`: torch DDP "
-            "with `allreduce_hook`):", "",
-            "| P | model (MB of gradients) | local | ddp-gloo | ours | ours-shard | ddp-hook | ddp-gloo / ours | "
-            "ddp-gloo / ours-shard | ours-shard / local |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out += ["", ("One training step, per-rank batch 64, one thread per rank, median ms (`ours`: "
+                 "`trainer.torch.DistributedDataParallel`; `ours-shard`: with `shard_optimizer`; `ddp-hook`: torch "
+                 "DDP with `allreduce_hook`):"), "",
+            ("| P | model (MB of gradients) | local | ddp-gloo | ours | ours-shard | ddp-hook | ddp-gloo / ours | "
+             "ddp-gloo / ours-shard | ours-shard / local |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         for t in r.get("train", []):
             out.append(f"| {r['P']} | {t['model']} ({t['grad_bytes'] / 1e6:.1f}) | {t['local_ms']:.1f} | "

@@ -28,7 +28,7 @@ def cli_help(modules: str) -> str:
     env["COLUMNS"] = "100"  # argparse wraps to the terminal width: pin it so the page is the same everywhere
     errors = []
     for module in modules.split("|"):
-        p = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env,
+        p = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env, check=False,
                            cwd=str(ROOT), timeout=60)
         if p.returncode == 0:
             return p.stdout.rstrip()
@@ -36,11 +36,11 @@ def cli_help(modules: str) -> str:
     raise RuntimeError("docs/hooks.py: no --help for " + modules + ":\n" + "\n".join(errors))
 
 
-def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ANN001 - MkDocs' hook signature
+def on_page_markdown(markdown: str, page, config, files) -> str:
     """Replace each help marker with a fenced block of the tool's help text."""
     return _MARKER.sub(lambda m: "```text\n" + cli_help(m.group(1)) + "\n```", markdown)
 
 
-def on_page_content(html: str, page, config, files) -> str:  # noqa: ANN001 - MkDocs' hook signature
+def on_page_content(html: str, page, config, files) -> str:
     """Drop Sphinx role prefixes (``:meth:``) left in front of code spans rendered from docstrings."""
     return _ROLE.sub("", html)
