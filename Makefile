@@ -1,16 +1,17 @@
 # Two commands do everything: `make demo` and `make test`. Each builds .venv itself.
+# `make docs` builds the documentation site into site/ (warnings are errors).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 NP ?= 4
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test docs install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[mpi,test,trainer,bench,torch,jax]'
+	$(BIN)/python -m pip install -q -e '.[mpi,test,trainer,bench,torch,jax,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,5 +23,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs tests
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache site

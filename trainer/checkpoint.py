@@ -251,8 +251,8 @@ class Checkpointer:
             the others, meta on every rank). The caller broadcasts the state.
 
         Raises:
-            CheckpointError (CheckpointCorruptError on rank 0): on every rank if
-            the newest checkpoint fails its checksum or cannot be read.
+            CheckpointError: on every rank (CheckpointCorruptError on rank 0) if
+                the newest checkpoint fails its checksum or cannot be read.
         """
         arrays = None
         meta: dict[str, Any] | None = None

@@ -27,7 +27,8 @@ class ShardedSampler:
     Args:
         n: number of samples in the data set.
         global_batch: samples per step over all ranks (must be a multiple of ``size``).
-        rank, size: this rank and the number of ranks.
+        rank: this rank.
+        size: the number of ranks.
         seed: shuffling seed.
         shuffle: reshuffle every epoch (False: the data set order, every epoch).
 
@@ -85,8 +86,13 @@ class ShardedLoader:
     """Batches of (inputs, labels, sample indices) for this rank, on the model's array module and dtype.
 
     Args:
-        x, y: the whole data set (NumPy arrays, first axis = samples); every rank holds it.
-        global_batch, rank, size, seed, shuffle: as for :class:`ShardedSampler`.
+        x: the whole data set's inputs (a NumPy array, first axis = samples); every rank holds it.
+        y: the labels, one per sample.
+        global_batch: as for :class:`ShardedSampler`.
+        rank: as for :class:`ShardedSampler`.
+        size: as for :class:`ShardedSampler`.
+        seed: as for :class:`ShardedSampler`.
+        shuffle: as for :class:`ShardedSampler`.
         dtype: dtype of the inputs given to the model.
         xp: array module of the model (numpy or cupy).
 

@@ -183,13 +183,17 @@ class DataParallel:
         comm: a collective Communicator (None: one process, no communication).
         loss: the loss (default SoftmaxCrossEntropy), averaged over this rank's
             shard; the allreduce averages over ranks.
-        bucket_mb, first_bucket_mb, hook, algorithm, overlap, allocator: see
-            :class:`trainer.buckets.GradBuckets`. ``allocator="shared"`` (or
+        bucket_mb: see :class:`trainer.buckets.GradBuckets`.
+        first_bucket_mb: see :class:`trainer.buckets.GradBuckets`.
+        hook: see :class:`trainer.buckets.GradBuckets`.
+        overlap: see :class:`trainer.buckets.GradBuckets`.
+        algorithm: see :class:`trainer.buckets.GradBuckets`;
+            ``algorithm="ring"`` picks the allreduce for every bucket.
+        allocator: see :class:`trainer.buckets.GradBuckets`. ``allocator="shared"`` (or
             ``comm.alloc``) keeps the gradient buckets in the node's shared window,
             which the ``shm`` allreduce reads in place (no copy-in); "auto" (the
             default) does so when all ranks share one node and the model is on the
-            host, else uses plain arrays (None);
-            ``algorithm="ring"`` picks the allreduce for every bucket.
+            host, else uses plain arrays (None).
         seed: the run's seed (dropout masks).
         average: where the division by P happens: "loss" (default) scales the
             loss gradient by 1/P before backward, so the buckets are summed and
@@ -271,7 +275,8 @@ class DataParallel:
         """One BSP step: forward/backward with overlapped reductions, then per-bucket wait and update.
 
         Args:
-            x, y: this rank's inputs and labels.
+            x: this rank's inputs.
+            y: this rank's labels.
             ids: global sample indices of the rows (dropout follows samples); None: row numbers.
             step: steps done before this one (the data position and the dropout counter).
             optimizer: updates each bucket once it is reduced.

@@ -172,7 +172,8 @@ class Linear(Module):
     """``y = x @ W + b`` with ``W`` of shape (in_features, out_features).
 
     Args:
-        in_features, out_features: sizes.
+        in_features: input size.
+        out_features: output size.
         bias: add a bias vector.
         rng: generator for the initial values (rank 0's are broadcast to all ranks anyway).
         dtype: parameter dtype (float32 or float64).
@@ -336,9 +337,14 @@ class Conv2d(Module):
     """2-D convolution on NCHW input, by im2col and one matrix product.
 
     Args:
-        in_channels, out_channels, kernel_size: sizes (square kernel).
-        stride, padding: as in PyTorch.
-        rng, dtype, xp: as for Linear.
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: side of the square kernel.
+        stride: as in PyTorch.
+        padding: as in PyTorch.
+        rng: as for Linear.
+        dtype: as for Linear.
+        xp: as for Linear.
 
     Weight shape (out_channels, in_channels, k, k), bias (out_channels,).
 
@@ -532,7 +538,8 @@ def mlp(sizes: Sequence[int], *, activation: str = "relu", dropout: float = 0.0,
         activation: "relu" or "tanh".
         dropout: dropout probability after each hidden activation (0 = none).
         seed: seed of the initial weights.
-        dtype, xp: parameter dtype and array module.
+        dtype: parameter dtype.
+        xp: array module (numpy or cupy).
 
     Example::
 

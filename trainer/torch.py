@@ -166,8 +166,7 @@ class DistributedDataParallel(torch.nn.Module):
             thread and runs while backward goes on. False: it runs at once on this thread, inside
             backward, while the bucket is still in cache. None (default): True when this rank has a
             core to spare beyond its torch threads, else False: on cores that all compute, a
-            communication thread only takes cycles from backward (measured here, 2 ranks of one
-            thread on 2 cores: steps 1.30x/1.33x local with the thread, 1.19x/1.28x without).
+            communication thread only takes cycles from backward (see docs/guides/pytorch.md).
 
     On one node, :meth:`shard_optimizer` instead keeps one copy of the
     parameters and splits the optimizer over the ranks (no allreduce).
