@@ -219,15 +219,3 @@ def test_readme_headline_table_matches_the_data() -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert _gen_performance().headline() in readme, "README's table differs from docs/gen_performance.headline()"
 
-
-def test_configuration_page_lists_every_variable() -> None:
-    """Every COLLECTIVE_* environment variable the code mentions is on the Configuration page."""
-    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
-    not_variables = {"COLLECTIVE_NAMES"}  # a Python constant (the collectives' names), not read from the environment
-    found: dict[str, str] = {}
-    for folder in ("collective", "topologies", "trainer", "bench"):
-        for f in (ROOT / folder).rglob("*.py"):
-            for name in re.findall(r"\bCOLLECTIVE_[A-Z][A-Z0-9_]*\b", f.read_text(encoding="utf-8")):
-                found.setdefault(name, str(f.relative_to(ROOT)))
-    missing = {n: f for n, f in found.items() if n not in not_variables and f"`{n}`" not in page}
-    assert not missing, f"not on docs/configuration.md: {missing}"
