@@ -189,7 +189,7 @@ def test_rabenseifner_model_moves_what_hierarchical_moves(P: int) -> None:
 
 
 def test_candidates_per_collective() -> None:
-    from topologies import COLLECTIVE_ALGORITHMS
+    from topologies import ALGORITHMS_BY_COLLECTIVE
     from topologies.cost import candidates_for
 
     assert candidates_for("alltoall") == ("native", "pairwise", "bruck")
@@ -197,7 +197,7 @@ def test_candidates_per_collective() -> None:
     assert candidates_for("allgatherv") == ("native", "ring")
     for collective in COLLECTIVES:
         assert candidates_for(collective) == CANDIDATES  # the choices of before, unchanged
-    assert set(COLLECTIVE_ALGORITHMS) >= set(COLLECTIVES)
+    assert set(ALGORITHMS_BY_COLLECTIVE) >= set(COLLECTIVES)
     with pytest.raises(ValueError, match="unknown collective"):
         candidates_for("alltoallw")
 

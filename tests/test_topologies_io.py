@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from topologies import (
     ALL_COLLECTIVES,
-    COLLECTIVE_ALGORITHMS,
+    ALGORITHMS_BY_COLLECTIVE,
     COLLECTIVES,
     IN_OUT_COLLECTIVES,
     Copy,
@@ -26,7 +26,7 @@ from topologies import (
 
 SIZES = [*range(1, 18), 32, 33]
 ROOTED = ("gather", "scatter")
-CASES = [(c, a) for c in IN_OUT_COLLECTIVES for a in COLLECTIVE_ALGORITHMS[c]]
+CASES = [(c, a) for c in IN_OUT_COLLECTIVES for a in ALGORITHMS_BY_COLLECTIVE[c]]
 
 
 def ceil_log2(P: int) -> int:
@@ -196,8 +196,8 @@ def test_ring_allgatherv_keeps_a_nodes_ranks_adjacent() -> None:
 
 def test_table_and_build() -> None:
     assert set(ALL_COLLECTIVES) == set(COLLECTIVES) | set(IN_OUT_COLLECTIVES)
-    assert set(COLLECTIVE_ALGORITHMS) == set(ALL_COLLECTIVES)
-    assert COLLECTIVE_ALGORITHMS["alltoall"] == ("pairwise", "bruck")
+    assert set(ALGORITHMS_BY_COLLECTIVE) == set(ALL_COLLECTIVES)
+    assert ALGORITHMS_BY_COLLECTIVE["alltoall"] == ("pairwise", "bruck")
     # counts for the per-rank collectives are the same as blocks: the same cached Schedule.
     assert build("tree", "gather", 4, 10, 2, counts=[4, 0, 3, 3]) is build("tree", "gather", 4, 10, 2, (0, 4, 4, 7, 10))
     a = build("pairwise", "alltoall", 3, 9, counts=np.array([[1, 2, 0], [3, 0, 1], [0, 0, 2]]))

@@ -32,7 +32,7 @@ __all__ = [
     "ALL_COLLECTIVES",
     "BUFFERS",
     "COLLECTIVES",
-    "COLLECTIVE_ALGORITHMS",
+    "ALGORITHMS_BY_COLLECTIVE",
     "IN_OUT_COLLECTIVES",
     "Copy",
     "Recv",
@@ -67,7 +67,7 @@ ALL_COLLECTIVES: dict[str, tuple[str, str]] = {**COLLECTIVES, **IN_OUT_COLLECTIV
 #: scatter        tree (binomial, any root)
 #: allgatherv     ring (uneven and empty blocks)
 #: ============== ==========================================================================
-COLLECTIVE_ALGORITHMS: dict[str, tuple[str, ...]] = {
+ALGORITHMS_BY_COLLECTIVE: dict[str, tuple[str, ...]] = {
     **{c: ALGORITHMS for c in COLLECTIVES},
     "alltoall": ("pairwise", "bruck"),
     "gather": ("tree",),
@@ -92,7 +92,7 @@ def build(
     """Build (or fetch from the cache) the Schedule of ``collective`` by ``algorithm``.
 
     Args:
-        algorithm: one of ``COLLECTIVE_ALGORITHMS[collective]``.
+        algorithm: one of ``ALGORITHMS_BY_COLLECTIVE[collective]``.
         collective: one of ``ALL_COLLECTIVES``.
         nranks: number of ranks P, >= 1.
         nelems: elements in each rank's work buffer, >= 0. For
@@ -224,9 +224,9 @@ def _build(
         raise ValueError(f"{where}: unknown algorithm; choose one of {tuple(_BUILDERS)}")
     if collective not in ALL_COLLECTIVES:
         raise ValueError(f"{where}: unknown collective; choose one of {tuple(ALL_COLLECTIVES)}")
-    if algorithm not in COLLECTIVE_ALGORITHMS[collective]:
+    if algorithm not in ALGORITHMS_BY_COLLECTIVE[collective]:
         raise ValueError(f"{where}: unknown collective for this algorithm; {collective} is built by "
-                         f"{COLLECTIVE_ALGORITHMS[collective]}")
+                         f"{ALGORITHMS_BY_COLLECTIVE[collective]}")
     nranks, nelems, root = operator.index(nranks), operator.index(nelems), operator.index(root)
     if nranks < 1:
         raise ValueError(f"{where}: nranks must be >= 1, got {nranks}")

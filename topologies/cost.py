@@ -44,7 +44,7 @@ import heapq
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from . import ALGORITHMS, ALL_COLLECTIVES, COLLECTIVE_ALGORITHMS, build
+from . import ALGORITHMS, ALL_COLLECTIVES, ALGORITHMS_BY_COLLECTIVE, build
 from .cluster import Cluster, LinkCost
 from .schedule import (
     INPUT,
@@ -100,15 +100,15 @@ CANDIDATES: tuple[str, ...] = ("native", *ALGORITHMS)
 
 
 def candidates_for(collective: str) -> tuple[str, ...]:
-    """"native" and every Schedule algorithm of ``collective`` (``COLLECTIVE_ALGORITHMS``): what ``choose`` compares.
+    """"native" and every Schedule algorithm of ``collective`` (``ALGORITHMS_BY_COLLECTIVE``): what ``choose`` compares.
 
     Example::
 
         candidates_for("alltoall")   # ("native", "pairwise", "bruck")
     """
-    if collective not in COLLECTIVE_ALGORITHMS:
+    if collective not in ALGORITHMS_BY_COLLECTIVE:
         raise ValueError(f"candidates_for: unknown collective {collective!r}; choose one of {tuple(ALL_COLLECTIVES)}")
-    return ("native", *COLLECTIVE_ALGORITHMS[collective])
+    return ("native", *ALGORITHMS_BY_COLLECTIVE[collective])
 
 
 @dataclass(frozen=True)
@@ -455,7 +455,7 @@ def predict(collective: str, nbytes: int, cluster: Cluster, algorithm: str, item
             allgatherv and gather the result is P times that; alltoall sends
             it in P equal blocks); for scatter the root's whole input.
         cluster: ranks, nodes and link costs.
-        algorithm: "native" or one of ``COLLECTIVE_ALGORITHMS[collective]``.
+        algorithm: "native" or one of ``ALGORITHMS_BY_COLLECTIVE[collective]``.
         itemsize: bytes per element.
         root: root of reduce, broadcast, gather and scatter.
 
@@ -492,7 +492,7 @@ def choose(
         cluster: ranks, nodes and link costs (``comm.cluster``).
         itemsize: bytes per element.
         candidates: algorithm names ("native" and/or
-            ``COLLECTIVE_ALGORITHMS[collective]``); None means
+            ``ALGORITHMS_BY_COLLECTIVE[collective]``); None means
             ``candidates_for(collective)``.
         root: root of reduce, broadcast, gather and scatter.
 
