@@ -33,12 +33,13 @@ from .calibrate import calibrate
 from .check import CrossRankCheck
 from .choose import Chooser
 from .engine import HostEngine
-from .errors import CollectiveError, CollectiveValueError, describe
+from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe
 from .layout import discover_cluster, real_node_count
 from .prepare import BARRIER, Call, Preparer
 from .sequencer import OpRecord, Sequencer, Work
 from .shm import WINDOW_MIN_BYTES
 from .spec import ALGORITHMS, COLLECTIVE_NAMES
+from .variable import prepare_variable
 from .watchdog import Watchdog, deadline
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES", "WINDOW_MIN_BYTES"]
@@ -130,6 +131,8 @@ class Communicator:
                                 lambda: self._check.quick_arena is not None)
         self._prep = Preparer(self.rank, self.size, alg, self._chooser.auto, self._engine.plan,
                               self.cluster.node_of_rank, node_count, lambda: self._engine.shared, chunk)
+        self._engine.nodes = self.cluster.node_of_rank
+        self._engine.prepare_fixed = self._prep.prepare
         async_problem = None
         if self.thread_level < MPI.THREAD_MULTIPLE:
             async_problem = (f"async collectives need MPI initialised with THREAD_MULTIPLE, but this MPI provides "
@@ -206,6 +209,22 @@ class Communicator:
             return DeviceRequest(name, x, op, algorithm, root, out)
         try:
             return self._prep.prepare(name, x, op, algorithm, root, out)
+        except Exception as exc:
+            self._seqr.poison(name, exc)
+            raise
+
+    def _prepare_v(self, name: str, x: Any, root: Any, splits: Any, algorithm: str | None, out: Any,
+                   return_splits: bool = False) -> Any:
+        if self._closed:
+            self._open(name)
+        if name == "allgather" and type(x) is not np.ndarray and is_device_array(x):
+            return DeviceRequest(name, x, None, algorithm, root, out)
+        try:
+            if x is not None and type(x) is not np.ndarray and is_device_array(x):
+                raise CollectiveTypeError(f"{describe(name, self.rank, self.size)}: device arrays take allreduce, "
+                                          "reduce, broadcast, reduce_scatter and allgather; copy to the host first")
+            return prepare_variable(name, x, root, splits, algorithm, out, self.rank, self.size, self.algorithm,
+                                    self.single_node, return_splits)
         except Exception as exc:
             self._seqr.poison(name, exc)
             raise
@@ -319,17 +338,79 @@ class Communicator:
     def allgather(self, x: Any, algorithm: str | None = None, out: Any = None) -> Any:
         """Concatenate every rank's ``x`` along the first axis, in rank order, on every rank.
 
-        Every rank passes the same shape and dtype; a 0-d ``x`` gives shape ``(P,)``.
+        The first dims may differ across ranks (the rest of the shape and the
+        dtype may not); a 0-d ``x`` is one row, so P of them give shape ``(P,)``.
 
         Example::
 
-            ranks = comm.allgather(np.array([comm.rank]))   # [0, 1, ..., P-1]
+            ranks = comm.allgather(np.array([comm.rank]))          # [0, 1, ..., P-1]
+            rows = comm.allgather(np.ones((comm.rank + 1, 3)))     # P(P+1)/2 rows
         """
-        return self._run(self._prepare("allgather", x, None, algorithm, 0, out))
+        return self._run(self._prepare_v("allgather", x, 0, None, algorithm, out))
 
     def allgather_async(self, x: Any, algorithm: str | None = None, out: Any = None) -> Work:
         """Asynchronous :meth:`allgather`."""
-        return self._submit(self._prepare("allgather", x, None, algorithm, 0, out))
+        return self._submit(self._prepare_v("allgather", x, 0, None, algorithm, out))
+
+    def alltoall(self, x: Any, splits: Any = None, return_splits: bool = False, algorithm: str | None = None,
+                 out: Any = None) -> Any:
+        """Send block j of ``x``'s rows to rank j; return the rows received from ranks 0..P-1, in rank order.
+
+        Args:
+            x: array whose rows (first axis) go out in P consecutive blocks.
+            splits: rows of each block (P counts adding up to ``x``'s rows); None: equal blocks (the rows must
+                divide by P). What each rank receives is exchanged internally.
+            return_splits: also return the rows received from each rank.
+            algorithm: "auto", "native" (MPI's own), "pairwise" or "bruck".
+            out: array for the result (the received rows; same dtype and row shape).
+
+        Returns:
+            The received rows (and, with ``return_splits``, a list of P row counts).
+
+        Example::
+
+            y, got = comm.alltoall(np.arange(2 * comm.size), return_splits=True)   # 2 rows from each rank
+        """
+        return self._run(self._prepare_v("alltoall", x, 0, splits, algorithm, out, return_splits))
+
+    def alltoall_async(self, x: Any, splits: Any = None, return_splits: bool = False, algorithm: str | None = None,
+                       out: Any = None) -> Work:
+        """Asynchronous :meth:`alltoall`."""
+        return self._submit(self._prepare_v("alltoall", x, 0, splits, algorithm, out, return_splits))
+
+    def gather(self, x: Any, root: int = 0, algorithm: str | None = None, out: Any = None) -> Any:
+        """On ``root``, every rank's ``x`` concatenated along the first axis in rank order; None elsewhere.
+
+        First dims may differ across ranks; the row shape and dtype may not.
+
+        Example::
+
+            everything = comm.gather(np.full((comm.rank + 1,), comm.rank), root=0)   # None off rank 0
+        """
+        return self._run(self._prepare_v("gather", x, root, None, algorithm, out))
+
+    def gather_async(self, x: Any, root: int = 0, algorithm: str | None = None, out: Any = None) -> Work:
+        """Asynchronous :meth:`gather`."""
+        return self._submit(self._prepare_v("gather", x, root, None, algorithm, out))
+
+    def scatter(self, x: Any = None, root: int = 0, splits: Any = None, algorithm: str | None = None,
+                out: Any = None) -> Any:
+        """Split ``root``'s ``x`` along the first axis and give rank r block r.
+
+        Blocks as ``np.array_split`` makes them, or ``splits`` (P row counts,
+        at the root). The other ranks pass None: they learn the dtype and row
+        shape from the root.
+
+        Example::
+
+            mine = comm.scatter(np.arange(10) if comm.rank == 0 else None, root=0)
+        """
+        return self._run(self._prepare_v("scatter", x, root, splits, algorithm, out))
+
+    def scatter_async(self, x: Any = None, root: int = 0, splits: Any = None, algorithm: str | None = None,
+                      out: Any = None) -> Work:
+        """Asynchronous :meth:`scatter`."""
+        return self._submit(self._prepare_v("scatter", x, root, splits, algorithm, out))
 
     def alloc(self, shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
         """An array in the node's shared memory, which shm collectives use in place with no copy-in.

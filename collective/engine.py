@@ -18,10 +18,16 @@ from .backends.mpi import MPIBackend, mpi_dtype, mpi_op, require_mpi
 from .executor import Executor, ExecutorOptions, Plan
 from .ops import average_in_place
 from .prepare import Barrier
+from .arrays import Deferred
 from .shm import SharedArrays, ShmArena
+from .variable import VCall, run_variable
 from .watchdog import deadline
 
 __all__ = ["HostEngine", "mpi_collective", "schedule_work", "schedule_result"]
+
+
+def _resolve(r: Any) -> Any:
+    return r.resolve() if type(r) is Deferred else r
 
 
 def mpi_collective(comm: Any, MPI: Any, name: str, x: Any, out: Any, T: Any, mop: Any, root: int, rank: int,
@@ -92,7 +98,8 @@ class HostEngine:
         check: the cross-rank check, which the arena fences once it exists.
     """
 
-    def __init__(self, backend: MPIBackend, segment_bytes: int, chunk_bytes: int, shm_wait: str, check: Any) -> None:
+    def __init__(self, backend: MPIBackend, segment_bytes: int, chunk_bytes: int, shm_wait: str, check: Any,
+                 nodes: tuple[int, ...] = ()) -> None:
         self.backend = backend
         self.rank, self.size = backend.rank, backend.size
         self._mpi = require_mpi()
@@ -105,6 +112,10 @@ class HostEngine:
         #: avg's division for the window path, which applies it to each reduced piece while it is in cache.
         self.finish_avg = functools.partial(average_in_place, n=self.size)
         self._work_buf = np.empty(0, np.uint8)
+        self.nodes = nodes
+        #: ``prepare_fixed(name, x, op, algorithm, root, out)``: the fixed-size preparation (an allgather whose
+        #: counts turn out equal runs as one); set by the communicator once its Preparer exists.
+        self.prepare_fixed: Callable[..., Any] | None = None
 
     def plan(self, sched: Any, itemsize: int) -> Plan:
         """This rank's compiled ``sched`` for elements of ``itemsize`` bytes."""
@@ -157,6 +168,8 @@ class HostEngine:
         if type(c) is Barrier:
             self._barrier(first)
             return None
+        if type(c) is VCall:
+            return run_variable(c, first, seq, self.backend.comm, self._mpi, self._exec, self.nodes, self._fixed_seq(seq))
         alg = c.algorithm
         if alg == "native":
             self._native(c)
@@ -165,6 +178,13 @@ class HostEngine:
         else:
             self._scheduled(c, seq)
         return c.result
+
+    def _fixed_seq(self, seq: int) -> Callable[[VCall], Any]:
+        def fixed(c: VCall) -> Any:
+            call = self.prepare_fixed(c.name, c.x, None, c.algorithm, 0, c.out)  # type: ignore[misc]
+            out = self.execute(call, None, seq)
+            return c.out_given if c.out is not None else (out if c.wrap is None else _resolve(c.wrap(out)))
+        return fixed
 
     def _barrier(self, check: Callable[[], Any] | None) -> None:
         arena = self.arena

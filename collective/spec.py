@@ -7,7 +7,7 @@ from typing import Callable
 import topologies
 
 __all__ = [
-    "CollectiveSpec", "SPECS", "COLLECTIVE_NAMES", "OP_NAMES", "ROOTED", "REDUCING", "ALGORITHMS", "SCHEDULED",
+    "CollectiveSpec", "SPECS", "COLLECTIVE_NAMES", "VARIABLE_NAMES", "OP_NAMES", "ROOTED", "REDUCING", "ALGORITHMS", "SCHEDULED",
     "NCCL_ALGORITHMS", "spec", "result_shape", "blocks_of", "busbw_factor",
 ]
 
@@ -22,7 +22,7 @@ class CollectiveSpec:
         reducing: it takes a reduction ``op``.
         busbw: busbw / algbw for P ranks, as nccl-tests defines it.
         host: algorithms a caller may name for host (NumPy) arrays, "auto" first.
-        nccl: algorithms the NCCL backend runs for device arrays.
+        nccl: algorithms the NCCL backend runs for device arrays (none: host arrays only).
     """
 
     name: str
@@ -59,11 +59,16 @@ SPECS: dict[str, CollectiveSpec] = {s.name: s for s in (
     CollectiveSpec("broadcast", True, False, _one, ALGORITHMS, NCCL_ALGORITHMS),
     CollectiveSpec("reduce_scatter", False, True, _one_fold, ALGORITHMS, NCCL_ALGORITHMS),
     CollectiveSpec("allgather", False, False, _one_fold, ALGORITHMS, NCCL_ALGORITHMS),
+    CollectiveSpec("alltoall", False, False, _one_fold, ("auto", "native", "pairwise", "bruck"), ()),
+    CollectiveSpec("gather", True, False, _one_fold, ("auto", "native", "tree"), ()),
+    CollectiveSpec("scatter", True, False, _one_fold, ("auto", "native", "tree"), ()),
 )}
-#: The public collectives, in a fixed order.
-COLLECTIVE_NAMES: tuple[str, ...] = tuple(SPECS)
+#: The collectives every rank calls with the same shape (allgather: the same row shape), in a fixed order.
+COLLECTIVE_NAMES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
+#: The collectives whose sizes may differ across ranks (see ``collective.variable``).
+VARIABLE_NAMES: tuple[str, ...] = ("alltoall", "gather", "scatter")
 #: Every op the flight recorder and the watchdog's control channel name (their index is the wire code).
-OP_NAMES: tuple[str, ...] = (*COLLECTIVE_NAMES, "barrier")
+OP_NAMES: tuple[str, ...] = (*COLLECTIVE_NAMES, *VARIABLE_NAMES, "barrier", "send", "recv")
 ROOTED: frozenset[str] = frozenset(n for n, s in SPECS.items() if s.rooted)
 REDUCING: frozenset[str] = frozenset(n for n, s in SPECS.items() if s.reducing)
 

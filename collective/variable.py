@@ -1,0 +1,329 @@
+"""Collectives whose sizes differ across ranks: alltoall, gather, scatter and allgather with uneven first dims.
+
+Terms (the names below follow them):
+
+* **rows** -- the first axis of an input; the rest is the *row shape*, which
+  (with the dtype) every rank must share. A 0-d input is one row of shape ().
+* **counts** -- rows each rank sends (and each receives), known only after
+  the ranks have told each other: after the cross-rank check (which compares
+  collective, dtype, row shape, root and algorithm), one small exchange gives
+  every rank every count, and every ``out`` size, so every rank reaches the
+  same verdict on a bad ``out`` and raises before any data moves.
+* **header** -- scatter's non-root ranks pass no input: the root broadcasts
+  the dtype, the row shape and the splits first.
+
+The data then moves by MPI's own v-collective (``native``, counted in bytes,
+so every dtype goes) or by a Schedule of ``topologies`` (pairwise or Bruck
+alltoall, binomial-tree gather and scatter, ring allgatherv) run by the
+executor on an input and an output buffer. An allgather whose counts turn
+out equal takes the fixed-size path of ``collective.engine``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+import topologies
+
+from .arrays import Deferred, to_numpy
+from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe
+from .ops import check_dtype
+
+__all__ = ["VCall", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
+
+#: The collectives this module runs.
+VARIABLE = ("alltoall", "gather", "scatter", "allgather")
+#: Algorithms a caller may name for each ("auto" picks native: MPI's own is the cost model's choice everywhere).
+ALGORITHMS_OF: dict[str, tuple[str, ...]] = {
+    "alltoall": ("auto", "native", "pairwise", "bruck"),
+    "gather": ("auto", "native", "tree"),
+    "scatter": ("auto", "native", "tree"),
+    "allgather": ("auto", "native", "ring", "tree", "star", "hierarchical", "pipeline", "shm"),
+}
+_HEADER = 36  # scatter's header: dtype (16 bytes), ndim, a flag, then up to 32 dims of the row shape
+
+
+class VCall:
+    """A prepared variable-size collective (its sizes are completed when it runs).
+
+    Attributes:
+        name, root, algorithm: as called ("auto" resolved when the counts are known).
+        shape: the signature's shape: ``(-1, *row shape)`` (-1: the rows may differ); None for scatter.
+        dtype: None for scatter (the root's travels in the header).
+        x: this rank's input as a NumPy array of shape (rows, *row shape); None off scatter's root.
+        splits: alltoall's rows for each destination, or scatter's at the root; None to split evenly.
+        out: the caller's output (a NumPy view), or None; ``wrap`` turns the result into the caller's type.
+        result: what the call returns, set when it has run; ``received``: alltoall's rows from each rank.
+    """
+
+    __slots__ = ("name", "root", "algorithm", "shape", "dtype", "x", "splits", "out", "out_given", "wrap", "result",
+                 "received", "return_splits", "row_shape", "rop", "views", "xf", "sig")
+
+    def __init__(self, name: str, root: int, algorithm: str, x: np.ndarray | None, splits: tuple[int, ...] | None,
+                 out: np.ndarray | None, out_given: Any, wrap: Any, return_splits: bool) -> None:
+        self.name, self.root, self.algorithm, self.x, self.splits = name, root, algorithm, x, splits
+        self.out, self.out_given, self.wrap, self.return_splits = out, out_given, wrap, return_splits
+        self.row_shape: tuple[int, ...] | None = None if x is None else tuple(x.shape[1:])
+        self.dtype = None if (x is None or name == "scatter") else x.dtype
+        self.shape = None if self.row_shape is None or name == "scatter" else (-1, *self.row_shape)
+        self.result: Any = None
+        self.received: list[int] | None = None
+        self.rop = self.views = self.sig = None
+        self.xf = x  # read by the NaN scan (the root's input of scatter only; None elsewhere)
+
+
+def _rows_of(a: np.ndarray) -> np.ndarray:
+    return a.reshape(1) if a.ndim == 0 else a
+
+
+def _splits(name: str, splits: Any, rows: int, size: int, fail: Callable[[type, str], CollectiveError]) -> tuple:
+    if splits is None:
+        if name == "alltoall" and rows % size:
+            raise fail(CollectiveValueError, f"{rows} rows do not split into {size} equal blocks; pass splits= "
+                                             f"(a list of {size} row counts)")
+        base, extra = divmod(rows, size)
+        return tuple(base + (1 if i < extra else 0) for i in range(size))
+    try:
+        s = tuple(int(v) for v in splits)
+        ok = all(int(v) == v for v in splits)
+    except (TypeError, ValueError):
+        raise fail(CollectiveValueError, f"splits {splits!r} is not a list of {size} row counts") from None
+    if not ok or len(s) != size:
+        raise fail(CollectiveValueError, f"splits has {len(s)} entries; it needs one row count per rank ({size})")
+    if min(s) < 0:
+        raise fail(CollectiveValueError, f"splits {list(s)} has a negative count")
+    if sum(s) != rows:
+        raise fail(CollectiveValueError, f"splits {list(s)} add up to {sum(s)} rows, but the input has {rows}")
+    return s
+
+
+def prepare_variable(name: str, x: Any, root: int, splits: Any, algorithm: str | None, out: Any, rank: int,
+                     size: int, default_alg: str, single_node: bool, return_splits: bool = False) -> VCall:
+    """Check every local argument of variable-size collective ``name``; raises before anything is sent."""
+    alg = algorithm or (default_alg if default_alg in ALGORITHMS_OF[name] else "auto")
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+
+    def fail(cls: type, what: str) -> CollectiveError:
+        return cls(f"{describe(name, rank, size, shape, dtype, alg)}: {what}")
+
+    if alg not in ALGORITHMS_OF[name]:
+        if alg == "shm" or alg in topologies.ALGORITHMS:
+            raise fail(CollectiveValueError, f"algorithm {alg!r} does not run {name}; choose one of "
+                                             f"{', '.join(ALGORITHMS_OF[name])}")
+        raise fail(CollectiveValueError, f"unknown algorithm {alg!r}; choose one of {', '.join(ALGORITHMS_OF[name])}")
+    if alg == "shm" and not single_node:
+        raise fail(CollectiveValueError, "shm needs every rank on one node; use auto, native or ring")
+    if name in ("gather", "scatter") and (isinstance(root, bool) or not isinstance(root, (int, np.integer))
+                                          or not 0 <= root < size):
+        raise fail(CollectiveValueError, f"root {root!r} is not a rank of this communicator (0..{size - 1})")
+    root = int(root) if name in ("gather", "scatter") else 0
+    arr = None
+    wrap = None
+    if name != "scatter" or rank == root:
+        if x is None:
+            raise fail(CollectiveValueError, "the input is None" + (" on the root" if name == "scatter" else ""))
+        try:
+            a, wrap = (x, None) if type(x) is np.ndarray else to_numpy(x)
+        except CollectiveTypeError as exc:
+            raise fail(CollectiveTypeError, str(exc)) from None
+        why = check_dtype(a.dtype, None)
+        if why is not None:
+            raise fail(CollectiveTypeError, why)
+        arr = np.ascontiguousarray(_rows_of(a))
+    elif x is not None:
+        raise fail(CollectiveValueError, f"only the root (rank {root}) passes data; pass None on the other ranks")
+    sp = None
+    if name == "alltoall" or (name == "scatter" and rank == root):
+        sp = _splits(name, splits, arr.shape[0], size, fail)  # type: ignore[union-attr]
+    elif splits is not None:
+        raise fail(CollectiveValueError, "splits= is only for alltoall and, at the root, scatter")
+    o = None
+    if out is not None:
+        try:
+            o, owrap = (out, None) if type(out) is np.ndarray else to_numpy(out)
+        except CollectiveTypeError as exc:
+            raise fail(CollectiveTypeError, f"out: {exc}") from None
+        if not o.flags.writeable or not o.flags.c_contiguous:
+            raise fail(CollectiveValueError, "out must be writable and C-contiguous")
+        if arr is not None:
+            if o.dtype != arr.dtype:
+                raise fail(CollectiveTypeError, f"out has dtype {o.dtype}, expected {arr.dtype}")
+            if o.ndim == 0 or o.shape[1:] != arr.shape[1:]:
+                raise fail(CollectiveValueError, f"out has shape {o.shape}; its rows must have shape {arr.shape[1:]}")
+            if o.size and arr.size and np.may_share_memory(o, arr):
+                raise fail(CollectiveValueError, "out overlaps the input; pass a separate array")
+        wrap = owrap if owrap is not None else None
+    return VCall(name, root, alg, arr, sp, o, out, wrap, return_splits)
+
+
+# ----------------------------------------------------------------- running
+def _fail_all(c: VCall, rank: int, size: int, bad: list[tuple[int, str]]) -> None:
+    """Raise on every rank (they all computed ``bad`` from the same exchanged numbers)."""
+    mine = [w for q, w in bad if q == rank]
+    what = "; ".join(f"rank {q}: {w}" for q, w in bad[:8])
+    cls = CollectiveValueError if mine else CollectiveError
+    raise cls(f"{describe(c.name, rank, size, c.shape, c.dtype, c.algorithm)}: {what}. No data was sent; every "
+              "rank raises this error")
+
+
+def _out_rows(c: VCall) -> int:
+    return -1 if c.out is None else int(c.out.shape[0])
+
+
+def _finish(c: VCall, out: np.ndarray) -> Any:
+    res = c.out_given if c.out is not None else (out if c.wrap is None else c.wrap(out))
+    if type(res) is Deferred:
+        res = res.resolve()
+    return res
+
+
+def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any, MPI: Any, executor: Any,
+                 nodes: tuple[int, ...], fixed: Callable[[VCall], Any]) -> Any:
+    """Run variable-size call ``c`` (op ``seq``) on mpi4py communicator ``comm``; its result.
+
+    ``fixed(c)``: the fixed-size path of an allgather whose counts are equal.
+    """
+    if first is not None:
+        first()  # the check, handed over as an arrival phase: nothing else to arrive at here
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if c.name == "scatter":
+        _scatter_header(c, comm, MPI, rank, size)
+    rs = c.row_shape
+    row = int(np.prod(rs)) if rs else 1
+    if c.name == "alltoall":
+        mine = np.array([*c.splits, _out_rows(c)], np.int64)  # type: ignore[misc]
+    elif c.name == "scatter":
+        mine = np.array([_out_rows(c)], np.int64)
+    else:
+        mine = np.array([c.x.shape[0], _out_rows(c)], np.int64)  # type: ignore[union-attr]
+    every = np.empty((size, mine.size), np.int64)
+    comm.Allgather(mine, every)
+    if c.name == "alltoall":
+        M = every[:, :size]
+        recv = M[:, rank]
+        want = [int(M[:, q].sum()) for q in range(size)]
+        outs = every[:, size]
+    elif c.name == "scatter":
+        recv = None
+        want = list(c.splits)  # type: ignore[arg-type]
+        outs = every[:, 0]
+    else:
+        counts = every[:, 0]
+        total = int(counts.sum())
+        want = [total if (c.name == "allgather" or q == c.root) else -1 for q in range(size)]
+        outs = every[:, 1]
+    bad = [(q, f"out has {int(outs[q])} rows, the result has {want[q]}") for q in range(size)
+           if outs[q] >= 0 and want[q] >= 0 and outs[q] != want[q]]
+    if bad:
+        _fail_all(c, rank, size, bad)
+    if c.name == "allgather" and (counts == counts[0]).all():
+        return fixed(c)
+    alg = c.algorithm
+    if alg == "auto" or alg == "shm":
+        alg = "native"
+    n_out = want[rank]
+    out = None
+    if n_out >= 0:
+        out = c.out if c.out is not None else np.empty((n_out, *rs), c.dtype)  # type: ignore[misc]
+    xf = c.x.reshape(-1) if c.x is not None else None
+    of = out.reshape(-1) if out is not None else None
+    if c.name == "alltoall":
+        sc = [int(v) * row for v in M[rank]]
+        rc = [int(v) * row for v in recv]
+        if alg == "native":
+            _native_bytes(comm, MPI, "alltoall", xf, of, c.dtype, sc, rc, 0)
+        else:
+            counts_e = tuple(tuple(int(v) * row for v in M[i]) for i in range(size))
+            sched = topologies.build(alg, "alltoall", size, sum(map(sum, counts_e)), counts=counts_e)
+            executor.run(executor.plan(sched, c.dtype.itemsize), {"input": xf, "output": of}, None, seq)
+        c.received = [int(v) for v in recv]
+    elif c.name == "scatter":
+        ce = [int(v) * row for v in c.splits]  # type: ignore[union-attr]
+        if alg == "native":
+            _native_bytes(comm, MPI, "scatter", xf, of, c.dtype, ce, ce, c.root)
+        else:
+            sched = topologies.build("tree", "scatter", size, sum(ce), c.root, counts=ce)
+            bufs = {"input": xf if rank == c.root else None, "output": of}
+            executor.run(executor.plan(sched, c.dtype.itemsize), bufs, None, seq)
+    else:
+        ce = [int(v) * row for v in counts]
+        vname = "gather" if c.name == "gather" else "allgatherv"
+        if alg == "native":
+            _native_bytes(comm, MPI, vname, xf, of, c.dtype, ce, ce, c.root)
+        else:
+            salg = "tree" if vname == "gather" else "ring"
+            sched = topologies.build(salg, vname, size, sum(ce), c.root if vname == "gather" else 0, counts=ce,
+                                     nodes=nodes if vname == "allgatherv" else None)
+            bufs = {"input": xf, "output": of if (vname == "allgatherv" or rank == c.root) else None}
+            executor.run(executor.plan(sched, c.dtype.itemsize), bufs, None, seq)
+    if out is None:
+        return None
+    res = _finish(c, out)
+    if c.return_splits:
+        return res, c.received
+    return res
+
+
+def _scatter_header(c: VCall, comm: Any, MPI: Any, rank: int, size: int) -> None:
+    """The root's dtype, row shape and splits, on every rank (checked against the ranks' ``out``)."""
+    head = np.zeros(_HEADER + size, np.int64)
+    if rank == c.root:
+        x = c.x
+        code = x.dtype.str.encode()[:16].ljust(16, b"\0")  # type: ignore[union-attr]
+        head[:2] = np.frombuffer(code, np.int64)
+        if x.ndim - 1 > _HEADER - 4:  # type: ignore[union-attr]
+            head[3] = 1
+        else:
+            head[2] = x.ndim - 1  # type: ignore[union-attr]
+            head[4:4 + x.ndim - 1] = x.shape[1:]  # type: ignore[union-attr]
+        head[_HEADER:] = c.splits
+    comm.Bcast(head, root=c.root)
+    if head[3]:
+        raise CollectiveValueError(f"{describe('scatter', rank, size)}: the root's input has more than "
+                                   f"{_HEADER - 4} dimensions")
+    dtype = np.dtype(head[:2].tobytes().rstrip(b"\0").decode())
+    rs = tuple(int(v) for v in head[4:4 + int(head[2])])
+    if rank != c.root:
+        c.row_shape, c.splits = rs, tuple(int(v) for v in head[_HEADER:])
+    c.dtype = dtype
+    ok = c.out is None or (c.out.dtype == dtype and c.out.shape[1:] == rs)
+    flags = np.empty(size, np.int64)
+    comm.Allgather(np.array([1 if ok else 0], np.int64), flags)
+    bad = [(q, f"out does not hold rows of shape {rs} and dtype {dtype} (the root's)") for q in range(size)
+           if not flags[q]]
+    if bad:
+        _fail_all(c, rank, size, bad)
+
+
+def _native_bytes(comm: Any, MPI: Any, name: str, xf: Any, of: Any, dtype: np.dtype, sc: list[int], rc: list[int],
+                  root: int) -> None:
+    """MPI's own v-collective, in bytes (so every dtype goes): element counts ``sc`` sent, ``rc`` received."""
+    isz = dtype.itemsize
+    B = MPI.BYTE
+
+    def layout(counts: list[int]) -> tuple[list[int], list[int]]:
+        c = [v * isz for v in counts]
+        d = [0] * len(c)
+        for i in range(1, len(c)):
+            d[i] = d[i - 1] + c[i - 1]
+        return c, d
+
+    empty = np.empty(0, np.uint8)
+    xb = xf.view(np.uint8) if xf is not None else empty
+    ob = of.view(np.uint8) if of is not None else empty
+    if name == "alltoall":
+        comm.Alltoallv([xb, layout(sc), B], [ob, layout(rc), B])
+    elif name == "gather":
+        if comm.Get_rank() == root:
+            comm.Gatherv([xb, B], [ob, layout(rc), B], root)
+        else:
+            comm.Gatherv([xb, B], None, root)
+    elif name == "scatter":
+        if comm.Get_rank() == root:
+            comm.Scatterv([xb, layout(sc), B], [ob, B], root)
+        else:
+            comm.Scatterv(None, [ob, B], root)
+    else:
+        comm.Allgatherv([xb, B], [ob, layout(rc), B])

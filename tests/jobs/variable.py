@@ -1,0 +1,163 @@
+"""alltoall, gather, scatter and allgather with uneven first dims: exact answers for every algorithm, dtype, size and
+root; bad input raising on every rank before any data moves; async forms."""
+from __future__ import annotations
+
+import argparse
+import zlib
+
+import numpy as np
+
+import collective as col
+from collective.errors import CollectiveError, CollectiveMismatchError
+from harness import Cases
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--large", action="store_true")
+args = ap.parse_args()
+
+comm = col.init()
+P, R = comm.size, comm.rank
+cases = Cases(comm)
+mpi = comm.mpi_comm
+DTYPES = ["float32", "float64", "float16", "int8", "complex64", "uint8"]
+
+
+def block(src: int, dst: int, rows: int, dt: str, rs: tuple = (3,)) -> np.ndarray:
+    """What rank ``src`` sends rank ``dst``: deterministic, distinct per (src, dst, row)."""
+    n = rows * int(np.prod(rs))
+    v = (np.arange(n) + 1000 * src + 37 * dst) % 101
+    return v.astype(dt).reshape(rows, *rs)
+
+
+def same_everywhere(a: np.ndarray, what: str) -> None:
+    mine = np.array([zlib.crc32(np.ascontiguousarray(a).tobytes())], np.int64)
+    every = np.empty(P, np.int64)
+    mpi.Allgather(mine, every)
+    assert (every == every[0]).all(), f"{what}: ranks' results differ"
+
+
+def raises_everywhere(what: str, fn, cls=CollectiveError) -> None:
+    try:
+        fn()
+    except cls:
+        return
+    raise AssertionError(f"rank {R}: {what} did not raise {cls.__name__}")
+
+
+def splits_of(src: int, scale: int) -> list[int]:
+    return [((src + 2 * d) % 3) * scale for d in range(P)]
+
+
+def alltoall_case(alg: str, dt: str, scale: int, even: bool) -> None:
+    if even:
+        sp = [scale] * P
+    else:
+        sp = splits_of(R, scale)
+    x = np.concatenate([block(R, d, sp[d], dt) for d in range(P)]) if P else None
+    want_rows = [scale] * P if even else [splits_of(s, scale)[R] for s in range(P)]
+    want = np.concatenate([block(s, R, want_rows[s], dt) for s in range(P)])
+    y, got = comm.alltoall(x, splits=None if even else sp, return_splits=True, algorithm=alg)
+    assert got == want_rows, (got, want_rows)
+    assert y.dtype == want.dtype and y.shape == want.shape and (y == want).all(), f"alltoall {alg} {dt} {scale}"
+    out = np.empty_like(want)
+    r = comm.alltoall(x, splits=None if even else sp, algorithm=alg, out=out)
+    assert r is out and (out == want).all()
+
+
+def gather_case(alg: str, dt: str, scale: int, root: int) -> None:
+    rows = (R % 3) * scale
+    x = block(R, root, rows, dt)
+    y = comm.gather(x, root=root, algorithm=alg)
+    if R == root:
+        want = np.concatenate([block(s, root, (s % 3) * scale, dt) for s in range(P)])
+        assert y.shape == want.shape and (y == want).all(), f"gather {alg} {dt} {scale} root {root}"
+    else:
+        assert y is None
+
+
+def scatter_case(alg: str, dt: str, scale: int, root: int, explicit: bool) -> None:
+    sp = splits_of(root, scale) if explicit else None
+    total = sum(sp) if explicit else scale * P + (scale % P)
+    full = block(root, 0, total, dt)
+    if explicit:
+        full = full[: sum(sp)]
+    y = comm.scatter(full if R == root else None, root=root, splits=sp if R == root else None, algorithm=alg)
+    parts = np.split(full, np.cumsum(sp)[:-1]) if explicit else np.array_split(full, P)
+    assert y.dtype == full.dtype and y.shape == parts[R].shape and (y == parts[R]).all(), f"scatter {alg} {dt}"
+
+
+def allgatherv_case(alg: str, dt: str, scale: int) -> None:
+    rows = ((R * 2) % 3) * scale
+    x = block(R, 0, rows, dt)
+    y = comm.allgather(x, algorithm=alg)
+    want = np.concatenate([block(s, 0, ((s * 2) % 3) * scale, dt) for s in range(P)])
+    assert y.shape == want.shape and (y == want).all(), f"allgatherv {alg} {dt} {scale}"
+    same_everywhere(y, "allgatherv")
+    e = comm.allgather(block(R, 0, scale, dt), algorithm=alg if alg != "ring" or True else alg)  # equal: fixed path
+    assert e.shape == (P * scale, 3)
+
+
+scales = [0, 1, 5] + ([40_000] if args.large else [])
+for dt in DTYPES:
+    for scale in scales:
+        for alg in ("auto", "native", "pairwise", "bruck"):
+            for even in (True, False):
+                cases.run(f"alltoall {alg} {dt} {scale} {even}", lambda: alltoall_case(alg, dt, scale, even))
+        for alg in ("auto", "native", "tree"):
+            for root in sorted({0, P - 1, P // 2}):
+                cases.run(f"gather {alg} {dt} {scale} {root}", lambda: gather_case(alg, dt, scale, root))
+                for explicit in (False, True):
+                    cases.run(f"scatter {alg} {dt} {scale} {root} {explicit}",
+                              lambda: scatter_case(alg, dt, scale, root, explicit))
+        for alg in ("auto", "native", "ring"):
+            cases.run(f"allgatherv {alg} {dt} {scale}", lambda: allgatherv_case(alg, dt, scale))
+
+
+def async_forms() -> None:
+    x = block(R, 0, 2 * P, "float32")
+    w1 = comm.alltoall_async(x)
+    w2 = comm.gather_async(x, root=0)
+    w3 = comm.scatter_async(x if R == 0 else None, root=0)
+    w4 = comm.allgather_async(block(R, 0, R + 1, "float32"))
+    y1, y2, y3, y4 = w1.wait(), w2.wait(), w3.wait(), w4.wait()
+    assert y1.shape == (2 * P, 3) and (y2 is None) == (R != 0) and y3.shape == (2, 3)
+    assert y4.shape == (P * (P + 1) // 2, 3)
+
+
+def zero_d() -> None:
+    y = comm.allgather(np.float32(R))
+    assert y.shape == (P,) and (y == np.arange(P)).all()
+
+
+def bad_input() -> None:
+    if P == 1:
+        return
+    x = np.ones((P, 3), np.float32)
+    # A rank whose call differs: dtype, row shape, root.
+    raises_everywhere("dtype mismatch", lambda: comm.alltoall(x.astype(np.float64) if R == 1 else x),
+                      CollectiveMismatchError)
+    raises_everywhere("row shape mismatch", lambda: comm.allgather(np.ones((2, 4 if R == 1 else 3))),
+                      CollectiveMismatchError)
+    raises_everywhere("root mismatch", lambda: comm.gather(x, root=1 if R == 1 else 0), CollectiveMismatchError)
+    # Bad local arguments: the rank raises its own error, the others the mismatch naming it.
+    raises_everywhere("splits of the wrong length", lambda: comm.alltoall(x, splits=[P] if R == 0 else None))
+    raises_everywhere("negative split", lambda: comm.alltoall(x, splits=[-1, P + 1] + [0] * (P - 2) if R == 0
+                                                               else None))
+    raises_everywhere("splits not adding up", lambda: comm.alltoall(x, splits=[1] * (P - 1) + [2] if R == 0 else None))
+    raises_everywhere("rows not divisible", lambda: comm.alltoall(np.ones((P + 1 if R == 0 else P, 3))))
+    raises_everywhere("root out of range", lambda: comm.gather(x, root=P if R == 0 else 0))
+    raises_everywhere("scatter data off the root", lambda: comm.scatter(x, root=0))
+    # out of the wrong size: found after the counts are known, on every rank.
+    raises_everywhere("out of the wrong size", lambda: comm.allgather(
+        x, out=np.empty((P * P + (R == P - 1), 3), np.float32)))
+    raises_everywhere("scatter out of the wrong dtype", lambda: comm.scatter(
+        x if R == 0 else None, root=0, out=np.empty((1, 3), np.float64 if R == P - 1 else np.float32)))
+    # and everything still works afterwards, in step
+    y = comm.allgather(np.full((1,), R, np.int64))
+    assert (y == np.arange(P)).all()
+
+
+cases.run("async forms", async_forms)
+cases.run("0-d allgather", zero_d)
+cases.run("bad input", bad_input)
+cases.finish()
