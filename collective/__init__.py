@@ -5,6 +5,7 @@ import threading
 from typing import Any
 
 from .communicator import ALGORITHMS, COLLECTIVE_NAMES, WINDOW_MIN_BYTES, Communicator, Work
+from .p2p import ANY_SOURCE
 from .sequencer import OpRecord
 from .errors import (
     BackendUnavailableError,
@@ -19,7 +20,7 @@ from .ops import OPS
 
 __all__ = [
     "init", "get_default", "is_initialized", "Communicator", "Work", "OpRecord", "ALGORITHMS", "COLLECTIVE_NAMES",
-    "OPS", "WINDOW_MIN_BYTES",
+    "OPS", "WINDOW_MIN_BYTES", "ANY_SOURCE",
     "allreduce", "allreduce_async", "reduce", "reduce_async", "broadcast", "broadcast_async",
     "reduce_scatter", "reduce_scatter_async", "allgather", "allgather_async", "barrier",
     "CollectiveError", "CollectiveValueError", "CollectiveTypeError", "CollectiveTimeoutError",

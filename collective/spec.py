@@ -68,7 +68,7 @@ COLLECTIVE_NAMES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce
 #: The collectives whose sizes may differ across ranks (see ``collective.variable``).
 VARIABLE_NAMES: tuple[str, ...] = ("alltoall", "gather", "scatter")
 #: Every op the flight recorder and the watchdog's control channel name (their index is the wire code).
-OP_NAMES: tuple[str, ...] = (*COLLECTIVE_NAMES, *VARIABLE_NAMES, "barrier", "send", "recv")
+OP_NAMES: tuple[str, ...] = (*COLLECTIVE_NAMES, *VARIABLE_NAMES, "barrier", "split", "subgroup")
 ROOTED: frozenset[str] = frozenset(n for n, s in SPECS.items() if s.rooted)
 REDUCING: frozenset[str] = frozenset(n for n, s in SPECS.items() if s.reducing)
 

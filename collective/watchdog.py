@@ -58,6 +58,10 @@ class OpStatus(Protocol):
     def waiting_on(self) -> tuple[int, ...] | None:
         """The peers the op in flight waits for right now, or None."""
         ...
+
+    def p2p_lines(self) -> list[str]:
+        """The point-to-point messages in flight, a line each."""
+        ...
 _QUERY, _STATUS, _EXIT = 1, 2, 3
 _RECENT = 20  # flight-recorder entries printed one per line; older ones are summarised by kind
 
@@ -88,7 +92,7 @@ class _Ctrl:
         from mpi4py import MPI
 
         self.MPI, self.comm = MPI, comm
-        self.tag = int(comm.Get_attr(MPI.TAG_UB))
+        self.tag = int(comm.Get_attr(MPI.TAG_UB) or MPI.COMM_WORLD.Get_attr(MPI.TAG_UB))  # only the world has it set
         self.lock = threading.Lock()
         self.sends: list[tuple[Any, np.ndarray]] = []
         self.closed = False
@@ -412,6 +416,11 @@ class Watchdog:
             lines.extend(plines)
         elif self._ctrl is None and self.size > 1:
             lines.append("collective: (the other ranks cannot be asked: MPI lacks THREAD_MULTIPLE)")
+        st = self._status_src
+        p2p = st.p2p_lines() if st is not None and hasattr(st, "p2p_lines") else []
+        if p2p:
+            lines.append(f"collective: rank {self.rank}: point-to-point messages in flight:")
+            lines.extend(p2p)
         if trace:
             lines.extend(self.trace_lines())
         return "\n".join(lines) + "\n"

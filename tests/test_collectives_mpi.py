@@ -26,6 +26,15 @@ def test_alltoall_gather_scatter_allgatherv(nprocs: int) -> None:
     assert count_passed(res) > 300
 
 
+@pytest.mark.parametrize("nprocs", [2, 3, 5])
+def test_subcommunicators_and_point_to_point(nprocs: int) -> None:
+    """split (parity, halves, nested, one rank out) and subgroup with every algorithm, interleaved with the
+    parent; errors naming world ranks; send/recv, any source, a message that does not fit, a receive timing out."""
+    res = mpirun("subcomm_p2p.py", nprocs, timeout=300)
+    check(res, f"sub-communicators and point-to-point at P={nprocs}")
+    assert count_passed(res) == 5
+
+
 @pytest.mark.parametrize("nprocs", [1, 2, 3])
 def test_every_allreduce_route_agrees_across_ranks(nprocs: int) -> None:
     """One-phase shm, window, native, Schedules, async and the device path: same records and check verdicts."""

@@ -123,7 +123,7 @@ class MPIBackend:
         self.comm = comm.Dup()
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
-        self.tag_ub: int = int(self.comm.Get_attr(MPI.TAG_UB) or 32767)
+        self.tag_ub: int = int(self.comm.Get_attr(MPI.TAG_UB) or MPI.COMM_WORLD.Get_attr(MPI.TAG_UB) or 32767)
         self._byte = MPI.BYTE
         # Bound methods, looked up once: the executor's hot loop calls them per message.
         self._isend = self.comm.Isend
