@@ -70,6 +70,8 @@ _NAMED = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MA
 _BITWISE = {_R.BAND: ("band", "min"), _R.BOR: ("bor", "max"), _R.BXOR: ("bxor", "sum")}
 # bool follows torch's NCCL backend: a sum of booleans is their OR, a product their AND.
 _BOOL = {_R.SUM: "max", _R.MAX: "max", _R.BOR: "max", _R.PRODUCT: "min", _R.MIN: "min", _R.BAND: "min"}
+# Reductions whose preparation or finish writes into the tensor reduced.
+_IN_PLACE_OPS = frozenset((_R.PREMUL_SUM, _R.BAND, _R.BOR, _R.BXOR))
 # torch dtypes whose tensors .numpy() views directly.
 _PLAIN = frozenset((torch.float32, torch.float64, torch.float16, torch.int8, torch.int16, torch.int32, torch.int64,
                     torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.complex64, torch.complex128))
@@ -481,8 +483,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             raise CollectiveValueError(f"{self._where('reduce_scatter_tensor', input)}: the input must hold "
                                        f"{P} x the output ({tuple(output.shape)}, {output.dtype})")
         src = input.reshape(P, -1).contiguous()
-        if src.data_ptr() == input.data_ptr() and opts.reduceOp.op == _R.PREMUL_SUM:
-            src = src.clone()  # the scaling must not touch the input
+        if src.data_ptr() == input.data_ptr() and opts.reduceOp.op in _IN_PLACE_OPS:
+            src = src.clone()  # the scaling or the bit planes' write-back must not touch the input
         return self._reduce_scatter(src, output, opts, "reduce_scatter_tensor", [output])
 
     def _reduce_scatter(self, stacked: torch.Tensor, out: torch.Tensor, opts: Any, call: str, value: Any) -> Any:
@@ -569,6 +571,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             raise CollectiveValueError(f"{self._where('all_gather_into_tensor', input)}: the output must hold "
                                        f"{P} x the input ({tuple(input.shape)}, {input.dtype}); got "
                                        f"{tuple(output.shape)}, {output.dtype}")
+        if input.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
+            input = input.clone()  # noqa: A001 - FSDP2 gathers in place: its input is a slice of the output
         a = _array(input.contiguous()).reshape(1, -1)
         w, back = _work_tensor(output)
         o = _array(w).reshape(P, -1)
