@@ -129,7 +129,10 @@ def case_all_reduce_ops_dtypes() -> None:
                     got = w.get_future().value()[0]  # torch hands complex tensors over as view_as_real
                     same(torch.view_as_complex(got) if dtype in COMPLEX else got, reference(dtype, op),
                          f"{dtype} {op} future")
-                same(t, reference(dtype, op), f"all_reduce {dtype} {op} async={async_op}")
+                if op == RO.AVG and dtype in COMPLEX:  # NumPy divides by complex(P): last-bit differences
+                    assert torch.allclose(t, reference(dtype, op), rtol=1e-6, atol=0), f"avg {dtype}: {t}"
+                else:
+                    same(t, reference(dtype, op), f"all_reduce {dtype} {op} async={async_op}")
 
 
 def case_premul_sum() -> None:
