@@ -36,6 +36,7 @@ import os
 import queue
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, urlparse
 
@@ -196,12 +197,19 @@ class _Async(dist._Work):
 
 
 class _Completer:
-    """One thread that waits on our Works in submission order and completes their torch Futures."""
+    """One thread that waits on our Works in submission order; a pool completes their torch Futures.
+
+    Completing a future runs its callbacks (DDP's, a comm hook's) on the completing thread, and a
+    callback may block on another of our futures (torch's PowerSGD hook waits on an all_reduce it
+    starts inside a callback): so the waiting thread never runs callbacks itself, and the pool grows
+    a thread while all of its threads sit in such callbacks.
+    """
 
     def __init__(self) -> None:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="collective-torch-callbacks")
 
     def add(self, works: list[Any], post: Callable[[], None] | None, value: Any, name: str) -> _Async:
         fut: torch.futures.Future = torch.futures.Future()
@@ -224,10 +232,10 @@ class _Completer:
                     post()
             except BaseException as exc:  # noqa: BLE001 - handed to the future's waiter
                 done.set()
-                fut.set_exception(exc)
+                self._pool.submit(fut.set_exception, exc)
             else:
                 done.set()
-                fut.set_result(value)  # runs the future's callbacks (DDP's, a comm hook's) on this thread
+                self._pool.submit(fut.set_result, value)
 
 
 def _done(value: Any) -> Any:
@@ -558,7 +566,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                             opts: Any = None) -> Any:
         if opts is None:
             opts = dist.AllgatherOptions()
-        works = [self.allgather([o], [x], opts) for o, x in zip(outputs, inputs)]
+        # outputs[r][i]: rank r's piece of input i (torch's layout); one all_gather per input.
+        works = [self.allgather([[o[i] for o in outputs]], [x], opts) for i, x in enumerate(inputs)]
         return self._join(works, outputs, opts.asyncOp, "all_gather_coalesced")
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:  # noqa: A002

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -46,7 +47,6 @@ def _worker(a: argparse.Namespace) -> None:
     P, R = comm.size, comm.rank
     os.environ["BACKEND"] = a.backend
     os.environ["WORLD_SIZE"] = str(P)
-    os.environ.pop("MASTER_ADDR", None)
     import tempfile
 
     base = np.zeros(512, np.uint8)
@@ -81,11 +81,23 @@ def _worker(a: argparse.Namespace) -> None:
             for s in ("barrier", "test_dir", "init_dir"):
                 os.makedirs(os.path.join(sub, s), exist_ok=True)
         comm.barrier()
+        port = np.zeros(1, np.int64)  # torch's launcher sets MASTER_ADDR/PORT for the tests that use env://
+        if R == 0:
+            with socket.socket() as so:
+                so.bind(("127.0.0.1", 0))
+                port[0] = so.getsockname()[1]
+        comm.broadcast(port, root=0, out=port)
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(int(port[0]))
         os.environ["TEMP_DIR"] = sub
         init_file = os.path.join(sub, "init_dir", "shared_init_file")
         os.environ["INIT_METHOD"] = "file://" + init_file
         t0 = time.monotonic()
         code, detail = 0, ""
+        fn = getattr(Suite, name)
+        if getattr(fn, "__unittest_skip__", False):  # unittest's own skip mark, as its runner honours it
+            if R == 0:
+                print(f"RESULT {name} skip 0.0s skip: {getattr(fn, '__unittest_skip_why__', '')}", flush=True)
+            continue
         try:
             self = Suite(name)
             self.rank = R

@@ -127,12 +127,16 @@ def case_all_reduce_ops_dtypes() -> None:
                 if async_op:
                     w.wait()
                     got = w.get_future().value()[0]  # torch hands complex tensors over as view_as_real
-                    same(torch.view_as_complex(got) if dtype in COMPLEX else got, reference(dtype, op),
-                         f"{dtype} {op} future")
-                if op == RO.AVG and dtype in COMPLEX:  # NumPy divides by complex(P): last-bit differences
-                    assert torch.allclose(t, reference(dtype, op), rtol=1e-6, atol=0), f"avg {dtype}: {t}"
-                else:
-                    same(t, reference(dtype, op), f"all_reduce {dtype} {op} async={async_op}")
+                    reduced(torch.view_as_complex(got) if dtype in COMPLEX else got, dtype, op, "future")
+                reduced(t, dtype, op, f"async={async_op}")
+
+
+def reduced(t: torch.Tensor, dtype: torch.dtype, op: object, what: str) -> None:
+    want = reference(dtype, op)
+    if op == RO.AVG and dtype in COMPLEX:  # the reference divides as complex numbers: last-bit differences
+        assert torch.allclose(t, want, rtol=1e-6, atol=0), f"avg {dtype} {what}: {t} vs {want}"
+    else:
+        same(t, want, f"all_reduce {dtype} {op} {what}")
 
 
 def case_premul_sum() -> None:
