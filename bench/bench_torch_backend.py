@@ -2,7 +2,7 @@
 
 Run (it launches its own mpiexec job when not started under one)::
 
-    python bench/bench_torch_backend.py                  # P = 2, float32, 4 KiB .. 64 MiB
+    python bench/bench_torch_backend.py                  # P = 2, float32, one element, then 4 KiB .. 64 MiB
     python bench/bench_torch_backend.py --procs 4 --iters 5
 
 Columns: ``collective`` (``dist.all_reduce(t)`` on the default group, backend "collective"), ``gloo``
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+SIZES = [4, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 
 
 def _args(argv: list[str]) -> argparse.Namespace:

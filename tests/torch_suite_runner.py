@@ -13,6 +13,7 @@ Usage::
 
     python tests/torch_suite_runner.py --backend collective --np 2             # every test of the suite
     python tests/torch_suite_runner.py --backend gloo --np 2 --tests test_all_reduce_sum,test_barrier
+    python tests/torch_suite_runner.py --backend collective --gates-as gloo   # the tests gated to gloo, on ours
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--backend", default="collective")
     p.add_argument("--np", type=int, default=2)
     p.add_argument("--tests", default="", help="comma-separated test names (default: every test_* of the suite)")
+    p.add_argument("--gates-as", default="", help="the backend name the suite's own gates see (BACKEND), e.g. gloo: "
+                   "runs the tests the suite reserves for gloo on --backend (default: --backend itself)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds for the whole run (driver)")
     p.add_argument("--pg-timeout", type=float, default=60, help="process-group timeout of each test (seconds)")
     return p.parse_args(argv)
@@ -45,7 +48,7 @@ def _worker(a: argparse.Namespace) -> None:
 
     comm = col.init()
     P, R = comm.size, comm.rank
-    os.environ["BACKEND"] = a.backend
+    os.environ["BACKEND"] = a.gates_as or a.backend
     os.environ["WORLD_SIZE"] = str(P)
     import tempfile
 
@@ -152,8 +155,11 @@ def _all_tests() -> list[str]:
 
 
 def run(backend: str, nprocs: int, tests: list[str], timeout: float = 3600,
-        env: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
-    """Run ``tests`` of torch's suite on ``backend`` at ``nprocs`` ranks; returns name -> (outcome, detail)."""
+        env: dict[str, str] | None = None, gates_as: str = "") -> dict[str, tuple[str, str]]:
+    """Run ``tests`` of torch's suite on ``backend`` at ``nprocs`` ranks; returns name -> (outcome, detail).
+
+    ``gates_as``: the backend name the suite's skip conditions see (see ``--gates-as``).
+    """
     sys.path.insert(0, str(ROOT / "tests"))
     from mpi_util import mpirun
 
@@ -161,7 +167,8 @@ def run(backend: str, nprocs: int, tests: list[str], timeout: float = 3600,
     todo = list(tests)
     deadline = time.monotonic() + timeout
     while todo and time.monotonic() < deadline:
-        res = mpirun(Path(__file__).resolve(), nprocs, ["--backend", backend, "--tests", ",".join(todo)],
+        res = mpirun(Path(__file__).resolve(), nprocs, ["--backend", backend, "--gates-as", gates_as,
+                                                        "--tests", ",".join(todo)],
                      timeout=max(30.0, deadline - time.monotonic()), env=env)
         for line in res.output.splitlines():
             if line.startswith("RESULT "):
@@ -183,9 +190,9 @@ def main(argv: list[str]) -> int:
         _worker(a)
         return 0
     tests = [n for n in a.tests.split(",") if n] or _all_tests()
-    res = run(a.backend, a.np, tests, a.timeout, env={"COLLECTIVE_TIMEOUT": "90"})
+    res = run(a.backend, a.np, tests, a.timeout, env={"COLLECTIVE_TIMEOUT": "90"}, gates_as=a.gates_as)
     counts = {k: sum(1 for o, _ in res.values() if o == k) for k in ("pass", "skip", "fail")}
-    print(f"SUMMARY backend={a.backend} P={a.np}: {counts['pass']} pass, {counts['skip']} skip, "
+    print(f"SUMMARY backend={a.backend} gates-as={a.gates_as or a.backend} P={a.np}: {counts['pass']} pass, {counts['skip']} skip, "
           f"{counts['fail']} fail of {len(tests)}", flush=True)
     return 0
 
