@@ -43,7 +43,7 @@ def _bench(a: argparse.Namespace) -> None:
     import torch.distributed as dist
     from mpi4py import MPI
 
-    import collective.torch  # noqa: F401 - registers the backend
+    import collective.torch
 
     torch.set_num_threads(1)
     dist.init_process_group("collective")
@@ -57,15 +57,15 @@ def _bench(a: argparse.Namespace) -> None:
         arr = t.numpy()
         n = _reps(nbytes)
 
-        def ours() -> None:
+        def ours(t: torch.Tensor = t, n: int = n) -> None:
             for _ in range(n):
                 dist.all_reduce(t)
 
-        def glo() -> None:
+        def glo(t: torch.Tensor = t, n: int = n) -> None:
             for _ in range(n):
                 dist.all_reduce(t, group=gloo)
 
-        def bare() -> None:
+        def bare(arr: np.ndarray = arr, n: int = n) -> None:
             for _ in range(n):
                 world.Allreduce(MPI.IN_PLACE, arr)
 

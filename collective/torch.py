@@ -36,8 +36,9 @@ import os
 import queue
 import socket
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
@@ -46,10 +47,11 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import _create_work_from_future
 
 import collective as _col
+
 from .errors import CollectiveError, CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import BFLOAT16
 
-__all__ = ["BACKEND", "CollectiveProcessGroup", "NEEDS", "create_store", "mpi_launched"]
+__all__ = ["BACKEND", "NEEDS", "CollectiveProcessGroup", "create_store", "mpi_launched"]
 
 #: The backend name torch knows us by.
 BACKEND = "collective"
@@ -316,12 +318,11 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         self._gname = ""
         self._gdesc = ""
         # Synchronous calls (asyncOp False) come from torch's Python wrappers, which only wait() on the Work
-        # they get back: one completed Work serves them all (a fresh future per call was a fifth of a small
-        # all_reduce's time in this layer).
+        # they get back: one completed Work serves them all, and no small call pays for a future of its own.
         self._sync_done = _done([])
 
     # ---- names (DeviceMesh and torch's logs read them)
-    def getBackendName(self) -> str:  # noqa: N802 - torch's name
+    def getBackendName(self) -> str:
         return BACKEND
 
     def _set_group_name(self, name: str) -> None:
@@ -433,7 +434,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                 return self._completer.add([self._comm.allreduce_async(a, op=name, out=a)], None, tensors,
                                            "all_reduce")
         t = self._one(tensors, "all_reduce")
-        w, a, name, post = self._reduce_args(t, opts.reduceOp, "all_reduce")
+        _, a, name, post = self._reduce_args(t, opts.reduceOp, "all_reduce")
         comm = self._comm
         return self._finish(opts.asyncOp, "all_reduce",
                             (lambda: comm.allreduce_async(a, op=name, out=a)) if opts.asyncOp else
@@ -445,7 +446,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         comm, works, posts = self._comm, [], []
         for t in tensors:
             _check_tensor(t, self._where("all_reduce_coalesced", t))
-            w, a, name, post = self._reduce_args(t, opts.reduceOp, "all_reduce_coalesced")
+            _, a, name, post = self._reduce_args(t, opts.reduceOp, "all_reduce_coalesced")
             if opts.asyncOp:
                 works.append(comm.allreduce_async(a, op=name, out=a))
             else:
@@ -459,7 +460,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             opts = dist.ReduceOptions()
         t = self._one(tensors, "reduce")
         root, comm = opts.rootRank, self._comm
-        w, a, name, post = self._reduce_args(t, opts.reduceOp, "reduce")
+        _, a, name, post = self._reduce_args(t, opts.reduceOp, "reduce")
         if comm.rank != root:
             post = None  # torch leaves non-root tensors unspecified; ours are left as given
         return self._finish(opts.asyncOp, "reduce",
@@ -481,7 +482,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         stacked = torch.stack([x.reshape(-1) for x in inputs[0]])
         return self._reduce_scatter(stacked, out, opts, "reduce_scatter", outputs)
 
-    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:  # noqa: A002
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:
         if opts is None:
             opts = dist.ReduceScatterOptions()
         _check_tensor(output, self._where("reduce_scatter_tensor", output))
@@ -570,7 +571,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         works = [self.allgather([[o[i] for o in outputs]], [x], opts) for i, x in enumerate(inputs)]
         return self._join(works, outputs, opts.asyncOp, "all_gather_coalesced")
 
-    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:  # noqa: A002
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:
         if opts is None:
             opts = dist.AllgatherOptions()
         _check_tensor(output, self._where("all_gather_into_tensor", output))
@@ -581,7 +582,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                                        f"{P} x the input ({tuple(input.shape)}, {input.dtype}); got "
                                        f"{tuple(output.shape)}, {output.dtype}")
         if input.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
-            input = input.clone()  # noqa: A001 - FSDP2 gathers in place: its input is a slice of the output
+            input = input.clone()
         a = _array(input.contiguous()).reshape(1, -1)
         w, back = _work_tensor(output)
         o = _array(w).reshape(P, -1)
@@ -617,7 +618,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         return self._sync_done
 
     # ---- calls that need the communicator's alltoall, gather, scatter, send/recv
-    def alltoall_base(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],  # noqa: A002
+    def alltoall_base(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],
                       input_split_sizes: list[int], opts: Any = None) -> Any:
         if opts is None:
             opts = dist.AllToAllOptions()

@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from mpi_util import check, count_passed, mpirun  # noqa: E402
+from mpi_util import check, count_passed, mpirun
 
 # torch's rendezvous variables must be absent: the backend takes rank and size from MPI.
 _ENV = {"COLLECTIVE_TIMEOUT": "60"}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -128,8 +127,9 @@ def _worker(a: argparse.Namespace) -> None:
             try:
                 if dist.is_initialized():
                     dist.destroy_process_group()
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001 - a test that broke its group must not stop the run
+                if code == 0:
+                    code, detail = 2, f"destroy_process_group: {type(exc).__name__}: {exc}"[:300]
         codes = comm.allgather(np.array([code], np.int64))
         details = comm.allgather(np.frombuffer(detail.encode()[:400].ljust(400, b" "), np.uint8).reshape(1, -1))
         worst = int(codes.max())
@@ -137,8 +137,8 @@ def _worker(a: argparse.Namespace) -> None:
         text = bytes(details[who]).decode(errors="replace").strip()
         if R == 0:
             outcome = ("pass", "skip", "fail")[worst]
-            print(f"RESULT {name} {outcome} {time.monotonic() - t0:.1f}s {('rank %d: ' % who + text) if worst else ''}",
-                  flush=True)
+            why = f"rank {who}: {text}" if worst else ""
+            print(f"RESULT {name} {outcome} {time.monotonic() - t0:.1f}s {why}", flush=True)
     comm.barrier()
     if R == 0:
         print("RUNNER DONE", flush=True)

@@ -12,10 +12,10 @@ import time
 
 import torch
 import torch.distributed as dist
+from harness import Cases
 
 import collective as col
 import collective.torch as ctorch
-from harness import Cases
 
 ONLY = set(sys.argv[sys.argv.index("--only") + 1].split(",")) if "--only" in sys.argv else None
 torch.set_num_threads(1)
@@ -361,7 +361,7 @@ def case_whole_world_group_and_mesh() -> None:
     dist.all_reduce(t, group=g)
     same(t, torch.full((3,), float(sum(range(P)))), "new_group over every rank")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor, DTensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (P,))
     full = torch.arange(P * 4 * 3, dtype=torch.float32).reshape(P * 4, 3)
