@@ -48,3 +48,30 @@ def test_torch_suite_subset_p2() -> None:
     res = torch_suite_runner.run("collective", 2, SUITE_SUBSET, timeout=240, env=_ENV, gates_as="gloo")
     bad = {k: v for k, v in res.items() if v[0] != "pass"}
     assert not bad and len(res) == len(SUITE_SUBSET), bad
+
+
+def test_torchrun_style_launch_raises_clearly(tmp_path) -> None:
+    """Two processes started without MPI but with torchrun's variables: each MPI rank is alone, so both refuse."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from mpi_util import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = ("import torch.distributed as dist, collective.torch\n"
+              "dist.init_process_group('collective')\n")
+    procs = []
+    for r in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD", "PMIX_", "PMI_"))}
+        env.update(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONPATH=str(ROOT), OMPI_MCA_btl_sm_backing_directory=str(tmp_path))
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))
+    outs = [p.communicate(timeout=120)[0].decode(errors="replace") for p in procs]
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode != 0, out
+        assert f"rank {r} of world size 2, but MPI says rank 0 of 1" in out, out[-2000:]
