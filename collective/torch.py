@@ -1,0 +1,779 @@
+"""The torch.distributed backend "collective": ``import collective.torch``, then ``init_process_group("collective")``.
+
+Every ``torch.distributed`` call on a group of this backend becomes one call
+of a :class:`collective.Communicator` on NumPy views of the tensors' memory,
+so torch's DDP, FSDP2, DeviceMesh and ``dist.*`` code gets our algorithms and
+our cross-rank checks (a shape, dtype or op that differs between ranks raises
+on every rank instead of hanging).
+
+Rank and world size come from MPI. Under ``mpiexec`` (or ``collective-run``)
+``init_process_group("collective")`` needs no ``MASTER_ADDR``, rank or world
+size: torch still wants a key-value store, which this module builds from MPI
+(a TCPStore whose address rank 0 broadcasts) for ``init_method="collective://"``
+and, when ``MASTER_ADDR`` is unset under an MPI launcher, for torch's default
+``env://``. A rank or world size passed by the user that disagrees with MPI
+raises :class:`collective.CollectiveValueError`.
+
+Synchronous calls (``async_op=False``) run on the caller's thread;
+asynchronous ones go to the communicator's thread, and a completion thread of
+this module completes the torch Future when our Work finishes, so
+``work.wait(timeout)`` raises on timeout and errors propagate through the
+future. Calls the communicator does not provide (see :data:`NEEDS`) raise
+:class:`collective.CollectiveError` naming the missing call.
+
+Example::
+
+    import torch, torch.distributed as dist
+    import collective.torch  # registers the backend
+    dist.init_process_group("collective")   # under: mpiexec -n 4 python train.py
+    t = torch.ones(4)
+    dist.all_reduce(t)                       # [4, 4, 4, 4]
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import _create_work_from_future
+
+import collective as _col
+
+from .errors import CollectiveError, CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
+from .ops import BFLOAT16
+
+__all__ = ["BACKEND", "NEEDS", "CollectiveProcessGroup", "create_store", "mpi_launched"]
+
+#: The backend name torch knows us by.
+BACKEND = "collective"
+
+#: Communicator methods some ProcessGroup calls need, and the torch calls that need them.
+NEEDS: dict[str, str] = {
+    "alltoall": "all_to_all, all_to_all_single",
+    "gather": "gather (and gather_object)",
+    "scatter": "scatter (and scatter_object_list)",
+    "send": "send, isend, batch_isend_irecv",
+    "recv": "recv, irecv, batch_isend_irecv",
+    "isend": "isend, batch_isend_irecv",
+    "irecv": "irecv, batch_isend_irecv",
+    "subgroup": "new_group / new_subgroups over a proper subset of the ranks",
+}
+
+_R = dist.ReduceOp.RedOpType
+_NAMED = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MAX: "max"}
+_BITWISE = {_R.BAND: ("band", "min"), _R.BOR: ("bor", "max"), _R.BXOR: ("bxor", "sum")}
+# bool follows torch's NCCL backend: a sum of booleans is their OR, a product their AND.
+_BOOL = {_R.SUM: "max", _R.MAX: "max", _R.BOR: "max", _R.PRODUCT: "min", _R.MIN: "min", _R.BAND: "min"}
+# Reductions whose preparation or finish writes into the tensor reduced.
+_IN_PLACE_OPS = frozenset((_R.PREMUL_SUM, _R.BAND, _R.BOR, _R.BXOR))
+# torch dtypes whose tensors .numpy() views directly.
+_PLAIN = frozenset((torch.float32, torch.float64, torch.float16, torch.int8, torch.int16, torch.int32, torch.int64,
+                    torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.complex64, torch.complex128))
+
+
+def mpi_launched() -> bool:
+    """True when an MPI launcher (Open MPI, MPICH/Hydra, PMIx, Slurm's PMI) started this process."""
+    e = os.environ
+    return any(k in e for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
+
+
+# --------------------------------------------------------------- the store
+def _check_against_mpi(comm: Any, rank: int, world_size: int, what: str) -> None:
+    if rank not in (-1, comm.rank) or world_size not in (-1, comm.size):
+        raise CollectiveValueError(
+            f"{describe('init_process_group', comm.rank, comm.size)}: {what} says rank {rank} of world size "
+            f"{world_size}, but MPI says rank {comm.rank} of {comm.size}; the backend {BACKEND!r} takes both from "
+            "MPI: leave them out (or fix the launcher's environment)")
+
+
+def create_store(timeout: datetime.timedelta | None = None) -> dist.TCPStore:
+    """A TCPStore shared by every rank of the default communicator; rank 0 serves it, its address goes by broadcast.
+
+    Collective over every rank (it calls :func:`collective.init` when needed).
+
+    Args:
+        timeout: the store's timeout (torch's default process-group timeout when None).
+
+    Returns:
+        The store (rank 0 is its server).
+
+    Example::
+
+        store = collective.torch.create_store()
+        dist.init_process_group("gloo", store=store, rank=comm.rank, world_size=comm.size)
+    """
+    comm = _comm(timeout)
+    tmo = timeout or datetime.timedelta(seconds=300)
+    head = np.zeros(258, np.uint8)  # port (2 bytes, big-endian), then the host name, zero-padded
+    store = None
+    if comm.rank == 0:
+        host = "127.0.0.1" if comm.single_node else socket.gethostname()
+        store = dist.TCPStore(host, 0, comm.size, True, tmo, wait_for_workers=False)
+        name = host.encode()[:256]
+        head[0], head[1] = store.port >> 8, store.port & 0xFF
+        head[2:2 + len(name)] = np.frombuffer(name, np.uint8)
+    comm.broadcast(head, root=0, out=head)
+    if store is None:
+        host = bytes(head[2:]).rstrip(b"\0").decode()
+        store = dist.TCPStore(host, int(head[0]) << 8 | int(head[1]), comm.size, False, tmo)
+    return store
+
+
+def _comm(timeout: datetime.timedelta | None = None) -> Any:
+    if _col.is_initialized():
+        return _col.get_default()
+    return _col.init(timeout=timeout.total_seconds()) if timeout is not None else _col.init()
+
+
+def _mpi_rendezvous(url: str, timeout: datetime.timedelta | None = None, **_: Any) -> Iterator[tuple[Any, int, int]]:
+    """``collective://``: rank and world size from MPI, a store from :func:`create_store`."""
+    q = parse_qs(urlparse(url).query)
+    comm = _comm(timeout)
+    _check_against_mpi(comm, int(q.get("rank", ["-1"])[0]), int(q.get("world_size", ["-1"])[0]), "init_process_group")
+    yield create_store(timeout), comm.rank, comm.size
+    raise CollectiveError(f"{describe('init_process_group', comm.rank, comm.size)}: collective:// cannot "
+                          "re-rendezvous (restart the job)")
+
+
+def _install_rendezvous() -> None:
+    import importlib
+
+    rdzv = importlib.import_module("torch.distributed.rendezvous")
+
+    handlers = rdzv._rendezvous_handlers  # private, but the only way to extend env:// rather than replace it
+    if "collective" not in handlers:
+        rdzv.register_rendezvous_handler("collective", _mpi_rendezvous)
+    env = handlers.get("env")
+    if env is not None and not getattr(env, "_collective", False):
+        def env_or_mpi(url: str, **kwargs: Any) -> Iterator[tuple[Any, int, int]]:
+            # env:// cannot work without MASTER_ADDR; under an MPI launcher, MPI knows everything it needs.
+            if "MASTER_ADDR" not in os.environ and mpi_launched():
+                return _mpi_rendezvous(url, **kwargs)
+            return env(url, **kwargs)
+
+        env_or_mpi._collective = True  # type: ignore[attr-defined]
+        handlers["env"] = env_or_mpi
+
+
+# ------------------------------------------------------ Work and completion
+class _Async(dist._Work):
+    """Work of an asynchronous call: completed by the completion thread, ``wait(timeout)`` raises on timeout."""
+
+    def __init__(self, fut: torch.futures.Future, done: threading.Event, name: str) -> None:
+        super().__init__()
+        self._fut, self._done, self._name = fut, done, name
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        secs = timeout.total_seconds() if timeout is not None else 0.0
+        if not self._done.wait(secs if secs > 0 else None):
+            raise CollectiveTimeoutError(f"{self._name}: not finished after {secs} s")
+        self._fut.wait()  # raises the call's error
+        return True
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def is_success(self) -> bool:
+        return self._done.is_set() and self.exception() is None
+
+    def exception(self) -> Any:
+        if not self._fut.done():
+            return None
+        try:
+            self._fut.wait()
+        except Exception as exc:  # noqa: BLE001 - returned, as torch's Work.exception() does
+            return exc
+        return None
+
+    def get_future(self) -> torch.futures.Future:
+        return self._fut
+
+
+class _Completer:
+    """One thread that waits on our Works in submission order; a pool completes their torch Futures.
+
+    Completing a future runs its callbacks (DDP's, a comm hook's) on the completing thread, and a
+    callback may block on another of our futures (torch's PowerSGD hook waits on an all_reduce it
+    starts inside a callback): so the waiting thread never runs callbacks itself, and the pool grows
+    a thread while all of its threads sit in such callbacks.
+    """
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="collective-torch-callbacks")
+
+    def add(self, works: list[Any], post: Callable[[], None] | None, value: Any, name: str) -> _Async:
+        fut: torch.futures.Future = torch.futures.Future()
+        done = threading.Event()
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="collective-torch-completion", daemon=True)
+                    self._thread.start()
+        self._q.put((works, post, value, fut, done))
+        return _Async(fut, done, name)
+
+    def _run(self) -> None:
+        while True:
+            works, post, value, fut, done = self._q.get()
+            try:
+                for w in works:
+                    w.wait()
+                if post is not None:
+                    post()
+            except BaseException as exc:  # noqa: BLE001 - handed to the future's waiter
+                done.set()
+                self._pool.submit(fut.set_exception, exc)
+            else:
+                done.set()
+                self._pool.submit(fut.set_result, value)
+
+
+def _done(value: Any) -> Any:
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(value)
+    return _create_work_from_future(fut)
+
+
+# ------------------------------------------------------- tensors as arrays
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a contiguous CPU tensor's memory (bfloat16 through ml_dtypes, bool as uint8)."""
+    if t.requires_grad:
+        t = t.detach()
+    dt = t.dtype
+    if dt in _PLAIN:
+        return t.numpy()
+    if dt is torch.bfloat16:
+        if BFLOAT16 is None:
+            raise CollectiveTypeError("torch.bfloat16 tensors need the ml_dtypes package (pip install ml_dtypes)")
+        return t.view(torch.int16).numpy().view(BFLOAT16)
+    if dt is torch.bool:
+        return t.view(torch.uint8).numpy()
+    raise CollectiveTypeError(f"tensors of dtype {dt} have no NumPy equivalent; convert them (x.float())")
+
+
+def _check_tensor(t: Any, where: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise CollectiveTypeError(f"{where}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise CollectiveTypeError(f"{where}: tensor on {t.device}; the backend {BACKEND!r} takes CPU tensors")
+    if t.layout != torch.strided:
+        raise CollectiveTypeError(f"{where}: tensor with layout {t.layout}; pass a dense tensor (x.to_dense())")
+
+
+def _work_tensor(t: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None] | None]:
+    """``t`` itself when contiguous, else a contiguous copy and the call that writes it back."""
+    if t.is_contiguous():
+        return t, None
+    c = t.contiguous()
+    return c, lambda: t.copy_(c)  # type: ignore[return-value]
+
+
+def _chain(*fns: Callable[[], None] | None) -> Callable[[], None] | None:
+    fs = [f for f in fns if f is not None]
+    if not fs:
+        return None
+    if len(fs) == 1:
+        return fs[0]
+
+    def run() -> None:
+        for f in fs:
+            f()
+    return run
+
+
+# ------------------------------------------------------------ the group
+class CollectiveProcessGroup(dist.ProcessGroup):
+    """A torch ProcessGroup whose calls run on a :class:`collective.Communicator`.
+
+    Created by torch (``init_process_group("collective")``, ``new_group``);
+    users rarely build one themselves.
+
+    Args:
+        comm: the communicator of this group (its rank and size are the group's).
+        timeout: the group's default timeout (torch's ``timeout=``).
+
+    Example::
+
+        pg = dist.group.WORLD          # after init_process_group("collective")
+        pg.getBackendName()            # "collective"
+    """
+
+    def __init__(self, comm: Any, timeout: datetime.timedelta | None = None) -> None:
+        super().__init__(comm.rank, comm.size)
+        self._comm = comm
+        self._timeout = timeout
+        self._completer = _Completer()
+        self._gname = ""
+        self._gdesc = ""
+        # Synchronous calls (asyncOp False) come from torch's Python wrappers, which only wait() on the Work
+        # they get back: one completed Work serves them all, and no small call pays for a future of its own.
+        self._sync_done = _done([])
+
+    # ---- names (DeviceMesh and torch's logs read them)
+    def getBackendName(self) -> str:
+        return BACKEND
+
+    def _set_group_name(self, name: str) -> None:
+        self._gname = name
+
+    @property
+    def group_name(self) -> str:
+        return self._gname
+
+    def _set_group_desc(self, desc: str) -> None:
+        self._gdesc = desc
+
+    @property
+    def group_desc(self) -> str:
+        return self._gdesc
+
+    def __repr__(self) -> str:
+        return f"CollectiveProcessGroup(rank={self._comm.rank}, size={self._comm.size}, name={self._gname!r})"
+
+    # ---- helpers
+    def _where(self, call: str, t: torch.Tensor | None = None) -> str:
+        c = self._comm
+        return describe(call, c.rank, c.size, None if t is None else tuple(t.shape), None if t is None else t.dtype)
+
+    def _need(self, method: str, call: str) -> Callable[..., Any]:
+        fn = getattr(self._comm, method, None)
+        if fn is None:
+            raise CollectiveError(f"{self._where(call)}: needs Communicator.{method}, which this version of "
+                                  f"collective does not provide (torch calls needing it: {NEEDS.get(method, call)})")
+        return fn
+
+    def _one(self, tensors: list[torch.Tensor], call: str) -> torch.Tensor:
+        if len(tensors) != 1:
+            raise CollectiveValueError(f"{self._where(call)}: expected one tensor per call, got {len(tensors)}")
+        t = tensors[0]
+        _check_tensor(t, self._where(call, t) if isinstance(t, torch.Tensor) else self._where(call))
+        return t
+
+    def _finish(self, is_async: bool, name: str, start: Callable[[], Any], post: Callable[[], None] | None,
+                value: Any) -> Any:
+        """Run a prepared call: ``start`` starts it (async: returns our Works), ``post`` runs after it."""
+        if not is_async:
+            start()
+            if post is not None:
+                post()
+            return self._sync_done
+        w = start()
+        return self._completer.add(w if isinstance(w, list) else [w], post, value, name)
+
+    # ---- reductions
+    def _reduce_args(self, t: torch.Tensor, rop: Any, call: str) -> tuple[torch.Tensor, np.ndarray, str,
+                                                                             Callable[[], None] | None]:
+        """(the tensor reduced, its array, our op name, what to do after): the reduction of ``t`` with ``rop``."""
+        op = rop.op
+        w, back = _work_tensor(t)
+        if op == _R.PREMUL_SUM:
+            f = rop.factor if hasattr(rop, "factor") else None
+            if f is None:
+                raise CollectiveValueError(f"{self._where(call, t)}: PREMUL_SUM without a factor")
+            w.mul_(f)  # the input is the output: torch's backends scale it in place too
+            return w, _array(w), "sum", back
+        if t.dtype is torch.bool:
+            name = _BOOL.get(op)
+            if op == _R.BXOR:
+                arr = _array(w)  # parity of the count: a uint8 sum keeps it modulo 256
+                return w, arr, "sum", _chain(lambda: np.bitwise_and(arr, 1, out=arr), back)
+            if name is None:
+                raise CollectiveValueError(f"{self._where(call, t)}: {op} is not defined on bool tensors")
+            return w, _array(w), name, back
+        name = _NAMED.get(op)
+        if name is not None:
+            return w, _array(w), name, back
+        if op in _BITWISE:
+            if t.dtype.is_floating_point or t.dtype.is_complex:
+                raise CollectiveTypeError(f"{self._where(call, t)}: {op} needs integer or bool tensors")
+            ours, plane = _BITWISE[op]
+            a = _array(w)
+            if ours in _col.OPS:
+                return w, a, ours, back
+            # Bit planes: one uint8 per bit, reduced with min (and), max (or) or sum (xor: parity of the count,
+            # which a uint8 sum keeps modulo 256), then packed back into the tensor's bytes.
+            bits = np.unpackbits(a.view(np.uint8))
+            raw = a.reshape(-1).view(np.uint8)
+
+            def pack() -> None:
+                if ours == "bxor":
+                    np.bitwise_and(bits, 1, out=bits)
+                raw[:] = np.packbits(bits)
+            return w, bits, plane, _chain(pack, back)
+        raise CollectiveValueError(f"{self._where(call, t)}: unsupported reduce op {op}")
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.AllreduceOptions()
+        name = _NAMED.get(opts.reduceOp.op)
+        if name is not None and len(tensors) == 1:
+            # The common case in few steps: the tensor's own memory, reduced in place. numpy() refuses what
+            # this path must not take (a GPU or sparse tensor, bfloat16, requires_grad, a conjugate bit);
+            # the full path below explains those.
+            t = tensors[0]
+            try:
+                a = t.numpy() if t.is_contiguous() else None
+            except (TypeError, RuntimeError):
+                a = None
+            if a is not None and a.dtype.kind != "b":
+                if not opts.asyncOp:
+                    self._comm.allreduce(a, op=name, out=a)
+                    return self._sync_done
+                return self._completer.add([self._comm.allreduce_async(a, op=name, out=a)], None, tensors,
+                                           "all_reduce")
+        t = self._one(tensors, "all_reduce")
+        _, a, name, post = self._reduce_args(t, opts.reduceOp, "all_reduce")
+        comm = self._comm
+        return self._finish(opts.asyncOp, "all_reduce",
+                            (lambda: comm.allreduce_async(a, op=name, out=a)) if opts.asyncOp else
+                            (lambda: comm.allreduce(a, op=name, out=a)), post, tensors)
+
+    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.AllreduceCoalescedOptions()
+        comm, works, posts = self._comm, [], []
+        for t in tensors:
+            _check_tensor(t, self._where("all_reduce_coalesced", t))
+            _, a, name, post = self._reduce_args(t, opts.reduceOp, "all_reduce_coalesced")
+            if opts.asyncOp:
+                works.append(comm.allreduce_async(a, op=name, out=a))
+            else:
+                comm.allreduce(a, op=name, out=a)
+            posts.append(post)
+        post = _chain(*posts)
+        return self._finish(opts.asyncOp, "all_reduce_coalesced", lambda: works, post, tensors)
+
+    def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.ReduceOptions()
+        t = self._one(tensors, "reduce")
+        root, comm = opts.rootRank, self._comm
+        _, a, name, post = self._reduce_args(t, opts.reduceOp, "reduce")
+        if comm.rank != root:
+            post = None  # torch leaves non-root tensors unspecified; ours are left as given
+        return self._finish(opts.asyncOp, "reduce",
+                            (lambda: comm.reduce_async(a, root=root, op=name, out=a)) if opts.asyncOp else
+                            (lambda: comm.reduce(a, root=root, op=name, out=a)), post, tensors)
+
+    def reduce_scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.ReduceScatterOptions()
+        out = self._one(outputs, "reduce_scatter")
+        if len(inputs) != 1 or len(inputs[0]) != self._comm.size:
+            raise CollectiveValueError(f"{self._where('reduce_scatter', out)}: expected one list of "
+                                       f"{self._comm.size} input tensors")
+        for x in inputs[0]:
+            _check_tensor(x, self._where("reduce_scatter", x))
+            if x.shape != out.shape or x.dtype != out.dtype:
+                raise CollectiveValueError(f"{self._where('reduce_scatter', out)}: every input must have the "
+                                           f"output's shape and dtype; got {tuple(x.shape)} {x.dtype}")
+        stacked = torch.stack([x.reshape(-1) for x in inputs[0]])
+        return self._reduce_scatter(stacked, out, opts, "reduce_scatter", outputs)
+
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.ReduceScatterOptions()
+        _check_tensor(output, self._where("reduce_scatter_tensor", output))
+        _check_tensor(input, self._where("reduce_scatter_tensor", input))
+        P = self._comm.size
+        if input.numel() != P * output.numel() or input.dtype != output.dtype:
+            raise CollectiveValueError(f"{self._where('reduce_scatter_tensor', input)}: the input must hold "
+                                       f"{P} x the output ({tuple(output.shape)}, {output.dtype})")
+        src = input.reshape(P, -1).contiguous()
+        if src.data_ptr() == input.data_ptr() and opts.reduceOp.op in _IN_PLACE_OPS:
+            src = src.clone()  # the scaling or the bit planes' write-back must not touch the input
+        return self._reduce_scatter(src, output, opts, "reduce_scatter_tensor", [output])
+
+    def _reduce_scatter(self, stacked: torch.Tensor, out: torch.Tensor, opts: Any, call: str, value: Any) -> Any:
+        w, a, name, post = self._reduce_args(stacked, opts.reduceOp, call)
+        comm, P = self._comm, self._comm.size
+        if a.shape[0] != P:  # bit planes: one row per rank again
+            a = a.reshape(P, -1)
+        got: list[Any] = []
+
+        def finish() -> None:
+            res = got[0]
+            if post is not None:
+                # The bit planes or scaled copy: reduce-scatter gave this rank its row; rebuild its bytes.
+                a[comm.rank] = res[0]
+                post()
+                out.copy_(w[comm.rank].reshape(out.shape))
+            else:
+                out.copy_(_tensor(res[0], w.dtype).reshape(out.shape))
+
+        if opts.asyncOp:
+            wk = comm.reduce_scatter_async(a, op=name)
+            return self._completer.add([wk], lambda: (got.append(wk.wait()), finish()), value, call)
+        got.append(comm.reduce_scatter(a, op=name))
+        finish()
+        return _done(value)
+
+    # ---- data movement
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.BroadcastOptions()
+        t = self._one(tensors, "broadcast")
+        w, back = _work_tensor(t)
+        a, root, comm = _array(w), opts.rootRank, self._comm
+        return self._finish(opts.asyncOp, "broadcast",
+                            (lambda: comm.broadcast_async(a, root=root, out=a)) if opts.asyncOp else
+                            (lambda: comm.broadcast(a, root=root, out=a)), back, tensors)
+
+    def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.AllgatherOptions()
+        x = self._one(inputs, "all_gather")
+        outs = outputs[0] if len(outputs) == 1 else None
+        P, comm = self._comm.size, self._comm
+        if outs is None or len(outs) != P:
+            raise CollectiveValueError(f"{self._where('all_gather', x)}: expected one list of {P} output tensors")
+        for o in outs:
+            _check_tensor(o, self._where("all_gather", o))
+            if o.dtype != x.dtype:
+                raise CollectiveTypeError(f"{self._where('all_gather', x)}: output dtype {o.dtype} is not the input's")
+        a = _array(x.contiguous()).reshape(-1)
+        even = all(o.numel() == x.numel() for o in outs)
+        if not even and not hasattr(comm, "alltoall"):
+            raise CollectiveError(f"{self._where('all_gather', x)}: output tensors of different sizes need "
+                                  "Communicator.allgather with uneven first dims, which this version of collective "
+                                  "does not provide")
+        src = a.reshape(1, -1) if even else a
+        sizes = [o.numel() for o in outs]
+
+        def scatter_rows(res: np.ndarray) -> None:
+            flat = _tensor(res.reshape(-1), x.dtype)
+            for o, piece in zip(outs, torch.split(flat, sizes)):
+                o.copy_(piece.reshape(o.shape))
+
+        if opts.asyncOp:
+            wk = comm.allgather_async(src)
+            return self._completer.add([wk], lambda: scatter_rows(wk.wait()), outputs, "all_gather")
+        scatter_rows(comm.allgather(src))
+        return _done(outputs)
+
+    def allgather_coalesced(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor],
+                            opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.AllgatherOptions()
+        # outputs[r][i]: rank r's piece of input i (torch's layout); one all_gather per input.
+        works = [self.allgather([[o[i] for o in outputs]], [x], opts) for i, x in enumerate(inputs)]
+        return self._join(works, outputs, opts.asyncOp, "all_gather_coalesced")
+
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.AllgatherOptions()
+        _check_tensor(output, self._where("all_gather_into_tensor", output))
+        _check_tensor(input, self._where("all_gather_into_tensor", input))
+        P, comm = self._comm.size, self._comm
+        if output.numel() != P * input.numel() or output.dtype != input.dtype:
+            raise CollectiveValueError(f"{self._where('all_gather_into_tensor', input)}: the output must hold "
+                                       f"{P} x the input ({tuple(input.shape)}, {input.dtype}); got "
+                                       f"{tuple(output.shape)}, {output.dtype}")
+        if input.untyped_storage().data_ptr() == output.untyped_storage().data_ptr():
+            input = input.clone()
+        a = _array(input.contiguous()).reshape(1, -1)
+        w, back = _work_tensor(output)
+        o = _array(w).reshape(P, -1)
+        return self._finish(opts.asyncOp, "all_gather_into_tensor",
+                            (lambda: comm.allgather_async(a, out=o)) if opts.asyncOp else
+                            (lambda: comm.allgather(a, out=o)), back, [output])
+
+    def all_gather_single_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
+                                    opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.AllgatherOptions()
+        works = [self.all_gather_single(o, x, opts) for o, x in zip(outputs, inputs)]
+        return self._join(works, outputs, opts.asyncOp, "all_gather_into_tensor_coalesced")
+
+    allgather_into_tensor_coalesced = all_gather_single_coalesced
+
+    def reduce_scatter_single_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
+                                        opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.ReduceScatterOptions()
+        works = [self.reduce_scatter_single(o, x, opts) for o, x in zip(outputs, inputs)]
+        return self._join(works, outputs, opts.asyncOp, "reduce_scatter_tensor_coalesced")
+
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
+
+    def _join(self, works: list[Any], value: Any, is_async: bool, name: str) -> Any:
+        if not is_async:
+            return _done(value)
+        return self._completer.add([_TorchWait(w) for w in works], None, value, name)
+
+    def barrier(self, opts: Any = None) -> Any:
+        self._comm.barrier()  # waits for the queued async calls first, like every rank's
+        return self._sync_done
+
+    # ---- calls that need the communicator's alltoall, gather, scatter, send/recv
+    def alltoall_base(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],
+                      input_split_sizes: list[int], opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.AllToAllOptions()
+        fn = self._need("alltoall", "all_to_all_single")
+        P = self._comm.size
+        _check_tensor(input, self._where("all_to_all_single", input))
+        _check_tensor(output, self._where("all_to_all_single", output))
+        rows = input.shape[0] if input.dim() else 1
+        per = input.numel() // rows if rows else 0
+        splits = [int(s) * per for s in input_split_sizes] if input_split_sizes else [input.numel() // P] * P
+        want = [int(s) * per for s in output_split_sizes] if output_split_sizes else [output.numel() // P] * P
+        return self._alltoall(fn, _array(input.contiguous()).reshape(-1), splits, want, [output],
+                              opts.asyncOp, "all_to_all_single")
+
+    def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.AllToAllOptions()
+        fn = self._need("alltoall", "all_to_all")
+        if len(inputs) != self._comm.size or len(outputs) != self._comm.size:
+            raise CollectiveValueError(f"{self._where('all_to_all')}: expected {self._comm.size} inputs and outputs")
+        for t in (*inputs, *outputs):
+            _check_tensor(t, self._where("all_to_all", t))
+        flat = torch.cat([x.reshape(-1) for x in inputs]) if inputs else torch.empty(0)
+        return self._alltoall(fn, _array(flat), [x.numel() for x in inputs], [o.numel() for o in outputs], outputs,
+                              opts.asyncOp, "all_to_all")
+
+    def _alltoall(self, fn: Callable[..., Any], a: np.ndarray, splits: list[int], want: list[int],
+                  outs: list[torch.Tensor], is_async: bool, call: str) -> Any:
+        dtype = outs[0].dtype
+
+        def place(res: Any) -> None:
+            got, counts = res
+            if [int(c) for c in counts] != want:
+                raise CollectiveValueError(f"{self._where(call)}: received {list(map(int, counts))} elements "
+                                           f"from the ranks, the outputs expect {want}")
+            flat = _tensor(np.ascontiguousarray(got).reshape(-1), dtype)
+            if len(outs) == 1:
+                outs[0].copy_(flat.reshape(outs[0].shape))
+            else:
+                for o, piece in zip(outs, torch.split(flat, want)):
+                    o.copy_(piece.reshape(o.shape))
+
+        if is_async:
+            wk = self._need("alltoall_async", call)(a, splits=splits, return_splits=True)
+            return self._completer.add([wk], lambda: place(wk.wait()), outs, call)
+        place(fn(a, splits=splits, return_splits=True))
+        return _done(outs)
+
+    def gather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.GatherOptions()
+        fn = self._need("gather", "gather")
+        x = self._one(inputs, "gather")
+        root, comm = opts.rootRank, self._comm
+        a = _array(x.contiguous()).reshape(-1)
+        outs = outputs[0] if comm.rank == root else []
+        if comm.rank == root and len(outs) != comm.size:
+            raise CollectiveValueError(f"{self._where('gather', x)}: the root needs {comm.size} output tensors")
+
+        def place(res: Any) -> None:
+            if comm.rank != root:
+                return
+            flat = _tensor(res.reshape(-1), x.dtype)
+            for o, piece in zip(outs, torch.split(flat, [o.numel() for o in outs])):
+                o.copy_(piece.reshape(o.shape))
+
+        if opts.asyncOp:
+            wk = self._need("gather_async", "gather")(a, root=root)
+            return self._completer.add([wk], lambda: place(wk.wait()), outputs, "gather")
+        place(fn(a, root=root))
+        return _done(outputs)
+
+    def scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None) -> Any:
+        if opts is None:
+            opts = dist.ScatterOptions()
+        fn = self._need("scatter", "scatter")
+        y = self._one(outputs, "scatter")
+        root, comm = opts.rootRank, self._comm
+        if comm.rank == root:
+            ins = inputs[0]
+            if len(ins) != comm.size:
+                raise CollectiveValueError(f"{self._where('scatter', y)}: the root needs {comm.size} input tensors")
+            a = _array(torch.cat([t.reshape(-1) for t in ins])) if ins else None
+            splits = [t.numel() for t in ins]
+        else:
+            a, splits = None, None
+
+        def place(res: Any) -> None:
+            y.copy_(_tensor(np.ascontiguousarray(res).reshape(-1), y.dtype).reshape(y.shape))
+
+        if opts.asyncOp:
+            wk = self._need("scatter_async", "scatter")(a, root=root, splits=splits)
+            return self._completer.add([wk], lambda: place(wk.wait()), outputs, "scatter")
+        place(fn(a, root=root, splits=splits))
+        return _done(outputs)
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Any:
+        t = self._one(tensors, "send")
+        fn = self._need("isend", "send")
+        a = _array(t.contiguous())
+        return self._completer.add([fn(a, dst, tag)], None, tensors, "send")
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> Any:
+        t = self._one(tensors, "recv")
+        fn = self._need("irecv", "recv")
+        w, back = _work_tensor(t)
+        return self._completer.add([fn(_array(w), src, tag)], back, tensors, "recv")
+
+    def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> Any:
+        t = self._one(tensors, "recv")
+        fn = self._need("irecv", "recv")
+        w, back = _work_tensor(t)
+        return self._completer.add([fn(_array(w), None, tag)], back, tensors, "recv")
+
+
+class _TorchWait:
+    """Our-Work-like view of a torch Work (for joining coalesced calls)."""
+
+    __slots__ = ("_w",)
+
+    def __init__(self, w: Any) -> None:
+        self._w = w
+
+    def wait(self) -> None:
+        self._w.wait()
+
+
+def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``dtype`` sharing ``a``'s memory (``a`` as :func:`_array` made it: bfloat16, bool as uint8)."""
+    if dtype is torch.bfloat16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    if dtype is torch.bool:
+        return torch.from_numpy(a.view(np.bool_))
+    return torch.from_numpy(a)
+
+
+def _create(opts: Any, backend_options: Any) -> CollectiveProcessGroup:
+    """torch's creator for the backend (extended API): the default communicator or a subgroup of it."""
+    comm = _comm(opts.timeout)
+    ranks = list(opts.global_ranks_in_group or [])
+    if not ranks or ranks == list(range(comm.size)):
+        _check_against_mpi(comm, opts.group_rank, opts.group_size, "the process group")
+        return CollectiveProcessGroup(comm, opts.timeout)
+    sub = getattr(comm, "subgroup", None)
+    if sub is None:
+        raise CollectiveError(f"{describe('new_group', comm.rank, comm.size)}: a group of ranks {ranks} needs "
+                              "Communicator.subgroup(ranks), which this version of collective does not provide; "
+                              "groups over every rank work")
+    return CollectiveProcessGroup(sub(ranks), opts.timeout)
+
+
+def _register() -> None:
+    if BACKEND.upper() not in dist.Backend._plugins:
+        dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu"])
+    _install_rendezvous()
+
+
+_register()

@@ -1,0 +1,593 @@
+"""torch.distributed on the backend "collective" under mpiexec: every dist.* call with exact answers, ops, dtypes, async,
+DDP and FSDP2 against single-process references, DeviceMesh/DTensor, and cross-rank mismatches.
+
+Usage: python torch_backend.py [--only calls,ddp,fsdp,mismatch]
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from harness import Cases
+
+import collective as col
+import collective.torch as ctorch
+
+ONLY = set(sys.argv[sys.argv.index("--only") + 1].split(",")) if "--only" in sys.argv else None
+torch.set_num_threads(1)
+RO = dist.ReduceOp
+
+# ---- init: a rank that disagrees with MPI is refused; then the plain call works with no MASTER_ADDR
+assert "MASTER_ADDR" not in os.environ, "this job checks the launch without torch's rendezvous variables"
+comm = col.init()
+P, R = comm.size, comm.rank
+cases = Cases(comm)
+try:
+    dist.init_process_group("collective", init_method="collective://", rank=(R + 1) % P if P > 1 else 5,
+                            world_size=P)
+    bad_init = "init_process_group accepted a rank that disagrees with MPI"
+except col.CollectiveValueError as exc:
+    bad_init = None if "MPI says rank" in str(exc) else f"unclear message: {exc}"
+dist.init_process_group("collective", timeout=datetime.timedelta(seconds=60))
+
+
+def run(group: str, name: str, fn: object) -> None:
+    if ONLY is None or group in ONLY:
+        cases.run(name, fn)  # type: ignore[arg-type]
+
+
+def case_init() -> None:
+    assert bad_init is None, bad_init
+    assert dist.get_rank() == R and dist.get_world_size() == P
+    assert dist.get_backend() == "collective"
+    assert isinstance(dist.group.WORLD, ctorch.CollectiveProcessGroup)
+
+
+run("calls", "init", case_init)
+
+# ------------------------------------------------------------------ values
+FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+INTS = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+COMPLEX = (torch.complex64, torch.complex128)
+
+
+def value(r: int, dtype: torch.dtype, n: int = 7, op: object = None) -> torch.Tensor:
+    """Rank r's input: small integers, exact in every dtype and under every op used here."""
+    base = (torch.arange(n, dtype=torch.int64) * 3 + r * 5) % 7 + 1
+    if dtype is torch.bool:
+        return ((base + r) % 3 == 0)
+    if op == RO.PRODUCT:
+        base = base % 2 + 1
+    if dtype in COMPLEX:
+        return (base + 1j * (base % 3)).to(dtype)
+    return base.to(dtype)
+
+
+def reference(dtype: torch.dtype, op: object, n: int = 7, factor: float | None = None) -> torch.Tensor:
+    xs = [value(r, dtype, n, op) for r in range(P)]
+    acc = xs[0].clone()
+    if dtype is torch.bool:
+        for x in xs[1:]:
+            if op in (RO.SUM, RO.MAX, RO.BOR):
+                acc |= x
+            elif op in (RO.PRODUCT, RO.MIN, RO.BAND):
+                acc &= x
+            else:
+                acc ^= x
+        return acc
+    if factor is not None:
+        acc = acc * factor
+    for x in xs[1:]:
+        if factor is not None:
+            acc = acc + x * factor
+        elif op in (RO.SUM, RO.AVG):
+            acc = acc + x
+        elif op == RO.PRODUCT:
+            acc = acc * x
+        elif op == RO.MIN:
+            acc = torch.minimum(acc, x)
+        elif op == RO.MAX:
+            acc = torch.maximum(acc, x)
+        elif op == RO.BAND:
+            acc &= x
+        elif op == RO.BOR:
+            acc |= x
+        elif op == RO.BXOR:
+            acc ^= x
+    if op == RO.AVG:
+        acc = torch.div(acc, P, rounding_mode="floor") if dtype in INTS else acc / P
+    return acc.to(dtype)
+
+
+def same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+    assert torch.equal(a, b), f"{what}: got {a.tolist()} expected {b.tolist()}"
+
+
+def ops_for(dtype: torch.dtype) -> list:
+    if dtype is torch.bool:
+        return [RO.SUM, RO.PRODUCT, RO.MIN, RO.MAX, RO.BAND, RO.BOR, RO.BXOR]
+    if dtype in INTS:
+        return [RO.SUM, RO.AVG, RO.PRODUCT, RO.MIN, RO.MAX, RO.BAND, RO.BOR, RO.BXOR]
+    if dtype in COMPLEX:  # torch itself refuses the others on complex tensors
+        return [RO.SUM, RO.AVG]
+    return [RO.SUM, RO.AVG, RO.PRODUCT, RO.MIN, RO.MAX]
+
+
+def case_all_reduce_ops_dtypes() -> None:
+    for dtype in (*FLOATS, *INTS, *COMPLEX, torch.bool):
+        for op in ops_for(dtype):
+            for async_op in (False, True):
+                t = value(R, dtype, op=op)
+                w = dist.all_reduce(t, op=op, async_op=async_op)
+                if async_op:
+                    w.wait()
+                    got = w.get_future().value()[0]  # torch hands complex tensors over as view_as_real
+                    reduced(torch.view_as_complex(got) if dtype in COMPLEX else got, dtype, op, "future")
+                reduced(t, dtype, op, f"async={async_op}")
+
+
+def reduced(t: torch.Tensor, dtype: torch.dtype, op: object, what: str) -> None:
+    want = reference(dtype, op)
+    if op == RO.AVG and dtype in COMPLEX:  # the reference divides as complex numbers: last-bit differences
+        assert torch.allclose(t, want, rtol=1e-6, atol=0), f"avg {dtype} {what}: {t} vs {want}"
+    else:
+        same(t, want, f"all_reduce {dtype} {op} {what}")
+
+
+def case_premul_sum() -> None:
+    for dtype in (torch.float32, torch.float64):
+        t = value(R, dtype)
+        dist.all_reduce(t, op=dist._make_nccl_premul_sum(0.5))
+        same(t, reference(dtype, RO.SUM, factor=0.5), f"premul_sum {dtype}")
+
+
+def case_non_contiguous() -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.int32, torch.bool):
+        base = torch.stack([value(R, dtype, 6), value(R + 1, dtype, 6)])  # (2, 6)
+        t = base.t()  # (6, 2), strides (1, 6)
+        assert not t.is_contiguous()
+        want = torch.stack([_fold([value(r, dtype, 6) for r in range(P)], RO.MAX, dtype),
+                            _fold([value(r + 1, dtype, 6) for r in range(P)], RO.MAX, dtype)]).t()
+        dist.all_reduce(t, op=RO.MAX)
+        same(t, want, f"non-contiguous {dtype}")
+        same(base, want.t(), f"non-contiguous {dtype}: the base tensor")
+        s = torch.zeros(10)
+        v = s[::2]
+        v.fill_(R + 1.0)
+        dist.all_reduce(v)
+        same(s[::2], torch.full((5,), P * (P + 1) / 2), "strided slice")
+        same(s[1::2], torch.zeros(5), "the gaps of a strided slice are untouched")
+
+
+def case_requires_grad_and_empty() -> None:
+    p = torch.nn.Parameter(torch.full((3,), float(R)))
+    dist.all_reduce(p.data)
+    dist.all_reduce(p)
+    same(p.detach(), torch.full((3,), float(sum(range(P)) * P)), "parameter")
+    e = torch.empty(0)
+    dist.all_reduce(e)
+    assert e.numel() == 0
+
+
+def case_broadcast_reduce() -> None:
+    for root in sorted({0, P - 1}):
+        for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.complex64):
+            t = value(R, dtype)
+            dist.broadcast(t, src=root)
+            same(t, value(root, dtype), f"broadcast {dtype} root {root}")
+            t = value(R, dtype)
+            w = dist.broadcast(t, src=root, async_op=True)
+            w.wait()
+            same(t, value(root, dtype), f"broadcast async {dtype} root {root}")
+        for op in (RO.SUM, RO.MAX, RO.BXOR):
+            t = value(R, torch.int32)
+            dist.reduce(t, dst=root, op=op)
+            if R == root:
+                same(t, reference(torch.int32, op), f"reduce {op} root {root}")
+
+
+def case_all_gather() -> None:
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.bool, torch.complex128):
+        x = value(R, dtype, 5).reshape(5, 1)
+        outs = [torch.empty(5, 1, dtype=dtype) for _ in range(P)]
+        dist.all_gather(outs, x)
+        for r in range(P):
+            same(outs[r], value(r, dtype, 5).reshape(5, 1), f"all_gather {dtype} from {r}")
+        o = torch.empty(P * 5, 1, dtype=dtype)
+        dist.all_gather_into_tensor(o, x)
+        same(o, torch.cat([value(r, dtype, 5).reshape(5, 1) for r in range(P)]), f"all_gather_into_tensor {dtype}")
+        o = torch.empty(P, 5, 1, dtype=dtype)
+        w = dist.all_gather_into_tensor(o, x, async_op=True)
+        w.wait()
+        same(o, torch.stack([value(r, dtype, 5).reshape(5, 1) for r in range(P)]), f"stacked {dtype}")
+    objs: list = [None] * P
+    dist.all_gather_object(objs, {"rank": R, "s": "x" * R})
+    assert objs == [{"rank": r, "s": "x" * r} for r in range(P)], objs
+    lst = [{"k": R}, [1, 2, R]] if R == 0 else [None, None]
+    dist.broadcast_object_list(lst, src=0)
+    assert lst == [{"k": 0}, [1, 2, 0]], lst
+
+
+def case_reduce_scatter() -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.int64, torch.bool):
+        for op in ((RO.SUM, RO.MAX, RO.BAND) if dtype in (torch.int64, torch.bool) else (RO.SUM, RO.AVG, RO.MIN)):
+            full = torch.cat([value(R * P + j, dtype, 3) for j in range(P)])  # rank R's input, P blocks of 3
+            out = torch.empty(3, dtype=dtype)
+            dist.reduce_scatter_tensor(out, full, op=op)
+            xs = [torch.cat([value(r * P + j, dtype, 3) for j in range(P)])[R * 3:(R + 1) * 3] for r in range(P)]
+            same(out, _fold(xs, op, dtype), f"reduce_scatter_tensor {dtype} {op}")
+            assert torch.equal(full, torch.cat([value(R * P + j, dtype, 3) for j in range(P)])), "input changed"
+            out2 = torch.empty(3, dtype=dtype)
+            w = dist.reduce_scatter(out2, [value(R * P + j, dtype, 3) for j in range(P)], op=op, async_op=True)
+            w.wait()
+            same(out2, out, f"reduce_scatter (list) {dtype} {op}")
+
+
+def _fold(xs: list, op: object, dtype: torch.dtype) -> torch.Tensor:
+    acc = xs[0].clone()
+    for x in xs[1:]:
+        if dtype is torch.bool:
+            acc = acc | x if op in (RO.SUM, RO.MAX) else acc & x
+        elif op in (RO.SUM, RO.AVG):
+            acc = acc + x
+        elif op == RO.MAX:
+            acc = torch.maximum(acc, x)
+        elif op == RO.MIN:
+            acc = torch.minimum(acc, x)
+        elif op == RO.BAND:
+            acc = acc & x
+    return (acc / P if op == RO.AVG else acc).to(dtype)
+
+
+def case_coalesced_and_barrier() -> None:
+    ts = [torch.full((3,), float(R)), torch.full((2, 2), float(R + 1))]
+    dist.all_reduce_coalesced(ts)
+    same(ts[0], torch.full((3,), float(sum(range(P)))), "coalesced 0")
+    same(ts[1], torch.full((2, 2), float(sum(range(1, P + 1)))), "coalesced 1")
+    bufs = [torch.full((4,), float(R)), torch.full((2,), float(R) + 10)]
+    dist._broadcast_coalesced(dist.group.WORLD, bufs, 1 << 20, 0)
+    same(bufs[0], torch.zeros(4), "broadcast_coalesced")
+    same(bufs[1], torch.full((2,), 10.0), "broadcast_coalesced 1")
+    dist.barrier()
+    w = dist.barrier(async_op=True)
+    w.wait()
+
+
+def case_async_semantics() -> None:
+    # A Future that our thread completes: callbacks run, values chain; wait(timeout) raises while a peer is late.
+    t = torch.full((4,), float(R))
+    fut = dist.all_reduce(t, async_op=True).get_future().then(lambda f: f.value()[0] * 2)
+    same(fut.wait(), torch.full((4,), 2.0 * sum(range(P))), "future chain")
+    if P > 1:
+        t = torch.ones(2)
+        if R == 1:
+            time.sleep(1.5)
+        w = dist.all_reduce(t, async_op=True)
+        if R == 0:
+            t0 = time.monotonic()
+            try:
+                w.wait(timeout=datetime.timedelta(seconds=0.3))
+                raise AssertionError("wait(timeout) returned while rank 1 had not called all_reduce yet")
+            except col.CollectiveTimeoutError:
+                assert time.monotonic() - t0 < 1.2
+            assert not w.is_completed()
+        w.wait()
+        assert w.is_completed() and w.is_success()
+        same(t, torch.full((2,), float(P)), "after the late rank")
+    # Many in flight at once, completed in order.
+    ts = [torch.full((1000,), float(R + k)) for k in range(20)]
+    ws = [dist.all_reduce(x, async_op=True) for x in ts]
+    for k, (x, w) in enumerate(zip(ts, ws)):
+        w.wait()
+        same(x, torch.full((1000,), float(sum(range(P)) + P * k)), f"in flight {k}")
+
+
+def _missing_or(methods: tuple[str, ...], fn: object, raises: bool = True) -> None:
+    """Run ``fn`` when the communicator has ``methods``; else it must raise a CollectiveError naming one of them."""
+    if all(hasattr(comm, m) for m in methods):
+        fn()  # type: ignore[operator]
+        return
+    try:
+        fn()  # type: ignore[operator]
+    except col.CollectiveError as exc:
+        assert any(f"Communicator.{m}" in str(exc) for m in methods), str(exc)
+        return
+    if raises:
+        raise AssertionError(f"{methods}: no error although the communicator lacks them")
+
+
+def case_gather_scatter_alltoall_p2p() -> None:
+    x = value(R, torch.float32, 4)
+
+    def gather() -> None:
+        outs = [torch.empty(4) for _ in range(P)] if R == 0 else None
+        dist.gather(x, outs, dst=0)
+        if R == 0:
+            for r in range(P):
+                same(outs[r], value(r, torch.float32, 4), f"gather from {r}")
+    _missing_or(("gather",), gather)
+
+    def scatter() -> None:
+        out = torch.empty(4)
+        dist.scatter(out, [value(r, torch.float32, 4) for r in range(P)] if R == P - 1 else None, src=P - 1)
+        same(out, value(R, torch.float32, 4), "scatter")
+    _missing_or(("scatter",), scatter)
+
+    def a2a() -> None:
+        inp = torch.arange(P * 2, dtype=torch.int64) + 100 * R
+        out = torch.empty(P * 2, dtype=torch.int64)
+        dist.all_to_all_single(out, inp)
+        same(out, torch.cat([torch.arange(2) + 2 * R + 100 * r for r in range(P)]), "all_to_all_single")
+        outs = [torch.empty(R + 1, dtype=torch.int64) for _ in range(P)]
+        dist.all_to_all(outs, [torch.full((j + 1,), R * 10 + j, dtype=torch.int64) for j in range(P)])
+        for r in range(P):
+            same(outs[r], torch.full((R + 1,), r * 10 + R, dtype=torch.int64), f"all_to_all from {r}")
+    _missing_or(("alltoall",), a2a)
+
+    def p2p() -> None:
+        if P < 2:
+            return
+        if R == 0:
+            dist.send(torch.arange(5.0), dst=1, tag=3)
+            b = torch.empty(2)
+            dist.recv(b, src=1)
+            same(b, torch.tensor([7.0, 8.0]), "recv")
+        elif R == 1:
+            b = torch.empty(5)
+            dist.recv(b, src=0, tag=3)
+            same(b, torch.arange(5.0), "recv tag 3")
+            dist.isend(torch.tensor([7.0, 8.0]), dst=0).wait()
+    _missing_or(("isend", "irecv"), p2p, raises=P > 1 and R < 2)
+
+    def sub() -> None:
+        if P < 2:
+            return
+        g = dist.new_group(list(range(P - 1)))  # torch calls the backend on the members only
+        if R < P - 1:
+            t = torch.full((2,), float(R + 1))
+            dist.all_reduce(t, group=g)
+            same(t, torch.full((2,), float(P * (P - 1) // 2)), "subgroup all_reduce")
+    _missing_or(("subgroup",), sub, raises=P > 1 and R < P - 1)
+
+
+def case_whole_world_group_and_mesh() -> None:
+    g = dist.new_group(list(range(P)))
+    t = torch.full((3,), float(R))
+    dist.all_reduce(t, group=g)
+    same(t, torch.full((3,), float(sum(range(P)))), "new_group over every rank")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (P,))
+    full = torch.arange(P * 4 * 3, dtype=torch.float32).reshape(P * 4, 3)
+    d = DTensor.from_local(full[R * 4:(R + 1) * 4], mesh, [Shard(0)])
+    same(d.to_local(), full[R * 4:(R + 1) * 4], "DTensor shard")
+    same(d.redistribute(mesh, [Replicate()]).to_local(), full, "Shard -> Replicate")
+    part = DTensor.from_local(torch.full((2, 2), float(R + 1)), mesh, [Partial()])
+    same(part.redistribute(mesh, [Replicate()]).to_local(), torch.full((2, 2), float(P * (P + 1) // 2)),
+         "Partial -> Replicate")
+    same(part.redistribute(mesh, [Shard(0)]).full_tensor(), torch.full((2, 2), float(P * (P + 1) // 2)),
+         "Partial -> Shard")
+    _missing_or(("scatter",), lambda: same(distribute_tensor(full, mesh, [Shard(0)]).to_local(),
+                                           full[R * 4:(R + 1) * 4], "distribute_tensor"))
+    y = (d * 2).sum()
+    same(y.full_tensor(), full.sum() * 2, "DTensor op")
+
+
+run("calls", "all_reduce: every op x dtype, sync and async", case_all_reduce_ops_dtypes)
+run("calls", "premul_sum", case_premul_sum)
+run("calls", "non-contiguous", case_non_contiguous)
+run("calls", "requires_grad and empty", case_requires_grad_and_empty)
+run("calls", "broadcast and reduce", case_broadcast_reduce)
+run("calls", "all_gather family and objects", case_all_gather)
+run("calls", "reduce_scatter family", case_reduce_scatter)
+run("calls", "coalesced and barrier", case_coalesced_and_barrier)
+run("calls", "async semantics", case_async_semantics)
+run("calls", "gather/scatter/all_to_all/p2p/subgroups (or their clear errors)", case_gather_scatter_alltoall_p2p)
+run("calls", "whole-world group, DeviceMesh, DTensor", case_whole_world_group_and_mesh)
+
+# ------------------------------------------------------------------ DDP
+B, STEPS = 8, 6
+
+
+class Net(torch.nn.Module):
+    def __init__(self, extra: bool = False) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(12, 16)
+        self.b = torch.nn.Linear(16, 4)
+        self.head = torch.nn.Linear(4, 1) if extra else None  # used on odd steps only (find_unused_parameters)
+
+    def forward(self, x: torch.Tensor, use_head: bool = False) -> torch.Tensor:
+        y = self.b(torch.tanh(self.a(x)))
+        return self.head(y) if use_head else y
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(P * B, 12, generator=g, dtype=torch.float64), torch.randn(P * B, 4, generator=g,
+                                                                                  dtype=torch.float64)
+
+
+def loss_of(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y[:, : out.shape[1]]) ** 2).mean()
+
+
+def reference_run(unused: bool, accumulate: int = 1) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = Net(unused).double()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for s in range(STEPS):
+        opt.zero_grad()
+        for k in range(accumulate):
+            x, y = batch(s * accumulate + k)
+            loss_of(m(x, unused and s % 2 == 1), y).backward()
+        opt.step()
+    return m
+
+
+def ddp_run(unused: bool, accumulate: int = 1, hook: object = None, state: object = None,
+            pg: object = None, **kw: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = Net(unused).double()
+    if R:  # DDP must broadcast rank 0's parameters
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(1.0)
+    d = torch.nn.parallel.DistributedDataParallel(m, find_unused_parameters=unused, process_group=pg,
+                                                  bucket_cap_mb=0.001, **kw)
+    if hook is not None:
+        d.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(d.parameters(), lr=0.1)
+    for s in range(STEPS):
+        opt.zero_grad()
+        for k in range(accumulate):
+            x, y = batch(s * accumulate + k)
+            sl = slice(R * B, (R + 1) * B)
+            if k < accumulate - 1:
+                with d.no_sync():
+                    loss_of(d(x[sl], unused and s % 2 == 1), y[sl]).backward()
+            else:
+                loss_of(d(x[sl], unused and s % 2 == 1), y[sl]).backward()
+        opt.step()
+    return m
+
+
+def close(a: torch.nn.Module, b: torch.nn.Module, tol: float, what: str) -> None:
+    worst = max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+    assert worst <= tol, f"{what}: max |difference| {worst:.3g} > {tol}"
+
+
+def case_ddp_plain() -> None:
+    close(ddp_run(False), reference_run(False), 1e-6, "DDP")
+
+
+def case_ddp_bucket_view() -> None:
+    close(ddp_run(False, gradient_as_bucket_view=True), reference_run(False), 1e-6, "gradient_as_bucket_view")
+
+
+def case_ddp_no_sync() -> None:
+    # no_sync accumulates local gradients of 2 micro-batches; the reference sums the 2 full-batch gradients.
+    close(ddp_run(False, accumulate=2), reference_run(False, accumulate=2), 1e-6, "no_sync")
+
+
+def case_ddp_unused() -> None:
+    close(ddp_run(True), reference_run(True), 1e-6, "find_unused_parameters")
+
+
+_gloo = None
+
+
+def gloo_group() -> object:
+    global _gloo
+    if _gloo is None:
+        _gloo = dist.new_group(list(range(P)), backend="gloo")
+    return _gloo
+
+
+def case_ddp_hooks() -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks as dh
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
+
+    # The compress hook rounds to 16 bits: against the reference at that rounding, and bitwise against the same
+    # hook on gloo where the sum order cannot differ (P = 2). (torch's bf16_compress_hook refuses to run
+    # without CUDA and NCCL, whatever the backend.)
+    tol_gloo = 1e-6 if P == 2 else 2e-3
+    for name, hook in (("fp16", dh.fp16_compress_hook),):
+        ours = ddp_run(False, hook=hook)
+        close(ours, ddp_run(False, hook=hook, pg=gloo_group()), tol_gloo, f"{name} compress vs the same on gloo")
+        close(ours, reference_run(False), 3e-2 if name == "bf16" else 5e-3, f"{name} compress vs the reference")
+    for use_err in (True, False):
+        st = [ps.PowerSGDState(process_group=g, matrix_approximation_rank=2, start_powerSGD_iter=2,
+                               use_error_feedback=use_err, warm_start=True, random_seed=7)
+              for g in (None, gloo_group())]
+        close(ddp_run(False, hook=ps.powerSGD_hook, state=st[0]),
+              ddp_run(False, hook=ps.powerSGD_hook, state=st[1], pg=gloo_group()), 1e-6 if P == 2 else 1e-5,
+              f"PowerSGD (error feedback {use_err}) vs the same on gloo")
+
+
+run("ddp", "DDP vs the global-batch reference", case_ddp_plain)
+run("ddp", "DDP gradient_as_bucket_view", case_ddp_bucket_view)
+run("ddp", "DDP no_sync", case_ddp_no_sync)
+run("ddp", "DDP find_unused_parameters", case_ddp_unused)
+run("ddp", "DDP fp16 compress and PowerSGD hooks", case_ddp_hooks)
+
+
+# ------------------------------------------------------------------ FSDP2
+def case_fsdp2() -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (P,))
+    torch.manual_seed(0)
+    m = Net().double()
+    fully_shard(m.a, mesh=mesh)
+    fully_shard(m.b, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for s in range(STEPS):
+        opt.zero_grad()
+        x, y = batch(s)
+        sl = slice(R * B, (R + 1) * B)
+        loss_of(m(x[sl]), y[sl]).backward()
+        opt.step()
+    ref = reference_run(False)
+    worst = 0.0
+    for (n, p), q in zip(m.named_parameters(), ref.parameters()):
+        full = p.full_tensor()
+        worst = max(worst, float((full - q).abs().max()))
+    assert worst <= 1e-5, f"FSDP2: max |difference| {worst:.3g}"
+
+
+run("fsdp", "FSDP2 fully_shard vs the global-batch reference", case_fsdp2)
+
+
+# ------------------------------------------------------------------ mismatches
+def expect_mismatch(fn: object, what: str) -> None:
+    t0 = time.monotonic()
+    try:
+        fn()  # type: ignore[operator]
+    except col.CollectiveError as exc:
+        took = time.monotonic() - t0
+        assert took < 30, f"{what}: raised after {took:.1f} s"
+        assert "rank" in str(exc), str(exc)
+        return
+    raise AssertionError(f"{what}: no error on rank {R}")
+
+
+def case_mismatch_shape() -> None:
+    expect_mismatch(lambda: dist.all_reduce(torch.ones(4 + R)), "all_reduce shapes differ")
+
+
+def case_mismatch_dtype() -> None:
+    expect_mismatch(lambda: dist.all_reduce(torch.ones(4, dtype=torch.float32 if R else torch.float64)),
+                    "all_reduce dtypes differ")
+
+
+def case_mismatch_async() -> None:
+    expect_mismatch(lambda: dist.all_reduce(torch.ones(3 + R), async_op=True).wait(), "async shapes differ")
+
+
+def case_mismatch_op() -> None:
+    expect_mismatch(lambda: dist.all_reduce(torch.ones(4), op=RO.SUM if R else RO.MAX), "ops differ")
+
+
+def case_after_mismatch() -> None:
+    t = torch.ones(2)
+    dist.all_reduce(t)
+    same(t, torch.full((2,), float(P)), "a call after the mismatches")
+
+
+if P > 1:
+    run("mismatch", "mismatch: shape", case_mismatch_shape)
+    run("mismatch", "mismatch: dtype", case_mismatch_dtype)
+    run("mismatch", "mismatch: async shape", case_mismatch_async)
+    run("mismatch", "mismatch: op", case_mismatch_op)
+    run("mismatch", "a call after the mismatches", case_after_mismatch)
+
+cases.finish()
+dist.destroy_process_group()
