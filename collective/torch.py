@@ -48,6 +48,7 @@ from torch._C._distributed_c10d import _create_work_from_future
 
 import collective as _col
 
+from .p2p import ANY_SOURCE
 from .errors import CollectiveError, CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import BFLOAT16
 
@@ -196,6 +197,16 @@ class _Async(dist._Work):
 
     def get_future(self) -> torch.futures.Future:
         return self._fut
+
+    def _source_rank(self) -> int:
+        """The sender of a completed receive (``dist.recv(src=None)`` returns it)."""
+        self.wait()
+        src = getattr(self, "source", None)
+        if src is None and getattr(self, "_learn", None) is not None:
+            src = self._learn.wait()
+        if src is None:
+            raise CollectiveError(f"{self._name}: not a receive, so it has no source rank")
+        return int(src)
 
 
 class _Completer:
@@ -725,13 +736,14 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         t = self._one(tensors, "recv")
         fn = self._need("irecv", "recv")
         w, back = _work_tensor(t)
-        return self._completer.add([fn(_array(w), src, tag)], back, tensors, "recv")
+        ours = fn(_array(w), src, tag)
+        work = self._completer.add([ours], back, tensors, "recv")
+        work.source = src if src != ANY_SOURCE else None
+        work._learn = ours  # a receive from any rank: the sender is what our receive's wait() returns
+        return work
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> Any:
-        t = self._one(tensors, "recv")
-        fn = self._need("irecv", "recv")
-        w, back = _work_tensor(t)
-        return self._completer.add([fn(_array(w), None, tag)], back, tensors, "recv")
+        return self.recv(tensors, ANY_SOURCE, tag)
 
 
 class _TorchWait:
