@@ -101,7 +101,7 @@ class CrossRankCheck:
         if c.name == "barrier":  # the barrier runs it between its fences, and needs to know if it synchronised
             return functools.partial(self.check, rec, c)
         if (self.arena is not None and (c.algorithm == "shm" or c.views is not None) and c.name != "broadcast"
-                and c.xf.size):
+                and c.xf is not None and c.xf.size):
             return functools.partial(self.check, rec, c)
         self.check(rec, c)
         return None

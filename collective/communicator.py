@@ -171,6 +171,7 @@ class Communicator:
         self._prep = Preparer(self.rank, self.size, alg, self._chooser.auto, self._engine.plan,
                               self.cluster.node_of_rank, node_count, lambda: self._engine.shared, chunk)
         self._engine.nodes = self.cluster.node_of_rank
+        self._engine.single_node = self.single_node
         self._engine.prepare_fixed = self._prep.prepare
         async_problem = None
         if self.thread_level < MPI.THREAD_MULTIPLE:

@@ -113,6 +113,8 @@ class HostEngine:
         self.finish_avg = functools.partial(average_in_place, n=self.size)
         self._work_buf = np.empty(0, np.uint8)
         self.nodes = nodes
+        #: Every rank of the communicator shares one shared-memory node (set by the communicator).
+        self.single_node = False
         #: ``prepare_fixed(name, x, op, algorithm, root, out)``: the fixed-size preparation (an allgather whose
         #: counts turn out equal runs as one); set by the communicator once its Preparer exists.
         self.prepare_fixed: Callable[..., Any] | None = None
@@ -169,7 +171,8 @@ class HostEngine:
             self._barrier(first)
             return None
         if type(c) is VCall:
-            return run_variable(c, first, seq, self.backend.comm, self._mpi, self._exec, self.nodes, self._fixed_seq(seq))
+            return run_variable(c, first, seq, self.backend.comm, self._mpi, self._exec, self.nodes, self._fixed_seq(seq),
+                                self.make_arena if self.single_node else None)
         alg = c.algorithm
         if alg == "native":
             self._native(c)

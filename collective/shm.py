@@ -448,6 +448,36 @@ class ShmArena:
             for q in range(P):
                 np.copyto(out[q * m + c0:q * m + c1], regs[q][:c1 - c0])
 
+    def scatter_bytes(self, mine: np.ndarray, sizes: list[int], reads: list[tuple[int, int, int, np.ndarray]]) -> None:
+        """Move bytes between the node's ranks: each posts ``mine``; this rank copies out ``reads``.
+
+        ``sizes``: every rank's ``mine`` in bytes (the same list on every
+        rank). ``reads``: (rank q, offset into q's bytes, count, destination
+        array of that many bytes). In rounds of a chunk: every rank copies its
+        next chunk into its region, a phase, then every rank copies what it
+        reads of that chunk out (each byte is written once and read once,
+        straight between the ranks' arrays and the window). The variable-size
+        collectives (alltoall, gather, scatter, allgather) are this with
+        different ``reads``.
+        """
+        C = self.chunk
+        rounds = max((n + C - 1) // C for n in sizes) if sizes else 0
+        byte = np.dtype(np.uint8)
+        me = self.rank
+        for k in range(rounds):
+            g = self.chunks_done
+            self.chunks_done = g + 1
+            regs = self.regions(g, byte)
+            a0 = k * C
+            part = mine[a0:a0 + C]
+            if part.size:
+                regs[me][:part.size] = part
+            self.phase()
+            for q, off, n, dst in reads:
+                lo, hi = max(off, a0), min(off + n, a0 + C)
+                if hi > lo:
+                    dst[lo - off:hi - off] = regs[q][lo - a0:hi - a0]
+
     def free(self) -> None:
         """Release the window (collective over the node)."""
         self.flags = self._others = []

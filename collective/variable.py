@@ -36,9 +36,9 @@ __all__ = ["VCall", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variab
 VARIABLE = ("alltoall", "gather", "scatter", "allgather")
 #: Algorithms a caller may name for each ("auto" picks native: MPI's own is the cost model's choice everywhere).
 ALGORITHMS_OF: dict[str, tuple[str, ...]] = {
-    "alltoall": ("auto", "native", "pairwise", "bruck"),
-    "gather": ("auto", "native", "tree"),
-    "scatter": ("auto", "native", "tree"),
+    "alltoall": ("auto", "native", "pairwise", "bruck", "shm"),
+    "gather": ("auto", "native", "tree", "shm"),
+    "scatter": ("auto", "native", "tree", "shm"),
     "allgather": ("auto", "native", "ring", "tree", "star", "hierarchical", "pipeline", "shm"),
 }
 _HEADER = 36  # scatter's header: dtype (16 bytes), ndim, a flag, then up to 32 dims of the row shape
@@ -180,10 +180,11 @@ def _finish(c: VCall, out: np.ndarray) -> Any:
 
 
 def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any, MPI: Any, executor: Any,
-                 nodes: tuple[int, ...], fixed: Callable[[VCall], Any]) -> Any:
+                 nodes: tuple[int, ...], fixed: Callable[[VCall], Any], arena: Callable[[], Any] | None) -> Any:
     """Run variable-size call ``c`` (op ``seq``) on mpi4py communicator ``comm``; its result.
 
     ``fixed(c)``: the fixed-size path of an allgather whose counts are equal.
+    ``arena()``: the node's shm arena when every rank shares one node, else None.
     """
     if first is not None:
         first()  # the check, handed over as an arrival phase: nothing else to arrive at here
@@ -221,7 +222,9 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     if c.name == "allgather" and (counts == counts[0]).all():
         return fixed(c)
     alg = c.algorithm
-    if alg == "auto" or alg == "shm":
+    if alg == "auto":
+        alg = "shm" if arena is not None and size > 1 else "native"
+    elif alg == "shm" and arena is None:
         alg = "native"
     n_out = want[rank]
     out = None
@@ -229,7 +232,11 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         out = c.out if c.out is not None else np.empty((n_out, *rs), c.dtype)  # type: ignore[misc]
     xf = c.x.reshape(-1) if c.x is not None else None
     of = out.reshape(-1) if out is not None else None
-    if c.name == "alltoall":
+    if alg == "shm":
+        _shm(c, arena(), xf, of, every, counts if c.name in ("gather", "allgather") else None, row, rank, size)
+        if c.name == "alltoall":
+            c.received = [int(v) for v in recv]
+    elif c.name == "alltoall":
         sc = [int(v) * row for v in M[rank]]
         rc = [int(v) * row for v in recv]
         if alg == "native":
@@ -264,6 +271,38 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     if c.return_splits:
         return res, c.received
     return res
+
+
+def _shm(c: VCall, arena: Any, xf: Any, of: Any, every: np.ndarray, counts: Any, row: int, rank: int,
+         size: int) -> None:
+    """The call over the node's shm arena: every rank posts its input once, reads its parts from the others'."""
+    isz = c.dtype.itemsize * row  # bytes per row
+    mine = xf.view(np.uint8) if xf is not None else np.empty(0, np.uint8)
+    ob = of.view(np.uint8) if of is not None else None
+    reads: list[tuple[int, int, int, np.ndarray]] = []
+    if c.name == "alltoall":
+        M = every[:, :size]
+        sizes = [int(M[q].sum()) * isz for q in range(size)]
+        dst = 0
+        for q in range(size):
+            off = int(M[q, :rank].sum()) * isz
+            n = int(M[q, rank]) * isz
+            reads.append((q, off, n, ob[dst:dst + n]))  # type: ignore[index]
+            dst += n
+    elif c.name == "scatter":
+        sizes = [0] * size
+        sizes[c.root] = sum(c.splits) * isz  # type: ignore[arg-type]
+        off = sum(c.splits[:rank]) * isz  # type: ignore[index]
+        n = c.splits[rank] * isz  # type: ignore[index]
+        reads.append((c.root, off, n, ob))  # type: ignore[arg-type]
+    else:
+        sizes = [int(v) * isz for v in counts]
+        if ob is not None:  # allgather everywhere, gather at the root
+            dst = 0
+            for q in range(size):
+                reads.append((q, 0, sizes[q], ob[dst:dst + sizes[q]]))
+                dst += sizes[q]
+    arena.scatter_bytes(mine, sizes, reads)
 
 
 def _scatter_header(c: VCall, comm: Any, MPI: Any, rank: int, size: int) -> None:

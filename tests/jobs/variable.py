@@ -100,16 +100,16 @@ def allgatherv_case(alg: str, dt: str, scale: int) -> None:
 scales = [0, 1, 5] + ([40_000] if args.large else [])
 for dt in DTYPES:
     for scale in scales:
-        for alg in ("auto", "native", "pairwise", "bruck"):
+        for alg in ("auto", "native", "pairwise", "bruck", "shm"):
             for even in (True, False):
                 cases.run(f"alltoall {alg} {dt} {scale} {even}", lambda: alltoall_case(alg, dt, scale, even))
-        for alg in ("auto", "native", "tree"):
+        for alg in ("auto", "native", "tree", "shm"):
             for root in sorted({0, P - 1, P // 2}):
                 cases.run(f"gather {alg} {dt} {scale} {root}", lambda: gather_case(alg, dt, scale, root))
                 for explicit in (False, True):
                     cases.run(f"scatter {alg} {dt} {scale} {root} {explicit}",
                               lambda: scatter_case(alg, dt, scale, root, explicit))
-        for alg in ("auto", "native", "ring"):
+        for alg in ("auto", "native", "ring", "shm"):
             cases.run(f"allgatherv {alg} {dt} {scale}", lambda: allgatherv_case(alg, dt, scale))
 
 
