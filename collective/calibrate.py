@@ -38,8 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from topologies.cluster import Cluster, LinkCost
-from topologies.cost import SharedLinkCost
+from topologies.cluster import Cluster, LinkCost, SharedLinkCost
 
 from . import config
 

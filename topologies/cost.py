@@ -46,6 +46,7 @@ from typing import Iterable, Sequence
 
 from . import ALGORITHMS, ALL_COLLECTIVES, ALGORITHMS_BY_COLLECTIVE, build
 from .cluster import Cluster, LinkCost
+from .cluster import SharedLinkCost as SharedLinkCost  # defined with LinkCost; importable from here too
 from .schedule import (
     INPUT,
     OUTPUT,
@@ -68,7 +69,6 @@ __all__ = [
     "CANDIDATES",
     "candidates_for",
     "Choice",
-    "SharedLinkCost",
     "links",
     "cost",
     "traffic",
@@ -123,20 +123,6 @@ class Choice:
     def seconds(self, algorithm: str) -> float:
         """The predicted seconds of ``algorithm`` (KeyError if it was not a candidate)."""
         return dict(self.predictions)[algorithm]
-
-
-@dataclass(frozen=True)
-class SharedLinkCost(LinkCost):
-    """An intra-node LinkCost that also knows what the node's transfers share.
-
-    Attributes:
-        shared_beta: seconds per byte of the node as a whole: every transfer
-            inside the node at the same time queues for it (the cores, when
-            ranks outnumber them, and memory bandwidth). 0 means no limit
-            beyond each rank's own ``beta``.
-    """
-
-    shared_beta: float = 0.0
 
 
 def _shared(link: LinkCost) -> float:
