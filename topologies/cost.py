@@ -82,17 +82,18 @@ __all__ = [
     "linear_scatter",
 ]
 
-#: Link costs used when a Cluster is not calibrated (COLLECTIVE_CALIBRATE=0): shared memory
-#: through MPI on a small machine (a message costs ~10 us in our Python path, ~3 GB/s) ...
+#: Link costs used where a Cluster has none (COLLECTIVE_CALIBRATE=0, or no second node to measure): shared
+#: memory through MPI on a small machine, as our Python path sees it ...
 DEFAULT_INTRA = LinkCost(alpha=10e-6, beta=1 / 3e9)
-#: ... and a 10 Gbit/s-class network (~50 us, ~1.1 GB/s).
+#: ... and a 10 Gbit/s-class network. Both are rough orders of magnitude, good enough to rank algorithms; a
+#: calibration or a topology file replaces them (docs/concepts/cost-model.md).
 DEFAULT_INTER = LinkCost(alpha=50e-6, beta=1 / 1.1e9)
-#: NumPy adds two float32 buffers at a few GB/s of input.
+#: NumPy's float32 add, streaming both buffers through memory once (collective.calibrate measures it).
 DEFAULT_GAMMA = 1 / 3e9
 #: Software cost of one step of our executor beyond the link's alpha (posting the requests, waiting, the
-#: bookkeeping in Python): a 2-step ring allreduce of 16 bytes took 20.7 us here where two raw mpi4py
-#: Sendrecv took 2.7 us (P=2, one node, 8 us per step once the ~2 us of argument checks are out).
-#: MPI's own collectives do not pay it, which is what makes "native" win small messages.
+#: bookkeeping in Python), set from a small ring allreduce against raw mpi4py Sendrecv on one node.
+#: MPI's own collectives do not pay it, which is what makes "native" win small messages (the small-size rows
+#: of docs/performance.md).
 EXECUTOR_STEP = 8e-6
 #: What ``choose`` compares by default for the collectives of ``COLLECTIVES``: every Schedule algorithm, and
 #: MPI's own. ``candidates_for(collective)`` gives it for any collective.
