@@ -108,9 +108,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
+        # Asked for, the usage is the answer (status 0); with nothing to run it is an error (status 2).
         print("usage: collective-run [mpiexec options] program [args...]\n"
               "Runs the installed mpiexec, adding --oversubscribe when ranks exceed cores and the\n"
-              "run-as-root settings when run as root. Everything else is passed through.\n\n" + _EMULATE_USAGE)
+              "run-as-root settings when run as root. Everything else is passed through.\n\n" + _EMULATE_USAGE,
+              file=sys.stdout if args else sys.stderr)
+        if not args:
+            print("collective-run: no program given; e.g. collective-run -n 4 python train.py", file=sys.stderr)
+            sys.exit(2)
         return
     if any(a == "--emulate" or a.startswith("--emulate=") for a in args):
         sys.exit(_emulate(args))
