@@ -260,6 +260,22 @@ def test_tuning_choice_from_results() -> None:
     assert best_algorithm(res.rows[2]) == "native"
 
 
+def test_tuning_never_names_alloc(tmp_path: Path) -> None:
+    """alloc (shm on comm.alloc buffers) is the fastest column here, yet not an algorithm auto can pick for a user's
+    array: the table names the fastest real algorithm, and a table naming alloc is refused when read."""
+    from collective.tuning import TuningTableError, write_table
+
+    res = synth(cols=("native", "shm", "alloc"), sizes=(4096, 65536))
+    for row in res.rows:
+        for c, scale in (("alloc", 1000), ("shm", 100)):
+            for m in row.cells[c].values():
+                m.times_us = m.times_us / scale
+    assert [best_algorithm(r) for r in res.rows] == ["shm", "shm"]
+    assert table_entries(res) == [Entry(None, "shm")]
+    with pytest.raises(TuningTableError, match="'alloc', which is not a concrete algorithm"):
+        write_table(str(tmp_path / "t.json"), 4, (2, 2), {"allreduce": [Entry(None, "alloc")]})
+
+
 def test_bare_native_is_the_baseline_and_native_lib_what_auto_would_run() -> None:
     """The bare MPI call never wins a tuning entry or the auto table while the library's own native was measured."""
     from bench.tables import auto_markdown
