@@ -336,6 +336,39 @@ def test_run_p1_json_plot_tune(tmp_path: Path, capsys) -> None:
     assert t2.table["allreduce"] == (Entry(None, "native"),) and t2.table["allgather"] == t.table["allgather"]
 
 
+def test_plot_without_matplotlib_stops_before_measuring(tmp_path: Path, capsys, monkeypatch) -> None:
+    """--plot without matplotlib: one message, prefixed once, status 2, and no size measured first."""
+    import sys
+
+    import bench.core
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it looks like to imports
+    monkeypatch.setattr(bench.core, "run", lambda *a, **k: pytest.fail("measured before checking --plot"))
+    png = tmp_path / "r.png"
+    rc, out, err = _run(["-b", "1K", "-e", "1K", "-n", "1", "-a", "native", "--plot", str(png)], capsys)
+    assert rc == 2 and out == "" and not png.exists()
+    assert err.count("collective-bench:") == 1 and "--plot needs matplotlib" in err, err
+
+
+def test_plot_gives_every_default_column_its_own_colour() -> None:
+    """native and gloo (and every other default column) get different colours; memcpy alone is grey."""
+    pytest.importorskip("matplotlib")
+    from bench.plot import column_colors, figure
+
+    cols = default_algorithms()
+    assert len(cols) > 10  # more than matplotlib's default colour cycle, which gave gloo native's colour
+    colors = column_colors(cols)
+    assert len(set(colors.values())) == len(cols) and colors["native"] != colors["gloo"]
+    fig = figure(INFO, [synth(cols=tuple(cols))], "float32", "sum")
+    lines = {ln.get_label(): ln.get_color() for ln in fig.axes[0].get_lines()}
+    assert set(cols) <= set(lines), sorted(lines)
+    drawn = [lines[c] for c in cols]
+    assert len(set(drawn)) == len(drawn), lines
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def test_run_p1_broken_column_fails(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv(BROKEN_ENV, "1")
     j = tmp_path / "r.json"
