@@ -190,6 +190,27 @@ def _dtype(name: str) -> np.dtype:
     return dt
 
 
+#: What each column that is not plainly an algorithm of the library measures (the -a help).
+_COLUMN_NOTES = {
+    "native": "MPI's own collective called straight through mpi4py, the baseline of every ratio",
+    LIB_NATIVE: "the library's native algorithm (MPI's own behind its checks and dispatch)",
+    "auto": "what the library picks per size",
+    "alloc": "shm on comm.alloc buffers, in place and from one into another (allreduce on one node)",
+    "gloo": "torch.distributed over Gloo (allreduce only, when torch is installed)",
+    "memcpy": "a local copy of the same bytes, no communication",
+}
+
+
+def _algorithms_help() -> str:
+    """The -a help: every column ``all`` runs, in order, with what the non-algorithm ones measure."""
+    try:
+        cols = default_algorithms()
+    except ImportError:  # the runtime is not importable: describe the fixed columns only
+        cols = tuple(_COLUMN_NOTES)
+    notes = "; ".join(f"{c}: {_COLUMN_NOTES[c]}" for c in cols if c in _COLUMN_NOTES)
+    return f"comma list of columns; default all, which is: {', '.join(cols)}. {notes}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also what ``--help`` prints)."""
     p = _Parser(
@@ -215,10 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--op", default="sum", help="reduction op: sum, avg, prod, min, max (default sum)")
     p.add_argument("-d", "--datatype", default="float32", metavar="DTYPE",
                    help="element type, e.g. float32, float16, bfloat16, int32 (default float32)")
-    p.add_argument("-a", "--algorithms", default="all", metavar="LIST",
-                   help="comma list of columns: native, ring, tree, star, auto, gloo (torch.distributed), "
-                        "memcpy (local copy reference), alloc (shm on comm.alloc buffers: in place, and from one into "
-                        "another; allreduce on one node); default all")
+    p.add_argument("-a", "--algorithms", default="all", metavar="LIST", help=_algorithms_help())
     p.add_argument("--collective", default="allreduce", metavar="NAME[,NAME]",
                    help="allreduce, reduce, broadcast, reduce_scatter, allgather, a comma list, or all "
                         "(default allreduce)")

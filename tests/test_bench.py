@@ -93,6 +93,19 @@ def test_bad_flags_exit_2_with_a_message(argv: list[str], words: str, capsys, mo
     assert words in capsys.readouterr().err
 
 
+def test_help_lists_every_default_column() -> None:
+    """--help names every column the default run has, in the order the run prints them."""
+    from bench.cli import build_parser
+
+    text = re.sub(r"\s+", " ", build_parser().format_help()).replace("- ", "-")  # undo argparse's line wrapping
+    listed = re.search(r"default all, which is: ([^.]*)\.", text)
+    assert listed, text
+    assert tuple(listed.group(1).split(", ")) == default_algorithms()
+    assert {"native-lib", "pipeline", "hierarchical", "shm", "alloc", "gloo", "memcpy"} <= set(default_algorithms())
+    for c in ("native", "native-lib", "auto", "alloc", "gloo", "memcpy"):  # the columns that are not plain algorithms
+        assert f"; {c}: " in text or f". {c}: " in text, c
+
+
 def test_broken_only_under_the_test_variable(monkeypatch) -> None:
     monkeypatch.setenv(BROKEN_ENV, "1")
     assert parse_args(["-a", "native,broken"]).algorithms == ("native", "broken")
