@@ -498,6 +498,24 @@ def choose(
     return Choice(collective, nbytes, ranked[0][0], ranked)
 
 
+def _link_sources(cluster: Cluster) -> str:
+    """Where explain's figures come from, link by link: measured, declared in a file, or the defaults.
+
+    A figure the cluster lacks is a default, never "measured" (on one node nothing is measured between nodes);
+    one that no message of this cluster uses says so.
+    """
+    got = f"from {cluster.source}" if cluster.links_declared else "measured"
+    have = {"intra": cluster.intra is not None, "inter": cluster.inter is not None, "reduce": cluster.gamma is not None}
+    if all(have.values()):
+        return got
+    if not any(have.values()):
+        return "defaults (not calibrated)"
+    unused = {"inter": " (not used: one node)" if cluster.nnodes == 1 else "",
+              "intra": " (not used: one rank per node)" if cluster.nnodes == cluster.size else "", "reduce": ""}
+    defaults = ", ".join(k + unused[k] for k, v in have.items() if not v)
+    return f"{got}: {', '.join(k for k, v in have.items() if v)}; defaults: {defaults}"
+
+
 def explain(choice: Choice, cluster: Cluster) -> str:
     """A few lines: the links used, each candidate's predicted time, and the choice.
 
@@ -506,13 +524,9 @@ def explain(choice: Choice, cluster: Cluster) -> str:
         print(explain(choose("allreduce", 1 << 20, cl), cl))
     """
     intra, inter, gamma = links(cluster)
-    if cluster.links_declared:
-        src = f"from {cluster.source}"
-    else:
-        src = "measured" if cluster.intra is not None else "defaults (not calibrated)"
     lines = [
         f"{choice.collective} of {choice.nbytes} bytes per rank on {cluster.size} ranks, {cluster.nnodes} node(s); "
-        f"links {src}:",
+        f"links {_link_sources(cluster)}:",
         f"  intra alpha {intra.alpha * 1e6:.1f} us, {1e-9 / intra.beta:.2f} GB/s; "
         f"inter alpha {inter.alpha * 1e6:.1f} us, {1e-9 / inter.beta:.2f} GB/s; reduce {1e-9 / gamma:.2f} GB/s",
     ]
