@@ -133,6 +133,8 @@ class Options:
         plot_path: write a PNG of busbw against size here.
         tune_path: write (or update) a tuning table here.
         explain: print the cost model's predictions and auto's pick per size instead of measuring.
+        wide: print every column's time, spread, algbw, busbw and #wrong in both modes (nccl-tests' layout)
+            instead of one busbw per column.
     """
 
     sizes: list[int]
@@ -149,6 +151,7 @@ class Options:
     plot_path: str | None = None
     tune_path: str | None = None
     explain: bool = False
+    wide: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -247,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the fastest algorithm per size range as a tuning table for this P and layout "
                         "(COLLECTIVE_TUNING=PATH makes `auto` read it); an existing table of the same layout "
                         "keeps the collectives not measured now")
+    p.add_argument("--wide", action="store_true",
+                   help="print every column's time, spread, algbw, busbw and #wrong, out of place and in place, "
+                        "and the predicted time (nccl-tests' layout; lines get long); the default prints one busbw "
+                        "per column and size. -J writes everything either way")
     p.add_argument("--explain", action="store_true",
                    help="measure nothing: print, per collective and size, every algorithm's predicted time on the "
                         "links calibrated at start-up, the cost model's choice and what auto picks")
@@ -306,4 +313,4 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         p.error(f"-r must be >= 0, got {a.root}")
     return Options(sizes=sizes, iters=a.iters, warmup=a.warmup_iters, check=bool(a.check), op=op, dtype=dtype,
                    algorithms=tuple(algs), explicit=explicit, collectives=tuple(dict.fromkeys(colls)), root=a.root,
-                   json_path=a.json, plot_path=a.plot, tune_path=a.tune, explain=a.explain)
+                   json_path=a.json, plot_path=a.plot, tune_path=a.tune, explain=a.explain, wide=a.wide)

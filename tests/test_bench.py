@@ -168,7 +168,7 @@ def _render(res: CollectiveResult, argv: list[str] | None = None) -> list[str]:
 
     buf = io.StringIO()
     rep = TextReporter(buf)
-    opts = parse_args(argv or ["-b", "4K", "-e", "64K", "-f", "16"])
+    opts = parse_args(argv or ["-b", "4K", "-e", "64K", "-f", "16", "--wide"])
     rep.begin(INFO, opts, res)
     for row in res.rows:
         rep.row(res, row)
@@ -205,6 +205,29 @@ def test_table_layout_lines_up() -> None:
     assert f[:5] == ["4096", "1024", "float32", "sum", "-1"]
     # native out-of-place: 10 us, iqr 25 %, algbw 0.41, busbw 0.61, 0 wrong
     assert f[6:11] == ["10.00", "25", "0.41", "0.61", "0"]
+
+
+def test_default_table_is_compact_and_wide_has_every_cell() -> None:
+    """The default output gives one busbw per column and size (lines of a terminal's width for every default
+    column); --wide keeps nccl-tests' full layout; the JSON is the same either way."""
+    cols = default_algorithms()
+    res = synth(cols=tuple(cols), wrong=2)
+    compact = _render(res, ["-b", "4K", "-e", "64K", "-f", "16"])
+    assert max(map(len, compact)) <= 150, max(compact, key=len)
+    names = next(ln for ln in compact if ln.startswith("#") and "#wrong" in ln).split()
+    assert names[1:4] == ["size", "type", "redop"] and names[-1] == "#wrong"
+    assert names[4:-1] == [c if c != "alloc" or "out_of_place" in res.modes[c] else f"{c}:ip" for c in cols]
+    rows = [ln.split() for ln in compact if not ln.startswith("#")]
+    assert len(rows) == 2
+    # native: 4096 B / 10 us * 1.5 = 0.61 GB/s; ring is the third column (30 us): 0.20; #wrong: ring's 2 per mode
+    assert rows[0][:4] == ["4096", "float32", "sum", "0.61"] and rows[0][3 + cols.index("ring")] == "0.20"
+    assert rows[0][-1] == "4" and "# Out of bounds values : 8 FAILED" in compact  # 4 per size, 2 sizes
+    foot = compact[compact.index("# Out of bounds values : 8 FAILED"):]
+    assert not any("in-place" in ln or ":ip " in ln for ln in foot if "native-lib" in ln)
+    wide = _render(res, ["-b", "4K", "-e", "64K", "-f", "16", "--wide"])
+    assert max(map(len, wide)) > 3 * max(map(len, compact))
+    assert not parse_args([]).wide and parse_args(["--wide"]).wide
+    assert to_json(INFO, parse_args([]), [res]) == to_json(INFO, parse_args(["--wide"]), [res])
 
 
 def test_footer_average_and_ratio_vs_native() -> None:
@@ -499,7 +522,7 @@ def test_run_p1_gloo_dtype_and_pred_hook(capsys, monkeypatch) -> None:
     rc, out, _ = _run(["-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "-a", "all", "-d", "int16"], capsys)
     assert rc == 0 and "gloo: column absent" in out
     monkeypatch.setattr(bench.core, "predicted_us", lambda alg, coll, nbytes, cluster=None: nbytes / 1e3)
-    rc, out, _ = _run(["-b", "2K", "-e", "2K", "-n", "1", "-w", "0", "-a", "native,ring"], capsys)
+    rc, out, _ = _run(["-b", "2K", "-e", "2K", "-n", "1", "-w", "0", "-a", "native,ring", "--wide"], capsys)
     assert rc == 0
     assert [ln for ln in out.splitlines() if "#wrong" in ln][0].count("pred") == 2
     row = next(ln for ln in out.splitlines() if ln and not ln.startswith("#"))
