@@ -7,7 +7,7 @@ from typing import Any
 from .cli import format_size
 from .core import IP, OOP, CollectiveResult, JobInfo
 
-__all__ = ["write_plot", "unavailable", "column_colors"]
+__all__ = ["column_colors", "figure", "unavailable", "write_plot"]
 
 #: Line colours, each distinct from the others (matplotlib's tab20: the strong shades, then the light ones), so
 #: that a run with more columns than the default ten-colour cycle never draws two columns alike.
