@@ -29,6 +29,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return bench_gpu.main(args)
     opts = parse_args(args)  # before MPI starts: --help and bad flags need no MPI
+    if opts.plot_path:
+        from .cli import env_rank
+        from .plot import unavailable
+
+        why = unavailable()  # every rank sees the same installation, so all stop here together
+        if why is not None:
+            if env_rank() in (None, 0):
+                print(f"collective-bench: {why}", file=sys.stderr)
+            return 2
 
     import collective as col
     from mpi4py import MPI

@@ -133,6 +133,8 @@ class Options:
         plot_path: write a PNG of busbw against size here.
         tune_path: write (or update) a tuning table here.
         explain: print the cost model's predictions and auto's pick per size instead of measuring.
+        wide: print every column's time, spread, algbw, busbw and #wrong in both modes (nccl-tests' layout)
+            instead of one busbw per column.
     """
 
     sizes: list[int]
@@ -149,6 +151,7 @@ class Options:
     plot_path: str | None = None
     tune_path: str | None = None
     explain: bool = False
+    wide: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -190,6 +193,27 @@ def _dtype(name: str) -> np.dtype:
     return dt
 
 
+#: What each column that is not plainly an algorithm of the library measures (the -a help).
+_COLUMN_NOTES = {
+    "native": "MPI's own collective called straight through mpi4py, the baseline of every ratio",
+    LIB_NATIVE: "the library's native algorithm (MPI's own behind its checks and dispatch)",
+    "auto": "what the library picks per size",
+    "alloc": "shm on comm.alloc buffers, in place and from one into another (allreduce on one node)",
+    "gloo": "torch.distributed over Gloo (allreduce only, when torch is installed)",
+    "memcpy": "a local copy of the same bytes, no communication",
+}
+
+
+def _algorithms_help() -> str:
+    """The -a help: every column ``all`` runs, in order, with what the non-algorithm ones measure."""
+    try:
+        cols = default_algorithms()
+    except ImportError:  # the runtime is not importable: describe the fixed columns only
+        cols = tuple(_COLUMN_NOTES)
+    notes = "; ".join(f"{c}: {_COLUMN_NOTES[c]}" for c in cols if c in _COLUMN_NOTES)
+    return f"comma list of columns; default all, which is: {', '.join(cols)}. {notes}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also what ``--help`` prints)."""
     p = _Parser(
@@ -215,10 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--op", default="sum", help="reduction op: sum, avg, prod, min, max (default sum)")
     p.add_argument("-d", "--datatype", default="float32", metavar="DTYPE",
                    help="element type, e.g. float32, float16, bfloat16, int32 (default float32)")
-    p.add_argument("-a", "--algorithms", default="all", metavar="LIST",
-                   help="comma list of columns: native, ring, tree, star, auto, gloo (torch.distributed), "
-                        "memcpy (local copy reference), alloc (shm on comm.alloc buffers: in place, and from one into "
-                        "another; allreduce on one node); default all")
+    p.add_argument("-a", "--algorithms", default="all", metavar="LIST", help=_algorithms_help())
     p.add_argument("--collective", default="allreduce", metavar="NAME[,NAME]",
                    help="allreduce, reduce, broadcast, reduce_scatter, allgather, a comma list, or all "
                         "(default allreduce)")
@@ -229,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the fastest algorithm per size range as a tuning table for this P and layout "
                         "(COLLECTIVE_TUNING=PATH makes `auto` read it); an existing table of the same layout "
                         "keeps the collectives not measured now")
+    p.add_argument("--wide", action="store_true",
+                   help="print every column's time, spread, algbw, busbw and #wrong, out of place and in place, "
+                        "and the predicted time (nccl-tests' layout; lines get long); the default prints one busbw "
+                        "per column and size. -J writes everything either way")
     p.add_argument("--explain", action="store_true",
                    help="measure nothing: print, per collective and size, every algorithm's predicted time on the "
                         "links calibrated at start-up, the cost model's choice and what auto picks")
@@ -288,4 +313,4 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         p.error(f"-r must be >= 0, got {a.root}")
     return Options(sizes=sizes, iters=a.iters, warmup=a.warmup_iters, check=bool(a.check), op=op, dtype=dtype,
                    algorithms=tuple(algs), explicit=explicit, collectives=tuple(dict.fromkeys(colls)), root=a.root,
-                   json_path=a.json, plot_path=a.plot, tune_path=a.tune, explain=a.explain)
+                   json_path=a.json, plot_path=a.plot, tune_path=a.tune, explain=a.explain, wide=a.wide)

@@ -6,14 +6,14 @@ Terms used below. A *column* is one algorithm of the library (native, ring,
 (a separate output buffer) or in-place (``out=x``). A *case* is one column in
 one mode at one size: a zero-argument call on preallocated buffers.
 
-Method (absolute times drift up to 4x between runs here, ratios inside one
-run do not): within each size every case runs once per iteration, in a
-round-robin order shuffled each round (the same seed on every rank), so no
-case always runs after the same neighbour and inherits its after-effects
-(caches full of another buffer); the ``gloo`` cases run after the others, each
-iteration of them in turn, because any call right after a Gloo all_reduce ran
-3-5x slower here, native MPI's included, even 10 ms later (a rank that
-blocked in Gloo comes back to cold caches); a barrier on the
+Method (absolute times drift between runs on shared machines, ratios inside
+one run much less; docs/performance.md): within each size every case runs once
+per iteration, in a round-robin order shuffled each round (the same seed on
+every rank), so no case always runs after the same neighbour and inherits its
+after-effects (caches full of another buffer); the ``gloo`` cases run after
+the others, each iteration of them in turn, because any call right after a
+Gloo all_reduce runs slower, native MPI's included, even long after it
+returned (a rank that blocked in Gloo comes back to cold caches); a barrier on the
 benchmark's own MPI communicator precedes every timed call; a call's time is
 the slowest rank's (a native MPI Allreduce(MAX) of the per-iteration times);
 the reported time is the median over iterations and the spread their
@@ -255,9 +255,9 @@ class _Buffers:
 
     Per size, not slices of one allocation for the largest: NumPy advises
     transparent huge pages for arrays from 4 MiB, so a 1 MiB slice of a 64 MiB
-    buffer sat on huge pages that a user's 1 MiB array never gets (MPI's own
-    1 MiB in-place allreduce ran 1.6x faster on them here). ``alloc``'s
-    shared windows cannot have huge pages where shmem THP is off, as here.
+    buffer would sit on huge pages that a user's 1 MiB array never gets, and
+    every column (MPI's own included) would look faster than it is for users.
+    ``alloc``'s shared windows cannot have huge pages where shmem THP is off.
     """
 
     def __init__(self, x: np.ndarray, o: np.ndarray, z: np.ndarray) -> None:

@@ -1,10 +1,14 @@
-"""Output in the shape of nccl-tests: a header, one line per size (every column, both modes), a footer; and JSON.
+"""Output in the shape of nccl-tests: a header, one line per size, a footer; and JSON.
 
-Each column (algorithm) gets a group of cells separated by ``|``: an optional
-``pred`` time, then per mode (out-of-place, in-place) the median time, its
-interquartile spread, algbw, busbw and #wrong. The memcpy reference has one
-cell: time, spread and its copy speed. The footer gives the mean busbw per
-column and the ratio of every column's busbw to native's, size by size.
+The default (compact) table gives each column one cell per size: its busbw
+out of place (in place for a column that only runs in place; memcpy: its copy
+speed), then the size's #wrong summed over every column and mode.
+``--wide`` gives each column (algorithm) a group of cells separated by ``|``:
+an optional ``pred`` time, then per mode (out-of-place, in-place) the median
+time, its interquartile spread, algbw, busbw and #wrong; the memcpy reference
+has one cell: time, spread and its copy speed. The footer gives the mean
+busbw per column and the ratio of every column's busbw to native's, size by
+size (every mode when wide, the compact cell's mode otherwise).
 """
 from __future__ import annotations
 
@@ -112,19 +116,65 @@ def _stat_texts(s: Stat | None) -> list[str]:
             "N/A" if s.wrong is None else str(s.wrong)]
 
 
-def footer_lines(res: CollectiveResult) -> list[str]:
-    """The footer: #wrong total, mean busbw per column, busbw ratios vs native per size, notes."""
+def compact_mode(res: CollectiveResult, col: str) -> str:
+    """The mode of ``col``'s one cell in the compact table: out of place where it has it, else in place."""
+    return OOP if OOP in res.modes[col] else IP
+
+
+def _compact_label(res: CollectiveResult, col: str) -> str:
+    return col if compact_mode(res, col) == OOP else f"{col}:ip"
+
+
+class _CompactLayout:
+    """The default table: per size, one busbw cell per column and the size's #wrong."""
+
+    _PREFIX = (10, 8, 5)  # size, type, redop
+
+    def __init__(self, res: CollectiveResult) -> None:
+        self.res = res
+        self.widths = [max(7, len(_compact_label(res, c))) for c in res.columns]
+
+    def header(self, opts: Options) -> list[str]:
+        r = self.res
+        names = _cells(self._PREFIX, ["size", "type", "redop"])
+        names += "".join(f" {_compact_label(r, c):>{w}}" for c, w in zip(r.columns, self.widths)) + "  #wrong"
+        units = _cells(self._PREFIX, ["(B)", "", ""])
+        units += "".join(f" {'(GB/s)':>{w}}" for w in self.widths)
+        return ["# busbw per column, out of place (:ip: in place only; memcpy: copy speed); --wide: times, both modes",
+                "#" + names[1:], "#" + units[1:].rstrip()]
+
+    def row(self, row: SizeResult, opts: Options) -> str:
+        r = self.res
+        line = _cells(self._PREFIX, [str(row.size), str(opts.dtype),
+                                     opts.op if r.collective in ("allreduce", "reduce", "reduce_scatter") else "none"])
+        wrong: list[int | None] = []
+        for c, w in zip(r.columns, self.widths):
+            cells = row.cells.get(c, {})
+            s = cells.get(compact_mode(r, c))
+            line += f" {'n/a' if s is None else f'{s.busbw:.2f}':>{w}}"
+            wrong += [cells[m].wrong for m in r.modes[c] if m in cells and c != "memcpy"]
+        checked = [n for n in wrong if n is not None]
+        line += f" {'N/A' if not checked else str(sum(checked)):>7}"
+        return line
+
+
+def footer_lines(res: CollectiveResult, wide: bool = True) -> list[str]:
+    """The footer: #wrong total, mean busbw per column, busbw ratios vs native per size, notes.
+
+    ``wide=False`` (the compact table's footer) gives each column its compact cell's mode only.
+    """
     out = []
     w = res.wrong
     out.append(f"# Out of bounds values : {w} {'OK' if w == 0 else 'FAILED'}")
     out.append("# Avg bus bandwidth (GB/s, mean over sizes; memcpy: copy speed):")
     for c in res.columns:
         parts = []
-        for m in res.modes[c]:
+        for m in res.modes[c] if wide else (compact_mode(res, c),):
             v = res.avg_busbw(c, m)
             parts.append(f"{MODE_LABEL[m]} {'n/a' if v is None else f'{v:.3f}'}")
         out.append(f"#   {c:<10} " + "   ".join(parts))
-    others = [(c, m) for c in res.columns if c != "native" for m in res.modes[c]]
+    others = [(c, m) for c in res.columns if c != "native"
+              for m in (res.modes[c] if wide else (compact_mode(res, c),))]
     if "native" in res.columns and others:
         labels = [c if m == OOP else f"{c}:ip" for c, m in others]
         widths = [max(8, len(s)) for s in labels]
@@ -153,7 +203,7 @@ class TextReporter:
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stdout
-        self.layout: _Layout | None = None
+        self.layout: _Layout | _CompactLayout | None = None
         self.opts: Options | None = None
         self.first = True
 
@@ -164,7 +214,7 @@ class TextReporter:
 
     def begin(self, info: JobInfo, opts: Options, res: CollectiveResult) -> None:
         """The header of one collective's table."""
-        self.layout, self.opts = _Layout(res), opts
+        self.layout, self.opts = (_Layout(res) if opts.wide else _CompactLayout(res)), opts
         nodes = len(info.ranks_per_node)
         if not self.first:
             self._print("")
@@ -177,10 +227,10 @@ class TextReporter:
             f"# minBytes {opts.sizes[0]} maxBytes {opts.sizes[-1]} sizes {len(opts.sizes)} warmup iters: "
             f"{opts.warmup} iters: {opts.iters} validation: {int(opts.check)}",
             f"# busbw = algbw x {FACTOR_TEXT[res.collective]} = {res.factor:.3f}; time = median over iterations of "
-            "the slowest rank; iqr = interquartile range / median",
-            "# each size runs the columns interleaved round-robin, shuffled each round, with their own buffers, a "
-            "barrier before every timed call (gloo after the others: a Gloo call slows whatever follows it); "
-            "compare columns as ratios within one run",
+            "the slowest rank" + ("; iqr = interquartile range / median" if opts.wide else ""),
+            "# each size runs the columns interleaved round-robin, shuffled each round, with their own buffers",
+            "# and a barrier before every timed call (gloo after the others: a Gloo call slows whatever follows it);",
+            "# compare columns as ratios within one run",
             "#",
             *self.layout.header(opts),
         )
@@ -192,7 +242,8 @@ class TextReporter:
 
     def end(self, res: CollectiveResult) -> None:
         """The footer."""
-        self._print(*footer_lines(res))
+        assert self.opts is not None
+        self._print(*footer_lines(res, wide=self.opts.wide))
 
 
 def to_json(info: JobInfo, opts: Options, results: list[CollectiveResult], argv: list[str] | None = None) -> dict:

@@ -38,8 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from topologies.cluster import Cluster, LinkCost
-from topologies.cost import SharedLinkCost
+from topologies.cluster import Cluster, LinkCost, SharedLinkCost
 
 from . import config
 
@@ -66,7 +65,7 @@ def measure_gamma(nbytes: int = 8 << 20, reps: int = 3) -> float:
 
     Example::
 
-        gamma = measure_gamma()   # ~1e-10 .. 1e-9 s/B
+        gamma = measure_gamma()   # seconds per byte reduced
     """
     n = max(1, nbytes // 4)
     a = np.ones(n, np.float32)

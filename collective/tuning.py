@@ -41,8 +41,10 @@ __all__ = [
 
 #: The file format this module reads and writes.
 FORMAT_VERSION = 1
-#: Names that are not algorithms a table may recommend.
-PSEUDO_ALGORITHMS: frozenset[str] = frozenset(("auto", "gloo", "memcpy", "broken"))
+#: Names that are not algorithms a table may recommend: auto itself, collective-bench's reference columns, its
+#: test column, and ``alloc`` (shm on ``comm.alloc`` buffers: how fast a call is when the data already sits in the
+#: shared window, which a user's own array does not, so "shm" is the algorithm a table names for it).
+PSEUDO_ALGORITHMS: frozenset[str] = frozenset(("auto", "gloo", "memcpy", "broken", "alloc"))
 #: Collectives a table may hold.
 TUNABLE_COLLECTIVES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
 _TOP_KEYS = ("version", "nranks", "ranks_per_node", "dtype", "op", "table")

@@ -39,6 +39,7 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 
 from . import config
+from .errors import CollectiveError, format_uncaught
 from .fingerprint import rank_list
 from .sequencer import FlightRecorder, OpRecord
 from .spec import OP_NAMES
@@ -500,23 +501,32 @@ def install_excepthook(rank: int, size: int) -> None:
 
     The report names the rank and carries the traceback, this rank's flight
     recorder and what every other rank is doing. Disabled with
-    ``COLLECTIVE_ABORT_ON_EXCEPTION=0``; a no-op on one rank.
+    ``COLLECTIVE_ABORT_ON_EXCEPTION=0``; no abort on one rank. Either way, an
+    uncaught error of ours raised inside the library (a wrong argument, a
+    mismatch) is reported from the user's own frames down to our message
+    (``errors.format_uncaught``); ``COLLECTIVE_TRACEBACK=full`` shows every frame.
 
     Example::
 
         install_excepthook(comm.rank, comm.size)   # collective.init() does this
     """
     global _HOOK_INSTALLED
-    if _HOOK_INSTALLED or not config.get("ABORT_ON_EXCEPTION"):
+    if _HOOK_INSTALLED:
         return
     _HOOK_INSTALLED = True
+    abort = size > 1 and config.get("ABORT_ON_EXCEPTION")
+    full = config.get("TRACEBACK") == "full"
     prev = sys.excepthook
 
     def hook(etype: Any, value: Any, tb: Any) -> None:
-        if size <= 1 or issubclass(etype, KeyboardInterrupt):
+        if issubclass(etype, KeyboardInterrupt) or not (abort or isinstance(value, CollectiveError)):
             prev(etype, value, tb)
             return
-        text = "".join(traceback.format_exception(etype, value, tb))
+        text = format_uncaught(etype, value, tb, full=full)
+        if not abort:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            return
         parts = [f"collective: rank {rank} of {size} died of an uncaught exception; aborting the job:\n{text}"]
         for wd in _live():
             try:
@@ -531,4 +541,5 @@ def install_excepthook(rank: int, size: int) -> None:
         hook(args.exc_type, args.exc_value, args.exc_traceback)
 
     sys.excepthook = hook
-    threading.excepthook = thread_hook
+    if abort:
+        threading.excepthook = thread_hook

@@ -242,6 +242,8 @@ def plots() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bench.plot import column_colors  # the colours collective-bench --plot draws with
+
     IMG.mkdir(exist_ok=True)
     for run in RUNS:
         if not run.plot:
@@ -249,12 +251,12 @@ def plots() -> None:
         doc = json.loads((BENCH / f"{run.name}.json").read_text())
         coll = doc["collectives"][0]
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for i, c in enumerate(coll["columns"]):
+        colors = column_colors(coll["columns"])
+        for c in coll["columns"]:
             mode = "out_of_place" if "out_of_place" in coll["modes"][c] else "in_place"
             pts = [(r["size"], r["results"][c][mode]["busbw"]) for r in coll["sizes"] if mode in r["results"].get(c, {})]
-            style = {"color": "grey", "linestyle": ":"} if c == "memcpy" else {"marker": "o", "markersize": 3,
-                                                                             "color": f"C{i % 10}"}
-            ax.plot(*zip(*pts), label=c, **style)
+            style = {"linestyle": ":"} if c == "memcpy" else {"marker": "o", "markersize": 3}
+            ax.plot(*zip(*pts), label=c, color=colors[c], **style)
         sizes = [r["size"] for r in coll["sizes"]]
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes)

@@ -85,6 +85,20 @@ def test_launcher_adds_oversubscribe_and_root(monkeypatch: pytest.MonkeyPatch) -
     assert _nprocs(["--np=3", "a"]) == 3 and _nprocs(["a"]) is None
 
 
+def test_launcher_without_a_program_prints_usage_and_fails(capsys) -> None:
+    """`collective-run` alone is a usage error (status 2, usage on stderr); `--help` is an answer (status 0)."""
+    from collective.run import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.startswith("usage: collective-run") and "no program given" in err
+    assert main(["--help"]) is None
+    cap = capsys.readouterr()
+    assert cap.out.startswith("usage: collective-run") and "--emulate" in cap.out and cap.err == ""
+
+
 def test_launcher_does_not_initialise_mpi() -> None:
     """collective-run only launches: importing it must not make the launcher an MPI process."""
     import subprocess

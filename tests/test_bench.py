@@ -93,6 +93,19 @@ def test_bad_flags_exit_2_with_a_message(argv: list[str], words: str, capsys, mo
     assert words in capsys.readouterr().err
 
 
+def test_help_lists_every_default_column() -> None:
+    """--help names every column the default run has, in the order the run prints them."""
+    from bench.cli import build_parser
+
+    text = re.sub(r"\s+", " ", build_parser().format_help()).replace("- ", "-")  # undo argparse's line wrapping
+    listed = re.search(r"default all, which is: ([^.]*)\.", text)
+    assert listed, text
+    assert tuple(listed.group(1).split(", ")) == default_algorithms()
+    assert {"native-lib", "pipeline", "hierarchical", "shm", "alloc", "gloo", "memcpy"} <= set(default_algorithms())
+    for c in ("native", "native-lib", "auto", "alloc", "gloo", "memcpy"):  # the columns that are not plain algorithms
+        assert f"; {c}: " in text or f". {c}: " in text, c
+
+
 def test_broken_only_under_the_test_variable(monkeypatch) -> None:
     monkeypatch.setenv(BROKEN_ENV, "1")
     assert parse_args(["-a", "native,broken"]).algorithms == ("native", "broken")
@@ -155,7 +168,7 @@ def _render(res: CollectiveResult, argv: list[str] | None = None) -> list[str]:
 
     buf = io.StringIO()
     rep = TextReporter(buf)
-    opts = parse_args(argv or ["-b", "4K", "-e", "64K", "-f", "16"])
+    opts = parse_args(argv or ["-b", "4K", "-e", "64K", "-f", "16", "--wide"])
     rep.begin(INFO, opts, res)
     for row in res.rows:
         rep.row(res, row)
@@ -192,6 +205,29 @@ def test_table_layout_lines_up() -> None:
     assert f[:5] == ["4096", "1024", "float32", "sum", "-1"]
     # native out-of-place: 10 us, iqr 25 %, algbw 0.41, busbw 0.61, 0 wrong
     assert f[6:11] == ["10.00", "25", "0.41", "0.61", "0"]
+
+
+def test_default_table_is_compact_and_wide_has_every_cell() -> None:
+    """The default output gives one busbw per column and size (lines of a terminal's width for every default
+    column); --wide keeps nccl-tests' full layout; the JSON is the same either way."""
+    cols = default_algorithms()
+    res = synth(cols=tuple(cols), wrong=2)
+    compact = _render(res, ["-b", "4K", "-e", "64K", "-f", "16"])
+    assert max(map(len, compact)) <= 150, max(compact, key=len)
+    names = next(ln for ln in compact if ln.startswith("#") and "#wrong" in ln).split()
+    assert names[1:4] == ["size", "type", "redop"] and names[-1] == "#wrong"
+    assert names[4:-1] == [c if c != "alloc" or "out_of_place" in res.modes[c] else f"{c}:ip" for c in cols]
+    rows = [ln.split() for ln in compact if not ln.startswith("#")]
+    assert len(rows) == 2
+    # native: 4096 B / 10 us * 1.5 = 0.61 GB/s; ring is the third column (30 us): 0.20; #wrong: ring's 2 per mode
+    assert rows[0][:4] == ["4096", "float32", "sum", "0.61"] and rows[0][3 + cols.index("ring")] == "0.20"
+    assert rows[0][-1] == "4" and "# Out of bounds values : 8 FAILED" in compact  # 4 per size, 2 sizes
+    foot = compact[compact.index("# Out of bounds values : 8 FAILED"):]
+    assert not any("in-place" in ln or ":ip " in ln for ln in foot if "native-lib" in ln)
+    wide = _render(res, ["-b", "4K", "-e", "64K", "-f", "16", "--wide"])
+    assert max(map(len, wide)) > 3 * max(map(len, compact))
+    assert not parse_args([]).wide and parse_args(["--wide"]).wide
+    assert to_json(INFO, parse_args([]), [res]) == to_json(INFO, parse_args(["--wide"]), [res])
 
 
 def test_footer_average_and_ratio_vs_native() -> None:
@@ -260,6 +296,22 @@ def test_tuning_choice_from_results() -> None:
     assert best_algorithm(res.rows[2]) == "native"
 
 
+def test_tuning_never_names_alloc(tmp_path: Path) -> None:
+    """alloc (shm on comm.alloc buffers) is the fastest column here, yet not an algorithm auto can pick for a user's
+    array: the table names the fastest real algorithm, and a table naming alloc is refused when read."""
+    from collective.tuning import TuningTableError, write_table
+
+    res = synth(cols=("native", "shm", "alloc"), sizes=(4096, 65536))
+    for row in res.rows:
+        for c, scale in (("alloc", 1000), ("shm", 100)):
+            for m in row.cells[c].values():
+                m.times_us = m.times_us / scale
+    assert [best_algorithm(r) for r in res.rows] == ["shm", "shm"]
+    assert table_entries(res) == [Entry(None, "shm")]
+    with pytest.raises(TuningTableError, match="'alloc', which is not a concrete algorithm"):
+        write_table(str(tmp_path / "t.json"), 4, (2, 2), {"allreduce": [Entry(None, "alloc")]})
+
+
 def test_bare_native_is_the_baseline_and_native_lib_what_auto_would_run() -> None:
     """The bare MPI call never wins a tuning entry or the auto table while the library's own native was measured."""
     from bench.tables import auto_markdown
@@ -318,6 +370,39 @@ def test_run_p1_json_plot_tune(tmp_path: Path, capsys) -> None:
     assert rc == 0
     t2 = load_table(tune)
     assert t2.table["allreduce"] == (Entry(None, "native"),) and t2.table["allgather"] == t.table["allgather"]
+
+
+def test_plot_without_matplotlib_stops_before_measuring(tmp_path: Path, capsys, monkeypatch) -> None:
+    """--plot without matplotlib: one message, prefixed once, status 2, and no size measured first."""
+    import sys
+
+    import bench.core
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it looks like to imports
+    monkeypatch.setattr(bench.core, "run", lambda *a, **k: pytest.fail("measured before checking --plot"))
+    png = tmp_path / "r.png"
+    rc, out, err = _run(["-b", "1K", "-e", "1K", "-n", "1", "-a", "native", "--plot", str(png)], capsys)
+    assert rc == 2 and out == "" and not png.exists()
+    assert err.count("collective-bench:") == 1 and "--plot needs matplotlib" in err, err
+
+
+def test_plot_gives_every_default_column_its_own_colour() -> None:
+    """native and gloo (and every other default column) get different colours; memcpy alone is grey."""
+    pytest.importorskip("matplotlib")
+    from bench.plot import column_colors, figure
+
+    cols = default_algorithms()
+    assert len(cols) > 10  # more than matplotlib's default colour cycle, which gave gloo native's colour
+    colors = column_colors(cols)
+    assert len(set(colors.values())) == len(cols) and colors["native"] != colors["gloo"]
+    fig = figure(INFO, [synth(cols=tuple(cols))], "float32", "sum")
+    lines = {ln.get_label(): ln.get_color() for ln in fig.axes[0].get_lines()}
+    assert set(cols) <= set(lines), sorted(lines)
+    drawn = [lines[c] for c in cols]
+    assert len(set(drawn)) == len(drawn), lines
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
 
 
 def test_run_p1_broken_column_fails(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -437,7 +522,7 @@ def test_run_p1_gloo_dtype_and_pred_hook(capsys, monkeypatch) -> None:
     rc, out, _ = _run(["-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "-a", "all", "-d", "int16"], capsys)
     assert rc == 0 and "gloo: column absent" in out
     monkeypatch.setattr(bench.core, "predicted_us", lambda alg, coll, nbytes, cluster=None: nbytes / 1e3)
-    rc, out, _ = _run(["-b", "2K", "-e", "2K", "-n", "1", "-w", "0", "-a", "native,ring"], capsys)
+    rc, out, _ = _run(["-b", "2K", "-e", "2K", "-n", "1", "-w", "0", "-a", "native,ring", "--wide"], capsys)
     assert rc == 0
     assert [ln for ln in out.splitlines() if "#wrong" in ln][0].count("pred") == 2
     row = next(ln for ln in out.splitlines() if ln and not ln.startswith("#"))

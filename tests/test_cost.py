@@ -135,6 +135,19 @@ def test_explain_names_every_candidate_and_the_choice() -> None:
     assert "not calibrated" in explain(choose("allreduce", 100, Cluster((0, 1))), Cluster((0, 1)))
 
 
+def test_explain_says_which_links_are_measured_and_which_are_defaults() -> None:
+    """On one node nothing is measured between nodes: the inter figures are labelled defaults, never measured."""
+    one_node = Cluster((0, 0), intra=LinkCost(4e-6, 1 / 8e9), gamma=1 / 14e9)
+    head, figures = explain(choose("allreduce", 1 << 20, one_node), one_node).splitlines()[:2]
+    assert "links measured: intra, reduce; defaults: inter (not used: one node):" in head, head
+    assert "inter alpha 50.0 us, 1.10 GB/s" in figures  # DEFAULT_INTER's figures, shown under that label
+    spread = Cluster((0, 1), inter=LinkCost(4e-6, 1 / 8e9))
+    head = explain(choose("allreduce", 1 << 20, spread), spread).splitlines()[0]
+    assert "links measured: inter; defaults: intra (not used: one rank per node), reduce:" in head, head
+    full = cluster((0, 0, 1, 1))
+    assert "links measured:\n" in explain(choose("allreduce", 1 << 20, full), full)
+
+
 def test_node_bus_is_shared_by_transfers_inside_it() -> None:
     """With a node-wide rate, the ring's 2(P-1)P transfers queue on the node: their bytes at its rate, plus one latency."""
     from topologies.cost import SharedLinkCost

@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Cluster", "LinkCost", "TopologyFileError", "TOPOLOGY_ENV", "parse_topology", "load_topology"]
+__all__ = [
+    "Cluster", "LinkCost", "SharedLinkCost", "TopologyFileError", "TOPOLOGY_ENV", "parse_topology", "load_topology",
+]
 
 #: The environment variable naming a topology file (see :func:`parse_topology`).
 TOPOLOGY_ENV = "COLLECTIVE_TOPOLOGY"
@@ -23,6 +25,20 @@ class LinkCost:
 
     alpha: float
     beta: float
+
+
+@dataclass(frozen=True)
+class SharedLinkCost(LinkCost):
+    """An intra-node LinkCost that also knows what the node's transfers share.
+
+    Attributes:
+        shared_beta: seconds per byte of the node as a whole: every transfer
+            inside the node at the same time queues for it (the cores, when
+            ranks outnumber them, and memory bandwidth). 0 means no limit
+            beyond each rank's own ``beta``.
+    """
+
+    shared_beta: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -193,8 +209,6 @@ def _link(where: str, kind: str, obj: Any) -> LinkCost:
     alpha = _number(where, f"{fieldname}.alpha_us", obj["alpha_us"], positive=False) * 1e-6
     beta = 1e-9 / _number(where, f"{fieldname}.GBps", obj["GBps"], positive=True)
     if kind == "intra":
-        from .cost import SharedLinkCost  # imported here: cost imports this module
-
         shared = 0.0
         if "node_GBps" in obj:
             shared = 1e-9 / _number(where, f"{fieldname}.node_GBps", obj["node_GBps"], positive=True)

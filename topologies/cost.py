@@ -46,6 +46,7 @@ from typing import Iterable, Sequence
 
 from . import ALGORITHMS, ALL_COLLECTIVES, ALGORITHMS_BY_COLLECTIVE, build
 from .cluster import Cluster, LinkCost
+from .cluster import SharedLinkCost as SharedLinkCost  # defined with LinkCost; importable from here too
 from .schedule import (
     INPUT,
     OUTPUT,
@@ -68,7 +69,6 @@ __all__ = [
     "CANDIDATES",
     "candidates_for",
     "Choice",
-    "SharedLinkCost",
     "links",
     "cost",
     "traffic",
@@ -82,17 +82,18 @@ __all__ = [
     "linear_scatter",
 ]
 
-#: Link costs used when a Cluster is not calibrated (COLLECTIVE_CALIBRATE=0): shared memory
-#: through MPI on a small machine (a message costs ~10 us in our Python path, ~3 GB/s) ...
+#: Link costs used where a Cluster has none (COLLECTIVE_CALIBRATE=0, or no second node to measure): shared
+#: memory through MPI on a small machine, as our Python path sees it ...
 DEFAULT_INTRA = LinkCost(alpha=10e-6, beta=1 / 3e9)
-#: ... and a 10 Gbit/s-class network (~50 us, ~1.1 GB/s).
+#: ... and a 10 Gbit/s-class network. Both are rough orders of magnitude, good enough to rank algorithms; a
+#: calibration or a topology file replaces them (docs/concepts/cost-model.md).
 DEFAULT_INTER = LinkCost(alpha=50e-6, beta=1 / 1.1e9)
-#: NumPy adds two float32 buffers at a few GB/s of input.
+#: NumPy's float32 add, streaming both buffers through memory once (collective.calibrate measures it).
 DEFAULT_GAMMA = 1 / 3e9
 #: Software cost of one step of our executor beyond the link's alpha (posting the requests, waiting, the
-#: bookkeeping in Python): a 2-step ring allreduce of 16 bytes took 20.7 us here where two raw mpi4py
-#: Sendrecv took 2.7 us (P=2, one node, 8 us per step once the ~2 us of argument checks are out).
-#: MPI's own collectives do not pay it, which is what makes "native" win small messages.
+#: bookkeeping in Python), set from a small ring allreduce against raw mpi4py Sendrecv on one node.
+#: MPI's own collectives do not pay it, which is what makes "native" win small messages (the small-size rows
+#: of docs/performance.md).
 EXECUTOR_STEP = 8e-6
 #: What ``choose`` compares by default for the collectives of ``COLLECTIVES``: every Schedule algorithm, and
 #: MPI's own. ``candidates_for(collective)`` gives it for any collective.
@@ -123,20 +124,6 @@ class Choice:
     def seconds(self, algorithm: str) -> float:
         """The predicted seconds of ``algorithm`` (KeyError if it was not a candidate)."""
         return dict(self.predictions)[algorithm]
-
-
-@dataclass(frozen=True)
-class SharedLinkCost(LinkCost):
-    """An intra-node LinkCost that also knows what the node's transfers share.
-
-    Attributes:
-        shared_beta: seconds per byte of the node as a whole: every transfer
-            inside the node at the same time queues for it (the cores, when
-            ranks outnumber them, and memory bandwidth). 0 means no limit
-            beyond each rank's own ``beta``.
-    """
-
-    shared_beta: float = 0.0
 
 
 def _shared(link: LinkCost) -> float:
@@ -511,6 +498,24 @@ def choose(
     return Choice(collective, nbytes, ranked[0][0], ranked)
 
 
+def _link_sources(cluster: Cluster) -> str:
+    """Where explain's figures come from, link by link: measured, declared in a file, or the defaults.
+
+    A figure the cluster lacks is a default, never "measured" (on one node nothing is measured between nodes);
+    one that no message of this cluster uses says so.
+    """
+    got = f"from {cluster.source}" if cluster.links_declared else "measured"
+    have = {"intra": cluster.intra is not None, "inter": cluster.inter is not None, "reduce": cluster.gamma is not None}
+    if all(have.values()):
+        return got
+    if not any(have.values()):
+        return "defaults (not calibrated)"
+    unused = {"inter": " (not used: one node)" if cluster.nnodes == 1 else "",
+              "intra": " (not used: one rank per node)" if cluster.nnodes == cluster.size else "", "reduce": ""}
+    defaults = ", ".join(k + unused[k] for k, v in have.items() if not v)
+    return f"{got}: {', '.join(k for k, v in have.items() if v)}; defaults: {defaults}"
+
+
 def explain(choice: Choice, cluster: Cluster) -> str:
     """A few lines: the links used, each candidate's predicted time, and the choice.
 
@@ -519,13 +524,9 @@ def explain(choice: Choice, cluster: Cluster) -> str:
         print(explain(choose("allreduce", 1 << 20, cl), cl))
     """
     intra, inter, gamma = links(cluster)
-    if cluster.links_declared:
-        src = f"from {cluster.source}"
-    else:
-        src = "measured" if cluster.intra is not None else "defaults (not calibrated)"
     lines = [
         f"{choice.collective} of {choice.nbytes} bytes per rank on {cluster.size} ranks, {cluster.nnodes} node(s); "
-        f"links {src}:",
+        f"links {_link_sources(cluster)}:",
         f"  intra alpha {intra.alpha * 1e6:.1f} us, {1e-9 / intra.beta:.2f} GB/s; "
         f"inter alpha {inter.alpha * 1e6:.1f} us, {1e-9 / inter.beta:.2f} GB/s; reduce {1e-9 / gamma:.2f} GB/s",
     ]

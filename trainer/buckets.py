@@ -204,9 +204,9 @@ def bucket_caps(bucket_mb: float | None = None, first_bucket_mb: float | None = 
 
     ``overlap=False`` (buckets reduced after backward or inline, overlapping
     nothing) with no cap given anywhere: one bucket. Each bucket is then only
-    a point where the ranks meet and wait out each other's jitter (torch
-    wrapper, 40 MB MLP at P=2, five runs: 1.11-1.31x local per step with one
-    bucket against 1.13-1.47x with 1 + 25 MB).
+    a point where the ranks meet and wait out each other's jitter, so more
+    buckets buy no overlap and cost one more wait each (``bench/bench_torch.py``
+    times the wrapper's step with and without overlap; docs/performance.md).
     """
     if not overlap and bucket_mb is None and first_bucket_mb is None and not config.is_set("BUCKET_MB"):
         return ONE_BUCKET, ONE_BUCKET

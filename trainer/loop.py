@@ -222,7 +222,8 @@ class DataParallel:
         self.seed = int(seed)
         if allocator == "auto":
             # Shared buckets when every rank is on one node and the model is on the host: the shm
-            # allreduce then reduces them where they lie (measured 1.06x vs 1.14x of the local step at P=2).
+            # allreduce then reduces them where they lie, with no copy in or out (bench/bench_trainer.py
+            # compares the allocators; docs/performance.md).
             host = all(isinstance(p.data, np.ndarray) for g in model.parameter_groups() for p in g)
             single = comm is not None and comm.size > 1 and getattr(comm, "single_node", False)
             allocator = "shared" if (host and single) else None

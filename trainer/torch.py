@@ -77,9 +77,8 @@ def keep_freed_memory(trim_bytes: int) -> bool:
     The wrapper copies each fresh gradient into its bucket and drops it, so
     autograd allocates a new one every step. With glibc's defaults a freed
     block of many MB goes back to the kernel (unmapped, or trimmed off the top
-    of the heap), and the next step's gradient faults in every 4 KiB page
-    again: measured here, 4096 page faults per step and +5 ms per
-    2048x2048 layer's backward (+10 ms on a 72 ms step). Blocks up to 32 MiB
+    of the heap), and the next step's gradient faults in every page again,
+    which shows as a slower backward of every large layer. Blocks up to 32 MiB
     then come from the heap (glibc's largest ``M_MMAP_THRESHOLD``), and up to
     ``trim_bytes`` of free heap is kept (or more, if an earlier call asked
     for more). Process-wide and for the rest of the process: glibc stops

@@ -127,7 +127,7 @@ def main() -> None:
     a = ap.parse_args()
     job = Job(a.segment)
     P = job.P
-    cases = Cases(SimpleNamespace(rank=job.rank, _backend=job.backend))
+    cases = Cases(SimpleNamespace(rank=job.rank, mpi_comm=job.backend.comm))
     rng = np.random.default_rng(P)  # the same on every rank: every rank builds the same cases
     sizes, mats = size_lists(P, rng, a.large), matrices(P, rng, a.large)
     seed = 0
