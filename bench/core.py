@@ -221,8 +221,8 @@ def allgatherv_counts(count: int, nranks: int) -> list[int]:
     """allgatherv's elements per rank: in proportion to r+1, summing to ``count`` exactly.
 
     Rank r's block runs from ``floor(count*r(r+1)/(P(P+1)))`` to
-    ``floor(count*(r+1)(r+2)/(P(P+1)))``, so the sizes differ (rank P-1 sends
-    about twice the mean, rank 0 about 2/(P+1) of it).
+    ``floor(count*(r+1)(r+2)/(P(P+1)))``, so the sizes differ: rank r sends
+    about 2(r+1)/(P+1) times the mean.
 
     Example::
 
