@@ -113,8 +113,10 @@ def column_applies(col: str, coll: str) -> bool:
 
     native, native-lib, memcpy and broken apply to every collective; gloo to
     ``GLOO_COLLECTIVES``; alloc to allreduce; a library algorithm to the
-    collectives that have it (auto, native and shm to all but sendrecv, a
-    Schedule to those ``topologies.ALGORITHMS_BY_COLLECTIVE`` lists it for).
+    collectives that have it: those of the collective's ``collective.spec``
+    entry, else auto, native, shm and the Schedules
+    ``topologies.ALGORITHMS_BY_COLLECTIVE`` lists for it (allgatherv); none
+    to sendrecv.
 
     Example::
 
@@ -130,9 +132,11 @@ def column_applies(col: str, coll: str) -> bool:
         return coll == "allreduce"
     if coll == "sendrecv":  # point-to-point: no algorithm to choose
         return False
-    if col in ("auto", "shm"):
-        return True
-    return col in topologies.ALGORITHMS_BY_COLLECTIVE.get(coll, ())
+    from collective.spec import SPECS
+
+    if coll in SPECS:  # the algorithms the library accepts for it
+        return col in SPECS[coll].host
+    return col in ("auto", "native", "shm", *topologies.ALGORITHMS_BY_COLLECTIVE.get(coll, ()))
 
 
 def known_algorithms() -> tuple[str, ...]:

@@ -461,12 +461,24 @@ def _idle() -> None:
     """sendrecv's call on the rank without a partner (the last one of an odd P)."""
 
 
+def _takes_out(fn: Callable) -> bool:
+    """Whether the library's call has an ``out=`` parameter (then it writes where MPI's own call does)."""
+    import inspect
+
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _library_call_v(comm: Any, coll: str, alg: str, root: int, x: np.ndarray, out: np.ndarray, nranks: int,
                     rank: int) -> tuple[Callable, bool]:
     """The library's call of a collective of ``_MORE``, and whether its answer is its return value (else ``out``).
 
     A call this version of the library lacks raises on every rank ("not
     available in this version"), so its column shows n/a with that note.
+    gather and scatter write into ``out`` where they take it, else their
+    answer is what they return.
     sendrecv is ``comm.isend`` to the partner, ``comm.recv`` from it, then the
     send's ``wait``: both directions at once, as MPI's Sendrecv (ordered
     ``send``/``recv`` where isend is missing).
@@ -481,11 +493,16 @@ def _library_call_v(comm: Any, coll: str, alg: str, root: int, x: np.ndarray, ou
     if coll == "gather":
         if not hasattr(comm, "gather"):
             return missing("gather"), True
+        if _takes_out(comm.gather):  # into the same preallocated buffer as MPI's Gather (the root's only)
+            mine = out if rank == root else None
+            return functools.partial(comm.gather, x, root=root, algorithm=alg, out=mine), False
         return functools.partial(comm.gather, x, root=root, algorithm=alg), True
     if coll == "scatter":
         if not hasattr(comm, "scatter"):
             return missing("scatter"), True
-        return functools.partial(comm.scatter, x if rank == root else None, root=root, algorithm=alg), True
+        if _takes_out(comm.scatter):
+            return functools.partial(comm.scatter, x if rank == root else None, root, algorithm=alg, out=out), False
+        return functools.partial(comm.scatter, x if rank == root else None, root, algorithm=alg), True
     if coll == "allgatherv":  # comm.allgather with a different first dimension on every rank
         if not hasattr(comm, "gather"):  # uneven allgather comes with the full collective set (gather, alltoall...)
             return _refused(coll, "comm.allgather() of different sizes per rank is not available in this version "
