@@ -118,6 +118,17 @@ def test_busbw_factors_are_nccl_tests() -> None:
     assert COLLECTIVES == ALL_TEN
 
 
+def test_wrong_counts_elements_and_missing_results() -> None:
+    from bench.core import _wrong
+
+    want = np.arange(6, dtype=np.int32)
+    assert _wrong(want.copy(), want) == 0 and _wrong(want.reshape(2, 3), want) == 0
+    bad = want.copy()
+    bad[[1, 4]] += 1
+    assert _wrong(bad, want) == 2
+    assert _wrong(None, want) == 6 and _wrong(want[:5], want) == 6 and _wrong(None, want[:0]) == 1
+
+
 def test_columns_per_collective() -> None:
     """Each collective runs the library's algorithms it has; the references run everywhere they can."""
     assert column_applies("pairwise", "alltoall") and column_applies("bruck", "alltoall")
