@@ -129,6 +129,15 @@ def test_wrong_counts_elements_and_missing_results() -> None:
     assert _wrong(None, want) == 6 and _wrong(want[:5], want) == 6 and _wrong(None, want[:0]) == 1
 
 
+def test_gpu_bench_measures_allreduce_and_its_kin() -> None:
+    from bench.bench_gpu import _base_collectives
+
+    assert _base_collectives(parse_args(["--collective", "all"])).collectives == ALL_TEN[:5]
+    assert _base_collectives(parse_args(["--collective", "reduce"])).collectives == ("reduce",)
+    with pytest.raises(SystemExit, match="--collective alltoall,sendrecv: measured on the CPU only"):
+        _base_collectives(parse_args(["--collective", "allreduce,alltoall,sendrecv"]))
+
+
 def test_columns_per_collective() -> None:
     """Each collective runs the library's algorithms it has; the references run everywhere they can."""
     assert column_applies("pairwise", "alltoall") and column_applies("bruck", "alltoall")
