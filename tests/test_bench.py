@@ -401,6 +401,11 @@ def test_run_p1_json_plot_tune(tmp_path: Path, capsys) -> None:
             assert (nat == {}) == (c["collective"] == "sendrecv"), (c["collective"], nat)
             assert all(r["wrong"] == 0 for col, m in s["results"].items() if col != "memcpy" for r in m.values())
     assert "native out-of-place: n/a (needs 2 ranks or more" in out  # sendrecv at P=1
+    from bench.tables import markdown
+
+    rows = markdown(doc, "sendrecv").splitlines()[2:]  # no native cell at P=1: n/a, not a crash
+    assert len(rows) == 3 and all(ln.split(" | ")[1] == "n/a" for ln in rows), rows
+    assert len(markdown(doc, "alltoall").splitlines()) == 5  # header, rule, 3 sizes
     assert "ring: not an algorithm of alltoall; absent" in out  # -a named it: said so
     ar = doc["collectives"][0]
     assert ar["columns"] == ["native", "ring", "tree", "auto", "memcpy"]
