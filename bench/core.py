@@ -24,10 +24,11 @@ size would give small sizes the transparent huge pages NumPy advises for
 arrays from 4 MiB (see _Buffers).
 
 alltoall, gather, scatter, allgatherv and sendrecv run out-of-place only, on
-one-dimensional arrays (a row is an element). gather and scatter return
-their result: the check calls them once more after the timed iterations and
-compares what they return. See ``collective-bench --help`` for each
-collective's size convention and allgatherv's uneven split.
+one-dimensional arrays (a row is an element), into preallocated outputs
+(``out=``) as MPI's calls are; where a version of the library's gather or
+scatter takes no ``out=``, the check calls it once more after the timed
+iterations and compares what it returns. See ``collective-bench --help`` for
+each collective's size convention and allgatherv's uneven split.
 """
 from __future__ import annotations
 
@@ -342,7 +343,7 @@ class _Case:
     fn: Callable[[], Any]
     result: np.ndarray | None  # where this rank's answer lands (None: nowhere)
     reset: Callable[[], None] | None = None  # restore the input before the in-place check
-    returns: bool = False  # the answer is what fn returns (gather, scatter): the check calls it once more
+    returns: bool = False  # the answer is what fn returns (gather, scatter without out=): checked by one more call
 
 
 def probe_cases(calls: Sequence[Callable[[], Any]], labels: Sequence[tuple[str, str]], mpicomm: Any,
