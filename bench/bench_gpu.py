@@ -294,6 +294,21 @@ class _GpuRun:
         return row
 
 
+def _base_collectives(opts: Any) -> Any:
+    """``--collective all`` on GPUs means allreduce and its kin; naming another collective is a usage error."""
+    import dataclasses
+
+    from .cli import BASE_COLLECTIVES, COLLECTIVES
+
+    if opts.collectives == COLLECTIVES:
+        return dataclasses.replace(opts, collectives=BASE_COLLECTIVES)
+    more = [c for c in opts.collectives if c not in BASE_COLLECTIVES]
+    if more:
+        raise SystemExit(f"collective-bench --device gpu: --collective {','.join(more)}: measured on the CPU only; "
+                         f"the GPU bench measures {', '.join(BASE_COLLECTIVES)}")
+    return opts
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the GPU benchmark on every rank; rank 0 prints the nccl-tests table (and writes JSON with -J).
 
@@ -309,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rest, _device, backend = split_args(args)
         opts = parse_args(rest)
+        opts = _base_collectives(opts)
         cols, notes = gpu_columns(opts.algorithms, opts.explicit)
     except SystemExit as exc:
         if isinstance(exc.code, str):

@@ -10,14 +10,22 @@ from typing import NoReturn, Sequence
 
 import numpy as np
 
-from collective.spec import COLLECTIVE_NAMES, busbw_factor
+from collective.spec import busbw_factor
 
 __all__ = ["Options", "parse_args", "parse_size", "size_sweep", "format_size", "COLLECTIVES", "busbw_factor",
            "REFERENCE_ALGORITHMS", "VARIANTS", "LIB_NATIVE", "BROKEN_ENV", "default_algorithms", "known_algorithms",
-           "env_rank"]
+           "env_rank", "BASE_COLLECTIVES", "ROOTED", "GLOO_COLLECTIVES", "column_applies"]
 
-#: Collectives the benchmark measures, in the order `--collective all` runs them.
-COLLECTIVES: tuple[str, ...] = COLLECTIVE_NAMES
+#: The collectives with an in-place form and a tuning table: allreduce and its kin.
+BASE_COLLECTIVES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")
+#: Collectives the benchmark measures, in the order `--collective all` runs them. ``allgatherv`` is comm.allgather
+#: with a different number of rows on every rank; ``sendrecv`` is comm.send/recv between the pairs (r, r^1).
+COLLECTIVES: tuple[str, ...] = (*BASE_COLLECTIVES, "alltoall", "gather", "scatter", "allgatherv", "sendrecv")
+#: Collectives whose ``-r`` root matters.
+ROOTED: tuple[str, ...] = ("reduce", "broadcast", "gather", "scatter")
+#: Collectives with a gloo column, and the torch.distributed call it makes.
+GLOO_COLLECTIVES: dict[str, str] = {"allreduce": "all_reduce", "alltoall": "all_to_all_single", "gather": "gather",
+                                    "scatter": "scatter", "allgatherv": "all_gather (blocks padded to the largest)"}
 #: Reference columns that are not algorithms of the library.
 REFERENCE_ALGORITHMS: tuple[str, ...] = ("gloo", "memcpy")
 #: Library variants that are not algorithm names: "alloc" is shm on comm.alloc() buffers (in place, and out of
@@ -27,7 +35,9 @@ REFERENCE_ALGORITHMS: tuple[str, ...] = ("gloo", "memcpy")
 VARIANTS: tuple[str, ...] = ("alloc", "native-lib")
 #: The column of the library's native algorithm (what auto runs when it picks "native").
 LIB_NATIVE = "native-lib"
-#: Set to 1 to register the deliberately wrong `broken` algorithm (tests of the check column).
+#: Set to 1 to register the deliberately wrong `broken` column (tests of the check column): the library's native
+#: algorithm (for allreduce and its kin) or the bare MPI call (for the other collectives), then one element of
+#: one rank's result changed.
 BROKEN_ENV = "COLLECTIVE_BENCH_TEST_BROKEN"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
@@ -89,11 +99,49 @@ def env_rank() -> int | None:
     return None
 
 
-def known_algorithms() -> tuple[str, ...]:
-    """Every name ``-a`` accepts here: the library's algorithms, gloo, memcpy (and broken under the test variable)."""
+def _library_algorithms() -> tuple[str, ...]:
+    """The library's algorithm names: collective.ALGORITHMS, then the Schedules of every collective (pairwise...)."""
+    import topologies
     from collective import ALGORITHMS
 
-    names = tuple(ALGORITHMS) + VARIANTS + REFERENCE_ALGORITHMS
+    by_coll = topologies.ALGORITHMS_BY_COLLECTIVE
+    return tuple(dict.fromkeys((*ALGORITHMS, *(a for algs in by_coll.values() for a in algs))))
+
+
+def column_applies(col: str, coll: str) -> bool:
+    """Whether column ``col`` measures something for collective ``coll``.
+
+    native, native-lib, memcpy and broken apply to every collective; gloo to
+    ``GLOO_COLLECTIVES``; alloc to allreduce; a library algorithm to the
+    collectives that have it: those of the collective's ``collective.spec``
+    entry, else auto, native, shm and the Schedules
+    ``topologies.ALGORITHMS_BY_COLLECTIVE`` lists for it (allgatherv); none
+    to sendrecv.
+
+    Example::
+
+        column_applies("bruck", "alltoall"), column_applies("ring", "alltoall")   # True, False
+    """
+    import topologies
+
+    if col in ("native", LIB_NATIVE, "memcpy", "broken"):
+        return True
+    if col == "gloo":
+        return coll in GLOO_COLLECTIVES
+    if col == "alloc":
+        return coll == "allreduce"
+    if coll == "sendrecv":  # point-to-point: no algorithm to choose
+        return False
+    from collective.spec import SPECS
+
+    if coll in SPECS:  # the algorithms the library accepts for it
+        return col in SPECS[coll].host
+    return col in ("auto", "native", "shm", *topologies.ALGORITHMS_BY_COLLECTIVE.get(coll, ()))
+
+
+def known_algorithms() -> tuple[str, ...]:
+    """Every name ``-a`` accepts here: the library's algorithms, gloo, memcpy (and broken under the test variable)."""
+    names = _library_algorithms() + VARIANTS + REFERENCE_ALGORITHMS
     from collective import config
 
     if config.get(BROKEN_ENV):
@@ -104,12 +152,11 @@ def known_algorithms() -> tuple[str, ...]:
 def default_algorithms() -> tuple[str, ...]:
     """What ``-a all`` means: native, the library's other algorithms, auto, then gloo and memcpy.
 
-    gloo is dropped later when torch.distributed cannot be imported, or for collectives other than allreduce.
+    Per collective, only the columns that apply to it run (:func:`column_applies`); gloo is dropped
+    later when torch.distributed cannot be imported.
     """
-    from collective import ALGORITHMS
-
     # native first (every ratio is against it), auto after the algorithms it chooses from.
-    algs = [a for a in ALGORITHMS if a not in ("native", "auto")]
+    algs = [a for a in _library_algorithms() if a not in ("native", "auto")]
     return ("native", LIB_NATIVE, *algs, "auto", *[v for v in VARIANTS if v != LIB_NATIVE], *REFERENCE_ALGORITHMS)
 
 
@@ -128,7 +175,7 @@ class Options:
         algorithms: columns, in order.
         explicit: the user named ``algorithms`` (a missing gloo is then an error, not a silent skip).
         collectives: what to measure, in order.
-        root: root rank of reduce and broadcast.
+        root: root rank of reduce, broadcast, gather and scatter.
         json_path: write the results as JSON here.
         plot_path: write a PNG of busbw against size here.
         tune_path: write (or update) a tuning table here.
@@ -222,6 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "mpiexec, e.g. collective-run -n 4 collective-bench -b 4K -e 64M -f 4. Within each size the "
                     "algorithms run interleaved round-robin (shuffled each round) with their own buffers; time = "
                     "median over iterations of the slowest rank; compare algorithms by the ratios of one run.",
+        epilog="Size SIZE per collective (nccl-tests): allreduce, reduce, broadcast: each rank's buffer; "
+               "reduce_scatter, scatter: the whole input (the root's, for scatter), rank r gets block r; allgather, "
+               "gather: the whole result, SIZE/P from each rank; alltoall: each rank's input, SIZE/P to every rank; "
+               "allgatherv: the whole result, rank r contributes the elements between floor(n*r(r+1)/(P(P+1))) and "
+               "floor(n*(r+1)(r+2)/(P(P+1))) of n = SIZE/itemsize, i.e. in proportion to r+1 (rank r about "
+               "2(r+1)/(P+1) times the mean); sendrecv: each rank sends SIZE to rank r^1 and receives SIZE "
+               "from it at the same time (with an odd P the last rank sits out; P=1 measures nothing). "
+               "busbw = algbw x 2(P-1)/P for allreduce; (P-1)/P for reduce_scatter, allgather, allgatherv, "
+               "alltoall, gather, scatter; 1 for reduce, broadcast, sendrecv. The native column calls MPI straight "
+               "through mpi4py (Allreduce, Reduce, Bcast, Reduce_scatter_block, Allgather, Alltoall, Gather, "
+               "Scatter, Allgatherv, Sendrecv); gloo calls torch.distributed over Gloo (all_reduce, "
+               "all_to_all_single, gather, scatter; for allgatherv all_gather of blocks padded to the largest, since "
+               "torch's all_gather needs equal sizes).",
     )
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="cpu: NumPy arrays over MPI (default); gpu: CuPy arrays over NCCL or MPI (bench.bench_gpu)")
@@ -241,9 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="element type, e.g. float32, float16, bfloat16, int32 (default float32)")
     p.add_argument("-a", "--algorithms", default="all", metavar="LIST", help=_algorithms_help())
     p.add_argument("--collective", default="allreduce", metavar="NAME[,NAME]",
-                   help="allreduce, reduce, broadcast, reduce_scatter, allgather, a comma list, or all "
-                        "(default allreduce)")
-    p.add_argument("-r", "--root", type=int, default=0, help="root rank of reduce and broadcast (default 0)")
+                   help="allreduce, reduce, broadcast, reduce_scatter, allgather, alltoall, gather, scatter, "
+                        "allgatherv, sendrecv, a comma list, or all (default allreduce)")
+    p.add_argument("-r", "--root", type=int, default=0,
+                   help="root rank of reduce, broadcast, gather and scatter (default 0)")
     p.add_argument("-J", "--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="also write a PNG of busbw against size (needs matplotlib)")
     p.add_argument("--tune", metavar="PATH",

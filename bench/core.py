@@ -22,6 +22,13 @@ its first call and kept for all its iterations (so no call allocates), the
 size a user's array of that size has: slices of one buffer for the largest
 size would give small sizes the transparent huge pages NumPy advises for
 arrays from 4 MiB (see _Buffers).
+
+alltoall, gather, scatter, allgatherv and sendrecv run out-of-place only, on
+one-dimensional arrays (a row is an element), into preallocated outputs
+(``out=``) as MPI's calls are; where a version of the library's gather or
+scatter takes no ``out=``, the check calls it once more after the timed
+iterations and compares what it returns. See ``collective-bench --help`` for
+each collective's size convention and allgatherv's uneven split.
 """
 from __future__ import annotations
 
@@ -33,12 +40,12 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .cli import LIB_NATIVE, Options, busbw_factor
+from .cli import LIB_NATIVE, ROOTED, Options, busbw_factor, column_applies
 from .gloo import unsupported_dtype
 from .predict import predicted_us
 
 __all__ = ["MODES", "Stat", "SizeResult", "CollectiveResult", "JobInfo", "Reporter", "run", "counts", "values",
-           "expected", "modes_of"]
+           "expected", "modes_of", "allgatherv_counts", "sendrecv_peer"]
 
 OOP, IP = "out_of_place", "in_place"
 #: The modes, in column order.
@@ -186,20 +193,56 @@ class Reporter(Protocol):
 def counts(coll: str, size: int, itemsize: int, nranks: int) -> tuple[int, int, int]:
     """``(count, n_in, n_out)`` for a size in bytes: elements of the size column, of each input, of each output.
 
-    reduce_scatter's input and allgather's output are rounded down to a multiple of P elements (as nccl-tests).
+    reduce_scatter's input and allgather's output are rounded down to a multiple of P elements (as nccl-tests);
+    alltoall, gather and scatter round down to a multiple of P too (equal blocks).
+    For allgatherv ``n_in`` is the mean, ``count // P``: rank r's own input is
+    ``allgatherv_counts(count, P)[r]``.
 
     Example::
 
         counts("allgather", 4096, 4, 2)   # (1024, 512, 1024)
+        counts("scatter", 4096, 4, 3)     # (1023, 1023, 341)
     """
     count = size // itemsize
-    if coll == "reduce_scatter":
+    if coll in ("reduce_scatter", "scatter"):
         count -= count % nranks
         return count, count, count // nranks
-    if coll == "allgather":
+    if coll in ("allgather", "gather"):
         count -= count % nranks
         return count, count // nranks, count
+    if coll == "alltoall":
+        count -= count % nranks
+        return count, count, count
+    if coll == "allgatherv":
+        return count, count // nranks, count
     return count, count, count
+
+
+def allgatherv_counts(count: int, nranks: int) -> list[int]:
+    """allgatherv's elements per rank: in proportion to r+1, summing to ``count`` exactly.
+
+    Rank r's block runs from ``floor(count*r(r+1)/(P(P+1)))`` to
+    ``floor(count*(r+1)(r+2)/(P(P+1)))``, so the sizes differ: rank r sends
+    about 2(r+1)/(P+1) times the mean.
+
+    Example::
+
+        allgatherv_counts(1024, 2)   # [341, 683]
+    """
+    t = nranks * (nranks + 1)
+    b = [count * r * (r + 1) // t for r in range(nranks + 1)]
+    return [b[r + 1] - b[r] for r in range(nranks)]
+
+
+def sendrecv_peer(rank: int, nranks: int) -> int | None:
+    """sendrecv's partner of ``rank``: ``rank ^ 1``, or None for the last rank of an odd P (it sits out).
+
+    Example::
+
+        [sendrecv_peer(r, 3) for r in range(3)]   # [1, 0, None]
+    """
+    peer = rank ^ 1
+    return peer if peer < nranks else None
 
 
 def values(rank: int, n: int, dtype: np.dtype, op: str) -> np.ndarray:
@@ -230,7 +273,12 @@ def _reduce_all(n: int, dtype: np.dtype, op: str, nranks: int) -> np.ndarray:
 
 
 def expected(coll: str, n_in: int, dtype: np.dtype, op: str, root: int, rank: int, nranks: int) -> np.ndarray | None:
-    """The exact result this rank must hold (None: it holds none, reduce off the root)."""
+    """The exact result this rank must hold (None: it holds none: reduce and gather off the root, sendrecv unpaired).
+
+    ``n_in`` is the elements of each rank's input (``counts``), except for
+    allgatherv: the elements of the whole result, split by ``allgatherv_counts``.
+    Rank r's input is ``values(r, ...)``.
+    """
     if coll == "allreduce":
         return _reduce_all(n_in, dtype, op, nranks)
     if coll == "reduce":
@@ -239,6 +287,18 @@ def expected(coll: str, n_in: int, dtype: np.dtype, op: str, root: int, rank: in
         return values(root, n_in, dtype, op)
     if coll == "reduce_scatter":  # the library's even blocks: the first n % P ranks get one more
         return np.array_split(_reduce_all(n_in, dtype, op, nranks), nranks)[rank]
+    if coll == "alltoall":  # block `rank` of every rank's input, in rank order
+        b = n_in // nranks
+        return np.concatenate([values(s, n_in, dtype, op)[rank * b:(rank + 1) * b] for s in range(nranks)])
+    if coll == "gather" and rank != root:
+        return None
+    if coll == "scatter":
+        return np.array_split(values(root, n_in, dtype, op), nranks)[rank]
+    if coll == "allgatherv":
+        return np.concatenate([values(r, c, dtype, op) for r, c in enumerate(allgatherv_counts(n_in, nranks))])
+    if coll == "sendrecv":
+        peer = sendrecv_peer(rank, nranks)
+        return None if peer is None else values(peer, n_in, dtype, op)
     return np.concatenate([values(r, n_in, dtype, op) for r in range(nranks)])
 
 
@@ -283,6 +343,7 @@ class _Case:
     fn: Callable[[], Any]
     result: np.ndarray | None  # where this rank's answer lands (None: nowhere)
     reset: Callable[[], None] | None = None  # restore the input before the in-place check
+    returns: bool = False  # the answer is what fn returns (gather, scatter without out=): checked by one more call
 
 
 def probe_cases(calls: Sequence[Callable[[], Any]], labels: Sequence[tuple[str, str]], mpicomm: Any,
@@ -384,6 +445,137 @@ def _native_call(mpicomm: Any, coll: str, op: str, root: int, x: np.ndarray, out
     return averaged
 
 
+#: The collectives beyond allreduce's kin: out-of-place only, built by the ``_*_v`` functions below.
+_MORE = ("alltoall", "gather", "scatter", "allgatherv", "sendrecv")
+
+
+def _refused(coll: str, why: str) -> Callable[[], None]:
+    """A case that raises before any message on every rank (the probe then shows the column as n/a, saying why)."""
+    from collective.errors import CollectiveError
+
+    def refused() -> None:
+        raise CollectiveError(f"{coll}: {why}")
+    return refused
+
+
+def _idle() -> None:
+    """sendrecv's call on the rank without a partner (the last one of an odd P)."""
+
+
+def _takes_out(fn: Callable) -> bool:
+    """Whether the library's call has an ``out=`` parameter (then it writes where MPI's own call does)."""
+    import inspect
+
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _library_call_v(comm: Any, coll: str, alg: str, root: int, x: np.ndarray, out: np.ndarray, nranks: int,
+                    rank: int) -> tuple[Callable, bool]:
+    """The library's call of a collective of ``_MORE``, and whether its answer is its return value (else ``out``).
+
+    A call this version of the library lacks raises on every rank ("not
+    available in this version"), so its column shows n/a with that note.
+    gather and scatter write into ``out`` where they take it, else their
+    answer is what they return.
+    sendrecv is ``comm.isend`` to the partner, ``comm.recv`` from it, then the
+    send's ``wait``: both directions at once, as MPI's Sendrecv (ordered
+    ``send``/``recv`` where isend is missing).
+    """
+    def missing(name: str) -> Callable[[], None]:
+        return _refused(coll, f"comm.{name}() is not available in this version of collective")
+
+    if coll == "alltoall":
+        if not hasattr(comm, "alltoall"):
+            return missing("alltoall"), False
+        return functools.partial(comm.alltoall, x, algorithm=alg, out=out), False
+    if coll == "gather":
+        if not hasattr(comm, "gather"):
+            return missing("gather"), True
+        if _takes_out(comm.gather):  # into the same preallocated buffer as MPI's Gather (the root's only)
+            mine = out if rank == root else None
+            return functools.partial(comm.gather, x, root=root, algorithm=alg, out=mine), False
+        return functools.partial(comm.gather, x, root=root, algorithm=alg), True
+    if coll == "scatter":
+        if not hasattr(comm, "scatter"):
+            return missing("scatter"), True
+        if _takes_out(comm.scatter):
+            return functools.partial(comm.scatter, x if rank == root else None, root, algorithm=alg, out=out), False
+        return functools.partial(comm.scatter, x if rank == root else None, root, algorithm=alg), True
+    if coll == "allgatherv":  # comm.allgather with a different first dimension on every rank
+        if not hasattr(comm, "gather"):  # uneven allgather comes with the full collective set (gather, alltoall...)
+            return _refused(coll, "comm.allgather() of different sizes per rank is not available in this version "
+                                  "of collective"), False
+        return functools.partial(comm.allgather, x, algorithm=alg, out=out), False
+    if nranks < 2:
+        return _refused(coll, "needs 2 ranks or more (ranks pair up as r and r^1)"), False
+    if not (hasattr(comm, "send") and hasattr(comm, "recv")):
+        return missing("send"), False
+    peer = sendrecv_peer(rank, nranks)
+    if peer is None:
+        return _idle, False
+    send, recv = comm.send, comm.recv
+    if hasattr(comm, "isend"):
+        isend = comm.isend
+
+        def exchange() -> None:
+            w = isend(x, peer, 0)
+            recv(out, peer, 0)
+            w.wait()
+        return exchange, False
+
+    def ordered() -> None:  # the lower rank of the pair sends first
+        if rank < peer:
+            send(x, peer, 0)
+            recv(out, peer, 0)
+        else:
+            recv(out, peer, 0)
+            send(x, peer, 0)
+    return ordered, False
+
+
+def _native_call_v(mpicomm: Any, coll: str, root: int, x: np.ndarray, out: np.ndarray) -> Callable:
+    """MPI's own call straight through mpi4py for a collective of ``_MORE`` (see ``_native_call``).
+
+    Alltoall, Gather, Scatter (equal blocks), Allgatherv (``allgatherv_counts``)
+    and Sendrecv with the partner ``sendrecv_peer``.
+    """
+    from collective.backends.mpi import mpi_dtype
+
+    P, R = mpicomm.Get_size(), mpicomm.Get_rank()
+    T = mpi_dtype(x.dtype)
+    if T is None:
+        return _refused(coll, f"native: MPI has no datatype for {x.dtype}")
+    if coll == "alltoall":
+        return functools.partial(mpicomm.Alltoall, [x, T], [out, T])
+    if coll == "gather":
+        return functools.partial(mpicomm.Gather, [x, T], [out, T] if R == root else None, root)
+    if coll == "scatter":
+        return functools.partial(mpicomm.Scatter, [x, T] if R == root else None, [out, T], root)
+    if coll == "allgatherv":
+        c = allgatherv_counts(out.size, P)
+        displ = np.concatenate(([0], np.cumsum(c)[:-1])).tolist()
+        return functools.partial(mpicomm.Allgatherv, [x, T], [out, (c, displ), T])
+    if P < 2:
+        return _refused(coll, "needs 2 ranks or more (ranks pair up as r and r^1)")
+    peer = sendrecv_peer(R, P)
+    if peer is None:
+        return _idle
+    return functools.partial(mpicomm.Sendrecv, [x, T], peer, 0, [out, T], peer, 0)
+
+
+def _wrong(got: Any, want: np.ndarray) -> int:
+    """Elements of ``got`` that differ from ``want``; a missing result or one of another size is all wrong."""
+    if got is None:
+        return max(want.size, 1)
+    g = np.asarray(got)
+    if g.size != want.size:
+        return max(g.size, want.size, 1)
+    return int(np.count_nonzero(g.reshape(want.shape) != want))
+
+
 def _broken(call: Callable, res: np.ndarray | None) -> Callable:
     """native, then one element of this rank's result made wrong: proves #wrong and the exit status work."""
     def fn() -> None:
@@ -414,14 +606,20 @@ class _Run:
         return JobInfo(lib, f"{v[0]}.{v[1]}", mpi4py.__version__, self.P, rpn)
 
     def columns(self, coll: str) -> tuple[list[str], list[str]]:
+        from .cli import GLOO_COLLECTIVES
+
         cols, notes = [], []
         for c in self.opts.algorithms:
             if c == "alloc" and (coll != "allreduce" or not self.comm.single_node):
                 notes.append(f"alloc: shm on comm.alloc buffers, allreduce on one node only; absent for {coll}"
                              + ("" if self.comm.single_node else " across nodes"))
                 continue
-            if c == "gloo" and coll != "allreduce":
-                notes.append(f"gloo: measured for allreduce only, absent for {coll}")
+            if c == "gloo" and coll not in GLOO_COLLECTIVES:
+                notes.append(f"gloo: measured for {', '.join(GLOO_COLLECTIVES)}; absent for {coll}")
+                continue
+            if not column_applies(c, coll):
+                if self.opts.explicit:  # `-a all` runs what each collective has, silently
+                    notes.append(f"{c}: not an algorithm of {coll}; absent")
                 continue
             if c == "gloo" and self.gloo is None:
                 from .gloo import GlooGroup, unavailable_reason
@@ -445,7 +643,7 @@ class _Run:
     def measure(self, coll: str, info: JobInfo) -> CollectiveResult:
         o, P = self.opts, self.P
         dtype = o.dtype
-        root = o.root if coll in ("reduce", "broadcast") else -1
+        root = o.root if coll in ROOTED else -1
         cols, notes = self.columns(coll)
         modes = {c: modes_of(c, coll) for c in cols}
         factor = busbw_factor(coll, P)
@@ -466,13 +664,14 @@ class _Run:
             alloc = _Buffers(*(self.comm.alloc(n, dtype) for n in (max_in, max_out, max_in)))
         seen_notes: set[str] = set(notes)
         for size, (count, n_in, n_out) in zip(sizes, shapes):
+            own_in = self.own_input(coll, root, count, n_in)
             bufs = {c: (alloc if c == "alloc" else _Buffers.new(count, count, False, dtype) if c == "memcpy" else
-                        _Buffers.new(n_in, n_out, IP in modes[c], dtype)) for c in cols}
-            row = self.one_size(coll, root, cols, modes, bufs, count, n_in, n_out, factor, seen_notes, res)
+                        _Buffers.new(own_in, n_out, IP in modes[c], dtype)) for c in cols}
+            row = self.one_size(coll, root, cols, modes, bufs, count, n_in, n_out, factor, seen_notes, res, own_in)
             del bufs  # before the next size's: at most one size's buffers at a time
             row.pred_us = {c: preds[(c, size)] for c in cols}
             if "auto" in cols:
-                row.auto_pick = self.comm.auto_algorithm(coll, n_in * dtype.itemsize, dtype)
+                row.auto_pick = self.auto_pick(coll, n_in * dtype.itemsize, dtype)
             res.rows.append(row)
             if self.rep is not None:
                 self.rep.row(res, row)
@@ -480,8 +679,55 @@ class _Run:
             self.rep.end(res)
         return res
 
+    def own_input(self, coll: str, root: int, count: int, n_in: int) -> int:
+        """Elements of this rank's input: allgatherv's share, scatter's whole input on the root only."""
+        if coll == "allgatherv":
+            return allgatherv_counts(count, self.P)[self.R]
+        if coll == "scatter" and self.R != root:
+            return 0
+        return n_in
+
+    def auto_pick(self, coll: str, nbytes: int, dtype: np.dtype) -> str | None:
+        """What ``auto`` runs at this size, or None where this version of the library cannot say."""
+        from collective import CollectiveError
+
+        try:
+            return self.comm.auto_algorithm(coll, nbytes, dtype)
+        except (CollectiveError, KeyError, ValueError):
+            return None
+
+    def cases_more(self, coll: str, root: int, cols: list[str], bufs: dict, count: int, n_in: int, n_out: int,
+                   inp: np.ndarray) -> list[_Case]:
+        """The cases of a collective of ``_MORE`` (out-of-place only)."""
+        comm, P, R = self.comm, self.P, self.R
+        holder = root if coll == "gather" else 0  # the rank whose result `broken` spoils
+        has_result = (coll != "gather" or R == root) and (coll != "sendrecv" or sendrecv_peer(R, P) is not None)
+        out: list[_Case] = []
+        for c in cols:
+            b = bufs[c]
+            if c == "memcpy":
+                src, dst = _first(b.x, count), _first(b.o, count)
+                out.append(_Case(c, OOP, functools.partial(np.copyto, dst, src), None))
+                continue
+            x, y = _first(b.x, inp.size), _first(b.o, n_out)
+            np.copyto(x, inp)
+            res = y if has_result else None
+            returns = False
+            if c == "gloo":
+                fn = self.gloo.make(coll, x, y, root)
+            elif c == "native":
+                fn = _native_call_v(self.mpi, coll, root, x, y)
+            elif c == "broken":  # the bare MPI call: it exists whatever this version of the library has
+                fn = _broken(_native_call_v(self.mpi, coll, root, x, y), res if R == holder else None)
+            else:
+                fn, returns = _library_call_v(comm, coll, "native" if c == LIB_NATIVE else c, root, x, y, P, R)
+            out.append(_Case(c, OOP, fn, None if returns else res, None, returns))
+        return out
+
     def cases(self, coll: str, root: int, cols: list[str], modes: dict, bufs: dict, count: int, n_in: int,
               n_out: int, inp: np.ndarray) -> list[_Case]:
+        if coll in _MORE:
+            return self.cases_more(coll, root, cols, bufs, count, n_in, n_out, inp)
         o, comm, R = self.opts, self.comm, self.R
         out: list[_Case] = []
         holder = root if coll == "reduce" else 0  # the rank whose result `broken` spoils
@@ -519,11 +765,12 @@ class _Run:
         return out
 
     def one_size(self, coll: str, root: int, cols: list[str], modes: dict, bufs: dict, count: int, n_in: int,
-                 n_out: int, factor: float, seen_notes: set[str], res: CollectiveResult) -> SizeResult:
+                 n_out: int, factor: float, seen_notes: set[str], res: CollectiveResult,
+                 own_in: int | None = None) -> SizeResult:
         o, MPI, mpi, P, R = self.opts, self.MPI, self.mpi, self.P, self.R
         dtype = o.dtype
         size = count * dtype.itemsize
-        inp = values(R, n_in, dtype, o.op)
+        inp = values(R, n_in if own_in is None else own_in, dtype, o.op)
         cases = self.cases(coll, root, cols, modes, bufs, count, n_in, n_out, inp)
 
         ok = probe_cases([cs.fn for cs in cases], [(cs.col, cs.mode) for cs in cases], mpi, seen_notes, res.notes)
@@ -563,7 +810,7 @@ class _Run:
 
         wrong = np.zeros(k, np.int64)
         if o.check and k:
-            want = expected(coll, n_in, dtype, o.op, root, R, P)
+            want = expected(coll, count if coll == "allgatherv" else n_in, dtype, o.op, root, R, P)
             for i, cs in enumerate(cases):
                 if cs.col == "memcpy":
                     continue
@@ -571,8 +818,15 @@ class _Run:
                     cs.reset()
                     barrier()
                     cs.fn()
-                if cs.result is not None and want is not None:
-                    wrong[i] = int(np.count_nonzero(cs.result != want))
+                if cs.returns:  # the answer is the return value: one more call, on every rank in the same order
+                    barrier()
+                    got = cs.fn()
+                    if want is not None:
+                        wrong[i] = _wrong(got, want)
+                    elif got is not None:  # a result where none is due (gather off the root)
+                        wrong[i] = 1
+                elif cs.result is not None and want is not None:
+                    wrong[i] = _wrong(cs.result, want)
             mpi.Allreduce(MPI.IN_PLACE, wrong, op=MPI.SUM)
 
         row = SizeResult(size, count, n_in * dtype.itemsize)
@@ -602,7 +856,7 @@ def run(opts: Options, comm: Any, mpicomm: Any, reporter: Reporter | None = None
         info, results = run(parse_args(["-b", "4K", "-e", "4K"]), col.init(), MPI.COMM_WORLD.Dup())
     """
     r = _Run(opts, comm, mpicomm, reporter)
-    if not 0 <= opts.root < r.P and any(c in ("reduce", "broadcast") for c in opts.collectives):
+    if not 0 <= opts.root < r.P and any(c in ROOTED for c in opts.collectives):
         raise SystemExit(f"collective-bench: -r {opts.root} is not a rank (0..{r.P - 1})")
     info = r.info()
     out = []

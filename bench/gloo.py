@@ -1,4 +1,10 @@
-"""The `gloo` reference column: torch.distributed's all_reduce over Gloo on the same data, what a PyTorch user gets."""
+"""The `gloo` reference column: torch.distributed over Gloo on the same data, what a PyTorch user gets.
+
+allreduce is ``all_reduce``; alltoall ``all_to_all_single``; gather and
+scatter ``gather`` and ``scatter`` into and out of views of one tensor;
+allgatherv ``all_gather`` of every rank's block padded to the largest one
+(torch's all_gather needs equal sizes), then the padding dropped.
+"""
 from __future__ import annotations
 
 import os
@@ -92,6 +98,48 @@ class GlooGroup:
                     tgt.floor_divide_(P)
                 else:
                     tgt.div_(P)
+
+        return call
+
+    def make(self, coll: str, x: np.ndarray, out: np.ndarray, root: int) -> Callable[[], None]:
+        """A call of ``coll`` (alltoall, gather, scatter or allgatherv) with Gloo from ``x`` into ``out``.
+
+        Blocks are equal except for allgatherv, whose block sizes come from
+        every rank's ``x.size`` (exchanged here once, not in the call). ``out``
+        is ignored off the root of gather; ``x`` off the root of scatter.
+        """
+        import torch
+
+        dist, P, R = self.dist, self.size, self.rank
+        tx, tout = torch.from_numpy(x), torch.from_numpy(out)
+        if coll == "alltoall":
+            return lambda: dist.all_to_all_single(tout, tx)
+        if coll == "gather":
+            b = x.size
+            parts = [tout[i * b:(i + 1) * b] for i in range(P)] if R == root else None
+            return lambda: dist.gather(tx, gather_list=parts, dst=root)
+        if coll == "scatter":
+            b = out.size
+            parts = [tx[i * b:(i + 1) * b] for i in range(P)] if R == root else None
+            return lambda: dist.scatter(tout, scatter_list=parts, src=root)
+        if coll != "allgatherv":
+            raise ValueError(f"GlooGroup.make: no gloo column for {coll}")
+        sizes = torch.tensor([x.size], dtype=torch.int64)
+        every = [torch.zeros(1, dtype=torch.int64) for _ in range(P)]
+        dist.all_gather(every, sizes)
+        counts = [int(t[0]) for t in every]
+        m = max(counts)
+        offs = np.concatenate(([0], np.cumsum(counts))).tolist()
+        pad_in = torch.zeros(m, dtype=tx.dtype)
+        pad_out = torch.zeros(P * m, dtype=tx.dtype)
+        blocks = [pad_out[r * m:(r + 1) * m] for r in range(P)]
+        n = x.size
+
+        def call() -> None:
+            pad_in[:n].copy_(tx)
+            dist.all_gather(blocks, pad_in)
+            for r in range(P):
+                tout[offs[r]:offs[r + 1]].copy_(blocks[r][:counts[r]])
 
         return call
 

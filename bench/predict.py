@@ -29,13 +29,15 @@ def predicted_us(alg: str, coll: str, nbytes: int, cluster: Any = None) -> float
 
         predicted_us("ring", "allreduce", 1 << 20, comm.cluster)
     """
-    from topologies import ALGORITHMS
+    from topologies import ALGORITHMS_BY_COLLECTIVE
     from topologies import cost
 
-    if cluster is None or cluster.intra is None or (alg != "native" and alg not in ALGORITHMS):
+    if cluster is None or cluster.intra is None or (alg != "native" and alg not in
+                                                    ALGORITHMS_BY_COLLECTIVE.get(coll, ())):
         return None
-    per_rank = nbytes // cluster.size if coll == "allgather" else nbytes
+    # cost.predict takes one rank's input: the size column is the whole result for the gathers.
+    per_rank = nbytes // cluster.size if coll in ("allgather", "gather", "allgatherv") else nbytes
     try:
         return cost.predict(coll, per_rank, cluster, alg) * 1e6
-    except ValueError:
+    except (ValueError, KeyError):  # sendrecv, or a collective this version's model lacks
         return None

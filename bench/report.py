@@ -24,7 +24,8 @@ __all__ = ["TextReporter", "to_json", "write_json", "fmt_time", "MODE_LABEL", "F
 
 MODE_LABEL = {OOP: "out-of-place", IP: "in-place"}
 FACTOR_TEXT = {"allreduce": "2(P-1)/P", "reduce_scatter": "(P-1)/P", "allgather": "(P-1)/P", "reduce": "1",
-               "broadcast": "1"}
+               "broadcast": "1", "alltoall": "(P-1)/P", "gather": "(P-1)/P", "scatter": "(P-1)/P",
+               "allgatherv": "(P-1)/P", "sendrecv": "1"}
 _PREFIX_W = (12, 12, 8, 6, 5)
 _CELL_W = (9, 4, 6, 6, 6)  # time, iqr, algbw, busbw, #wrong
 _MEMCPY_W = (9, 4, 6)  # time, iqr, GB/s

@@ -40,7 +40,7 @@ def markdown(doc: dict[str, Any], collective: str = "allreduce") -> str:
              "|---" * (2 + len(heads)) + "|"]
     for row in coll["sizes"]:
         res = row["results"]
-        nat = res["native"]
+        nat = res.get("native", {})  # empty where MPI's call was n/a (sendrecv at P=1, a dtype MPI lacks)
         cells = []
         for c, m in heads:
             ref = nat.get("out_of_place" if c == "memcpy" else m)
@@ -49,7 +49,9 @@ def markdown(doc: dict[str, Any], collective: str = "allreduce") -> str:
                 cells.append("")
                 continue
             cells.append(f"{cell['busbw'] / ref['busbw']:.2f}x")
-        lines.append(f"| {_fmt_size(row['size'])} | {nat['out_of_place']['busbw']:.2f} | " + " | ".join(cells) + " |")
+        base = nat.get("out_of_place")
+        lines.append(f"| {_fmt_size(row['size'])} | {'n/a' if base is None else format(base['busbw'], '.2f')} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

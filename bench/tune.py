@@ -5,6 +5,7 @@ import os
 
 from collective.tuning import (
     PSEUDO_ALGORITHMS,
+    TUNABLE_COLLECTIVES,
     Entry,
     TuningTable,
     TuningTableError,
@@ -74,6 +75,9 @@ def write_tuning(path: str, info: JobInfo, results: list[CollectiveResult], dtyp
                 notes.append(f"tune: replacing {path} (measured for nranks {old.nranks}, "
                              f"layout {list(old.ranks_per_node)}, {old.dtype} {old.op})")
     for res in results:
+        if res.collective not in TUNABLE_COLLECTIVES:
+            notes.append(f"tune: {res.collective} has no tuning table; left out")
+            continue
         es = table_entries(res)
         if es:
             table[res.collective] = es

@@ -1,7 +1,8 @@
 """collective-bench: flag parsing, the nccl-tests table, JSON, plot, tuning output, and the #wrong column's exit status.
 
 Formatting is tested on synthetic results; whole runs go in-process at P=1 and
-in two short mpiexec jobs (P=2 every collective, P=3 with a broken algorithm).
+in short mpiexec jobs (P=2 every collective, P=3 every collective with a broken
+column and a root other than 0).
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.cli import BROKEN_ENV, busbw_factor, default_algorithms, format_size, parse_args, parse_size, size_sweep
-from bench.core import IP, OOP, CollectiveResult, JobInfo, SizeResult, Stat, counts, expected, modes_of, values
+from bench.cli import (BROKEN_ENV, COLLECTIVES, busbw_factor, column_applies, default_algorithms, format_size,
+                       parse_args, parse_size, size_sweep)
+from bench.core import (IP, OOP, CollectiveResult, JobInfo, SizeResult, Stat, allgatherv_counts, counts, expected,
+                        modes_of, sendrecv_peer, values)
 from bench.predict import predicted_us
 from bench.report import TextReporter, fmt_time, footer_lines, to_json
 from bench.tune import best_algorithm, table_entries
@@ -66,8 +69,8 @@ def test_defaults_and_flags() -> None:
     assert o.op == "max" and o.dtype == np.int32 and o.algorithms == ("ring", "native") and o.explicit
     assert o.collectives == ("reduce", "allgather") and o.root == 1
     assert (o.json_path, o.plot_path, o.tune_path) == ("x.json", "x.png", "t.json")
-    assert parse_args(["--collective", "all"]).collectives == ("allreduce", "reduce", "broadcast", "reduce_scatter",
-                                                               "allgather")
+    assert parse_args(["--collective", "all"]).collectives == ALL_TEN
+    assert parse_args(["--collective", "sendrecv,alltoall,sendrecv"]).collectives == ("sendrecv", "alltoall")
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -82,7 +85,7 @@ def test_defaults_and_flags() -> None:
     (["-d", "complex64", "-o", "max"], "complex"),
     (["-a", "ring,bogus"], "unknown algorithm bogus"),
     (["-a", "broken"], "unknown algorithm broken"),
-    (["--collective", "gather"], "unknown collective gather"),
+    (["--collective", "gatherv"], "unknown collective gatherv"),
     (["-r", "-1"], "-r must be >= 0"),
 ])
 def test_bad_flags_exit_2_with_a_message(argv: list[str], words: str, capsys, monkeypatch) -> None:
@@ -112,10 +115,93 @@ def test_broken_only_under_the_test_variable(monkeypatch) -> None:
     assert "broken" not in default_algorithms()
 
 
+ALL_TEN = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather", "alltoall", "gather", "scatter",
+           "allgatherv", "sendrecv")
+
+
 def test_busbw_factors_are_nccl_tests() -> None:
     assert busbw_factor("allreduce", 4) == 1.5 and busbw_factor("allreduce", 1) == 0
     assert busbw_factor("reduce_scatter", 4) == 0.75 and busbw_factor("allgather", 2) == 0.5
     assert busbw_factor("reduce", 8) == 1 and busbw_factor("broadcast", 8) == 1
+    # nccl-tests: alltoall, gather, scatter (and allgatherv, as allgather) move (P-1)/P of the data; sendrecv 1
+    for P in (1, 2, 3, 8):
+        for c in ("alltoall", "gather", "scatter", "allgatherv"):
+            assert busbw_factor(c, P) == pytest.approx((P - 1) / P), (c, P)
+        assert busbw_factor("sendrecv", P) == 1
+    assert COLLECTIVES == ALL_TEN
+
+
+def test_wrong_counts_elements_and_missing_results() -> None:
+    from bench.core import _wrong
+
+    want = np.arange(6, dtype=np.int32)
+    assert _wrong(want.copy(), want) == 0 and _wrong(want.reshape(2, 3), want) == 0
+    bad = want.copy()
+    bad[[1, 4]] += 1
+    assert _wrong(bad, want) == 2
+    assert _wrong(None, want) == 6 and _wrong(want[:5], want) == 6 and _wrong(None, want[:0]) == 1
+
+
+def test_gpu_bench_measures_allreduce_and_its_kin() -> None:
+    from bench.bench_gpu import _base_collectives
+
+    assert _base_collectives(parse_args(["--collective", "all"])).collectives == ALL_TEN[:5]
+    assert _base_collectives(parse_args(["--collective", "reduce"])).collectives == ("reduce",)
+    with pytest.raises(SystemExit, match="--collective alltoall,sendrecv: measured on the CPU only"):
+        _base_collectives(parse_args(["--collective", "allreduce,alltoall,sendrecv"]))
+
+
+def test_columns_per_collective() -> None:
+    """Each collective runs the library's algorithms it has; the references run everywhere they can."""
+    assert column_applies("pairwise", "alltoall") and column_applies("bruck", "alltoall")
+    assert not column_applies("ring", "alltoall") and not column_applies("pairwise", "allreduce")
+    assert column_applies("tree", "gather") and column_applies("tree", "scatter") and not column_applies("star", "gather")
+    assert column_applies("ring", "allgatherv") and not column_applies("tree", "allgatherv")
+    for c in ("native", "native-lib", "memcpy", "broken"):
+        assert all(column_applies(c, k) for k in ALL_TEN)
+    assert [k for k in ALL_TEN if column_applies("gloo", k)] == ["allreduce", "alltoall", "gather", "scatter",
+                                                                 "allgatherv"]
+    assert [k for k in ALL_TEN if column_applies("auto", k)] == list(ALL_TEN[:-1])  # no algorithm for send/recv
+    assert not column_applies("shm", "sendrecv") and not column_applies("alloc", "alltoall")
+    assert "pairwise" in default_algorithms() and "bruck" in default_algorithms()
+    assert parse_args(["-a", "bruck,native"]).algorithms == ("bruck", "native")
+
+
+def test_counts_and_expected_of_the_other_collectives() -> None:
+    """Sizes follow nccl-tests (equal blocks rounded down to P); every answer is built independently here."""
+    dt = np.dtype(np.int32)
+    assert counts("alltoall", 4096, 4, 3) == (1023, 1023, 1023)
+    assert counts("gather", 4096, 4, 3) == (1023, 341, 1023)
+    assert counts("scatter", 4096, 4, 3) == (1023, 1023, 341)
+    assert counts("allgatherv", 4096, 4, 3) == (1024, 341, 1024)
+    assert counts("sendrecv", 4096, 4, 3) == (1024, 1024, 1024)
+    # allgatherv: rank r contributes in proportion to r+1, every size differs, the total is exact
+    for n, P in ((1024, 2), (1024, 3), (1000, 5), (7, 4), (0, 3), (5, 1)):
+        c = allgatherv_counts(n, P)
+        assert sum(c) == n and len(c) == P and all(v >= 0 for v in c)
+        for r in range(P):
+            assert abs(c[r] - n * 2 * (r + 1) / (P * (P + 1))) < 1, (n, P, c)
+    assert allgatherv_counts(1024, 2) == [341, 683] and allgatherv_counts(999, 3) == [166, 333, 500]
+    assert [sendrecv_peer(r, 4) for r in range(4)] == [1, 0, 3, 2]
+    assert [sendrecv_peer(r, 3) for r in range(3)] == [1, 0, None] and sendrecv_peer(0, 1) is None
+    P, n = 3, 12
+    ins = [values(r, n, dt, "sum") for r in range(P)]
+    for r in range(P):
+        # alltoall: rank r receives block r (4 elements) of every rank's input, in rank order
+        want = np.concatenate([ins[s].reshape(P, -1)[r] for s in range(P)])
+        np.testing.assert_array_equal(expected("alltoall", n, dt, "sum", -1, r, P), want)
+        np.testing.assert_array_equal(expected("scatter", n, dt, "sum", 2, r, P), ins[2][4 * r:4 * r + 4])
+        got = expected("gather", 4, dt, "sum", 1, r, P)
+        assert got is None if r != 1 else np.array_equal(got, np.concatenate([values(s, 4, dt, "sum")
+                                                                              for s in range(P)]))
+        gv = expected("allgatherv", n, dt, "sum", -1, r, P)  # shares 2, 4, 6
+        np.testing.assert_array_equal(gv, np.concatenate([values(0, 2, dt, "sum"), values(1, 4, dt, "sum"),
+                                                          values(2, 6, dt, "sum")]))
+    np.testing.assert_array_equal(expected("sendrecv", n, dt, "sum", -1, 0, P), ins[1])
+    np.testing.assert_array_equal(expected("sendrecv", n, dt, "sum", -1, 1, P), ins[0])
+    assert expected("sendrecv", n, dt, "sum", -1, 2, P) is None  # the odd one out sits out
+    # the inputs differ from rank to rank and block to block, so a misrouted block is seen
+    assert not np.array_equal(ins[0][:4], ins[0][4:8]) and not np.array_equal(ins[0], ins[1])
 
 
 def test_counts_and_expected() -> None:
@@ -264,6 +350,16 @@ def test_reduce_scatter_has_no_in_place() -> None:
     assert any("(P-1)/P = 0.750" in ln for ln in lines)
 
 
+@pytest.mark.parametrize("coll, text", [("alltoall", "(P-1)/P = 0.750"), ("gather", "(P-1)/P = 0.750"),
+                                        ("scatter", "(P-1)/P = 0.750"), ("allgatherv", "(P-1)/P = 0.750"),
+                                        ("sendrecv", "1 = 1.000")])
+def test_other_collectives_header_and_modes(coll: str, text: str) -> None:
+    lines = _render(synth(coll))
+    assert any(f"busbw = algbw x {text}" in ln for ln in lines), lines[:6]
+    assert not any("in-place" in ln for ln in lines if "|" in ln)
+    assert all(modes_of(c, coll) == (OOP,) for c in ("native", "ring", "gloo"))
+
+
 def test_json_document() -> None:
     doc = to_json(INFO, parse_args(["-b", "4K", "-e", "64K", "-f", "16"]), [synth(), synth("broadcast", wrong=1)],
                   ["-b", "4K"])
@@ -344,13 +440,25 @@ def test_run_p1_json_plot_tune(tmp_path: Path, capsys) -> None:
     rc, out, _ = _run(["-b", "1K", "-e", "16K", "-f", "4", "-n", "3", "-w", "1", "-a", "native,ring,tree,auto,memcpy",
                     "--collective", "all", "-J", str(j), "--plot", str(png), "--tune", str(tune)], capsys)
     assert rc == 0, out
-    assert out.count("# collective-bench: ") == 5
+    assert out.count("# collective-bench: ") == 10
     data_rows = [ln for ln in out.splitlines() if ln and not ln.startswith("#")]
-    assert len(data_rows) == 15  # 3 sizes x 5 collectives
+    assert len(data_rows) == 30  # 3 sizes x 10 collectives
     doc = json.loads(j.read_text())
     assert doc["ok"] and doc["wrong"] == 0 and doc["nranks"] == 1
-    assert [c["collective"] for c in doc["collectives"]] == ["allreduce", "reduce", "broadcast", "reduce_scatter",
-                                                             "allgather"]
+    assert [c["collective"] for c in doc["collectives"]] == list(ALL_TEN)
+    for c in doc["collectives"][5:]:  # one rank: the others' native calls run (sendrecv needs a partner)
+        assert c["busbw_factor"] == (1.0 if c["collective"] == "sendrecv" else 0.0)
+        for s in c["sizes"]:
+            nat = s["results"]["native"]
+            assert (nat == {}) == (c["collective"] == "sendrecv"), (c["collective"], nat)
+            assert all(r["wrong"] == 0 for col, m in s["results"].items() if col != "memcpy" for r in m.values())
+    assert "native out-of-place: n/a (needs 2 ranks or more" in out  # sendrecv at P=1
+    from bench.tables import markdown
+
+    rows = markdown(doc, "sendrecv").splitlines()[2:]  # no native cell at P=1: n/a, not a crash
+    assert len(rows) == 3 and all(ln.split(" | ")[1] == "n/a" for ln in rows), rows
+    assert len(markdown(doc, "alltoall").splitlines()) == 5  # header, rule, 3 sizes
+    assert "ring: not an algorithm of alltoall; absent" in out  # -a named it: said so
     ar = doc["collectives"][0]
     assert ar["columns"] == ["native", "ring", "tree", "auto", "memcpy"]
     for s in ar["sizes"]:
@@ -362,6 +470,7 @@ def test_run_p1_json_plot_tune(tmp_path: Path, capsys) -> None:
     t = load_table(tune)
     assert t.nranks == 1 and t.ranks_per_node == (1,) and set(t.table) == {"allreduce", "reduce", "broadcast",
                                                                            "reduce_scatter", "allgather"}
+    assert "tune: alltoall has no tuning table; left out" in out
     assert all(e.algorithm in ("native", "ring", "tree") for es in t.table.values() for e in es)
     assert t.choose("allreduce", 4096, 1) in ("native", "ring", "tree")
     assert f"COLLECTIVE_TUNING={tune}" in out
@@ -438,10 +547,40 @@ def test_run_p1_dtype_mpi_lacks(capsys) -> None:
 @pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed: the gloo column is absent")
 def test_run_p1_gloo_column(tmp_path: Path, capsys) -> None:
     j = tmp_path / "g.json"
-    rc, out, _ = _run(["-b", "1K", "-e", "4K", "-n", "2", "-w", "0", "-a", "native,gloo", "-J", str(j)], capsys)
+    rc, out, _ = _run(["-b", "1K", "-e", "4K", "-n", "2", "-w", "0", "-a", "native,gloo", "-J", str(j),
+                       "--collective", "allreduce,alltoall,gather,scatter,allgatherv,sendrecv"], capsys)
     assert rc == 0, out
-    s = json.loads(j.read_text())["collectives"][0]["sizes"][0]["results"]["gloo"]
+    colls = json.loads(j.read_text())["collectives"]
+    s = colls[0]["sizes"][0]["results"]["gloo"]
     assert s["out_of_place"]["wrong"] == 0 and s["in_place"]["wrong"] == 0
+    for c in colls[1:5]:
+        assert "gloo" in c["columns"]
+        for row in c["sizes"]:
+            assert row["results"]["gloo"]["out_of_place"]["wrong"] == 0, c["collective"]
+    assert "gloo" not in colls[5]["columns"] and "gloo: measured for allreduce, alltoall" in out
+
+
+def test_run_p1_library_columns_run_or_say_why(tmp_path: Path, capsys) -> None:
+    """The library's columns of the other collectives are exact, or n/a saying this version lacks the call."""
+    from collective import Communicator
+
+    j = tmp_path / "l.json"
+    cols = "native,native-lib,pairwise,bruck,tree,ring,auto"
+    rc, out, _ = _run(["-b", "1K", "-e", "1K", "-n", "2", "-w", "0", "-a", cols, "-J", str(j), "--collective",
+                       "alltoall,gather,scatter,allgatherv"], capsys)
+    assert rc == 0, out
+    for c in json.loads(j.read_text())["collectives"]:
+        call = {"allgatherv": "gather"}.get(c["collective"], c["collective"])
+        have = hasattr(Communicator, call)
+        for col in c["columns"]:
+            r = c["sizes"][0]["results"][col]
+            if col == "native" or have:
+                assert r["out_of_place"]["wrong"] == 0, (c["collective"], col)
+            else:
+                assert r == {} and any("not available in this version of collective" in n and n.startswith(col)
+                                       for n in c["notes"]), (c["collective"], col, c["notes"])
+        assert c["columns"][:2] == ["native", "native-lib"] and "auto" in c["columns"]
+    assert "ring: not an algorithm of alltoall; absent" in out and "tree: not an algorithm of allgatherv" in out
 
 
 def test_gloo_named_without_torch_is_an_error(capsys, monkeypatch) -> None:
@@ -474,7 +613,8 @@ def test_mpi_p2_every_collective(tmp_path: Path) -> None:
                     assert col == "memcpy" or r["wrong"] == 0, (c["collective"], s["size"], col, m)
     t = load_table(tune)
     assert t.nranks == 2 and sum(t.ranks_per_node) == 2 and len(t.table) == 5
-    assert res.output.count("# Out of bounds values : 0 OK") == 5
+    assert res.output.count("# Out of bounds values : 0 OK") == 10
+    _check_other_collectives(doc, 2)
     # what auto ran is recorded per size, and the auto-vs-best table is built from it
     picks = [s["auto_pick"] for s in ar["sizes"]]
     assert all(p in ("native", "shm") for p in picks), picks
@@ -483,6 +623,21 @@ def test_mpi_p2_every_collective(tmp_path: Path) -> None:
     table = auto_markdown(doc).splitlines()
     assert table[0].startswith("| size | auto ran |") and len(table) == 2 + len(ar["sizes"])
     assert all(f"| {p} |" in row for p, row in zip(picks, table[2:]))
+
+
+def _check_other_collectives(doc: dict, P: int) -> None:
+    """alltoall ... sendrecv: nccl-tests' factors, the bare MPI (and gloo) columns ran, the library's ran or say why."""
+    more = {c["collective"]: c for c in doc["collectives"][5:]}
+    assert list(more) == list(ALL_TEN[5:])
+    for name, c in more.items():
+        assert c["busbw_factor"] == pytest.approx(1.0 if name == "sendrecv" else (P - 1) / P), name
+        assert c["wrong"] == 0
+        want = ["native"] + (["gloo"] if HAVE_TORCH and name != "sendrecv" else [])
+        for s in c["sizes"]:
+            for col in want:
+                assert s["results"][col]["out_of_place"]["wrong"] == 0, (name, s["size"], col)
+            for col, m in s["results"].items():
+                assert m or any(n.startswith(f"{col} out-of-place: n/a (") for n in c["notes"]), (name, col, c["notes"])
 
 
 @pytest.mark.mpi
@@ -501,19 +656,27 @@ def test_mpi_p3_broken_algorithm_exits_non_zero(tmp_path: Path) -> None:
     """A wrong result shows as #wrong > 0 in its column only, and the job exits non-zero."""
     j = tmp_path / "p3.json"
     res = mpirun("bench_job.py", 3, ["-b", "1000", "-e", "4000", "-f", "4", "-n", "2", "-w", "0", "-a",
-                                     "native,ring,broken", "--collective", "allreduce,reduce,reduce_scatter,allgather",
-                                     "-J", str(j)], timeout=180, env={BROKEN_ENV: "1"})
+                                     "native,native-lib,ring,tree,pairwise,broken,gloo" if HAVE_TORCH else
+                                     "native,native-lib,ring,tree,pairwise,broken", "-r", "1", "--collective",
+                                     ",".join(c for c in ALL_TEN if c != "broadcast"), "-J", str(j)],
+                 timeout=240, env={BROKEN_ENV: "1"})
     assert not res.timed_out and res.returncode != 0, res.output[-3000:]
     assert "FAILED" in res.output
     doc = json.loads(j.read_text())
     assert not doc["ok"]
     for c in doc["collectives"]:
+        assert c["sizes"] and all("broken" in s["results"] and s["results"]["broken"] for s in c["sizes"])
         for s in c["sizes"]:
             for col, modes in s["results"].items():
                 for m, r in modes.items():
                     assert (r["wrong"] > 0) == (col == "broken"), (c["collective"], s["size"], col, m, r["wrong"])
     rs = doc["collectives"][2]["sizes"][0]
     assert rs["size"] == 996 and rs["count"] == 249  # rounded down to a multiple of P elements
+    by = {c["collective"]: c for c in doc["collectives"]}
+    assert by["gather"]["root"] == 1 and by["scatter"]["root"] == 1 and by["alltoall"]["root"] == -1
+    assert by["alltoall"]["sizes"][0]["count"] == 249 and by["allgatherv"]["sizes"][0]["count"] == 250
+    assert "ring: not an algorithm of alltoall; absent" in by["alltoall"]["notes"]
+    assert by["sendrecv"]["busbw_factor"] == 1.0 and by["gather"]["busbw_factor"] == pytest.approx(2 / 3)
 
 
 def test_run_p1_gloo_dtype_and_pred_hook(capsys, monkeypatch) -> None:
