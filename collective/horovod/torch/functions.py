@@ -94,7 +94,10 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int, 
 
 
 def _init_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create the optimizer's state with one step on zero gradients, leaving parameters and gradients as they were."""
+    """Create the optimizer's state with one step on zero gradients, leaving the parameters as they were.
+
+    Gradients that were None stay zero afterwards, as in Horovod.
+    """
     saved = []
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -109,7 +112,8 @@ def _init_state(optimizer: torch.optim.Optimizer) -> None:
         step()
     for p, data, grad in saved:
         p.data.copy_(data)
-        p.grad = grad
+        if grad is not None:
+            p.grad = grad
 
 
 def _pickle(obj: Any) -> torch.Tensor:

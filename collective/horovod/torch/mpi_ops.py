@@ -414,7 +414,7 @@ def _to_numpy(t: torch.Tensor, reducing: bool = False) -> np.ndarray:
 
 
 def _from_numpy(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    out = torch.from_numpy(np.ascontiguousarray(a))
+    out = torch.from_numpy(a if a.flags.c_contiguous else a.copy())  # ascontiguousarray would make 0-d 1-d
     if like.dtype == torch.bfloat16:
         out = out.view(torch.bfloat16) if out.dtype == torch.int16 else out.to(torch.bfloat16)
     elif like.dtype == torch.bool:
@@ -751,7 +751,7 @@ def _broadcast_submit(tensor: torch.Tensor, root_rank: int, name: str | None, pr
     h = eng.submit("broadcast", _name("broadcast", name), [_to_numpy(tensor)], root=root)
 
     def finish(res: list[np.ndarray]) -> torch.Tensor:
-        y = _from_numpy(res[0], tensor)
+        y = _from_numpy(res[0].reshape(tuple(tensor.shape)), tensor)
         if inplace:
             tensor.data.copy_(y)
             return tensor
