@@ -47,6 +47,7 @@ _JOINABLE = frozenset(("allreduce",))
 _FLAG_JOINED, _FLAG_SHUTDOWN = 1, 2
 _CYCLE_S = float(os.environ.get("HOROVOD_CYCLE_TIME", "1")) / 1000.0  # Horovod's variable, in ms
 _IDLE_S = 0.005
+_HOT_S = 0.05
 
 
 def missing_call(comm: Any, call: str, what: str) -> Callable[..., Any]:
@@ -134,6 +135,7 @@ class Engine:
         self._joined: dict[int, int] = {}  # rank -> tick at which its join arrived
         self._shut: set[int] = set()
         self._stopping = False
+        self._hot_until = 0.0
         self._stopped = threading.Event()
         self._fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="collective-horovod", daemon=True)
@@ -194,6 +196,9 @@ class Engine:
             while True:
                 with self._lock:
                     busy = bool(self._outbox or self._table or self._local)
+                # Ops come in bursts (a backward pass, a loop of calls): stay on the short cycle for a while
+                # after any rank's activity, so a rank that is idle here answers the others' next op quickly.
+                busy = busy or time.monotonic() < self._hot_until
                 self._wake.wait(_CYCLE_S if busy else _IDLE_S)
                 self._wake.clear()
                 if self._tick_once():
@@ -222,6 +227,7 @@ class Engine:
         self._tick += 1
         longest = int(heads[:, 0].max())
         if longest:
+            self._hot_until = time.monotonic() + _HOT_S
             buf = np.zeros(longest, np.uint8)
             buf[:len(payload)] = np.frombuffer(payload, np.uint8)
             bufs = np.asarray(comm.allgather(buf, algorithm="native")).reshape(self.size, longest)

@@ -197,7 +197,10 @@ def remove_process_set(process_set: ProcessSet) -> bool:
 
 # ------------------------------------------------------------------ init and queries
 def init(comm: Any = None, process_sets: Sequence[ProcessSet] | None = None) -> None:
-    """Initialize Horovod on collective: the default communicator (or one over ``comm``) and the op engine.
+    """Initialize Horovod on collective: a communicator over ``MPI.COMM_WORLD`` (or ``comm``) and the op engine.
+
+    The communicator is Horovod's own (a duplicate of the MPI communicator), so
+    Horovod's ops never interleave with direct calls to collective in the same script.
 
     Args:
         comm: None (``MPI.COMM_WORLD``), an mpi4py communicator, or a list of ranks of COMM_WORLD.
@@ -213,9 +216,12 @@ def init(comm: Any = None, process_sets: Sequence[ProcessSet] | None = None) -> 
         if _state.engine is not None and _state.engine.running:
             return
         import collective
+        from collective.watchdog import install_excepthook
 
+        # A communicator of its own: the engine thread is then its only caller, so a script that also calls
+        # collective directly (or torch.distributed on collective) never interleaves with Horovod's ops.
         if comm is None:
-            c = collective.init()
+            c = collective.Communicator()
         else:
             from mpi4py import MPI
 
@@ -227,6 +233,7 @@ def init(comm: Any = None, process_sets: Sequence[ProcessSet] | None = None) -> 
             else:
                 mc = comm
             c = collective.Communicator(mc)
+        install_excepthook(c.rank, c.size)
         _state.comm = c
         global_process_set.ranks = list(range(c.size))
         _state.engine = Engine(c, on_control=_on_control)
@@ -647,7 +654,7 @@ def sparse_allreduce_async(tensor: torch.Tensor, name: str, op: int,
         i, v = synchronize(hi), synchronize(hv)
         if op == Average:
             v = _average(v, n)
-        return torch.sparse_coo_tensor(i.t(), v, tensor.size()).coalesce()
+        return torch.sparse_coo_tensor(i.t(), v, tensor.size(), check_invariants=True).coalesce()
 
     return result
 
@@ -698,6 +705,9 @@ def allgather(tensor: torch.Tensor, name: str | None = None,
 
         ranks = hvd.allgather(torch.tensor([hvd.rank()]))   # [0, 1, ..., size-1]
     """
+    _check_tensor(tensor, "allgather")
+    if tensor.dim() == 0:
+        raise ValueError(f"allgather on rank {rank()}: a 0-d tensor has no first dimension; reshape it to (1,)")
     return HorovodAllgather.apply(tensor, name, process_set)
 
 
