@@ -31,21 +31,22 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from ..errors import CollectiveTimeoutError, CollectiveValueError
 from .exceptions import HorovodInternalError
 
-__all__ = ["Engine", "Handle", "KINDS", "missing_call"]
+__all__ = ["KINDS", "Engine", "Handle", "missing_call"]
 
 KINDS = ("allreduce", "allgather", "broadcast", "alltoall", "reducescatter", "barrier", "join",
          "add_process_set", "remove_process_set")
 _JOINABLE = frozenset(("allreduce",))
 _FLAG_JOINED, _FLAG_SHUTDOWN = 1, 2
-_CYCLE_S = float(os.environ.get("HOROVOD_CYCLE_TIME", "1")) / 1000.0  # Horovod's variable, in ms
+_CYCLE_S = 0.001
 _IDLE_S = 0.005
 _HOT_S = 0.05
 
@@ -64,9 +65,9 @@ def missing_call(comm: Any, call: str, what: str) -> Callable[..., Any]:
 class Handle:
     """One submitted op: ``done()`` polls, ``wait()`` returns the result or raises its error."""
 
-    __slots__ = ("name", "kind", "engine", "_event", "_result", "_exc")
+    __slots__ = ("_event", "_exc", "_result", "engine", "kind", "name")
 
-    def __init__(self, name: str, kind: str, engine: "Engine") -> None:
+    def __init__(self, name: str, kind: str, engine: Engine) -> None:
         self.name, self.kind, self.engine = name, kind, engine
         self._event = threading.Event()
         self._result: Any = None
@@ -119,7 +120,7 @@ class Engine:
     """
 
     def __init__(self, comm: Any, ranks: list[int] | None = None,
-                 on_control: Callable[[str, dict, "Engine"], Any] | None = None) -> None:
+                 on_control: Callable[[str, dict, Engine], Any] | None = None) -> None:
         self.comm = comm
         self.rank, self.size = comm.rank, comm.size
         self.ranks = list(range(comm.size)) if ranks is None else list(ranks)
@@ -231,11 +232,12 @@ class Engine:
             buf = np.zeros(longest, np.uint8)
             buf[:len(payload)] = np.frombuffer(payload, np.uint8)
             bufs = np.asarray(comm.allgather(buf, algorithm="native")).reshape(self.size, longest)
-            for r in range(self.size):
-                n = int(heads[r, 0])
-                if n:
-                    for req in json.loads(bytes(bufs[r, :n]).decode()):
-                        self._record(r, req)
+            with self._lock:  # missing() reads the table from the callers' threads
+                for r in range(self.size):
+                    n = int(heads[r, 0])
+                    if n:
+                        for req in json.loads(bytes(bufs[r, :n]).decode()):
+                            self._record(r, req)
         for r in range(self.size):
             if heads[r, 1] & _FLAG_SHUTDOWN:
                 self._shut.add(r)
@@ -273,13 +275,17 @@ class Engine:
         if "join" in self._table and len(self._table["join"].reqs) == self.size:
             last_tick = max(self._joined.values())
             last = max(r for r, t in self._joined.items() if t == last_tick)
-            self._table.pop("join")
+            self._pop("join")
             self._joined.clear()
             self._complete("join", self.ranks[last])
         elif "join" in self._table:
             gone = [r for r in range(self.size) if r in self._shut and r not in self._table["join"].reqs]
             if gone:
                 self._fail_all("join", f"rank(s) {[self.ranks[r] for r in gone]} shut down without joining")
+
+    def _pop(self, name: str) -> _Pending:
+        with self._lock:
+            return self._table.pop(name)
 
     def _complete(self, name: str, result: Any, exc: BaseException | None = None) -> None:
         with self._lock:
@@ -288,7 +294,7 @@ class Engine:
             loc.handle._finish(result, exc)
 
     def _fail_all(self, name: str, why: str) -> None:
-        p = self._table.pop(name)
+        p = self._pop(name)
         if name == "join":
             self._joined.clear()
         with self._lock:
@@ -332,7 +338,7 @@ class Engine:
         return next((c for c in checks if c), None)
 
     def _run_one(self, name: str, joined: set[int]) -> None:
-        p = self._table.pop(name)
+        p = self._pop(name)
         reqs = p.reqs
         q = reqs[min(reqs)]
         kind = q["kind"]
@@ -404,7 +410,7 @@ def _fused_allreduce(comm: Any, arrays: list[np.ndarray], op: str) -> list[np.nd
     by_dtype: dict[np.dtype, list[int]] = {}
     for i, a in enumerate(arrays):
         by_dtype.setdefault(a.dtype, []).append(i)
-    for dt, idx in by_dtype.items():
+    for idx in by_dtype.values():
         if len(idx) == 1:
             a = arrays[idx[0]]
             out[idx[0]] = np.asarray(comm.allreduce(np.ascontiguousarray(a), op=op)).reshape(a.shape)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import CollectiveError
 
-__all__ = ["HorovodInternalError", "HostsUpdatedInterrupt", "HorovodVersionMismatchError"]
+__all__ = ["HorovodInternalError", "HorovodVersionMismatchError", "HostsUpdatedInterrupt"]
 
 
 class HorovodInternalError(CollectiveError, RuntimeError):

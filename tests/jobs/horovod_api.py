@@ -18,12 +18,12 @@ import time
 
 import numpy as np
 import torch
+from harness import Cases
 
 import collective as col
 import collective.horovod.torch as hvd
 from collective.horovod import HorovodInternalError
 from collective.horovod.engine import Engine
-from harness import Cases
 
 ONLY = set(sys.argv[sys.argv.index("--only") + 1].split(",")) if "--only" in sys.argv else None
 torch.set_num_threads(1)
@@ -60,7 +60,7 @@ def eq(a: torch.Tensor, b: torch.Tensor, tol: float = 0.0) -> None:
 def raises(exc: type, fn: object, match: str = "") -> BaseException:
     try:
         fn()  # type: ignore[operator]
-    except exc as e:  # noqa: PERF203
+    except exc as e:
         assert match in str(e), f"{match!r} not in {e!r}"
         return e
     raise AssertionError(f"{fn} did not raise {exc.__name__}")
@@ -127,7 +127,7 @@ def c_async_grouped() -> None:
     hs = [hvd.allreduce_async(xs[R][k], op=hvd.Sum, name=f"async.{k}") for k in range(4)]
     for k, h in enumerate(hs):
         eq(hvd.synchronize(h), sum(x[k] for x in xs))
-        raises(ValueError, lambda: hvd.poll(h), "unknown handle")
+        raises(ValueError, lambda h=h: hvd.poll(h), "unknown handle")
     h = hvd.allreduce_async(xs[R][0], op=hvd.Max)
     while not hvd.poll(h):
         pass
@@ -277,7 +277,7 @@ def c_join() -> None:
             eq(hvd.synchronize(hb), sum(inp(r, (2, 2), torch.float64) for r in range(P) if r != first) / P)
             if P > 1:
                 # named: the joined rank skips this call, so auto-generated names would differ from here on
-                raises(HorovodInternalError, lambda: hvd.allgather(inp(R), name=f"join.ag.{first}"), "join")
+                raises(HorovodInternalError, lambda f=first: hvd.allgather(inp(R), name=f"join.ag.{f}"), "join")
             last = hvd.join()
         assert last != first or P == 1, (last, first)
         assert hvd.allgather_object(last) == [last] * P

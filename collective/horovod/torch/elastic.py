@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["run", "TorchState", "ElasticSampler", "State", "ObjectState"]
+__all__ = ["ElasticSampler", "ObjectState", "State", "TorchState", "run"]
 
 _WHY = ("hvd.elastic is not supported by collective.horovod yet: it needs collective's elastic recovery "
         "(collective-run --elastic, RanksLostError, comm.shrink), which this version does not provide; "

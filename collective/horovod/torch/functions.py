@@ -13,10 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .mpi_ops import (ProcessSet, allgather, broadcast_, broadcast_async_, global_process_set, rank,
-                      synchronize)
+from .mpi_ops import ProcessSet, allgather, broadcast_, broadcast_async_, global_process_set, rank, synchronize
 
-__all__ = ["broadcast_parameters", "broadcast_optimizer_state", "broadcast_object", "allgather_object"]
+__all__ = ["allgather_object", "broadcast_object", "broadcast_optimizer_state", "broadcast_parameters"]
 
 
 def broadcast_parameters(params: Any, root_rank: int, process_set: ProcessSet = global_process_set) -> None:
@@ -45,7 +44,7 @@ def broadcast_parameters(params: Any, root_rank: int, process_set: ProcessSet = 
         if p is None:
             continue
         if not isinstance(p, torch.Tensor):
-            raise ValueError(f"broadcast_parameters: {name!r} is a {type(p).__name__}, not a tensor")
+            raise ValueError(f"broadcast_parameters: {name!r} is a {type(p).__name__}, not a tensor")  # noqa: TRY004
         handles.append(broadcast_async_(p.data if isinstance(p, torch.nn.Parameter) else p, root_rank,
                                         name=f"broadcast_parameters.{name}", process_set=process_set))
     for h in handles:
@@ -62,7 +61,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int, 
     scalars and other values travel with :func:`broadcast_object`.
     """
     if isinstance(optimizer, torch.optim.LBFGS):
-        raise ValueError("broadcast_optimizer_state: cannot broadcast torch.optim.LBFGS state")
+        raise ValueError("broadcast_optimizer_state: cannot broadcast torch.optim.LBFGS state")  # noqa: TRY004
     sd = optimizer.state_dict()
     if not sd["state"]:
         _init_state(optimizer)

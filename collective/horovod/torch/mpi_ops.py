@@ -5,7 +5,8 @@ import atexit
 import itertools
 import threading
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,17 +15,66 @@ from ..engine import Engine, Handle, missing_call
 from ..exceptions import HorovodInternalError
 
 __all__ = [
-    "init", "shutdown", "is_initialized", "size", "local_size", "cross_size", "rank", "local_rank", "cross_rank",
-    "is_homogeneous", "mpi_threads_supported", "mpi_enabled", "mpi_built", "gloo_enabled", "gloo_built",
-    "nccl_built", "ddl_built", "ccl_built", "cuda_built", "rocm_built", "start_timeline", "stop_timeline",
-    "Average", "Sum", "Adasum", "Min", "Max", "Product",
-    "allreduce", "allreduce_async", "allreduce_", "allreduce_async_",
-    "grouped_allreduce", "grouped_allreduce_async", "grouped_allreduce_", "grouped_allreduce_async_",
-    "sparse_allreduce_async", "allgather", "allgather_async", "grouped_allgather", "grouped_allgather_async",
-    "broadcast", "broadcast_async", "broadcast_", "broadcast_async_", "alltoall", "alltoall_async",
-    "reducescatter", "reducescatter_async", "grouped_reducescatter", "grouped_reducescatter_async",
-    "join", "barrier", "poll", "synchronize",
-    "ProcessSet", "global_process_set", "add_process_set", "remove_process_set", "HorovodInternalError",
+    "Adasum",
+    "Average",
+    "HorovodInternalError",
+    "Max",
+    "Min",
+    "ProcessSet",
+    "Product",
+    "Sum",
+    "add_process_set",
+    "allgather",
+    "allgather_async",
+    "allreduce",
+    "allreduce_",
+    "allreduce_async",
+    "allreduce_async_",
+    "alltoall",
+    "alltoall_async",
+    "barrier",
+    "broadcast",
+    "broadcast_",
+    "broadcast_async",
+    "broadcast_async_",
+    "ccl_built",
+    "cross_rank",
+    "cross_size",
+    "cuda_built",
+    "ddl_built",
+    "global_process_set",
+    "gloo_built",
+    "gloo_enabled",
+    "grouped_allgather",
+    "grouped_allgather_async",
+    "grouped_allreduce",
+    "grouped_allreduce_",
+    "grouped_allreduce_async",
+    "grouped_allreduce_async_",
+    "grouped_reducescatter",
+    "grouped_reducescatter_async",
+    "init",
+    "is_homogeneous",
+    "is_initialized",
+    "join",
+    "local_rank",
+    "local_size",
+    "mpi_built",
+    "mpi_enabled",
+    "mpi_threads_supported",
+    "nccl_built",
+    "poll",
+    "rank",
+    "reducescatter",
+    "reducescatter_async",
+    "remove_process_set",
+    "rocm_built",
+    "shutdown",
+    "size",
+    "sparse_allreduce_async",
+    "start_timeline",
+    "stop_timeline",
+    "synchronize",
 ]
 
 # Horovod's op constants (the same integers, so code that stores them keeps working).
@@ -42,7 +92,7 @@ class _State:
         self.lock = threading.RLock()
         self.comm: Any = None
         self.engine: Engine | None = None
-        self.sets: dict[int, "ProcessSet"] = {}
+        self.sets: dict[int, ProcessSet] = {}
         self.next_set_id = 1
         self.handles: dict[int, tuple[Handle, Any]] = {}
         self.handle_ids = itertools.count(1)
@@ -394,8 +444,8 @@ def _name(kind: str, name: str | None) -> str:
 
 
 def _check_tensor(t: Any, what: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{what} on rank {rank()}: expected a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(t, torch.Tensor):  # Horovod raises ValueError here, so that is what its users catch
+        raise ValueError(f"{what} on rank {rank()}: expected a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004
     if t.dtype not in _SUPPORTED:
         raise ValueError(f"{what} on rank {rank()}: tensor type {t.dtype} is not supported "
                          f"(shape {tuple(t.shape)}); use an integer, float16/bfloat16/float32/float64 or bool tensor")
@@ -748,16 +798,13 @@ def _broadcast_submit(tensor: torch.Tensor, root_rank: int, name: str | None, pr
                       inplace: bool) -> int:
     eng, ps = _engine_for(process_set, "broadcast")
     _check_tensor(tensor, "broadcast")
-    n = _set_size(ps)
-    if not isinstance(root_rank, (int, np.integer)) or not 0 <= int(root_rank) < (size() if ps.process_set_id == 0
-                                                                                   else size()):
+    if not isinstance(root_rank, (int, np.integer)) or not 0 <= int(root_rank) < size():
         raise ValueError(f"broadcast on rank {rank()}: root_rank {root_rank!r} is not a rank in [0, {size()})")
     root = int(root_rank)
     if ps.process_set_id != 0:
         if root not in ps.ranks:  # type: ignore[operator]
             raise ValueError(f"broadcast on rank {rank()}: root_rank {root} is not in process set {ps.ranks}")
         root = ps.ranks.index(root)  # type: ignore[union-attr]
-    del n
     h = eng.submit("broadcast", _name("broadcast", name), [_to_numpy(tensor)], root=root)
 
     def finish(res: list[np.ndarray]) -> torch.Tensor:

@@ -2,14 +2,23 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from .compression import Compression
-from .mpi_ops import (Adasum, Average, ProcessSet, allreduce_async_, global_process_set, grouped_allreduce_async_,
-                      sparse_allreduce_async, synchronize)
+from .mpi_ops import (
+    Adasum,
+    Average,
+    ProcessSet,
+    allreduce_async_,
+    global_process_set,
+    grouped_allreduce_async_,
+    sparse_allreduce_async,
+    synchronize,
+)
 
 __all__ = ["DistributedOptimizer"]
 
@@ -67,7 +76,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 for g in groups:
                     for p in g:
                         if not isinstance(p, torch.Tensor):
-                            raise ValueError("groups must consist of torch.Tensor")
+                            raise ValueError("groups must consist of torch.Tensor")  # noqa: TRY004 - Horovod's
                         if id(p) in seen:
                             raise ValueError("A parameter can only appear once in groups")
                         seen.add(id(p))
