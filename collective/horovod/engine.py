@@ -49,6 +49,8 @@ _FLAG_JOINED, _FLAG_SHUTDOWN = 1, 2
 _CYCLE_S = 0.001
 _IDLE_S = 0.005
 _HOT_S = 0.05
+#: Largest fused allreduce buffer (Horovod's default fusion threshold).
+_FUSION_BYTES = 64 << 20
 
 
 def missing_call(comm: Any, call: str, what: str) -> Callable[..., Any]:
@@ -270,8 +272,7 @@ class Engine:
                     failed.append((name, f"rank(s) {[self.ranks[r] for r in gone]} shut down before submitting it"))
         for name, why in failed:
             self._fail_all(name, why)
-        for _, name in sorted(ready):
-            self._run_one(name, joined)
+        self._run([name for _, name in sorted(ready)], joined)
         if "join" in self._table and len(self._table["join"].reqs) == self.size:
             last_tick = max(self._joined.values())
             last = max(r for r, t in self._joined.items() if t == last_tick)
@@ -337,7 +338,9 @@ class Engine:
             checks.append(differ("whether splits were given", lambda q: q.get("splits") is not None))
         return next((c for c in checks if c), None)
 
-    def _run_one(self, name: str, joined: set[int]) -> None:
+    def _prepare(self, name: str, joined: set[int]) -> tuple[str, list[np.ndarray], dict, dict] | None:
+        """Take ``name`` off the table: (kind, this rank's arrays, every rank's request, the first request),
+        or None after failing it on this rank because the ranks disagree (the same decision on every rank)."""
         p = self._pop(name)
         reqs = p.reqs
         q = reqs[min(reqs)]
@@ -351,24 +354,66 @@ class Engine:
         if why is not None:
             self._complete(name, None, HorovodInternalError(f"{kind} {name!r} on rank {self.ranks[self.rank]} "
                                                              f"of {self.size}: {why}"))
-            return
+            return None
         with self._lock:
             loc = self._local.get(name)
         if loc is not None:
             arrays = loc.arrays
         else:  # this rank joined: it contributes zeros of the agreed shapes
             arrays = [np.zeros(s, np.dtype(d)) for s, d in zip(q["shapes"], q["dtypes"])]
-        try:
-            result = self._execute(kind, arrays, reqs, q)
-        except Exception as exc:  # noqa: BLE001 - handed to the waiter
-            if isinstance(exc, (HorovodInternalError, ValueError, TypeError)):
-                err: BaseException = exc
+        return kind, arrays, reqs, q
+
+    def _run(self, names: list[str], joined: set[int]) -> None:
+        """Run the ready ``names`` in order; consecutive allreduces with one op share fused collectives.
+
+        Fusion is Horovod's: many small gradients ready in the same cycle
+        travel as one buffer per dtype (up to ``_FUSION_BYTES``). Every rank
+        sees the same ready list, so every rank fuses the same way.
+        """
+        batch: list[tuple[str, list[np.ndarray]]] = []
+        batch_op, batch_bytes = None, 0
+
+        def flush() -> None:
+            nonlocal batch, batch_op, batch_bytes
+            if batch:
+                flat = [a for _, arrays in batch for a in arrays]
+                try:
+                    out = _fused_allreduce(self.comm, flat, batch_op)  # type: ignore[arg-type]
+                except Exception as exc:  # noqa: BLE001 - handed to every waiter of the batch
+                    for n, _ in batch:
+                        self._complete(n, None, self._wrap("allreduce", n, exc))
+                else:
+                    i = 0
+                    for n, arrays in batch:
+                        self._complete(n, out[i:i + len(arrays)])
+                        i += len(arrays)
+            batch, batch_op, batch_bytes = [], None, 0
+
+        for name in names:
+            got = self._prepare(name, joined)
+            if got is None:
+                continue
+            kind, arrays, reqs, q = got
+            if kind == "allreduce":
+                nbytes = sum(a.nbytes for a in arrays)
+                if batch and (q["op"] != batch_op or batch_bytes + nbytes > _FUSION_BYTES):
+                    flush()
+                batch.append((name, arrays))
+                batch_op, batch_bytes = q["op"], batch_bytes + nbytes
+                continue
+            flush()
+            try:
+                result = self._execute(kind, arrays, reqs, q)
+            except Exception as exc:  # noqa: BLE001 - handed to the waiter
+                self._complete(name, None, self._wrap(kind, name, exc))
             else:
-                err = HorovodInternalError(f"{kind} {name!r} on rank {self.ranks[self.rank]}: "
-                                           f"{type(exc).__name__}: {exc}")
-            self._complete(name, None, err)
-            return
-        self._complete(name, result)
+                self._complete(name, result)
+        flush()
+
+    def _wrap(self, kind: str, name: str, exc: BaseException) -> BaseException:
+        if isinstance(exc, (HorovodInternalError, ValueError, TypeError)):
+            return exc
+        return HorovodInternalError(f"{kind} {name!r} on rank {self.ranks[self.rank]}: {type(exc).__name__}: {exc}")
 
     def _execute(self, kind: str, arrays: list[np.ndarray], reqs: dict[int, dict], q: dict) -> Any:
         comm = self.comm
