@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CollectiveTimeoutError, CollectiveValueError
+from ..errors import CollectiveValueError
 from .exceptions import HorovodInternalError
 
 __all__ = ["KINDS", "Engine", "Handle", "missing_call"]
@@ -45,7 +45,7 @@ __all__ = ["KINDS", "Engine", "Handle", "missing_call"]
 KINDS = ("allreduce", "allgather", "broadcast", "alltoall", "reducescatter", "barrier", "join",
          "add_process_set", "remove_process_set")
 _JOINABLE = frozenset(("allreduce",))
-_FLAG_JOINED, _FLAG_SHUTDOWN = 1, 2
+_FLAG_SHUTDOWN = 2
 _CYCLE_S = 0.001
 _IDLE_S = 0.005
 _HOT_S = 0.05
@@ -489,17 +489,3 @@ def allgather_rows(comm: Any, a: np.ndarray, firsts: list[int]) -> np.ndarray:
     padded[:a.shape[0]] = a
     got = np.asarray(comm.allgather(padded)).reshape((comm.size, longest) + a.shape[1:])
     return np.concatenate([got[r, :firsts[r]] for r in range(comm.size)], axis=0)
-
-
-def wait_all(handles: list[Handle], timeout: float | None = None) -> list[Any]:
-    """Wait for every handle in order; the first error is raised after all have been waited for."""
-    results, first = [], None
-    for h in handles:
-        try:
-            results.append(h.wait(timeout))
-        except (HorovodInternalError, CollectiveTimeoutError, ValueError) as exc:
-            results.append(None)
-            first = first or exc
-    if first is not None:
-        raise first
-    return results
