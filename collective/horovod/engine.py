@@ -83,6 +83,8 @@ class Handle:
         """The op's result; raises its error, or HorovodInternalError after ``timeout`` s naming the missing ranks."""
         limit = self.engine.timeout if timeout is None else timeout
         if not self._event.wait(limit):
+            if timeout is None:  # the op's deadline passed: withdraw it so its name cannot match a later op
+                self.engine.cancel(self.name)
             raise HorovodInternalError(
                 f"{self.kind} {self.name!r} on rank {self.engine.rank} of {self.engine.size}: not finished after "
                 f"{limit:.0f} s; {self.engine.missing(self.name)} (set COLLECTIVE_TIMEOUT to wait longer)")
@@ -132,6 +134,7 @@ class Engine:
         self._wake = threading.Event()
         self._outbox: list[dict] = []
         self._local: dict[str, _Local] = {}
+        self._cancelled: dict[str, _Local] = {}  # withdrawn here, until every rank has dropped them
         self._table: dict[str, _Pending] = {}
         self._seq = 0
         self._tick = 0
@@ -171,6 +174,23 @@ class Engine:
             self._outbox.append(req)
         self._wake.set()
         return h
+
+    def cancel(self, name: str) -> None:
+        """Withdraw this rank's request for ``name`` on every rank (after its deadline passed here).
+
+        The other ranks drop the request when the next tick delivers the
+        withdrawal; if the op becomes ready before that, this rank still takes
+        part with its arrays (its caller has already been given the error), so
+        the other ranks' results stay right.
+        """
+        with self._lock:
+            loc = self._local.pop(name, None)
+            if loc is None:
+                return
+            self._cancelled[name] = loc
+            self._seq += 1
+            self._outbox.append({"seq": self._seq, "name": name, "kind": "cancel"})
+        self._wake.set()
 
     def missing(self, name: str) -> str:
         """Which ranks have not requested ``name`` yet (for a timeout's message)."""
@@ -247,6 +267,16 @@ class Engine:
         return len(self._shut) == self.size
 
     def _record(self, r: int, req: dict) -> None:
+        if req["kind"] == "cancel":
+            p = self._table.get(req["name"])
+            if p is not None:
+                p.reqs.pop(r, None)
+                p.tick.pop(r, None)
+                if not p.reqs:
+                    del self._table[req["name"]]
+            if r == self.rank:
+                self._cancelled.pop(req["name"], None)
+            return
         p = self._table.get(req["name"])
         if p is None:
             p = self._table[req["name"]] = _Pending()
@@ -356,7 +386,7 @@ class Engine:
                                                              f"of {self.size}: {why}"))
             return None
         with self._lock:
-            loc = self._local.get(name)
+            loc = self._local.get(name) or self._cancelled.get(name)
         if loc is not None:
             arrays = loc.arrays
         else:  # this rank joined: it contributes zeros of the agreed shapes

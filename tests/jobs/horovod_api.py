@@ -262,6 +262,16 @@ def c_timeout_names_missing_ranks() -> None:
             eng.submit("allreduce", "lonely", [x], op="sum").wait()
         else:
             assert np.array_equal(h.wait(), [x * P])
+        # An op whose deadline passed is withdrawn on every rank: its name is free again, and the
+        # withdrawn data never meets a later op of the same name.
+        if R == 0:
+            eng.timeout = 1.0
+            stale = eng.submit("allreduce", "gone", [np.full(3, 100.0, np.float32)], op="sum")
+            raises(HorovodInternalError, stale.wait, "still waiting")
+            eng.timeout = 60.0
+        eng.submit("barrier", "b2", []).wait()
+        got = eng.submit("allreduce", "gone", [x], op="sum").wait()
+        assert np.array_equal(got, [x * P]), got
     finally:
         eng.shutdown()
 
