@@ -7,7 +7,7 @@ from typing import Sequence
 
 from .launcher import find_mpiexec
 
-__all__ = ["main", "mpiexec_command", "find_mpiexec"]
+__all__ = ["main", "mpiexec_command", "find_mpiexec", "horovodrun_args"]
 
 _NP_FLAGS = ("-n", "-np", "--n", "--np", "-c")
 
@@ -26,6 +26,81 @@ def _nprocs(args: Sequence[str]) -> int | None:
                 except ValueError:
                     return None
     return None
+
+
+#: mpiexec options that take one value (two for the MCA settings): skipped whole while looking for horovodrun's.
+_MPI_VALUED = {"-x": 1, "--map-by": 1, "--bind-to": 1, "--rank-by": 1, "--output-filename": 1, "--host": 1,
+               "--hostfile": 1, "-hostfile": 1, "--machinefile": 1, "-n": 1, "-c": 1, "--n": 1, "--np": 1,
+               "--mca": 2, "-mca": 2, "--gmca": 2, "--prtemca": 2, "--wdir": 1, "--env": 1}
+
+
+def horovodrun_args(args: Sequence[str]) -> list[str]:
+    """``args`` with horovodrun's launcher flags rewritten as mpiexec's; everything else unchanged.
+
+    So ``horovodrun -np 4 -H a:2,b:2 python train.py`` becomes
+    ``collective-run -np 4 -H a:2,b:2 python train.py`` by changing its first word.
+    Only the options before the program are read.
+
+    ===============================  =========================================
+    horovodrun                       mpiexec
+    ===============================  =========================================
+    ``-np N``, ``--num-proc N``      ``-n N``
+    ``-H h1:2,h2:2``, ``--hosts``    ``--host h1:2,h2:2``
+    ``--hostfile F``                 ``--hostfile F`` (``host slots=N`` lines)
+    ``--network-interface I1,I2``    ``--mca btl_tcp_if_include I1,I2``
+    ``--mpi-args "..."``             its words, as they are
+    ``--mpi``                        dropped (MPI is the only controller)
+    ``--gloo``                       refused (there is no Gloo controller)
+    ===============================  =========================================
+
+    Raises:
+        SystemExit: a flag lacks its value, or ``--gloo`` is given.
+
+    Example::
+
+        horovodrun_args(["-np", "4", "-H", "a:2,b:2", "python", "train.py"])
+        # ['-n', '4', '--host', 'a:2,b:2', 'python', 'train.py']
+    """
+    import shlex
+
+    out: list[str] = []
+    i, n = 0, len(args)
+
+    def value(flag: str) -> str:
+        if i + 1 >= n:
+            raise SystemExit(f"collective-run: {flag} needs a value")
+        return args[i + 1]
+
+    while i < n:
+        a = args[i]
+        flag, eq, inline = a.partition("=")
+        if not a.startswith("-") or a == "--":
+            out.extend(args[i:])
+            break
+        if flag in ("-np", "--num-proc", "-H", "--hosts", "--network-interface", "--mpi-args") or (
+                flag == "--hostfile" and eq):
+            v = inline if eq else value(flag)
+            i += 1 if eq else 2
+            if flag in ("-np", "--num-proc"):
+                out += ["-n", v]
+            elif flag in ("-H", "--hosts"):
+                out += ["--host", v]
+            elif flag == "--hostfile":
+                out += ["--hostfile", v]
+            elif flag == "--network-interface":
+                out += ["--mca", "btl_tcp_if_include", v]
+            else:
+                out += shlex.split(v)
+            continue
+        if a == "--mpi":
+            i += 1
+            continue
+        if a == "--gloo":
+            raise SystemExit("collective-run: --gloo is not supported; collective runs over MPI (drop the flag)")
+        k = _MPI_VALUED.get(flag, 0) if not eq else 0
+        out.extend(args[i:i + 1 + k])
+        i += 1 + k
+    return out
 
 
 def mpiexec_command(args: Sequence[str], env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
@@ -111,15 +186,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         # Asked for, the usage is the answer (status 0); with nothing to run it is an error (status 2).
         print("usage: collective-run [mpiexec options] program [args...]\n"
               "Runs the installed mpiexec, adding --oversubscribe when ranks exceed cores and the\n"
-              "run-as-root settings when run as root. Everything else is passed through.\n\n" + _EMULATE_USAGE,
-              file=sys.stdout if args else sys.stderr)
+              "run-as-root settings when run as root. horovodrun's -np/--num-proc, -H/--hosts, --hostfile,\n"
+              "--network-interface, --mpi-args and --mpi are translated; everything else is passed through.\n\n"
+              + _EMULATE_USAGE, file=sys.stdout if args else sys.stderr)
         if not args:
             print("collective-run: no program given; e.g. collective-run -n 4 python train.py", file=sys.stderr)
             sys.exit(2)
         return
     if any(a == "--emulate" or a.startswith("--emulate=") for a in args):
         sys.exit(_emulate(args))
-    cmd, env = mpiexec_command(args)
+    cmd, env = mpiexec_command(horovodrun_args(args))
     os.execvpe(cmd[0], cmd, env)
 
 

@@ -1,0 +1,521 @@
+"""The negotiation engine behind collective.horovod: named ops matched across ranks, then run on a Communicator.
+
+Terms. A *request* is one rank's announcement of a named op: its kind
+(allreduce, allgather, broadcast, alltoall, reducescatter, barrier, join,
+add_process_set, remove_process_set), the dtype and shape of each array, the
+reduction op, the root, the splits. A *tick* is one exchange of the requests
+each rank made since the previous tick: an allgather of (payload length,
+flags) and, when any rank has something new, an allgather of the JSON
+payloads (metadata only; array data never goes through JSON or pickle).
+Every rank sees every request, so every rank holds the same *table* of
+pending names and takes the same decisions without a coordinator: a name is
+*ready* once every rank that has not joined has requested it; ready names run
+in one order on every rank (by the lowest requesting rank's sequence number).
+
+Matching follows Horovod: ops are matched by name, not by call order, so a
+rank may start ops in any order; ranks that disagree on a name's kind,
+dtype, shape, op or root get a HorovodInternalError on every rank without
+any data moving; a name already in flight on this rank is a ValueError at
+submission. A rank that called join contributes zeros to allreduces until
+every rank has joined; any other op that needs a joined rank fails with
+HorovodInternalError. A rank that shut down fails the ops that need it.
+
+One daemon thread per engine ticks and runs ready ops on the communicator
+(synchronous calls, so the communicator sees one caller); callers wait on a
+Handle with a deadline, and the error of a timed-out wait names the ranks
+that never requested the op.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import CollectiveValueError
+from .exceptions import HorovodInternalError
+
+__all__ = ["KINDS", "Engine", "Handle", "missing_call"]
+
+KINDS = ("allreduce", "allgather", "broadcast", "alltoall", "reducescatter", "barrier", "join",
+         "add_process_set", "remove_process_set")
+_JOINABLE = frozenset(("allreduce",))
+_FLAG_SHUTDOWN = 2
+_CYCLE_S = 0.001
+_IDLE_S = 0.005
+_HOT_S = 0.05
+#: Largest fused allreduce buffer (Horovod's default fusion threshold).
+_FUSION_BYTES = 64 << 20
+
+
+def missing_call(comm: Any, call: str, what: str) -> Callable[..., Any]:
+    """``comm.<call>`` or a clear error: the Communicator lacks a collective this Horovod call needs."""
+    fn = getattr(comm, call, None)
+    if fn is None:
+        raise HorovodInternalError(
+            f"{what} needs Communicator.{call}, which this version of collective does not provide yet "
+            f"(it belongs to the full collective set); no other path is taken, so every call stays checked "
+            f"across ranks")
+    return fn
+
+
+class Handle:
+    """One submitted op: ``done()`` polls, ``wait()`` returns the result or raises its error."""
+
+    __slots__ = ("_event", "_exc", "_result", "engine", "kind", "name")
+
+    def __init__(self, name: str, kind: str, engine: Engine) -> None:
+        self.name, self.kind, self.engine = name, kind, engine
+        self._event = threading.Event()
+        self._result: Any = None
+        self._exc: BaseException | None = None
+
+    def done(self) -> bool:
+        """True once the op has finished (successfully or not)."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """The op's result; raises its error, or HorovodInternalError after ``timeout`` s naming the missing ranks."""
+        limit = self.engine.timeout if timeout is None else timeout
+        if not self._event.wait(limit):
+            if timeout is None:  # the op's deadline passed: withdraw it so its name cannot match a later op
+                self.engine.cancel(self.name)
+            raise HorovodInternalError(
+                f"{self.kind} {self.name!r} on rank {self.engine.rank} of {self.engine.size}: not finished after "
+                f"{limit:.0f} s; {self.engine.missing(self.name)} (set COLLECTIVE_TIMEOUT to wait longer)")
+        if self._exc is not None:
+            raise self._exc
+        return self._result
+
+    def _finish(self, result: Any, exc: BaseException | None) -> None:
+        self._result, self._exc = result, exc
+        self._event.set()
+
+
+@dataclass
+class _Local:
+    """This rank's own submitted op: its arrays and the handle its caller waits on."""
+
+    req: dict
+    arrays: list
+    handle: Handle
+
+
+@dataclass
+class _Pending:
+    """A name in the table: every rank's request for it, and when each arrived."""
+
+    reqs: dict = field(default_factory=dict)  # rank -> request dict
+    tick: dict = field(default_factory=dict)  # rank -> tick of arrival
+
+
+class Engine:
+    """Matches named ops across the ranks of ``comm`` and runs them on it (see the module docstring).
+
+    Args:
+        comm: a collective Communicator (the global one or a process set's).
+        ranks: the global ranks of ``comm``'s members, in ``comm`` rank order (for messages).
+        on_control: called on the engine thread for add/remove_process_set ops once every rank requested them.
+    """
+
+    def __init__(self, comm: Any, ranks: list[int] | None = None,
+                 on_control: Callable[[str, dict, Engine], Any] | None = None) -> None:
+        self.comm = comm
+        self.rank, self.size = comm.rank, comm.size
+        self.ranks = list(range(comm.size)) if ranks is None else list(ranks)
+        self.timeout = float(os.environ.get("COLLECTIVE_TIMEOUT", "300") or 300)
+        self._on_control = on_control
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._outbox: list[dict] = []
+        self._local: dict[str, _Local] = {}
+        self._cancelled: dict[str, _Local] = {}  # withdrawn here, until every rank has dropped them
+        self._table: dict[str, _Pending] = {}
+        self._seq = 0
+        self._tick = 0
+        self._joined: dict[int, int] = {}  # rank -> tick at which its join arrived
+        self._shut: set[int] = set()
+        self._stopping = False
+        self._hot_until = 0.0
+        self._stopped = threading.Event()
+        self._fatal: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="collective-horovod", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- caller side
+    def submit(self, kind: str, name: str, arrays: list[np.ndarray], **meta: Any) -> Handle:
+        """Announce ``name`` to the other ranks and return its handle (arrays are read by the engine thread).
+
+        Raises:
+            ValueError: ``name`` is already in flight on this rank.
+            HorovodInternalError: the engine has shut down.
+        """
+        h = Handle(name, kind, self)
+        with self._lock:
+            if self._fatal is not None or self._stopping:
+                raise HorovodInternalError(
+                    f"{kind} {name!r} on rank {self.rank}: Horovod has been shut down"
+                    + (f" ({self._fatal})" if self._fatal is not None else "")
+                    + "; call hvd.init() before any collective")
+            if name in self._local:
+                raise ValueError(
+                    f"{kind} on rank {self.rank}: an op named {name!r} is already in flight on this rank; "
+                    "names must be unique among unfinished ops (synchronize the first one, or pick another name)")
+            self._seq += 1
+            req = {"seq": self._seq, "name": name, "kind": kind,
+                   "dtypes": [str(a.dtype) for a in arrays], "shapes": [list(a.shape) for a in arrays]}
+            req.update(meta)
+            self._local[name] = _Local(req, arrays, h)
+            self._outbox.append(req)
+        self._wake.set()
+        return h
+
+    def cancel(self, name: str) -> None:
+        """Withdraw this rank's request for ``name`` on every rank (after its deadline passed here).
+
+        The other ranks drop the request when the next tick delivers the
+        withdrawal; if the op becomes ready before that, this rank still takes
+        part with its arrays (its caller has already been given the error), so
+        the other ranks' results stay right.
+        """
+        with self._lock:
+            loc = self._local.pop(name, None)
+            if loc is None:
+                return
+            self._cancelled[name] = loc
+            self._seq += 1
+            self._outbox.append({"seq": self._seq, "name": name, "kind": "cancel"})
+        self._wake.set()
+
+    def missing(self, name: str) -> str:
+        """Which ranks have not requested ``name`` yet (for a timeout's message)."""
+        with self._lock:
+            p = self._table.get(name)
+            got = set(p.reqs) if p is not None else set()
+        lacking = [self.ranks[r] for r in range(self.size) if r not in got]
+        return (f"still waiting for rank(s) {lacking} to submit it" if lacking
+                else "every rank submitted it; it is queued behind other ops")
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Tell the other ranks this rank is done and stop once every rank has said so (or ``timeout`` passes)."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        self._stopped.wait(self.timeout if timeout is None else timeout)
+
+    @property
+    def running(self) -> bool:
+        """False once the engine thread has ended."""
+        return not self._stopped.is_set()
+
+    # ---------------------------------------------------------------- engine thread
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    busy = bool(self._outbox or self._table or self._local)
+                # Ops come in bursts (a backward pass, a loop of calls): stay on the short cycle for a while
+                # after any rank's activity, so a rank that is idle here answers the others' next op quickly.
+                busy = busy or time.monotonic() < self._hot_until
+                self._wake.wait(_CYCLE_S if busy else _IDLE_S)
+                self._wake.clear()
+                if self._tick_once():
+                    break
+        except BaseException as exc:  # noqa: BLE001 - every waiter gets the error instead of hanging
+            with self._lock:
+                self._fatal = exc
+                waiting = list(self._local.values())
+                self._local.clear()
+            for loc in waiting:
+                loc.handle._finish(None, HorovodInternalError(
+                    f"{loc.req['kind']} {loc.req['name']!r} on rank {self.rank}: the engine stopped: "
+                    f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._stopped.set()
+
+    def _tick_once(self) -> bool:
+        """One exchange of new requests, then every op that became ready; True when every rank has shut down."""
+        with self._lock:
+            out, self._outbox = self._outbox, []
+            flags = (_FLAG_SHUTDOWN if self._stopping else 0)
+        payload = json.dumps(out, separators=(",", ":")).encode() if out else b""
+        comm = self.comm
+        head = np.array([len(payload), flags], np.int64)
+        heads = np.asarray(comm.allgather(head, algorithm="native")).reshape(self.size, 2)
+        self._tick += 1
+        longest = int(heads[:, 0].max())
+        if longest:
+            self._hot_until = time.monotonic() + _HOT_S
+            buf = np.zeros(longest, np.uint8)
+            buf[:len(payload)] = np.frombuffer(payload, np.uint8)
+            bufs = np.asarray(comm.allgather(buf, algorithm="native")).reshape(self.size, longest)
+            with self._lock:  # missing() reads the table from the callers' threads
+                for r in range(self.size):
+                    n = int(heads[r, 0])
+                    if n:
+                        for req in json.loads(bytes(bufs[r, :n]).decode()):
+                            self._record(r, req)
+        for r in range(self.size):
+            if heads[r, 1] & _FLAG_SHUTDOWN:
+                self._shut.add(r)
+        self._run_ready()
+        return len(self._shut) == self.size
+
+    def _record(self, r: int, req: dict) -> None:
+        if req["kind"] == "cancel":
+            p = self._table.get(req["name"])
+            if p is not None:
+                p.reqs.pop(r, None)
+                p.tick.pop(r, None)
+                if not p.reqs:
+                    del self._table[req["name"]]
+            if r == self.rank:
+                self._cancelled.pop(req["name"], None)
+            return
+        p = self._table.get(req["name"])
+        if p is None:
+            p = self._table[req["name"]] = _Pending()
+        p.reqs[r] = req
+        p.tick[r] = self._tick
+        if req["kind"] == "join":
+            self._joined[r] = self._tick
+
+    def _run_ready(self) -> None:
+        joined = set(self._joined)
+        ready: list[tuple[tuple, str]] = []
+        failed: list[tuple[str, str]] = []
+        for name, p in self._table.items():
+            if name == "join":
+                continue
+            need = [r for r in range(self.size) if r not in joined]
+            if all(r in p.reqs for r in need):
+                low = min(p.reqs)
+                ready.append(((p.reqs[low]["seq"], low), name))
+            else:
+                gone = [r for r in need if r not in p.reqs and r in self._shut]
+                if gone:
+                    failed.append((name, f"rank(s) {[self.ranks[r] for r in gone]} shut down before submitting it"))
+        for name, why in failed:
+            self._fail_all(name, why)
+        self._run([name for _, name in sorted(ready)], joined)
+        if "join" in self._table and len(self._table["join"].reqs) == self.size:
+            last_tick = max(self._joined.values())
+            last = max(r for r, t in self._joined.items() if t == last_tick)
+            self._pop("join")
+            self._joined.clear()
+            self._complete("join", self.ranks[last])
+        elif "join" in self._table:
+            gone = [r for r in range(self.size) if r in self._shut and r not in self._table["join"].reqs]
+            if gone:
+                self._fail_all("join", f"rank(s) {[self.ranks[r] for r in gone]} shut down without joining")
+
+    def _pop(self, name: str) -> _Pending:
+        with self._lock:
+            return self._table.pop(name)
+
+    def _complete(self, name: str, result: Any, exc: BaseException | None = None) -> None:
+        with self._lock:
+            loc = self._local.pop(name, None)
+        if loc is not None:
+            loc.handle._finish(result, exc)
+
+    def _fail_all(self, name: str, why: str) -> None:
+        p = self._pop(name)
+        if name == "join":
+            self._joined.clear()
+        with self._lock:
+            loc = self._local.get(name)
+        kind = loc.req["kind"] if loc is not None else next(iter(p.reqs.values()))["kind"]
+        self._complete(name, None, HorovodInternalError(f"{kind} {name!r} on rank {self.ranks[self.rank]} "
+                                                         f"of {self.size}: {why}"))
+
+    def _mismatch(self, reqs: dict[int, dict]) -> str | None:
+        """Why the ranks' requests for one name disagree (None if they agree)."""
+        items = sorted(reqs.items())
+        r0, q0 = items[0]
+        kind = q0["kind"]
+
+        def differ(key: str, show: Callable[[dict], Any] = lambda q: None) -> str | None:
+            for r, q in items[1:]:
+                a, b = (show(q0), show(q)) if show(q0) is not None else (q0.get(key), q.get(key))
+                if a != b:
+                    return (f"ranks disagree on {key}: rank {self.ranks[r0]} has {a}, "
+                            f"rank {self.ranks[r]} has {b}")
+            return None
+
+        for r, q in items[1:]:
+            if q["kind"] != kind:
+                return (f"ranks disagree on the op for this name: rank {self.ranks[r0]} called {kind}, "
+                        f"rank {self.ranks[r]} called {q['kind']}")
+        checks: list[str | None] = [
+            differ("number of tensors", lambda q: len(q["shapes"])),
+            differ("dtype", lambda q: q["dtypes"]),
+        ]
+        if kind in ("allgather", "alltoall"):
+            checks.append(differ("rank of the tensors", lambda q: [len(s) for s in q["shapes"]]))
+            checks.append(differ("shape beyond the first dimension", lambda q: [s[1:] for s in q["shapes"]]))
+        elif kind not in ("barrier",):
+            checks.append(differ("shape", lambda q: q["shapes"]))
+        for key in ("op", "root", "prescale", "postscale", "process_set"):
+            if any(key in q for _, q in items):
+                checks.append(differ(key))
+        if kind == "alltoall":
+            checks.append(differ("whether splits were given", lambda q: q.get("splits") is not None))
+        return next((c for c in checks if c), None)
+
+    def _prepare(self, name: str, joined: set[int]) -> tuple[str, list[np.ndarray], dict, dict] | None:
+        """Take ``name`` off the table: (kind, this rank's arrays, every rank's request, the first request),
+        or None after failing it on this rank because the ranks disagree (the same decision on every rank)."""
+        p = self._pop(name)
+        reqs = p.reqs
+        q = reqs[min(reqs)]
+        kind = q["kind"]
+        why = self._mismatch(reqs)
+        if why is None and joined and kind not in _JOINABLE:
+            why = (f"rank(s) {sorted(self.ranks[r] for r in joined)} called join; only allreduce continues "
+                   f"while ranks have joined")
+        if why is None and kind == "broadcast" and not 0 <= q["root"] < self.size:
+            why = f"root rank {q['root']} is out of range for {self.size} ranks"
+        if why is not None:
+            self._complete(name, None, HorovodInternalError(f"{kind} {name!r} on rank {self.ranks[self.rank]} "
+                                                             f"of {self.size}: {why}"))
+            return None
+        with self._lock:
+            loc = self._local.get(name) or self._cancelled.get(name)
+        if loc is not None:
+            arrays = loc.arrays
+        else:  # this rank joined: it contributes zeros of the agreed shapes
+            arrays = [np.zeros(s, np.dtype(d)) for s, d in zip(q["shapes"], q["dtypes"])]
+        return kind, arrays, reqs, q
+
+    def _run(self, names: list[str], joined: set[int]) -> None:
+        """Run the ready ``names`` in order; consecutive allreduces with one op share fused collectives.
+
+        Fusion is Horovod's: many small gradients ready in the same cycle
+        travel as one buffer per dtype (up to ``_FUSION_BYTES``). Every rank
+        sees the same ready list, so every rank fuses the same way.
+        """
+        batch: list[tuple[str, list[np.ndarray]]] = []
+        batch_op, batch_bytes = None, 0
+
+        def flush() -> None:
+            nonlocal batch, batch_op, batch_bytes
+            if batch:
+                flat = [a for _, arrays in batch for a in arrays]
+                try:
+                    out = _fused_allreduce(self.comm, flat, batch_op)  # type: ignore[arg-type]
+                except Exception as exc:  # noqa: BLE001 - handed to every waiter of the batch
+                    for n, _ in batch:
+                        self._complete(n, None, self._wrap("allreduce", n, exc))
+                else:
+                    i = 0
+                    for n, arrays in batch:
+                        self._complete(n, out[i:i + len(arrays)])
+                        i += len(arrays)
+            batch, batch_op, batch_bytes = [], None, 0
+
+        for name in names:
+            got = self._prepare(name, joined)
+            if got is None:
+                continue
+            kind, arrays, reqs, q = got
+            if kind == "allreduce":
+                nbytes = sum(a.nbytes for a in arrays)
+                if batch and (q["op"] != batch_op or batch_bytes + nbytes > _FUSION_BYTES):
+                    flush()
+                batch.append((name, arrays))
+                batch_op, batch_bytes = q["op"], batch_bytes + nbytes
+                continue
+            flush()
+            try:
+                result = self._execute(kind, arrays, reqs, q)
+            except Exception as exc:  # noqa: BLE001 - handed to the waiter
+                self._complete(name, None, self._wrap(kind, name, exc))
+            else:
+                self._complete(name, result)
+        flush()
+
+    def _wrap(self, kind: str, name: str, exc: BaseException) -> BaseException:
+        if isinstance(exc, (HorovodInternalError, ValueError, TypeError)):
+            return exc
+        return HorovodInternalError(f"{kind} {name!r} on rank {self.ranks[self.rank]}: {type(exc).__name__}: {exc}")
+
+    def _execute(self, kind: str, arrays: list[np.ndarray], reqs: dict[int, dict], q: dict) -> Any:
+        comm = self.comm
+        if kind == "allreduce":
+            return _fused_allreduce(comm, arrays, q["op"])
+        if kind == "allgather":
+            out = []
+            for i, a in enumerate(arrays):
+                firsts = [reqs[r]["shapes"][i][0] if r in reqs else 0 for r in range(self.size)]
+                out.append(allgather_rows(comm, a, firsts))
+            return out
+        if kind == "broadcast":
+            return [np.asarray(comm.broadcast(np.ascontiguousarray(a), root=q["root"])) for a in arrays]
+        if kind == "reducescatter":
+            return [np.asarray(comm.reduce_scatter(np.ascontiguousarray(a), op=q["op"])) for a in arrays]
+        if kind == "alltoall":
+            alltoall = missing_call(comm, "alltoall", "alltoall")
+            a = arrays[0]
+            splits = [reqs[r]["splits"] for r in range(self.size)]
+            mine = splits[self.rank]
+            recv = [splits[r][self.rank] for r in range(self.size)]
+            y = alltoall(np.ascontiguousarray(a), splits=mine)
+            if isinstance(y, tuple):
+                y = y[0]
+            return np.asarray(y), np.array(recv, np.int32)
+        if kind == "barrier":
+            comm.barrier()
+            return None
+        if kind in ("add_process_set", "remove_process_set"):
+            if self._on_control is None:
+                raise HorovodInternalError(f"{kind} is only run by the global process set")
+            return self._on_control(kind, q, self)
+        raise CollectiveValueError(f"unknown op kind {kind!r}")
+
+
+def _fused_allreduce(comm: Any, arrays: list[np.ndarray], op: str) -> list[np.ndarray]:
+    """Allreduce every array with one collective per dtype (Horovod's tensor fusion for one grouped op)."""
+    out: list[np.ndarray | None] = [None] * len(arrays)
+    by_dtype: dict[np.dtype, list[int]] = {}
+    for i, a in enumerate(arrays):
+        by_dtype.setdefault(a.dtype, []).append(i)
+    for idx in by_dtype.values():
+        if len(idx) == 1:
+            a = arrays[idx[0]]
+            out[idx[0]] = np.asarray(comm.allreduce(np.ascontiguousarray(a), op=op)).reshape(a.shape)
+            continue
+        flat = np.concatenate([arrays[i].reshape(-1) for i in idx])
+        red = np.asarray(comm.allreduce(flat, op=op))
+        off = 0
+        for i in idx:
+            n = arrays[i].size
+            out[i] = red[off:off + n].reshape(arrays[i].shape)
+            off += n
+    return out  # type: ignore[return-value]
+
+
+def allgather_rows(comm: Any, a: np.ndarray, firsts: list[int]) -> np.ndarray:
+    """Concatenate every rank's ``a`` along axis 0 where the ranks' first dimensions are ``firsts``.
+
+    Equal first dimensions take one allgather. Otherwise every rank pads its
+    rows to the longest, one allgather moves the padded blocks, and each
+    rank's real rows are kept: exact for every dtype, and the Communicator's
+    cross-rank check covers the call like any other.
+    """
+    a = np.ascontiguousarray(a)
+    if a.ndim == 0:
+        raise ValueError(f"allgather on rank {comm.rank}: a 0-d tensor has no first dimension to concatenate "
+                         "along; reshape it to (1,)")
+    longest = max(firsts)
+    if all(f == longest for f in firsts):
+        return np.asarray(comm.allgather(a)).reshape((sum(firsts),) + a.shape[1:])
+    padded = np.zeros((longest,) + a.shape[1:], a.dtype)
+    padded[:a.shape[0]] = a
+    got = np.asarray(comm.allgather(padded)).reshape((comm.size, longest) + a.shape[1:])
+    return np.concatenate([got[r, :firsts[r]] for r in range(comm.size)], axis=0)

@@ -1,0 +1,505 @@
+"""collective.horovod.torch under mpiexec: every call against values computed here from every rank's inputs.
+
+Each rank's input is a function of its rank, so every rank computes every
+other rank's input and the exact expected result locally. Cases cover the
+ops (dtypes, reduction ops, scale factors, async, in place, grouped, uneven
+allgather and reducescatter), autograd, name matching (out of order,
+duplicates, mismatches raised on every rank), join, timeouts, object and
+state helpers, DistributedOptimizer against a single-process reference,
+SyncBatchNorm against BatchNorm on the global batch, and the calls that wait
+on the Communicator (alltoall, process sets).
+
+Usage: horovod_api.py [--only ops,grad,match,helpers,optim,bn,missing]
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+from harness import Cases
+
+import collective as col
+import collective.horovod.torch as hvd
+from collective.horovod import HorovodInternalError
+from collective.horovod.engine import Engine
+
+ONLY = set(sys.argv[sys.argv.index("--only") + 1].split(",")) if "--only" in sys.argv else None
+torch.set_num_threads(1)
+hvd.init()
+P, R = hvd.size(), hvd.rank()
+cases = Cases(hvd.mpi_ops._state.comm)  # the harness's final tally runs after hvd.shutdown()
+
+DTYPES = [torch.uint8, torch.int8, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32,
+          torch.float64]
+
+
+def run(group: str, name: str, fn: object) -> None:
+    if ONLY is None or group in ONLY:
+        t0 = time.perf_counter()
+        cases.run(name, fn)  # type: ignore[arg-type]
+        if "--times" in sys.argv and R == 0:
+            print(f"{name}: {time.perf_counter() - t0:.2f} s", flush=True)
+
+
+def inp(r: int, shape: tuple = (3, 4), dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rank r's input: small integers (exact in every dtype) that differ per rank and element."""
+    n = int(np.prod(shape))
+    v = (np.arange(n) * 7 + r * 3 + 1) % 11 + r
+    return torch.tensor(v.reshape(shape), dtype=torch.float64).to(dtype)
+
+
+def eq(a: torch.Tensor, b: torch.Tensor, tol: float = 0.0) -> None:
+    assert a.dtype == b.dtype, f"dtype {a.dtype} != {b.dtype}"
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    d = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    assert d <= tol, f"max difference {d} > {tol}:\n{a}\n{b}"
+
+
+def raises(exc: type, fn: object, match: str = "") -> BaseException:
+    try:
+        fn()  # type: ignore[operator]
+    except exc as e:
+        assert match in str(e), f"{match!r} not in {e!r}"
+        return e
+    raise AssertionError(f"{fn} did not raise {exc.__name__}")
+
+
+# ------------------------------------------------------------------ ops
+def c_basics() -> None:
+    import os
+
+    assert (R, P) == (int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"]))
+    assert 0 <= hvd.local_rank() < hvd.local_size() <= P
+    assert hvd.cross_size() >= 1 and 0 <= hvd.cross_rank() < hvd.cross_size()
+    assert hvd.is_initialized() and hvd.mpi_built() and hvd.mpi_enabled() and hvd.mpi_threads_supported()
+    assert not hvd.gloo_built() and not hvd.gloo_enabled() and not hvd.nccl_built() and not hvd.ccl_built()
+    assert not hvd.ddl_built() and not hvd.cuda_built() and not hvd.rocm_built()
+    assert hvd.is_homogeneous()
+    assert hvd.allgather_object(R) == list(range(P))
+
+
+def c_allreduce_ops() -> None:
+    for dt in DTYPES:
+        xs = [inp(r, (2, 3, 2), dt) for r in range(P)]
+        wide = [x.double() for x in xs]
+        exp = {hvd.Sum: sum(wide), hvd.Min: torch.stack(wide).min(0).values, hvd.Max: torch.stack(wide).max(0).values,
+               hvd.Product: torch.stack(wide).prod(0)}
+        if dt in (torch.uint8, torch.int8):
+            exp[hvd.Sum] = sum(xs)  # wraps around exactly like the reduction
+            exp[hvd.Product] = torch.stack(xs).prod(0, dtype=dt)
+        for op, e in exp.items():
+            got = hvd.allreduce(xs[R], op=op, name=f"ops.{dt}.{op}")
+            eq(got, e.to(dt), 0.0)
+        avg = hvd.allreduce(xs[R], name=f"avg.{dt}")  # Average is the default
+        if dt.is_floating_point:
+            eq(avg, (sum(wide) / P).to(dt), 0.0 if dt in (torch.float32, torch.float64) else 1e-2 * P)
+        else:
+            eq(avg, torch.div(sum(xs) if dt in (torch.uint8, torch.int8) else sum(wide).to(dt), P,
+                              rounding_mode="trunc").to(dt))
+        assert torch.equal(xs[R], inp(R, (2, 3, 2), dt)), "allreduce modified its input"
+
+
+def c_allreduce_flags() -> None:
+    xs = [inp(r, (5,), torch.float64) for r in range(P)]
+    s = sum(xs)
+    eq(hvd.allreduce(xs[R], average=False), s)
+    eq(hvd.allreduce(xs[R], average=True), s / P)
+    raises(ValueError, lambda: hvd.allreduce(xs[R], average=True, op=hvd.Sum), "supersedes")
+    eq(hvd.allreduce(xs[R], op=hvd.Sum, prescale_factor=0.5, postscale_factor=3.0), s * 1.5)
+    eq(hvd.allreduce(xs[R], op=hvd.Average, postscale_factor=2.0), s * 2.0 / P)
+    # integers scale in float64 and truncate, as in Horovod
+    xi = [inp(r, (5,), torch.int32) for r in range(P)]
+    pre = sum((x.double() * 0.3).to(torch.int32) for x in xi)
+    eq(hvd.allreduce(xi[R], op=hvd.Sum, prescale_factor=0.3), pre)
+    t = xs[R].clone()
+    out = hvd.allreduce_(t, op=hvd.Sum)
+    assert out is t
+    eq(t, s)
+    raises(NotImplementedError, lambda: hvd.allreduce(xs[R], op=hvd.Adasum), "Adasum")
+    eq(hvd.allreduce(xs[R].float(), op=hvd.Sum, compression=hvd.Compression.fp16), s.float())
+    assert hvd.Compression.fp16.compress(xs[R])[0].dtype == torch.float16
+
+
+def c_async_grouped() -> None:
+    xs = [[inp(r, (4, k + 1), torch.float32) for k in range(4)] for r in range(P)]
+    hs = [hvd.allreduce_async(xs[R][k], op=hvd.Sum, name=f"async.{k}") for k in range(4)]
+    for k, h in enumerate(hs):
+        eq(hvd.synchronize(h), sum(x[k] for x in xs))
+        raises(ValueError, lambda h=h: hvd.poll(h), "unknown handle")
+    h = hvd.allreduce_async(xs[R][0], op=hvd.Max)
+    while not hvd.poll(h):
+        pass
+    eq(hvd.synchronize(h), torch.stack([x[0] for x in xs]).max(0).values)
+    mixed = [inp(R, (3,), torch.int64), inp(R, (2, 2), torch.float32), inp(R, (1,), torch.float64)]
+    want = [sum(inp(r, m.shape, m.dtype) for r in range(P)) for m in mixed]
+    for got, w in zip(hvd.grouped_allreduce(mixed, op=hvd.Sum), want):
+        eq(got, w)
+    for got, w in zip(hvd.synchronize(hvd.grouped_allreduce_async(mixed, op=hvd.Sum)), want):
+        eq(got, w)
+    copies = [m.clone() for m in mixed]
+    hvd.grouped_allreduce_(copies, op=hvd.Sum)
+    for got, w in zip(copies, want):
+        eq(got, w)
+    copies = [m.clone() for m in mixed]
+    for got, w in zip(hvd.synchronize(hvd.grouped_allreduce_async_(copies, op=hvd.Average)), want):
+        eq(got, torch.div(w, P, rounding_mode="trunc") if not w.is_floating_point() else w / P)
+
+
+def c_allgather() -> None:
+    for dt in (torch.int16, torch.float32, torch.bfloat16, torch.bool):
+        xs = [inp(r, (r + 1, 2, 3), torch.float32).to(dt) for r in range(P)]
+        eq(hvd.allgather(xs[R]), torch.cat(xs))
+    even = [inp(r, (2, 2)) for r in range(P)]
+    eq(hvd.synchronize(hvd.allgather_async(even[R], name="ag.even")), torch.cat(even))
+    # a rank with no rows at all
+    xs = [inp(r, (0 if r == 0 else 2, 3)) for r in range(P)]
+    eq(hvd.allgather(xs[R]), torch.cat(xs))
+    group = [[inp(r, (r + 1,)), inp(r, (2, 1 + r % 2 * 0), torch.int64)] for r in range(P)]
+    got = hvd.grouped_allgather(group[R])
+    eq(got[0], torch.cat([g[0] for g in group]))
+    eq(got[1], torch.cat([g[1] for g in group]))
+    raises(ValueError, lambda: hvd.allgather(torch.tensor(1.0)), "0-d")
+
+
+def c_broadcast() -> None:
+    for root in range(P):
+        xs = [inp(r, (3, 2), torch.float64) for r in range(P)]
+        eq(hvd.broadcast(xs[R], root, name=f"bc.{root}"), xs[root])
+        t = xs[R].clone()
+        assert hvd.broadcast_(t, root) is t
+        eq(t, xs[root])
+        t = inp(R, (), torch.int64)
+        hvd.synchronize(hvd.broadcast_async_(t, root))
+        eq(t, inp(root, (), torch.int64))
+    raises(ValueError, lambda: hvd.broadcast(inp(R), P), "root_rank")
+
+
+def c_reducescatter() -> None:
+    for rows in (2 * P, 2 * P + 1, P - 1):
+        xs = [inp(r, (rows, 3), torch.float64) for r in range(P)]
+        full = sum(xs)
+        blocks = torch.tensor_split(full, P) if rows else [full] * P
+        eq(hvd.reducescatter(xs[R], op=hvd.Sum), blocks[R])
+        eq(hvd.reducescatter(xs[R]), blocks[R] / P)
+        eq(hvd.reducescatter(xs[R], op=hvd.Sum, prescale_factor=2.0, postscale_factor=0.5), blocks[R])
+    xi = [inp(r, (2 * P,), torch.int32) for r in range(P)]
+    eq(hvd.synchronize(hvd.reducescatter_async(xi[R], op=hvd.Sum)), torch.tensor_split(sum(xi), P)[R])
+    g = [[inp(r, (P, 2)), inp(r, (P + 1,), torch.float64)] for r in range(P)]
+    got = hvd.grouped_reducescatter(g[R], op=hvd.Sum)
+    eq(got[0], torch.tensor_split(sum(x[0] for x in g), P)[R])
+    eq(got[1], torch.tensor_split(sum(x[1] for x in g), P)[R])
+    raises(ValueError, lambda: hvd.reducescatter(torch.tensor(1.0)), "0-d")
+    raises(NotImplementedError, lambda: hvd.reducescatter(inp(R), op=hvd.Adasum), "Adasum")
+
+
+# ------------------------------------------------------------------ autograd
+def c_grads() -> None:
+    x = inp(R, (4, 2), torch.float64).requires_grad_()
+    (hvd.allreduce(x, op=hvd.Sum) * (R + 1)).sum().backward()
+    eq(x.grad, torch.full((4, 2), float(sum(r + 1 for r in range(P))), dtype=torch.float64))
+    x = inp(R, (4, 2), torch.float64).requires_grad_()
+    hvd.allreduce(x).sum().backward()  # Average: gradient averaged too
+    eq(x.grad, torch.ones(4, 2, dtype=torch.float64))
+    # allgather: d/dx of sum(w * gather(x)) is rank-averaged w restricted to this rank's rows
+    rows = [r + 1 for r in range(P)]
+    x = inp(R, (rows[R], 2), torch.float64).requires_grad_()
+    w = torch.arange(sum(rows) * 2, dtype=torch.float64).reshape(-1, 2)
+    (hvd.allgather(x) * w * (R + 1)).sum().backward()
+    off = sum(rows[:R])
+    eq(x.grad, w[off:off + rows[R]] * sum(r + 1 for r in range(P)) / P)
+    # broadcast: the root gets the averaged gradient, the others zeros
+    x = inp(R, (3,), torch.float64).requires_grad_()
+    (hvd.broadcast(x, 0) * (R + 1)).sum().backward()
+    eq(x.grad, torch.full((3,), sum(r + 1 for r in range(P)) / P if R == 0 else 0.0, dtype=torch.float64))
+    # reducescatter(Sum): every rank's gradient is the allgather of the output gradients
+    x = inp(R, (2 * P, 2), torch.float64).requires_grad_()
+    (hvd.reducescatter(x, op=hvd.Sum) * (R + 1)).sum().backward()
+    exp = torch.cat([torch.full((2, 2), float(r + 1), dtype=torch.float64) for r in range(P)]) * P
+    eq(x.grad, exp)
+    xs = [inp(R, (2,), torch.float64).requires_grad_(), inp(R, (3,), torch.float64).requires_grad_()]
+    outs = hvd.grouped_allreduce(xs, op=hvd.Sum)
+    (outs[0].sum() + 2 * outs[1].sum()).backward()
+    eq(xs[0].grad, torch.full((2,), float(P), dtype=torch.float64))
+    eq(xs[1].grad, torch.full((3,), 2.0 * P, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------ matching, errors
+def c_matching() -> None:
+    a, b = inp(R, (3,)), inp(R, (5,))
+    names = ["m.a", "m.b"] if R % 2 == 0 else ["m.b", "m.a"]
+    src = {"m.a": a, "m.b": b}
+    hs = {n: hvd.allreduce_async(src[n], op=hvd.Sum, name=n) for n in names}
+    eq(hvd.synchronize(hs["m.a"]), sum(inp(r, (3,)) for r in range(P)))
+    eq(hvd.synchronize(hs["m.b"]), sum(inp(r, (5,)) for r in range(P)))
+    h = hvd.allreduce_async(a, name="dup")
+    raises(ValueError, lambda: hvd.allreduce_async(a, name="dup"), "already in flight")
+    hvd.synchronize(h)
+    # mismatches: raised on every rank, nothing moves, the next op works
+    raises(HorovodInternalError, lambda: hvd.allreduce(inp(R, (3 + R,)), name="mm.shape"), "shape")
+    raises(RuntimeError, lambda: hvd.allreduce(inp(R, (3,), torch.float32 if R else torch.float64)), "dtype")
+    raises(HorovodInternalError, lambda: hvd.broadcast(inp(R), R), "root")
+    raises(HorovodInternalError, lambda: hvd.allreduce(inp(R), op=hvd.Sum if R else hvd.Max, name="mm.op"), "op")
+    raises(HorovodInternalError, lambda: hvd.allgather(inp(R, (2, 2 + R))), "beyond the first dimension")
+    nm = "mm.kind"
+    raises(HorovodInternalError, lambda: (hvd.allreduce(inp(R), name=nm) if R else hvd.allgather(inp(R), name=nm)),
+           "called")
+    eq(hvd.allreduce(a, op=hvd.Sum), sum(inp(r, (3,)) for r in range(P)))
+    raises(ValueError, lambda: hvd.allreduce([1.0]), "torch.Tensor")
+
+
+def c_timeout_names_missing_ranks() -> None:
+    eng = Engine(col.Communicator())
+    try:
+        x = np.ones(3, np.float32)
+        if R == 0:
+            h = eng.submit("allreduce", "lonely", [x], op="sum")
+            e = raises(HorovodInternalError, lambda: h.wait(1.0), "still waiting for rank(s)")
+            assert str(list(range(1, P))) in str(e), e
+        eng.submit("barrier", "b1", []).wait()
+        if R != 0:
+            eng.submit("allreduce", "lonely", [x], op="sum").wait()
+        else:
+            assert np.array_equal(h.wait(), [x * P])
+        # An op whose deadline passed is withdrawn on every rank: its name is free again, and the
+        # withdrawn data never meets a later op of the same name.
+        if R == 0:
+            eng.timeout = 1.0
+            stale = eng.submit("allreduce", "gone", [np.full(3, 100.0, np.float32)], op="sum")
+            raises(HorovodInternalError, stale.wait, "still waiting")
+            eng.timeout = 60.0
+        eng.submit("barrier", "b2", []).wait()
+        got = eng.submit("allreduce", "gone", [x], op="sum").wait()
+        assert np.array_equal(got, [x * P]), got
+    finally:
+        eng.shutdown()
+
+
+def c_join() -> None:
+    for first in range(P):
+        if R == first:
+            last = hvd.join()
+        else:
+            ha = hvd.allreduce_async(inp(R, (4,), torch.int32), name="join.a", op=hvd.Sum)
+            hb = hvd.allreduce_async(inp(R, (2, 2), torch.float64), name="join.b")
+            eq(hvd.synchronize(ha), sum(inp(r, (4,), torch.int32) for r in range(P) if r != first))
+            eq(hvd.synchronize(hb), sum(inp(r, (2, 2), torch.float64) for r in range(P) if r != first) / P)
+            if P > 1:
+                # named: the joined rank skips this call, so auto-generated names would differ from here on
+                raises(HorovodInternalError, lambda f=first: hvd.allgather(inp(R), name=f"join.ag.{f}"), "join")
+            last = hvd.join()
+        assert last != first or P == 1, (last, first)
+        assert hvd.allgather_object(last) == [last] * P
+
+
+def c_elastic_and_timeline() -> None:
+    raises(NotImplementedError, lambda: hvd.elastic.run(lambda s: None), "elastic")
+    raises(NotImplementedError, lambda: hvd.elastic.TorchState(), "elastic")
+    raises(NotImplementedError, lambda: hvd.start_timeline("/tmp/x"), "timeline")
+
+
+# ------------------------------------------------------------------ helpers
+def c_helpers() -> None:
+    torch.manual_seed(R)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    hvd.broadcast_parameters(model.state_dict(), root_rank=P - 1)
+    got = hvd.allgather_object({k: v.clone() for k, v in model.state_dict().items()})
+    for other in got:
+        for k, v in model.state_dict().items():
+            assert torch.equal(other[k], v), k
+    opt = torch.optim.Adam(model.parameters(), lr=0.1 * (R + 1), betas=(0.8 + 0.01 * R, 0.99))
+    if R == 0:  # only the root has state: the others create theirs
+        model(torch.randn(5, 3)).sum().backward()
+        opt.step()
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    sd = hvd.broadcast_object(opt.state_dict(), root_rank=0)
+    mine = opt.state_dict()
+    assert mine["param_groups"][0]["lr"] == sd["param_groups"][0]["lr"] == 0.1
+    assert mine["param_groups"][0]["betas"] == sd["param_groups"][0]["betas"]
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            assert torch.equal(torch.as_tensor(mine["state"][pid][k]), torch.as_tensor(v)), (pid, k)
+    obj = {"rank": R, "s": "x" * (R * 100)}
+    assert hvd.broadcast_object(obj, root_rank=P - 1) == {"rank": P - 1, "s": "x" * ((P - 1) * 100)}
+    assert hvd.allgather_object(obj) == [{"rank": r, "s": "x" * (r * 100)} for r in range(P)]
+    hvd.barrier()
+
+
+# ------------------------------------------------------------------ DistributedOptimizer
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+
+
+def _train(opt_cls: type, kw: dict, passes: int, steps: int, dist: dict | None) -> list[torch.Tensor]:
+    """Train; with ``dist`` each rank its shard through DistributedOptimizer, else one process on all shards."""
+    model = _net()
+    opt = opt_cls(model.parameters(), **kw)
+    if dist is not None:
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(), backward_passes_per_step=passes,
+                                       **dist)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        batches = [[(torch.randn(4, 5, generator=g, dtype=torch.float64),
+                     torch.randn(4, 3, generator=g, dtype=torch.float64)) for _ in range(passes)] for _ in range(P)]
+        opt.zero_grad()
+        if dist is not None:
+            for x, y in batches[R]:
+                torch.nn.functional.mse_loss(model(x), y).backward()
+        else:  # sum over passes, mean over ranks: what DistributedOptimizer(op=Average) computes
+            for r in range(P):
+                for x, y in batches[r]:
+                    (torch.nn.functional.mse_loss(model(x), y) / P).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def c_optimizer() -> None:
+    for opt_cls, kw in ((torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), (torch.optim.Adam, {"lr": 0.01})):
+        for passes in (1, 3):
+            ref = _train(opt_cls, kw, passes, 4, None)
+            for dist in ({}, {"groups": 2}, {"gradient_predivide_factor": 2.0}, {"groups": [[]]}):
+                got = _train(opt_cls, kw, passes, 4, dist)
+                for a, b in zip(got, ref):
+                    eq(a, b, 1e-6)
+    # op=Sum: the reference sums over ranks
+    got = _train(torch.optim.SGD, {"lr": 0.05 / P}, 1, 3, {"op": hvd.Sum})
+    ref = _train(torch.optim.SGD, {"lr": 0.05}, 1, 3, None)
+    for a, b in zip(got, ref):
+        eq(a, b, 1e-6)
+    # fp16 compression: every rank ends with the same parameters, close to the reference
+    got = _train(torch.optim.SGD, {"lr": 0.1}, 1, 3, {"compression": hvd.Compression.fp16})
+    ref = _train(torch.optim.SGD, {"lr": 0.1}, 1, 3, None)
+    for a, b in zip(got, ref):
+        eq(a, b, 5e-3)
+        assert all(torch.equal(a, o) for o in hvd.allgather_object(a))
+
+
+def c_optimizer_rules() -> None:
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    named = list(model.named_parameters())
+    raises(ValueError, lambda: hvd.DistributedOptimizer(opt, named_parameters=named[:1]), "not named")
+    raises(ValueError, lambda: hvd.DistributedOptimizer(opt, named_parameters=[named[0], named[0]] + named[1:]),
+           "unique")
+    raises(ValueError, lambda: hvd.DistributedOptimizer(opt, backward_passes_per_step=0), "> 0")
+    raises(ValueError, lambda: hvd.DistributedOptimizer(opt, op=hvd.Sum, gradient_predivide_factor=2.0), "predivide")
+    raises(NotImplementedError, lambda: hvd.DistributedOptimizer(opt, op=hvd.Adasum), "Adasum")
+    d = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+    model(torch.randn(2, 5, dtype=torch.float64)).sum().backward()
+    raises(AssertionError, lambda: d.zero_grad(), "zero_grad")
+    d.synchronize()
+    with d.skip_synchronize():
+        d.step()
+    # a parameter unused on some ranks still gets the other ranks' gradient (every rank submits it)
+    model = _net()
+    d = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), named_parameters=model.named_parameters())
+    before = model[2].weight.detach().clone()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    (model(x).sum() if R == 0 else model[0](x).sum()).backward()
+    d.step()
+    got = hvd.allgather_object(model[2].weight.detach())
+    assert all(torch.equal(g, got[0]) for g in got)
+    assert not torch.equal(model[2].weight.detach(), before)
+
+
+def c_sparse() -> None:
+    for dense in (False, True):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(10, 3, sparse=True).double()
+        ref = torch.nn.Embedding(10, 3).double()
+        ref.load_state_dict(emb.state_dict())
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.5),
+                                       named_parameters=emb.named_parameters(), sparse_as_dense=dense)
+        ropt = torch.optim.SGD(ref.parameters(), lr=0.5)
+        idx = [torch.tensor([r, (3 * r + 1) % 10, 2]) for r in range(P)]
+        emb(idx[R]).sum().backward()
+        opt.step()
+        for r in range(P):
+            (ref(idx[r]).sum() / P).backward()
+        ropt.step()
+        eq(emb.weight.detach(), ref.weight.detach(), 1e-12)
+
+
+def c_sync_batch_norm() -> None:
+    torch.manual_seed(3)
+    xs = [torch.randn(3 + r, 4, 2, dtype=torch.float64) for r in range(P)]  # uneven per-rank batches
+    bn = hvd.SyncBatchNorm(4).double()
+    ref = torch.nn.BatchNorm1d(4).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.arange(4.0) + 1)
+        bn.bias.copy_(torch.arange(4.0))
+        ref.load_state_dict(bn.state_dict())
+    x = xs[R].clone().requires_grad_()
+    y = bn(x)
+    w = torch.arange(y.numel(), dtype=torch.float64).reshape(y.shape)
+    (y * w).sum().backward()
+    xr = torch.cat(xs).requires_grad_()
+    yr = ref(xr)
+    off = sum(x.shape[0] for x in xs[:R])
+    ws = [torch.arange(t.numel(), dtype=torch.float64).reshape(t.shape) for t in xs]
+    (yr * torch.cat(ws)).sum().backward()
+    eq(y.detach(), yr[off:off + xs[R].shape[0]].detach(), 1e-10)
+    eq(x.grad, xr.grad[off:off + xs[R].shape[0]], 1e-10)
+    eq(bn.running_mean, ref.running_mean, 1e-12)
+    eq(bn.running_var, ref.running_var, 1e-12)
+    # each rank holds its rows' part of the affine gradients; summed they are the global batch's
+    eq(hvd.allreduce(bn.weight.grad, op=hvd.Sum), ref.weight.grad, 1e-9)
+    eq(hvd.allreduce(bn.bias.grad, op=hvd.Sum), ref.bias.grad, 1e-9)
+    bn.eval()
+    eq(bn(xs[R]), ref.eval()(xs[R]), 1e-12)
+
+
+# ------------------------------------------------------------------ waiting on the Communicator
+def c_missing_calls() -> None:
+    comm = hvd.mpi_ops._state.comm
+    x = inp(R, (2 * P, 2))
+    if hasattr(comm, "alltoall"):
+        splits = [(r + R) % 3 for r in range(P)]
+        xs = torch.arange(sum(splits) * 2, dtype=torch.float32).reshape(-1, 2) + 100 * R
+        out, recv = hvd.alltoall(xs, splits=splits)
+        exp_recv = [(R + r) % 3 for r in range(P)]
+        assert recv.tolist() == exp_recv
+        parts = []
+        for r in range(P):
+            sp = [(q + r) % 3 for q in range(P)]
+            src = torch.arange(sum(sp) * 2, dtype=torch.float32).reshape(-1, 2) + 100 * r
+            parts.append(src[sum(sp[:R]):sum(sp[:R]) + sp[R]])
+        eq(out, torch.cat(parts))
+    else:
+        raises(HorovodInternalError, lambda: hvd.alltoall(x), "Communicator.alltoall")
+    raises(ValueError, lambda: hvd.alltoall(torch.ones(P + 1)), "multiple")
+    raises(ValueError, lambda: hvd.alltoall(torch.ones(P), splits=torch.ones(P)), "int32")
+    raises(ValueError, lambda: hvd.alltoall(torch.ones(P - 1), splits=[1] * P), "exceed")
+    if hasattr(comm, "subgroup"):
+        ps = hvd.add_process_set([0, P - 1] if P > 1 else [0])
+        if ps.included():
+            eq(hvd.allreduce(x, op=hvd.Sum, process_set=ps), sum(inp(r, (2 * P, 2)) for r in sorted({0, P - 1})))
+        hvd.remove_process_set(ps)
+    else:
+        raises(HorovodInternalError, lambda: hvd.add_process_set([0]), "Communicator.subgroup")
+    raises(ValueError, lambda: hvd.allreduce(x, process_set=hvd.ProcessSet([0])), "not registered")
+
+
+run("ops", "basics", c_basics)
+run("ops", "allreduce_ops", c_allreduce_ops)
+run("ops", "allreduce_flags", c_allreduce_flags)
+run("ops", "async_grouped", c_async_grouped)
+run("ops", "allgather", c_allgather)
+run("ops", "broadcast", c_broadcast)
+run("ops", "reducescatter", c_reducescatter)
+run("grad", "grads", c_grads)
+run("match", "matching", c_matching)
+run("match", "timeout", c_timeout_names_missing_ranks)
+run("match", "join", c_join)
+run("match", "elastic", c_elastic_and_timeline)
+run("helpers", "helpers", c_helpers)
+run("optim", "optimizer", c_optimizer)
+run("optim", "optimizer_rules", c_optimizer_rules)
+run("optim", "sparse", c_sparse)
+run("bn", "sync_batch_norm", c_sync_batch_norm)
+run("missing", "missing_calls", c_missing_calls)
+hvd.shutdown()
+assert not hvd.is_initialized()
+cases.finish()
