@@ -18,8 +18,7 @@ Synchronous calls (``async_op=False``) run on the caller's thread;
 asynchronous ones go to the communicator's thread, and a completion thread of
 this module completes the torch Future when our Work finishes, so
 ``work.wait(timeout)`` raises on timeout and errors propagate through the
-future. Calls the communicator does not provide (see :data:`NEEDS`) raise
-:class:`collective.CollectiveError` naming the missing call.
+future.
 
 Example::
 
@@ -52,22 +51,12 @@ from .p2p import ANY_SOURCE
 from .errors import CollectiveError, CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import BFLOAT16
 
-__all__ = ["BACKEND", "NEEDS", "CollectiveProcessGroup", "create_store", "mpi_launched"]
+__all__ = ["BACKEND", "CollectiveProcessGroup", "create_store", "mpi_launched"]
 
 #: The backend name torch knows us by.
 BACKEND = "collective"
 
 #: Communicator methods some ProcessGroup calls need, and the torch calls that need them.
-NEEDS: dict[str, str] = {
-    "alltoall": "all_to_all, all_to_all_single",
-    "gather": "gather (and gather_object)",
-    "scatter": "scatter (and scatter_object_list)",
-    "send": "send, isend, batch_isend_irecv",
-    "recv": "recv, irecv, batch_isend_irecv",
-    "isend": "isend, batch_isend_irecv",
-    "irecv": "irecv, batch_isend_irecv",
-    "subgroup": "new_group / new_subgroups over a proper subset of the ranks",
-}
 
 _R = dist.ReduceOp.RedOpType
 _NAMED = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MAX: "max"}
@@ -358,13 +347,6 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         c = self._comm
         return describe(call, c.rank, c.size, None if t is None else tuple(t.shape), None if t is None else t.dtype)
 
-    def _need(self, method: str, call: str) -> Callable[..., Any]:
-        fn = getattr(self._comm, method, None)
-        if fn is None:
-            raise CollectiveError(f"{self._where(call)}: needs Communicator.{method}, which this version of "
-                                  f"collective does not provide (torch calls needing it: {NEEDS.get(method, call)})")
-        return fn
-
     def _one(self, tensors: list[torch.Tensor], call: str) -> torch.Tensor:
         if len(tensors) != 1:
             raise CollectiveValueError(f"{self._where(call)}: expected one tensor per call, got {len(tensors)}")
@@ -556,10 +538,6 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                 raise CollectiveTypeError(f"{self._where('all_gather', x)}: output dtype {o.dtype} is not the input's")
         a = _array(x.contiguous()).reshape(-1)
         even = all(o.numel() == x.numel() for o in outs)
-        if not even and not hasattr(comm, "alltoall"):
-            raise CollectiveError(f"{self._where('all_gather', x)}: output tensors of different sizes need "
-                                  "Communicator.allgather with uneven first dims, which this version of collective "
-                                  "does not provide")
         src = a.reshape(1, -1) if even else a
         sizes = [o.numel() for o in outs]
 
@@ -633,7 +611,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                       input_split_sizes: list[int], opts: Any = None) -> Any:
         if opts is None:
             opts = dist.AllToAllOptions()
-        fn = self._need("alltoall", "all_to_all_single")
+        fn = self._comm.alltoall
         P = self._comm.size
         _check_tensor(input, self._where("all_to_all_single", input))
         _check_tensor(output, self._where("all_to_all_single", output))
@@ -647,7 +625,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> Any:
         if opts is None:
             opts = dist.AllToAllOptions()
-        fn = self._need("alltoall", "all_to_all")
+        fn = self._comm.alltoall
         if len(inputs) != self._comm.size or len(outputs) != self._comm.size:
             raise CollectiveValueError(f"{self._where('all_to_all')}: expected {self._comm.size} inputs and outputs")
         for t in (*inputs, *outputs):
@@ -673,7 +651,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                     o.copy_(piece.reshape(o.shape))
 
         if is_async:
-            wk = self._need("alltoall_async", call)(a, splits=splits, return_splits=True)
+            wk = self._comm.alltoall_async(a, splits=splits, return_splits=True)
             return self._completer.add([wk], lambda: place(wk.wait()), outs, call)
         place(fn(a, splits=splits, return_splits=True))
         return _done(outs)
@@ -681,7 +659,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def gather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> Any:
         if opts is None:
             opts = dist.GatherOptions()
-        fn = self._need("gather", "gather")
+        fn = self._comm.gather
         x = self._one(inputs, "gather")
         root, comm = opts.rootRank, self._comm
         a = _array(x.contiguous()).reshape(-1)
@@ -697,7 +675,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                 o.copy_(piece.reshape(o.shape))
 
         if opts.asyncOp:
-            wk = self._need("gather_async", "gather")(a, root=root)
+            wk = self._comm.gather_async(a, root=root)
             return self._completer.add([wk], lambda: place(wk.wait()), outputs, "gather")
         place(fn(a, root=root))
         return _done(outputs)
@@ -705,7 +683,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None) -> Any:
         if opts is None:
             opts = dist.ScatterOptions()
-        fn = self._need("scatter", "scatter")
+        fn = self._comm.scatter
         y = self._one(outputs, "scatter")
         root, comm = opts.rootRank, self._comm
         if comm.rank == root:
@@ -721,20 +699,20 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             y.copy_(_tensor(np.ascontiguousarray(res).reshape(-1), y.dtype).reshape(y.shape))
 
         if opts.asyncOp:
-            wk = self._need("scatter_async", "scatter")(a, root=root, splits=splits)
+            wk = self._comm.scatter_async(a, root=root, splits=splits)
             return self._completer.add([wk], lambda: place(wk.wait()), outputs, "scatter")
         place(fn(a, root=root, splits=splits))
         return _done(outputs)
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Any:
         t = self._one(tensors, "send")
-        fn = self._need("isend", "send")
+        fn = self._comm.isend
         a = _array(t.contiguous())
         return self._completer.add([fn(a, dst, tag)], None, tensors, "send")
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> Any:
         t = self._one(tensors, "recv")
-        fn = self._need("irecv", "recv")
+        fn = self._comm.irecv
         w, back = _work_tensor(t)
         ours = fn(_array(w), src, tag)
         work = self._completer.add([ours], back, tensors, "recv")
@@ -774,12 +752,7 @@ def _create(opts: Any, backend_options: Any) -> CollectiveProcessGroup:
     if not ranks or ranks == list(range(comm.size)):
         _check_against_mpi(comm, opts.group_rank, opts.group_size, "the process group")
         return CollectiveProcessGroup(comm, opts.timeout)
-    sub = getattr(comm, "subgroup", None)
-    if sub is None:
-        raise CollectiveError(f"{describe('new_group', comm.rank, comm.size)}: a group of ranks {ranks} needs "
-                              "Communicator.subgroup(ranks), which this version of collective does not provide; "
-                              "groups over every rank work")
-    return CollectiveProcessGroup(sub(ranks), opts.timeout)
+    return CollectiveProcessGroup(comm.subgroup(ranks), opts.timeout)
 
 
 def _register() -> None:
