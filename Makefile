@@ -8,10 +8,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test docs install clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins what this project's own installs take (a torch build that is quick to get here);
+# users of the package inherit no upper bound.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[mpi,test,trainer,bench,torch,jax,docs]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[mpi,test,trainer,bench,torch,jax,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
