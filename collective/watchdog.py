@@ -392,6 +392,20 @@ class Watchdog:
                 missing.append(q)
         return lines, missing
 
+    def liveness_lines(self, missing: list[int], peers: dict[int, Any]) -> list[str]:
+        """Which of the ``missing`` ranks are alive and busy (they answered) and which may be gone (no answer)."""
+        busy = [q for q in missing if peers.get(q) is not None and peers[q][0] != "exited"]
+        silent = [q for q in missing if peers.get(q) is None]
+        out = []
+        if busy:
+            out.append(f"collective: {rank_list(busy)} {'is' if len(busy) == 1 else 'are'} alive and busy outside "
+                       f"this collective (answered); waiting for {'it' if len(busy) == 1 else 'them'} up to "
+                       f"COLLECTIVE_TIMEOUT={self.timeout:g} s (raise it for longer evaluation or checkpoints)")
+        if silent:
+            out.append(f"collective: {rank_list(silent)} did not answer: gone, or stuck outside Python (a rank "
+                       "whose program ends tells the others, and the launcher ends the job when a process dies)")
+        return out
+
     def report(self, rec: OpRecord, what: str, peers: dict[int, Any] | None = None, trace: bool = True) -> str:
         """The report for op ``rec``: what happened, the peers it waits for, what each peer does, the flight recorder."""
         lines = [f"collective: rank {self.rank} of {self.size}: {rec.describe(False)} {what}"]
@@ -408,6 +422,7 @@ class Watchdog:
             if missing:
                 lines.append(f"collective: rank {self.rank} is still waiting for {rank_list(missing)}, which "
                              f"{'has' if len(missing) == 1 else 'have'} not entered #{rec.seq} {rec.op}")
+                lines.extend(self.liveness_lines(missing, peers))
             lines.append(f"collective: rank {self.rank} asked the other ranks what they are doing:")
             lines.extend(plines)
         elif self._ctrl is None and self.size > 1:
