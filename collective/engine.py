@@ -21,7 +21,16 @@ from .prepare import Barrier
 from .shm import SharedArrays, ShmArena
 from .watchdog import deadline
 
-__all__ = ["HostEngine", "mpi_collective", "schedule_work", "schedule_result"]
+__all__ = ["HostEngine", "mpi_collective", "schedule_work", "schedule_result", "MPI_COUNT_LIMIT"]
+
+
+#: Most elements one MPI call moves: counts are C ints (MPI_ERR_ARG from 2**31 on); bigger calls go in pieces.
+MPI_COUNT_LIMIT = 1 << 30
+
+
+def _pieces(n: int) -> range:
+    """Starts of the pieces of an ``n``-element buffer that each fit one MPI call."""
+    return range(0, n, MPI_COUNT_LIMIT)
 
 
 def mpi_collective(comm: Any, MPI: Any, name: str, x: Any, out: Any, T: Any, mop: Any, root: int, rank: int,
@@ -30,9 +39,15 @@ def mpi_collective(comm: Any, MPI: Any, name: str, x: Any, out: Any, T: Any, mop
 
     ``out`` is None off the root of reduce; ``counts``: elements of each
     rank's block (reduce_scatter); ``copy(dst, src)`` copies the root's input
-    into its output before a broadcast, which works in one buffer.
+    into its output before a broadcast, which works in one buffer. Buffers of
+    more than :data:`MPI_COUNT_LIMIT` elements (1-D) go in pieces of at most
+    that many, in the same order on every rank: MPI's counts are C ints.
     """
-    if name == "allreduce":
+    n = x.size if x is not None else out.size
+    big = n > MPI_COUNT_LIMIT or (out is not None and out.size > MPI_COUNT_LIMIT)
+    if big:
+        _mpi_pieces(comm, MPI, name, x, out, T, mop, root, rank, inplace, counts, copy)
+    elif name == "allreduce":
         comm.Allreduce(MPI.IN_PLACE if inplace else [x, T], [out, T], mop)
     elif name == "reduce":
         if rank == root:
@@ -47,6 +62,50 @@ def mpi_collective(comm: Any, MPI: Any, name: str, x: Any, out: Any, T: Any, mop
         comm.Reduce_scatter([x, T], [out, T], counts, mop)
     else:
         comm.Allgather([x, T], [out, T])
+
+
+def _mpi_pieces(comm: Any, MPI: Any, name: str, x: Any, out: Any, T: Any, mop: Any, root: int, rank: int,
+                inplace: bool, counts: list[int] | None, copy: Callable[[Any, Any], None]) -> None:
+    """:func:`mpi_collective` for buffers past MPI's count limit: the same result, one piece per MPI call.
+
+    Element-wise collectives (allreduce, reduce, broadcast) cut the buffer.
+    reduce_scatter becomes one reduce per rank's block, and allgather one
+    broadcast per rank's block, each cut likewise: no buffer but the caller's.
+    """
+    if name == "allreduce":
+        for a in _pieces(out.size):
+            b = a + MPI_COUNT_LIMIT
+            comm.Allreduce(MPI.IN_PLACE if inplace else [x[a:b], T], [out[a:b], T], mop)
+    elif name == "reduce":
+        for a in _pieces(x.size):
+            b = a + MPI_COUNT_LIMIT
+            if rank == root:
+                comm.Reduce(MPI.IN_PLACE if inplace else [x[a:b], T], [out[a:b], T], mop, root)
+            else:
+                comm.Reduce([x[a:b], T], None, mop, root)
+    elif name == "broadcast":
+        if rank == root and not inplace:
+            copy(out, x)
+        for a in _pieces(out.size):
+            comm.Bcast([out[a:a + MPI_COUNT_LIMIT], T], root)
+    elif name == "reduce_scatter":
+        start = 0
+        for q, m in enumerate(counts or ()):
+            for a in _pieces(m):
+                b = min(m, a + MPI_COUNT_LIMIT)
+                src = x[start + a:start + b]
+                if rank == q:
+                    comm.Reduce([src, T], [out[a:b], T], mop, q)
+                else:
+                    comm.Reduce([src, T], None, mop, q)
+            start += m
+    else:  # allgather: every rank's block is broadcast from its owner, in rank order
+        m = x.size
+        copy(out[rank * m:(rank + 1) * m], x)
+        for q in range(comm.Get_size()):
+            for a in _pieces(m):
+                b = min(m, a + MPI_COUNT_LIMIT)
+                comm.Bcast([out[q * m + a:q * m + b], T], q)
 
 
 def schedule_work(name: str, rank: int, root: int, x: Any, out: Any, inplace: bool, blocks: tuple | None,

@@ -24,3 +24,18 @@ def test_default_deadline_ends_fast_when_a_rank_is_gone() -> None:
     assert not res.timed_out and res.returncode != 0, res.output
     assert "rank 1 exited" in res.output, res.output
     assert res.seconds < 40, res.seconds
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_native_collectives_in_pieces_past_the_count_limit(nprocs: int) -> None:
+    res = mpirun("hardening.py", nprocs, ["native_pieces"], timeout=120)
+    check(res, f"native collectives in pieces at P={nprocs}")
+    assert count_passed(res) == 6
+
+
+@pytest.mark.slow
+def test_native_allreduce_of_2_31_plus_7_uint8() -> None:
+    # Two ranks hold 2 GiB in, 2 GiB out each, plus MPI's own buffers: about 10 GiB in all, a few minutes.
+    res = mpirun("hardening.py", 2, ["huge"], timeout=600, env={"COLLECTIVE_TIMEOUT": "600"})
+    check(res, "a 2**31 + 7-element uint8 native allreduce")
+    assert res.output.count("PASSED 1") == 2

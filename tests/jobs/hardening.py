@@ -36,5 +36,76 @@ def gone_rank() -> None:
     comm.allreduce(np.ones(10, np.float32))
 
 
+def native_pieces() -> None:
+    """native past MPI's count limit (lowered here to 1000 elements so every collective is cut into pieces)."""
+    import collective.engine as engine
+
+    engine.MPI_COUNT_LIMIT = 1000
+    comm = col.init()
+    P, R = comm.size, comm.rank
+    passed = 0
+    for n in (999, 1000, 1001, 3001, 7 * P * 333):
+        base = np.arange(n, dtype=np.float64)
+        x = base * (R + 1)
+        want = base * (P * (P + 1) / 2)
+        assert np.array_equal(comm.allreduce(x, algorithm="native"), want)
+        y = x.copy()
+        comm.allreduce(y, out=y, algorithm="native")
+        assert np.array_equal(y, want)
+        r = comm.reduce(x, root=P - 1, algorithm="native")
+        if R == P - 1:
+            assert np.array_equal(r, want)
+        b = comm.broadcast(x if R == 1 else np.zeros(n), root=1, algorithm="native")
+        assert np.array_equal(b, base * 2)
+        if n % P == 0:
+            rs = comm.reduce_scatter(x, algorithm="native")
+            k = n // P
+            assert np.array_equal(rs, want[R * k:(R + 1) * k]), (n, rs[:4], want[R * k:R * k + 4])
+        g = comm.allgather(x, algorithm="native")
+        assert np.array_equal(g, np.concatenate([base * (q + 1) for q in range(P)]))
+        passed += 1
+    # Small integers wrap in C and NumPy; Open MPI's vectorised SUM saturated them from 64 elements on.
+    for dt in (np.int8, np.uint8, np.int16, np.uint16):
+        info = np.iinfo(dt)
+        xs = [np.random.default_rng(q).integers(info.min, info.max, 5000, dtype=dt, endpoint=True) for q in range(P)]
+        want = xs[0].copy()
+        for y in xs[1:]:
+            np.add(want, y, out=want)
+        for alg in ("native", "ring"):
+            got = comm.allreduce(xs[R], algorithm=alg)
+            assert np.array_equal(got, want), (np.dtype(dt).name, alg, got[:4], want[:4])
+        r = comm.reduce(xs[R], root=0, algorithm="native")
+        assert R != 0 or np.array_equal(r, want)
+    passed += 1
+    print(f"rank {R}: PASSED {passed}", flush=True)
+
+
+def _pattern(out: np.ndarray, mul: int, add: int) -> None:
+    """out[i] = (mul * i + add) mod 256, filled a piece at a time (an index array of 2**31 would be 16 GiB)."""
+    step = 1 << 24
+    for a in range(0, out.size, step):
+        b = min(out.size, a + step)
+        out[a:b] = (np.arange(a, b, dtype=np.int64) * mul + add) % 256
+
+
+def huge() -> None:
+    """A 2**31 + 7-element uint8 allreduce by native, checked element by element."""
+    comm = col.init()
+    n = (1 << 31) + 7
+    x = np.empty(n, np.uint8)
+    _pattern(x, 3, comm.rank)
+    out = comm.allreduce(x, algorithm="native")
+    del x
+    want = np.empty(1 << 24, np.uint8)
+    step = want.size
+    P = comm.size
+    for a in range(0, n, step):  # sum over ranks r of (3i + r) mod 256, in uint8 arithmetic
+        b = min(n, a + step)
+        w = want[:b - a]
+        w[...] = (np.arange(a, b, dtype=np.int64) * 3 * P + P * (P - 1) // 2) % 256
+        assert np.array_equal(out[a:b], w), a
+    print(f"rank {comm.rank}: PASSED 1", flush=True)
+
+
 if __name__ == "__main__":
-    {"busy_rank": busy_rank, "gone_rank": gone_rank}[sys.argv[1]]()
+    {"busy_rank": busy_rank, "gone_rank": gone_rank, "native_pieces": native_pieces, "huge": huge}[sys.argv[1]]()
