@@ -39,3 +39,10 @@ def test_native_allreduce_of_2_31_plus_7_uint8() -> None:
     res = mpirun("hardening.py", 2, ["huge"], timeout=600, env={"COLLECTIVE_TIMEOUT": "600"})
     check(res, "a 2**31 + 7-element uint8 native allreduce")
     assert res.output.count("PASSED 1") == 2
+
+
+def test_forked_children_end_without_mpi_finalization() -> None:
+    res = mpirun("hardening.py", 2, ["fork_child"], timeout=180)
+    check(res, "children forked after init")
+    assert res.output.count("PASSED 1") == 2, res.output
+    assert "exited (its program ended)" not in res.output

@@ -17,6 +17,8 @@ _os.environ.setdefault("OMPI_MCA_osc", "^ucx")
 # only launches jobs (collective-run, the test runner) must not do: it cost a second, and Open MPI left that
 # singleton's shared-memory file in /dev/shm for good.
 MPI: Any = None
+#: The process that initialised MPI here (a process forked from it shares its MPI state but is no MPI process).
+MPI_PID: int | None = None
 
 __all__ = ["MPIBackend", "require_mpi", "mpi_dtype", "mpi_op"]
 
@@ -47,7 +49,7 @@ def _singleton_backing_dir() -> None:
 
 def require_mpi() -> Any:
     """The mpi4py ``MPI`` module (importing it initialises MPI), or BackendUnavailableError saying what to install."""
-    global MPI
+    global MPI, MPI_PID
     if MPI is None:
         _singleton_backing_dir()
         try:
@@ -56,6 +58,7 @@ def require_mpi() -> Any:
             raise BackendUnavailableError(
                 f"mpi4py cannot be imported ({exc}); install it with: pip install 'collective[mpi]'") from None
         MPI = mod
+        MPI_PID = _os.getpid()
     return MPI
 
 

@@ -107,5 +107,57 @@ def huge() -> None:
     print(f"rank {comm.rank}: PASSED 1", flush=True)
 
 
+def _wait_child(pid: int, limit: float = 20.0) -> int:
+    """The child's exit status, or an AssertionError if it has not ended within ``limit`` seconds (killed)."""
+    t_end = time.monotonic() + limit
+    while time.monotonic() < t_end:
+        p, st = os.waitpid(pid, os.WNOHANG)
+        if p:
+            return os.waitstatus_to_exitcode(st)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"forked child {pid} did not end within {limit} s (stuck in MPI finalization?)")
+
+
+def fork_child() -> None:
+    """Children forked after init end with sys.exit(n), a normal return or an exception, with their status;
+    no exit notice reaches the other ranks, and fork workers of torch's DataLoader keep working."""
+    comm = col.init()
+    comm.allreduce(np.ones(4, np.float32))
+    cases = {"sys.exit(3)": 3, "sys.exit()": 0, "end of main": 0, "uncaught exception": 1, "sys.exit('bye')": 1}
+    for what, want in cases.items():
+        pid = os.fork()
+        if pid == 0:
+            if what == "sys.exit(3)":
+                sys.exit(3)
+            if what == "sys.exit()":
+                sys.exit()
+            if what == "uncaught exception":
+                raise RuntimeError("child fails (expected by the test)")
+            if what == "sys.exit('bye')":
+                sys.exit("bye")
+            return  # "end of main": the interpreter ends normally after main returns
+        got = _wait_child(pid)
+        assert got == want, (what, got, want)
+        # The other ranks must not have been told that this rank exited: a collective still works.
+        y = comm.allreduce(np.full(4, comm.rank + 1, np.float32))
+        assert (y == comm.size * (comm.size + 1) / 2).all()
+    try:
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+    except ImportError:
+        pass
+    else:
+        ds = TensorDataset(torch.arange(64, dtype=torch.float32))
+        loader = DataLoader(ds, batch_size=8, num_workers=2, multiprocessing_context="fork")
+        total = sum(float(b[0].sum()) for b in loader)
+        assert total == float(sum(range(64)))
+        y = comm.allreduce(np.full(4, total, np.float32))
+        assert (y == total * comm.size).all()
+    print(f"rank {comm.rank}: PASSED 1", flush=True)
+
+
 if __name__ == "__main__":
-    {"busy_rank": busy_rank, "gone_rank": gone_rank, "native_pieces": native_pieces, "huge": huge}[sys.argv[1]]()
+    {"busy_rank": busy_rank, "gone_rank": gone_rank, "native_pieces": native_pieces, "huge": huge,
+     "fork_child": fork_child}[sys.argv[1]]()
