@@ -18,7 +18,9 @@ from .backends.mpi import MPIBackend, mpi_dtype, mpi_op, require_mpi
 from .executor import Executor, ExecutorOptions, Plan
 from .ops import average_in_place
 from .prepare import Barrier
-from .shm import SharedArrays, ShmArena
+from .errors import CollectiveValueError, SharedMemoryError
+from .shm import (ARENA_SHARE, MIN_CHUNK_BYTES, SharedArrays, ShmArena, arena_bytes, fitting_chunk, shm_space,
+                  space_message)
 from .watchdog import deadline
 
 __all__ = ["HostEngine", "mpi_collective", "schedule_work", "schedule_result", "MPI_COUNT_LIMIT"]
@@ -187,24 +189,82 @@ class HostEngine:
         self._exec.current = None
 
     # --------------------------------------------------------------- arena
-    def make_arena(self) -> ShmArena:
-        """The node's shm arena (created collectively over the node on first use); the check is fenced in it."""
-        if self.arena is None:
-            node = self.backend.comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank)
-            self.arena = ShmArena(node, self.chunk_bytes, self.shm_wait)
-            # Every rank creates the arena in the same call, so from the next call on every rank checks through it.
-            self._check.attach_arena(self.arena, self.arena.size == self.size)
+    def make_arena(self, optional: bool = False) -> ShmArena | None:
+        """The node's shm arena (created collectively over the node on first use); the check is fenced in it.
+
+        The chunk shrinks (down to ``shm.MIN_CHUNK_BYTES``) until the arena
+        takes at most half of the shared memory the node has free (node rank
+        0 measures, so every rank picks the same), and the arena's pages are
+        committed when it is made: a small /dev/shm (Docker's 64 MB) is an
+        error here, never a SIGBUS later.
+
+        Args:
+            optional: on a shortage return None (the cross-rank check stays an
+                MPI allreduce; ``shm_problem`` says why) instead of raising.
+                Later calls, e.g. an shm collective's, raise the same error.
+
+        Raises:
+            SharedMemoryError: the node's shared memory cannot hold even the smallest arena; the message says
+                how much is needed, what was found and how to fix it.
+        """
+        if self.arena is not None:
+            return self.arena
+        problem = getattr(self, "shm_problem", None)
+        if problem is not None:
+            if optional:
+                return None
+            raise SharedMemoryError(problem)
+        MPI = self._mpi
+        node = self.backend.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        P = node.Get_size()
+        free = node.bcast(shm_space()[0] if node.Get_rank() == 0 else None, root=0)
+        chunk = fitting_chunk(self.chunk_bytes, P, free)
+        try:
+            if chunk == 0:
+                need = arena_bytes(P, min(self.chunk_bytes, MIN_CHUNK_BYTES))
+                raise SharedMemoryError(space_message(
+                    f"the shm arena ({P} ranks on the node; the smallest chunk)", int(need / ARENA_SHARE),
+                    free, shm_space()[1], chunk_hint=False) + "; shm collectives and comm.alloc are unavailable")
+            self.arena = ShmArena(node, chunk, self.shm_wait)
+        except SharedMemoryError as exc:
+            node.Free()
+            #: Why the node has no shm arena (None while it has one or none was tried).
+            self.shm_problem = str(exc)
+            if optional:
+                return None
+            raise
+        # Every rank creates the arena in the same call, so from the next call on every rank checks through it.
+        self._check.attach_arena(self.arena, self.arena.size == self.size)
         return self.arena
 
     def alloc(self, nbytes: int) -> np.ndarray:
-        """``nbytes`` in a new shared window of the node (collective over the node)."""
+        """``nbytes`` in a new shared window of the node (collective over the node), its pages committed.
+
+        Raises:
+            SharedMemoryError: the node's shared memory cannot hold it (every rank of the node raises).
+        """
         with deadline(f"alloc of {nbytes} bytes on rank {self.rank} (collective over the node)"):
             if self.shared is None:
-                self.shared = SharedArrays(self.make_arena())
+                self.shared = SharedArrays(self.make_arena())  # type: ignore[arg-type]
             return self.shared.alloc(nbytes)
 
+    def free(self, a: np.ndarray) -> None:
+        """Free the window of ``a`` from :meth:`alloc` (collective over the node; see ``SharedArrays.free``).
+
+        The caller first drops every prepared call that holds ``a`` (their
+        views count as uses), and runs this in the op order, like ``alloc``.
+        """
+        with deadline(f"free of an alloc'd array on rank {self.rank} (collective over the node)"):
+            if self.shared is None:
+                raise CollectiveValueError(f"free on rank {self.rank} of {self.size}: {type(a).__name__} is not an "
+                                           "array from comm.alloc (none was made)")
+            self.shared.free(a)
+
     def close(self) -> None:
-        """Free the arena (collective over the node); the alloc'd windows go with it."""
+        """Free the ``alloc`` windows, then the arena (collective over the node)."""
+        if self.shared is not None:
+            self.shared.free_all()
+            self.shared = None
         if self.arena is not None:
             self._check.detach_arena()
             self.arena.free()

@@ -11,6 +11,7 @@ __all__ = [
     "CollectiveTimeoutError",
     "CollectiveMismatchError",
     "BackendUnavailableError",
+    "SharedMemoryError",
     "describe",
 ]
 
@@ -66,3 +67,8 @@ class CollectiveMismatchError(CollectiveError):
 
 class BackendUnavailableError(CollectiveError, RuntimeError):
     """A backend (MPI, NCCL) cannot be used here; the message says why and what to install."""
+
+
+class SharedMemoryError(CollectiveError, MemoryError):
+    """The node's shared memory (/dev/shm) cannot hold a window; the message says how much is needed and found,
+    and how to give it more (``docker run --shm-size``) or need less (``COLLECTIVE_SHM_CHUNK_BYTES``)."""

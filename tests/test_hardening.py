@@ -46,3 +46,36 @@ def test_forked_children_end_without_mpi_finalization() -> None:
     check(res, "children forked after init")
     assert res.output.count("PASSED 1") == 2, res.output
     assert "exited (its program ended)" not in res.output
+
+
+def _private_job(nprocs: int, size: str, args: list[str], env: dict[str, str] | None = None, timeout: float = 300):
+    import os
+    import sys
+
+    from mpi_util import JOBS, ROOT, can_private_shm, run_with_private_shm
+
+    if not can_private_shm():
+        pytest.skip("a private /dev/shm needs root and unshare")
+    e = {k: v for k, v in os.environ.items() if k != "OMPI_MCA_btl_sm_backing_directory"}
+    e.update({"PYTHONPATH": str(ROOT), "COLLECTIVE_TIMEOUT": "120", "OMPI_MCA_mpi_yield_when_idle": "1"}, **(env or {}))
+    cmd = [sys.executable, "-m", "collective.run", "-n", str(nprocs), "--oversubscribe", sys.executable,
+           str(JOBS / "hardening.py"), *args]
+    res, _ = run_with_private_shm(cmd, e, timeout, size=size)
+    return res, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("nprocs, size, alloc_mib, ar_mib", [(2, "20m", 8, 64), (8, "64m", 1, 16), (2, "32m", 64, 8)])
+def test_small_dev_shm_works_or_says_what_to_do(nprocs: int, size: str, alloc_mib: int, ar_mib: int) -> None:
+    res, out = _private_job(nprocs, size, ["small_shm", str(alloc_mib), str(ar_mib)])
+    assert res.returncode == 0, out[-6000:]
+    assert "Bus error" not in out and "MPI_ERR" not in out, out[-6000:]
+    assert out.count("PASSED 1") == nprocs, out[-6000:]
+    if alloc_mib * nprocs > int(size[:-1]) // 2:  # cannot fit next to the arena and MPI's own buffers
+        assert out.count("ALLOC REFUSED") == nprocs, out[-6000:]
+        assert "docker run --shm-size=" in out and "needs" in out and "free of" in out, out[-6000:]
+
+
+def test_alloc_free_rounds_keep_dev_shm_flat() -> None:
+    res, out = _private_job(2, "128m", ["free_rounds"])
+    assert res.returncode == 0, out[-6000:]
+    assert out.count("PASSED 3") == 2, out[-6000:]

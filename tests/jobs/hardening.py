@@ -158,6 +158,112 @@ def fork_child() -> None:
     print(f"rank {comm.rank}: PASSED 1", flush=True)
 
 
+def _free(comm, a) -> None:
+    """comm.free(a): the Communicator method where it exists, else the same steps (drop prepared calls, free in
+    op order) spelled out."""
+    if hasattr(comm, "free"):
+        comm.free(a)
+    else:
+        comm._prep.forget()
+        comm._seqr.run_locked(lambda: comm._engine.free(a))
+
+
+def _shm_used() -> int:
+    st = os.statvfs("/dev/shm")
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def small_shm() -> None:
+    """On a small /dev/shm: alloc and shm allreduce either work (checked) or raise SharedMemoryError saying what
+    to do, never SIGBUS; argv[2] is the alloc size in MiB, argv[3] the allreduce size in MiB."""
+    from collective.errors import SharedMemoryError
+
+    comm = col.init()
+    P, R = comm.size, comm.rank
+    arena = comm._engine.arena
+    print(f"rank {R}: arena chunk {arena.chunk if arena is not None else None}", flush=True)
+    alloc_mib, ar_mib = int(sys.argv[2]), int(sys.argv[3])
+    n = ar_mib << 18  # float32
+    x = np.full(n, R + 1, np.float32)
+    x[::4097] = R
+    want = np.full(n, P * (P + 1) / 2, np.float32)
+    want[::4097] = P * (P - 1) / 2
+    try:
+        g = comm.alloc(alloc_mib << 18, np.float32)
+    except SharedMemoryError as exc:
+        print(f"rank {R}: ALLOC REFUSED {exc}", flush=True)
+        g = None
+    else:
+        g[:] = R + 1
+        comm.allreduce(g, out=g, algorithm="shm")
+        assert (g == P * (P + 1) / 2).all()
+    y = comm.allreduce(x, algorithm="shm")
+    assert np.array_equal(y, want)
+    y = comm.allreduce(x)  # auto
+    assert np.array_equal(y, want)
+    print(f"rank {R}: PASSED 1", flush=True)
+
+
+def free_rounds() -> None:
+    """comm.free: 50 rounds of alloc 8 MiB + free keep /dev/shm flat; bad frees raise on every rank."""
+    from collective.errors import CollectiveValueError
+
+    comm = col.init()
+    P, R = comm.size, comm.rank
+    comm.barrier()
+    base = _shm_used()
+    for i in range(50):
+        g = comm.alloc(2 << 20, np.float32)  # 8 MiB on every rank
+        g[:] = R + i
+        comm.allreduce(g, out=g, algorithm="shm")
+        assert g[0] == sum(q + i for q in range(P))
+        _free(comm, g)
+        assert not g.flags.writeable
+        if R == 0 and i % 10 == 0:
+            print(f"round {i}: /dev/shm used {(_shm_used() - base) >> 20} MiB above the start", flush=True)
+    comm.barrier()
+    grown = _shm_used() - base
+    assert grown < (8 << 20), f"/dev/shm grew by {grown} bytes over 50 alloc+free rounds"
+    passed = 1
+    # A view still alive: every rank refuses (rank 0 holds one), nothing is freed, the array still works.
+    g = comm.alloc(1 << 16, np.float32)
+    v = g[:100] if R == 0 else None
+    try:
+        _free(comm, g)
+    except CollectiveValueError as exc:
+        assert "nothing was freed" in str(exc), exc
+        assert R != 0 or "still use its memory" in str(exc), exc
+    else:
+        raise AssertionError("free with a live view did not raise")
+    del v
+    g[:] = 1
+    comm.allreduce(g, out=g, algorithm="shm")
+    assert (g == P).all()
+    _free(comm, g)
+    passed += 1
+    # Not an alloc'd array on one rank: every rank raises.
+    h = comm.alloc(1024, np.float32)
+    try:
+        _free(comm, h if R != P - 1 else np.zeros(1024, np.float32))
+    except CollectiveValueError as exc:
+        assert R != P - 1 or "not an array from comm.alloc" in str(exc), exc
+    else:
+        raise AssertionError("free of a plain array did not raise")
+    _free(comm, h)
+    try:
+        _free(comm, h)  # twice
+    except CollectiveValueError as exc:
+        assert "freed already" in str(exc), exc
+    else:
+        raise AssertionError("a second free did not raise")
+    passed += 1
+    keep = comm.alloc(4096, np.uint8)  # left to close(), which frees what is still allocated
+    keep[:] = 7
+    comm.close()
+    comm.barrier() if False else None
+    print(f"rank {R}: PASSED {passed}", flush=True)
+
+
 if __name__ == "__main__":
     {"busy_rank": busy_rank, "gone_rank": gone_rank, "native_pieces": native_pieces, "huge": huge,
-     "fork_child": fork_child}[sys.argv[1]]()
+     "fork_child": fork_child, "small_shm": small_shm, "free_rounds": free_rounds}[sys.argv[1]]()
