@@ -224,7 +224,7 @@ class HostEngine:
                 need = arena_bytes(P, min(self.chunk_bytes, MIN_CHUNK_BYTES))
                 raise SharedMemoryError(space_message(
                     f"the shm arena ({P} ranks on the node; the smallest chunk)", int(need / ARENA_SHARE),
-                    free, shm_space()[1], chunk_hint=False) + "; shm collectives and comm.alloc are unavailable")
+                    free, shm_space()[1], chunk_hint=None) + "; shm collectives and comm.alloc are unavailable")
             self.arena = ShmArena(node, chunk, self.shm_wait)
         except SharedMemoryError as exc:
             node.Free()

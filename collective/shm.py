@@ -129,8 +129,9 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def space_message(what: str, need: int, free: int, total: int, chunk_hint: bool) -> str:
-    """What a shortage of shared memory says: what was needed, what was found, and the fixes."""
+def space_message(what: str, need: int, free: int, total: int, chunk_hint: bool | None) -> str:
+    """What a shortage of shared memory says: what was needed, what was found, and the fixes (``chunk_hint``:
+    True, a smaller arena chunk; False, freeing alloc'd arrays; None, only more shared memory)."""
     found = (f"found {_mib(free)} free of {_mib(total)} in {shm_dir()}" if free >= 0
              else f"could not read the size of {shm_dir()}")
     size_mb = max(256, -(-((total if total > 0 else 0) + need) // (64 << 20)) * 64)
@@ -138,7 +139,7 @@ def space_message(what: str, need: int, free: int, total: int, chunk_hint: bool)
           f"{shm_dir()})"
     if chunk_hint:
         fix += ", or need less: COLLECTIVE_SHM_CHUNK_BYTES=1048576 (or smaller; the shm arena takes 2 chunks a rank)"
-    else:
+    elif chunk_hint is not None:
         fix += ", or free arrays you no longer need (comm.free(a))"
     return f"{what} needs {_mib(need)} of shared memory; {found}: {fix}"
 

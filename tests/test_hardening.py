@@ -79,3 +79,25 @@ def test_alloc_free_rounds_keep_dev_shm_flat() -> None:
     res, out = _private_job(2, "128m", ["free_rounds"])
     assert res.returncode == 0, out[-6000:]
     assert out.count("PASSED 3") == 2, out[-6000:]
+
+
+def test_dev_shm_too_small_for_any_arena() -> None:
+    res, out = _private_job(2, "1m", ["tiny_shm"], timeout=120)
+    assert "Bus error" not in out and "MPI_ERR" not in out, out[-6000:]
+    assert "needs 2.0 MiB of shared memory; found 1.0 MiB free of 1.0 MiB in /dev/shm" in out, out[-6000:]
+    assert "docker run --shm-size=" in out, out[-6000:]
+    if "INIT REFUSED" not in out:  # the communicator made the arena optional: it ran on without shm
+        assert res.returncode == 0 and out.count("PASSED 1") == 2 and out.count("SHM REFUSED") == 4, out[-6000:]
+
+
+def test_auto_needs_no_window_where_shm_cannot_run() -> None:
+    import numpy as np
+
+    from collective.choose import Chooser
+    from topologies.cluster import Cluster
+
+    cl = Cluster.from_node_size(4, 4)
+    for ok, want in ((True, "shm"), (False, "native")):
+        ch = Chooser(cl, 0, 4, 4, True, None, lambda: False, shm_ok=lambda ok=ok: ok)
+        assert ch.auto("allreduce", 64 << 20, np.dtype(np.float32)) == want
+        assert ch.auto("broadcast", 64 << 20, np.dtype(np.float32)) == want

@@ -264,6 +264,31 @@ def free_rounds() -> None:
     print(f"rank {R}: PASSED {passed}", flush=True)
 
 
+def tiny_shm() -> None:
+    """A /dev/shm too small for any arena: init says so, or (where the communicator makes the arena optional)
+    works without it: auto picks no shm, and shm and alloc raise the same SharedMemoryError."""
+    from collective.errors import SharedMemoryError
+
+    try:
+        comm = col.init()
+    except SharedMemoryError as exc:
+        print(f"INIT REFUSED {exc}", flush=True)
+        print("PASSED 1", flush=True)
+        return
+    x = np.ones(1 << 16, np.float32)
+    assert (comm.allreduce(x) == comm.size).all()
+    assert comm.trace()[-1].algorithm != "shm", comm.trace()[-1].algorithm
+    for call in (lambda: comm.allreduce(x, algorithm="shm"), lambda: comm.alloc(1024)):
+        try:
+            call()
+        except SharedMemoryError as exc:
+            print(f"SHM REFUSED {exc}", flush=True)
+        else:
+            raise AssertionError("shm without an arena did not raise")
+    assert (comm.allreduce(x) == comm.size).all()
+    print("PASSED 1", flush=True)
+
+
 if __name__ == "__main__":
     {"busy_rank": busy_rank, "gone_rank": gone_rank, "native_pieces": native_pieces, "huge": huge,
-     "fork_child": fork_child, "small_shm": small_shm, "free_rounds": free_rounds}[sys.argv[1]]()
+     "fork_child": fork_child, "small_shm": small_shm, "free_rounds": free_rounds, "tiny_shm": tiny_shm}[sys.argv[1]]()
