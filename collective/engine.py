@@ -15,12 +15,20 @@ from typing import Any, Callable
 import numpy as np
 
 from .backends.mpi import MPIBackend, mpi_dtype, mpi_op, require_mpi
+from .errors import CollectiveValueError, SharedMemoryError
 from .executor import Executor, ExecutorOptions, Plan
 from .ops import average_in_place
 from .prepare import Barrier
-from .errors import CollectiveValueError, SharedMemoryError
-from .shm import (ARENA_SHARE, MIN_CHUNK_BYTES, SharedArrays, ShmArena, arena_bytes, fitting_chunk, shm_space,
-                  space_message)
+from .shm import (
+    ARENA_SHARE,
+    MIN_CHUNK_BYTES,
+    SharedArrays,
+    ShmArena,
+    arena_bytes,
+    fitting_chunk,
+    shm_space,
+    space_message,
+)
 from .watchdog import deadline
 
 __all__ = ["HostEngine", "mpi_collective", "schedule_work", "schedule_result", "MPI_COUNT_LIMIT"]

@@ -56,7 +56,6 @@ import numpy as np
 
 from .errors import CollectiveValueError, SharedMemoryError
 
-
 __all__ = ["ShmArena", "SharedArrays", "DEFAULT_CHUNK_BYTES", "ONE_PHASE_BYTES", "WINDOW_MIN_BYTES", "SHM_WAITS",
            "MIN_CHUNK_BYTES", "arena_bytes", "fitting_chunk", "shm_space", "commit"]
 
@@ -134,7 +133,7 @@ def space_message(what: str, need: int, free: int, total: int, chunk_hint: bool 
     True, a smaller arena chunk; False, freeing alloc'd arrays; None, only more shared memory)."""
     found = (f"found {_mib(free)} free of {_mib(total)} in {shm_dir()}" if free >= 0
              else f"could not read the size of {shm_dir()}")
-    size_mb = max(256, -(-((total if total > 0 else 0) + need) // (64 << 20)) * 64)
+    size_mb = max(256, -(-((max(0, total)) + need) // (64 << 20)) * 64)
     fix = f"give the node more shared memory (docker run --shm-size={size_mb}m ..., or mount a larger tmpfs on " \
           f"{shm_dir()})"
     if chunk_hint:
@@ -213,9 +212,8 @@ def _placeholder(addr: int, nbytes: int) -> None:
     if end <= start:
         return
     try:
-        global _libc
         if _libc is None:
-            _madvise(0, 0, 0)
+            _madvise(0, 0, 0)  # loads libc
         _libc.mmap.restype = ctypes.c_void_p
         _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                ctypes.c_long)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from mpi_util import check, count_passed, mpirun
 
 pytestmark = pytest.mark.mpi

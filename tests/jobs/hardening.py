@@ -11,7 +11,7 @@ import numpy as np
 
 faulthandler.register(signal.SIGUSR1)
 
-import collective as col  # noqa: E402
+import collective as col
 
 
 def busy_rank() -> None:
@@ -38,7 +38,7 @@ def gone_rank() -> None:
 
 def native_pieces() -> None:
     """native past MPI's count limit (lowered here to 1000 elements so every collective is cut into pieces)."""
-    import collective.engine as engine
+    from collective import engine
 
     engine.MPI_COUNT_LIMIT = 1000
     comm = col.init()
