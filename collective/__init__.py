@@ -39,6 +39,10 @@ def init(**kwargs: Any) -> Communicator:
     arguments (after ``close()`` of the default communicator, a new one). Also installs the hook that aborts the whole job when any rank
     dies of an uncaught exception (``COLLECTIVE_ABORT_ON_EXCEPTION=0`` disables it).
 
+    Raises:
+        CollectiveConfigError: MPI sees one process while a launcher's variable (torchrun's ``WORLD_SIZE``,
+            Slurm's ``SLURM_NTASKS`` under srun, ...) says several were started (see ``collective.launch``).
+
     Args:
         **kwargs: passed to :class:`Communicator` on the first call (algorithm,
             timeout, segment_bytes).
@@ -52,7 +56,11 @@ def init(**kwargs: Any) -> Communicator:
     global _default
     with _init_lock:
         if _default is None or _default.closed:
+            from .backends.mpi import require_mpi
+            from .launch import check_launch
             from .watchdog import install_excepthook
+
+            check_launch(require_mpi().COMM_WORLD.Get_size())
 
             _default = Communicator(**kwargs)
             install_excepthook(_default.rank, _default.size)

@@ -173,7 +173,10 @@ def _save(path: str, cluster: Cluster, vals: np.ndarray) -> None:
          "gamma": float(vals[4]), "intra_shared_beta": float(vals[5])}
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w") as f:
+        # Owner only (a cluster's measured links are nobody else's business): created so, whatever the umask.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as f:
+            os.fchmod(fd, 0o600)
             json.dump(d, f, indent=1)
         os.replace(tmp, path)
     except OSError:  # a read-only place only costs the next job a measurement

@@ -22,10 +22,13 @@ class Chooser:
         single_node: every rank shares one shared-memory node (shm can run).
         tuning: a table from ``collective-bench --tune`` (``COLLECTIVE_TUNING``), or None.
         quick: returns whether small shm allreduces run in one phase (the check fenced in the arena).
+        shm_ok: returns whether the node's shm arena can exist (False where /dev/shm is too small for it:
+            "auto" then picks paths that need no shared window). None: always.
     """
 
     def __init__(self, cluster: Cluster, rank: int, size: int, local_size: int, single_node: bool, tuning: Any,
-                 quick: Callable[[], bool]) -> None:
+                 quick: Callable[[], bool], shm_ok: Callable[[], bool] | None = None) -> None:
+        self._shm_ok = shm_ok
         self.cluster, self.rank, self.size, self.local_size = cluster, rank, size, local_size
         self.single_node = single_node
         self.tuning = tuning
@@ -42,11 +45,14 @@ class Chooser:
         model's cheapest among native and the Schedules on the calibrated
         links (see :meth:`explain`).
         """
+        shm = self.single_node and (self._shm_ok is None or self._shm_ok())
         if self.tuning is not None and mpi_dtype(dtype) is not None:
             chosen = self.tuning.choose(name, nbytes, self.size, self._ranks_per_node)
-            if chosen is not None and (chosen != "shm" or self.single_node):
+            if chosen is not None and (chosen != "shm" or shm):
                 return chosen
         if self.size == 1:
+            return "native" if mpi_dtype(dtype) is not None else "ring"
+        if self.single_node and not shm:  # no shared window: MPI's own, or a ring for dtypes MPI lacks
             return "native" if mpi_dtype(dtype) is not None else "ring"
         if self.single_node:
             if name == "allreduce" and self._quick():

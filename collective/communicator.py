@@ -119,6 +119,10 @@ class Communicator:
         # Settings first, before any collective: a rank with a bad one raises (and, uncaught, aborts the job)
         # instead of leaving the others in the communicator's duplication until the deadline.
         where = describe("init", comm.Get_rank(), comm.Get_size())
+        if comm == MPI.COMM_WORLD:
+            from .launch import check_launch
+
+            check_launch(MPI.COMM_WORLD.Get_size())  # a lone process where a launcher meant several
         config.warn_unknown()
         alg = algorithm or config.get("ALGORITHM")
         if alg not in ALGORITHMS:
@@ -167,7 +171,8 @@ class Communicator:
         node_count = real_node_count(backend_.comm, MPI, self.cluster)
         self.single_node: bool = node_count == 1
         self._chooser = Chooser(self.cluster, self.rank, self.size, self.local_size, self.single_node, tuning,
-                                lambda: self._check.quick_arena is not None)
+                                lambda: self._check.quick_arena is not None,
+                                shm_ok=lambda: self._engine.shm_problem is None)
         self._prep = Preparer(self.rank, self.size, alg, self._chooser.auto, self._engine.plan,
                               self.cluster.node_of_rank, node_count, lambda: self._engine.shared, chunk)
         self._engine.nodes = self.cluster.node_of_rank
@@ -186,8 +191,9 @@ class Communicator:
         if self.single_node and self.size > 1 and self._check.fingerprints is not None:
             # The shared window now, not at the first shm call: from the first collective on, the mismatch
             # check is a node phase and P reads (ShmArena.exchange) instead of an MPI allreduce. Its pages
-            # are touched only when shm uses them: the check itself writes one cache line per rank.
-            self._engine.make_arena()
+            # are touched only when shm uses them: the check itself writes one cache line per rank. Where
+            # /dev/shm cannot hold it, the library runs without shm (auto never picks it; the reason is kept).
+            self._engine.make_arena(optional=True)
 
     @staticmethod
     def _read_tuning() -> tuple[Any, config.Local | None]:
@@ -535,6 +541,23 @@ class Communicator:
                                        f"{getattr(a, 'shape', '?')} dtype {getattr(a, 'dtype', '?')} is not an array "
                                        "from comm.alloc (or a contiguous leading slice of one)")
         return [v.reshape(a.shape) for v in found[1]]
+
+    def free(self, a: np.ndarray) -> None:
+        """Free the shared window of ``a``, an array from :meth:`alloc` (collective over the node).
+
+        Every rank of the node frees its array of the same ``alloc``; if any
+        rank's is not a whole alloc'd array or is still viewed elsewhere, every
+        rank raises and nothing is freed. Afterwards ``a`` is read-only and
+        reads zeros. ``close()`` frees every window still there.
+
+        Example::
+
+            g = comm.alloc(1 << 20)
+            ...
+            comm.free(g)
+        """
+        self._open("free")
+        self._seqr.run_locked(lambda: (self._prep.forget(), self._engine.free(a)))
 
     def window_slice(self, n: int) -> tuple[int, int] | None:
         """The part [start, stop) of an n-element alloc'd array that this rank reduces on the window path.

@@ -107,12 +107,17 @@ def _rows() -> tuple[Setting, ...]:
           meaning="A tuning table written by `collective-bench --tune`, read by `auto`. Every rank reads it "
                   "at `init()`; a rank that cannot, or a table that differs across ranks, is an error on every "
                   "rank (the paths may differ: the tables are compared)."),
-        S("COLLECTIVE_TIMEOUT", "duration", 300.0, low=0, low_open=True, high=_LONGEST_S, allow_inf=True,
-          meaning="How long a collective (or `init()`) may take before the job is aborted with a report of "
-                  "what every rank was doing. `inf` disables the deadline."),
+        S("COLLECTIVE_TIMEOUT", "duration", 1800.0, low=0, low_open=True, high=_LONGEST_S, allow_inf=True,
+          meaning="How long a collective (or `init()`) may wait for ranks that are alive but busy elsewhere "
+                  "(rank 0 evaluating or writing a checkpoint while the others wait at the next collective) "
+                  "before the job is aborted with a report of what every rank was doing; 30 minutes, as "
+                  "torch.distributed's default. Ranks that are gone end the job at once instead: a rank whose "
+                  "program ended sends an exit notice, and the launcher ends the job when a process dies. "
+                  "`inf` disables the deadline."),
         S("COLLECTIVE_STALL_WARN", "duration", 60.0, low=0, low_open=True, high=_LONGEST_S, allow_inf=True,
-          meaning="After this long a collective still in flight is reported once (which ranks it waits for); "
-                  "the job goes on until `COLLECTIVE_TIMEOUT`."),
+          meaning="After this long a collective still in flight is reported once (which ranks it waits for, "
+                  "and whether they answered, i.e. are alive and busy elsewhere); the job goes on until "
+                  "`COLLECTIVE_TIMEOUT`."),
         S("COLLECTIVE_TRACE_BUFFER", "int", 1024, low=1, high=10_000_000,
           meaning="Ops kept per rank by the flight recorder, printed when the job is aborted."),
         S("COLLECTIVE_CHECK", "bool", True, same_on_all_ranks=True,
@@ -366,7 +371,7 @@ def get(name: str, env: Mapping[str, str] | None = None) -> Any:
     Example::
 
         from collective import config
-        timeout = config.get("TIMEOUT")        # 300.0 unless COLLECTIVE_TIMEOUT says otherwise
+        timeout = config.get("TIMEOUT")        # 1800.0 unless COLLECTIVE_TIMEOUT says otherwise
     """
     s = setting(name)
     v = (os.environ if env is None else env).get(s.name)

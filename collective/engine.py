@@ -15,15 +15,34 @@ from typing import Any, Callable
 import numpy as np
 
 from .backends.mpi import MPIBackend, mpi_dtype, mpi_op, require_mpi
+from .errors import CollectiveValueError, SharedMemoryError
 from .executor import Executor, ExecutorOptions, Plan
 from .ops import average_in_place
 from .prepare import Barrier
 from .arrays import Deferred
-from .shm import SharedArrays, ShmArena
+from .shm import (
+    ARENA_SHARE,
+    MIN_CHUNK_BYTES,
+    SharedArrays,
+    ShmArena,
+    arena_bytes,
+    fitting_chunk,
+    node_space,
+    space_message,
+)
 from .variable import VCall, run_variable
 from .watchdog import deadline
 
-__all__ = ["HostEngine", "mpi_collective", "schedule_work", "schedule_result"]
+__all__ = ["HostEngine", "mpi_collective", "schedule_work", "schedule_result", "MPI_COUNT_LIMIT"]
+
+
+#: Most elements one MPI call moves: counts are C ints (MPI_ERR_ARG from 2**31 on); bigger calls go in pieces.
+MPI_COUNT_LIMIT = 1 << 30
+
+
+def _pieces(n: int) -> range:
+    """Starts of the pieces of an ``n``-element buffer that each fit one MPI call."""
+    return range(0, n, MPI_COUNT_LIMIT)
 
 
 def _resolve(r: Any) -> Any:
@@ -36,9 +55,15 @@ def mpi_collective(comm: Any, MPI: Any, name: str, x: Any, out: Any, T: Any, mop
 
     ``out`` is None off the root of reduce; ``counts``: elements of each
     rank's block (reduce_scatter); ``copy(dst, src)`` copies the root's input
-    into its output before a broadcast, which works in one buffer.
+    into its output before a broadcast, which works in one buffer. Buffers of
+    more than :data:`MPI_COUNT_LIMIT` elements (1-D) go in pieces of at most
+    that many, in the same order on every rank: MPI's counts are C ints.
     """
-    if name == "allreduce":
+    n = x.size if x is not None else out.size
+    big = n > MPI_COUNT_LIMIT or (out is not None and out.size > MPI_COUNT_LIMIT)
+    if big:
+        _mpi_pieces(comm, MPI, name, x, out, T, mop, root, rank, inplace, counts, copy)
+    elif name == "allreduce":
         comm.Allreduce(MPI.IN_PLACE if inplace else [x, T], [out, T], mop)
     elif name == "reduce":
         if rank == root:
@@ -53,6 +78,50 @@ def mpi_collective(comm: Any, MPI: Any, name: str, x: Any, out: Any, T: Any, mop
         comm.Reduce_scatter([x, T], [out, T], counts, mop)
     else:
         comm.Allgather([x, T], [out, T])
+
+
+def _mpi_pieces(comm: Any, MPI: Any, name: str, x: Any, out: Any, T: Any, mop: Any, root: int, rank: int,
+                inplace: bool, counts: list[int] | None, copy: Callable[[Any, Any], None]) -> None:
+    """:func:`mpi_collective` for buffers past MPI's count limit: the same result, one piece per MPI call.
+
+    Element-wise collectives (allreduce, reduce, broadcast) cut the buffer.
+    reduce_scatter becomes one reduce per rank's block, and allgather one
+    broadcast per rank's block, each cut likewise: no buffer but the caller's.
+    """
+    if name == "allreduce":
+        for a in _pieces(out.size):
+            b = a + MPI_COUNT_LIMIT
+            comm.Allreduce(MPI.IN_PLACE if inplace else [x[a:b], T], [out[a:b], T], mop)
+    elif name == "reduce":
+        for a in _pieces(x.size):
+            b = a + MPI_COUNT_LIMIT
+            if rank == root:
+                comm.Reduce(MPI.IN_PLACE if inplace else [x[a:b], T], [out[a:b], T], mop, root)
+            else:
+                comm.Reduce([x[a:b], T], None, mop, root)
+    elif name == "broadcast":
+        if rank == root and not inplace:
+            copy(out, x)
+        for a in _pieces(out.size):
+            comm.Bcast([out[a:a + MPI_COUNT_LIMIT], T], root)
+    elif name == "reduce_scatter":
+        start = 0
+        for q, m in enumerate(counts or ()):
+            for a in _pieces(m):
+                b = min(m, a + MPI_COUNT_LIMIT)
+                src = x[start + a:start + b]
+                if rank == q:
+                    comm.Reduce([src, T], [out[a:b], T], mop, q)
+                else:
+                    comm.Reduce([src, T], None, mop, q)
+            start += m
+    else:  # allgather: every rank's block is broadcast from its owner, in rank order
+        m = x.size
+        copy(out[rank * m:(rank + 1) * m], x)
+        for q in range(comm.Get_size()):
+            for a in _pieces(m):
+                b = min(m, a + MPI_COUNT_LIMIT)
+                comm.Bcast([out[q * m + a:q * m + b], T], q)
 
 
 def schedule_work(name: str, rank: int, root: int, x: Any, out: Any, inplace: bool, blocks: tuple | None,
@@ -115,6 +184,8 @@ class HostEngine:
         self.nodes = nodes
         #: Every rank of the communicator shares one shared-memory node (set by the communicator).
         self.single_node = False
+        #: Why the node has no shm arena (None while it has one or none was tried).
+        self.shm_problem: str | None = None
         #: ``prepare_fixed(name, x, op, algorithm, root, out)``: the fixed-size preparation (an allgather whose
         #: counts turn out equal runs as one); set by the communicator once its Preparer exists.
         self.prepare_fixed: Callable[..., Any] | None = None
@@ -141,24 +212,81 @@ class HostEngine:
         self._exec.current = None
 
     # --------------------------------------------------------------- arena
-    def make_arena(self) -> ShmArena:
-        """The node's shm arena (created collectively over the node on first use); the check is fenced in it."""
-        if self.arena is None:
-            node = self.backend.comm.Split_type(self._mpi.COMM_TYPE_SHARED, key=self.rank)
-            self.arena = ShmArena(node, self.chunk_bytes, self.shm_wait)
-            # Every rank creates the arena in the same call, so from the next call on every rank checks through it.
-            self._check.attach_arena(self.arena, self.arena.size == self.size)
+    def make_arena(self, optional: bool = False) -> ShmArena | None:
+        """The node's shm arena (created collectively over the node on first use); the check is fenced in it.
+
+        The chunk shrinks (down to ``shm.MIN_CHUNK_BYTES``) until the arena
+        takes at most half of the shared memory the node has free (node rank
+        0 measures, so every rank picks the same), and the arena's pages are
+        committed when it is made: a small /dev/shm (Docker's 64 MB) is an
+        error here, never a SIGBUS later.
+
+        Args:
+            optional: on a shortage return None (the cross-rank check stays an
+                MPI allreduce; ``shm_problem`` says why) instead of raising.
+                Later calls, e.g. an shm collective's, raise the same error.
+
+        Raises:
+            SharedMemoryError: the node's shared memory cannot hold even the smallest arena; the message says
+                how much is needed, what was found and how to fix it.
+        """
+        if self.arena is not None:
+            return self.arena
+        problem = self.shm_problem
+        if problem is not None:
+            if optional:
+                return None
+            raise SharedMemoryError(problem)
+        MPI = self._mpi
+        node = self.backend.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        P = node.Get_size()
+        free, total = node_space(node)
+        chunk = fitting_chunk(self.chunk_bytes, P, free)
+        try:
+            if chunk == 0:
+                need = arena_bytes(P, min(self.chunk_bytes, MIN_CHUNK_BYTES))
+                raise SharedMemoryError(space_message(
+                    f"the shm arena ({P} ranks on the node; the smallest chunk)", int(need / ARENA_SHARE),
+                    free, total, chunk_hint=None) + "; shm collectives and comm.alloc are unavailable")
+            self.arena = ShmArena(node, chunk, self.shm_wait)
+        except SharedMemoryError as exc:
+            node.Free()
+            self.shm_problem = str(exc)
+            if optional:
+                return None
+            raise
+        # Every rank creates the arena in the same call, so from the next call on every rank checks through it.
+        self._check.attach_arena(self.arena, self.arena.size == self.size)
         return self.arena
 
     def alloc(self, nbytes: int) -> np.ndarray:
-        """``nbytes`` in a new shared window of the node (collective over the node)."""
+        """``nbytes`` in a new shared window of the node (collective over the node), its pages committed.
+
+        Raises:
+            SharedMemoryError: the node's shared memory cannot hold it (every rank of the node raises).
+        """
         with deadline(f"alloc of {nbytes} bytes on rank {self.rank} (collective over the node)"):
             if self.shared is None:
-                self.shared = SharedArrays(self.make_arena())
+                self.shared = SharedArrays(self.make_arena())  # type: ignore[arg-type]
             return self.shared.alloc(nbytes)
 
+    def free(self, a: np.ndarray) -> None:
+        """Free the window of ``a`` from :meth:`alloc` (collective over the node; see ``SharedArrays.free``).
+
+        The caller first drops every prepared call that holds ``a`` (their
+        views count as uses), and runs this in the op order, like ``alloc``.
+        """
+        with deadline(f"free of an alloc'd array on rank {self.rank} (collective over the node)"):
+            if self.shared is None:
+                raise CollectiveValueError(f"free on rank {self.rank} of {self.size}: {type(a).__name__} is not an "
+                                           "array from comm.alloc (none was made)")
+            self.shared.free(a)
+
     def close(self) -> None:
-        """Free the arena (collective over the node); the alloc'd windows go with it."""
+        """Free the ``alloc`` windows, then the arena (collective over the node)."""
+        if self.shared is not None:
+            self.shared.free_all()
+            self.shared = None
         if self.arena is not None:
             self._check.detach_arena()
             self.arena.free()
@@ -172,7 +300,7 @@ class HostEngine:
             return None
         if type(c) is VCall:
             return run_variable(c, first, seq, self.backend.comm, self._mpi, self._exec, self.nodes, self._fixed_seq(seq),
-                                self.make_arena if self.single_node else None)
+                                self.make_arena if self.single_node and self.shm_problem is None else None)
         alg = c.algorithm
         if alg == "native":
             self._native(c)

@@ -11,6 +11,7 @@ __all__ = [
     "CollectiveTimeoutError",
     "CollectiveMismatchError",
     "BackendUnavailableError",
+    "SharedMemoryError",
     "describe",
     "format_uncaught",
 ]
@@ -124,3 +125,8 @@ def format_uncaught(etype: type[BaseException], value: BaseException, tb: Any, f
     text += "".join(traceback.format_exception_only(etype, value))
     return text + (f"({hidden} frame{'s' if hidden != 1 else ''} inside collective not shown; "
                    "COLLECTIVE_TRACEBACK=full shows them)\n")
+
+
+class SharedMemoryError(CollectiveError, MemoryError):
+    """The node's shared memory (/dev/shm) cannot hold a window; the message says how much is needed and found,
+    and how to give it more (``docker run --shm-size``) or need less (``COLLECTIVE_SHM_CHUNK_BYTES``)."""

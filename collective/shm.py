@@ -43,14 +43,21 @@ whatever its size (inputs ready; all results landed).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import mmap
 import os
+import sys
 import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from .errors import CollectiveValueError, SharedMemoryError
 
-__all__ = ["ShmArena", "SharedArrays", "DEFAULT_CHUNK_BYTES", "ONE_PHASE_BYTES", "WINDOW_MIN_BYTES", "SHM_WAITS"]
+__all__ = ["ShmArena", "SharedArrays", "DEFAULT_CHUNK_BYTES", "ONE_PHASE_BYTES", "WINDOW_MIN_BYTES", "SHM_WAITS",
+           "MIN_CHUNK_BYTES", "arena_bytes", "fitting_chunk", "shm_space", "commit"]
 
 # Fewer phases won over cache-sized chunks in the chunk-size runs of docs/bench (above all when ranks outnumber
 # cores and every phase costs context switches).
@@ -71,6 +78,166 @@ _FLAG = 64  # one cache line for the flag, so flags of different ranks never sha
 _SPINS = 200
 _YIELD_S = 2e-3
 _NAP_S = 20e-6
+
+
+# ------------------------------------------------------------ /dev/shm space
+#: The smallest chunk the arena shrinks to on a small /dev/shm: the one-phase path needs a chunk of this.
+MIN_CHUNK_BYTES = ONE_PHASE_BYTES
+#: The arena takes at most this share of the free shared memory it finds, leaving the rest to ``alloc`` and to
+#: MPI's own shared-memory transport.
+ARENA_SHARE = 0.5
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in for writing now, failing (not SIGBUS) on a shortage
+_MAP_FIXED_NOREPLACE = 0x100000
+_libc: Any = None
+
+
+def shm_dir() -> str:
+    """Where Open MPI's shared windows live: ``OMPI_MCA_osc_sm_backing_directory``, else /dev/shm."""
+    return os.environ.get("OMPI_MCA_osc_sm_backing_directory") or "/dev/shm"
+
+
+def shm_space() -> tuple[int, int]:
+    """(free, total) bytes of the file system shared windows live on; (-1, -1) when it cannot be read."""
+    try:
+        st = os.statvfs(shm_dir())
+    except OSError:
+        return -1, -1
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def node_space(node_comm: Any) -> tuple[int, int]:
+    """:func:`shm_space` as node rank 0 reads it, on every rank of the node (collective; plain buffers)."""
+    buf = np.array(shm_space() if node_comm.Get_rank() == 0 else (0, 0), np.int64)
+    node_comm.Bcast(buf, root=0)
+    return int(buf[0]), int(buf[1])
+
+
+def arena_bytes(nranks: int, chunk: int) -> int:
+    """Shared memory an arena of ``nranks`` segments of ``chunk``-byte regions takes (pages rounded up)."""
+    seg = _FLAG + 2 * chunk
+    page = mmap.PAGESIZE
+    return nranks * ((seg + page - 1) // page * page)
+
+
+def fitting_chunk(want: int, nranks: int, free: int) -> int:
+    """The largest chunk of at most ``want`` bytes (a multiple of 64) whose arena takes at most ``ARENA_SHARE``
+    of ``free`` bytes; 0 when not even :data:`MIN_CHUNK_BYTES` fits. ``free`` < 0 (unknown): ``want``."""
+    if free < 0:
+        return want
+    chunk = want
+    budget = int(free * ARENA_SHARE)
+    if arena_bytes(nranks, chunk) > budget:
+        chunk = (budget // nranks - _FLAG - mmap.PAGESIZE) // 2 // 64 * 64
+    return chunk if chunk >= min(want, MIN_CHUNK_BYTES) else 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def space_message(what: str, need: int, free: int, total: int, chunk_hint: bool | None) -> str:
+    """What a shortage of shared memory says: what was needed, what was found, and the fixes (``chunk_hint``:
+    True, a smaller arena chunk; False, freeing alloc'd arrays; None, only more shared memory)."""
+    found = (f"found {_mib(free)} free of {_mib(total)} in {shm_dir()}" if free >= 0
+             else f"could not read the size of {shm_dir()}")
+    size_mb = max(256, -(-((max(0, total)) + need) // (64 << 20)) * 64)
+    fix = f"give the node more shared memory (docker run --shm-size={size_mb}m ..., or mount a larger tmpfs on " \
+          f"{shm_dir()})"
+    if chunk_hint:
+        fix += ", or need less: COLLECTIVE_SHM_CHUNK_BYTES=1048576 (or smaller; the shm arena takes 2 chunks a rank)"
+    elif chunk_hint is not None:
+        fix += ", or free arrays you no longer need (comm.free(a))"
+    return f"{what} needs {_mib(need)} of shared memory; {found}: {fix}"
+
+
+def _madvise(addr: int, length: int, advice: int) -> int:
+    """madvise(2) on [addr, addr+length); 0 or the errno (EINVAL also where the advice is unknown)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if _libc.madvise(addr, length, advice) == 0:
+        return 0
+    return ctypes.get_errno() or errno.EIO
+
+
+def commit(buf: np.ndarray) -> str | None:
+    """Give every page of ``buf`` (shared memory) its backing now; None when done, else why it could not.
+
+    A window's file is sparse: a page without backing store found free by a
+    later write is SIGBUS, no error. Faulting every page in for writing at
+    creation turns a shortage into this error instead. Where the kernel
+    cannot populate ahead (before Linux 5.14, or not Linux) nothing is done.
+    """
+    n = buf.nbytes
+    if n == 0 or not sys.platform.startswith("linux"):
+        return None
+    addr = buf.__array_interface__["data"][0]
+    page = mmap.PAGESIZE
+    start = addr // page * page
+    try:
+        err = _madvise(start, addr + n - start, _MADV_POPULATE_WRITE)
+    except (OSError, AttributeError):  # no libc to call
+        return None
+    if err == 0 or err == errno.EINVAL:
+        return None
+    return os.strerror(err)
+
+
+def _mpi_op(name: str) -> Any:
+    from mpi4py import MPI
+
+    return getattr(MPI, name)
+
+
+def _other_views(segs: list[np.ndarray], a: np.ndarray) -> int:
+    """How many arrays, besides ``segs`` (every rank's part of one window) and ``a``, view the window's memory.
+
+    Every view of a part has that part's whole-segment array as its ``base``
+    (NumPy points a view at the first array up the chain that wraps a foreign
+    buffer), so the references to those arrays count the views.
+    """
+    extra = 0
+    for seg in segs:
+        base = seg.base
+        if base is None:
+            continue
+        # Held here: ``base`` and getrefcount's argument; by ``seg``; by ``a`` when it views this part.
+        held = 3 + (1 if a is not seg and a.base is base else 0)
+        extra += sys.getrefcount(base) - held
+    return extra
+
+
+def _placeholder(addr: int, nbytes: int) -> None:
+    """Map read-only zero pages where a freed window's array was, where nothing else is mapped now, so a stale
+    read of it gives zeros instead of a crash (best effort: Linux only)."""
+    if not sys.platform.startswith("linux") or nbytes <= 0:
+        return
+    page = mmap.PAGESIZE
+    start = (addr + page - 1) // page * page  # whole pages only: a partial one may hold live data
+    end = (addr + nbytes) // page * page
+    if end <= start:
+        return
+    try:
+        if _libc is None:
+            _madvise(0, 0, 0)  # loads libc
+        _libc.mmap.restype = ctypes.c_void_p
+        _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_long)
+        r = _libc.mmap(start, end - start, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS |
+                       _MAP_FIXED_NOREPLACE, -1, 0)
+        if r is not None and r != start and r != ctypes.c_void_p(-1).value:
+            _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+            _libc.munmap(r, end - start)  # an old kernel placed it elsewhere: not ours to keep
+    except (OSError, AttributeError):
+        pass
+
+
+def _agree_ok(comm: Any, ok: bool) -> bool:
+    """Whether every rank of ``comm`` has ``ok`` (collective)."""
+    from mpi4py import MPI
+
+    return bool(comm.allreduce(int(ok), op=MPI.MIN))
 
 
 def _cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
@@ -171,6 +338,44 @@ def _reduce_slices(ufunc: Callable[..., Any], regs: list[np.ndarray], a: int, b:
     _reduce_into(ufunc, [r[a:b] for r in regs], dst)
 
 
+def _allocate_committed(node_comm: Any, nbytes: int, what: str, chunk_hint: bool) -> Any:
+    """``MPI.Win.Allocate_shared`` of ``nbytes`` per rank with every rank's segment committed (collective over
+    the node); on a shortage on any rank, every rank raises :class:`SharedMemoryError` and nothing is left.
+
+    A shortage found by MPI's own check (MPI_ERR_INTERN, MPI_ERR_NO_MEM) or by
+    :func:`commit` reads the same: what was needed, what was found, the fix.
+    """
+    from mpi4py import MPI
+
+    size = node_comm.Get_size()
+    # Node rank 0 measures for all, so every rank decides alike: Open MPI's own space check fails on the rank
+    # that creates the file while the others wait in the call for good, so a shortage must be caught first.
+    free, total = node_space(node_comm)
+    page = mmap.PAGESIZE
+    need = size * ((max(nbytes, 1) + page - 1) // page * page) + 2 * page
+    if 0 <= free < need:
+        raise SharedMemoryError(space_message(what, need, free, total, chunk_hint)
+                                + f" (found before creating it, on node rank {node_comm.Get_rank()})")
+    win = None
+    why = None
+    try:
+        win = MPI.Win.Allocate_shared(max(nbytes, 1), 1, comm=node_comm)
+    except MPI.Exception as exc:
+        why = f"MPI could not create the window ({exc.Get_error_string().strip()})"
+    if win is not None:
+        buf, _ = win.Shared_query(node_comm.Get_rank())
+        why = commit(np.frombuffer(buf, np.uint8, count=max(nbytes, 1)))
+        if why is not None:
+            why = f"committing this rank's pages failed ({why})"
+    created = _agree_ok(node_comm, win is not None)
+    if _agree_ok(node_comm, why is None):
+        return win
+    if created:
+        win.Free()  # collective: every rank made it
+    msg = space_message(what, need, free, total, chunk_hint)
+    raise SharedMemoryError(f"{msg} (node rank {node_comm.Get_rank()}: {why or 'another rank ran short'})")
+
+
 class ShmArena:
     """The node's shared window of flags and double-buffered regions, plus the shm collectives."""
 
@@ -183,7 +388,8 @@ class ShmArena:
         self.size = node_comm.Get_size()
         self.chunk = max(4096, (chunk_bytes + 63) // 64 * 64)
         seg_bytes = _FLAG + 2 * self.chunk
-        self.win = MPI.Win.Allocate_shared(seg_bytes, 1, comm=node_comm)
+        self.win = _allocate_committed(node_comm, seg_bytes, f"the shm arena (2 regions of {_mib(self.chunk)} for "
+                                       f"each of {self.size} ranks on the node)", chunk_hint=True)
         self.win.Lock_all(MPI.MODE_NOCHECK)
         self.segs = []
         for p in range(self.size):
@@ -501,18 +707,80 @@ class SharedArrays:
         self._scratch_buf = np.empty(WINDOW_PIECE_BYTES, np.uint8)
         self._by_addr: dict[int, tuple[Any, list[np.ndarray], int]] = {}
         self._views: dict[tuple[int, int, np.dtype], tuple[int, list[np.ndarray]]] = {}
+        self._number = -1
 
     def alloc(self, nbytes: int) -> np.ndarray:
-        """A uint8 array of ``nbytes`` in a new shared window (collective over the node)."""
-        MPI = self.arena.mpi
-        win = MPI.Win.Allocate_shared(max(nbytes, 1), 1, comm=self.arena.comm)
+        """A uint8 array of ``nbytes`` in a new shared window (collective over the node), its pages committed.
+
+        Raises:
+            SharedMemoryError: the node's shared memory cannot hold it (on every rank of the node).
+        """
+        ar = self.arena
+        win = _allocate_committed(ar.comm, nbytes, f"alloc of {nbytes} bytes on each of {ar.size} ranks of the "
+                                  "node", chunk_hint=False)
         segs = []
-        for p in range(self.arena.size):
+        for p in range(ar.size):
             buf, _ = win.Shared_query(p)
             segs.append(np.frombuffer(buf, np.uint8, count=max(nbytes, 1))[:nbytes])
-        mine = segs[self.arena.rank]
-        self._by_addr[mine.__array_interface__["data"][0]] = (win, segs, len(self._by_addr))
+        mine = segs[ar.rank]
+        self._number += 1  # never reused, so a freed window's number cannot match a new one's in the check
+        self._by_addr[mine.__array_interface__["data"][0]] = (win, segs, self._number)
         return mine
+
+    def free(self, a: np.ndarray, what: str = "free") -> None:
+        """Free the window of ``a``, an array :meth:`alloc` returned (or a view of all of it); collective over
+        the node, every rank passing its own array of the same ``alloc``.
+
+        Every rank checks first, and every rank raises if any rank fails a
+        check, so none is left waiting: ``a`` must be such an array, the same
+        ``alloc`` on every rank, and no other array may still view its memory
+        (it is unmapped: a view used afterwards would crash the process).
+        Afterwards ``a`` is read-only and reads zeros.
+
+        Raises:
+            CollectiveValueError: naming the check that failed and the node rank it failed on.
+        """
+        ar = self.arena
+        addr = a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else 0
+        ent = self._by_addr.get(addr)
+        problem = None
+        if ent is None:
+            problem = (f"{type(a).__name__} is not an array from comm.alloc (or was freed already)"
+                       if isinstance(a, np.ndarray) or a is None else f"{type(a).__name__} is not an array")
+        elif a.nbytes != ent[1][ar.rank].nbytes:
+            problem = f"a part ({a.nbytes} of {ent[1][ar.rank].nbytes} bytes) of an alloc'd array; pass all of it"
+        number = ent[2] if ent is not None else -1
+        if problem is None:
+            for k in [k for k in self._views if k[0] == addr]:  # our own cached views of it go first
+                del self._views[k]
+            self._plans_dropped()
+            extra = _other_views(ent[1], a)
+            if extra > 0:
+                problem = (f"{extra} other array{'s' if extra > 1 else ''} (views of it or of another rank's part, "
+                           "or a call still holding it) still use its memory; delete them first")
+        lo = ar.comm.allreduce(number if problem is None else -1, op=_mpi_op("MIN"))
+        hi = ar.comm.allreduce(number if problem is None else -1, op=_mpi_op("MAX"))
+        if lo != hi or lo < 0:
+            mine = problem or ("every rank's array is from an alloc, but not the same one on every rank"
+                               if lo >= 0 or number >= 0 else "another rank's array cannot be freed")
+            raise CollectiveValueError(f"{what} on node rank {ar.rank} of {ar.size}: {mine}; nothing was freed")
+        win, segs, _ = self._by_addr.pop(addr)
+        segs.clear()
+        win.Free()
+        a.flags.writeable = False
+        _placeholder(addr, a.nbytes)
+
+    def _plans_dropped(self) -> None:
+        """Forget cached views (a plan of the window path holds some)."""
+        self._views.clear()
+
+    def free_all(self) -> None:
+        """Free every window (collective over the node; the same windows on every rank, in alloc order)."""
+        for addr, (win, segs, _) in sorted(self._by_addr.items(), key=lambda kv: kv[1][2]):
+            segs.clear()
+            win.Free()
+        self._by_addr.clear()
+        self._views.clear()
 
     def _scratch(self, n: int, dtype: np.dtype) -> np.ndarray:
         """n elements of ``dtype`` of scratch (at most one window piece)."""

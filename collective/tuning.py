@@ -160,16 +160,17 @@ class TuningTable:
         if data["version"] != FORMAT_VERSION or isinstance(data["version"], bool):
             raise bad("'version'", f"is {data['version']!r}; this version of collective reads version {FORMAT_VERSION}")
         nranks = data["nranks"]
-        if not _is_int(nranks) or nranks < 1:
-            raise bad("'nranks'", f"must be an integer >= 1, got {nranks!r}")
+        if not _is_int(nranks) or not 1 <= nranks <= _MAX_RANKS:
+            raise bad("'nranks'", f"must be an integer from 1 to {_MAX_RANKS}, got {_shown(nranks)}")
         rpn = data["ranks_per_node"]
-        if not isinstance(rpn, list) or not rpn or not all(_is_int(k) and k >= 1 for k in rpn):
-            raise bad("'ranks_per_node'", f"must be a non-empty list of integers >= 1, got {rpn!r}")
+        if not isinstance(rpn, list) or not rpn or not all(_is_int(k) and 1 <= k <= _MAX_RANKS for k in rpn):
+            raise bad("'ranks_per_node'", f"must be a non-empty list of integers from 1 to {_MAX_RANKS}, "
+                      f"got {_shown(rpn)}")
         if sum(rpn) != nranks:
             raise bad("'ranks_per_node'", f"sums to {sum(rpn)}, but 'nranks' is {nranks}")
         for k in ("dtype", "op"):
             if not isinstance(data[k], str) or not data[k]:
-                raise bad(repr(k), f"must be a non-empty string, got {data[k]!r}")
+                raise bad(repr(k), f"must be a non-empty string, got {_shown(data[k])}")
         raw = data["table"]
         if not isinstance(raw, dict):
             raise bad("'table'", f"must be an object mapping collectives to entry lists, got {type(raw).__name__}")
@@ -186,9 +187,26 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a tuning table holds")
+
+
+def _shown(v: Any) -> str:
+    """``repr(v)``, cut short: a message quotes a bad value, not a 400-digit one whole."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+#: Bounds that no real table exceeds: more ranks than any machine has, or messages beyond 2^62 bytes, are a
+#: damaged or foreign file, not a tuning result.
+_MAX_RANKS = 1 << 24
+_MAX_BYTES = 1 << 62
+_MAX_FILE_BYTES = 16 << 20
+
+
 def _entries(entries: Any, where: str, bad: Any, known: frozenset[str] | None) -> tuple[Entry, ...]:
     if not isinstance(entries, list) or not entries:
-        raise bad(where, f"must be a non-empty list of entries, got {entries!r}")
+        raise bad(where, f"must be a non-empty list of entries, got {_shown(entries)}")
     out: list[Entry] = []
     prev = -1
     for i, e in enumerate(entries):
@@ -196,16 +214,16 @@ def _entries(entries: Any, where: str, bad: Any, known: frozenset[str] | None) -
         if isinstance(e, Entry):
             e = e.to_json()
         if not isinstance(e, dict) or set(e) != {"max_bytes", "algorithm"}:
-            raise bad(w, f"must be an object with exactly 'max_bytes' and 'algorithm', got {e!r}")
+            raise bad(w, f"must be an object with exactly 'max_bytes' and 'algorithm', got {_shown(e)}")
         mb, alg = e["max_bytes"], e["algorithm"]
-        if mb is not None and (not _is_int(mb) or mb < 0):
-            raise bad(f"{w}.max_bytes", f"must be an integer >= 0 or null, got {mb!r}")
+        if mb is not None and (not _is_int(mb) or not 0 <= mb <= _MAX_BYTES):
+            raise bad(f"{w}.max_bytes", f"must be an integer from 0 to 2**62 or null, got {_shown(mb)}")
         if not isinstance(alg, str) or not alg:
-            raise bad(f"{w}.algorithm", f"must be a non-empty string, got {alg!r}")
+            raise bad(f"{w}.algorithm", f"must be a non-empty string, got {_shown(alg)}")
         if alg in PSEUDO_ALGORITHMS:
             raise bad(f"{w}.algorithm", f"is {alg!r}, which is not a concrete algorithm")
         if known is not None and alg not in known:
-            raise bad(f"{w}.algorithm", f"{alg!r} is not known here; known: {', '.join(sorted(known))}")
+            raise bad(f"{w}.algorithm", f"{_shown(alg)} is not known here; known: {', '.join(sorted(known))}")
         if prev is None:
             raise bad(w, "follows an entry with max_bytes null (no bound); null must come last")
         if mb is not None and mb <= prev:
@@ -237,16 +255,28 @@ def load_table(path: str | os.PathLike[str], known_algorithms: Iterable[str] | N
     """
     src = os.fspath(path)
     try:
-        with open(src, encoding="utf-8") as f:
-            text = f.read()
+        with open(src, "rb") as f:
+            raw = f.read(_MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise TuningTableError(f"tuning table {src}: cannot read it ({exc.strerror or exc}); "
                                "write one with collective-bench --tune PATH") from None
+    if len(raw) > _MAX_FILE_BYTES:
+        raise TuningTableError(f"tuning table {src}: larger than {_MAX_FILE_BYTES} bytes, which no table written "
+                               "by collective-bench --tune is; is it the right file?")
     try:
-        data = json.loads(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TuningTableError(f"tuning table {src}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                               "write one with collective-bench --tune PATH") from None
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise TuningTableError(f"tuning table {src}: not valid JSON (line {exc.lineno}, column {exc.colno}: "
                                f"{exc.msg})") from None
+    except RecursionError:
+        raise TuningTableError(f"tuning table {src}: nested too deeply to be a tuning table") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts, or NaN
+        raise TuningTableError(f"tuning table {src}: not a valid table ({exc})") from None
     return TuningTable.from_json(data, src, known_algorithms)
 
 

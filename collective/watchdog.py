@@ -44,7 +44,7 @@ from .fingerprint import rank_list
 from .sequencer import FlightRecorder, OpRecord
 from .spec import OP_NAMES
 
-__all__ = ["Watchdog", "OpStatus", "install_excepthook", "abort_job", "deadline"]
+__all__ = ["Watchdog", "OpStatus", "install_excepthook", "abort_job", "deadline", "forked_child"]
 
 _NAMES = OP_NAMES
 _CODE = {n: i for i, n in enumerate(_NAMES)}
@@ -397,6 +397,20 @@ class Watchdog:
                 missing.append(q)
         return lines, missing
 
+    def liveness_lines(self, missing: list[int], peers: dict[int, Any]) -> list[str]:
+        """Which of the ``missing`` ranks are alive and busy (they answered) and which may be gone (no answer)."""
+        busy = [q for q in missing if peers.get(q) is not None and peers[q][0] != "exited"]
+        silent = [q for q in missing if peers.get(q) is None]
+        out = []
+        if busy:
+            out.append(f"collective: {rank_list(busy)} {'is' if len(busy) == 1 else 'are'} alive and busy outside "
+                       f"this collective (answered); waiting for {'it' if len(busy) == 1 else 'them'} up to "
+                       f"COLLECTIVE_TIMEOUT={self.timeout:g} s (raise it for longer evaluation or checkpoints)")
+        if silent:
+            out.append(f"collective: {rank_list(silent)} did not answer: gone, or stuck outside Python (a rank "
+                       "whose program ends tells the others, and the launcher ends the job when a process dies)")
+        return out
+
     def report(self, rec: OpRecord, what: str, peers: dict[int, Any] | None = None, trace: bool = True) -> str:
         """The report for op ``rec``: what happened, the peers it waits for, what each peer does, the flight recorder."""
         lines = [f"collective: rank {self.rank} of {self.size}: {rec.describe(False)} {what}"]
@@ -413,6 +427,7 @@ class Watchdog:
             if missing:
                 lines.append(f"collective: rank {self.rank} is still waiting for {rank_list(missing)}, which "
                              f"{'has' if len(missing) == 1 else 'have'} not entered #{rec.seq} {rec.op}")
+                lines.extend(self.liveness_lines(missing, peers))
             lines.append(f"collective: rank {self.rank} asked the other ranks what they are doing:")
             lines.extend(plines)
         elif self._ctrl is None and self.size > 1:
@@ -481,8 +496,10 @@ def _at_exit() -> None:
 
     A peer waiting in a collective this rank never entered then aborts the job
     with a message saying so, instead of hanging (Open MPI's MPI_Finalize waits
-    for every rank).
+    for every rank). Never in a forked child: it is not the rank.
     """
+    if forked_child():
+        return
     wds = _live()
     for wd in wds:
         wd._drain()
@@ -491,6 +508,75 @@ def _at_exit() -> None:
             wd.close(announce=True)
         except Exception:  # noqa: BLE001 - never turn a clean exit into a crash
             pass
+
+
+# ------------------------------------------------------------------ fork
+#: A forked child's exit status as far as it is known (sys.exit's argument, 1 after an uncaught exception).
+_child_status: list[int] = [0]
+
+
+def forked_child() -> bool:
+    """True in a process forked from an MPI rank after collective initialised MPI (not an MPI process itself)."""
+    from .backends import mpi as _mpi
+
+    return _mpi.MPI_PID is not None and os.getpid() != _mpi.MPI_PID
+
+
+def _exit_status(code: Any) -> int:
+    """The process exit status for ``sys.exit(code)``, as Python computes it."""
+    if code is None:
+        return 0
+    if isinstance(code, int) and not isinstance(code, bool):
+        return code & 0xFF
+    try:
+        sys.stderr.write(f"{code}\n")
+    except Exception:  # noqa: BLE001 - an exit must not fail on its message
+        pass
+    return 1
+
+
+def _after_fork() -> None:
+    """In a child forked from a rank whose MPI is initialised: end it without MPI's finalization or exit notices.
+
+    Such a child shares the rank's MPI state but is no MPI process: MPI_Finalize
+    there waits for the job forever, and an exit notice would tell the other
+    ranks that this rank had ended. A child that ends with ``sys.exit()``, by
+    returning from the main module or by an uncaught exception leaves through
+    ``os._exit`` with the same status, right after the handlers the child
+    registered itself (and before the parent's, which multiprocessing's fork
+    workers, torch's DataLoader among them, skip the same way). A bare ``raise
+    SystemExit(n)`` reports 0.
+    """
+    if not forked_child():  # collective never initialised MPI in the parent: nothing to protect
+        return
+    real_exit = sys.exit
+
+    def exit_(status: Any = None) -> None:
+        _child_status[0] = _exit_status(status)
+        real_exit(status)
+
+    def excepthook(etype: Any, value: Any, tb: Any) -> None:
+        _child_status[0] = 1
+        sys.__excepthook__(etype, value, tb)  # never collective's hook: MPI_Abort would end the whole job
+
+    sys.exit = exit_  # type: ignore[assignment]
+    sys.excepthook = excepthook
+    threading.excepthook = threading.__excepthook__
+    atexit.register(_child_exit)  # registered last, so it runs before every handler inherited from the rank
+
+
+def _child_exit() -> None:
+    """The forked child's last Python step: flush, then leave without running MPI's finalization."""
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(_child_status[0])
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 _HOOK_INSTALLED = False
@@ -520,6 +606,9 @@ def install_excepthook(rank: int, size: int) -> None:
 
     def hook(etype: Any, value: Any, tb: Any) -> None:
         if issubclass(etype, KeyboardInterrupt) or not (abort or isinstance(value, CollectiveError)):
+            prev(etype, value, tb)
+            return
+        if forked_child():  # not the rank: never abort the job from a forked child
             prev(etype, value, tb)
             return
         text = format_uncaught(etype, value, tb, full=full)

@@ -46,19 +46,25 @@ def private_backing_dir(env: dict[str, str]) -> str | None:
     return path
 
 
-def run_with_private_shm(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[subprocess.CompletedProcess,
-                                                                                     list[str] | None]:
+def can_private_shm() -> bool:
+    """Whether :func:`run_with_private_shm` can give a command a /dev/shm of its own here (root and unshare)."""
+    return bool(shutil.which("unshare")) and hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def run_with_private_shm(cmd: list[str], env: dict[str, str], timeout: float,
+                         size: str = "256m") -> tuple[subprocess.CompletedProcess, list[str] | None]:
     """Run ``cmd`` with a /dev/shm of its own; return its result and the files it left there (None: not checkable).
 
-    The command runs in a private mount namespace over a fresh tmpfs on
-    /dev/shm, so what it leaves there is its own, whatever other jobs on the
-    machine create meanwhile. Without the rights for that (not root, no
-    ``unshare``) it runs plainly and the files are None.
+    The command runs in a private mount namespace over a fresh tmpfs of
+    ``size`` on /dev/shm (a small one stands for Docker's 64 MB default), so
+    what it leaves there is its own, whatever other jobs on the machine create
+    meanwhile. Without the rights for that (not root, no ``unshare``) it runs
+    plainly and the files are None.
     """
     wrapped = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-               'mount -t tmpfs -o size=256m tmpfs /dev/shm || exit 99; "$@"; rc=$?; '
+               f'mount -t tmpfs -o size={size} tmpfs /dev/shm || exit 99; "$@"; rc=$?; '
                'echo "@@SHM@@ $(ls -A /dev/shm | tr "\\n" " ")"; exit $rc', "sh", *cmd]
-    if shutil.which("unshare") and hasattr(os, "geteuid") and os.geteuid() == 0:
+    if can_private_shm():
         res = subprocess.run(wrapped, env=env, capture_output=True, text=True, timeout=timeout)
         if res.returncode != 99:
             marks = [ln for ln in res.stdout.splitlines() if ln.startswith("@@SHM@@")]

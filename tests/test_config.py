@@ -190,11 +190,11 @@ def test_choice_path_string() -> None:
 
 def test_get_reads_the_environment_at_call_time(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("COLLECTIVE_TIMEOUT", raising=False)
-    assert config.get("TIMEOUT") == 300.0 and not config.is_set("TIMEOUT") and config.raw("TIMEOUT") is None
+    assert config.get("TIMEOUT") == 1800.0 and not config.is_set("TIMEOUT") and config.raw("TIMEOUT") is None
     monkeypatch.setenv("COLLECTIVE_TIMEOUT", "2min")
     assert config.get("COLLECTIVE_TIMEOUT") == 120.0 and config.raw("TIMEOUT") == "2min"
     monkeypatch.setenv("COLLECTIVE_TIMEOUT", "")  # empty means unset
-    assert config.get("TIMEOUT") == 300.0 and not config.is_set("TIMEOUT")
+    assert config.get("TIMEOUT") == 1800.0 and not config.is_set("TIMEOUT")
     with pytest.raises(KeyError, match="COLLECTIVE_NOPE is not declared"):
         config.get("NOPE")
 

@@ -70,7 +70,7 @@ def _bad(doc: object) -> str:
         ({"nodes": []}, "field 'nodes': expected a non-empty list"),
         ({"nodes": [[0, 1], []]}, r"field 'nodes\[1\]': expected a non-empty list of ranks"),
         ({"nodes": [[0, 1], 2]}, r"field 'nodes\[1\]'"),
-        ({"nodes": [[0, -1]]}, r"field 'nodes\[0\]': expected a rank \(an integer >= 0\), got -1"),
+        ({"nodes": [[0, -1]]}, r"field 'nodes\[0\]': expected a rank \(an integer from 0 to 2147483647\), got -1"),
         ({"nodes": [[0, 1.5]]}, r"field 'nodes\[0\]': expected a rank"),
         ({"nodes": [[0, True]]}, r"field 'nodes\[0\]': expected a rank"),
         ({"nodes": [[0, 1], [1, 2]]}, r"rank 1 is listed twice \(nodes\[0\] and nodes\[1\]\)"),
@@ -90,9 +90,9 @@ def _bad(doc: object) -> str:
         ({"nodes": [[0], [1]], "links": {"inter": {"alpha_us": 1, "GBps": 1, "node_GBps": 2}}},
          "unknown field 'links.inter.node_GBps'"),
         ({"nodes": [[0], [1]], "links": {"inter": {"alpha_us": -1, "GBps": 1}}},
-         r"field 'links.inter.alpha_us': expected a number >= 0, got -1"),
+         r"field 'links.inter.alpha_us': expected a number >= 0 and <= 1e\+06, got -1"),
         ({"nodes": [[0], [1]], "links": {"inter": {"alpha_us": 1, "GBps": 0}}},
-         r"field 'links.inter.GBps': expected a number > 0, got 0"),
+         r"field 'links.inter.GBps': expected a number >= 1e-06 and <= 1e\+06, got 0"),
         ({"nodes": [[0], [1]], "links": {"inter": {"alpha_us": 1, "GBps": "fast"}}}, "links.inter.GBps"),
         ({"nodes": [[0, 1]], "links": {"intra": {"alpha_us": 1, "GBps": 1, "node_GBps": 0}}},
          "links.intra.node_GBps"),
@@ -172,3 +172,40 @@ def test_init_refuses_a_bad_file(clean_env: pytest.MonkeyPatch, tmp_path, doc: o
     with pytest.raises(col.CollectiveValueError, match=match) as info:
         col.Communicator()
     assert "init on rank 0 of 1" in str(info.value)
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"nodes": [[0, 1]], "links": {"intra": {"alpha_us": ' + "9" * 400 + ', "GBps": 1}}}',
+     "links.intra.alpha_us"),
+    ('{"nodes": [[0, 1]], "links": {"intra": {"alpha_us": 1e308, "GBps": 1}}}', "links.intra.alpha_us"),
+    ('{"nodes": [[0, 1]], "links": {"intra": {"alpha_us": 5, "GBps": 5e-324}}}', "links.intra.GBps"),
+    ('{"nodes": [[0, 1]], "links": {"intra": {"alpha_us": 5, "GBps": 1e300}}}', "links.intra.GBps"),
+    ('{"nodes": [[0, 1]], "links": {"intra": {"alpha_us": 5, "GBps": 1, "node_GBps": 1e-300}}}',
+     "links.intra.node_GBps"),
+    ('{"nodes": [[0, 1]], "links": {"intra": {"alpha_us": 5, "GBps": 1}, "reduce_GBps": 5e-324}}',
+     "links.reduce_GBps"),
+    ('{"nodes": [[0, ' + "1" * 400 + ']]}', "nodes[0]"),
+    ('{"node_of_rank": [0, ' + "7" * 400 + ']}', "node_of_rank[1]"),
+    ('{"nodes": [[0, ' + "1" * 5000 + ']]}', "digits"),
+    ('{"nodes": ' + "[" * 100000 + "]" * 100000 + '}', "nested too deeply"),
+])
+def test_absurd_and_hostile_files_get_the_library_error(text: str, words: str, tmp_path) -> None:
+    p = tmp_path / "topo.json"
+    p.write_text(text)
+    with pytest.raises(TopologyFileError) as ei:
+        load_topology(str(p), nranks=2)
+    assert str(p) in str(ei.value) and words in str(ei.value)
+    assert len(str(ei.value)) < 400  # a 400-digit value is quoted cut short
+
+
+def test_non_utf8_file_names_the_file(tmp_path) -> None:
+    p = tmp_path / "topo.json"
+    p.write_bytes(b'{"nodes": [[0, 1]], "x": "\xff\xfe"}')
+    with pytest.raises(TopologyFileError, match=f"{p}.*not UTF-8"):
+        load_topology(str(p), nranks=2)
+
+
+def test_link_ranges_accept_real_values() -> None:
+    cl = parse_topology('{"nodes": [[0, 1]], "links": {"intra": {"alpha_us": 0, "GBps": 0.001}, '
+                        '"reduce_GBps": 100000}}')
+    assert cl.intra.alpha == 0 and cl.intra.beta == pytest.approx(1e-6)

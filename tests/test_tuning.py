@@ -127,3 +127,34 @@ def test_ranges_from_best() -> None:
     t = TuningTable.from_json({"version": 1, "nranks": 1, "ranks_per_node": [1], "dtype": "float32", "op": "sum",
                                "table": {"allreduce": [e.to_json() for e in alt]}})
     assert [t.choose("allreduce", n, 1) for n in (0, 1, 2, 3, 100)] == ["ring", "ring", "tree", "ring", "ring"]
+
+
+def _good() -> dict:
+    return {"version": 1, "nranks": 2, "ranks_per_node": [2], "dtype": "float32", "op": "sum",
+            "table": {"allreduce": [{"max_bytes": 65536, "algorithm": "native"}, {"max_bytes": None,
+                                                                                 "algorithm": "ring"}]}}
+
+
+@pytest.mark.parametrize("text, words", [
+    (json.dumps(_good()).replace('"nranks": 2', '"nranks": ' + "9" * 400), "'nranks'"),
+    (json.dumps(_good()).replace('"max_bytes": 65536', '"max_bytes": ' + "9" * 400), "max_bytes"),
+    (json.dumps(_good()).replace('"max_bytes": 65536', '"max_bytes": ' + "9" * 5000), "digits"),
+    (json.dumps(_good()).replace('"max_bytes": 65536', '"max_bytes": NaN'), "NaN"),
+    (json.dumps(_good()).replace('"ranks_per_node": [2]', '"ranks_per_node": [1, ' + "1" * 30 + "]"),
+     "ranks_per_node"),
+    ('{"table": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
+])
+def test_hostile_files_get_the_library_error(tmp_path: Path, text: str, words: str) -> None:
+    p = tmp_path / "t.json"
+    p.write_text(text)
+    with pytest.raises(TuningTableError) as ei:
+        load_table(p)
+    assert str(p) in str(ei.value) and words in str(ei.value)
+    assert len(str(ei.value)) < 400
+
+
+def test_non_utf8_table_names_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "t.json"
+    p.write_bytes(json.dumps(_good()).encode().replace(b'"sum"', b'"s\xffm"'))
+    with pytest.raises(TuningTableError, match=f"{p}.*not UTF-8"):
+        load_table(p)

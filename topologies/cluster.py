@@ -146,16 +146,30 @@ def _check_keys(where: str, fieldname: str, obj: Any, allowed: tuple[str, ...]) 
     return obj
 
 
-def _number(where: str, fieldname: str, v: Any, positive: bool) -> float:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or not (v > 0 if positive else v >= 0):
-        raise _fail(where, fieldname, "a number > 0" if positive else "a number >= 0", v)
-    return float(v)
+#: Plausible ranges of the link fields. Outside them a value is a typo or a damaged file, and would make the
+#: cost model's arithmetic overflow (a bandwidth of 5e-324 GB/s is an infinite time per byte).
+ALPHA_US_RANGE = (0.0, 1e6)       # up to a second per message
+GBPS_RANGE = (1e-6, 1e6)          # 1 kB/s to 1 PB/s
+#: Ranks and node labels beyond this are not a real job's (an MPI rank is a C int).
+MAX_RANK = (1 << 31) - 1
+
+
+def _number(where: str, fieldname: str, v: Any, lo: float, hi: float, lo_open: bool = False) -> float:
+    expected = f"a number {'>' if lo_open else '>='} {lo:g} and <= {hi:g}"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _fail(where, fieldname, expected, v)
+    try:
+        f = float(v)  # a 400-digit integer overflows here
+    except OverflowError:
+        raise _fail(where, fieldname, expected, v) from None
+    if not math.isfinite(f) or not (f > lo if lo_open else f >= lo) or f > hi:
+        raise _fail(where, fieldname, expected, v)
+    return f
 
 
 def _rank(where: str, fieldname: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise _fail(where, fieldname, "a rank (an integer >= 0)", v)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_RANK:
+        raise _fail(where, fieldname, f"a rank (an integer from 0 to {MAX_RANK})", v)
     return v
 
 
@@ -189,8 +203,9 @@ def _layout(where: str, d: dict[str, Any], nranks: int | None) -> tuple[int, ...
         if not isinstance(labels, list) or not labels:
             raise _fail(where, "node_of_rank", "a non-empty list with one node label per rank", labels)
         for r, lab in enumerate(labels):
-            if isinstance(lab, bool) or not (isinstance(lab, str) or (isinstance(lab, int) and lab >= 0)):
-                raise _fail(where, f"node_of_rank[{r}]", "a node label (an integer >= 0 or a string)", lab)
+            if isinstance(lab, bool) or not (isinstance(lab, str) or (isinstance(lab, int) and 0 <= lab <= MAX_RANK)):
+                raise _fail(where, f"node_of_rank[{r}]", f"a node label (an integer from 0 to {MAX_RANK}, or a "
+                            "string)", lab)
     key = "nodes" if "nodes" in d else "node_of_rank"
     if nranks is not None and len(labels) != nranks:
         raise TopologyFileError(f"{where}: field {key!r} describes {len(labels)} ranks, but this job has {nranks}; "
@@ -206,12 +221,12 @@ def _link(where: str, kind: str, obj: Any) -> LinkCost:
         if k not in obj:
             raise TopologyFileError(f"{where}: field {fieldname!r} lacks {k!r} (the fields are "
                                     f"{', '.join(_LINK_KEYS[kind])})")
-    alpha = _number(where, f"{fieldname}.alpha_us", obj["alpha_us"], positive=False) * 1e-6
-    beta = 1e-9 / _number(where, f"{fieldname}.GBps", obj["GBps"], positive=True)
+    alpha = _number(where, f"{fieldname}.alpha_us", obj["alpha_us"], *ALPHA_US_RANGE) * 1e-6
+    beta = 1e-9 / _number(where, f"{fieldname}.GBps", obj["GBps"], *GBPS_RANGE)
     if kind == "intra":
         shared = 0.0
         if "node_GBps" in obj:
-            shared = 1e-9 / _number(where, f"{fieldname}.node_GBps", obj["node_GBps"], positive=True)
+            shared = 1e-9 / _number(where, f"{fieldname}.node_GBps", obj["node_GBps"], *GBPS_RANGE)
         return SharedLinkCost(alpha, beta, shared)
     return LinkCost(alpha, beta)
 
@@ -249,7 +264,9 @@ def parse_topology(text: str | bytes, where: str = TOPOLOGY_ENV, nranks: int | N
         d = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise TopologyFileError(f"{where}: not valid JSON: {exc}") from None
-    except ValueError as exc:
+    except RecursionError:
+        raise TopologyFileError(f"{where}: nested too deeply to be a topology file") from None
+    except ValueError as exc:  # a duplicate field, NaN/Infinity, an integer of more digits than Python converts
         raise TopologyFileError(f"{where}: {exc}") from None
     d = _check_keys(where, "", d, _TOP_KEYS)
     node_of_rank = _layout(where, d, nranks)
@@ -269,7 +286,7 @@ def parse_topology(text: str | bytes, where: str = TOPOLOGY_ENV, nranks: int | N
     inter = _link(where, "inter", links["inter"]) if "inter" in links else None
     gamma = None
     if "reduce_GBps" in links:
-        gamma = 1e-9 / _number(where, "links.reduce_GBps", links["reduce_GBps"], positive=True)
+        gamma = 1e-9 / _number(where, "links.reduce_GBps", links["reduce_GBps"], *GBPS_RANGE)
     return Cluster(node_of_rank, intra=intra, inter=inter, gamma=gamma, source=where, links_declared=True)
 
 

@@ -30,7 +30,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CheckpointCorruptError", "CheckpointError", "Checkpointer", "read_checkpoint", "write_checkpoint"]
+__all__ = ["CheckpointCorruptError", "CheckpointError", "Checkpointer", "read_checkpoint", "write_checkpoint",
+           "DEFAULT_MODE"]
+
+#: Permission bits of a checkpoint file unless asked otherwise: readable and writable by its owner only.
+DEFAULT_MODE = 0o600
 
 FORMAT = 1
 _PREFIX = b"collective-sha256:"
@@ -64,13 +68,16 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(path: str | os.PathLike, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+def write_checkpoint(path: str | os.PathLike, arrays: dict[str, Any], meta: dict[str, Any],
+                     mode: int = DEFAULT_MODE) -> None:
     """Write ``arrays`` and ``meta`` to ``path`` atomically (temp file, fsync, rename, fsync directory).
 
     Args:
         path: the final file name (its directory must exist).
         arrays: name -> array (NumPy or CuPy; names may contain "/").
         meta: JSON-serialisable metadata.
+        mode: the file's permission bits, set exactly (the umask does not apply): owner-only by default,
+            since a model is often private; e.g. ``0o640`` lets the file's group read it.
 
     Example::
 
@@ -79,7 +86,14 @@ def write_checkpoint(path: str | os.PathLike, arrays: dict[str, Any], meta: dict
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w+b") as f:
+        # Created with its final permissions, so the data is never readable by others, not even briefly.
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        with open(fd, "w+b") as f:
             with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for name, a in arrays.items():
                     with zf.open(f"{name}.npy", "w", force_zip64=True) as g:
@@ -182,6 +196,8 @@ class Checkpointer:
         comm: the communicator (None: a single process).
         every: write every this many steps (0: only when ``save`` is called).
         keep: how many of the newest checkpoints to keep (>= 1).
+        mode: permission bits of each checkpoint file (default :data:`DEFAULT_MODE`, owner only; e.g.
+            ``0o640`` to share with the group).
 
     Example::
 
@@ -191,9 +207,13 @@ class Checkpointer:
         if ck.due(step): ck.save(step, lambda: state, meta)
     """
 
-    def __init__(self, directory: str | os.PathLike, comm: Any = None, every: int = 0, keep: int = 2) -> None:
+    def __init__(self, directory: str | os.PathLike, comm: Any = None, every: int = 0, keep: int = 2,
+                 mode: int = DEFAULT_MODE) -> None:
         if every < 0 or keep < 1:
             raise ValueError(f"Checkpointer: every={every} must be >= 0 and keep={keep} >= 1")
+        if not 0 <= mode <= 0o777:
+            raise ValueError(f"Checkpointer: mode={mode:#o} must be permission bits between 0o000 and 0o777")
+        self.mode = int(mode)
         self.directory = Path(directory)
         self.comm = comm
         self.every = int(every)
@@ -235,7 +255,7 @@ class Checkpointer:
                 for p in self.directory.glob(".ckpt-*.npz.tmp-*"):  # left by a writer that was killed
                     p.unlink(missing_ok=True)
                 data = arrays() if callable(arrays) else arrays
-                write_checkpoint(path, data, {**meta, "format": FORMAT, "step": int(step)})
+                write_checkpoint(path, data, {**meta, "format": FORMAT, "step": int(step)}, self.mode)
                 for _, old in self.checkpoints()[:-self.keep]:
                     old.unlink(missing_ok=True)
             except Exception as exc:  # noqa: BLE001 - any failure here must reach every rank, not only this one

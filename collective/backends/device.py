@@ -314,13 +314,13 @@ class DeviceCollectives:
         if alg not in ("native", "auto"):
             return False
         from ..ops import get_op
-        from .mpi import mpi_dtype
+        from .mpi import mpi_dtype, needs_user_op
 
         if mpi_dtype(info.dtype) is None:
             return False
         if name in _REDUCING:
             rop = get_op(op)
-            if rop is None or rop.average or (rop.name == "prod" and info.dtype.kind == "c"):
+            if rop is None or rop.average or needs_user_op(rop.mpi_name, info.dtype):
                 return False  # a host-side step (division, NumPy user op), or a bad op the host path reports: stage
         return True
 

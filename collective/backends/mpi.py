@@ -17,6 +17,8 @@ _os.environ.setdefault("OMPI_MCA_osc", "^ucx")
 # only launches jobs (collective-run, the test runner) must not do: it cost a second, and Open MPI left that
 # singleton's shared-memory file in /dev/shm for good.
 MPI: Any = None
+#: The process that initialised MPI here (a process forked from it shares its MPI state but is no MPI process).
+MPI_PID: int | None = None
 
 __all__ = ["MPIBackend", "require_mpi", "mpi_dtype", "mpi_op"]
 
@@ -47,7 +49,7 @@ def _singleton_backing_dir() -> None:
 
 def require_mpi() -> Any:
     """The mpi4py ``MPI`` module (importing it initialises MPI), or BackendUnavailableError saying what to install."""
-    global MPI
+    global MPI, MPI_PID
     if MPI is None:
         _singleton_backing_dir()
         try:
@@ -56,6 +58,7 @@ def require_mpi() -> Any:
             raise BackendUnavailableError(
                 f"mpi4py cannot be imported ({exc}); install it with: pip install 'collective[mpi]'") from None
         MPI = mod
+        MPI_PID = _os.getpid()
     return MPI
 
 
@@ -85,20 +88,31 @@ def mpi_dtype(dtype: np.dtype) -> Any | None:
 _USER_OPS: dict[tuple[str, np.dtype], Any] = {}
 
 
+def needs_user_op(name: str, dtype: np.dtype | None) -> bool:
+    """Whether MPI's built-in op ``name`` is wrong on ``dtype``, so :func:`mpi_op` gives a NumPy user op instead.
+
+    PROD on complex types returned wrong products inside MPI_Reduce (P=4,
+    root 3); MIN/MAX on floats drop a NaN depending on which rank holds it
+    (IEEE and NumPy propagate it); SUM on 8- and 16-bit integers saturates
+    from 64 elements on (Open MPI's vectorised op), where C and NumPy wrap.
+    """
+    if dtype is None:
+        return False
+    return ((name == "PROD" and dtype.kind == "c") or (name in ("MIN", "MAX") and dtype.kind == "f")
+            or (name == "SUM" and dtype.kind in "iu" and dtype.itemsize <= 2))
+
+
 def mpi_op(name: str, dtype: np.dtype | None = None) -> Any:
     """The MPI reduction op for "SUM", "PROD", "MIN" or "MAX" on ``dtype``.
 
-    Two Open MPI 5 built-ins are wrong here, so those use a user-defined op
-    that combines with NumPy while MPI still runs its own collective algorithm:
-    PROD on complex types returned wrong products inside MPI_Reduce (P=4,
-    root 3), and MIN/MAX on floats drop a NaN depending on which rank holds
-    it (IEEE and NumPy propagate it).
+    Some Open MPI 5 built-ins are wrong here, so those use a user-defined op
+    that combines with NumPy while MPI still runs its own collective algorithm
+    (see :func:`needs_user_op`).
     """
-    user = dtype is not None and ((name == "PROD" and dtype.kind == "c") or (name in ("MIN", "MAX") and dtype.kind == "f"))
-    if user:
+    if needs_user_op(name, dtype):
         op = _USER_OPS.get((name, dtype))
         if op is None:
-            ufunc = {"PROD": np.multiply, "MIN": np.minimum, "MAX": np.maximum}[name]
+            ufunc = {"SUM": np.add, "PROD": np.multiply, "MIN": np.minimum, "MAX": np.maximum}[name]
 
             def combine(inbuf: Any, inoutbuf: Any, datatype: Any) -> None:
                 b = np.frombuffer(inoutbuf, dtype)

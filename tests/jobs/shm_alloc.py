@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 import collective as col
-from collective.communicator import _WINDOW_MIN_BYTES
+from collective.shm import WINDOW_MIN_BYTES as _WINDOW_MIN_BYTES
 from harness import Cases
 
 comm = col.init()
