@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 NP ?= 4
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test docs install clean
+.PHONY: demo test test-full docs install clean
 
 # constraints.txt pins what this project's own installs take (a torch build that is quick to get here);
 # users of the package inherit no upper bound.
@@ -23,6 +23,10 @@ demo: $(STAMP)
 	$(BIN)/collective-run -n $(NP) $(BIN)/python examples/allreduce_demo.py
 
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs -m "not slow" tests
+
+# Everything, the slow cases too (a 2^31-element allreduce: minutes and about 10 GiB).
+test-full: $(STAMP)
 	$(BIN)/python -m pytest -q -rs tests
 
 docs: $(STAMP)
