@@ -40,7 +40,7 @@ import numpy as np
 from ..errors import CollectiveValueError
 from .exceptions import HorovodInternalError
 
-__all__ = ["KINDS", "Engine", "Handle", "missing_call"]
+__all__ = ["KINDS", "Engine", "Handle"]
 
 KINDS = ("allreduce", "allgather", "broadcast", "alltoall", "reducescatter", "barrier", "join",
          "add_process_set", "remove_process_set")
@@ -51,17 +51,6 @@ _IDLE_S = 0.005
 _HOT_S = 0.05
 #: Largest fused allreduce buffer (Horovod's default fusion threshold).
 _FUSION_BYTES = 64 << 20
-
-
-def missing_call(comm: Any, call: str, what: str) -> Callable[..., Any]:
-    """``comm.<call>`` or a clear error: the Communicator lacks a collective this Horovod call needs."""
-    fn = getattr(comm, call, None)
-    if fn is None:
-        raise HorovodInternalError(
-            f"{what} needs Communicator.{call}, which this version of collective does not provide yet "
-            f"(it belongs to the full collective set); no other path is taken, so every call stays checked "
-            f"across ranks")
-    return fn
 
 
 class Handle:
@@ -361,7 +350,7 @@ class Engine:
             checks.append(differ("shape beyond the first dimension", lambda q: [s[1:] for s in q["shapes"]]))
         elif kind not in ("barrier",):
             checks.append(differ("shape", lambda q: q["shapes"]))
-        for key in ("op", "root", "prescale", "postscale", "process_set"):
+        for key in ("op", "root", "prescale", "postscale", "process_set", "ranks", "id"):
             if any(key in q for _, q in items):
                 checks.append(differ(key))
         if kind == "alltoall":
@@ -450,25 +439,23 @@ class Engine:
         if kind == "allreduce":
             return _fused_allreduce(comm, arrays, q["op"])
         if kind == "allgather":
+            # The communicator's allgather takes uneven first dims; every rank's rows are known here, so the
+            # result's shape is checked against the announcements.
             out = []
             for i, a in enumerate(arrays):
-                firsts = [reqs[r]["shapes"][i][0] if r in reqs else 0 for r in range(self.size)]
-                out.append(allgather_rows(comm, a, firsts))
+                rows = sum(reqs[r]["shapes"][i][0] if r in reqs else 0 for r in range(self.size))
+                out.append(np.asarray(comm.allgather(np.ascontiguousarray(a))).reshape((rows,) + a.shape[1:]))
             return out
         if kind == "broadcast":
             return [np.asarray(comm.broadcast(np.ascontiguousarray(a), root=q["root"])) for a in arrays]
         if kind == "reducescatter":
             return [np.asarray(comm.reduce_scatter(np.ascontiguousarray(a), op=q["op"])) for a in arrays]
         if kind == "alltoall":
-            alltoall = missing_call(comm, "alltoall", "alltoall")
             a = arrays[0]
             splits = [reqs[r]["splits"] for r in range(self.size)]
-            mine = splits[self.rank]
             recv = [splits[r][self.rank] for r in range(self.size)]
-            y = alltoall(np.ascontiguousarray(a), splits=mine)
-            if isinstance(y, tuple):
-                y = y[0]
-            return np.asarray(y), np.array(recv, np.int32)
+            y = np.asarray(comm.alltoall(np.ascontiguousarray(a), splits=splits[self.rank]))
+            return y.reshape((sum(recv),) + a.shape[1:]), np.array(recv, np.int32)
         if kind == "barrier":
             comm.barrier()
             return None
@@ -499,23 +486,3 @@ def _fused_allreduce(comm: Any, arrays: list[np.ndarray], op: str) -> list[np.nd
             off += n
     return out  # type: ignore[return-value]
 
-
-def allgather_rows(comm: Any, a: np.ndarray, firsts: list[int]) -> np.ndarray:
-    """Concatenate every rank's ``a`` along axis 0 where the ranks' first dimensions are ``firsts``.
-
-    Equal first dimensions take one allgather. Otherwise every rank pads its
-    rows to the longest, one allgather moves the padded blocks, and each
-    rank's real rows are kept: exact for every dtype, and the Communicator's
-    cross-rank check covers the call like any other.
-    """
-    a = np.ascontiguousarray(a)
-    if a.ndim == 0:
-        raise ValueError(f"allgather on rank {comm.rank}: a 0-d tensor has no first dimension to concatenate "
-                         "along; reshape it to (1,)")
-    longest = max(firsts)
-    if all(f == longest for f in firsts):
-        return np.asarray(comm.allgather(a)).reshape((sum(firsts),) + a.shape[1:])
-    padded = np.zeros((longest,) + a.shape[1:], a.dtype)
-    padded[:a.shape[0]] = a
-    got = np.asarray(comm.allgather(padded)).reshape((comm.size, longest) + a.shape[1:])
-    return np.concatenate([got[r, :firsts[r]] for r in range(comm.size)], axis=0)
