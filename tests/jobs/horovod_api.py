@@ -236,6 +236,23 @@ def c_matching() -> None:
     h = hvd.allreduce_async(a, name="dup")
     raises(ValueError, lambda: hvd.allreduce_async(a, name="dup"), "already in flight")
     hvd.synchronize(h)
+    # The same name straight after a first call that has already finished (the other ranks announced it
+    # long before) is still refused: the name stays reserved until the caller has seen the op finish.
+    if R == 0:
+        first = hvd.allreduce_async(a, name="dup.late", op=hvd.Sum)
+    hvd.barrier()
+    if R != 0:
+        first = hvd.allreduce_async(a, name="dup.late", op=hvd.Sum)
+        time.sleep(0.3)  # ample time for the op to finish everywhere
+        raises(ValueError, lambda: hvd.allreduce_async(a, name="dup.late"), "already in flight")
+    eq(hvd.synchronize(first), sum(inp(r, (3,)) for r in range(P)))
+    # poll returning True frees the name too
+    h = hvd.allreduce_async(a, name="dup.poll", op=hvd.Sum)
+    while not hvd.poll(h):
+        time.sleep(0.001)
+    h2 = hvd.allreduce_async(b, name="dup.poll", op=hvd.Sum)
+    eq(hvd.synchronize(h), sum(inp(r, (3,)) for r in range(P)))
+    eq(hvd.synchronize(h2), sum(inp(r, (5,)) for r in range(P)))
     # mismatches: raised on every rank, nothing moves, the next op works
     raises(HorovodInternalError, lambda: hvd.allreduce(inp(R, (3 + R,)), name="mm.shape"), "shape")
     raises(RuntimeError, lambda: hvd.allreduce(inp(R, (3,), torch.float32 if R else torch.float64)), "dtype")
