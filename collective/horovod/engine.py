@@ -4,9 +4,9 @@ Terms. A *request* is one rank's announcement of a named op: its kind
 (allreduce, allgather, broadcast, alltoall, reducescatter, barrier, join,
 add_process_set, remove_process_set), the dtype and shape of each array, the
 reduction op, the root, the splits. A *tick* is one exchange of the requests
-each rank made since the previous tick: an allgather of (payload length,
-flags) and, when any rank has something new, an allgather of the JSON
-payloads (metadata only; array data never goes through JSON or pickle).
+each rank made since the previous tick: every rank's (payload length, flags)
+and JSON payload (metadata only; array data never goes through JSON or
+pickle) reach every rank; see ``_tick_once``.
 Every rank sees every request, so every rank holds the same *table* of
 pending names and takes the same decisions without a coordinator: a name is
 *ready* once every rank that has not joined has requested it; ready names run
@@ -40,7 +40,7 @@ import numpy as np
 from ..errors import CollectiveValueError
 from .exceptions import HorovodInternalError
 
-__all__ = ["KINDS", "Engine", "Handle", "missing_call"]
+__all__ = ["KINDS", "Engine", "Handle"]
 
 KINDS = ("allreduce", "allgather", "broadcast", "alltoall", "reducescatter", "barrier", "join",
          "add_process_set", "remove_process_set")
@@ -49,19 +49,11 @@ _FLAG_SHUTDOWN = 2
 _CYCLE_S = 0.001
 _IDLE_S = 0.005
 _HOT_S = 0.05
+#: One rank's slot in a tick's exchange: length, flags, then the payload when it fits.
+_SLOT_WORDS = 64
+_INLINE_BYTES = (_SLOT_WORDS - 2) * 8
 #: Largest fused allreduce buffer (Horovod's default fusion threshold).
 _FUSION_BYTES = 64 << 20
-
-
-def missing_call(comm: Any, call: str, what: str) -> Callable[..., Any]:
-    """``comm.<call>`` or a clear error: the Communicator lacks a collective this Horovod call needs."""
-    fn = getattr(comm, call, None)
-    if fn is None:
-        raise HorovodInternalError(
-            f"{what} needs Communicator.{call}, which this version of collective does not provide yet "
-            f"(it belongs to the full collective set); no other path is taken, so every call stays checked "
-            f"across ranks")
-    return fn
 
 
 class Handle:
@@ -77,12 +69,17 @@ class Handle:
 
     def done(self) -> bool:
         """True once the op has finished (successfully or not)."""
-        return self._event.is_set()
+        if self._event.is_set():
+            self.engine._claim(self.name)
+            return True
+        return False
 
     def wait(self, timeout: float | None = None) -> Any:
         """The op's result; raises its error, or HorovodInternalError after ``timeout`` s naming the missing ranks."""
         limit = self.engine.timeout if timeout is None else timeout
-        if not self._event.wait(limit):
+        if self._event.wait(limit):
+            self.engine._claim(self.name)
+        else:
             if timeout is None:  # the op's deadline passed: withdraw it so its name cannot match a later op
                 self.engine.cancel(self.name)
             raise HorovodInternalError(
@@ -121,11 +118,14 @@ class Engine:
         comm: a collective Communicator (the global one or a process set's).
         ranks: the global ranks of ``comm``'s members, in ``comm`` rank order (for messages).
         on_control: called on the engine thread for add/remove_process_set ops once every rank requested them.
+        eager: while this rank has announced ops that wait for other ranks, start the next exchange at once
+            instead of after the cycle's pause (see ``_loop``); False keeps the fixed cycle.
     """
 
     def __init__(self, comm: Any, ranks: list[int] | None = None,
-                 on_control: Callable[[str, dict, Engine], Any] | None = None) -> None:
+                 on_control: Callable[[str, dict, Engine], Any] | None = None, eager: bool = True) -> None:
         self.comm = comm
+        self.eager = eager
         self.rank, self.size = comm.rank, comm.size
         self.ranks = list(range(comm.size)) if ranks is None else list(ranks)
         self.timeout = float(os.environ.get("COLLECTIVE_TIMEOUT", "300") or 300)
@@ -134,6 +134,8 @@ class Engine:
         self._wake = threading.Event()
         self._outbox: list[dict] = []
         self._local: dict[str, _Local] = {}
+        # Finished here, but neither waited on nor polled, and no other op submitted since (see submit).
+        self._unclaimed: set[str] = set()
         self._cancelled: dict[str, _Local] = {}  # withdrawn here, until every rank has dropped them
         self._table: dict[str, _Pending] = {}
         self._seq = 0
@@ -162,10 +164,14 @@ class Engine:
                     f"{kind} {name!r} on rank {self.rank}: Horovod has been shut down"
                     + (f" ({self._fatal})" if self._fatal is not None else "")
                     + "; call hvd.init() before any collective")
-            if name in self._local:
+            # A name is in flight until its op finishes; a name whose op finished before this rank looked at it
+            # (waited, polled, or submitted anything else) still counts, so a second submission straight after
+            # the first is refused however quickly the other ranks made the first one run.
+            if name in self._local or name in self._unclaimed:
                 raise ValueError(
                     f"{kind} on rank {self.rank}: an op named {name!r} is already in flight on this rank; "
                     "names must be unique among unfinished ops (synchronize the first one, or pick another name)")
+            self._unclaimed.clear()
             self._seq += 1
             req = {"seq": self._seq, "name": name, "kind": kind,
                    "dtypes": [str(a.dtype) for a in arrays], "shapes": [list(a.shape) for a in arrays]}
@@ -219,10 +225,18 @@ class Engine:
             while True:
                 with self._lock:
                     busy = bool(self._outbox or self._table or self._local)
-                # Ops come in bursts (a backward pass, a loop of calls): stay on the short cycle for a while
-                # after any rank's activity, so a rank that is idle here answers the others' next op quickly.
-                busy = busy or time.monotonic() < self._hot_until
-                self._wake.wait(_CYCLE_S if busy else _IDLE_S)
+                    # This rank's ops that every rank has heard of here but some rank has not announced yet.
+                    # (join waits for the others' data to run out, which may take long: it keeps the cycle.)
+                    waiting = self.eager and any(n in self._table for n in self._local if n != "join")
+                if not waiting:
+                    # Ops come in bursts (a backward pass, a loop of calls): stay on the short cycle for a while
+                    # after any rank's activity, so a rank that is idle here answers the others' next op quickly.
+                    busy = busy or time.monotonic() < self._hot_until
+                    self._wake.wait(_CYCLE_S if busy else _IDLE_S)
+                # else: go straight into the next exchange. It completes when the last rank's thread joins it,
+                # which is as soon as that rank submits (its submit wakes its thread), so the op starts without
+                # the pause of a cycle on this side. Every rank still sees the same exchanges in the same order,
+                # so the decisions stay identical on every rank.
                 self._wake.clear()
                 if self._tick_once():
                     break
@@ -239,32 +253,48 @@ class Engine:
             self._stopped.set()
 
     def _tick_once(self) -> bool:
-        """One exchange of new requests, then every op that became ready; True when every rank has shut down."""
+        """One exchange of new requests, then every op that became ready; True when every rank has shut down.
+
+        The exchange is a sum-allreduce of int64 words in which each rank fills
+        only its own slot (length, flags, and the JSON payload when it fits):
+        every slot comes back exactly as its rank wrote it, and the
+        communicator's allreduce is its fastest collective for small
+        messages. Payloads longer than a slot travel in a second allreduce of
+        the same kind, which every rank knows to run from the first one.
+        """
         with self._lock:
             out, self._outbox = self._outbox, []
             flags = (_FLAG_SHUTDOWN if self._stopping else 0)
         payload = json.dumps(out, separators=(",", ":")).encode() if out else b""
-        comm = self.comm
-        head = np.array([len(payload), flags], np.int64)
-        heads = np.asarray(comm.allgather(head, algorithm="native")).reshape(self.size, 2)
+        comm, size = self.comm, self.size
+        slots = np.zeros((size, _SLOT_WORDS), np.int64)
+        slots[self.rank, 0], slots[self.rank, 1] = len(payload), flags
+        if len(payload) <= _INLINE_BYTES:
+            slots[self.rank, 2:].view(np.uint8)[:len(payload)] = np.frombuffer(payload, np.uint8)
+        got = np.asarray(comm.allreduce(slots.reshape(-1), op="sum")).reshape(size, _SLOT_WORDS)
         self._tick += 1
-        longest = int(heads[:, 0].max())
-        if longest:
+        lengths = [int(n) for n in got[:, 0]]
+        if any(lengths):
             self._hot_until = time.monotonic() + _HOT_S
-            buf = np.zeros(longest, np.uint8)
-            buf[:len(payload)] = np.frombuffer(payload, np.uint8)
-            bufs = np.asarray(comm.allgather(buf, algorithm="native")).reshape(self.size, longest)
+            longest = max(lengths)
+            long_bufs = None
+            if longest > _INLINE_BYTES:
+                words = -(-longest // 8)
+                buf = np.zeros((size, words), np.int64)
+                if len(payload) > _INLINE_BYTES:
+                    buf[self.rank].view(np.uint8)[:len(payload)] = np.frombuffer(payload, np.uint8)
+                long_bufs = np.asarray(comm.allreduce(buf.reshape(-1), op="sum")).reshape(size, words)
             with self._lock:  # missing() reads the table from the callers' threads
-                for r in range(self.size):
-                    n = int(heads[r, 0])
+                for r, n in enumerate(lengths):
                     if n:
-                        for req in json.loads(bytes(bufs[r, :n]).decode()):
+                        src = got[r, 2:] if n <= _INLINE_BYTES else long_bufs[r]  # type: ignore[index]
+                        for req in json.loads(src.view(np.uint8)[:n].tobytes().decode()):
                             self._record(r, req)
-        for r in range(self.size):
-            if heads[r, 1] & _FLAG_SHUTDOWN:
+        for r in range(size):
+            if got[r, 1] & _FLAG_SHUTDOWN:
                 self._shut.add(r)
         self._run_ready()
-        return len(self._shut) == self.size
+        return len(self._shut) == size
 
     def _record(self, r: int, req: dict) -> None:
         if req["kind"] == "cancel":
@@ -321,8 +351,15 @@ class Engine:
     def _complete(self, name: str, result: Any, exc: BaseException | None = None) -> None:
         with self._lock:
             loc = self._local.pop(name, None)
+            if loc is not None:
+                self._unclaimed.add(name)
         if loc is not None:
             loc.handle._finish(result, exc)
+
+    def _claim(self, name: str) -> None:
+        """The caller has seen ``name`` finish (waited or polled): the name is free for a new op."""
+        with self._lock:
+            self._unclaimed.discard(name)
 
     def _fail_all(self, name: str, why: str) -> None:
         p = self._pop(name)
@@ -361,7 +398,7 @@ class Engine:
             checks.append(differ("shape beyond the first dimension", lambda q: [s[1:] for s in q["shapes"]]))
         elif kind not in ("barrier",):
             checks.append(differ("shape", lambda q: q["shapes"]))
-        for key in ("op", "root", "prescale", "postscale", "process_set"):
+        for key in ("op", "root", "prescale", "postscale", "process_set", "ranks", "id"):
             if any(key in q for _, q in items):
                 checks.append(differ(key))
         if kind == "alltoall":
@@ -450,25 +487,23 @@ class Engine:
         if kind == "allreduce":
             return _fused_allreduce(comm, arrays, q["op"])
         if kind == "allgather":
+            # The communicator's allgather takes uneven first dims; every rank's rows are known here, so the
+            # result's shape is checked against the announcements.
             out = []
             for i, a in enumerate(arrays):
-                firsts = [reqs[r]["shapes"][i][0] if r in reqs else 0 for r in range(self.size)]
-                out.append(allgather_rows(comm, a, firsts))
+                rows = sum(reqs[r]["shapes"][i][0] if r in reqs else 0 for r in range(self.size))
+                out.append(np.asarray(comm.allgather(np.ascontiguousarray(a))).reshape((rows,) + a.shape[1:]))
             return out
         if kind == "broadcast":
             return [np.asarray(comm.broadcast(np.ascontiguousarray(a), root=q["root"])) for a in arrays]
         if kind == "reducescatter":
             return [np.asarray(comm.reduce_scatter(np.ascontiguousarray(a), op=q["op"])) for a in arrays]
         if kind == "alltoall":
-            alltoall = missing_call(comm, "alltoall", "alltoall")
             a = arrays[0]
             splits = [reqs[r]["splits"] for r in range(self.size)]
-            mine = splits[self.rank]
             recv = [splits[r][self.rank] for r in range(self.size)]
-            y = alltoall(np.ascontiguousarray(a), splits=mine)
-            if isinstance(y, tuple):
-                y = y[0]
-            return np.asarray(y), np.array(recv, np.int32)
+            y = np.asarray(comm.alltoall(np.ascontiguousarray(a), splits=splits[self.rank]))
+            return y.reshape((sum(recv),) + a.shape[1:]), np.array(recv, np.int32)
         if kind == "barrier":
             comm.barrier()
             return None
@@ -499,23 +534,3 @@ def _fused_allreduce(comm: Any, arrays: list[np.ndarray], op: str) -> list[np.nd
             off += n
     return out  # type: ignore[return-value]
 
-
-def allgather_rows(comm: Any, a: np.ndarray, firsts: list[int]) -> np.ndarray:
-    """Concatenate every rank's ``a`` along axis 0 where the ranks' first dimensions are ``firsts``.
-
-    Equal first dimensions take one allgather. Otherwise every rank pads its
-    rows to the longest, one allgather moves the padded blocks, and each
-    rank's real rows are kept: exact for every dtype, and the Communicator's
-    cross-rank check covers the call like any other.
-    """
-    a = np.ascontiguousarray(a)
-    if a.ndim == 0:
-        raise ValueError(f"allgather on rank {comm.rank}: a 0-d tensor has no first dimension to concatenate "
-                         "along; reshape it to (1,)")
-    longest = max(firsts)
-    if all(f == longest for f in firsts):
-        return np.asarray(comm.allgather(a)).reshape((sum(firsts),) + a.shape[1:])
-    padded = np.zeros((longest,) + a.shape[1:], a.dtype)
-    padded[:a.shape[0]] = a
-    got = np.asarray(comm.allgather(padded)).reshape((comm.size, longest) + a.shape[1:])
-    return np.concatenate([got[r, :firsts[r]] for r in range(comm.size)], axis=0)

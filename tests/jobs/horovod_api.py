@@ -6,10 +6,10 @@ ops (dtypes, reduction ops, scale factors, async, in place, grouped, uneven
 allgather and reducescatter), autograd, name matching (out of order,
 duplicates, mismatches raised on every rank), join, timeouts, object and
 state helpers, DistributedOptimizer against a single-process reference,
-SyncBatchNorm against BatchNorm on the global batch, and the calls that wait
-on the Communicator (alltoall, process sets).
+SyncBatchNorm against BatchNorm on the global batch, alltoall (uneven splits,
+gradients) and process sets (ops on a set, ranks outside it, removal).
 
-Usage: horovod_api.py [--only ops,grad,match,helpers,optim,bn,missing]
+Usage: horovod_api.py [--only ops,grad,match,helpers,optim,bn,alltoall,sets]
 """
 from __future__ import annotations
 
@@ -236,6 +236,23 @@ def c_matching() -> None:
     h = hvd.allreduce_async(a, name="dup")
     raises(ValueError, lambda: hvd.allreduce_async(a, name="dup"), "already in flight")
     hvd.synchronize(h)
+    # The same name straight after a first call that has already finished (the other ranks announced it
+    # long before) is still refused: the name stays reserved until the caller has seen the op finish.
+    if R == 0:
+        first = hvd.allreduce_async(a, name="dup.late", op=hvd.Sum)
+    hvd.barrier()
+    if R != 0:
+        first = hvd.allreduce_async(a, name="dup.late", op=hvd.Sum)
+        time.sleep(0.3)  # ample time for the op to finish everywhere
+        raises(ValueError, lambda: hvd.allreduce_async(a, name="dup.late"), "already in flight")
+    eq(hvd.synchronize(first), sum(inp(r, (3,)) for r in range(P)))
+    # poll returning True frees the name too
+    h = hvd.allreduce_async(a, name="dup.poll", op=hvd.Sum)
+    while not hvd.poll(h):
+        time.sleep(0.001)
+    h2 = hvd.allreduce_async(b, name="dup.poll", op=hvd.Sum)
+    eq(hvd.synchronize(h), sum(inp(r, (3,)) for r in range(P)))
+    eq(hvd.synchronize(h2), sum(inp(r, (5,)) for r in range(P)))
     # mismatches: raised on every rank, nothing moves, the next op works
     raises(HorovodInternalError, lambda: hvd.allreduce(inp(R, (3 + R,)), name="mm.shape"), "shape")
     raises(RuntimeError, lambda: hvd.allreduce(inp(R, (3,), torch.float32 if R else torch.float64)), "dtype")
@@ -451,35 +468,190 @@ def c_sync_batch_norm() -> None:
     eq(bn(xs[R]), ref.eval()(xs[R]), 1e-12)
 
 
-# ------------------------------------------------------------------ waiting on the Communicator
-def c_missing_calls() -> None:
-    comm = hvd.mpi_ops._state.comm
-    x = inp(R, (2 * P, 2))
-    if hasattr(comm, "alltoall"):
-        splits = [(r + R) % 3 for r in range(P)]
-        xs = torch.arange(sum(splits) * 2, dtype=torch.float32).reshape(-1, 2) + 100 * R
-        out, recv = hvd.alltoall(xs, splits=splits)
-        exp_recv = [(R + r) % 3 for r in range(P)]
-        assert recv.tolist() == exp_recv
-        parts = []
-        for r in range(P):
-            sp = [(q + r) % 3 for q in range(P)]
-            src = torch.arange(sum(sp) * 2, dtype=torch.float32).reshape(-1, 2) + 100 * r
-            parts.append(src[sum(sp[:R]):sum(sp[:R]) + sp[R]])
-        eq(out, torch.cat(parts))
-    else:
-        raises(HorovodInternalError, lambda: hvd.alltoall(x), "Communicator.alltoall")
+# ------------------------------------------------------------------ alltoall
+def _a2a_input(r: int, splits: list[int], extra: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rank r's alltoall input: small integers (exact in every dtype) that differ per rank and row; ``extra`` rows
+    at the end are never sent."""
+    rows = sum(splits) + extra
+    return ((torch.arange(rows * 2, dtype=torch.float64).reshape(rows, 2) * 3 + 17 * r) % 120).to(dtype)
+
+
+def _a2a_expected(splits_of: list[list[int]], me: int, members: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """What set rank ``me`` receives: from each member k (in set order), rows ``splits_of[k]`` routes to ``me``."""
+    parts = []
+    for k, r in enumerate(members):
+        sp = splits_of[k]
+        src = _a2a_input(r, sp, dtype=dtype)
+        parts.append(src[sum(sp[:me]):sum(sp[:me]) + sp[me]])
+    return torch.cat(parts)
+
+
+def c_alltoall() -> None:
+    everyone = list(range(P))
+    # uneven splits, some zero, every dtype; the received splits come back as an int32 tensor
+    for dt in DTYPES + [torch.int16, torch.bool]:
+        splits_of = [[(q + r) % 3 for q in range(P)] for r in range(P)]
+        x = _a2a_input(R, splits_of[R], dtype=dt)
+        for sp in (splits_of[R], torch.tensor(splits_of[R], dtype=torch.int32)):
+            out, recv = hvd.alltoall(x, splits=sp)
+            assert recv.dtype == torch.int32 and recv.tolist() == [splits_of[r][R] for r in range(P)], recv
+            eq(out, _a2a_expected(splits_of, R, everyone, dt))
+    # equal split without splits: the output alone
+    x = torch.arange(3 * P * 2, dtype=torch.int64).reshape(3 * P, 2) + 100 * R
+    want = torch.cat([(torch.arange(3 * P * 2, dtype=torch.int64).reshape(3 * P, 2) + 100 * r)[3 * R:3 * R + 3]
+                      for r in range(P)])
+    eq(hvd.alltoall(x), want)
+    out, recv = hvd.synchronize(hvd.alltoall_async(x, name="a2a.async"))
+    eq(out, want)
+    assert recv.tolist() == [3] * P
+    # rows beyond sum(splits) are not sent; a rank may send nothing at all
+    splits_of = [[0] * P if r == 0 else [1 + (r + q) % 2 for q in range(P)] for r in range(P)]
+    out, recv = hvd.alltoall(_a2a_input(R, splits_of[R], extra=2), splits=splits_of[R])
+    eq(out, _a2a_expected(splits_of, R, everyone, torch.float32))
+    assert recv.tolist() == [splits_of[r][R] for r in range(P)]
+    # 3-d rows
+    x3 = torch.arange(2 * P * 6, dtype=torch.float64).reshape(2 * P, 2, 3) + 10 * R
+    want3 = torch.cat([(torch.arange(2 * P * 6, dtype=torch.float64).reshape(2 * P, 2, 3) + 10 * r)[2 * R:2 * R + 2]
+                       for r in range(P)])
+    eq(hvd.alltoall(x3), want3)
+    # gradient: each row's gradient is the upstream gradient at the place it landed on its destination
+    splits_of = [[1 + (r + 2 * q) % 3 for q in range(P)] for r in range(P)]
+    x = _a2a_input(R, splits_of[R], extra=1, dtype=torch.float64).requires_grad_()
+    out, recv = hvd.alltoall(x, splits=splits_of[R])
+    weight = lambda d, n: torch.arange(n * 2, dtype=torch.float64).reshape(n, 2) * (d + 1) + 0.5
+    (out * weight(R, out.shape[0])).sum().backward()
+    grad = torch.zeros_like(x)
+    for d in range(P):
+        landed = sum(splits_of[r][d] for r in range(R))  # rows rank d got from lower ranks first
+        n_d = sum(splits_of[r][d] for r in range(P))
+        lo = sum(splits_of[R][:d])
+        grad[lo:lo + splits_of[R][d]] = weight(d, n_d)[landed:landed + splits_of[R][d]]
+    eq(x.grad, grad)
+    x = torch.arange(2 * P, dtype=torch.float64).requires_grad_()
+    (hvd.alltoall(x) * (R + 1)).sum().backward()
+    eq(x.grad, torch.tensor([float(d + 1) for d in range(P) for _ in range(2)], dtype=torch.float64))
+    # bad input: raised here, before anything is sent
     raises(ValueError, lambda: hvd.alltoall(torch.ones(P + 1)), "multiple")
     raises(ValueError, lambda: hvd.alltoall(torch.ones(P), splits=torch.ones(P)), "int32")
     raises(ValueError, lambda: hvd.alltoall(torch.ones(P - 1), splits=[1] * P), "exceed")
-    if hasattr(comm, "subgroup"):
-        ps = hvd.add_process_set([0, P - 1] if P > 1 else [0])
-        if ps.included():
-            eq(hvd.allreduce(x, op=hvd.Sum, process_set=ps), sum(inp(r, (2 * P, 2)) for r in sorted({0, P - 1})))
+    raises(ValueError, lambda: hvd.alltoall(torch.ones(P), splits=[1] * (P + 1)), "splits")
+    raises(ValueError, lambda: hvd.alltoall(torch.tensor(1.0)), "0-d")
+    # disagreements: raised on every rank, the next op works
+    raises(HorovodInternalError, lambda: hvd.alltoall(torch.ones(P, 1 + R), name="a2a.mm"), "beyond the first")
+    raises(HorovodInternalError, lambda: hvd.alltoall(torch.ones(P, dtype=torch.float32 if R else torch.float64)),
+           "dtype")
+    eq(hvd.alltoall(x.detach()), torch.cat([torch.arange(2 * P, dtype=torch.float64)[2 * R:2 * R + 2]] * P))
+
+
+# ------------------------------------------------------------------ process sets
+def c_process_sets() -> None:
+    even = [r for r in range(P) if r % 2 == 0]
+    odd = [r for r in range(P) if r % 2 == 1]
+    tail = list(range(1, P)) if P > 1 else [0]
+    sets = {}
+    for ranks in (even, odd, tail):
+        if ranks and tuple(ranks) not in sets:
+            sets[tuple(ranks)] = hvd.add_process_set(ranks)
+    ids = [ps.process_set_id for ps in sets.values()]
+    assert len(set(ids)) == len(ids) and 0 not in ids, ids
+    assert hvd.allgather_object(ids) == [ids] * P
+    raises(ValueError, lambda: hvd.add_process_set(even), "already exists")
+    raises(ValueError, lambda: hvd.add_process_set([0, P]), "distinct")
+    for ranks, ps in sets.items():
+        members = list(ranks)
+        n = len(members)
+        assert ps.size() == n and ps.included() == (R in members)
+        assert ps.rank() == (members.index(R) if R in members else -1)
+        x = inp(R, (2 * n + 1, 3), torch.float64)
+        glob = f"both.all.{ps.process_set_id}"
+        want_all = sum(inp(r, (4,), torch.float64) for r in range(P))
+        if R not in members:  # a rank outside the set: refused here, nothing sent
+            raises(ValueError, lambda ps=ps, x=x: hvd.allreduce(x, process_set=ps), "not a member")
+            raises(ValueError, lambda ps=ps: hvd.barrier(process_set=ps), "not a member")
+            eq(hvd.allreduce(inp(R, (4,), torch.float64), op=hvd.Sum, name=glob), want_all)
+            continue
+        me = members.index(R)
+        xs = [inp(r, (2 * n + 1, 3), torch.float64) for r in members]
+        eq(hvd.allreduce(x, op=hvd.Sum, process_set=ps), sum(xs))
+        eq(hvd.allreduce(x, process_set=ps), sum(xs) / n)
+        got = hvd.grouped_allreduce([x, x[0].int()], op=hvd.Max, process_set=ps)
+        eq(got[0], torch.stack(xs).max(0).values)
+        eq(got[1], torch.stack(xs).max(0).values[0].int())
+        rows = [inp(r, (r + 1, 2), torch.int32) for r in members]  # uneven first dims
+        eq(hvd.allgather(rows[me], process_set=ps), torch.cat(rows))
+        root = members[-1]
+        eq(hvd.broadcast(x, root, process_set=ps), xs[-1])
+        outside = [r for r in range(P) if r not in members]
+        if outside:
+            raises(ValueError, lambda ps=ps, x=x, o=outside[0]: hvd.broadcast(x, o, process_set=ps), "not in process set")
+        eq(hvd.reducescatter(x, op=hvd.Sum, process_set=ps), torch.tensor_split(sum(xs), n)[me])
+        splits_of = [[1 + (k + q) % 2 for q in range(n)] for k in range(n)]
+        out, recv = hvd.alltoall(_a2a_input(R, splits_of[me]), splits=splits_of[me], process_set=ps)
+        assert recv.tolist() == [splits_of[k][me] for k in range(n)]
+        eq(out, _a2a_expected(splits_of, me, members, torch.float32))
+        assert hvd.allgather_object(R, process_set=ps) == members
+        got = hvd.broadcast_object({"from": R} if R == root else None, root_rank=root, name="ps.obj", process_set=ps)
+        assert got == {"from": root}, got
+        hvd.barrier(process_set=ps)
+        # gradients inside the set: allgather's backward averages over the set and keeps this rank's rows
+        g = inp(R, (R + 1, 2), torch.float64).requires_grad_()
+        w = torch.arange(sum(r + 1 for r in members) * 2, dtype=torch.float64).reshape(-1, 2)
+        (hvd.allgather(g, process_set=ps) * w).sum().backward()
+        off = sum(r + 1 for r in members[:me])
+        eq(g.grad, w[off:off + R + 1])
+        # a set's op and a global op in flight together, started in opposite orders on different ranks
+        hs = {}
+        for k in (["set", "all"] if R % 2 else ["all", "set"]):
+            hs[k] = (hvd.allreduce_async(x, op=hvd.Sum, name=f"both.set.{ps.process_set_id}", process_set=ps)
+                     if k == "set" else hvd.allreduce_async(inp(R, (4,), torch.float64), op=hvd.Sum, name=glob))
+        eq(hvd.synchronize(hs["set"]), sum(xs))
+        eq(hvd.synchronize(hs["all"]), want_all)
+    # global ops interleave with set ops
+    hvd.barrier()
+    # removing: refused afterwards, a second removal is False, the same ranks can form a set again
+    first = sets[tuple(even)]
+    assert hvd.remove_process_set(first) is True
+    assert first.process_set_id is None
+    assert hvd.remove_process_set(first) is False
+    raises(ValueError, lambda: hvd.allreduce(inp(R), process_set=first), "not registered")
+    again = hvd.add_process_set(even)
+    assert again.process_set_id not in ids
+    if R in even:
+        eq(hvd.allreduce(inp(R), op=hvd.Sum, process_set=again), sum(inp(r) for r in even))
+    for ps in [again] + [ps for ps in sets.values() if ps is not first]:
+        assert hvd.remove_process_set(ps) is True
+    raises(ValueError, lambda: hvd.allreduce(inp(R), process_set=hvd.ProcessSet([0])), "not registered")
+    # ranks that disagree on a set's members fail on every rank, and the ops after it work
+    if P > 1:
+        raises(HorovodInternalError, lambda: hvd.add_process_set([0] if R == 0 else list(range(P))), "ranks")
+    eq(hvd.allreduce(inp(R), op=hvd.Sum), sum(inp(r) for r in range(P)))
+
+
+def c_process_set_optimizer() -> None:
+    """DistributedOptimizer on a set: its members train as one, the other ranks keep their own gradients."""
+    members = list(range(P - 1)) if P > 2 else [0]
+    ps = hvd.add_process_set(members)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2).double()
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
+                                       named_parameters=model.named_parameters(), process_set=ps)
+        xs = [torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + r))
+              for r in range(P)]
+        opt.zero_grad()
+        model(xs[R]).pow(2).sum().backward()
+        opt.step()
+        torch.manual_seed(0)
+        ref = torch.nn.Linear(3, 2).double()
+        ropt = torch.optim.SGD(ref.parameters(), lr=0.5)
+        group = members if R in members else [R]
+        for r in group:
+            (ref(xs[r]).pow(2).sum() / len(group)).backward()
+        ropt.step()
+        for a, b in zip(model.parameters(), ref.parameters()):
+            eq(a.detach(), b.detach(), 1e-12)
+    finally:
         hvd.remove_process_set(ps)
-    else:
-        raises(HorovodInternalError, lambda: hvd.add_process_set([0]), "Communicator.subgroup")
-    raises(ValueError, lambda: hvd.allreduce(x, process_set=hvd.ProcessSet([0])), "not registered")
 
 
 run("ops", "basics", c_basics)
@@ -499,7 +671,9 @@ run("optim", "optimizer", c_optimizer)
 run("optim", "optimizer_rules", c_optimizer_rules)
 run("optim", "sparse", c_sparse)
 run("bn", "sync_batch_norm", c_sync_batch_norm)
-run("missing", "missing_calls", c_missing_calls)
+run("alltoall", "alltoall", c_alltoall)
+run("sets", "process_sets", c_process_sets)
+run("sets", "process_set_optimizer", c_process_set_optimizer)
 hvd.shutdown()
 assert not hvd.is_initialized()
 cases.finish()

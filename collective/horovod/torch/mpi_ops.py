@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine import Engine, Handle, missing_call
+from ..engine import Engine, Handle
 from ..exceptions import HorovodInternalError
 
 __all__ = [
@@ -185,9 +185,9 @@ def _on_control(kind: str, q: dict, eng: Engine) -> Any:
     comm = _state.comm
     if kind == "add_process_set":
         ranks = q["ranks"]
-        sub = missing_call(comm, "subgroup", "add_process_set")(ranks)
-        member = comm.rank in ranks
-        return Engine(sub, ranks) if member and sub is not None else None
+        # Collective over the members only; every member reaches this op in the same order on this thread.
+        sub = comm.subgroup(ranks)
+        return Engine(sub, ranks) if sub is not None else None
     ps = _state.sets.get(q["id"])
     if ps is not None and ps.engine is not None:
         ps.engine.shutdown()
@@ -220,7 +220,6 @@ def add_process_set(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
         if other.ranks == ps.ranks:
             raise ValueError(f"add_process_set on rank {rank()}: a process set with ranks {ps.ranks} already "
                              f"exists (id {other.process_set_id})")
-    missing_call(_state.comm, "subgroup", "add_process_set")
     name = f"add_process_set.{_next_name('add_process_set')}"
     sub_engine = eng.submit("add_process_set", name, [], ranks=ps.ranks).wait()
     with _state.lock:
@@ -439,8 +438,14 @@ def _next_name(kind: str) -> int:
     return n
 
 
-def _name(kind: str, name: str | None) -> str:
-    return name if name is not None else f"{kind}.noname.{_next_name(kind)}"
+def _name(kind: str, name: str | None, ps: ProcessSet) -> str:
+    """``name``, or the next automatic one; each process set counts on its own, since only its members call it."""
+    if name is not None:
+        return name
+    if not ps.process_set_id:
+        return f"{kind}.noname.{_next_name(kind)}"
+    tag = f"{kind}.set{ps.process_set_id}"
+    return f"{tag}.noname.{_next_name(tag)}"
 
 
 def _check_tensor(t: Any, what: str) -> torch.Tensor:
@@ -536,7 +541,7 @@ def _allreduce_submit(tensors: list[torch.Tensor], outputs: list[torch.Tensor] |
         pass  # scaling before min/max/product is well defined; Horovod applies it the same way
     arrays = [_to_numpy(_scale(t.detach(), prescale), reducing=True) for t in tensors]
     n = _set_size(ps)
-    h = eng.submit("allreduce", _name(kind, name), arrays, op=_REDUCE[op], prescale=prescale, postscale=postscale)
+    h = eng.submit("allreduce", _name(kind, name, ps), arrays, op=_REDUCE[op], prescale=prescale, postscale=postscale)
 
     def finish(results: list[np.ndarray]) -> list[torch.Tensor]:
         outs = []
@@ -711,13 +716,13 @@ def sparse_allreduce_async(tensor: torch.Tensor, name: str, op: int,
 
 # ------------------------------------------------------------------ allgather
 def _allgather_submit(tensors: list[torch.Tensor], name: str | None, process_set: ProcessSet, kind: str) -> int:
-    eng, _ = _engine_for(process_set, kind)
+    eng, ps = _engine_for(process_set, kind)
     for t in tensors:
         _check_tensor(t, kind)
         if t.dim() == 0:
             raise ValueError(f"{kind} on rank {rank()}: a 0-d tensor has no first dimension; reshape it to (1,)")
     arrays = [_to_numpy(t) for t in tensors]
-    h = eng.submit("allgather", _name(kind, name), arrays)
+    h = eng.submit("allgather", _name(kind, name, ps), arrays)
     return _register(h, lambda res: [_from_numpy(r, t) for r, t in zip(res, tensors)])
 
 
@@ -805,7 +810,7 @@ def _broadcast_submit(tensor: torch.Tensor, root_rank: int, name: str | None, pr
         if root not in ps.ranks:  # type: ignore[operator]
             raise ValueError(f"broadcast on rank {rank()}: root_rank {root} is not in process set {ps.ranks}")
         root = ps.ranks.index(root)  # type: ignore[union-attr]
-    h = eng.submit("broadcast", _name("broadcast", name), [_to_numpy(tensor)], root=root)
+    h = eng.submit("broadcast", _name("broadcast", name, ps), [_to_numpy(tensor)], root=root)
 
     def finish(res: list[np.ndarray]) -> torch.Tensor:
         y = _from_numpy(res[0].reshape(tuple(tensor.shape)), tensor)
@@ -889,9 +894,8 @@ def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: str | None = 
         if len(sp) != n or any(v < 0 for v in sp) or sum(sp) > rows:
             raise ValueError(f"alltoall on rank {rank()}: splits {sp} must be {n} non-negative counts whose sum "
                              f"does not exceed dim 0 ({rows}) of shape {tuple(tensor.shape)}")
-    missing_call(eng.comm, "alltoall", "alltoall")
     x = tensor.narrow(0, 0, sum(sp)) if sum(sp) != rows else tensor
-    h = eng.submit("alltoall", _name("alltoall", name), [_to_numpy(x)], splits=sp)
+    h = eng.submit("alltoall", _name("alltoall", name, ps), [_to_numpy(x)], splits=sp)
 
     def finish(res: tuple) -> tuple:
         return _from_numpy(res[0], tensor), torch.from_numpy(res[1])
@@ -943,7 +947,7 @@ def _reducescatter_submit(tensors: list[torch.Tensor], name: str | None, op: int
             raise ValueError(f"{kind} on rank {rank()}: a 0-d tensor cannot be scattered; give it a first dimension")
     n = _set_size(ps)
     arrays = [_to_numpy(_scale(t.detach(), prescale), reducing=True) for t in tensors]
-    h = eng.submit("reducescatter", _name(kind, name), arrays, op="sum", prescale=prescale, postscale=postscale)
+    h = eng.submit("reducescatter", _name(kind, name, ps), arrays, op="sum", prescale=prescale, postscale=postscale)
 
     def finish(res: list[np.ndarray]) -> list[torch.Tensor]:
         outs = []
@@ -1053,8 +1057,8 @@ def join(device: int = -1) -> int:
 
 def barrier(process_set: ProcessSet = global_process_set) -> None:
     """Block until every rank of ``process_set`` has reached the barrier."""
-    eng, _ = _engine_for(process_set, "barrier")
-    eng.submit("barrier", _name("barrier", None), []).wait()
+    eng, ps = _engine_for(process_set, "barrier")
+    eng.submit("barrier", _name("barrier", None, ps), []).wait()
 
 
 def poll(handle: int) -> bool:

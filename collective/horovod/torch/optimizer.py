@@ -107,6 +107,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._allreduce_delay[p] = passes
 
     def _register_hooks(self) -> None:
+        if self.process_set.process_set_id and not self.process_set.included():
+            return  # a rank outside the set steps on its own gradients, as in Horovod
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
