@@ -35,6 +35,7 @@ import os
 import queue
 import socket
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -263,6 +264,13 @@ def _array(t: torch.Tensor) -> np.ndarray:
     raise CollectiveTypeError(f"tensors of dtype {dt} have no NumPy equivalent; convert them (x.float())")
 
 
+def _wire(t: torch.Tensor) -> np.ndarray:
+    """:func:`_array` for a point-to-point message: bfloat16 as int16, whose dtype the message header can name."""
+    if t.dtype is torch.bfloat16:
+        return t.detach().view(torch.int16).numpy()
+    return _array(t)
+
+
 def _check_tensor(t: Any, where: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise CollectiveTypeError(f"{where}: expected a torch.Tensor, got {type(t).__name__}")
@@ -426,12 +434,41 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                     return self._sync_done
                 return self._completer.add([self._comm.allreduce_async(a, op=name, out=a)], None, tensors,
                                            "all_reduce")
+        if len(tensors) == 1 and isinstance(tensors[0], torch.Tensor) and tensors[0].layout == torch.sparse_coo:
+            return self._sparse_allreduce(tensors[0], opts)
         t = self._one(tensors, "all_reduce")
         _, a, name, post = self._reduce_args(t, opts.reduceOp, "all_reduce")
         comm = self._comm
         return self._finish(opts.asyncOp, "all_reduce",
                             (lambda: comm.allreduce_async(a, op=name, out=a)) if opts.asyncOp else
                             (lambda: comm.allreduce(a, op=name, out=a)), post, tensors)
+
+    def _sparse_allreduce(self, t: torch.Tensor, opts: Any) -> Any:
+        """SUM of sparse COO tensors: every rank's indices and values gathered, added up and coalesced."""
+        where = self._where("all_reduce", t)
+        if opts.reduceOp.op != _R.SUM:
+            raise CollectiveValueError(f"{where}: sparse tensors take ReduceOp.SUM only, got {opts.reduceOp.op}")
+        if t.device.type != "cpu":
+            raise CollectiveTypeError(f"{where}: tensor on {t.device}; the backend {BACKEND!r} takes CPU tensors")
+        c = t.detach().coalesce()
+        idx = _array(c.indices().t().contiguous())  # (nnz, sparse dims): the ranks' nnz may differ
+        val = c.values().contiguous()
+        vals = _array(val)
+        comm, got = self._comm, []
+
+        def finish() -> None:
+            every_idx, every_val = got
+            v = _tensor(np.ascontiguousarray(every_val), val.dtype).reshape(-1, *val.shape[1:])
+            total = torch.sparse_coo_tensor(torch.from_numpy(np.ascontiguousarray(every_idx)).t(), v, t.shape)
+            with torch.no_grad():
+                t.copy_(total.coalesce())  # a sparse copy_ replaces t's indices and values
+
+        if opts.asyncOp:
+            ws = [comm.allgather_async(idx), comm.allgather_async(vals)]
+            return self._completer.add(ws, lambda: (got.extend(w.wait() for w in ws), finish()), [t], "all_reduce")
+        got.extend((comm.allgather(idx), comm.allgather(vals)))
+        finish()
+        return _done([t])
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
         if opts is None:
@@ -540,6 +577,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         even = all(o.numel() == x.numel() for o in outs)
         src = a.reshape(1, -1) if even else a
         sizes = [o.numel() for o in outs]
+        if not even:
+            self._agree_sizes(x, sizes, "all_gather")
 
         def scatter_rows(res: np.ndarray) -> None:
             flat = _tensor(res.reshape(-1), x.dtype)
@@ -551,6 +590,23 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             return self._completer.add([wk], lambda: scatter_rows(wk.wait()), outputs, "all_gather")
         scatter_rows(comm.allgather(src))
         return _done(outputs)
+
+    def _agree_sizes(self, x: torch.Tensor, sizes: list[int], call: str) -> None:
+        """Before an uneven all_gather: every rank's output sizes must be what the ranks send, else all raise.
+
+        Each rank sends its input's size and a checksum of the sizes it expects; a rank whose outputs
+        disagree would otherwise get the right total cut in the wrong places.
+        """
+        comm = self._comm
+        mine = np.array([[x.numel(), zlib.crc32(np.asarray(sizes, np.int64).tobytes())]], np.int64)
+        every = comm.allgather(mine)
+        sent = [int(n) for n in every[:, 0]]
+        want = zlib.crc32(np.asarray(sent, np.int64).tobytes())
+        wrong = [r for r in range(comm.size) if int(every[r, 1]) != want]
+        if wrong:
+            mine_ok = "" if sizes == sent else f"; this rank's outputs hold {sizes}"
+            raise CollectiveValueError(f"{self._where(call, x)}: the ranks send {sent} elements, but the output "
+                                       f"tensors of rank(s) {wrong} expect other sizes{mine_ok}")
 
     def allgather_coalesced(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor],
                             opts: Any = None) -> Any:
@@ -667,9 +723,18 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         if comm.rank == root and len(outs) != comm.size:
             raise CollectiveValueError(f"{self._where('gather', x)}: the root needs {comm.size} output tensors")
 
+        if comm.rank == root:
+            for o in outs:
+                _check_tensor(o, self._where("gather", o))
+                if o.dtype != x.dtype:
+                    raise CollectiveTypeError(f"{self._where('gather', x)}: output dtype {o.dtype} is not the input's")
+
         def place(res: Any) -> None:
             if comm.rank != root:
                 return
+            if res.size != sum(o.numel() for o in outs):
+                raise CollectiveValueError(f"{self._where('gather', x)}: the ranks sent {res.size} elements in all, "
+                                           f"the root's outputs hold {[o.numel() for o in outs]}")
             flat = _tensor(res.reshape(-1), x.dtype)
             for o, piece in zip(outs, torch.split(flat, [o.numel() for o in outs])):
                 o.copy_(piece.reshape(o.shape))
@@ -690,12 +755,19 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             ins = inputs[0]
             if len(ins) != comm.size:
                 raise CollectiveValueError(f"{self._where('scatter', y)}: the root needs {comm.size} input tensors")
+            for t in ins:
+                _check_tensor(t, self._where("scatter", t))
+                if t.dtype != y.dtype:
+                    raise CollectiveTypeError(f"{self._where('scatter', y)}: input dtype {t.dtype} is not the output's")
             a = _array(torch.cat([t.reshape(-1) for t in ins])) if ins else None
             splits = [t.numel() for t in ins]
         else:
             a, splits = None, None
 
         def place(res: Any) -> None:
+            if res.size != y.numel():
+                raise CollectiveValueError(f"{self._where('scatter', y)}: received {res.size} elements from rank "
+                                           f"{root}, the output holds {y.numel()}")
             y.copy_(_tensor(np.ascontiguousarray(res).reshape(-1), y.dtype).reshape(y.shape))
 
         if opts.asyncOp:
@@ -707,14 +779,14 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Any:
         t = self._one(tensors, "send")
         fn = self._comm.isend
-        a = _array(t.contiguous())
+        a = _wire(t.contiguous())
         return self._completer.add([fn(a, dst, tag)], None, tensors, "send")
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> Any:
         t = self._one(tensors, "recv")
         fn = self._comm.irecv
         w, back = _work_tensor(t)
-        ours = fn(_array(w), src, tag)
+        ours = fn(_wire(w), src, tag)
         work = self._completer.add([ours], back, tensors, "recv")
         work.source = src if src != ANY_SOURCE else None
         work._learn = ours  # a receive from any rank: the sender is what our receive's wait() returns
