@@ -35,6 +35,7 @@ import os
 import queue
 import socket
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,12 +53,17 @@ from .p2p import ANY_SOURCE
 from .errors import CollectiveError, CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import BFLOAT16
 
-__all__ = ["BACKEND", "CollectiveProcessGroup", "create_store", "mpi_launched"]
+__all__ = ["BACKEND", "CollectiveProcessGroup", "MonitoredBarrierError", "create_store", "mpi_launched"]
 
 #: The backend name torch knows us by.
 BACKEND = "collective"
 
-#: Communicator methods some ProcessGroup calls need, and the torch calls that need them.
+#: The point-to-point tag of monitored_barrier's messages (user tags of dist.send stay below it).
+MONITORED_BARRIER_TAG = 1 << 28
+
+
+class MonitoredBarrierError(CollectiveTimeoutError, RuntimeError):
+    """A monitored barrier that some rank did not reach in time (a RuntimeError, as torch's gloo raises)."""
 
 _R = dist.ReduceOp.RedOpType
 _NAMED = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MAX: "max"}
@@ -444,7 +450,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                             (lambda: comm.allreduce(a, op=name, out=a)), post, tensors)
 
     def _sparse_allreduce(self, t: torch.Tensor, opts: Any) -> Any:
-        """SUM of sparse COO tensors: every rank's indices and values gathered, added up and coalesced."""
+        """SUM of sparse COO tensors: every rank's (coalesced) indices and values, gathered."""
         where = self._where("all_reduce", t)
         if opts.reduceOp.op != _R.SUM:
             raise CollectiveValueError(f"{where}: sparse tensors take ReduceOp.SUM only, got {opts.reduceOp.op}")
@@ -459,9 +465,10 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         def finish() -> None:
             every_idx, every_val = got
             v = _tensor(np.ascontiguousarray(every_val), val.dtype).reshape(-1, *val.shape[1:])
+            # Uncoalesced, every rank's entries in rank order, as gloo returns it: .coalesce() adds them up.
             total = torch.sparse_coo_tensor(torch.from_numpy(np.ascontiguousarray(every_idx)).t(), v, t.shape)
             with torch.no_grad():
-                t.copy_(total.coalesce())  # a sparse copy_ replaces t's indices and values
+                t.copy_(total)  # a sparse copy_ replaces t's indices and values
 
         if opts.asyncOp:
             ws = [comm.allgather_async(idx), comm.allgather_async(vals)]
@@ -661,6 +668,58 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def barrier(self, opts: Any = None) -> Any:
         self._comm.barrier()  # waits for the queued async calls first, like every rank's
         return self._sync_done
+
+    def monitored_barrier(self, timeout: datetime.timedelta | None = None, wait_all_ranks: bool = False) -> None:
+        """A barrier that names the ranks that did not reach it within ``timeout`` (torch's gloo semantics).
+
+        torch's ``dist.monitored_barrier`` refuses every backend but gloo, so call it on the group itself.
+        Rank 0 waits for a message from each other rank, then releases them all; the messages are
+        point-to-point (tag :data:`MONITORED_BARRIER_TAG`), so a rank that never comes cannot hang the
+        others beyond ``timeout``.
+
+        Args:
+            timeout: how long to wait (the group's timeout when None).
+            wait_all_ranks: rank 0 names every late rank instead of the first.
+
+        Raises:
+            MonitoredBarrierError: on rank 0, naming the rank(s) that did not arrive ("Rank 1 failed to
+                pass monitoredBarrier in 2000 ms"); on the others, when rank 0 did not release them in time.
+
+        Example::
+
+            dist.group.WORLD.monitored_barrier(datetime.timedelta(seconds=30), wait_all_ranks=True)
+        """
+        comm, tag = self._comm, MONITORED_BARRIER_TAG
+        limit = (timeout or self._timeout or datetime.timedelta(seconds=300)).total_seconds()
+        ms = int(limit * 1000)
+        t0 = time.monotonic()
+        token = np.zeros(1, np.int64)
+        if comm.rank != 0:
+            comm.isend(token, 0, tag).wait()
+            try:
+                comm.irecv(np.zeros(1, np.int64), 0, tag).wait(timeout=max(limit - (time.monotonic() - t0), 1e-3))
+            except CollectiveTimeoutError:
+                raise MonitoredBarrierError(f"Rank {comm.rank} successfully reached monitoredBarrier, but received "
+                                            f"errors while waiting for send/recv from rank 0: no release within "
+                                            f"{ms} ms") from None
+            return
+        late = []
+        for r in range(1, comm.size):
+            left = limit - (time.monotonic() - t0)
+            if left <= 0 and not late and not wait_all_ranks:
+                raise MonitoredBarrierError(f"Rank 0 timed out in monitoredBarrier after {ms} ms (ranks "
+                                            f"{list(range(r, comm.size))} not heard from)")
+            try:
+                comm.irecv(np.zeros(1, np.int64), r, tag).wait(timeout=max(left, 1e-3))
+            except CollectiveTimeoutError:
+                if not wait_all_ranks:
+                    raise MonitoredBarrierError(f"Rank {r} failed to pass monitoredBarrier in {ms} ms") from None
+                late.append(r)
+        if late:
+            raise MonitoredBarrierError(f"Ranks {', '.join(map(str, late))} failed to pass monitoredBarrier in "
+                                        f"{ms} ms")
+        for w in [comm.isend(token, r, tag) for r in range(1, comm.size)]:
+            w.wait()
 
     # ---- calls that need the communicator's alltoall, gather, scatter, send/recv
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],

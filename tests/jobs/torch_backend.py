@@ -508,6 +508,33 @@ def case_send_recv() -> None:
     dist.barrier()
 
 
+def case_monitored_barrier() -> None:
+    pg = dist.group.WORLD
+    pg.monitored_barrier(datetime.timedelta(seconds=30))
+    pg.monitored_barrier(datetime.timedelta(seconds=30), wait_all_ranks=True)
+    try:  # torch's wrapper accepts gloo groups only; the group's own method is the way in
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=5))
+        raise AssertionError("dist.monitored_barrier accepted a non-gloo group")
+    except ValueError as exc:
+        assert "GLOO" in str(exc), str(exc)
+    if P < 2:
+        return
+    # The last rank stays away: rank 0 names it within the timeout, the others hear that rank 0 failed.
+    if R != P - 1:
+        t0 = time.monotonic()
+        try:
+            pg.monitored_barrier(datetime.timedelta(seconds=1.0), wait_all_ranks=R == 0 and P > 2)
+            raise AssertionError(f"monitored_barrier passed on rank {R} although rank {P - 1} never came")
+        except ctorch.MonitoredBarrierError as exc:
+            assert isinstance(exc, RuntimeError) and time.monotonic() - t0 < 10, exc
+            if R == 0:
+                assert f"{P - 1} failed to pass monitoredBarrier" in str(exc), str(exc)
+            else:
+                assert f"Rank {R} successfully reached monitoredBarrier" in str(exc), str(exc)
+    dist.barrier()
+    pg.monitored_barrier(datetime.timedelta(seconds=30))  # and it works again
+
+
 def case_subgroups() -> None:
     if P < 2:
         return
@@ -624,6 +651,7 @@ run("calls", "sparse all_reduce", case_sparse_all_reduce)
 run("calls", "all_to_all and all_to_all_single, even and uneven", case_all_to_all)
 run("calls", "send/recv/isend/irecv, any source, batch_isend_irecv", case_send_recv)
 run("calls", "new_group and new_subgroups over proper subsets", case_subgroups)
+run("calls", "monitored_barrier on the group", case_monitored_barrier)
 run("calls", "whole-world group, DeviceMesh, DTensor", case_whole_world_group_and_mesh)
 
 # ------------------------------------------------------------------ DDP
