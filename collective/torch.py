@@ -450,7 +450,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                             (lambda: comm.allreduce(a, op=name, out=a)), post, tensors)
 
     def _sparse_allreduce(self, t: torch.Tensor, opts: Any) -> Any:
-        """SUM of sparse COO tensors: every rank's (coalesced) indices and values, gathered."""
+        """SUM of sparse COO tensors: every rank's indices and values gathered, then added up (coalesced)."""
         where = self._where("all_reduce", t)
         if opts.reduceOp.op != _R.SUM:
             raise CollectiveValueError(f"{where}: sparse tensors take ReduceOp.SUM only, got {opts.reduceOp.op}")
@@ -465,10 +465,9 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         def finish() -> None:
             every_idx, every_val = got
             v = _tensor(np.ascontiguousarray(every_val), val.dtype).reshape(-1, *val.shape[1:])
-            # Uncoalesced, every rank's entries in rank order, as gloo returns it: .coalesce() adds them up.
             total = torch.sparse_coo_tensor(torch.from_numpy(np.ascontiguousarray(every_idx)).t(), v, t.shape)
             with torch.no_grad():
-                t.copy_(total)  # a sparse copy_ replaces t's indices and values
+                t.copy_(total.coalesce())  # coalesced, as gloo returns it; a sparse copy_ replaces t's contents
 
         if opts.asyncOp:
             ws = [comm.allgather_async(idx), comm.allgather_async(vals)]
@@ -690,7 +689,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             dist.group.WORLD.monitored_barrier(datetime.timedelta(seconds=30), wait_all_ranks=True)
         """
         comm, tag = self._comm, MONITORED_BARRIER_TAG
-        limit = (timeout or self._timeout or datetime.timedelta(seconds=300)).total_seconds()
+        span = timeout if timeout is not None else self._timeout  # a timedelta of 0 is falsy, but given
+        limit = (span if span is not None else datetime.timedelta(seconds=300)).total_seconds()
         ms = int(limit * 1000)
         t0 = time.monotonic()
         token = np.zeros(1, np.int64)

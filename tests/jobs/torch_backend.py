@@ -376,7 +376,7 @@ def case_sparse_all_reduce() -> None:
         w = dist.all_reduce(t, async_op=async_op)
         if async_op:
             w.wait()
-        assert t.is_sparse
+        assert t.is_sparse and t.is_coalesced()  # as gloo returns it
         same(t.to_dense(), want, f"sparse all_reduce async={async_op}")
     expect_error(lambda: dist.all_reduce(_sparse(R), op=RO.MAX), col.CollectiveValueError, "SUM only",
                  "sparse all_reduce with MAX")
@@ -531,6 +531,12 @@ def case_monitored_barrier() -> None:
                 assert f"{P - 1} failed to pass monitoredBarrier" in str(exc), str(exc)
             else:
                 assert f"Rank {R} successfully reached monitoredBarrier" in str(exc), str(exc)
+    if R == 0:  # a timeout of zero runs out before rank 0 hears from anyone (and posts nothing)
+        try:
+            pg.monitored_barrier(datetime.timedelta(seconds=0))
+            raise AssertionError("monitored_barrier with a zero timeout passed")
+        except ctorch.MonitoredBarrierError as exc:
+            assert "Rank 0 timed out in monitoredBarrier" in str(exc), str(exc)
     dist.barrier()
     pg.monitored_barrier(datetime.timedelta(seconds=30))  # and it works again
 
