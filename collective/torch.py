@@ -36,7 +36,6 @@ import queue
 import socket
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -49,9 +48,9 @@ from torch._C._distributed_c10d import _create_work_from_future
 
 import collective as _col
 
-from .p2p import ANY_SOURCE
 from .errors import CollectiveError, CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import BFLOAT16
+from .p2p import ANY_SOURCE
 
 __all__ = ["BACKEND", "CollectiveProcessGroup", "MonitoredBarrierError", "create_store", "mpi_launched"]
 
@@ -600,19 +599,21 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def _agree_sizes(self, x: torch.Tensor, sizes: list[int], call: str) -> None:
         """Before an uneven all_gather: every rank's output sizes must be what the ranks send, else all raise.
 
-        Each rank sends its input's size and a checksum of the sizes it expects; a rank whose outputs
-        disagree would otherwise get the right total cut in the wrong places.
+        One allreduce (max) of each rank's expected sizes, their negatives (so the minimum too) and a flag
+        for a rank whose input is not the size it expects from itself: a rank whose outputs disagree would
+        otherwise get the right total cut in the wrong places. An allreduce, not an allgather, so that a
+        rank taking the even path (an allgather) meets a mismatch in the cross-rank check.
         """
-        comm = self._comm
-        mine = np.array([[x.numel(), zlib.crc32(np.asarray(sizes, np.int64).tobytes())]], np.int64)
-        every = comm.allgather(mine)
-        sent = [int(n) for n in every[:, 0]]
-        want = zlib.crc32(np.asarray(sent, np.int64).tobytes())
-        wrong = [r for r in range(comm.size) if int(every[r, 1]) != want]
-        if wrong:
-            mine_ok = "" if sizes == sent else f"; this rank's outputs hold {sizes}"
-            raise CollectiveValueError(f"{self._where(call, x)}: the ranks send {sent} elements, but the output "
-                                       f"tensors of rank(s) {wrong} expect other sizes{mine_ok}")
+        comm, P = self._comm, self._comm.size
+        e = np.asarray(sizes, np.int64)
+        m = comm.allreduce(np.concatenate([e, -e, [int(sizes[comm.rank] != x.numel())]]), op="max")
+        hi, lo, bad = m[:P], -m[P:2 * P], int(m[2 * P])
+        if bad or (hi != lo).any():
+            raise CollectiveValueError(
+                f"{self._where(call, x)}: the output tensors of the ranks expect other sizes than the ranks send: "
+                f"this rank sends {x.numel()} elements and expects {sizes}; from rank r the ranks expect "
+                f"{lo.tolist()} .. {hi.tolist()} elements" + (", and some rank's input is not the size its own "
+                                                               "output expects" if bad else ""))
 
     def allgather_coalesced(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor],
                             opts: Any = None) -> Any:
@@ -721,7 +722,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         for w in [comm.isend(token, r, tag) for r in range(1, comm.size)]:
             w.wait()
 
-    # ---- calls that need the communicator's alltoall, gather, scatter, send/recv
+    # ---- all-to-all, gather, scatter, point to point
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],
                       input_split_sizes: list[int], opts: Any = None) -> Any:
         if opts is None:

@@ -361,6 +361,15 @@ def case_all_gather_uneven() -> None:
             sizes[0], sizes[1] = sizes[1], sizes[0]
         expect_error(lambda: dist.all_gather([torch.empty(n) for n in sizes], x), col.CollectiveValueError,
                      "expect other sizes", "uneven all_gather with outputs of the wrong sizes")
+        # Rank 0 believes the sizes even (its own everywhere), the others know better: still an error on every rank.
+        n = 2 if R == 0 else R + 2
+        sizes = [2] * P if R == 0 else [2] + [r + 2 for r in range(1, P)]
+        expect_error(lambda: dist.all_gather([torch.empty(k, dtype=torch.int64) for k in sizes],
+                                             torch.full((n,), R, dtype=torch.int64)), col.CollectiveError, "rank",
+                     "all_gather that rank 0 takes for even")
+        t = torch.full((2,), float(R))
+        dist.all_reduce(t)
+        same(t, torch.full((2,), float(sum(range(P)))), "a call after the all_gather mismatches")
 
 
 def _sparse(r: int) -> torch.Tensor:
