@@ -35,6 +35,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -47,16 +48,21 @@ from torch._C._distributed_c10d import _create_work_from_future
 
 import collective as _col
 
-from .p2p import ANY_SOURCE
 from .errors import CollectiveError, CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import BFLOAT16
+from .p2p import ANY_SOURCE
 
-__all__ = ["BACKEND", "CollectiveProcessGroup", "create_store", "mpi_launched"]
+__all__ = ["BACKEND", "CollectiveProcessGroup", "MonitoredBarrierError", "create_store", "mpi_launched"]
 
 #: The backend name torch knows us by.
 BACKEND = "collective"
 
-#: Communicator methods some ProcessGroup calls need, and the torch calls that need them.
+#: The point-to-point tag of monitored_barrier's messages (user tags of dist.send stay below it).
+MONITORED_BARRIER_TAG = 1 << 28
+
+
+class MonitoredBarrierError(CollectiveTimeoutError, RuntimeError):
+    """A monitored barrier that some rank did not reach in time (a RuntimeError, as torch's gloo raises)."""
 
 _R = dist.ReduceOp.RedOpType
 _NAMED = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MAX: "max"}
@@ -263,6 +269,13 @@ def _array(t: torch.Tensor) -> np.ndarray:
     raise CollectiveTypeError(f"tensors of dtype {dt} have no NumPy equivalent; convert them (x.float())")
 
 
+def _wire(t: torch.Tensor) -> np.ndarray:
+    """:func:`_array` for a point-to-point message: bfloat16 as int16, whose dtype the message header can name."""
+    if t.dtype is torch.bfloat16:
+        return t.detach().view(torch.int16).numpy()
+    return _array(t)
+
+
 def _check_tensor(t: Any, where: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise CollectiveTypeError(f"{where}: expected a torch.Tensor, got {type(t).__name__}")
@@ -426,12 +439,41 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                     return self._sync_done
                 return self._completer.add([self._comm.allreduce_async(a, op=name, out=a)], None, tensors,
                                            "all_reduce")
+        if len(tensors) == 1 and isinstance(tensors[0], torch.Tensor) and tensors[0].layout == torch.sparse_coo:
+            return self._sparse_allreduce(tensors[0], opts)
         t = self._one(tensors, "all_reduce")
         _, a, name, post = self._reduce_args(t, opts.reduceOp, "all_reduce")
         comm = self._comm
         return self._finish(opts.asyncOp, "all_reduce",
                             (lambda: comm.allreduce_async(a, op=name, out=a)) if opts.asyncOp else
                             (lambda: comm.allreduce(a, op=name, out=a)), post, tensors)
+
+    def _sparse_allreduce(self, t: torch.Tensor, opts: Any) -> Any:
+        """SUM of sparse COO tensors: every rank's indices and values gathered, then added up (coalesced)."""
+        where = self._where("all_reduce", t)
+        if opts.reduceOp.op != _R.SUM:
+            raise CollectiveValueError(f"{where}: sparse tensors take ReduceOp.SUM only, got {opts.reduceOp.op}")
+        if t.device.type != "cpu":
+            raise CollectiveTypeError(f"{where}: tensor on {t.device}; the backend {BACKEND!r} takes CPU tensors")
+        c = t.detach().coalesce()
+        idx = _array(c.indices().t().contiguous())  # (nnz, sparse dims): the ranks' nnz may differ
+        val = c.values().contiguous()
+        vals = _array(val)
+        comm, got = self._comm, []
+
+        def finish() -> None:
+            every_idx, every_val = got
+            v = _tensor(np.ascontiguousarray(every_val), val.dtype).reshape(-1, *val.shape[1:])
+            total = torch.sparse_coo_tensor(torch.from_numpy(np.ascontiguousarray(every_idx)).t(), v, t.shape)
+            with torch.no_grad():
+                t.copy_(total.coalesce())  # coalesced, as gloo returns it; a sparse copy_ replaces t's contents
+
+        if opts.asyncOp:
+            ws = [comm.allgather_async(idx), comm.allgather_async(vals)]
+            return self._completer.add(ws, lambda: (got.extend(w.wait() for w in ws), finish()), [t], "all_reduce")
+        got.extend((comm.allgather(idx), comm.allgather(vals)))
+        finish()
+        return _done([t])
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
         if opts is None:
@@ -540,6 +582,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         even = all(o.numel() == x.numel() for o in outs)
         src = a.reshape(1, -1) if even else a
         sizes = [o.numel() for o in outs]
+        if not even:
+            self._agree_sizes(x, sizes, "all_gather")
 
         def scatter_rows(res: np.ndarray) -> None:
             flat = _tensor(res.reshape(-1), x.dtype)
@@ -551,6 +595,25 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             return self._completer.add([wk], lambda: scatter_rows(wk.wait()), outputs, "all_gather")
         scatter_rows(comm.allgather(src))
         return _done(outputs)
+
+    def _agree_sizes(self, x: torch.Tensor, sizes: list[int], call: str) -> None:
+        """Before an uneven all_gather: every rank's output sizes must be what the ranks send, else all raise.
+
+        One allreduce (max) of each rank's expected sizes, their negatives (so the minimum too) and a flag
+        for a rank whose input is not the size it expects from itself: a rank whose outputs disagree would
+        otherwise get the right total cut in the wrong places. An allreduce, not an allgather, so that a
+        rank taking the even path (an allgather) meets a mismatch in the cross-rank check.
+        """
+        comm, P = self._comm, self._comm.size
+        e = np.asarray(sizes, np.int64)
+        m = comm.allreduce(np.concatenate([e, -e, [int(sizes[comm.rank] != x.numel())]]), op="max")
+        hi, lo, bad = m[:P], -m[P:2 * P], int(m[2 * P])
+        if bad or (hi != lo).any():
+            raise CollectiveValueError(
+                f"{self._where(call, x)}: the output tensors of the ranks expect other sizes than the ranks send: "
+                f"this rank sends {x.numel()} elements and expects {sizes}; from rank r the ranks expect "
+                f"{lo.tolist()} .. {hi.tolist()} elements" + (", and some rank's input is not the size its own "
+                                                               "output expects" if bad else ""))
 
     def allgather_coalesced(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor],
                             opts: Any = None) -> Any:
@@ -606,7 +669,60 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         self._comm.barrier()  # waits for the queued async calls first, like every rank's
         return self._sync_done
 
-    # ---- calls that need the communicator's alltoall, gather, scatter, send/recv
+    def monitored_barrier(self, timeout: datetime.timedelta | None = None, wait_all_ranks: bool = False) -> None:
+        """A barrier that names the ranks that did not reach it within ``timeout`` (torch's gloo semantics).
+
+        torch's ``dist.monitored_barrier`` refuses every backend but gloo, so call it on the group itself.
+        Rank 0 waits for a message from each other rank, then releases them all; the messages are
+        point-to-point (tag :data:`MONITORED_BARRIER_TAG`), so a rank that never comes cannot hang the
+        others beyond ``timeout``.
+
+        Args:
+            timeout: how long to wait (the group's timeout when None).
+            wait_all_ranks: rank 0 names every late rank instead of the first.
+
+        Raises:
+            MonitoredBarrierError: on rank 0, naming the rank(s) that did not arrive ("Rank 1 failed to
+                pass monitoredBarrier in 2000 ms"); on the others, when rank 0 did not release them in time.
+
+        Example::
+
+            dist.group.WORLD.monitored_barrier(datetime.timedelta(seconds=30), wait_all_ranks=True)
+        """
+        comm, tag = self._comm, MONITORED_BARRIER_TAG
+        span = timeout if timeout is not None else self._timeout  # a timedelta of 0 is falsy, but given
+        limit = (span if span is not None else datetime.timedelta(seconds=300)).total_seconds()
+        ms = int(limit * 1000)
+        t0 = time.monotonic()
+        token = np.zeros(1, np.int64)
+        if comm.rank != 0:
+            comm.isend(token, 0, tag).wait()
+            try:
+                comm.irecv(np.zeros(1, np.int64), 0, tag).wait(timeout=max(limit - (time.monotonic() - t0), 1e-3))
+            except CollectiveTimeoutError:
+                raise MonitoredBarrierError(f"Rank {comm.rank} successfully reached monitoredBarrier, but received "
+                                            f"errors while waiting for send/recv from rank 0: no release within "
+                                            f"{ms} ms") from None
+            return
+        late = []
+        for r in range(1, comm.size):
+            left = limit - (time.monotonic() - t0)
+            if left <= 0 and not late and not wait_all_ranks:
+                raise MonitoredBarrierError(f"Rank 0 timed out in monitoredBarrier after {ms} ms (ranks "
+                                            f"{list(range(r, comm.size))} not heard from)")
+            try:
+                comm.irecv(np.zeros(1, np.int64), r, tag).wait(timeout=max(left, 1e-3))
+            except CollectiveTimeoutError:
+                if not wait_all_ranks:
+                    raise MonitoredBarrierError(f"Rank {r} failed to pass monitoredBarrier in {ms} ms") from None
+                late.append(r)
+        if late:
+            raise MonitoredBarrierError(f"Ranks {', '.join(map(str, late))} failed to pass monitoredBarrier in "
+                                        f"{ms} ms")
+        for w in [comm.isend(token, r, tag) for r in range(1, comm.size)]:
+            w.wait()
+
+    # ---- all-to-all, gather, scatter, point to point
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],
                       input_split_sizes: list[int], opts: Any = None) -> Any:
         if opts is None:
@@ -667,9 +783,18 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         if comm.rank == root and len(outs) != comm.size:
             raise CollectiveValueError(f"{self._where('gather', x)}: the root needs {comm.size} output tensors")
 
+        if comm.rank == root:
+            for o in outs:
+                _check_tensor(o, self._where("gather", o))
+                if o.dtype != x.dtype:
+                    raise CollectiveTypeError(f"{self._where('gather', x)}: output dtype {o.dtype} is not the input's")
+
         def place(res: Any) -> None:
             if comm.rank != root:
                 return
+            if res.size != sum(o.numel() for o in outs):
+                raise CollectiveValueError(f"{self._where('gather', x)}: the ranks sent {res.size} elements in all, "
+                                           f"the root's outputs hold {[o.numel() for o in outs]}")
             flat = _tensor(res.reshape(-1), x.dtype)
             for o, piece in zip(outs, torch.split(flat, [o.numel() for o in outs])):
                 o.copy_(piece.reshape(o.shape))
@@ -690,12 +815,19 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             ins = inputs[0]
             if len(ins) != comm.size:
                 raise CollectiveValueError(f"{self._where('scatter', y)}: the root needs {comm.size} input tensors")
+            for t in ins:
+                _check_tensor(t, self._where("scatter", t))
+                if t.dtype != y.dtype:
+                    raise CollectiveTypeError(f"{self._where('scatter', y)}: input dtype {t.dtype} is not the output's")
             a = _array(torch.cat([t.reshape(-1) for t in ins])) if ins else None
             splits = [t.numel() for t in ins]
         else:
             a, splits = None, None
 
         def place(res: Any) -> None:
+            if res.size != y.numel():
+                raise CollectiveValueError(f"{self._where('scatter', y)}: received {res.size} elements from rank "
+                                           f"{root}, the output holds {y.numel()}")
             y.copy_(_tensor(np.ascontiguousarray(res).reshape(-1), y.dtype).reshape(y.shape))
 
         if opts.asyncOp:
@@ -707,14 +839,14 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Any:
         t = self._one(tensors, "send")
         fn = self._comm.isend
-        a = _array(t.contiguous())
+        a = _wire(t.contiguous())
         return self._completer.add([fn(a, dst, tag)], None, tensors, "send")
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> Any:
         t = self._one(tensors, "recv")
         fn = self._comm.irecv
         w, back = _work_tensor(t)
-        ours = fn(_array(w), src, tag)
+        ours = fn(_wire(w), src, tag)
         work = self._completer.add([ours], back, tensors, "recv")
         work.source = src if src != ANY_SOURCE else None
         work._learn = ours  # a receive from any rank: the sender is what our receive's wait() returns

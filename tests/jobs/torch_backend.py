@@ -287,72 +287,345 @@ def case_async_semantics() -> None:
         same(x, torch.full((1000,), float(sum(range(P)) + P * k)), f"in flight {k}")
 
 
-def _missing_or(methods: tuple[str, ...], fn: object, raises: bool = True) -> None:
-    """Run ``fn`` when the communicator has ``methods``; else it must raise a CollectiveError naming one of them."""
-    if all(hasattr(comm, m) for m in methods):
-        fn()  # type: ignore[operator]
-        return
-    try:
-        fn()  # type: ignore[operator]
-    except col.CollectiveError as exc:
-        assert any(f"Communicator.{m}" in str(exc) for m in methods), str(exc)
-        return
-    if raises:
-        raise AssertionError(f"{methods}: no error although the communicator lacks them")
+GSDT = (torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.complex64)
 
 
-def case_gather_scatter_alltoall_p2p() -> None:
-    x = value(R, torch.float32, 4)
-
-    def gather() -> None:
-        outs = [torch.empty(4) for _ in range(P)] if R == 0 else None
-        dist.gather(x, outs, dst=0)
-        if R == 0:
+def case_gather_scatter() -> None:
+    for root in sorted({0, P - 1}):
+        for dtype in GSDT:
+            for async_op in (False, True):
+                what = f"{dtype} root {root} async={async_op}"
+                x = value(R, dtype, 4)
+                outs = [torch.empty(4, dtype=dtype) for _ in range(P)] if R == root else None
+                w = dist.gather(x, outs, dst=root, async_op=async_op)
+                if async_op:
+                    w.wait()
+                if R == root:
+                    for r in range(P):
+                        same(outs[r], value(r, dtype, 4), f"gather {what} from {r}")
+                out = torch.full((2, 2), 0, dtype=dtype)
+                ins = [value(r + 10, dtype, 4).reshape(2, 2) for r in range(P)] if R == root else None
+                w = dist.scatter(out, ins, src=root, async_op=async_op)
+                if async_op:
+                    w.wait()
+                same(out, value(R + 10, dtype, 4).reshape(2, 2), f"scatter {what}")
+        # Uneven sizes: rank r sends r + 1 elements (the root's outputs say so); scatter's pieces differ the same way.
+        x = torch.arange(R + 1, dtype=torch.float64) + 10 * R
+        outs = [torch.empty(r + 1, dtype=torch.float64) for r in range(P)] if R == root else None
+        dist.gather(x, outs, dst=root)
+        if R == root:
             for r in range(P):
-                same(outs[r], value(r, torch.float32, 4), f"gather from {r}")
-    _missing_or(("gather",), gather)
+                same(outs[r], torch.arange(r + 1, dtype=torch.float64) + 10 * r, f"uneven gather from {r}")
+        out = torch.empty(R + 1, dtype=torch.int32)
+        dist.scatter(out, [torch.full((r + 1,), r * 3, dtype=torch.int32) for r in range(P)] if R == root else None,
+                     src=root)
+        same(out, torch.full((R + 1,), R * 3, dtype=torch.int32), "uneven scatter")
+        # Object forms (torch pickles them; what moves is bytes of different lengths per rank).
+        got = [None] * P if R == root else None
+        dist.gather_object({"rank": R, "pad": "y" * (7 * R)}, got, dst=root)
+        if R == root:
+            assert got == [{"rank": r, "pad": "y" * (7 * r)} for r in range(P)], got
+        mine = [None]
+        dist.scatter_object_list(mine, [("to", r, list(range(r))) for r in range(P)] if R == root else None, src=root)
+        assert mine == [("to", R, list(range(R)))], mine
+    # A root whose outputs cannot hold what the ranks send raises there, naming the call (the others finish).
+    if P > 1:
+        x = torch.ones(3)
+        outs = [torch.empty(2) for _ in range(P)] if R == 0 else None
+        try:
+            dist.gather(x, outs, dst=0)
+            assert R != 0, "gather into outputs of the wrong size did not raise on the root"
+        except col.CollectiveValueError as exc:
+            assert R == 0 and "gather" in str(exc) and "elements" in str(exc), str(exc)
 
-    def scatter() -> None:
-        out = torch.empty(4)
-        dist.scatter(out, [value(r, torch.float32, 4) for r in range(P)] if R == P - 1 else None, src=P - 1)
-        same(out, value(R, torch.float32, 4), "scatter")
-    _missing_or(("scatter",), scatter)
 
-    def a2a() -> None:
-        inp = torch.arange(P * 2, dtype=torch.int64) + 100 * R
-        out = torch.empty(P * 2, dtype=torch.int64)
-        dist.all_to_all_single(out, inp)
-        same(out, torch.cat([torch.arange(2) + 2 * R + 100 * r for r in range(P)]), "all_to_all_single")
+def case_all_gather_uneven() -> None:
+    for dtype in (torch.float32, torch.bfloat16, torch.int16, torch.bool, torch.complex128):
+        for async_op in (False, True):
+            x = value(R, dtype, 2 * (R + 1)).reshape(R + 1, 2)  # rank r: r + 1 rows
+            outs = [torch.empty(r + 1, 2, dtype=dtype) for r in range(P)]
+            w = dist.all_gather(outs, x, async_op=async_op)
+            if async_op:
+                w.wait()
+            for r in range(P):
+                same(outs[r], value(r, dtype, 2 * (r + 1)).reshape(r + 1, 2), f"uneven all_gather {dtype} from {r}")
+    e = [torch.empty(0 if r == 0 else 3) for r in range(P)]
+    dist.all_gather(e, torch.full((0 if R == 0 else 3,), float(R)))
+    for r in range(1, P):
+        same(e[r], torch.full((3,), float(r)), f"all_gather with an empty rank 0, from {r}")
+    # Outputs that disagree with what the ranks send (right total, wrong cut) raise on every rank, before the data.
+    if P > 1:
+        x = torch.full((R + 1,), float(R))
+        sizes = [r + 1 for r in range(P)]
+        if R == P - 1:
+            sizes[0], sizes[1] = sizes[1], sizes[0]
+        expect_error(lambda: dist.all_gather([torch.empty(n) for n in sizes], x), col.CollectiveValueError,
+                     "expect other sizes", "uneven all_gather with outputs of the wrong sizes")
+        # Rank 0 believes the sizes even (its own everywhere), the others know better: still an error on every rank.
+        n = 2 if R == 0 else R + 2
+        sizes = [2] * P if R == 0 else [2] + [r + 2 for r in range(1, P)]
+        expect_error(lambda: dist.all_gather([torch.empty(k, dtype=torch.int64) for k in sizes],
+                                             torch.full((n,), R, dtype=torch.int64)), col.CollectiveError, "rank",
+                     "all_gather that rank 0 takes for even")
+        t = torch.full((2,), float(R))
+        dist.all_reduce(t)
+        same(t, torch.full((2,), float(sum(range(P)))), "a call after the all_gather mismatches")
+
+
+def _sparse(r: int) -> torch.Tensor:
+    """Rank r's sparse (3, P + 1) tensor: r + 1 entries in row r % 3; rows overlap across ranks."""
+    idx = torch.tensor([[r % 3] * (r + 1), list(range(r + 1))])
+    return torch.sparse_coo_tensor(idx, torch.arange(r + 1, dtype=torch.float64) + r + 1, (3, P + 1))
+
+
+def case_sparse_all_reduce() -> None:
+    want = sum(_sparse(r).to_dense() for r in range(P))
+    for async_op in (False, True):
+        t = _sparse(R)
+        w = dist.all_reduce(t, async_op=async_op)
+        if async_op:
+            w.wait()
+        assert t.is_sparse and t.is_coalesced()  # as gloo returns it
+        same(t.to_dense(), want, f"sparse all_reduce async={async_op}")
+    expect_error(lambda: dist.all_reduce(_sparse(R), op=RO.MAX), col.CollectiveValueError, "SUM only",
+                 "sparse all_reduce with MAX")
+
+
+def case_all_to_all() -> None:
+    for dtype in (torch.int64, torch.float32, torch.bfloat16, torch.bool):
+        for async_op in (False, True):
+            inp = value(R, dtype, P * 3)  # 3 elements for each rank
+            out = torch.empty(P * 3, dtype=dtype)
+            w = dist.all_to_all_single(out, inp, async_op=async_op)
+            if async_op:
+                w.wait()
+            same(out, torch.cat([value(r, dtype, P * 3)[R * 3:(R + 1) * 3] for r in range(P)]),
+                 f"all_to_all_single {dtype} async={async_op}")
+    # Uneven splits, rows of 3: rank R sends j + R + 1 rows to rank j; row k from rank r to rank j is 100r + 10j + k.
+    def rows(r: int, j: int) -> torch.Tensor:
+        n = j + r + 1
+        return (100 * r + 10 * j + torch.arange(n, dtype=torch.float64)).reshape(n, 1).expand(n, 3)
+
+    for async_op in (False, True):
+        inp = torch.cat([rows(R, j) for j in range(P)])
+        out = torch.empty(sum(R + r + 1 for r in range(P)), 3, dtype=torch.float64)
+        w = dist.all_to_all_single(out, inp, output_split_sizes=[R + r + 1 for r in range(P)],
+                                   input_split_sizes=[j + R + 1 for j in range(P)], async_op=async_op)
+        if async_op:
+            w.wait()
+        same(out, torch.cat([rows(r, R) for r in range(P)]), f"uneven all_to_all_single async={async_op}")
         outs = [torch.empty(R + 1, dtype=torch.int64) for _ in range(P)]
-        dist.all_to_all(outs, [torch.full((j + 1,), R * 10 + j, dtype=torch.int64) for j in range(P)])
+        w = dist.all_to_all(outs, [torch.full((j + 1,), R * 10 + j, dtype=torch.int64) for j in range(P)],
+                            async_op=async_op)
+        if async_op:
+            w.wait()
         for r in range(P):
             same(outs[r], torch.full((R + 1,), r * 10 + R, dtype=torch.int64), f"all_to_all from {r}")
-    _missing_or(("alltoall",), a2a)
+    # Output splits that disagree with what arrives raise on every rank that expects them.
+    if P > 1:
+        inp = torch.cat([torch.full((j + 1,), float(R)) for j in range(P)])
+        want = [R + 1] * P
+        want[0], want[1] = want[0] + 1, want[1] - 1
+        expect_error(lambda: dist.all_to_all_single(torch.empty(P * (R + 1)), inp, output_split_sizes=want,
+                                                    input_split_sizes=[j + 1 for j in range(P)]),
+                     col.CollectiveValueError, "received", "all_to_all_single with wrong output splits")
 
-    def p2p() -> None:
-        if P < 2:
-            return
-        if R == 0:
-            dist.send(torch.arange(5.0), dst=1, tag=3)
-            b = torch.empty(2)
-            dist.recv(b, src=1)
-            same(b, torch.tensor([7.0, 8.0]), "recv")
-        elif R == 1:
-            b = torch.empty(5)
-            dist.recv(b, src=0, tag=3)
-            same(b, torch.arange(5.0), "recv tag 3")
-            dist.isend(torch.tensor([7.0, 8.0]), dst=0).wait()
-    _missing_or(("isend", "irecv"), p2p, raises=P > 1 and R < 2)
 
-    def sub() -> None:
-        if P < 2:
-            return
-        g = dist.new_group(list(range(P - 1)))  # torch calls the backend on the members only
-        if R < P - 1:
-            t = torch.full((2,), float(R + 1))
-            dist.all_reduce(t, group=g)
-            same(t, torch.full((2,), float(P * (P - 1) // 2)), "subgroup all_reduce")
-    _missing_or(("subgroup",), sub, raises=P > 1 and R < P - 1)
+def expect_error(fn: object, kind: type, text: str, what: str) -> None:
+    try:
+        fn()  # type: ignore[operator]
+    except kind as exc:
+        assert text in str(exc) and f"rank {R}" in str(exc), f"{what}: {exc}"
+        return
+    raise AssertionError(f"{what}: no {kind.__name__} on rank {R}")
+
+
+def case_send_recv() -> None:
+    if P < 2:
+        return
+    nxt, prv = (R + 1) % P, (R - 1) % P
+    # A ring, in both blocking and nonblocking forms, several dtypes, a tag per dtype.
+    for tag, dtype in enumerate((torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.complex64)):
+        got = torch.empty(5, dtype=dtype)
+        if R % 2 == 0:
+            dist.send(value(R, dtype, 5), dst=nxt, tag=tag)
+            dist.recv(got, src=prv, tag=tag)
+        else:
+            dist.recv(got, src=prv, tag=tag)
+            dist.send(value(R, dtype, 5), dst=nxt, tag=tag)
+        same(got, value(prv, dtype, 5), f"send/recv ring {dtype}")
+        got = torch.empty(5, dtype=dtype)
+        rw = dist.irecv(got, src=prv, tag=tag + 10)
+        sw = dist.isend(value(R + 1, dtype, 5), dst=nxt, tag=tag + 10)
+        sw.wait()
+        rw.wait()
+        same(got, value(prv + 1, dtype, 5), f"isend/irecv ring {dtype}")
+    # Tags keep two messages between the same pair apart, received in the other order.
+    if R == 0:
+        dist.send(torch.full((2,), 1.0), dst=1, tag=1)
+        dist.send(torch.full((2,), 2.0), dst=1, tag=2)
+    elif R == 1:
+        b2, b1 = torch.empty(2), torch.empty(2)
+        dist.recv(b2, src=0, tag=2)
+        dist.recv(b1, src=0, tag=1)
+        same(b1, torch.full((2,), 1.0), "tag 1")
+        same(b2, torch.full((2,), 2.0), "tag 2")
+    # A non-contiguous receive buffer gets the data in its own layout.
+    if R == 1:
+        dist.send(torch.arange(6.0).reshape(2, 3), dst=0, tag=5)
+    elif R == 0:
+        t = torch.zeros(3, 2).t()
+        assert not t.is_contiguous()
+        dist.recv(t, src=1, tag=5)
+        same(t, torch.arange(6.0).reshape(2, 3), "recv into a transposed tensor")
+    # From any rank: rank 0 learns each sender from recv's return value (and from an irecv's work).
+    if R == 0:
+        seen = []
+        for _ in range(P - 1):
+            b = torch.empty(3)
+            src = dist.recv(b, tag=7)
+            same(b, torch.full((3,), float(src)), f"any-source recv from {src}")
+            seen.append(src)
+        assert sorted(seen) == list(range(1, P)), seen
+        b = torch.empty(2, dtype=torch.int64)
+        w = dist.irecv(b, tag=8)
+        w.wait()
+        src = w._source_rank()
+        same(b, torch.full((2,), src * 7, dtype=torch.int64), "any-source irecv")
+        assert src == P - 1, src
+    else:
+        dist.send(torch.full((3,), float(R)), dst=0, tag=7)
+        if R == P - 1:
+            dist.send(torch.full((2,), R * 7, dtype=torch.int64), dst=0, tag=8)
+    # batch_isend_irecv: both ring directions at once, tags per direction; the list's order does not matter.
+    fwd, bwd = torch.empty(4), torch.empty(4, dtype=torch.int32)
+    ops = [dist.P2POp(dist.irecv, fwd, prv, tag=1), dist.P2POp(dist.irecv, bwd, nxt, tag=2),
+           dist.P2POp(dist.isend, torch.full((4,), float(R)), nxt, tag=1),
+           dist.P2POp(dist.isend, torch.full((4,), R, dtype=torch.int32), prv, tag=2)]
+    if R % 2:
+        ops.reverse()
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
+    same(fwd, torch.full((4,), float(prv)), "batch_isend_irecv forward")
+    same(bwd, torch.full((4,), nxt, dtype=torch.int32), "batch_isend_irecv backward")
+    # A message that does not fit the receive buffer raises on the receiver, naming both ranks; the sender finishes.
+    if R == 1:
+        dist.send(torch.ones(3), dst=0, tag=9)
+    elif R == 0:
+        expect_error(lambda: dist.recv(torch.empty(4), src=1, tag=9), col.CollectiveError, "rank 1",
+                     "recv of a message of another size")
+    dist.barrier()
+
+
+def case_monitored_barrier() -> None:
+    pg = dist.group.WORLD
+    pg.monitored_barrier(datetime.timedelta(seconds=30))
+    pg.monitored_barrier(datetime.timedelta(seconds=30), wait_all_ranks=True)
+    try:  # torch's wrapper accepts gloo groups only; the group's own method is the way in
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=5))
+        raise AssertionError("dist.monitored_barrier accepted a non-gloo group")
+    except ValueError as exc:
+        assert "GLOO" in str(exc), str(exc)
+    if P < 2:
+        return
+    # The last rank stays away: rank 0 names it within the timeout, the others hear that rank 0 failed.
+    if R != P - 1:
+        t0 = time.monotonic()
+        try:
+            pg.monitored_barrier(datetime.timedelta(seconds=1.0), wait_all_ranks=R == 0 and P > 2)
+            raise AssertionError(f"monitored_barrier passed on rank {R} although rank {P - 1} never came")
+        except ctorch.MonitoredBarrierError as exc:
+            assert isinstance(exc, RuntimeError) and time.monotonic() - t0 < 10, exc
+            if R == 0:
+                assert f"{P - 1} failed to pass monitoredBarrier" in str(exc), str(exc)
+            else:
+                assert f"Rank {R} successfully reached monitoredBarrier" in str(exc), str(exc)
+    if R == 0:  # a timeout of zero runs out before rank 0 hears from anyone (and posts nothing)
+        try:
+            pg.monitored_barrier(datetime.timedelta(seconds=0))
+            raise AssertionError("monitored_barrier with a zero timeout passed")
+        except ctorch.MonitoredBarrierError as exc:
+            assert "Rank 0 timed out in monitoredBarrier" in str(exc), str(exc)
+    dist.barrier()
+    pg.monitored_barrier(datetime.timedelta(seconds=30))  # and it works again
+
+
+def case_subgroups() -> None:
+    if P < 2:
+        return
+    world = dist.group.WORLD
+    # A proper subset, created by every rank (torch's default) and listed out of order (torch sorts it).
+    members = list(range(P - 1, 0, -1))  # every rank but 0
+    g = dist.new_group(members)
+    ms = sorted(members)
+    if R in ms:
+        gr = ms.index(R)
+        assert dist.get_rank(g) == gr and dist.get_world_size(g) == len(ms)
+        assert dist.get_process_group_ranks(g) == ms
+        t = torch.full((2,), float(R))
+        dist.all_reduce(t, group=g)
+        same(t, torch.full((2,), float(sum(ms))), "subgroup all_reduce")
+        t = torch.full((3,), float(R))
+        dist.broadcast(t, src=ms[-1], group=g)  # a global rank
+        same(t, torch.full((3,), float(ms[-1])), "subgroup broadcast")
+        outs = [torch.empty(m) for m in ms]
+        dist.all_gather(outs, torch.full((R,), float(R)), group=g)  # uneven: rank r sends r elements
+        for m, o in zip(ms, outs):
+            same(o, torch.full((m,), float(m)), f"subgroup all_gather from {m}")
+        got = [torch.empty(2) for _ in ms] if gr == 0 else None
+        dist.gather(torch.full((2,), float(R)), got, group_dst=0, group=g)
+        if gr == 0:
+            for m, o in zip(ms, got):
+                same(o, torch.full((2,), float(m)), f"subgroup gather from {m}")
+        o = torch.empty(len(ms), dtype=torch.int64)
+        dist.all_to_all_single(o, torch.arange(len(ms), dtype=torch.int64) + 10 * R, group=g)
+        same(o, torch.tensor([10 * m + gr for m in ms]), "subgroup all_to_all_single")
+        if len(ms) > 1:  # point to point in the group, by global rank
+            if gr == 0:
+                dist.send(torch.full((2,), 5.0), dst=ms[1], group=g)
+            elif gr == 1:
+                b = torch.empty(2)
+                assert dist.recv(b, group=g) == ms[0]  # any source: the global rank of the sender
+                same(b, torch.full((2,), 5.0), "subgroup send/recv")
+        dist.barrier(group=g)
+        objs = [None] * len(ms)
+        dist.all_gather_object(objs, ("r", R), group=g)
+        assert objs == [("r", m) for m in ms], objs
+    else:
+        assert dist.get_rank(g) == -1 and dist.get_world_size(g) == -1
+        t = torch.full((2,), 9.0)
+        assert dist.all_reduce(t, group=g) is None  # torch skips a group this rank is not in
+        same(t, torch.full((2,), 9.0), "a rank outside the group keeps its tensor")
+    # The world still works, and in between the subgroup's calls.
+    t = torch.full((2,), 1.0)
+    dist.all_reduce(t, group=world)
+    same(t, torch.full((2,), float(P)), "world after the subgroup")
+    # Created by the members alone (use_local_synchronization), and overlapping groups in turn.
+    pairs = [[r, r + 1] for r in range(P - 1)]
+    gs = [dist.new_group(p, use_local_synchronization=True) if R in p else None for p in pairs]
+    for p, pg in zip(pairs, gs):
+        if pg is not None:
+            t = torch.full((1,), float(R + 1))
+            dist.all_reduce(t, group=pg, op=RO.PRODUCT)
+            same(t, torch.full((1,), float((p[0] + 1) * (p[1] + 1))), f"pair {p}")
+    # new_subgroups: consecutive ranks; and by enumeration, a proper subset and the rest.
+    cur, subs = dist.new_subgroups(group_size=1)
+    assert len(subs) == P and dist.get_world_size(cur) == 1 and dist.get_process_group_ranks(cur) == [R]
+    t = torch.full((2,), float(R))
+    dist.all_reduce(t, group=cur)
+    same(t, torch.full((2,), float(R)), "a group of one")
+    parts = [[r for r in range(P) if r % 2 == 0], [r for r in range(P) if r % 2 == 1]]
+    cur, subs = dist.new_subgroups_by_enumeration(parts)
+    mine = parts[R % 2]
+    assert dist.get_process_group_ranks(cur) == mine
+    t = torch.full((3,), float(R + 1))
+    dist.all_reduce(t, group=cur)
+    same(t, torch.full((3,), float(sum(m + 1 for m in mine))), "new_subgroups_by_enumeration all_reduce")
+    obj = [None]
+    dist.broadcast_object_list(obj if R != mine[-1] else [{"from": R}], src=mine[-1], group=cur)
+    if R != mine[-1]:
+        assert obj == [{"from": mine[-1]}], obj
+    dist.barrier()
 
 
 def case_whole_world_group_and_mesh() -> None:
@@ -373,8 +646,7 @@ def case_whole_world_group_and_mesh() -> None:
          "Partial -> Replicate")
     same(part.redistribute(mesh, [Shard(0)]).full_tensor(), torch.full((2, 2), float(P * (P + 1) // 2)),
          "Partial -> Shard")
-    _missing_or(("scatter",), lambda: same(distribute_tensor(full, mesh, [Shard(0)]).to_local(),
-                                           full[R * 4:(R + 1) * 4], "distribute_tensor"))
+    same(distribute_tensor(full, mesh, [Shard(0)]).to_local(), full[R * 4:(R + 1) * 4], "distribute_tensor")
     y = (d * 2).sum()
     same(y.full_tensor(), full.sum() * 2, "DTensor op")
 
@@ -388,7 +660,13 @@ run("calls", "all_gather family and objects", case_all_gather)
 run("calls", "reduce_scatter family", case_reduce_scatter)
 run("calls", "coalesced and barrier", case_coalesced_and_barrier)
 run("calls", "async semantics", case_async_semantics)
-run("calls", "gather/scatter/all_to_all/p2p/subgroups (or their clear errors)", case_gather_scatter_alltoall_p2p)
+run("calls", "gather and scatter, tensors and objects", case_gather_scatter)
+run("calls", "all_gather with uneven sizes", case_all_gather_uneven)
+run("calls", "sparse all_reduce", case_sparse_all_reduce)
+run("calls", "all_to_all and all_to_all_single, even and uneven", case_all_to_all)
+run("calls", "send/recv/isend/irecv, any source, batch_isend_irecv", case_send_recv)
+run("calls", "new_group and new_subgroups over proper subsets", case_subgroups)
+run("calls", "monitored_barrier on the group", case_monitored_barrier)
 run("calls", "whole-world group, DeviceMesh, DTensor", case_whole_world_group_and_mesh)
 
 # ------------------------------------------------------------------ DDP
