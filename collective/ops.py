@@ -6,7 +6,8 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["ReduceOp", "OPS", "get_op", "check_dtype", "BFLOAT16", "dtype_name", "average_in_place"]
+__all__ = ["ReduceOp", "OPS", "get_op", "check_dtype", "BFLOAT16", "dtype_name", "average_in_place", "dtype_code",
+           "dtype_from_code"]
 
 try:  # bfloat16 is not a NumPy dtype; ml_dtypes (shipped with JAX and others) provides one.
     import ml_dtypes as _ml_dtypes
@@ -90,3 +91,21 @@ def average_in_place(a: np.ndarray, n: int) -> None:
         np.floor_divide(a, a.dtype.type(n), out=a)
     else:
         np.divide(a, n, out=a, casting="unsafe")
+
+
+def dtype_code(dtype: np.dtype) -> bytes:
+    """16 bytes naming ``dtype`` for a message header: its array-protocol string, or its name for dtypes NumPy
+    only knows through an extension (bfloat16 from ml_dtypes, whose string is an anonymous ``|V2``)."""
+    text = dtype.name if dtype.kind == "V" else dtype.str
+    return text.encode()[:16].ljust(16, b"\0")
+
+
+def dtype_from_code(code: bytes) -> np.dtype:
+    """The dtype :func:`dtype_code` named (ValueError for one this process does not know)."""
+    text = code.rstrip(b"\0").decode(errors="replace")
+    if text == "bfloat16" and BFLOAT16 is not None:
+        return BFLOAT16
+    try:
+        return np.dtype(text)
+    except TypeError:
+        raise ValueError(f"unknown dtype {text!r} (a dtype from an extension this process lacks?)") from None

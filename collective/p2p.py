@@ -31,6 +31,7 @@ import numpy as np
 
 from .arrays import to_numpy
 from .errors import CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
+from .ops import dtype_code, dtype_from_code
 
 __all__ = ["PointToPoint", "P2PWork", "ANY_SOURCE"]
 
@@ -43,14 +44,18 @@ _HEAD = 36  # int64s: bytes, ndim, dtype (2 words), up to 32 dims
 def _header(a: np.ndarray) -> np.ndarray:
     h = np.zeros(_HEAD, np.int64)
     h[0], h[1] = a.nbytes, a.ndim
-    h[2:4] = np.frombuffer(a.dtype.str.encode()[:16].ljust(16, b"\0"), np.int64)
+    h[2:4] = np.frombuffer(dtype_code(a.dtype), np.int64)
     h[4:4 + a.ndim] = a.shape
     return h
 
 
 def _what(h: np.ndarray) -> str:
     dt = h[2:4].tobytes().rstrip(b"\0").decode(errors="replace")
-    return f"{int(h[0])} bytes, {np.dtype(dt)} {tuple(int(v) for v in h[4:4 + int(h[1])])}"
+    try:
+        dt = str(dtype_from_code(h[2:4].tobytes()))
+    except ValueError:
+        pass
+    return f"{int(h[0])} bytes, {dt} {tuple(int(v) for v in h[4:4 + int(h[1])])}"
 
 
 class P2PWork:
@@ -159,7 +164,10 @@ class PointToPoint:
         _, o, h, tag = w._recv  # type: ignore[misc]
         w._recv = ("data",)
         w._result = source
-        dt = np.dtype(h[2:4].tobytes().rstrip(b"\0").decode())
+        try:
+            dt = dtype_from_code(h[2:4].tobytes())
+        except ValueError:
+            dt = None
         B = self.MPI.BYTE
         if dt != o.dtype or int(h[0]) != o.nbytes:
             sink = np.empty(int(h[0]), np.uint8)  # the message is taken off the wire, never left to match later

@@ -28,7 +28,7 @@ import topologies
 
 from .arrays import Deferred, to_numpy
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe
-from .ops import check_dtype
+from .ops import check_dtype, dtype_code, dtype_from_code
 
 __all__ = ["VCall", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
 
@@ -310,8 +310,7 @@ def _scatter_header(c: VCall, comm: Any, MPI: Any, rank: int, size: int) -> None
     head = np.zeros(_HEADER + size, np.int64)
     if rank == c.root:
         x = c.x
-        code = x.dtype.str.encode()[:16].ljust(16, b"\0")  # type: ignore[union-attr]
-        head[:2] = np.frombuffer(code, np.int64)
+        head[:2] = np.frombuffer(dtype_code(x.dtype), np.int64)  # type: ignore[union-attr]
         if x.ndim - 1 > _HEADER - 4:  # type: ignore[union-attr]
             head[3] = 1
         else:
@@ -322,7 +321,7 @@ def _scatter_header(c: VCall, comm: Any, MPI: Any, rank: int, size: int) -> None
     if head[3]:
         raise CollectiveValueError(f"{describe('scatter', rank, size)}: the root's input has more than "
                                    f"{_HEADER - 4} dimensions")
-    dtype = np.dtype(head[:2].tobytes().rstrip(b"\0").decode())
+    dtype = dtype_from_code(head[:2].tobytes())
     rs = tuple(int(v) for v in head[4:4 + int(head[2])])
     if rank != c.root:
         c.row_shape, c.splits = rs, tuple(int(v) for v in head[_HEADER:])

@@ -101,6 +101,15 @@ def sendrecv() -> None:
     src = comm.recv(out, left, tag=3)
     w.wait()
     assert src == left and (out == np.arange(10) + left).all()
+    # an extension dtype (bfloat16) is named in the header as itself
+    import ml_dtypes
+
+    bf = (np.arange(6, dtype=np.float32) + R).astype(ml_dtypes.bfloat16)
+    w = comm.isend(bf, right, tag=4)
+    got = np.empty(6, ml_dtypes.bfloat16)
+    comm.recv(got, left, tag=4)
+    w.wait()
+    assert (got.astype(np.float32) == np.arange(6) + left).all()
     # any source
     if R == 0:
         got = set()

@@ -113,6 +113,18 @@ for dt in DTYPES:
             cases.run(f"allgatherv {alg} {dt} {scale}", lambda: allgatherv_case(alg, dt, scale))
 
 
+def bfloat16_scatter() -> None:
+    """The root's dtype travels in the header: bfloat16 (an extension dtype) must arrive as bfloat16."""
+    import ml_dtypes
+
+    full = np.arange(3 * P, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(P, 3)
+    y = comm.scatter(full if R == 0 else None, root=0, algorithm="native")
+    assert y.dtype == full.dtype and (y.astype(np.float32) == full[R].astype(np.float32)).all()
+
+
+cases.run("bfloat16 scatter", bfloat16_scatter)
+
+
 def async_forms() -> None:
     x = block(R, 0, 2 * P, "float32")
     w1 = comm.alltoall_async(x)
