@@ -59,8 +59,7 @@ def mpi_collective(comm: Any, MPI: Any, name: str, x: Any, out: Any, T: Any, mop
     more than :data:`MPI_COUNT_LIMIT` elements (1-D) go in pieces of at most
     that many, in the same order on every rank: MPI's counts are C ints.
     """
-    n = x.size if x is not None else out.size
-    big = n > MPI_COUNT_LIMIT or (out is not None and out.size > MPI_COUNT_LIMIT)
+    big = _elems(x) > MPI_COUNT_LIMIT or _elems(out) > MPI_COUNT_LIMIT
     if big:
         _mpi_pieces(comm, MPI, name, x, out, T, mop, root, rank, inplace, counts, copy)
     elif name == "allreduce":
@@ -78,6 +77,18 @@ def mpi_collective(comm: Any, MPI: Any, name: str, x: Any, out: Any, T: Any, mop
         comm.Reduce_scatter([x, T], [out, T], counts, mop)
     else:
         comm.Allgather([x, T], [out, T])
+
+
+def _elems(a: Any) -> int:
+    """Elements of a host array or a device one (``__cuda_array_interface__`` only); 0 for None."""
+    if a is None:
+        return 0
+    n = getattr(a, "size", None)
+    if n is None:
+        n = 1
+        for d in a.__cuda_array_interface__["shape"]:
+            n *= d
+    return int(n)
 
 
 def _mpi_pieces(comm: Any, MPI: Any, name: str, x: Any, out: Any, T: Any, mop: Any, root: int, rank: int,

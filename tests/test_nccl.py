@@ -940,7 +940,8 @@ def test_bench_gpu_table_in_test_mode() -> None:
     from mpi_util import mpirun
 
     res = mpirun("gpu_bench_job.py", 2, ["--device", "gpu", "-b", "1K", "-e", "16K", "-f", "4", "-n", "2", "-w", "1",
-                                         "-a", "native,ring,tree,memcpy", "--collective", "allreduce,reduce_scatter"],
+                                         "-a", "native,ring,tree,memcpy", "--collective", "allreduce,reduce_scatter",
+                                         "--wide"],
                  timeout=200, env={TEST_HOST_ENV: "1"})
     assert res.returncode == 0, res.output[-3000:]
     out = res.output
