@@ -218,10 +218,6 @@ class HostEngine:
         plan, i = cur
         return plan.steps[i].peers
 
-    def step_done(self) -> None:
-        """Forget the Schedule step in flight (an op ended, maybe by an error inside a step)."""
-        self._exec.current = None
-
     # --------------------------------------------------------------- arena
     def make_arena(self, optional: bool = False) -> ShmArena | None:
         """The node's shm arena (created collectively over the node on first use); the check is fenced in it.

@@ -200,9 +200,16 @@ class Executor:
             CollectiveValueError: a buffer is missing or has the wrong size or
                 dtype for the plan (nothing has been sent).
         """
-        if plan.buffers != (WORK,):
-            self._run_buffers(plan, work, ufunc, seq)
-            return
+        try:
+            if plan.buffers != (WORK,):
+                self._run_buffers(plan, work, ufunc, seq)
+            else:
+                self._run_work(plan, work, ufunc, seq)
+        finally:
+            self.current = None  # also after an error inside a step: no stale step in later reports
+
+    def _run_work(self, plan: Plan, work: Any, ufunc: Callable[..., Any] | None, seq: int) -> None:
+        """:meth:`run` for a plan of the work buffer alone."""
         if isinstance(work, Mapping):  # {"work": array} for a plan of the work buffer alone
             (work,) = self._arrays(plan, work)
         if not plan.steps:
