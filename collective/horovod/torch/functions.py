@@ -121,6 +121,11 @@ def _pickle(obj: Any) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(buf.getvalue(), np.uint8).copy())
 
 
+def _unpickle(raw: Any) -> Any:
+    """The object :func:`_pickle` packed: the object collectives only (the documented exception; trusted peers)."""
+    return pickle.loads(raw.tobytes())
+
+
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> Any:
     """``root_rank``'s ``obj`` on every rank (pickled; only for trusted peers).
@@ -136,7 +141,7 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
     if rank() != root_rank:
         data = torch.zeros(int(n.item()), dtype=torch.uint8)
     broadcast_(data, root_rank, name=f"broadcast_object.{name}.data", process_set=process_set)
-    return obj if rank() == root_rank else pickle.loads(data.numpy().tobytes())
+    return obj if rank() == root_rank else _unpickle(data.numpy())
 
 
 def allgather_object(obj: Any, name: str | None = None, process_set: ProcessSet = global_process_set) -> list:
@@ -153,6 +158,6 @@ def allgather_object(obj: Any, name: str | None = None, process_set: ProcessSet 
     got = allgather(data, name=f"allgather_object.{name}.data", process_set=process_set).numpy()
     out, off = [], 0
     for s in sizes.tolist():
-        out.append(pickle.loads(got[off:off + s].tobytes()))
+        out.append(_unpickle(got[off:off + s]))
         off += s
     return out
