@@ -16,7 +16,7 @@ Terms (the names below follow them):
   before any of its data moves.
 * **repeat** -- a synchronous allreduce whose signature passed every check
   before: its prepared call is a template refilled with this call's arrays
-  (:meth:`Sequencer.allreduce_repeat`), and on one node its check and its
+  (:meth:`Sequencer.allreduce`), and on one node its check and its
   data may share a single shm phase. It sits here, beside the ordinary path
   (:meth:`Sequencer.run`), because every frame counts at small sizes.
 """
@@ -168,11 +168,14 @@ class Sequencer:
         engine: moves the data: ``execute(call, first)`` (see ``collective.engine.HostEngine``).
         prep: the call preparation, whose repeat templates (``templates``, ``hot_call``, ``window``)
             the repeat paths refill.
+        ordinary: ``ordinary(x, op, algorithm, out)``, the ordinary path of an allreduce that
+            :meth:`allreduce` does not repeat (the communicator's: prepare, then :meth:`run`).
         async_ok: why async ops cannot run here (None: they can), e.g. MPI without THREAD_MULTIPLE.
         trace_len: flight-recorder length.
     """
 
-    def __init__(self, rank: int, size: int, check: Any, engine: Any, prep: Any, async_ok: str | None = None,
+    def __init__(self, rank: int, size: int, check: Any, engine: Any, prep: Any,
+                 ordinary: Callable[[Any, Any, Any, Any], Any], async_ok: str | None = None,
                  trace_len: int = 1024) -> None:
         self.rank, self.size = rank, size
         self.check = check
@@ -184,6 +187,7 @@ class Sequencer:
         self.lock = threading.Lock()
         #: Async ops handed to the communication thread and not finished.
         self.pending = 0
+        self.ordinary = ordinary
         self._templates = prep.templates
         self._finish_avg = engine.finish_avg
         #: The communicator's point-to-point messages (``collective.p2p.PointToPoint``), once attached.
@@ -324,10 +328,12 @@ class Sequencer:
         finally:
             self.recorder.end(rec)
 
-    def allreduce_repeat(self, x: np.ndarray, op: Any, algorithm: Any, out: Any) -> Any:
-        """A synchronous allreduce of NumPy ``x`` that repeats a checked signature; its result, or None if it
-        does not (the caller then takes the ordinary path, which explains what is wrong).
+    def allreduce(self, x: Any, op: Any = "sum", algorithm: Any = None, out: Any = None) -> Any:
+        """A synchronous allreduce: a repeat of a checked signature on NumPy ``x`` here, anything else by
+        ``ordinary`` (prepare, then :meth:`run`; it also explains what is wrong with the arguments).
 
+        The communicator binds this as its ``allreduce``, so a repeat runs in
+        this one frame: at small sizes the Python around a call is its cost.
         Only this call's own arrays are checked (contiguous; ``out`` absent,
         ``x`` itself, or a separate array of the same shape and dtype that
         does not overlap ``x``); the template is refilled under the lock and
@@ -335,79 +341,83 @@ class Sequencer:
         the window size, in place or into alloc'd arrays, take the window
         path (their prepared call is kept, see ``Preparer.hot_call``).
         """
-        prep = self.prep
-        if out is not None and x.base is not None and x.nbytes >= prep.window_min:  # windows are views
-            hot = prep.hot_call("allreduce", x, op, algorithm, 0, out)
-            if hot is not None:
-                return self._window_repeat(hot)
-        try:
-            c = self._templates.get((x.shape, x.dtype, op, algorithm))
-        except TypeError:  # an unhashable op or algorithm
-            return None
-        if c is None or not x.flags.c_contiguous:
-            return None
-        # This call's own output: out absent, x itself, or a separate array of x's shape and dtype that does not
-        # overlap it (written out here, not a call into prep: every frame counts at small sizes).
-        if out is None:
-            o = np.empty(x.shape, x.dtype)
-        elif out is x:
-            if not x.flags.writeable or (x.base is not None and c.algorithm == "shm" and x.nbytes >= prep.window_min
-                                         and prep.window(x, x, True) is not None):  # alloc'd in place: the window
-                return None
-            o = x
-        elif type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype:
-            f = out.flags
-            if not (f.writeable and f.c_contiguous and ((f.owndata and x.flags.owndata)
-                                                        or not np.may_share_memory(out, x))):
-                return None
-            if (c.algorithm == "shm" and x.base is not None and x.nbytes >= prep.window_min
-                    and prep.window(x, out, False) is not None):
-                return None  # alloc'd into alloc'd: the window path
-            o = out
-        else:
-            return None
-        lock = self.lock
-        lock.acquire()  # not `with`: half the cost at small sizes
-        try:
-            if self.pending:  # an async call got in first: queue behind it, on the ordinary path
-                return None
-            q = c.quick
-            if q:
-                # A small shm allreduce repeated: check and data share one phase. run_quick and the recorder's
-                # begin/end, written out: three frames fewer on the path whose whole cost is Python.
-                self.seq = seq = self.seq + 1
-                recorder = self.recorder
-                rec = recorder.slots[seq % recorder.length]
-                rec.seq, rec.op, rec.shape, rec.dtype, rec.algorithm, rec.root = (seq, "allreduce", c.shape, c.dtype,
-                                                                                 c.algorithm, None)
-                rec.t_end = None
-                rec.t_start = _monotonic()
-                recorder.last_seq = seq
-                recorder.current = rec
-                try:
-                    sig = c.sig
-                    rop = c.rop
-                    if not self.check.quick_arena.quick_allreduce(
-                            sig[0] ^ seq, seq, x if x.ndim == 1 else x.reshape(-1), o if o.ndim == 1 else o.reshape(-1),
-                            rop.ufunc, self._finish_avg if rop.average else None, q):
-                        self.check.mismatch(seq, sig[1])
-                finally:
-                    rec.t_end = _monotonic()
-                    recorder.current = None
-                return o
-            if q is None and c.sig is not None and self.check.quick_arena is not None:
-                # Checked once through op(): from the next call on, one phase.
-                c.quick = self.check.quick_arena.quick_regions(c.dtype, x.size)
-            c.xf = x if x.ndim == 1 else x.reshape(-1)
-            c.of = o if o.ndim == 1 else o.reshape(-1)
-            c.result = o
-            c.inplace = o is x
+        if type(x) is np.ndarray and not self.pending:
+            prep = self.prep
+            if out is not None and x.base is not None and x.nbytes >= prep.window_min:  # windows are views
+                hot = prep.hot_call("allreduce", x, op, algorithm, 0, out)
+                if hot is not None:
+                    r = self._window_repeat(hot)
+                    return r if r is not None else self.ordinary(x, op, algorithm, out)
             try:
-                return self.op(c)
-            finally:
-                c.xf = c.of = c.result = None
-        finally:
-            lock.release()
+                c = self._templates.get((x.shape, x.dtype, op, algorithm))
+            except TypeError:  # an unhashable op or algorithm
+                c = None
+            if c is not None and x.flags.c_contiguous:
+                # This call's own output: out absent, x itself, or a separate array of x's shape and dtype that
+                # does not overlap it (written out here, not a call into prep: every frame counts at small sizes).
+                if out is None:
+                    o = np.empty(x.shape, x.dtype)
+                elif out is x:
+                    o = x if x.flags.writeable and (x.base is None or c.algorithm != "shm"
+                                                    or x.nbytes < prep.window_min
+                                                    or prep.window(x, x, True) is None) else None
+                elif type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype:
+                    f = out.flags
+                    o = out if (f.writeable and f.c_contiguous and ((f.owndata and x.flags.owndata)
+                                                                    or not np.may_share_memory(out, x))) else None
+                    if (o is not None and c.algorithm == "shm" and x.base is not None
+                            and x.nbytes >= prep.window_min and prep.window(x, out, False) is not None):
+                        o = None  # alloc'd into alloc'd: the window path
+                else:
+                    o = None
+                if o is not None:
+                    lock = self.lock
+                    lock.acquire()  # not `with`: half the cost at small sizes
+                    try:
+                        if not self.pending:  # else an async call got in first: queue behind it, ordinarily
+                            q = c.quick
+                            if q:
+                                # A small shm allreduce repeated: check and data share one phase. run_quick and
+                                # the recorder's begin/end, written out: three frames fewer on the path whose
+                                # whole cost is Python.
+                                self.seq = seq = self.seq + 1
+                                recorder = self.recorder
+                                rec = recorder.slots[seq % recorder.length]
+                                rec.seq = seq
+                                rec.op = "allreduce"
+                                rec.shape = c.shape
+                                rec.dtype = c.dtype
+                                rec.algorithm = c.algorithm
+                                rec.root = rec.t_end = None
+                                rec.t_start = _monotonic()
+                                recorder.last_seq = seq
+                                recorder.current = rec
+                                try:
+                                    sig = c.sig
+                                    rop = c.rop
+                                    if not self.check.quick_arena.quick_allreduce(
+                                            sig[0] ^ seq, seq, x if x.ndim == 1 else x.reshape(-1),
+                                            o if o.ndim == 1 else o.reshape(-1), rop.ufunc,
+                                            self._finish_avg if rop.average else None, q):
+                                        self.check.mismatch(seq, sig[1])
+                                finally:
+                                    rec.t_end = _monotonic()
+                                    recorder.current = None
+                                return o
+                            if q is None and c.sig is not None and self.check.quick_arena is not None:
+                                # Checked once through op(): from the next call on, one phase.
+                                c.quick = self.check.quick_arena.quick_regions(c.dtype, x.size)
+                            c.xf = x if x.ndim == 1 else x.reshape(-1)
+                            c.of = o if o.ndim == 1 else o.reshape(-1)
+                            c.result = o
+                            c.inplace = o is x
+                            try:
+                                return self.op(c)
+                            finally:
+                                c.xf = c.of = c.result = None
+                    finally:
+                        lock.release()
+        return self.ordinary(x, op, algorithm, out)
 
     def _window_repeat(self, hot: Any) -> Any:
         """The window path of a repeated allreduce on alloc'd arrays (see ``SharedArrays.quick_allreduce``)."""
