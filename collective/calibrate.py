@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from topologies.cluster import Cluster, LinkCost, SharedLinkCost
+from collective.topologies.cluster import Cluster, LinkCost, SharedLinkCost
 
 from . import config
 

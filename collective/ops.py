@@ -1,13 +1,14 @@
 """Reduction ops and the dtype table: which dtypes each op accepts, and how each op reduces two arrays."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-__all__ = ["ReduceOp", "OPS", "get_op", "check_dtype", "BFLOAT16", "bfloat16", "dtype_name", "average_in_place",
-           "dtype_code", "dtype_from_code"]
+__all__ = ["ReduceOp", "OPS", "get_op", "check_dtype", "BFLOAT16",  # noqa: F822 - BFLOAT16 comes from __getattr__
+           "bfloat16", "dtype_name", "average_in_place", "dtype_code", "dtype_from_code"]
 
 _UNSET = object()
 _bfloat16: Any = _UNSET

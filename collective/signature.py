@@ -7,11 +7,12 @@ array type it comes in.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from topologies import even_blocks
+from collective.topologies import even_blocks
 
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError
 from .ops import OPS, ReduceOp, check_dtype, get_op
@@ -94,7 +95,8 @@ def check_signature(name: str, shape: tuple, dtype: np.dtype, op: Any, root: Any
     if name in REDUCING:
         rop = get_op(op)
         if rop is None:
-            raise fail(CollectiveValueError, name, shape, dtype, alg, f"unknown op {op!r}; choose one of {', '.join(OPS)}")
+            raise fail(CollectiveValueError, name, shape, dtype, alg,
+                       f"unknown op {op!r}; choose one of {', '.join(OPS)}")
     why = check_dtype(dtype, rop)
     if why is not None:
         raise fail(CollectiveTypeError, name, shape, dtype, alg, why)
