@@ -186,6 +186,11 @@ def _rows() -> tuple[Setting, ...]:
         S("COLLECTIVE_BENCH_TEST_HOST_GPU", "bool", False, test_hook=True,
           meaning="Test hook: `collective-bench --device gpu` runs on host memory dressed as device arrays "
                   "through the MPI path (tests without a GPU)."),
+        S("COLLECTIVE_ELASTIC_TEST_KILL", "string", None, test_hook=True,
+          meaning="Test hook: `RANK:STEP:POINT[,...]` makes the rank of that original (job) rank SIGKILL itself "
+                  "in that 0-based step of the elastic trainer, at POINT: `forward`, `allreduce` (bucket 0's "
+                  "reduction in flight), `late-allreduce` (the last bucket's), `update` (between buckets' "
+                  "optimizer updates), `commit` or `checkpoint` (while rank 0 writes one)."),
     )
 
 
