@@ -30,9 +30,12 @@ the agreed commit to disk. With ``max_ranks``, replacements
 
 Test hook: ``COLLECTIVE_ELASTIC_TEST_KILL="RANK:STEP:POINT[,...]"`` makes the
 rank whose original (world) rank is RANK SIGKILL itself in step STEP at POINT:
-``forward``, ``allreduce`` (bucket 0's reduction in flight), ``late-allreduce``
-(the last bucket's), ``update`` (between two buckets' optimizer updates),
-``commit`` (inside the commit) or ``checkpoint`` (while rank 0 writes one).
+``forward``, ``allreduce`` (just after bucket 0's reduction was launched), ``shm``
+(while bucket 0's reduction runs on the communication thread, as the flight
+recorder shows it: inside the shm phases when the buckets live in the node's
+shared window), ``late-allreduce`` (the last bucket's), ``update`` (between two
+buckets' optimizer updates), ``commit`` (inside the commit) or ``checkpoint``
+(while rank 0 writes one).
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ from .optim import Optimizer
 
 __all__ = ["ElasticState", "ElasticStop", "Recovery", "kill_point", "lost_rank_errors", "run"]
 
-KILL_POINTS = ("forward", "allreduce", "late-allreduce", "update", "commit", "checkpoint")
+KILL_POINTS = ("forward", "allreduce", "shm", "late-allreduce", "update", "commit", "checkpoint")
 
 
 class ElasticStop(RuntimeError):
@@ -161,6 +164,28 @@ def kill_point(comm: Any, step: int, point: str, delay: float = 0.0) -> None:
         die()
 
 
+def kill_in_flight(comm: Any, step: int, point: str, op: str = "allreduce", limit: float = 5.0) -> None:
+    """Test hook: like :func:`kill_point`, from a thread that waits until an ``op`` is running on ``comm``.
+
+    It watches the flight recorder for a record of ``op`` that has started
+    and not ended (the collective is in flight on the communication thread),
+    then kills; after ``limit`` seconds without one it kills anyway.
+    """
+    if not _KILLS or (_world_rank(comm), int(step), point) not in _KILLS:
+        return
+    seen = {id(r) for r in comm.trace()}
+
+    def watch() -> None:
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            if any(r.op == op and r.t_start and r.t_end is None and id(r) not in seen for r in comm.trace()):
+                break
+            time.sleep(0)
+        kill_point(comm, step, point)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _load_kills() -> set[tuple[int, int, str]]:
     return set(_parse_kills(config.raw("ELASTIC_TEST_KILL")))
 
@@ -247,6 +272,8 @@ class ElasticState:
         last = len(buckets) - 1
 
         def launch(bucket: Any) -> Any:
+            if bucket.index == 0:
+                kill_in_flight(self.comm, self._step, "shm")
             fut = hook(bucket)
             if bucket.index == 0:
                 kill_point(self.comm, self._step, "allreduce")
