@@ -20,6 +20,9 @@ and bounds every op by a deadline.
 from __future__ import annotations
 
 import functools
+import sys
+import time
+import weakref
 import zlib
 from typing import Any
 
@@ -36,7 +39,8 @@ from .calibrate import calibrate
 from .check import CrossRankCheck
 from .choose import Chooser
 from .engine import HostEngine
-from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe
+from .errors import (BackendUnavailableError, CollectiveError, CollectiveTypeError, CollectiveValueError,
+                     RanksLostError, describe)
 from .layout import discover_cluster, real_node_count
 from .prepare import BARRIER, Call, Preparer
 from .sequencer import OpRecord, Sequencer, Work
@@ -44,6 +48,7 @@ from .shm import WINDOW_MIN_BYTES
 from .spec import ALGORITHMS, COLLECTIVE_NAMES
 from .p2p import ANY_SOURCE, P2PWork, PointToPoint
 from .variable import prepare_variable
+from .ulfm import FailureState, is_failure, require_ulfm
 from .watchdog import Watchdog, deadline
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES", "WINDOW_MIN_BYTES"]
@@ -94,6 +99,9 @@ class Communicator:
             ``COLLECTIVE_BACKEND``, else "auto"). Host arrays always use MPI.
         cluster: the ranks' layout with calibrated links (default: discovered
             and measured); sub-communicators get their parent's.
+        job_ranks: the job rank (see :attr:`world_ranks`) of each rank of
+            ``comm``; default: their ranks in ``MPI.COMM_WORLD``. Set by
+            :meth:`shrink` and :meth:`grow`.
 
     Example::
 
@@ -103,18 +111,29 @@ class Communicator:
     """
 
     def __init__(self, comm: Any = None, *, algorithm: str | None = None, timeout: float | None = None,
-                 segment_bytes: int | None = None, backend: str | None = None, cluster: Cluster | None = None) -> None:
+                 segment_bytes: int | None = None, backend: str | None = None, cluster: Cluster | None = None,
+                 job_ranks: tuple[int, ...] | None = None) -> None:
         MPI = require_mpi()
         if comm is None:
             comm = MPI.COMM_WORLD
         self._mpi = MPI
+        self._closed = False
+        #: Why every call raises, once this communicator was replaced by :meth:`shrink` or :meth:`grow`.
+        self._retired: str | None = None
+        self._ft: FailureState | None = None
+        self._children: list[weakref.ref] = []
+        #: Seconds each part of the recovery that made this communicator took (set by :meth:`shrink`): detect,
+        #: revoke, agree, shrink, rebuild, total; and noticed_at (``time.time()``). Empty otherwise.
+        self.recovery_times: dict[str, float] = {}
+        #: True in a process that :meth:`grow` spawned (its ``collective.init()`` returned this communicator).
+        self.is_replacement: bool = False
         # Every collective step of construction has a deadline: a rank that never calls init()
         # must not hang the others forever.
         with deadline("init: duplicating the communicator, discovering nodes and calibrating links", timeout):
-            self._construct(comm, algorithm, timeout, segment_bytes, backend, cluster)
+            self._construct(comm, algorithm, timeout, segment_bytes, backend, cluster, job_ranks)
 
     def _construct(self, comm: Any, algorithm: str | None, timeout: float | None, segment_bytes: int | None,
-                   backend: str | None, cluster: Cluster | None) -> None:
+                   backend: str | None, cluster: Cluster | None, job_ranks: tuple[int, ...] | None) -> None:
         MPI = self._mpi
         # Settings first, before any collective: a rank with a bad one raises (and, uncaught, aborts the job)
         # instead of leaving the others in the communicator's duplication until the deadline.
@@ -124,6 +143,10 @@ class Communicator:
 
             check_launch(MPI.COMM_WORLD.Get_size())  # a lone process where a launcher meant several
         config.warn_unknown()
+        elastic = config.get("ELASTIC")
+        if elastic:
+            require_ulfm(MPI, where)  # before any collective: without ULFM a lost rank would end the job anyway
+            comm.Set_errhandler(MPI.ERRORS_RETURN)  # inherited by the duplicate and everything made from it
         alg = algorithm or config.get("ALGORITHM")
         if alg not in ALGORITHMS:
             raise CollectiveValueError(f"{where}: unknown algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -145,10 +168,20 @@ class Communicator:
         # Before anything that depends on them (node discovery, topology file, calibration, the check): a
         # rank whose settings differ would otherwise wait in a different collective until the deadline.
         config.agree(backend_.comm, same, where)
-        #: This rank in the job (MPI.COMM_WORLD).
-        self.world_rank: int = MPI.COMM_WORLD.Get_rank()
+        if job_ranks is None:
+            group, world = backend_.comm.Get_group(), MPI.COMM_WORLD.Get_group()
+            job_ranks = tuple(MPI.Group.Translate_ranks(group, list(range(backend_.size)), world))
+            group.Free()
+            world.Free()
+        #: The job rank of each rank here: ``world_ranks[r]`` is rank r's rank in the original job
+        #: (``MPI.COMM_WORLD`` at launch; replacements from :meth:`grow` count on from the highest used).
+        #: It stays a rank's name through :meth:`shrink` and :meth:`grow`; errors name lost ranks by it.
+        self.world_ranks: tuple[int, ...] = tuple(int(j) for j in job_ranks)
+        #: This rank in the job (see :attr:`world_ranks`).
+        self.world_rank: int = self.world_ranks[backend_.rank]
         self.size: int = backend_.size
-        #: This rank here; on a sub-communicator it prints with its world rank, so every message names both.
+        #: This rank here; on a sub-communicator (or after a shrink) it prints with its job rank, so every message
+        #: names both.
         self.rank: int = (backend_.rank if (backend_.rank, self.size) == (self.world_rank, MPI.COMM_WORLD.Get_size())
                           else _SubRank(backend_.rank, self.world_rank))
         self.thread_level: int = MPI.Query_thread()
@@ -187,7 +220,10 @@ class Communicator:
         self.watchdog = Watchdog(self.rank, self.size, timeout=timeout, status=self._seqr, comm=backend_.comm)
         self._p2p = self._seqr.p2p = PointToPoint(backend_.comm, MPI, self.watchdog.timeout)
         self._device_colls: DeviceCollectives | None = None
-        self._closed = False
+        if elastic:
+            self._ft = FailureState(backend_.comm, MPI, self.world_ranks, backend_.rank)
+            self._seqr.fault = self._p2p.fault = self._fault
+            self._engine.on_arena = self._watch_arena
         if self.single_node and self.size > 1 and self._check.fingerprints is not None:
             # The shared window now, not at the first shm call: from the first collective on, the mismatch
             # check is a node phase and P reads (ShmArena.exchange) instead of an MPI allreduce. Its pages
@@ -241,10 +277,19 @@ class Communicator:
     @property
     def closed(self) -> bool:
         """True once :meth:`close` has run: every call then raises CollectiveError."""
-        return self._closed
+        return self._closed and self._retired is None and (self._ft is None or self._ft.error is None)
+
+    @property
+    def elastic(self) -> bool:
+        """True in elastic mode (``COLLECTIVE_ELASTIC=1``): a lost rank raises RanksLostError instead of ending the job."""
+        return self._ft is not None
 
     def _open(self, name: str) -> None:
         if self._closed:
+            if self._retired is not None:
+                raise CollectiveError(f"{describe(name, self.rank, self.size)}: {self._retired}")
+            if self._ft is not None and self._ft.error is not None:
+                raise self._ft.recover(name, None)
             raise CollectiveError(f"{describe(name, self.rank, self.size)}: this communicator is closed; "
                                   "collective.init() after closing the default one gives a new one")
 
@@ -470,7 +515,10 @@ class Communicator:
                 comm.send(np.arange(4.0), dest=1, tag=7)
         """
         self._open("send")
-        self._p2p.isend(x, dest, tag).wait()
+        if self._ft is None:
+            self._p2p.isend(x, dest, tag).wait()
+        else:
+            self._elastic_call("send", lambda: self._p2p.isend(x, dest, tag).wait())
 
     def recv(self, out: Any, source: int = ANY_SOURCE, tag: int = 0) -> int:
         """Receive a message from ``source`` (``ANY_SOURCE``: any rank) into ``out``; returns the sender's rank.
@@ -484,17 +532,23 @@ class Communicator:
             sender = comm.recv(buf, source=0, tag=7)
         """
         self._open("recv")
-        return self._p2p.irecv(out, source, tag).wait()
+        if self._ft is None:
+            return self._p2p.irecv(out, source, tag).wait()
+        return self._elastic_call("recv", lambda: self._p2p.irecv(out, source, tag).wait())
 
     def isend(self, x: Any, dest: int, tag: int = 0) -> P2PWork:
         """Start :meth:`send`; ``x`` must not change until the handle's ``wait()`` returns."""
         self._open("isend")
-        return self._p2p.isend(x, dest, tag)
+        if self._ft is None:
+            return self._p2p.isend(x, dest, tag)
+        return self._elastic_call("isend", lambda: self._p2p.isend(x, dest, tag))
 
     def irecv(self, out: Any, source: int = ANY_SOURCE, tag: int = 0) -> P2PWork:
         """Start :meth:`recv`; the handle's ``wait()`` returns the sender's rank."""
         self._open("irecv")
-        return self._p2p.irecv(out, source, tag)
+        if self._ft is None:
+            return self._p2p.irecv(out, source, tag)
+        return self._elastic_call("irecv", lambda: self._p2p.irecv(out, source, tag))
 
     def alloc(self, shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
         """An array in the node's shared memory, which shm collectives use in place with no copy-in.
@@ -711,8 +765,15 @@ class Communicator:
                       self.watchdog.timeout):
             group = comm.Get_group().Incl(members)
             # A tag of its own: Create_group talks on this communicator, next to the executor's and p2p's tags.
-            sub = comm.Create_group(group, _SUBGROUP_TAG)
-            group.Free()
+            try:
+                sub = comm.Create_group(group, _SUBGROUP_TAG)
+            except Exception as exc:
+                lost = self._fault("subgroup", exc)
+                if lost is None:
+                    raise
+                raise lost from exc
+            finally:
+                group.Free()
             try:
                 child = self._child(sub)
             finally:
@@ -732,7 +793,11 @@ class Communicator:
         cl = self.cluster
         layout = Cluster(tuple(order[n] for n in nodes), cl.intra, cl.inter if len(order) > 1 else None, cl.gamma,
                          source=f"{cl.source}, ranks {every.tolist()}", links_declared=True)
-        return Communicator(sub, cluster=layout, **self._params)
+        child = Communicator(sub, cluster=layout, job_ranks=tuple(self.world_ranks[int(p)] for p in every),
+                             **self._params)
+        self._children = [r for r in self._children if r() is not None]
+        self._children.append(weakref.ref(child))
+        return child
 
     def barrier(self) -> None:
         """Block until every rank has called barrier (after any queued async work).
@@ -749,6 +814,8 @@ class Communicator:
         Every rank must call it; it has a deadline like every collective.
         """
         if self._closed:
+            if self._retired is None and self._ft is not None and self._ft.error is not None:
+                self._retire("this communicator is closed (it had lost ranks)")
             return
         self._closed = True
         self.watchdog.close(announce=False)  # stop polling the control channel before the communicator goes
@@ -760,6 +827,126 @@ class Communicator:
             self._prep.forget()  # templates' regions were in the arena, hot calls' windows go with it
             self._engine.close()  # collective over the node, like the free below over every rank
             self._backend.free()
+
+    # ------------------------------------------------------------ elastic mode
+    def _fault(self, name: str, exc: BaseException, started: float | None = None) -> BaseException | None:
+        """Elastic mode: the RanksLostError that ``exc`` (raised inside call ``name``) turns into, after recovery;
+        None when ``exc`` is no sign of a failure (the caller re-raises it)."""
+        if isinstance(exc, RanksLostError):
+            return exc
+        ft = self._ft
+        if ft is None or not is_failure(exc, self._mpi):
+            return None
+        err = ft.recover(name, exc, started)
+        self._lose()
+        return err
+
+    def _elastic_call(self, name: str, fn: Any) -> Any:
+        """``fn()`` with a failure inside it turned into RanksLostError (point-to-point and other calls outside ops)."""
+        t0 = time.monotonic()
+        try:
+            return fn()
+        except Exception as exc:
+            lost = self._fault(name, exc, t0)
+            if lost is None or lost is exc:
+                raise
+            raise lost from exc
+
+    def _lose(self) -> None:
+        """After recovery: every later call raises (the repeat paths' templates go, so calls reach the check)."""
+        self._closed = True
+        self._prep.forget()
+
+    def _watch_arena(self, arena: Any) -> None:
+        """Let the arena's flag waits notice a dead node peer or a revoked communicator (collective over the node)."""
+        ft = self._ft
+        ft.watch_pids(arena.comm)  # type: ignore[union-attr]
+        probe = arena.comm
+        arena.watch = lambda: ft.watch(probe)  # type: ignore[union-attr]
+
+    def _require_elastic(self, name: str) -> FailureState:
+        if self._retired is not None:
+            raise CollectiveError(f"{describe(name, self.rank, self.size)}: {self._retired}")
+        if self._ft is None:
+            raise CollectiveError(f"{describe(name, self.rank, self.size)}: needs elastic mode: launch with "
+                                  "`collective-run --elastic ...` (COLLECTIVE_ELASTIC=1 under mpiexec --with-ft ulfm)")
+        return self._ft
+
+    def _retire(self, why: str) -> None:
+        """Make every later call raise CollectiveError saying ``why``; the same for the sub-communicators made from
+        this one. Nothing collective: the MPI objects of a communicator that lost ranks cannot be freed together."""
+        if self._retired is not None:
+            return
+        self._retired = why
+        self._closed = True
+        self._prep.forget()
+        self.watchdog.close(announce=False)
+        self._seqr.close()
+        for ref in self._children:
+            child = ref()
+            if child is not None:
+                child._retire(f"its parent communicator was {why.split('was ', 1)[-1]}"
+                              if "was " in why else why)
+
+    def _successor_of_default(self, new: "Communicator") -> None:
+        """If this is collective's default communicator, ``new`` becomes it (module-level calls follow)."""
+        pkg = sys.modules.get(__name__.rsplit(".", 1)[0])
+        if pkg is not None and getattr(pkg, "_default", None) is self:
+            pkg._default = new
+
+    def shrink(self) -> "Communicator":
+        """The communicator over the ranks that are left, after RanksLostError (collective over the survivors).
+
+        Every survivor calls it, typically in the handler of the
+        RanksLostError its last call raised; a survivor whose call had not
+        noticed the failure yet is brought in by it (its pending or next call
+        raises RanksLostError too). The new communicator has its own sequence
+        numbers, node arena and windows, and the layout of the survivors
+        (this one's, links included); :attr:`world_ranks` names its ranks in
+        the original job, and :attr:`recovery_times` says what the recovery
+        cost. This communicator, its sub-communicators and its ``alloc``'d
+        arrays are not to be used afterwards: calls on them raise. If this is
+        the default communicator, the new one becomes the default.
+
+        Returns:
+            The survivors' communicator (ranks renumbered 0..survivors-1 in the order of this one's).
+
+        Raises:
+            CollectiveError: not in elastic mode, or this communicator was already replaced.
+
+        Example::
+
+            try:
+                comm.allreduce(g, out=g)
+            except col.RanksLostError as e:
+                print("lost", e.lost_ranks)
+                comm = comm.shrink()
+        """
+        ft = self._require_elastic("shrink")
+        where = f"shrink on job rank {self.world_rank} (collective over the survivors)"
+        with deadline(where, self.watchdog.timeout):
+            err = ft.recover("shrink", None)
+            self._lose()
+            t1 = time.monotonic()
+            kept = [self.world_ranks.index(j) for j in ft.survivor_jobs]
+            nodes = [self.cluster.node_of_rank[k] for k in kept]
+            order = {n: i for i, n in enumerate(dict.fromkeys(nodes))}
+            cl = self.cluster
+            layout = Cluster(tuple(order[n] for n in nodes), cl.intra, cl.inter if len(order) > 1 else None,
+                             cl.gamma, source=f"{cl.source}, survivors {list(ft.survivor_jobs)}", links_declared=True)
+            new = Communicator(ft.survivors, cluster=layout, job_ranks=ft.survivor_jobs, **self._params)
+            t2 = time.monotonic()
+        ft.survivors.Free()  # the new communicator runs on its own duplicate
+        ft.survivors = None
+        times = dict(ft.times)
+        times["rebuild"] = t2 - t1
+        times["total"] = sum(times.get(k, 0.0) for k in ("revoke", "agree", "shrink", "rebuild"))
+        new.recovery_times = times
+        lost = ", ".join(str(r) for r in err.lost_ranks) or "none"
+        self._retire(f"this communicator was shrunk after losing job ranks {lost}: use the communicator "
+                     "comm.shrink() returned (collective.init() returns it too)")
+        self._successor_of_default(new)
+        return new
 
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "

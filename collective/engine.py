@@ -200,6 +200,8 @@ class HostEngine:
         #: ``prepare_fixed(name, x, op, algorithm, root, out)``: the fixed-size preparation (an allgather whose
         #: counts turn out equal runs as one); set by the communicator once its Preparer exists.
         self.prepare_fixed: Callable[..., Any] | None = None
+        #: Called with the arena right after it is made (collective over the node); elastic mode watches peers.
+        self.on_arena: Callable[[ShmArena], None] | None = None
 
     def plan(self, sched: Any, itemsize: int) -> Plan:
         """This rank's compiled ``sched`` for elements of ``itemsize`` bytes."""
@@ -262,6 +264,8 @@ class HostEngine:
             if optional:
                 return None
             raise
+        if self.on_arena is not None:
+            self.on_arena(self.arena)
         # Every rank creates the arena in the same call, so from the next call on every rank checks through it.
         self._check.attach_arena(self.arena, self.arena.size == self.size)
         return self.arena

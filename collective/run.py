@@ -7,7 +7,7 @@ from typing import Sequence
 
 from .launcher import find_mpiexec
 
-__all__ = ["main", "mpiexec_command", "find_mpiexec", "horovodrun_args"]
+__all__ = ["main", "mpiexec_command", "find_mpiexec", "horovodrun_args", "elastic_args"]
 
 _NP_FLAGS = ("-n", "-np", "--n", "--np", "-c")
 
@@ -103,6 +103,65 @@ def horovodrun_args(args: Sequence[str]) -> list[str]:
     return out
 
 
+def elastic_args(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """``args`` without ``--elastic``, ``--min-ranks N``, ``--max-ranks M`` (read before the program only),
+    and the variables they set for the ranks (empty without ``--elastic``).
+
+    ``--elastic`` launches with Open MPI's fault tolerance (``--with-ft ulfm``)
+    and sets ``COLLECTIVE_ELASTIC=1``: a lost rank raises RanksLostError on
+    the survivors instead of ending the job (see docs/guides/elastic.md).
+
+    Raises:
+        SystemExit: a flag lacks its value or it is not a positive integer, ``--min-ranks`` or
+            ``--max-ranks`` without ``--elastic``, or min above max.
+
+    Example::
+
+        elastic_args(["--elastic", "--min-ranks", "2", "-n", "4", "python", "t.py"])
+        # (['--with-ft', 'ulfm', '-n', '4', 'python', 't.py'], {'COLLECTIVE_ELASTIC': '1', 'COLLECTIVE_MIN_RANKS': '2'})
+    """
+    out: list[str] = []
+    found: dict[str, str] = {}
+    elastic = False
+    i, n = 0, len(args)
+    while i < n:
+        a = args[i]
+        flag, eq, inline = a.partition("=")
+        if not a.startswith("-") or a == "--":
+            out.extend(args[i:])
+            break
+        if a == "--elastic":
+            elastic = True
+            i += 1
+            continue
+        if flag in ("--min-ranks", "--max-ranks"):
+            if not eq and i + 1 >= n:
+                raise SystemExit(f"collective-run: {flag} needs a value")
+            v = inline if eq else args[i + 1]
+            if not v.isdigit() or int(v) < 1:
+                raise SystemExit(f"collective-run: {flag} {v!r} must be a positive integer")
+            found[flag] = v
+            i += 1 if eq else 2
+            continue
+        k = _MPI_VALUED.get(flag, 0) if not eq else 0
+        out.extend(args[i:i + 1 + k])
+        i += 1 + k
+    if not elastic:
+        if found:
+            raise SystemExit(f"collective-run: {', '.join(found)} only apply with --elastic")
+        return out, {}
+    if "--min-ranks" in found and "--max-ranks" in found and int(found["--min-ranks"]) > int(found["--max-ranks"]):
+        raise SystemExit(f"collective-run: --min-ranks {found['--min-ranks']} is above --max-ranks "
+                         f"{found['--max-ranks']}")
+    env = {"COLLECTIVE_ELASTIC": "1"}
+    if "--min-ranks" in found:
+        env["COLLECTIVE_MIN_RANKS"] = found["--min-ranks"]
+    if "--max-ranks" in found:
+        env["COLLECTIVE_MAX_RANKS"] = found["--max-ranks"]
+    exports = [w for v in env for w in ("-x", v)]  # exported to every host, not only this one's ranks
+    return ["--with-ft", "ulfm", *exports, *out], env
+
+
 def mpiexec_command(args: Sequence[str], env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """The mpiexec command line and environment for ``args`` (everything is passed through).
 
@@ -187,7 +246,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("usage: collective-run [mpiexec options] program [args...]\n"
               "Runs the installed mpiexec, adding --oversubscribe when ranks exceed cores and the\n"
               "run-as-root settings when run as root. horovodrun's -np/--num-proc, -H/--hosts, --hostfile,\n"
-              "--network-interface, --mpi-args and --mpi are translated; everything else is passed through.\n\n"
+              "--network-interface, --mpi-args and --mpi are translated; everything else is passed through.\n"
+              "--elastic [--min-ranks N] [--max-ranks M]: a lost rank raises RanksLostError on the survivors,\n"
+              "which continue with comm.shrink() (Open MPI's --with-ft ulfm; see docs/guides/elastic.md).\n\n"
               + _EMULATE_USAGE, file=sys.stdout if args else sys.stderr)
         if not args:
             print("collective-run: no program given; e.g. collective-run -n 4 python train.py", file=sys.stderr)
@@ -195,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if any(a == "--emulate" or a.startswith("--emulate=") for a in args):
         sys.exit(_emulate(args))
-    cmd, env = mpiexec_command(horovodrun_args(args))
+    args, extra = elastic_args(args)
+    cmd, env = mpiexec_command(horovodrun_args(args), {**os.environ, **extra})
     os.execvpe(cmd[0], cmd, env)
 
 

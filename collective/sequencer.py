@@ -188,6 +188,9 @@ class Sequencer:
         self._finish_avg = engine.finish_avg
         #: The communicator's point-to-point messages (``collective.p2p.PointToPoint``), once attached.
         self.p2p: Any = None
+        #: Elastic mode: ``fault(name, exc, started)`` -> the error a failed op raises instead of ``exc`` (None:
+        #: ``exc`` is no sign of a lost rank). Set by the communicator; None otherwise.
+        self.fault: Callable[[str, BaseException, float], BaseException | None] | None = None
         self._queue: queue.SimpleQueue | None = None
         self._worker: threading.Thread | None = None
 
@@ -242,10 +245,22 @@ class Sequencer:
             check = self.check
             first = check.gate(rec, c) if check.on else None
             r = (execute or self.engine.execute)(c, first, seq)
+        except BaseException as exc:
+            self._failed(name, exc, rec.t_start)
+            raise
         finally:
             rec.t_end = _monotonic()
             recorder.current = None
-        return r.resolve() if type(r) is Deferred else r  # types that copy on construction (JAX) are made now
+        return r.resolve() if type(r) is Deferred else r
+
+    def _failed(self, name: str, exc: BaseException, started: float) -> None:
+        """Raise what op ``name``'s error ``exc`` becomes in elastic mode (RanksLostError); return if it stays."""
+        fault = self.fault
+        if fault is None:
+            return
+        lost = fault(name, exc, started)
+        if lost is not None and lost is not exc:
+            raise lost from exc  # types that copy on construction (JAX) are made now
 
     def submit(self, c: Any, execute: Callable[[Any, Any, int], Any] | None = None) -> Work:
         """Queue op ``c`` on the communication thread; its handle."""
@@ -281,7 +296,12 @@ class Sequencer:
         if self.pending:
             return self.submit(_Call0(fn)).wait()
         with self.lock:
-            return fn()
+            t0 = _monotonic()
+            try:
+                return fn()
+            except BaseException as exc:
+                self._failed("alloc", exc, t0)
+                raise
 
     def _serve(self) -> None:
         q = self._queue
@@ -321,6 +341,9 @@ class Sequencer:
             sig = c.sig
             if not run(sig[0] ^ seq, seq, *args):
                 self.check.mismatch(seq, sig[1])
+        except BaseException as exc:
+            self._failed("allreduce", exc, rec.t_start)
+            raise
         finally:
             self.recorder.end(rec)
 
@@ -391,6 +414,9 @@ class Sequencer:
                             sig[0] ^ seq, seq, x if x.ndim == 1 else x.reshape(-1), o if o.ndim == 1 else o.reshape(-1),
                             rop.ufunc, self._finish_avg if rop.average else None, q):
                         self.check.mismatch(seq, sig[1])
+                except BaseException as exc:
+                    self._failed("allreduce", exc, rec.t_start)
+                    raise
                 finally:
                     rec.t_end = _monotonic()
                     recorder.current = None

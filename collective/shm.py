@@ -78,6 +78,8 @@ _FLAG = 64  # one cache line for the flag, so flags of different ranks never sha
 _SPINS = 200
 _YIELD_S = 2e-3
 _NAP_S = 20e-6
+#: How often a napping wait checks that its peers live (elastic mode): a failure is noticed within about this.
+_WATCH_S = 5e-3
 
 
 # ------------------------------------------------------------ /dev/shm space
@@ -300,11 +302,13 @@ def _node_spins(node_comm: Any, MPI: Any, want: str) -> bool:
     return bool(v[0])
 
 
-def _await_flag(f: memoryview, t: int) -> None:
+def _await_flag(f: memoryview, t: int, watch: Callable[[], None] | None = None) -> None:
     """Return once ``f[0] >= t`` (another rank's flag): spin, then yield the core, then nap (see _SPINS).
 
     The deadline is the watchdog's, which aborts the job from its thread (the
-    interpreter lock is given up at least every switch interval).
+    interpreter lock is given up at least every switch interval). ``watch``
+    (elastic mode) is called about every ``_WATCH_S`` while napping and raises
+    when a peer is gone: a dead rank never raises its flag.
     """
     for _ in range(_SPINS):
         if f[0] >= t:
@@ -318,8 +322,16 @@ def _await_flag(f: memoryview, t: int) -> None:
                 return
             yield_()
     sleep = time.sleep
+    if watch is None:
+        while f[0] < t:
+            sleep(_NAP_S)
+        return
+    due = clock() + _WATCH_S
     while f[0] < t:
         sleep(_NAP_S)
+        if clock() > due:
+            watch()
+            due = clock() + _WATCH_S
 
 
 def _reduce_into(ufunc: Callable[..., Any], parts: list[np.ndarray], dst: np.ndarray) -> None:
@@ -360,6 +372,7 @@ def _allocate_committed(node_comm: Any, nbytes: int, what: str, chunk_hint: bool
     why = None
     try:
         win = MPI.Win.Allocate_shared(max(nbytes, 1), 1, comm=node_comm)
+        win.Set_errhandler(MPI.ERRORS_RETURN)  # an error is an exception here, as on the communicators
     except MPI.Exception as exc:
         why = f"MPI could not create the window ({exc.Get_error_string().strip()})"
     if win is not None:
@@ -410,6 +423,8 @@ class ShmArena:
         self.check_fenced = False
         self.ticket = 0
         self.chunks_done = 0
+        #: Elastic mode: called while a phase waits on a flag; raises when a peer is gone (see collective.ulfm).
+        self.watch: Callable[[], None] | None = None
         self.comm.Barrier()  # every flag is zeroed before anyone waits on it
 
     def waiting_on(self) -> tuple[int, ...]:
@@ -439,7 +454,7 @@ class ShmArena:
         if self.spins:
             for f in self._others:
                 if f[0] < t:
-                    _await_flag(f, t)
+                    _await_flag(f, t, self.watch)
         else:
             self._barrier()
         self._sync()

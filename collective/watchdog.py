@@ -102,28 +102,40 @@ class _Ctrl:
         MPI = self.MPI
         return not self.closed and self.comm != MPI.COMM_NULL and not MPI.Is_finalized()
 
+    # An MPI error on the channel means a peer failed (elastic mode; otherwise the job is ending): the channel
+    # closes quietly and the collective that notices the failure reports it.
     def send(self, peer: int, *msg: int) -> None:
         buf = np.zeros(8, np.int64)
         buf[: len(msg)] = msg
-        self.sends.append((self.comm.Isend([buf, self.MPI.INT64_T], peer, self.tag), buf))
+        try:
+            self.sends.append((self.comm.Isend([buf, self.MPI.INT64_T], peer, self.tag), buf))
+        except self.MPI.Exception:
+            self.closed = True
 
     def receive(self) -> list[list[int]]:
         out = []
         MPI = self.MPI
-        while True:
-            m = self.comm.Improbe(MPI.ANY_SOURCE, self.tag)
-            if m is None:
-                break
-            buf = np.empty(8, np.int64)
-            m.Recv([buf, MPI.INT64_T])
-            out.append(buf.tolist())
-        if self.sends:
-            self.sends = [(r, b) for r, b in self.sends if not r.Test()]
+        try:
+            while True:
+                m = self.comm.Improbe(MPI.ANY_SOURCE, self.tag)
+                if m is None:
+                    break
+                buf = np.empty(8, np.int64)
+                m.Recv([buf, MPI.INT64_T])
+                out.append(buf.tolist())
+            if self.sends:
+                self.sends = [(r, b) for r, b in self.sends if not r.Test()]
+        except MPI.Exception:
+            self.closed = True
+            self.sends = []
         return out
 
     def flush(self) -> None:
         if self.sends:
-            self.MPI.Request.Waitall([r for r, _ in self.sends])
+            try:
+                self.MPI.Request.Waitall([r for r, _ in self.sends])
+            except self.MPI.Exception:
+                self.closed = True
             self.sends = []
 
 
