@@ -110,8 +110,8 @@ class Recovery:
     def describe(self) -> str:
         """One line for the log."""
         parts = ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in self.parts.items())
-        total = f"; {1e3 * (self.t_resumed - self.t_error):.1f} ms from the error to the next step" \
-            if self.t_resumed is not None else ""
+        total = (f"; {1e3 * (self.t_resumed - self.t_error):.1f} ms from the error to the next step "
+                 f"[monotonic {self.t_error:.6f} -> {self.t_resumed:.6f}]") if self.t_resumed is not None else ""
         return (f"elastic: lost rank(s) {self.lost} in {self.op} during step {self.failed_step + 1}; "
                 f"{self.size_before} -> {self.size_after} ranks, going on from the commit of step {self.step} "
                 f"({parts}{total})")
@@ -411,7 +411,8 @@ class ElasticState:
         t1 = time.monotonic()
         parts: dict[str, float] = {"shrink": t1 - t_err}
         for k, v in (getattr(new, "recovery_times", None) or {}).items():
-            parts[f"shrink.{k}"] = float(v)
+            if k in ("detect", "revoke", "agree", "shrink", "rebuild"):  # durations (not instants, not sums)
+                parts[f"shrink.{k}"] = float(v)
         # Agree and restore before the buckets are rebuilt: the rebuild copies the current parameters, and the
         # state one step back lives only in the old buffers.
         step = self.agree_on(new)
