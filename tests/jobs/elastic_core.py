@@ -155,7 +155,7 @@ def lose(comm: col.Communicator, point: str, victim: int, times: list) -> col.Co
         comm.allreduce(bufs["window"], out=bufs["window"], algorithm="shm")  # checked once: the repeat path next
         bufs["window"][:] = comm.world_rank + 1.0
     if point == "quick":
-        for _ in range(2):
+        for _ in range(3):  # checked, then given its regions: the one-phase path from the next call on
             comm.allreduce(np.full(64, comm.world_rank + 1.0), algorithm="shm")
     if comm.world_rank == victim:
         arm(comm, point)
