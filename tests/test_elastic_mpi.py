@@ -164,12 +164,14 @@ def test_below_min_ranks_stops_with_the_commit_on_disk_and_resumes(tmp_path_fact
 
 # ------------------------------------------------------------------------------ the sweep (slow)
 SWEEP = [
-    [(0, 2, "allreduce"), (1, 6, "late-allreduce"), (2, 11, "forward")],
-    [(1, 1, "shm"), (3, 4, "commit"), (0, 9, "update")],
-    [(2, 3, "late-allreduce"), (0, 7, "commit"), (1, 12, "shm")],
-    [(3, 2, "update"), (2, 5, "allreduce"), (0, 13, "late-allreduce")],
-    [(1, 4, "forward"), (0, 5, "shm")],
-    [(0, 10, "forward"), (3, 14, "allreduce")],
+    [(0, 2, "allreduce"), (1, 6, "late-allreduce")],
+    [(2, 11, "forward"), (0, 13, "shm")],
+    [(1, 1, "shm"), (3, 4, "commit")],
+    [(0, 9, "update"), (2, 12, "allreduce")],
+    [(2, 3, "late-allreduce"), (0, 7, "commit")],
+    [(1, 12, "shm"), (3, 14, "update")],
+    [(3, 2, "update"), (2, 5, "allreduce")],
+    [(0, 5, "forward"), (1, 10, "late-allreduce")],
     [(2, 0, "shm"), (1, 15, "commit")],
     [(3, 9, "shm"), (0, 12, "update")],
 ]
@@ -180,7 +182,7 @@ SWEEP = [
 @pytest.mark.parametrize("kills", SWEEP, ids=lambda k: "+".join(f"{r}-{s}-{p}" for r, s, p in k))
 def test_kill_sweep(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
                     kills: list[tuple[int, int, str]]) -> None:
-    """Twenty kills over every point (rank 0 included, up to three in one job): the same parameters every time."""
+    """Twenty kills over every point (rank 0 included, two in each job): the same parameters every time."""
     text = run_kills(tmp_path_factory, tmp_path, kills)
     del text
 
@@ -208,3 +210,22 @@ def test_without_elastic_a_kill_still_ends_the_job(tmp_path: Path) -> None:
     assert killed(text) == [(1, 3, "allreduce")]
     assert "ranks 3" not in text
     print(f"plain job ended rc={rc} after {time.monotonic() - t0:.1f} s")
+
+
+def _can_grow() -> bool:
+    from collective.communicator import Communicator
+
+    return _elastic_available() and hasattr(Communicator, "grow")
+
+
+@pytest.mark.skipif(not _can_grow(), reason="the runtime cannot grow a communicator (comm.grow)")
+def test_a_replacement_joins_and_the_run_ends_with_four_ranks(tmp_path_factory: pytest.TempPathFactory,
+                                                               tmp_path: Path) -> None:
+    """--max-ranks 4: after a kill the survivors spawn a replacement at the next commit; it receives the state and
+    its shard, and the run ends on 4 ranks with the uninterrupted run's parameters."""
+    ref = reference(tmp_path_factory, "float32")
+    rc, text, out = launch(tmp_path, "grow", kills="2:5:allreduce", run_args=["--max-ranks", "4"])
+    assert rc == 0, text[-6000:]
+    assert killed(text) == [(2, 5, "allreduce")]
+    assert final_ranks(text) == 4, text[-4000:]
+    assert_same_params(ref, out, "float32", "a kill, then a replacement")
