@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 KILL = re.compile(r"elastic-test: killing world rank (\d+) at step (\d+) point (\S+) t=([\d.]+)")
 REC = re.compile(r"^elastic: lost rank\(s\) \[([\d, ]+)\] .*?\((.*)\); ([\d.]+) ms from the error to the next step "
-                 r"\[monotonic ([\d.]+) -> ([\d.]+)\]", re.M)
+                 r"\[monotonic ([\d.]+) -> ([\d.]+)\]", re.MULTILINE)
 PLAN = [(1, 5, "allreduce"), (0, 6, "shm"), (3, 7, "update"), (2, 5, "commit"), (0, 8, "late-allreduce"),
         (1, 6, "forward")]
 
@@ -40,7 +40,7 @@ def one(n: int, kill: tuple[int, int, str], timeout: float) -> dict[str, float] 
     cmd = [sys.executable, "-m", "collective.run", "--elastic", "-n", str(n), sys.executable,
            str(ROOT / "examples" / "train_digits.py"), "--elastic", "--steps", "12", "--batch", "96", "--no-progress"]
     try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return "timed out"
     text = p.stdout + p.stderr

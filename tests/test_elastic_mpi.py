@@ -90,7 +90,7 @@ def assert_same_params(ref: dict[str, np.ndarray], out: Path, dtype: str, what: 
 
 
 def final_ranks(text: str) -> int:
-    m = re.findall(r"^ranks (\d+), global batch", text, re.M)
+    m = re.findall(r"^ranks (\d+), global batch", text, re.MULTILINE)
     assert m, f"no final line in the output:\n{text[-4000:]}"
     return int(m[-1])
 

@@ -482,7 +482,17 @@ class ElasticState:
         count = (self.max_ranks or comm.size) - comm.size
         if count <= 0:
             return False
-        merged = comm.grow(count)
+        from collective.errors import CollectiveError
+
+        try:
+            merged = comm.grow(count)
+        except lost_rank_errors():
+            raise
+        except CollectiveError as exc:  # no replacement could be started: train on with the ranks there are
+            if comm.rank == 0:
+                sys.stderr.write(f"elastic: no replacements ({exc}); going on with {comm.size} ranks\n")
+                sys.stderr.flush()
+            return False
         self._bind(merged, rebuild=True)
         # The replacements' DataParallel broadcast the parameters from rank 0 as it was built; match it.
         self.dp.buckets.broadcast_parameters(0)

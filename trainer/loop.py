@@ -220,8 +220,9 @@ class DataParallel:
         self.model = model
         self.loss = loss if loss is not None else SoftmaxCrossEntropy()
         self.seed = int(seed)
-        self._settings = dict(bucket_mb=bucket_mb, first_bucket_mb=first_bucket_mb, hook=hook, algorithm=algorithm,
-                              overlap=overlap, allocator=allocator, average=average)
+        self._settings: dict[str, Any] = {
+            "bucket_mb": bucket_mb, "first_bucket_mb": first_bucket_mb, "hook": hook, "algorithm": algorithm,
+            "overlap": overlap, "allocator": allocator, "average": average}
         self._build(comm)
         model.register_grad_ready_hook(self._grad_ready)
         self.timeline: Timeline | None = None
@@ -503,11 +504,11 @@ def fit(dp: DataParallel, optimizer: Optimizer, loader: ShardedLoader, steps: in
                     bar.update(1)
                 if checkpoint is not None and checkpoint.due(st.step):
                     if state is not None:
-                        def arrays(s: int = st.step) -> dict[str, Any]:
+                        def dying_arrays(s: int = st.step) -> dict[str, Any]:
                             kill_point(dp.comm, s - 1, "checkpoint")
                             return dp.state_arrays(optimizer)
 
-                        checkpoint.save(st.step, arrays, checkpoint_meta(dp, optimizer, sampler, st.step))
+                        checkpoint.save(st.step, dying_arrays, checkpoint_meta(dp, optimizer, sampler, st.step))
                     else:
                         checkpoint.save(st.step, lambda: dp.state_arrays(optimizer),
                                         checkpoint_meta(dp, optimizer, sampler, st.step))

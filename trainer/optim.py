@@ -232,6 +232,10 @@ class SGD(Optimizer):
     def update(self, i: int) -> None:
         p, out, g, tmp = self._views(i)
         xp = array_module(p)
+        # Double buffered, the buffer written is free until the last operation, so it serves as the scratch:
+        # a pass that writes a fresh buffer costs memory traffic, and this way tmp is never touched.
+        if out is not p:
+            tmp = out
         if self.weight_decay:
             xp.multiply(p, self.weight_decay, out=tmp)
             xp.add(g, tmp, out=g)
