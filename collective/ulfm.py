@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import CollectiveConfigError, RanksLostError
 
-__all__ = ["ulfm_enabled", "require_ulfm", "PeerLost", "FailureState", "is_failure"]
+__all__ = ["ulfm_enabled", "require_ulfm", "PeerLost", "FailureState", "is_failure", "keep_connected"]
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -193,6 +193,33 @@ class FailureState:
             why = (f" (no process was lost, but {type(exc).__name__ if exc is not None else 'a peer'} ended the "
                    "communicator: " + (_mpi_text(exc, MPI) if exc is not None else "revoked by a peer") + ")")
         self.error = RanksLostError(op, lost, len(kept), where=self._where(op), more=why)
+
+
+_CONNECTED: list[Any] = []
+
+
+def keep_connected(inter: Any, MPI: Any) -> None:
+    """Keep intercommunicator ``inter`` (between growers and spawned processes) until this program ends, then
+    disconnect it (collective over both sides) before MPI finalizes.
+
+    Open MPI's finalization of processes still connected to another job
+    crashes here (it tries to reach processes it holds no address of); an
+    explicit disconnect first ends cleanly.
+    """
+    from . import watchdog
+
+    _CONNECTED.append(inter)
+    if len(_CONNECTED) == 1:
+        watchdog.at_exit_last(_disconnect_all)
+
+
+def _disconnect_all() -> None:
+    while _CONNECTED:
+        inter = _CONNECTED.pop()
+        try:
+            inter.Disconnect()
+        except Exception:  # noqa: BLE001 - a side already gone: nothing left to disconnect from
+            pass
 
 
 def _mpi_text(exc: BaseException, MPI: Any) -> str:
