@@ -25,6 +25,7 @@ Terms (the names below follow them):
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -193,6 +194,7 @@ class FailureState:
             why = (f" (no process was lost, but {type(exc).__name__ if exc is not None else 'a peer'} ended the "
                    "communicator: " + (_mpi_text(exc, MPI) if exc is not None else "revoked by a peer") + ")")
         self.error = RanksLostError(op, lost, len(kept), where=self._where(op), more=why)
+        leave_without_finalize()
 
 
 _CONNECTED: list[Any] = []
@@ -220,6 +222,45 @@ def _disconnect_all() -> None:
             inter.Disconnect()
         except Exception:  # noqa: BLE001 - a side already gone: nothing left to disconnect from
             pass
+
+
+_LEAVING: list[int] = []
+
+
+def leave_without_finalize() -> None:
+    """After a lost rank, end this process at exit without MPI_Finalize (with the program's exit status).
+
+    Open MPI's MPI_Finalize can wait forever once a rank of the job has
+    failed (open-mpi #11404 across nodes; here too, now and then, on one
+    node), and under ``--with-ft ulfm`` mpiexec accepts a process that exits
+    without it. So the survivors flush their output and leave with the status
+    ``sys.exit`` was given (0 when the program simply ends), after the exit
+    notices and disconnects that precede MPI's finalization.
+    """
+    if _LEAVING:
+        return
+    _LEAVING.append(0)
+    from . import watchdog
+
+    real_exit = sys.exit
+
+    def exit_(status: Any = None) -> None:
+        _LEAVING[0] = (0 if status is None else status & 0xFF
+                       if isinstance(status, int) and not isinstance(status, bool) else 1)
+        real_exit(status)
+
+    sys.exit = exit_  # type: ignore[assignment]
+    watchdog.at_exit_last(_leave)
+
+
+def _leave() -> None:
+    _disconnect_all()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(_LEAVING[0])
 
 
 def _mpi_text(exc: BaseException, MPI: Any) -> str:

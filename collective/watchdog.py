@@ -506,7 +506,8 @@ _LAST: list[Any] = []
 
 
 def at_exit_last(fn: Any) -> None:
-    """Run ``fn()`` at interpreter exit after the watchdogs have announced this rank's exit (before MPI finalizes)."""
+    """Run ``fn()`` at interpreter exit after the watchdogs have announced this rank's exit (before MPI finalizes);
+    in the order registered."""
     _LAST.append(fn)
 
 
@@ -528,7 +529,7 @@ def _at_exit() -> None:
             wd.close(announce=True)
         except Exception:  # noqa: BLE001 - never turn a clean exit into a crash
             pass
-    for fn in _LAST:
+    for fn in list(_LAST):
         try:
             fn()
         except Exception:  # noqa: BLE001
