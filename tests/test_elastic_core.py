@@ -133,3 +133,26 @@ def test_elastic_args() -> None:
                 ["--elastic", "--min-ranks", "3", "--max-ranks", "2", "p"], ["--elastic", "--max-ranks"]):
         with pytest.raises(SystemExit):
             elastic_args(bad)
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_emulated_cluster_loses_a_whole_host() -> None:
+    """2 emulated hosts x 2 ranks: both ranks of host 1 die in a native allreduce; the 2 of host 0 continue."""
+    from collective.emulate import unavailable
+
+    why = unavailable()
+    if why is not None:
+        pytest.skip(f"no emulated cluster here: {why}")
+    e = dict(os.environ)
+    e.setdefault("COLLECTIVE_TIMEOUT", "120")
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "collective.run", "--emulate", "2x2", "--elastic", "--", sys.executable,
+           str(JOBS / "elastic_core.py"), "--kill", "native:2+3"]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=e, cwd=str(ROOT))
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"HUNG after {TIMEOUT} s: {str(exc.stdout)[-3000:]}") from None
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "FAIL" not in out, out[-4000:]
+    assert len(_passed_lines(out)) == 2, out[-4000:]
