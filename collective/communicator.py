@@ -887,8 +887,8 @@ class Communicator:
         for ref in self._children:
             child = ref()
             if child is not None:
-                child._retire(f"its parent communicator was {why.split('was ', 1)[-1]}"
-                              if "was " in why else why)
+                child._retire(f"this is a sub-communicator of a communicator that was replaced ({why}); make "
+                              "it again from the new one")
 
     def _successor_of_default(self, new: "Communicator") -> None:
         """If this is collective's default communicator, ``new`` becomes it (module-level calls follow)."""
@@ -946,7 +946,8 @@ class Communicator:
         new.recovery_times = times
         new._next_job = max(new._next_job, self._next_job)
         lost = ", ".join(str(r) for r in err.lost_ranks) or "none"
-        self._retire(f"this communicator was shrunk after losing job ranks {lost}: use the communicator "
+        noun = "rank" if len(err.lost_ranks) == 1 else "ranks"
+        self._retire(f"this communicator was shrunk after losing job {noun} {lost}: use the communicator "
                      "comm.shrink() returned (collective.init() returns it too)")
         self._successor_of_default(new)
         return new
