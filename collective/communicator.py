@@ -44,6 +44,7 @@ from .errors import (BackendUnavailableError, CollectiveError, CollectiveTypeErr
 from .layout import discover_cluster, real_node_count
 from .prepare import BARRIER, Call, Preparer
 from .sequencer import OpRecord, Sequencer, Work
+from . import shm as shm_mod
 from .shm import WINDOW_MIN_BYTES
 from .spec import ALGORITHMS, COLLECTIVE_NAMES
 from .p2p import ANY_SOURCE, P2PWork, PointToPoint
@@ -302,6 +303,12 @@ class Communicator:
             # CuPy & co: NCCL, or MPI (CUDA-aware or staged); run by DeviceCollectives.
             return DeviceRequest(name, x, op, algorithm, root, out)
         try:
+            if shm_mod.RETIRED:
+                for a, what in ((x, "x"), (out, "out")):
+                    why = shm_mod.retired_window(a)
+                    if why is not None:
+                        raise CollectiveValueError(f"{describe(name, self.rank, self.size, a.shape, a.dtype)}: "
+                                                   f"{what}: {why}")
             return self._prep.prepare(name, x, op, algorithm, root, out)
         except Exception as exc:
             self._seqr.poison(name, exc)
@@ -882,6 +889,9 @@ class Communicator:
         self._retired = why
         self._closed = True
         self._prep.forget()
+        if self._engine.shared is not None:
+            self._engine.shared.retire(f"it is an array comm.alloc() made on a communicator that was replaced "
+                                       f"({why}); alloc it again on the new one")
         self.watchdog.close(announce=False)
         self._seqr.close()
         for ref in self._children:

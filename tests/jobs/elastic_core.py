@@ -208,6 +208,13 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
             fail(f"{point}: the old communicator raised RanksLostError after shrink, not the retired error")
         except CollectiveError as e:
             ok("shrunk" in str(e), f"{point}: old comm message {e}")
+        if "window" in bufs:  # the old communicator's alloc'd array: collectives on the new one refuse it
+            for _ in range(2):
+                try:
+                    new.allreduce(bufs["window"], algorithm="native")
+                    fail(f"{point}: an alloc'd array of the old communicator was taken")
+                except CollectiveError as e:
+                    ok("replaced" in str(e) and "alloc" in str(e), f"{point}: old alloc'd array: {e}")
         rt = new.recovery_times
         ok(all(k in rt for k in ("revoke", "agree", "shrink", "rebuild", "total")), f"{point}: recovery {rt}")
         times.append({"point": point, "victim": sorted(err.lost_ranks)[0], "lost": list(err.lost_ranks),
