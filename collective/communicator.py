@@ -870,7 +870,9 @@ class Communicator:
         """Let the arena's flag waits notice a dead node peer or a revoked communicator (collective over the node)."""
         ft = self._ft
         ft.watch_pids(arena.comm)  # type: ignore[union-attr]
-        probe = arena.comm
+        # The communicator itself, not the node's: a survivor that left the call revoked it (a live peer that will
+        # never raise its flag again), and a probe on it fails once MPI knows of a failure anywhere in it.
+        probe = self._backend.comm
         arena.watch = lambda: ft.watch(probe)  # type: ignore[union-attr]
 
     def _require_elastic(self, name: str) -> FailureState:
