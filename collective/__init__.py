@@ -1,8 +1,37 @@
 """collective: topology-aware allreduce, reduce, broadcast, reduce-scatter and allgather over MPI, for data-parallel training."""
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
 import threading
 from typing import Any
+
+# The trainer, the Schedules and the benchmark tool are this package's subpackages (collective.trainer,
+# collective.topologies, collective.bench). Installed, they sit inside it; in a source checkout their folders
+# are siblings of this one, and this finder maps exactly those three names onto them, so a checkout on
+# PYTHONPATH imports its own copies rather than those of an editable install elsewhere.
+_SUBPACKAGES = ("trainer", "topologies", "bench")
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _CheckoutFinder(importlib.abc.MetaPathFinder):
+    """Finds ``collective.<sub>`` in the sibling folder ``<sub>/`` of a source checkout."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        prefix, _, sub = fullname.partition(".")
+        if prefix != __name__ or sub not in _SUBPACKAGES:
+            return None
+        folder = os.path.join(_CHECKOUT, sub)
+        return importlib.util.spec_from_file_location(
+            fullname, os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
+
+
+if not os.path.isdir(os.path.join(os.path.dirname(__file__), "trainer")) and all(
+        os.path.isfile(os.path.join(_CHECKOUT, sub, "__init__.py")) for sub in _SUBPACKAGES):
+    sys.meta_path.insert(0, _CheckoutFinder())
 
 from .communicator import ALGORITHMS, COLLECTIVE_NAMES, WINDOW_MIN_BYTES, Communicator, Work
 from .p2p import ANY_SOURCE
@@ -15,6 +44,7 @@ from .errors import (
     CollectiveTimeoutError,
     CollectiveTypeError,
     CollectiveValueError,
+    RanksLostError,
 )
 from .ops import OPS
 
@@ -24,7 +54,7 @@ __all__ = [
     "allreduce", "allreduce_async", "reduce", "reduce_async", "broadcast", "broadcast_async",
     "reduce_scatter", "reduce_scatter_async", "allgather", "allgather_async", "barrier",
     "CollectiveError", "CollectiveValueError", "CollectiveTypeError", "CollectiveTimeoutError",
-    "CollectiveMismatchError", "BackendUnavailableError", "CollectiveConfigError",
+    "CollectiveMismatchError", "BackendUnavailableError", "CollectiveConfigError", "RanksLostError",
 ]
 __version__ = "0.1.0"
 
@@ -38,6 +68,11 @@ def init(**kwargs: Any) -> Communicator:
     Idempotent: later calls return the same communicator and ignore their
     arguments (after ``close()`` of the default communicator, a new one). Also installs the hook that aborts the whole job when any rank
     dies of an uncaught exception (``COLLECTIVE_ABORT_ON_EXCEPTION=0`` disables it).
+
+    Elastic mode (``collective-run --elastic``): after ``comm.shrink()`` or
+    ``comm.grow()`` on the default communicator, the new one is the default.
+    In a process spawned by ``comm.grow()``, the first call returns the grown
+    communicator (``is_replacement`` True).
 
     Raises:
         CollectiveConfigError: MPI sees one process while a launcher's variable (torchrun's ``WORLD_SIZE``,
@@ -60,9 +95,15 @@ def init(**kwargs: Any) -> Communicator:
             from .launch import check_launch
             from .watchdog import install_excepthook
 
-            check_launch(require_mpi().COMM_WORLD.Get_size())
+            MPI = require_mpi()
+            check_launch(MPI.COMM_WORLD.Get_size())
+            parent = MPI.Comm.Get_parent() if _default is None else MPI.COMM_NULL
+            if parent != MPI.COMM_NULL:  # spawned by comm.grow(): join the growing ranks
+                from .communicator import join_as_replacement
 
-            _default = Communicator(**kwargs)
+                _default = join_as_replacement(parent, **kwargs)
+            else:
+                _default = Communicator(**kwargs)
             install_excepthook(_default.rank, _default.size)
         return _default
 

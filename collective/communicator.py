@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from topologies.cluster import Cluster
+from collective.topologies.cluster import Cluster
 
 from . import config
 from .backends import BACKENDS
@@ -44,6 +44,7 @@ from .errors import (BackendUnavailableError, CollectiveError, CollectiveTypeErr
 from .layout import discover_cluster, real_node_count
 from .prepare import BARRIER, Call, Preparer
 from .sequencer import OpRecord, Sequencer, Work
+from . import shm as shm_mod
 from .shm import WINDOW_MIN_BYTES
 from .spec import ALGORITHMS, COLLECTIVE_NAMES
 from .p2p import ANY_SOURCE, P2PWork, PointToPoint
@@ -177,6 +178,8 @@ class Communicator:
         #: (``MPI.COMM_WORLD`` at launch; replacements from :meth:`grow` count on from the highest used).
         #: It stays a rank's name through :meth:`shrink` and :meth:`grow`; errors name lost ranks by it.
         self.world_ranks: tuple[int, ...] = tuple(int(j) for j in job_ranks)
+        # The job rank the next replacement gets (grow): past every job rank used so far, the lost ones too.
+        self._next_job = max(max(self.world_ranks) + 1, MPI.COMM_WORLD.Get_size() if comm == MPI.COMM_WORLD else 0)
         #: This rank in the job (see :attr:`world_ranks`).
         self.world_rank: int = self.world_ranks[backend_.rank]
         self.size: int = backend_.size
@@ -300,6 +303,12 @@ class Communicator:
             # CuPy & co: NCCL, or MPI (CUDA-aware or staged); run by DeviceCollectives.
             return DeviceRequest(name, x, op, algorithm, root, out)
         try:
+            if shm_mod.RETIRED:
+                for a, what in ((x, "x"), (out, "out")):
+                    why = shm_mod.retired_window(a)
+                    if why is not None:
+                        raise CollectiveValueError(f"{describe(name, self.rank, self.size, a.shape, a.dtype)}: "
+                                                   f"{what}: {why}")
             return self._prep.prepare(name, x, op, algorithm, root, out)
         except Exception as exc:
             self._seqr.poison(name, exc)
@@ -861,7 +870,9 @@ class Communicator:
         """Let the arena's flag waits notice a dead node peer or a revoked communicator (collective over the node)."""
         ft = self._ft
         ft.watch_pids(arena.comm)  # type: ignore[union-attr]
-        probe = arena.comm
+        # The communicator itself, not the node's: a survivor that left the call revoked it (a live peer that will
+        # never raise its flag again), and a probe on it fails once MPI knows of a failure anywhere in it.
+        probe = self._backend.comm
         arena.watch = lambda: ft.watch(probe)  # type: ignore[union-attr]
 
     def _require_elastic(self, name: str) -> FailureState:
@@ -880,13 +891,16 @@ class Communicator:
         self._retired = why
         self._closed = True
         self._prep.forget()
+        if self._engine.shared is not None:
+            self._engine.shared.retire(f"it is an array comm.alloc() made on a communicator that was replaced "
+                                       f"({why}); alloc it again on the new one")
         self.watchdog.close(announce=False)
         self._seqr.close()
         for ref in self._children:
             child = ref()
             if child is not None:
-                child._retire(f"its parent communicator was {why.split('was ', 1)[-1]}"
-                              if "was " in why else why)
+                child._retire(f"this is a sub-communicator of a communicator that was replaced ({why}); make "
+                              "it again from the new one")
 
     def _successor_of_default(self, new: "Communicator") -> None:
         """If this is collective's default communicator, ``new`` becomes it (module-level calls follow)."""
@@ -942,12 +956,108 @@ class Communicator:
         times["rebuild"] = t2 - t1
         times["total"] = sum(times.get(k, 0.0) for k in ("revoke", "agree", "shrink", "rebuild"))
         new.recovery_times = times
+        new._next_job = max(new._next_job, self._next_job)
         lost = ", ".join(str(r) for r in err.lost_ranks) or "none"
-        self._retire(f"this communicator was shrunk after losing job ranks {lost}: use the communicator "
+        noun = "rank" if len(err.lost_ranks) == 1 else "ranks"
+        self._retire(f"this communicator was shrunk after losing job {noun} {lost}: use the communicator "
                      "comm.shrink() returned (collective.init() returns it too)")
+        self._successor_of_default(new)
+        return new
+
+    def grow(self, count: int) -> "Communicator":
+        """The communicator of this one's ranks plus ``count`` new processes running this program (collective).
+
+        The new processes are spawned (``MPI_Comm_spawn``) with this
+        process's command line (``sys.executable`` and ``sys.orig_argv``);
+        their ``collective.init()`` returns the same grown communicator, with
+        :attr:`is_replacement` True, so the program tells them apart and hands
+        them its state (e.g. a broadcast from rank 0). This communicator's
+        ranks keep their order and come first; the new ones get the next job
+        ranks (:attr:`world_ranks`). If this is the default communicator, the
+        new one becomes the default; this one is not to be used afterwards.
+
+        Args:
+            count: how many processes to add (at least 1); the total may not exceed ``COLLECTIVE_MAX_RANKS``.
+
+        Raises:
+            CollectiveValueError: ``count`` is not a positive integer, or the total would exceed
+                ``COLLECTIVE_MAX_RANKS``.
+            BackendUnavailableError: MPI could not spawn the processes here (the message says MPI's reason).
+            CollectiveError: not in elastic mode, or this communicator was replaced already.
+
+        Example::
+
+            comm = comm.shrink()            # after RanksLostError: 3 ranks left
+            comm = comm.grow(1)             # 4 again; the new rank's collective.init() returns this communicator
+            comm.broadcast(params, root=0, out=params)
+        """
+        self._require_elastic("grow")
+        self._open("grow")
+        where = describe("grow", self.rank, self.size)
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise CollectiveValueError(f"{where}: count must be a positive integer, got {count!r}")
+        top = config.get("MAX_RANKS")
+        if top is not None and self.size + int(count) > top:
+            raise CollectiveValueError(f"{where}: growing by {count} would make {self.size + int(count)} ranks, "
+                                       f"above COLLECTIVE_MAX_RANKS={top} (collective-run --max-ranks)")
+        MPI = self._mpi
+        args = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:])
+        with deadline(f"{where}: spawning {count} processes and merging them in (collective)", self.watchdog.timeout):
+            try:
+                inter = self._backend.comm.Spawn(sys.executable, args=args, maxprocs=int(count), root=0)
+            except MPI.Exception as exc:
+                raise BackendUnavailableError(
+                    f"{where}: MPI could not spawn {count} process{'es' if count > 1 else ''} of "
+                    f"{sys.executable} {' '.join(args)} ({exc.Get_error_string().strip()}); growing needs "
+                    "MPI_Comm_spawn to work here (free slots, or --oversubscribe, on the launcher's hosts)") from exc
+            new = _join(inter, False, self.world_ranks[self.rank], self._next_job, self._params)
+        self._retire(f"this communicator was grown to {new.size} ranks: use the communicator comm.grow() returned "
+                     "(collective.init() returns it too)")
         self._successor_of_default(new)
         return new
 
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "
                 f"local_size={self.local_size}, nodes={self.cluster.nnodes}, algorithm={self.algorithm!r})")
+
+
+def _join(inter: Any, spawned: bool, job: int, next_job: int, params: dict[str, Any]) -> "Communicator":
+    """The Communicator over both sides of intercommunicator ``inter`` (the growing ranks, then the spawned ones).
+
+    Collective over both sides, which run the same steps: merge, number the
+    new ranks, build the communicator. ``spawned``: this process is a new one
+    (``job`` and ``next_job`` are then ignored).
+    """
+    from .ulfm import keep_connected
+
+    MPI = require_mpi()
+    merged = inter.Merge(high=spawned)
+    every = merged.allgather((-1, -1) if spawned else (int(job), int(next_job)))
+    nxt = max(n for _, n in every)
+    jobs, k = [], 0
+    for j, _ in every:
+        if j < 0:
+            jobs.append(nxt + k)
+            k += 1
+        else:
+            jobs.append(j)
+    try:
+        from . import calibrate as cal
+
+        merged.Set_errhandler(MPI.ERRORS_RETURN)
+        # Measured afresh on both sides alike: the growers' cache of an earlier layout of this size would make
+        # them skip the measurement the new processes make.
+        layout = discover_cluster(merged, MPI)
+        layout = cal.calibrate(merged, layout, force=cal.enabled() and not layout.links_declared)
+        new = Communicator(merged, job_ranks=tuple(jobs), cluster=layout, **params)
+    finally:
+        merged.Free()
+    new._next_job = nxt + k
+    new.is_replacement = spawned
+    keep_connected(inter, MPI)
+    return new
+
+
+def join_as_replacement(parent: Any, **params: Any) -> "Communicator":
+    """In a process spawned by :meth:`Communicator.grow`: the grown communicator (collective with the growers)."""
+    return _join(parent, True, -1, -1, params)

@@ -227,6 +227,8 @@ def _emulate(args: list[str]) -> int:
     if why is not None:
         print(f"collective-run --emulate: {why}", file=sys.stderr)
         return 2
+    rest, extra = elastic_args(rest)
+    os.environ.update(extra)  # the ranks inherit the launcher's environment (and -x exports it to every host)
     try:
         return emulate.run(hosts, per_host, rate, rest)
     except emulate.EmulationError as exc:

@@ -708,6 +708,28 @@ class ShmArena:
         self.win.Free()
 
 
+#: Windows of communicators that lost ranks (elastic mode): id of each rank's buffer object -> (the object, why).
+#: Their memory stays mapped (freeing it would take the lost ranks), so collectives refuse arrays in it by name.
+RETIRED: dict[int, tuple[Any, str]] = {}
+
+
+def _buffer_root(a: np.ndarray) -> Any:
+    """The object at the bottom of ``a``'s chain of bases (an MPI buffer for a window's array), or None."""
+    b = a.base
+    while type(b) is np.ndarray:
+        b = b.base
+    return b
+
+
+def retired_window(a: Any) -> str | None:
+    """Why ``a`` (an array) lies in a window of a replaced communicator, or None if it does not."""
+    if not RETIRED or type(a) is not np.ndarray or a.base is None:
+        return None
+    root = _buffer_root(a)
+    got = RETIRED.get(id(root)) if root is not None else None
+    return got[1] if got is not None and got[0] is root else None
+
+
 class SharedArrays:
     """Arrays allocated in the node's shared memory by ``comm.alloc``; collectives on them copy nothing in.
 
@@ -784,6 +806,15 @@ class SharedArrays:
         win.Free()
         a.flags.writeable = False
         _placeholder(addr, a.nbytes)
+
+    def retire(self, why: str) -> None:
+        """Make collectives refuse this communicator's arrays, saying ``why`` (it lost ranks; nothing is freed)."""
+        for win, segs, _ in self._by_addr.values():
+            for seg in segs:
+                root = _buffer_root(seg)
+                if root is not None:
+                    RETIRED[id(root)] = (root, why)
+        self._views.clear()
 
     def _plans_dropped(self) -> None:
         """Forget cached views (a plan of the window path holds some)."""

@@ -25,13 +25,14 @@ Terms (the names below follow them):
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from typing import Any
 
 from .errors import CollectiveConfigError, RanksLostError
 
-__all__ = ["ulfm_enabled", "require_ulfm", "PeerLost", "FailureState", "is_failure"]
+__all__ = ["ulfm_enabled", "require_ulfm", "PeerLost", "FailureState", "is_failure", "keep_connected"]
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -193,6 +194,73 @@ class FailureState:
             why = (f" (no process was lost, but {type(exc).__name__ if exc is not None else 'a peer'} ended the "
                    "communicator: " + (_mpi_text(exc, MPI) if exc is not None else "revoked by a peer") + ")")
         self.error = RanksLostError(op, lost, len(kept), where=self._where(op), more=why)
+        leave_without_finalize()
+
+
+_CONNECTED: list[Any] = []
+
+
+def keep_connected(inter: Any, MPI: Any) -> None:
+    """Keep intercommunicator ``inter`` (between growers and spawned processes) until this program ends, then
+    disconnect it (collective over both sides) before MPI finalizes.
+
+    Open MPI's finalization of processes still connected to another job
+    crashes here (it tries to reach processes it holds no address of); an
+    explicit disconnect first ends cleanly.
+    """
+    from . import watchdog
+
+    _CONNECTED.append(inter)
+    if len(_CONNECTED) == 1:
+        watchdog.at_exit_last(_disconnect_all)
+
+
+def _disconnect_all() -> None:
+    while _CONNECTED:
+        inter = _CONNECTED.pop()
+        try:
+            inter.Disconnect()
+        except Exception:  # noqa: BLE001 - a side already gone: nothing left to disconnect from
+            pass
+
+
+_LEAVING: list[int] = []
+
+
+def leave_without_finalize() -> None:
+    """After a lost rank, end this process at exit without MPI_Finalize (with the program's exit status).
+
+    Open MPI's MPI_Finalize can wait forever once a rank of the job has
+    failed (open-mpi #11404 across nodes; here too, now and then, on one
+    node), and under ``--with-ft ulfm`` mpiexec accepts a process that exits
+    without it. So the survivors flush their output and leave with the status
+    ``sys.exit`` was given (0 when the program simply ends), after the exit
+    notices and disconnects that precede MPI's finalization.
+    """
+    if _LEAVING:
+        return
+    _LEAVING.append(0)
+    from . import watchdog
+
+    real_exit = sys.exit
+
+    def exit_(status: Any = None) -> None:
+        _LEAVING[0] = (0 if status is None else status & 0xFF
+                       if isinstance(status, int) and not isinstance(status, bool) else 1)
+        real_exit(status)
+
+    sys.exit = exit_  # type: ignore[assignment]
+    watchdog.at_exit_last(_leave)
+
+
+def _leave() -> None:
+    _disconnect_all()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(_LEAVING[0])
 
 
 def _mpi_text(exc: BaseException, MPI: Any) -> str:

@@ -44,7 +44,7 @@ from .fingerprint import rank_list
 from .sequencer import FlightRecorder, OpRecord
 from .spec import OP_NAMES
 
-__all__ = ["Watchdog", "OpStatus", "install_excepthook", "abort_job", "deadline", "forked_child"]
+__all__ = ["Watchdog", "OpStatus", "install_excepthook", "abort_job", "deadline", "forked_child", "at_exit_last"]
 
 _NAMES = OP_NAMES
 _CODE = {n: i for i, n in enumerate(_NAMES)}
@@ -502,6 +502,15 @@ class Watchdog:
             ctrl.closed = True
 
 
+_LAST: list[Any] = []
+
+
+def at_exit_last(fn: Any) -> None:
+    """Run ``fn()`` at interpreter exit after the watchdogs have announced this rank's exit (before MPI finalizes);
+    in the order registered."""
+    _LAST.append(fn)
+
+
 @atexit.register
 def _at_exit() -> None:
     """Runs before mpi4py finalizes MPI: let queued work finish, then announce this rank's exit to every peer.
@@ -519,6 +528,11 @@ def _at_exit() -> None:
         try:
             wd.close(announce=True)
         except Exception:  # noqa: BLE001 - never turn a clean exit into a crash
+            pass
+    for fn in list(_LAST):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001
             pass
 
 

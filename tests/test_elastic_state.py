@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer import SGD, Adam, DataParallel, ElasticState, ShardedLoader, ShardedSampler, fit, mlp
-from trainer.elastic import KILL_POINTS, _parse_kills
+from collective.trainer import SGD, Adam, DataParallel, ElasticState, ShardedLoader, ShardedSampler, fit, mlp
+from collective.trainer.elastic import KILL_POINTS, _parse_kills
 
 
 def _data(n: int = 384, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

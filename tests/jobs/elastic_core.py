@@ -1,7 +1,10 @@
 """Elastic mode job: a rank kills itself (SIGKILL) at a chosen point; the survivors get RanksLostError, shrink,
 and compute correctly on the new communicator (optionally twice, and growing back).
 
-Usage: elastic_core.py --kill POINT:JOBRANK [--kill POINT:JOBRANK ...] [--grow] [--times FILE]
+Usage: elastic_core.py --kill POINT:JOBRANK[+JOBRANK...] [--kill ...] [--grow] [--times FILE]
+
+Several job ranks in one --kill die at the same point (both ranks of an emulated host); the survivors may see
+them lost in one RanksLostError or in two (ULFM notices failures one by one), and shrink until all are gone.
 
 POINT: native (in MPI's own allreduce), shm (mid-phase of a multi-chunk shm allreduce), quick (a repeated small
 shm allreduce, its one phase), window (an alloc'd array's window path), broadcast (ring broadcast), check (the
@@ -76,10 +79,11 @@ def expected_sum(comm: col.Communicator, n: int) -> np.ndarray:
     return np.full(n, float(sum(j + 1 for j in comm.world_ranks)), np.float64)
 
 
-def point_call(comm: col.Communicator, point: str, victim: int, bufs: dict) -> str:
+def point_call(comm: col.Communicator, point: str, victims: set, bufs: dict) -> str:
     """Make the call ``point`` names (on the victim it dies inside); the op name the error must carry."""
     me = comm.world_rank
     x = np.full(1 << 16, me + 1.0)
+    victim = min(v for v in victims if v in comm.world_ranks) if victims & set(comm.world_ranks) else -1
     if point == "native":
         comm.allreduce(x, algorithm="native")
         return "allreduce"
@@ -94,22 +98,22 @@ def point_call(comm: col.Communicator, point: str, victim: int, bufs: dict) -> s
         comm.allreduce(g, out=g, algorithm="shm")
         return "allreduce"
     if point == "broadcast":
-        comm.broadcast(x, root=next(r for r, j in enumerate(comm.world_ranks) if j != victim), algorithm="ring")
+        comm.broadcast(x, root=next(r for r, j in enumerate(comm.world_ranks) if j not in victims), algorithm="ring")
         return "broadcast"
     if point == "check":
         comm.allreduce(x, algorithm="ring")
         return "allreduce"
     if point == "p2p":
-        vr = comm.world_ranks.index(victim)
-        if me == victim:
+        if me in victims:
             die()
+        vr = comm.world_ranks.index(victim)
         if comm.rank == (vr + 1) % comm.size:
             comm.recv(np.empty(4), source=vr, tag=3)
             return "recv"
         comm.barrier()
         return "barrier"
     if point == "barrier":
-        if me == victim:
+        if me in victims:
             die()
         comm.barrier()
         return "barrier"
@@ -147,7 +151,7 @@ def verify(comm: col.Communicator, label: str) -> None:
     comm.barrier()
 
 
-def lose(comm: col.Communicator, point: str, victim: int, times: list) -> col.Communicator:
+def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.Communicator:
     bufs = {}
     if point == "window":
         bufs["window"] = comm.alloc(1 << 17, np.float64)
@@ -157,52 +161,68 @@ def lose(comm: col.Communicator, point: str, victim: int, times: list) -> col.Co
     if point == "quick":
         for _ in range(3):  # checked, then given its regions: the one-phase path from the next call on
             comm.allreduce(np.full(64, comm.world_rank + 1.0), algorithm="shm")
-    if comm.world_rank == victim:
+    if comm.world_rank in victims:
         arm(comm, point)
     comm.barrier()
-    t0 = time.monotonic()
-    err = None
-    where = None
-    op = {"broadcast": "broadcast", "p2p": None, "barrier": "barrier"}.get(point, "allreduce")
-    try:
-        point_call(comm, point, victim, bufs)
-        where = "later"
-        comm.barrier()  # a survivor whose call completed before the failure raises here
-        fail(f"{point}: no RanksLostError after job rank {victim} died")
-    except RanksLostError as e:
-        err = e
-        where = where or "call"
-    dt = time.monotonic() - t0
-    ok(err.lost_ranks == (victim,), f"{point}: lost_ranks {err.lost_ranks}, expected ({victim},)")
-    ok(str(victim) in str(err) and err.op in str(err), f"{point}: message {err}")
-    if where == "call" and op is not None:
-        ok(err.op == op, f"{point}: op {err.op} != {op}")
-    # Every later call on the old communicator raises too, at once.
-    for call in (lambda: comm.allreduce(np.ones(3)), lambda: comm.barrier(), lambda: comm.send(np.ones(1), 0)):
+    lost: set = set()
+    first = True
+    while lost != victims:
+        t0 = time.monotonic()
+        err = None
+        where = None
+        op = {"broadcast": "broadcast", "p2p": None, "barrier": "barrier"}.get(point, "allreduce")
         try:
-            call()
-            fail(f"{point}: a call after the failure did not raise")
+            if first:
+                point_call(comm, point, victims, bufs)
+            where = "later"
+            comm.barrier()  # a survivor whose call completed before the failure raises here
+            fail(f"{point}: no RanksLostError after job ranks {sorted(victims - lost)} died")
         except RanksLostError as e:
-            ok(e.lost_ranks == (victim,), f"{point}: later call's lost ranks {e.lost_ranks}")
-    old = comm
-    olda = bufs.get("window")
-    new = comm.shrink()
-    ok(new.size == old.size - 1, f"{point}: new size {new.size}")
-    ok(victim not in new.world_ranks and new.world_rank == old.world_rank, f"{point}: world ranks {new.world_ranks}")
-    ok(col.get_default() is new if old is DEFAULT[0] else True, f"{point}: default communicator not replaced")
-    DEFAULT[0] = col.get_default()
-    try:
-        old.allreduce(np.ones(3))
-        fail(f"{point}: the old communicator still works after shrink")
-    except RanksLostError:
-        fail(f"{point}: the old communicator raised RanksLostError after shrink, not the retired error")
-    except CollectiveError as e:
-        ok("shrunk" in str(e), f"{point}: old comm message {e}")
-    rt = new.recovery_times
-    ok(all(k in rt for k in ("revoke", "agree", "shrink", "rebuild", "total")), f"{point}: recovery times {rt}")
-    times.append({"point": point, "victim": victim, "error_after": dt, **rt})
-    del olda
-    return new
+            err = e
+            where = where or "call"
+        dt = time.monotonic() - t0
+        ok(set(err.lost_ranks) <= victims - lost and err.lost_ranks, f"{point}: lost_ranks {err.lost_ranks}, "
+           f"expected some of {sorted(victims - lost)}")
+        lost |= set(err.lost_ranks)
+        ok(all(str(v) in str(err) for v in err.lost_ranks) and err.op in str(err), f"{point}: message {err}")
+        if where == "call" and op is not None and first:
+            ok(err.op == op, f"{point}: op {err.op} != {op}")
+        # Every later call on the old communicator raises too, at once.
+        for call in (lambda: comm.allreduce(np.ones(3)), lambda: comm.barrier(), lambda: comm.send(np.ones(1), 0)):
+            try:
+                call()
+                fail(f"{point}: a call after the failure did not raise")
+            except RanksLostError as e:
+                ok(e.lost_ranks == err.lost_ranks, f"{point}: later call's lost ranks {e.lost_ranks}")
+        old = comm
+        new = comm.shrink()
+        ok(new.size == old.size - len(err.lost_ranks), f"{point}: new size {new.size}")
+        ok(not set(err.lost_ranks) & set(new.world_ranks) and new.world_rank == old.world_rank,
+           f"{point}: world ranks {new.world_ranks}")
+        ok(col.get_default() is new if old is DEFAULT[0] else True, f"{point}: default communicator not replaced")
+        DEFAULT[0] = col.get_default()
+        try:
+            old.allreduce(np.ones(3))
+            fail(f"{point}: the old communicator still works after shrink")
+        except RanksLostError:
+            fail(f"{point}: the old communicator raised RanksLostError after shrink, not the retired error")
+        except CollectiveError as e:
+            ok("shrunk" in str(e), f"{point}: old comm message {e}")
+        if "window" in bufs:  # the old communicator's alloc'd array: collectives on the new one refuse it
+            for _ in range(2):
+                try:
+                    new.allreduce(bufs["window"], algorithm="native")
+                    fail(f"{point}: an alloc'd array of the old communicator was taken")
+                except CollectiveError as e:
+                    ok("replaced" in str(e) and "alloc" in str(e), f"{point}: old alloc'd array: {e}")
+        rt = new.recovery_times
+        ok(all(k in rt for k in ("revoke", "agree", "shrink", "rebuild", "total")), f"{point}: recovery {rt}")
+        times.append({"point": point, "victim": sorted(err.lost_ranks)[0], "lost": list(err.lost_ranks),
+                      "error_after": dt, **rt})
+        comm = new
+        first = False
+    bufs.clear()
+    return comm
 
 
 DEFAULT: list = [None]
@@ -226,8 +246,8 @@ def main() -> None:
     verify(comm, "start")
     times: list = []
     for k in a.kill:
-        point, victim = k.split(":")
-        comm = lose(comm, point, int(victim), times)
+        point, victims = k.split(":")
+        comm = lose(comm, point, {int(v) for v in victims.split("+")}, times)
         verify(comm, f"after {k}")
     if a.grow:
         want = len(comm.world_ranks) + len(a.kill)

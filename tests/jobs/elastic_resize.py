@@ -10,7 +10,7 @@ import numpy as np
 from harness import Cases
 
 import collective as col
-from trainer import SGD, Adam, DataParallel, ElasticState, ShardedLoader, fit, mlp
+from collective.trainer import SGD, Adam, DataParallel, ElasticState, ShardedLoader, fit, mlp
 
 comm = col.init()
 cases = Cases(comm)
