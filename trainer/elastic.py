@@ -257,6 +257,7 @@ class ElasticState:
         self._commits: list[tuple[int, int, dict[str, Any]]] = []
         self.recoveries: list[Recovery] = []
         self._grow_at: int | None = None
+        self._shrunk: Any = None
         self._step = int(step)
         self._resumed: Recovery | None = None
         self._commits = [(int(step), int(optimizer.t), dict(self.extra))]
@@ -404,10 +405,20 @@ class ElasticState:
             ElasticStop: fewer than ``min_ranks`` ranks are left (after the
                 commit was written to disk by the new rank 0).
         """
+        errors = lost_rank_errors()
+        while True:
+            try:
+                return self._recover_once(error, failed_step)
+            except errors as again:  # another rank was lost during the recovery: recover from that one too
+                error = again
+
+    def _recover_once(self, error: BaseException, failed_step: int | None) -> Recovery:
         t_err = time.monotonic()
-        old = self.comm
-        size_before = old.size
+        # A loss during an earlier attempt leaves the communicator that attempt shrank to, not yet bound.
+        old = self._shrunk if self._shrunk is not None else self.comm
+        size_before = self.comm.size
         new = old.shrink()
+        self._shrunk = new
         t1 = time.monotonic()
         parts: dict[str, float] = {"shrink": t1 - t_err}
         for k, v in (getattr(new, "recovery_times", None) or {}).items():
@@ -429,6 +440,7 @@ class ElasticState:
                        size_before=size_before, size_after=new.size,
                        failed_step=failed_step if failed_step is not None else step, step=step, t_error=t_err,
                        parts=parts)
+        self._shrunk = None
         self.recoveries.append(rec)
         self._resumed = rec
         if new.size < self.min_ranks:
