@@ -138,13 +138,12 @@ def _world_rank(comm: Any) -> int:
     return int(wr[comm.rank]) if wr is not None else int(comm.rank)
 
 
-def kill_point(comm: Any, step: int, point: str, delay: float = 0.0) -> None:
+def kill_point(comm: Any, step: int, point: str) -> None:
     """Test hook: SIGKILL this process if ``COLLECTIVE_ELASTIC_TEST_KILL`` names this rank, ``step`` and ``point``.
 
     Prints ``elastic-test: killing world rank R at step S point P t=T`` (T on
     ``time.monotonic()``, one clock for the machine) first, so a test can time
-    the recovery from the kill. ``delay`` > 0 kills from a thread that long
-    later (the main thread goes on, e.g. into the wait for a reduction).
+    the recovery from the kill.
     """
     if not _KILLS:
         return
@@ -152,16 +151,9 @@ def kill_point(comm: Any, step: int, point: str, delay: float = 0.0) -> None:
     if (wr, int(step), point) not in _KILLS:
         return
 
-    def die() -> None:
-        sys.stdout.write(f"elastic-test: killing world rank {wr} at step {step} point {point} "
-                         f"t={time.monotonic():.6f}\n")
-        sys.stdout.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    if delay > 0:
-        threading.Timer(delay, die).start()
-    else:
-        die()
+    sys.stdout.write(f"elastic-test: killing world rank {wr} at step {step} point {point} t={time.monotonic():.6f}\n")
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def kill_in_flight(comm: Any, step: int, point: str, op: str = "allreduce", limit: float = 5.0) -> None:
@@ -191,15 +183,6 @@ def _load_kills() -> set[tuple[int, int, str]]:
 
 
 _KILLS = _load_kills()
-
-
-def _env_int(name: str) -> int | None:
-    try:
-        v = config.get(name)
-    except KeyError:
-        text = os.environ.get(f"COLLECTIVE_{name}")
-        v = int(text) if text else None
-    return None if v is None else int(v)
 
 
 class ElasticState:
@@ -243,8 +226,8 @@ class ElasticState:
         self.optimizer = optimizer
         self.loader = loader
         self.checkpoint = checkpoint
-        self.min_ranks = int(min_ranks if min_ranks is not None else (_env_int("MIN_RANKS") or 1))
-        mx = max_ranks if max_ranks is not None else _env_int("MAX_RANKS")
+        self.min_ranks = int(min_ranks if min_ranks is not None else config.get("MIN_RANKS"))
+        mx = max_ranks if max_ranks is not None else config.get("MAX_RANKS")
         self.max_ranks = int(mx) if mx is not None else None
         if self.min_ranks < 1:
             raise ValueError(f"ElasticState: min_ranks={self.min_ranks} must be >= 1")
