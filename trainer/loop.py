@@ -482,8 +482,14 @@ def fit(dp: DataParallel, optimizer: Optimizer, loader: ShardedLoader, steps: in
     rate = None
     step = start
     try:
-        while step < steps:
+        while True:
             try:
+                if step >= steps:
+                    if state is not None:
+                        # One last collective: a rank lost in the last step (after its reductions) is noticed
+                        # here, by every survivor, rather than in whatever the program does next.
+                        state.agree()
+                    break
                 if state is not None:
                     state.maybe_grow(step)
                     state.begin_step(step)
