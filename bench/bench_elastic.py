@@ -28,8 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KILL = re.compile(r"elastic-test: killing world rank (\d+) at step (\d+) point (\S+) t=([\d.]+)")
-REC = re.compile(r"^elastic: lost rank\(s\) \[([\d, ]+)\] .*?\((.*)\); ([\d.]+) ms from the error to the next step "
-                 r"\[monotonic ([\d.]+) -> ([\d.]+)\]", re.MULTILINE)
+REC = re.compile(r"^elastic: lost rank\(s\) \[([\d, ]+)\] .*? \((.*); ([\d.]+) ms from the error to the next step "
+                 r"\[monotonic ([\d.]+) -> ([\d.]+)\]\)", re.MULTILINE)
 PLAN = [(1, 5, "allreduce"), (0, 6, "shm"), (3, 7, "update"), (2, 5, "commit"), (0, 8, "late-allreduce"),
         (1, 6, "forward")]
 
