@@ -44,7 +44,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,7 @@ from .data import ShardedLoader
 from .loop import DataParallel, checkpoint_meta
 from .optim import Optimizer
 
-__all__ = ["ElasticState", "ElasticStop", "Recovery", "kill_point", "lost_rank_errors", "run"]
+__all__ = ["ElasticState", "ElasticStop", "Recovery", "kill_point", "lost_rank_errors"]
 
 KILL_POINTS = ("forward", "allreduce", "shm", "late-allreduce", "update", "commit", "checkpoint")
 
@@ -498,26 +497,3 @@ class ElasticState:
         """Collective, on a replacement: take the survivors' committed state (they call :meth:`maybe_grow`)."""
         self._bind(self.comm, rebuild=False)
         self.sync(0, params=False)
-
-
-def run(func: Callable[[ElasticState], Any], state: ElasticState) -> Any:
-    """Call ``func(state)``; whenever ranks are lost, recover (shrink, roll back) and call it again.
-
-    ``func`` trains from ``state.committed_step`` and commits after every
-    step (Horovod's ``hvd.elastic.run`` shape).
-
-    Example::
-
-        def train(state):
-            for step in range(state.committed_step, steps):
-                dp.train_step(*loader.batch(step), step, opt)
-                state.commit(step + 1)
-
-        run(train, ElasticState(dp, opt, loader))
-    """
-    errors = lost_rank_errors()
-    while True:
-        try:
-            return func(state)
-        except errors as exc:  # type: ignore[misc]
-            state.recover(exc)
