@@ -250,6 +250,13 @@ def main() -> None:
         comm = lose(comm, point, {int(v) for v in victims.split("+")}, times)
         verify(comm, f"after {k}")
     if a.grow:
+        top = os.environ.get("COLLECTIVE_MAX_RANKS")
+        if top:  # past --max-ranks: refused on every rank before anything is spawned
+            try:
+                comm.grow(int(top) - comm.size + 1)
+                fail("grow past COLLECTIVE_MAX_RANKS was not refused")
+            except CollectiveError as e:
+                ok("COLLECTIVE_MAX_RANKS" in str(e), f"grow past the maximum: {e}")
         want = len(comm.world_ranks) + len(a.kill)
         t0 = time.monotonic()
         comm = comm.grow(len(a.kill))
