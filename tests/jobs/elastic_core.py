@@ -161,6 +161,7 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
     if point == "quick":
         for _ in range(3):  # checked, then given its regions: the one-phase path from the next call on
             comm.allreduce(np.full(64, comm.world_rank + 1.0), algorithm="shm")
+    sub = comm.split(comm.world_rank % 2)  # a sub-communicator of the one that will lose ranks
     if comm.world_rank in victims:
         arm(comm, point)
     comm.barrier()
@@ -208,6 +209,13 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
             fail(f"{point}: the old communicator raised RanksLostError after shrink, not the retired error")
         except CollectiveError as e:
             ok("shrunk" in str(e), f"{point}: old comm message {e}")
+        if sub is not None:  # sub-communicators of the old communicator raise too, whether they lost a rank or not
+            try:
+                sub.allreduce(np.ones(2))
+                fail(f"{point}: a sub-communicator of the shrunk communicator still works")
+            except CollectiveError as e:
+                ok("sub-communicator" in str(e), f"{point}: sub-communicator message {e}")
+            sub = None
         if "window" in bufs:  # the old communicator's alloc'd array: collectives on the new one refuse it
             for _ in range(2):
                 try:
