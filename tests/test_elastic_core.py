@@ -24,7 +24,8 @@ TIMEOUT = 300
 
 
 def run_elastic(args: list[str], nprocs: int = 4, env: dict[str, str] | None = None, elastic: bool = True,
-                timeout: float = TIMEOUT) -> tuple[int, str, bool, float]:
+                timeout: float = TIMEOUT, job: str = "elastic_core.py",
+                oversubscribe: bool = True) -> tuple[int, str, bool, float]:
     """Run tests/jobs/elastic_core.py under collective-run's command line; (exit code, output, timed out, seconds)."""
     e = dict(os.environ)
     e.setdefault("COLLECTIVE_TIMEOUT", "120")
@@ -32,7 +33,8 @@ def run_elastic(args: list[str], nprocs: int = 4, env: dict[str, str] | None = N
     e["PYTHONFAULTHANDLER"] = "1"
     e["COLLECTIVE_SHM_CHUNK_BYTES"] = "262144"  # several chunks, so a kill can fall between two shm phases
     e.update(env or {})
-    words = ["--oversubscribe", "-n", str(nprocs), sys.executable, str(JOBS / "elastic_core.py"), *args]
+    words = [*(["--oversubscribe"] if oversubscribe else []), "-n", str(nprocs), sys.executable, str(JOBS / job),
+             *args]
     extra: dict[str, str] = {}
     if elastic:
         words, extra = elastic_args(["--elastic", *words])
@@ -121,6 +123,20 @@ def test_elastic_without_ulfm_is_refused() -> None:
     assert rc != 0
     assert "COLLECTIVE_ELASTIC=1, but the job was not launched with fault tolerance" in out, out[-3000:]
     assert "collective-run --elastic" in out
+
+
+@needs_ulfm
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_grow_without_free_slots_is_refused_clearly() -> None:
+    """Every slot taken (no --oversubscribe, one rank per core): MPI cannot spawn; every rank raises, none hangs."""
+    cores = os.cpu_count() or 1
+    rc, out, timed_out, secs = run_elastic([], cores, elastic=True, timeout=200, job="elastic_grow_refused.py",
+                                           oversubscribe=False)
+    assert not timed_out, out[-3000:]
+    assert "FAIL" not in out, out[-3000:]
+    refused = [ln for ln in out.splitlines() if ln.startswith("refused on rank")]
+    assert len(refused) == cores, out[-3000:]
+    assert all("MPI could not spawn 1 process" in ln and "--oversubscribe" in ln for ln in refused), refused
 
 
 def test_elastic_args() -> None:
