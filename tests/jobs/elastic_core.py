@@ -49,8 +49,8 @@ def die() -> None:
 def arm(comm: col.Communicator, point: str) -> None:
     """On the victim: make the next call of ``point`` kill this process at the right moment."""
     real = comm._engine.execute
-    if point in ("native", "broadcast"):
-        target = "allreduce" if point == "native" else "broadcast"
+    if point in ("native", "broadcast", "async"):
+        target = "broadcast" if point == "broadcast" else "allreduce"
         comm._engine.execute = lambda c, first, seq: die() if c.name == target else real(c, first, seq)
     elif point in ("shm", "window"):
         arena = comm.node_arena()
@@ -86,6 +86,16 @@ def point_call(comm: col.Communicator, point: str, victims: set, bufs: dict) -> 
     victim = min(v for v in victims if v in comm.world_ranks) if victims & set(comm.world_ranks) else -1
     if point == "native":
         comm.allreduce(x, algorithm="native")
+        return "allreduce"
+    if point == "async":  # on the communication thread; the handle's wait() raises
+        w = comm.allreduce_async(x, algorithm="native")
+        w2 = comm.allreduce_async(x, algorithm="ring")  # queued behind it: raises too
+        for h in (w, w2):
+            try:
+                h.wait()
+            except RanksLostError:
+                if h is w2:
+                    raise
         return "allreduce"
     if point == "shm":
         comm.allreduce(np.full(3 << 16, me + 1.0), algorithm="shm")  # several chunks of COLLECTIVE_SHM_CHUNK_BYTES
@@ -130,6 +140,9 @@ def verify(comm: col.Communicator, label: str) -> None:
             for _ in range(2):  # the second time takes the repeat path
                 y = comm.allreduce(np.full(n, me + 1.0), algorithm=alg)
                 ok(np.array_equal(y, expected_sum(comm, n)), f"{label}: allreduce {alg} n={n}: {y[:3]}")
+    if col.get_default() is comm:  # the module-level calls use the default communicator
+        y = col.allreduce(np.full(5, me + 1.0))
+        ok(np.array_equal(y, expected_sum(comm, 5)), f"{label}: module-level allreduce")
     src = comm.world_ranks[-1]
     b = comm.broadcast(np.full(10, float(me)), root=comm.size - 1)
     ok(np.array_equal(b, np.full(10, float(src))), f"{label}: broadcast")
