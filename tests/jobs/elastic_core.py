@@ -202,7 +202,8 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
         if where == "call" and op is not None and first:
             ok(err.op == op, f"{point}: op {err.op} != {op}")
         # Every later call on the old communicator raises too, at once.
-        for call in (lambda: comm.allreduce(np.ones(3)), lambda: comm.barrier(), lambda: comm.send(np.ones(1), 0)):
+        for call in (lambda c=comm: c.allreduce(np.ones(3)), lambda c=comm: c.barrier(),
+                     lambda c=comm: c.send(np.ones(1), 0)):
             try:
                 call()
                 fail(f"{point}: a call after the failure did not raise")
