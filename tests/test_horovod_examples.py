@@ -67,5 +67,20 @@ def test_synthetic_benchmark_without_torchvision_names_it() -> None:
     else:
         pytest.skip("torchvision is installed: the message for its absence cannot be produced here")
     r = subprocess.run([sys.executable, str(EXAMPLES / "horovod_synthetic_benchmark.py"), "--model", "resnet50"],
-                       capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+                       check=False, capture_output=True, text=True, timeout=120, cwd=str(ROOT))
     assert r.returncode != 0 and "--model small_resnet runs without it" in r.stderr, r.stderr[-2000:]
+
+
+def test_bench_horovod_runs() -> None:
+    """bench/bench_horovod.py end to end with tiny counts at P=2 (its numbers are not checked here)."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_horovod.py"), "--procs", "2", "--iters", "1",
+                        "--max-bytes", "16K", "--model", "small_resnet", "--batch-size", "2", "--image-size", "32",
+                        "--steps", "1", "--rounds", "1", "--timeout", "400"],
+                       check=False, capture_output=True, text=True, timeout=420, cwd=str(ROOT))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = r.stdout
+    for title in ("## latency, P=2", "## allreduce busbw, P=2", "## training, P=2: small_resnet"):
+        assert title in out, out[-2000:]
+    assert "| 4 KiB |" in out and "| 16 KiB |" in out and "| 64 KiB |" not in out, out[-2000:]
+    assert "WRONG" not in out and out.count("| ok |") == 2, out[-2000:]
+    assert re.search(r"\| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \| [\d.]+x \|", out), out[-2000:]
