@@ -263,11 +263,11 @@ def _train(a: argparse.Namespace, comm: Any) -> None:
 
 def _bench(a: argparse.Namespace) -> None:
     import torch
-    from collective.bench.gloo import GlooGroup
     from mpi4py import MPI
 
     import collective
     import collective.horovod.torch as hvd
+    from collective.bench.gloo import GlooGroup
 
     torch.set_num_threads(1)  # one process per core, as the ranks are placed
     parts = a.part.split(",")
