@@ -39,7 +39,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def _interleaved(cols: dict[str, Callable[[], None]], iters: int, comm: Any) -> dict[str, float]:
+def _interleaved(cols: Mapping[str, Callable[[], None]], iters: int, comm: Any) -> dict[str, float]:
     """Median over ``iters`` rotated rounds of each column's time (the slowest rank's), in seconds."""
     import numpy as np
 
@@ -192,12 +192,14 @@ def _busbw(a: argparse.Namespace, comm: Any, dist: Any) -> None:
         bw = {k: nbytes / (v / reps) * 2 * (P - 1) / P / 1e9 for k, v in med.items()}
         # Correctness: rank r contributes r + 1 + i % 7 at element i; the sum is exact in float32.
         ok = True
-        for k, fn in (("hvd", lambda t: hvd.allreduce_(t, op=hvd.Sum, name="busbw")), ("gloo", dist.all_reduce),
-                      ("comm", lambda t: comm.allreduce(t, out=t))):
+        once: dict[str, Callable[[torch.Tensor], Any]] = {
+            "hvd": lambda t: hvd.allreduce_(t, op=hvd.Sum, name="busbw"), "gloo": dist.all_reduce,
+            "comm": lambda t: comm.allreduce(t, out=t)}
+        for k, call in once.items():
             t = bufs[k]
             pattern = (torch.arange(count) % 7).float()
             t.copy_(pattern + comm.rank + 1)
-            fn(t)
+            call(t)
             ok = ok and torch.equal(t, pattern * P + P * (P + 1) / 2)
         ok = bool(comm.allreduce(torch.tensor([0.0 if ok else 1.0]), op="max")[0] == 0)
         rows.append([_fmt(nbytes), f"{bw['hvd']:.2f}", f"{bw['gloo']:.2f}", f"{bw['comm']:.2f}",
@@ -231,7 +233,7 @@ def _train(a: argparse.Namespace, comm: Any) -> None:
               "ddp-gloo": torch.nn.parallel.DistributedDataParallel(make(torch.nn.BatchNorm2d)[1])}
     opts: dict[str, torch.optim.Optimizer] = {}
     for k, m in models.items():
-        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        opt: torch.optim.Optimizer = torch.optim.SGD(m.parameters(), lr=0.01)
         if k.startswith("hvd"):
             opt = hvd.DistributedOptimizer(opt, named_parameters=[(f"{k}.{n}", p) for n, p in m.named_parameters()])
             hvd.broadcast_parameters(m.state_dict(), root_rank=0)

@@ -79,14 +79,17 @@ def main() -> None:
 
     train_set, test_set = digits(args.seed)
     # Each rank reads its own part of the data; the sampler pads so every rank takes as many steps.
-    train_sampler = DistributedSampler(train_set, num_replicas=hvd.size(), rank=hvd.rank(), seed=args.seed)
+    train_sampler: DistributedSampler = DistributedSampler(train_set, num_replicas=hvd.size(), rank=hvd.rank(),
+                                                           seed=args.seed)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=train_sampler)
-    test_sampler = DistributedSampler(test_set, num_replicas=hvd.size(), rank=hvd.rank(), shuffle=False)
+    test_sampler: DistributedSampler = DistributedSampler(test_set, num_replicas=hvd.size(), rank=hvd.rank(),
+                                                          shuffle=False)
     test_loader = DataLoader(test_set, batch_size=args.test_batch_size, sampler=test_sampler)
 
     model = Net()
     # The global batch is hvd.size() times one rank's, so is the learning rate.
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * hvd.size(), momentum=args.momentum)
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * hvd.size(),
+                                                       momentum=args.momentum)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     compression = hvd.Compression.fp16 if args.fp16_allreduce else hvd.Compression.none

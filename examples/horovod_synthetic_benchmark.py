@@ -115,7 +115,7 @@ def main() -> None:
     if cuda:
         model.cuda()
     # Gradients are averaged over hvd.size() ranks: the global batch grew by that much, so does the step.
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01 * hvd.size())
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.01 * hvd.size())
     compression = hvd.Compression.fp16 if args.fp16_allreduce else hvd.Compression.none
     optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                          compression=compression, op=hvd.Average)

@@ -25,7 +25,9 @@ def test_digits_trains_and_ranks_agree(tmp_path: Path) -> None:
     check(res, "examples/horovod_digits.py at P=2")
     acc = [float(a) for a in re.findall(r"Accuracy: ([\d.]+)%", res.output)]
     assert len(acc) == 10, res.output[-2000:]
-    assert acc[-1] >= 93.0, res.output[-2000:]  # about 97 %; a rank training alone on half the data, or no update, falls short
+    # About 97 % after 10 epochs; a model that does not learn stays near 10 %. Ranks that train apart are
+    # caught by the bitwise comparison below.
+    assert acc[-1] >= 93.0, res.output[-2000:]
     assert acc[-1] > acc[0] + 20, res.output[-2000:]
     assert "parameters identical on all 2 ranks: True" in res.output
     assert "Train Epoch: 10 [" in res.output
