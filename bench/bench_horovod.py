@@ -295,6 +295,8 @@ def main(argv: list[str]) -> int:
     if any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
         _bench(a)
         return 0
+    if str(ROOT) not in sys.path:  # run from a checkout: this checkout's collective, as the job gets
+        sys.path.insert(0, str(ROOT))
     from collective.run import mpiexec_command
 
     env = dict(os.environ)
