@@ -197,7 +197,8 @@ class Communicator:
         self._engine = HostEngine(backend_, seg, chunk, wait, self._check)
         # Link costs for the cost model (explain, auto); rank 0's measurement, identical on every rank.
         self.cluster: Cluster = cluster or calibrate(backend_.comm, discover_cluster(backend_.comm, MPI))
-        self._params = dict(algorithm=algorithm, timeout=timeout, segment_bytes=segment_bytes, backend=backend)
+        self._params: dict[str, Any] = dict(algorithm=algorithm, timeout=timeout, segment_bytes=segment_bytes,
+                                            backend=backend)
         node = self.cluster.node_of_rank[self.rank]
         peers = self.cluster.ranks_of_node(node)
         self.node: int = node
@@ -906,7 +907,7 @@ class Communicator:
         """If this is collective's default communicator, ``new`` becomes it (module-level calls follow)."""
         pkg = sys.modules.get(__name__.rsplit(".", 1)[0])
         if pkg is not None and getattr(pkg, "_default", None) is self:
-            pkg._default = new
+            setattr(pkg, "_default", new)  # noqa: B010 - the package's own global, set from here
 
     def shrink(self) -> "Communicator":
         """The communicator over the ranks that are left, after RanksLostError (collective over the survivors).

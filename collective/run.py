@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .launcher import find_mpiexec
 
@@ -118,7 +118,8 @@ def elastic_args(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     Example::
 
         elastic_args(["--elastic", "--min-ranks", "2", "-n", "4", "python", "t.py"])
-        # (['--with-ft', 'ulfm', '-n', '4', 'python', 't.py'], {'COLLECTIVE_ELASTIC': '1', 'COLLECTIVE_MIN_RANKS': '2'})
+        # (['--with-ft', 'ulfm', '-x', 'COLLECTIVE_ELASTIC', '-x', 'COLLECTIVE_MIN_RANKS', '-n', '4', 'python',
+        #   't.py'], {'COLLECTIVE_ELASTIC': '1', 'COLLECTIVE_MIN_RANKS': '2'})
     """
     out: list[str] = []
     found: dict[str, str] = {}

@@ -32,7 +32,8 @@ from typing import Any
 
 from .errors import CollectiveConfigError, RanksLostError
 
-__all__ = ["ulfm_enabled", "require_ulfm", "PeerLost", "FailureState", "is_failure", "keep_connected"]
+__all__ = ["FailureState", "PeerLost", "is_failure", "keep_connected", "leave_without_finalize", "require_ulfm",
+           "ulfm_enabled"]
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -220,7 +221,7 @@ def _disconnect_all() -> None:
         inter = _CONNECTED.pop()
         try:
             inter.Disconnect()
-        except Exception:  # noqa: BLE001 - a side already gone: nothing left to disconnect from
+        except Exception:  # noqa: BLE001, S110 - a side already gone: nothing left to disconnect from
             pass
 
 
@@ -258,7 +259,7 @@ def _leave() -> None:
     for f in (sys.stdout, sys.stderr):
         try:
             f.flush()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001, S110 - leaving anyway
             pass
     os._exit(_LEAVING[0])
 

@@ -15,16 +15,17 @@ import sys
 import time
 
 import pytest
+from mpi_util import JOBS, ROOT, _dump_and_kill, private_backing_dir
 
 from collective.run import elastic_args, mpiexec_command
-from mpi_util import JOBS, ROOT, _dump_and_kill, count_passed, private_backing_dir
 
 # Generous: the machine is shared and each job starts 4-5 Python processes with MPI; a hang is what it catches.
 TIMEOUT = 300
 
 
 def run_elastic(args: list[str], nprocs: int = 4, env: dict[str, str] | None = None, elastic: bool = True,
-                timeout: float = TIMEOUT) -> tuple[int, str, bool, float]:
+                timeout: float = TIMEOUT, job: str = "elastic_core.py",
+                oversubscribe: bool = True) -> tuple[int, str, bool, float]:
     """Run tests/jobs/elastic_core.py under collective-run's command line; (exit code, output, timed out, seconds)."""
     e = dict(os.environ)
     e.setdefault("COLLECTIVE_TIMEOUT", "120")
@@ -32,7 +33,8 @@ def run_elastic(args: list[str], nprocs: int = 4, env: dict[str, str] | None = N
     e["PYTHONFAULTHANDLER"] = "1"
     e["COLLECTIVE_SHM_CHUNK_BYTES"] = "262144"  # several chunks, so a kill can fall between two shm phases
     e.update(env or {})
-    words = ["--oversubscribe", "-n", str(nprocs), sys.executable, str(JOBS / "elastic_core.py"), *args]
+    words = [*(["--oversubscribe"] if oversubscribe else []), "-n", str(nprocs), sys.executable, str(JOBS / job),
+             *args]
     extra: dict[str, str] = {}
     if elastic:
         words, extra = elastic_args(["--elastic", *words])
@@ -79,6 +81,7 @@ needs_ulfm = pytest.mark.skipif(shutil.which("mpiexec") is None and not os.path.
 @pytest.mark.timeout(TIMEOUT + 60)
 @pytest.mark.parametrize("kill", [
     "native:2",      # inside MPI's own allreduce
+    "async:1",       # an async allreduce on the communication thread, another queued behind it
     "shm:1",         # between two phases of a multi-chunk shm allreduce (the node barrier waits)
     "quick:3",       # the one-phase path of a repeated small shm allreduce
     "window:0",      # an alloc'd array's window path; rank 0 dies
@@ -103,7 +106,8 @@ def test_kill_mid_shm_phase_while_spinning_on_flags() -> None:
 def test_two_failures_in_a_row_then_grow_back(tmp_path) -> None:
     """4 ranks lose rank 3 (native), then rank 0 (shm, mid-phase); 2 left grow back to 4 and compute correctly."""
     times = tmp_path / "times.json"
-    out = _check(["--kill", "native:3", "--kill", "shm:0", "--grow", "--times", str(times)], survivors=4)
+    out = _check(["--kill", "native:3", "--kill", "shm:0", "--grow", "--times", str(times)], survivors=4,
+                 env={"COLLECTIVE_MAX_RANKS": "4"})
     assert sum("replacement PASSED" in ln for ln in _passed_lines(out)) == 2, out[-3000:]
     rec = json.loads(times.read_text())
     assert [r.get("victim") for r in rec[:2]] == [3, 0]
@@ -115,11 +119,25 @@ def test_two_failures_in_a_row_then_grow_back(tmp_path) -> None:
 @pytest.mark.timeout(TIMEOUT + 60)
 def test_elastic_without_ulfm_is_refused() -> None:
     """COLLECTIVE_ELASTIC=1 under a plain mpiexec (no --with-ft ulfm): init refuses on every rank, clearly."""
-    rc, out, timed_out, secs = run_elastic([], 2, env={"COLLECTIVE_ELASTIC": "1"}, elastic=False, timeout=200)
+    rc, out, timed_out, _ = run_elastic([], 2, env={"COLLECTIVE_ELASTIC": "1"}, elastic=False, timeout=200)
     assert not timed_out, out[-3000:]
     assert rc != 0
     assert "COLLECTIVE_ELASTIC=1, but the job was not launched with fault tolerance" in out, out[-3000:]
     assert "collective-run --elastic" in out
+
+
+@needs_ulfm
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_grow_without_free_slots_is_refused_clearly() -> None:
+    """Every slot taken (no --oversubscribe, one rank per core): MPI cannot spawn; every rank raises, none hangs."""
+    cores = os.cpu_count() or 1
+    _, out, timed_out, _ = run_elastic([], cores, elastic=True, timeout=200, job="elastic_grow_refused.py",
+                                           oversubscribe=False)
+    assert not timed_out, out[-3000:]
+    assert "FAIL" not in out, out[-3000:]
+    refused = [ln for ln in out.splitlines() if ln.startswith("refused on rank")]
+    assert len(refused) == cores, out[-3000:]
+    assert all("MPI could not spawn 1 process" in ln and "--oversubscribe" in ln for ln in refused), refused
 
 
 def test_elastic_args() -> None:
@@ -149,7 +167,7 @@ def test_emulated_cluster_loses_a_whole_host() -> None:
     cmd = [sys.executable, "-m", "collective.run", "--emulate", "2x2", "--elastic", "--", sys.executable,
            str(JOBS / "elastic_core.py"), "--kill", "native:2+3"]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=e, cwd=str(ROOT))
+        res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=TIMEOUT, env=e, cwd=str(ROOT))
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"HUNG after {TIMEOUT} s: {str(exc.stdout)[-3000:]}") from None
     out = res.stdout + res.stderr

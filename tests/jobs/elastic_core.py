@@ -49,8 +49,8 @@ def die() -> None:
 def arm(comm: col.Communicator, point: str) -> None:
     """On the victim: make the next call of ``point`` kill this process at the right moment."""
     real = comm._engine.execute
-    if point in ("native", "broadcast"):
-        target = "allreduce" if point == "native" else "broadcast"
+    if point in ("native", "broadcast", "async"):
+        target = "broadcast" if point == "broadcast" else "allreduce"
         comm._engine.execute = lambda c, first, seq: die() if c.name == target else real(c, first, seq)
     elif point in ("shm", "window"):
         arena = comm.node_arena()
@@ -86,6 +86,16 @@ def point_call(comm: col.Communicator, point: str, victims: set, bufs: dict) -> 
     victim = min(v for v in victims if v in comm.world_ranks) if victims & set(comm.world_ranks) else -1
     if point == "native":
         comm.allreduce(x, algorithm="native")
+        return "allreduce"
+    if point == "async":  # on the communication thread; the handle's wait() raises
+        w = comm.allreduce_async(x, algorithm="native")
+        w2 = comm.allreduce_async(x, algorithm="ring")  # queued behind it: raises too
+        for h in (w, w2):
+            try:
+                h.wait()
+            except RanksLostError:
+                if h is w2:
+                    raise
         return "allreduce"
     if point == "shm":
         comm.allreduce(np.full(3 << 16, me + 1.0), algorithm="shm")  # several chunks of COLLECTIVE_SHM_CHUNK_BYTES
@@ -130,6 +140,9 @@ def verify(comm: col.Communicator, label: str) -> None:
             for _ in range(2):  # the second time takes the repeat path
                 y = comm.allreduce(np.full(n, me + 1.0), algorithm=alg)
                 ok(np.array_equal(y, expected_sum(comm, n)), f"{label}: allreduce {alg} n={n}: {y[:3]}")
+    if col.get_default() is comm:  # the module-level calls use the default communicator
+        y = col.allreduce(np.full(5, me + 1.0))
+        ok(np.array_equal(y, expected_sum(comm, 5)), f"{label}: module-level allreduce")
     src = comm.world_ranks[-1]
     b = comm.broadcast(np.full(10, float(me)), root=comm.size - 1)
     ok(np.array_equal(b, np.full(10, float(src))), f"{label}: broadcast")
@@ -161,6 +174,7 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
     if point == "quick":
         for _ in range(3):  # checked, then given its regions: the one-phase path from the next call on
             comm.allreduce(np.full(64, comm.world_rank + 1.0), algorithm="shm")
+    sub = comm.split(comm.world_rank % 2)  # a sub-communicator of the one that will lose ranks
     if comm.world_rank in victims:
         arm(comm, point)
     comm.barrier()
@@ -188,7 +202,8 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
         if where == "call" and op is not None and first:
             ok(err.op == op, f"{point}: op {err.op} != {op}")
         # Every later call on the old communicator raises too, at once.
-        for call in (lambda: comm.allreduce(np.ones(3)), lambda: comm.barrier(), lambda: comm.send(np.ones(1), 0)):
+        for call in (lambda c=comm: c.allreduce(np.ones(3)), lambda c=comm: c.barrier(),
+                     lambda c=comm: c.send(np.ones(1), 0)):
             try:
                 call()
                 fail(f"{point}: a call after the failure did not raise")
@@ -208,6 +223,13 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
             fail(f"{point}: the old communicator raised RanksLostError after shrink, not the retired error")
         except CollectiveError as e:
             ok("shrunk" in str(e), f"{point}: old comm message {e}")
+        if sub is not None:  # sub-communicators of the old communicator raise too, whether they lost a rank or not
+            try:
+                sub.allreduce(np.ones(2))
+                fail(f"{point}: a sub-communicator of the shrunk communicator still works")
+            except CollectiveError as e:
+                ok("sub-communicator" in str(e), f"{point}: sub-communicator message {e}")
+            sub = None
         if "window" in bufs:  # the old communicator's alloc'd array: collectives on the new one refuse it
             for _ in range(2):
                 try:
@@ -250,6 +272,13 @@ def main() -> None:
         comm = lose(comm, point, {int(v) for v in victims.split("+")}, times)
         verify(comm, f"after {k}")
     if a.grow:
+        top = os.environ.get("COLLECTIVE_MAX_RANKS")
+        if top:  # past --max-ranks: refused on every rank before anything is spawned
+            try:
+                comm.grow(int(top) - comm.size + 1)
+                fail("grow past COLLECTIVE_MAX_RANKS was not refused")
+            except CollectiveError as e:
+                ok("COLLECTIVE_MAX_RANKS" in str(e), f"grow past the maximum: {e}")
         want = len(comm.world_ranks) + len(a.kill)
         t0 = time.monotonic()
         comm = comm.grow(len(a.kill))
