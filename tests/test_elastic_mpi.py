@@ -191,6 +191,13 @@ def test_kill_sweep(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
 
 @needs_elastic
 @pytest.mark.slow
+def test_three_kills_down_to_one_rank(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """Job ranks 0, 1 and 2 die one after another; the last rank finishes alone, with the same parameters."""
+    run_kills(tmp_path_factory, tmp_path, [(0, 2, "allreduce"), (1, 6, "late-allreduce"), (2, 11, "forward")])
+
+
+@needs_elastic
+@pytest.mark.slow
 def test_kill_during_a_checkpoint_float64(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """Rank 0 dies while writing a disk checkpoint: the survivors go on; disk checkpoints keep being written."""
     ref = reference(tmp_path_factory, "float64")
