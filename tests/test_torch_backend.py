@@ -79,3 +79,28 @@ def test_torchrun_style_launch_raises_clearly(tmp_path) -> None:
         assert p.returncode != 0, out
         # collective.init() refuses first: torchrun's WORLD_SIZE says 2 processes, MPI sees one
         assert "WORLD_SIZE=2 says torchrun" in out and "each would run alone" in out, out[-2000:]
+
+
+def test_destroy_process_group_closes_every_groups_communicator() -> None:
+    res = mpirun("torch_lifecycle.py", 2, ["destroy"], timeout=300, env=_ENV)
+    check(res, "torch process-group lifecycle at P=2")
+    assert count_passed(res) == 4
+
+
+@pytest.mark.parametrize("where,nprocs", [("world", 2), ("subgroup", 3)])
+def test_group_timeout_ends_a_stall_and_names_the_torch_call(where: str, nprocs: int) -> None:
+    """collective.init() ran first (COLLECTIVE_TIMEOUT=60); the group's timeout=3 s still ends the stall."""
+    import re
+    import time
+
+    res = mpirun("torch_lifecycle.py", nprocs, ["stall", where], timeout=240, env=_ENV)
+    ended = time.time()
+    out = res.output
+    assert not res.timed_out and res.returncode != 0, out[-3000:]
+    assert "STALL NOT ENDED" not in out, out[-3000:]
+    start = float(re.search(r"STALL START ([0-9.]+)", out).group(1))
+    # The deadline is 3 s; the rest is the report, MPI_Abort and the launcher's teardown on a loaded machine.
+    assert ended - start < 40, f"the stall ended {ended - start:.1f} s after it began (the group's timeout is 3 s)"
+    group = "group '0' (default_pg)" if where == "world" else "group '1'"
+    assert f"[all_reduce via torch.distributed, {group}] timed out after" in out, out[-3000:]
+    assert "COLLECTIVE_TIMEOUT=3)" in out and "COLLECTIVE_TIMEOUT=60" not in out, out[-3000:]
