@@ -10,8 +10,8 @@ Rank and world size come from MPI. Under ``mpiexec`` (or ``collective-run``)
 ``init_process_group("collective")`` needs no ``MASTER_ADDR``, rank or world
 size: torch still wants a key-value store, which this module builds from MPI
 (a TCPStore whose address rank 0 broadcasts) for ``init_method="collective://"``
-and, when ``MASTER_ADDR`` is unset under an MPI launcher, for torch's default
-``env://``. A rank or world size passed by the user that disagrees with MPI
+and, under an MPI launcher, for torch's default ``env://`` (``MASTER_ADDR`` and
+``MASTER_PORT`` are then not read). A rank or world size passed by the user that disagrees with MPI
 raises :class:`collective.CollectiveValueError`.
 
 Synchronous calls (``async_op=False``) run on the caller's thread;
@@ -162,8 +162,10 @@ def _install_rendezvous() -> None:
     env = handlers.get("env")
     if env is not None and not getattr(env, "_collective", False):
         def env_or_mpi(url: str, **kwargs: Any) -> Iterator[tuple[Any, int, int]]:
-            # env:// cannot work without MASTER_ADDR; under an MPI launcher, MPI knows everything it needs.
-            if "MASTER_ADDR" not in os.environ and mpi_launched():
+            # Under an MPI launcher, MPI knows everything env:// needs, and its store's address is rank 0's
+            # for sure (a MASTER_ADDR, which collective-run sets for scripts on other backends, is a guess
+            # on several nodes).
+            if mpi_launched():
                 return _mpi_rendezvous(url, **kwargs)
             return env(url, **kwargs)
 
