@@ -95,6 +95,13 @@ def case_timeout_given_and_not() -> None:
     h = dist.new_group(list(range(P)), timeout=datetime.timedelta(seconds=5))
     assert g.communicator.watchdog.timeout == 7.0 and h.communicator.watchdog.timeout == 5.0
     assert comm.watchdog.timeout == float(os.environ["COLLECTIVE_TIMEOUT"]), "the user's own deadline is untouched"
+    for bad in (0, -1.0, "5", True):
+        try:
+            comm.subgroup(list(range(P)), timeout=bad)
+        except col.CollectiveValueError as exc:
+            assert "timeout=" in str(exc) and "subgroup" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"subgroup(timeout={bad!r}) accepted")
     dist.destroy_process_group()
     dist.init_process_group("collective")  # no timeout=: the default communicator's deadline
     assert dist.group.WORLD.communicator.watchdog.timeout == comm.watchdog.timeout
