@@ -5,8 +5,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from topologies import cost
-from topologies.cluster import Cluster
+from collective.topologies import cost
+from collective.topologies.cluster import Cluster
 
 from .backends.mpi import mpi_dtype
 

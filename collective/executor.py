@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from topologies import Schedule
-from topologies.schedule import TEMP, WORK
+from collective.topologies import Schedule
+from collective.topologies.schedule import TEMP, WORK
 
 from .errors import CollectiveValueError
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-import topologies
+from collective import topologies
 
 from .arrays import to_numpy
 from .backends.mpi import mpi_dtype

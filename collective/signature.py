@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from topologies import even_blocks
+from collective.topologies import even_blocks
 
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError
 from .ops import OPS, ReduceOp, check_dtype, get_op

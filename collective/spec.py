@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import topologies
+from collective import topologies
 
 __all__ = [
     "CollectiveSpec", "SPECS", "COLLECTIVE_NAMES", "VARIABLE_NAMES", "OP_NAMES", "ROOTED", "REDUCING", "ALGORITHMS", "SCHEDULED",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from mpi_util import check, count_passed, mpirun
 
-pytest.importorskip("torch", reason="torch is not installed (pip install 'collective[torch]')")
+pytest.importorskip("torch", reason="torch is not installed (pip install 'pycollective[torch]')")
 
 
 @pytest.mark.parametrize("nprocs", [2, 3])

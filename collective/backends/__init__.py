@@ -43,7 +43,7 @@ def available() -> dict[str, str | None]:
 
     Example::
 
-        available()   # {"mpi": None, "nccl": "cupy not installed (pip install 'collective[gpu]')"}
+        available()   # {"mpi": None, "nccl": "cupy not installed (pip install 'pycollective[gpu]')"}
     """
     from .nccl import probe
 
@@ -53,7 +53,7 @@ def available() -> dict[str, str | None]:
 
         out["mpi"] = None
     except Exception as exc:  # pragma: no cover - depends on the environment
-        out["mpi"] = f"mpi4py cannot be imported ({exc}); pip install 'collective[mpi]'"
+        out["mpi"] = f"mpi4py cannot be imported ({exc}); pip install 'pycollective[mpi]'"
     out["nccl"] = probe()
     return out
 

@@ -305,7 +305,7 @@ class DeviceCollectives:
             raise CollectiveTypeError(
                 f"{t.__module__}.{t.__qualname__} is device memory, and neither a GPU backend (NCCL) nor CuPy (to move "
                 f"it through MPI) is usable here ({self.why}; CuPy: {exc}); copy it to the host first (e.g. "
-                "cupy.asnumpy(x), x.cpu()) or pip install 'collective[gpu]'") from None
+                "cupy.asnumpy(x), x.cpu()) or pip install 'pycollective[gpu]'") from None
 
     def _direct_ok(self, name: str, info: Any, op: Any, algorithm: str | None) -> bool:
         if not self.cuda_aware or not info.contiguous:

@@ -56,7 +56,7 @@ def require_mpi() -> Any:
             from mpi4py import MPI as mod
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise BackendUnavailableError(
-                f"mpi4py cannot be imported ({exc}); install it with: pip install 'collective[mpi]'") from None
+                f"mpi4py cannot be imported ({exc}); install it with: pip install 'pycollective[mpi]'") from None
         MPI = mod
         MPI_PID = _os.getpid()
     return MPI
