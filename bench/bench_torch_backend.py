@@ -24,6 +24,7 @@ iteration, after a barrier; a time is the slowest rank's; the figure is the medi
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -128,75 +129,88 @@ def _allreduce(a: argparse.Namespace, gloo: object, world: object) -> None:
 
 
 def _train(a: argparse.Namespace, gloo: object, world: object) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    meshes = {"collective": init_device_mesh("cpu", (dist.get_world_size(),)),
+              "gloo": DeviceMesh.from_group(gloo, "cpu")}
+    for name in a.shapes.split(","):
+        _train_model(a, name, gloo, meshes, world)
+
+
+def _mlp(sizes: tuple[int, ...]) -> object:
+    import torch
+
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for i, o in itertools.pairwise(sizes):
+        layers += [torch.nn.Linear(i, o), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def _sharded(sizes: tuple[int, ...], mesh: object) -> object:
+    """The MLP under FSDP2: ``fully_shard`` on each linear layer, then on the whole."""
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    m = _mlp(sizes)
+    for layer in m:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(m, mesh=mesh)
+
+
+def _train_model(a: argparse.Namespace, name: str, gloo: object, meshes: dict, world: object) -> None:
     import numpy as np
     import torch
     import torch.distributed as dist
     from mpi4py import MPI
-    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     P, R = dist.get_world_size(), dist.get_rank()
-    meshes = {"collective": init_device_mesh("cpu", (P,)), "gloo": DeviceMesh.from_group(gloo, "cpu")}
+    sizes = SHAPES[name]
+    models = {"local": _mlp(sizes), "ddp-collective": DDP(_mlp(sizes)),
+              "ddp-gloo": DDP(_mlp(sizes), process_group=gloo)}
+    if name in FSDP_SHAPES:
+        models["fsdp-collective"] = _sharded(sizes, meshes["collective"])
+        models["fsdp-gloo"] = _sharded(sizes, meshes["gloo"])
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+    g = torch.Generator().manual_seed(1 + R)
+    x = torch.randn(a.batch, sizes[0], generator=g)
+    y = torch.randint(0, sizes[-1], (a.batch,), generator=g)
     loss_fn = torch.nn.functional.cross_entropy
-    for name in a.shapes.split(","):
-        sizes = SHAPES[name]
 
-        def make() -> torch.nn.Module:
-            torch.manual_seed(0)
-            layers: list[torch.nn.Module] = []
-            for i, o in zip(sizes[:-1], sizes[1:]):
-                layers += [torch.nn.Linear(i, o), torch.nn.ReLU()]
-            return torch.nn.Sequential(*layers[:-1])
+    def step(k: str) -> None:
+        m, o = models[k], opts[k]
+        o.zero_grad()
+        loss_fn(m(x), y).backward()
+        o.step()
 
-        def sharded(mesh: DeviceMesh) -> torch.nn.Module:
-            m = make()
-            for layer in m:
-                if isinstance(layer, torch.nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            return fully_shard(m, mesh=mesh)
-
-        models = {"local": make(), "ddp-collective": DDP(make()), "ddp-gloo": DDP(make(), process_group=gloo)}
-        if name in FSDP_SHAPES:
-            models["fsdp-collective"] = sharded(meshes["collective"])
-            models["fsdp-gloo"] = sharded(meshes["gloo"])
-        opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
-        g = torch.Generator().manual_seed(1 + R)
-        x = torch.randn(a.batch, sizes[0], generator=g)
-        y = torch.randint(0, sizes[-1], (a.batch,), generator=g)
-
-        def step(k: str) -> None:
-            m, o = models[k], opts[k]
-            o.zero_grad()
-            loss_fn(m(x), y).backward()
-            o.step()
-
-        names = list(models)
-        times: dict[str, list[float]] = {k: [] for k in names}
-        for it in range(a.rounds + 1):  # round 0 warms up (buckets, first-call setup) and is not counted
-            order = names[it % len(names):] + names[:it % len(names)]
-            for k in order:
-                world.Barrier()
-                t0 = time.perf_counter()
-                for _ in range(a.steps):
-                    step(k)
-                dt = np.array([(time.perf_counter() - t0) / a.steps])
-                world.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
-                if it >= 1:
-                    times[k].append(float(dt[0]))
-        med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-        if R == 0:
-            grad_mb = sum(p.numel() * 4 for p in models["local"].parameters()) / 1e6
-            print(f"MLP {name} ({grad_mb:.1f} MB of gradients), P={P}, per-rank batch {a.batch}, one thread per "
-                  f"rank; step ms, median of {a.rounds} interleaved rounds of {a.steps} steps")
-            print("  " + "  ".join(f"{k} {v:.1f}" for k, v in med.items()))
-            ratios = [f"ddp gloo/collective {med['ddp-gloo'] / med['ddp-collective']:.2f}x",
-                      f"ddp-collective/local {med['ddp-collective'] / med['local']:.2f}x"]
-            if "fsdp-collective" in med:
-                ratios.append(f"fsdp gloo/collective {med['fsdp-gloo'] / med['fsdp-collective']:.2f}x")
-            print("  " + ", ".join(ratios))
-            sys.stdout.flush()
-        del models, opts
+    names = list(models)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for it in range(a.rounds + 1):  # round 0 warms up (buckets, first-call setup) and is not counted
+        order = names[it % len(names):] + names[:it % len(names)]
+        for k in order:
+            world.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                step(k)
+            dt = np.array([(time.perf_counter() - t0) / a.steps])
+            world.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
+            if it >= 1:
+                times[k].append(float(dt[0]))
+    med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    if R == 0:
+        grad_mb = sum(p.numel() * 4 for p in models["local"].parameters()) / 1e6
+        print(f"MLP {name} ({grad_mb:.1f} MB of gradients), P={P}, per-rank batch {a.batch}, one thread per "
+              f"rank; step ms, median of {a.rounds} interleaved rounds of {a.steps} steps")
+        print("  " + "  ".join(f"{k} {v:.1f}" for k, v in med.items()))
+        ratios = [f"ddp gloo/collective {med['ddp-gloo'] / med['ddp-collective']:.2f}x",
+                  f"ddp-collective/local {med['ddp-collective'] / med['local']:.2f}x"]
+        if "fsdp-collective" in med:
+            ratios.append(f"fsdp gloo/collective {med['fsdp-gloo'] / med['fsdp-collective']:.2f}x")
+        print("  " + ", ".join(ratios))
+        sys.stdout.flush()
 
 
 def main(argv: list[str]) -> int:
