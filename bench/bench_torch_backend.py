@@ -120,9 +120,11 @@ def _allreduce(a: argparse.Namespace, gloo: object, world: object) -> None:
         f = 2 * (P - 1) / P
         print(f"dist.all_reduce, float32 torch CPU tensors, in place, P={P}; busbw GB/s (time us); "
               f"median of {a.iters} interleaved iterations")
-        print(f"{'bytes':>10} {'collective':>20} {'gloo':>20} {'mpi4py':>20} {'coll/gloo':>10} {'coll/mpi4py time':>17}")
+        print(f"{'bytes':>10} {'collective':>20} {'gloo':>20} {'mpi4py':>20} {'coll/gloo':>10} "
+              f"{'coll/mpi4py time':>17}")
         for nbytes, med in rows:
-            cells = [f"{f * nbytes / med[k] / 1e9:8.2f} ({med[k] * 1e6:8.1f})" for k in ("collective", "gloo", "mpi4py")]
+            cells = [f"{f * nbytes / med[k] / 1e9:8.2f} ({med[k] * 1e6:8.1f})"
+                     for k in ("collective", "gloo", "mpi4py")]
             print(f"{nbytes:>10} {cells[0]:>20} {cells[1]:>20} {cells[2]:>20} "
                   f"{med['gloo'] / med['collective']:>9.2f}x {med['collective'] / med['mpi4py']:>16.2f}x")
         sys.stdout.flush()

@@ -1,7 +1,8 @@
 """What "auto" runs: a tuning table, the rules for one node, or the cost model on the calibrated links."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -17,8 +17,9 @@ uses; a plan of the work buffer alone has the same shape as ever.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 

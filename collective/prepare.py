@@ -14,7 +14,8 @@ Terms (the names below follow them):
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -1,7 +1,8 @@
 """The checks of a collective call that depend only on its signature: op, dtype, root, result shape and blocks."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

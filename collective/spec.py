@@ -1,8 +1,8 @@
 """The one table of collectives: names, roots, reductions, result shapes and blocks, busbw factors, algorithms per backend."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from collective import topologies
 

@@ -1,7 +1,8 @@
 """Transports: the small Backend protocol the executor runs Schedules over, and what is available here."""
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 

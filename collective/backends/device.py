@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from ..arrays import is_immutable
 from ..errors import BackendUnavailableError, CollectiveTypeError, CollectiveValueError, describe
+from ..spec import COLLECTIVE_NAMES as _NAMES
+from ..spec import REDUCING, blocks_of, result_shape
 from . import BACKENDS
 from .gpu_staging import GpuStager, cuda_array_info, is_device_array, mpi_cuda_aware
-from ..spec import COLLECTIVE_NAMES as _NAMES, REDUCING, blocks_of, result_shape
 
 __all__ = ["DeviceCollectives", "DeviceRequest", "StagedWork", "result_shape"]
 

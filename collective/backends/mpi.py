@@ -1,13 +1,13 @@
 """The MPI backend: mpi4py's uppercase buffer calls, nonblocking point-to-point, and MPI's own collectives as `native`."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os as _os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import BackendUnavailableError
-
-import os as _os
 
 # Open MPI's UCX one-sided component prints a spurious error on machines without UCX networks when
 # a shared window is created; the shared-memory component does the job.
