@@ -746,13 +746,21 @@ class Communicator:
         finally:
             sub.Free()
 
-    def subgroup(self, ranks: Any) -> "Communicator | None":
+    def subgroup(self, ranks: Any, *, timeout: float | None = None) -> "Communicator | None":
         """A communicator over ``ranks`` (ranks of this communicator, in that order; None off the list).
 
         Collective over the members only: ranks not in the list need not call
         it (they get None if they do), so a framework that creates a group on
         its members alone works. Members create their subgroups in the same
         order. For the default communicator, ranks are world ranks.
+
+        Args:
+            ranks: the members, ranks of this communicator.
+            timeout: the new communicator's deadline in seconds (default: this
+                one's), e.g. a torch process group's ``timeout=``.
+
+        Returns:
+            The new communicator on its members, None elsewhere.
 
         Example::
 
@@ -768,6 +776,10 @@ class Communicator:
         if not ok:
             raise CollectiveValueError(f"{describe('subgroup', self.rank, self.size)}: ranks {ranks!r} must be "
                                        f"distinct ranks of this communicator (0..{self.size - 1}), at least one")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise CollectiveValueError(f"{describe('subgroup', self.rank, self.size)}: timeout={timeout!r} must be "
+                                       "a number of seconds > 0 (or None for this communicator's)")
         if self.rank not in members:
             return None
         comm = self._backend.comm
@@ -785,7 +797,7 @@ class Communicator:
             finally:
                 group.Free()
             try:
-                child = self._child(sub)
+                child = self._child(sub, timeout)
             finally:
                 sub.Free()
         # The members must agree on the list (the check of the new communicator's first op compares it).
@@ -793,8 +805,9 @@ class Communicator:
                         lambda c, f, s: None)
         return child
 
-    def _child(self, sub: Any) -> "Communicator":
-        """The Communicator over MPI communicator ``sub`` (a split of this one), with this one's settings."""
+    def _child(self, sub: Any, timeout: float | None = None) -> "Communicator":
+        """The Communicator over MPI communicator ``sub`` (a split of this one), with this one's settings
+        (its deadline ``timeout`` when given)."""
         parent = np.array([self.rank], np.int64)
         every = np.empty(sub.Get_size(), np.int64)
         sub.Allgather(parent, every)
@@ -803,8 +816,8 @@ class Communicator:
         cl = self.cluster
         layout = Cluster(tuple(order[n] for n in nodes), cl.intra, cl.inter if len(order) > 1 else None, cl.gamma,
                          source=f"{cl.source}, ranks {every.tolist()}", links_declared=True)
-        child = Communicator(sub, cluster=layout, job_ranks=tuple(self.world_ranks[int(p)] for p in every),
-                             **self._params)
+        params = self._params if timeout is None else {**self._params, "timeout": float(timeout)}
+        child = Communicator(sub, cluster=layout, job_ranks=tuple(self.world_ranks[int(p)] for p in every), **params)
         self._children = [r for r in self._children if r() is not None]
         self._children.append(weakref.ref(child))
         return child

@@ -92,6 +92,9 @@ class FlightRecorder:
         self.current: OpRecord | None = None
         #: The sequence number of the newest op begun (0: none yet).
         self.last_seq = 0
+        #: When a framework owns the communicator, how its program names our ops: op name -> the caller's
+        #: words (a torch process group: "all_reduce via torch.distributed, group 'default_pg'"), for reports.
+        self.called_as: dict[str, str] = {}
 
     def begin(self, seq: int, name: str, shape: Any, dtype: Any, algorithm: Any, root: Any) -> OpRecord:
         """Record op ``seq`` as begun and in flight; returns its record."""
@@ -102,6 +105,11 @@ class FlightRecorder:
         self.last_seq = seq
         self.current = rec
         return rec
+
+    def describe(self, rec: OpRecord, timing: bool = True) -> str:
+        """``rec.describe(timing)``, followed by how the program called the op where :attr:`called_as` says."""
+        via = self.called_as.get(rec.op)
+        return rec.describe(timing) + (f" [{via}]" if via else "")
 
     def end(self, rec: OpRecord) -> None:
         """Record ``rec`` as finished."""

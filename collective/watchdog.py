@@ -350,7 +350,7 @@ class Watchdog:
     # -------------------------------------------------------------- reports
     def describe(self, rec: OpRecord, timing: bool = True) -> str:
         """One line for one op record: ``#7 allreduce shape (4,) float32 algorithm ring (12 us)``."""
-        return rec.describe(timing)
+        return self.recorder.describe(rec, timing)
 
     def trace_lines(self, why: str = "") -> list[str]:
         """The flight recorder: the last ops one per line, older ones counted by kind (oldest first)."""
@@ -366,7 +366,7 @@ class Watchdog:
                 e[2] = rc.seq
             lines.append(f"  {len(old)} older ops, by kind:")
             lines.extend(f"    {n} x {k} (#{a}..#{b})" for k, (n, a, b) in kinds.items())
-        lines.extend("  " + rc.describe() for rc in recent)
+        lines.extend("  " + self.recorder.describe(rc) for rc in recent)
         return lines
 
     def peer_lines(self, seq: int, peers: dict[int, Any], plain: bool = False) -> tuple[list[str], list[int]]:
@@ -426,7 +426,7 @@ class Watchdog:
 
     def report(self, rec: OpRecord, what: str, peers: dict[int, Any] | None = None, trace: bool = True) -> str:
         """The report for op ``rec``: what happened, the peers it waits for, what each peer does, the flight recorder."""
-        lines = [f"collective: rank {self.rank} of {self.size}: {rec.describe(False)} {what}"]
+        lines = [f"collective: rank {self.rank} of {self.size}: {self.recorder.describe(rec, False)} {what}"]
         queued = self._pending()
         if queued > 0:
             lines.append(f"collective: rank {self.rank}: {queued} async op{'s' if queued > 1 else ''} not finished "
