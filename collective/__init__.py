@@ -14,6 +14,7 @@ from .errors import (
     CollectiveMismatchError,
     CollectiveTimeoutError,
     CollectiveTypeError,
+    CollectiveUsageError,
     CollectiveValueError,
 )
 from .ops import OPS
@@ -24,7 +25,7 @@ __all__ = [
     "allreduce", "allreduce_async", "reduce", "reduce_async", "broadcast", "broadcast_async",
     "reduce_scatter", "reduce_scatter_async", "allgather", "allgather_async", "barrier",
     "CollectiveError", "CollectiveValueError", "CollectiveTypeError", "CollectiveTimeoutError",
-    "CollectiveMismatchError", "BackendUnavailableError", "CollectiveConfigError",
+    "CollectiveMismatchError", "CollectiveUsageError", "BackendUnavailableError", "CollectiveConfigError",
 ]
 __version__ = "0.1.0"
 

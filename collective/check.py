@@ -106,9 +106,10 @@ class CrossRankCheck:
         self.check(rec, c)
         return None
 
-    def mismatch(self, seq: int, fields: list[str]) -> None:
-        """Raise the mismatch report of call ``seq`` on every rank (after a quick path saw differing fingerprints)."""
-        self.fingerprints.report(seq, fields)  # type: ignore[union-attr]
+    def mismatch(self, seq: int, fields: list[str], thread: str) -> None:
+        """Raise the mismatch report of call ``seq`` (issued by thread ``thread``) on every rank, after a quick path
+        saw differing fingerprints."""
+        self.fingerprints.report(seq, fields, thread)  # type: ignore[union-attr]
 
     def _check(self, rec: Any, c: Any) -> bool:
         poison = c.error if type(c) is Poison else None
@@ -122,7 +123,7 @@ class CrossRankCheck:
                 raise poison
             return False
         fp.check(rec.seq, rec.op, rec.algorithm, getattr(c, "rop", None), rec.dtype, rec.shape, rec.root, poison,
-                 None if poison is not None else c)
+                 None if poison is not None else c, rec.thread)
         return True
 
     def _nan(self, rec: Any, xf: np.ndarray) -> None:

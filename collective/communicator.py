@@ -515,7 +515,7 @@ class Communicator:
         # Collective, so it takes its turn behind queued async work like any collective: run inline it
         # could meet a peer's communication thread in the middle of an allreduce and deadlock.
         self._open("alloc")
-        buf = self._seqr.run_locked(functools.partial(self._engine.alloc, n * dt.itemsize))
+        buf = self._seqr.run_locked(functools.partial(self._engine.alloc, n * dt.itemsize), "alloc")
         return buf.view(dt).reshape(shp)
 
     def alloc_views(self, a: np.ndarray) -> list[np.ndarray]:
@@ -557,7 +557,7 @@ class Communicator:
             comm.free(g)
         """
         self._open("free")
-        self._seqr.run_locked(lambda: (self._prep.forget(), self._engine.free(a)))
+        self._seqr.run_locked(lambda: (self._prep.forget(), self._engine.free(a)), "free")
 
     def window_slice(self, n: int) -> tuple[int, int] | None:
         """The part [start, stop) of an n-element alloc'd array that this rank reduces on the window path.
@@ -594,15 +594,7 @@ class Communicator:
         c = self._prepare("allreduce", x, "sum", algorithm, 0, x)
         if type(c) is not Call or c.views is None or c.out_views is not c.views:
             return False
-        with seqr.lock:
-            if seqr.pending:
-                return False
-            c.own = parts
-            try:
-                seqr.op(c)
-            finally:
-                c.own = None
-        return True
+        return seqr.run_in_window(c, parts)
 
     def cost_choice(self, collective: str, nbytes: int, dtype: Any = "float32", root: int = 0,
                     candidates: Any = None) -> Any:
