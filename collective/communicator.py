@@ -34,7 +34,7 @@ from .backends.gpu_staging import is_device_array
 from .backends.mpi import MPIBackend, require_mpi
 from .calibrate import calibrate
 from .check import CrossRankCheck
-from .choose import Chooser
+from .choose import VARIABLE_AUTO, Chooser
 from .engine import HostEngine
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe
 from .layout import discover_cluster, real_node_count
@@ -178,6 +178,7 @@ class Communicator:
         self._engine.nodes = self.cluster.node_of_rank
         self._engine.single_node = self.single_node
         self._engine.prepare_fixed = self._prep.prepare
+        self._engine.choose_variable = self._chooser.auto_variable
         async_problem = None
         if self.thread_level < MPI.THREAD_MULTIPLE:
             async_problem = (f"async collectives need MPI initialised with THREAD_MULTIPLE, but this MPI provides "
@@ -605,11 +606,15 @@ class Communicator:
         (collective, nbytes, itemsize, root, candidates).
 
         Args:
-            collective: "allreduce", "reduce", "broadcast", "reduce_scatter" or "allgather".
-            nbytes: bytes of one rank's input (``x.nbytes``).
-            dtype: element type (its itemsize matters; native is left out when MPI lacks it).
-            root: root of reduce and broadcast.
-            candidates: algorithm names to compare (default: native and every Schedule algorithm).
+            collective: "allreduce", "reduce", "broadcast", "reduce_scatter", "allgather", or the variable-size
+                "alltoall", "gather", "scatter" and "allgatherv" (an allgather whose first dims differ).
+            nbytes: bytes of one rank's input (``x.nbytes``; for the variable-size ones the mean over the ranks,
+                for scatter the root's whole input).
+            dtype: element type (its itemsize matters; native is left out when MPI lacks it, except for the
+                variable-size ones, which MPI runs in bytes).
+            root: root of reduce, broadcast, gather and scatter.
+            candidates: algorithm names to compare (default: native and every Schedule algorithm of the
+                collective, ``topologies.cost.candidates_for``).
 
         Example::
 
@@ -620,9 +625,15 @@ class Communicator:
     def auto_algorithm(self, collective: str, nbytes: int, dtype: Any = "float32") -> str:
         """The algorithm ``algorithm="auto"`` runs for a call whose input is ``nbytes`` of ``dtype`` (local, no messages).
 
+        For the variable-size collectives ("alltoall", "gather", "scatter",
+        "allgatherv"), ``nbytes`` is the mean of the ranks' inputs (scatter:
+        the root's input), as the call itself computes it once the counts are
+        known.
+
         Example::
 
             comm.auto_algorithm("allreduce", 4 << 20)   # e.g. "shm" on one node
+            comm.auto_algorithm("alltoall", 1 << 20)    # e.g. "pairwise" across nodes
         """
         self._known(collective, "auto_algorithm")
         return self._chooser.auto(collective, int(nbytes), np.dtype(dtype))
@@ -641,9 +652,10 @@ class Communicator:
         return self._chooser.explain(collective, nbytes, dtype, root)
 
     def _known(self, collective: str, what: str) -> None:
-        if collective not in COLLECTIVE_NAMES:
+        names = (*COLLECTIVE_NAMES, *VARIABLE_AUTO)
+        if collective not in names:
             raise CollectiveValueError(f"{describe(what, self.rank, self.size)}: unknown collective "
-                                       f"{collective!r}; choose one of {', '.join(COLLECTIVE_NAMES)}")
+                                       f"{collective!r}; choose one of {', '.join(names)}")
 
     def split(self, color: int | None, key: int = 0) -> "Communicator | None":
         """A communicator over the ranks that pass the same ``color``, ordered by ``key``, then rank (collective).

@@ -16,6 +16,12 @@ Terms (the names below follow them):
   happens.
 * **check** -- every rank contributes ``[h, -h]`` to one native MPI allreduce
   with MAX: ``max(h) == -max(-h)`` exactly when all fingerprints are equal.
+* **post** -- the sizes of a variable-size call (``collective.variable``)
+  travel in the same exchange: ``[r, -r, bad]`` after ``[h, -h]`` tell every
+  rank whether all posted the same rows ``r`` and whether any rank's ``out``
+  is wrong for that case (every other call posts zeros, so the exchange is the
+  same MPI call whatever the collective); fenced in shm, every rank reads every
+  rank's rows and ``out`` rows (``ShmArena.exchange_counts``).
   Only on a mismatch (or with ``COLLECTIVE_DEBUG=DETAIL``) do the ranks
   allgather a fixed-size *record* (utf-8 text of the signature, no pickle) to
   say which rank called what.
@@ -103,8 +109,8 @@ class Fingerprints:
         self.comm, self.rank, self.size, self.detail = comm, rank, size, detail
         self._static: dict[tuple, tuple[int, list[str]]] = {}
         # array.array, not numpy: setting and reading two items is several times cheaper.
-        self._send = array("q", [0, 0])
-        self._recv = array("q", [0, 0])
+        self._send = array("q", [0] * 5)  # [h, -h, r, -r, bad] (see "post")
+        self._recv = array("q", [0] * 5)
         self._sargs = [self._send, MPI.INT64_T]
         self._rargs = [self._recv, MPI.INT64_T]
         self._max = MPI.MAX
@@ -113,6 +119,8 @@ class Fingerprints:
         #: fingerprint in shared memory, ends a phase of the node's arena and returns whether every rank posted
         #: ``h`` (a phase and P reads instead of an MPI allreduce; see ShmArena.exchange).
         self.exchange: Callable[[int, int], bool] | None = None
+        #: With it, ``exchange_counts(h, seq, a, b)`` also posts two numbers (ShmArena.exchange_counts).
+        self.exchange_counts: Callable[[int, int, int, int], tuple[bool, Any]] | None = None
 
     def _signature(self, name: str, alg: Any, opname: Any, dtype: Any, shape: Any, root: Any) -> tuple[int, list[str]]:
         key = (name, alg, opname, dtype, shape, root)
@@ -137,6 +145,10 @@ class Fingerprints:
         whose ``sig`` attribute keeps the signature's fingerprint when it has
         one (a call reused step after step then skips the lookup). ``thread``: the
         issuing thread's ``collective.threads.ThreadTag`` (None: the calling thread's).
+        A call with a ``post`` (``(rows, out rows, bad)``, see the module docstring)
+        gets ``call.known``: every rank's (rows, out rows) as a (P, 2) array,
+        out rows -1 where they were checked already; None when the exchange
+        could not tell (the ranks' rows differ, the check is by MPI).
         """
         if thread is None:
             thread = thread_tag()
@@ -155,16 +167,28 @@ class Fingerprints:
         if self.detail:
             self._gather(seq, fields, thread.name, poison, always=True)
         else:
+            post = getattr(call, "post", None) if poison is None else None
             ex = self.exchange
             if ex is not None:
-                same = ex(h, seq)
+                if post is None:
+                    same = ex(h, seq)
+                else:
+                    same, call.known = self.exchange_counts(h, seq, post[0], post[1])  # type: ignore[misc]
             else:
                 s = self._send
                 s[0] = h
                 s[1] = -h
+                if post is None:
+                    s[2] = s[3] = s[4] = 0
+                else:
+                    s[2] = post[0]
+                    s[3] = -post[0]
+                    s[4] = post[2]
                 self._allreduce(self._sargs, self._rargs, self._max)
                 r = self._recv
                 same = r[0] == -r[1]
+                if same and post is not None and r[2] == -r[3] and r[4] == 0:  # every rank posted the same rows
+                    call.known = np.array([(post[0], -1)] * self.size, np.int64)
             if not same:
                 self._gather(seq, fields, thread.name, poison, always=False)
         if poison is not None:
@@ -180,7 +204,7 @@ class Fingerprints:
         """
         ex = self.exchange
         sig = getattr(c, "sig", None)
-        if ex is None or sig is None or self.detail:
+        if ex is None or sig is None or self.detail or getattr(c, "post", None) is not None:
             poisoned = type(c) is Poison
             self.check(rec.seq, rec.op, rec.algorithm, getattr(c, "rop", None), rec.dtype, rec.shape, rec.root,
                        c.error if poisoned else None, None if poisoned else c, rec.thread)
