@@ -95,6 +95,18 @@ class Communicator:
         cluster: the ranks' layout with calibrated links (default: discovered
             and measured); sub-communicators get their parent's.
 
+    Threads: one thread at a time may call collectives on a communicator, in
+    the same order on every rank. A collective called while another thread's
+    synchronous one is in flight raises :class:`~collective.CollectiveUsageError`
+    (naming both calls and threads; the other ranks raise too), and every
+    call's cross-rank check includes the issuing thread's name, so calls of
+    different threads that meet across ranks raise
+    :class:`~collective.CollectiveMismatchError` on every rank instead of
+    exchanging the wrong data. ``*_async`` calls count as their caller's; the
+    communication thread that runs them is the library's own. Threads that
+    each need collectives get a communicator each (``comm.split(0)``, made in
+    the same order on every rank).
+
     Example::
 
         import collective as col
@@ -314,6 +326,10 @@ class Communicator:
         Returns:
             The result, of ``x``'s type (``out`` itself when given). Bitwise
             identical on every rank.
+
+        Raises:
+            CollectiveMismatchError: the ranks' calls differ (shape, dtype, op, ..., or the issuing thread).
+            CollectiveUsageError: another thread's collective is in flight on this communicator (see the class).
 
         Example::
 

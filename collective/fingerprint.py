@@ -277,7 +277,7 @@ def mismatch_message(rank: int, size: int, records: list[list[str]]) -> str:
         what = ", ".join(FIELDS[i] for i in idx) + (" differ" if len(idx) > 1 else " differs")
         head = (f"{me[0]} {seq} on rank {rank} of {size}: the ranks' calls do not match ({what}): {'; '.join(parts)}. "
                 "No data was sent and every rank raises this error. Every rank must make the same collective calls, "
-                "in the same order, with the same op, dtype, shape, root and algorithm, from the same thread.")
+                "in the same order, with the same op, dtype, shape, root and algorithm.")
         if _THREAD in idx:
             head += (" The threads differ: this op was issued by different threads on different ranks, so the "
                      "threads' calls met in a different order on each rank. Collectives on one communicator must "
