@@ -19,12 +19,17 @@ Terms (the names below follow them):
   issued by one thread on one rank and by another thread on another rank is a
   mismatch on every rank. An async op's issuer is the thread that called
   ``*_async``, not the communication thread that runs it.
-* **gate** -- held by a user thread from the start of its synchronous op to
-  its end (the *owner*). A collective entered on the communicator from
-  another thread while the gate is held raises CollectiveUsageError naming
-  both calls and both threads, after taking part in the op order as a
-  poisoned call so the other ranks raise too instead of waiting: two threads
-  racing for one communicator would otherwise pair their ops by chance.
+* **gate** -- the lock of the callers' threads: held by a thread from the
+  start of its synchronous op to its end (the *owner*), and while it queues
+  an async op. A collective entered on the communicator from another thread
+  while the gate is held raises CollectiveUsageError naming both calls and
+  both threads, after taking part in the op order as a poisoned call so the
+  other ranks raise too instead of waiting: two threads racing for one
+  communicator would otherwise pair their ops by chance. The owner runs its
+  op itself only when nothing is pending (nothing can be queued meanwhile:
+  queueing takes the gate), else behind the pending ops; the communication
+  thread runs the queued ops one by one under ``lock``, so the two never
+  run ops at once.
 * **repeat** -- a synchronous allreduce whose signature passed every check
   before: its prepared call is a template refilled with this call's arrays
   (:meth:`Sequencer.allreduce_repeat`), and on one node its check and its
@@ -201,8 +206,10 @@ class Sequencer:
         self.async_problem = async_ok
         self.recorder = FlightRecorder(trace_len)
         self.seq = 0
+        #: Held by the communication thread while it runs a queued op.
         self.lock = threading.Lock()
-        #: Async ops handed to the communication thread and not finished.
+        #: Async ops handed to the communication thread and not finished (it lowers the count as the last thing
+        #: an op does to this sequencer's state).
         self.pending = 0
         self._templates = prep.templates
         self._finish_avg = engine.finish_avg
@@ -269,8 +276,7 @@ class Sequencer:
         held = self._enter(c, tag)
         try:
             if self.pending == 0:
-                with self.lock:
-                    return self.op(c, execute, tag)
+                return self.op(c, execute, tag)
             return self._queue_op(c, execute, tag).wait()
         finally:
             if held:
@@ -288,17 +294,26 @@ class Sequencer:
         p = Poison(name, exc)
         if tag is None:
             tag = thread_tag()
-        if self.pending == 0:
-            with self.lock:
+        nested = self.owner is tag  # this thread holds the gate already
+        if not nested:
+            # Blocking: a poisoned turn waits for another thread's op in flight (which its deadline bounds).
+            self._gate.acquire()
+            self.owner, self.owner_call = tag, p
+        try:
+            if self.pending == 0:
                 try:
                     self.op(p, None, tag)
                 except Exception:  # noqa: BLE001 - this rank raises its own error
                     pass
-        else:
-            self._queue_op(p, None, tag)
+            else:
+                self._queue_op(p, None, tag)
+        finally:
+            if not nested:
+                self._leave()
 
     def op(self, c: Any, execute: Callable[[Any, Any, int], Any] | None = None, tag: ThreadTag | None = None) -> Any:
-        """Begin, check, execute and end op ``c`` (the caller holds ``lock`` and nothing is pending before it).
+        """Begin, check, execute and end op ``c`` (the caller holds the gate and nothing is pending, or it is the
+        communication thread).
 
         ``execute(c, first, seq)`` moves the data (default: the engine's); ``first``
         is the check when it is to be the call's first shm phase, else None
@@ -331,12 +346,12 @@ class Sequencer:
             CollectiveUsageError: another thread's synchronous op is in flight on this communicator.
         """
         tag = thread_tag()
-        gate = self._gate
-        if gate.acquire(False):
-            gate.release()
-        elif self.owner is not tag:
-            self._overlap(c, tag)
-        return self._queue_op(c, execute, tag)
+        held = self._enter(c, tag)
+        try:
+            return self._queue_op(c, execute, tag)
+        finally:
+            if held:
+                self._leave()
 
     def _queue_op(self, c: Any, execute: Callable[[Any, Any, int], Any] | None, tag: ThreadTag) -> Work:
         """Queue op ``c`` of thread ``tag`` (no gate: the caller checked it or holds it); its handle."""
@@ -359,8 +374,7 @@ class Sequencer:
         try:
             if self.pending:
                 self._queue_op(_Call0(_nothing), None, tag).wait()
-            with self.lock:
-                return self.op(c, execute, tag)
+            return self.op(c, execute, tag)
         finally:
             if held:
                 self._leave()
@@ -374,7 +388,7 @@ class Sequencer:
         return self.p2p.report_lines() if self.p2p is not None else []
 
     def run_locked(self, fn: Callable[[], Any], name: str = "collective") -> Any:
-        """``fn()`` with the lock held, after every pending async op (for work that must not interleave with ops:
+        """``fn()`` under the gate, after every pending async op (for work that must not interleave with ops:
         ``alloc``, ``free``, device setup, all collective; ``name`` says which in a usage error)."""
         tag = thread_tag()
         c = _Call0(fn, name)
@@ -382,28 +396,24 @@ class Sequencer:
         try:
             if self.pending:
                 return self._queue_op(c, None, tag).wait()
-            with self.lock:
-                return fn()
+            return fn()
         finally:
             if held:
                 self._leave()
 
     def run_in_window(self, c: Any, own: list) -> bool:
-        """Window-path op ``c`` with this rank's input ``own`` (``Communicator.allreduce_in_window``), under the gate
-        and the lock; False, with nothing sent, if async ops are pending."""
+        """Window-path op ``c`` with this rank's input ``own`` (``Communicator.allreduce_in_window``), under the
+        gate; False, with nothing sent, if async ops are pending."""
         tag = thread_tag()
         held = self._enter(c, tag)
         try:
             if self.pending:
                 return False
-            with self.lock:
-                if self.pending:
-                    return False
-                c.own = own
-                try:
-                    self.op(c, None, tag)
-                finally:
-                    c.own = None
+            c.own = own
+            try:
+                self.op(c, None, tag)
+            finally:
+                c.own = None
             return True
         finally:
             if held:
@@ -439,7 +449,7 @@ class Sequencer:
     def run_quick(self, c: Any, run: Callable[..., bool], tag: ThreadTag, *args: Any) -> None:
         """Op ``c`` of thread ``tag`` whose check is its first phase: ``run(h, seq, *args)`` posts fingerprint ``h``
         of op ``seq`` and moves the data; it returns False on a mismatch (nothing touched), and every rank then
-        raises the report. The caller holds ``lock``; ``c`` passed the check before (its fingerprint is ``c.sig``).
+        raises the report. The caller holds the gate; ``c`` passed the check before (its fingerprint is ``c.sig``).
         """
         self.seq = seq = self.seq + 1
         rec = self.recorder.begin(seq, "allreduce", c.shape, c.dtype, c.algorithm, None, tag)
@@ -456,7 +466,7 @@ class Sequencer:
 
         Only this call's own arrays are checked (contiguous; ``out`` absent,
         ``x`` itself, or a separate array of the same shape and dtype that
-        does not overlap ``x``); the template is refilled under the lock and
+        does not overlap ``x``); the template is refilled under the gate and
         emptied again, so no user array is kept alive. alloc'd arrays from
         the window size, in place or into alloc'd arrays, take the window
         path (their prepared call is kept, see ``Preparer.hot_call``). A
@@ -499,12 +509,10 @@ class Sequencer:
         except AttributeError:
             tag = thread_tag()
         gate = self._gate
-        if not gate.acquire(False):
+        if not gate.acquire(False):  # not `with`: half the cost at small sizes
             return None
         self.owner = tag
         self.owner_call = c
-        lock = self.lock
-        lock.acquire()  # not `with`: half the cost at small sizes
         try:
             if self.pending:  # an async call got in first: queue behind it, on the ordinary path
                 return None
@@ -546,7 +554,6 @@ class Sequencer:
             finally:
                 c.xf = c.of = c.result = None
         finally:
-            lock.release()
             self.owner = None
             gate.release()
 
@@ -557,8 +564,6 @@ class Sequencer:
         if not gate.acquire(False):
             return None
         self.owner, self.owner_call = tag, hot
-        lock = self.lock
-        lock.acquire()
         try:
             if self.pending:
                 return None
@@ -574,7 +579,6 @@ class Sequencer:
                 hot.quick = shared.plan(hot.views, hot.out_views)
             return self.op(hot, None, tag)
         finally:
-            lock.release()
             self.owner = None
             gate.release()
 
