@@ -1,4 +1,4 @@
-"""Entry point of `collective-bench` and `python -m bench`: parse, measure under MPI, print; write JSON, PNG, tuning."""
+"""Entry point of `collective-bench` and `python -m collective.bench`: parse, measure under MPI, print; write JSON, PNG, tuning."""
 from __future__ import annotations
 
 import sys

@@ -1,6 +1,6 @@
 """collective-bench on GPUs: NCCL's own collectives against our ring/tree/star/hierarchical over NCCL, CPU's columns.
 
-Run ``python -m bench.bench_gpu`` with collective-bench's flags (``-b -e -f -n
+Run ``python -m collective.bench.bench_gpu`` with collective-bench's flags (``-b -e -f -n
 -w -c -o -d -a --collective -r -J``), plus ``--backend nccl|mpi`` (default
 nccl; mpi measures device arrays through MPI: CUDA-aware or staged) and
 ``--device gpu`` (accepted, for ``collective-bench --device gpu``). Columns:
@@ -318,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Example::
 
-        collective-run -n 4 python -m bench.bench_gpu -b 4K -e 256M -f 4 --collective all
+        collective-run -n 4 python -m collective.bench.bench_gpu -b 4K -e 256M -f 4 --collective all
     """
     args = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -58,7 +58,7 @@ def _worker(args: argparse.Namespace) -> None:
     from mpi4py import MPI
 
     import collective as col
-    from bench.gloo import GlooGroup
+    from collective.bench.gloo import GlooGroup
 
     torch.set_num_threads(1)
     comm = col.init()
@@ -117,7 +117,7 @@ def _worker(args: argparse.Namespace) -> None:
                       f"gloo {row['gloo_busbw']:.2f} GB/s", file=sys.stderr, flush=True)
 
     if "train" in args.part:
-        from trainer.torch import CommHookState, DistributedDataParallel, allreduce_hook
+        from collective.trainer.torch import CommHookState, DistributedDataParallel, allreduce_hook
 
         for name in args.shapes.split(","):
             sizes = SHAPES[name]

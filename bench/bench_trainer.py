@@ -53,7 +53,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import collective as col
-from trainer import SGD, DataParallel, StepStats, mlp
+from collective.trainer import SGD, DataParallel, StepStats, mlp
 
 MODELS = {"7.5MB": [784, 1024, 1024, 10], "40MB": [784, 2048, 2048, 2048, 10]}
 

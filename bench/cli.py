@@ -101,7 +101,7 @@ def env_rank() -> int | None:
 
 def _library_algorithms() -> tuple[str, ...]:
     """The library's algorithm names: collective.ALGORITHMS, then the Schedules of every collective (pairwise...)."""
-    import topologies
+    from collective import topologies
     from collective import ALGORITHMS
 
     by_coll = topologies.ALGORITHMS_BY_COLLECTIVE
@@ -122,7 +122,7 @@ def column_applies(col: str, coll: str) -> bool:
 
         column_applies("bruck", "alltoall"), column_applies("ring", "alltoall")   # True, False
     """
-    import topologies
+    from collective import topologies
 
     if col in ("native", LIB_NATIVE, "memcpy", "broken"):
         return True

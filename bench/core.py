@@ -631,7 +631,7 @@ class _Run:
                 if not ok[0]:
                     why = why or "torch.distributed is missing on another rank"
                     if self.opts.explicit:
-                        hint = ("install torch (pip install 'collective[torch]') or leave gloo out" if why_torch
+                        hint = ("install torch (pip install 'pycollective[torch]') or leave gloo out" if why_torch
                                 else "leave gloo out or choose another -d")
                         raise SystemExit(f"collective-bench: -a gloo: {why}; {hint}")
                     notes.append(f"gloo: column absent, {why}")

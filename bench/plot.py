@@ -15,7 +15,7 @@ _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#
             "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5")
 #: memcpy is a ceiling, not a competitor: grey (no other column gets grey).
 _MEMCPY_COLOR = "#7f7f7f"
-_MISSING = "--plot needs matplotlib; install it with: pip install 'collective[bench]'"
+_MISSING = "--plot needs matplotlib; install it with: pip install 'pycollective[bench]'"
 
 
 def unavailable() -> str | None:

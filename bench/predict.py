@@ -29,8 +29,8 @@ def predicted_us(alg: str, coll: str, nbytes: int, cluster: Any = None) -> float
 
         predicted_us("ring", "allreduce", 1 << 20, comm.cluster)
     """
-    from topologies import ALGORITHMS_BY_COLLECTIVE
-    from topologies import cost
+    from collective.topologies import ALGORITHMS_BY_COLLECTIVE
+    from collective.topologies import cost
 
     if cluster is None or cluster.intra is None or (alg != "native" and alg not in
                                                     ALGORITHMS_BY_COLLECTIVE.get(coll, ())):

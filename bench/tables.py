@@ -90,7 +90,7 @@ def auto_markdown(doc: dict[str, Any], collective: str = "allreduce", mode: str 
 
 
 def main() -> None:
-    """``python -m bench.tables RUN.json [--collective allreduce] [--auto]``."""
+    """``python -m collective.bench.tables RUN.json [--collective allreduce] [--auto]``."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("json")
     ap.add_argument("--collective", default="allreduce")

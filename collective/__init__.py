@@ -4,9 +4,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from . import checkout  # noqa: F401  (first: in a source checkout it maps collective.trainer & co. onto their folders)
 from .communicator import ALGORITHMS, COLLECTIVE_NAMES, WINDOW_MIN_BYTES, Communicator, Work
-from .p2p import ANY_SOURCE
-from .sequencer import OpRecord
 from .errors import (
     BackendUnavailableError,
     CollectiveConfigError,
@@ -18,6 +17,8 @@ from .errors import (
     CollectiveValueError,
 )
 from .ops import OPS
+from .p2p import ANY_SOURCE
+from .sequencer import OpRecord
 
 __all__ = [
     "init", "get_default", "is_initialized", "Communicator", "Work", "OpRecord", "ALGORITHMS", "COLLECTIVE_NAMES",

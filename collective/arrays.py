@@ -19,7 +19,8 @@ Accepted, in the order they are tried (NumPy first: it is the hot path)::
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

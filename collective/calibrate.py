@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from topologies.cluster import Cluster, LinkCost, SharedLinkCost
+from collective.topologies.cluster import Cluster, LinkCost, SharedLinkCost
 
 from . import config
 

@@ -1,12 +1,13 @@
 """What "auto" runs: a tuning table, the rules for one node, or the cost model on the calibrated links."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from topologies import cost
-from topologies.cluster import Cluster
+from collective.topologies import cost
+from collective.topologies.cluster import Cluster
 
 from .backends.mpi import mpi_dtype
 

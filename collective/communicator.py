@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from topologies.cluster import Cluster
+from collective.topologies.cluster import Cluster
 
 from . import config
 from .backends import BACKENDS

@@ -35,7 +35,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import config
 from .launcher import find_mpiexec
@@ -148,7 +148,7 @@ class EmulatedCluster:
         self._dir: str | None = None
 
     # ------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "EmulatedCluster":
+    def __enter__(self) -> EmulatedCluster:
         try:
             self.setup()
         except BaseException:

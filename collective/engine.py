@@ -10,16 +10,17 @@ is to be the call's first shm phase.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from .arrays import Deferred
 from .backends.mpi import MPIBackend, mpi_dtype, mpi_op, require_mpi
 from .errors import CollectiveValueError, SharedMemoryError
 from .executor import Executor, ExecutorOptions, Plan
 from .ops import average_in_place
 from .prepare import Barrier
-from .arrays import Deferred
 from .shm import (
     ARENA_SHARE,
     MIN_CHUNK_BYTES,

@@ -85,7 +85,7 @@ def _library_dirs() -> tuple[str, ...]:
     import sys
 
     dirs = []
-    for name in ("collective", "topologies", "trainer", "bench"):
+    for name in ("collective", "collective.topologies", "collective.trainer", "collective.bench"):
         mod = sys.modules.get(name)
         path = getattr(mod, "__file__", None)
         if path:

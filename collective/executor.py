@@ -17,13 +17,14 @@ uses; a plan of the work buffer alone has the same shape as ever.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from topologies import Schedule
-from topologies.schedule import TEMP, WORK
+from collective.topologies import Schedule
+from collective.topologies.schedule import TEMP, WORK
 
 from .errors import CollectiveValueError
 

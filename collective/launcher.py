@@ -22,5 +22,5 @@ def find_mpiexec() -> str:
         return here
     found = shutil.which("mpiexec") or shutil.which("mpirun")
     if not found:
-        raise SystemExit("collective-run: no mpiexec found; install MPI with: pip install 'collective[mpi]'")
+        raise SystemExit("collective-run: no mpiexec found; install MPI with: pip install 'pycollective[mpi]'")
     return found

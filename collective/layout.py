@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from topologies.cluster import TOPOLOGY_ENV, Cluster, TopologyFileError, parse_topology
+from collective.topologies.cluster import TOPOLOGY_ENV, Cluster, TopologyFileError, parse_topology
 
 from . import config
 from .errors import CollectiveValueError, describe

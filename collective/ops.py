@@ -1,8 +1,8 @@
 """Reduction ops and the dtype table: which dtypes each op accepts, and how each op reduces two arrays."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -61,7 +61,7 @@ def _what(h: np.ndarray) -> str:
 class P2PWork:
     """Handle of a nonblocking send or receive: ``wait()`` (its result: the source rank of a receive), ``done()``."""
 
-    def __init__(self, p2p: "PointToPoint", what: str, reqs: list[Any], recv: tuple | None = None) -> None:
+    def __init__(self, p2p: PointToPoint, what: str, reqs: list[Any], recv: tuple | None = None) -> None:
         self._p2p, self._what, self._reqs, self._recv = p2p, what, reqs, recv
         self._t0 = time.monotonic()
         self._result: Any = None

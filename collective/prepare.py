@@ -14,11 +14,12 @@ Terms (the names below follow them):
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-import topologies
+from collective import topologies
 
 from .arrays import to_numpy
 from .backends.mpi import mpi_dtype

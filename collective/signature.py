@@ -1,11 +1,12 @@
 """The checks of a collective call that depend only on its signature: op, dtype, root, result shape and blocks."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from topologies import even_blocks
+from collective.topologies import even_blocks
 
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError
 from .ops import OPS, ReduceOp, check_dtype, get_op

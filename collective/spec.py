@@ -1,10 +1,10 @@
 """The one table of collectives: names, roots, reductions, result shapes and blocks, busbw factors, algorithms per backend."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-import topologies
+from collective import topologies
 
 __all__ = [
     "CollectiveSpec", "SPECS", "COLLECTIVE_NAMES", "VARIABLE_NAMES", "OP_NAMES", "ROOTED", "REDUCING", "ALGORITHMS", "SCHEDULED",

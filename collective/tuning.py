@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from .errors import CollectiveValueError
 
@@ -134,7 +135,7 @@ class TuningTable:
 
     @classmethod
     def from_json(cls, data: Any, source: str = "<memory>",
-                  known_algorithms: Iterable[str] | None = None) -> "TuningTable":
+                  known_algorithms: Iterable[str] | None = None) -> TuningTable:
         """Validate the parsed JSON of a table and build it.
 
         Args:

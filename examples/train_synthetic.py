@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import collective as col
 from collective import config
-from trainer import SGD, DataParallel, ShardedLoader, fit, fp16_compress_wrapper, mlp
+from collective.trainer import SGD, DataParallel, ShardedLoader, fit, fp16_compress_wrapper, mlp
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import collective as col
-from trainer.torch import DistributedDataParallel
+from collective.trainer.torch import DistributedDataParallel
 
 
 def load_data(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:

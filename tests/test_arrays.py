@@ -19,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover
     jax = jnp = None
 
-needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed (pip install 'collective[torch]')")
+needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed (pip install 'pycollective[torch]')")
 needs_jax = pytest.mark.skipif(jax is None, reason="jax is not installed (pip install jax)")
 
 

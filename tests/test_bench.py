@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.cli import (BROKEN_ENV, COLLECTIVES, busbw_factor, column_applies, default_algorithms, format_size,
+from collective.bench.cli import (BROKEN_ENV, COLLECTIVES, busbw_factor, column_applies, default_algorithms, format_size,
                        parse_args, parse_size, size_sweep)
-from bench.core import (IP, OOP, CollectiveResult, JobInfo, SizeResult, Stat, allgatherv_counts, counts, expected,
+from collective.bench.core import (IP, OOP, CollectiveResult, JobInfo, SizeResult, Stat, allgatherv_counts, counts, expected,
                         modes_of, sendrecv_peer, values)
-from bench.predict import predicted_us
-from bench.report import TextReporter, fmt_time, footer_lines, to_json
-from bench.tune import best_algorithm, table_entries
+from collective.bench.predict import predicted_us
+from collective.bench.report import TextReporter, fmt_time, footer_lines, to_json
+from collective.bench.tune import best_algorithm, table_entries
 from collective.tuning import Entry, load_table
 from mpi_util import check, mpirun
 
@@ -98,7 +98,7 @@ def test_bad_flags_exit_2_with_a_message(argv: list[str], words: str, capsys, mo
 
 def test_help_lists_every_default_column() -> None:
     """--help names every column the default run has, in the order the run prints them."""
-    from bench.cli import build_parser
+    from collective.bench.cli import build_parser
 
     text = re.sub(r"\s+", " ", build_parser().format_help()).replace("- ", "-")  # undo argparse's line wrapping
     listed = re.search(r"default all, which is: ([^.]*)\.", text)
@@ -132,7 +132,7 @@ def test_busbw_factors_are_nccl_tests() -> None:
 
 
 def test_wrong_counts_elements_and_missing_results() -> None:
-    from bench.core import _wrong
+    from collective.bench.core import _wrong
 
     want = np.arange(6, dtype=np.int32)
     assert _wrong(want.copy(), want) == 0 and _wrong(want.reshape(2, 3), want) == 0
@@ -143,7 +143,7 @@ def test_wrong_counts_elements_and_missing_results() -> None:
 
 
 def test_gpu_bench_measures_allreduce_and_its_kin() -> None:
-    from bench.bench_gpu import _base_collectives
+    from collective.bench.bench_gpu import _base_collectives
 
     assert _base_collectives(parse_args(["--collective", "all"])).collectives == ALL_TEN[:5]
     assert _base_collectives(parse_args(["--collective", "reduce"])).collectives == ("reduce",)
@@ -296,7 +296,7 @@ def test_table_layout_lines_up() -> None:
 def test_default_table_is_compact_and_wide_has_every_cell() -> None:
     """The default output gives one busbw per column and size (lines of a terminal's width for every default
     column); --wide keeps nccl-tests' full layout; the JSON is the same either way."""
-    from bench.cli import column_applies
+    from collective.bench.cli import column_applies
 
     cols = [c for c in default_algorithms() if column_applies(c, "allreduce")]  # what an allreduce run has
     res = synth(cols=tuple(cols), wrong=2)
@@ -412,7 +412,7 @@ def test_tuning_never_names_alloc(tmp_path: Path) -> None:
 
 def test_bare_native_is_the_baseline_and_native_lib_what_auto_would_run() -> None:
     """The bare MPI call never wins a tuning entry or the auto table while the library's own native was measured."""
-    from bench.tables import auto_markdown
+    from collective.bench.tables import auto_markdown
 
     res = synth(cols=("native", "native-lib", "ring", "auto"), sizes=(4096, 65536))
     # bare native 10 us, native-lib 20, ring 30, auto 40: native-lib is the best auto could have run
@@ -421,7 +421,7 @@ def test_bare_native_is_the_baseline_and_native_lib_what_auto_would_run() -> Non
         for m in row.cells["ring"].values():
             m.times_us = m.times_us / 2  # ring 15 us: beats native-lib (20) though not the bare call (10)
     assert [best_algorithm(r) for r in res.rows] == ["native", "ring"]
-    from bench.report import to_json
+    from collective.bench.report import to_json
 
     doc = json.loads(json.dumps(to_json(INFO, parse_args(["-b", "4K", "-e", "64K"]), [res])))
     rows = auto_markdown(doc).splitlines()[2:]
@@ -430,7 +430,7 @@ def test_bare_native_is_the_baseline_and_native_lib_what_auto_would_run() -> Non
 
 # ------------------------------------------------------------------ whole runs at P=1, in this process
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    from bench.__main__ import main
+    from collective.bench.__main__ import main
 
     rc = main(argv)
     cap = capsys.readouterr()
@@ -455,7 +455,7 @@ def test_run_p1_json_plot_tune(tmp_path: Path, capsys) -> None:
             assert (nat == {}) == (c["collective"] == "sendrecv"), (c["collective"], nat)
             assert all(r["wrong"] == 0 for col, m in s["results"].items() if col != "memcpy" for r in m.values())
     assert "native out-of-place: n/a (needs 2 ranks or more" in out  # sendrecv at P=1
-    from bench.tables import markdown
+    from collective.bench.tables import markdown
 
     rows = markdown(doc, "sendrecv").splitlines()[2:]  # no native cell at P=1: n/a, not a crash
     assert len(rows) == 3 and all(ln.split(" | ")[1] == "n/a" for ln in rows), rows
@@ -487,10 +487,10 @@ def test_plot_without_matplotlib_stops_before_measuring(tmp_path: Path, capsys, 
     """--plot without matplotlib: one message, prefixed once, status 2, and no size measured first."""
     import sys
 
-    import bench.core
+    from collective.bench import core as bench_core
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it looks like to imports
-    monkeypatch.setattr(bench.core, "run", lambda *a, **k: pytest.fail("measured before checking --plot"))
+    monkeypatch.setattr(bench_core, "run", lambda *a, **k: pytest.fail("measured before checking --plot"))
     png = tmp_path / "r.png"
     rc, out, err = _run(["-b", "1K", "-e", "1K", "-n", "1", "-a", "native", "--plot", str(png)], capsys)
     assert rc == 2 and out == "" and not png.exists()
@@ -500,7 +500,7 @@ def test_plot_without_matplotlib_stops_before_measuring(tmp_path: Path, capsys, 
 def test_plot_gives_every_default_column_its_own_colour() -> None:
     """native and gloo (and every other default column) get different colours; memcpy alone is grey."""
     pytest.importorskip("matplotlib")
-    from bench.plot import column_colors, figure
+    from collective.bench.plot import column_colors, figure
 
     cols = default_algorithms()
     assert len(cols) > 10  # more than matplotlib's default colour cycle, which gave gloo native's colour
@@ -586,9 +586,9 @@ def test_run_p1_library_columns_run_or_say_why(tmp_path: Path, capsys) -> None:
 
 
 def test_gloo_named_without_torch_is_an_error(capsys, monkeypatch) -> None:
-    import bench.gloo
+    from collective.bench import gloo as bench_gloo
 
-    monkeypatch.setattr(bench.gloo, "unavailable_reason", lambda: "torch.distributed cannot be imported (test)")
+    monkeypatch.setattr(bench_gloo, "unavailable_reason", lambda: "torch.distributed cannot be imported (test)")
     rc, _, err = _run(["-b", "1K", "-e", "1K", "-n", "1", "-a", "native,gloo"], capsys)
     assert rc == 2 and "-a gloo: torch.distributed cannot be imported (test)" in err
     rc, out, _ = _run(["-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "-a", "all"], capsys)
@@ -620,7 +620,7 @@ def test_mpi_p2_every_collective(tmp_path: Path) -> None:
     # what auto ran is recorded per size, and the auto-vs-best table is built from it
     picks = [s["auto_pick"] for s in ar["sizes"]]
     assert all(p in ("native", "shm") for p in picks), picks
-    from bench.tables import auto_markdown
+    from collective.bench.tables import auto_markdown
 
     table = auto_markdown(doc).splitlines()
     assert table[0].startswith("| size | auto ran |") and len(table) == 2 + len(ar["sizes"])
@@ -682,11 +682,11 @@ def test_mpi_p3_broken_algorithm_exits_non_zero(tmp_path: Path) -> None:
 
 
 def test_run_p1_gloo_dtype_and_pred_hook(capsys, monkeypatch) -> None:
-    import bench.core
+    from collective.bench import core as bench_core
 
     rc, out, _ = _run(["-b", "1K", "-e", "1K", "-n", "1", "-w", "0", "-a", "all", "-d", "int16"], capsys)
     assert rc == 0 and "gloo: column absent" in out
-    monkeypatch.setattr(bench.core, "predicted_us", lambda alg, coll, nbytes, cluster=None: nbytes / 1e3)
+    monkeypatch.setattr(bench_core, "predicted_us", lambda alg, coll, nbytes, cluster=None: nbytes / 1e3)
     rc, out, _ = _run(["-b", "2K", "-e", "2K", "-n", "1", "-w", "0", "-a", "native,ring", "--wide"], capsys)
     assert rc == 0
     assert [ln for ln in out.splitlines() if "#wrong" in ln][0].count("pred") == 2

@@ -66,8 +66,8 @@ def test_table_is_well_formed() -> None:
     from collective import ALGORITHMS
     from collective.backends import BACKENDS
     from collective.shm import DEFAULT_CHUNK_BYTES, SHM_WAITS
-    from trainer.buckets import DEFAULT_BUCKET_MB
-    from topologies.cluster import TOPOLOGY_ENV
+    from collective.trainer.buckets import DEFAULT_BUCKET_MB
+    from collective.topologies.cluster import TOPOLOGY_ENV
 
     assert config.get("SHM_CHUNK_BYTES", env={}) == DEFAULT_CHUNK_BYTES
     assert config.get("BUCKET_MB", env={}) == DEFAULT_BUCKET_MB
@@ -203,7 +203,7 @@ def test_readers_use_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
     """The places that parsed variables themselves now raise the table's error (one parse of the timeout)."""
     from collective import calibrate
     from collective.watchdog import Watchdog, deadline
-    from trainer.buckets import bucket_caps
+    from collective.trainer.buckets import bucket_caps
 
     monkeypatch.setenv("COLLECTIVE_TIMEOUT", "5s")
     wd = Watchdog(0, 1)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from topologies import ALGORITHMS, COLLECTIVES, build
-from topologies.cluster import Cluster, LinkCost
-from topologies.cost import CANDIDATES, choose, cost, explain, predict, recursive_doubling_allreduce
+from collective.topologies import ALGORITHMS, COLLECTIVES, build
+from collective.topologies.cluster import Cluster, LinkCost
+from collective.topologies.cost import CANDIDATES, choose, cost, explain, predict, recursive_doubling_allreduce
 
 INTRA = LinkCost(alpha=1e-5, beta=1e-9)  # 10 us, 1 GB/s
 INTER = LinkCost(alpha=1e-4, beta=1e-8)  # 100 us, 100 MB/s
@@ -102,7 +102,7 @@ def test_choice_table_is_complete_and_sorted(collective: str) -> None:
 
 
 def test_ties_go_to_the_earlier_candidate(monkeypatch) -> None:
-    import topologies.cost as cost_module
+    import collective.topologies.cost as cost_module
 
     # Without our executor's per-step cost, the flat ring and the modelled native ring cost the same at P=3.
     monkeypatch.setattr(cost_module, "EXECUTOR_STEP", 0.0)
@@ -115,7 +115,7 @@ def test_ties_go_to_the_earlier_candidate(monkeypatch) -> None:
 
 def test_executor_step_makes_native_win_small_messages() -> None:
     """Our Schedules pay EXECUTOR_STEP per step, MPI's own does not: small messages go to native."""
-    from topologies.cost import EXECUTOR_STEP
+    from collective.topologies.cost import EXECUTOR_STEP
 
     cl = cluster((0, 0, 1, 1))
     c = choose("allreduce", 4096, cl)
@@ -150,7 +150,7 @@ def test_explain_says_which_links_are_measured_and_which_are_defaults() -> None:
 
 def test_node_bus_is_shared_by_transfers_inside_it() -> None:
     """With a node-wide rate, the ring's 2(P-1)P transfers queue on the node: their bytes at its rate, plus one latency."""
-    from topologies.cost import SharedLinkCost
+    from collective.topologies.cost import SharedLinkCost
 
     P, n = 4, 4000 * 4
     b = 4 * n / P
@@ -182,7 +182,7 @@ def test_pipeline_is_priced_by_its_pieces(P: int) -> None:
 @pytest.mark.parametrize("P", [2, 3, 4, 6, 8])
 def test_rabenseifner_model_moves_what_hierarchical_moves(P: int) -> None:
     """The model of MPI's large-message allreduce: per power-of-two rank, 2(p-1)/p of N in halving/doubling steps."""
-    from topologies.cost import rabenseifner_allreduce, traffic
+    from collective.topologies.cost import rabenseifner_allreduce, traffic
 
     n = 1 << 12
     s = rabenseifner_allreduce(P, n)
@@ -202,8 +202,8 @@ def test_rabenseifner_model_moves_what_hierarchical_moves(P: int) -> None:
 
 
 def test_candidates_per_collective() -> None:
-    from topologies import ALGORITHMS_BY_COLLECTIVE
-    from topologies.cost import candidates_for
+    from collective.topologies import ALGORITHMS_BY_COLLECTIVE
+    from collective.topologies.cost import candidates_for
 
     assert candidates_for("alltoall") == ("native", "pairwise", "bruck")
     assert candidates_for("gather") == candidates_for("scatter") == ("native", "tree")
@@ -217,7 +217,7 @@ def test_candidates_per_collective() -> None:
 
 @pytest.mark.parametrize("collective", ["alltoall", "gather", "scatter", "allgatherv"])
 def test_in_out_choice_table_is_complete_and_sorted(collective: str) -> None:
-    from topologies.cost import candidates_for
+    from collective.topologies.cost import candidates_for
 
     cl = cluster((0, 0, 1, 1, 2))
     c = choose(collective, 1 << 16, cl, root=3)
@@ -245,7 +245,7 @@ def test_bruck_for_small_alltoall_pairwise_for_large(P: int) -> None:
 @pytest.mark.parametrize("P", [2, 3, 4, 8])
 def test_pairwise_closed_form(P: int) -> None:
     """One node: the own-block copy, then P-1 steps of alpha + one block's bytes through each rank's ports."""
-    from topologies.cost import EXECUTOR_STEP
+    from collective.topologies.cost import EXECUTOR_STEP
 
     b = 1000  # elements per block
     want = 4 * b * GAMMA + (P - 1) * (INTRA.alpha + 4 * b * INTRA.beta)
@@ -266,7 +266,7 @@ def test_copies_are_priced_and_one_rank_is_a_copy() -> None:
 
 def test_native_gather_scatter_is_the_cheaper_of_tree_and_linear() -> None:
     """MPI's own gather/scatter is modelled by a binomial tree or the linear one-step shape, whichever costs less."""
-    from topologies.cost import linear_gather, linear_scatter
+    from collective.topologies.cost import linear_gather, linear_scatter
 
     P = 8
     cl = cluster(tuple(range(P)))

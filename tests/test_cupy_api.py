@@ -4,7 +4,7 @@ No GPU is needed: the names, the argument order of every call (read from the
 signatures Cython embeds in CuPy's docstrings), NCCL's enum values, the form of
 the unique id, and that the in-process fake NCCL the backend tests run on has the
 same signatures as the real one. Skipped, with the reason, where CuPy is not
-installed (``pip install 'collective[gpu]'``).
+installed (``pip install 'pycollective[gpu]'``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "jobs"))
 
 cupy = pytest.importorskip("cupy", reason="cupy not installed: the CuPy API-conformance checks need it "
-                                          "(pip install 'collective[gpu]'; no GPU needed)")
+                                          "(pip install 'pycollective[gpu]'; no GPU needed)")
 
 import warnings  # noqa: E402
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from collective.calibrate import _load, _save
-from topologies.cluster import Cluster
-from trainer.checkpoint import FORMAT, Checkpointer, read_checkpoint, write_checkpoint
+from collective.topologies.cluster import Cluster
+from collective.trainer.checkpoint import FORMAT, Checkpointer, read_checkpoint, write_checkpoint
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ def test_auto_needs_no_window_where_shm_cannot_run() -> None:
     import numpy as np
 
     from collective.choose import Chooser
-    from topologies.cluster import Cluster
+    from collective.topologies.cluster import Cluster
 
     cl = Cluster.from_node_size(4, 4)
     for ok, want in ((True, "shm"), (False, "native")):

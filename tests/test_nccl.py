@@ -31,7 +31,7 @@ from gpu_fakes import (  # noqa: E402
 
 import collective.backends as backends  # noqa: E402
 from collective.backends import nccl as N  # noqa: E402
-from bench.core import _reduce_all, values as _values  # noqa: E402  (the exact-input generator every correctness job uses)
+from collective.bench.core import _reduce_all, values as _values  # noqa: E402  (the exact-input generator every correctness job uses)
 from collective.backends.gpu_staging import (LEGACY_STREAM, GpuStager, cuda_array_info, is_device_array,  # noqa: E402
                                               mpi_cuda_aware)
 from collective.errors import (  # noqa: E402
@@ -179,7 +179,7 @@ def test_available_reports_reasons_here() -> None:
     try:
         import cupy  # noqa: F401
     except ImportError:
-        assert av["nccl"] == "cupy not installed (pip install 'collective[gpu]')"
+        assert av["nccl"] == "cupy not installed (pip install 'pycollective[gpu]')"
 
 
 def test_select_and_its_reasons() -> None:
@@ -902,7 +902,7 @@ def test_device_arrays_through_mpi(nprocs: int) -> None:
 
 # -------------------------------------------------------------- the bench
 def test_bench_gpu_arguments() -> None:
-    from bench.bench_gpu import gpu_columns, split_args
+    from collective.bench.bench_gpu import gpu_columns, split_args
 
     assert split_args(["--device", "gpu", "-b", "4K"]) == (["-b", "4K"], "gpu", "nccl")
     assert split_args(["--backend=mpi", "-n", "3", "--device=gpu"]) == (["-n", "3"], "gpu", "mpi")
@@ -910,7 +910,7 @@ def test_bench_gpu_arguments() -> None:
         split_args(["--device", "cpu"])
     with pytest.raises(SystemExit, match="choose nccl or mpi"):
         split_args(["--backend", "gloo"])
-    from bench.cli import default_algorithms
+    from collective.bench.cli import default_algorithms
 
     cols, notes = gpu_columns(["ring", "native", "shm", "gloo", "auto", "memcpy"], explicit=False)
     assert cols == ["native", "ring", "auto", "memcpy"]
@@ -926,7 +926,7 @@ def test_bench_gpu_arguments() -> None:
 def test_bench_gpu_says_why_it_cannot_run(capsys: pytest.CaptureFixture) -> None:
     if GPU_REASON is None:
         pytest.skip("a GPU is usable here")
-    from bench.bench_gpu import main
+    from collective.bench.bench_gpu import main
 
     assert main(["--device", "gpu", "-b", "4K", "-e", "4K"]) == 2
     assert f"no CUDA GPU: {GPU_REASON}" in capsys.readouterr().err
@@ -936,7 +936,7 @@ def test_bench_gpu_says_why_it_cannot_run(capsys: pytest.CaptureFixture) -> None
 @pytest.mark.mpi
 def test_bench_gpu_table_in_test_mode() -> None:
     """The GPU bench end to end on host memory dressed as device arrays (MPI path): same columns, exact results."""
-    from bench.bench_gpu import TEST_HOST_ENV
+    from collective.bench.bench_gpu import TEST_HOST_ENV
     from mpi_util import mpirun
 
     res = mpirun("gpu_bench_job.py", 2, ["--device", "gpu", "-b", "1K", "-e", "16K", "-f", "4", "-n", "2", "-w", "1",

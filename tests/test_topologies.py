@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import topologies
-from topologies import pipeline
-from topologies import (
+from collective import topologies
+from collective.topologies import pipeline
+from collective.topologies import (
     ALGORITHMS,
     COLLECTIVES,
     Recv,

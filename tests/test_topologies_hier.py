@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topologies import COLLECTIVES, build, even_blocks, simulate, stats, verify
-from topologies.cost import traffic
-from topologies.hierarchical import layout
-from topologies.ring import node_order
+from collective.topologies import COLLECTIVES, build, even_blocks, simulate, stats, verify
+from collective.topologies.cost import traffic
+from collective.topologies.hierarchical import layout
+from collective.topologies.ring import node_order
 
 ROOTED = ("reduce", "broadcast")
 NODE_AWARE = ("hierarchical", "ring")

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topologies import (
+from collective.topologies import (
     ALL_COLLECTIVES,
     ALGORITHMS_BY_COLLECTIVE,
     COLLECTIVES,

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from topologies.cluster import Cluster, LinkCost, TopologyFileError, load_topology, parse_topology
-from topologies.cost import SharedLinkCost, choose, explain, links, predict
+from collective.topologies.cluster import Cluster, LinkCost, TopologyFileError, load_topology, parse_topology
+from collective.topologies.cost import SharedLinkCost, choose, explain, links, predict
 
 LINKS = {"intra": {"alpha_us": 7, "GBps": 2.5, "node_GBps": 4}, "inter": {"alpha_us": 80, "GBps": 0.4},
          "reduce_GBps": 5}
@@ -46,7 +46,7 @@ def test_optional_link_fields() -> None:
     # One node: inter is not needed; no reduce rate means the documented default; no node_GBps means no node limit.
     cl = parse_topology('{"nodes": [[0, 1]], "links": {"intra": {"alpha_us": 0, "GBps": 3}}}')
     assert cl.inter is None and cl.gamma is None and cl.intra.shared_beta == 0.0 and cl.intra.alpha == 0.0
-    from topologies.cost import DEFAULT_GAMMA
+    from collective.topologies.cost import DEFAULT_GAMMA
     assert links(cl)[2] == DEFAULT_GAMMA
     # One rank per node: intra is not needed.
     cl = parse_topology('{"nodes": [[0], [1]], "links": {"inter": {"alpha_us": 9, "GBps": 1}}}')

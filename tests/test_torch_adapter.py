@@ -7,13 +7,13 @@ import pytest
 
 from mpi_util import ROOT, check, count_passed, mpirun
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'collective[torch]')")
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'pycollective[torch]')")
 dist = pytest.importorskip("torch.distributed", reason="this torch build has no torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
     pytest.skip("this torch build has no Gloo backend to compare with", allow_module_level=True)
 
 import collective as col  # noqa: E402
-from trainer.torch import DistributedDataParallel  # noqa: E402
+from collective.trainer.torch import DistributedDataParallel  # noqa: E402
 
 
 def _twins() -> tuple[object, object]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import (
+from collective.trainer import (
     SGD,
     Adam,
     CheckpointCorruptError,
@@ -39,7 +39,7 @@ from trainer import (
     timeline_path,
     write_checkpoint,
 )
-from trainer.buckets import bucket_caps
+from collective.trainer.buckets import bucket_caps
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -345,7 +345,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path: Path) -> 
 _WRITER = """
 import sys, numpy as np
 sys.path.insert(0, {root!r})
-from trainer.checkpoint import Checkpointer
+from collective.trainer.checkpoint import Checkpointer
 ck = Checkpointer({d!r}, None, every=1, keep=2)
 rng = np.random.default_rng(0)
 arrays = {{"w": rng.standard_normal(1 << 20)}}
@@ -421,7 +421,7 @@ def test_progress_bar_runs(capsys: pytest.CaptureFixture) -> None:
 
 def test_imports_without_torch_or_mpi() -> None:
     code = ("import sys; sys.modules['torch'] = None; sys.modules['mpi4py'] = None; import trainer; "
-            "import trainer.loop, trainer.compress; print('ok')")
+            "import collective.trainer.loop, collective.trainer.compress; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT),
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
     assert out.stdout.strip() == "ok", out.stderr
@@ -430,7 +430,7 @@ def test_imports_without_torch_or_mpi() -> None:
 def test_nan_check_names_the_bucket_and_parameter(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """COLLECTIVE_NAN_CHECK=1: a non-finite gradient is reported with the rank, the bucket and the parameter."""
     monkeypatch.setenv("COLLECTIVE_NAN_CHECK", "1")
-    from trainer import DataParallel, mlp
+    from collective.trainer import DataParallel, mlp
 
     dp = DataParallel(mlp([4, 3, 2]), None)
     b = dp.buckets.buckets[0]

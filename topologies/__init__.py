@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import bruck, hierarchical, pairwise, pipeline, ring, star, tree
 from .schedule import (

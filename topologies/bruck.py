@@ -38,7 +38,7 @@
 # both ends.
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .schedule import INPUT, OUTPUT, TEMP, Copy, Recv, Schedule, Send, Step, alltoall_displacements
 

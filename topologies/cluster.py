@@ -78,7 +78,7 @@ class Cluster:
         return tuple(r for r, n in enumerate(self.node_of_rank) if n == node)
 
     @classmethod
-    def from_node_size(cls, size: int, node_size: int) -> "Cluster":
+    def from_node_size(cls, size: int, node_size: int) -> Cluster:
         """Fake nodes of ``node_size`` consecutive ranks (what COLLECTIVE_NODE_SIZE asks for)."""
         if node_size < 1:
             raise ValueError(f"node size must be >= 1, got {node_size}")

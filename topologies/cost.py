@@ -41,10 +41,10 @@
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
-from . import ALGORITHMS, ALL_COLLECTIVES, ALGORITHMS_BY_COLLECTIVE, build
+from . import ALGORITHMS, ALGORITHMS_BY_COLLECTIVE, ALL_COLLECTIVES, build
 from .cluster import Cluster, LinkCost
 from .cluster import SharedLinkCost as SharedLinkCost  # defined with LinkCost; importable from here too
 from .schedule import (

@@ -65,7 +65,7 @@
 # both ends alike, so channels stay matched.
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .schedule import Recv, Schedule, Send, Step, even_blocks
 

@@ -22,7 +22,7 @@
 # and a step left empty is dropped, so channels stay matched.
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .schedule import INPUT, OUTPUT, Copy, Recv, Schedule, Send, Step, alltoall_displacements
 

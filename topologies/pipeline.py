@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from .schedule import Recv, Schedule, Send, Step, even_blocks
 

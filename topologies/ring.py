@@ -40,7 +40,7 @@
 # nothing to do is dropped.
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .schedule import INPUT, OUTPUT, Copy, Recv, Schedule, Send, Step
 

@@ -34,10 +34,10 @@ A Schedule is pure data: ``steps[rank]`` is that rank's tuple of Steps.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from types import MappingProxyType
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 

@@ -19,7 +19,7 @@
 # the leaves in rank order: the result does not depend on message timing.
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .schedule import Recv, Schedule, Send, Step
 

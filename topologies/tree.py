@@ -51,7 +51,7 @@
 # (P = 1) does its own copy and nothing else.
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .schedule import INPUT, OUTPUT, TEMP, Copy, Recv, Schedule, Send, Step
 

@@ -1,7 +1,8 @@
 """Transports: the small Backend protocol the executor runs Schedules over, and what is available here."""
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -43,7 +44,7 @@ def available() -> dict[str, str | None]:
 
     Example::
 
-        available()   # {"mpi": None, "nccl": "cupy not installed (pip install 'collective[gpu]')"}
+        available()   # {"mpi": None, "nccl": "cupy not installed (pip install 'pycollective[gpu]')"}
     """
     from .nccl import probe
 
@@ -53,7 +54,7 @@ def available() -> dict[str, str | None]:
 
         out["mpi"] = None
     except Exception as exc:  # pragma: no cover - depends on the environment
-        out["mpi"] = f"mpi4py cannot be imported ({exc}); pip install 'collective[mpi]'"
+        out["mpi"] = f"mpi4py cannot be imported ({exc}); pip install 'pycollective[mpi]'"
     out["nccl"] = probe()
     return out
 

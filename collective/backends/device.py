@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from ..arrays import is_immutable
 from ..errors import BackendUnavailableError, CollectiveTypeError, CollectiveValueError, describe
+from ..spec import COLLECTIVE_NAMES as _NAMES
+from ..spec import REDUCING, blocks_of, result_shape
 from . import BACKENDS
 from .gpu_staging import GpuStager, cuda_array_info, is_device_array, mpi_cuda_aware
-from ..spec import COLLECTIVE_NAMES as _NAMES, REDUCING, blocks_of, result_shape
 
 __all__ = ["DeviceCollectives", "DeviceRequest", "StagedWork", "result_shape"]
 
@@ -305,7 +307,7 @@ class DeviceCollectives:
             raise CollectiveTypeError(
                 f"{t.__module__}.{t.__qualname__} is device memory, and neither a GPU backend (NCCL) nor CuPy (to move "
                 f"it through MPI) is usable here ({self.why}; CuPy: {exc}); copy it to the host first (e.g. "
-                "cupy.asnumpy(x), x.cpu()) or pip install 'collective[gpu]'") from None
+                "cupy.asnumpy(x), x.cpu()) or pip install 'pycollective[gpu]'") from None
 
     def _direct_ok(self, name: str, info: Any, op: Any, algorithm: str | None) -> bool:
         if not self.cuda_aware or not info.contiguous:

@@ -1,13 +1,13 @@
 """The MPI backend: mpi4py's uppercase buffer calls, nonblocking point-to-point, and MPI's own collectives as `native`."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os as _os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from ..errors import BackendUnavailableError
-
-import os as _os
 
 # Open MPI's UCX one-sided component prints a spurious error on machines without UCX networks when
 # a shared window is created; the shared-memory component does the job.
@@ -56,7 +56,7 @@ def require_mpi() -> Any:
             from mpi4py import MPI as mod
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise BackendUnavailableError(
-                f"mpi4py cannot be imported ({exc}); install it with: pip install 'collective[mpi]'") from None
+                f"mpi4py cannot be imported ({exc}); install it with: pip install 'pycollective[mpi]'") from None
         MPI = mod
         MPI_PID = _os.getpid()
     return MPI

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-import topologies
+from collective import topologies
 
 from .. import config
 from ..errors import (
@@ -188,7 +188,7 @@ def probe(importer: Callable[[str], Any] | None = None) -> str | None:
 
     Example::
 
-        probe()   # e.g. "cupy not installed (pip install 'collective[gpu]')"
+        probe()   # e.g. "cupy not installed (pip install 'pycollective[gpu]')"
     """
     if importer is None:
         if not _PROBED:
@@ -198,7 +198,7 @@ def probe(importer: Callable[[str], Any] | None = None) -> str | None:
         cupy = importer("cupy")
     except ImportError as exc:
         if getattr(exc, "name", None) == "cupy":
-            return "cupy not installed (pip install 'collective[gpu]')"
+            return "cupy not installed (pip install 'pycollective[gpu]')"
         return f"cupy cannot be imported ({type(exc).__name__}: {exc})"
     except Exception as exc:  # noqa: BLE001 - a broken CUDA install raises anything at import
         return f"cupy cannot be imported ({type(exc).__name__}: {exc})"

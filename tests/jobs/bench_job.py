@@ -7,6 +7,6 @@ import sys
 
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # mpi_util dumps stacks this way on a timeout
 
-from bench.__main__ import main  # noqa: E402
+from collective.bench.__main__ import main  # noqa: E402
 
 sys.exit(main(sys.argv[1:]))

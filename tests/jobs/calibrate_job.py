@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 from collective import calibrate as cal
 from harness import Cases
-from topologies.cluster import Cluster
+from collective.topologies.cluster import Cluster
 
 node_size, path = int(sys.argv[1]), sys.argv[2]
 world = MPI.COMM_WORLD.Dup()

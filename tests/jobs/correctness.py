@@ -12,8 +12,8 @@ import zlib
 import numpy as np
 
 import collective as col
-from bench.core import _reduce_all as exact_reduction
-from bench.core import values  # small integers whose reduction is exact in every dtype and order
+from collective.bench.core import _reduce_all as exact_reduction
+from collective.bench.core import values  # small integers whose reduction is exact in every dtype and order
 from harness import Cases
 
 ap = argparse.ArgumentParser()

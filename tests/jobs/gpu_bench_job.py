@@ -3,6 +3,6 @@ from __future__ import annotations
 
 import sys
 
-from bench.bench_gpu import main
+from collective.bench.bench_gpu import main
 
 sys.exit(main(sys.argv[1:]))

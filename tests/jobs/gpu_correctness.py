@@ -18,8 +18,8 @@ import numpy as np
 
 import collective as col
 from collective.backends.nccl import native_plan, probe
-from bench.core import expected as exact_expected
-from bench.core import values  # small integers whose reduction is exact in every dtype and order
+from collective.bench.core import expected as exact_expected
+from collective.bench.core import values  # small integers whose reduction is exact in every dtype and order
 from harness import Cases
 
 ap = argparse.ArgumentParser()

@@ -15,8 +15,8 @@ from collective.backends.device import DeviceCollectives
 from collective.backends.gpu_staging import GpuStager
 from collective.errors import CollectiveMismatchError, CollectiveValueError
 from gpu_fakes import FakeOps, HostCudaArray
-from bench.core import expected as exact_expected
-from bench.core import values  # small integers whose reduction is exact in every dtype and order
+from collective.bench.core import expected as exact_expected
+from collective.bench.core import values  # small integers whose reduction is exact in every dtype and order
 from harness import Cases
 
 comm = col.init()

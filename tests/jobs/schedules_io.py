@@ -18,7 +18,7 @@ from harness import Cases
 
 from collective.backends.mpi import MPIBackend, require_mpi
 from collective.executor import Executor, ExecutorOptions
-from topologies import alltoall_displacements, build, offsets
+from collective.topologies import alltoall_displacements, build, offsets
 
 DTYPES = ("float32", "float64", "int8", "float16", "complex64")
 

@@ -13,8 +13,8 @@ import numpy as np
 
 import collective as col
 from harness import Cases
-from topologies.cluster import load_topology
-from topologies.cost import predict
+from collective.topologies.cluster import load_topology
+from collective.topologies.cost import predict
 
 mode, arg = sys.argv[1], sys.argv[2]
 path = os.environ["COLLECTIVE_TOPOLOGY"]

@@ -16,9 +16,9 @@ import torch
 from mpi4py import MPI
 
 import collective as col
-from bench.gloo import GlooGroup
+from collective.bench.gloo import GlooGroup
 from harness import Cases
-from trainer.torch import CommHookState, DistributedDataParallel, allreduce_hook
+from collective.trainer.torch import CommHookState, DistributedDataParallel, allreduce_hook
 
 # --only ddp,more,shard,interop: some groups of cases (ddp: the equivalence runs; shard: shard_optimizer;
 # interop: torch/JAX/CuPy arrays)
@@ -199,7 +199,7 @@ run("more", "COLLECTIVE_BUCKET_MB", env_bucket_mb)
 
 def overlap_agreed() -> None:
     """Ranks that see a spare core differently still build one bucket layout (the default overlap is agreed)."""
-    import trainer.torch as tt
+    import collective.trainer.torch as tt
 
     real = tt._spare_core
     tt._spare_core = lambda comm: comm.rank == 0  # only rank 0 thinks it has a core to spare

@@ -11,7 +11,7 @@ import sys
 import torch
 
 import collective as col
-from trainer.torch import DistributedDataParallel
+from collective.trainer.torch import DistributedDataParallel
 
 torch.set_num_threads(1)
 comm = col.init()

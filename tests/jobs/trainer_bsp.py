@@ -12,7 +12,7 @@ import numpy as np
 from harness import Cases
 
 import collective as col
-from trainer import SGD, Adam, Conv2d, DataParallel, Flatten, Linear, ReLU, Sequential, ShardedLoader, mlp
+from collective.trainer import SGD, Adam, Conv2d, DataParallel, Flatten, Linear, ReLU, Sequential, ShardedLoader, mlp
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", required=True)

@@ -14,7 +14,7 @@ import numpy as np
 from harness import Cases
 
 import collective as col
-from trainer import (
+from collective.trainer import (
     SGD,
     CheckpointCorruptError,
     Checkpointer,

@@ -13,7 +13,7 @@ import signal
 import numpy as np
 
 import collective as col
-from trainer import SGD, Checkpointer, DataParallel, ShardedLoader, StepStats, fit, mlp
+from collective.trainer import SGD, Checkpointer, DataParallel, ShardedLoader, StepStats, fit, mlp
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--steps", type=int, default=30)
