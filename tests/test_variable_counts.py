@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from collective.topologies import cost
+from collective.topologies.cluster import Cluster, LinkCost
 from mpi_util import check, count_passed, mpirun
 
 from collective.choose import VARIABLE_AUTO, Chooser
-from topologies import cost
-from topologies.cluster import Cluster, LinkCost
 
 INTRA = LinkCost(alpha=5e-6, beta=1 / 5e9)
 INTER = LinkCost(alpha=50e-6, beta=1 / 1e9)

@@ -127,7 +127,7 @@ def main() -> None:
 
     def auto_across_nodes() -> None:
         """"auto" across (emulated) nodes runs what the cost model picks, from counts every rank holds alike."""
-        from topologies.cluster import Cluster, LinkCost
+        from collective.topologies.cluster import Cluster, LinkCost
 
         nodes = tuple(q % 2 for q in range(P))  # two nodes, ranks interleaved
         cl = Cluster(nodes, LinkCost(5e-6, 1 / 5e9), LinkCost(50e-6, 1 / 1e9), 1 / 3e9, source="a test layout",
