@@ -13,6 +13,7 @@ from .errors import (
     CollectiveMismatchError,
     CollectiveTimeoutError,
     CollectiveTypeError,
+    CollectiveUsageError,
     CollectiveValueError,
     RanksLostError,
 )
@@ -26,7 +27,8 @@ __all__ = [
     "allreduce", "allreduce_async", "reduce", "reduce_async", "broadcast", "broadcast_async",
     "reduce_scatter", "reduce_scatter_async", "allgather", "allgather_async", "barrier",
     "CollectiveError", "CollectiveValueError", "CollectiveTypeError", "CollectiveTimeoutError",
-    "CollectiveMismatchError", "BackendUnavailableError", "CollectiveConfigError", "RanksLostError",
+    "CollectiveMismatchError", "CollectiveUsageError", "BackendUnavailableError", "CollectiveConfigError",
+    "RanksLostError",
 ]
 __version__ = "0.1.0"
 

@@ -37,7 +37,7 @@ from .backends.gpu_staging import is_device_array
 from .backends.mpi import MPIBackend, require_mpi
 from .calibrate import calibrate
 from .check import CrossRankCheck
-from .choose import Chooser
+from .choose import VARIABLE_AUTO, Chooser
 from .engine import HostEngine
 from .errors import (BackendUnavailableError, CollectiveError, CollectiveTypeError, CollectiveValueError,
                      RanksLostError, describe)
@@ -103,6 +103,18 @@ class Communicator:
         job_ranks: the job rank (see :attr:`world_ranks`) of each rank of
             ``comm``; default: their ranks in ``MPI.COMM_WORLD``. Set by
             :meth:`shrink` and :meth:`grow`.
+
+    Threads: one thread at a time may call collectives on a communicator, in
+    the same order on every rank. A collective called while another thread's
+    synchronous one is in flight raises :class:`~collective.CollectiveUsageError`
+    (naming both calls and threads; the other ranks raise too), and every
+    call's cross-rank check includes the issuing thread's name, so calls of
+    different threads that meet across ranks raise
+    :class:`~collective.CollectiveMismatchError` on every rank instead of
+    exchanging the wrong data. ``*_async`` calls count as their caller's; the
+    communication thread that runs them is the library's own. Threads that
+    each need collectives get a communicator each (``comm.split(0)``, made in
+    the same order on every rank).
 
     Example::
 
@@ -215,6 +227,7 @@ class Communicator:
         self._engine.nodes = self.cluster.node_of_rank
         self._engine.single_node = self.single_node
         self._engine.prepare_fixed = self._prep.prepare
+        self._engine.choose_variable = self._chooser.auto_variable
         async_problem = None
         if self.thread_level < MPI.THREAD_MULTIPLE:
             async_problem = (f"async collectives need MPI initialised with THREAD_MULTIPLE, but this MPI provides "
@@ -368,6 +381,10 @@ class Communicator:
         Returns:
             The result, of ``x``'s type (``out`` itself when given). Bitwise
             identical on every rank.
+
+        Raises:
+            CollectiveMismatchError: the ranks' calls differ (shape, dtype, op, ..., or the issuing thread).
+            CollectiveUsageError: another thread's collective is in flight on this communicator (see the class).
 
         Example::
 
@@ -579,7 +596,7 @@ class Communicator:
         # Collective, so it takes its turn behind queued async work like any collective: run inline it
         # could meet a peer's communication thread in the middle of an allreduce and deadlock.
         self._open("alloc")
-        buf = self._seqr.run_locked(functools.partial(self._engine.alloc, n * dt.itemsize))
+        buf = self._seqr.run_locked(functools.partial(self._engine.alloc, n * dt.itemsize), "alloc")
         return buf.view(dt).reshape(shp)
 
     def alloc_views(self, a: np.ndarray) -> list[np.ndarray]:
@@ -621,7 +638,7 @@ class Communicator:
             comm.free(g)
         """
         self._open("free")
-        self._seqr.run_locked(lambda: (self._prep.forget(), self._engine.free(a)))
+        self._seqr.run_locked(lambda: (self._prep.forget(), self._engine.free(a)), "free")
 
     def window_slice(self, n: int) -> tuple[int, int] | None:
         """The part [start, stop) of an n-element alloc'd array that this rank reduces on the window path.
@@ -658,15 +675,7 @@ class Communicator:
         c = self._prepare("allreduce", x, "sum", algorithm, 0, x)
         if type(c) is not Call or c.views is None or c.out_views is not c.views:
             return False
-        with seqr.lock:
-            if seqr.pending:
-                return False
-            c.own = parts
-            try:
-                seqr.op(c)
-            finally:
-                c.own = None
-        return True
+        return seqr.run_in_window(c, parts)
 
     def cost_choice(self, collective: str, nbytes: int, dtype: Any = "float32", root: int = 0,
                     candidates: Any = None) -> Any:
@@ -677,11 +686,15 @@ class Communicator:
         (collective, nbytes, itemsize, root, candidates).
 
         Args:
-            collective: "allreduce", "reduce", "broadcast", "reduce_scatter" or "allgather".
-            nbytes: bytes of one rank's input (``x.nbytes``).
-            dtype: element type (its itemsize matters; native is left out when MPI lacks it).
-            root: root of reduce and broadcast.
-            candidates: algorithm names to compare (default: native and every Schedule algorithm).
+            collective: "allreduce", "reduce", "broadcast", "reduce_scatter", "allgather", or the variable-size
+                "alltoall", "gather", "scatter" and "allgatherv" (an allgather whose first dims differ).
+            nbytes: bytes of one rank's input (``x.nbytes``; for the variable-size ones the mean over the ranks,
+                for scatter the root's whole input).
+            dtype: element type (its itemsize matters; native is left out when MPI lacks it, except for the
+                variable-size ones, which MPI runs in bytes).
+            root: root of reduce, broadcast, gather and scatter.
+            candidates: algorithm names to compare (default: native and every Schedule algorithm of the
+                collective, ``topologies.cost.candidates_for``).
 
         Example::
 
@@ -692,9 +705,15 @@ class Communicator:
     def auto_algorithm(self, collective: str, nbytes: int, dtype: Any = "float32") -> str:
         """The algorithm ``algorithm="auto"`` runs for a call whose input is ``nbytes`` of ``dtype`` (local, no messages).
 
+        For the variable-size collectives ("alltoall", "gather", "scatter",
+        "allgatherv"), ``nbytes`` is the mean of the ranks' inputs (scatter:
+        the root's input), as the call itself computes it once the counts are
+        known.
+
         Example::
 
             comm.auto_algorithm("allreduce", 4 << 20)   # e.g. "shm" on one node
+            comm.auto_algorithm("alltoall", 1 << 20)    # e.g. "pairwise" across nodes
         """
         self._known(collective, "auto_algorithm")
         return self._chooser.auto(collective, int(nbytes), np.dtype(dtype))
@@ -713,9 +732,10 @@ class Communicator:
         return self._chooser.explain(collective, nbytes, dtype, root)
 
     def _known(self, collective: str, what: str) -> None:
-        if collective not in COLLECTIVE_NAMES:
+        names = (*COLLECTIVE_NAMES, *VARIABLE_AUTO)
+        if collective not in names:
             raise CollectiveValueError(f"{describe(what, self.rank, self.size)}: unknown collective "
-                                       f"{collective!r}; choose one of {', '.join(COLLECTIVE_NAMES)}")
+                                       f"{collective!r}; choose one of {', '.join(names)}")
 
     def split(self, color: int | None, key: int = 0) -> "Communicator | None":
         """A communicator over the ranks that pass the same ``color``, ordered by ``key``, then rank (collective).

@@ -10,6 +10,7 @@ __all__ = [
     "CollectiveTypeError",
     "CollectiveTimeoutError",
     "CollectiveMismatchError",
+    "CollectiveUsageError",
     "BackendUnavailableError",
     "SharedMemoryError",
     "RanksLostError",
@@ -65,6 +66,14 @@ class CollectiveTimeoutError(CollectiveError, TimeoutError):
 
 class CollectiveMismatchError(CollectiveError):
     """Ranks called the same collective with different arguments (op, dtype, shape, root, algorithm, order)."""
+
+
+class CollectiveUsageError(CollectiveError, RuntimeError):
+    """A communicator used against its rules: a collective called on it while another thread's is in flight.
+
+    The message names both calls and both threads, and what to do instead
+    (one thread per communicator at a time; ``comm.split`` gives each thread its own).
+    """
 
 
 class BackendUnavailableError(CollectiveError, RuntimeError):

@@ -480,6 +480,27 @@ class ShmArena:
                 return False
         return True
 
+    def exchange_counts(self, h: int, seq: int, a: int, b: int) -> tuple[bool, np.ndarray | None]:
+        """:meth:`exchange` that also posts two numbers of this rank (e.g. its rows and its ``out``'s rows).
+
+        Returns (whether every rank posted ``h``, every rank's two numbers as a
+        (P, 2) int64 array, None unless they did). The numbers sit in the
+        flag's cache line next to the fingerprint, in a pair per slot, so the
+        sizes of a variable-size collective travel with its check.
+        """
+        par = seq & 1
+        slot = 1 + par
+        w = 3 + 2 * par  # words 3-4 for even calls, 5-6 for odd ones (0: ticket, 1-2: fingerprints)
+        f = self.my_flag
+        f[w] = a
+        f[w + 1] = b
+        f[slot] = h
+        self.phase()
+        for o in self._others:
+            if o[slot] != h:
+                return False, None
+        return True, np.array([(fl[w], fl[w + 1]) for fl in self.flags], np.int64)
+
     def quick_regions(self, dtype: np.dtype, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Every rank's region for even and for odd chunk numbers, cut to ``n`` elements (for quick_allreduce)."""
         return tuple([r[:n] for r in self.regions(g, dtype)] for g in (0, 1))  # type: ignore[return-value]

@@ -52,6 +52,7 @@ import collective as _col
 from .errors import CollectiveError, CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import BFLOAT16
 from .p2p import ANY_SOURCE
+from .threads import set_name
 
 __all__ = ["BACKEND", "CollectiveProcessGroup", "MonitoredBarrierError", "create_store", "join_closing",
            "mpi_launched"]
@@ -230,7 +231,10 @@ class _Completer:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="collective-torch-callbacks")
+        # One name for every pool thread: which of them runs a callback differs across ranks, and a callback that
+        # starts a collective must be tagged the same on every rank (collective.threads).
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="collective-torch-callbacks",
+                                        initializer=set_name, initargs=("collective-torch-callbacks",))
 
     def add(self, works: list[Any], post: Callable[[], None] | None, value: Any, name: str) -> _Async:
         fut: torch.futures.Future = torch.futures.Future()

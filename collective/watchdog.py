@@ -164,13 +164,19 @@ def deadline(what: str, timeout: float | None = None) -> Iterator[None]:
         abort_job(f"collective: {where}: {what} did not finish within {t:g} s (COLLECTIVE_TIMEOUT): some rank "
                   "has not made the same call (did every rank call collective.init()?); aborting the job")
 
-    timer = threading.Timer(t, expire)
-    timer.daemon = True
-    timer.start()
+    done = threading.Event()
+
+    def watch() -> None:
+        if not done.wait(t):
+            expire()
+
+    # A named thread, not threading.Timer: an unnamed one would take a number from Python's count of unnamed
+    # threads, and a user's thread names must come out the same on every rank (collective.threads).
+    threading.Thread(target=watch, name="collective-deadline", daemon=True).start()
     try:
         yield
     finally:
-        timer.cancel()
+        done.set()
 
 
 _LIVE: list[weakref.ref] = []
