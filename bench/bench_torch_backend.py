@@ -1,19 +1,30 @@
-"""dist.all_reduce on the backend "collective" vs on gloo (and a bare mpi4py Allreduce), torch CPU tensors, interleaved.
+"""torch.distributed on the backend "collective" vs on gloo: dist.all_reduce, and torch's own DDP and FSDP2 steps.
 
 Run (it launches its own mpiexec job when not started under one)::
 
-    python bench/bench_torch_backend.py                  # P = 2, float32, one element, then 4 KiB .. 64 MiB
-    python bench/bench_torch_backend.py --procs 4 --iters 5
+    python bench/bench_torch_backend.py                  # P = 2: all_reduce 4 B .. 64 MiB, then the training steps
+    python bench/bench_torch_backend.py --procs 4 --part allreduce --iters 5
+    python bench/bench_torch_backend.py --part train --rounds 3 --steps 2
 
-Columns: ``collective`` (``dist.all_reduce(t)`` on the default group, backend "collective"), ``gloo``
-(``dist.all_reduce(t, group=g)`` on a gloo group over the same ranks, built from the same store) and ``mpi4py``
-(``MPI.COMM_WORLD.Allreduce(IN_PLACE, ...)`` on the tensor's memory: the floor any Python layer stands on).
-busbw = bytes / time x 2(P-1)/P, as nccl-tests. Each iteration runs every column once, in an order rotated
-by one per iteration, after a barrier; a time is the slowest rank's; the figure is the median over iterations.
+Part ``allreduce``, columns: ``collective`` (``dist.all_reduce(t)`` on the default group, backend
+"collective"), ``gloo`` (``dist.all_reduce(t, group=g)`` on a gloo group over the same ranks, built from the
+same store) and ``mpi4py`` (``MPI.COMM_WORLD.Allreduce(IN_PLACE, ...)`` on the tensor's memory: the floor any
+Python layer stands on). busbw = bytes / time x 2(P-1)/P, as nccl-tests.
+
+Part ``train``: one step (zero_grad, forward, cross-entropy, backward, SGD step) of an MLP, per-rank batch 64,
+one thread per rank: ``local`` (every rank trains alone at the same time: the ideal), ``ddp-collective`` and
+``ddp-gloo`` (torch's ``DistributedDataParallel`` on the default group or on the gloo group), and for the
+40 MB MLP ``fsdp-collective`` and ``fsdp-gloo`` (FSDP2 ``fully_shard`` per layer and on the whole, on a
+DeviceMesh over either group). Models: 784-1024-1024-10 (7.5 MB of gradients) and 784-2048-2048-2048-10
+(40 MB).
+
+Method: every iteration (round) runs each column once (a block of steps), in an order rotated by one per
+iteration, after a barrier; a time is the slowest rank's; the figure is the median over iterations.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -22,6 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [4, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
+SHAPES = {"784-1024-1024-10": (784, 1024, 1024, 10), "784-2048-2048-2048-10": (784, 2048, 2048, 2048, 10)}
+#: FSDP2 runs on the larger model only (sharding pays where there is much to shard).
+FSDP_SHAPES = ("784-2048-2048-2048-10",)
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -29,6 +43,11 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--iters", type=int, default=7, help="interleaved iterations per size (median reported)")
     p.add_argument("--max-bytes", type=int, default=64 << 20)
+    p.add_argument("--part", default="allreduce,train", help="allreduce, train or both (default both)")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of MLP shapes (default both)")
+    p.add_argument("--rounds", type=int, default=8, help="timed rounds per training column (median reported)")
+    p.add_argument("--steps", type=int, default=3, help="steps per round")
+    p.add_argument("--batch", type=int, default=64, help="per-rank batch")
     return p.parse_args(argv)
 
 
@@ -38,19 +57,30 @@ def _reps(nbytes: int) -> int:
 
 
 def _bench(a: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    import collective.torch  # noqa: F401  (registers the backend)
+
+    torch.set_num_threads(1)
+    dist.init_process_group("collective")
+    gloo = dist.new_group(list(range(dist.get_world_size())), backend="gloo")
+    world = MPI.COMM_WORLD
+    if "allreduce" in a.part:
+        _allreduce(a, gloo, world)
+    if "train" in a.part:
+        _train(a, gloo, world)
+    dist.destroy_process_group()
+
+
+def _allreduce(a: argparse.Namespace, gloo: object, world: object) -> None:
     import numpy as np
     import torch
     import torch.distributed as dist
     from mpi4py import MPI
 
-    import collective.torch
-
-    torch.set_num_threads(1)
-    dist.init_process_group("collective")
-    comm = collective.get_default()
-    P, R = comm.size, comm.rank
-    gloo = dist.new_group(list(range(P)), backend="gloo")
-    world = MPI.COMM_WORLD
+    P, R = dist.get_world_size(), dist.get_rank()
     rows = []
     for nbytes in [s for s in SIZES if s <= a.max_bytes]:
         t = torch.zeros(nbytes // 4)
@@ -90,13 +120,99 @@ def _bench(a: argparse.Namespace) -> None:
         f = 2 * (P - 1) / P
         print(f"dist.all_reduce, float32 torch CPU tensors, in place, P={P}; busbw GB/s (time us); "
               f"median of {a.iters} interleaved iterations")
-        print(f"{'bytes':>10} {'collective':>20} {'gloo':>20} {'mpi4py':>20} {'coll/gloo':>10} {'coll/mpi4py time':>17}")
+        print(f"{'bytes':>10} {'collective':>20} {'gloo':>20} {'mpi4py':>20} {'coll/gloo':>10} "
+              f"{'coll/mpi4py time':>17}")
         for nbytes, med in rows:
-            cells = [f"{f * nbytes / med[k] / 1e9:8.2f} ({med[k] * 1e6:8.1f})" for k in ("collective", "gloo", "mpi4py")]
+            cells = [f"{f * nbytes / med[k] / 1e9:8.2f} ({med[k] * 1e6:8.1f})"
+                     for k in ("collective", "gloo", "mpi4py")]
             print(f"{nbytes:>10} {cells[0]:>20} {cells[1]:>20} {cells[2]:>20} "
                   f"{med['gloo'] / med['collective']:>9.2f}x {med['collective'] / med['mpi4py']:>16.2f}x")
         sys.stdout.flush()
-    dist.destroy_process_group()
+
+
+def _train(a: argparse.Namespace, gloo: object, world: object) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    meshes = {"collective": init_device_mesh("cpu", (dist.get_world_size(),)),
+              "gloo": DeviceMesh.from_group(gloo, "cpu")}
+    for name in a.shapes.split(","):
+        _train_model(a, name, gloo, meshes, world)
+
+
+def _mlp(sizes: tuple[int, ...]) -> object:
+    import torch
+
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for i, o in itertools.pairwise(sizes):
+        layers += [torch.nn.Linear(i, o), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def _sharded(sizes: tuple[int, ...], mesh: object) -> object:
+    """The MLP under FSDP2: ``fully_shard`` on each linear layer, then on the whole."""
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    m = _mlp(sizes)
+    for layer in m:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    return fully_shard(m, mesh=mesh)
+
+
+def _train_model(a: argparse.Namespace, name: str, gloo: object, meshes: dict, world: object) -> None:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    P, R = dist.get_world_size(), dist.get_rank()
+    sizes = SHAPES[name]
+    models = {"local": _mlp(sizes), "ddp-collective": DDP(_mlp(sizes)),
+              "ddp-gloo": DDP(_mlp(sizes), process_group=gloo)}
+    if name in FSDP_SHAPES:
+        models["fsdp-collective"] = _sharded(sizes, meshes["collective"])
+        models["fsdp-gloo"] = _sharded(sizes, meshes["gloo"])
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
+    g = torch.Generator().manual_seed(1 + R)
+    x = torch.randn(a.batch, sizes[0], generator=g)
+    y = torch.randint(0, sizes[-1], (a.batch,), generator=g)
+    loss_fn = torch.nn.functional.cross_entropy
+
+    def step(k: str) -> None:
+        m, o = models[k], opts[k]
+        o.zero_grad()
+        loss_fn(m(x), y).backward()
+        o.step()
+
+    names = list(models)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for it in range(a.rounds + 1):  # round 0 warms up (buckets, first-call setup) and is not counted
+        order = names[it % len(names):] + names[:it % len(names)]
+        for k in order:
+            world.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                step(k)
+            dt = np.array([(time.perf_counter() - t0) / a.steps])
+            world.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
+            if it >= 1:
+                times[k].append(float(dt[0]))
+    med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    if R == 0:
+        grad_mb = sum(p.numel() * 4 for p in models["local"].parameters()) / 1e6
+        print(f"MLP {name} ({grad_mb:.1f} MB of gradients), P={P}, per-rank batch {a.batch}, one thread per "
+              f"rank; step ms, median of {a.rounds} interleaved rounds of {a.steps} steps")
+        print("  " + "  ".join(f"{k} {v:.1f}" for k, v in med.items()))
+        ratios = [f"ddp gloo/collective {med['ddp-gloo'] / med['ddp-collective']:.2f}x",
+                  f"ddp-collective/local {med['ddp-collective'] / med['local']:.2f}x"]
+        if "fsdp-collective" in med:
+            ratios.append(f"fsdp gloo/collective {med['fsdp-gloo'] / med['fsdp-collective']:.2f}x")
+        print("  " + ", ".join(ratios))
+        sys.stdout.flush()
 
 
 def main(argv: list[str]) -> int:

@@ -18,6 +18,9 @@ Methods:
     no-overlap     ours: the same buckets, allreduced after backward
     per-param      our layers + one blocking native MPI allreduce per parameter after backward
     overlap-alloc  ours (overlap), gradient buckets allocated by comm.alloc (the node's shared window)
+    elastic        ours (overlap) with the elastic state: double-buffered optimizer, a commit every step
+                   (``--elastic`` adds it next to overlap; launch with ``collective-run --elastic`` to
+                   include the runtime's elastic mode)
 Any of ours may name an allreduce algorithm: ``--methods local,overlap,overlap:ring``.
     torch-local    torch.nn, no communication (the reference for DDP)
     torch-ddp      torch DistributedDataParallel over Gloo (25 MB buckets, its default)
@@ -26,7 +29,9 @@ Ratios: each method over its own local step (wall time, and CPU time of the
 process: on a shared machine CPU time is the steadier measure of what the
 communication costs); and torch-ddp over ours (overlap), the per-step speed-up. For ours the report also says where the time goes
 (forward, backward, waiting for buckets, optimizer; time in collectives on the
-communication thread, and the fraction of it that was hidden).
+communication thread, and the fraction of it that was hidden). With
+``elastic`` it also gives elastic / overlap, the steady-state cost of the
+elastic state, paired per cycle.
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import collective as col
-from collective.trainer import SGD, DataParallel, StepStats, mlp
+from collective.trainer import SGD, DataParallel, ElasticState, StepStats, mlp
 
 MODELS = {"7.5MB": [784, 1024, 1024, 10], "40MB": [784, 2048, 2048, 2048, 10]}
 
@@ -68,7 +73,7 @@ def _layer_sizes(spec: str) -> list[int]:
         raise SystemExit(f"bench_trainer: unknown model {spec!r}: name one of {', '.join(MODELS)} "
                          "or give layer sizes like 784-4096-4096-10")
     return sizes
-OURS = ("local", "overlap", "no-overlap", "per-param", "overlap-alloc")
+OURS = ("local", "overlap", "no-overlap", "per-param", "overlap-alloc", "elastic")
 TORCH = ("torch-local", "torch-ddp")
 
 
@@ -80,11 +85,12 @@ class Ours:
         method, _, alg = method.partition(":")  # "overlap:ring": this method with this algorithm
         algorithm = alg or algorithm
         self.method, self.comm = method, comm
-        use = comm if method in ("overlap", "no-overlap", "overlap-alloc") else None
+        use = comm if method in ("overlap", "no-overlap", "overlap-alloc", "elastic") else None
         alloc = "shared" if method == "overlap-alloc" else None  # buckets in the node's shared window
         self.dp = DataParallel(mlp(sizes, seed=seed), use, overlap=(method != "no-overlap"), bucket_mb=bucket_mb,
                                algorithm=algorithm, seed=seed, allocator=alloc)
         self.opt = SGD(self.dp.buckets, lr=1e-4, momentum=0.9)
+        self.state = ElasticState(self.dp, self.opt) if method == "elastic" else None
         rng = np.random.default_rng(seed + 1 + comm.rank)
         self.x = rng.standard_normal((batch, sizes[0])).astype(np.float32)
         self.y = rng.integers(0, sizes[-1], batch)
@@ -100,6 +106,8 @@ class Ours:
             self.opt.step()
         else:
             self.stats.append(self.dp.train_step(self.x, self.y, None, self.step_no, self.opt))
+            if self.state is not None:
+                self.state.commit(self.step_no + 1)
         self.step_no += 1
 
 
@@ -196,12 +204,16 @@ def main() -> None:
     ap.add_argument("--algorithm", default=None,
                     help="our allreduce algorithm (default: the communicator's); per method: --methods overlap:ring")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--elastic", action="store_true",
+                    help="add the elastic method (and overlap, its reference) to --methods")
     ap.add_argument("--json", help="also write the results here (rank 0)")
     args = ap.parse_args()
 
     comm = col.init()
     P, R = comm.size, comm.rank
     methods = [m for m in args.methods.split(",") if m]
+    if args.elastic:
+        methods += [m for m in ("overlap", "elastic") if m not in methods]
     unknown = [m for m in methods if base(m) not in OURS + TORCH]
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from {', '.join(OURS + TORCH)} (ours may end in :ALGORITHM)")
@@ -253,6 +265,9 @@ def main() -> None:
                 row["breakdown_ms"][m] = breakdown(runners[m].stats)
         row["ddp_over"] = {m: paired("torch-ddp", m) for m in methods
                            if "torch-ddp" in med and base(m) in ("overlap", "overlap-alloc", "no-overlap")}
+        if "elastic" in med and "overlap" in med:
+            row["elastic_over_overlap"] = paired("elastic", "overlap")
+            row["cpu_elastic_over_overlap"] = cpu_paired("elastic", "overlap")
         results["models"][name] = row
         if R == 0:
             print(f"\n## MLP {'-'.join(map(str, sizes))}: {nbytes / 2**20:.1f} MB of gradients, P={P}")
@@ -262,6 +277,9 @@ def main() -> None:
                 ratio = row["ratio_to_local"].get(m, float("nan"))
                 cratio = row["cpu_ratio_to_local"].get(m, float("nan"))
                 print(f"{m:<14} {1e3 * med[m]:8.1f} {ratio:8.3f} {cratio:12.3f}   {q1:.1f}-{q3:.1f}")
+            if "elastic_over_overlap" in row:
+                print(f"elastic step / overlap step (paired per cycle): {row['elastic_over_overlap']:.3f} "
+                      f"(CPU {row['cpu_elastic_over_overlap']:.3f})")
             for m, r in row["ddp_over"].items():
                 print(f"torch DDP(gloo) step / ours ({m}) step: {r:.2f}x")
             if row["breakdown_ms"]:

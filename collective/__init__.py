@@ -13,7 +13,9 @@ from .errors import (
     CollectiveMismatchError,
     CollectiveTimeoutError,
     CollectiveTypeError,
+    CollectiveUsageError,
     CollectiveValueError,
+    RanksLostError,
 )
 from .ops import OPS
 from .p2p import ANY_SOURCE
@@ -25,7 +27,8 @@ __all__ = [
     "allreduce", "allreduce_async", "reduce", "reduce_async", "broadcast", "broadcast_async",
     "reduce_scatter", "reduce_scatter_async", "allgather", "allgather_async", "barrier",
     "CollectiveError", "CollectiveValueError", "CollectiveTypeError", "CollectiveTimeoutError",
-    "CollectiveMismatchError", "BackendUnavailableError", "CollectiveConfigError",
+    "CollectiveMismatchError", "CollectiveUsageError", "BackendUnavailableError", "CollectiveConfigError",
+    "RanksLostError",
 ]
 __version__ = "0.1.0"
 
@@ -39,6 +42,11 @@ def init(**kwargs: Any) -> Communicator:
     Idempotent: later calls return the same communicator and ignore their
     arguments (after ``close()`` of the default communicator, a new one). Also installs the hook that aborts the whole job when any rank
     dies of an uncaught exception (``COLLECTIVE_ABORT_ON_EXCEPTION=0`` disables it).
+
+    Elastic mode (``collective-run --elastic``): after ``comm.shrink()`` or
+    ``comm.grow()`` on the default communicator, the new one is the default.
+    In a process spawned by ``comm.grow()``, the first call returns the grown
+    communicator (``is_replacement`` True).
 
     Raises:
         CollectiveConfigError: MPI sees one process while a launcher's variable (torchrun's ``WORLD_SIZE``,
@@ -61,9 +69,15 @@ def init(**kwargs: Any) -> Communicator:
             from .launch import check_launch
             from .watchdog import install_excepthook
 
-            check_launch(require_mpi().COMM_WORLD.Get_size())
+            MPI = require_mpi()
+            check_launch(MPI.COMM_WORLD.Get_size())
+            parent = MPI.Comm.Get_parent() if _default is None else MPI.COMM_NULL
+            if parent != MPI.COMM_NULL:  # spawned by comm.grow(): join the growing ranks
+                from .communicator import join_as_replacement
 
-            _default = Communicator(**kwargs)
+                _default = join_as_replacement(parent, **kwargs)
+            else:
+                _default = Communicator(**kwargs)
             install_excepthook(_default.rank, _default.size)
         return _default
 

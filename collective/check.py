@@ -81,6 +81,7 @@ class CrossRankCheck:
         if fp is None or not covers_all:
             return
         fp.exchange = arena.exchange
+        fp.exchange_counts = arena.exchange_counts
         arena.check_fenced = not fp.detail  # DETAIL checks by an MPI allgather instead
         self.arena = arena
         if not fp.detail and not self.nan_check:
@@ -90,6 +91,7 @@ class CrossRankCheck:
         """Check by MPI again (the arena is about to be freed)."""
         if self.fingerprints is not None:
             self.fingerprints.exchange = None
+            self.fingerprints.exchange_counts = None
         self.arena = self.quick_arena = None
 
     def gate(self, rec: Any, c: Any) -> Callable[[], Any] | None:
@@ -107,9 +109,10 @@ class CrossRankCheck:
         self.check(rec, c)
         return None
 
-    def mismatch(self, seq: int, fields: list[str]) -> None:
-        """Raise the mismatch report of call ``seq`` on every rank (after a quick path saw differing fingerprints)."""
-        self.fingerprints.report(seq, fields)  # type: ignore[union-attr]
+    def mismatch(self, seq: int, fields: list[str], thread: str) -> None:
+        """Raise the mismatch report of call ``seq`` (issued by thread ``thread``) on every rank, after a quick path
+        saw differing fingerprints."""
+        self.fingerprints.report(seq, fields, thread)  # type: ignore[union-attr]
 
     def _check(self, rec: Any, c: Any) -> bool:
         poison = c.error if type(c) is Poison else None
@@ -123,7 +126,7 @@ class CrossRankCheck:
                 raise poison
             return False
         fp.check(rec.seq, rec.op, rec.algorithm, getattr(c, "rop", None), rec.dtype, rec.shape, rec.root, poison,
-                 None if poison is not None else c)
+                 None if poison is not None else c, rec.thread)
         return True
 
     def _nan(self, rec: Any, xf: np.ndarray) -> None:

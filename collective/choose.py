@@ -11,7 +11,12 @@ from collective.topologies.cluster import Cluster
 
 from .backends.mpi import mpi_dtype
 
-__all__ = ["Chooser"]
+__all__ = ["Chooser", "VARIABLE_AUTO"]
+
+#: The variable-size collectives "auto" chooses for (``Chooser.auto_variable``), each with what it may pick
+#: besides shm: "native" and the Schedules ``topologies.cost.candidates_for`` lists (priced alike).
+VARIABLE_AUTO: dict[str, tuple[str, ...]] = {name: cost.candidates_for(name)
+                                             for name in ("alltoall", "gather", "scatter", "allgatherv")}
 
 
 class Chooser:
@@ -46,6 +51,8 @@ class Chooser:
         model's cheapest among native and the Schedules on the calibrated
         links (see :meth:`explain`).
         """
+        if name in VARIABLE_AUTO:
+            return self.auto_variable(name, nbytes, dtype)
         shm = self.single_node and (self._shm_ok is None or self._shm_ok())
         if self.tuning is not None and mpi_dtype(dtype) is not None:
             chosen = self.tuning.choose(name, nbytes, self.size, self._ranks_per_node)
@@ -66,12 +73,38 @@ class Chooser:
             return "native" if nbytes < small and mpi_dtype(dtype) is not None else "shm"
         return self.cost_choice(name, nbytes, dtype).best
 
+    def auto_variable(self, name: str, nbytes: int, dtype: Any = "uint8", root: int = 0) -> str:
+        """What "auto" runs for variable-size collective ``name`` (a key of ``VARIABLE_AUTO``).
+
+        ``nbytes`` per rank as ``topologies.cost.predict`` counts it (the mean
+        of the ranks' inputs; scatter: the root's whole input), computed from
+        counts every rank holds alike, so every rank picks the same. In order
+        (tuning tables do not cover these collectives): one rank: native; on one node,
+        shm where the node's arena can exist, else native (MPI's own runs
+        these in bytes, so every dtype goes); across nodes, the cost model's
+        cheapest of native and the collective's Schedules (pairwise and Bruck
+        alltoall, binomial-tree gather and scatter, ring allgatherv) on the
+        calibrated links.
+
+        Example::
+
+            chooser.auto_variable("alltoall", 64 << 10, "float32")   # e.g. "pairwise" across nodes
+        """
+        cands = VARIABLE_AUTO[name]
+        shm = self.single_node and (self._shm_ok is None or self._shm_ok())
+        if self.size == 1:
+            return "native"
+        if self.single_node:
+            return "shm" if shm else "native"
+        return self.cost_choice(name, nbytes, dtype, root, cands).best
+
     def cost_choice(self, collective: str, nbytes: int, dtype: Any = "float32", root: int = 0,
                     candidates: Any = None) -> Any:
         """The cost model's pick for one call (cached): see ``Communicator.cost_choice``."""
         dt = np.dtype(dtype)
         if candidates is None:
-            candidates = tuple(a for a in cost.CANDIDATES if a != "native" or mpi_dtype(dt) is not None)
+            native = mpi_dtype(dt) is not None or collective in VARIABLE_AUTO  # those run natively in bytes
+            candidates = tuple(a for a in cost.candidates_for(collective) if a != "native" or native)
         key = (collective, int(nbytes), dt.itemsize, root, tuple(candidates))
         ch = self._choices.get(key)
         if ch is None:
@@ -85,4 +118,6 @@ class Chooser:
         """Each algorithm's predicted time, the cost model's choice, and what "auto" picks now (see ``Communicator.explain``)."""
         dt = np.dtype(dtype)
         text = cost.explain(self.cost_choice(collective, nbytes, dt, root), self.cluster)
-        return f"{text}\n  auto picks now: {self.auto(collective, int(nbytes), dt)}"
+        picks = (self.auto_variable(collective, int(nbytes), dt, root) if collective in VARIABLE_AUTO
+                 else self.auto(collective, int(nbytes), dt))
+        return f"{text}\n  auto picks now: {picks}"

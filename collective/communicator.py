@@ -20,6 +20,9 @@ and bounds every op by a deadline.
 from __future__ import annotations
 
 import functools
+import sys
+import time
+import weakref
 import zlib
 from typing import Any
 
@@ -34,16 +37,19 @@ from .backends.gpu_staging import is_device_array
 from .backends.mpi import MPIBackend, require_mpi
 from .calibrate import calibrate
 from .check import CrossRankCheck
-from .choose import Chooser
+from .choose import VARIABLE_AUTO, Chooser
 from .engine import HostEngine
-from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe
+from .errors import (BackendUnavailableError, CollectiveError, CollectiveTypeError, CollectiveValueError,
+                     RanksLostError, describe)
 from .layout import discover_cluster, real_node_count
 from .prepare import BARRIER, Call, Preparer
 from .sequencer import OpRecord, Sequencer, Work
+from . import shm as shm_mod
 from .shm import WINDOW_MIN_BYTES
 from .spec import ALGORITHMS, COLLECTIVE_NAMES
 from .p2p import ANY_SOURCE, P2PWork, PointToPoint
 from .variable import prepare_variable
+from .ulfm import FailureState, is_failure, require_ulfm
 from .watchdog import Watchdog, deadline
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES", "WINDOW_MIN_BYTES"]
@@ -94,6 +100,21 @@ class Communicator:
             ``COLLECTIVE_BACKEND``, else "auto"). Host arrays always use MPI.
         cluster: the ranks' layout with calibrated links (default: discovered
             and measured); sub-communicators get their parent's.
+        job_ranks: the job rank (see :attr:`world_ranks`) of each rank of
+            ``comm``; default: their ranks in ``MPI.COMM_WORLD``. Set by
+            :meth:`shrink` and :meth:`grow`.
+
+    Threads: one thread at a time may call collectives on a communicator, in
+    the same order on every rank. A collective called while another thread's
+    synchronous one is in flight raises :class:`~collective.CollectiveUsageError`
+    (naming both calls and threads; the other ranks raise too), and every
+    call's cross-rank check includes the issuing thread's name, so calls of
+    different threads that meet across ranks raise
+    :class:`~collective.CollectiveMismatchError` on every rank instead of
+    exchanging the wrong data. ``*_async`` calls count as their caller's; the
+    communication thread that runs them is the library's own. Threads that
+    each need collectives get a communicator each (``comm.split(0)``, made in
+    the same order on every rank).
 
     Example::
 
@@ -103,18 +124,29 @@ class Communicator:
     """
 
     def __init__(self, comm: Any = None, *, algorithm: str | None = None, timeout: float | None = None,
-                 segment_bytes: int | None = None, backend: str | None = None, cluster: Cluster | None = None) -> None:
+                 segment_bytes: int | None = None, backend: str | None = None, cluster: Cluster | None = None,
+                 job_ranks: tuple[int, ...] | None = None) -> None:
         MPI = require_mpi()
         if comm is None:
             comm = MPI.COMM_WORLD
         self._mpi = MPI
+        self._closed = False
+        #: Why every call raises, once this communicator was replaced by :meth:`shrink` or :meth:`grow`.
+        self._retired: str | None = None
+        self._ft: FailureState | None = None
+        self._children: list[weakref.ref] = []
+        #: Seconds each part of the recovery that made this communicator took (set by :meth:`shrink`): detect,
+        #: revoke, agree, shrink, rebuild, total; and noticed_at (``time.time()``). Empty otherwise.
+        self.recovery_times: dict[str, float] = {}
+        #: True in a process that :meth:`grow` spawned (its ``collective.init()`` returned this communicator).
+        self.is_replacement: bool = False
         # Every collective step of construction has a deadline: a rank that never calls init()
         # must not hang the others forever.
         with deadline("init: duplicating the communicator, discovering nodes and calibrating links", timeout):
-            self._construct(comm, algorithm, timeout, segment_bytes, backend, cluster)
+            self._construct(comm, algorithm, timeout, segment_bytes, backend, cluster, job_ranks)
 
     def _construct(self, comm: Any, algorithm: str | None, timeout: float | None, segment_bytes: int | None,
-                   backend: str | None, cluster: Cluster | None) -> None:
+                   backend: str | None, cluster: Cluster | None, job_ranks: tuple[int, ...] | None) -> None:
         MPI = self._mpi
         # Settings first, before any collective: a rank with a bad one raises (and, uncaught, aborts the job)
         # instead of leaving the others in the communicator's duplication until the deadline.
@@ -124,6 +156,10 @@ class Communicator:
 
             check_launch(MPI.COMM_WORLD.Get_size())  # a lone process where a launcher meant several
         config.warn_unknown()
+        elastic = config.get("ELASTIC")
+        if elastic:
+            require_ulfm(MPI, where)  # before any collective: without ULFM a lost rank would end the job anyway
+            comm.Set_errhandler(MPI.ERRORS_RETURN)  # inherited by the duplicate and everything made from it
         alg = algorithm or config.get("ALGORITHM")
         if alg not in ALGORITHMS:
             raise CollectiveValueError(f"{where}: unknown algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -145,10 +181,22 @@ class Communicator:
         # Before anything that depends on them (node discovery, topology file, calibration, the check): a
         # rank whose settings differ would otherwise wait in a different collective until the deadline.
         config.agree(backend_.comm, same, where)
-        #: This rank in the job (MPI.COMM_WORLD).
-        self.world_rank: int = MPI.COMM_WORLD.Get_rank()
+        if job_ranks is None:
+            group, world = backend_.comm.Get_group(), MPI.COMM_WORLD.Get_group()
+            job_ranks = tuple(MPI.Group.Translate_ranks(group, list(range(backend_.size)), world))
+            group.Free()
+            world.Free()
+        #: The job rank of each rank here: ``world_ranks[r]`` is rank r's rank in the original job
+        #: (``MPI.COMM_WORLD`` at launch; replacements from :meth:`grow` count on from the highest used).
+        #: It stays a rank's name through :meth:`shrink` and :meth:`grow`; errors name lost ranks by it.
+        self.world_ranks: tuple[int, ...] = tuple(int(j) for j in job_ranks)
+        # The job rank the next replacement gets (grow): past every job rank used so far, the lost ones too.
+        self._next_job = max(max(self.world_ranks) + 1, MPI.COMM_WORLD.Get_size() if comm == MPI.COMM_WORLD else 0)
+        #: This rank in the job (see :attr:`world_ranks`).
+        self.world_rank: int = self.world_ranks[backend_.rank]
         self.size: int = backend_.size
-        #: This rank here; on a sub-communicator it prints with its world rank, so every message names both.
+        #: This rank here; on a sub-communicator (or after a shrink) it prints with its job rank, so every message
+        #: names both.
         self.rank: int = (backend_.rank if (backend_.rank, self.size) == (self.world_rank, MPI.COMM_WORLD.Get_size())
                           else _SubRank(backend_.rank, self.world_rank))
         self.thread_level: int = MPI.Query_thread()
@@ -161,7 +209,8 @@ class Communicator:
         self._engine = HostEngine(backend_, seg, chunk, wait, self._check)
         # Link costs for the cost model (explain, auto); rank 0's measurement, identical on every rank.
         self.cluster: Cluster = cluster or calibrate(backend_.comm, discover_cluster(backend_.comm, MPI))
-        self._params = dict(algorithm=algorithm, timeout=timeout, segment_bytes=segment_bytes, backend=backend)
+        self._params: dict[str, Any] = dict(algorithm=algorithm, timeout=timeout, segment_bytes=segment_bytes,
+                                            backend=backend)
         node = self.cluster.node_of_rank[self.rank]
         peers = self.cluster.ranks_of_node(node)
         self.node: int = node
@@ -178,6 +227,7 @@ class Communicator:
         self._engine.nodes = self.cluster.node_of_rank
         self._engine.single_node = self.single_node
         self._engine.prepare_fixed = self._prep.prepare
+        self._engine.choose_variable = self._chooser.auto_variable
         async_problem = None
         if self.thread_level < MPI.THREAD_MULTIPLE:
             async_problem = (f"async collectives need MPI initialised with THREAD_MULTIPLE, but this MPI provides "
@@ -191,7 +241,10 @@ class Communicator:
         self.watchdog = Watchdog(self.rank, self.size, timeout=timeout, status=self._seqr, comm=backend_.comm)
         self._p2p = self._seqr.p2p = PointToPoint(backend_.comm, MPI, self.watchdog.timeout)
         self._device_colls: DeviceCollectives | None = None
-        self._closed = False
+        if elastic:
+            self._ft = FailureState(backend_.comm, MPI, self.world_ranks, backend_.rank)
+            self._seqr.fault = self._p2p.fault = self._fault
+            self._engine.on_arena = self._watch_arena
         if self.single_node and self.size > 1 and self._check.fingerprints is not None:
             # The shared window now, not at the first shm call: from the first collective on, the mismatch
             # check is a node phase and P reads (ShmArena.exchange) instead of an MPI allreduce. Its pages
@@ -245,10 +298,19 @@ class Communicator:
     @property
     def closed(self) -> bool:
         """True once :meth:`close` has run: every call then raises CollectiveError."""
-        return self._closed
+        return self._closed and self._retired is None and (self._ft is None or self._ft.error is None)
+
+    @property
+    def elastic(self) -> bool:
+        """True in elastic mode (``COLLECTIVE_ELASTIC=1``): a lost rank raises RanksLostError instead of ending the job."""
+        return self._ft is not None
 
     def _open(self, name: str) -> None:
         if self._closed:
+            if self._retired is not None:
+                raise CollectiveError(f"{describe(name, self.rank, self.size)}: {self._retired}")
+            if self._ft is not None and self._ft.error is not None:
+                raise self._ft.recover(name, None)
             raise CollectiveError(f"{describe(name, self.rank, self.size)}: this communicator is closed; "
                                   "collective.init() after closing the default one gives a new one")
 
@@ -259,6 +321,12 @@ class Communicator:
             # CuPy & co: NCCL, or MPI (CUDA-aware or staged); run by DeviceCollectives.
             return DeviceRequest(name, x, op, algorithm, root, out)
         try:
+            if shm_mod.RETIRED:
+                for a, what in ((x, "x"), (out, "out")):
+                    why = shm_mod.retired_window(a)
+                    if why is not None:
+                        raise CollectiveValueError(f"{describe(name, self.rank, self.size, a.shape, a.dtype)}: "
+                                                   f"{what}: {why}")
             return self._prep.prepare(name, x, op, algorithm, root, out)
         except Exception as exc:
             self._seqr.poison(name, exc)
@@ -317,6 +385,10 @@ class Communicator:
         Returns:
             The result, of ``x``'s type (``out`` itself when given). Bitwise
             identical on every rank.
+
+        Raises:
+            CollectiveMismatchError: the ranks' calls differ (shape, dtype, op, ..., or the issuing thread).
+            CollectiveUsageError: another thread's collective is in flight on this communicator (see the class).
 
         Example::
 
@@ -474,7 +546,10 @@ class Communicator:
                 comm.send(np.arange(4.0), dest=1, tag=7)
         """
         self._open("send")
-        self._p2p.isend(x, dest, tag).wait()
+        if self._ft is None:
+            self._p2p.isend(x, dest, tag).wait()
+        else:
+            self._elastic_call("send", lambda: self._p2p.isend(x, dest, tag).wait())
 
     def recv(self, out: Any, source: int = ANY_SOURCE, tag: int = 0) -> int:
         """Receive a message from ``source`` (``ANY_SOURCE``: any rank) into ``out``; returns the sender's rank.
@@ -488,17 +563,23 @@ class Communicator:
             sender = comm.recv(buf, source=0, tag=7)
         """
         self._open("recv")
-        return self._p2p.irecv(out, source, tag).wait()
+        if self._ft is None:
+            return self._p2p.irecv(out, source, tag).wait()
+        return self._elastic_call("recv", lambda: self._p2p.irecv(out, source, tag).wait())
 
     def isend(self, x: Any, dest: int, tag: int = 0) -> P2PWork:
         """Start :meth:`send`; ``x`` must not change until the handle's ``wait()`` returns."""
         self._open("isend")
-        return self._p2p.isend(x, dest, tag)
+        if self._ft is None:
+            return self._p2p.isend(x, dest, tag)
+        return self._elastic_call("isend", lambda: self._p2p.isend(x, dest, tag))
 
     def irecv(self, out: Any, source: int = ANY_SOURCE, tag: int = 0) -> P2PWork:
         """Start :meth:`recv`; the handle's ``wait()`` returns the sender's rank."""
         self._open("irecv")
-        return self._p2p.irecv(out, source, tag)
+        if self._ft is None:
+            return self._p2p.irecv(out, source, tag)
+        return self._elastic_call("irecv", lambda: self._p2p.irecv(out, source, tag))
 
     def alloc(self, shape: int | tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
         """An array in the node's shared memory, which shm collectives use in place with no copy-in.
@@ -519,7 +600,7 @@ class Communicator:
         # Collective, so it takes its turn behind queued async work like any collective: run inline it
         # could meet a peer's communication thread in the middle of an allreduce and deadlock.
         self._open("alloc")
-        buf = self._seqr.run_locked(functools.partial(self._engine.alloc, n * dt.itemsize))
+        buf = self._seqr.run_locked(functools.partial(self._engine.alloc, n * dt.itemsize), "alloc")
         return buf.view(dt).reshape(shp)
 
     def alloc_views(self, a: np.ndarray) -> list[np.ndarray]:
@@ -561,7 +642,7 @@ class Communicator:
             comm.free(g)
         """
         self._open("free")
-        self._seqr.run_locked(lambda: (self._prep.forget(), self._engine.free(a)))
+        self._seqr.run_locked(lambda: (self._prep.forget(), self._engine.free(a)), "free")
 
     def window_slice(self, n: int) -> tuple[int, int] | None:
         """The part [start, stop) of an n-element alloc'd array that this rank reduces on the window path.
@@ -598,15 +679,7 @@ class Communicator:
         c = self._prepare("allreduce", x, "sum", algorithm, 0, x)
         if type(c) is not Call or c.views is None or c.out_views is not c.views:
             return False
-        with seqr.lock:
-            if seqr.pending:
-                return False
-            c.own = parts
-            try:
-                seqr.op(c)
-            finally:
-                c.own = None
-        return True
+        return seqr.run_in_window(c, parts)
 
     def cost_choice(self, collective: str, nbytes: int, dtype: Any = "float32", root: int = 0,
                     candidates: Any = None) -> Any:
@@ -617,11 +690,15 @@ class Communicator:
         (collective, nbytes, itemsize, root, candidates).
 
         Args:
-            collective: "allreduce", "reduce", "broadcast", "reduce_scatter" or "allgather".
-            nbytes: bytes of one rank's input (``x.nbytes``).
-            dtype: element type (its itemsize matters; native is left out when MPI lacks it).
-            root: root of reduce and broadcast.
-            candidates: algorithm names to compare (default: native and every Schedule algorithm).
+            collective: "allreduce", "reduce", "broadcast", "reduce_scatter", "allgather", or the variable-size
+                "alltoall", "gather", "scatter" and "allgatherv" (an allgather whose first dims differ).
+            nbytes: bytes of one rank's input (``x.nbytes``; for the variable-size ones the mean over the ranks,
+                for scatter the root's whole input).
+            dtype: element type (its itemsize matters; native is left out when MPI lacks it, except for the
+                variable-size ones, which MPI runs in bytes).
+            root: root of reduce, broadcast, gather and scatter.
+            candidates: algorithm names to compare (default: native and every Schedule algorithm of the
+                collective, ``topologies.cost.candidates_for``).
 
         Example::
 
@@ -632,9 +709,15 @@ class Communicator:
     def auto_algorithm(self, collective: str, nbytes: int, dtype: Any = "float32") -> str:
         """The algorithm ``algorithm="auto"`` runs for a call whose input is ``nbytes`` of ``dtype`` (local, no messages).
 
+        For the variable-size collectives ("alltoall", "gather", "scatter",
+        "allgatherv"), ``nbytes`` is the mean of the ranks' inputs (scatter:
+        the root's input), as the call itself computes it once the counts are
+        known.
+
         Example::
 
             comm.auto_algorithm("allreduce", 4 << 20)   # e.g. "shm" on one node
+            comm.auto_algorithm("alltoall", 1 << 20)    # e.g. "pairwise" across nodes
         """
         self._known(collective, "auto_algorithm")
         return self._chooser.auto(collective, int(nbytes), np.dtype(dtype))
@@ -653,9 +736,10 @@ class Communicator:
         return self._chooser.explain(collective, nbytes, dtype, root)
 
     def _known(self, collective: str, what: str) -> None:
-        if collective not in COLLECTIVE_NAMES:
+        names = (*COLLECTIVE_NAMES, *VARIABLE_AUTO)
+        if collective not in names:
             raise CollectiveValueError(f"{describe(what, self.rank, self.size)}: unknown collective "
-                                       f"{collective!r}; choose one of {', '.join(COLLECTIVE_NAMES)}")
+                                       f"{collective!r}; choose one of {', '.join(names)}")
 
     def split(self, color: int | None, key: int = 0) -> "Communicator | None":
         """A communicator over the ranks that pass the same ``color``, ordered by ``key``, then rank (collective).
@@ -686,13 +770,21 @@ class Communicator:
         finally:
             sub.Free()
 
-    def subgroup(self, ranks: Any) -> "Communicator | None":
+    def subgroup(self, ranks: Any, *, timeout: float | None = None) -> "Communicator | None":
         """A communicator over ``ranks`` (ranks of this communicator, in that order; None off the list).
 
         Collective over the members only: ranks not in the list need not call
         it (they get None if they do), so a framework that creates a group on
         its members alone works. Members create their subgroups in the same
         order. For the default communicator, ranks are world ranks.
+
+        Args:
+            ranks: the members, ranks of this communicator.
+            timeout: the new communicator's deadline in seconds (default: this
+                one's), e.g. a torch process group's ``timeout=``.
+
+        Returns:
+            The new communicator on its members, None elsewhere.
 
         Example::
 
@@ -708,6 +800,10 @@ class Communicator:
         if not ok:
             raise CollectiveValueError(f"{describe('subgroup', self.rank, self.size)}: ranks {ranks!r} must be "
                                        f"distinct ranks of this communicator (0..{self.size - 1}), at least one")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise CollectiveValueError(f"{describe('subgroup', self.rank, self.size)}: timeout={timeout!r} must be "
+                                       "a number of seconds > 0 (or None for this communicator's)")
         if self.rank not in members:
             return None
         comm = self._backend.comm
@@ -715,10 +811,17 @@ class Communicator:
                       self.watchdog.timeout):
             group = comm.Get_group().Incl(members)
             # A tag of its own: Create_group talks on this communicator, next to the executor's and p2p's tags.
-            sub = comm.Create_group(group, _SUBGROUP_TAG)
-            group.Free()
             try:
-                child = self._child(sub)
+                sub = comm.Create_group(group, _SUBGROUP_TAG)
+            except Exception as exc:
+                lost = self._fault("subgroup", exc)
+                if lost is None:
+                    raise
+                raise lost from exc
+            finally:
+                group.Free()
+            try:
+                child = self._child(sub, timeout)
             finally:
                 sub.Free()
         # The members must agree on the list (the check of the new communicator's first op compares it).
@@ -726,8 +829,9 @@ class Communicator:
                         lambda c, f, s: None)
         return child
 
-    def _child(self, sub: Any) -> "Communicator":
-        """The Communicator over MPI communicator ``sub`` (a split of this one), with this one's settings."""
+    def _child(self, sub: Any, timeout: float | None = None) -> "Communicator":
+        """The Communicator over MPI communicator ``sub`` (a split of this one), with this one's settings
+        (its deadline ``timeout`` when given)."""
         parent = np.array([self.rank], np.int64)
         every = np.empty(sub.Get_size(), np.int64)
         sub.Allgather(parent, every)
@@ -736,7 +840,11 @@ class Communicator:
         cl = self.cluster
         layout = Cluster(tuple(order[n] for n in nodes), cl.intra, cl.inter if len(order) > 1 else None, cl.gamma,
                          source=f"{cl.source}, ranks {every.tolist()}", links_declared=True)
-        return Communicator(sub, cluster=layout, **self._params)
+        params = self._params if timeout is None else {**self._params, "timeout": float(timeout)}
+        child = Communicator(sub, cluster=layout, job_ranks=tuple(self.world_ranks[int(p)] for p in every), **params)
+        self._children = [r for r in self._children if r() is not None]
+        self._children.append(weakref.ref(child))
+        return child
 
     def barrier(self) -> None:
         """Block until every rank has called barrier (after any queued async work).
@@ -753,6 +861,8 @@ class Communicator:
         Every rank must call it; it has a deadline like every collective.
         """
         if self._closed:
+            if self._retired is None and self._ft is not None and self._ft.error is not None:
+                self._retire("this communicator is closed (it had lost ranks)")
             return
         self._closed = True
         self.watchdog.close(announce=False)  # stop polling the control channel before the communicator goes
@@ -765,6 +875,227 @@ class Communicator:
             self._engine.close()  # collective over the node, like the free below over every rank
             self._backend.free()
 
+    # ------------------------------------------------------------ elastic mode
+    def _fault(self, name: str, exc: BaseException, started: float | None = None) -> BaseException | None:
+        """Elastic mode: the RanksLostError that ``exc`` (raised inside call ``name``) turns into, after recovery;
+        None when ``exc`` is no sign of a failure (the caller re-raises it)."""
+        if isinstance(exc, RanksLostError):
+            return exc
+        ft = self._ft
+        if ft is None or not is_failure(exc, self._mpi):
+            return None
+        err = ft.recover(name, exc, started)
+        self._lose()
+        return err
+
+    def _elastic_call(self, name: str, fn: Any) -> Any:
+        """``fn()`` with a failure inside it turned into RanksLostError (point-to-point and other calls outside ops)."""
+        t0 = time.monotonic()
+        try:
+            return fn()
+        except Exception as exc:
+            lost = self._fault(name, exc, t0)
+            if lost is None or lost is exc:
+                raise
+            raise lost from exc
+
+    def _lose(self) -> None:
+        """After recovery: every later call raises (the repeat paths' templates go, so calls reach the check)."""
+        self._closed = True
+        self._prep.forget()
+
+    def _watch_arena(self, arena: Any) -> None:
+        """Let the arena's flag waits notice a dead node peer or a revoked communicator (collective over the node)."""
+        ft = self._ft
+        ft.watch_pids(arena.comm)  # type: ignore[union-attr]
+        # The communicator itself, not the node's: a survivor that left the call revoked it (a live peer that will
+        # never raise its flag again), and a probe on it fails once MPI knows of a failure anywhere in it.
+        probe = self._backend.comm
+        arena.watch = lambda: ft.watch(probe)  # type: ignore[union-attr]
+
+    def _require_elastic(self, name: str) -> FailureState:
+        if self._retired is not None:
+            raise CollectiveError(f"{describe(name, self.rank, self.size)}: {self._retired}")
+        if self._ft is None:
+            raise CollectiveError(f"{describe(name, self.rank, self.size)}: needs elastic mode: launch with "
+                                  "`collective-run --elastic ...` (COLLECTIVE_ELASTIC=1 under mpiexec --with-ft ulfm)")
+        return self._ft
+
+    def _retire(self, why: str) -> None:
+        """Make every later call raise CollectiveError saying ``why``; the same for the sub-communicators made from
+        this one. Nothing collective: the MPI objects of a communicator that lost ranks cannot be freed together."""
+        if self._retired is not None:
+            return
+        self._retired = why
+        self._closed = True
+        self._prep.forget()
+        if self._engine.shared is not None:
+            self._engine.shared.retire(f"it is an array comm.alloc() made on a communicator that was replaced "
+                                       f"({why}); alloc it again on the new one")
+        self.watchdog.close(announce=False)
+        self._seqr.close()
+        for ref in self._children:
+            child = ref()
+            if child is not None:
+                child._retire(f"this is a sub-communicator of a communicator that was replaced ({why}); make "
+                              "it again from the new one")
+
+    def _successor_of_default(self, new: "Communicator") -> None:
+        """If this is collective's default communicator, ``new`` becomes it (module-level calls follow)."""
+        pkg = sys.modules.get(__name__.rsplit(".", 1)[0])
+        if pkg is not None and getattr(pkg, "_default", None) is self:
+            setattr(pkg, "_default", new)  # noqa: B010 - the package's own global, set from here
+
+    def shrink(self) -> "Communicator":
+        """The communicator over the ranks that are left, after RanksLostError (collective over the survivors).
+
+        Every survivor calls it, typically in the handler of the
+        RanksLostError its last call raised; a survivor whose call had not
+        noticed the failure yet is brought in by it (its pending or next call
+        raises RanksLostError too). The new communicator has its own sequence
+        numbers, node arena and windows, and the layout of the survivors
+        (this one's, links included); :attr:`world_ranks` names its ranks in
+        the original job, and :attr:`recovery_times` says what the recovery
+        cost. This communicator, its sub-communicators and its ``alloc``'d
+        arrays are not to be used afterwards: calls on them raise. If this is
+        the default communicator, the new one becomes the default.
+
+        Returns:
+            The survivors' communicator (ranks renumbered 0..survivors-1 in the order of this one's).
+
+        Raises:
+            CollectiveError: not in elastic mode, or this communicator was already replaced.
+
+        Example::
+
+            try:
+                comm.allreduce(g, out=g)
+            except col.RanksLostError as e:
+                print("lost", e.lost_ranks)
+                comm = comm.shrink()
+        """
+        ft = self._require_elastic("shrink")
+        where = f"shrink on job rank {self.world_rank} (collective over the survivors)"
+        with deadline(where, self.watchdog.timeout):
+            err = ft.recover("shrink", None)
+            self._lose()
+            t1 = time.monotonic()
+            kept = [self.world_ranks.index(j) for j in ft.survivor_jobs]
+            nodes = [self.cluster.node_of_rank[k] for k in kept]
+            order = {n: i for i, n in enumerate(dict.fromkeys(nodes))}
+            cl = self.cluster
+            layout = Cluster(tuple(order[n] for n in nodes), cl.intra, cl.inter if len(order) > 1 else None,
+                             cl.gamma, source=f"{cl.source}, survivors {list(ft.survivor_jobs)}", links_declared=True)
+            new = Communicator(ft.survivors, cluster=layout, job_ranks=ft.survivor_jobs, **self._params)
+            t2 = time.monotonic()
+        ft.survivors.Free()  # the new communicator runs on its own duplicate
+        ft.survivors = None
+        times = dict(ft.times)
+        times["rebuild"] = t2 - t1
+        times["total"] = sum(times.get(k, 0.0) for k in ("revoke", "agree", "shrink", "rebuild"))
+        new.recovery_times = times
+        new._next_job = max(new._next_job, self._next_job)
+        lost = ", ".join(str(r) for r in err.lost_ranks) or "none"
+        noun = "rank" if len(err.lost_ranks) == 1 else "ranks"
+        self._retire(f"this communicator was shrunk after losing job {noun} {lost}: use the communicator "
+                     "comm.shrink() returned (collective.init() returns it too)")
+        self._successor_of_default(new)
+        return new
+
+    def grow(self, count: int) -> "Communicator":
+        """The communicator of this one's ranks plus ``count`` new processes running this program (collective).
+
+        The new processes are spawned (``MPI_Comm_spawn``) with this
+        process's command line (``sys.executable`` and ``sys.orig_argv``);
+        their ``collective.init()`` returns the same grown communicator, with
+        :attr:`is_replacement` True, so the program tells them apart and hands
+        them its state (e.g. a broadcast from rank 0). This communicator's
+        ranks keep their order and come first; the new ones get the next job
+        ranks (:attr:`world_ranks`). If this is the default communicator, the
+        new one becomes the default; this one is not to be used afterwards.
+
+        Args:
+            count: how many processes to add (at least 1); the total may not exceed ``COLLECTIVE_MAX_RANKS``.
+
+        Raises:
+            CollectiveValueError: ``count`` is not a positive integer, or the total would exceed
+                ``COLLECTIVE_MAX_RANKS``.
+            BackendUnavailableError: MPI could not spawn the processes here (the message says MPI's reason).
+            CollectiveError: not in elastic mode, or this communicator was replaced already.
+
+        Example::
+
+            comm = comm.shrink()            # after RanksLostError: 3 ranks left
+            comm = comm.grow(1)             # 4 again; the new rank's collective.init() returns this communicator
+            comm.broadcast(params, root=0, out=params)
+        """
+        self._require_elastic("grow")
+        self._open("grow")
+        where = describe("grow", self.rank, self.size)
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise CollectiveValueError(f"{where}: count must be a positive integer, got {count!r}")
+        top = config.get("MAX_RANKS")
+        if top is not None and self.size + int(count) > top:
+            raise CollectiveValueError(f"{where}: growing by {count} would make {self.size + int(count)} ranks, "
+                                       f"above COLLECTIVE_MAX_RANKS={top} (collective-run --max-ranks)")
+        MPI = self._mpi
+        args = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:])
+        with deadline(f"{where}: spawning {count} processes and merging them in (collective)", self.watchdog.timeout):
+            try:
+                inter = self._backend.comm.Spawn(sys.executable, args=args, maxprocs=int(count), root=0)
+            except MPI.Exception as exc:
+                raise BackendUnavailableError(
+                    f"{where}: MPI could not spawn {count} process{'es' if count > 1 else ''} of "
+                    f"{sys.executable} {' '.join(args)} ({exc.Get_error_string().strip()}); growing needs "
+                    "MPI_Comm_spawn to work here (free slots, or --oversubscribe, on the launcher's hosts)") from exc
+            new = _join(inter, False, self.world_ranks[self.rank], self._next_job, self._params)
+        self._retire(f"this communicator was grown to {new.size} ranks: use the communicator comm.grow() returned "
+                     "(collective.init() returns it too)")
+        self._successor_of_default(new)
+        return new
+
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "
                 f"local_size={self.local_size}, nodes={self.cluster.nnodes}, algorithm={self.algorithm!r})")
+
+
+def _join(inter: Any, spawned: bool, job: int, next_job: int, params: dict[str, Any]) -> "Communicator":
+    """The Communicator over both sides of intercommunicator ``inter`` (the growing ranks, then the spawned ones).
+
+    Collective over both sides, which run the same steps: merge, number the
+    new ranks, build the communicator. ``spawned``: this process is a new one
+    (``job`` and ``next_job`` are then ignored).
+    """
+    from .ulfm import keep_connected
+
+    MPI = require_mpi()
+    merged = inter.Merge(high=spawned)
+    every = merged.allgather((-1, -1) if spawned else (int(job), int(next_job)))
+    nxt = max(n for _, n in every)
+    jobs, k = [], 0
+    for j, _ in every:
+        if j < 0:
+            jobs.append(nxt + k)
+            k += 1
+        else:
+            jobs.append(j)
+    try:
+        from . import calibrate as cal
+
+        merged.Set_errhandler(MPI.ERRORS_RETURN)
+        # Measured afresh on both sides alike: the growers' cache of an earlier layout of this size would make
+        # them skip the measurement the new processes make.
+        layout = discover_cluster(merged, MPI)
+        layout = cal.calibrate(merged, layout, force=cal.enabled() and not layout.links_declared)
+        new = Communicator(merged, job_ranks=tuple(jobs), cluster=layout, **params)
+    finally:
+        merged.Free()
+    new._next_job = nxt + k
+    new.is_replacement = spawned
+    keep_connected(inter, MPI)
+    return new
+
+
+def join_as_replacement(parent: Any, **params: Any) -> "Communicator":
+    """In a process spawned by :meth:`Communicator.grow`: the grown communicator (collective with the growers)."""
+    return _join(parent, True, -1, -1, params)

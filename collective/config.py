@@ -136,6 +136,18 @@ def _rows() -> tuple[Setting, ...]:
           meaning="How an uncaught error of ours raised inside the library (a wrong argument, a mismatch) is "
                   "reported: `short` shows the program's own frames down to the call, then our message; `full` "
                   "every frame inside the library too."),
+        S("COLLECTIVE_ELASTIC", "bool", False, same_on_all_ranks=True,
+          meaning="Elastic mode (`collective-run --elastic` sets it): a lost rank raises `RanksLostError` on "
+                  "every survivor instead of ending the job, and `comm.shrink()` continues over the survivors. "
+                  "Needs Open MPI's fault tolerance (`mpiexec --with-ft ulfm`); `init()` refuses a job "
+                  "launched without it. See docs/guides/elastic.md."),
+        S("COLLECTIVE_MIN_RANKS", "int", 1, low=1, high=1 << 24, same_on_all_ranks=True,
+          meaning="Elastic mode: the fewest ranks the job may continue with (`collective-run --min-ranks`); "
+                  "below it the elastic trainer stops with a clear message after saving its last commit."),
+        S("COLLECTIVE_MAX_RANKS", "int", None, low=1, high=1 << 24, same_on_all_ranks=True,
+          default_text="unset (the launched number of ranks)",
+          meaning="Elastic mode: the most ranks `comm.grow()` may bring the job to (`collective-run "
+                  "--max-ranks`); growing past it raises."),
         S("COLLECTIVE_SEGMENT_BYTES", "size", 256 << 10, low=1, high=_GIB, same_on_all_ranks=True,
           meaning="Largest single message of the Schedule algorithms (ring, tree, star, hierarchical, "
                   "pipeline); longer transfers are split so the reduction of one segment overlaps the "
@@ -187,6 +199,11 @@ def _rows() -> tuple[Setting, ...]:
         S("COLLECTIVE_BENCH_TEST_HOST_GPU", "bool", False, test_hook=True,
           meaning="Test hook: `collective-bench --device gpu` runs on host memory dressed as device arrays "
                   "through the MPI path (tests without a GPU)."),
+        S("COLLECTIVE_ELASTIC_TEST_KILL", "string", None, test_hook=True,
+          meaning="Test hook: `RANK:STEP:POINT[,...]` makes the rank of that original (job) rank SIGKILL itself "
+                  "in that 0-based step of the elastic trainer, at POINT: `forward`, `allreduce` (bucket 0's "
+                  "reduction just launched), `shm` (bucket 0's reduction running), `late-allreduce` (the last bucket's), `update` (between buckets' "
+                  "optimizer updates), `commit` or `checkpoint` (while rank 0 writes one)."),
     )
 
 

@@ -201,6 +201,11 @@ class HostEngine:
         #: ``prepare_fixed(name, x, op, algorithm, root, out)``: the fixed-size preparation (an allgather whose
         #: counts turn out equal runs as one); set by the communicator once its Preparer exists.
         self.prepare_fixed: Callable[..., Any] | None = None
+        #: Called with the arena right after it is made (collective over the node); elastic mode watches peers.
+        self.on_arena: Callable[[ShmArena], None] | None = None
+        #: ``choose_variable(name, nbytes, dtype, root)``: what "auto" runs for a variable-size collective
+        #: (``Chooser.auto_variable``); set by the communicator. None: shm on one node, else native.
+        self.choose_variable: Callable[[str, int, np.dtype, int], str] | None = None
 
     def plan(self, sched: Any, itemsize: int) -> Plan:
         """This rank's compiled ``sched`` for elements of ``itemsize`` bytes."""
@@ -263,6 +268,8 @@ class HostEngine:
             if optional:
                 return None
             raise
+        if self.on_arena is not None:
+            self.on_arena(self.arena)
         # Every rank creates the arena in the same call, so from the next call on every rank checks through it.
         self._check.attach_arena(self.arena, self.arena.size == self.size)
         return self.arena
@@ -308,7 +315,8 @@ class HostEngine:
             return None
         if type(c) is VCall:
             return run_variable(c, first, seq, self.backend.comm, self._mpi, self._exec, self.nodes, self._fixed_seq(seq),
-                                self.make_arena if self.single_node and self.shm_problem is None else None)
+                                self.make_arena if self.single_node and self.shm_problem is None else None,
+                                self.choose_variable)
         alg = c.algorithm
         if alg == "native":
             self._native(c)

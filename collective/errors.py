@@ -10,8 +10,10 @@ __all__ = [
     "CollectiveTypeError",
     "CollectiveTimeoutError",
     "CollectiveMismatchError",
+    "CollectiveUsageError",
     "BackendUnavailableError",
     "SharedMemoryError",
+    "RanksLostError",
     "describe",
     "format_uncaught",
 ]
@@ -64,6 +66,14 @@ class CollectiveTimeoutError(CollectiveError, TimeoutError):
 
 class CollectiveMismatchError(CollectiveError):
     """Ranks called the same collective with different arguments (op, dtype, shape, root, algorithm, order)."""
+
+
+class CollectiveUsageError(CollectiveError, RuntimeError):
+    """A communicator used against its rules: a collective called on it while another thread's is in flight.
+
+    The message names both calls and both threads, and what to do instead
+    (one thread per communicator at a time; ``comm.split`` gives each thread its own).
+    """
 
 
 class BackendUnavailableError(CollectiveError, RuntimeError):
@@ -130,3 +140,33 @@ def format_uncaught(etype: type[BaseException], value: BaseException, tb: Any, f
 class SharedMemoryError(CollectiveError, MemoryError):
     """The node's shared memory (/dev/shm) cannot hold a window; the message says how much is needed and found,
     and how to give it more (``docker run --shm-size``) or need less (``COLLECTIVE_SHM_CHUNK_BYTES``)."""
+
+
+class RanksLostError(CollectiveError):
+    """Ranks of the job failed (elastic mode): the call cannot complete, nor can any later one on this communicator.
+
+    Raised on every surviving rank, by the call that was in flight when the
+    failure was noticed and by every later call on that communicator (and on
+    the communicators made from it). Call ``comm.shrink()`` on every survivor
+    to continue over them.
+
+    Attributes:
+        op: the call that raised ("allreduce", "barrier", "send", ...).
+        lost_ranks: the lost ranks, as ranks of the original job (``MPI.COMM_WORLD`` at launch;
+            replacements from ``comm.grow()`` count on from its size), sorted.
+        survivors: how many ranks are left.
+    """
+
+    def __init__(self, op: str, lost_ranks: tuple[int, ...], survivors: int, where: str = "",
+                 more: str = "") -> None:
+        self.op = op
+        self.lost_ranks = tuple(sorted(int(r) for r in lost_ranks))
+        self.survivors = survivors
+        lost = ", ".join(str(r) for r in self.lost_ranks) or "unknown"
+        noun = "rank" if len(self.lost_ranks) == 1 else "ranks"
+        super().__init__(f"{where or op}: lost job {noun} {lost} (the process failed); this call and every later "
+                         f"one on this communicator cannot complete{more}. Call comm.shrink() on every survivor to "
+                         f"continue over the {survivors} that are left")
+
+    def __reduce__(self) -> Any:  # picklable with its attributes (object collectives, multiprocessing)
+        return (type(self), (self.op, self.lost_ranks, self.survivors), {"args": self.args})

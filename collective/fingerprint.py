@@ -6,7 +6,9 @@ Terms (the names below follow them):
   correct: the collective, the reduction op, the dtype, the shape, the root
   and the algorithm actually used ("auto" already resolved; it resolves from
   size, rank count and dtype only, so identically on every rank).
-* **fingerprint** -- a 62-bit hash of the signature XORed with the call's
+* **fingerprint** -- a 62-bit hash of the signature XORed with the hash of
+  the thread that issued the call (``collective.threads``: an op issued by
+  different threads on different ranks is a mismatch) and with the call's
   sequence number (so a skipped or extra call on one rank shows up as well).
   The signature's hash is computed once per distinct signature (crc32, which
   unlike Python's ``hash()`` of a str is the same in every process) and cached;
@@ -14,6 +16,12 @@ Terms (the names below follow them):
   happens.
 * **check** -- every rank contributes ``[h, -h]`` to one native MPI allreduce
   with MAX: ``max(h) == -max(-h)`` exactly when all fingerprints are equal.
+* **post** -- the sizes of a variable-size call (``collective.variable``)
+  travel in the same exchange: ``[r, -r, bad]`` after ``[h, -h]`` tell every
+  rank whether all posted the same rows ``r`` and whether any rank's ``out``
+  is wrong for that case (every other call posts zeros, so the exchange is the
+  same MPI call whatever the collective); fenced in shm, every rank reads every
+  rank's rows and ``out`` rows (``ShmArena.exchange_counts``).
   Only on a mismatch (or with ``COLLECTIVE_DEBUG=DETAIL``) do the ranks
   allgather a fixed-size *record* (utf-8 text of the signature, no pickle) to
   say which rank called what.
@@ -32,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CollectiveMismatchError
+from .threads import thread_tag
 
 __all__ = ["Fingerprints", "Poison", "POISON", "RECORD_BYTES", "FIELDS", "rank_list"]
 
@@ -40,7 +49,8 @@ POISON = (1 << 63) - 1
 #: Size of one rank's record in the mismatch allgather (the error text of a poison call is cut to fit).
 RECORD_BYTES = 256
 #: The fields of a record, in order; what differs between ranks is named by these words.
-FIELDS = ("collective", "op", "dtype", "shape", "root", "algorithm", "sequence", "error")
+FIELDS = ("collective", "op", "dtype", "shape", "root", "algorithm", "thread", "sequence", "error")
+_THREAD, _SEQUENCE, _ERROR = FIELDS.index("thread"), FIELDS.index("sequence"), FIELDS.index("error")
 _SEP = "\x1f"
 _MASK62 = (1 << 62) - 1
 
@@ -91,7 +101,7 @@ class Fingerprints:
     Example::
 
         fp = Fingerprints(mpi_comm, rank, size)
-        fp.check(seq, "allreduce", "ring", OPS["sum"], np.dtype("float32"), (1024,), None)
+        fp.check(seq, "allreduce", "ring", OPS["sum"], np.dtype("float32"), (1024,), None, thread=thread_tag())
     """
 
     def __init__(self, comm: Any, rank: int, size: int, detail: bool = False) -> None:
@@ -100,8 +110,8 @@ class Fingerprints:
         self.comm, self.rank, self.size, self.detail = comm, rank, size, detail
         self._static: dict[tuple, tuple[int, list[str]]] = {}
         # array.array, not numpy: setting and reading two items is several times cheaper.
-        self._send = array("q", [0, 0])
-        self._recv = array("q", [0, 0])
+        self._send = array("q", [0] * 5)  # [h, -h, r, -r, bad] (see "post")
+        self._recv = array("q", [0] * 5)
         self._sargs = [self._send, MPI.INT64_T]
         self._rargs = [self._recv, MPI.INT64_T]
         self._max = MPI.MAX
@@ -110,6 +120,8 @@ class Fingerprints:
         #: fingerprint in shared memory, ends a phase of the node's arena and returns whether every rank posted
         #: ``h`` (a phase and P reads instead of an MPI allreduce; see ShmArena.exchange).
         self.exchange: Callable[[int, int], bool] | None = None
+        #: With it, ``exchange_counts(h, seq, a, b)`` also posts two numbers (ShmArena.exchange_counts).
+        self.exchange_counts: Callable[[int, int, int, int], tuple[bool, Any]] | None = None
 
     def _signature(self, name: str, alg: Any, opname: Any, dtype: Any, shape: Any, root: Any) -> tuple[int, list[str]]:
         key = (name, alg, opname, dtype, shape, root)
@@ -125,15 +137,22 @@ class Fingerprints:
         return hit
 
     def check(self, seq: int, name: str, alg: Any, rop: Any, dtype: Any, shape: Any, root: Any,
-              poison: BaseException | None = None, call: Any = None) -> None:
+              poison: BaseException | None = None, call: Any = None, thread: Any = None) -> None:
         """Raise CollectiveMismatchError on every rank unless every rank's call has the same fingerprint.
 
         A poison call (``poison`` is its error) always raises: that error when
         every rank was poisoned, else the mismatch (with the mismatch report
         added to this rank's own error as a note). ``call``: the prepared call,
         whose ``sig`` attribute keeps the signature's fingerprint when it has
-        one (a call reused step after step then skips the lookup).
+        one (a call reused step after step then skips the lookup). ``thread``: the
+        issuing thread's ``collective.threads.ThreadTag`` (None: the calling thread's).
+        A call with a ``post`` (``(rows, out rows, bad)``, see the module docstring)
+        gets ``call.known``: every rank's (rows, out rows) as a (P, 2) array,
+        out rows -1 where they were checked already; None when the exchange
+        could not tell (the ranks' rows differ, the check is by MPI).
         """
+        if thread is None:
+            thread = thread_tag()
         if poison is None:
             sig = getattr(call, "sig", None)
             if sig is None:
@@ -143,24 +162,36 @@ class Fingerprints:
                 except AttributeError:  # None, or a request type without the attribute
                     pass
             h, fields = sig
-            h ^= seq  # below 2**62, so never POISON
+            h ^= thread.h ^ seq  # below 2**62, so never POISON
         else:
             h, fields = POISON, [name, "-", "-", "-", "-", "-"]
         if self.detail:
-            self._gather(seq, fields, poison, always=True)
+            self._gather(seq, fields, thread.name, poison, always=True)
         else:
+            post = getattr(call, "post", None) if poison is None else None
             ex = self.exchange
             if ex is not None:
-                same = ex(h, seq)
+                if post is None:
+                    same = ex(h, seq)
+                else:
+                    same, call.known = self.exchange_counts(h, seq, post[0], post[1])  # type: ignore[misc]
             else:
                 s = self._send
                 s[0] = h
                 s[1] = -h
+                if post is None:
+                    s[2] = s[3] = s[4] = 0
+                else:
+                    s[2] = post[0]
+                    s[3] = -post[0]
+                    s[4] = post[2]
                 self._allreduce(self._sargs, self._rargs, self._max)
                 r = self._recv
                 same = r[0] == -r[1]
+                if same and post is not None and r[2] == -r[3] and r[4] == 0:  # every rank posted the same rows
+                    call.known = np.array([(post[0], -1)] * self.size, np.int64)
             if not same:
-                self._gather(seq, fields, poison, always=False)
+                self._gather(seq, fields, thread.name, poison, always=False)
         if poison is not None:
             raise poison
 
@@ -174,27 +205,30 @@ class Fingerprints:
         """
         ex = self.exchange
         sig = getattr(c, "sig", None)
-        if ex is None or sig is None or self.detail:
+        if ex is None or sig is None or self.detail or getattr(c, "post", None) is not None:
             poisoned = type(c) is Poison
             self.check(rec.seq, rec.op, rec.algorithm, getattr(c, "rop", None), rec.dtype, rec.shape, rec.root,
-                       c.error if poisoned else None, None if poisoned else c)
+                       c.error if poisoned else None, None if poisoned else c, rec.thread)
             return True
         seq = rec.seq
-        if not ex(sig[0] ^ seq, seq):
-            self._gather(seq, sig[1], None, always=False)
+        th = rec.thread
+        if not ex(sig[0] ^ th.h ^ seq, seq):
+            self._gather(seq, sig[1], th.name, None, always=False)
         return True
 
-    def report(self, seq: int, fields: list[str]) -> None:
-        """Raise the mismatch report of call ``seq`` (this rank's signature ``fields``) on every rank.
+    def report(self, seq: int, fields: list[str], thread: str) -> None:
+        """Raise the mismatch report of call ``seq`` (this rank's signature ``fields``, issued by ``thread``) on
+        every rank.
 
         For a quick path that compared fingerprints itself and found them
         different: every rank calls it, so the records' allgather matches.
         """
-        self._gather(seq, fields, None, always=False)
+        self._gather(seq, fields, thread, None, always=False)
 
-    def _gather(self, seq: int, fields: list[str], poison: BaseException | None, always: bool) -> None:
+    def _gather(self, seq: int, fields: list[str], thread: str, poison: BaseException | None, always: bool) -> None:
         """Allgather every rank's record; raise the mismatch report on every rank if any differ."""
-        mine = fields + [f"#{seq}", "" if poison is None else f"{type(poison).__name__}: {poison}"]
+        mine = fields + [thread.replace(_SEP, " "), f"#{seq}",
+                         "" if poison is None else f"{type(poison).__name__}: {poison}"]
         raw = _SEP.join(mine).encode()
         if len(raw) > RECORD_BYTES:
             raw = raw[: RECORD_BYTES - 3] + b"..."
@@ -208,7 +242,7 @@ class Fingerprints:
         for rc in records:  # a record cut short still has every field
             rc.extend([""] * (len(FIELDS) - len(rc)))
         if always:
-            keys = {"poison" if rc[7] else _SEP.join(rc[:7]) for rc in records}
+            keys = {"poison" if rc[_ERROR] else _SEP.join(rc[:_ERROR]) for rc in records}
             if len(keys) == 1:  # all agree, or every rank rejected its arguments (each raises its own error)
                 return
         msg = mismatch_message(self.rank, self.size, records)
@@ -225,12 +259,12 @@ def mismatch_message(rank: int, size: int, records: list[list[str]]) -> str:
     rank 1: float64 (65537,); ranks 0 and 2: float32 (65536,) ...``
     """
     me = records[rank]
-    bad = [q for q, rc in enumerate(records) if rc[7]]
+    bad = [q for q, rc in enumerate(records) if rc[_ERROR]]
     good = [q for q in range(size) if q not in bad]
-    idx = [i for i in range(7) if len({records[q][i] for q in good}) > 1] if good else []
+    idx = [i for i in range(_ERROR) if len({records[q][i] for q in good}) > 1] if good else []
     parts = []
     if bad:
-        parts.extend(f"rank {q} rejected its arguments ({records[q][7]})" for q in bad[:8])
+        parts.extend(f"rank {q} rejected its arguments ({records[q][_ERROR]})" for q in bad[:8])
         if len(bad) > 8:
             parts.append(f"{len(bad) - 8} more ranks rejected theirs")
     if idx:
@@ -239,16 +273,24 @@ def mismatch_message(rank: int, size: int, records: list[list[str]]) -> str:
             groups.setdefault(tuple(records[q][i] for i in idx), []).append(q)
         order = sorted(groups.items(), key=lambda kv: (len(kv[1]), kv[1][0]))  # the odd one out first
         parts.append("; ".join(f"{rank_list(rs)}: {' '.join(_show(idx, v))}" for v, rs in order))
+    seq = me[_SEQUENCE]
     if idx:
         what = ", ".join(FIELDS[i] for i in idx) + (" differ" if len(idx) > 1 else " differs")
-        head = (f"{me[0]} {me[6]} on rank {rank} of {size}: the ranks' calls do not match ({what}): {'; '.join(parts)}. "
+        head = (f"{me[0]} {seq} on rank {rank} of {size}: the ranks' calls do not match ({what}): {'; '.join(parts)}. "
                 "No data was sent and every rank raises this error. Every rank must make the same collective calls, "
                 "in the same order, with the same op, dtype, shape, root and algorithm.")
+        if _THREAD in idx:
+            head += (" The threads differ: this op was issued by different threads on different ranks, so the "
+                     "threads' calls met in a different order on each rank. Collectives on one communicator must "
+                     "come from one thread at a time, in the same order on every rank; give each thread its own "
+                     "communicator (comm.split(0) or comm.subgroup(range(comm.size)), made in the same order on every "
+                     "rank). Threads are told apart by name: name those that call collectives "
+                     "(threading.Thread(name=...)) the same on every rank.")
         if any(records[q][5].startswith("shm-window#") for q in good):
             head += (" (shm-window#k is the k-th comm.alloc() array, reduced where it lies; #k->#j: into the j-th; "
                      "every rank must pass the same ones)")
     else:
-        head = (f"{me[0]} {me[6]} on rank {rank} of {size} cannot run: {'; '.join(parts)}. No data was sent; "
+        head = (f"{me[0]} {seq} on rank {rank} of {size} cannot run: {'; '.join(parts)}. No data was sent; "
                 "every rank raises an error (a rank that rejected its arguments raises its own).")
     full: dict[str, list[int]] = {}
     for q, rc in enumerate(records):
@@ -261,17 +303,21 @@ def _show(idx: list[int], values: tuple) -> list[str]:
     out = []
     for i, v in zip(idx, values):
         name = FIELDS[i]
-        out.append(v if name in ("collective", "dtype", "shape", "sequence") else f"{name} {v}")
+        if name == "thread":
+            out.append(f"thread {v!r}")
+        else:
+            out.append(v if name in ("collective", "dtype", "shape", "sequence") else f"{name} {v}")
     return out
 
 
 def _full(rc: list[str]) -> str:
-    if rc[7]:
-        return f"{rc[6]} {rc[0]}: rejected its arguments: {rc[7]}"
-    s = f"{rc[6]} {rc[0]}"
+    thread = "" if rc[_THREAD] in ("MainThread", "") else f" from thread {rc[_THREAD]!r}"
+    if rc[_ERROR]:
+        return f"{rc[_SEQUENCE]} {rc[0]}{thread}: rejected its arguments: {rc[_ERROR]}"
+    s = f"{rc[_SEQUENCE]} {rc[0]}"
     if rc[1] != "-":
         s += f" op {rc[1]}"
     s += f" {rc[2]} shape {rc[3]}"
     if rc[4] != "-":
         s += f" root {rc[4]}"
-    return s + f" algorithm {rc[5]}"
+    return s + f" algorithm {rc[5]}" + thread

@@ -71,7 +71,17 @@ class P2PWork:
     def done(self) -> bool:
         """True once the message has been sent or received (polls; never blocks)."""
         if not self._done:
-            self._progress()
+            if self._p2p.fault is None:
+                self._progress()
+            else:
+                try:
+                    self._progress()
+                except Exception as exc:
+                    lost = self._p2p.fault(self._what.split(" ", 1)[0], exc, self._t0)
+                    if lost is None or lost is exc:
+                        raise
+                    self._p2p.inflight.pop(id(self), None)
+                    raise lost from exc
         return self._done
 
     def wait(self, timeout: float | None = None) -> Any:
@@ -114,6 +124,8 @@ class PointToPoint:
         self.max_tag = (int(comm.Get_attr(MPI.TAG_UB) or MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)) - 1 - _BASE) // 2
         #: id -> (what, start) of the sends and receives in flight, for stall reports.
         self.inflight: dict[int, tuple[str, float]] = {}
+        #: Elastic mode: ``fault(name, exc, started)`` turns a failure into RanksLostError (see Sequencer.fault).
+        self.fault: Any = None
         self._lock = threading.Lock()
 
     def _check_peer(self, name: str, peer: Any, tag: Any, any_ok: bool, a: Any = None) -> tuple[int, int]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .launcher import find_mpiexec
 
-__all__ = ["main", "mpiexec_command", "find_mpiexec", "horovodrun_args"]
+__all__ = ["main", "mpiexec_command", "find_mpiexec", "horovodrun_args", "elastic_args", "torchrun_args",
+           "TorchrunOptions", "rank_env_command"]
 
 _NP_FLAGS = ("-n", "-np", "--n", "--np", "-c")
 
@@ -28,10 +30,18 @@ def _nprocs(args: Sequence[str]) -> int | None:
     return None
 
 
-#: mpiexec options that take one value (two for the MCA settings): skipped whole while looking for horovodrun's.
+#: mpiexec options that take one value (two for the MCA settings): skipped whole while looking for the program.
 _MPI_VALUED = {"-x": 1, "--map-by": 1, "--bind-to": 1, "--rank-by": 1, "--output-filename": 1, "--host": 1,
                "--hostfile": 1, "-hostfile": 1, "--machinefile": 1, "-n": 1, "-c": 1, "--n": 1, "--np": 1,
-               "--mca": 2, "-mca": 2, "--gmca": 2, "--prtemca": 2, "--wdir": 1, "--env": 1}
+               "--mca": 2, "-mca": 2, "--gmca": 2, "--prtemca": 2, "--pmixmca": 2, "--wdir": 1, "--wd": 1,
+               "--env": 1, "-N": 1, "--npernode": 1, "--rankfile": 1, "--default-hostfile": 1, "--add-host": 1,
+               "--add-hostfile": 1, "--path": 1, "--prefix": 1, "--output": 1, "--display": 1, "--timeout": 1,
+               "--runtime-options": 1, "--preload-files": 1, "--stream-buffering": 1, "--tune": 1,
+               "--personality": 1, "--pset": 1, "--initial-errhandler": 1, "--with-ft": 1,
+               # horovodrun's, which collective-run translates
+               "-np": 1, "--num-proc": 1, "-H": 1, "--hosts": 1, "--network-interface": 1, "--mpi-args": 1}
+_HOST_FLAGS = ("--host", "-H", "--hosts", "--hostfile", "-hostfile", "--machinefile", "--default-hostfile",
+               "--rankfile")
 
 
 def horovodrun_args(args: Sequence[str]) -> list[str]:
@@ -103,6 +113,362 @@ def horovodrun_args(args: Sequence[str]) -> list[str]:
     return out
 
 
+def elastic_args(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """``args`` without ``--elastic``, ``--min-ranks N``, ``--max-ranks M`` (read before the program only),
+    and the variables they set for the ranks (empty without ``--elastic``).
+
+    ``--elastic`` launches with Open MPI's fault tolerance (``--with-ft ulfm``)
+    and sets ``COLLECTIVE_ELASTIC=1``: a lost rank raises RanksLostError on
+    the survivors instead of ending the job (see docs/guides/elastic.md).
+
+    Raises:
+        SystemExit: a flag lacks its value or it is not a positive integer, ``--min-ranks`` or
+            ``--max-ranks`` without ``--elastic``, or min above max.
+
+    Example::
+
+        elastic_args(["--elastic", "--min-ranks", "2", "-n", "4", "python", "t.py"])
+        # (['--with-ft', 'ulfm', '-x', 'COLLECTIVE_ELASTIC', '-x', 'COLLECTIVE_MIN_RANKS', '-n', '4', 'python',
+        #   't.py'], {'COLLECTIVE_ELASTIC': '1', 'COLLECTIVE_MIN_RANKS': '2'})
+    """
+    out: list[str] = []
+    found: dict[str, str] = {}
+    elastic = False
+    i, n = 0, len(args)
+    while i < n:
+        a = args[i]
+        flag, eq, inline = a.partition("=")
+        if not a.startswith("-") or a == "--":
+            out.extend(args[i:])
+            break
+        if a == "--elastic":
+            elastic = True
+            i += 1
+            continue
+        if flag in ("--min-ranks", "--max-ranks"):
+            if not eq and i + 1 >= n:
+                raise SystemExit(f"collective-run: {flag} needs a value")
+            v = inline if eq else args[i + 1]
+            if not v.isdigit() or int(v) < 1:
+                raise SystemExit(f"collective-run: {flag} {v!r} must be a positive integer")
+            found[flag] = v
+            i += 1 if eq else 2
+            continue
+        k = _MPI_VALUED.get(flag, 0) if not eq else 0
+        out.extend(args[i:i + 1 + k])
+        i += 1 + k
+    if not elastic:
+        if found:
+            raise SystemExit(f"collective-run: {', '.join(found)} only apply with --elastic")
+        return out, {}
+    if "--min-ranks" in found and "--max-ranks" in found and int(found["--min-ranks"]) > int(found["--max-ranks"]):
+        raise SystemExit(f"collective-run: --min-ranks {found['--min-ranks']} is above --max-ranks "
+                         f"{found['--max-ranks']}")
+    env = {"COLLECTIVE_ELASTIC": "1"}
+    if "--min-ranks" in found:
+        env["COLLECTIVE_MIN_RANKS"] = found["--min-ranks"]
+    if "--max-ranks" in found:
+        env["COLLECTIVE_MAX_RANKS"] = found["--max-ranks"]
+    exports = [w for v in env for w in ("-x", v)]  # exported to every host, not only this one's ranks
+    return ["--with-ft", "ulfm", *exports, *out], env
+
+
+@dataclass
+class TorchrunOptions:
+    """What torchrun's flags asked for (see :func:`torchrun_args`).
+
+    Attributes:
+        nproc_per_node: processes on each node.
+        nnodes: nodes.
+        master_addr, master_port: ``--master_addr`` / ``--master_port``, None when not given.
+    """
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+#: torchrun's flags that collective-run translates (either spelling: ``--nproc_per_node``, ``--nproc-per-node``).
+_TORCHRUN_VALUED = ("--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port")
+_TORCHRUN_SWITCHES = ("--standalone", "--no_python", "-m", "--module")
+#: torchrun's flags with no meaning under MPI (one command starts every node; no restarts): refused, with why.
+_TORCHRUN_REFUSED = {
+    "--rdzv_backend": "MPI's launcher is the rendezvous", "--rdzv_endpoint": "MPI's launcher is the rendezvous",
+    "--rdzv_id": "MPI's launcher is the rendezvous", "--rdzv_conf": "MPI's launcher is the rendezvous",
+    "--max_restarts": "a failed rank ends the MPI job (see collective-run --elastic for recovery)",
+    "--monitor_interval": "MPI's launcher watches the processes", "--start_method": "MPI starts the processes",
+    "--role": "every process runs the same program", "--run_path": "give the program as usual",
+    "--log_dir": "mpiexec's --output-filename DIR writes each rank's output to a file",
+    "--redirects": "mpiexec's --output-filename DIR writes each rank's output to a file",
+    "--tee": "mpiexec's --output-filename DIR writes each rank's output to a file",
+    "--local_addr": "MPI finds the addresses", "--logs_specs": "MPI's launcher writes the output",
+}
+
+
+def _torchrun_name(flag: str) -> str:
+    """torchrun's flags in their underscore spelling (torchrun accepts ``--nproc-per-node`` too)."""
+    return "--" + flag[2:].replace("-", "_") if flag.startswith("--") else flag
+
+
+def torchrun_args(args: Sequence[str]) -> tuple[list[str], TorchrunOptions | None]:
+    """``args`` with torchrun's launcher flags rewritten as mpiexec's, and the options they gave.
+
+    So a script written for torchrun runs unchanged, with the same first word changed:
+    ``torchrun --nproc_per_node 4 train.py --lr 0.1`` becomes
+    ``collective-run --nproc_per_node 4 train.py --lr 0.1``. As under torchrun,
+    the program is a Python script run by this Python (``-m`` a module;
+    ``--no_python`` any program), and each process gets ``OMP_NUM_THREADS=1``
+    unless it is set. Only the options before the program are read.
+
+    ===============================================  ==============================================
+    torchrun                                         mpiexec
+    ===============================================  ==============================================
+    ``--nproc_per_node N`` (``--nproc-per-node``)    ``-n N`` (``cpu`` or ``auto``: one per core)
+    ``--nnodes M`` (with ``--host``/``--hostfile``)  ``-n N*M --map-by ppr:N:node``
+    ``--master_addr A``, ``--master_port P``         each rank's ``MASTER_ADDR``, ``MASTER_PORT``
+    ``--standalone``, ``--node_rank 0``              nothing to do
+    ``-m module``, ``--no_python``                   ``python -m module``, the program as given
+    ===============================================  ==============================================
+
+    Args:
+        args: collective-run's arguments.
+
+    Returns:
+        (the arguments for mpiexec, the options), or (``args`` unchanged, None) when no torchrun flag is given.
+
+    Raises:
+        SystemExit: a flag lacks its value or has a bad one; ``-n`` and ``--nproc_per_node`` are both given;
+            ``--nnodes`` above 1 without the hosts; ``--node_rank`` on several nodes (one command starts them
+            all); an elastic range of nodes; a torchrun flag with no meaning under MPI (``--rdzv_endpoint``,
+            ``--max_restarts``, ...).
+
+    Example::
+
+        torchrun_args(["--nproc_per_node", "2", "train.py"])
+        # (['-n', '2', '/usr/bin/python3', 'train.py'], TorchrunOptions(nproc_per_node=2, ...))
+    """
+    rest: list[str] = []
+    seen: dict[str, str] = {}
+    i, n = 0, len(args)
+    program: list[str] = []
+    while i < n:
+        a = args[i]
+        flag, eq, inline = a.partition("=")
+        name = _torchrun_name(flag)
+        if a == "--" or not a.startswith("-"):
+            program = list(args[i + 1:] if a == "--" else args[i:])
+            break
+        if name in _TORCHRUN_REFUSED:
+            raise SystemExit(f"collective-run: torchrun's {flag} has no collective-run equivalent: "
+                             f"{_TORCHRUN_REFUSED[name]}; drop it")
+        if name in _TORCHRUN_VALUED:
+            if not eq and i + 1 >= n:
+                raise SystemExit(f"collective-run: {flag} needs a value")
+            seen[name] = inline if eq else args[i + 1]
+            i += 1 if eq else 2
+            continue
+        if name in _TORCHRUN_SWITCHES:
+            seen[name] = ""
+            i += 1
+            if name in ("-m", "--module"):  # the rest is the module and its arguments
+                program = list(args[i:])
+                break
+            continue
+        k = _MPI_VALUED.get(flag, 0) if not eq else 0
+        rest.extend(args[i:i + 1 + k])
+        i += 1 + k
+    if not any(f in seen for f in ("--nproc_per_node", "--nnodes", "--standalone", "--no_python", "-m", "--module")):
+        if seen:
+            given = ", ".join(seen)
+            raise SystemExit(f"collective-run: {given}: torchrun's, for a torchrun-style launch: give "
+                             "--nproc_per_node N too (or mpiexec's -n N without them)")
+        return list(args), None
+    if _nprocs(rest) is not None:
+        raise SystemExit("collective-run: give the number of processes once: -n N (mpiexec) or --nproc_per_node N "
+                         "(torchrun), not both")
+    opts = TorchrunOptions()
+    raw = seen.get("--nproc_per_node", "1")
+    if raw in ("cpu", "auto"):
+        opts.nproc_per_node = os.cpu_count() or 1
+    else:
+        opts.nproc_per_node = _positive(raw, "--nproc_per_node")
+    raw = seen.get("--nnodes", "1")
+    lo, colon, hi = raw.partition(":")
+    if colon and lo != hi:
+        raise SystemExit(f"collective-run: --nnodes {raw} is an elastic range; give one number of nodes")
+    opts.nnodes = _positive(lo, "--nnodes")
+    hosts = any(a.partition("=")[0] in _HOST_FLAGS for a in rest)
+    if opts.nnodes > 1 and not hosts and not _allocated_nodes():
+        raise SystemExit(f"collective-run: --nnodes {opts.nnodes} needs the hosts (--host a,b or --hostfile FILE): "
+                         "one collective-run starts the processes of every node")
+    if "--node_rank" in seen and (opts.nnodes > 1 or seen["--node_rank"] != "0"):
+        raise SystemExit("collective-run: one collective-run starts the processes of every node: run it once, "
+                         "on one machine, with --host or --hostfile, and drop --node_rank")
+    if "--master_addr" in seen:
+        opts.master_addr = seen["--master_addr"]
+    if "--master_port" in seen:
+        opts.master_port = _positive(seen["--master_port"], "--master_port")
+    if not program:
+        raise SystemExit("collective-run: no program given; e.g. collective-run --nproc_per_node 2 train.py")
+    if "--no_python" in seen:
+        run = program
+    elif "-m" in seen or "--module" in seen:
+        run = [sys.executable, "-m", *program]
+    else:
+        run = [sys.executable, *program]
+    placement = ["--map-by", f"ppr:{opts.nproc_per_node}:node"] if opts.nnodes > 1 and "--map-by" not in rest else []
+    return ["-n", str(opts.nproc_per_node * opts.nnodes), *placement, *rest, *run], opts
+
+
+def _positive(raw: str, flag: str) -> int:
+    try:
+        v = int(raw)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise SystemExit(f"collective-run: {flag} {raw!r} must be a whole number >= 1")
+    return v
+
+
+def _allocated_nodes() -> int:
+    """The nodes of the batch allocation this runs in (Slurm, PBS, LSF), 0 outside one; mpiexec reads it."""
+    for var in ("SLURM_JOB_NUM_NODES", "SLURM_NNODES"):
+        try:
+            return int(os.environ[var])
+        except (KeyError, ValueError):
+            pass
+    path = os.environ.get("PBS_NODEFILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return len({ln.strip() for ln in f if ln.strip()})
+        except OSError:
+            return 0
+    hosts = os.environ.get("LSB_MCPU_HOSTS", "").split()
+    return len(hosts) // 2
+
+
+# Each rank's torchrun environment, from its MPI launcher's variables (Open MPI, then MPICH/Hydra), set by a
+# POSIX shell in front of the program: no Python path on the remote nodes is assumed. Arguments: the number of
+# nodes (0: unknown, GROUP_RANK unset), MASTER_ADDR, MASTER_PORT, OMP_NUM_THREADS ("" leaves a variable
+# alone), then the program. Where every node runs its ranks consecutively (one node, or torchrun's --nnodes,
+# placed by --map-by ppr:N:node), GROUP_RANK is the node's index and LOCAL_RANK follows torchrun's
+# RANK = GROUP_RANK * LOCAL_WORLD_SIZE + LOCAL_RANK (MPI's own local rank may number a node's ranks in
+# another order; elsewhere it is what LOCAL_RANK gets).
+_RANK_ENV_SH = r"""
+r=${OMPI_COMM_WORLD_RANK:-${PMI_RANK:-$PMIX_RANK}}
+n=${OMPI_COMM_WORLD_SIZE:-$PMI_SIZE}
+lr=${OMPI_COMM_WORLD_LOCAL_RANK:-$MPI_LOCALRANKID}
+ln=${OMPI_COMM_WORLD_LOCAL_SIZE:-$MPI_LOCALNRANKS}
+if [ -n "$r" ] && [ -n "$n" ]; then export RANK="$r" WORLD_SIZE="$n" ROLE_RANK="$r" ROLE_WORLD_SIZE="$n"; fi
+if [ -n "$lr" ] && [ -n "$ln" ]; then export LOCAL_RANK="$lr" LOCAL_WORLD_SIZE="$ln"; fi
+if [ "$1" -gt 0 ] && [ -n "$r" ] && [ -n "$ln" ] && [ "$ln" -gt 0 ]; then
+  g=$((r / ln)); export GROUP_RANK="$g" NODE_RANK="$g" GROUP_WORLD_SIZE="$1" LOCAL_RANK=$((r - g * ln))
+fi
+if [ -n "$2" ]; then export MASTER_ADDR="$2"; fi
+if [ -n "$3" ]; then export MASTER_PORT="$3"; fi
+if [ -n "$4" ]; then export OMP_NUM_THREADS="$4"; fi
+shift 4
+exec "$@"
+"""
+
+
+def _program_at(args: Sequence[str]) -> int:
+    """Where the program begins in mpiexec's ``args`` (after its options and their values); len(args) if nowhere."""
+    i, n = 0, len(args)
+    while i < n:
+        a = args[i]
+        if a == "--":
+            return i + 1
+        if not a.startswith("-"):
+            return i
+        flag, eq, _ = a.partition("=")
+        i += 1 + (_MPI_VALUED.get(flag, 0) if not eq else 0)
+    return n
+
+
+def _first_host(args: Sequence[str]) -> str | None:
+    """The first host of ``--host``/``-H`` or of ``--hostfile`` (rank 0's under mpiexec's default placement)."""
+    for i, a in enumerate(args):
+        flag, eq, inline = a.partition("=")
+        value = inline if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if flag in ("--host", "-H", "--hosts") and value:
+            return value.split(",")[0].split(":")[0]
+        if flag in ("--hostfile", "-hostfile", "--machinefile") and value:
+            try:
+                with open(value, encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        words = line.split("#")[0].split()
+                        if words:
+                            return words[0]
+            except OSError:
+                return None
+    return None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rank_env_command(args: Sequence[str], opts: TorchrunOptions | None = None,
+                     env: dict[str, str] | None = None) -> list[str]:
+    """mpiexec's ``args`` with each program started under torchrun's environment for its rank.
+
+    Every rank gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``
+    (and ``ROLE_RANK``, ``ROLE_WORLD_SIZE``) from its MPI launcher;
+    ``GROUP_RANK``/``NODE_RANK`` and ``GROUP_WORLD_SIZE`` where the node of a
+    rank is known (one node, or torchrun's ``--nnodes``); ``MASTER_ADDR`` and
+    ``MASTER_PORT`` for torch's ``env://`` rendezvous (gloo; backend
+    "collective" needs neither): the flags, else this environment's, else
+    127.0.0.1 and a free port on one node, the first host and port 29500 on
+    several. torchrun-style launches also get ``OMP_NUM_THREADS=1`` unless it
+    is set. Each MPMD app context (``a : b``) gets the same.
+
+    Args:
+        args: mpiexec's arguments (options, program, its arguments).
+        opts: what torchrun's flags gave (:func:`torchrun_args`), None for an mpiexec-style launch.
+        env: the launcher's environment (default ``os.environ``).
+
+    Returns:
+        The arguments with ``sh -c SCRIPT collective-run NODES ADDR PORT THREADS`` before each program.
+    """
+    e = os.environ if env is None else env
+    contexts: list[list[str]] = [[]]
+    for a in args:
+        if a == ":":
+            contexts.append([])
+        else:
+            contexts[-1].append(a)
+    every = list(args)
+    allocated = _allocated_nodes()
+    on_hosts = any(a.partition("=")[0] in _HOST_FLAGS for a in every) or allocated > 1
+    if opts is not None and opts.nnodes > 1:
+        nodes = opts.nnodes
+    else:
+        nodes = 0 if on_hosts else 1
+    addr = (opts.master_addr if opts is not None else None) or e.get("MASTER_ADDR") or (
+        (_first_host(every) or "") if on_hosts else "127.0.0.1")
+    port = (opts.master_port if opts is not None else None) or e.get("MASTER_PORT") or (
+        29500 if on_hosts else _free_port())
+    threads = "1" if opts is not None and opts.nproc_per_node > 1 and "OMP_NUM_THREADS" not in e else ""
+    out: list[str] = []
+    for k, ctx in enumerate(contexts):
+        if k:
+            out.append(":")
+        at = _program_at(ctx)
+        if at >= len(ctx):
+            out.extend(ctx)
+            continue
+        out.extend([*ctx[:at], "sh", "-c", _RANK_ENV_SH, "collective-run", str(nodes), addr, str(port), threads,
+                    *ctx[at:]])
+    return out
+
+
 def mpiexec_command(args: Sequence[str], env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """The mpiexec command line and environment for ``args`` (everything is passed through).
 
@@ -168,6 +534,8 @@ def _emulate(args: list[str]) -> int:
     if why is not None:
         print(f"collective-run --emulate: {why}", file=sys.stderr)
         return 2
+    rest, extra = elastic_args(rest)
+    os.environ.update(extra)  # the ranks inherit the launcher's environment (and -x exports it to every host)
     try:
         return emulate.run(hosts, per_host, rate, rest)
     except emulate.EmulationError as exc:
@@ -185,9 +553,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         # Asked for, the usage is the answer (status 0); with nothing to run it is an error (status 2).
         print("usage: collective-run [mpiexec options] program [args...]\n"
+              "       collective-run --nproc_per_node N [--nnodes M --host/--hostfile ...] script.py [args...]\n"
               "Runs the installed mpiexec, adding --oversubscribe when ranks exceed cores and the\n"
-              "run-as-root settings when run as root. horovodrun's -np/--num-proc, -H/--hosts, --hostfile,\n"
-              "--network-interface, --mpi-args and --mpi are translated; everything else is passed through.\n\n"
+              "run-as-root settings when run as root. Each process gets torchrun's environment: RANK,\n"
+              "WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and GROUP_RANK/NODE_RANK\n"
+              "where a rank's node is known). horovodrun's -np/--num-proc, -H/--hosts, --hostfile,\n"
+              "--network-interface, --mpi-args and --mpi are translated, and so are torchrun's\n"
+              "--nproc_per_node, --nnodes, --master_addr, --master_port, --standalone, -m and --no_python\n"
+              "(the program is then a Python script, as under torchrun); everything else is passed through.\n"
+              "--elastic [--min-ranks N] [--max-ranks M]: a lost rank raises RanksLostError on the survivors,\n"
+              "which continue with comm.shrink() (Open MPI's --with-ft ulfm; see docs/guides/elastic.md).\n\n"
               + _EMULATE_USAGE, file=sys.stdout if args else sys.stderr)
         if not args:
             print("collective-run: no program given; e.g. collective-run -n 4 python train.py", file=sys.stderr)
@@ -195,7 +570,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if any(a == "--emulate" or a.startswith("--emulate=") for a in args):
         sys.exit(_emulate(args))
-    cmd, env = mpiexec_command(horovodrun_args(args))
+    args, extra = elastic_args(args)
+    args, torchrun = torchrun_args(args)
+    cmd, env = mpiexec_command(horovodrun_args(args), {**os.environ, **extra})
+    cmd = [cmd[0], *rank_env_command(cmd[1:], torchrun, env)]
     os.execvpe(cmd[0], cmd, env)
 
 

@@ -14,6 +14,22 @@ Terms (the names below follow them):
 * **check** -- the cross-rank check (:mod:`collective.check`), run by the
   sequencer after the op's record begins (so the deadline covers it) and
   before any of its data moves.
+* **issuer** -- the thread that called the op (``collective.threads``): its
+  tag is recorded with the op and folded into the op's fingerprint, so an op
+  issued by one thread on one rank and by another thread on another rank is a
+  mismatch on every rank. An async op's issuer is the thread that called
+  ``*_async``, not the communication thread that runs it.
+* **gate** -- the lock of the callers' threads: held by a thread from the
+  start of its synchronous op to its end (the *owner*), and while it queues
+  an async op. A collective entered on the communicator from another thread
+  while the gate is held raises CollectiveUsageError naming both calls and
+  both threads, after taking part in the op order as a poisoned call so the
+  other ranks raise too instead of waiting: two threads racing for one
+  communicator would otherwise pair their ops by chance. The owner runs its
+  op itself only when nothing is pending (nothing can be queued meanwhile:
+  queueing takes the gate), else behind the pending ops; the communication
+  thread runs the queued ops one by one under ``lock``, so the two never
+  run ops at once.
 * **repeat** -- a synchronous allreduce whose signature passed every check
   before: its prepared call is a template refilled with this call's arrays
   (:meth:`Sequencer.allreduce`), and on one node its check and its
@@ -31,9 +47,11 @@ from typing import Any
 import numpy as np
 
 from .arrays import Deferred
-from .errors import BackendUnavailableError, CollectiveTimeoutError, describe
+from .errors import BackendUnavailableError, CollectiveTimeoutError, CollectiveUsageError, describe
 from .fingerprint import Poison
+from .shm import RETIRED
 from .spec import ROOTED
+from .threads import TAGS, ThreadTag, thread_tag
 
 __all__ = ["OpRecord", "FlightRecorder", "Work", "Sequencer"]
 
@@ -49,18 +67,21 @@ class OpRecord:
         shape, dtype: of this rank's input (None for a barrier or a rejected call).
         algorithm: the algorithm that ran ("auto" resolved; None: this rank rejected its arguments).
         root: of a rooted collective, else None.
+        thread: the issuing thread's ``collective.threads.ThreadTag`` (an async op's: the thread that called it).
         t_start, t_end: ``time.monotonic()`` when it began and ended (``t_end`` None while in flight).
     """
 
-    __slots__ = ("seq", "op", "shape", "dtype", "algorithm", "root", "t_start", "t_end")
+    __slots__ = ("seq", "op", "shape", "dtype", "algorithm", "root", "thread", "t_start", "t_end")
 
     def __init__(self) -> None:
         self.seq, self.op, self.shape, self.dtype, self.algorithm, self.root = 0, "", None, None, None, None
+        self.thread: ThreadTag | None = None
         self.t_start: float = 0.0
         self.t_end: float | None = None
 
     def describe(self, timing: bool = True) -> str:
-        """One line: ``#7 allreduce shape (4,) float32 algorithm ring (12 us)``."""
+        """One line: ``#7 allreduce shape (4,) float32 algorithm ring (12 us)`` (and ``from thread 'x'`` when the
+        issuer is not the main thread)."""
         if self.algorithm is None:
             s = f"#{self.seq} {self.op} (arguments rejected on this rank)"
         elif self.op == "barrier":
@@ -69,6 +90,9 @@ class OpRecord:
             s = f"#{self.seq} {self.op} shape {tuple(self.shape)} {self.dtype} algorithm {self.algorithm}"
             if self.root is not None:
                 s += f" root {self.root}"
+        th = self.thread
+        if th is not None and th.name != "MainThread":
+            s += f" from thread {th.name!r}"
         if timing:
             s += " (in flight)" if self.t_end is None else f" ({(self.t_end - self.t_start) * 1e6:.0f} us)"
         return s
@@ -92,16 +116,26 @@ class FlightRecorder:
         self.current: OpRecord | None = None
         #: The sequence number of the newest op begun (0: none yet).
         self.last_seq = 0
+        #: When a framework owns the communicator, how its program names our ops: op name -> the caller's
+        #: words (a torch process group: "all_reduce via torch.distributed, group 'default_pg'"), for reports.
+        self.called_as: dict[str, str] = {}
 
-    def begin(self, seq: int, name: str, shape: Any, dtype: Any, algorithm: Any, root: Any) -> OpRecord:
-        """Record op ``seq`` as begun and in flight; returns its record."""
+    def begin(self, seq: int, name: str, shape: Any, dtype: Any, algorithm: Any, root: Any,
+              thread: ThreadTag | None = None) -> OpRecord:
+        """Record op ``seq`` (issued by ``thread``) as begun and in flight; returns its record."""
         rec = self.slots[seq % self.length]
         rec.seq, rec.op, rec.shape, rec.dtype, rec.algorithm, rec.root = seq, name, shape, dtype, algorithm, root
+        rec.thread = thread
         rec.t_end = None
         rec.t_start = _monotonic()
         self.last_seq = seq
         self.current = rec
         return rec
+
+    def describe(self, rec: OpRecord, timing: bool = True) -> str:
+        """``rec.describe(timing)``, followed by how the program called the op where :attr:`called_as` says."""
+        via = self.called_as.get(rec.op)
+        return rec.describe(timing) + (f" [{via}]" if via else "")
 
     def end(self, rec: OpRecord) -> None:
         """Record ``rec`` as finished."""
@@ -185,53 +219,122 @@ class Sequencer:
         self.async_problem = async_ok
         self.recorder = FlightRecorder(trace_len)
         self.seq = 0
+        #: Held by the communication thread while it runs a queued op.
         self.lock = threading.Lock()
-        #: Async ops handed to the communication thread and not finished.
+        #: Async ops handed to the communication thread and not finished (it lowers the count as the last thing
+        #: an op does to this sequencer's state).
         self.pending = 0
         self.ordinary = ordinary
         self._templates = prep.templates
         self._finish_avg = engine.finish_avg
         #: The communicator's point-to-point messages (``collective.p2p.PointToPoint``), once attached.
         self.p2p: Any = None
+        #: Elastic mode: ``fault(name, exc, started)`` -> the error a failed op raises instead of ``exc`` (None:
+        #: ``exc`` is no sign of a lost rank). Set by the communicator; None otherwise.
+        self.fault: Callable[[str, BaseException, float], BaseException | None] | None = None
         self._queue: queue.SimpleQueue | None = None
         self._worker: threading.Thread | None = None
+        #: Held by a user thread's synchronous op from its start to its end (see the module docstring).
+        self._gate = threading.Lock()
+        #: The tag of the thread that holds the gate, and its call, while one does (for the usage error).
+        self.owner: ThreadTag | None = None
+        self.owner_call: Any = None
+
+    # ------------------------------------------------------------ the gate
+    def _overlap(self, c: Any, tag: ThreadTag) -> None:
+        """Raise CollectiveUsageError for call ``c`` of thread ``tag`` entered while another thread holds the gate.
+
+        First this rank takes part in the op order with a poisoned call (as a
+        rank that rejected its arguments does), so ranks where the two threads
+        did not overlap raise too instead of waiting for this call.
+        """
+        other, theirs = self.owner, self.owner_call
+        mine = describe(getattr(c, "name", "collective"), self.rank, self.size, getattr(c, "shape", None),
+                        getattr(c, "dtype", None), getattr(c, "algorithm", None))
+        if other is None or other is tag:  # it is just starting or ending
+            who, what = "another thread", "its collective"
+        else:
+            who = f"thread {other.name!r}"
+            what = describe(getattr(theirs, "name", "collective"), None, None, getattr(theirs, "shape", None),
+                            getattr(theirs, "dtype", None), getattr(theirs, "algorithm", None))
+        err = CollectiveUsageError(
+            f"{mine}: called from thread {tag.name!r} while {what} of {who} is in flight on this communicator. "
+            "Two threads may not use one communicator at the same time: the order of their collectives would "
+            "differ from rank to rank. Give each thread its own communicator (comm.split(0) or "
+            "comm.subgroup(range(comm.size)), made in the same order on every rank), or let one thread at a time "
+            "call collectives (a lock, or a queue served by one thread).")
+        self.poison(getattr(c, "name", "collective"), err, tag)
+        raise err
+
+    def _enter(self, c: Any, tag: ThreadTag) -> bool:
+        """Take the gate for synchronous op ``c`` of thread ``tag``; False when this thread already holds it
+        (nested: it must not release it). Raises CollectiveUsageError when another thread holds it."""
+        if self._gate.acquire(False):
+            self.owner, self.owner_call = tag, c
+            return True
+        if self.owner is not tag:
+            self._overlap(c, tag)
+        return False
+
+    def _leave(self) -> None:
+        self.owner = None
+        self._gate.release()
 
     # ------------------------------------------------------------ ordinary ops
     def run(self, c: Any, execute: Callable[[Any, Any, int], Any] | None = None) -> Any:
         """Run prepared call ``c`` as this communicator's next op, after any pending async ops; its result.
 
         ``execute``: see :meth:`op` (the device paths pass their own).
-        """
-        if self.pending == 0:
-            with self.lock:
-                return self.op(c, execute)
-        return self.submit(c, execute).wait()
 
-    def poison(self, name: str, exc: BaseException) -> None:
+        Raises:
+            CollectiveUsageError: another thread's synchronous op is in flight on this communicator.
+        """
+        tag = thread_tag()
+        held = self._enter(c, tag)
+        try:
+            if self.pending == 0:
+                return self.op(c, execute, tag)
+            return self._queue_op(c, execute, tag).wait()
+        finally:
+            if held:
+                self._leave()
+
+    def poison(self, name: str, exc: BaseException, tag: ThreadTag | None = None) -> None:
         """Take part in op ``name``'s check with a poison fingerprint after this rank rejected its arguments.
 
         The other ranks may be entering the op: they raise CollectiveMismatchError
         naming this rank and its error instead of waiting for it. The caller
-        raises ``exc`` itself.
+        raises ``exc`` itself. ``tag``: the issuing thread (default: the calling one).
         """
         if not self.check.on:
             return
         p = Poison(name, exc)
-        if self.pending == 0:
-            with self.lock:
+        if tag is None:
+            tag = thread_tag()
+        nested = self.owner is tag  # this thread holds the gate already
+        if not nested:
+            # Blocking: a poisoned turn waits for another thread's op in flight (which its deadline bounds).
+            self._gate.acquire()
+            self.owner, self.owner_call = tag, p
+        try:
+            if self.pending == 0:
                 try:
-                    self.op(p)
+                    self.op(p, None, tag)
                 except Exception:  # noqa: BLE001 - this rank raises its own error
                     pass
-        else:
-            self.submit(p)
+            else:
+                self._queue_op(p, None, tag)
+        finally:
+            if not nested:
+                self._leave()
 
-    def op(self, c: Any, execute: Callable[[Any, Any, int], Any] | None = None) -> Any:
-        """Begin, check, execute and end op ``c`` (the caller holds ``lock`` and nothing is pending before it).
+    def op(self, c: Any, execute: Callable[[Any, Any, int], Any] | None = None, tag: ThreadTag | None = None) -> Any:
+        """Begin, check, execute and end op ``c`` (the caller holds the gate and nothing is pending, or it is the
+        communication thread).
 
         ``execute(c, first, seq)`` moves the data (default: the engine's); ``first``
         is the check when it is to be the call's first shm phase, else None
-        (the check already ran).
+        (the check already ran). ``tag``: the issuing thread (default: the calling one).
         """
         self.seq = seq = self.seq + 1
         name = c.name
@@ -239,6 +342,7 @@ class Sequencer:
         rec = recorder.slots[seq % recorder.length]
         rec.seq, rec.op, rec.shape, rec.dtype, rec.algorithm = seq, name, c.shape, c.dtype, c.algorithm
         rec.root = c.root if name in ROOTED else None
+        rec.thread = tag if tag is not None else thread_tag()
         rec.t_end = None
         rec.t_start = _monotonic()
         recorder.last_seq = seq
@@ -247,13 +351,39 @@ class Sequencer:
             check = self.check
             first = check.gate(rec, c) if check.on else None
             r = (execute or self.engine.execute)(c, first, seq)
+        except BaseException as exc:
+            self._failed(name, exc, rec.t_start)
+            raise
         finally:
             rec.t_end = _monotonic()
             recorder.current = None
-        return r.resolve() if type(r) is Deferred else r  # types that copy on construction (JAX) are made now
+        return r.resolve() if type(r) is Deferred else r
+
+    def _failed(self, name: str, exc: BaseException, started: float) -> None:
+        """Raise what op ``name``'s error ``exc`` becomes in elastic mode (RanksLostError); return if it stays."""
+        fault = self.fault
+        if fault is None:
+            return
+        lost = fault(name, exc, started)
+        if lost is not None and lost is not exc:
+            raise lost from exc  # types that copy on construction (JAX) are made now
 
     def submit(self, c: Any, execute: Callable[[Any, Any, int], Any] | None = None) -> Work:
-        """Queue op ``c`` on the communication thread; its handle."""
+        """Queue op ``c`` on the communication thread; its handle.
+
+        Raises:
+            CollectiveUsageError: another thread's synchronous op is in flight on this communicator.
+        """
+        tag = thread_tag()
+        held = self._enter(c, tag)
+        try:
+            return self._queue_op(c, execute, tag)
+        finally:
+            if held:
+                self._leave()
+
+    def _queue_op(self, c: Any, execute: Callable[[Any, Any, int], Any] | None, tag: ThreadTag) -> Work:
+        """Queue op ``c`` of thread ``tag`` (no gate: the caller checked it or holds it); its handle."""
         if self._worker is None:
             if self.async_problem is not None and self.size > 1:
                 raise BackendUnavailableError(f"{describe(c.name + '_async', self.rank, self.size)}: "
@@ -263,15 +393,20 @@ class Sequencer:
             self._worker.start()
         w = Work(c.name)
         self.pending += 1
-        self._queue.put((c, w, execute))  # type: ignore[union-attr]
+        self._queue.put((c, w, execute, tag))  # type: ignore[union-attr]
         return w
 
     def run_here(self, c: Any, execute: Callable[[Any, Any, int], Any]) -> Any:
         """Op ``c`` on the calling thread, after every pending async op (device paths bound to this thread)."""
-        if self.pending:
-            self.submit(_Call0(_nothing)).wait()
-        with self.lock:
-            return self.op(c, execute)
+        tag = thread_tag()
+        held = self._enter(c, tag)
+        try:
+            if self.pending:
+                self._queue_op(_Call0(_nothing), None, tag).wait()
+            return self.op(c, execute, tag)
+        finally:
+            if held:
+                self._leave()
 
     def waiting_on(self) -> tuple[int, ...] | None:
         """The peers the op in flight waits for right now, or None (for the watchdog)."""
@@ -281,12 +416,42 @@ class Sequencer:
         """The point-to-point messages in flight, a line each (for the watchdog's reports)."""
         return self.p2p.report_lines() if self.p2p is not None else []
 
-    def run_locked(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` with the lock held, after every pending async op (for work that must not interleave with ops)."""
-        if self.pending:
-            return self.submit(_Call0(fn)).wait()
-        with self.lock:
-            return fn()
+    def run_locked(self, fn: Callable[[], Any], name: str = "collective") -> Any:
+        """``fn()`` under the gate, after every pending async op (for work that must not interleave with ops:
+        ``alloc``, ``free``, device setup, all collective; ``name`` says which in a usage error)."""
+        tag = thread_tag()
+        c = _Call0(fn, name)
+        held = self._enter(c, tag)
+        try:
+            if self.pending:
+                return self._queue_op(c, None, tag).wait()
+            t0 = _monotonic()
+            try:
+                return fn()
+            except BaseException as exc:
+                self._failed(name, exc, t0)
+                raise
+        finally:
+            if held:
+                self._leave()
+
+    def run_in_window(self, c: Any, own: list) -> bool:
+        """Window-path op ``c`` with this rank's input ``own`` (``Communicator.allreduce_in_window``), under the
+        gate; False, with nothing sent, if async ops are pending."""
+        tag = thread_tag()
+        held = self._enter(c, tag)
+        try:
+            if self.pending:
+                return False
+            c.own = own
+            try:
+                self.op(c, None, tag)
+            finally:
+                c.own = None
+            return True
+        finally:
+            if held:
+                self._leave()
 
     def _serve(self) -> None:
         q = self._queue
@@ -294,12 +459,12 @@ class Sequencer:
             item = q.get()  # type: ignore[union-attr]
             if item is None:
                 return
-            c, w, execute = item
+            c, w, execute, tag = item
             # The count drops before the waiter can wake, so a synchronous call made right after wait()
             # returns never queues behind a collective that has already finished.
             try:
                 with self.lock:
-                    res = c.fn() if type(c) is _Call0 else self.op(c, execute)
+                    res = c.fn() if type(c) is _Call0 else self.op(c, execute, tag)
             except BaseException as exc:  # handed to the waiter, who re-raises it
                 self.pending -= 1
                 w.finish(None, exc)
@@ -315,17 +480,20 @@ class Sequencer:
             self._worker = None
 
     # --------------------------------------------------------------- repeats
-    def run_quick(self, c: Any, run: Callable[..., bool], *args: Any) -> None:
-        """Op ``c`` whose check is its first phase: ``run(h, seq, *args)`` posts fingerprint ``h`` of op ``seq``
-        and moves the data; it returns False on a mismatch (nothing touched), and every rank then raises the
-        report. The caller holds ``lock``; ``c`` passed the check before (its fingerprint is ``c.sig``).
+    def run_quick(self, c: Any, run: Callable[..., bool], tag: ThreadTag, *args: Any) -> None:
+        """Op ``c`` of thread ``tag`` whose check is its first phase: ``run(h, seq, *args)`` posts fingerprint ``h``
+        of op ``seq`` and moves the data; it returns False on a mismatch (nothing touched), and every rank then
+        raises the report. The caller holds the gate; ``c`` passed the check before (its fingerprint is ``c.sig``).
         """
         self.seq = seq = self.seq + 1
-        rec = self.recorder.begin(seq, "allreduce", c.shape, c.dtype, c.algorithm, None)
+        rec = self.recorder.begin(seq, "allreduce", c.shape, c.dtype, c.algorithm, None, tag)
         try:
             sig = c.sig
-            if not run(sig[0] ^ seq, seq, *args):
-                self.check.mismatch(seq, sig[1])
+            if not run(sig[0] ^ tag.h ^ seq, seq, *args):
+                self.check.mismatch(seq, sig[1], tag.name)
+        except BaseException as exc:
+            self._failed("allreduce", exc, rec.t_start)
+            raise
         finally:
             self.recorder.end(rec)
 
@@ -337,93 +505,113 @@ class Sequencer:
         this one frame: at small sizes the Python around a call is its cost.
         Only this call's own arrays are checked (contiguous; ``out`` absent,
         ``x`` itself, or a separate array of the same shape and dtype that
-        does not overlap ``x``); the template is refilled under the lock and
+        does not overlap ``x``); the template is refilled under the gate and
         emptied again, so no user array is kept alive. alloc'd arrays from
         the window size, in place or into alloc'd arrays, take the window
-        path (their prepared call is kept, see ``Preparer.hot_call``).
+        path (their prepared call is kept, see ``Preparer.hot_call``). A
+        call that finds the gate held takes the ordinary path, which says
+        why (another thread's op) or runs it (this thread's, nested).
         """
-        if type(x) is np.ndarray and not self.pending:
-            prep = self.prep
-            if out is not None and x.base is not None and x.nbytes >= prep.window_min:  # windows are views
-                hot = prep.hot_call("allreduce", x, op, algorithm, 0, out)
-                if hot is not None:
-                    r = self._window_repeat(hot)
-                    return r if r is not None else self.ordinary(x, op, algorithm, out)
-            try:
-                c = self._templates.get((x.shape, x.dtype, op, algorithm))
-            except TypeError:  # an unhashable op or algorithm
-                c = None
-            if c is not None and x.flags.c_contiguous:
-                # This call's own output: out absent, x itself, or a separate array of x's shape and dtype that
-                # does not overlap it (written out here, not a call into prep: every frame counts at small sizes).
-                if out is None:
-                    o = np.empty(x.shape, x.dtype)
-                elif out is x:
-                    o = x if x.flags.writeable and (x.base is None or c.algorithm != "shm"
-                                                    or x.nbytes < prep.window_min
-                                                    or prep.window(x, x, True) is None) else None
-                elif type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype:
-                    f = out.flags
-                    o = out if (f.writeable and f.c_contiguous and ((f.owndata and x.flags.owndata)
-                                                                    or not np.may_share_memory(out, x))) else None
-                    if (o is not None and c.algorithm == "shm" and x.base is not None
-                            and x.nbytes >= prep.window_min and prep.window(x, out, False) is not None):
-                        o = None  # alloc'd into alloc'd: the window path
-                else:
-                    o = None
-                if o is not None:
-                    lock = self.lock
-                    lock.acquire()  # not `with`: half the cost at small sizes
+        if type(x) is not np.ndarray or self.pending:
+            return self.ordinary(x, op, algorithm, out)
+        prep = self.prep
+        # Maybe an array of a replaced communicator: the checked path says so.
+        if RETIRED and (x.base is not None or out is not None):
+            return self.ordinary(x, op, algorithm, out)
+        if out is not None and x.base is not None and x.nbytes >= prep.window_min:  # windows are views
+            hot = prep.hot_call("allreduce", x, op, algorithm, 0, out)
+            if hot is not None:
+                r = self._window_repeat(hot)
+                return r if r is not None else self.ordinary(x, op, algorithm, out)
+        try:
+            c = self._templates.get((x.shape, x.dtype, op, algorithm))
+        except TypeError:  # an unhashable op or algorithm
+            return self.ordinary(x, op, algorithm, out)
+        if c is None or not x.flags.c_contiguous:
+            return self.ordinary(x, op, algorithm, out)
+        # This call's own output: out absent, x itself, or a separate array of x's shape and dtype that does not
+        # overlap it (written out here, not a call into prep: every frame counts at small sizes).
+        if out is None:
+            o = np.empty(x.shape, x.dtype)
+        elif out is x:
+            if not x.flags.writeable or (x.base is not None and c.algorithm == "shm" and x.nbytes >= prep.window_min
+                                         and prep.window(x, x, True) is not None):  # alloc'd in place: the window
+                return self.ordinary(x, op, algorithm, out)
+            o = x
+        elif type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype:
+            f = out.flags
+            if not (f.writeable and f.c_contiguous and ((f.owndata and x.flags.owndata)
+                                                        or not np.may_share_memory(out, x))):
+                return self.ordinary(x, op, algorithm, out)
+            if (c.algorithm == "shm" and x.base is not None and x.nbytes >= prep.window_min
+                    and prep.window(x, out, False) is not None):
+                return self.ordinary(x, op, algorithm, out)  # alloc'd into alloc'd: the window path
+            o = out
+        else:
+            return self.ordinary(x, op, algorithm, out)
+        try:
+            tag = TAGS.tag  # the issuing thread, one thread-local read (thread_tag() on its first call)
+        except AttributeError:
+            tag = thread_tag()
+        gate = self._gate
+        if not gate.acquire(False):  # not `with`: half the cost at small sizes
+            return self.ordinary(x, op, algorithm, out)
+        self.owner = tag
+        self.owner_call = c
+        try:
+            if not self.pending:  # else an async call got in first: queue behind it, on the ordinary path
+                q = c.quick
+                if q:
+                    # A small shm allreduce repeated: check and data share one phase. run_quick and the recorder's
+                    # begin/end, written out: three frames fewer on the path whose whole cost is Python.
+                    self.seq = seq = self.seq + 1
+                    recorder = self.recorder
+                    rec = recorder.slots[seq % recorder.length]
+                    rec.seq, rec.op, rec.shape, rec.dtype = seq, "allreduce", c.shape, c.dtype
+                    rec.algorithm, rec.root = c.algorithm, None
+                    rec.thread = tag
+                    rec.t_end = None
+                    rec.t_start = _monotonic()
+                    recorder.last_seq = seq
+                    recorder.current = rec
                     try:
-                        if not self.pending:  # else an async call got in first: queue behind it, ordinarily
-                            q = c.quick
-                            if q:
-                                # A small shm allreduce repeated: check and data share one phase. run_quick and
-                                # the recorder's begin/end, written out: three frames fewer on the path whose
-                                # whole cost is Python.
-                                self.seq = seq = self.seq + 1
-                                recorder = self.recorder
-                                rec = recorder.slots[seq % recorder.length]
-                                rec.seq = seq
-                                rec.op = "allreduce"
-                                rec.shape = c.shape
-                                rec.dtype = c.dtype
-                                rec.algorithm = c.algorithm
-                                rec.root = rec.t_end = None
-                                rec.t_start = _monotonic()
-                                recorder.last_seq = seq
-                                recorder.current = rec
-                                try:
-                                    sig = c.sig
-                                    rop = c.rop
-                                    if not self.check.quick_arena.quick_allreduce(
-                                            sig[0] ^ seq, seq, x if x.ndim == 1 else x.reshape(-1),
-                                            o if o.ndim == 1 else o.reshape(-1), rop.ufunc,
-                                            self._finish_avg if rop.average else None, q):
-                                        self.check.mismatch(seq, sig[1])
-                                finally:
-                                    rec.t_end = _monotonic()
-                                    recorder.current = None
-                                return o
-                            if q is None and c.sig is not None and self.check.quick_arena is not None:
-                                # Checked once through op(): from the next call on, one phase.
-                                c.quick = self.check.quick_arena.quick_regions(c.dtype, x.size)
-                            c.xf = x if x.ndim == 1 else x.reshape(-1)
-                            c.of = o if o.ndim == 1 else o.reshape(-1)
-                            c.result = o
-                            c.inplace = o is x
-                            try:
-                                return self.op(c)
-                            finally:
-                                c.xf = c.of = c.result = None
+                        sig = c.sig
+                        rop = c.rop
+                        if not self.check.quick_arena.quick_allreduce(
+                                sig[0] ^ tag.h ^ seq, seq, x if x.ndim == 1 else x.reshape(-1),
+                                o if o.ndim == 1 else o.reshape(-1), rop.ufunc,
+                                self._finish_avg if rop.average else None, q):
+                            self.check.mismatch(seq, sig[1], tag.name)
+                    except BaseException as exc:
+                        self._failed("allreduce", exc, rec.t_start)
+                        raise
                     finally:
-                        lock.release()
+                        rec.t_end = _monotonic()
+                        recorder.current = None
+                    return o
+                if q is None and c.sig is not None and self.check.quick_arena is not None:
+                    # Checked once through op(): from the next call on, one phase.
+                    c.quick = self.check.quick_arena.quick_regions(c.dtype, x.size)
+                c.xf = x if x.ndim == 1 else x.reshape(-1)
+                c.of = o if o.ndim == 1 else o.reshape(-1)
+                c.result = o
+                c.inplace = o is x
+                try:
+                    return self.op(c, None, tag)
+                finally:
+                    c.xf = c.of = c.result = None
+        finally:
+            self.owner = None
+            gate.release()
         return self.ordinary(x, op, algorithm, out)
 
     def _window_repeat(self, hot: Any) -> Any:
         """The window path of a repeated allreduce on alloc'd arrays (see ``SharedArrays.quick_allreduce``)."""
-        lock = self.lock
-        lock.acquire()
+        tag = thread_tag()
+        gate = self._gate
+        if not gate.acquire(False):
+            return None
+        self.owner, self.owner_call = tag, hot
         try:
             if self.pending:
                 return None
@@ -431,15 +619,16 @@ class Sequencer:
             shared = self.engine.shared
             if plan is not False:  # a list of pieces (empty where this rank's slice is)
                 rop = hot.rop
-                self.run_quick(hot, shared.quick_allreduce, plan, rop.ufunc,
+                self.run_quick(hot, shared.quick_allreduce, tag, plan, rop.ufunc,
                                self.engine.finish_avg if rop.average else None)
                 return hot.result
             if hot.sig is not None and self.check.quick_arena is not None:
                 # Checked once through op(): the next call takes the lines above.
                 hot.quick = shared.plan(hot.views, hot.out_views)
-            return self.op(hot)
+            return self.op(hot, None, tag)
         finally:
-            lock.release()
+            self.owner = None
+            gate.release()
 
 
 def _nothing() -> None:
@@ -449,7 +638,8 @@ def _nothing() -> None:
 class _Call0:
     """Work queued behind pending ops that is not an op itself (``run_locked``)."""
 
-    name = "collective"
+    shape = dtype = None
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+    def __init__(self, fn: Callable[[], Any], name: str = "collective") -> None:
         self.fn = fn
+        self.name = name

@@ -79,6 +79,8 @@ _FLAG = 64  # one cache line for the flag, so flags of different ranks never sha
 _SPINS = 200
 _YIELD_S = 2e-3
 _NAP_S = 20e-6
+#: How often a napping wait checks that its peers live (elastic mode): a failure is noticed within about this.
+_WATCH_S = 5e-3
 
 
 # ------------------------------------------------------------ /dev/shm space
@@ -301,11 +303,13 @@ def _node_spins(node_comm: Any, MPI: Any, want: str) -> bool:
     return bool(v[0])
 
 
-def _await_flag(f: memoryview, t: int) -> None:
+def _await_flag(f: memoryview, t: int, watch: Callable[[], None] | None = None) -> None:
     """Return once ``f[0] >= t`` (another rank's flag): spin, then yield the core, then nap (see _SPINS).
 
     The deadline is the watchdog's, which aborts the job from its thread (the
-    interpreter lock is given up at least every switch interval).
+    interpreter lock is given up at least every switch interval). ``watch``
+    (elastic mode) is called about every ``_WATCH_S`` while napping and raises
+    when a peer is gone: a dead rank never raises its flag.
     """
     for _ in range(_SPINS):
         if f[0] >= t:
@@ -319,8 +323,16 @@ def _await_flag(f: memoryview, t: int) -> None:
                 return
             yield_()
     sleep = time.sleep
+    if watch is None:
+        while f[0] < t:
+            sleep(_NAP_S)
+        return
+    due = clock() + _WATCH_S
     while f[0] < t:
         sleep(_NAP_S)
+        if clock() > due:
+            watch()
+            due = clock() + _WATCH_S
 
 
 def _reduce_into(ufunc: Callable[..., Any], parts: list[np.ndarray], dst: np.ndarray) -> None:
@@ -361,6 +373,7 @@ def _allocate_committed(node_comm: Any, nbytes: int, what: str, chunk_hint: bool
     why = None
     try:
         win = MPI.Win.Allocate_shared(max(nbytes, 1), 1, comm=node_comm)
+        win.Set_errhandler(MPI.ERRORS_RETURN)  # an error is an exception here, as on the communicators
     except MPI.Exception as exc:
         why = f"MPI could not create the window ({exc.Get_error_string().strip()})"
     if win is not None:
@@ -411,6 +424,8 @@ class ShmArena:
         self.check_fenced = False
         self.ticket = 0
         self.chunks_done = 0
+        #: Elastic mode: called while a phase waits on a flag; raises when a peer is gone (see collective.ulfm).
+        self.watch: Callable[[], None] | None = None
         self.comm.Barrier()  # every flag is zeroed before anyone waits on it
 
     def waiting_on(self) -> tuple[int, ...]:
@@ -440,7 +455,7 @@ class ShmArena:
         if self.spins:
             for f in self._others:
                 if f[0] < t:
-                    _await_flag(f, t)
+                    _await_flag(f, t, self.watch)
         else:
             self._barrier()
         self._sync()
@@ -464,6 +479,27 @@ class ShmArena:
             if f[slot] != h:
                 return False
         return True
+
+    def exchange_counts(self, h: int, seq: int, a: int, b: int) -> tuple[bool, np.ndarray | None]:
+        """:meth:`exchange` that also posts two numbers of this rank (e.g. its rows and its ``out``'s rows).
+
+        Returns (whether every rank posted ``h``, every rank's two numbers as a
+        (P, 2) int64 array, None unless they did). The numbers sit in the
+        flag's cache line next to the fingerprint, in a pair per slot, so the
+        sizes of a variable-size collective travel with its check.
+        """
+        par = seq & 1
+        slot = 1 + par
+        w = 3 + 2 * par  # words 3-4 for even calls, 5-6 for odd ones (0: ticket, 1-2: fingerprints)
+        f = self.my_flag
+        f[w] = a
+        f[w + 1] = b
+        f[slot] = h
+        self.phase()
+        for o in self._others:
+            if o[slot] != h:
+                return False, None
+        return True, np.array([(fl[w], fl[w + 1]) for fl in self.flags], np.int64)
 
     def quick_regions(self, dtype: np.dtype, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Every rank's region for even and for odd chunk numbers, cut to ``n`` elements (for quick_allreduce)."""
@@ -694,6 +730,28 @@ class ShmArena:
         self.win.Free()
 
 
+#: Windows of communicators that lost ranks (elastic mode): id of each rank's buffer object -> (the object, why).
+#: Their memory stays mapped (freeing it would take the lost ranks), so collectives refuse arrays in it by name.
+RETIRED: dict[int, tuple[Any, str]] = {}
+
+
+def _buffer_root(a: np.ndarray) -> Any:
+    """The object at the bottom of ``a``'s chain of bases (an MPI buffer for a window's array), or None."""
+    b = a.base
+    while type(b) is np.ndarray:
+        b = b.base
+    return b
+
+
+def retired_window(a: Any) -> str | None:
+    """Why ``a`` (an array) lies in a window of a replaced communicator, or None if it does not."""
+    if not RETIRED or type(a) is not np.ndarray or a.base is None:
+        return None
+    root = _buffer_root(a)
+    got = RETIRED.get(id(root)) if root is not None else None
+    return got[1] if got is not None and got[0] is root else None
+
+
 class SharedArrays:
     """Arrays allocated in the node's shared memory by ``comm.alloc``; collectives on them copy nothing in.
 
@@ -770,6 +828,15 @@ class SharedArrays:
         win.Free()
         a.flags.writeable = False
         _placeholder(addr, a.nbytes)
+
+    def retire(self, why: str) -> None:
+        """Make collectives refuse this communicator's arrays, saying ``why`` (it lost ranks; nothing is freed)."""
+        for win, segs, _ in self._by_addr.values():
+            for seg in segs:
+                root = _buffer_root(seg)
+                if root is not None:
+                    RETIRED[id(root)] = (root, why)
+        self._views.clear()
 
     def _plans_dropped(self) -> None:
         """Forget cached views (a plan of the window path holds some)."""

@@ -10,8 +10,8 @@ Rank and world size come from MPI. Under ``mpiexec`` (or ``collective-run``)
 ``init_process_group("collective")`` needs no ``MASTER_ADDR``, rank or world
 size: torch still wants a key-value store, which this module builds from MPI
 (a TCPStore whose address rank 0 broadcasts) for ``init_method="collective://"``
-and, when ``MASTER_ADDR`` is unset under an MPI launcher, for torch's default
-``env://``. A rank or world size passed by the user that disagrees with MPI
+and, under an MPI launcher, for torch's default ``env://`` (``MASTER_ADDR`` and
+``MASTER_PORT`` are then not read). A rank or world size passed by the user that disagrees with MPI
 raises :class:`collective.CollectiveValueError`.
 
 Synchronous calls (``async_op=False``) run on the caller's thread;
@@ -45,14 +45,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import _create_work_from_future
+from torch.distributed.constants import default_pg_timeout
 
 import collective as _col
 
 from .errors import CollectiveError, CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import bfloat16
 from .p2p import ANY_SOURCE
+from .threads import set_name
 
-__all__ = ["BACKEND", "CollectiveProcessGroup", "MonitoredBarrierError", "create_store", "mpi_launched"]
+__all__ = ["BACKEND", "CollectiveProcessGroup", "MonitoredBarrierError", "create_store", "join_closing",
+           "mpi_launched"]
 
 #: The backend name torch knows us by.
 BACKEND = "collective"
@@ -124,10 +127,19 @@ def create_store(timeout: datetime.timedelta | None = None) -> dist.TCPStore:
     return store
 
 
+def _seconds(timeout: datetime.timedelta | None) -> float | None:
+    """A process group's ``timeout=`` in seconds; None where torch filled in its default (nobody asked for it)."""
+    if timeout is None or timeout == default_pg_timeout:
+        return None
+    return timeout.total_seconds()
+
+
 def _comm(timeout: datetime.timedelta | None = None) -> Any:
+    """The default communicator (made now, with ``timeout`` as its deadline when one was asked for)."""
     if _col.is_initialized():
         return _col.get_default()
-    return _col.init(timeout=timeout.total_seconds()) if timeout is not None else _col.init()
+    secs = _seconds(timeout)
+    return _col.init(timeout=secs) if secs is not None else _col.init()
 
 
 def _mpi_rendezvous(url: str, timeout: datetime.timedelta | None = None, **_: Any) -> Iterator[tuple[Any, int, int]]:
@@ -151,8 +163,10 @@ def _install_rendezvous() -> None:
     env = handlers.get("env")
     if env is not None and not getattr(env, "_collective", False):
         def env_or_mpi(url: str, **kwargs: Any) -> Iterator[tuple[Any, int, int]]:
-            # env:// cannot work without MASTER_ADDR; under an MPI launcher, MPI knows everything it needs.
-            if "MASTER_ADDR" not in os.environ and mpi_launched():
+            # Under an MPI launcher, MPI knows everything env:// needs, and its store's address is rank 0's
+            # for sure (a MASTER_ADDR, which collective-run sets for scripts on other backends, is a guess
+            # on several nodes).
+            if mpi_launched():
                 return _mpi_rendezvous(url, **kwargs)
             return env(url, **kwargs)
 
@@ -217,7 +231,10 @@ class _Completer:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="collective-torch-callbacks")
+        # One name for every pool thread: which of them runs a callback differs across ranks, and a callback that
+        # starts a collective must be tagged the same on every rank (collective.threads).
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="collective-torch-callbacks",
+                                        initializer=set_name, initargs=("collective-torch-callbacks",))
 
     def add(self, works: list[Any], post: Callable[[], None] | None, value: Any, name: str) -> _Async:
         fut: torch.futures.Future = torch.futures.Future()
@@ -230,9 +247,25 @@ class _Completer:
         self._q.put((works, post, value, fut, done))
         return _Async(fut, done, name)
 
+    def close(self) -> None:
+        """End the completion thread once it has completed the Works already added, and the callback pool then.
+
+        Returns at once: a receive that never completes must not hold up the shutdown of its group.
+        """
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._q.put(None)  # the thread shuts the pool down when it gets there
+        else:
+            self._pool.shutdown(wait=False)
+
     def _run(self) -> None:
         while True:
-            works, post, value, fut, done = self._q.get()
+            item = self._q.get()
+            if item is None:
+                self._pool.shutdown(wait=False)
+                return
+            works, post, value, fut, done = item
             try:
                 for w in works:
                     w.wait()
@@ -315,8 +348,9 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     users rarely build one themselves.
 
     Args:
-        comm: the communicator of this group (its rank and size are the group's).
+        comm: the communicator of this group (its rank and size are the group's); the group owns it.
         timeout: the group's default timeout (torch's ``timeout=``).
+        default: True for the default group (``init_process_group``'s).
 
     Example::
 
@@ -324,13 +358,15 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         pg.getBackendName()            # "collective"
     """
 
-    def __init__(self, comm: Any, timeout: datetime.timedelta | None = None) -> None:
+    def __init__(self, comm: Any, timeout: datetime.timedelta | None = None, default: bool = False) -> None:
         super().__init__(comm.rank, comm.size)
         self._comm = comm
+        self._default = default
         self._timeout = timeout
         self._completer = _Completer()
         self._gname = ""
         self._gdesc = ""
+        self._label()
         # Synchronous calls (asyncOp False) come from torch's Python wrappers, which only wait() on the Work
         # they get back: one completed Work serves them all, and no small call pays for a future of its own.
         self._sync_done = _done([])
@@ -341,6 +377,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
 
     def _set_group_name(self, name: str) -> None:
         self._gname = name
+        self._label()
 
     @property
     def group_name(self) -> str:
@@ -348,6 +385,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
 
     def _set_group_desc(self, desc: str) -> None:
         self._gdesc = desc
+        self._label()
 
     @property
     def group_desc(self) -> str:
@@ -355,6 +393,47 @@ class CollectiveProcessGroup(dist.ProcessGroup):
 
     def __repr__(self) -> str:
         return f"CollectiveProcessGroup(rank={self._comm.rank}, size={self._comm.size}, name={self._gname!r})"
+
+    @property
+    def communicator(self) -> Any:
+        """The :class:`collective.Communicator` this group's calls run on (its own; closed by ``shutdown``)."""
+        return self._comm
+
+    def _label(self) -> None:
+        """Name torch's calls in our stall reports and flight recorder: the torch op, the group."""
+        group = f"group {self._gname!r}" if self._gname else "a group"
+        if self._gdesc and self._gdesc != "undefined":
+            group += f" ({self._gdesc})"
+        self._comm.watchdog.recorder.called_as = {
+            ours: f"{theirs} via torch.distributed, {group}" for ours, theirs in _TORCH_CALLS.items()}
+
+    def shutdown(self) -> None:
+        """Close this group's communicator (``destroy_process_group`` calls it on every member; collective).
+
+        Work queued before finishes first; the group's completion thread ends after it. A ``new_group``'s
+        communicator closes on a thread of its own: torch shuts groups down in an order of their names that
+        may differ between ranks, and a closing communicator waits for its members. The default group's
+        (shut down last) closes here, after every group closing before it.
+        """
+        comm = self._comm
+        if comm.closed:
+            return
+        if not self._default:
+            t = threading.Thread(target=self._close, name="collective-torch-close", daemon=True)
+            with _CLOSING_LOCK:
+                _CLOSING.append(t)
+            t.start()
+            return
+        join_closing()
+        self._close()
+
+    def _close(self) -> None:
+        self._comm.close()
+        self._completer.close()
+
+    def abort(self) -> None:
+        """As :meth:`shutdown`: an MPI collective in flight cannot be cancelled, so the deadline ends it."""
+        self.shutdown()
 
     # ---- helpers
     def _where(self, call: str, t: torch.Tensor | None = None) -> str:
@@ -878,20 +957,56 @@ def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+#: How torch's calls reach our ops (several torch calls share one of ours), for stall reports.
+_TORCH_CALLS = {"allreduce": "all_reduce", "reduce": "reduce", "broadcast": "broadcast",
+                "reduce_scatter": "reduce_scatter or reduce_scatter_tensor",
+                "allgather": "all_gather or all_gather_into_tensor", "alltoall": "all_to_all or all_to_all_single",
+                "gather": "gather", "scatter": "scatter", "barrier": "barrier"}
+
+
 def _create(opts: Any, backend_options: Any) -> CollectiveProcessGroup:
-    """torch's creator for the backend (extended API): the default communicator or a subgroup of it."""
-    comm = _comm(opts.timeout)
+    """torch's creator for the backend (extended API): each group on a communicator of its own.
+
+    The default group's is a copy of the default communicator with the group's
+    deadline (``timeout=``, when given; else the default communicator's), so
+    a ``timeout=`` holds even when ``collective.init()`` ran before, and the
+    user's own calls on the default communicator stay apart from torch's. A
+    ``new_group``'s is a subgroup of the default group's (world ranks), with
+    its own ``timeout=`` when given.
+    """
+    secs = _seconds(opts.timeout)
+    default = _comm(opts.timeout)
+    world = dist.GroupMember.WORLD
+    base = world.communicator if isinstance(world, CollectiveProcessGroup) and not world.communicator.closed \
+        else default
     ranks = list(opts.global_ranks_in_group or [])
-    if not ranks or ranks == list(range(comm.size)):
-        _check_against_mpi(comm, opts.group_rank, opts.group_size, "the process group")
-        return CollectiveProcessGroup(comm, opts.timeout)
-    return CollectiveProcessGroup(comm.subgroup(ranks), opts.timeout)
+    if world is None or not ranks:
+        _check_against_mpi(default, opts.group_rank, opts.group_size, "the process group")
+        ranks = list(range(default.size))
+    return CollectiveProcessGroup(base.subgroup(ranks, timeout=secs), opts.timeout, default=world is None)
+
+
+_CLOSING: list[threading.Thread] = []
+_CLOSING_LOCK = threading.Lock()
+
+
+def join_closing() -> None:
+    """Wait until the communicators of the groups shut down so far are closed (each has its deadline)."""
+    with _CLOSING_LOCK:
+        threads = list(_CLOSING)
+        _CLOSING.clear()
+    for t in threads:
+        t.join()
 
 
 def _register() -> None:
+    import atexit
+
     if BACKEND.upper() not in dist.Backend._plugins:
         dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu"])
     _install_rendezvous()
+    # Before MPI finalizes (mpi4py's handler, registered earlier, runs later): no communicator closing then.
+    atexit.register(join_closing)
 
 
 _register()

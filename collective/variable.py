@@ -5,18 +5,26 @@ Terms (the names below follow them):
 * **rows** -- the first axis of an input; the rest is the *row shape*, which
   (with the dtype) every rank must share. A 0-d input is one row of shape ().
 * **counts** -- rows each rank sends (and each receives), known only after
-  the ranks have told each other: after the cross-rank check (which compares
-  collective, dtype, row shape, root and algorithm), one small exchange gives
-  every rank every count, and every ``out`` size, so every rank reaches the
-  same verdict on a bad ``out`` and raises before any data moves.
+  the ranks have told each other. Every rank's *post* (its rows, or
+  alltoall's block when its blocks are equal, and its ``out``'s rows) travels
+  in the cross-rank check itself (which compares collective, dtype, row
+  shape, root and algorithm; ``collective.fingerprint``): fenced in shm, every
+  rank reads every post; by MPI, every rank learns whether all posted the
+  same rows and whether any ``out`` is wrong for that case. When that
+  settles the counts (equal rows; on one node, any rows of allgather and
+  gather) nothing more is exchanged; otherwise one small allgather gives
+  every rank every count and every ``out`` size. Either way every rank
+  reaches the same verdict on a bad ``out`` and raises before any data moves.
 * **header** -- scatter's non-root ranks pass no input: the root broadcasts
   the dtype, the row shape and the splits first.
 
 The data then moves by MPI's own v-collective (``native``, counted in bytes,
 so every dtype goes) or by a Schedule of ``topologies`` (pairwise or Bruck
 alltoall, binomial-tree gather and scatter, ring allgatherv) run by the
-executor on an input and an output buffer. An allgather whose counts turn
-out equal takes the fixed-size path of ``collective.engine``.
+executor on an input and an output buffer, chosen for "auto" from counts
+that every rank holds alike (``collective.choose``: shm or native on one
+node, the cost model across nodes). An allgather whose counts turn out equal
+takes the fixed-size path of ``collective.engine``.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ __all__ = ["VCall", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variab
 
 #: The collectives this module runs.
 VARIABLE = ("alltoall", "gather", "scatter", "allgather")
-#: Algorithms a caller may name for each ("auto" picks native: MPI's own is the cost model's choice everywhere).
+#: Algorithms a caller may name for each ("auto": see ``collective.choose.Chooser.auto``).
 ALGORITHMS_OF: dict[str, tuple[str, ...]] = {
     "alltoall": ("auto", "native", "pairwise", "bruck", "shm"),
     "gather": ("auto", "native", "tree", "shm"),
@@ -55,10 +63,12 @@ class VCall:
         splits: alltoall's rows for each destination, or scatter's at the root; None to split evenly.
         out: the caller's output (a NumPy view), or None; ``wrap`` turns the result into the caller's type.
         result: what the call returns, set when it has run; ``received``: alltoall's rows from each rank.
+        post: what this rank posts with its fingerprint: (rows, out rows or -1, bad), see :func:`post_of`;
+            None for scatter. known: every rank's (rows, out rows) when the check settled them, else None.
     """
 
     __slots__ = ("name", "root", "algorithm", "shape", "dtype", "x", "splits", "out", "out_given", "wrap", "result",
-                 "received", "return_splits", "row_shape", "rop", "views", "xf", "sig")
+                 "received", "return_splits", "row_shape", "rop", "views", "xf", "sig", "post", "known")
 
     def __init__(self, name: str, root: int, algorithm: str, x: np.ndarray | None, splits: tuple[int, ...] | None,
                  out: np.ndarray | None, out_given: Any, wrap: Any, return_splits: bool) -> None:
@@ -71,6 +81,32 @@ class VCall:
         self.received: list[int] | None = None
         self.rop = self.views = self.sig = None
         self.xf = x  # read by the NaN scan (the root's input of scatter only; None elsewhere)
+        self.post: tuple[int, int, int] | None = None
+        self.known: np.ndarray | None = None
+
+
+def post_of(name: str, rows: int, splits: tuple[int, ...] | None, out_rows: int, root: int, rank: int,
+            size: int) -> tuple[int, int, int] | None:
+    """What a rank posts with its fingerprint: ``(r, o, bad)``; None for scatter (its header says it all).
+
+    ``r``: the rows of allgather's and gather's input, alltoall's rows per
+    block when every block has as many (else -1); ``o``: the rows of ``out``
+    (-1: none, or gather off the root, where ``out`` is not written); ``bad``:
+    1 if ``o`` is wrong should every rank post the same ``r`` (then the
+    result has ``size * r`` rows), else 0.
+
+    Example::
+
+        post_of("allgather", 3, None, 12, 0, 1, 4)   # (3, 12, 0)
+    """
+    if name == "scatter":
+        return None
+    if name == "alltoall":
+        r = splits[0] if splits and min(splits) == max(splits) else -1  # type: ignore[index]
+    else:
+        r = rows
+    o = -1 if (name == "gather" and rank != root) else out_rows
+    return r, o, int(o >= 0 and r >= 0 and o != size * r)
 
 
 def _rows_of(a: np.ndarray) -> np.ndarray:
@@ -155,7 +191,10 @@ def prepare_variable(name: str, x: Any, root: int, splits: Any, algorithm: str |
             if o.size and arr.size and np.may_share_memory(o, arr):
                 raise fail(CollectiveValueError, "out overlaps the input; pass a separate array")
         wrap = owrap if owrap is not None else None
-    return VCall(name, root, alg, arr, sp, o, out, wrap, return_splits)
+    c = VCall(name, root, alg, arr, sp, o, out, wrap, return_splits)
+    if arr is not None:
+        c.post = post_of(name, int(arr.shape[0]), sp, -1 if o is None else int(o.shape[0]), root, rank, size)
+    return c
 
 
 # ----------------------------------------------------------------- running
@@ -179,12 +218,42 @@ def _finish(c: VCall, out: np.ndarray) -> Any:
     return res
 
 
+def _counts(c: VCall, comm: Any, rank: int, size: int) -> np.ndarray:
+    """Every rank's counts and ``out`` rows: alltoall (P, P + 1) [splits, out rows]; scatter (P, 1) [out rows];
+    allgather and gather (P, 2) [rows, out rows]. From what the check exchanged where that settles them
+    (``c.known``), else by one allgather."""
+    known = c.known
+    if known is not None:
+        if c.name in ("allgather", "gather"):
+            return known
+        b = int(known[0, 0])
+        if c.name == "alltoall" and b >= 0 and (known[:, 0] == b).all():  # every rank's blocks are b rows
+            every = np.full((size, size + 1), b, np.int64)
+            every[:, size] = known[:, 1]
+            return every
+    if c.name == "alltoall":
+        mine = np.array([*c.splits, _out_rows(c)], np.int64)  # type: ignore[misc]
+    elif c.name == "scatter":
+        mine = np.array([_out_rows(c)], np.int64)
+    else:
+        mine = np.array([c.x.shape[0], _out_rows(c)], np.int64)  # type: ignore[union-attr]
+    if size == 1:
+        return mine.reshape(1, -1)
+    every = np.empty((size, mine.size), np.int64)
+    comm.Allgather(mine, every)
+    return every
+
+
 def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any, MPI: Any, executor: Any,
-                 nodes: tuple[int, ...], fixed: Callable[[VCall], Any], arena: Callable[[], Any] | None) -> Any:
+                 nodes: tuple[int, ...], fixed: Callable[[VCall], Any], arena: Callable[[], Any] | None,
+                 choose: Callable[[str, int, np.dtype, int], str] | None = None) -> Any:
     """Run variable-size call ``c`` (op ``seq``) on mpi4py communicator ``comm``; its result.
 
     ``fixed(c)``: the fixed-size path of an allgather whose counts are equal.
     ``arena()``: the node's shm arena when every rank shares one node, else None.
+    ``choose(name, nbytes, dtype, root)``: what "auto" runs ("allgatherv" for an uneven allgather; ``nbytes``
+    per rank, as ``topologies.cost.predict`` counts them; the same on every rank). None: shm where
+    ``arena`` is given, else native.
     """
     if first is not None:
         first()  # the check, handed over as an arrival phase: nothing else to arrive at here
@@ -193,14 +262,7 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         _scatter_header(c, comm, MPI, rank, size)
     rs = c.row_shape
     row = int(np.prod(rs)) if rs else 1
-    if c.name == "alltoall":
-        mine = np.array([*c.splits, _out_rows(c)], np.int64)  # type: ignore[misc]
-    elif c.name == "scatter":
-        mine = np.array([_out_rows(c)], np.int64)
-    else:
-        mine = np.array([c.x.shape[0], _out_rows(c)], np.int64)  # type: ignore[union-attr]
-    every = np.empty((size, mine.size), np.int64)
-    comm.Allgather(mine, every)
+    every = _counts(c, comm, rank, size)
     if c.name == "alltoall":
         M = every[:, :size]
         recv = M[:, rank]
@@ -223,9 +285,21 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         return fixed(c)
     alg = c.algorithm
     if alg == "auto":
-        alg = "shm" if arena is not None and size > 1 else "native"
-    elif alg == "shm" and arena is None:
+        if choose is None:
+            alg = "shm" if arena is not None and size > 1 else "native"
+        else:
+            # From what every rank holds alike: the total of the counts, not this rank's own part.
+            isz = c.dtype.itemsize * row  # type: ignore[union-attr]
+            if c.name == "alltoall":
+                nbytes = int(M.sum()) * isz // size
+            elif c.name == "scatter":
+                nbytes = sum(c.splits) * isz  # type: ignore[arg-type]
+            else:
+                nbytes = int(counts.sum()) * isz // size
+            alg = choose("allgatherv" if c.name == "allgather" else c.name, nbytes, c.dtype, c.root)
+    if alg == "shm" and arena is None:
         alg = "native"
+    c.algorithm = alg
     n_out = want[rank]
     out = None
     if n_out >= 0:

@@ -45,7 +45,7 @@ from .fingerprint import rank_list
 from .sequencer import FlightRecorder, OpRecord
 from .spec import OP_NAMES
 
-__all__ = ["Watchdog", "OpStatus", "install_excepthook", "abort_job", "deadline", "forked_child"]
+__all__ = ["Watchdog", "OpStatus", "install_excepthook", "abort_job", "deadline", "forked_child", "at_exit_last"]
 
 _NAMES = OP_NAMES
 _CODE = {n: i for i, n in enumerate(_NAMES)}
@@ -103,28 +103,40 @@ class _Ctrl:
         MPI = self.MPI
         return not self.closed and self.comm != MPI.COMM_NULL and not MPI.Is_finalized()
 
+    # An MPI error on the channel means a peer failed (elastic mode; otherwise the job is ending): the channel
+    # closes quietly and the collective that notices the failure reports it.
     def send(self, peer: int, *msg: int) -> None:
         buf = np.zeros(8, np.int64)
         buf[: len(msg)] = msg
-        self.sends.append((self.comm.Isend([buf, self.MPI.INT64_T], peer, self.tag), buf))
+        try:
+            self.sends.append((self.comm.Isend([buf, self.MPI.INT64_T], peer, self.tag), buf))
+        except self.MPI.Exception:
+            self.closed = True
 
     def receive(self) -> list[list[int]]:
         out = []
         MPI = self.MPI
-        while True:
-            m = self.comm.Improbe(MPI.ANY_SOURCE, self.tag)
-            if m is None:
-                break
-            buf = np.empty(8, np.int64)
-            m.Recv([buf, MPI.INT64_T])
-            out.append(buf.tolist())
-        if self.sends:
-            self.sends = [(r, b) for r, b in self.sends if not r.Test()]
+        try:
+            while True:
+                m = self.comm.Improbe(MPI.ANY_SOURCE, self.tag)
+                if m is None:
+                    break
+                buf = np.empty(8, np.int64)
+                m.Recv([buf, MPI.INT64_T])
+                out.append(buf.tolist())
+            if self.sends:
+                self.sends = [(r, b) for r, b in self.sends if not r.Test()]
+        except MPI.Exception:
+            self.closed = True
+            self.sends = []
         return out
 
     def flush(self) -> None:
         if self.sends:
-            self.MPI.Request.Waitall([r for r, _ in self.sends])
+            try:
+                self.MPI.Request.Waitall([r for r, _ in self.sends])
+            except self.MPI.Exception:
+                self.closed = True
             self.sends = []
 
 
@@ -152,13 +164,19 @@ def deadline(what: str, timeout: float | None = None) -> Iterator[None]:
         abort_job(f"collective: {where}: {what} did not finish within {t:g} s (COLLECTIVE_TIMEOUT): some rank "
                   "has not made the same call (did every rank call collective.init()?); aborting the job")
 
-    timer = threading.Timer(t, expire)
-    timer.daemon = True
-    timer.start()
+    done = threading.Event()
+
+    def watch() -> None:
+        if not done.wait(t):
+            expire()
+
+    # A named thread, not threading.Timer: an unnamed one would take a number from Python's count of unnamed
+    # threads, and a user's thread names must come out the same on every rank (collective.threads).
+    threading.Thread(target=watch, name="collective-deadline", daemon=True).start()
     try:
         yield
     finally:
-        timer.cancel()
+        done.set()
 
 
 _LIVE: list[weakref.ref] = []
@@ -338,7 +356,7 @@ class Watchdog:
     # -------------------------------------------------------------- reports
     def describe(self, rec: OpRecord, timing: bool = True) -> str:
         """One line for one op record: ``#7 allreduce shape (4,) float32 algorithm ring (12 us)``."""
-        return rec.describe(timing)
+        return self.recorder.describe(rec, timing)
 
     def trace_lines(self, why: str = "") -> list[str]:
         """The flight recorder: the last ops one per line, older ones counted by kind (oldest first)."""
@@ -354,7 +372,7 @@ class Watchdog:
                 e[2] = rc.seq
             lines.append(f"  {len(old)} older ops, by kind:")
             lines.extend(f"    {n} x {k} (#{a}..#{b})" for k, (n, a, b) in kinds.items())
-        lines.extend("  " + rc.describe() for rc in recent)
+        lines.extend("  " + self.recorder.describe(rc) for rc in recent)
         return lines
 
     def peer_lines(self, seq: int, peers: dict[int, Any], plain: bool = False) -> tuple[list[str], list[int]]:
@@ -414,7 +432,7 @@ class Watchdog:
 
     def report(self, rec: OpRecord, what: str, peers: dict[int, Any] | None = None, trace: bool = True) -> str:
         """The report for op ``rec``: what happened, the peers it waits for, what each peer does, the flight recorder."""
-        lines = [f"collective: rank {self.rank} of {self.size}: {rec.describe(False)} {what}"]
+        lines = [f"collective: rank {self.rank} of {self.size}: {self.recorder.describe(rec, False)} {what}"]
         queued = self._pending()
         if queued > 0:
             lines.append(f"collective: rank {self.rank}: {queued} async op{'s' if queued > 1 else ''} not finished "
@@ -491,6 +509,15 @@ class Watchdog:
             ctrl.closed = True
 
 
+_LAST: list[Any] = []
+
+
+def at_exit_last(fn: Any) -> None:
+    """Run ``fn()`` at interpreter exit after the watchdogs have announced this rank's exit (before MPI finalizes);
+    in the order registered."""
+    _LAST.append(fn)
+
+
 @atexit.register
 def _at_exit() -> None:
     """Runs before mpi4py finalizes MPI: let queued work finish, then announce this rank's exit to every peer.
@@ -508,6 +535,11 @@ def _at_exit() -> None:
         try:
             wd.close(announce=True)
         except Exception:  # noqa: BLE001 - never turn a clean exit into a crash
+            pass
+    for fn in list(_LAST):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001
             pass
 
 

@@ -2,6 +2,7 @@
 
 Run:  mpiexec -n 4 python examples/train_digits.py      (or: collective-run -n 4 python examples/train_digits.py)
 Resume after a crash:  ... --checkpoint-dir ckpt --resume
+Survive lost ranks:    collective-run --elastic [--min-ranks 2] [--max-ranks 4] -n 4 python examples/train_digits.py --elastic
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 import collective as col
-from collective.trainer import SGD, Checkpointer, DataParallel, ShardedLoader, fit, mlp
+from collective.trainer import SGD, Checkpointer, DataParallel, ElasticStop, ShardedLoader, fit, mlp
 
 
 def load_digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -64,6 +65,9 @@ def main() -> None:
     ap.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--elastic", action="store_true",
+                    help="go on when ranks are lost (launch with collective-run --elastic): roll back to the last "
+                         "step every survivor committed and continue with the same global batch")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
@@ -77,7 +81,14 @@ def main() -> None:
     ckpt = Checkpointer(args.checkpoint_dir, comm, every=args.checkpoint_every) if args.checkpoint_dir else None
     if args.resume and ckpt is None:
         ap.error("--resume needs --checkpoint-dir")
-    result = fit(dp, opt, loader, args.steps, checkpoint=ckpt, resume=args.resume, progress=not args.no_progress)
+    try:
+        result = fit(dp, opt, loader, args.steps, checkpoint=ckpt, resume=args.resume, progress=not args.no_progress,
+                     elastic=args.elastic)
+    except ElasticStop as exc:
+        if dp.rank == 0:
+            print(str(exc), file=sys.stderr, flush=True)
+        sys.exit(3)
+    comm = dp.comm  # after lost ranks, the survivors' communicator (its rank 0 is the lowest survivor)
     acc = dp.accuracy(xte.astype(dtype), yte)
     if comm.rank == 0:
         if args.save_params:
@@ -86,8 +97,12 @@ def main() -> None:
         print(f"ranks {comm.size}, global batch {args.batch}, steps {result.start_step}->{result.steps}, "
               f"final loss {last:.4f}, test accuracy {100 * acc:.2f}% "
               f"({len(yte)} test images), wall time {time.perf_counter() - t_start:.1f} s", flush=True)
-    comm.barrier()
-
+        for rec in result.recoveries:
+            print(rec.describe(), flush=True)
+    try:
+        comm.barrier()
+    except col.RanksLostError:  # elastic: a rank lost after training changes nothing that was saved
+        pass
 
 if __name__ == "__main__":
     main()

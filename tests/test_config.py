@@ -79,7 +79,8 @@ def test_table_is_well_formed() -> None:
     assert {"TOPOLOGY", "NODE_SIZE", "CALIBRATE", "CHECK", "ALGORITHM", "SEGMENT_BYTES", "SHM_CHUNK_BYTES",
             "TUNING", "NAN_CHECK", "DEBUG", "BACKEND"} <= must
     assert not must & {"TIMEOUT", "STALL_WARN", "TIMELINE", "CUDA_DEVICE", "CALIBRATION_FILE"}
-    assert {s.short for s in config.SETTINGS.values() if s.test_hook} == {"BENCH_TEST_BROKEN", "BENCH_TEST_HOST_GPU"}
+    assert {s.short for s in config.SETTINGS.values() if s.test_hook} == {"BENCH_TEST_BROKEN", "BENCH_TEST_HOST_GPU",
+                                                                          "ELASTIC_TEST_KILL"}
 
 
 def test_docs_page_is_the_rendered_table() -> None:

@@ -169,14 +169,19 @@ def test_mismatch_message_groups_ranks_by_value() -> None:
 
     assert rank_list([1]) == "rank 1" and rank_list([0, 2]) == "ranks 0 and 2"
     assert rank_list([0, 1, 2, 3, 5]) == "ranks 0-3 and 5"
-    recs = [["allreduce", "sum", "float32", "(65536,)", "-", "ring", "#7", ""] for _ in range(3)]
-    recs[1] = ["allreduce", "sum", "float64", "(65537,)", "-", "ring", "#7", ""]
+    recs = [["allreduce", "sum", "float32", "(65536,)", "-", "ring", "MainThread", "#7", ""] for _ in range(3)]
+    recs[1] = ["allreduce", "sum", "float64", "(65537,)", "-", "ring", "MainThread", "#7", ""]
     msg = mismatch_message(2, 3, recs)
     assert "(dtype, shape differ): rank 1: float64 (65537,); ranks 0 and 2: float32 (65536,)" in msg
     assert msg.startswith("allreduce #7 on rank 2 of 3")
-    recs[1] = ["allreduce", "-", "-", "-", "-", "-", "#7", "CollectiveValueError: unknown op 'x'"]
+    recs[1] = ["allreduce", "-", "-", "-", "-", "-", "MainThread", "#7", "CollectiveValueError: unknown op 'x'"]
     msg = mismatch_message(0, 3, recs)
     assert "rank 1 rejected its arguments (CollectiveValueError: unknown op 'x')" in msg
+    recs = [["allreduce", "sum", "float32", "(4,)", "-", "ring", name, "#3", ""]
+            for name in ("Thread-1 (work)", "Thread-2 (work)", "Thread-1 (work)")]
+    msg = mismatch_message(1, 3, recs)
+    assert "(thread differs): rank 1: thread 'Thread-2 (work)'; ranks 0 and 2: thread 'Thread-1 (work)'" in msg, msg
+    assert "give each thread its own communicator" in msg and "from thread 'Thread-2 (work)'" in msg, msg
 
 
 def test_fingerprint_hash_is_the_same_in_every_process() -> None:

@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from mpi_util import check, count_passed, mpirun
+from mpi_util import JobResult, check, count_passed, mpirun
 
 # torch's rendezvous variables must be absent: the backend takes rank and size from MPI.
 _ENV = {"COLLECTIVE_TIMEOUT": "60"}
@@ -74,3 +74,79 @@ def test_torchrun_style_launch_raises_clearly(tmp_path) -> None:
         assert p.returncode != 0, out
         # collective.init() refuses first: torchrun's WORLD_SIZE says 2 processes, MPI sees one
         assert "WORLD_SIZE=2 says torchrun" in out and "each would run alone" in out, out[-2000:]
+
+
+def test_destroy_process_group_closes_every_groups_communicator() -> None:
+    res = mpirun("torch_lifecycle.py", 2, ["destroy"], timeout=300, env=_ENV)
+    check(res, "torch process-group lifecycle at P=2")
+    assert count_passed(res) == 4
+
+
+@pytest.mark.parametrize("where,nprocs", [("world", 2), ("subgroup", 3)])
+def test_group_timeout_ends_a_stall_and_names_the_torch_call(where: str, nprocs: int) -> None:
+    """collective.init() ran first (COLLECTIVE_TIMEOUT=60); the group's timeout=3 s still ends the stall."""
+    import re
+    import time
+
+    res = mpirun("torch_lifecycle.py", nprocs, ["stall", where], timeout=240, env=_ENV)
+    ended = time.time()
+    out = res.output
+    assert not res.timed_out and res.returncode != 0, out[-3000:]
+    assert "STALL NOT ENDED" not in out, out[-3000:]
+    start = float(re.search(r"STALL START ([0-9.]+)", out).group(1))
+    # The deadline is 3 s; the rest is the report, MPI_Abort and the launcher's teardown on a loaded machine.
+    assert ended - start < 40, f"the stall ended {ended - start:.1f} s after it began (the group's timeout is 3 s)"
+    group = "group '0' (default_pg)" if where == "world" else "group '1'"
+    assert f"[all_reduce via torch.distributed, {group}] timed out after" in out, out[-3000:]
+    assert "COLLECTIVE_TIMEOUT=3)" in out and "COLLECTIVE_TIMEOUT=60" not in out, out[-3000:]
+
+
+def _mismatch_demo(backend: str, case: str) -> tuple[JobResult, dict[int, str]]:
+    """examples/torch_mismatch.py launched by collective-run at P=2; each rank's lines."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from mpi_util import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
+    env.update(PYTHONPATH=str(ROOT), COLLECTIVE_TIMEOUT="60")
+    backing = tempfile.mkdtemp(prefix="collective-job-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    env["OMPI_MCA_btl_sm_backing_directory"] = backing
+    try:
+        p = subprocess.run([sys.executable, "-m", "collective.run", "-n", "2", sys.executable,
+                            str(ROOT / "examples" / "torch_mismatch.py"), "--backend", backend, "--case", case],
+                           env=env, capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        shutil.rmtree(backing, ignore_errors=True)
+    out = p.stdout + p.stderr
+    lines: dict[int, str] = {0: "", 1: ""}
+    for ln in out.splitlines():
+        for r in (0, 1):
+            if ln.startswith(f"rank {r}: "):
+                lines[r] += ln + "\n"
+    return JobResult(p.returncode, out, False, 0.0), lines
+
+
+def test_mismatches_raise_on_every_rank_where_gloo_hangs_or_is_wrong() -> None:
+    """The side-by-side of the PyTorch guide: on "collective" every rank raises at once, for every case."""
+    import re
+
+    res, lines = _mismatch_demo("collective", "all")
+    assert res.returncode == 0, res.output[-3000:]
+    for r in (0, 1):
+        for case, what in (("size", "shape differs"), ("dtype", "dtype differs"), ("op", "op differs"),
+                           ("collective", "collective, op, root, algorithm differ")):
+            m = re.search(rf"rank {r}: {case}: collective raised CollectiveMismatchError after ([0-9.]+) s: "
+                          rf".*the ranks' calls do not match \({re.escape(what)}\)", lines[r])
+            assert m and float(m.group(1)) < 10, lines[r]
+    # gloo, same calls: a different op is silently wrong (neither the sum nor the max) ...
+    res, lines = _mismatch_demo("gloo", "op")
+    assert res.returncode == 0, res.output[-3000:]
+    assert all("op: gloo returned [3.0, 3.0, 2.0, 2.0]" in lines[r] for r in (0, 1)), lines
+    # ... and different collectives wait until the group's 10 s timeout
+    res, lines = _mismatch_demo("gloo", "collective")
+    waited = [float(x) for x in re.findall(r"gloo raised \w+ after ([0-9.]+) s", lines[0] + lines[1])]
+    assert res.returncode != 0 and waited and max(waited) >= 9.5, res.output[-3000:]

@@ -5,6 +5,7 @@ from .buckets import GradBucket, GradBuckets, allreduce_hook, default_allocator
 from .checkpoint import CheckpointCorruptError, Checkpointer, CheckpointError, read_checkpoint, write_checkpoint
 from .compress import fp16_compress_wrapper
 from .data import ShardedLoader, ShardedSampler
+from .elastic import ElasticState, ElasticStop, Recovery
 from .loop import DataParallel, FitResult, StepStats, Timeline, fit, merge_timelines, timeline_path
 from .nn import (
     Context,
@@ -32,6 +33,8 @@ __all__ = [
     "Context",
     "Conv2d",
     "DataParallel",
+    "ElasticState",
+    "ElasticStop",
     "Dropout",
     "FitResult",
     "Flatten",
@@ -42,6 +45,7 @@ __all__ = [
     "Optimizer",
     "Parameter",
     "ReLU",
+    "Recovery",
     "Sequential",
     "ShardedLoader",
     "ShardedSampler",

@@ -277,6 +277,7 @@ class GradBuckets:
         self.buckets: list[GradBucket] = []
         self._where: dict[int, int] = {}
         self._issue_log: list[int] = []
+        self._views: dict[int, tuple[Array, list[Array]]] = {}  # set_data: a buffer's parameter views
         groups = self._assign(units)
         sizes = [sum(p.size for p in g) + (extra if i == 0 else 0) for i, g in enumerate(groups)]
         self._fingerprint = zlib.crc32("|".join(
@@ -358,6 +359,27 @@ class GradBuckets:
     def nbytes(self) -> int:
         """Total bytes of gradients reduced per step."""
         return sum(b.nbytes for b in self.buckets)
+
+    def set_data(self, i: int, data: Array) -> None:
+        """Make ``data`` (same size, dtype and array module) bucket ``i``'s parameter buffer; the parameters view it.
+
+        The optimizer's double buffering swaps two such buffers every step; the
+        views are cut once per buffer and reused.
+        """
+        b = self.buckets[i]
+        if data.shape != b.data.shape or data.dtype != b.data.dtype:
+            raise ValueError(f"GradBuckets.set_data({i}): shape {data.shape}, dtype {data.dtype}; bucket {i} holds "
+                             f"{b.data.shape} {b.data.dtype}")
+        key = id(data)
+        views = self._views.get(key)
+        if views is None or views[0] is not data:
+            if len(self._views) > 4 * len(self.buckets):  # buffers that are gone: start over
+                self._views.clear()
+            views = (data, [data[a:z].reshape(p.shape) for p, (a, z) in zip(b.params, b.offsets)])
+            self._views[key] = views
+        b.data = data
+        for p, v in zip(b.params, views[1]):
+            p.data = v
 
     # ------------------------------------------------------- setup checks
     def fingerprint(self) -> int:

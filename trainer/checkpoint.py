@@ -220,6 +220,11 @@ class Checkpointer:
         self.keep = int(keep)
         self.rank = 0 if comm is None else comm.rank
 
+    def rebind(self, comm: Any) -> None:
+        """Use ``comm`` from now on (after an elastic shrink or grow: its rank 0 writes)."""
+        self.comm = comm
+        self.rank = 0 if comm is None else comm.rank
+
     def path_for(self, step: int) -> Path:
         """The file name of the checkpoint after ``step`` steps."""
         return self.directory / f"ckpt-{int(step):08d}.npz"

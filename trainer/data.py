@@ -56,6 +56,21 @@ class ShardedSampler:
         self._epoch = -1
         self._perm: np.ndarray = np.arange(n)
 
+    def reshard(self, rank: int, size: int) -> None:
+        """Take rank ``rank``'s share of ``size`` ranks from now on (the global batches stay the same).
+
+        Raises:
+            ValueError: ``size`` does not divide the global batch (or ``rank`` is out of range).
+        """
+        if size < 1 or not 0 <= rank < size:
+            raise ValueError(f"ShardedSampler.reshard: rank {rank} is not in 0..{size - 1}")
+        if self.global_batch % size:
+            raise ValueError(f"ShardedSampler.reshard: the global batch {self.global_batch} cannot be split evenly "
+                             f"over {size} ranks (each rank takes global_batch / size samples); choose a global "
+                             "batch that every rank count between --min-ranks and --max-ranks divides")
+        self.rank, self.size = int(rank), int(size)
+        self.local_batch = self.global_batch // size
+
     def permutation(self, epoch: int) -> np.ndarray:
         """The sample order of ``epoch`` (cached for the current epoch)."""
         if epoch != self._epoch:
@@ -114,6 +129,10 @@ class ShardedLoader:
     @property
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch
+
+    def reshard(self, rank: int, size: int) -> None:
+        """See :meth:`ShardedSampler.reshard`."""
+        self.sampler.reshard(rank, size)
 
     def batch(self, step: int) -> tuple[Array, Array, Array]:
         """(inputs, labels, global sample indices) of this rank at ``step``."""

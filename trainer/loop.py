@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ from .data import ShardedLoader
 from .nn import Array, Context, Sequential, SoftmaxCrossEntropy, array_module
 from .optim import Optimizer
 
-__all__ = ["DataParallel", "FitResult", "StepStats", "Timeline", "fit", "merge_timelines", "timeline_path"]
+__all__ = ["DataParallel", "FitResult", "StepStats", "Timeline", "checkpoint_meta", "fit", "merge_timelines",
+           "timeline_path"]
 
 
 @dataclass
@@ -69,10 +71,11 @@ class StepStats:
 
 @dataclass
 class FitResult:
-    """What fit() did: per-step statistics and where it started."""
+    """What fit() did: per-step statistics, where it started, and (elastic) the recoveries from lost ranks."""
 
     start_step: int
     stats: list[StepStats] = field(default_factory=list)
+    recoveries: list[Any] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
@@ -215,11 +218,25 @@ class DataParallel:
         if average not in ("loss", "bucket"):
             raise ValueError(f"DataParallel: average={average!r} must be 'loss' or 'bucket'")
         self.model = model
+        self.loss = loss if loss is not None else SoftmaxCrossEntropy()
+        self.seed = int(seed)
+        self._settings: dict[str, Any] = {
+            "bucket_mb": bucket_mb, "first_bucket_mb": first_bucket_mb, "hook": hook, "algorithm": algorithm,
+            "overlap": overlap, "allocator": allocator, "average": average}
+        self._build(comm)
+        model.register_grad_ready_hook(self._grad_ready)
+        self.timeline: Timeline | None = None
+        if broadcast:
+            self.buckets.broadcast_parameters()
+
+    def _build(self, comm: Any) -> None:
+        """The buckets over ``comm`` (the parameters' current values are copied into them)."""
+        st = self._settings
+        allocator = st["allocator"]
         self.comm = comm
         self.rank = 0 if comm is None else comm.rank
         self.size = 1 if comm is None else comm.size
-        self.loss = loss if loss is not None else SoftmaxCrossEntropy()
-        self.seed = int(seed)
+        model = self.model
         if allocator == "auto":
             # Shared buckets when every rank is on one node and the model is on the host: the shm
             # allreduce then reduces them where they lie, with no copy in or out (bench/bench_trainer.py
@@ -236,15 +253,27 @@ class DataParallel:
                 allocator = comm.alloc
         elif isinstance(allocator, str):
             raise ValueError(f"DataParallel: allocator={allocator!r}: pass a function, 'shared' or None")
-        self.buckets = GradBuckets(model.parameter_groups(), comm, bucket_mb=bucket_mb, first_bucket_mb=first_bucket_mb,
-                                   hook=hook, algorithm=algorithm, overlap=overlap, allocator=allocator, extra=1,
+        average = st["average"]
+        self.buckets = GradBuckets(model.parameter_groups(), comm, bucket_mb=st["bucket_mb"],
+                                   first_bucket_mb=st["first_bucket_mb"], hook=st["hook"], algorithm=st["algorithm"],
+                                   overlap=st["overlap"], allocator=allocator, extra=1,
                                    op="sum" if average == "loss" else "avg")
         #: Factor applied to the loss gradient: 1/P when the buckets are summed (average="loss").
         self.grad_scale = 1.0 / self.size if average == "loss" else 1.0
-        model.register_grad_ready_hook(self.buckets.mark_ready)
-        self.timeline: Timeline | None = None
-        if broadcast:
-            self.buckets.broadcast_parameters()
+
+    def _grad_ready(self, module: Any, params: Sequence[Any]) -> None:
+        # One hook registered once: the buckets it feeds are rebuilt when the communicator changes.
+        self.buckets.mark_ready(module, params)
+
+    def rebuild(self, comm: Any) -> None:
+        """Collective over ``comm``: rebuild the buckets over another communicator (after a shrink or a grow).
+
+        The parameters keep their values (copied into the new buckets);
+        gradient buffers come from ``comm``'s allocator, and the loss scale
+        follows the new number of ranks. The optimizer must then be
+        ``rebind``-ed to :attr:`buckets`.
+        """
+        self._build(comm)
 
     # ------------------------------------------------------------ a step
     def set_timeline(self, timeline: Timeline | None) -> None:
@@ -383,7 +412,8 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
 def fit(dp: DataParallel, optimizer: Optimizer, loader: ShardedLoader, steps: int, *,
         checkpoint: Checkpointer | None = None, resume: bool = False, progress: bool = True,
         timeline: str | os.PathLike | None = None,
-        callbacks: Sequence[Callable[[StepStats], None]] = ()) -> FitResult:
+        callbacks: Sequence[Callable[[StepStats], None]] = (), elastic: bool = False,
+        min_ranks: int | None = None, max_ranks: int | None = None) -> FitResult:
     """Train until ``steps`` steps are done (BSP), with a progress bar on rank 0, checkpoints and resume.
 
     Args:
@@ -396,9 +426,16 @@ def fit(dp: DataParallel, optimizer: Optimizer, loader: ShardedLoader, steps: in
         progress: tqdm bar on rank 0 (loss over the global batch, samples/s, comm time hidden).
         timeline: Chrome-trace file per rank (default ``COLLECTIVE_TIMELINE``; None/"" for none).
         callbacks: called with each step's StepStats, on every rank.
+        elastic: survive lost ranks (launch with ``collective-run --elastic``): the state is committed in
+            memory every step; after a loss the survivors roll back to the last step all of them
+            committed, reshard the data and go on, with the same global batch and sample order
+            (``trainer.elastic``). A replacement rank joins here and receives the state.
+        min_ranks: elastic: stop (``ElasticStop``, the commit written to disk) below this many ranks
+            (default ``COLLECTIVE_MIN_RANKS``).
+        max_ranks: elastic: grow back to this many ranks after a loss (default ``COLLECTIVE_MAX_RANKS``).
 
     Returns:
-        FitResult with every step's StepStats.
+        FitResult with every step's StepStats (the steps the run kept, after any rollback) and the recoveries.
 
     Example::
 
@@ -407,7 +444,8 @@ def fit(dp: DataParallel, optimizer: Optimizer, loader: ShardedLoader, steps: in
     """
     start = 0
     sampler = loader.sampler
-    if checkpoint is not None and resume:
+    joining = elastic and bool(getattr(dp.comm, "is_replacement", False))
+    if checkpoint is not None and resume and not joining:
         found = checkpoint.load_latest()
         if found is not None:
             arrays, meta = found
@@ -421,39 +459,80 @@ def fit(dp: DataParallel, optimizer: Optimizer, loader: ShardedLoader, steps: in
                                  f"run's {dp.seed}")
             dp.load_state(arrays, meta, optimizer)
             start = int(meta["step"])
+    state = None
+    lost: tuple[type[BaseException], ...] = ()
+    if elastic:
+        from .elastic import ElasticState, kill_point, lost_rank_errors
+
+        state = ElasticState(dp, optimizer, loader, checkpoint=checkpoint, min_ranks=min_ranks, max_ranks=max_ranks,
+                             step=start)
+        if joining:
+            state.join()
+            start = state.committed_step
+        lost = lost_rank_errors()
+        comm = dp.comm
+        if comm is not None and comm.size > 1 and not getattr(comm, "elastic", False) and dp.rank == 0:
+            sys.stderr.write("fit(elastic=True): this job was not launched in elastic mode (collective-run --elastic), "
+                             "so a lost rank still ends it; the state is committed every step all the same\n")
     tl_path = timeline if timeline is not None else config.get("TIMELINE")
     if tl_path:
         dp.set_timeline(Timeline(dp.rank))
     bar = _progress(steps, start, progress and dp.rank == 0)
     result = FitResult(start)
     rate = None
+    step = start
     try:
-        for step in range(start, steps):
-            x, y, ids = loader.batch(step)
-            st = dp.train_step(x, y, ids, step, optimizer)
-            result.stats.append(st)
-            for cb in callbacks:
-                cb(st)
-            if bar is not None:
-                sps = sampler.global_batch / st.time if st.time > 0 else 0.0
-                rate = sps if rate is None else 0.9 * rate + 0.1 * sps
-                post = {"loss": f"{st.loss:.4f}", "samples/s": f"{rate:.0f}"}
-                if st.hidden is not None:
-                    post["hidden"] = f"{100 * st.hidden:.0f}%"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if checkpoint is not None and checkpoint.due(st.step):
-                epoch, k = sampler.position(st.step)
-                meta = {
-                    "world_size": dp.size,
-                    "data": {"global_batch": sampler.global_batch, "seed": sampler.seed, "epoch": epoch, "batch": k},
-                    "rng": {"kind": "splitmix64 counter of (seed, layer, step, sample, feature)", "seed": dp.seed,
-                            "counter": st.step},
-                    "optimizer": {"type": type(optimizer).__name__, "t": optimizer.t,
-                                  "hyper": optimizer.hyperparams()},
-                    "buckets": [[p.name for p in b.params] for b in dp.buckets],
-                }
-                checkpoint.save(st.step, lambda: dp.state_arrays(optimizer), meta)
+        while True:
+            try:
+                if step >= steps:
+                    if state is not None:
+                        # One last collective: a rank lost in the last step (after its reductions) is noticed
+                        # here, by every survivor, rather than in whatever the program does next.
+                        state.agree()
+                    break
+                if state is not None:
+                    state.maybe_grow(step)
+                    state.begin_step(step)
+                x, y, ids = loader.batch(step)
+                st = dp.train_step(x, y, ids, step, optimizer)
+                if state is not None:
+                    state.commit(st.step)
+                result.stats.append(st)
+                for cb in callbacks:
+                    cb(st)
+                if bar is not None:
+                    sps = sampler.global_batch / st.time if st.time > 0 else 0.0
+                    rate = sps if rate is None else 0.9 * rate + 0.1 * sps
+                    post = {"loss": f"{st.loss:.4f}", "samples/s": f"{rate:.0f}"}
+                    if st.hidden is not None:
+                        post["hidden"] = f"{100 * st.hidden:.0f}%"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if checkpoint is not None and checkpoint.due(st.step):
+                    if state is not None:
+                        def dying_arrays(s: int = st.step) -> dict[str, Any]:
+                            kill_point(dp.comm, s - 1, "checkpoint")
+                            return dp.state_arrays(optimizer)
+
+                        checkpoint.save(st.step, dying_arrays, checkpoint_meta(dp, optimizer, sampler, st.step))
+                    else:
+                        checkpoint.save(st.step, lambda: dp.state_arrays(optimizer),
+                                        checkpoint_meta(dp, optimizer, sampler, st.step))
+                step = st.step
+            except lost as exc:  # elastic only: shrink, roll back to the last step every survivor committed
+                assert state is not None
+                rec = state.recover(exc, step)
+                result.recoveries.append(rec)
+                result.stats = [s for s in result.stats if s.step <= rec.step]
+                step = rec.step
+                if dp.rank == 0:
+                    if bar is None:
+                        bar = _progress(steps, step, progress)
+                    elif bar.n != step:
+                        bar.n = step
+                        bar.refresh()
+                    sys.stderr.write(rec.describe() + "\n")
+                    sys.stderr.flush()
     finally:
         if bar is not None:
             bar.close()
@@ -461,3 +540,25 @@ def fit(dp: DataParallel, optimizer: Optimizer, loader: ShardedLoader, steps: in
             dp.timeline.write(tl_path)
             dp.set_timeline(None)
     return result
+
+
+def checkpoint_meta(dp: DataParallel, optimizer: Optimizer, sampler: Any, step: int) -> dict[str, Any]:
+    """The metadata of a trainer checkpoint after ``step`` steps (what ``fit(resume=True)`` checks).
+
+    Args:
+        dp: the model.
+        optimizer: its optimizer.
+        sampler: the data's ShardedSampler (None: no data position recorded).
+        step: steps done.
+    """
+    meta: dict[str, Any] = {
+        "world_size": dp.size,
+        "rng": {"kind": "splitmix64 counter of (seed, layer, step, sample, feature)", "seed": dp.seed,
+                "counter": step},
+        "optimizer": {"type": type(optimizer).__name__, "t": optimizer.t, "hyper": optimizer.hyperparams()},
+        "buckets": [[p.name for p in b.params] for b in dp.buckets],
+    }
+    if sampler is not None:
+        epoch, k = sampler.position(step)
+        meta["data"] = {"global_batch": sampler.global_batch, "seed": sampler.seed, "epoch": epoch, "batch": k}
+    return meta

@@ -10,6 +10,14 @@ Every rank starts from rank 0's parameters (``GradBuckets.broadcast_parameters``
 and applies the same elementwise operations to the same averaged gradients
 (bitwise identical on every rank), so the ranks' parameters stay bitwise
 identical. The formulas follow ``torch.optim.SGD`` and ``torch.optim.Adam``.
+
+*Double buffering* (:meth:`Optimizer.double_buffer`, used by the elastic
+state): every parameter and state buffer gets a twin; a step reads the
+current set and writes the other, and ``end_step`` makes the written set
+current. The set read stays intact until the step after next starts writing
+it, so the state before the last step is still in memory (a rollback costs no
+copy, and neither does keeping it: the update writes once either way). Each
+set is labelled with the optimizer step it holds (``generation``).
 """
 from __future__ import annotations
 
@@ -44,6 +52,13 @@ class Optimizer:
         self.state: dict[str, list[Array]] = {
             name: [xp.zeros_like(b.data) for b in buckets] for name in self.state_names}
         self._tmp: list[Array] = [xp.empty_like(b.data) for b in buckets]
+        # Double buffering (off by default): the other set of parameter and state buffers, which the update
+        # writes; None writes in place.
+        self._spare_data: list[Array] | None = None
+        self._spare_state: dict[str, list[Array]] | None = None
+        #: Optimizer step held by [current set, spare set] (None: partly written or never filled).
+        self.generation: list[int | None] = [0, None]
+        self._writing = False
 
     def update(self, i: int) -> None:
         """Apply this step's update to bucket ``i`` (its gradients must already be reduced)."""
@@ -57,8 +72,91 @@ class Optimizer:
         self.end_step()
 
     def end_step(self) -> None:
-        """Count a finished step (after every bucket's :meth:`update`)."""
+        """Count a finished step (after every bucket's :meth:`update`); with double buffering, the written set becomes current."""
         self.t += 1
+        if self._spare_data is not None:
+            self._swap()
+            self.generation = [self.t, self.generation[0]]
+        self._writing = False
+
+    # ------------------------------------------------------ double buffering
+    @property
+    def double_buffered(self) -> bool:
+        """Whether updates write a second set of buffers (see :meth:`double_buffer`)."""
+        return self._spare_data is not None
+
+    def double_buffer(self) -> None:
+        """Give every parameter and state buffer a twin; from now on each step writes the twin and then swaps.
+
+        The state before the last finished step stays in memory (generation
+        ``t - 1``) until the next step's first update; :meth:`use_generation`
+        returns to it without copying.
+
+        Example::
+
+            opt.double_buffer()
+            ...                      # a step fails half-way through its updates
+            opt.use_generation(opt.t)   # the state after the last finished step, untouched
+        """
+        if self._spare_data is not None:
+            return
+        xp = array_module(self.buckets[0].data)
+        self._spare_data = [xp.empty_like(b.data) for b in self.buckets]
+        self._spare_state = {name: [xp.empty_like(buf) for buf in bufs] for name, bufs in self.state.items()}
+        self.generation = [self.t, None]
+        self._writing = False
+
+    def rebind(self, buckets: GradBuckets) -> None:
+        """Work on ``buckets`` (rebuilt over another communicator, with the same layout); the state is kept.
+
+        The spare set (double buffering) is allocated anew and holds nothing.
+        """
+        old = [int(b.data.size) for b in self.buckets]
+        new = [int(b.data.size) for b in buckets]
+        if old != new:
+            raise ValueError(f"{type(self).__name__}.rebind: the new buckets hold {new} elements, the optimizer's "
+                             f"state {old}; the model and the bucket settings must stay the same")
+        self.buckets = buckets
+        if self._spare_data is not None:
+            xp = array_module(buckets[0].data)
+            self._spare_data = [xp.empty_like(b.data) for b in buckets]
+            self.generation = [self.generation[0], None]
+        self._writing = False
+
+    def use_generation(self, t: int) -> None:
+        """Make the buffer set holding optimizer step ``t`` current (the parameters too); no data is copied.
+
+        Raises:
+            ValueError: neither set holds step ``t`` intact (only the last two finished steps are kept).
+        """
+        if self.generation[0] == t:  # a step half-way through wrote only the spare set
+            self.t = t
+            self._writing = False
+            self.generation[1] = None
+            return
+        if self._spare_data is not None and self.generation[1] == t:
+            self._swap()
+            self.generation = [t, None]  # the set just left was written after t: nothing to go back to
+            self.t = t
+            self._writing = False
+            return
+        raise ValueError(f"{type(self).__name__}: the state of optimizer step {t} is not in memory (held: "
+                         f"{self.generation}); only the last two finished steps are kept, with double_buffer()")
+
+    def _swap(self) -> None:
+        assert self._spare_data is not None and self._spare_state is not None
+        for i, b in enumerate(self.buckets):
+            cur = b.data
+            self.buckets.set_data(i, self._spare_data[i])
+            self._spare_data[i] = cur
+        for name, bufs in self.state.items():
+            self.state[name], self._spare_state[name] = self._spare_state[name], bufs
+
+    def _begin_write(self) -> None:
+        # The first update of a step overwrites the spare set: from here on it holds no finished step.
+        if not self._writing:
+            self._writing = True
+            self.generation[1] = None
 
     # -------------------------------------------------------- checkpoints
     def hyperparams(self) -> dict[str, Any]:
@@ -90,9 +188,20 @@ class Optimizer:
                     buf[a:z] = xp.asarray(v).reshape(-1)
         self.t = int(t)
 
-    def _views(self, i: int) -> tuple[Array, Array, Array]:
+    def _views(self, i: int) -> tuple[Array, Array, Array, Array]:
+        """(parameters read, parameters written, gradients, scratch) of bucket ``i``."""
         b = self.buckets[i]
-        return b.data, b.grad, self._tmp[i]
+        if self._spare_data is None:
+            return b.data, b.data, b.grad, self._tmp[i]
+        self._begin_write()
+        return b.data, self._spare_data[i], b.grad, self._tmp[i]
+
+    def _state(self, name: str, i: int) -> tuple[Array, Array]:
+        """(read, written) buffers of state ``name`` of bucket ``i``."""
+        cur = self.state[name][i]
+        if self._spare_state is None:
+            return cur, cur
+        return cur, self._spare_state[name][i]
 
 
 class SGD(Optimizer):
@@ -121,30 +230,34 @@ class SGD(Optimizer):
         self.dampening, self.nesterov = float(dampening), bool(nesterov)
 
     def update(self, i: int) -> None:
-        p, g, tmp = self._views(i)
+        p, out, g, tmp = self._views(i)
         xp = array_module(p)
+        # Double buffered, the buffer written is free until the last operation, so it serves as the scratch:
+        # a pass that writes a fresh buffer costs memory traffic, and this way tmp is never touched.
+        if out is not p:
+            tmp = out
         if self.weight_decay:
             xp.multiply(p, self.weight_decay, out=tmp)
             xp.add(g, tmp, out=g)
         d = g
         if self.momentum:
-            buf = self.state["momentum"][i]
+            buf, buf_out = self._state("momentum", i)
             if self.t == 0:
-                buf[...] = g
+                buf_out[...] = g
             else:
-                buf *= self.momentum
+                xp.multiply(buf, self.momentum, out=buf_out)
                 if self.dampening:
                     xp.multiply(g, 1.0 - self.dampening, out=tmp)
-                    buf += tmp
+                    buf_out += tmp
                 else:
-                    buf += g
+                    buf_out += g
             if self.nesterov:
-                xp.multiply(buf, self.momentum, out=tmp)
+                xp.multiply(buf_out, self.momentum, out=tmp)
                 xp.add(g, tmp, out=g)
             else:
-                d = buf
+                d = buf_out
         xp.multiply(d, self.lr, out=tmp)
-        xp.subtract(p, tmp, out=p)
+        xp.subtract(p, tmp, out=out)
 
     def hyperparams(self) -> dict[str, Any]:
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
@@ -180,31 +293,33 @@ class Adam(Optimizer):
         self.weight_decay, self.decoupled = float(weight_decay), bool(decoupled)
 
     def update(self, i: int) -> None:
-        p, g, tmp = self._views(i)
+        p, out, g, tmp = self._views(i)
         xp = array_module(p)
-        m, v = self.state["exp_avg"][i], self.state["exp_avg_sq"][i]
+        m, m_out = self._state("exp_avg", i)
+        v, v_out = self._state("exp_avg_sq", i)
         t = self.t + 1
         if self.weight_decay:
             if self.decoupled:
-                p *= 1.0 - self.lr * self.weight_decay
+                xp.multiply(p, 1.0 - self.lr * self.weight_decay, out=out)
+                p = out
             else:
                 xp.multiply(p, self.weight_decay, out=tmp)
                 xp.add(g, tmp, out=g)
-        m *= self.beta1
+        xp.multiply(m, self.beta1, out=m_out)
         xp.multiply(g, 1.0 - self.beta1, out=tmp)
-        m += tmp
-        v *= self.beta2
+        m_out += tmp
+        xp.multiply(v, self.beta2, out=v_out)
         xp.multiply(g, g, out=tmp)
         tmp *= 1.0 - self.beta2
-        v += tmp
+        v_out += tmp
         bc1 = 1.0 - self.beta1 ** t
         bc2 = 1.0 - self.beta2 ** t
-        xp.sqrt(v, out=tmp)
+        xp.sqrt(v_out, out=tmp)
         tmp /= math.sqrt(bc2)
         tmp += self.eps
-        xp.divide(m, tmp, out=tmp)
+        xp.divide(m_out, tmp, out=tmp)
         tmp *= self.lr / bc1
-        xp.subtract(p, tmp, out=p)
+        xp.subtract(p, tmp, out=out)
 
     def hyperparams(self) -> dict[str, Any]:
         return {"lr": self.lr, "betas": [self.beta1, self.beta2], "eps": self.eps,

@@ -152,7 +152,7 @@ class DeviceCollectives:
             if self._ready:
                 return
             # Queued async work first: what follows talks MPI on the private communicator.
-            self.comm.sequencer.run_locked(self._agree)
+            self.comm.sequencer.run_locked(self._agree, "device setup")
             self._ready = True
 
     def _agree(self) -> None:

@@ -101,6 +101,7 @@ class _Local:
     req: dict
     arrays: list
     handle: Handle
+    outs: list | None = None  # where an allreduce writes each result (None: a new array)
 
 
 @dataclass
@@ -146,12 +147,18 @@ class Engine:
         self._hot_until = 0.0
         self._stopped = threading.Event()
         self._fatal: BaseException | None = None
+        self._fusion: dict[np.dtype, np.ndarray] = {}  # the fused allreduces' buffer per dtype, kept for reuse
         self._thread = threading.Thread(target=self._loop, name="collective-horovod", daemon=True)
         self._thread.start()
 
     # ---------------------------------------------------------------- caller side
-    def submit(self, kind: str, name: str, arrays: list[np.ndarray], **meta: Any) -> Handle:
+    def submit(self, kind: str, name: str, arrays: list[np.ndarray], outs: list[np.ndarray | None] | None = None,
+               **meta: Any) -> Handle:
         """Announce ``name`` to the other ranks and return its handle (arrays are read by the engine thread).
+
+        ``outs`` (allreduce only): for each array, a C-contiguous array of its
+        shape and dtype that receives the result (it may be the array itself),
+        or None for a new one; the handle's result then holds that array.
 
         Raises:
             ValueError: ``name`` is already in flight on this rank.
@@ -176,7 +183,7 @@ class Engine:
             req = {"seq": self._seq, "name": name, "kind": kind,
                    "dtypes": [str(a.dtype) for a in arrays], "shapes": [list(a.shape) for a in arrays]}
             req.update(meta)
-            self._local[name] = _Local(req, arrays, h)
+            self._local[name] = _Local(req, arrays, h, outs)
             self._outbox.append(req)
         self._wake.set()
         return h
@@ -405,9 +412,10 @@ class Engine:
             checks.append(differ("whether splits were given", lambda q: q.get("splits") is not None))
         return next((c for c in checks if c), None)
 
-    def _prepare(self, name: str, joined: set[int]) -> tuple[str, list[np.ndarray], dict, dict] | None:
-        """Take ``name`` off the table: (kind, this rank's arrays, every rank's request, the first request),
-        or None after failing it on this rank because the ranks disagree (the same decision on every rank)."""
+    def _prepare(self, name: str, joined: set[int]) -> tuple[str, list[np.ndarray], list | None, dict, dict] | None:
+        """Take ``name`` off the table: (kind, this rank's arrays, their outs, every rank's request, the first
+        request), or None after failing it on this rank because the ranks disagree (the same decision on every
+        rank)."""
         p = self._pop(name)
         reqs = p.reqs
         q = reqs[min(reqs)]
@@ -424,11 +432,12 @@ class Engine:
             return None
         with self._lock:
             loc = self._local.get(name) or self._cancelled.get(name)
+        outs = None
         if loc is not None:
-            arrays = loc.arrays
+            arrays, outs = loc.arrays, loc.outs
         else:  # this rank joined: it contributes zeros of the agreed shapes
             arrays = [np.zeros(s, np.dtype(d)) for s, d in zip(q["shapes"], q["dtypes"])]
-        return kind, arrays, reqs, q
+        return kind, arrays, outs, reqs, q
 
     def _run(self, names: list[str], joined: set[int]) -> None:
         """Run the ready ``names`` in order; consecutive allreduces with one op share fused collectives.
@@ -437,21 +446,22 @@ class Engine:
         travel as one buffer per dtype (up to ``_FUSION_BYTES``). Every rank
         sees the same ready list, so every rank fuses the same way.
         """
-        batch: list[tuple[str, list[np.ndarray]]] = []
+        batch: list[tuple[str, list[np.ndarray], list | None]] = []
         batch_op, batch_bytes = None, 0
 
         def flush() -> None:
             nonlocal batch, batch_op, batch_bytes
             if batch:
-                flat = [a for _, arrays in batch for a in arrays]
+                flat = [a for _, arrays, _ in batch for a in arrays]
+                dest = [o for _, arrays, outs in batch for o in (outs or [None] * len(arrays))]
                 try:
-                    out = _fused_allreduce(self.comm, flat, batch_op)  # type: ignore[arg-type]
+                    out = _fused_allreduce(self.comm, flat, batch_op, dest, self._fusion)  # type: ignore[arg-type]
                 except Exception as exc:  # noqa: BLE001 - handed to every waiter of the batch
-                    for n, _ in batch:
+                    for n, _, _ in batch:
                         self._complete(n, None, self._wrap("allreduce", n, exc))
                 else:
                     i = 0
-                    for n, arrays in batch:
+                    for n, arrays, _ in batch:
                         self._complete(n, out[i:i + len(arrays)])
                         i += len(arrays)
             batch, batch_op, batch_bytes = [], None, 0
@@ -460,12 +470,12 @@ class Engine:
             got = self._prepare(name, joined)
             if got is None:
                 continue
-            kind, arrays, reqs, q = got
+            kind, arrays, outs, reqs, q = got
             if kind == "allreduce":
                 nbytes = sum(a.nbytes for a in arrays)
                 if batch and (q["op"] != batch_op or batch_bytes + nbytes > _FUSION_BYTES):
                     flush()
-                batch.append((name, arrays))
+                batch.append((name, arrays, outs))
                 batch_op, batch_bytes = q["op"], batch_bytes + nbytes
                 continue
             flush()
@@ -485,7 +495,7 @@ class Engine:
     def _execute(self, kind: str, arrays: list[np.ndarray], reqs: dict[int, dict], q: dict) -> Any:
         comm = self.comm
         if kind == "allreduce":
-            return _fused_allreduce(comm, arrays, q["op"])
+            return _fused_allreduce(comm, arrays, q["op"], [None] * len(arrays), self._fusion)
         if kind == "allgather":
             # The communicator's allgather takes uneven first dims; every rank's rows are known here, so the
             # result's shape is checked against the announcements.
@@ -514,23 +524,48 @@ class Engine:
         raise CollectiveValueError(f"unknown op kind {kind!r}")
 
 
-def _fused_allreduce(comm: Any, arrays: list[np.ndarray], op: str) -> list[np.ndarray]:
-    """Allreduce every array with one collective per dtype (Horovod's tensor fusion for one grouped op)."""
+def _fused_allreduce(comm: Any, arrays: list[np.ndarray], op: str, outs: list[np.ndarray | None],
+                     fusion: dict[np.dtype, np.ndarray]) -> list[np.ndarray]:
+    """Allreduce every array with one collective per dtype (Horovod's tensor fusion for one grouped op).
+
+    A result goes into ``outs[i]`` when that is not None (no new array), else
+    into a new array. Several arrays of one dtype travel in ``fusion[dtype]``,
+    a buffer kept from call to call: allocating a large one each time costs
+    the kernel's page mapping on every call.
+    """
     out: list[np.ndarray | None] = [None] * len(arrays)
     by_dtype: dict[np.dtype, list[int]] = {}
     for i, a in enumerate(arrays):
         by_dtype.setdefault(a.dtype, []).append(i)
-    for idx in by_dtype.values():
+    for dt, idx in by_dtype.items():
         if len(idx) == 1:
-            a = arrays[idx[0]]
-            out[idx[0]] = np.asarray(comm.allreduce(np.ascontiguousarray(a), op=op)).reshape(a.shape)
+            i = idx[0]
+            a, dest = np.ascontiguousarray(arrays[i]), outs[i]
+            if dest is not None:
+                comm.allreduce(a, op=op, out=dest)
+                out[i] = dest
+            else:
+                out[i] = np.asarray(comm.allreduce(a, op=op)).reshape(a.shape)
             continue
-        flat = np.concatenate([arrays[i].reshape(-1) for i in idx])
-        red = np.asarray(comm.allreduce(flat, op=op))
+        total = sum(arrays[i].size for i in idx)
+        buf = fusion.get(dt)
+        if buf is None or buf.size < total:
+            buf = np.empty(total, dt)
+            if buf.nbytes <= _FUSION_BYTES:  # one grouped op larger than that gets a buffer of its own
+                fusion[dt] = buf
+        flat = buf[:total]
+        np.concatenate([arrays[i].reshape(-1) for i in idx], out=flat)
+        comm.allreduce(flat, op=op, out=flat)
         off = 0
         for i in idx:
             n = arrays[i].size
-            out[i] = red[off:off + n].reshape(arrays[i].shape)
+            part = flat[off:off + n].reshape(arrays[i].shape)
+            dest = outs[i]
+            if dest is not None:
+                dest[...] = part
+                out[i] = dest
+            else:
+                out[i] = part.copy()  # the buffer is reused by the next fused allreduce
             off += n
     return out  # type: ignore[return-value]
 

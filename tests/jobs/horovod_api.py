@@ -122,6 +122,35 @@ def c_allreduce_flags() -> None:
     assert hvd.Compression.fp16.compress(xs[R])[0].dtype == torch.float16
 
 
+def c_in_place() -> None:
+    """In-place results land in the caller's tensors: every dtype, scale factors, Average, fused and strided."""
+    for dt in DTYPES:
+        xs = [inp(r, (3, 5), dt) for r in range(P)]
+        wide = [x.double() if dt.is_floating_point else x.long() for x in xs]
+        for op, pre, post in ((hvd.Sum, 1.0, 1.0), (hvd.Average, 1.0, 1.0), (hvd.Sum, 0.5, 3.0)):
+            want = hvd.allreduce(xs[R], op=op, prescale_factor=pre, postscale_factor=post, name=f"ref.{dt}")
+            t = xs[R].clone()
+            ptr = t.data_ptr()
+            got = hvd.allreduce_(t, op=op, prescale_factor=pre, postscale_factor=post, name=f"ip.{dt}")
+            assert got is t and t.data_ptr() == ptr, "allreduce_ did not return its own tensor"
+            eq(t, want)
+        if dt in (torch.float32, torch.float64):
+            eq(want, (sum(wide) * 1.5).to(dt))
+    # several tensors of one dtype in one op travel in the engine's fusion buffer, reused from op to op
+    for rnd in range(3):
+        xs = [[inp(r + rnd, (k + 2, 3)) for k in range(5)] for r in range(P)]
+        mine = [x.clone() for x in xs[R]]
+        hvd.grouped_allreduce_(mine, op=hvd.Sum, name="ip.grouped")
+        for k, got in enumerate(mine):
+            eq(got, sum(x[k] for x in xs))
+    # a strided tensor receives its result through a copy
+    base = inp(R, (4, 6))
+    view = base[:, ::2]
+    hvd.allreduce_(view, op=hvd.Sum, name="ip.strided")
+    eq(view, sum(inp(r, (4, 6))[:, ::2] for r in range(P)))
+    eq(base[:, 1::2], inp(R, (4, 6))[:, 1::2])
+
+
 def c_async_grouped() -> None:
     xs = [[inp(r, (4, k + 1), torch.float32) for k in range(4)] for r in range(P)]
     hs = [hvd.allreduce_async(xs[R][k], op=hvd.Sum, name=f"async.{k}") for k in range(4)]
@@ -657,6 +686,7 @@ def c_process_set_optimizer() -> None:
 run("ops", "basics", c_basics)
 run("ops", "allreduce_ops", c_allreduce_ops)
 run("ops", "allreduce_flags", c_allreduce_flags)
+run("ops", "in_place", c_in_place)
 run("ops", "async_grouped", c_async_grouped)
 run("ops", "allgather", c_allgather)
 run("ops", "broadcast", c_broadcast)

@@ -488,6 +488,35 @@ def _from_numpy(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _out_view(t: torch.Tensor, like: np.ndarray) -> np.ndarray | None:
+    """A NumPy view of ``t``'s memory that an allreduce of ``like`` can write its result into, or None.
+
+    Only a contiguous host tensor whose dtype travels as itself qualifies
+    (bfloat16 is reduced as float32, bool is refused).
+    """
+    if t.device.type != "cpu" or not t.is_contiguous() or t.dtype in (torch.bfloat16, torch.bool):
+        return None
+    v = t.detach().numpy()
+    return v if v.dtype == like.dtype and v.shape == like.shape else None
+
+
+def _finish_in_place(t: torch.Tensor, postscale: float, average: bool, n: int) -> torch.Tensor:
+    """Scale and average ``t``, which already holds the sum, without a temporary where the dtype allows."""
+    with torch.no_grad():
+        if t.dtype in (torch.float32, torch.float64):
+            if postscale != 1.0:
+                t.mul_(postscale)
+            if average:
+                t.div_(n)
+            return t
+        y = _scale(t, postscale)
+        if average:
+            y = _average(y, n)
+        if y is not t:
+            t.copy_(y)
+    return t
+
+
 def _scale(t: torch.Tensor, factor: float) -> torch.Tensor:
     """``t * factor`` the way Horovod scales: integers in float64, float16 in float32, cast back."""
     if factor == 1.0:
@@ -541,11 +570,16 @@ def _allreduce_submit(tensors: list[torch.Tensor], outputs: list[torch.Tensor] |
         pass  # scaling before min/max/product is well defined; Horovod applies it the same way
     arrays = [_to_numpy(_scale(t.detach(), prescale), reducing=True) for t in tensors]
     n = _set_size(ps)
-    h = eng.submit("allreduce", _name(kind, name, ps), arrays, op=_REDUCE[op], prescale=prescale, postscale=postscale)
+    dest = None if outputs is None else [_out_view(o, a) for o, a in zip(outputs, arrays)]
+    h = eng.submit("allreduce", _name(kind, name, ps), arrays, outs=dest, op=_REDUCE[op], prescale=prescale,
+                   postscale=postscale)
 
     def finish(results: list[np.ndarray]) -> list[torch.Tensor]:
         outs = []
         for i, (t, r) in enumerate(zip(tensors, results)):
+            if dest is not None and dest[i] is not None and r is dest[i]:
+                outs.append(_finish_in_place(outputs[i], postscale, op == Average, n))  # type: ignore[index]
+                continue
             y = _from_numpy(r, t)
             y = _scale(y, postscale)
             if op == Average:

@@ -1,0 +1,177 @@
+"""The sizes of variable-size calls travel with the cross-rank check (tests/test_variable_counts.py).
+
+Equal first dims cost no exchange beyond the check; uneven ones learn their
+counts from the check where it is fenced in shm, and from one small
+allgather where it is an MPI allreduce. Every check still runs: a trailing
+shape, dtype or ``out`` that does not fit raises on every rank before any data
+moves. The counts exchange is counted on a proxy of the engine's (real) MPI
+communicator: an ``Allgather`` of a bare int64 array is that exchange, data
+moves in ``[buffer, datatype]`` lists.
+"""
+from __future__ import annotations
+
+import numpy as np
+from harness import Cases
+
+import collective as col
+
+
+class Counting:
+    """The engine's mpi4py communicator, counting the counts exchanges that pass through it."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.exchanges = 0
+
+    def Allgather(self, a, b):  # noqa: N802 - mpi4py's name
+        if type(a) is np.ndarray and a.dtype == np.int64:
+            self.exchanges += 1
+        return self.real.Allgather(a, b)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def main() -> None:
+    comm = col.init()
+    cases = Cases(comm)
+    P, R = comm.size, comm.rank
+    counting = Counting(comm._engine.backend.comm)
+    comm._engine.backend.comm = counting
+    algs = ["auto", "native", "ring"] + (["shm"] if comm.single_node else [])
+
+    def exchanges(fn) -> int:
+        before = counting.exchanges
+        fn()
+        return counting.exchanges - before
+
+    def expect_raise(fn, cls, *parts) -> None:
+        try:
+            fn()
+        except cls as exc:
+            for p in parts:
+                assert p in str(exc), (p, str(exc))
+            return
+        raise AssertionError(f"no {cls.__name__}")
+
+    def suite(fenced: bool) -> None:
+        mode = "shm-fenced check" if fenced else "MPI check"
+        for alg in algs:
+            def equal(alg=alg) -> None:
+                x = np.arange(6, dtype=np.float32).reshape(3, 2) + 100 * R
+                want = np.concatenate([np.arange(6, dtype=np.float32).reshape(3, 2) + 100 * q for q in range(P)])
+                got = {}
+                n = exchanges(lambda: got.setdefault("y", comm.allgather(x, algorithm=alg)))
+                assert np.array_equal(got["y"], want), got["y"]
+                assert n == 0, f"equal first dims made {n} counts exchanges"
+                out = np.empty((3 * P, 2), np.float32)
+                n = exchanges(lambda: comm.allgather(x, algorithm=alg, out=out))
+                assert np.array_equal(out, want) and n == 0, n
+                z = comm.allgather(np.float64(R), algorithm=alg)  # 0-d: one row each
+                assert np.array_equal(z, np.arange(P, dtype=np.float64)), z
+
+            def uneven(alg=alg) -> None:
+                for rows in (lambda q: q + 1, lambda q: 0 if q == 0 else 2, lambda q: 3 if q == P - 1 else 1):
+                    x = np.full((rows(R), 3), R, np.int16)
+                    want = np.concatenate([np.full((rows(q), 3), q, np.int16) for q in range(P)])
+                    got = {}
+                    n = exchanges(lambda: got.setdefault("y", comm.allgather(x, algorithm=alg)))
+                    assert np.array_equal(got["y"], want), (got["y"], want)
+                    equal_rows = len({rows(q) for q in range(P)}) == 1
+                    assert n == (0 if fenced or equal_rows else 1), f"{n} counts exchanges"
+
+            cases.run(f"{mode}: allgather equal first dims, {alg}", equal)
+            if alg != "shm" or comm.single_node:
+                cases.run(f"{mode}: allgather uneven first dims, {alg}", uneven)
+
+        def gather_alltoall() -> None:
+            x = np.full((2, 2), R, np.float64)
+            got = {}
+            n = exchanges(lambda: got.setdefault("g", comm.gather(x, root=P - 1)))
+            if R == P - 1:
+                assert np.array_equal(got["g"], np.repeat(np.arange(P, dtype=np.float64), 2)[:, None] * [1, 1])
+            assert n == 0, n
+            n = exchanges(lambda: comm.gather(np.full(R + 1, R), root=0))
+            assert n == (0 if fenced or P == 1 else 1), n
+            y = {}
+            n = exchanges(lambda: y.setdefault("a", comm.alltoall(np.arange(3 * P) + 10 * R)))
+            want = np.concatenate([np.arange(3 * R, 3 * R + 3) + 10 * q for q in range(P)])
+            assert np.array_equal(y["a"], want) and n == 0, (y["a"], n)
+            splits = [q % 2 for q in range(P)] if P > 1 else [2]
+            n = exchanges(lambda: y.setdefault("b", comm.alltoall(np.zeros(sum(splits)), splits=splits)))
+            assert n == (1 if P > 1 else 0), n  # blocks of differing sizes need every rank's splits
+
+        cases.run(f"{mode}: gather and alltoall", gather_alltoall)
+
+        def checks_still_hold() -> None:
+            if P == 1:
+                return
+            x = np.zeros((2, 3 if R == 0 else 2), np.float32)  # rank 0's rows are wider
+            expect_raise(lambda: comm.allgather(x), col.CollectiveMismatchError, "shape", "(-1, 3)", "(-1, 2)")
+            y = np.zeros((2, 2), np.float32 if R else np.float64)
+            expect_raise(lambda: comm.allgather(y), col.CollectiveMismatchError, "dtype", "float64", "float32")
+            # Equal rows, but rank 1's out has one row too many: every rank raises, and nothing is written.
+            out = np.full((2 * P + (1 if R == 1 else 0), 2), -1.0, np.float32)
+            cls = col.CollectiveValueError if R == 1 else col.CollectiveError
+            expect_raise(lambda: comm.allgather(np.ones((2, 2), np.float32), out=out), cls,
+                         f"rank 1: out has {2 * P + 1} rows, the result has {2 * P}")
+            assert (out == -1).all()
+            # Uneven rows and a wrong out on rank 0.
+            out0 = np.empty((1, 2), np.float32) if R == 0 else None
+            cls = col.CollectiveValueError if R == 0 else col.CollectiveError
+            expect_raise(lambda: comm.allgather(np.ones((R + 1, 2), np.float32), out=out0), cls,
+                         f"rank 0: out has 1 rows, the result has {P * (P + 1) // 2}")
+            assert np.array_equal(comm.allgather(np.full(2, R)), np.repeat(np.arange(P), 2))
+
+        cases.run(f"{mode}: mismatched row shapes, dtypes and outs raise on every rank", checks_still_hold)
+
+    def auto_across_nodes() -> None:
+        """"auto" across (emulated) nodes runs what the cost model picks, from counts every rank holds alike."""
+        from collective.topologies.cluster import Cluster, LinkCost
+
+        nodes = tuple(q % 2 for q in range(P))  # two nodes, ranks interleaved
+        cl = Cluster(nodes, LinkCost(5e-6, 1 / 5e9), LinkCost(50e-6, 1 / 1e9), 1 / 3e9, source="a test layout",
+                     links_declared=True)
+        sub = col.Communicator(comm.mpi_comm, cluster=cl)
+        # The layout spans two nodes; the processes share one, so tell the parts that ask about shm.
+        sub._chooser.single_node = sub._engine.single_node = False
+        ran: list[str] = []
+        real_run = sub._engine._exec.run
+        sub._engine._exec.run = lambda plan, *a: (ran.append("schedule"), real_run(plan, *a))[1]
+        try:
+            for rows in (1, 2000, 200000):
+                mine = rows * (R + 1)
+                x = np.full((mine, 2), R, np.float32)
+                total = rows * P * (P + 1) // 2
+                alg = sub.auto_algorithm("allgatherv", total * 8 // P, "float32")
+                ran.clear()
+                y = sub.allgather(x)
+                want = np.concatenate([np.full((rows * (q + 1), 2), q, np.float32) for q in range(P)])
+                assert np.array_equal(y, want), (rows, y.shape)
+                assert ran == ([] if alg == "native" else ["schedule"]), (rows, alg, ran)
+                assert alg in ("native", "ring"), alg
+                g = sub.gather(x, root=P - 1)
+                if R == P - 1:
+                    assert np.array_equal(g, want)
+                sp = [rows * ((R + q) % 3) for q in range(P)]
+                a, got = sub.alltoall(np.ones((sum(sp), 2), np.float32), splits=sp, return_splits=True)
+                assert got == [rows * ((q + R) % 3) for q in range(P)] and a.shape == (sum(got), 2), got
+                s = sub.scatter(np.arange(3 * P * rows, dtype=np.float32) if R == 0 else None, root=0)
+                assert np.array_equal(s, np.arange(3 * rows * R, 3 * rows * (R + 1), dtype=np.float32))
+            if P >= 4:  # interleaved nodes: the node-ordered ring wins the largest size
+                assert sub.auto_algorithm("allgatherv", 200000 * (P + 1) * 4, "float32") == "ring"
+        finally:
+            sub.close()
+
+    if P > 1:
+        cases.run("auto across emulated nodes", auto_across_nodes)
+    suite(fenced=comm._check.arena is not None)
+    if comm._check.arena is not None:
+        comm._check.detach_arena()  # from here on the check is an MPI allreduce on every rank
+        comm._prep.forget()  # no template may take the one-phase path of the detached arena
+        suite(fenced=False)
+    cases.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""Elastic mode job: a rank kills itself (SIGKILL) at a chosen point; the survivors get RanksLostError, shrink,
+and compute correctly on the new communicator (optionally twice, and growing back).
+
+Usage: elastic_core.py --kill POINT:JOBRANK[+JOBRANK...] [--kill ...] [--grow] [--times FILE]
+
+Several job ranks in one --kill die at the same point (both ranks of an emulated host); the survivors may see
+them lost in one RanksLostError or in two (ULFM notices failures one by one), and shrink until all are gone.
+
+POINT: native (in MPI's own allreduce), shm (mid-phase of a multi-chunk shm allreduce), quick (a repeated small
+shm allreduce, its one phase), window (an alloc'd array's window path), broadcast (ring broadcast), check (the
+cross-rank check, before any data), p2p (the victim never sends what a survivor receives), barrier.
+Each rank prints PASSED n when every check held; FAIL lines otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+import collective as col
+from collective.errors import CollectiveError, RanksLostError
+
+passed = 0
+
+
+def fail(msg: str) -> None:
+    print(f"FAIL job rank {JOB}: {msg}", flush=True)
+    sys.stdout.flush()
+    os._exit(3)
+
+
+def ok(cond: bool, msg: str) -> None:
+    global passed
+    if not cond:
+        fail(msg)
+    passed += 1
+
+
+def die() -> None:
+    print(f"job rank {JOB}: dying (SIGKILL)", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(comm: col.Communicator, point: str) -> None:
+    """On the victim: make the next call of ``point`` kill this process at the right moment."""
+    real = comm._engine.execute
+    if point in ("native", "broadcast", "async"):
+        target = "broadcast" if point == "broadcast" else "allreduce"
+        comm._engine.execute = lambda c, first, seq: die() if c.name == target else real(c, first, seq)
+    elif point in ("shm", "window"):
+        arena = comm.node_arena()
+        n = [0]
+        real = arena.phase
+
+        def phase() -> None:
+            n[0] += 1
+            if n[0] == 2:  # the second phase: the others are inside the call, waiting for this rank's flag
+                die()
+            real()
+        arena.phase = phase
+    elif point == "quick":
+        arena = comm.node_arena()
+        arena.exchange = lambda h, seq: die()
+    elif point == "check":
+        real_check = comm._check.check
+        comm._check.check = lambda rec, c: die() if c.name == "allreduce" else real_check(rec, c)
+    elif point in ("p2p", "barrier"):
+        pass  # the victim dies instead of making the call
+    else:
+        raise SystemExit(f"unknown point {point}")
+
+
+def expected_sum(comm: col.Communicator, n: int) -> np.ndarray:
+    return np.full(n, float(sum(j + 1 for j in comm.world_ranks)), np.float64)
+
+
+def point_call(comm: col.Communicator, point: str, victims: set, bufs: dict) -> str:
+    """Make the call ``point`` names (on the victim it dies inside); the op name the error must carry."""
+    me = comm.world_rank
+    x = np.full(1 << 16, me + 1.0)
+    victim = min(v for v in victims if v in comm.world_ranks) if victims & set(comm.world_ranks) else -1
+    if point == "native":
+        comm.allreduce(x, algorithm="native")
+        return "allreduce"
+    if point == "async":  # on the communication thread; the handle's wait() raises
+        w = comm.allreduce_async(x, algorithm="native")
+        w2 = comm.allreduce_async(x, algorithm="ring")  # queued behind it: raises too
+        for h in (w, w2):
+            try:
+                h.wait()
+            except RanksLostError:
+                if h is w2:
+                    raise
+        return "allreduce"
+    if point == "shm":
+        comm.allreduce(np.full(3 << 16, me + 1.0), algorithm="shm")  # several chunks of COLLECTIVE_SHM_CHUNK_BYTES
+        return "allreduce"
+    if point == "quick":
+        comm.allreduce(np.full(64, me + 1.0), algorithm="shm")
+        return "allreduce"
+    if point == "window":
+        g = bufs["window"]
+        comm.allreduce(g, out=g, algorithm="shm")
+        return "allreduce"
+    if point == "broadcast":
+        comm.broadcast(x, root=next(r for r, j in enumerate(comm.world_ranks) if j not in victims), algorithm="ring")
+        return "broadcast"
+    if point == "check":
+        comm.allreduce(x, algorithm="ring")
+        return "allreduce"
+    if point == "p2p":
+        if me in victims:
+            die()
+        vr = comm.world_ranks.index(victim)
+        if comm.rank == (vr + 1) % comm.size:
+            comm.recv(np.empty(4), source=vr, tag=3)
+            return "recv"
+        comm.barrier()
+        return "barrier"
+    if point == "barrier":
+        if me in victims:
+            die()
+        comm.barrier()
+        return "barrier"
+    raise SystemExit(point)
+
+
+def verify(comm: col.Communicator, label: str) -> None:
+    """Collectives on ``comm`` compared with NumPy: native, ring, shm (plain, quick, window), broadcast, alloc."""
+    me = comm.world_rank
+    for alg in ("native", "ring", "tree", "shm", "auto"):
+        for n in (1, 100, 3 << 16):
+            if alg == "shm" and not comm.single_node:
+                continue
+            for _ in range(2):  # the second time takes the repeat path
+                y = comm.allreduce(np.full(n, me + 1.0), algorithm=alg)
+                ok(np.array_equal(y, expected_sum(comm, n)), f"{label}: allreduce {alg} n={n}: {y[:3]}")
+    if col.get_default() is comm:  # the module-level calls use the default communicator
+        y = col.allreduce(np.full(5, me + 1.0))
+        ok(np.array_equal(y, expected_sum(comm, 5)), f"{label}: module-level allreduce")
+    src = comm.world_ranks[-1]
+    b = comm.broadcast(np.full(10, float(me)), root=comm.size - 1)
+    ok(np.array_equal(b, np.full(10, float(src))), f"{label}: broadcast")
+    g = comm.allgather(np.array([me]))
+    ok(g.tolist() == list(comm.world_ranks), f"{label}: allgather {g}")
+    if comm.single_node:
+        a = comm.alloc(1 << 17, np.float64)
+        for _ in range(3):
+            a[:] = me + 1.0
+            comm.allreduce(a, out=a, algorithm="shm")
+            ok(np.array_equal(a, expected_sum(comm, a.size)), f"{label}: alloc'd window allreduce")
+    if comm.size > 1:
+        nxt, prv = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
+        w = comm.isend(np.full(4, float(me)), nxt, tag=5)
+        got = np.empty(4)
+        comm.recv(got, prv, tag=5)
+        w.wait()
+        ok(np.array_equal(got, np.full(4, float(comm.world_ranks[prv]))), f"{label}: p2p ring")
+    comm.barrier()
+
+
+def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.Communicator:
+    bufs = {}
+    if point == "window":
+        bufs["window"] = comm.alloc(1 << 17, np.float64)
+        bufs["window"][:] = comm.world_rank + 1.0
+        comm.allreduce(bufs["window"], out=bufs["window"], algorithm="shm")  # checked once: the repeat path next
+        bufs["window"][:] = comm.world_rank + 1.0
+    if point == "quick":
+        for _ in range(3):  # checked, then given its regions: the one-phase path from the next call on
+            comm.allreduce(np.full(64, comm.world_rank + 1.0), algorithm="shm")
+    sub = comm.split(comm.world_rank % 2)  # a sub-communicator of the one that will lose ranks
+    if comm.world_rank in victims:
+        arm(comm, point)
+    comm.barrier()
+    lost: set = set()
+    first = True
+    while lost != victims:
+        t0 = time.monotonic()
+        err = None
+        where = None
+        op = {"broadcast": "broadcast", "p2p": None, "barrier": "barrier"}.get(point, "allreduce")
+        try:
+            if first:
+                point_call(comm, point, victims, bufs)
+            where = "later"
+            comm.barrier()  # a survivor whose call completed before the failure raises here
+            fail(f"{point}: no RanksLostError after job ranks {sorted(victims - lost)} died")
+        except RanksLostError as e:
+            err = e
+            where = where or "call"
+        dt = time.monotonic() - t0
+        ok(set(err.lost_ranks) <= victims - lost and err.lost_ranks, f"{point}: lost_ranks {err.lost_ranks}, "
+           f"expected some of {sorted(victims - lost)}")
+        lost |= set(err.lost_ranks)
+        ok(all(str(v) in str(err) for v in err.lost_ranks) and err.op in str(err), f"{point}: message {err}")
+        if where == "call" and op is not None and first:
+            ok(err.op == op, f"{point}: op {err.op} != {op}")
+        # Every later call on the old communicator raises too, at once.
+        for call in (lambda c=comm: c.allreduce(np.ones(3)), lambda c=comm: c.barrier(),
+                     lambda c=comm: c.send(np.ones(1), 0)):
+            try:
+                call()
+                fail(f"{point}: a call after the failure did not raise")
+            except RanksLostError as e:
+                ok(e.lost_ranks == err.lost_ranks, f"{point}: later call's lost ranks {e.lost_ranks}")
+        old = comm
+        new = comm.shrink()
+        ok(new.size == old.size - len(err.lost_ranks), f"{point}: new size {new.size}")
+        ok(not set(err.lost_ranks) & set(new.world_ranks) and new.world_rank == old.world_rank,
+           f"{point}: world ranks {new.world_ranks}")
+        ok(col.get_default() is new if old is DEFAULT[0] else True, f"{point}: default communicator not replaced")
+        DEFAULT[0] = col.get_default()
+        try:
+            old.allreduce(np.ones(3))
+            fail(f"{point}: the old communicator still works after shrink")
+        except RanksLostError:
+            fail(f"{point}: the old communicator raised RanksLostError after shrink, not the retired error")
+        except CollectiveError as e:
+            ok("shrunk" in str(e), f"{point}: old comm message {e}")
+        if sub is not None:  # sub-communicators of the old communicator raise too, whether they lost a rank or not
+            try:
+                sub.allreduce(np.ones(2))
+                fail(f"{point}: a sub-communicator of the shrunk communicator still works")
+            except CollectiveError as e:
+                ok("sub-communicator" in str(e), f"{point}: sub-communicator message {e}")
+            sub = None
+        if "window" in bufs:  # the old communicator's alloc'd array: collectives on the new one refuse it
+            for _ in range(2):
+                try:
+                    new.allreduce(bufs["window"], algorithm="native")
+                    fail(f"{point}: an alloc'd array of the old communicator was taken")
+                except CollectiveError as e:
+                    ok("replaced" in str(e) and "alloc" in str(e), f"{point}: old alloc'd array: {e}")
+        rt = new.recovery_times
+        ok(all(k in rt for k in ("revoke", "agree", "shrink", "rebuild", "total")), f"{point}: recovery {rt}")
+        times.append({"point": point, "victim": sorted(err.lost_ranks)[0], "lost": list(err.lost_ranks),
+                      "error_after": dt, **rt})
+        comm = new
+        first = False
+    bufs.clear()
+    return comm
+
+
+DEFAULT: list = [None]
+
+
+def main() -> None:
+    global JOB
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kill", action="append", default=[])
+    ap.add_argument("--grow", action="store_true")
+    ap.add_argument("--times")
+    a = ap.parse_args()
+    comm = col.init()
+    JOB = comm.world_rank
+    if comm.is_replacement:
+        verify(comm, "replacement")
+        print(f"job rank {JOB}: replacement PASSED {passed}", flush=True)
+        return
+    DEFAULT[0] = comm
+    ok(comm.elastic, "comm.elastic is False under collective-run --elastic")
+    verify(comm, "start")
+    times: list = []
+    for k in a.kill:
+        point, victims = k.split(":")
+        comm = lose(comm, point, {int(v) for v in victims.split("+")}, times)
+        verify(comm, f"after {k}")
+    if a.grow:
+        top = os.environ.get("COLLECTIVE_MAX_RANKS")
+        if top:  # past --max-ranks: refused on every rank before anything is spawned
+            try:
+                comm.grow(int(top) - comm.size + 1)
+                fail("grow past COLLECTIVE_MAX_RANKS was not refused")
+            except CollectiveError as e:
+                ok("COLLECTIVE_MAX_RANKS" in str(e), f"grow past the maximum: {e}")
+        want = len(comm.world_ranks) + len(a.kill)
+        t0 = time.monotonic()
+        comm = comm.grow(len(a.kill))
+        ok(comm.size == want and col.get_default() is comm, f"grow: size {comm.size}, want {want}")
+        times.append({"grow": time.monotonic() - t0})
+        verify(comm, "grown")
+    if a.times and comm.rank == 0:
+        with open(a.times, "w") as f:
+            json.dump(times, f)
+    print(f"job rank {JOB}: PASSED {passed}", flush=True)
+
+
+JOB = -1
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Threads and one communicator: a collective is never silently paired with another thread's (real mpiexec)."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from mpi_util import check, count_passed, mpirun
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_racing_threads_raise_and_never_exchange_wrong_data(nprocs: int) -> None:
+    res = mpirun("threads.py", nprocs, ["race"], timeout=400)
+    check(res, f"threads racing on one communicator at P={nprocs}")
+    assert count_passed(res) == 9, res.output[-3000:]
+    assert "WRONG" not in res.output
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_threads_with_their_own_communicators_work(nprocs: int) -> None:
+    res = mpirun("threads.py", nprocs, ["own"], timeout=400)
+    check(res, f"threads with their own communicators at P={nprocs}")
+    assert count_passed(res) == 2
+
+
+def test_thread_tags_follow_names_and_hash_the_same_everywhere() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from collective.threads import ThreadTag, thread_tag
+
+    assert thread_tag() is thread_tag() and thread_tag().name == threading.current_thread().name
+    got: list[ThreadTag] = []
+    t = threading.Thread(target=lambda: got.append(thread_tag()), name="loader")
+    t.start()
+    t.join()
+    assert got[0].name == "loader" and got[0].h != thread_tag().h and got[0].ident == t.ident
+    code = "from collective.threads import ThreadTag; print(ThreadTag('MainThread', 0).h)"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env=dict(env, PYTHONHASHSEED=str(s))).stdout for s in (1, 2)}
+    assert outs == {f"{ThreadTag('MainThread', 0).h}\n"}
+
+
+def test_library_deadlines_take_no_number_from_unnamed_threads() -> None:
+    """A user's unnamed threads are named in creation order; the library's own threads must not shift them."""
+    from collective.watchdog import deadline
+
+    before = threading.Thread(target=print).name
+    with deadline("a test", 30):
+        pass
+    after = threading.Thread(target=print).name
+    assert int(after.split("-")[1].split()[0]) == int(before.split("-")[1].split()[0]) + 1, (before, after)
+
+
+def test_one_rank_overlap_raises_usage_error() -> None:
+    """At P=1 too: a collective entered while another thread's synchronous one is in flight raises."""
+    import collective as col
+
+    comm = col.Communicator()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # a collective that stays in flight: alloc's work, held open
+        comm.sequencer.run_locked(lambda: (inside.set(), release.wait(30)), "alloc")
+
+    t = threading.Thread(target=hold, name="holder")
+    t.start()
+    assert inside.wait(30)
+    try:
+        with pytest.raises(col.CollectiveUsageError) as ei:
+            comm.allreduce(np.ones(3))
+        with pytest.raises(col.CollectiveUsageError):
+            comm.allreduce_async(np.ones(3))
+    finally:
+        release.set()
+        t.join(30)
+    text = str(ei.value)
+    assert "allreduce on rank 0 of 1" in text and "thread 'MainThread'" in text, text
+    assert "alloc of thread 'holder' is in flight" in text, text
+    assert np.array_equal(comm.allreduce(np.ones(3)), np.ones(3))  # the communicator goes on working
+    comm.close()

@@ -1,0 +1,77 @@
+"""Variable-size collectives: sizes that travel with the cross-rank check (real mpiexec), and what "auto" runs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from collective.topologies import cost
+from collective.topologies.cluster import Cluster, LinkCost
+from mpi_util import check, count_passed, mpirun
+
+from collective.choose import VARIABLE_AUTO, Chooser
+
+INTRA = LinkCost(alpha=5e-6, beta=1 / 5e9)
+INTER = LinkCost(alpha=50e-6, beta=1 / 1e9)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
+def test_counts_travel_with_the_check(nprocs: int) -> None:
+    res = mpirun("allgather_counts.py", nprocs, timeout=400)
+    check(res, f"counts of variable-size calls at P={nprocs}")
+    assert count_passed(res) == (10 if nprocs == 1 else 21), res.output[-3000:]
+
+
+def _chooser(nodes: tuple[int, ...], single_node: bool = False, shm_ok: bool = True) -> Chooser:
+    cl = Cluster(nodes, intra=INTRA, inter=INTER, gamma=1 / 3e9)
+    local = sum(1 for n in nodes if n == nodes[0])
+    return Chooser(cl, 0, len(nodes), local, single_node, None, lambda: False, shm_ok=lambda: shm_ok)
+
+
+SIZES = (0, 64, 4 << 10, 64 << 10, 1 << 20, 16 << 20)
+
+
+@pytest.mark.parametrize("nodes", [(0, 0, 0, 0, 1, 1, 1, 1), (0, 1) * 4, (0, 0, 1, 1, 1)])
+def test_auto_across_nodes_is_the_cost_models_choice(nodes: tuple[int, ...]) -> None:
+    """Across nodes, auto picks the cheapest of native and the collective's own Schedules, identically on every
+    rank (it depends on the cluster and the call only), and only algorithms the collective can run."""
+    picks = {}
+    for name, cands in VARIABLE_AUTO.items():
+        for nbytes in SIZES:
+            for dt in (np.float32, np.int8, np.complex128):
+                got = {_chooser(nodes).auto_variable(name, nbytes, np.dtype(dt), root) for root in (0,)}
+                want = cost.choose(name, nbytes, Cluster(nodes, intra=INTRA, inter=INTER, gamma=1 / 3e9),
+                                   np.dtype(dt).itemsize, cands).best
+                assert got == {want}, (name, nbytes, dt, got, want)
+                assert want in cands
+                picks[(name, nbytes)] = want
+    assert set(VARIABLE_AUTO["alltoall"]) == {"native", "pairwise", "bruck"}
+    assert set(VARIABLE_AUTO["gather"]) == set(VARIABLE_AUTO["scatter"]) == {"native", "tree"}
+    assert set(VARIABLE_AUTO["allgatherv"]) == {"native", "ring"}
+    if nodes == (0, 1) * 4:
+        # Ranks of a node interleaved: native's ring follows rank order and crosses the network at every hop; the
+        # node-ordered ring allgatherv crosses it twice, which wins once the bytes count.
+        assert picks[("allgatherv", 16 << 20)] == "ring" and picks[("allgatherv", 64)] == "native", picks
+
+
+def test_auto_schedules_win_where_the_model_says_so() -> None:
+    """Bruck for small alltoalls and pairwise for large ones when MPI's own is not a candidate; the model's
+    table lists each candidate with a finite time."""
+    ch = _chooser((0, 0, 0, 0, 1, 1, 1, 1))
+    assert ch.cost_choice("alltoall", 64, "float32", 0, ("pairwise", "bruck")).best == "bruck"
+    assert ch.cost_choice("alltoall", 16 << 20, "float32", 0, ("pairwise", "bruck")).best == "pairwise"
+    for name, cands in VARIABLE_AUTO.items():
+        c = ch.cost_choice(name, 1 << 20, "float16", 3)
+        assert {a for a, _ in c.predictions} == set(cands) and all(t > 0 for _, t in c.predictions), c
+    text = ch.explain("allgatherv", 1 << 20)
+    assert "ring" in text and "native" in text and "auto picks now" in text
+
+
+def test_auto_on_one_node_and_one_rank() -> None:
+    for name in VARIABLE_AUTO:
+        for nbytes in SIZES:
+            assert _chooser((0,) * 4, single_node=True).auto_variable(name, nbytes, np.dtype("f4")) == "shm"
+            assert _chooser((0,) * 4, single_node=True, shm_ok=False).auto_variable(name, nbytes, "f4") == "native"
+            assert _chooser((0,), single_node=True).auto_variable(name, nbytes, np.dtype("f4")) == "native"
+        # the public entry points take these names too
+        assert _chooser((0, 0, 1, 1)).auto(name, 1 << 20, np.dtype("float32")) in VARIABLE_AUTO[name]
+
