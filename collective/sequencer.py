@@ -51,7 +51,7 @@ from .errors import BackendUnavailableError, CollectiveTimeoutError, CollectiveU
 from .fingerprint import Poison
 from .shm import RETIRED
 from .spec import ROOTED
-from .threads import TAGS, ThreadTag, thread_tag
+from .threads import TAGS, OrderedIssuers, ThreadTag, thread_tag
 
 __all__ = ["OpRecord", "FlightRecorder", "Work", "Sequencer"]
 
@@ -234,6 +234,10 @@ class Sequencer:
         self.fault: Callable[[str, BaseException, float], BaseException | None] | None = None
         self._queue: queue.SimpleQueue | None = None
         self._worker: threading.Thread | None = None
+        #: Where the issuing thread's tag comes from: the thread's own name (the module's TAGS / thread_tag),
+        #: or one name for every thread (:meth:`ordered_by_caller`).
+        self._tags: Any = TAGS
+        self.thread_tag: Callable[[], ThreadTag] = thread_tag
         #: Held by a user thread's synchronous op from its start to its end (see the module docstring).
         self._gate = threading.Lock()
         #: The tag of the thread that holds the gate, and its call, while one does (for the usage error).
@@ -266,6 +270,18 @@ class Sequencer:
         self.poison(getattr(c, "name", "collective"), err, tag)
         raise err
 
+    def ordered_by_caller(self, name: str) -> None:
+        """Tag every thread's ops ``name``: this communicator's one caller orders its ops across its threads.
+
+        For torch.distributed's process groups: torch issues a group's ops in
+        one order on every rank, some from the caller's thread and some from a
+        completion callback's, so the issuing thread is no part of the op's
+        identity there. A thread entering while another's op is in flight
+        still raises.
+        """
+        issuers = OrderedIssuers(name)
+        self._tags, self.thread_tag = issuers, issuers.make
+
     def _enter(self, c: Any, tag: ThreadTag) -> bool:
         """Take the gate for synchronous op ``c`` of thread ``tag``; False when this thread already holds it
         (nested: it must not release it). Raises CollectiveUsageError when another thread holds it."""
@@ -289,7 +305,7 @@ class Sequencer:
         Raises:
             CollectiveUsageError: another thread's synchronous op is in flight on this communicator.
         """
-        tag = thread_tag()
+        tag = self.thread_tag()
         held = self._enter(c, tag)
         try:
             if self.pending == 0:
@@ -310,7 +326,7 @@ class Sequencer:
             return
         p = Poison(name, exc)
         if tag is None:
-            tag = thread_tag()
+            tag = self.thread_tag()
         nested = self.owner is tag  # this thread holds the gate already
         if not nested:
             # Blocking: a poisoned turn waits for another thread's op in flight (which its deadline bounds).
@@ -342,7 +358,7 @@ class Sequencer:
         rec = recorder.slots[seq % recorder.length]
         rec.seq, rec.op, rec.shape, rec.dtype, rec.algorithm = seq, name, c.shape, c.dtype, c.algorithm
         rec.root = c.root if name in ROOTED else None
-        rec.thread = tag if tag is not None else thread_tag()
+        rec.thread = tag if tag is not None else self.thread_tag()
         rec.t_end = None
         rec.t_start = _monotonic()
         recorder.last_seq = seq
@@ -374,7 +390,7 @@ class Sequencer:
         Raises:
             CollectiveUsageError: another thread's synchronous op is in flight on this communicator.
         """
-        tag = thread_tag()
+        tag = self.thread_tag()
         held = self._enter(c, tag)
         try:
             return self._queue_op(c, execute, tag)
@@ -398,7 +414,7 @@ class Sequencer:
 
     def run_here(self, c: Any, execute: Callable[[Any, Any, int], Any]) -> Any:
         """Op ``c`` on the calling thread, after every pending async op (device paths bound to this thread)."""
-        tag = thread_tag()
+        tag = self.thread_tag()
         held = self._enter(c, tag)
         try:
             if self.pending:
@@ -419,7 +435,7 @@ class Sequencer:
     def run_locked(self, fn: Callable[[], Any], name: str = "collective") -> Any:
         """``fn()`` under the gate, after every pending async op (for work that must not interleave with ops:
         ``alloc``, ``free``, device setup, all collective; ``name`` says which in a usage error)."""
-        tag = thread_tag()
+        tag = self.thread_tag()
         c = _Call0(fn, name)
         held = self._enter(c, tag)
         try:
@@ -438,7 +454,7 @@ class Sequencer:
     def run_in_window(self, c: Any, own: list) -> bool:
         """Window-path op ``c`` with this rank's input ``own`` (``Communicator.allreduce_in_window``), under the
         gate; False, with nothing sent, if async ops are pending."""
-        tag = thread_tag()
+        tag = self.thread_tag()
         held = self._enter(c, tag)
         try:
             if self.pending:
@@ -550,9 +566,9 @@ class Sequencer:
         else:
             return self.ordinary(x, op, algorithm, out)
         try:
-            tag = TAGS.tag  # the issuing thread, one thread-local read (thread_tag() on its first call)
+            tag = self._tags.tag  # the issuing thread, one thread-local read (thread_tag() on its first call)
         except AttributeError:
-            tag = thread_tag()
+            tag = self.thread_tag()
         gate = self._gate
         if not gate.acquire(False):  # not `with`: half the cost at small sizes
             return self.ordinary(x, op, algorithm, out)
@@ -607,7 +623,7 @@ class Sequencer:
 
     def _window_repeat(self, hot: Any) -> Any:
         """The window path of a repeated allreduce on alloc'd arrays (see ``SharedArrays.quick_allreduce``)."""
-        tag = thread_tag()
+        tag = self.thread_tag()
         gate = self._gate
         if not gate.acquire(False):
             return None

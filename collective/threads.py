@@ -17,13 +17,19 @@ Terms (the names below follow them):
 * **library threads** -- threads of this library that issue collectives on a
   user's behalf (torch's completion callbacks, the Horovod engine) carry one
   fixed name each, so their tags agree across ranks too (:func:`set_name`).
+* **ordered issuers** -- a communicator whose only caller orders the ops
+  itself, whichever thread issues them (torch.distributed: a process group's
+  ops run in the order torch issues them, from the caller's thread or a
+  completion callback's), tags every thread with one name
+  (:class:`OrderedIssuers`); each thread still has a tag object of its own,
+  so two threads inside one op at once are still told apart.
 """
 from __future__ import annotations
 
 import threading
 import zlib
 
-__all__ = ["ThreadTag", "TAGS", "thread_tag", "set_name"]
+__all__ = ["ThreadTag", "TAGS", "thread_tag", "set_name", "OrderedIssuers"]
 
 _MASK62 = (1 << 62) - 1
 #: Per thread: ``TAGS.tag`` is the thread's :class:`ThreadTag` once made (the repeat paths read it inline; an
@@ -74,3 +80,27 @@ def set_name(name: str) -> None:
     """
     threading.current_thread().name = name
     TAGS.tag = ThreadTag(name, threading.get_ident())
+
+
+class OrderedIssuers(threading.local):
+    """Tags for a communicator whose caller orders its ops across threads: every thread's tag has one name.
+
+    Used like the module's own :data:`TAGS` / :func:`thread_tag` pair: ``tag``
+    is the calling thread's tag once made, :meth:`make` makes it.
+
+    Example::
+
+        issuers = OrderedIssuers("torch.distributed")
+        issuers.make().name   # "torch.distributed", on any thread
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def make(self) -> ThreadTag:
+        """The calling thread's tag (made on its first call)."""
+        try:
+            return self.tag  # type: ignore[no-any-return]
+        except AttributeError:
+            t = self.tag = ThreadTag(self.name, threading.get_ident())
+            return t

@@ -361,6 +361,9 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def __init__(self, comm: Any, timeout: datetime.timedelta | None = None, default: bool = False) -> None:
         super().__init__(comm.rank, comm.size)
         self._comm = comm
+        # torch issues this group's ops in one order on every rank, from the caller's thread or from a
+        # completion callback's (DDP's communication hooks): the issuing thread is no part of an op's identity.
+        comm.sequencer.ordered_by_caller("torch.distributed")
         self._default = default
         self._timeout = timeout
         self._completer = _Completer()

@@ -82,3 +82,34 @@ def test_one_rank_overlap_raises_usage_error() -> None:
     assert "alloc of thread 'holder' is in flight" in text, text
     assert np.array_equal(comm.allreduce(np.ones(3)), np.ones(3))  # the communicator goes on working
     comm.close()
+
+
+def test_ordered_by_caller_tags_every_thread_alike_and_still_detects_overlap() -> None:
+    """torch.distributed's groups: one tag name on every thread, but two threads inside one op still raise."""
+    import collective as col
+
+    comm = col.Communicator()
+    comm.sequencer.ordered_by_caller("torch.distributed")
+    names: list[str] = []
+
+    def call() -> None:
+        names.append(comm.sequencer.thread_tag().name)
+        comm.allreduce(np.ones(3), out=np.empty(3))
+
+    t = threading.Thread(target=call, name="callback")
+    t.start()
+    t.join(30)
+    call()
+    assert names == ["torch.distributed", "torch.distributed"]
+    assert comm.trace()[-1].thread.name == "torch.distributed"
+    inside, release = threading.Event(), threading.Event()
+    h = threading.Thread(target=lambda: comm.sequencer.run_locked(lambda: (inside.set(), release.wait(30)), "alloc"))
+    h.start()
+    assert inside.wait(30)
+    try:
+        with pytest.raises(col.CollectiveUsageError):
+            comm.allreduce(np.ones(3))
+    finally:
+        release.set()
+        h.join(30)
+    comm.close()
