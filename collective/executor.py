@@ -144,7 +144,7 @@ def compile_plan(sched: Schedule, rank: int, itemsize: int, segment_bytes: int) 
     return Plan(sched, rank, itemsize, tuple(steps), scratch, max_tag, buffers, extents)
 
 
-def _no_reduction(*args: Any, **kwargs: Any) -> Any:
+def no_reduction(*args: Any, **kwargs: Any) -> Any:
     """The reduction of a plan run with ufunc None: only a plan without reducing receives may be, so never called."""
     raise CollectiveValueError("executor: the plan reduces what it receives, but no ufunc was given")
 
@@ -227,7 +227,7 @@ class Executor:
         isend, irecv, wait, waitall = be.isend, be.irecv, be.wait, be.waitall
         wbytes = work.view(np.uint8)
         scratch = _NO_SCRATCH
-        reduce = _no_reduction if ufunc is None else ufunc
+        reduce = no_reduction if ufunc is None else ufunc
         if plan.scratch_elems:
             sbytes = self.scratch(plan.scratch_elems * plan.itemsize)
             scratch = sbytes[: plan.scratch_elems * plan.itemsize].view(work.dtype)
@@ -291,7 +291,7 @@ class Executor:
         isend, irecv, wait, waitall = be.isend, be.irecv, be.wait, be.waitall
         raw = [a.view(np.uint8) for a in arrays]
         scratch = _NO_SCRATCH
-        reduce = _no_reduction if ufunc is None else ufunc
+        reduce = no_reduction if ufunc is None else ufunc
         if plan.scratch_elems:
             scratch = self.scratch(plan.scratch_elems * plan.itemsize)[: plan.scratch_elems * plan.itemsize]
             scratch = scratch.view(arrays[0].dtype)
