@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import time
 from typing import Any
 
@@ -120,7 +121,7 @@ def _exchange(sub: Any, out: np.ndarray, inc: np.ndarray) -> list[tuple[int, flo
                 times.append(time.perf_counter() - t)
         if me != 0:
             continue
-        points.append((size, float(np.median(times))))
+        points.append((size, statistics.median(times)))  # np.median would import numpy.ma at every init
         if i == 0:
             t_start = time.perf_counter()  # connection set-up is not counted
         # Up to 64 KiB always (beta needs two sizes there); beyond, stop before a size whose exchanges

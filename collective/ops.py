@@ -3,18 +3,41 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-__all__ = ["ReduceOp", "OPS", "get_op", "check_dtype", "BFLOAT16", "dtype_name", "average_in_place", "dtype_code",
-           "dtype_from_code"]
+__all__ = ["ReduceOp", "OPS", "get_op", "check_dtype", "BFLOAT16",  # noqa: F822 - BFLOAT16 comes from __getattr__
+           "bfloat16", "dtype_name", "average_in_place", "dtype_code", "dtype_from_code"]
 
-try:  # bfloat16 is not a NumPy dtype; ml_dtypes (shipped with JAX and others) provides one.
-    import ml_dtypes as _ml_dtypes
+_UNSET = object()
+_bfloat16: Any = _UNSET
 
-    BFLOAT16: np.dtype | None = np.dtype(_ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - depends on the environment
-    BFLOAT16 = None
+
+def bfloat16() -> np.dtype | None:
+    """The bfloat16 dtype, or None without the ml_dtypes package.
+
+    bfloat16 is not a NumPy dtype; ml_dtypes (shipped with JAX and others)
+    provides one. It is imported on first use, not with this module: its import
+    costs every process several times NumPy's, and an array of bfloat16 exists
+    only where it is imported already. ``BFLOAT16`` (this module's attribute)
+    is the same value.
+    """
+    global _bfloat16
+    if _bfloat16 is _UNSET:
+        try:
+            import ml_dtypes
+
+            _bfloat16 = np.dtype(ml_dtypes.bfloat16)
+        except ImportError:  # pragma: no cover - depends on the environment
+            _bfloat16 = None
+    return _bfloat16  # type: ignore[no-any-return]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "BFLOAT16":  # looked up when asked for, so that importing this module does not import ml_dtypes
+        return bfloat16()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -71,7 +94,7 @@ def check_dtype(dtype: np.dtype, op: ReduceOp | None) -> str | None:
         if op is not None and op.ordered and dtype.kind == "c":
             return f"op {op.name!r} needs ordered values; {dtype} is complex (use sum, avg or prod)"
         return None
-    if BFLOAT16 is not None and dtype == BFLOAT16:
+    if dtype.name == "bfloat16" and dtype == bfloat16():  # ml_dtypes is imported already where such arrays exist
         return None
     if dtype.kind == "b":
         return "bool arrays are not reduced (convert to uint8 for counts, or use max/min on uint8 for or/and)"
@@ -103,8 +126,8 @@ def dtype_code(dtype: np.dtype) -> bytes:
 def dtype_from_code(code: bytes) -> np.dtype:
     """The dtype :func:`dtype_code` named (ValueError for one this process does not know)."""
     text = code.rstrip(b"\0").decode(errors="replace")
-    if text == "bfloat16" and BFLOAT16 is not None:
-        return BFLOAT16
+    if text == "bfloat16" and bfloat16() is not None:
+        return bfloat16()  # type: ignore[return-value]
     try:
         return np.dtype(text)
     except TypeError:

@@ -26,7 +26,7 @@ from .backends.mpi import mpi_dtype
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import ReduceOp
 from .shm import ONE_PHASE_BYTES, WINDOW_MIN_BYTES
-from .signature import cached_checks, check_signature
+from .signature import cached_checks, check_algorithm, check_out, check_signature, overlap
 from .spec import ALGORITHMS, ROOTED, SCHEDULED
 
 __all__ = ["Call", "Preparer"]
@@ -203,10 +203,7 @@ class Preparer:
                 o, owrap = to_numpy(out)
             except CollectiveTypeError as exc:
                 raise self.fail(CollectiveTypeError, name, shape, dtype, alg, f"out: {exc}") from None
-        if o.dtype != dtype:
-            raise self.fail(CollectiveTypeError, name, shape, dtype, alg, f"out has dtype {o.dtype}, expected {dtype}")
-        if o.shape != rshape:
-            raise self.fail(CollectiveValueError, name, shape, dtype, alg, f"out has shape {o.shape}, expected {rshape}")
+        check_out(name, shape, dtype, alg, o.dtype, o.shape, rshape, self.fail)
         fresh = False
         if not o.flags.writeable:
             from .arrays import is_immutable
@@ -223,10 +220,8 @@ class Preparer:
         if o is arr:
             inplace = True
         elif of.size and xf.size and np.may_share_memory(of, xf):
-            if of.size != xf.size or of.__array_interface__["data"][0] != xf.__array_interface__["data"][0]:
-                raise self.fail(CollectiveValueError, name, shape, dtype, alg,
-                                "out partly overlaps the input; pass out=x (the same array) or a separate array")
-            inplace = True
+            a0, b0 = xf.__array_interface__["data"][0], of.__array_interface__["data"][0]
+            inplace = overlap(name, shape, dtype, alg, (a0, a0 + xf.nbytes), (b0, b0 + of.nbytes), self.fail)
         if not needs_out:
             return None, None, inplace
         return of, (owrap(o) if fresh else out), inplace  # type: ignore[misc]
@@ -272,9 +267,7 @@ class Preparer:
         so a repeated call neither rebuilds nor looks up its Schedule.
         """
         alg = algorithm or self.algorithm
-        if alg not in ALGORITHMS:
-            raise self.fail(CollectiveValueError, name, shape, dtype, alg,
-                            f"unknown algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)}")
+        check_algorithm(name, shape, dtype, alg, ALGORITHMS, self.fail)
         rop, root, rshape, blocks = check_signature(name, shape, dtype, op, root, alg, self.rank, self.size,
                                                     self.fail)
         n = int(np.prod(shape)) if shape else 1

@@ -32,7 +32,7 @@ Terms (the names below follow them):
   run ops at once.
 * **repeat** -- a synchronous allreduce whose signature passed every check
   before: its prepared call is a template refilled with this call's arrays
-  (:meth:`Sequencer.allreduce_repeat`), and on one node its check and its
+  (:meth:`Sequencer.allreduce`), and on one node its check and its
   data may share a single shm phase. It sits here, beside the ordinary path
   (:meth:`Sequencer.run`), because every frame counts at small sizes.
 """
@@ -41,7 +41,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -202,11 +203,14 @@ class Sequencer:
         engine: moves the data: ``execute(call, first)`` (see ``collective.engine.HostEngine``).
         prep: the call preparation, whose repeat templates (``templates``, ``hot_call``, ``window``)
             the repeat paths refill.
+        ordinary: ``ordinary(x, op, algorithm, out)``, the ordinary path of an allreduce that
+            :meth:`allreduce` does not repeat (the communicator's: prepare, then :meth:`run`).
         async_ok: why async ops cannot run here (None: they can), e.g. MPI without THREAD_MULTIPLE.
         trace_len: flight-recorder length.
     """
 
-    def __init__(self, rank: int, size: int, check: Any, engine: Any, prep: Any, async_ok: str | None = None,
+    def __init__(self, rank: int, size: int, check: Any, engine: Any, prep: Any,
+                 ordinary: Callable[[Any, Any, Any, Any], Any], async_ok: str | None = None,
                  trace_len: int = 1024) -> None:
         self.rank, self.size = rank, size
         self.check = check
@@ -220,6 +224,7 @@ class Sequencer:
         #: Async ops handed to the communication thread and not finished (it lowers the count as the last thing
         #: an op does to this sequencer's state).
         self.pending = 0
+        self.ordinary = ordinary
         self._templates = prep.templates
         self._finish_avg = engine.finish_avg
         #: The communicator's point-to-point messages (``collective.p2p.PointToPoint``), once attached.
@@ -492,32 +497,38 @@ class Sequencer:
         finally:
             self.recorder.end(rec)
 
-    def allreduce_repeat(self, x: np.ndarray, op: Any, algorithm: Any, out: Any) -> Any:
-        """A synchronous allreduce of NumPy ``x`` that repeats a checked signature; its result, or None if it
-        does not (the caller then takes the ordinary path, which explains what is wrong).
+    def allreduce(self, x: Any, op: Any = "sum", algorithm: Any = None, out: Any = None) -> Any:
+        """A synchronous allreduce: a repeat of a checked signature on NumPy ``x`` here, anything else by
+        ``ordinary`` (prepare, then :meth:`run`; it also explains what is wrong with the arguments).
 
+        The communicator binds this as its ``allreduce``, so a repeat runs in
+        this one frame: at small sizes the Python around a call is its cost.
         Only this call's own arrays are checked (contiguous; ``out`` absent,
         ``x`` itself, or a separate array of the same shape and dtype that
         does not overlap ``x``); the template is refilled under the gate and
         emptied again, so no user array is kept alive. alloc'd arrays from
         the window size, in place or into alloc'd arrays, take the window
         path (their prepared call is kept, see ``Preparer.hot_call``). A
-        call that finds the gate held returns None: the ordinary path says
+        call that finds the gate held takes the ordinary path, which says
         why (another thread's op) or runs it (this thread's, nested).
         """
+        if type(x) is not np.ndarray or self.pending:
+            return self.ordinary(x, op, algorithm, out)
         prep = self.prep
-        if RETIRED and (x.base is not None or out is not None):  # maybe an array of a replaced communicator: the checked path says so
-            return None
+        # Maybe an array of a replaced communicator: the checked path says so.
+        if RETIRED and (x.base is not None or out is not None):
+            return self.ordinary(x, op, algorithm, out)
         if out is not None and x.base is not None and x.nbytes >= prep.window_min:  # windows are views
             hot = prep.hot_call("allreduce", x, op, algorithm, 0, out)
             if hot is not None:
-                return self._window_repeat(hot)
+                r = self._window_repeat(hot)
+                return r if r is not None else self.ordinary(x, op, algorithm, out)
         try:
             c = self._templates.get((x.shape, x.dtype, op, algorithm))
         except TypeError:  # an unhashable op or algorithm
-            return None
+            return self.ordinary(x, op, algorithm, out)
         if c is None or not x.flags.c_contiguous:
-            return None
+            return self.ordinary(x, op, algorithm, out)
         # This call's own output: out absent, x itself, or a separate array of x's shape and dtype that does not
         # overlap it (written out here, not a call into prep: every frame counts at small sizes).
         if out is None:
@@ -525,74 +536,74 @@ class Sequencer:
         elif out is x:
             if not x.flags.writeable or (x.base is not None and c.algorithm == "shm" and x.nbytes >= prep.window_min
                                          and prep.window(x, x, True) is not None):  # alloc'd in place: the window
-                return None
+                return self.ordinary(x, op, algorithm, out)
             o = x
         elif type(out) is np.ndarray and out.shape == x.shape and out.dtype == x.dtype:
             f = out.flags
             if not (f.writeable and f.c_contiguous and ((f.owndata and x.flags.owndata)
                                                         or not np.may_share_memory(out, x))):
-                return None
+                return self.ordinary(x, op, algorithm, out)
             if (c.algorithm == "shm" and x.base is not None and x.nbytes >= prep.window_min
                     and prep.window(x, out, False) is not None):
-                return None  # alloc'd into alloc'd: the window path
+                return self.ordinary(x, op, algorithm, out)  # alloc'd into alloc'd: the window path
             o = out
         else:
-            return None
+            return self.ordinary(x, op, algorithm, out)
         try:
             tag = TAGS.tag  # the issuing thread, one thread-local read (thread_tag() on its first call)
         except AttributeError:
             tag = thread_tag()
         gate = self._gate
         if not gate.acquire(False):  # not `with`: half the cost at small sizes
-            return None
+            return self.ordinary(x, op, algorithm, out)
         self.owner = tag
         self.owner_call = c
         try:
-            if self.pending:  # an async call got in first: queue behind it, on the ordinary path
-                return None
-            q = c.quick
-            if q:
-                # A small shm allreduce repeated: check and data share one phase. run_quick and the recorder's
-                # begin/end, written out: three frames fewer on the path whose whole cost is Python.
-                self.seq = seq = self.seq + 1
-                recorder = self.recorder
-                rec = recorder.slots[seq % recorder.length]
-                rec.seq, rec.op, rec.shape, rec.dtype, rec.algorithm, rec.root = (seq, "allreduce", c.shape, c.dtype,
-                                                                                 c.algorithm, None)
-                rec.thread = tag
-                rec.t_end = None
-                rec.t_start = _monotonic()
-                recorder.last_seq = seq
-                recorder.current = rec
+            if not self.pending:  # else an async call got in first: queue behind it, on the ordinary path
+                q = c.quick
+                if q:
+                    # A small shm allreduce repeated: check and data share one phase. run_quick and the recorder's
+                    # begin/end, written out: three frames fewer on the path whose whole cost is Python.
+                    self.seq = seq = self.seq + 1
+                    recorder = self.recorder
+                    rec = recorder.slots[seq % recorder.length]
+                    rec.seq, rec.op, rec.shape, rec.dtype = seq, "allreduce", c.shape, c.dtype
+                    rec.algorithm, rec.root = c.algorithm, None
+                    rec.thread = tag
+                    rec.t_end = None
+                    rec.t_start = _monotonic()
+                    recorder.last_seq = seq
+                    recorder.current = rec
+                    try:
+                        sig = c.sig
+                        rop = c.rop
+                        if not self.check.quick_arena.quick_allreduce(
+                                sig[0] ^ tag.h ^ seq, seq, x if x.ndim == 1 else x.reshape(-1),
+                                o if o.ndim == 1 else o.reshape(-1), rop.ufunc,
+                                self._finish_avg if rop.average else None, q):
+                            self.check.mismatch(seq, sig[1], tag.name)
+                    except BaseException as exc:
+                        self._failed("allreduce", exc, rec.t_start)
+                        raise
+                    finally:
+                        rec.t_end = _monotonic()
+                        recorder.current = None
+                    return o
+                if q is None and c.sig is not None and self.check.quick_arena is not None:
+                    # Checked once through op(): from the next call on, one phase.
+                    c.quick = self.check.quick_arena.quick_regions(c.dtype, x.size)
+                c.xf = x if x.ndim == 1 else x.reshape(-1)
+                c.of = o if o.ndim == 1 else o.reshape(-1)
+                c.result = o
+                c.inplace = o is x
                 try:
-                    sig = c.sig
-                    rop = c.rop
-                    if not self.check.quick_arena.quick_allreduce(
-                            sig[0] ^ tag.h ^ seq, seq, x if x.ndim == 1 else x.reshape(-1),
-                            o if o.ndim == 1 else o.reshape(-1), rop.ufunc, self._finish_avg if rop.average else None,
-                            q):
-                        self.check.mismatch(seq, sig[1], tag.name)
-                except BaseException as exc:
-                    self._failed("allreduce", exc, rec.t_start)
-                    raise
+                    return self.op(c, None, tag)
                 finally:
-                    rec.t_end = _monotonic()
-                    recorder.current = None
-                return o
-            if q is None and c.sig is not None and self.check.quick_arena is not None:
-                # Checked once through op(): from the next call on, one phase.
-                c.quick = self.check.quick_arena.quick_regions(c.dtype, x.size)
-            c.xf = x if x.ndim == 1 else x.reshape(-1)
-            c.of = o if o.ndim == 1 else o.reshape(-1)
-            c.result = o
-            c.inplace = o is x
-            try:
-                return self.op(c, None, tag)
-            finally:
-                c.xf = c.of = c.result = None
+                    c.xf = c.of = c.result = None
         finally:
             self.owner = None
             gate.release()
+        return self.ordinary(x, op, algorithm, out)
 
     def _window_repeat(self, hot: Any) -> Any:
         """The window path of a repeated allreduce on alloc'd arrays (see ``SharedArrays.quick_allreduce``)."""

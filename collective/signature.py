@@ -1,7 +1,13 @@
-"""The checks of a collective call that depend only on its signature: op, dtype, root, result shape and blocks."""
+"""The checks of a collective call: its signature (algorithm, op, dtype, root, result shape, blocks) and its out array.
+
+Host calls (``collective.prepare.Preparer``) and NCCL calls
+(``collective.backends.nccl.NCCLBackend``) both check through these
+functions, so a bad argument gets the same exception and message whatever
+array type it comes in.
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,7 +17,7 @@ from collective.topologies import even_blocks
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError
 from .ops import OPS, ReduceOp, check_dtype, get_op
 
-__all__ = ["ROOTED", "REDUCING", "check_signature", "cached_checks"]
+__all__ = ["ROOTED", "REDUCING", "check_signature", "check_algorithm", "check_out", "overlap", "cached_checks"]
 
 ROOTED = frozenset(("reduce", "broadcast"))
 REDUCING = frozenset(("allreduce", "reduce", "reduce_scatter"))
@@ -39,6 +45,39 @@ def cached_checks(cache: dict[tuple, tuple], key: tuple, compute: Callable[[], t
     return hit
 
 
+def check_algorithm(name: str, shape: tuple, dtype: np.dtype, alg: Any, choices: Sequence[str], fail: Fail) -> None:
+    """Raise (through ``fail``, see :func:`check_signature`) unless ``alg`` is one of ``choices`` (the backend's
+    algorithms: ``spec.ALGORITHMS`` on the host)."""
+    if alg not in choices:
+        raise fail(CollectiveValueError, name, shape, dtype, alg,
+                   f"unknown algorithm {alg!r}; choose one of {', '.join(choices)}")
+
+
+def check_out(name: str, shape: tuple, dtype: np.dtype, alg: str, out_dtype: Any, out_shape: tuple, rshape: tuple,
+              fail: Fail) -> None:
+    """Raise (through ``fail``) unless an out array of ``out_dtype`` and ``out_shape`` fits a result of ``dtype``
+    and ``rshape`` (contiguity and writability are the caller's: they depend on the array type)."""
+    if out_dtype != dtype:
+        raise fail(CollectiveTypeError, name, shape, dtype, alg, f"out has dtype {out_dtype}, expected {dtype}")
+    if tuple(out_shape) != tuple(rshape):
+        raise fail(CollectiveValueError, name, shape, dtype, alg,
+                   f"out has shape {tuple(out_shape)}, expected {tuple(rshape)}")
+
+
+def overlap(name: str, shape: tuple, dtype: np.dtype, alg: str, x_span: tuple[int, int], out_span: tuple[int, int],
+            fail: Fail) -> bool:
+    """Whether out is the input itself (in place), from their memory spans ``(start, end)``; raises (through
+    ``fail``) when they overlap only partly. Empty spans never overlap."""
+    a0, a1 = x_span
+    b0, b1 = out_span
+    if a0 < b1 and b0 < a1 and a0 < a1 and b0 < b1:
+        if (a0, a1) != (b0, b1):
+            raise fail(CollectiveValueError, name, shape, dtype, alg,
+                       "out partly overlaps the input; pass out=x (the same array) or a separate array")
+        return True
+    return False
+
+
 def check_signature(name: str, shape: tuple, dtype: np.dtype, op: Any, root: Any, alg: str, rank: int, size: int,
                     fail: Fail) -> tuple[ReduceOp | None, int, tuple, tuple[int, ...] | None]:
     """Check op, dtype and root of one call; return ``(op, root, result shape, blocks)``.
@@ -56,7 +95,8 @@ def check_signature(name: str, shape: tuple, dtype: np.dtype, op: Any, root: Any
     if name in REDUCING:
         rop = get_op(op)
         if rop is None:
-            raise fail(CollectiveValueError, name, shape, dtype, alg, f"unknown op {op!r}; choose one of {', '.join(OPS)}")
+            raise fail(CollectiveValueError, name, shape, dtype, alg,
+                       f"unknown op {op!r}; choose one of {', '.join(OPS)}")
     why = check_dtype(dtype, rop)
     if why is not None:
         raise fail(CollectiveTypeError, name, shape, dtype, alg, why)

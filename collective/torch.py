@@ -50,7 +50,7 @@ from torch.distributed.constants import default_pg_timeout
 import collective as _col
 
 from .errors import CollectiveError, CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
-from .ops import BFLOAT16
+from .ops import bfloat16
 from .p2p import ANY_SOURCE
 from .threads import set_name
 
@@ -294,9 +294,10 @@ def _array(t: torch.Tensor) -> np.ndarray:
     if dt in _PLAIN:
         return t.numpy()
     if dt is torch.bfloat16:
-        if BFLOAT16 is None:
+        bf16 = bfloat16()
+        if bf16 is None:
             raise CollectiveTypeError("torch.bfloat16 tensors need the ml_dtypes package (pip install ml_dtypes)")
-        return t.view(torch.int16).numpy().view(BFLOAT16)
+        return t.view(torch.int16).numpy().view(bf16)
     if dt is torch.bool:
         return t.view(torch.uint8).numpy()
     raise CollectiveTypeError(f"tensors of dtype {dt} have no NumPy equivalent; convert them (x.float())")

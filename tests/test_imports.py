@@ -146,3 +146,19 @@ def test_every_module_imports_in_a_fresh_interpreter(first: str) -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_import_collective_leaves_optional_heavy_packages_alone() -> None:
+    """``import collective`` imports neither ml_dtypes nor torch: every rank of every job pays for what it imports
+    (ml_dtypes alone costs several times NumPy's import), and bfloat16 is looked up when a call first needs it."""
+    code = ("import sys, numpy as np, collective, collective.ops as ops\n"
+            "assert 'ml_dtypes' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)\n"
+            "assert ops.check_dtype(np.dtype(np.float32), None) is None\n"
+            "assert 'ml_dtypes' not in sys.modules\n"
+            "bf = ops.BFLOAT16\n"
+            "assert bf is None or (bf.name == 'bfloat16' and ops.check_dtype(bf, ops.OPS['sum']) is None\n"
+            "                      and ops.dtype_from_code(ops.dtype_code(bf)) == bf and ops.bfloat16() is bf)\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr

@@ -12,17 +12,12 @@ _ENV = {"COLLECTIVE_TIMEOUT": "60"}
 
 
 @pytest.mark.parametrize("nprocs", [2, 3])
-def test_dist_calls_ops_dtypes_async_mismatch(nprocs: int) -> None:
-    res = mpirun("torch_backend.py", nprocs, ["--only", "calls,mismatch"], timeout=300, env=_ENV)
-    check(res, f"torch backend calls at P={nprocs}")
-    assert count_passed(res) >= 23  # 18 call cases and 5 mismatch cases
-
-
-@pytest.mark.parametrize("nprocs", [2, 3])
-def test_ddp_and_fsdp2_match_the_reference(nprocs: int) -> None:
-    res = mpirun("torch_backend.py", nprocs, ["--only", "ddp,fsdp"], timeout=300, env=_ENV)
-    check(res, f"torch DDP/FSDP2 on collective at P={nprocs}")
-    assert count_passed(res) >= 6
+def test_dist_calls_ddp_fsdp2_and_mismatch(nprocs: int) -> None:
+    """Every call, op, dtype and async form; DDP and FSDP2 against the reference; mismatches: one job per P
+    (each rank imports torch once)."""
+    res = mpirun("torch_backend.py", nprocs, ["--only", "calls,ddp,fsdp,mismatch"], timeout=400, env=_ENV)
+    check(res, f"torch backend calls, DDP/FSDP2 and mismatches at P={nprocs}")
+    assert count_passed(res) >= 29  # 18 call cases, 6 DDP/FSDP2 cases and 5 mismatch cases
 
 
 # A fast, representative subset of torch's own DistributedTest suite (imported from the installed wheel by

@@ -60,7 +60,7 @@ from ..engine import schedule_result, schedule_work
 from ..executor import Plan, compile_plan
 from ..ops import ReduceOp
 from ..spec import COLLECTIVE_NAMES, NCCL_ALGORITHMS, REDUCING, ROOTED
-from ..signature import cached_checks, check_signature
+from ..signature import cached_checks, check_algorithm, check_out, check_signature, overlap
 
 __all__ = [
     "NCCL_DTYPES", "NCCL_OPS", "NCCL_BYTE", "MIN_VERSION", "DTYPE_MIN_VERSION", "ALGORITHMS",
@@ -753,9 +753,7 @@ class NCCLBackend:
             raise self._fail(CollectiveValueError, name, shape, dtype, alg,
                              "shm works on host memory; for device arrays use native, ring, tree, star, hierarchical "
                              "or pipeline")
-        if alg not in ALGORITHMS:
-            raise self._fail(CollectiveValueError, name, shape, dtype, alg,
-                             f"unknown algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)}")
+        check_algorithm(name, shape, dtype, alg, ALGORITHMS, self._fail)
         rop, root, rshape, blocks = check_signature(name, shape, dtype, op, root, alg, self.rank, self.size,
                                                     self._fail)
         nat = native_plan(name, dtype, rop.name if rop is not None else None, self.version)
@@ -794,12 +792,7 @@ class NCCLBackend:
             if not isinstance(out, xp.ndarray):
                 raise self._fail(CollectiveTypeError, name, shape, dtype, alg,
                                  f"out must be a {xp.__name__}.ndarray, got {type(out).__qualname__}")
-            if out.dtype != dtype:
-                raise self._fail(CollectiveTypeError, name, shape, dtype, alg,
-                                 f"out has dtype {out.dtype}, expected {dtype}")
-            if tuple(out.shape) != tuple(rshape):
-                raise self._fail(CollectiveValueError, name, shape, dtype, alg,
-                                 f"out has shape {tuple(out.shape)}, expected {tuple(rshape)}")
+            check_out(name, shape, dtype, alg, out.dtype, out.shape, rshape, self._fail)
             if not out.flags.c_contiguous:
                 raise self._fail(CollectiveValueError, name, shape, dtype, alg, "out is not C-contiguous")
             if dev.device_of(out) != dev.device_id:
@@ -807,14 +800,8 @@ class NCCLBackend:
                                  f"out is on CUDA device {dev.device_of(out)}, expected {dev.device_id}")
             of = out.reshape(-1)
             if of.size and xf.size:
-                a0, a1 = dev.ptr(xf), dev.ptr(xf) + xf.nbytes
-                b0, b1 = dev.ptr(of), dev.ptr(of) + of.nbytes
-                if a0 < b1 and b0 < a1:
-                    if (a0, a1) != (b0, b1):
-                        raise self._fail(CollectiveValueError, name, shape, dtype, alg,
-                                         "out partly overlaps the input; pass out=x (the same array) or a separate "
-                                         "array")
-                    inplace = True
+                a0, b0 = dev.ptr(xf), dev.ptr(of)
+                inplace = overlap(name, shape, dtype, alg, (a0, a0 + xf.nbytes), (b0, b0 + of.nbytes), self._fail)
             result = out if needs_out else None
             if not needs_out:
                 of = None
