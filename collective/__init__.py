@@ -1,4 +1,4 @@
-"""collective: topology-aware allreduce, reduce, broadcast, reduce-scatter and allgather over MPI, for data-parallel training."""
+"""collective: topology-aware allreduce, reduce, broadcast, reduce-scatter, allgather over MPI for data parallelism."""
 from __future__ import annotations
 
 import threading
@@ -40,8 +40,8 @@ def init(**kwargs: Any) -> Communicator:
     """Create (once) and return the default communicator over ``MPI.COMM_WORLD``.
 
     Idempotent: later calls return the same communicator and ignore their
-    arguments (after ``close()`` of the default communicator, a new one). Also installs the hook that aborts the whole job when any rank
-    dies of an uncaught exception (``COLLECTIVE_ABORT_ON_EXCEPTION=0`` disables it).
+    arguments (after ``close()`` of the default communicator, a new one). Also installs the hook that aborts the
+    whole job when any rank dies of an uncaught exception (``COLLECTIVE_ABORT_ON_EXCEPTION=0`` disables it).
 
     Elastic mode (``collective-run --elastic``): after ``comm.shrink()`` or
     ``comm.grow()`` on the default communicator, the new one is the default.

@@ -204,9 +204,9 @@ def to_numpy(x: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any] | None]:
             raise CollectiveTypeError(f"cannot view {type_name(x)} as an array: {exc}") from None
         if a.dtype.kind != "O":
             return a, None
-    a = _host_dlpack(x)
-    if a is not None:
-        return a, None
+    h = _host_dlpack(x)
+    if h is not None:
+        return h, None
     try:
         mv = memoryview(x)
     except TypeError:

@@ -115,7 +115,7 @@ class Chooser:
         return ch
 
     def explain(self, collective: str, nbytes: int, dtype: Any = "float32", root: int = 0) -> str:
-        """Each algorithm's predicted time, the cost model's choice, and what "auto" picks now (see ``Communicator.explain``)."""
+        """Each algorithm's predicted time, the cost model's choice, what "auto" picks (``Communicator.explain``)."""
         dt = np.dtype(dtype)
         text = cost.explain(self.cost_choice(collective, nbytes, dt, root), self.cluster)
         picks = (self.auto_variable(collective, int(nbytes), dt, root) if collective in VARIABLE_AUTO

@@ -31,6 +31,7 @@ import numpy as np
 from collective.topologies.cluster import Cluster
 
 from . import config
+from . import shm as shm_mod
 from .backends import BACKENDS
 from .backends.device import DeviceCollectives, DeviceRequest
 from .backends.gpu_staging import is_device_array
@@ -39,17 +40,22 @@ from .calibrate import calibrate
 from .check import CrossRankCheck
 from .choose import VARIABLE_AUTO, Chooser
 from .engine import HostEngine
-from .errors import (BackendUnavailableError, CollectiveError, CollectiveTypeError, CollectiveValueError,
-                     RanksLostError, describe)
+from .errors import (
+    BackendUnavailableError,
+    CollectiveError,
+    CollectiveTypeError,
+    CollectiveValueError,
+    RanksLostError,
+    describe,
+)
 from .layout import discover_cluster, real_node_count
+from .p2p import ANY_SOURCE, P2PWork, PointToPoint
 from .prepare import BARRIER, Call, Preparer
 from .sequencer import OpRecord, Sequencer, Work
-from . import shm as shm_mod
 from .shm import WINDOW_MIN_BYTES
 from .spec import ALGORITHMS, COLLECTIVE_NAMES
-from .p2p import ANY_SOURCE, P2PWork, PointToPoint
-from .variable import prepare_variable
 from .ulfm import FailureState, is_failure, require_ulfm
+from .variable import prepare_variable
 from .watchdog import Watchdog, deadline
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES", "WINDOW_MIN_BYTES"]
@@ -63,7 +69,7 @@ class _SubRank(int):
 
     world: int
 
-    def __new__(cls, rank: int, world: int) -> "_SubRank":
+    def __new__(cls, rank: int, world: int) -> _SubRank:
         r = int.__new__(cls, rank)
         r.world = world
         return r
@@ -302,7 +308,7 @@ class Communicator:
 
     @property
     def elastic(self) -> bool:
-        """True in elastic mode (``COLLECTIVE_ELASTIC=1``): a lost rank raises RanksLostError instead of ending the job."""
+        """True in elastic mode (``COLLECTIVE_ELASTIC=1``): a lost rank raises RanksLostError; the job goes on."""
         return self._ft is not None
 
     def _open(self, name: str) -> None:
@@ -419,7 +425,8 @@ class Communicator:
         """
         return self._run(self._prepare("reduce", x, op, algorithm, root, out))
 
-    def reduce_async(self, x: Any, root: int = 0, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Work:
+    def reduce_async(self, x: Any, root: int = 0, op: str = "sum", algorithm: str | None = None,
+                     out: Any = None) -> Work:
         """Asynchronous :meth:`reduce`."""
         return self._submit(self._prepare("reduce", x, op, algorithm, root, out))
 
@@ -642,7 +649,12 @@ class Communicator:
             comm.free(g)
         """
         self._open("free")
-        self._seqr.run_locked(lambda: (self._prep.forget(), self._engine.free(a)), "free")
+
+        def forget_and_free() -> None:
+            self._prep.forget()
+            self._engine.free(a)
+
+        self._seqr.run_locked(forget_and_free, "free")
 
     def window_slice(self, n: int) -> tuple[int, int] | None:
         """The part [start, stop) of an n-element alloc'd array that this rank reduces on the window path.
@@ -707,7 +719,7 @@ class Communicator:
         return self._chooser.cost_choice(collective, nbytes, dtype, root, candidates)
 
     def auto_algorithm(self, collective: str, nbytes: int, dtype: Any = "float32") -> str:
-        """The algorithm ``algorithm="auto"`` runs for a call whose input is ``nbytes`` of ``dtype`` (local, no messages).
+        """The algorithm ``algorithm="auto"`` runs for a call of ``nbytes`` of ``dtype`` as input (local, no messages).
 
         For the variable-size collectives ("alltoall", "gather", "scatter",
         "allgatherv"), ``nbytes`` is the mean of the ranks' inputs (scatter:
@@ -741,7 +753,7 @@ class Communicator:
             raise CollectiveValueError(f"{describe(what, self.rank, self.size)}: unknown collective "
                                        f"{collective!r}; choose one of {', '.join(names)}")
 
-    def split(self, color: int | None, key: int = 0) -> "Communicator | None":
+    def split(self, color: int | None, key: int = 0) -> Communicator | None:
         """A communicator over the ranks that pass the same ``color``, ordered by ``key``, then rank (collective).
 
         ``color=None``: this rank joins none and gets None. The new
@@ -770,7 +782,7 @@ class Communicator:
         finally:
             sub.Free()
 
-    def subgroup(self, ranks: Any, *, timeout: float | None = None) -> "Communicator | None":
+    def subgroup(self, ranks: Any, *, timeout: float | None = None) -> Communicator | None:
         """A communicator over ``ranks`` (ranks of this communicator, in that order; None off the list).
 
         Collective over the members only: ranks not in the list need not call
@@ -829,7 +841,7 @@ class Communicator:
                         lambda c, f, s: None)
         return child
 
-    def _child(self, sub: Any, timeout: float | None = None) -> "Communicator":
+    def _child(self, sub: Any, timeout: float | None = None) -> Communicator:
         """The Communicator over MPI communicator ``sub`` (a split of this one), with this one's settings
         (its deadline ``timeout`` when given)."""
         parent = np.array([self.rank], np.int64)
@@ -940,13 +952,13 @@ class Communicator:
                 child._retire(f"this is a sub-communicator of a communicator that was replaced ({why}); make "
                               "it again from the new one")
 
-    def _successor_of_default(self, new: "Communicator") -> None:
+    def _successor_of_default(self, new: Communicator) -> None:
         """If this is collective's default communicator, ``new`` becomes it (module-level calls follow)."""
         pkg = sys.modules.get(__name__.rsplit(".", 1)[0])
         if pkg is not None and getattr(pkg, "_default", None) is self:
             setattr(pkg, "_default", new)  # noqa: B010 - the package's own global, set from here
 
-    def shrink(self) -> "Communicator":
+    def shrink(self) -> Communicator:
         """The communicator over the ranks that are left, after RanksLostError (collective over the survivors).
 
         Every survivor calls it, typically in the handler of the
@@ -1002,7 +1014,7 @@ class Communicator:
         self._successor_of_default(new)
         return new
 
-    def grow(self, count: int) -> "Communicator":
+    def grow(self, count: int) -> Communicator:
         """The communicator of this one's ranks plus ``count`` new processes running this program (collective).
 
         The new processes are spawned (``MPI_Comm_spawn``) with this
@@ -1059,7 +1071,7 @@ class Communicator:
                 f"local_size={self.local_size}, nodes={self.cluster.nnodes}, algorithm={self.algorithm!r})")
 
 
-def _join(inter: Any, spawned: bool, job: int, next_job: int, params: dict[str, Any]) -> "Communicator":
+def _join(inter: Any, spawned: bool, job: int, next_job: int, params: dict[str, Any]) -> Communicator:
     """The Communicator over both sides of intercommunicator ``inter`` (the growing ranks, then the spawned ones).
 
     Collective over both sides, which run the same steps: merge, number the
@@ -1096,6 +1108,6 @@ def _join(inter: Any, spawned: bool, job: int, next_job: int, params: dict[str, 
     return new
 
 
-def join_as_replacement(parent: Any, **params: Any) -> "Communicator":
+def join_as_replacement(parent: Any, **params: Any) -> Communicator:
     """In a process spawned by :meth:`Communicator.grow`: the grown communicator (collective with the growers)."""
     return _join(parent, True, -1, -1, params)

@@ -202,7 +202,8 @@ def _rows() -> tuple[Setting, ...]:
         S("COLLECTIVE_ELASTIC_TEST_KILL", "string", None, test_hook=True,
           meaning="Test hook: `RANK:STEP:POINT[,...]` makes the rank of that original (job) rank SIGKILL itself "
                   "in that 0-based step of the elastic trainer, at POINT: `forward`, `allreduce` (bucket 0's "
-                  "reduction just launched), `shm` (bucket 0's reduction running), `late-allreduce` (the last bucket's), `update` (between buckets' "
+                  "reduction just launched), `shm` (bucket 0's reduction running), `late-allreduce` (the last "
+                  "bucket's), `update` (between buckets' "
                   "optimizer updates), `commit` or `checkpoint` (while rank 0 writes one)."),
     )
 

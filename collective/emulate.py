@@ -187,8 +187,8 @@ class EmulatedCluster:
             _cmd("ip", "addr", "add", f"{self.address(i)}/24", "dev", inner, ns=ns)
             _cmd("ip", "link", "set", inner, "up", ns=ns)
             if self.rate:
-                self._shape(outer, None)  # toward the host: its ingress
-                self._shape(inner, ns)  # out of the host: its egress
+                self._shape(outer, None, self.rate)  # toward the host: its ingress
+                self._shape(inner, ns, self.rate)  # out of the host: its egress
         cases = "\n".join(f'  {self.address(i)}) ns={self.prefix}h{i}; name=emu{i} ;;' for i in range(self.hosts))
         agent = os.path.join(self._dir, "agent.sh")
         with open(agent, "w") as f:
@@ -209,10 +209,10 @@ class EmulatedCluster:
                     break  # no sysfs view of the bridge: go on and let MPI retry its connections
                 time.sleep(0.05)
 
-    def _shape(self, dev: str, ns: str | None) -> None:
+    def _shape(self, dev: str, ns: str | None, rate: str) -> None:
         # tbf needs a bucket of at least rate/HZ bytes to reach its rate; 4 ms worth, 64 KiB at least.
-        burst = max(64 << 10, int(_rate_bits(self.rate) / 8 * 0.004))
-        _cmd("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate, "burst", str(burst),
+        burst = max(64 << 10, int(_rate_bits(rate) / 8 * 0.004))
+        _cmd("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", str(burst),
             "latency", f"{round(config.get('EMULATE_TBF_LATENCY') * 1e6)}us", ns=ns)
 
     def teardown(self) -> None:

@@ -314,7 +314,8 @@ class HostEngine:
             self._barrier(first)
             return None
         if type(c) is VCall:
-            return run_variable(c, first, seq, self.backend.comm, self._mpi, self._exec, self.nodes, self._fixed_seq(seq),
+            return run_variable(c, first, seq, self.backend.comm, self._mpi, self._exec, self.nodes,
+                                self._fixed_seq(seq),
                                 self.make_arena if self.single_node and self.shm_problem is None else None,
                                 self.choose_variable)
         alg = c.algorithm
@@ -371,6 +372,7 @@ class HostEngine:
 
     def _shm(self, c: Any, first: Callable[[], Any] | None) -> None:
         ar = self.make_arena()
+        assert ar is not None  # without optional=True it raises rather than return None
         name, xf, of, rop = c.name, c.xf, c.of, c.rop
         if c.views is not None:
             self.shared.allreduce(c.views, c.out_views, rop.ufunc,  # type: ignore[union-attr]

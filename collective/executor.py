@@ -28,6 +28,9 @@ from collective.topologies.schedule import TEMP, WORK
 
 from .errors import CollectiveValueError
 
+#: The scratch of a plan without reducing receives (which never reads it).
+_NO_SCRATCH = np.empty(0, np.uint8)
+
 __all__ = ["Plan", "compile_plan", "Executor", "ExecutorOptions"]
 
 
@@ -141,6 +144,11 @@ def compile_plan(sched: Schedule, rank: int, itemsize: int, segment_bytes: int) 
     return Plan(sched, rank, itemsize, tuple(steps), scratch, max_tag, buffers, extents)
 
 
+def no_reduction(*args: Any, **kwargs: Any) -> Any:
+    """The reduction of a plan run with ufunc None: only a plan without reducing receives may be, so never called."""
+    raise CollectiveValueError("executor: the plan reduces what it receives, but no ufunc was given")
+
+
 class Executor:
     """Runs Plans over one Backend, reusing one scratch buffer that only grows.
 
@@ -218,7 +226,8 @@ class Executor:
         be = self.backend
         isend, irecv, wait, waitall = be.isend, be.irecv, be.wait, be.waitall
         wbytes = work.view(np.uint8)
-        scratch = None
+        scratch = _NO_SCRATCH
+        reduce = no_reduction if ufunc is None else ufunc
         if plan.scratch_elems:
             sbytes = self.scratch(plan.scratch_elems * plan.itemsize)
             scratch = sbytes[: plan.scratch_elems * plan.itemsize].view(work.dtype)
@@ -226,13 +235,14 @@ class Executor:
         for i, st in enumerate(plan.steps):
             self.current = (plan, i)
             reqs = [irecv(wbytes[a:b], peer, base | tag) for peer, a, b, tag in st.recv_copy]
-            rreqs = [irecv(scratch[o:o + (b - a)].view(np.uint8), peer, base | tag) for peer, a, b, o, tag in st.recv_reduce]
+            rreqs = [irecv(scratch[o:o + (b - a)].view(np.uint8), peer, base | tag)
+                     for peer, a, b, o, tag in st.recv_reduce]
             for peer, a, b, tag in st.sends:
                 reqs.append(isend(wbytes[a:b], peer, base | tag))
             for r, (peer, a, b, o, tag) in zip(rreqs, st.recv_reduce):
                 wait(r)
                 dst = work[a:b]
-                ufunc(dst, scratch[o:o + (b - a)], out=dst)
+                reduce(dst, scratch[o:o + (b - a)], out=dst)
             if reqs:
                 waitall(reqs)
         self.current = None
@@ -280,7 +290,8 @@ class Executor:
         be = self.backend
         isend, irecv, wait, waitall = be.isend, be.irecv, be.wait, be.waitall
         raw = [a.view(np.uint8) for a in arrays]
-        scratch = None
+        scratch = _NO_SCRATCH
+        reduce = no_reduction if ufunc is None else ufunc
         if plan.scratch_elems:
             scratch = self.scratch(plan.scratch_elems * plan.itemsize)[: plan.scratch_elems * plan.itemsize]
             scratch = scratch.view(arrays[0].dtype)
@@ -289,15 +300,16 @@ class Executor:
             self.current = (plan, i)
             for sb, a, b, db, c in st.copies:
                 raw[db][c:c + (b - a)] = raw[sb][a:b]
-            reqs = [irecv(raw[bi][a:b], peer, base | tag) for (peer, a, b, tag), bi in zip(st.recv_copy, st.recv_copy_bufs)]
-            rreqs = [irecv(scratch[o:o + (b - a)].view(np.uint8), peer, base | tag)  # type: ignore[index]
+            reqs = [irecv(raw[bi][a:b], peer, base | tag)
+                    for (peer, a, b, tag), bi in zip(st.recv_copy, st.recv_copy_bufs)]
+            rreqs = [irecv(scratch[o:o + (b - a)].view(np.uint8), peer, base | tag)
                      for peer, a, b, o, tag in st.recv_reduce]
             for (peer, a, b, tag), bi in zip(st.sends, st.send_bufs):
                 reqs.append(isend(raw[bi][a:b], peer, base | tag))
             for r, (peer, a, b, o, tag), bi in zip(rreqs, st.recv_reduce, st.recv_reduce_bufs):
                 wait(r)
                 dst = arrays[bi][a:b]
-                ufunc(dst, scratch[o:o + (b - a)], out=dst)  # type: ignore[misc, index]
+                reduce(dst, scratch[o:o + (b - a)], out=dst)
             if reqs:
                 waitall(reqs)
         self.current = None

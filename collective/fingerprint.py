@@ -32,6 +32,7 @@ Terms (the names below follow them):
 """
 from __future__ import annotations
 
+import sys
 import zlib
 from array import array
 from collections.abc import Callable
@@ -127,8 +128,8 @@ class Fingerprints:
         key = (name, alg, opname, dtype, shape, root)
         hit = self._static.get(key)
         if hit is None:
-            fields = [name, opname or "-", "-" if dtype is None else str(dtype), "-" if shape is None else str(tuple(shape)),
-                      "-" if root is None else str(root), str(alg)]
+            fields = [name, opname or "-", "-" if dtype is None else str(dtype),
+                      "-" if shape is None else str(tuple(shape)), "-" if root is None else str(root), str(alg)]
             text = _SEP.join(fields).encode()
             h = (zlib.crc32(text) | (zlib.crc32(text, 0x5BD1E995) << 32)) & _MASK62
             if len(self._static) > 4096:  # a program with endlessly many shapes: keep the cache bounded
@@ -247,9 +248,19 @@ class Fingerprints:
                 return
         msg = mismatch_message(self.rank, self.size, records)
         if poison is not None:
-            poison.add_note(msg)
+            _add_note(poison, msg)
             raise poison
         raise CollectiveMismatchError(msg)
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    """Attach ``note`` to ``exc`` (PEP 678); Python 3.10 has no ``add_note``, so there it joins the message."""
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
+    elif len(exc.args) == 1 and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]}\n{note}",)
+    else:
+        exc.args = (*exc.args, note)
 
 
 def mismatch_message(rank: int, size: int, records: list[list[str]]) -> str:
@@ -262,7 +273,7 @@ def mismatch_message(rank: int, size: int, records: list[list[str]]) -> str:
     bad = [q for q, rc in enumerate(records) if rc[_ERROR]]
     good = [q for q in range(size) if q not in bad]
     idx = [i for i in range(_ERROR) if len({records[q][i] for q in good}) > 1] if good else []
-    parts = []
+    parts: list[str] = []
     if bad:
         parts.extend(f"rank {q} rejected its arguments ({records[q][_ERROR]})" for q in bad[:8])
         if len(bad) > 8:

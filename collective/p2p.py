@@ -194,8 +194,8 @@ class PointToPoint:
     def expire(self, w: P2PWork, limit: float, caller_timeout: bool) -> None:
         """``w`` ran out of time: cancel an unmatched receive and raise; abort the job for a send."""
         pending = [r for r in w._reqs if r != self.MPI.REQUEST_NULL]
-        is_recv = w._recv is not None
-        if is_recv and w._recv[0] == "head":
+        recv = w._recv
+        if recv is not None and recv[0] == "head":
             for r in pending:
                 r.Cancel()
                 r.Wait()

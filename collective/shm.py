@@ -378,13 +378,15 @@ def _allocate_committed(node_comm: Any, nbytes: int, what: str, chunk_hint: bool
         why = f"MPI could not create the window ({exc.Get_error_string().strip()})"
     if win is not None:
         buf, _ = win.Shared_query(node_comm.Get_rank())
-        why = commit(np.frombuffer(buf, np.uint8, count=max(nbytes, 1)))
+        # numpy's stub takes only its listed buffer types, not mpi4py's buffer (which has the buffer protocol)
+        why = commit(np.frombuffer(buf, np.uint8, count=max(nbytes, 1)))  # type: ignore[call-overload]
         if why is not None:
             why = f"committing this rank's pages failed ({why})"
     created = _agree_ok(node_comm, win is not None)
     if _agree_ok(node_comm, why is None):
         return win
     if created:
+        assert win is not None  # every rank made it, this one too
         win.Free()  # collective: every rank made it
     msg = space_message(what, need, free, total, chunk_hint)
     raise SharedMemoryError(f"{msg} (node rank {node_comm.Get_rank()}: {why or 'another rank ran short'})")
@@ -409,7 +411,7 @@ class ShmArena:
         for p in range(self.size):
             buf, _ = self.win.Shared_query(p)
             self.segs.append(np.frombuffer(buf, np.uint8, count=seg_bytes))
-        self.flags = [memoryview(s[:_FLAG]).cast("q") for s in self.segs]
+        self.flags = [s[:_FLAG].data.cast("q") for s in self.segs]
         self.my_flag = self.flags[self.rank]
         self.my_flag[0] = 0
         self._sync = self.win.Sync
@@ -628,6 +630,9 @@ class ShmArena:
         not touched (it may be None). ``first``: see :meth:`arrive`.
         """
         P, r = self.size, self.rank
+        if out is None:  # a reduce's non-root: it writes nothing, so x stands in and is never written
+            assert root is not None and r != root, "allreduce: out is None on a rank that gets the result"
+            out = x
         n = x.size
         phase = self.phase
         if 0 < n * x.dtype.itemsize <= ONE_PHASE_BYTES and n <= self.chunk_elems(x.dtype):
@@ -810,6 +815,7 @@ class SharedArrays:
             problem = f"a part ({a.nbytes} of {ent[1][ar.rank].nbytes} bytes) of an alloc'd array; pass all of it"
         number = ent[2] if ent is not None else -1
         if problem is None:
+            assert ent is not None  # no entry is a problem above
             for k in [k for k in self._views if k[0] == addr]:  # our own cached views of it go first
                 del self._views[k]
             self._plans_dropped()

@@ -1,4 +1,4 @@
-"""The one table of collectives: names, roots, reductions, result shapes and blocks, busbw factors, algorithms per backend."""
+"""The one table of collectives: names, roots, reductions, result shapes, blocks, busbw factors, algorithms."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from collective import topologies
 
 __all__ = [
-    "CollectiveSpec", "SPECS", "COLLECTIVE_NAMES", "VARIABLE_NAMES", "OP_NAMES", "ROOTED", "REDUCING", "ALGORITHMS", "SCHEDULED",
-    "NCCL_ALGORITHMS", "spec", "result_shape", "blocks_of", "busbw_factor",
+    "CollectiveSpec", "SPECS", "COLLECTIVE_NAMES", "VARIABLE_NAMES", "OP_NAMES", "ROOTED", "REDUCING", "ALGORITHMS",
+    "SCHEDULED", "NCCL_ALGORITHMS", "spec", "result_shape", "blocks_of", "busbw_factor",
 ]
 
 

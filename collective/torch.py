@@ -44,7 +44,10 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import _create_work_from_future
+from torch._C._distributed_c10d import (  # type: ignore[attr-defined]  # torch's stub lacks _create_work_from_future
+    AllgatherOptions,
+    _create_work_from_future,
+)
 from torch.distributed.constants import default_pg_timeout
 
 import collective as _col
@@ -67,7 +70,8 @@ MONITORED_BARRIER_TAG = 1 << 28
 class MonitoredBarrierError(CollectiveTimeoutError, RuntimeError):
     """A monitored barrier that some rank did not reach in time (a RuntimeError, as torch's gloo raises)."""
 
-_R = dist.ReduceOp.RedOpType
+# The enum's members, as ReduceOp carries them (torch's stub of RedOpType itself lists none).
+_R = dist.ReduceOp
 _NAMED = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MAX: "max"}
 _BITWISE = {_R.BAND: ("band", "min"), _R.BOR: ("bor", "max"), _R.BXOR: ("bxor", "sum")}
 # bool follows torch's NCCL backend: a sum of booleans is their OR, a product their AND.
@@ -177,6 +181,10 @@ def _install_rendezvous() -> None:
 # ------------------------------------------------------ Work and completion
 class _Async(dist._Work):
     """Work of an asynchronous call: completed by the completion thread, ``wait(timeout)`` raises on timeout."""
+
+    # A receive's: its source rank when one was given; from any rank, the receive whose wait() tells it.
+    source: int | None = None
+    _learn: Any = None
 
     def __init__(self, fut: torch.futures.Future, done: threading.Event, name: str) -> None:
         super().__init__()
@@ -359,7 +367,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     """
 
     def __init__(self, comm: Any, timeout: datetime.timedelta | None = None, default: bool = False) -> None:
-        super().__init__(comm.rank, comm.size)
+        super().__init__(comm.rank, comm.size)  # type: ignore[call-arg]  # torch's stub lists (store, rank, size) only
         self._comm = comm
         # torch issues this group's ops in one order on every rank, from the caller's thread or from a
         # completion callback's (DDP's communication hooks): the issuing thread is no part of an op's identity.
@@ -383,7 +391,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         self._label()
 
     @property
-    def group_name(self) -> str:
+    def group_name(self) -> str:  # type: ignore[override]  # the stub's GroupName is a NewType of str
         return self._gname
 
     def _set_group_desc(self, desc: str) -> None:
@@ -503,7 +511,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             return w, bits, plane, _chain(pack, back)
         raise CollectiveValueError(f"{self._where(call, t)}: unsupported reduce op {op}")
 
-    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:  # type: ignore[override]
         if opts is None:
             opts = dist.AllreduceOptions()
         name = _NAMED.get(opts.reduceOp.op)
@@ -542,7 +550,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         idx = _array(c.indices().t().contiguous())  # (nnz, sparse dims): the ranks' nnz may differ
         val = c.values().contiguous()
         vals = _array(val)
-        comm, got = self._comm, []
+        comm = self._comm
+        got: list[np.ndarray] = []
 
         def finish() -> None:
             every_idx, every_val = got
@@ -553,7 +562,12 @@ class CollectiveProcessGroup(dist.ProcessGroup):
 
         if opts.asyncOp:
             ws = [comm.allgather_async(idx), comm.allgather_async(vals)]
-            return self._completer.add(ws, lambda: (got.extend(w.wait() for w in ws), finish()), [t], "all_reduce")
+
+            def collect() -> None:
+                got.extend(w.wait() for w in ws)
+                finish()
+
+            return self._completer.add(ws, collect, [t], "all_reduce")
         got.extend((comm.allgather(idx), comm.allgather(vals)))
         finish()
         return _done([t])
@@ -573,7 +587,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         post = _chain(*posts)
         return self._finish(opts.asyncOp, "all_reduce_coalesced", lambda: works, post, tensors)
 
-    def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+    def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:  # type: ignore[override]
         if opts is None:
             opts = dist.ReduceOptions()
         t = self._one(tensors, "reduce")
@@ -585,7 +599,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                             (lambda: comm.reduce_async(a, root=root, op=name, out=a)) if opts.asyncOp else
                             (lambda: comm.reduce(a, root=root, op=name, out=a)), post, tensors)
 
-    def reduce_scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None) -> Any:
+    def reduce_scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None) -> Any:  # type: ignore[override]
         if opts is None:
             opts = dist.ReduceScatterOptions()
         out = self._one(outputs, "reduce_scatter")
@@ -633,13 +647,18 @@ class CollectiveProcessGroup(dist.ProcessGroup):
 
         if opts.asyncOp:
             wk = comm.reduce_scatter_async(a, op=name)
-            return self._completer.add([wk], lambda: (got.append(wk.wait()), finish()), value, call)
+
+            def collect() -> None:
+                got.append(wk.wait())
+                finish()
+
+            return self._completer.add([wk], collect, value, call)
         got.append(comm.reduce_scatter(a, op=name))
         finish()
         return _done(value)
 
     # ---- data movement
-    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:  # type: ignore[override]
         if opts is None:
             opts = dist.BroadcastOptions()
         t = self._one(tensors, "broadcast")
@@ -649,9 +668,9 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                             (lambda: comm.broadcast_async(a, root=root, out=a)) if opts.asyncOp else
                             (lambda: comm.broadcast(a, root=root, out=a)), back, tensors)
 
-    def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> Any:
+    def allgather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> Any:  # type: ignore[override]
         if opts is None:
-            opts = dist.AllgatherOptions()
+            opts = AllgatherOptions()
         x = self._one(inputs, "all_gather")
         outs = outputs[0] if len(outputs) == 1 else None
         P, comm = self._comm.size, self._comm
@@ -701,14 +720,14 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def allgather_coalesced(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor],
                             opts: Any = None) -> Any:
         if opts is None:
-            opts = dist.AllgatherOptions()
+            opts = AllgatherOptions()
         # outputs[r][i]: rank r's piece of input i (torch's layout); one all_gather per input.
         works = [self.allgather([[o[i] for o in outputs]], [x], opts) for i, x in enumerate(inputs)]
         return self._join(works, outputs, opts.asyncOp, "all_gather_coalesced")
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:
         if opts is None:
-            opts = dist.AllgatherOptions()
+            opts = AllgatherOptions()
         _check_tensor(output, self._where("all_gather_into_tensor", output))
         _check_tensor(input, self._where("all_gather_into_tensor", input))
         P, comm = self._comm.size, self._comm
@@ -728,11 +747,11 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def all_gather_single_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
                                     opts: Any = None) -> Any:
         if opts is None:
-            opts = dist.AllgatherOptions()
+            opts = AllgatherOptions()
         works = [self.all_gather_single(o, x, opts) for o, x in zip(outputs, inputs)]
         return self._join(works, outputs, opts.asyncOp, "all_gather_into_tensor_coalesced")
 
-    allgather_into_tensor_coalesced = all_gather_single_coalesced
+    allgather_into_tensor_coalesced = all_gather_single_coalesced  # type: ignore[assignment]  # backend form
 
     def reduce_scatter_single_coalesced(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
                                         opts: Any = None) -> Any:
@@ -741,7 +760,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         works = [self.reduce_scatter_single(o, x, opts) for o, x in zip(outputs, inputs)]
         return self._join(works, outputs, opts.asyncOp, "reduce_scatter_tensor_coalesced")
 
-    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced  # type: ignore[assignment]  # backend form
 
     def _join(self, works: list[Any], value: Any, is_async: bool, name: str) -> Any:
         if not is_async:
@@ -787,7 +806,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                                             f"errors while waiting for send/recv from rank 0: no release within "
                                             f"{ms} ms") from None
             return
-        late = []
+        late: list[int] = []
         for r in range(1, comm.size):
             left = limit - (time.monotonic() - t0)
             if left <= 0 and not late and not wait_all_ranks:
@@ -855,7 +874,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         place(fn(a, splits=splits, return_splits=True))
         return _done(outs)
 
-    def gather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> Any:
+    def gather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> Any:  # type: ignore[override]
         if opts is None:
             opts = dist.GatherOptions()
         fn = self._comm.gather
@@ -888,7 +907,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         place(fn(a, root=root))
         return _done(outputs)
 
-    def scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None) -> Any:
+    def scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None) -> Any:  # type: ignore[override]
         if opts is None:
             opts = dist.ScatterOptions()
         fn = self._comm.scatter

@@ -28,7 +28,8 @@ takes the fixed-size path of ``collective.engine``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -260,6 +261,8 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     rank, size = comm.Get_rank(), comm.Get_size()
     if c.name == "scatter":
         _scatter_header(c, comm, MPI, rank, size)
+    dtype = c.dtype
+    assert dtype is not None  # scatter's came with the root's header
     rs = c.row_shape
     row = int(np.prod(rs)) if rs else 1
     every = _counts(c, comm, rank, size)
@@ -289,56 +292,59 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
             alg = "shm" if arena is not None and size > 1 else "native"
         else:
             # From what every rank holds alike: the total of the counts, not this rank's own part.
-            isz = c.dtype.itemsize * row  # type: ignore[union-attr]
+            isz = dtype.itemsize * row
             if c.name == "alltoall":
                 nbytes = int(M.sum()) * isz // size
             elif c.name == "scatter":
                 nbytes = sum(c.splits) * isz  # type: ignore[arg-type]
             else:
                 nbytes = int(counts.sum()) * isz // size
-            alg = choose("allgatherv" if c.name == "allgather" else c.name, nbytes, c.dtype, c.root)
+            alg = choose("allgatherv" if c.name == "allgather" else c.name, nbytes, dtype, c.root)
     if alg == "shm" and arena is None:
         alg = "native"
     c.algorithm = alg
     n_out = want[rank]
     out = None
     if n_out >= 0:
-        out = c.out if c.out is not None else np.empty((n_out, *rs), c.dtype)  # type: ignore[misc]
+        out = c.out if c.out is not None else np.empty((n_out, *rs), dtype)  # type: ignore[misc]
     xf = c.x.reshape(-1) if c.x is not None else None
     of = out.reshape(-1) if out is not None else None
     if alg == "shm":
+        assert arena is not None  # shm only where there is an arena (see above)
         _shm(c, arena(), xf, of, every, counts if c.name in ("gather", "allgather") else None, row, rank, size)
         if c.name == "alltoall":
+            assert recv is not None  # alltoall's, set above
             c.received = [int(v) for v in recv]
     elif c.name == "alltoall":
+        assert recv is not None  # alltoall's, set above
         sc = [int(v) * row for v in M[rank]]
         rc = [int(v) * row for v in recv]
         if alg == "native":
-            _native_bytes(comm, MPI, "alltoall", xf, of, c.dtype, sc, rc, 0)
+            _native_bytes(comm, MPI, "alltoall", xf, of, dtype, sc, rc, 0)
         else:
             counts_e = tuple(tuple(int(v) * row for v in M[i]) for i in range(size))
             sched = topologies.build(alg, "alltoall", size, sum(map(sum, counts_e)), counts=counts_e)
-            executor.run(executor.plan(sched, c.dtype.itemsize), {"input": xf, "output": of}, None, seq)
+            executor.run(executor.plan(sched, dtype.itemsize), {"input": xf, "output": of}, None, seq)
         c.received = [int(v) for v in recv]
     elif c.name == "scatter":
         ce = [int(v) * row for v in c.splits]  # type: ignore[union-attr]
         if alg == "native":
-            _native_bytes(comm, MPI, "scatter", xf, of, c.dtype, ce, ce, c.root)
+            _native_bytes(comm, MPI, "scatter", xf, of, dtype, ce, ce, c.root)
         else:
             sched = topologies.build("tree", "scatter", size, sum(ce), c.root, counts=ce)
             bufs = {"input": xf if rank == c.root else None, "output": of}
-            executor.run(executor.plan(sched, c.dtype.itemsize), bufs, None, seq)
+            executor.run(executor.plan(sched, dtype.itemsize), bufs, None, seq)
     else:
         ce = [int(v) * row for v in counts]
         vname = "gather" if c.name == "gather" else "allgatherv"
         if alg == "native":
-            _native_bytes(comm, MPI, vname, xf, of, c.dtype, ce, ce, c.root)
+            _native_bytes(comm, MPI, vname, xf, of, dtype, ce, ce, c.root)
         else:
             salg = "tree" if vname == "gather" else "ring"
             sched = topologies.build(salg, vname, size, sum(ce), c.root if vname == "gather" else 0, counts=ce,
                                      nodes=nodes if vname == "allgatherv" else None)
             bufs = {"input": xf, "output": of if (vname == "allgatherv" or rank == c.root) else None}
-            executor.run(executor.plan(sched, c.dtype.itemsize), bufs, None, seq)
+            executor.run(executor.plan(sched, dtype.itemsize), bufs, None, seq)
     if out is None:
         return None
     res = _finish(c, out)
@@ -350,6 +356,7 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
 def _shm(c: VCall, arena: Any, xf: Any, of: Any, every: np.ndarray, counts: Any, row: int, rank: int,
          size: int) -> None:
     """The call over the node's shm arena: every rank posts its input once, reads its parts from the others'."""
+    assert c.dtype is not None  # run_variable settled it
     isz = c.dtype.itemsize * row  # bytes per row
     mine = xf.view(np.uint8) if xf is not None else np.empty(0, np.uint8)
     ob = of.view(np.uint8) if of is not None else None
@@ -390,6 +397,7 @@ def _scatter_header(c: VCall, comm: Any, MPI: Any, rank: int, size: int) -> None
         else:
             head[2] = x.ndim - 1  # type: ignore[union-attr]
             head[4:4 + x.ndim - 1] = x.shape[1:]  # type: ignore[union-attr]
+        assert c.splits is not None  # the root's splits are resolved before the call runs
         head[_HEADER:] = c.splits
     comm.Bcast(head, root=c.root)
     if head[3]:

@@ -1,4 +1,4 @@
-"""Deadlines for every blocking wait, stall warnings, the flight recorder, cross-rank checks, and aborting the whole job on failure.
+"""Deadlines for blocking waits, stall warnings, the flight recorder, cross-rank checks, aborting the job on failure.
 
 Terms (the names below follow them):
 
@@ -94,7 +94,9 @@ class _Ctrl:
         from mpi4py import MPI
 
         self.MPI, self.comm = MPI, comm
-        self.tag = int(comm.Get_attr(MPI.TAG_UB) or MPI.COMM_WORLD.Get_attr(MPI.TAG_UB))  # only the world has it set
+        tag_ub = comm.Get_attr(MPI.TAG_UB) or MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)  # only the world has it set
+        assert tag_ub is not None  # MPI sets it on the world communicator
+        self.tag = int(tag_ub)
         self.lock = threading.Lock()
         self.sends: list[tuple[Any, np.ndarray]] = []
         self.closed = False
@@ -281,23 +283,25 @@ class Watchdog:
                 if age > self.timeout and rec is self.recorder.current and rec.seq == seq:
                     peers = self._ask_peers(seq, dump=True)
                     if rec is self.recorder.current and rec.seq == seq:
-                        abort_job(self.report(rec, f"timed out after {age:.1f} s (COLLECTIVE_TIMEOUT={self.timeout:g}); "
-                                                   "a timed-out MPI operation cannot be cancelled, so the job is aborted",
-                                              peers))
+                        abort_job(self.report(
+                            rec, f"timed out after {age:.1f} s (COLLECTIVE_TIMEOUT={self.timeout:g}); "
+                                 "a timed-out MPI operation cannot be cancelled, so the job is aborted", peers))
                 elif age > self.stall_warn and self._warned != seq:
                     self._warned = seq
                     peers = self._ask_peers(seq, dump=False)
                     if rec is self.recorder.current and rec.seq == seq:
-                        _say(self.report(rec, f"has been stalled for {age:.1f} s (COLLECTIVE_STALL_WARN={self.stall_warn:g}; "
-                                              f"the job is aborted at COLLECTIVE_TIMEOUT={self.timeout:g})", peers,
-                                         trace=False))
+                        _say(self.report(
+                            rec, f"has been stalled for {age:.1f} s (COLLECTIVE_STALL_WARN={self.stall_warn:g}; "
+                                 f"the job is aborted at COLLECTIVE_TIMEOUT={self.timeout:g})", peers, trace=False))
             except Exception:  # noqa: BLE001 - the watchdog must outlive its own bugs
                 if not failed:
                     failed = True
-                    _say(f"collective: rank {self.rank}: watchdog error (deadlines still apply):\n{traceback.format_exc()}")
+                    _say(f"collective: rank {self.rank}: watchdog error (deadlines still apply):\n"
+                         f"{traceback.format_exc()}")
 
     def _poll(self) -> None:
         ctrl = self._ctrl
+        assert ctrl is not None  # its callers poll only a watchdog with a control channel
         with ctrl.lock:
             if not ctrl.usable():
                 return
@@ -376,7 +380,7 @@ class Watchdog:
         return lines
 
     def peer_lines(self, seq: int, peers: dict[int, Any], plain: bool = False) -> tuple[list[str], list[int]]:
-        """Each peer's answer as a line, relative to op #seq (``plain``: as is); and the peers that have not entered #seq."""
+        """Each peer's answer as a line, relative to op #seq (``plain``: as is); the peers not yet in #seq."""
         lines, missing = [], []
         for q, st in sorted(peers.items()):
             if st is None:
@@ -431,7 +435,7 @@ class Watchdog:
         return out
 
     def report(self, rec: OpRecord, what: str, peers: dict[int, Any] | None = None, trace: bool = True) -> str:
-        """The report for op ``rec``: what happened, the peers it waits for, what each peer does, the flight recorder."""
+        """The report for op ``rec``: what happened, the peers it waits for, what each peer does, the flight record."""
         lines = [f"collective: rank {self.rank} of {self.size}: {self.recorder.describe(rec, False)} {what}"]
         queued = self._pending()
         if queued > 0:

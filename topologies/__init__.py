@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from . import bruck, hierarchical, pairwise, pipeline, ring, star, tree
 from .schedule import (
@@ -54,8 +54,9 @@ __all__ = [
 
 #: The Schedule builders of every collective of ``COLLECTIVES``, by name.
 ALGORITHMS: tuple[str, ...] = ("ring", "tree", "star", "hierarchical", "pipeline")
-_BUILDERS = {"ring": ring.BUILDERS, "tree": tree.BUILDERS, "star": star.BUILDERS, "hierarchical": hierarchical.BUILDERS,
-             "pipeline": pipeline.BUILDERS, "pairwise": pairwise.BUILDERS, "bruck": bruck.BUILDERS}
+_BUILDERS: dict[str, Mapping[str, Callable[..., Schedule]]] = {
+    "ring": ring.BUILDERS, "tree": tree.BUILDERS, "star": star.BUILDERS, "hierarchical": hierarchical.BUILDERS,
+    "pipeline": pipeline.BUILDERS, "pairwise": pairwise.BUILDERS, "bruck": bruck.BUILDERS}
 #: Every collective a Schedule can express: ``COLLECTIVES`` (one work buffer) and ``IN_OUT_COLLECTIVES``.
 ALL_COLLECTIVES: dict[str, tuple[str, str]] = {**COLLECTIVES, **IN_OUT_COLLECTIVES}
 #: Collective -> the Schedule algorithms that build it (the one table; "native", MPI's own, is not a Schedule).

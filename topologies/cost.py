@@ -1,4 +1,4 @@
-"""Alpha-beta-gamma cost of any Schedule on a cluster's links, computed from its own steps, and the choice for "auto"."""
+"""Alpha-beta-gamma cost of any Schedule on a cluster's links, computed from its own steps; the choice for "auto"."""
 
 # Terms (the names below follow them):
 #
@@ -183,7 +183,8 @@ def cost(sched: Schedule, cluster: Cluster, itemsize: int = 4, overhead: float =
         end = sends_end[r]
         lat = 0.0
         reduced = 0
-        for t in (*step.sends, *step.recvs):
+        transfers: tuple[Send | Recv, ...] = (*step.sends, *step.recvs)
+        for t in transfers:
             lat = max(lat, (intra if node[t.peer] == node[r] else inter).alpha)
         end = max(end, t0 + lat)
         for rv in step.recvs:
@@ -414,7 +415,7 @@ def _native(collective: str, nelems: int, root: int, cluster: Cluster, itemsize:
     if collective == "allgatherv":
         models = [build("ring", "allgatherv", P, nelems), build("tree", "allgather", P, nelems)]
         return min(cost(m, cluster, itemsize) for m in models)
-    models: list[Schedule] = [build("ring", collective, P, nelems, root)]
+    models = [build("ring", collective, P, nelems, root)]
     if collective == "allreduce":
         models.append(recursive_doubling_allreduce(P, nelems))
         models.append(rabenseifner_allreduce(P, nelems))

@@ -179,9 +179,11 @@ class Schedule:
         if self.collective not in COLLECTIVES and self.collective not in IN_OUT_COLLECTIVES:
             raise ScheduleError(f"unknown collective {self.collective!r}")
         if len(self.steps) != self.nranks:
-            raise ScheduleError(f"{self.algorithm} {self.collective}: steps for {len(self.steps)} ranks, expected {self.nranks}")
+            raise ScheduleError(
+                f"{self.algorithm} {self.collective}: steps for {len(self.steps)} ranks, expected {self.nranks}")
         if len(self.blocks) != self.nranks + 1 or self.blocks[0] != 0 or self.blocks[-1] != self.nelems:
-            raise ScheduleError(f"{self.algorithm} {self.collective}: blocks {self.blocks} do not split {self.nelems} elements in {self.nranks}")
+            raise ScheduleError(f"{self.algorithm} {self.collective}: blocks {self.blocks} do not split "
+                                f"{self.nelems} elements in {self.nranks}")
         ext = {WORK: (self.nelems,) * self.nranks} if self.extents is None else dict(self.extents)
         for name, sizes in ext.items():
             if name not in BUFFERS or len(sizes) != self.nranks or any(n < 0 for n in sizes):
@@ -232,7 +234,8 @@ def _check_step(sched: Schedule, rank: int, index: int, step: Step) -> None:
         if not 0 <= start < stop <= sched.extent(buf, rank):
             raise ScheduleError(f"{where}: bad or empty range [{start}, {stop}) of {buf}")
 
-    for t in (*step.sends, *step.recvs):
+    transfers: tuple[Send | Recv, ...] = (*step.sends, *step.recvs)
+    for t in transfers:
         if not 0 <= t.peer < sched.nranks or t.peer == rank:
             raise ScheduleError(f"{where}: bad peer {t.peer}")
         in_range(t.buf, t.start, t.stop)
@@ -259,7 +262,7 @@ def _check_step(sched: Schedule, rank: int, index: int, step: Step) -> None:
 
 def simulate(
     sched: Schedule,
-    buffers: Sequence[np.ndarray] | Sequence[Mapping[str, np.ndarray]],
+    buffers: Sequence[np.ndarray | Mapping[str, np.ndarray]],
     reduce: Callable[[np.ndarray, np.ndarray], np.ndarray] = np.add,
 ) -> list:
     """Run ``sched`` on in-memory buffers, one per rank, and return the final buffers.
@@ -286,8 +289,8 @@ def simulate(
         raise ScheduleError(f"simulate: {len(buffers)} buffers for {P} ranks")
     mapped = any(isinstance(b, Mapping) for b in buffers)
     bufs: list[dict[str, np.ndarray]] = []
-    for r, given in enumerate(buffers):
-        given = dict(given) if isinstance(given, Mapping) else {WORK: given}
+    for r, arg in enumerate(buffers):
+        given: dict[str, np.ndarray] = dict(arg) if isinstance(arg, Mapping) else {WORK: arg}
         dtype = next(iter(given.values())).dtype if given else np.dtype(np.int64)
         mine = {}
         for name in sched.buffers:
@@ -343,7 +346,8 @@ def simulate(
             break
         if not progress:
             stuck = {r: ptr[r] for r in range(P) if ptr[r] < len(sched.steps[r])}
-            raise ScheduleError(f"{sched.algorithm} {sched.collective} P={P} n={sched.nelems}: deadlock; rank: step = {stuck}")
+            raise ScheduleError(
+                f"{sched.algorithm} {sched.collective} P={P} n={sched.nelems}: deadlock; rank: step = {stuck}")
     left = {k: len(v) for k, v in channels.items() if v}
     if left:
         raise ScheduleError(f"{sched.algorithm} {sched.collective} P={P} n={sched.nelems}: unreceived messages {left}")
@@ -393,7 +397,7 @@ def even_counts(blocks: Sequence[int]) -> tuple[tuple[int, ...], ...]:
 
 
 def alltoall_displacements(counts: Sequence[Sequence[int]]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-    """Where each block sits: ``send[i][j]`` is the offset of i's block for j in i's input, ``recv[j][i]`` in j's output.
+    """Where each block sits: ``send[i][j]``: the offset of i's block for j in i's input; ``recv[j][i]``: in j's output.
 
     Each has P+1 entries per rank (the last is the buffer's size).
     """

@@ -255,7 +255,7 @@ class DeviceCollectives:
     # ------------------------------------------------- communicator's order
     def _in_order(self, name: str, shape: tuple, dtype: Any, alg: str, root: int, rop: Any,
                   run: Callable[[], Any]) -> Any:
-        """Run ``run()`` as the Communicator's next op, on this thread: flight recorder, cross-rank check, then ``run``."""
+        """Run ``run()`` as the Communicator's next op, on this thread: flight recorder, cross-rank check, ``run``."""
         op = _DeviceOp(name, shape, dtype, alg, root if name in ("reduce", "broadcast") else 0, rop)
         return self.comm.sequencer.run_here(op, lambda c, first, seq: run())
 
@@ -414,6 +414,7 @@ class DeviceCollectives:
         counts = None
         if name == "reduce_scatter":
             b = blocks_of(name, tuple(info.shape), c.size)
+            assert b is not None  # reduce_scatter always has blocks
             counts = [b[i + 1] - b[i] for i in range(c.size)]
 
         def device_copy(dst: Any, src: Any) -> None:  # a device copy MPI makes (Bcast works in one buffer)
@@ -449,7 +450,8 @@ class _DeviceOp:
     __slots__ = ("name", "shape", "dtype", "algorithm", "root", "rop", "xf", "views", "sig")
 
     def __init__(self, name: str, shape: tuple, dtype: Any, algorithm: str, root: int, rop: Any) -> None:
-        self.name, self.shape, self.dtype, self.algorithm, self.root, self.rop = name, shape, dtype, algorithm, root, rop
+        self.name, self.shape, self.dtype = name, shape, dtype
+        self.algorithm, self.root, self.rop = algorithm, root, rop
         self.xf = self.views = self.sig = None
 
 

@@ -24,6 +24,7 @@ Terms (the names below follow them):
 from __future__ import annotations
 
 import ctypes
+import importlib
 import sys
 import threading
 from dataclasses import dataclass
@@ -199,7 +200,7 @@ class CupyOps:
 
     def __init__(self, cupy: Any = None) -> None:
         if cupy is None:
-            import cupy
+            cupy = importlib.import_module("cupy")
         try:
             n = int(cupy.cuda.runtime.getDeviceCount())
         except Exception as exc:  # noqa: BLE001 - no driver, or a driver older than the runtime

@@ -1,4 +1,4 @@
-"""The MPI backend: mpi4py's uppercase buffer calls, nonblocking point-to-point, and MPI's own collectives as `native`."""
+"""The MPI backend: mpi4py's uppercase buffer calls, nonblocking point-to-point, MPI's own collectives as `native`."""
 from __future__ import annotations
 
 import os as _os
@@ -85,7 +85,7 @@ def mpi_dtype(dtype: np.dtype) -> Any | None:
     return t
 
 
-_USER_OPS: dict[tuple[str, np.dtype], Any] = {}
+_USER_OPS: dict[tuple[str, np.dtype | None], Any] = {}
 
 
 def needs_user_op(name: str, dtype: np.dtype | None) -> bool:

@@ -40,14 +40,16 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from collective import topologies
 
 from .. import config
+from ..engine import schedule_result, schedule_work
 from ..errors import (
     BackendUnavailableError,
     CollectiveError,
@@ -56,11 +58,10 @@ from ..errors import (
     CollectiveValueError,
     describe,
 )
-from ..engine import schedule_result, schedule_work
-from ..executor import Plan, compile_plan
+from ..executor import Plan, compile_plan, no_reduction
 from ..ops import ReduceOp
-from ..spec import COLLECTIVE_NAMES, NCCL_ALGORITHMS, REDUCING, ROOTED
 from ..signature import cached_checks, check_algorithm, check_out, check_signature, overlap
+from ..spec import COLLECTIVE_NAMES, NCCL_ALGORITHMS, REDUCING, ROOTED
 
 __all__ = [
     "NCCL_DTYPES", "NCCL_OPS", "NCCL_BYTE", "MIN_VERSION", "DTYPE_MIN_VERSION", "ALGORITHMS",
@@ -713,7 +714,7 @@ class NCCLBackend:
 
     @classmethod
     def create(cls, mpi_comm: Any, local_rank: int, nodes: Sequence[int] | None = None, timeout: float | None = None,
-               blocking: bool | None = None) -> "NCCLBackend":
+               blocking: bool | None = None) -> NCCLBackend:
         """Make the NCCL communicator over the ranks of ``mpi_comm`` (collective over it).
 
         Every rank checks that NCCL is usable, picks its GPU (``pick_device``),
@@ -724,13 +725,13 @@ class NCCLBackend:
             BackendUnavailableError: on every rank, naming the rank(s) where NCCL is not usable.
         """
         problem = probe()
-        cupy = nccl = None
+        cupy: Any = None
+        nccl: Any = None
         device = -1
         if problem is None:
             try:
-                import cupy
-                from cupy.cuda import nccl
-
+                cupy = importlib.import_module("cupy")
+                nccl = importlib.import_module("cupy.cuda.nccl")
                 device = pick_device(local_rank, int(cupy.cuda.runtime.getDeviceCount()))
                 check_constants(nccl)
             except Exception as exc:  # noqa: BLE001 - told to every rank by the bootstrap
@@ -756,7 +757,8 @@ class NCCLBackend:
         check_algorithm(name, shape, dtype, alg, ALGORITHMS, self._fail)
         rop, root, rshape, blocks = check_signature(name, shape, dtype, op, root, alg, self.rank, self.size,
                                                     self._fail)
-        nat = native_plan(name, dtype, rop.name if rop is not None else None, self.version)
+        nat: tuple[int, int, int] | str | None = native_plan(name, dtype, rop.name if rop is not None else None,
+                                                             self.version)
         if alg == "auto":
             # NCCL's own collectives are tuned for the GPU's links; Schedules are for comparison and dtypes it lacks.
             alg = "native" if not isinstance(nat, str) else ("tree" if name in _ROOTED else "ring")
@@ -879,11 +881,15 @@ class NCCLBackend:
 
     def _native(self, c: NcclCall) -> None:
         nc, P, sp, ptr = self.comm, self.size, self.dev.stream_ptr, self._ptr
-        dt, mult, opc = c.native
+        native = c.native
+        assert native is not None  # _native runs the calls that NCCL's own collective does
+        dt, mult, opc = native
         xf, of, name = c.xf, c.of, c.name
         n = xf.size * mult
         if name == "reduce_scatter":
-            counts = [c.blocks[i + 1] - c.blocks[i] for i in range(P)]
+            blocks = c.blocks
+            assert blocks is not None  # reduce_scatter always has blocks
+            counts = [blocks[i + 1] - blocks[i] for i in range(P)]
             m = max(counts)
             if m == 0:
                 return
@@ -896,7 +902,7 @@ class NCCLBackend:
             pin = pad[: P * m * isz].view(c.dtype)
             pout = pad[P * m * isz:(P + 1) * m * isz].view(c.dtype)
             for i in range(P):
-                a, b = c.blocks[i], c.blocks[i + 1]
+                a, b = blocks[i], blocks[i + 1]
                 if b > a:
                     self.xp.copyto(pin[i * m:i * m + (b - a)], xf[a:b])
             nc.reduceScatter(ptr(pin), ptr(pout), m * mult, dt, opc, sp)
@@ -957,7 +963,8 @@ class NCCLBackend:
         nc, nccl, sp, ptr = self.comm, self.nccl, self.dev.stream_ptr, self._ptr
         isz = plan.itemsize
         base = ptr(work)
-        scratch = None
+        scratch: Any = None  # a device array, for a plan with reducing receives (which only they read)
+        reduce = no_reduction if ufunc is None else ufunc
         sbase = 0
         if plan.scratch_elems:
             scratch = self._buffer("_scratch", plan.scratch_elems * isz)[: plan.scratch_elems * isz].view(work.dtype)
@@ -975,7 +982,7 @@ class NCCLBackend:
                 nccl.groupEnd()
             for peer, a, b, o, _ in st.recv_reduce:
                 dst = work[a:b]
-                ufunc(dst, scratch[o:o + (b - a)], out=dst)
+                reduce(dst, scratch[o:o + (b - a)], out=dst)
 
     # ---------------------------------------------------------- public API
     def allreduce(self, x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Any:

@@ -250,9 +250,9 @@ class Engine:
         except BaseException as exc:  # noqa: BLE001 - every waiter gets the error instead of hanging
             with self._lock:
                 self._fatal = exc
-                waiting = list(self._local.values())
+                stranded = list(self._local.values())
                 self._local.clear()
-            for loc in waiting:
+            for loc in stranded:
                 loc.handle._finish(None, HorovodInternalError(
                     f"{loc.req['kind']} {loc.req['name']!r} on rank {self.rank}: the engine stopped: "
                     f"{type(exc).__name__}: {exc}"))

@@ -118,7 +118,7 @@ class ProcessSet:
 
     def __init__(self, ranks_or_comm: Any) -> None:
         self.process_set_id: int | None = None
-        self.mpi_comm = None
+        self.mpi_comm: Any = None  # an mpi4py communicator, when the set was made from one
         if isinstance(ranks_or_comm, (list, tuple, range)):
             self.ranks: list[int] | None = sorted(int(r) for r in ranks_or_comm)
         else:
@@ -139,7 +139,9 @@ class ProcessSet:
         """This rank's index in the set, or -1 if this rank is not a member."""
         self._require()
         r = rank()
-        return self.ranks.index(r) if r in self.ranks else -1  # type: ignore[union-attr]
+        ranks = self.ranks
+        assert ranks is not None  # registering a set settles its ranks
+        return ranks.index(r) if r in ranks else -1
 
     def included(self) -> bool:
         """True if this rank is a member of the set."""
@@ -574,7 +576,7 @@ def _allreduce_submit(tensors: list[torch.Tensor], outputs: list[torch.Tensor] |
     h = eng.submit("allreduce", _name(kind, name, ps), arrays, outs=dest, op=_REDUCE[op], prescale=prescale,
                    postscale=postscale)
 
-    def finish(results: list[np.ndarray]) -> list[torch.Tensor]:
+    def finish(results: list[np.ndarray]) -> torch.Tensor | list[torch.Tensor]:
         outs = []
         for i, (t, r) in enumerate(zip(tensors, results)):
             if dest is not None and dest[i] is not None and r is dest[i]:
@@ -723,7 +725,7 @@ def grouped_allreduce_(tensors: Sequence[torch.Tensor], average: bool | None = N
                                                 process_set))
 
 
-def sparse_allreduce_async(tensor: torch.Tensor, name: str, op: int,
+def sparse_allreduce_async(tensor: torch.Tensor, name: str | None, op: int,
                            process_set: ProcessSet = global_process_set) -> Any:
     """Allreduce a sparse tensor by allgathering its indices and values; returns a callable giving the result.
 

@@ -29,7 +29,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Any, named_parameters: Any, compression: Any, backward_passes_per_step: int, op: int,
                  gradient_predivide_factor: float, groups: Any, sparse_as_dense: bool,
                  process_set: ProcessSet) -> None:
-        super(self.__class__, self).__init__(params)  # type: ignore[arg-type]
+        base: Any = super(self.__class__, self)  # the user's optimizer class, mixed in: its own __init__ signature
+        base.__init__(params)
         self._compression = compression
         all_params = [p for g in self.param_groups for p in g["params"]]
         if named_parameters is not None:
@@ -115,11 +116,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                     self._hook_handles.append(p.register_post_accumulate_grad_hook(self._make_hook(p)))
 
     def _allreduce_grad_async(self, p: torch.Tensor) -> tuple[Any, Any]:
-        if p.grad is None:
-            # Another rank may have a gradient for it (a dynamic graph): every rank must submit.
-            p.grad = torch.zeros_like(p.data)
-        name = self._parameter_names.get(p)
         tensor = p.grad
+        if tensor is None:
+            # Another rank may have a gradient for it (a dynamic graph): every rank must submit.
+            tensor = p.grad = torch.zeros_like(p.data)
+        name = self._parameter_names.get(p)
         if tensor.is_sparse:
             if self.sparse_as_dense:
                 tensor = tensor.to_dense()
@@ -205,10 +206,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _install(p: torch.Tensor, value: torch.Tensor) -> None:
-        if p.grad.is_sparse:
+        grad = p.grad
+        assert grad is not None  # every parameter has one once its allreduce was submitted
+        if grad.is_sparse:
             p.grad = value.to_sparse()
-        elif value.data_ptr() != p.grad.data_ptr():
-            p.grad.copy_(value)
+        elif value.data_ptr() != grad.data_ptr():
+            grad.copy_(value)
 
     @contextmanager
     def skip_synchronize(self) -> Iterator[None]:

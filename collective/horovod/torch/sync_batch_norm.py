@@ -46,12 +46,14 @@ class SyncBatchNorm(_BatchNorm):
         mean = tot[1:1 + c] / n
         var = tot[1 + c:] / n - mean * mean
         if self.training and self.track_running_stats:
+            tracked, rmean, rvar = self.num_batches_tracked, self.running_mean, self.running_var
+            assert tracked is not None and rmean is not None and rvar is not None  # track_running_stats keeps them
             with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                tracked.add_(1)
+                m = (1.0 / float(tracked)) if self.momentum is None else self.momentum
                 unbiased = var * (n / (n - 1)) if float(n) > 1 else var
-                self.running_mean.mul_(1 - m).add_(mean.detach() * m)
-                self.running_var.mul_(1 - m).add_(unbiased.detach() * m)
+                rmean.mul_(1 - m).add_(mean.detach() * m)
+                rvar.mul_(1 - m).add_(unbiased.detach() * m)
         shape = [1, c] + [1] * (input.dim() - 2)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
