@@ -94,13 +94,15 @@ class OrderedIssuers(threading.local):
         issuers.make().name   # "torch.distributed", on any thread
     """
 
+    tag: ThreadTag  # per thread, once made
+
     def __init__(self, name: str) -> None:
         self.name = name
 
     def make(self) -> ThreadTag:
         """The calling thread's tag (made on its first call)."""
         try:
-            return self.tag  # type: ignore[no-any-return]
+            return self.tag
         except AttributeError:
             t = self.tag = ThreadTag(self.name, threading.get_ident())
             return t
