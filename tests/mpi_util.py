@@ -87,7 +87,6 @@ def mpirun(script: str | Path, nprocs: int, args: list[str] | None = None, timeo
     its own session), and the stacks of the Python ranks are dumped first via
     faulthandler (SIGUSR1), so a hang shows where each rank was.
     """
-    import time
 
     script = Path(script)
     if not script.is_absolute():
@@ -102,9 +101,20 @@ def mpirun(script: str | Path, nprocs: int, args: list[str] | None = None, timeo
         e.update(env)
     prog = [sys.executable, *(python_args or []), str(script), *(args or [])]
     cmd, e = mpiexec_command(["--oversubscribe", *_app_contexts(nprocs, prog, rank_env or {})], e)
-    e["OMPI_MCA_mpi_yield_when_idle"] = "1"
     # Each job gets its own shared-memory directory (not pytest's, see conftest), unless the caller chose one.
-    backing = None if env and "OMPI_MCA_btl_sm_backing_directory" in env else private_backing_dir(e)
+    return run_job(cmd, e, timeout, private_shm=not (env and "OMPI_MCA_btl_sm_backing_directory" in env))
+
+
+def run_job(cmd: list[str], env: dict[str, str], timeout: float, private_shm: bool = True) -> JobResult:
+    """Run the MPI job ``cmd`` in a session of its own; kill it (stacks dumped first) at ``timeout`` seconds.
+
+    ``private_shm``: the job's shared-memory files go to a directory of its own, removed afterwards.
+    """
+    import time
+
+    e = dict(env)
+    e["OMPI_MCA_mpi_yield_when_idle"] = "1"
+    backing = private_backing_dir(e) if private_shm else None
     t0 = time.monotonic()
     timed_out = False
     try:
@@ -118,8 +128,7 @@ def mpirun(script: str | Path, nprocs: int, args: list[str] | None = None, timeo
     finally:
         if backing is not None:
             shutil.rmtree(backing, ignore_errors=True)
-    text = out.decode(errors="replace")
-    return JobResult(p.returncode, text, timed_out, time.monotonic() - t0)
+    return JobResult(p.returncode, out.decode(errors="replace"), timed_out, time.monotonic() - t0)
 
 
 def _app_contexts(nprocs: int, prog: list[str], rank_env: dict[int, dict[str, str | None]]) -> list[str]:

@@ -12,10 +12,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
-from mpi_util import JOBS, ROOT, _dump_and_kill, private_backing_dir
+from mpi_util import JOBS, ROOT, run_job
 
 from collective.run import elastic_args, mpiexec_command
 
@@ -39,22 +38,8 @@ def run_elastic(args: list[str], nprocs: int = 4, env: dict[str, str] | None = N
     if elastic:
         words, extra = elastic_args(["--elastic", *words])
     cmd, e = mpiexec_command(words, {**e, **extra})
-    e["OMPI_MCA_mpi_yield_when_idle"] = "1"
-    backing = private_backing_dir(e)
-    t0 = time.monotonic()
-    timed_out = False
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e, start_new_session=True,
-                         cwd=str(ROOT))
-    try:
-        out, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _dump_and_kill(p.pid)
-        out, _ = p.communicate()
-    finally:
-        if backing is not None:
-            shutil.rmtree(backing, ignore_errors=True)
-    return p.returncode, out.decode(errors="replace"), timed_out, time.monotonic() - t0
+    res = run_job(cmd, e, timeout)
+    return res.returncode, res.output, res.timed_out, res.seconds
 
 
 def _passed_lines(out: str) -> list[str]:
