@@ -73,3 +73,30 @@ def test_version_matches_the_project() -> None:
     text = (ROOT / "pyproject.toml").read_text()
     assert f'version = "{collective.__version__}"' in text
     assert collective.__version__ in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_fresh_venv_install_runs_the_readme_example(tmp_path: Path) -> None:
+    """`pip install '.[mpi]'` into a new virtual environment: one top-level package, and the README's ten-line
+    example runs with that environment's collective-run (pip's cache usually has mpi4py and Open MPI from
+    the project's own install)."""
+    import os
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py, bin_ = venv / "bin" / "python", venv / "bin"
+    proc = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{ROOT}[mpi]"], capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    ours = {p.name for p in Path(site).iterdir() if p.name.split("-")[0] in
+            ("collective", "trainer", "bench", "topologies", "pycollective")}
+    assert {n for n in ours if not n.endswith(".dist-info")} == {"collective"}, sorted(ours)
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Ten lines", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "example.py").write_text(block)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # that environment's package, not the checkout
+    run = subprocess.run([str(bin_ / "collective-run"), "-n", "2", str(py), str(tmp_path / "example.py")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert sorted(line.split()[0] for line in run.stdout.splitlines() if line.strip()) == ["0", "1"], run.stdout
