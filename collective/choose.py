@@ -80,8 +80,11 @@ class Chooser:
         of the ranks' inputs; scatter: the root's whole input), computed from
         counts every rank holds alike, so every rank picks the same. In order
         (tuning tables do not cover these collectives): one rank: native; on one node,
-        shm where the node's arena can exist, else native (MPI's own runs
-        these in bytes, so every dtype goes); across nodes, the cost model's
+        native for alltoall (MPI's own pairwise exchange beats reading every
+        peer's block through the arena at every size measured, see
+        docs/bench/alltoall_allgatherv_p2.txt), shm for the others where the
+        node's arena can exist, else native (MPI's own runs these in bytes, so
+        every dtype goes); across nodes, the cost model's
         cheapest of native and the collective's Schedules (pairwise and Bruck
         alltoall, binomial-tree gather and scatter, ring allgatherv) on the
         calibrated links.
@@ -95,7 +98,7 @@ class Chooser:
         if self.size == 1:
             return "native"
         if self.single_node:
-            return "shm" if shm else "native"
+            return "shm" if shm and name != "alltoall" else "native"
         return self.cost_choice(name, nbytes, dtype, root, cands).best
 
     def cost_choice(self, collective: str, nbytes: int, dtype: Any = "float32", root: int = 0,

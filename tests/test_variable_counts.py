@@ -69,7 +69,9 @@ def test_auto_schedules_win_where_the_model_says_so() -> None:
 def test_auto_on_one_node_and_one_rank() -> None:
     for name in VARIABLE_AUTO:
         for nbytes in SIZES:
-            assert _chooser((0,) * 4, single_node=True).auto_variable(name, nbytes, np.dtype("f4")) == "shm"
+            # alltoall: MPI's own beats the arena on one node at every size measured
+            want = "native" if name == "alltoall" else "shm"
+            assert _chooser((0,) * 4, single_node=True).auto_variable(name, nbytes, np.dtype("f4")) == want
             assert _chooser((0,) * 4, single_node=True, shm_ok=False).auto_variable(name, nbytes, "f4") == "native"
             assert _chooser((0,), single_node=True).auto_variable(name, nbytes, np.dtype("f4")) == "native"
         # the public entry points take these names too
