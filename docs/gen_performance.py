@@ -45,6 +45,7 @@ class Run:
     note: str = ""
     plot: bool = False
     auto: bool = True
+    collectives: tuple[str, ...] = ("allreduce",)
 
 
 RUNS = (
@@ -61,6 +62,11 @@ RUNS = (
         "memory inside. The `native` column is the library's native algorithm."),
     Run("allreduce_emu2x2_1gbit_16k-256k_n20", "Allreduce, emulated cluster, small sizes with more iterations",
         "collective-run --emulate 2x2 --link 1gbit --", VM, "The `native` column is the library's native algorithm."),
+    Run("alltoall_allgatherv_p2", "Alltoall and uneven allgather, P = 2, one node", "collective-run -n 2", VM,
+        "Two ranks, one per core. allgatherv: rank r contributes in proportion to r + 1 (see the benchmark's "
+        "help); `gloo` pads every block to the largest.", collectives=("alltoall", "allgatherv")),
+    Run("alltoall_allgatherv_p4", "Alltoall and uneven allgather, P = 4, one node", "collective-run -n 4", VM,
+        "Four ranks on two cores.", collectives=("alltoall", "allgatherv")),
     Run("gpu_h100_nccl_p1", "GPU: CuPy arrays over NCCL, P = 1", "collective-run -n 1", H100,
         "One rank: NCCL needs a GPU per rank, so this measures the algorithms' overhead over NCCL's own, "
         "not transfers between GPUs. busbw factor 2(P-1)/P is 0 at P = 1, so the table shows algbw.",
@@ -109,17 +115,20 @@ def _bench_section(run: Run) -> str:
            f"Files: `docs/bench/{run.name}.json` (the data), `docs/bench/{run.name}.txt` (the benchmark's output)."]
     if run.note:
         out += ["", run.note]
-    out += [""]
-    if doc["nranks"] == 1:
-        out += ["algbw of each column over native's algbw, same run:", "", _algbw_markdown(doc)]
-    else:
-        out += [("busbw of each column over native's busbw in the same mode (out of place, or in place), same run; "
-                 "`memcpy` against native out of place:"), "", markdown(doc)]
-    if run.plot:
-        out += ["", f"![busbw against size, {run.title}](img/{run.name}.png)"]
-    if run.auto:
-        out += ["", "`auto` against the fastest fixed algorithm of the same run (out of place), and the cost model:",
-                "", auto_markdown(doc)]
+    for coll in run.collectives:
+        if len(run.collectives) > 1:
+            out += ["", f"#### {coll}"]
+        out += [""]
+        if doc["nranks"] == 1:
+            out += ["algbw of each column over native's algbw, same run:", "", _algbw_markdown(doc, coll)]
+        else:
+            out += [("busbw of each column over native's busbw in the same mode (out of place, or in place), same "
+                     "run; `memcpy` against native out of place:"), "", markdown(doc, coll)]
+        if run.plot:
+            out += ["", f"![busbw against size, {run.title}](img/{run.name}.png)"]
+        if run.auto:
+            out += ["", "`auto` against the fastest fixed algorithm of the same run (out of place), and the cost "
+                    "model:", "", auto_markdown(doc, coll)]
     return "\n".join(out) + "\n"
 
 
