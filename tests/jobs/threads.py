@@ -81,8 +81,10 @@ def main_race() -> None:
             assert not problems, problems[:5]
             every = np.empty((P, 2), np.int64)
             comm.mpi_comm.Allgather(np.array([right, errors], np.int64), every)
-            # Two threads racing for ITERS calls each meet at least once on some rank.
-            assert every[:, 1].sum() > 0, f"no rank raised in {ITERS} racing calls per thread: {every.tolist()}"
+            # Either the threads met (on one rank, or crossed between ranks) and the calls raised, or they never
+            # did and every call of both threads was right on every rank: how often they meet is up to the
+            # scheduler, a wrong or silently paired result never is (the problems above).
+            assert every[:, 1].sum() > 0 or (every[:, 0] == 2 * ITERS).all(), every.tolist()
             print(f"rank {R}: race {algorithm} n={n}: {right} right, {errors} raised", flush=True)
             # Every rank finished as many ops as the others: the communicator goes on working.
             y = comm.allreduce(np.full(5, float(R)))
