@@ -248,7 +248,8 @@ class Communicator:
         self._p2p = self._seqr.p2p = PointToPoint(backend_.comm, MPI, self.watchdog.timeout)
         self._device_colls: DeviceCollectives | None = None
         if elastic:
-            self._ft = FailureState(backend_.comm, MPI, self.world_ranks, backend_.rank)
+            self._ft = ft = FailureState(backend_.comm, MPI, self.world_ranks, backend_.rank)
+            backend_.watch_failures(lambda: ft.watch(backend_.comm))
             self._seqr.fault = self._p2p.fault = self._fault
             self._engine.on_arena = self._watch_arena
         if self.single_node and self.size > 1 and self._check.fingerprints is not None:

@@ -232,19 +232,29 @@ class Executor:
             sbytes = self.scratch(plan.scratch_elems * plan.itemsize)
             scratch = sbytes[: plan.scratch_elems * plan.itemsize].view(work.dtype)
         base = (seq & ((1 << self.seq_bits) - 1)) << self.counter_bits
-        for i, st in enumerate(plan.steps):
-            self.current = (plan, i)
-            reqs = [irecv(wbytes[a:b], peer, base | tag) for peer, a, b, tag in st.recv_copy]
-            rreqs = [irecv(scratch[o:o + (b - a)].view(np.uint8), peer, base | tag)
-                     for peer, a, b, o, tag in st.recv_reduce]
-            for peer, a, b, tag in st.sends:
-                reqs.append(isend(wbytes[a:b], peer, base | tag))
-            for r, (peer, a, b, o, tag) in zip(rreqs, st.recv_reduce):
-                wait(r)
-                dst = work[a:b]
-                reduce(dst, scratch[o:o + (b - a)], out=dst)
-            if reqs:
-                waitall(reqs)
+        reqs: list[Any] = []
+        rreqs: list[Any] = []
+        try:
+            for i, st in enumerate(plan.steps):
+                self.current = (plan, i)
+                # Loops, not comprehensions: a request posted before a later post fails must stay reachable
+                # for abandon() below.
+                reqs, rreqs = [], []
+                for peer, a, b, tag in st.recv_copy:
+                    reqs.append(irecv(wbytes[a:b], peer, base | tag))
+                for peer, a, b, o, tag in st.recv_reduce:
+                    rreqs.append(irecv(scratch[o:o + (b - a)].view(np.uint8), peer, base | tag))
+                for peer, a, b, tag in st.sends:
+                    reqs.append(isend(wbytes[a:b], peer, base | tag))
+                for r, (peer, a, b, o, tag) in zip(rreqs, st.recv_reduce):
+                    wait(r)
+                    dst = work[a:b]
+                    reduce(dst, scratch[o:o + (b - a)], out=dst)
+                if reqs:
+                    waitall(reqs)
+        except BaseException:
+            be.abandon(reqs + rreqs)
+            raise
         self.current = None
 
     def _arrays(self, plan: Plan, given: Any) -> list[np.ndarray]:
@@ -296,20 +306,27 @@ class Executor:
             scratch = self.scratch(plan.scratch_elems * plan.itemsize)[: plan.scratch_elems * plan.itemsize]
             scratch = scratch.view(arrays[0].dtype)
         base = (seq & ((1 << self.seq_bits) - 1)) << self.counter_bits
-        for i, st in enumerate(plan.steps):
-            self.current = (plan, i)
-            for sb, a, b, db, c in st.copies:
-                raw[db][c:c + (b - a)] = raw[sb][a:b]
-            reqs = [irecv(raw[bi][a:b], peer, base | tag)
-                    for (peer, a, b, tag), bi in zip(st.recv_copy, st.recv_copy_bufs)]
-            rreqs = [irecv(scratch[o:o + (b - a)].view(np.uint8), peer, base | tag)
-                     for peer, a, b, o, tag in st.recv_reduce]
-            for (peer, a, b, tag), bi in zip(st.sends, st.send_bufs):
-                reqs.append(isend(raw[bi][a:b], peer, base | tag))
-            for r, (peer, a, b, o, tag), bi in zip(rreqs, st.recv_reduce, st.recv_reduce_bufs):
-                wait(r)
-                dst = arrays[bi][a:b]
-                reduce(dst, scratch[o:o + (b - a)], out=dst)
-            if reqs:
-                waitall(reqs)
+        reqs: list[Any] = []
+        rreqs: list[Any] = []
+        try:
+            for i, st in enumerate(plan.steps):
+                self.current = (plan, i)
+                for sb, a, b, db, c in st.copies:
+                    raw[db][c:c + (b - a)] = raw[sb][a:b]
+                reqs, rreqs = [], []  # loops, as in _run_work: every posted request stays reachable
+                for (peer, a, b, tag), bi in zip(st.recv_copy, st.recv_copy_bufs):
+                    reqs.append(irecv(raw[bi][a:b], peer, base | tag))
+                for peer, a, b, o, tag in st.recv_reduce:
+                    rreqs.append(irecv(scratch[o:o + (b - a)].view(np.uint8), peer, base | tag))
+                for (peer, a, b, tag), bi in zip(st.sends, st.send_bufs):
+                    reqs.append(isend(raw[bi][a:b], peer, base | tag))
+                for r, (peer, a, b, o, tag), bi in zip(rreqs, st.recv_reduce, st.recv_reduce_bufs):
+                    wait(r)
+                    dst = arrays[bi][a:b]
+                    reduce(dst, scratch[o:o + (b - a)], out=dst)
+                if reqs:
+                    waitall(reqs)
+        except BaseException:
+            be.abandon(reqs + rreqs)
+            raise
         self.current = None

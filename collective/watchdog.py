@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import config
+from .backends.mpi import abandon
 from .errors import CollectiveError, format_uncaught
 from .fingerprint import rank_list
 from .sequencer import FlightRecorder, OpRecord
@@ -113,7 +114,7 @@ class _Ctrl:
         try:
             self.sends.append((self.comm.Isend([buf, self.MPI.INT64_T], peer, self.tag), buf))
         except self.MPI.Exception:
-            self.closed = True
+            self.close_failed()
 
     def receive(self) -> list[list[int]]:
         out = []
@@ -129,8 +130,7 @@ class _Ctrl:
             if self.sends:
                 self.sends = [(r, b) for r, b in self.sends if not r.Test()]
         except MPI.Exception:
-            self.closed = True
-            self.sends = []
+            self.close_failed()
         return out
 
     def flush(self) -> None:
@@ -138,8 +138,14 @@ class _Ctrl:
             try:
                 self.MPI.Request.Waitall([r for r, _ in self.sends])
             except self.MPI.Exception:
-                self.closed = True
+                self.close_failed()
             self.sends = []
+
+    def close_failed(self) -> None:
+        """Close the channel after an MPI error; its pending sends are kept, never freed (see backends.mpi)."""
+        abandon([r for r, _ in self.sends])
+        self.closed = True
+        self.sends = []
 
 
 @contextmanager

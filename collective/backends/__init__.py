@@ -35,6 +35,13 @@ class Backend(Protocol):
     def waitall(self, reqs: Sequence[Any]) -> None:
         """Block until every request in ``reqs`` completes."""
 
+    def abandon(self, reqs: Sequence[Any]) -> None:
+        """Keep ``reqs`` (a failed call's requests, some maybe still pending) from ever being freed.
+
+        MPI aborts the job when a request freed while pending later fails
+        (a peer died): the elastic mode must survive exactly that.
+        """
+
     def barrier(self) -> None:
         """Block until every rank has entered the barrier."""
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os as _os
-from collections.abc import Sequence
+import time as _time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -123,6 +124,16 @@ def mpi_op(name: str, dtype: np.dtype | None = None) -> Any:
     return getattr(require_mpi(), name)
 
 
+#: Requests of failed calls: mpi4py frees a request when its object dies, and Open MPI aborts the job when a
+#: freed request later completes in error, so a failed call's pending requests are kept here, never freed.
+_ABANDONED: list[Any] = []
+
+
+def abandon(reqs: Any) -> None:
+    """Keep mpi4py requests of a failed call (some maybe pending) for the life of the process, never freed."""
+    _ABANDONED.extend(r for r in reqs if r)
+
+
 class MPIBackend:
     """Moves bytes between the ranks of one (duplicated, private) MPI communicator.
 
@@ -158,6 +169,41 @@ class MPIBackend:
 
     def waitall(self, reqs: Sequence[Any]) -> None:
         """Block until every request completes."""
+        self._waitall(reqs)
+
+    def abandon(self, reqs: Sequence[Any]) -> None:
+        """Keep a failed call's requests for the life of the process (see :meth:`Backend.abandon`)."""
+        abandon(reqs)
+
+    def watch_failures(self, watch: Callable[[], None]) -> None:
+        """Elastic mode: waits that poll, call ``watch`` (raises once a peer is lost) and never free a failed request.
+
+        Under ULFM, MPI_Wait completes a send to a dead peer in error while
+        Open MPI's ob1 layer may still hold one of its fragments; freeing the
+        request there makes that fragment's own failure abort the job ("Send
+        error after request freed"). So requests are polled with
+        MPI_Request_get_status, which frees nothing; only complete ones are
+        freed, and a failure leaves them all to :func:`abandon`.
+        """
+        self._watch = watch
+        self.wait = self._wait_one_watched  # type: ignore[method-assign]
+        self.waitall = self._wait_watched  # type: ignore[method-assign]
+
+    def _wait_one_watched(self, req: Any) -> None:
+        self._wait_watched((req,))
+
+    def _wait_watched(self, reqs: Sequence[Any]) -> None:
+        now = _time.monotonic
+        due = 0.0
+        try:
+            while not all([r.Get_status() for r in reqs]):
+                t = now()
+                if t >= due:
+                    self._watch()
+                    due = t + 0.002
+        except BaseException:
+            abandon(reqs)
+            raise
         self._waitall(reqs)
 
     def barrier(self) -> None:
