@@ -154,6 +154,7 @@ def deadline(what: str, timeout: float | None = None) -> Iterator[None]:
 
     For blocking MPI calls outside any op record, such as the collective
     communicator duplication and node discovery inside ``Communicator()``.
+    An infinite limit (``COLLECTIVE_TIMEOUT=inf``) watches nothing: no thread.
 
     Example::
 
@@ -161,6 +162,9 @@ def deadline(what: str, timeout: float | None = None) -> Iterator[None]:
             comm = MPI.COMM_WORLD.Dup()
     """
     t = float(timeout) if timeout is not None else config.get("TIMEOUT")
+    if t == float("inf"):  # Event.wait cannot take it (OverflowError), and there is nothing to watch
+        yield
+        return
 
     def expire() -> None:
         try:
@@ -200,7 +204,7 @@ class Watchdog:
     Args:
         rank, size: this rank and the number of ranks of the communicator.
         timeout: seconds an op may take before the job is aborted (else
-            ``COLLECTIVE_TIMEOUT``, else 300; ``inf`` disables).
+            ``COLLECTIVE_TIMEOUT``, else 1800; ``inf`` disables).
         stall_warn: seconds after which a stalled op is reported, once (else
             ``COLLECTIVE_STALL_WARN``, else 60).
         status: the communicator's :class:`OpStatus` (its sequencer); None for

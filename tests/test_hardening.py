@@ -25,6 +25,13 @@ def test_default_deadline_ends_fast_when_a_rank_is_gone() -> None:
     assert res.seconds < 40, res.seconds
 
 
+def test_infinite_timeout_runs_alloc_free_subgroup_close() -> None:
+    res = mpirun("hardening.py", 2, ["no_deadline"], timeout=120, env={"COLLECTIVE_TIMEOUT": "inf"})
+    check(res, "alloc, free, subgroup, split and close with COLLECTIVE_TIMEOUT=inf")
+    assert res.output.count("PASSED 1") == 2, res.output
+    assert "OverflowError" not in res.output, res.output
+
+
 @pytest.mark.parametrize("nprocs", [2, 3])
 def test_native_collectives_in_pieces_past_the_count_limit(nprocs: int) -> None:
     res = mpirun("hardening.py", nprocs, ["native_pieces"], timeout=120)

@@ -289,6 +289,30 @@ def tiny_shm() -> None:
     print("PASSED 1", flush=True)
 
 
+def no_deadline() -> None:
+    """COLLECTIVE_TIMEOUT=inf: alloc, free, subgroup, split and close (the calls under a deadline of their own)
+    run with no deadline at all, and collectives still give the right results."""
+    comm = col.init()
+    assert comm.watchdog.timeout == float("inf"), comm.watchdog.timeout
+    P, R = comm.size, comm.rank
+    g = comm.alloc(1 << 12, np.float32)
+    g[:] = R + 1
+    comm.allreduce(g, out=g)
+    assert (g == P * (P + 1) / 2).all()
+    _free(comm, g)
+    sub = comm.subgroup(range(P))
+    y = sub.allreduce(np.full(16, R + 1, np.float32))
+    assert (y == P * (P + 1) / 2).all()
+    sub.close()
+    half = comm.split(R % 2)
+    assert half.size == len(range(R % 2, P, 2))
+    half.close()
+    time.sleep(0.2)  # a deadline thread that failed would have ended the job by now
+    comm.close()
+    print(f"rank {R}: PASSED 1", flush=True)
+
+
 if __name__ == "__main__":
     {"busy_rank": busy_rank, "gone_rank": gone_rank, "native_pieces": native_pieces, "huge": huge,
-     "fork_child": fork_child, "small_shm": small_shm, "free_rounds": free_rounds, "tiny_shm": tiny_shm}[sys.argv[1]]()
+     "fork_child": fork_child, "small_shm": small_shm, "free_rounds": free_rounds, "tiny_shm": tiny_shm,
+     "no_deadline": no_deadline}[sys.argv[1]]()
