@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CollectiveMismatchError
-from .threads import thread_tag
+from .threads import SHARED_NAME, thread_tag
 
 __all__ = ["Fingerprints", "Poison", "POISON", "RECORD_BYTES", "FIELDS", "rank_list"]
 
@@ -297,6 +297,10 @@ def mismatch_message(rank: int, size: int, records: list[list[str]]) -> str:
                      "communicator (comm.split(0) or comm.subgroup(range(comm.size)), made in the same order on every "
                      "rank). Threads are told apart by name: name those that call collectives "
                      "(threading.Thread(name=...)) the same on every rank.")
+            if any(SHARED_NAME in records[q][_THREAD] for q in good):
+                head += (f" A thread marked '{SHARED_NAME}' bears the name of another live thread of its rank, "
+                         "so the two cannot be told apart across ranks: name every thread that calls collectives "
+                         "distinctly.")
         if any(records[q][5].startswith("shm-window#") for q in good):
             head += (" (shm-window#k is the k-th comm.alloc() array, reduced where it lies; #k->#j: into the j-th; "
                      "every rank must pass the same ones)")

@@ -13,7 +13,13 @@ Terms (the names below follow them):
   call includes the issuer's hash, so an op that one thread issues on one rank
   and another thread on another rank is a mismatch on every rank, never an
   exchange of the wrong data. A thread's tag is taken from its name when it
-  first calls a collective, and kept for the thread's lifetime.
+  first calls a collective, and kept for the thread's lifetime. A name is
+  only comparable while one live thread bears it: a thread whose name another
+  live thread of this process bears too (``Thread(name="worker")`` twice) gets
+  a tag of its own instead, shown as ``worker (a second live thread so named,
+  id N)`` and hashed with its ident, which no thread of another rank shares,
+  so its collectives are a mismatch that says to name the threads apart,
+  never a pairing of the two threads' data decided by timing.
 * **library threads** -- threads of this library that issue collectives on a
   user's behalf (torch's completion callbacks, the Horovod engine) carry one
   fixed name each, so their tags agree across ranks too (:func:`set_name`).
@@ -29,12 +35,14 @@ from __future__ import annotations
 import threading
 import zlib
 
-__all__ = ["ThreadTag", "TAGS", "thread_tag", "set_name", "OrderedIssuers"]
+__all__ = ["ThreadTag", "TAGS", "thread_tag", "set_name", "OrderedIssuers", "SHARED_NAME"]
 
 _MASK62 = (1 << 62) - 1
 #: Per thread: ``TAGS.tag`` is the thread's :class:`ThreadTag` once made (the repeat paths read it inline; an
 #: AttributeError means not yet: call :func:`thread_tag`).
 TAGS = threading.local()
+#: In the tag name of a thread whose name another live thread bears too (see the module docstring).
+SHARED_NAME = "a second live thread so named"
 
 
 class ThreadTag:
@@ -60,6 +68,9 @@ class ThreadTag:
 def thread_tag() -> ThreadTag:
     """The calling thread's tag (made on its first call, then one thread-local lookup).
 
+    A thread whose name another live thread bears too gets a tag of its own
+    (see the module docstring): its collectives then mismatch on every rank.
+
     Example::
 
         thread_tag().name   # "MainThread"
@@ -67,7 +78,11 @@ def thread_tag() -> ThreadTag:
     try:
         return TAGS.tag
     except AttributeError:
-        t = TAGS.tag = ThreadTag(threading.current_thread().name, threading.get_ident())
+        me = threading.current_thread()
+        name, ident = me.name, threading.get_ident()
+        if any(t is not me and t.name == name for t in threading.enumerate()):
+            name = f"{name} ({SHARED_NAME}, id {ident})"
+        t = TAGS.tag = ThreadTag(name, ident)
         return t
 
 

@@ -13,7 +13,7 @@ from mpi_util import check, count_passed, mpirun
 def test_racing_threads_raise_and_never_exchange_wrong_data(nprocs: int) -> None:
     res = mpirun("threads.py", nprocs, ["race"], timeout=400)
     check(res, f"threads racing on one communicator at P={nprocs}")
-    assert count_passed(res) == 9, res.output[-3000:]
+    assert count_passed(res) == 10, res.output[-3000:]
     assert "WRONG" not in res.output
 
 
@@ -43,6 +43,31 @@ def test_thread_tags_follow_names_and_hash_the_same_everywhere() -> None:
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env=dict(env, PYTHONHASHSEED=str(s))).stdout for s in (1, 2)}
     assert outs == {f"{ThreadTag('MainThread', 0).h}\n"}
+
+
+def test_two_live_threads_of_one_name_get_tags_of_their_own() -> None:
+    from collective.threads import SHARED_NAME, ThreadTag, thread_tag
+
+    got: dict[int, ThreadTag] = {}
+    both = threading.Barrier(2, timeout=30)
+
+    def body(k: int) -> None:
+        both.wait()  # both alive before either takes its tag
+        got[k] = thread_tag()
+        both.wait()
+
+    ts = [threading.Thread(target=body, args=(k,), name="twin") for k in (0, 1)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert got[0].h != got[1].h and got[0].h != ThreadTag("twin", 0).h, got
+    assert all(SHARED_NAME in got[k].name and got[k].name.startswith("twin (") for k in (0, 1)), got
+    # One live thread of the name (the other ended): the name is its tag.
+    t = threading.Thread(target=lambda: got.__setitem__(2, thread_tag()), name="twin")
+    t.start()
+    t.join(30)
+    assert got[2].name == "twin" and got[2].h == ThreadTag("twin", 0).h
 
 
 def test_library_deadlines_take_no_number_from_unnamed_threads() -> None:

@@ -159,6 +159,49 @@ def main_race() -> None:
 
     cases.run("threads crossed across ranks raise a mismatch naming both", crossed_threads)
 
+    def same_name_crossed() -> None:
+        """Two live threads of one name ("worker"), their calls crossed across ranks: names cannot tell them apart,
+        so every call mismatches (saying to name them apart), never a pairing of the two threads' data."""
+        comm.barrier()
+        turns = [threading.Event(), threading.Event()]
+        ended = threading.Event()
+        got: dict[int, object] = {}
+
+        def call(k: int) -> None:
+            assert turns[k].wait(60)
+            try:
+                got[k] = comm.allreduce(np.full(16, 1000.0 * (k + 1) + R))
+            except BaseException as exc:  # noqa: BLE001
+                got[k] = exc
+            if k == order[0]:
+                turns[order[1]].set()
+            else:
+                ended.set()
+            assert ended.wait(60)  # both stay alive until both have called: two live threads of one name
+
+        order = (0, 1) if R % 2 == 0 else (1, 0)
+        ts = [threading.Thread(target=call, args=(k,), name="worker") for k in (0, 1)]
+        for t in ts:
+            t.start()
+        turns[order[0]].set()
+        for t in ts:
+            t.join(60)
+            assert not t.is_alive()
+        y = comm.allreduce(np.full(3, 1.0))  # the ops stayed in step
+        assert np.array_equal(y, np.full(3, float(P)))
+        if P == 1:
+            assert all(np.array_equal(got[k], np.full(16, 1000.0 * (k + 1))) for k in (0, 1)), got
+            return
+        for k in (0, 1):
+            exc = got[k]
+            assert isinstance(exc, col.CollectiveMismatchError), (k, exc)
+            text = str(exc)
+            for part in ("(thread differs)", "worker (a second live thread so named", "name every thread that "
+                         "calls collectives distinctly"):
+                assert part in text, (part, text)
+
+    cases.run("two live threads of one name crossed across ranks raise a mismatch", same_name_crossed)
+
     def crossed_async() -> None:
         """An async op's issuer is the thread that called it, not the communication thread."""
         comm.barrier()
