@@ -293,7 +293,8 @@ class Sequencer:
         return False
 
     def _leave(self) -> None:
-        self.owner = None
+        # owner_call too: the call (its arrays, a device request, a poison's traceback) must not outlive the op.
+        self.owner = self.owner_call = None
         self._gate.release()
 
     # ------------------------------------------------------------ ordinary ops
@@ -617,7 +618,7 @@ class Sequencer:
                 finally:
                     c.xf = c.of = c.result = None
         finally:
-            self.owner = None
+            self.owner = self.owner_call = None
             gate.release()
         return self.ordinary(x, op, algorithm, out)
 
@@ -643,7 +644,7 @@ class Sequencer:
                 hot.quick = shared.plan(hot.views, hot.out_views)
             return self.op(hot, None, tag)
         finally:
-            self.owner = None
+            self.owner = self.owner_call = None
             gate.release()
 
 

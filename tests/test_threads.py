@@ -109,6 +109,45 @@ def test_one_rank_overlap_raises_usage_error() -> None:
     comm.close()
 
 
+def test_a_finished_call_keeps_nothing_of_its_caller_alive() -> None:
+    """The gate's record of the call in flight ends with the call: its arrays, closures and a failed call's
+    traceback (the caller's frames) are not kept until the next collective."""
+    import gc
+    import weakref
+
+    import collective as col
+
+    class Payload:
+        pass
+
+    comm = col.Communicator()
+    try:
+        p = Payload()
+        ref = weakref.ref(p)
+        comm.sequencer.run_locked(lambda p=p: None, "alloc")
+        del p
+        gc.collect()
+        assert ref() is None, "run_locked kept its work alive"
+        x = np.ones(1001)
+        xref = weakref.ref(x)
+        assert np.array_equal(comm.allreduce(x, op="max", algorithm="ring"), x)
+        del x
+        gc.collect()
+        assert xref() is None, "an allreduce kept its input alive"
+
+        def fail(p=Payload()) -> None:
+            raise col.CollectiveValueError("refused")
+
+        fref = weakref.ref(fail.__defaults__[0])
+        with pytest.raises(col.CollectiveValueError):
+            comm.sequencer.run_locked(fail, "free")
+        del fail
+        gc.collect()
+        assert fref() is None, "a failed run_locked kept its work alive"
+    finally:
+        comm.close()
+
+
 def test_ordered_by_caller_tags_every_thread_alike_and_still_detects_overlap() -> None:
     """torch.distributed's groups: one tag name on every thread, but two threads inside one op still raise."""
     import collective as col
