@@ -49,7 +49,7 @@ import numpy as np
 from .arrays import Deferred
 from .errors import BackendUnavailableError, CollectiveTimeoutError, CollectiveUsageError, describe
 from .fingerprint import Poison
-from .shm import RETIRED
+from .shm import RETIRED, retired_window
 from .spec import ROOTED
 from .threads import TAGS, OrderedIssuers, ThreadTag, thread_tag
 
@@ -532,8 +532,9 @@ class Sequencer:
         if type(x) is not np.ndarray or self.pending:
             return self.ordinary(x, op, algorithm, out)
         prep = self.prep
-        # Maybe an array of a replaced communicator: the checked path says so.
-        if RETIRED and (x.base is not None or out is not None):
+        # An array of a replaced communicator (elastic mode, after a shrink): the checked path refuses it by name.
+        if RETIRED and (retired_window(x) is not None
+                        or (out is not None and out is not x and retired_window(out) is not None)):
             return self.ordinary(x, op, algorithm, out)
         if out is not None and x.base is not None and x.nbytes >= prep.window_min:  # windows are views
             hot = prep.hot_call("allreduce", x, op, algorithm, 0, out)

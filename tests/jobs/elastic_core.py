@@ -231,9 +231,9 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
                 ok("sub-communicator" in str(e), f"{point}: sub-communicator message {e}")
             sub = None
         if "window" in bufs:  # the old communicator's alloc'd array: collectives on the new one refuse it
-            for _ in range(2):
+            for kw in ({}, {}, {"out": bufs["window"]}, {"out": bufs["window"]}):  # twice each: repeats too
                 try:
-                    new.allreduce(bufs["window"], algorithm="native")
+                    new.allreduce(bufs["window"], algorithm="native", **kw)
                     fail(f"{point}: an alloc'd array of the old communicator was taken")
                 except CollectiveError as e:
                     ok("replaced" in str(e) and "alloc" in str(e), f"{point}: old alloc'd array: {e}")
