@@ -434,14 +434,15 @@ class Sequencer:
         return self.p2p.report_lines() if self.p2p is not None else []
 
     def run_locked(self, fn: Callable[[], Any], name: str = "collective") -> Any:
-        """``fn()`` under the gate, after every pending async op (for work that must not interleave with ops:
-        ``alloc``, ``free``, device setup, all collective; ``name`` says which in a usage error)."""
+        """``fn()`` on the calling thread under the gate, after every pending async op (for work that must not
+        interleave with ops: ``alloc``, ``free``, device setup, all collective; ``name`` says which in a usage
+        error). In elastic mode an error of ``fn`` that a lost rank caused becomes RanksLostError."""
         tag = self.thread_tag()
         c = _Call0(fn, name)
         held = self._enter(c, tag)
         try:
-            if self.pending:
-                return self._queue_op(c, None, tag).wait()
+            if self.pending:  # as run_here: wait for them, then run fn here (device setup is bound to this thread)
+                self._queue_op(_Call0(_nothing), None, tag).wait()
             t0 = _monotonic()
             try:
                 return fn()
@@ -654,7 +655,7 @@ def _nothing() -> None:
 
 
 class _Call0:
-    """Work queued behind pending ops that is not an op itself (``run_locked``)."""
+    """Work under the gate that is not an op itself (``run_locked``); queued, a marker the caller waits for."""
 
     shape = dtype = None
 

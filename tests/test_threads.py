@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -145,6 +146,29 @@ def test_a_finished_call_keeps_nothing_of_its_caller_alive() -> None:
         gc.collect()
         assert fref() is None, "a failed run_locked kept its work alive"
     finally:
+        comm.close()
+
+
+def test_run_locked_waits_for_pending_ops_and_runs_on_the_callers_thread() -> None:
+    """alloc, free and device setup run on their caller's thread (device setup is bound to it) after the async
+    ops queued before them, not on the communication thread."""
+    import types
+
+    import collective as col
+
+    comm = col.Communicator()
+    seqr = comm.sequencer
+    release = threading.Event()
+    try:
+        c = types.SimpleNamespace(name="allreduce", shape=(3,), dtype=np.dtype("f8"), algorithm="native", root=0)
+        w = seqr.submit(c, lambda c, first, seq: release.wait(30))  # an async op held in flight
+        assert seqr.pending == 1
+        threading.Thread(target=lambda: (time.sleep(0.3), release.set()), name="releaser").start()
+        ran = seqr.run_locked(lambda: (w.done(), threading.current_thread().name), "alloc")
+        assert ran == (True, "MainThread"), ran
+        assert w.wait(30) is True
+    finally:
+        release.set()
         comm.close()
 
 
