@@ -250,7 +250,10 @@ class Sequencer:
 
         First this rank takes part in the op order with a poisoned call (as a
         rank that rejected its arguments does), so ranks where the two threads
-        did not overlap raise too instead of waiting for this call.
+        did not overlap raise too instead of waiting for this call. Work that
+        is not an op (``run_locked``: alloc, free, device setup) takes no
+        sequence number on any rank, so it raises without a poisoned turn: one
+        would pair with the other ranks' next op.
         """
         other, theirs = self.owner, self.owner_call
         mine = describe(getattr(c, "name", "collective"), self.rank, self.size, getattr(c, "shape", None),
@@ -267,7 +270,8 @@ class Sequencer:
             "differ from rank to rank. Give each thread its own communicator (comm.split(0) or "
             "comm.subgroup(range(comm.size)), made in the same order on every rank), or let one thread at a time "
             "call collectives (a lock, or a queue served by one thread).")
-        self.poison(getattr(c, "name", "collective"), err, tag)
+        if type(c) is not _Call0:
+            self.poison(getattr(c, "name", "collective"), err, tag)
         raise err
 
     def ordered_by_caller(self, name: str) -> None:

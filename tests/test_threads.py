@@ -14,7 +14,7 @@ from mpi_util import check, count_passed, mpirun
 def test_racing_threads_raise_and_never_exchange_wrong_data(nprocs: int) -> None:
     res = mpirun("threads.py", nprocs, ["race"], timeout=400)
     check(res, f"threads racing on one communicator at P={nprocs}")
-    assert count_passed(res) == 10, res.output[-3000:]
+    assert count_passed(res) == 11, res.output[-3000:]
     assert "WRONG" not in res.output
 
 

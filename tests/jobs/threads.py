@@ -131,6 +131,43 @@ def main_race() -> None:
 
     cases.run("overlap raises a usage error on one rank and a mismatch on the others", overlap_named)
 
+    def overlap_not_an_op() -> None:
+        """Work under the gate that is no op (alloc, free, device setup: run_locked) entered while another thread
+        holds the gate raises on that rank alone and takes no turn in the op order: the next op agrees everywhere."""
+        comm.barrier()
+        inside, release = threading.Event(), threading.Event()
+        out: dict[str, object] = {}
+
+        def holder() -> None:
+            comm.sequencer.run_locked(lambda: (inside.set(), release.wait(30)), "alloc")
+
+        def intruder() -> None:
+            assert inside.wait(30)
+            if R != 0:  # only rank 0's threads overlap
+                while not out.get("held"):
+                    time.sleep(0.01)
+            out["ran"] = comm.sequencer.run_locked(lambda: "ran", "free")
+
+        def hold() -> None:
+            holder()
+            out["held"] = True
+
+        def release_later() -> None:
+            time.sleep(0.5)
+            release.set()
+
+        errs = _threads(("holder", hold), ("intruder", intruder), ("releaser", release_later))
+        y = comm.allreduce(np.full(4, float(R)))  # the op order is the same on every rank
+        assert np.array_equal(y, np.full(4, P * (P - 1) / 2)), y
+        assert errs[0] is None and errs[2] is None, errs
+        if R == 0:
+            assert isinstance(errs[1], col.CollectiveUsageError), repr(errs[1])
+            assert "free on rank 0" in str(errs[1]) and "alloc of thread 'holder'" in str(errs[1]), str(errs[1])
+        else:
+            assert errs[1] is None and out["ran"] == "ran", (errs[1], out)
+
+    cases.run("alloc/free overlapping another thread raise alone, out of the op order", overlap_not_an_op)
+
     def crossed_threads() -> None:
         """No overlap on any rank, but the threads' calls meet in a different order: a mismatch on every rank."""
         comm.barrier()
