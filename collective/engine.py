@@ -3,9 +3,10 @@
 It owns what the host paths need: the MPI backend and the Schedule executor,
 the node's shm arena (made when the communicator is, on one node, so the
 cross-rank check can be one of its phases) and the ``comm.alloc`` windows.
-The sequencer calls :meth:`HostEngine.execute` once per op, with the lock
-held, after the op's record began; ``first`` is the cross-rank check when it
-is to be the call's first shm phase.
+The sequencer calls :meth:`HostEngine.execute` once per op, one op at a time
+(from the gate's owner or the communication thread), after the op's record
+began; ``first`` is the cross-rank check when it is to be the call's first shm
+phase.
 """
 from __future__ import annotations
 

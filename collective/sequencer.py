@@ -25,11 +25,11 @@ Terms (the names below follow them):
   while the gate is held raises CollectiveUsageError naming both calls and
   both threads, after taking part in the op order as a poisoned call so the
   other ranks raise too instead of waiting: two threads racing for one
-  communicator would otherwise pair their ops by chance. The owner runs its
-  op itself only when nothing is pending (nothing can be queued meanwhile:
-  queueing takes the gate), else behind the pending ops; the communication
-  thread runs the queued ops one by one under ``lock``, so the two never
-  run ops at once.
+  communicator would otherwise pair their ops by chance. Ops never run two
+  at once: the owner runs its op itself only when nothing is pending
+  (nothing can be queued meanwhile: queueing takes the gate), else it queues
+  it behind the pending ops; the one communication thread runs the queued
+  ops one by one, and lowers ``pending`` only after an op is done.
 * **repeat** -- a synchronous allreduce whose signature passed every check
   before: its prepared call is a template refilled with this call's arrays
   (:meth:`Sequencer.allreduce`), and on one node its check and its
@@ -219,8 +219,6 @@ class Sequencer:
         self.async_problem = async_ok
         self.recorder = FlightRecorder(trace_len)
         self.seq = 0
-        #: Held by the communication thread while it runs a queued op.
-        self.lock = threading.Lock()
         #: Async ops handed to the communication thread and not finished (it lowers the count as the last thing
         #: an op does to this sequencer's state).
         self.pending = 0
@@ -485,8 +483,7 @@ class Sequencer:
             # The count drops before the waiter can wake, so a synchronous call made right after wait()
             # returns never queues behind a collective that has already finished.
             try:
-                with self.lock:
-                    res = c.fn() if type(c) is _Call0 else self.op(c, execute, tag)
+                res = c.fn() if type(c) is _Call0 else self.op(c, execute, tag)
             except BaseException as exc:  # handed to the waiter, who re-raises it
                 self.pending -= 1
                 w.finish(None, exc)
