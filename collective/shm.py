@@ -490,17 +490,12 @@ class ShmArena:
         flag's cache line next to the fingerprint, in a pair per slot, so the
         sizes of a variable-size collective travel with its check.
         """
-        par = seq & 1
-        slot = 1 + par
-        w = 3 + 2 * par  # words 3-4 for even calls, 5-6 for odd ones (0: ticket, 1-2: fingerprints)
+        w = 3 + 2 * (seq & 1)  # words 3-4 for even calls, 5-6 for odd ones (0: ticket, 1-2: fingerprints)
         f = self.my_flag
-        f[w] = a
+        f[w] = a  # before exchange posts the fingerprint: a rank that sees it sees these too
         f[w + 1] = b
-        f[slot] = h
-        self.phase()
-        for o in self._others:
-            if o[slot] != h:
-                return False, None
+        if not self.exchange(h, seq):
+            return False, None
         return True, np.array([(fl[w], fl[w + 1]) for fl in self.flags], np.int64)
 
     def quick_regions(self, dtype: np.dtype, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
