@@ -42,8 +42,9 @@ class Chooser:
         self._ranks_per_node = [len(cluster.ranks_of_node(n)) for n in range(cluster.nnodes)]
         self._choices: dict[tuple, Any] = {}
 
-    def auto(self, name: str, nbytes: int, dtype: np.dtype) -> str:
-        """The algorithm "auto" picks for a call of ``nbytes`` of ``dtype``.
+    def auto(self, name: str, nbytes: int, dtype: np.dtype, root: int = 0) -> str:
+        """The algorithm "auto" picks for a call of ``nbytes`` of ``dtype`` (``root``: of gather or scatter, whose
+        Schedules the cost model compares from the root).
 
         In order: a tuning table when it covers this P and layout; on one
         node, shm for allreduce, and for the others MPI's own below 16 KiB
@@ -52,7 +53,7 @@ class Chooser:
         links (see :meth:`explain`).
         """
         if name in VARIABLE_AUTO:
-            return self.auto_variable(name, nbytes, dtype)
+            return self.auto_variable(name, nbytes, dtype, root)
         shm = self.single_node and (self._shm_ok is None or self._shm_ok())
         if self.tuning is not None and mpi_dtype(dtype) is not None:
             chosen = self.tuning.choose(name, nbytes, self.size, self._ranks_per_node)
@@ -121,6 +122,4 @@ class Chooser:
         """Each algorithm's predicted time, the cost model's choice, what "auto" picks (``Communicator.explain``)."""
         dt = np.dtype(dtype)
         text = cost.explain(self.cost_choice(collective, nbytes, dt, root), self.cluster)
-        picks = (self.auto_variable(collective, int(nbytes), dt, root) if collective in VARIABLE_AUTO
-                 else self.auto(collective, int(nbytes), dt))
-        return f"{text}\n  auto picks now: {picks}"
+        return f"{text}\n  auto picks now: {self.auto(collective, int(nbytes), dt, root)}"

@@ -205,7 +205,7 @@ class HostEngine:
         #: Called with the arena right after it is made (collective over the node); elastic mode watches peers.
         self.on_arena: Callable[[ShmArena], None] | None = None
         #: ``choose_variable(name, nbytes, dtype, root)``: what "auto" runs for a variable-size collective
-        #: (``Chooser.auto_variable``); set by the communicator. None: shm on one node, else native.
+        #: (``Chooser.auto_variable``); set by the communicator before any op runs.
         self.choose_variable: Callable[[str, int, np.dtype, int], str] | None = None
 
     def plan(self, sched: Any, itemsize: int) -> Plan:
@@ -315,6 +315,7 @@ class HostEngine:
             self._barrier(first)
             return None
         if type(c) is VCall:
+            assert self.choose_variable is not None  # set by the communicator with its Chooser
             return run_variable(c, first, seq, self.backend.comm, self._mpi, self._exec, self.nodes,
                                 self._fixed_seq(seq),
                                 self.make_arena if self.single_node and self.shm_problem is None else None,

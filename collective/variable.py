@@ -247,14 +247,13 @@ def _counts(c: VCall, comm: Any, rank: int, size: int) -> np.ndarray:
 
 def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any, MPI: Any, executor: Any,
                  nodes: tuple[int, ...], fixed: Callable[[VCall], Any], arena: Callable[[], Any] | None,
-                 choose: Callable[[str, int, np.dtype, int], str] | None = None) -> Any:
+                 choose: Callable[[str, int, np.dtype, int], str]) -> Any:
     """Run variable-size call ``c`` (op ``seq``) on mpi4py communicator ``comm``; its result.
 
     ``fixed(c)``: the fixed-size path of an allgather whose counts are equal.
     ``arena()``: the node's shm arena when every rank shares one node, else None.
     ``choose(name, nbytes, dtype, root)``: what "auto" runs ("allgatherv" for an uneven allgather; ``nbytes``
-    per rank, as ``topologies.cost.predict`` counts them; the same on every rank). None: shm where
-    ``arena`` is given, else native.
+    per rank, as ``topologies.cost.predict`` counts them; the same on every rank).
     """
     if first is not None:
         first()  # the check, handed over as an arrival phase: nothing else to arrive at here
@@ -288,18 +287,15 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         return fixed(c)
     alg = c.algorithm
     if alg == "auto":
-        if choose is None:
-            alg = "shm" if arena is not None and size > 1 else "native"
+        # From what every rank holds alike: the total of the counts, not this rank's own part.
+        isz = dtype.itemsize * row
+        if c.name == "alltoall":
+            nbytes = int(M.sum()) * isz // size
+        elif c.name == "scatter":
+            nbytes = sum(c.splits) * isz  # type: ignore[arg-type]
         else:
-            # From what every rank holds alike: the total of the counts, not this rank's own part.
-            isz = dtype.itemsize * row
-            if c.name == "alltoall":
-                nbytes = int(M.sum()) * isz // size
-            elif c.name == "scatter":
-                nbytes = sum(c.splits) * isz  # type: ignore[arg-type]
-            else:
-                nbytes = int(counts.sum()) * isz // size
-            alg = choose("allgatherv" if c.name == "allgather" else c.name, nbytes, dtype, c.root)
+            nbytes = int(counts.sum()) * isz // size
+        alg = choose("allgatherv" if c.name == "allgather" else c.name, nbytes, dtype, c.root)
     if alg == "shm" and arena is None:
         alg = "native"
     c.algorithm = alg
