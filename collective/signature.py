@@ -7,7 +7,7 @@ array type it comes in.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,8 @@ from collective.topologies import even_blocks
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError
 from .ops import OPS, ReduceOp, check_dtype, get_op
 
-__all__ = ["ROOTED", "REDUCING", "check_signature", "check_algorithm", "check_out", "overlap", "cached_checks"]
+__all__ = ["ROOTED", "REDUCING", "check_signature", "check_algorithm", "check_out", "check_out_dtype", "overlap",
+           "cached_checks"]
 
 ROOTED = frozenset(("reduce", "broadcast"))
 REDUCING = frozenset(("allreduce", "reduce", "reduce_scatter"))
@@ -45,12 +46,14 @@ def cached_checks(cache: dict[tuple, tuple], key: tuple, compute: Callable[[], t
     return hit
 
 
-def check_algorithm(name: str, shape: tuple, dtype: np.dtype, alg: Any, choices: Sequence[str], fail: Fail) -> None:
+def check_algorithm(name: str, shape: tuple, dtype: np.dtype, alg: Any, choices: Sequence[str], fail: Fail,
+                    others: Collection[str] = ()) -> None:
     """Raise (through ``fail``, see :func:`check_signature`) unless ``alg`` is one of ``choices`` (the backend's
-    algorithms: ``spec.ALGORITHMS`` on the host)."""
+    algorithms: ``spec.ALGORITHMS`` on the host; a variable-size collective's own). ``others``: algorithms that
+    exist but do not run this collective, which the message calls so rather than unknown."""
     if alg not in choices:
-        raise fail(CollectiveValueError, name, shape, dtype, alg,
-                   f"unknown algorithm {alg!r}; choose one of {', '.join(choices)}")
+        what = f"algorithm {alg!r} does not run {name}" if alg in others else f"unknown algorithm {alg!r}"
+        raise fail(CollectiveValueError, name, shape, dtype, alg, f"{what}; choose one of {', '.join(choices)}")
 
 
 def check_out(name: str, shape: tuple, dtype: np.dtype, alg: str, out_dtype: Any, out_shape: tuple, rshape: tuple,
@@ -58,10 +61,17 @@ def check_out(name: str, shape: tuple, dtype: np.dtype, alg: str, out_dtype: Any
     """Raise (through ``fail``) unless an out array of ``out_dtype`` and ``out_shape`` fits a result of ``dtype``
     and ``rshape`` (contiguity and writability are the caller's: they depend on the array type)."""
     if out_dtype != dtype:
-        raise fail(CollectiveTypeError, name, shape, dtype, alg, f"out has dtype {out_dtype}, expected {dtype}")
+        check_out_dtype(name, shape, dtype, alg, out_dtype, fail)
     if tuple(out_shape) != tuple(rshape):
         raise fail(CollectiveValueError, name, shape, dtype, alg,
                    f"out has shape {tuple(out_shape)}, expected {tuple(rshape)}")
+
+
+def check_out_dtype(name: str, shape: tuple, dtype: np.dtype, alg: str, out_dtype: Any, fail: Fail) -> None:
+    """Raise (through ``fail``) unless ``out_dtype`` is the result's ``dtype`` (for results whose shape the caller
+    checks itself, such as a variable-size collective's rows)."""
+    if out_dtype != dtype:
+        raise fail(CollectiveTypeError, name, shape, dtype, alg, f"out has dtype {out_dtype}, expected {dtype}")
 
 
 def overlap(name: str, shape: tuple, dtype: np.dtype, alg: str, x_span: tuple[int, int], out_span: tuple[int, int],

@@ -38,6 +38,7 @@ from collective import topologies
 from .arrays import Deferred, to_numpy
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import check_dtype, dtype_code, dtype_from_code
+from .signature import check_algorithm, check_out_dtype
 
 __all__ = ["VCall", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
 
@@ -50,6 +51,9 @@ ALGORITHMS_OF: dict[str, tuple[str, ...]] = {
     "scatter": ("auto", "native", "tree", "shm"),
     "allgather": ("auto", "native", "ring", "tree", "star", "hierarchical", "pipeline", "shm"),
 }
+#: Algorithms that exist but may not run a given one of these collectives (a tuple: an unhashable argument
+#: is only unknown).
+_KNOWN_ELSEWHERE = tuple(sorted({"shm", *topologies.ALGORITHMS, *(a for algs in ALGORITHMS_OF.values() for a in algs)}))
 _HEADER = 36  # scatter's header: dtype (16 bytes), ndim, a flag, then up to 32 dims of the row shape
 
 
@@ -145,11 +149,10 @@ def prepare_variable(name: str, x: Any, root: int, splits: Any, algorithm: str |
     def fail(cls: type, what: str) -> CollectiveError:
         return cls(f"{describe(name, rank, size, shape, dtype, alg)}: {what}")
 
-    if alg not in ALGORITHMS_OF[name]:
-        if alg == "shm" or alg in topologies.ALGORITHMS:
-            raise fail(CollectiveValueError, f"algorithm {alg!r} does not run {name}; choose one of "
-                                             f"{', '.join(ALGORITHMS_OF[name])}")
-        raise fail(CollectiveValueError, f"unknown algorithm {alg!r}; choose one of {', '.join(ALGORITHMS_OF[name])}")
+    def sfail(cls: type, _n: str, _s: Any, _d: Any, _a: Any, what: str) -> CollectiveError:
+        return fail(cls, what)  # signature's checks, with this call's description (x's shape and dtype)
+
+    check_algorithm(name, shape, dtype, alg, ALGORITHMS_OF[name], sfail, _KNOWN_ELSEWHERE)
     if alg == "shm" and not single_node:
         raise fail(CollectiveValueError, "shm needs every rank on one node; use auto, native or ring")
     if name in ("gather", "scatter") and (isinstance(root, bool) or not isinstance(root, (int, np.integer))
@@ -185,8 +188,7 @@ def prepare_variable(name: str, x: Any, root: int, splits: Any, algorithm: str |
         if not o.flags.writeable or not o.flags.c_contiguous:
             raise fail(CollectiveValueError, "out must be writable and C-contiguous")
         if arr is not None:
-            if o.dtype != arr.dtype:
-                raise fail(CollectiveTypeError, f"out has dtype {o.dtype}, expected {arr.dtype}")
+            check_out_dtype(name, arr.shape, arr.dtype, alg, o.dtype, sfail)
             if o.ndim == 0 or o.shape[1:] != arr.shape[1:]:
                 raise fail(CollectiveValueError, f"out has shape {o.shape}; its rows must have shape {arr.shape[1:]}")
             if o.size and arr.size and np.may_share_memory(o, arr):
