@@ -143,8 +143,8 @@ def prepare_variable(name: str, x: Any, root: int, splits: Any, algorithm: str |
                      size: int, default_alg: str, single_node: bool, return_splits: bool = False) -> VCall:
     """Check every local argument of variable-size collective ``name``; raises before anything is sent."""
     alg = algorithm or (default_alg if default_alg in ALGORITHMS_OF[name] else "auto")
-    shape = getattr(x, "shape", None)
-    dtype = getattr(x, "dtype", None)
+    shape: Any = getattr(x, "shape", None)
+    dtype: Any = getattr(x, "dtype", None)
 
     def fail(cls: type, what: str) -> CollectiveError:
         return cls(f"{describe(name, rank, size, shape, dtype, alg)}: {what}")
