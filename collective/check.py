@@ -126,7 +126,7 @@ class CrossRankCheck:
                 raise poison
             return False
         fp.check(rec.seq, rec.op, rec.algorithm, getattr(c, "rop", None), rec.dtype, rec.shape, rec.root, poison,
-                 None if poison is not None else c, rec.thread)
+                 None if poison is not None else c, thread=rec.thread)
         return True
 
     def _nan(self, rec: Any, xf: np.ndarray) -> None:

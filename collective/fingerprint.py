@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CollectiveMismatchError
-from .threads import SHARED_NAME, thread_tag
+from .threads import SHARED_NAME, ThreadTag
 
 __all__ = ["Fingerprints", "Poison", "POISON", "RECORD_BYTES", "FIELDS", "rank_list"]
 
@@ -102,7 +102,8 @@ class Fingerprints:
     Example::
 
         fp = Fingerprints(mpi_comm, rank, size)
-        fp.check(seq, "allreduce", "ring", OPS["sum"], np.dtype("float32"), (1024,), None, thread=thread_tag())
+        fp.check(seq, "allreduce", "ring", OPS["sum"], np.dtype("float32"), (1024,), None,
+                 thread=collective.threads.thread_tag())
     """
 
     def __init__(self, comm: Any, rank: int, size: int, detail: bool = False) -> None:
@@ -138,7 +139,7 @@ class Fingerprints:
         return hit
 
     def check(self, seq: int, name: str, alg: Any, rop: Any, dtype: Any, shape: Any, root: Any,
-              poison: BaseException | None = None, call: Any = None, thread: Any = None) -> None:
+              poison: BaseException | None = None, call: Any = None, *, thread: ThreadTag) -> None:
         """Raise CollectiveMismatchError on every rank unless every rank's call has the same fingerprint.
 
         A poison call (``poison`` is its error) always raises: that error when
@@ -146,14 +147,13 @@ class Fingerprints:
         added to this rank's own error as a note). ``call``: the prepared call,
         whose ``sig`` attribute keeps the signature's fingerprint when it has
         one (a call reused step after step then skips the lookup). ``thread``: the
-        issuing thread's ``collective.threads.ThreadTag`` (None: the calling thread's).
+        issuing thread's ``collective.threads.ThreadTag``, from the op's record (the
+        communicator's tags: a torch process group tags every thread alike).
         A call with a ``post`` (``(rows, out rows, bad)``, see the module docstring)
         gets ``call.known``: every rank's (rows, out rows) as a (P, 2) array,
         out rows -1 where they were checked already; None when the exchange
         could not tell (the ranks' rows differ, the check is by MPI).
         """
-        if thread is None:
-            thread = thread_tag()
         if poison is None:
             sig = getattr(call, "sig", None)
             if sig is None:
@@ -209,7 +209,7 @@ class Fingerprints:
         if ex is None or sig is None or self.detail or getattr(c, "post", None) is not None:
             poisoned = type(c) is Poison
             self.check(rec.seq, rec.op, rec.algorithm, getattr(c, "rop", None), rec.dtype, rec.shape, rec.root,
-                       c.error if poisoned else None, None if poisoned else c, rec.thread)
+                       c.error if poisoned else None, None if poisoned else c, thread=rec.thread)
             return True
         seq = rec.seq
         th = rec.thread

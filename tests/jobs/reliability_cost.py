@@ -21,6 +21,7 @@ args = ap.parse_args()
 os.environ["COLLECTIVE_CHECK"] = "1"
 import collective as col  # noqa: E402
 from collective.ops import OPS  # noqa: E402
+from collective.threads import thread_tag  # noqa: E402
 
 on = col.Communicator()
 os.environ["COLLECTIVE_CHECK"] = "0"
@@ -62,10 +63,11 @@ if P > 1:
     fp = on.sequencer.check.fingerprints
     seq = [0]
     dt = np.dtype(np.float32)
+    tag = thread_tag()
 
     def one_check() -> None:
         seq[0] += 1
-        fp.check(seq[0], "allreduce", "native", OPS["sum"], dt, (1024,), None)
+        fp.check(seq[0], "allreduce", "native", OPS["sum"], dt, (1024,), None, thread=tag)
 
     two = np.zeros(2, np.int64)
     two_r = np.zeros(2, np.int64)
