@@ -18,10 +18,11 @@ def bfloat16() -> np.dtype | None:
     """The bfloat16 dtype, or None without the ml_dtypes package.
 
     bfloat16 is not a NumPy dtype; ml_dtypes (shipped with JAX and others)
-    provides one. It is imported on first use, not with this module: its import
-    costs every process several times NumPy's, and an array of bfloat16 exists
-    only where it is imported already. ``BFLOAT16`` (this module's attribute)
-    is the same value.
+    provides one. It is imported on first use, not with this module: importing
+    it loads a compiled extension and its type registrations into every
+    process, most of which never see a bfloat16 array, and an array of
+    bfloat16 exists only where ml_dtypes is imported already. ``BFLOAT16``
+    (this module's attribute) is the same value.
     """
     global _bfloat16
     if _bfloat16 is _UNSET:

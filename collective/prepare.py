@@ -43,8 +43,10 @@ class Call:
         views, out_views: every node rank's view of an alloc'd input and output (the window path).
         own: window path only: this rank's input for parts of its slice (``Communicator.allreduce_in_window``).
         sig: the signature's fingerprint, once the check computed it. mpi: (MPI datatype, MPI op) once run natively.
-        quick: a template's or hot call's one-phase state: False (not eligible), None (eligible, not armed),
-            or what the quick path runs (``ShmArena.quick_regions``; ``SharedArrays.plan`` for a hot call).
+        quick: the one-phase state. A template's: False (not eligible), None (eligible, not armed), or the
+            regions the quick path runs in (``ShmArena.quick_regions``). A hot call's (every one is eligible):
+            False until armed, then its ``SharedArrays.plan`` (armed once checked with the check fenced in
+            the arena, see ``Sequencer._window_repeat``).
     """
 
     __slots__ = ("name", "xf", "shape", "dtype", "rop", "algorithm", "root", "of", "result", "blocks", "inplace",
