@@ -868,6 +868,50 @@ class Communicator:
         self._open("barrier")
         self._seqr.run(BARRIER)
 
+    def agree(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on every rank, with the same outcome on every rank even if ranks fail (collective).
+
+        For decisions that must come out alike everywhere, such as "training
+        is over": an ordinary allreduce that a rank's failure interrupts can
+        complete on some survivors and fail on others. In elastic mode it is
+        ULFM's fault-tolerant agreement (``MPI_Comm_agree``) on this
+        communicator, after any queued async work: either every survivor gets
+        the same answer, or every survivor raises RanksLostError (also when a
+        peer noticed a failure in its own call and is recovering: it takes part
+        in the same agreement). Otherwise it is an allreduce of the flag (AND).
+
+        Args:
+            flag: this rank's vote.
+
+        Returns:
+            True if every rank passed a true ``flag``.
+
+        Raises:
+            RanksLostError: elastic mode, a rank was lost (on every survivor); call :meth:`shrink`.
+
+        Example::
+
+            done = comm.agree(step >= steps)   # every rank leaves the loop together, or every survivor raises
+        """
+        self._open("agree")
+        ft = self._ft
+        if ft is None:
+            return bool(self.allreduce(np.array([1 if flag else 0], np.int32), op="min")[0])
+
+        def run() -> bool:
+            t0 = time.monotonic()
+            if ft.error is not None:  # recovered already (a failed async op): nothing to agree with
+                raise ft.recover("agree", None)
+            result, failed = ft.agree(bool(flag))
+            if failed:
+                err = ft.recover("agree", None, t0, agreed=True)
+                self._lose()
+                raise err
+            return result
+
+        with deadline(f"agree on rank {self.rank} of {self.size} (collective)", self.watchdog.timeout):
+            return bool(self._seqr.run_locked(run, "agree"))
+
     def close(self) -> None:
         """Stop the communication thread and free the private MPI communicator (collective; later calls raise).
 

@@ -17,6 +17,14 @@ Terms (the names below follow them):
   until it completes among the survivors), then *shrink* (``MPI_Comm_shrink``:
   the survivors' communicator, the same on every survivor). The lost ranks
   are the ranks missing from it, so every survivor names the same ones.
+* **agreement** -- ``MPI_Comm_agree`` on the communicator, after
+  acknowledging the failures this rank knows of: its outcome (value and
+  error) is the same on every survivor. The value carries two bits, the
+  caller's flag and "this rank knows of no failure"
+  (:meth:`FailureState.agree`); recovery and :meth:`Communicator.agree
+  <collective.Communicator.agree>` contribute to the same agreements, so a
+  survivor in recovery and one asking for a uniform outcome meet in one and
+  both learn of the failure.
 * **peer watch** -- shm phases wait on flags in shared memory, which no MPI
   error interrupts; in elastic mode such a wait checks, every few
   milliseconds, whether a peer's process is gone or the communicator was
@@ -30,12 +38,16 @@ import threading
 import time
 from typing import Any
 
-from .errors import CollectiveConfigError, RanksLostError
+from .errors import CollectiveConfigError, CollectiveError, RanksLostError
 
 __all__ = ["FailureState", "PeerLost", "is_failure", "keep_connected", "leave_without_finalize", "require_ulfm",
            "ulfm_enabled"]
 
 _TRUE = ("1", "true", "yes", "on")
+
+#: Bits of an agreement's value (MPI_Comm_agree ANDs them over the survivors): the caller's flag, and "this rank
+#: knows of no failed process" (so the AND has it only when no survivor knows of one).
+AGREE_FLAG, AGREE_CLEAN = 1, 2
 
 
 def ulfm_enabled(environ: Any = None) -> bool:
@@ -132,8 +144,40 @@ class FailureState:
             except self.MPI.Exception as exc:
                 raise PeerLost(f"MPI reports {exc.Get_error_string().strip()}") from exc
 
+    # ------------------------------------------------------------ agreement
+    def agree(self, flag: bool, failed: bool = False) -> tuple[bool, bool]:
+        """Fault-tolerant agreement over the communicator: (AND of every survivor's ``flag``, whether any knew of a
+        failure). Collective; the outcome is the same on every survivor.
+
+        Each round acknowledges the failures this rank knows of and runs
+        ``MPI_Comm_agree``, whose outcome (value and error) ULFM makes uniform:
+        an error (a process failed and not every survivor had acknowledged it)
+        comes to every survivor, which all go round again, so every survivor
+        runs the same rounds. ``failed``: this rank knows of a failure already
+        (recovery contributes so).
+
+        Raises:
+            CollectiveError: failures kept arriving for :attr:`AGREE_ROUNDS` rounds.
+        """
+        MPI, comm = self.MPI, self.comm
+        for _ in range(self.AGREE_ROUNDS):
+            try:
+                known = comm.Ack_failed()
+            except MPI.Exception:  # refused: count it as a failure known, the agreement decides the rest
+                known = 1
+            value = (AGREE_FLAG if flag else 0) | (0 if failed or known else AGREE_CLEAN)
+            try:
+                out = comm.Agree(value)
+            except MPI.Exception:  # a failure some survivor had not acknowledged: raised on every survivor alike
+                failed = True
+                continue
+            return bool(out & AGREE_FLAG), failed or not out & AGREE_CLEAN
+        raise CollectiveError(f"{self._where('agreement')}: MPI_Comm_agree failed {self.AGREE_ROUNDS} times in a "
+                              "row (processes kept failing during it); the job cannot agree on its survivors")
+
     # ------------------------------------------------------------- recovery
-    def recover(self, op: str, exc: BaseException | None, started: float | None = None) -> RanksLostError:
+    def recover(self, op: str, exc: BaseException | None, started: float | None = None,
+                agreed: bool = False) -> RanksLostError:
         """Revoke, agree and shrink (once; later callers get the same outcome); the error for call ``op``.
 
         Collective over the survivors: every survivor gets here, through a
@@ -144,10 +188,12 @@ class FailureState:
             op: the call that noticed the failure.
             exc: what it raised (None: no call noticed one, e.g. ``shrink()`` called first).
             started: ``time.monotonic()`` when that call began (for the detection time).
+            agreed: the call was an agreement (:meth:`agree`) that found the failure: its survivors took part in
+                it already, those in recovery included, so recovery goes on to shrink without another.
         """
         with self._lock:
             if self.error is None:
-                self._recover(op, exc, started)
+                self._recover(op, exc, started, agreed)
             err = self.error
         assert err is not None
         if err.op == op:
@@ -157,7 +203,7 @@ class FailureState:
     def _where(self, op: str) -> str:
         return f"{op} on job rank {self.job_ranks[self.rank]} (rank {self.rank} of {len(self.job_ranks)})"
 
-    def _recover(self, op: str, exc: BaseException | None, started: float | None) -> None:
+    def _recover(self, op: str, exc: BaseException | None, started: float | None, agreed: bool) -> None:
         MPI, comm = self.MPI, self.comm
         t0 = time.monotonic()
         times = self.times
@@ -170,13 +216,8 @@ class FailureState:
             pass
         t1 = time.monotonic()
         times["revoke"] = t1 - t0
-        for _ in range(self.AGREE_ROUNDS):
-            try:
-                comm.Ack_failed()
-                comm.Agree(1)
-                break
-            except MPI.Exception:  # a failure not yet acknowledged everywhere: acknowledge and agree again
-                continue
+        if not agreed:
+            self.agree(True, failed=True)
         t2 = time.monotonic()
         times["agree"] = t2 - t1
         surv = comm.Shrink()

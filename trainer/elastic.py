@@ -34,8 +34,9 @@ rank whose original (world) rank is RANK SIGKILL itself in step STEP at POINT:
 (while bucket 0's reduction runs on the communication thread, as the flight
 recorder shows it: inside the shm phases when the buckets live in the node's
 shared window), ``late-allreduce`` (the last bucket's), ``update`` (between two
-buckets' optimizer updates), ``commit`` (inside the commit) or ``checkpoint``
-(while rank 0 writes one).
+buckets' optimizer updates), ``commit`` (inside the commit), ``checkpoint``
+(while rank 0 writes one) or ``finish`` (STEP being the last: just before the
+agreement that ends training).
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ from .optim import Optimizer
 
 __all__ = ["ElasticState", "ElasticStop", "Recovery", "kill_point", "lost_rank_errors"]
 
-KILL_POINTS = ("forward", "allreduce", "shm", "late-allreduce", "update", "commit", "checkpoint")
+KILL_POINTS = ("forward", "allreduce", "shm", "late-allreduce", "update", "commit", "checkpoint", "finish")
 
 
 class ElasticStop(RuntimeError):
@@ -324,8 +325,29 @@ class ElasticState:
         """Collective: the smallest committed step over the ranks (what every rank can restore)."""
         return self.agree_on(self.comm)
 
+    def finish(self, step: int) -> None:
+        """Collective: end training after ``step`` steps, on every survivor alike (a fault-tolerant agreement).
+
+        A rank lost in the last step, after its reductions, is noticed here by
+        every survivor: each raises ``RanksLostError`` (then :meth:`recover`
+        and train again from the agreed commit), or none does and all leave
+        together. An ordinary collective here could complete on some survivors
+        (which would leave) and fail on others (which would wait in
+        ``shrink()`` for them until the deadline).
+        """
+        kill_point(self.comm, step, "finish")
+        comm = self.comm
+        if comm is not None and comm.size > 1:
+            comm.agree(True)
+
     def agree_on(self, comm: Any) -> int:
-        """Collective over ``comm``: the smallest committed step over its ranks."""
+        """Collective over ``comm``: the smallest committed step over its ranks.
+
+        An ordinary allreduce is enough during recovery: what follows it
+        (rebuild, state broadcast, the next step) is collective on the same
+        communicator, so a survivor it failed on cannot leave without the
+        others noticing; they all recover again.
+        """
         mine = np.array([self.committed_step], np.int64)
         if comm is None or comm.size == 1:
             return int(mine[0])

@@ -486,9 +486,9 @@ def fit(dp: DataParallel, optimizer: Optimizer, loader: ShardedLoader, steps: in
             try:
                 if step >= steps:
                     if state is not None:
-                        # One last collective: a rank lost in the last step (after its reductions) is noticed
-                        # here, by every survivor, rather than in whatever the program does next.
-                        state.agree()
+                        # A fault-tolerant agreement: a rank lost in the last step (after its reductions) is
+                        # noticed here by every survivor alike, not by some in whatever the program does next.
+                        state.finish(step)
                     break
                 if state is not None:
                     state.maybe_grow(step)

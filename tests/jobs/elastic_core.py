@@ -8,7 +8,8 @@ them lost in one RanksLostError or in two (ULFM notices failures one by one), an
 
 POINT: native (in MPI's own allreduce), shm (mid-phase of a multi-chunk shm allreduce), quick (a repeated small
 shm allreduce, its one phase), window (an alloc'd array's window path), broadcast (ring broadcast), check (the
-cross-rank check, before any data), p2p (the victim never sends what a survivor receives), barrier.
+cross-rank check, before any data), p2p (the victim never sends what a survivor receives), barrier, agree (the
+victim's successor waits for a message from it while the others are in comm.agree()).
 Each rank prints PASSED n when every check held; FAIL lines otherwise.
 """
 from __future__ import annotations
@@ -69,7 +70,7 @@ def arm(comm: col.Communicator, point: str) -> None:
     elif point == "check":
         real_check = comm._check.check
         comm._check.check = lambda rec, c: die() if c.name == "allreduce" else real_check(rec, c)
-    elif point in ("p2p", "barrier"):
+    elif point in ("p2p", "barrier", "agree"):
         pass  # the victim dies instead of making the call
     else:
         raise SystemExit(f"unknown point {point}")
@@ -127,6 +128,15 @@ def point_call(comm: col.Communicator, point: str, victims: set, bufs: dict) -> 
             die()
         comm.barrier()
         return "barrier"
+    if point == "agree":  # the victim's successor notices in a recv (and recovers) while the others agree
+        if me in victims:
+            die()
+        vr = comm.world_ranks.index(victim)
+        if comm.rank == (vr + 1) % comm.size:
+            comm.recv(np.empty(4), source=vr, tag=3)
+            return "recv"
+        r = comm.agree(True)
+        fail(f"agree returned {r} after job rank {victim} died")
     raise SystemExit(point)
 
 
@@ -143,6 +153,8 @@ def verify(comm: col.Communicator, label: str) -> None:
     if col.get_default() is comm:  # the module-level calls use the default communicator
         y = col.allreduce(np.full(5, me + 1.0))
         ok(np.array_equal(y, expected_sum(comm, 5)), f"{label}: module-level allreduce")
+    ok(comm.agree(True) is True and comm.agree(comm.rank != comm.size - 1) is False,
+       f"{label}: agree")
     src = comm.world_ranks[-1]
     b = comm.broadcast(np.full(10, float(me)), root=comm.size - 1)
     ok(np.array_equal(b, np.full(10, float(src))), f"{label}: broadcast")
@@ -184,7 +196,7 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
         t0 = time.monotonic()
         err = None
         where = None
-        op = {"broadcast": "broadcast", "p2p": None, "barrier": "barrier"}.get(point, "allreduce")
+        op = {"broadcast": "broadcast", "p2p": None, "barrier": "barrier", "agree": None}.get(point, "allreduce")
         try:
             if first:
                 point_call(comm, point, victims, bufs)
