@@ -89,6 +89,14 @@ def test_kill_mid_shm_phase_while_spinning_on_flags() -> None:
 
 @needs_ulfm
 @pytest.mark.timeout(TIMEOUT + 60)
+def test_a_second_rank_dies_while_shrink_builds_the_survivors_communicator() -> None:
+    """Job rank 3 dies in an allreduce; job rank 1 dies inside comm.shrink() (while the survivors' communicator is
+    built): the two left get a working communicator of 2 from that same shrink()."""
+    _check(["--kill", "native:3", "--die-in-shrink", "1"], survivors=2)
+
+
+@needs_ulfm
+@pytest.mark.timeout(TIMEOUT + 60)
 def test_two_failures_in_a_row_then_grow_back(tmp_path) -> None:
     """4 ranks lose rank 3 (native), then rank 0 (shm, mid-phase); 2 left grow back to 4 and compute correctly."""
     times = tmp_path / "times.json"

@@ -1,7 +1,8 @@
 """Elastic mode job: a rank kills itself (SIGKILL) at a chosen point; the survivors get RanksLostError, shrink,
 and compute correctly on the new communicator (optionally twice, and growing back).
 
-Usage: elastic_core.py --kill POINT:JOBRANK[+JOBRANK...] [--kill ...] [--grow] [--times FILE]
+Usage: elastic_core.py --kill POINT:JOBRANK[+JOBRANK...] [--kill ...] [--die-in-shrink JOBRANK] [--grow]
+                       [--times FILE]
 
 Several job ranks in one --kill die at the same point (both ranks of an emulated host); the survivors may see
 them lost in one RanksLostError or in two (ULFM notices failures one by one), and shrink until all are gone.
@@ -222,10 +223,19 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
             except RanksLostError as e:
                 ok(e.lost_ranks == err.lost_ranks, f"{point}: later call's lost ranks {e.lost_ranks}")
         old = comm
+        dying = DIE_IN_SHRINK & set(old.world_ranks)
+        DIE_IN_SHRINK.clear()
+        if JOB in dying:  # dies inside the construction of the survivors' communicator, the others in it too
+            import collective.communicator as cm
+
+            cm.real_node_count = lambda *a: die()
         new = comm.shrink()
-        ok(new.size == old.size - len(err.lost_ranks), f"{point}: new size {new.size}")
-        ok(not set(err.lost_ranks) & set(new.world_ranks) and new.world_rank == old.world_rank,
+        gone = set(err.lost_ranks) | dying
+        ok(new.size == old.size - len(gone), f"{point}: new size {new.size}, expected {old.size - len(gone)}")
+        ok(not gone & set(new.world_ranks) and new.world_rank == old.world_rank,
            f"{point}: world ranks {new.world_ranks}")
+        if dying:
+            ok(all(str(j) in str(CollectiveError_of(old)) for j in dying), f"{point}: retired message")
         ok(col.get_default() is new if old is DEFAULT[0] else True, f"{point}: default communicator not replaced")
         DEFAULT[0] = col.get_default()
         try:
@@ -260,6 +270,18 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
 
 
 DEFAULT: list = [None]
+#: Job ranks that die inside the next comm.shrink() (--die-in-shrink).
+DIE_IN_SHRINK: set = set()
+
+
+def CollectiveError_of(comm: col.Communicator) -> CollectiveError:
+    """The error a call on a replaced communicator raises."""
+    try:
+        comm.barrier()
+    except CollectiveError as e:
+        return e
+    fail("a call on a replaced communicator did not raise")
+    raise AssertionError
 
 
 def main() -> None:
@@ -268,7 +290,10 @@ def main() -> None:
     ap.add_argument("--kill", action="append", default=[])
     ap.add_argument("--grow", action="store_true")
     ap.add_argument("--times")
+    ap.add_argument("--die-in-shrink", type=int, action="append", default=[],
+                    help="this job rank dies while the first shrink builds the survivors' communicator")
     a = ap.parse_args()
+    DIE_IN_SHRINK.update(a.die_in_shrink)
     comm = col.init()
     JOB = comm.world_rank
     if comm.is_replacement:
