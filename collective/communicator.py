@@ -270,6 +270,7 @@ class Communicator:
         if elastic:
             self._ft = ft = FailureState(backend_.comm, MPI, self.world_ranks, backend_.rank)
             backend_.watch_failures(lambda: ft.watch(backend_.comm))
+            self._p2p.watch = lambda: ft.watch(backend_.comm)
             self._seqr.fault = self._p2p.fault = self._fault
             self._engine.on_arena = self._watch_arena
         if self.single_node and self.size > 1 and self._check.fingerprints is not None:

@@ -9,7 +9,8 @@ them lost in one RanksLostError or in two (ULFM notices failures one by one), an
 
 POINT: native (in MPI's own allreduce), shm (mid-phase of a multi-chunk shm allreduce), quick (a repeated small
 shm allreduce, its one phase), window (an alloc'd array's window path), broadcast (ring broadcast), check (the
-cross-rank check, before any data), p2p (the victim never sends what a survivor receives), barrier, agree (the
+cross-rank check, before any data), p2p (the victim never sends what a survivor receives), p2p-send (a survivor
+sends 16 MB to the victim, which dies as the data starts to arrive), barrier, agree (the
 victim's successor waits for a message from it while the others are in comm.agree()).
 Each rank prints PASSED n when every check held; FAIL lines otherwise.
 """
@@ -71,7 +72,7 @@ def arm(comm: col.Communicator, point: str) -> None:
     elif point == "check":
         real_check = comm._check.check
         comm._check.check = lambda rec, c: die() if c.name == "allreduce" else real_check(rec, c)
-    elif point in ("p2p", "barrier", "agree"):
+    elif point in ("p2p", "p2p-send", "barrier", "agree"):
         pass  # the victim dies instead of making the call
     else:
         raise SystemExit(f"unknown point {point}")
@@ -122,6 +123,22 @@ def point_call(comm: col.Communicator, point: str, victims: set, bufs: dict) -> 
         if comm.rank == (vr + 1) % comm.size:
             comm.recv(np.empty(4), source=vr, tag=3)
             return "recv"
+        comm.barrier()
+        return "barrier"
+    if point == "p2p-send":  # a large (rendezvous) send to the victim, which dies once its data receive is posted
+        vr = comm.world_ranks.index(victim)
+        src = (vr + 1) % comm.size
+        big = np.full(1 << 21, float(me))
+        if me in victims:
+            w = comm.irecv(big, source=src, tag=4)
+            t0 = time.monotonic()
+            while not w.done() and time.monotonic() - t0 < 60:
+                if w._recv[0] == "data":  # the header is in, the data is on its way
+                    die()
+            die()
+        if comm.rank == src:
+            comm.send(big, dest=vr, tag=4)
+            return "send"
         comm.barrier()
         return "barrier"
     if point == "barrier":
@@ -197,7 +214,8 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
         t0 = time.monotonic()
         err = None
         where = None
-        op = {"broadcast": "broadcast", "p2p": None, "barrier": "barrier", "agree": None}.get(point, "allreduce")
+        op = {"broadcast": "broadcast", "p2p": None, "p2p-send": None, "barrier": "barrier",
+              "agree": None}.get(point, "allreduce")
         try:
             if first:
                 point_call(comm, point, victims, bufs)
