@@ -169,3 +169,13 @@ def test_emulated_cluster_loses_a_whole_host() -> None:
     assert res.returncode == 0, out[-4000:]
     assert "FAIL" not in out, out[-4000:]
     assert len(_passed_lines(out)) == 2, out[-4000:]
+
+
+def test_polling_waits_nap_and_watch_every_interval() -> None:
+    """Elastic mode's request polling (no failure, no ULFM needed): a 200 ms wait naps instead of spinning and runs
+    the peer watch about every 2 ms, the first one interval in."""
+    from mpi_util import check, count_passed, mpirun
+
+    res = mpirun("elastic_waits.py", 2, timeout=120)
+    check(res, "elastic_waits")
+    assert count_passed(res) == 3, res.output[-2000:]
