@@ -54,7 +54,7 @@ from .prepare import BARRIER, Call, Preparer
 from .sequencer import OpRecord, Sequencer, Work
 from .shm import WINDOW_MIN_BYTES
 from .spec import ALGORITHMS, COLLECTIVE_NAMES
-from .ulfm import FailureState, is_failure, require_ulfm
+from .ulfm import FailureState, is_failure, raise_lost, require_ulfm
 from .variable import prepare_variable
 from .watchdog import Watchdog, deadline
 
@@ -848,10 +848,8 @@ class Communicator:
             try:
                 sub = comm.Create_group(group, _SUBGROUP_TAG)
             except Exception as exc:
-                lost = self._fault("subgroup", exc)
-                if lost is None:
-                    raise
-                raise lost from exc
+                raise_lost(self._fault, "subgroup", exc)
+                raise
             finally:
                 group.Free()
             try:
@@ -978,10 +976,8 @@ class Communicator:
         try:
             return fn()
         except Exception as exc:
-            lost = self._fault(name, exc, t0)
-            if lost is None or lost is exc:
-                raise
-            raise lost from exc
+            raise_lost(self._fault, name, exc, t0)
+            raise
 
     def _lose(self) -> None:
         """After recovery: every later call raises (the repeat paths' templates go, so calls reach the check)."""
@@ -1166,9 +1162,7 @@ class Communicator:
                 inter = self._backend.comm.Spawn(sys.executable, args=args, maxprocs=int(count), root=0)
             except MPI.Exception as exc:
                 if exc.Get_error_class() in {getattr(MPI, n, None) for n in _FAILED_CLASSES}:  # a lost rank
-                    lost = self._fault("grow", exc, t0)
-                    if lost is not None:
-                        raise lost from exc
+                    raise_lost(self._fault, "grow", exc, t0)
                 raise BackendUnavailableError(
                     f"{where}: MPI could not spawn {count} process{'es' if count > 1 else ''} of "
                     f"{sys.executable} {' '.join(args)} ({exc.Get_error_string().strip()}); growing needs "

@@ -31,6 +31,7 @@ import numpy as np
 
 from .arrays import to_numpy
 from .backends.mpi import abandon
+from .ulfm import raise_lost
 from .errors import CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import dtype_code, dtype_from_code
 
@@ -62,8 +63,8 @@ def _what(h: np.ndarray) -> str:
 class P2PWork:
     """Handle of a nonblocking send or receive: ``wait()`` (its result: the source rank of a receive), ``done()``."""
 
-    def __init__(self, p2p: PointToPoint, what: str, reqs: list[Any], recv: tuple | None = None) -> None:
-        self._p2p, self._what, self._reqs, self._recv = p2p, what, reqs, recv
+    def __init__(self, p2p: PointToPoint, op: str, what: str, reqs: list[Any], recv: tuple | None = None) -> None:
+        self._p2p, self._op, self._what, self._reqs, self._recv = p2p, op, what, reqs, recv
         self._t0 = time.monotonic()
         self._result: Any = None
         self._done = False
@@ -78,11 +79,9 @@ class P2PWork:
                 try:
                     self._progress_watched()
                 except Exception as exc:
-                    lost = self._p2p.fault(self._what.split(" ", 1)[0], exc, self._t0)
-                    if lost is None or lost is exc:
-                        raise
                     self._p2p.inflight.pop(id(self), None)
-                    raise lost from exc
+                    raise_lost(self._p2p.fault, self._op, exc, self._t0)
+                    raise
         return self._done
 
     def wait(self, timeout: float | None = None) -> Any:
@@ -202,7 +201,7 @@ class PointToPoint:
             except BaseException:
                 abandon(reqs)
                 raise
-        w = P2PWork(self, f"send to rank {dest} tag {tag} ({_what(h)})", reqs)
+        w = P2PWork(self, "send", f"send to rank {dest} tag {tag} ({_what(h)})", reqs)
         w._keep = (a, h)  # type: ignore[attr-defined]  # the buffers live until the sends complete
         return w
 
@@ -223,7 +222,7 @@ class PointToPoint:
         src = self.MPI.ANY_SOURCE if source == ANY_SOURCE else source
         req = self.comm.Irecv([h, self.MPI.INT64_T], src, _BASE + 2 * tag)
         peer = "any rank" if source == ANY_SOURCE else f"rank {source}"
-        return P2PWork(self, f"recv from {peer} tag {tag} into {o.nbytes} bytes, {o.dtype} {o.shape}", [req],
+        return P2PWork(self, "recv", f"recv from {peer} tag {tag} into {o.nbytes} bytes, {o.dtype} {o.shape}", [req],
                        ("head", o, h, tag))
 
     def receive_data(self, w: P2PWork, source: int) -> list[Any]:

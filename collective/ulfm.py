@@ -36,12 +36,13 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .errors import CollectiveConfigError, CollectiveError, RanksLostError
 
-__all__ = ["FailureState", "PeerLost", "is_failure", "keep_connected", "leave_without_finalize", "require_ulfm",
-           "ulfm_enabled"]
+__all__ = ["FailureState", "PeerLost", "is_failure", "keep_connected", "leave_without_finalize", "raise_lost",
+           "require_ulfm", "ulfm_enabled"]
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -83,6 +84,34 @@ def is_failure(exc: BaseException, MPI: Any) -> bool:
     return isinstance(exc, (MPI.Exception, PeerLost))
 
 
+def raise_lost(fault: Callable[[str, BaseException, float | None], BaseException | None] | None, op: str,
+               exc: BaseException, started: float | None = None) -> None:
+    """Raise the RanksLostError that ``exc``, raised inside call ``op``, becomes in elastic mode (chained to it);
+    return when it stays what it is (no elastic mode, no sign of a failure, or a RanksLostError already), and
+    the caller re-raises it.
+
+    Args:
+        fault: the communicator's failure handler, ``fault(op, exc, started)`` -> RanksLostError or None (None:
+            not elastic mode).
+        op: the call that raised.
+        exc: what it raised.
+        started: ``time.monotonic()`` when the call began (for the detection time).
+
+    Example::
+
+        try:
+            req.Wait()
+        except Exception as exc:
+            raise_lost(self.fault, "recv", exc, t0)
+            raise
+    """
+    if fault is None:
+        return
+    lost = fault(op, exc, started)
+    if lost is not None and lost is not exc:
+        raise lost from exc
+
+
 class FailureState:
     """Failure handling of one communicator in elastic mode: recovery, once, and what it found.
 
@@ -118,6 +147,7 @@ class FailureState:
         #: one did), revoke, agree, shrink; and ``noticed_at`` (``time.time()`` when it was noticed).
         self.times: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._more = ""
         self._pids: list[tuple[int, int]] = []
 
     # ---------------------------------------------------------------- watch
@@ -196,9 +226,9 @@ class FailureState:
                 self._recover(op, exc, started, agreed)
             err = self.error
         assert err is not None
-        if err.op == op:
-            return err
-        return RanksLostError(op, err.lost_ranks, err.survivors, where=self._where(op))
+        # A new error for each caller: callers on several threads raise it ``from`` their own exception, which
+        # sets its __cause__ and __traceback__.
+        return RanksLostError(op, err.lost_ranks, err.survivors, where=self._where(op), more=self._more)
 
     def _where(self, op: str) -> str:
         return f"{op} on job rank {self.job_ranks[self.rank]} (rank {self.rank} of {len(self.job_ranks)})"
@@ -235,6 +265,7 @@ class FailureState:
         if not lost:
             why = (f" (no process was lost, but {type(exc).__name__ if exc is not None else 'a peer'} ended the "
                    "communicator: " + (_mpi_text(exc, MPI) if exc is not None else "revoked by a peer") + ")")
+        self._more = why
         self.error = RanksLostError(op, lost, len(kept), where=self._where(op), more=why)
         leave_without_finalize()
 

@@ -179,3 +179,27 @@ def test_polling_waits_nap_and_watch_every_interval() -> None:
     res = mpirun("elastic_waits.py", 2, timeout=120)
     check(res, "elastic_waits")
     assert count_passed(res) == 3, res.output[-2000:]
+
+
+def test_each_caller_gets_its_own_ranks_lost_error() -> None:
+    """After a recovery every caller (several threads may raise it ``from`` their own exception) gets a new error
+    with the same lost ranks; raise_lost chains it to the call's exception and lets other errors through."""
+    from collective.errors import CollectiveValueError, RanksLostError
+    from collective.ulfm import FailureState, raise_lost
+
+    fs = FailureState(None, None, (0, 1, 2, 3), 1)
+    fs.error = RanksLostError("allreduce", (2,), 3, where="allreduce on job rank 1 (rank 1 of 4)")
+    a, b = fs.recover("allreduce", None), fs.recover("allreduce", None)
+    assert a is not b and a is not fs.error
+    assert a.lost_ranks == b.lost_ranks == (2,) and a.op == b.op == "allreduce" and a.survivors == 3
+    assert "job rank 1 (rank 1 of 4)" in str(a) and fs.recover("barrier", None).op == "barrier"
+
+    cause = OSError("MPI error")
+    with pytest.raises(RanksLostError) as info:
+        raise_lost(lambda op, exc, t: fs.recover(op, exc), "send", cause)
+    assert info.value.__cause__ is cause and info.value.op == "send"
+    other = CollectiveValueError("bad")
+    raise_lost(lambda op, exc, t: None, "send", other)  # no sign of a failure: the caller re-raises
+    raise_lost(None, "send", other)  # not elastic mode
+    lost = fs.recover("recv", None)
+    raise_lost(lambda op, exc, t: exc, "recv", lost)  # a RanksLostError already: re-raised as it is
