@@ -41,8 +41,8 @@ from typing import Any
 
 from .errors import CollectiveConfigError, CollectiveError, RanksLostError
 
-__all__ = ["FailureState", "PeerLost", "is_failure", "keep_connected", "leave_without_finalize", "raise_lost",
-           "require_ulfm", "ulfm_enabled"]
+__all__ = ["FailureState", "PeerLost", "exit_status", "is_failure", "keep_connected", "leave_without_finalize",
+           "raise_lost", "require_ulfm", "ulfm_enabled"]
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -304,26 +304,68 @@ def leave_without_finalize() -> None:
     """After a lost rank, end this process at exit without MPI_Finalize (with the program's exit status).
 
     Open MPI's MPI_Finalize can wait forever once a rank of the job has
-    failed (open-mpi #11404 across nodes; here too, now and then, on one
-    node), and under ``--with-ft ulfm`` mpiexec accepts a process that exits
-    without it. So the survivors flush their output and leave with the status
-    ``sys.exit`` was given (0 when the program simply ends), after the exit
-    notices and disconnects that precede MPI's finalization.
+    failed (open-mpi #11404, reported across nodes; the same wait in
+    finalization's fence can follow a failure on one node), and under
+    ``--with-ft ulfm`` mpiexec accepts a process that exits without it. So the
+    survivors flush their output and leave with ``os._exit``, after the exit
+    notices and disconnects that precede MPI's finalization, with the status
+    the program would have had: 0 when it simply ends, 1 after an uncaught
+    exception (130 for KeyboardInterrupt), the code given to ``sys.exit``,
+    ``exit``/``quit`` or :func:`exit_status`. A bare ``raise SystemExit(n)``
+    reaching the top level cannot be seen from Python (the interpreter reads
+    its code during finalization, with no hook): it ends with the status
+    known until then.
     """
     if _LEAVING:
         return
     _LEAVING.append(0)
+    import builtins
+
     from . import watchdog
 
     real_exit = sys.exit
 
     def exit_(status: Any = None) -> None:
-        _LEAVING[0] = (0 if status is None else status & 0xFF
-                       if isinstance(status, int) and not isinstance(status, bool) else 1)
+        exit_status(status)
         real_exit(status)
 
     sys.exit = exit_  # type: ignore[assignment]
+    for name in ("exit", "quit"):  # site's Quitter objects: they raise SystemExit themselves
+        quitter = getattr(builtins, name, None)
+        if quitter is not None:
+            setattr(builtins, name, _Quitter(quitter))
+    prev_hook = sys.excepthook
+
+    def excepthook(etype: Any, value: Any, tb: Any) -> None:
+        _LEAVING[0] = 130 if issubclass(etype, KeyboardInterrupt) else 1  # what Python itself exits with
+        prev_hook(etype, value, tb)
+
+    sys.excepthook = excepthook
     watchdog.at_exit_last(_leave)
+
+
+def exit_status(code: Any) -> None:
+    """Record the status this process ends with after a recovery, as Python derives it from ``SystemExit(code)``.
+
+    ``sys.exit``, ``exit`` and ``quit`` record theirs; a program that ends with
+    ``raise SystemExit(code)`` after a lost rank calls this first.
+    """
+    if _LEAVING:
+        _LEAVING[0] = 0 if code is None else int(code) & 0xFF if isinstance(code, int) else 1
+
+
+class _Quitter:
+    """``exit``/``quit`` that record their code for :func:`_leave` (then raise SystemExit as the builtin does)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __repr__(self) -> str:
+        return repr(self._real)
+
+    def __call__(self, code: Any = None) -> None:
+        exit_status(code)
+        self._real(code)
 
 
 def _leave() -> None:

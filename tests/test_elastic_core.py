@@ -98,6 +98,20 @@ def test_a_second_rank_dies_while_shrink_builds_the_survivors_communicator() -> 
 
 @needs_ulfm
 @pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.parametrize("end,status", [("exception", 1), ("exit", 5)])
+def test_after_a_recovery_the_exit_status_is_the_programs(end: str, status: int) -> None:
+    """Survivors end without MPI_Finalize after a recovery: an uncaught exception (COLLECTIVE_ABORT_ON_EXCEPTION=0)
+    still ends them with status 1, and the builtin exit(5) with 5."""
+    rc, out, timed_out, secs = run_elastic(["--kill", "native:3", "--end", end], 4,
+                                           env={"COLLECTIVE_ABORT_ON_EXCEPTION": "0"})
+    tail = "\n".join(out.splitlines()[-40:])
+    assert not timed_out, f"HUNG, killed after {secs:.0f} s\n{tail}"
+    assert "FAIL" not in out and len(_passed_lines(out)) == 3, tail
+    assert rc == status, f"exit code {rc}, expected {status}\n{tail}"
+
+
+@needs_ulfm
+@pytest.mark.timeout(TIMEOUT + 60)
 def test_two_failures_in_a_row_then_grow_back(tmp_path) -> None:
     """4 ranks lose rank 3 (native), then rank 0 (shm, mid-phase); 2 left grow back to 4 and compute correctly."""
     times = tmp_path / "times.json"

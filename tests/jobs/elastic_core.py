@@ -2,7 +2,7 @@
 and compute correctly on the new communicator (optionally twice, and growing back).
 
 Usage: elastic_core.py --kill POINT:JOBRANK[+JOBRANK...] [--kill ...] [--die-in-shrink JOBRANK] [--grow]
-                       [--times FILE]
+                       [--times FILE] [--end exception|exit]
 
 Several job ranks in one --kill die at the same point (both ranks of an emulated host); the survivors may see
 them lost in one RanksLostError or in two (ULFM notices failures one by one), and shrink until all are gone.
@@ -310,6 +310,7 @@ def main() -> None:
     ap.add_argument("--times")
     ap.add_argument("--die-in-shrink", type=int, action="append", default=[],
                     help="this job rank dies while the first shrink builds the survivors' communicator")
+    ap.add_argument("--end", choices=("exception", "exit"), help="end with an uncaught exception, or exit(5)")
     a = ap.parse_args()
     DIE_IN_SHRINK.update(a.die_in_shrink)
     comm = col.init()
@@ -344,6 +345,10 @@ def main() -> None:
         with open(a.times, "w") as f:
             json.dump(times, f)
     print(f"job rank {JOB}: PASSED {passed}", flush=True)
+    if a.end == "exception":  # the exit status after a recovery must still be Python's (1)
+        raise RuntimeError(f"job rank {JOB}: ending with an uncaught exception, as asked")
+    if a.end == "exit":
+        exit(5)  # noqa: PLR1722 - the builtin on purpose: it raises SystemExit itself
 
 
 JOB = -1
