@@ -146,6 +146,8 @@ class FailureState:
         #: Seconds each part of recovery took: detect (from the start of the call that noticed the failure, when
         #: one did), revoke, agree, shrink; and ``noticed_at`` (``time.time()`` when it was noticed).
         self.times: dict[str, float] = {}
+        #: Set when recovery itself failed (MPI_Comm_shrink raised): every later recovery raises it again.
+        self.broken: CollectiveError | None = None
         self._lock = threading.Lock()
         self._more = ""
         self._pids: list[tuple[int, int]] = []
@@ -220,8 +222,14 @@ class FailureState:
             started: ``time.monotonic()`` when that call began (for the detection time).
             agreed: the call was an agreement (:meth:`agree`) that found the failure: its survivors took part in
                 it already, those in recovery included, so recovery goes on to shrink without another.
+
+        Raises:
+            CollectiveError: recovery failed (the agreement kept failing, or MPI_Comm_shrink raised); the
+                survivors cannot go on together.
         """
         with self._lock:
+            if self.broken is not None:
+                raise CollectiveError(str(self.broken))
             if self.error is None:
                 self._recover(op, exc, started, agreed)
             err = self.error
@@ -247,10 +255,21 @@ class FailureState:
         t1 = time.monotonic()
         times["revoke"] = t1 - t0
         if not agreed:
+            # MPI_Comm_shrink agrees on the failed processes by itself; this agreement is for the survivors whose
+            # last call completed and who are now in Communicator.agree() on this communicator (a revocation does
+            # not interrupt an agreement): meeting them in one makes their call raise too. Its outcome is uniform,
+            # so every survivor runs the same rounds (and raises CollectiveError alike when they run out).
             self.agree(True, failed=True)
         t2 = time.monotonic()
         times["agree"] = t2 - t1
-        surv = comm.Shrink()
+        try:
+            surv = comm.Shrink()
+        except MPI.Exception as exc:
+            leave_without_finalize()
+            self.broken = CollectiveError(
+                f"{self._where(op)}: a rank was lost, and MPI_Comm_shrink failed ({_mpi_text(exc, MPI)}), so the "
+                "survivors cannot go on together; end the job and restart it (from the last disk checkpoint)")
+            raise self.broken from exc
         surv.Set_errhandler(MPI.ERRORS_RETURN)
         t3 = time.monotonic()
         times["shrink"] = t3 - t2

@@ -217,3 +217,16 @@ def test_each_caller_gets_its_own_ranks_lost_error() -> None:
     raise_lost(None, "send", other)  # not elastic mode
     lost = fs.recover("recv", None)
     raise_lost(lambda op, exc, t: exc, "recv", lost)  # a RanksLostError already: re-raised as it is
+
+
+def test_a_failed_recovery_raises_a_clear_error_on_every_later_call() -> None:
+    """Once MPI_Comm_shrink failed, recovery cannot go on: every later call raises the same CollectiveError."""
+    from collective.errors import CollectiveError, RanksLostError
+    from collective.ulfm import FailureState
+
+    fs = FailureState(None, None, (0, 1, 2), 0)
+    fs.broken = CollectiveError("allreduce on job rank 0 (rank 0 of 3): a rank was lost, and MPI_Comm_shrink failed")
+    for op in ("barrier", "shrink"):
+        with pytest.raises(CollectiveError, match="MPI_Comm_shrink failed") as info:
+            fs.recover(op, None)
+        assert not isinstance(info.value, RanksLostError) and info.value is not fs.broken
