@@ -232,7 +232,7 @@ class Sequencer:
         self.p2p: Any = None
         #: Elastic mode: ``fault(name, exc, started)`` -> the error a failed op raises instead of ``exc`` (None:
         #: ``exc`` is no sign of a lost rank). Set by the communicator; None otherwise.
-        self.fault: Callable[[str, BaseException, float], BaseException | None] | None = None
+        self.fault: Callable[[str, BaseException, float | None], BaseException | None] | None = None
         self._queue: queue.SimpleQueue | None = None
         self._worker: threading.Thread | None = None
         #: Where the issuing thread's tag comes from: the thread's own name (the module's TAGS / thread_tag),
