@@ -296,9 +296,11 @@ def keep_connected(inter: Any, MPI: Any) -> None:
     """Keep intercommunicator ``inter`` (between growers and spawned processes) until this program ends, then
     disconnect it (collective over both sides) before MPI finalizes.
 
-    Open MPI's finalization of processes still connected to another job
-    crashes here (it tries to reach processes it holds no address of); an
-    explicit disconnect first ends cleanly.
+    MPI_Finalize is collective over every process this one is connected to,
+    spawned jobs included (MPI standard, "Releasing Connections"); Open MPI's
+    finalization of a process still connected to another job tries to reach
+    processes whose addresses it never obtained and can crash. Disconnecting
+    first makes the jobs independent, as the standard intends.
     """
     from . import watchdog
 

@@ -45,6 +45,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from collective import config
+from collective.errors import RanksLostError
 
 from .checkpoint import Checkpointer
 from .data import ShardedLoader
@@ -73,11 +75,8 @@ class ElasticStop(RuntimeError):
 
 
 def lost_rank_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that mean "a rank is gone" (``collective.errors.RanksLostError``), for ``except``."""
-    from collective import errors
-
-    t = getattr(errors, "RanksLostError", None)
-    return (t,) if t is not None else ()
+    """The exception types that mean "a rank is gone" (``collective.RanksLostError``), for ``except``."""
+    return (RanksLostError,)
 
 
 @dataclass
@@ -377,11 +376,23 @@ class ElasticState:
             a = np.ascontiguousarray(a)
             comm.broadcast(a, root=root, out=a)
             self.extra[k] = a if isinstance(v, np.ndarray) else type(v)(a.item()) if a.ndim == 0 else a
-        self.optimizer.t = t
-        self.optimizer.generation = [t, None]
+        self.optimizer.set_step(t)
         self._commits = [(step, t, dict(self.extra))]
 
     # ------------------------------------------------------------ disk
+    def checkpoint_arrays(self, step: int) -> Callable[[], dict[str, Any]]:
+        """The arrays function of the disk checkpoint after ``step`` steps (``Checkpointer.save`` calls it on the
+        rank that writes); with ``COLLECTIVE_ELASTIC_TEST_KILL``, the ``checkpoint`` kill point is in it."""
+        dp, opt = self.dp, self.optimizer
+        if not _KILLS:
+            return lambda: dp.state_arrays(opt)
+
+        def arrays() -> dict[str, Any]:
+            kill_point(self.comm, step - 1, "checkpoint")
+            return dp.state_arrays(opt)
+
+        return arrays
+
     def save(self, directory: str | os.PathLike | None = None) -> Path | None:
         """Collective: rank 0 writes the newest commit as a checkpoint (``checkpoint``'s directory by default)."""
         if directory is None and self.checkpoint is None:
