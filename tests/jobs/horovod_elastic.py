@@ -102,6 +102,63 @@ def reference(resumes: list[tuple[int, int]], epochs: int) -> tuple[torch.Tensor
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), step
 
 
+def semantics() -> None:
+    """Horovod's state rules with no failure: sync takes rank 0's, restore undoes, commit keeps; the sampler."""
+    r = hvd.rank()
+    model = torch.nn.Linear(2, 2).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0 + r)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = hvd.elastic.TorchState(model, opt, batch=20 + r, epoch=10 + r, seen=[r])
+    state.sync()
+    ok(all(torch.equal(p, torch.ones_like(p)) for p in model.parameters()), "sync: rank 0's parameters")
+    ok((state.batch, state.epoch, state.seen) == (20, 10, [0]), f"sync: {state.batch} {state.epoch} {state.seen}")
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    state.batch = 21
+    state.seen.append(5)  # in place: the saved copy must not change
+    state.restore()
+    ok(torch.equal(model.weight, torch.ones_like(model.weight)), "restore: parameters back")
+    ok((state.batch, state.seen) == (20, [0]), f"restore: {state.batch} {state.seen}")
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    state.batch = 22
+    state.commit()
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+    state.restore()
+    ok(torch.equal(model.weight, torch.full_like(model.weight, 3.0)) and state.batch == 22, "commit then restore")
+
+    n = hvd.size()
+    data = list(range(10 * n + 1))
+    smp = hvd.elastic.ElasticSampler(data, shuffle=False)
+    ok(len(smp) == 11 and list(smp)[:3] == [r, r + n, r + 2 * n], f"sampler shard {list(smp)[:3]}, {len(smp)}")
+    sst = hvd.elastic.TorchState(sampler=smp)
+    smp.record_batch(0, 2)
+    sst.commit()
+    smp.record_batch(1, 2)
+    sst.restore()
+    ok(smp.processed_num == 2 * n and smp.processed_indices == data[:2 * n] and len(smp) == 9,
+       f"sampler restore: {smp.processed_num} {len(smp)}")
+    got = sum(hvd.allgather_object(list(smp), name="shards"), [])
+    ok(set(got) == set(data[2 * n:]) and len(got) == 9 * n, f"the shards cover the rest of the epoch: {got}")
+    smp.set_epoch(1)
+    ok(smp.processed_num == 0 and len(smp) == 11, "set_epoch starts afresh")
+
+    calls = []
+
+    @hvd.elastic.run
+    def broken(st: hvd.elastic.TorchState) -> None:
+        calls.append(1)
+        raise hvd.HorovodInternalError("not a lost rank")
+    try:
+        broken(state)
+        ok(False, "run swallowed an error that is not a lost rank")
+    except hvd.HorovodInternalError as e:
+        ok(str(e) == "not a lost rank" and calls == [1], f"run re-raised once: {e} {calls}")
+
+
 def main() -> None:
     global JOB
     ap = argparse.ArgumentParser()
@@ -112,6 +169,7 @@ def main() -> None:
     hvd.init()
     JOB = hvd.rank()
     launched = hvd.size()
+    semantics()
     victim, kill_step, point = -1, -1, ""
     if args.kill:
         v, s, point = args.kill.split(":")

@@ -235,7 +235,7 @@ class TorchState(ObjectState):
     :class:`ElasticSampler` are handled by their ``state_dict()``: a commit
     deep-copies it, a restore loads it back, a sync broadcasts rank 0's
     (``broadcast_parameters``, ``broadcast_optimizer_state``, the sampler's
-    progress). Other values are copied on commit and broadcast pickled.
+    progress) and saves it as the state a restore goes back to. Other values are copied on commit and broadcast pickled.
     Assigning a new module/optimizer/sampler to a tracked name tracks the new
     object and saves it.
 
@@ -281,6 +281,7 @@ class TorchState(ObjectState):
     def sync(self) -> None:
         for h in self._handlers.values():
             h.sync()
+            h.save()  # rank 0's state is what restore goes back to, as for the plain values
         super().sync()
 
     def __setattr__(self, name: str, value: Any) -> None:
