@@ -104,12 +104,15 @@ class ObjectState(State):
         super().__init__(bcast_object=bcast_object, get_rank=get_rank)
 
     def save(self) -> None:
+        """Copy the tracked values."""
         self._saved_state = {k: copy.deepcopy(getattr(self, k)) for k in self._saved_state}
 
     def restore(self) -> None:
+        """Set the attributes back to the saved copies."""
         self._set_attrs()
 
     def sync(self) -> None:
+        """Collective: every rank takes rank 0's saved values."""
         if self._saved_state:
             self._saved_state = self._bcast_object(self._saved_state)
             self._set_attrs()

@@ -269,16 +269,19 @@ class TorchState(ObjectState):
                          get_rank=rank, **plain)
 
     def save(self) -> None:
+        """Deep-copy every tracked ``state_dict()`` and value (what :meth:`commit` does)."""
         for h in self._handlers.values():
             h.save()
         super().save()
 
     def restore(self) -> None:
+        """Load the saved copies back into the tracked objects and values."""
         for h in self._handlers.values():
             h.restore()
         super().restore()
 
     def sync(self) -> None:
+        """Collective: every rank takes rank 0's objects and values, which become the saved copy."""
         for h in self._handlers.values():
             h.sync()
             h.save()  # rank 0's state is what restore goes back to, as for the plain values
