@@ -345,6 +345,8 @@ def main() -> None:
         with open(a.times, "w") as f:
             json.dump(times, f)
     print(f"job rank {JOB}: PASSED {passed}", flush=True)
+    if a.end:
+        comm.barrier()  # every survivor has printed: mpiexec ends the others once one exits with a non-zero status
     if a.end == "exception":  # the exit status after a recovery must still be Python's (1)
         raise RuntimeError(f"job rank {JOB}: ending with an uncaught exception, as asked")
     if a.end == "exit":
