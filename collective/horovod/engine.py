@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CollectiveValueError, RanksLostError
+from ..threads import set_name
 from .exceptions import HorovodInternalError
 
 __all__ = ["KINDS", "Engine", "Handle"]
@@ -235,6 +236,9 @@ class Engine:
 
     # ---------------------------------------------------------------- engine thread
     def _loop(self) -> None:
+        # Every engine (the global one, one per process set, the next after a shrink) has a thread of this name,
+        # each the only issuer on its own communicator: a shared name by design, so the name is its tag.
+        set_name("collective-horovod")
         try:
             while True:
                 with self._lock:
