@@ -246,7 +246,7 @@ def torchrun_args(args: Sequence[str]) -> tuple[list[str], TorchrunOptions | Non
     Example::
 
         torchrun_args(["--nproc_per_node", "2", "train.py"])
-        # (['-n', '2', '/usr/bin/python3', 'train.py'], TorchrunOptions(nproc_per_node=2, ...))
+        # (['-n', '2', '--', '/usr/bin/python3', 'train.py'], TorchrunOptions(nproc_per_node=2, ...))
     """
     rest: list[str] = []
     seen: dict[str, str] = {}
@@ -318,7 +318,7 @@ def torchrun_args(args: Sequence[str]) -> tuple[list[str], TorchrunOptions | Non
     else:
         run = [sys.executable, *program]
     placement = ["--map-by", f"ppr:{opts.nproc_per_node}:node"] if opts.nnodes > 1 and "--map-by" not in rest else []
-    return ["-n", str(opts.nproc_per_node * opts.nnodes), *placement, *rest, *run], opts
+    return ["-n", str(opts.nproc_per_node * opts.nnodes), *placement, *rest, "--", *run], opts
 
 
 def _positive(raw: str, flag: str) -> int:
@@ -374,18 +374,17 @@ exec "$@"
 """
 
 
-def _program_at(args: Sequence[str]) -> int:
-    """Where the program begins in mpiexec's ``args`` (after its options and their values); len(args) if nowhere."""
-    i, n = 0, len(args)
-    while i < n:
-        a = args[i]
+def _program_at(args: Sequence[str]) -> int | None:
+    """Where the program begins in one app context of mpiexec's ``args``, if collective-run knows it exactly.
+
+    Only a ``--`` marks it: an mpiexec option unknown here may take values (``-host a,b``, MPICH's
+    ``-genv A 1``), so a word that does not start with ``-`` may still be one of them.
+    Returns the index of the ``--``, or None.
+    """
+    for i, a in enumerate(args):
         if a == "--":
-            return i + 1
-        if not a.startswith("-"):
             return i
-        flag, eq, _ = a.partition("=")
-        i += 1 + (_MPI_VALUED.get(flag, 0) if not eq else 0)
-    return n
+    return None
 
 
 def _first_host(args: Sequence[str]) -> str | None:
@@ -434,8 +433,12 @@ def rank_env_command(args: Sequence[str], opts: TorchrunOptions | None = None,
         opts: what torchrun's flags gave (:func:`torchrun_args`), None for an mpiexec-style launch.
         env: the launcher's environment (default ``os.environ``).
 
+    The program's start is known only after a ``--`` (which torchrun-style
+    launches put there): mpiexec's options are many and some take values, so
+    an app context without one is left as it is, with a note on stderr.
+
     Returns:
-        The arguments with ``sh -c SCRIPT collective-run NODES ADDR PORT THREADS`` before each program.
+        The arguments with ``sh -c SCRIPT collective-run NODES ADDR PORT THREADS`` in place of each ``--``.
     """
     e = os.environ if env is None else env
     contexts: list[list[str]] = [[]]
@@ -457,15 +460,20 @@ def rank_env_command(args: Sequence[str], opts: TorchrunOptions | None = None,
         29500 if on_hosts else _free_port())
     threads = "1" if opts is not None and opts.nproc_per_node > 1 and "OMP_NUM_THREADS" not in e else ""
     out: list[str] = []
+    unmarked = False
     for k, ctx in enumerate(contexts):
         if k:
             out.append(":")
         at = _program_at(ctx)
-        if at >= len(ctx):
+        if at is None:
+            unmarked = unmarked or bool(ctx)
             out.extend(ctx)
             continue
         out.extend([*ctx[:at], "sh", "-c", _RANK_ENV_SH, "collective-run", str(nodes), addr, str(port), threads,
-                    *ctx[at:]])
+                    *ctx[at + 1:]])
+    if unmarked:
+        print("collective-run: RANK, LOCAL_RANK, ... (torchrun's environment) were not set: put -- before the "
+              "program to get them (collective-run -n 2 -- python train.py)", file=sys.stderr)
     return out
 
 
@@ -555,9 +563,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("usage: collective-run [mpiexec options] program [args...]\n"
               "       collective-run --nproc_per_node N [--nnodes M --host/--hostfile ...] script.py [args...]\n"
               "Runs the installed mpiexec, adding --oversubscribe when ranks exceed cores and the\n"
-              "run-as-root settings when run as root. Each process gets torchrun's environment: RANK,\n"
-              "WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and GROUP_RANK/NODE_RANK\n"
-              "where a rank's node is known). horovodrun's -np/--num-proc, -H/--hosts, --hostfile,\n"
+              "run-as-root settings when run as root. With -- before the program (or torchrun's flags), each\n"
+              "process gets torchrun's environment: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,\n"
+              "MASTER_PORT (and GROUP_RANK/NODE_RANK where a rank's node is known). horovodrun's -np/--num-proc, -H/--hosts, --hostfile,\n"
               "--network-interface, --mpi-args and --mpi are translated, and so are torchrun's\n"
               "--nproc_per_node, --nnodes, --master_addr, --master_port, --standalone, -m and --no_python\n"
               "(the program is then a Python script, as under torchrun); everything else is passed through.\n"

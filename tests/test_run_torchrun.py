@@ -21,15 +21,16 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "jobs", "torchrun_script.py")
 def test_torchrun_flags_become_mpiexec_flags() -> None:
     py = sys.executable
     assert torchrun_args(["--nproc_per_node", "4", "train.py", "--lr", "1"]) == (
-        ["-n", "4", py, "train.py", "--lr", "1"], TorchrunOptions(nproc_per_node=4))
+        ["-n", "4", "--", py, "train.py", "--lr", "1"], TorchrunOptions(nproc_per_node=4))
     args, opts = torchrun_args(["--nproc-per-node=2", "--nnodes=2", "--host", "a:2,b:2", "--master-port", "1234",
                                 "-m", "pkg.train", "--epochs", "3"])
-    assert args == ["-n", "4", "--map-by", "ppr:2:node", "--host", "a:2,b:2", py, "-m", "pkg.train", "--epochs", "3"]
+    assert args == ["-n", "4", "--map-by", "ppr:2:node", "--host", "a:2,b:2", "--", py, "-m", "pkg.train", "--epochs",
+                    "3"]
     assert opts == TorchrunOptions(nproc_per_node=2, nnodes=2, master_port=1234)
     assert torchrun_args(["--standalone", "--nproc_per_node", "2", "--no_python", "./a.out", "x"])[0] == [
-        "-n", "2", "./a.out", "x"]
+        "-n", "2", "--", "./a.out", "x"]
     assert torchrun_args(["--nnodes", "1:1", "--node_rank", "0", "--nproc_per_node", "cpu", "t.py"])[0] == [
-        "-n", str(os.cpu_count()), py, "t.py"]
+        "-n", str(os.cpu_count()), "--", py, "t.py"]
     # mpiexec-style launches, and a program's own torchrun-like arguments, are left alone
     plain = ["-n", "2", "--mca", "btl", "self,sm", "python", "t.py", "--nproc_per_node", "3"]
     assert torchrun_args(plain) == (plain, None)
@@ -53,19 +54,36 @@ def test_torchrun_flags_that_cannot_work_exit_with_a_reason(args: list[str], mes
         torchrun_args(args)
 
 
-def test_rank_environment_goes_before_every_program() -> None:
-    out = rank_env_command(["-n", "2", "--host", "h1:2,h2:2", "python", "x.py", ":", "-n", "1", "y"], None, {})
+def test_rank_environment_goes_where_a_double_dash_marks_the_program() -> None:
+    out = rank_env_command(["-n", "2", "--host", "h1:2,h2:2", "--", "python", "x.py", ":", "-n", "1", "--", "y"], None,
+                           {})
     sh = [i for i, a in enumerate(out) if a == "sh"]
-    assert len(sh) == 2 and out[:4] == ["-n", "2", "--host", "h1:2,h2:2"]
+    assert len(sh) == 2 and out[:5] == ["-n", "2", "--host", "h1:2,h2:2", "sh"] and "--" not in out
     # several hosts, nodes unknown: no GROUP_RANK; the first host and torchrun's default port for env://
     assert out[sh[0] + 3:sh[0] + 8] == ["collective-run", "0", "h1", "29500", ""] and out[sh[0] + 8:] [:2] == [
         "python", "x.py"]
     assert out[sh[1] - 3:sh[1]] == [":", "-n", "1"] and out[-1] == "y"
-    one = rank_env_command(["-n", "2", "python", "x.py"], TorchrunOptions(nproc_per_node=2),
+    one = rank_env_command(["-n", "2", "--", "python", "x.py"], TorchrunOptions(nproc_per_node=2),
                            {"MASTER_PORT": "4321"})
     assert one[one.index("collective-run") + 1:][:4] == ["1", "127.0.0.1", "4321", "1"]
-    kept = rank_env_command(["-n", "2", "python", "x.py"], TorchrunOptions(nproc_per_node=2), {"OMP_NUM_THREADS": "4"})
+    kept = rank_env_command(["-n", "2", "--", "python", "x.py"], TorchrunOptions(nproc_per_node=2),
+                            {"OMP_NUM_THREADS": "4"})
     assert kept[kept.index("collective-run") + 4] == "", "a user's OMP_NUM_THREADS is kept"
+
+
+@pytest.mark.parametrize("line", [
+    ["-host", "a,b", "-n", "2", "python", "t.py"],
+    ["-ppn", "2", "-n", "4", "python", "t.py"],
+    ["-genv", "A", "1", "-n", "2", "python", "t.py"],
+    ["--cpus-per-proc", "2", "-n", "2", "python", "t.py"],
+    ["-npernode", "2", "-n", "4", "python", "t.py"],
+    ["-n", "2", "python", "t.py", ":", "-n", "1", "python", "u.py"],
+])
+def test_a_line_without_a_double_dash_passes_through_untouched(line: list[str], capsys) -> None:
+    """mpiexec's options are many and some take values: without --, where the program starts is not known."""
+    assert rank_env_command(line, None, {}) == line
+    err = capsys.readouterr().err
+    assert "were not set" in err and "put -- before the program" in err and err.count("\n") == 1
 
 
 def _launch(argv: list[str], extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -111,13 +129,22 @@ def test_a_torchrun_script_runs_unchanged_under_collective_run(backend: str, npr
 
 
 def test_mpiexec_style_launch_sets_the_same_environment() -> None:
-    res = _launch([sys.executable, "-m", "collective.run", "-n", "2", sys.executable, SCRIPT, "collective"],
+    res = _launch([sys.executable, "-m", "collective.run", "-n", "2", "--", sys.executable, SCRIPT, "collective"],
                   {"OMP_NUM_THREADS": "2"})
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     seen = _seen(res.stdout)
     assert sorted(seen) == [0, 1] and all(kv["LOCAL_RANK"] == str(r) for r, kv in seen.items())
     assert all(kv["OMP_NUM_THREADS"] == "2" for kv in seen.values()), "the user's setting is kept"
+    # Without --, with an option collective-run does not know (Open MPI's -host): run as given, with a note
+    code = "import os; print('PLAIN', os.environ.get('RANK'), os.environ['OMPI_COMM_WORLD_RANK'])"
+    res = _launch([sys.executable, "-m", "collective.run", "-host", "localhost:2", "-n", "2", sys.executable, "-c",
+                   code])
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert sorted(ln for ln in res.stdout.splitlines() if ln.startswith("PLAIN")) == [
+        "PLAIN None 0", "PLAIN None 1"], out[-4000:]
+    assert "put -- before the program" in res.stderr
 
 
 def test_a_job_started_by_torchrun_itself_is_still_refused() -> None:
@@ -133,5 +160,5 @@ def test_a_job_started_by_torchrun_itself_is_still_refused() -> None:
 def test_collective_run_command_keeps_mpiexec_options() -> None:
     args, _ = torchrun_args(["--nproc_per_node", "8", "--mca", "btl", "self,sm", "t.py"])
     cmd, _ = mpiexec_command(args, env={})
-    assert cmd[1:] == ["--oversubscribe", "-n", "8", "--mca", "btl", "self,sm", sys.executable, "t.py"] or \
-        cmd[1:] == ["-n", "8", "--mca", "btl", "self,sm", sys.executable, "t.py"]
+    assert cmd[1:] == ["--oversubscribe", "-n", "8", "--mca", "btl", "self,sm", "--", sys.executable, "t.py"] or \
+        cmd[1:] == ["-n", "8", "--mca", "btl", "self,sm", "--", sys.executable, "t.py"]
