@@ -13,7 +13,7 @@ import tempfile
 
 import pytest
 
-from collective.run import TorchrunOptions, mpiexec_command, rank_env_command, torchrun_args
+from collective.run import TorchrunOptions, _nprocs, elastic_args, mpiexec_command, rank_env_command, torchrun_args
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "jobs", "torchrun_script.py")
 
@@ -26,7 +26,7 @@ def test_torchrun_flags_become_mpiexec_flags() -> None:
                                 "-m", "pkg.train", "--epochs", "3"])
     assert args == ["-n", "4", "--map-by", "ppr:2:node", "--host", "a:2,b:2", "--", py, "-m", "pkg.train", "--epochs",
                     "3"]
-    assert opts == TorchrunOptions(nproc_per_node=2, nnodes=2, master_port=1234)
+    assert opts == TorchrunOptions(nproc_per_node=2, nnodes=2, master_port=1234, by_node=True)
     assert torchrun_args(["--standalone", "--nproc_per_node", "2", "--no_python", "./a.out", "x"])[0] == [
         "-n", "2", "--", "./a.out", "x"]
     assert torchrun_args(["--nnodes", "1:1", "--node_rank", "0", "--nproc_per_node", "cpu", "t.py"])[0] == [
@@ -34,6 +34,46 @@ def test_torchrun_flags_become_mpiexec_flags() -> None:
     # mpiexec-style launches, and a program's own torchrun-like arguments, are left alone
     plain = ["-n", "2", "--mca", "btl", "self,sm", "python", "t.py", "--nproc_per_node", "3"]
     assert torchrun_args(plain) == (plain, None)
+
+
+def test_one_split_serves_every_translation() -> None:
+    """torchrun's, collective-run's own, horovodrun's and mpiexec's flags mixed: each read once, the program kept."""
+    py = sys.executable
+    line, extra = elastic_args(["--nproc_per_node", "2", "--elastic", "--min-ranks", "1", "train.py", "--elastic"])
+    assert extra == {"COLLECTIVE_ELASTIC": "1", "COLLECTIVE_MIN_RANKS": "1"}
+    assert line[-2:] == ["train.py", "--elastic"] and "--min-ranks" not in line and line.count("--elastic") == 1
+    args, opts = torchrun_args(line)
+    assert opts == TorchrunOptions(nproc_per_node=2)
+    assert args[:2] == ["-n", "2"] and args[-4:] == ["--", py, "train.py", "--elastic"]
+    assert args[2:-4] == ["--with-ft", "ulfm", "-x", "COLLECTIVE_ELASTIC", "-x", "COLLECTIVE_MIN_RANKS"]
+    # MPICH-style and single-dash Open MPI options with values before the torchrun flags
+    args, opts = torchrun_args(["-genv", "A", "1", "-host", "a,b", "--nproc_per_node", "2", "t.py", "--nnodes", "9"])
+    assert opts == TorchrunOptions(nproc_per_node=2)
+    assert args == ["-n", "2", "-genv", "A", "1", "-host", "a,b", "--", py, "t.py", "--nnodes", "9"]
+
+
+def test_process_count_and_hosts_come_from_the_options_only() -> None:
+    assert _nprocs(["--host", "a", "python", "t.py", "-n", "99"]) is None
+    assert _nprocs(["-host", "a,b", "-n", "2", "python", "t.py", "-n", "99"]) == 2
+    assert _nprocs(["-n", "1", "a", ":", "-n", "2", "b"]) == 1
+    cmd, _ = mpiexec_command(["-n", "64", "python", "t.py", "--host", "x", "--oversubscribe"], env={})
+    assert cmd[1] == "--oversubscribe", "the program's own --host/--oversubscribe are its own"
+    for hosts in (["--host=a:32,b:32"], ["--hosts", "a:32,b:32"], ["-host", "a:32,b:32"], ["--hostfile=f"]):
+        cmd, _ = mpiexec_command([*hosts, "-n", "64", "python", "t.py"], env={})
+        assert "--oversubscribe" not in cmd, hosts
+    cmd, _ = mpiexec_command(["-n", "1", "a", ":", "-n", "63", "b"], env={})
+    assert cmd[1] == "--oversubscribe", "MPMD contexts add up"
+
+
+def test_node_environment_only_where_collective_run_placed_the_ranks() -> None:
+    line = ["--nproc_per_node", "2", "--nnodes", "2", "--host", "a:2,b:2"]
+    args, opts = torchrun_args([*line, "t.py"])
+    assert opts is not None and opts.by_node
+    assert rank_env_command(args, opts, {})[args.index("--") + 4] == "2", "GROUP_RANK from rank // 2"
+    args, opts = torchrun_args([*line, "--map-by", "node", "t.py"])
+    assert opts is not None and not opts.by_node and "ppr:2:node" not in args
+    out = rank_env_command(args, opts, {})
+    assert out[args.index("--") + 4] == "0", "the user's own placement: the node of a rank is not known"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -83,7 +123,7 @@ def test_a_line_without_a_double_dash_passes_through_untouched(line: list[str], 
     """mpiexec's options are many and some take values: without --, where the program starts is not known."""
     assert rank_env_command(line, None, {}) == line
     err = capsys.readouterr().err
-    assert "were not set" in err and "put -- before the program" in err and err.count("\n") == 1
+    assert "were not set" in err and "put -- right after mpiexec's options" in err and err.count("\n") == 1
 
 
 def _launch(argv: list[str], extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -144,7 +184,7 @@ def test_mpiexec_style_launch_sets_the_same_environment() -> None:
     assert res.returncode == 0, out[-4000:]
     assert sorted(ln for ln in res.stdout.splitlines() if ln.startswith("PLAIN")) == [
         "PLAIN None 0", "PLAIN None 1"], out[-4000:]
-    assert "put -- before the program" in res.stderr
+    assert "put -- right after" in res.stderr
 
 
 def test_a_job_started_by_torchrun_itself_is_still_refused() -> None:
