@@ -193,13 +193,16 @@ class Engine:
 
         The other ranks drop the request when the next tick delivers the
         withdrawal; if the op becomes ready before that, this rank still takes
-        part with its arrays (its caller has already been given the error), so
-        the other ranks' results stay right.
+        part with its arrays as they were now (its caller has already been
+        given the error and owns its tensors again: a copy is kept, and the
+        result goes nowhere), so the other ranks' results stay right.
         """
         with self._lock:
             loc = self._local.pop(name, None)
             if loc is None:
                 return
+            loc.arrays = [np.array(a, copy=True) for a in loc.arrays]
+            loc.outs = None
             self._cancelled[name] = loc
             self._seq += 1
             self._outbox.append({"seq": self._seq, "name": name, "kind": "cancel"})
@@ -430,12 +433,12 @@ class Engine:
             self._complete(name, None, HorovodInternalError(f"{kind} {name!r} on rank {self.ranks[self.rank]} "
                                                              f"of {self.size}: {why}"))
             return None
-        with self._lock:
+        with self._lock:  # cancel() swaps a withdrawn op's arrays and outs under the lock
             loc = self._local.get(name) or self._cancelled.get(name)
-        outs = None
-        if loc is not None:
-            arrays, outs = loc.arrays, loc.outs
-        else:  # this rank joined: it contributes zeros of the agreed shapes
+            outs = None
+            if loc is not None:
+                arrays, outs = loc.arrays, loc.outs
+        if loc is None:  # this rank joined: it contributes zeros of the agreed shapes
             arrays = [np.zeros(s, np.dtype(d)) for s, d in zip(q["shapes"], q["dtypes"])]
         return kind, arrays, outs, reqs, q
 

@@ -14,6 +14,7 @@ Usage: horovod_api.py [--only ops,grad,match,helpers,optim,bn,alltoall,sets]
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import numpy as np
@@ -318,6 +319,34 @@ def c_timeout_names_missing_ranks() -> None:
         eng.submit("barrier", "b2", []).wait()
         got = eng.submit("allreduce", "gone", [x], op="sum").wait()
         assert np.array_equal(got, [x * P]), got
+        # A withdrawn op that every rank had already requested still runs (the others need this rank's part):
+        # with the data as it was at the deadline, and its result never lands in the caller's array, which the
+        # caller owns again once told of the failure. The engine holds the op until rank 0's deadline passed.
+        gate = threading.Event()
+        run_ready = eng._run_ready
+
+        def gated() -> None:
+            with eng._lock:
+                ready = "late" in eng._table and len(eng._table["late"].reqs) == P
+            if ready:
+                gate.wait(60)
+            run_ready()
+
+        eng._run_ready = gated  # type: ignore[method-assign]
+        mine = np.full(3, float(R + 1), np.float32)
+        if R == 0:
+            eng.timeout = 1.0
+            late = eng.submit("allreduce", "late", [mine], outs=[mine], op="sum")
+            raises(HorovodInternalError, late.wait, "not finished")
+            eng.timeout = 60.0
+            mine[:] = -1.0  # the caller reuses its array
+            gate.set()
+        else:
+            gate.set()
+            got = eng.submit("allreduce", "late", [mine], outs=[mine], op="sum").wait()
+            assert np.array_equal(mine, np.full(3, P * (P + 1) / 2, np.float32)), mine
+        eng.submit("barrier", "b3", []).wait()
+        assert R != 0 or np.array_equal(mine, np.full(3, -1.0, np.float32)), mine
     finally:
         eng.shutdown()
 
