@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import queue
 import socket
@@ -833,10 +834,12 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         P = self._comm.size
         _check_tensor(input, self._where("all_to_all_single", input))
         _check_tensor(output, self._where("all_to_all_single", output))
-        rows = input.shape[0] if input.dim() else 1
-        per = input.numel() // rows if rows else 0
-        splits = [int(s) * per for s in input_split_sizes] if input_split_sizes else [input.numel() // P] * P
-        want = [int(s) * per for s in output_split_sizes] if output_split_sizes else [output.numel() // P] * P
+        # Splits count rows (first-dim entries); each tensor's row holds its own trailing elements, so a rank
+        # that sends nothing (input (0, d)) still receives d elements per row.
+        splits = ([int(s) * math.prod(input.shape[1:]) for s in input_split_sizes] if input_split_sizes
+                  else [input.numel() // P] * P)
+        want = ([int(s) * math.prod(output.shape[1:]) for s in output_split_sizes] if output_split_sizes
+                else [output.numel() // P] * P)
         return self._alltoall(fn, _array(input.contiguous()).reshape(-1), splits, want, [output],
                               opts.asyncOp, "all_to_all_single")
 

@@ -421,6 +421,24 @@ def case_all_to_all() -> None:
             w.wait()
         for r in range(P):
             same(outs[r], torch.full((R + 1,), r * 10 + R, dtype=torch.int64), f"all_to_all from {r}")
+    # Rank 0 sends nothing (input (0, 3), as an MoE rank with no tokens routed) but receives, and the last rank
+    # receives nothing (output (0, 3)): rank r sends r rows to every rank but the last; each side's row size is
+    # its own tensor's.
+    def count(r: int, j: int) -> int:
+        return r if j != P - 1 else 0
+
+    def sent(r: int, j: int) -> torch.Tensor:
+        n = count(r, j)
+        return (100 * r + 10 * j + torch.arange(n, dtype=torch.float32)).reshape(n, 1).expand(n, 3)
+
+    for async_op in (False, True):
+        inp = torch.cat([sent(R, j) for j in range(P)])
+        out = torch.empty(sum(count(r, R) for r in range(P)), 3)
+        w = dist.all_to_all_single(out, inp, output_split_sizes=[count(r, R) for r in range(P)],
+                                   input_split_sizes=[count(R, j) for j in range(P)], async_op=async_op)
+        if async_op:
+            w.wait()
+        same(out, torch.cat([sent(r, R) for r in range(P)]), f"all_to_all_single with empty sides async={async_op}")
     # Output splits that disagree with what arrives raise on every rank that expects them.
     if P > 1:
         inp = torch.cat([torch.full((j + 1,), float(R)) for j in range(P)])
