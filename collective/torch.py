@@ -198,11 +198,13 @@ class _Async(dist._Work):
         self._fut.wait()  # raises the call's error
         return True
 
+    # Completed means the future holds the outcome (the event is set just before the pool sets it): a Work
+    # reported complete has a value or an exception to give, and a failed one is never a success.
     def is_completed(self) -> bool:
-        return self._done.is_set()
+        return self._fut.done()
 
     def is_success(self) -> bool:
-        return self._done.is_set() and self.exception() is None
+        return self._fut.done() and self.exception() is None
 
     def exception(self) -> Any:
         if not self._fut.done():

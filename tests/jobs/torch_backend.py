@@ -279,6 +279,20 @@ def case_async_semantics() -> None:
         w.wait()
         assert w.is_completed() and w.is_success()
         same(t, torch.full((2,), float(P)), "after the late rank")
+    # Reported complete means the future holds the outcome: a value for a success, the error for a failure.
+    for k in range(100):
+        w = dist.all_reduce(torch.ones(1), async_op=True)
+        while not w.is_completed():
+            pass
+        assert w.get_future().done() and w.is_success(), f"completed, but the future is not done (call {k})"
+        same(w.get_future().value()[0], torch.full((1,), float(P)), "the completed future's value")
+    if P > 1:  # shapes that differ across the ranks: the Work fails on every rank
+        w = dist.all_reduce(torch.ones(R + 1), async_op=True)
+        while not w.is_completed():
+            pass
+        assert not w.is_success() and isinstance(w.exception(), col.CollectiveMismatchError), w.exception()
+        expect_error(lambda: w.get_future().value(), col.CollectiveMismatchError, "shape differs",
+                     "a failed Work's future")
     # Many in flight at once, completed in order.
     ts = [torch.full((1000,), float(R + k)) for k in range(20)]
     ws = [dist.all_reduce(x, async_op=True) for x in ts]
