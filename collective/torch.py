@@ -58,8 +58,8 @@ from .ops import bfloat16
 from .p2p import ANY_SOURCE
 from .threads import set_name
 
-__all__ = ["BACKEND", "CollectiveProcessGroup", "MonitoredBarrierError", "create_store", "join_closing",
-           "mpi_launched"]
+__all__ = ["BACKEND", "CollectiveProcessGroup", "MonitoredBarrierError", "WorkTimeoutError", "create_store",
+           "join_closing", "mpi_launched"]
 
 #: The backend name torch knows us by.
 BACKEND = "collective"
@@ -70,6 +70,10 @@ MONITORED_BARRIER_TAG = 1 << 28
 
 class MonitoredBarrierError(CollectiveTimeoutError, RuntimeError):
     """A monitored barrier that some rank did not reach in time (a RuntimeError, as torch's gloo raises)."""
+
+
+class WorkTimeoutError(CollectiveTimeoutError, dist.DistBackendError):
+    """``Work.wait(timeout)`` ran out: a DistBackendError (so a RuntimeError), as torch's backends raise there."""
 
 # The enum's members, as ReduceOp carries them (torch's stub of RedOpType itself lists none).
 _R = dist.ReduceOp
@@ -194,7 +198,7 @@ class _Async(dist._Work):
     def wait(self, timeout: datetime.timedelta | None = None) -> bool:
         secs = timeout.total_seconds() if timeout is not None else 0.0
         if not self._done.wait(secs if secs > 0 else None):
-            raise CollectiveTimeoutError(f"{self._name}: not finished after {secs} s")
+            raise WorkTimeoutError(f"{self._name}: not finished after {secs} s")
         self._fut.wait()  # raises the call's error
         return True
 
