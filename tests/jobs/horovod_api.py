@@ -94,8 +94,10 @@ def c_allreduce_ops() -> None:
             got = hvd.allreduce(xs[R], op=op, name=f"ops.{dt}.{op}")
             eq(got, e.to(dt), 0.0)
         avg = hvd.allreduce(xs[R], name=f"avg.{dt}")  # Average is the default
-        if dt.is_floating_point:
-            eq(avg, (sum(wide) / P).to(dt), 0.0 if dt in (torch.float32, torch.float64) else 1e-2 * P)
+        if dt in (torch.float32, torch.float64):  # the sum times 1 / size, as Horovod averages
+            eq(avg, sum(wide).to(dt) * (1.0 / P), 0.0)
+        elif dt.is_floating_point:
+            eq(avg, (sum(wide) / P).to(dt), 1e-2 * P)
         else:
             eq(avg, torch.div(sum(xs) if dt in (torch.uint8, torch.int8) else sum(wide).to(dt), P,
                               rounding_mode="trunc").to(dt))
@@ -106,10 +108,10 @@ def c_allreduce_flags() -> None:
     xs = [inp(r, (5,), torch.float64) for r in range(P)]
     s = sum(xs)
     eq(hvd.allreduce(xs[R], average=False), s)
-    eq(hvd.allreduce(xs[R], average=True), s / P)
+    eq(hvd.allreduce(xs[R], average=True), s * (1.0 / P))
     raises(ValueError, lambda: hvd.allreduce(xs[R], average=True, op=hvd.Sum), "supersedes")
     eq(hvd.allreduce(xs[R], op=hvd.Sum, prescale_factor=0.5, postscale_factor=3.0), s * 1.5)
-    eq(hvd.allreduce(xs[R], op=hvd.Average, postscale_factor=2.0), s * 2.0 / P)
+    eq(hvd.allreduce(xs[R], op=hvd.Average, postscale_factor=2.0), s * (2.0 / P))
     # integers scale in float64 and truncate, as in Horovod
     xi = [inp(r, (5,), torch.int32) for r in range(P)]
     pre = sum((x.double() * 0.3).to(torch.int32) for x in xi)
@@ -137,6 +139,25 @@ def c_in_place() -> None:
             eq(t, want)
         if dt in (torch.float32, torch.float64):
             eq(want, (sum(wide) * 1.5).to(dt))
+    # A finished handle's result is final: once poll() says done, the tensor holds the average (or the scaled sum)
+    # before synchronize runs anything on this thread; one tensor alone and several fused.
+    for dt in (torch.float32, torch.float64, torch.bfloat16):
+        for op, post in ((hvd.Average, 1.0), (hvd.Sum, 2.0), (hvd.Average, 3.0)):
+            factor = post / P if op == hvd.Average else post
+            xs = [[inp(r + k, (4, 3), dt) for k in range(3)] for r in range(P)]
+            for group in (False, True):
+                mine = [x.clone() for x in xs[R]]
+                h = (hvd.grouped_allreduce_async_(mine, op=op, postscale_factor=post, name=f"poll.{dt}") if group
+                     else hvd.allreduce_async_(mine[0], op=op, postscale_factor=post, name=f"poll.{dt}"))
+                while not hvd.poll(h):
+                    time.sleep(0.0005)
+                if dt != torch.bfloat16:  # bfloat16 results come back through a copy, in synchronize
+                    for k in range(3 if group else 1):
+                        eq(mine[k], (sum(x[k].double() for x in xs) * factor).to(dt), tol=1e-4)
+                hvd.synchronize(h)
+                for k in range(3 if group else 1):
+                    eq(mine[k], (sum(x[k].double() for x in xs) * factor).to(dt), tol=0.25 if dt == torch.bfloat16
+                       else 1e-4)
     # several tensors of one dtype in one op travel in the engine's fusion buffer, reused from op to op
     for rnd in range(3):
         xs = [[inp(r + rnd, (k + 2, 3)) for k in range(5)] for r in range(P)]
@@ -174,7 +195,8 @@ def c_async_grouped() -> None:
         eq(got, w)
     copies = [m.clone() for m in mixed]
     for got, w in zip(hvd.synchronize(hvd.grouped_allreduce_async_(copies, op=hvd.Average)), want):
-        eq(got, torch.div(w, P, rounding_mode="trunc") if not w.is_floating_point() else w / P)
+        # floats: the average and postscale are one factor, as in Horovod (sum * (postscale / size))
+        eq(got, torch.div(w, P, rounding_mode="trunc") if not w.is_floating_point() else w * (1.0 / P))
 
 
 def c_allgather() -> None:
