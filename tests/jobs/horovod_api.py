@@ -381,7 +381,7 @@ def c_join() -> None:
             ha = hvd.allreduce_async(inp(R, (4,), torch.int32), name="join.a", op=hvd.Sum)
             hb = hvd.allreduce_async(inp(R, (2, 2), torch.float64), name="join.b")
             eq(hvd.synchronize(ha), sum(inp(r, (4,), torch.int32) for r in range(P) if r != first))
-            eq(hvd.synchronize(hb), sum(inp(r, (2, 2), torch.float64) for r in range(P) if r != first) / P)
+            eq(hvd.synchronize(hb), sum(inp(r, (2, 2), torch.float64) for r in range(P) if r != first) * (1.0 / P))
             if P > 1:
                 # named: the joined rank skips this call, so auto-generated names would differ from here on
                 raises(HorovodInternalError, lambda f=first: hvd.allgather(inp(R), name=f"join.ag.{f}"), "join")
