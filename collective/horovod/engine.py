@@ -504,9 +504,7 @@ class Engine:
         return HorovodInternalError(f"{kind} {name!r} on rank {self.ranks[self.rank]}: {type(exc).__name__}: {exc}")
 
     def _execute(self, kind: str, arrays: list[np.ndarray], reqs: dict[int, dict], q: dict) -> Any:
-        comm = self.comm
-        if kind == "allreduce":
-            return _fused_allreduce(comm, arrays, q["op"], [None] * len(arrays), self._fusion)
+        comm = self.comm  # allreduce never reaches here: _run batches and fuses it
         if kind == "allgather":
             # The communicator's allgather takes uneven first dims; every rank's rows are known here, so the
             # result's shape is checked against the announcements.
@@ -556,11 +554,11 @@ def _fused_allreduce(comm: Any, arrays: list[np.ndarray], op: str, outs: list[np
             a, dest = np.ascontiguousarray(arrays[i]), outs[i]
             if dest is not None:
                 comm.allreduce(a, op=op, out=dest)
-                out[i] = dest
             else:
-                out[i] = np.asarray(comm.allreduce(a, op=op)).reshape(a.shape)
+                dest = np.asarray(comm.allreduce(a, op=op)).reshape(a.shape)
             if scales is not None and scales[i] != 1.0:
-                np.multiply(out[i], scales[i], out=out[i])
+                np.multiply(dest, scales[i], out=dest)
+            out[i] = dest
             continue
         total = sum(arrays[i].size for i in idx)
         buf = fusion.get(dt)

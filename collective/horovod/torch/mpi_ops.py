@@ -567,8 +567,6 @@ def _allreduce_submit(tensors: list[torch.Tensor], outputs: list[torch.Tensor] |
     eng, ps = _engine_for(process_set, kind)
     for t in tensors:
         _check_tensor(t, kind)
-    if prescale != 1.0 and op in (Min, Max, Product):
-        pass  # scaling before min/max/product is well defined; Horovod applies it the same way
     arrays = [_to_numpy(_scale(t.detach(), prescale), reducing=True) for t in tensors]
     n = _set_size(ps)
     dest = None if outputs is None else [_out_view(o, a) for o, a in zip(outputs, arrays)]
