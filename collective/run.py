@@ -26,6 +26,11 @@ _ARITY: dict[str, int] = {
     "--preload-files": 1, "--stream-buffering": 1, "--tune": 1, "--personality": 1, "--pset": 1,
     "--initial-errhandler": 1, "--with-ft": 1, "--mca": 2, "-mca": 2, "--gmca": 2, "-gmca": 2, "--prtemca": 2,
     "--pmixmca": 2, "--am": 1, "--tmpdir": 1, "--report-pid": 1, "--report-uri": 1,
+    "--oversubscribe": 0, "-oversubscribe": 0, "--tag-output": 0, "-tag-output": 0, "--timestamp-output": 0,
+    "--merge-stderr-to-stdout": 0, "--report-bindings": 0, "-report-bindings": 0, "--display-map": 0,
+    "--display-allocation": 0, "--allow-run-as-root": 0, "--use-hwthread-cpus": 0, "-v": 0, "--verbose": 0,
+    "-q": 0, "--quiet": 0, "--enable-recovery": 0, "--disable-recovery": 0, "--noprefix": 0, "-l": 0,
+    "-prepend-rank": 0, "-print-all-exitcodes": 0, "-verbose": 0,
     # torchrun's (collective-run translates or refuses them)
     "--nproc_per_node": 1, "--nnodes": 1, "--node_rank": 1, "--master_addr": 1, "--master_port": 1,
     "--standalone": 0, "--no_python": 0, "--rdzv_backend": 1, "--rdzv_endpoint": 1, "--rdzv_id": 1,
@@ -444,12 +449,16 @@ def _contexts(line: _Line) -> list[_Line]:
 
 
 def _program_at(ctx: _Line) -> int | None:
-    """Where the program begins in the words of one app context, if collective-run knows it exactly.
+    """Where the program begins in the words of one app context (a ``--`` there included), if known exactly.
 
-    Only a ``--`` marks it: an mpiexec option unknown to :data:`_ARITY` may take values (``-someflag a,b``),
-    so a word that does not start with ``-`` may still be one of them. Returns the index of the ``--``, or None.
+    Known after a ``--``, or when every option is in :data:`_ARITY`: an
+    option it does not know may take values (``-someflag a,b``), so a word
+    that does not start with ``-`` may still be one of them. Returns the
+    index of the ``--`` or of the program's first word; None if unknown.
     """
-    return sum(len(o) for o in ctx.options) if ctx.marked else None
+    if ctx.marked or (ctx.program and all(f in _ARITY or _torchrun_name(f) in _ARITY for f in ctx.flags())):
+        return sum(len(o) for o in ctx.options)
+    return None
 
 
 def _first_host(line: _Line) -> str | None:
@@ -497,12 +506,14 @@ def rank_env_command(args: Sequence[str], opts: TorchrunOptions | None = None,
         opts: what torchrun's flags gave (:func:`torchrun_args`), None for an mpiexec-style launch.
         env: the launcher's environment (default ``os.environ``).
 
-    The program's start is known only after a ``--`` (which torchrun-style
-    launches put there): mpiexec's options are many and some take values, so
-    an app context without one is left as it is, with a note on stderr.
+    The program's start is known after a ``--`` (which torchrun-style
+    launches put there) or when collective-run knows every option before it;
+    an app context with an option it does not know (it might take values) is
+    left as it is, with a note on stderr.
 
     Returns:
-        The arguments with ``sh -c SCRIPT collective-run NODES ADDR PORT THREADS`` in place of each ``--``.
+        The arguments with ``sh -c SCRIPT collective-run NODES ADDR PORT THREADS`` before each program (in
+        place of its ``--``).
     """
     return _rank_env(_split(args), opts, env)
 
@@ -532,10 +543,11 @@ def _rank_env(line: _Line, opts: TorchrunOptions | None, env: dict[str, str] | N
             out.extend(words)
             continue
         out.extend([*words[:at], "sh", "-c", _RANK_ENV_SH, "collective-run", str(nodes), addr, str(port), threads,
-                    *words[at + 1:]])
+                    *words[at + ctx.marked:]])
     if unmarked:
-        print("collective-run: RANK, LOCAL_RANK, ... (torchrun's environment) were not set: put -- right after "
-              "mpiexec's options to get them (collective-run -n 2 -- python train.py)", file=sys.stderr)
+        print("collective-run: RANK, LOCAL_RANK, ... (torchrun's environment) were not set: an mpiexec option here "
+              "is unknown to collective-run; put -- right after mpiexec's options to get them "
+              "(collective-run -n 2 --someflag v -- python train.py)", file=sys.stderr)
     return out
 
 
@@ -617,9 +629,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("usage: collective-run [mpiexec options] [--] program [args...]\n"
               "       collective-run --nproc_per_node N [--nnodes M --host/--hostfile ...] script.py [args...]\n"
               "Runs the installed mpiexec, adding --oversubscribe when ranks exceed cores and the\n"
-              "run-as-root settings when run as root. With -- before the program (or torchrun's flags), each\n"
-              "process gets torchrun's environment: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,\n"
-              "MASTER_PORT (and GROUP_RANK/NODE_RANK where a rank's node is known). horovodrun's\n"
+              "run-as-root settings when run as root. Each process gets torchrun's environment: RANK,\n"
+              "WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and GROUP_RANK/NODE_RANK where a\n"
+              "rank's node is known), unless an mpiexec option unknown to collective-run comes before the program\n"
+              "with no -- after it. horovodrun's\n"
               "-np/--num-proc, -H/--hosts, --hostfile, --network-interface, --mpi-args and --mpi are\n"
               "translated, and so are torchrun's --nproc_per_node, --nnodes, --master_addr, --master_port,\n"
               "--standalone, -m and --no_python\n"
