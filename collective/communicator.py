@@ -54,7 +54,7 @@ from .prepare import BARRIER, Call, Preparer
 from .sequencer import MISS, OpRecord, Sequencer, Work
 from .shm import WINDOW_MIN_BYTES
 from .spec import ALGORITHMS, COLLECTIVE_NAMES
-from .ulfm import FailureState, is_failure, require_ulfm
+from .ulfm import FailureState, is_failure, raise_lost, require_ulfm
 from .variable import prepare_variable
 from .watchdog import Watchdog, deadline
 
@@ -62,6 +62,8 @@ __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES", "WINDOW_MIN
 
 
 _SUBGROUP_TAG = (1 << 29) - 7  # below p2p's tags, above the executor's
+#: MPI's error classes of a lost process (ULFM).
+_FAILED_CLASSES = ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")
 
 
 class _SubRank(int):
@@ -148,8 +150,26 @@ class Communicator:
         self.is_replacement: bool = False
         # Every collective step of construction has a deadline: a rank that never calls init()
         # must not hang the others forever.
-        with deadline("init: duplicating the communicator, discovering nodes and calibrating links", timeout):
-            self._construct(comm, algorithm, timeout, segment_bytes, backend, cluster, job_ranks)
+        try:
+            with deadline("init: duplicating the communicator, discovering nodes and calibrating links", timeout):
+                self._construct(comm, algorithm, timeout, segment_bytes, backend, cluster, job_ranks)
+        except Exception as exc:
+            self._abandon_construction(exc)
+            raise
+
+    def _abandon_construction(self, exc: BaseException) -> None:
+        """Elastic mode, construction failed with a sign of a lost rank: revoke the duplicate it was building on,
+        so survivors still inside its collectives fail at once instead of waiting for this rank."""
+        be = getattr(self, "_backend", None)
+        if be is None or not config.get("ELASTIC") or not is_failure(exc, self._mpi):
+            return
+        wd = getattr(self, "watchdog", None)
+        if wd is not None:
+            wd.close(announce=False)
+        try:
+            be.comm.Revoke()
+        except self._mpi.Exception:  # revoked already, or refused: the peers' own waits fail on the lost rank
+            pass
 
     def _construct(self, comm: Any, algorithm: str | None, timeout: float | None, segment_bytes: int | None,
                    backend: str | None, cluster: Cluster | None, job_ranks: tuple[int, ...] | None) -> None:
@@ -183,7 +203,7 @@ class Communicator:
         given = {"ALGORITHM": algorithm, "BACKEND": backend, "SEGMENT_BYTES": segment_bytes, "TUNING": tuning_local}
         same = config.local_values({k: v for k, v in given.items() if v})
 
-        backend_ = MPIBackend(comm)
+        backend_ = self._backend = MPIBackend(comm)
         # Before anything that depends on them (node discovery, topology file, calibration, the check): a
         # rank whose settings differ would otherwise wait in a different collective until the deadline.
         config.agree(backend_.comm, same, where)
@@ -250,6 +270,7 @@ class Communicator:
         if elastic:
             self._ft = ft = FailureState(backend_.comm, MPI, self.world_ranks, backend_.rank)
             backend_.watch_failures(lambda: ft.watch(backend_.comm))
+            self._p2p.watch = lambda: ft.watch(backend_.comm)
             self._seqr.fault = self._p2p.fault = self._fault
             self._engine.on_arena = self._watch_arena
         if self.single_node and self.size > 1 and self._check.fingerprints is not None:
@@ -874,14 +895,12 @@ class Communicator:
             try:
                 sub = comm.Create_group(group, _SUBGROUP_TAG)
             except Exception as exc:
-                lost = self._fault("subgroup", exc)
-                if lost is None:
-                    raise
-                raise lost from exc
+                raise_lost(self._fault, "subgroup", exc)
+                raise
             finally:
                 group.Free()
             try:
-                child = self._child(sub, timeout)
+                child = self._child(sub, timeout, "subgroup")
             finally:
                 sub.Free()
         # The members must agree on the list (the check of the new communicator's first op compares it).
@@ -889,9 +908,15 @@ class Communicator:
                         lambda c, f, s: None)
         return child
 
-    def _child(self, sub: Any, timeout: float | None = None) -> Communicator:
+    def _child(self, sub: Any, timeout: float | None = None, name: str = "split") -> Communicator:
         """The Communicator over MPI communicator ``sub`` (a split of this one), with this one's settings
-        (its deadline ``timeout`` when given)."""
+        (its deadline ``timeout`` when given); in elastic mode a rank lost meanwhile raises RanksLostError for
+        call ``name``, as this communicator's own calls do."""
+        if self._ft is None:
+            return self._make_child(sub, timeout)
+        return self._elastic_call(name, lambda: self._make_child(sub, timeout))
+
+    def _make_child(self, sub: Any, timeout: float | None) -> Communicator:
         parent = np.array([self.rank], np.int64)
         every = np.empty(sub.Get_size(), np.int64)
         sub.Allgather(parent, every)
@@ -914,6 +939,50 @@ class Communicator:
         """
         self._open("barrier")
         self._seqr.run(BARRIER)
+
+    def agree(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on every rank, with the same outcome on every rank even if ranks fail (collective).
+
+        For decisions that must come out alike everywhere, such as "training
+        is over": an ordinary allreduce that a rank's failure interrupts can
+        complete on some survivors and fail on others. In elastic mode it is
+        ULFM's fault-tolerant agreement (``MPI_Comm_agree``) on this
+        communicator, after any queued async work: either every survivor gets
+        the same answer, or every survivor raises RanksLostError (also when a
+        peer noticed a failure in its own call and is recovering: it takes part
+        in the same agreement). Otherwise it is an allreduce of the flag (AND).
+
+        Args:
+            flag: this rank's vote.
+
+        Returns:
+            True if every rank passed a true ``flag``.
+
+        Raises:
+            RanksLostError: elastic mode, a rank was lost (on every survivor); call :meth:`shrink`.
+
+        Example::
+
+            done = comm.agree(step >= steps)   # every rank leaves the loop together, or every survivor raises
+        """
+        self._open("agree")
+        ft = self._ft
+        if ft is None:
+            return bool(self.allreduce(np.array([1 if flag else 0], np.int32), op="min")[0])
+
+        def run() -> bool:
+            t0 = time.monotonic()
+            if ft.error is not None:  # recovered already (a failed async op): nothing to agree with
+                raise ft.recover("agree", None)
+            result, failed = ft.agree(bool(flag))
+            if failed:
+                err = ft.recover("agree", None, t0, agreed=True)
+                self._lose()
+                raise err
+            return result
+
+        with deadline(f"agree on rank {self.rank} of {self.size} (collective)", self.watchdog.timeout):
+            return bool(self._seqr.run_locked(run, "agree"))
 
     def close(self) -> None:
         """Stop the communication thread and free the private MPI communicator (collective; later calls raise).
@@ -954,10 +1023,8 @@ class Communicator:
         try:
             return fn()
         except Exception as exc:
-            lost = self._fault(name, exc, t0)
-            if lost is None or lost is exc:
-                raise
-            raise lost from exc
+            raise_lost(self._fault, name, exc, t0)
+            raise
 
     def _lose(self) -> None:
         """After recovery: every later call raises (the repeat paths' templates go, so calls reach the check)."""
@@ -1023,6 +1090,10 @@ class Communicator:
         Returns:
             The survivors' communicator (ranks renumbered 0..survivors-1 in the order of this one's).
 
+        A rank lost while the new communicator is built is left out of it too
+        (the survivors agree whether the construction worked everywhere, and
+        shrink and build again if not).
+
         Raises:
             CollectiveError: not in elastic mode, or this communicator was already replaced.
 
@@ -1040,27 +1111,58 @@ class Communicator:
             err = ft.recover("shrink", None)
             self._lose()
             t1 = time.monotonic()
-            kept = [self.world_ranks.index(j) for j in ft.survivor_jobs]
-            nodes = [self.cluster.node_of_rank[k] for k in kept]
-            order = {n: i for i, n in enumerate(dict.fromkeys(nodes))}
-            cl = self.cluster
-            layout = Cluster(tuple(order[n] for n in nodes), cl.intra, cl.inter if len(order) > 1 else None,
-                             cl.gamma, source=f"{cl.source}, survivors {list(ft.survivor_jobs)}", links_declared=True)
-            new = Communicator(ft.survivors, cluster=layout, job_ranks=ft.survivor_jobs, **self._params)
+            new, surv = self._build_survivors(ft.survivors, ft.survivor_jobs)
             t2 = time.monotonic()
-        ft.survivors.Free()  # the new communicator runs on its own duplicate
+        surv.Free()  # the new communicator runs on its own duplicate
         ft.survivors = None
         times = dict(ft.times)
         times["rebuild"] = t2 - t1
         times["total"] = sum(times.get(k, 0.0) for k in ("revoke", "agree", "shrink", "rebuild"))
         new.recovery_times = times
         new._next_job = max(new._next_job, self._next_job)
-        lost = ", ".join(str(r) for r in err.lost_ranks) or "none"
-        noun = "rank" if len(err.lost_ranks) == 1 else "ranks"
+        lost = ", ".join(str(r) for r in sorted(set(err.lost_ranks) | set(self.world_ranks) - set(new.world_ranks)))
+        noun = "rank" if len(lost.split(", ")) == 1 else "ranks"
+        lost = lost or "none"
         self._retire(f"this communicator was shrunk after losing job {noun} {lost}: use the communicator "
                      "comm.shrink() returned (collective.init() returns it too)")
         self._successor_of_default(new)
         return new
+
+    def _build_survivors(self, surv: Any, jobs: tuple[int, ...]) -> tuple[Communicator, Any]:
+        """The Communicator over ``surv`` (MPI_Comm_shrink's communicator, ranks ``jobs``), and the MPI communicator
+        it was built on; collective over the survivors.
+
+        A survivor that fails while it is built (duplication, settings, layout,
+        arena all talk to every survivor) makes the construction fail on some
+        survivors and complete on others. So the survivors then agree (ULFM's
+        agreement over ``surv``, uniform) on whether it worked everywhere; if
+        not, they recover over ``surv`` (revoke, shrink) and build again over
+        the survivors that are left.
+        """
+        MPI = self._mpi
+        while True:
+            kept = [self.world_ranks.index(j) for j in jobs]
+            nodes = [self.cluster.node_of_rank[k] for k in kept]
+            order = {n: i for i, n in enumerate(dict.fromkeys(nodes))}
+            cl = self.cluster
+            layout = Cluster(tuple(order[n] for n in nodes), cl.intra, cl.inter if len(order) > 1 else None,
+                             cl.gamma, source=f"{cl.source}, survivors {list(jobs)}", links_declared=True)
+            new: Communicator | None = None
+            try:
+                new = Communicator(surv, cluster=layout, job_ranks=jobs, **self._params)
+            except Exception as exc:
+                if not is_failure(exc, MPI):
+                    raise
+            fs = FailureState(surv, MPI, jobs, surv.Get_rank())
+            _, failed = fs.agree(True, failed=new is None)
+            if not failed:
+                assert new is not None
+                return new, surv
+            if new is not None:  # built here, but a survivor failed while building: its collectives cannot work
+                new._retire("a rank was lost while comm.shrink() built this communicator")
+            fs.recover("shrink", None, agreed=True)  # ``surv`` lost a rank: kept, never freed (see _retire)
+            surv, jobs = fs.survivors, fs.survivor_jobs
+            fs.survivors = None
 
     def grow(self, count: int) -> Communicator:
         """The communicator of this one's ranks plus ``count`` new processes running this program (collective).
@@ -1082,6 +1184,7 @@ class Communicator:
                 ``COLLECTIVE_MAX_RANKS``.
             BackendUnavailableError: MPI could not spawn the processes here (the message says MPI's reason).
             CollectiveError: not in elastic mode, or this communicator was replaced already.
+            RanksLostError: a rank (of this communicator or a new one) was lost while spawning or merging.
 
         Example::
 
@@ -1101,14 +1204,18 @@ class Communicator:
         MPI = self._mpi
         args = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:])
         with deadline(f"{where}: spawning {count} processes and merging them in (collective)", self.watchdog.timeout):
+            t0 = time.monotonic()
             try:
                 inter = self._backend.comm.Spawn(sys.executable, args=args, maxprocs=int(count), root=0)
             except MPI.Exception as exc:
+                if exc.Get_error_class() in {getattr(MPI, n, None) for n in _FAILED_CLASSES}:  # a lost rank
+                    raise_lost(self._fault, "grow", exc, t0)
                 raise BackendUnavailableError(
                     f"{where}: MPI could not spawn {count} process{'es' if count > 1 else ''} of "
                     f"{sys.executable} {' '.join(args)} ({exc.Get_error_string().strip()}); growing needs "
                     "MPI_Comm_spawn to work here (free slots, or --oversubscribe, on the launcher's hosts)") from exc
-            new = _join(inter, False, self.world_ranks[self.rank], self._next_job, self._params)
+            new = self._elastic_call("grow", lambda: _join(inter, False, self.world_ranks[self.rank], self._next_job,
+                                                           self._params))
         self._retire(f"this communicator was grown to {new.size} ranks: use the communicator comm.grow() returned "
                      "(collective.init() returns it too)")
         self._successor_of_default(new)

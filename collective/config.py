@@ -204,7 +204,8 @@ def _rows() -> tuple[Setting, ...]:
                   "in that 0-based step of the elastic trainer, at POINT: `forward`, `allreduce` (bucket 0's "
                   "reduction just launched), `shm` (bucket 0's reduction running), `late-allreduce` (the last "
                   "bucket's), `update` (between buckets' "
-                  "optimizer updates), `commit` or `checkpoint` (while rank 0 writes one)."),
+                  "optimizer updates), `commit`, `checkpoint` (while rank 0 writes one) or `finish` (STEP the last: "
+                  "just before the agreement that ends training)."),
     )
 
 

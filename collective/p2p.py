@@ -30,8 +30,10 @@ from typing import Any
 import numpy as np
 
 from .arrays import to_numpy
+from .backends.mpi import abandon
 from .errors import CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import dtype_code, dtype_from_code
+from .ulfm import raise_lost
 
 __all__ = ["PointToPoint", "P2PWork", "ANY_SOURCE"]
 
@@ -61,8 +63,8 @@ def _what(h: np.ndarray) -> str:
 class P2PWork:
     """Handle of a nonblocking send or receive: ``wait()`` (its result: the source rank of a receive), ``done()``."""
 
-    def __init__(self, p2p: PointToPoint, what: str, reqs: list[Any], recv: tuple | None = None) -> None:
-        self._p2p, self._what, self._reqs, self._recv = p2p, what, reqs, recv
+    def __init__(self, p2p: PointToPoint, op: str, what: str, reqs: list[Any], recv: tuple | None = None) -> None:
+        self._p2p, self._op, self._what, self._reqs, self._recv = p2p, op, what, reqs, recv
         self._t0 = time.monotonic()
         self._result: Any = None
         self._done = False
@@ -75,13 +77,11 @@ class P2PWork:
                 self._progress()
             else:
                 try:
-                    self._progress()
+                    self._progress_watched()
                 except Exception as exc:
-                    lost = self._p2p.fault(self._what.split(" ", 1)[0], exc, self._t0)
-                    if lost is None or lost is exc:
-                        raise
                     self._p2p.inflight.pop(id(self), None)
-                    raise lost from exc
+                    raise_lost(self._p2p.fault, self._op, exc, self._t0)
+                    raise
         return self._done
 
     def wait(self, timeout: float | None = None) -> Any:
@@ -108,6 +108,38 @@ class P2PWork:
             self._done = True
             self._p2p.inflight.pop(id(self), None)
 
+    def _progress_watched(self) -> None:
+        """Elastic mode's :meth:`_progress`: poll with MPI_Request_get_status, which frees nothing, and watch the
+        peers; a failure leaves the requests to :func:`~collective.backends.mpi.abandon`.
+
+        MPI_Test frees a request that completed in error, and Open MPI's ob1
+        layer aborts the job when a fragment of such a freed send later fails
+        too ("Send error after request freed"); see
+        :meth:`~collective.backends.mpi.MPIBackend.watch_failures`.
+        """
+        p2p = self._p2p
+        try:
+            if self._recv is not None and self._recv[0] == "head":
+                head = self._reqs[0]
+                st = p2p.MPI.Status()
+                if not head.Get_status(st):
+                    p2p.watch_due()
+                    return
+                head.Wait()  # complete: frees it
+                self._reqs = p2p.receive_data(self, st.Get_source())
+                if self._reqs is None:  # raised already
+                    return
+            if not all([r.Get_status() for r in self._reqs]):
+                p2p.watch_due()
+                return
+            p2p.MPI.Request.Waitall(self._reqs)
+        except BaseException:
+            if self._reqs:
+                abandon(self._reqs)
+            raise
+        self._done = True
+        p2p.inflight.pop(id(self), None)
+
 
 class PointToPoint:
     """The point-to-point messages of one communicator.
@@ -126,7 +158,21 @@ class PointToPoint:
         self.inflight: dict[int, tuple[str, float]] = {}
         #: Elastic mode: ``fault(name, exc, started)`` turns a failure into RanksLostError (see Sequencer.fault).
         self.fault: Any = None
+        #: Elastic mode: raises once a peer is lost (FailureState.watch); polls call it every WATCH_S seconds.
+        self.watch: Any = None
+        self._watch_due = 0.0
         self._lock = threading.Lock()
+
+    #: Seconds between two peer watches of a polling wait (elastic mode).
+    WATCH_S = 0.002
+
+    def watch_due(self) -> None:
+        """Elastic mode, a poll found its message unfinished: run the peer watch if it is due."""
+        t = time.monotonic()
+        if t >= self._watch_due:
+            self._watch_due = t + self.WATCH_S
+            if self.watch is not None:
+                self.watch()
 
     def _check_peer(self, name: str, peer: Any, tag: Any, any_ok: bool, a: Any = None) -> tuple[int, int]:
         where = describe(name, self.rank, self.size, getattr(a, "shape", None), getattr(a, "dtype", None))
@@ -145,9 +191,17 @@ class PointToPoint:
         a = np.ascontiguousarray(a)
         h = _header(a)
         B = self.MPI.BYTE
-        reqs = [self.comm.Isend([h, self.MPI.INT64_T], dest, _BASE + 2 * tag),
-                self.comm.Isend([a.reshape(-1).view(np.uint8), B], dest, _BASE + 2 * tag + 1)]
-        w = P2PWork(self, f"send to rank {dest} tag {tag} ({_what(h)})", reqs)
+        if self.fault is None:
+            reqs = [self.comm.Isend([h, self.MPI.INT64_T], dest, _BASE + 2 * tag),
+                    self.comm.Isend([a.reshape(-1).view(np.uint8), B], dest, _BASE + 2 * tag + 1)]
+        else:  # one at a time: if the data's send fails, the header's stays reachable for abandon()
+            reqs = [self.comm.Isend([h, self.MPI.INT64_T], dest, _BASE + 2 * tag)]
+            try:
+                reqs.append(self.comm.Isend([a.reshape(-1).view(np.uint8), B], dest, _BASE + 2 * tag + 1))
+            except BaseException:
+                abandon(reqs)
+                raise
+        w = P2PWork(self, "send", f"send to rank {dest} tag {tag} ({_what(h)})", reqs)
         w._keep = (a, h)  # type: ignore[attr-defined]  # the buffers live until the sends complete
         return w
 
@@ -168,7 +222,7 @@ class PointToPoint:
         src = self.MPI.ANY_SOURCE if source == ANY_SOURCE else source
         req = self.comm.Irecv([h, self.MPI.INT64_T], src, _BASE + 2 * tag)
         peer = "any rank" if source == ANY_SOURCE else f"rank {source}"
-        return P2PWork(self, f"recv from {peer} tag {tag} into {o.nbytes} bytes, {o.dtype} {o.shape}", [req],
+        return P2PWork(self, "recv", f"recv from {peer} tag {tag} into {o.nbytes} bytes, {o.dtype} {o.shape}", [req],
                        ("head", o, h, tag))
 
     def receive_data(self, w: P2PWork, source: int) -> list[Any]:

@@ -52,6 +52,7 @@ from .fingerprint import Poison
 from .shm import RETIRED
 from .spec import ROOTED
 from .threads import TAGS, OrderedIssuers, ThreadTag, thread_tag
+from .ulfm import raise_lost
 
 __all__ = ["OpRecord", "FlightRecorder", "Work", "Sequencer", "MISS"]
 
@@ -234,7 +235,7 @@ class Sequencer:
         self.p2p: Any = None
         #: Elastic mode: ``fault(name, exc, started)`` -> the error a failed op raises instead of ``exc`` (None:
         #: ``exc`` is no sign of a lost rank). Set by the communicator; None otherwise.
-        self.fault: Callable[[str, BaseException, float], BaseException | None] | None = None
+        self.fault: Callable[[str, BaseException, float | None], BaseException | None] | None = None
         self._queue: queue.SimpleQueue | None = None
         self._worker: threading.Thread | None = None
         #: Where the issuing thread's tag comes from: the thread's own name (the module's TAGS / thread_tag),
@@ -380,12 +381,7 @@ class Sequencer:
 
     def _failed(self, name: str, exc: BaseException, started: float) -> None:
         """Raise what op ``name``'s error ``exc`` becomes in elastic mode (RanksLostError); return if it stays."""
-        fault = self.fault
-        if fault is None:
-            return
-        lost = fault(name, exc, started)
-        if lost is not None and lost is not exc:
-            raise lost from exc  # types that copy on construction (JAX) are made now
+        raise_lost(self.fault, name, exc, started)
 
     def submit(self, c: Any, execute: Callable[[Any, Any, int], Any] | None = None) -> Work:
         """Queue op ``c`` on the communication thread; its handle.

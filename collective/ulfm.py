@@ -17,6 +17,14 @@ Terms (the names below follow them):
   until it completes among the survivors), then *shrink* (``MPI_Comm_shrink``:
   the survivors' communicator, the same on every survivor). The lost ranks
   are the ranks missing from it, so every survivor names the same ones.
+* **agreement** -- ``MPI_Comm_agree`` on the communicator, after
+  acknowledging the failures this rank knows of: its outcome (value and
+  error) is the same on every survivor. The value carries two bits, the
+  caller's flag and "this rank knows of no failure"
+  (:meth:`FailureState.agree`); recovery and :meth:`Communicator.agree
+  <collective.Communicator.agree>` contribute to the same agreements, so a
+  survivor in recovery and one asking for a uniform outcome meet in one and
+  both learn of the failure.
 * **peer watch** -- shm phases wait on flags in shared memory, which no MPI
   error interrupts; in elastic mode such a wait checks, every few
   milliseconds, whether a peer's process is gone or the communicator was
@@ -28,14 +36,19 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from .errors import CollectiveConfigError, RanksLostError
+from .errors import CollectiveConfigError, CollectiveError, RanksLostError
 
-__all__ = ["FailureState", "PeerLost", "is_failure", "keep_connected", "leave_without_finalize", "require_ulfm",
-           "ulfm_enabled"]
+__all__ = ["FailureState", "PeerLost", "exit_status", "is_failure", "keep_connected", "leave_without_finalize",
+           "raise_lost", "require_ulfm", "ulfm_enabled"]
 
 _TRUE = ("1", "true", "yes", "on")
+
+#: Bits of an agreement's value (MPI_Comm_agree ANDs them over the survivors): the caller's flag, and "this rank
+#: knows of no failed process" (so the AND has it only when no survivor knows of one).
+AGREE_FLAG, AGREE_CLEAN = 1, 2
 
 
 def ulfm_enabled(environ: Any = None) -> bool:
@@ -69,6 +82,34 @@ class PeerLost(Exception):
 def is_failure(exc: BaseException, MPI: Any) -> bool:
     """Whether ``exc``, raised inside a call in elastic mode, may mean a lost peer (then recovery decides)."""
     return isinstance(exc, (MPI.Exception, PeerLost))
+
+
+def raise_lost(fault: Callable[[str, BaseException, float | None], BaseException | None] | None, op: str,
+               exc: BaseException, started: float | None = None) -> None:
+    """Raise the RanksLostError that ``exc``, raised inside call ``op``, becomes in elastic mode (chained to it);
+    return when it stays what it is (no elastic mode, no sign of a failure, or a RanksLostError already), and
+    the caller re-raises it.
+
+    Args:
+        fault: the communicator's failure handler, ``fault(op, exc, started)`` -> RanksLostError or None (None:
+            not elastic mode).
+        op: the call that raised.
+        exc: what it raised.
+        started: ``time.monotonic()`` when the call began (for the detection time).
+
+    Example::
+
+        try:
+            req.Wait()
+        except Exception as exc:
+            raise_lost(self.fault, "recv", exc, t0)
+            raise
+    """
+    if fault is None:
+        return
+    lost = fault(op, exc, started)
+    if lost is not None and lost is not exc:
+        raise lost from exc
 
 
 class FailureState:
@@ -105,7 +146,10 @@ class FailureState:
         #: Seconds each part of recovery took: detect (from the start of the call that noticed the failure, when
         #: one did), revoke, agree, shrink; and ``noticed_at`` (``time.time()`` when it was noticed).
         self.times: dict[str, float] = {}
+        #: Set when recovery itself failed (MPI_Comm_shrink raised): every later recovery raises it again.
+        self.broken: CollectiveError | None = None
         self._lock = threading.Lock()
+        self._more = ""
         self._pids: list[tuple[int, int]] = []
 
     # ---------------------------------------------------------------- watch
@@ -132,8 +176,40 @@ class FailureState:
             except self.MPI.Exception as exc:
                 raise PeerLost(f"MPI reports {exc.Get_error_string().strip()}") from exc
 
+    # ------------------------------------------------------------ agreement
+    def agree(self, flag: bool, failed: bool = False) -> tuple[bool, bool]:
+        """Fault-tolerant agreement over the communicator: (AND of every survivor's ``flag``, whether any knew of a
+        failure). Collective; the outcome is the same on every survivor.
+
+        Each round acknowledges the failures this rank knows of and runs
+        ``MPI_Comm_agree``, whose outcome (value and error) ULFM makes uniform:
+        an error (a process failed and not every survivor had acknowledged it)
+        comes to every survivor, which all go round again, so every survivor
+        runs the same rounds. ``failed``: this rank knows of a failure already
+        (recovery contributes so).
+
+        Raises:
+            CollectiveError: failures kept arriving for :attr:`AGREE_ROUNDS` rounds.
+        """
+        MPI, comm = self.MPI, self.comm
+        for _ in range(self.AGREE_ROUNDS):
+            try:
+                known = comm.Ack_failed()
+            except MPI.Exception:  # refused: count it as a failure known, the agreement decides the rest
+                known = 1
+            value = (AGREE_FLAG if flag else 0) | (0 if failed or known else AGREE_CLEAN)
+            try:
+                out = comm.Agree(value)
+            except MPI.Exception:  # a failure some survivor had not acknowledged: raised on every survivor alike
+                failed = True
+                continue
+            return bool(out & AGREE_FLAG), failed or not out & AGREE_CLEAN
+        raise CollectiveError(f"{self._where('agreement')}: MPI_Comm_agree failed {self.AGREE_ROUNDS} times in a "
+                              "row (processes kept failing during it); the job cannot agree on its survivors")
+
     # ------------------------------------------------------------- recovery
-    def recover(self, op: str, exc: BaseException | None, started: float | None = None) -> RanksLostError:
+    def recover(self, op: str, exc: BaseException | None, started: float | None = None,
+                agreed: bool = False) -> RanksLostError:
         """Revoke, agree and shrink (once; later callers get the same outcome); the error for call ``op``.
 
         Collective over the survivors: every survivor gets here, through a
@@ -144,20 +220,28 @@ class FailureState:
             op: the call that noticed the failure.
             exc: what it raised (None: no call noticed one, e.g. ``shrink()`` called first).
             started: ``time.monotonic()`` when that call began (for the detection time).
+            agreed: the call was an agreement (:meth:`agree`) that found the failure: its survivors took part in
+                it already, those in recovery included, so recovery goes on to shrink without another.
+
+        Raises:
+            CollectiveError: recovery failed (the agreement kept failing, or MPI_Comm_shrink raised); the
+                survivors cannot go on together.
         """
         with self._lock:
+            if self.broken is not None:
+                raise CollectiveError(str(self.broken))
             if self.error is None:
-                self._recover(op, exc, started)
+                self._recover(op, exc, started, agreed)
             err = self.error
         assert err is not None
-        if err.op == op:
-            return err
-        return RanksLostError(op, err.lost_ranks, err.survivors, where=self._where(op))
+        # A new error for each caller: callers on several threads raise it ``from`` their own exception, which
+        # sets its __cause__ and __traceback__.
+        return RanksLostError(op, err.lost_ranks, err.survivors, where=self._where(op), more=self._more)
 
     def _where(self, op: str) -> str:
         return f"{op} on job rank {self.job_ranks[self.rank]} (rank {self.rank} of {len(self.job_ranks)})"
 
-    def _recover(self, op: str, exc: BaseException | None, started: float | None) -> None:
+    def _recover(self, op: str, exc: BaseException | None, started: float | None, agreed: bool) -> None:
         MPI, comm = self.MPI, self.comm
         t0 = time.monotonic()
         times = self.times
@@ -170,16 +254,22 @@ class FailureState:
             pass
         t1 = time.monotonic()
         times["revoke"] = t1 - t0
-        for _ in range(self.AGREE_ROUNDS):
-            try:
-                comm.Ack_failed()
-                comm.Agree(1)
-                break
-            except MPI.Exception:  # a failure not yet acknowledged everywhere: acknowledge and agree again
-                continue
+        if not agreed:
+            # MPI_Comm_shrink agrees on the failed processes by itself; this agreement is for the survivors whose
+            # last call completed and who are now in Communicator.agree() on this communicator (a revocation does
+            # not interrupt an agreement): meeting them in one makes their call raise too. Its outcome is uniform,
+            # so every survivor runs the same rounds (and raises CollectiveError alike when they run out).
+            self.agree(True, failed=True)
         t2 = time.monotonic()
         times["agree"] = t2 - t1
-        surv = comm.Shrink()
+        try:
+            surv = comm.Shrink()
+        except MPI.Exception as exc:
+            leave_without_finalize()
+            self.broken = CollectiveError(
+                f"{self._where(op)}: a rank was lost, and MPI_Comm_shrink failed ({_mpi_text(exc, MPI)}), so the "
+                "survivors cannot go on together; end the job and restart it (from the last disk checkpoint)")
+            raise self.broken from exc
         surv.Set_errhandler(MPI.ERRORS_RETURN)
         t3 = time.monotonic()
         times["shrink"] = t3 - t2
@@ -194,6 +284,7 @@ class FailureState:
         if not lost:
             why = (f" (no process was lost, but {type(exc).__name__ if exc is not None else 'a peer'} ended the "
                    "communicator: " + (_mpi_text(exc, MPI) if exc is not None else "revoked by a peer") + ")")
+        self._more = why
         self.error = RanksLostError(op, lost, len(kept), where=self._where(op), more=why)
         leave_without_finalize()
 
@@ -205,9 +296,11 @@ def keep_connected(inter: Any, MPI: Any) -> None:
     """Keep intercommunicator ``inter`` (between growers and spawned processes) until this program ends, then
     disconnect it (collective over both sides) before MPI finalizes.
 
-    Open MPI's finalization of processes still connected to another job
-    crashes here (it tries to reach processes it holds no address of); an
-    explicit disconnect first ends cleanly.
+    MPI_Finalize is collective over every process this one is connected to,
+    spawned jobs included (MPI standard, "Releasing Connections"); Open MPI's
+    finalization of a process still connected to another job tries to reach
+    processes whose addresses it never obtained and can crash. Disconnecting
+    first makes the jobs independent, as the standard intends.
     """
     from . import watchdog
 
@@ -232,26 +325,68 @@ def leave_without_finalize() -> None:
     """After a lost rank, end this process at exit without MPI_Finalize (with the program's exit status).
 
     Open MPI's MPI_Finalize can wait forever once a rank of the job has
-    failed (open-mpi #11404 across nodes; here too, now and then, on one
-    node), and under ``--with-ft ulfm`` mpiexec accepts a process that exits
-    without it. So the survivors flush their output and leave with the status
-    ``sys.exit`` was given (0 when the program simply ends), after the exit
-    notices and disconnects that precede MPI's finalization.
+    failed (open-mpi #11404, reported across nodes; the same wait in
+    finalization's fence can follow a failure on one node), and under
+    ``--with-ft ulfm`` mpiexec accepts a process that exits without it. So the
+    survivors flush their output and leave with ``os._exit``, after the exit
+    notices and disconnects that precede MPI's finalization, with the status
+    the program would have had: 0 when it simply ends, 1 after an uncaught
+    exception (130 for KeyboardInterrupt), the code given to ``sys.exit``,
+    ``exit``/``quit`` or :func:`exit_status`. A bare ``raise SystemExit(n)``
+    reaching the top level cannot be seen from Python (the interpreter reads
+    its code during finalization, with no hook): it ends with the status
+    known until then.
     """
     if _LEAVING:
         return
     _LEAVING.append(0)
+    import builtins
+
     from . import watchdog
 
     real_exit = sys.exit
 
     def exit_(status: Any = None) -> None:
-        _LEAVING[0] = (0 if status is None else status & 0xFF
-                       if isinstance(status, int) and not isinstance(status, bool) else 1)
+        exit_status(status)
         real_exit(status)
 
     sys.exit = exit_  # type: ignore[assignment]
+    for name in ("exit", "quit"):  # site's Quitter objects: they raise SystemExit themselves
+        quitter = getattr(builtins, name, None)
+        if quitter is not None:
+            setattr(builtins, name, _Quitter(quitter))
+    prev_hook = sys.excepthook
+
+    def excepthook(etype: Any, value: Any, tb: Any) -> None:
+        _LEAVING[0] = 130 if issubclass(etype, KeyboardInterrupt) else 1  # what Python itself exits with
+        prev_hook(etype, value, tb)
+
+    sys.excepthook = excepthook
     watchdog.at_exit_last(_leave)
+
+
+def exit_status(code: Any) -> None:
+    """Record the status this process ends with after a recovery, as Python derives it from ``SystemExit(code)``.
+
+    ``sys.exit``, ``exit`` and ``quit`` record theirs; a program that ends with
+    ``raise SystemExit(code)`` after a lost rank calls this first.
+    """
+    if _LEAVING:
+        _LEAVING[0] = 0 if code is None else int(code) & 0xFF if isinstance(code, int) else 1
+
+
+class _Quitter:
+    """``exit``/``quit`` that record their code for :func:`_leave` (then raise SystemExit as the builtin does)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __repr__(self) -> str:
+        return repr(self._real)
+
+    def __call__(self, code: Any = None) -> None:
+        exit_status(code)
+        self._real(code)
 
 
 def _leave() -> None:

@@ -1,4 +1,4 @@
-"""pytest setup: the repo root on sys.path, and the run-as-root/oversubscription settings for mpiexec jobs."""
+"""pytest setup: the repo root on sys.path, bytecode caching, and the run-as-root settings for mpiexec jobs."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Every rank of every job is a fresh Python process. Without bytecode caching (PYTHONDONTWRITEBYTECODE, set in
+# some images) each would compile the library's modules again, a large part of a short job's CPU time: the
+# processes cache bytecode under a prefix outside the source tree instead.
+if "PYTHONPYCACHEPREFIX" not in os.environ:
+    import tempfile
+
+    os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(tempfile.gettempdir(), f"collective-pycache-{os.getuid()}")
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 if hasattr(os, "geteuid") and os.geteuid() == 0:
     os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")

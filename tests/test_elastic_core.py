@@ -73,7 +73,9 @@ needs_ulfm = pytest.mark.skipif(shutil.which("mpiexec") is None and not os.path.
     "broadcast:2",   # a ring broadcast (a leaf may finish first: it raises at its next call)
     "check:1",       # the cross-rank check, before any data moves
     "p2p:2",         # a receive from the rank that died
+    "p2p-send:1",    # a large send to a rank that dies as the data arrives (no "Send error after request freed")
     "barrier:0",     # rank 0 dies before a barrier
+    "agree:1",       # the others in comm.agree() while one survivor recovers from a failed recv: all raise
 ])
 def test_kill_one_rank_survivors_shrink_and_compute(kill: str) -> None:
     _check(["--kill", kill], survivors=3)
@@ -84,6 +86,28 @@ def test_kill_one_rank_survivors_shrink_and_compute(kill: str) -> None:
 def test_kill_mid_shm_phase_while_spinning_on_flags() -> None:
     """Flag waits (COLLECTIVE_SHM_WAIT=spin) see no MPI error: the peer watch must notice the dead rank."""
     _check(["--kill", "shm:2"], survivors=3, env={"COLLECTIVE_SHM_WAIT": "spin"})
+
+
+@needs_ulfm
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_a_second_rank_dies_while_shrink_builds_the_survivors_communicator() -> None:
+    """Job rank 3 dies in an allreduce; job rank 1 dies inside comm.shrink() (while the survivors' communicator is
+    built): the two left get a working communicator of 2 from that same shrink()."""
+    _check(["--kill", "native:3", "--die-in-shrink", "1"], survivors=2)
+
+
+@needs_ulfm
+@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.parametrize("end,status", [("exception", 1), ("exit", 5)])
+def test_after_a_recovery_the_exit_status_is_the_programs(end: str, status: int) -> None:
+    """Survivors end without MPI_Finalize after a recovery: an uncaught exception (COLLECTIVE_ABORT_ON_EXCEPTION=0)
+    still ends them with status 1, and the builtin exit(5) with 5."""
+    rc, out, timed_out, secs = run_elastic(["--kill", "native:3", "--end", end], 4,
+                                           env={"COLLECTIVE_ABORT_ON_EXCEPTION": "0"})
+    tail = "\n".join(out.splitlines()[-40:])
+    assert not timed_out, f"HUNG, killed after {secs:.0f} s\n{tail}"
+    assert "FAIL" not in out and len(_passed_lines(out)) == 3, tail
+    assert rc == status, f"exit code {rc}, expected {status}\n{tail}"
 
 
 @needs_ulfm
@@ -159,3 +183,50 @@ def test_emulated_cluster_loses_a_whole_host() -> None:
     assert res.returncode == 0, out[-4000:]
     assert "FAIL" not in out, out[-4000:]
     assert len(_passed_lines(out)) == 2, out[-4000:]
+
+
+def test_polling_waits_nap_and_watch_every_interval() -> None:
+    """Elastic mode's request polling (no failure, no ULFM needed): a 200 ms wait naps instead of spinning and runs
+    the peer watch about every 2 ms, the first one interval in."""
+    from mpi_util import check, count_passed, mpirun
+
+    res = mpirun("elastic_waits.py", 2, timeout=120)
+    check(res, "elastic_waits")
+    assert count_passed(res) == 3, res.output[-2000:]
+
+
+def test_each_caller_gets_its_own_ranks_lost_error() -> None:
+    """After a recovery every caller (several threads may raise it ``from`` their own exception) gets a new error
+    with the same lost ranks; raise_lost chains it to the call's exception and lets other errors through."""
+    from collective.errors import CollectiveValueError, RanksLostError
+    from collective.ulfm import FailureState, raise_lost
+
+    fs = FailureState(None, None, (0, 1, 2, 3), 1)
+    fs.error = RanksLostError("allreduce", (2,), 3, where="allreduce on job rank 1 (rank 1 of 4)")
+    a, b = fs.recover("allreduce", None), fs.recover("allreduce", None)
+    assert a is not b and a is not fs.error
+    assert a.lost_ranks == b.lost_ranks == (2,) and a.op == b.op == "allreduce" and a.survivors == 3
+    assert "job rank 1 (rank 1 of 4)" in str(a) and fs.recover("barrier", None).op == "barrier"
+
+    cause = OSError("MPI error")
+    with pytest.raises(RanksLostError) as info:
+        raise_lost(lambda op, exc, t: fs.recover(op, exc), "send", cause)
+    assert info.value.__cause__ is cause and info.value.op == "send"
+    other = CollectiveValueError("bad")
+    raise_lost(lambda op, exc, t: None, "send", other)  # no sign of a failure: the caller re-raises
+    raise_lost(None, "send", other)  # not elastic mode
+    lost = fs.recover("recv", None)
+    raise_lost(lambda op, exc, t: exc, "recv", lost)  # a RanksLostError already: re-raised as it is
+
+
+def test_a_failed_recovery_raises_a_clear_error_on_every_later_call() -> None:
+    """Once MPI_Comm_shrink failed, recovery cannot go on: every later call raises the same CollectiveError."""
+    from collective.errors import CollectiveError, RanksLostError
+    from collective.ulfm import FailureState
+
+    fs = FailureState(None, None, (0, 1, 2), 0)
+    fs.broken = CollectiveError("allreduce on job rank 0 (rank 0 of 3): a rank was lost, and MPI_Comm_shrink failed")
+    for op in ("barrier", "shrink"):
+        with pytest.raises(CollectiveError, match="MPI_Comm_shrink failed") as info:
+            fs.recover(op, None)
+        assert not isinstance(info.value, RanksLostError) and info.value is not fs.broken

@@ -136,6 +136,14 @@ def test_rank0_killed_mid_shm_then_another_in_the_commit(tmp_path_factory: pytes
 
 
 @needs_elastic
+def test_kill_just_before_the_final_agreement(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """A rank dies after the last step, as fit() ends: every survivor sees it in the final agreement (none leaves
+    while another waits), they recover and finish together with the uninterrupted run's parameters."""
+    text = run_kills(tmp_path_factory, tmp_path, [(1, STEPS, "finish")])
+    assert "in agree during step" in text, text[-4000:]
+
+
+@needs_elastic
 @pytest.mark.slow
 def test_kill_in_the_update_float64(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """float64: the parameters match the uninterrupted run's within 1e-10."""

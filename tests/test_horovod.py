@@ -28,18 +28,3 @@ def test_import_without_mpi_job() -> None:
         hvd.allreduce(__import__("torch").ones(2))
     assert issubclass(hvd.HorovodInternalError, RuntimeError)
 
-
-def test_elastic_says_what_to_use_instead() -> None:
-    """hvd.elastic raises NotImplementedError at use (not at import), naming the replacement for each entry."""
-    import collective.horovod.torch as hvd
-
-    with pytest.raises(NotImplementedError, match=r"hvd\.elastic\.run .*collective-run -np N.*call the training "
-                                                  r"function directly.*hvd\.broadcast_parameters"):
-        hvd.elastic.run(lambda state: None)
-    for cls in (hvd.elastic.TorchState, hvd.elastic.ObjectState, hvd.elastic.State):
-        with pytest.raises(NotImplementedError, match=rf"hvd\.elastic\.{cls.__name__} .*state\.commit\(\).*torch\.save"
-                                                      r".*hvd\.broadcast_optimizer_state"):
-            cls(model=None, optimizer=None, epoch=0)
-    with pytest.raises(NotImplementedError, match=r"ElasticSampler .*DistributedSampler\(dataset, num_replicas="
-                                                  r"hvd\.size\(\), rank=hvd\.rank\(\)\).*set_epoch"):
-        hvd.elastic.ElasticSampler([1, 2, 3], shuffle=True)

@@ -34,8 +34,9 @@ rank whose original (world) rank is RANK SIGKILL itself in step STEP at POINT:
 (while bucket 0's reduction runs on the communication thread, as the flight
 recorder shows it: inside the shm phases when the buckets live in the node's
 shared window), ``late-allreduce`` (the last bucket's), ``update`` (between two
-buckets' optimizer updates), ``commit`` (inside the commit) or ``checkpoint``
-(while rank 0 writes one).
+buckets' optimizer updates), ``commit`` (inside the commit), ``checkpoint``
+(while rank 0 writes one) or ``finish`` (STEP being the last: just before the
+agreement that ends training).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from collective import config
+from collective.errors import RanksLostError
 
 from .checkpoint import Checkpointer
 from .data import ShardedLoader
@@ -59,7 +62,7 @@ from .optim import Optimizer
 
 __all__ = ["ElasticState", "ElasticStop", "Recovery", "kill_point", "lost_rank_errors"]
 
-KILL_POINTS = ("forward", "allreduce", "shm", "late-allreduce", "update", "commit", "checkpoint")
+KILL_POINTS = ("forward", "allreduce", "shm", "late-allreduce", "update", "commit", "checkpoint", "finish")
 
 
 class ElasticStop(RuntimeError):
@@ -72,11 +75,8 @@ class ElasticStop(RuntimeError):
 
 
 def lost_rank_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that mean "a rank is gone" (``collective.errors.RanksLostError``), for ``except``."""
-    from collective import errors
-
-    t = getattr(errors, "RanksLostError", None)
-    return (t,) if t is not None else ()
+    """The exception types that mean "a rank is gone" (``collective.RanksLostError``), for ``except``."""
+    return (RanksLostError,)
 
 
 @dataclass
@@ -324,8 +324,29 @@ class ElasticState:
         """Collective: the smallest committed step over the ranks (what every rank can restore)."""
         return self.agree_on(self.comm)
 
+    def finish(self, step: int) -> None:
+        """Collective: end training after ``step`` steps, on every survivor alike (a fault-tolerant agreement).
+
+        A rank lost in the last step, after its reductions, is noticed here by
+        every survivor: each raises ``RanksLostError`` (then :meth:`recover`
+        and train again from the agreed commit), or none does and all leave
+        together. An ordinary collective here could complete on some survivors
+        (which would leave) and fail on others (which would wait in
+        ``shrink()`` for them until the deadline).
+        """
+        kill_point(self.comm, step, "finish")
+        comm = self.comm
+        if comm is not None and comm.size > 1:
+            comm.agree(True)
+
     def agree_on(self, comm: Any) -> int:
-        """Collective over ``comm``: the smallest committed step over its ranks."""
+        """Collective over ``comm``: the smallest committed step over its ranks.
+
+        An ordinary allreduce is enough during recovery: what follows it
+        (rebuild, state broadcast, the next step) is collective on the same
+        communicator, so a survivor it failed on cannot leave without the
+        others noticing; they all recover again.
+        """
         mine = np.array([self.committed_step], np.int64)
         if comm is None or comm.size == 1:
             return int(mine[0])
@@ -355,11 +376,23 @@ class ElasticState:
             a = np.ascontiguousarray(a)
             comm.broadcast(a, root=root, out=a)
             self.extra[k] = a if isinstance(v, np.ndarray) else type(v)(a.item()) if a.ndim == 0 else a
-        self.optimizer.t = t
-        self.optimizer.generation = [t, None]
+        self.optimizer.set_step(t)
         self._commits = [(step, t, dict(self.extra))]
 
     # ------------------------------------------------------------ disk
+    def checkpoint_arrays(self, step: int) -> Callable[[], dict[str, Any]]:
+        """The arrays function of the disk checkpoint after ``step`` steps (``Checkpointer.save`` calls it on the
+        rank that writes); with ``COLLECTIVE_ELASTIC_TEST_KILL``, the ``checkpoint`` kill point is in it."""
+        dp, opt = self.dp, self.optimizer
+        if not _KILLS:
+            return lambda: dp.state_arrays(opt)
+
+        def arrays() -> dict[str, Any]:
+            kill_point(self.comm, step - 1, "checkpoint")
+            return dp.state_arrays(opt)
+
+        return arrays
+
     def save(self, directory: str | os.PathLike | None = None) -> Path | None:
         """Collective: rank 0 writes the newest commit as a checkpoint (``checkpoint``'s directory by default)."""
         if directory is None and self.checkpoint is None:

@@ -462,7 +462,7 @@ def fit(dp: DataParallel, optimizer: Optimizer, loader: ShardedLoader, steps: in
     state = None
     lost: tuple[type[BaseException], ...] = ()
     if elastic:
-        from .elastic import ElasticState, kill_point, lost_rank_errors
+        from .elastic import ElasticState, lost_rank_errors
 
         state = ElasticState(dp, optimizer, loader, checkpoint=checkpoint, min_ranks=min_ranks, max_ranks=max_ranks,
                              step=start)
@@ -486,9 +486,9 @@ def fit(dp: DataParallel, optimizer: Optimizer, loader: ShardedLoader, steps: in
             try:
                 if step >= steps:
                     if state is not None:
-                        # One last collective: a rank lost in the last step (after its reductions) is noticed
-                        # here, by every survivor, rather than in whatever the program does next.
-                        state.agree()
+                        # A fault-tolerant agreement: a rank lost in the last step (after its reductions) is
+                        # noticed here by every survivor alike, not by some in whatever the program does next.
+                        state.finish(step)
                     break
                 if state is not None:
                     state.maybe_grow(step)
@@ -509,15 +509,9 @@ def fit(dp: DataParallel, optimizer: Optimizer, loader: ShardedLoader, steps: in
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
                 if checkpoint is not None and checkpoint.due(st.step):
-                    if state is not None:
-                        def dying_arrays(s: int = st.step) -> dict[str, Any]:
-                            kill_point(dp.comm, s - 1, "checkpoint")
-                            return dp.state_arrays(optimizer)
-
-                        checkpoint.save(st.step, dying_arrays, checkpoint_meta(dp, optimizer, sampler, st.step))
-                    else:
-                        checkpoint.save(st.step, lambda: dp.state_arrays(optimizer),
-                                        checkpoint_meta(dp, optimizer, sampler, st.step))
+                    arrays = (state.checkpoint_arrays(st.step) if state is not None
+                              else lambda: dp.state_arrays(optimizer))
+                    checkpoint.save(st.step, arrays, checkpoint_meta(dp, optimizer, sampler, st.step))
                 step = st.step
             except lost as exc:  # elastic only: shrink, roll back to the last step every survivor committed
                 assert state is not None

@@ -106,6 +106,20 @@ class Optimizer:
         self.generation = [self.t, None]
         self._writing = False
 
+    def set_step(self, t: int) -> None:
+        """The current buffers hold optimizer step ``t`` (e.g. received by broadcast); the spare set holds nothing.
+
+        Example::
+
+            for bufs in opt.state.values():          # rank 0's state, step 12
+                for buf in bufs:
+                    comm.broadcast(buf, root=0, out=buf)
+            opt.set_step(12)
+        """
+        self.t = int(t)
+        self.generation = [self.t, None]
+        self._writing = False
+
     def rebind(self, buckets: GradBuckets) -> None:
         """Work on ``buckets`` (rebuilt over another communicator, with the same layout); the state is kept.
 

@@ -30,10 +30,10 @@ class Backend(Protocol):
         """Start receiving into ``buf`` from ``peer``; returns a request."""
 
     def wait(self, req: Any) -> None:
-        """Block until ``req`` completes (the watchdog enforces the deadline)."""
+        """Block until ``req`` completes (the watchdog enforces the deadline); on an error the caller abandons it."""
 
     def waitall(self, reqs: Sequence[Any]) -> None:
-        """Block until every request in ``reqs`` completes."""
+        """Block until every request in ``reqs`` completes; on an error the caller abandons them."""
 
     def abandon(self, reqs: Sequence[Any]) -> None:
         """Keep ``reqs`` (a failed call's requests, some maybe still pending) from ever being freed.

@@ -129,6 +129,14 @@ def mpi_op(name: str, dtype: np.dtype | None = None) -> Any:
 _ABANDONED: list[Any] = []
 
 
+# Elastic mode's polling waits (MPIBackend._wait_watched): this many polls holding the interpreter lock, then
+# sched_yield for _YIELD_S, then naps of _NAP_S; the peer watch every _WATCH_S.
+_SPINS = 50
+_YIELD_S = 2e-3
+_NAP_S = 20e-6
+_WATCH_S = 2e-3
+
+
 def abandon(reqs: Any) -> None:
     """Keep mpi4py requests of a failed call (some maybe pending) for the life of the process, never freed."""
     _ABANDONED.extend(r for r in reqs if r)
@@ -183,7 +191,7 @@ class MPIBackend:
         request there makes that fragment's own failure abort the job ("Send
         error after request freed"). So requests are polled with
         MPI_Request_get_status, which frees nothing; only complete ones are
-        freed, and a failure leaves them all to :func:`abandon`.
+        freed, and a failure leaves them all to the caller's :meth:`abandon`.
         """
         self._watch = watch
         self.wait = self._wait_one_watched  # type: ignore[method-assign]
@@ -193,18 +201,33 @@ class MPIBackend:
         self._wait_watched((req,))
 
     def _wait_watched(self, reqs: Sequence[Any]) -> None:
-        now = _time.monotonic
-        due = 0.0
-        try:
-            while not all([r.Get_status() for r in reqs]):
-                t = now()
-                if t >= due:
-                    self._watch()
-                    due = t + 0.002
-        except BaseException:
-            abandon(reqs)
-            raise
-        self._waitall(reqs)
+        """Poll ``reqs`` until all completed, then free them; an error propagates with them unfreed (the caller
+        abandons every request of the failed call: the executor does, once, for the whole step).
+
+        Polling backs off as shm's flag waits do (``shm._await_flag``): a few
+        polls holding the interpreter lock (a peer a few microseconds behind),
+        then ``sched_yield`` (the compute thread and oversubscribed peers get
+        the core), then short naps. The peer watch (a process check per node
+        peer and a probe) runs every ``_WATCH_S``, first after one interval.
+        """
+        for _ in range(_SPINS):
+            if all([r.Get_status() for r in reqs]):
+                self._waitall(reqs)
+                return
+        clock = _time.monotonic
+        t = clock()
+        due, naps = t + _WATCH_S, t + _YIELD_S
+        yield_, sleep = _os.sched_yield, _time.sleep
+        while not all([r.Get_status() for r in reqs]):
+            t = clock()
+            if t >= due:
+                self._watch()
+                due = t + _WATCH_S
+            if t < naps:
+                yield_()
+            else:
+                sleep(_NAP_S)
+        self._waitall(reqs)  # all complete; one that completed in error raises here, and the caller abandons it
 
     def barrier(self) -> None:
         """MPI barrier over the private communicator."""

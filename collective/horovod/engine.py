@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CollectiveValueError
+from ..errors import CollectiveValueError, RanksLostError
 from .exceptions import HorovodInternalError
 
 __all__ = ["KINDS", "Engine", "Handle"]
@@ -147,6 +147,8 @@ class Engine:
         self._hot_until = 0.0
         self._stopped = threading.Event()
         self._fatal: BaseException | None = None
+        #: The RanksLostError of the communicator, once a collective of this engine raised one (elastic mode).
+        self.lost: RanksLostError | None = None
         self._fusion: dict[np.dtype, np.ndarray] = {}  # the fused allreduces' buffer per dtype, kept for reuse
         self._thread = threading.Thread(target=self._loop, name="collective-horovod", daemon=True)
         self._thread.start()
@@ -170,7 +172,7 @@ class Engine:
                 raise HorovodInternalError(
                     f"{kind} {name!r} on rank {self.rank}: Horovod has been shut down"
                     + (f" ({self._fatal})" if self._fatal is not None else "")
-                    + "; call hvd.init() before any collective")
+                    + "; call hvd.init() before any collective") from self._fatal
             # A name is in flight until its op finishes; a name whose op finished before this rank looked at it
             # (waited, polled, or submitted anything else) still counts, so a second submission straight after
             # the first is refused however quickly the other ranks made the first one run.
@@ -226,6 +228,11 @@ class Engine:
         """False once the engine thread has ended."""
         return not self._stopped.is_set()
 
+    def wait_stopped(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the engine thread to end (after a fatal error it ends by itself); True if it
+        did."""
+        return self._stopped.wait(timeout)
+
     # ---------------------------------------------------------------- engine thread
     def _loop(self) -> None:
         try:
@@ -249,13 +256,16 @@ class Engine:
                     break
         except BaseException as exc:  # noqa: BLE001 - every waiter gets the error instead of hanging
             with self._lock:
+                if isinstance(exc, RanksLostError) and self.lost is None:
+                    self.lost = exc
                 self._fatal = exc
                 stranded = list(self._local.values())
                 self._local.clear()
             for loc in stranded:
-                loc.handle._finish(None, HorovodInternalError(
-                    f"{loc.req['kind']} {loc.req['name']!r} on rank {self.rank}: the engine stopped: "
-                    f"{type(exc).__name__}: {exc}"))
+                err = HorovodInternalError(f"{loc.req['kind']} {loc.req['name']!r} on rank {self.rank}: the engine "
+                                           f"stopped: {type(exc).__name__}: {exc}")
+                err.__cause__ = exc
+                loc.handle._finish(None, err)
         finally:
             self._stopped.set()
 
@@ -488,9 +498,13 @@ class Engine:
         flush()
 
     def _wrap(self, kind: str, name: str, exc: BaseException) -> BaseException:
+        if isinstance(exc, RanksLostError) and self.lost is None:
+            self.lost = exc  # read by hvd.elastic.run to tell a lost rank from other errors
         if isinstance(exc, (HorovodInternalError, ValueError, TypeError)):
             return exc
-        return HorovodInternalError(f"{kind} {name!r} on rank {self.ranks[self.rank]}: {type(exc).__name__}: {exc}")
+        err = HorovodInternalError(f"{kind} {name!r} on rank {self.ranks[self.rank]}: {type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
 
     def _execute(self, kind: str, arrays: list[np.ndarray], reqs: dict[int, dict], q: dict) -> Any:
         comm = self.comm

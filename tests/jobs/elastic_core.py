@@ -1,14 +1,17 @@
 """Elastic mode job: a rank kills itself (SIGKILL) at a chosen point; the survivors get RanksLostError, shrink,
 and compute correctly on the new communicator (optionally twice, and growing back).
 
-Usage: elastic_core.py --kill POINT:JOBRANK[+JOBRANK...] [--kill ...] [--grow] [--times FILE]
+Usage: elastic_core.py --kill POINT:JOBRANK[+JOBRANK...] [--kill ...] [--die-in-shrink JOBRANK] [--grow]
+                       [--times FILE] [--end exception|exit]
 
 Several job ranks in one --kill die at the same point (both ranks of an emulated host); the survivors may see
 them lost in one RanksLostError or in two (ULFM notices failures one by one), and shrink until all are gone.
 
 POINT: native (in MPI's own allreduce), shm (mid-phase of a multi-chunk shm allreduce), quick (a repeated small
 shm allreduce, its one phase), window (an alloc'd array's window path), broadcast (ring broadcast), check (the
-cross-rank check, before any data), p2p (the victim never sends what a survivor receives), barrier.
+cross-rank check, before any data), p2p (the victim never sends what a survivor receives), p2p-send (a survivor
+sends 16 MB to the victim, which dies as the data starts to arrive), barrier, agree (the
+victim's successor waits for a message from it while the others are in comm.agree()).
 Each rank prints PASSED n when every check held; FAIL lines otherwise.
 """
 from __future__ import annotations
@@ -69,7 +72,7 @@ def arm(comm: col.Communicator, point: str) -> None:
     elif point == "check":
         real_check = comm._check.check
         comm._check.check = lambda rec, c: die() if c.name == "allreduce" else real_check(rec, c)
-    elif point in ("p2p", "barrier"):
+    elif point in ("p2p", "p2p-send", "barrier", "agree"):
         pass  # the victim dies instead of making the call
     else:
         raise SystemExit(f"unknown point {point}")
@@ -122,11 +125,36 @@ def point_call(comm: col.Communicator, point: str, victims: set, bufs: dict) -> 
             return "recv"
         comm.barrier()
         return "barrier"
+    if point == "p2p-send":  # a large (rendezvous) send to the victim, which dies once its data receive is posted
+        vr = comm.world_ranks.index(victim)
+        src = (vr + 1) % comm.size
+        big = np.full(1 << 21, float(me))
+        if me in victims:
+            w = comm.irecv(big, source=src, tag=4)
+            t0 = time.monotonic()
+            while not w.done() and time.monotonic() - t0 < 60:
+                if w._recv[0] == "data":  # the header is in, the data is on its way
+                    die()
+            die()
+        if comm.rank == src:
+            comm.send(big, dest=vr, tag=4)
+            return "send"
+        comm.barrier()
+        return "barrier"
     if point == "barrier":
         if me in victims:
             die()
         comm.barrier()
         return "barrier"
+    if point == "agree":  # the victim's successor notices in a recv (and recovers) while the others agree
+        if me in victims:
+            die()
+        vr = comm.world_ranks.index(victim)
+        if comm.rank == (vr + 1) % comm.size:
+            comm.recv(np.empty(4), source=vr, tag=3)
+            return "recv"
+        r = comm.agree(True)
+        fail(f"agree returned {r} after job rank {victim} died")
     raise SystemExit(point)
 
 
@@ -143,6 +171,8 @@ def verify(comm: col.Communicator, label: str) -> None:
     if col.get_default() is comm:  # the module-level calls use the default communicator
         y = col.allreduce(np.full(5, me + 1.0))
         ok(np.array_equal(y, expected_sum(comm, 5)), f"{label}: module-level allreduce")
+    ok(comm.agree(True) is True and comm.agree(comm.rank != comm.size - 1) is False,
+       f"{label}: agree")
     src = comm.world_ranks[-1]
     b = comm.broadcast(np.full(10, float(me)), root=comm.size - 1)
     ok(np.array_equal(b, np.full(10, float(src))), f"{label}: broadcast")
@@ -184,7 +214,8 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
         t0 = time.monotonic()
         err = None
         where = None
-        op = {"broadcast": "broadcast", "p2p": None, "barrier": "barrier"}.get(point, "allreduce")
+        op = {"broadcast": "broadcast", "p2p": None, "p2p-send": None, "barrier": "barrier",
+              "agree": None}.get(point, "allreduce")
         try:
             if first:
                 point_call(comm, point, victims, bufs)
@@ -210,10 +241,19 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
             except RanksLostError as e:
                 ok(e.lost_ranks == err.lost_ranks, f"{point}: later call's lost ranks {e.lost_ranks}")
         old = comm
+        dying = DIE_IN_SHRINK & set(old.world_ranks)
+        DIE_IN_SHRINK.clear()
+        if JOB in dying:  # dies inside the construction of the survivors' communicator, the others in it too
+            import collective.communicator as cm
+
+            cm.real_node_count = lambda *a: die()
         new = comm.shrink()
-        ok(new.size == old.size - len(err.lost_ranks), f"{point}: new size {new.size}")
-        ok(not set(err.lost_ranks) & set(new.world_ranks) and new.world_rank == old.world_rank,
+        gone = set(err.lost_ranks) | dying
+        ok(new.size == old.size - len(gone), f"{point}: new size {new.size}, expected {old.size - len(gone)}")
+        ok(not gone & set(new.world_ranks) and new.world_rank == old.world_rank,
            f"{point}: world ranks {new.world_ranks}")
+        if dying:
+            ok(all(str(j) in str(CollectiveError_of(old)) for j in dying), f"{point}: retired message")
         ok(col.get_default() is new if old is DEFAULT[0] else True, f"{point}: default communicator not replaced")
         DEFAULT[0] = col.get_default()
         try:
@@ -248,6 +288,18 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
 
 
 DEFAULT: list = [None]
+#: Job ranks that die inside the next comm.shrink() (--die-in-shrink).
+DIE_IN_SHRINK: set = set()
+
+
+def CollectiveError_of(comm: col.Communicator) -> CollectiveError:
+    """The error a call on a replaced communicator raises."""
+    try:
+        comm.barrier()
+    except CollectiveError as e:
+        return e
+    fail("a call on a replaced communicator did not raise")
+    raise AssertionError
 
 
 def main() -> None:
@@ -256,7 +308,11 @@ def main() -> None:
     ap.add_argument("--kill", action="append", default=[])
     ap.add_argument("--grow", action="store_true")
     ap.add_argument("--times")
+    ap.add_argument("--die-in-shrink", type=int, action="append", default=[],
+                    help="this job rank dies while the first shrink builds the survivors' communicator")
+    ap.add_argument("--end", choices=("exception", "exit"), help="end with an uncaught exception, or exit(5)")
     a = ap.parse_args()
+    DIE_IN_SHRINK.update(a.die_in_shrink)
     comm = col.init()
     JOB = comm.world_rank
     if comm.is_replacement:
@@ -289,6 +345,12 @@ def main() -> None:
         with open(a.times, "w") as f:
             json.dump(times, f)
     print(f"job rank {JOB}: PASSED {passed}", flush=True)
+    if a.end:
+        comm.barrier()  # every survivor has printed: mpiexec ends the others once one exits with a non-zero status
+    if a.end == "exception":  # the exit status after a recovery must still be Python's (1)
+        raise RuntimeError(f"job rank {JOB}: ending with an uncaught exception, as asked")
+    if a.end == "exit":
+        exit(5)  # noqa: PLR1722 - the builtin on purpose: it raises SystemExit itself
 
 
 JOB = -1

@@ -277,6 +277,13 @@ def nan_inf() -> None:  # IEEE: NaN propagates through every op, Inf through sum
             assert np.array_equal(y[3:4], [want3[op]], equal_nan=True), (alg, op, y)
 cases.run("NaN and Inf propagate", nan_inf)
 
+
+def agree() -> None:  # outside elastic mode: an allreduce of the flags (AND)
+    assert comm.agree(True) is True
+    assert comm.agree(R != ODD) is False
+    assert comm.agree(1) is True and comm.agree(0) is False
+cases.run("agree is the AND of every rank's flag", agree)
+
 if os.environ.get("COLLECTIVE_DEBUG", "").upper() == "DETAIL":
     def detail_agrees() -> None:
         for n in (1, 100, 1000):

@@ -432,6 +432,65 @@ def stop_timeline() -> None:
     raise NotImplementedError("stop_timeline: Horovod's timeline is not supported by collective.horovod")
 
 
+# ------------------------------------------------------------------ elastic mode
+def lost_ranks_error() -> Any:
+    """The ``RanksLostError`` behind Horovod's communicator once one of its collectives raised it (else None).
+
+    In elastic mode (``collective-run --elastic``) a lost rank fails every
+    pending and later op with ``HorovodInternalError``; this tells that case
+    apart from the others (mismatched ops, a shut-down engine), which no
+    recovery can mend.
+    """
+    eng = _state.engine
+    return eng.lost if eng is not None else None
+
+
+def continue_on_survivors() -> Any:
+    """Collective over the survivors of a lost rank: Horovod goes on over them; returns the RanksLostError.
+
+    Waits for the engine thread of the failed communicator to end, shrinks
+    the communicator (``Communicator.shrink``: ranks renumbered 0..n-1 in
+    their old order, so the lowest survivor is the new rank 0), starts a new
+    engine over it, and forgets the registered process sets (their ranks
+    changed: register them again, e.g. in a reset callback). ``size()``,
+    ``rank()`` and every op then follow the new communicator.
+
+    Raises:
+        ValueError: Horovod is not initialized, or no rank was lost.
+        HorovodInternalError: the engine thread did not end within the deadline (``COLLECTIVE_TIMEOUT``), or
+            fewer ranks are left than ``COLLECTIVE_MIN_RANKS`` (``collective-run --min-ranks``).
+    """
+    from ...config import get as config_get
+
+    with _state.lock:
+        eng, comm = _state.engine, _state.comm
+        if eng is None or comm is None:
+            raise ValueError("hvd.elastic: Horovod has not been initialized; call hvd.init() first")
+        lost = eng.lost
+        if lost is None:
+            raise ValueError(f"hvd.elastic on rank {comm.rank}: no rank was lost; nothing to recover from")
+        # The failed communicator fails every call now, so its engine thread ends at its next exchange.
+        if not eng.wait_stopped(eng.timeout):
+            raise HorovodInternalError(f"hvd.elastic on rank {comm.rank}: the engine of the failed communicator "
+                                       f"did not stop within {eng.timeout:.0f} s (COLLECTIVE_TIMEOUT)")
+        sets = list(_state.sets.values())
+        _state.sets.clear()
+        for ps in sets:  # their sub-communicators were retired with the communicator they came from
+            ps.engine, ps.process_set_id = None, None
+        new = comm.shrink()
+        _state.comm = new
+        global_process_set.ranks = list(range(new.size))
+        _state.engine = Engine(new, on_control=_on_control)
+        _state.counters.clear()
+    least = int(config_get("MIN_RANKS"))
+    if new.size < least:
+        raise HorovodInternalError(
+            f"hvd.elastic on job rank {new.world_rank}: {new.size} rank(s) left after losing job rank(s) "
+            f"{list(lost.lost_ranks)}, fewer than the minimum {least} (collective-run --min-ranks); training stops "
+            "at the last commit (the state was restored to it)")
+    return lost
+
+
 # ------------------------------------------------------------------ tensor helpers
 def _next_name(kind: str) -> int:
     with _state.lock:

@@ -99,6 +99,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized = False
         for p in self._allreduce_delay:
             self._allreduce_delay[p] = self.backward_passes_per_step
+        for g in self._group_counts:  # a restore (hvd.elastic) may come mid-backward, some groups half counted
+            self._group_counts[g] = 0
         super(self.__class__, self).load_state_dict(*args, **kwargs)
 
     def set_backward_passes_per_step(self, passes: int) -> None:

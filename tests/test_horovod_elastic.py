@@ -1,0 +1,43 @@
+"""hvd.elastic under real jobs: Horovod's state rules, and training that goes on after a rank is SIGKILLed.
+
+tests/jobs/horovod_elastic.py trains a small torch model with hvd.DistributedOptimizer inside @hvd.elastic.run
+and checks, on every survivor, that Horovod follows the shrunken communicator, that training resumed from rank
+0's last commit, and that the parameters are the same on every survivor and equal a single-process re-run of the
+same schedule. Every job runs under a hard timeout: none may hang.
+"""
+from __future__ import annotations
+
+import pytest
+from mpi_util import check, count_passed, mpirun
+from test_elastic_core import TIMEOUT, needs_ulfm, run_elastic
+
+pytest.importorskip("torch", reason="torch is not installed (pip install 'pycollective[torch]')")
+
+#: Checks of the job without a kill (state rules, sampler, run re-raising other errors, the training itself).
+PLAIN = 17
+
+
+def test_state_rules_and_training_without_failure() -> None:
+    """Launched without --elastic: sync/commit/restore as Horovod defines them, the sampler, one call of train."""
+    res = mpirun("horovod_elastic.py", 3, timeout=240)
+    check(res, "hvd.elastic without a failure at P=3")
+    assert count_passed(res) == PLAIN, res.output[-2000:]
+
+
+@needs_ulfm
+@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.parametrize("args", [
+    ["--kill", "2:3:backward", "--commit-every", "2"],  # mid-allreduce; the uncommitted step 2 is redone
+    ["--kill", "0:4:commit"],                            # rank 0 dies between its update and its commit
+], ids=["rank2-backward", "rank0-commit"])
+def test_rank_killed_survivors_finish_consistent(args: list[str]) -> None:
+    """P=4, one rank SIGKILLed mid-training: 3 survivors finish (exit 0) with equal, re-run-exact parameters."""
+    rc, out, timed_out, secs = run_elastic(args, 4, job="horovod_elastic.py")
+    tail = "\n".join(out.splitlines()[-60:])
+    assert not timed_out, f"{args}: HUNG, killed after {secs:.0f} s\n{tail}"
+    assert rc == 0, f"{args}: exit code {rc}\n{tail}"
+    assert "FAIL" not in out, tail
+    assert "dying (SIGKILL)" in out, tail
+    passed = [ln for ln in out.splitlines() if "PASSED" in ln]
+    assert len(passed) == 3, f"{len(passed)} survivors passed, expected 3\n{tail}"
+    assert all(ln.endswith(f"PASSED {PLAIN + 2}") for ln in passed), passed
