@@ -81,7 +81,7 @@ class CrossRankCheck:
         if fp is None or not covers_all:
             return
         fp.exchange = arena.exchange
-        fp.exchange_counts = arena.exchange_counts
+        fp.exchange_pairs = arena.exchange_pairs
         arena.check_fenced = not fp.detail  # DETAIL checks by an MPI allgather instead
         self.arena = arena
         if not fp.detail and not self.nan_check:
@@ -91,7 +91,7 @@ class CrossRankCheck:
         """Check by MPI again (the arena is about to be freed)."""
         if self.fingerprints is not None:
             self.fingerprints.exchange = None
-            self.fingerprints.exchange_counts = None
+            self.fingerprints.exchange_pairs = None
         self.arena = self.quick_arena = None
 
     def gate(self, rec: Any, c: Any) -> Callable[[], Any] | None:

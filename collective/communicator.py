@@ -51,7 +51,7 @@ from .errors import (
 from .layout import discover_cluster, real_node_count
 from .p2p import ANY_SOURCE, P2PWork, PointToPoint
 from .prepare import BARRIER, Call, Preparer
-from .sequencer import OpRecord, Sequencer, Work
+from .sequencer import MISS, OpRecord, Sequencer, Work
 from .shm import WINDOW_MIN_BYTES
 from .spec import ALGORITHMS, COLLECTIVE_NAMES
 from .ulfm import FailureState, is_failure, raise_lost, require_ulfm
@@ -376,6 +376,45 @@ class Communicator:
             self._seqr.poison(name, exc)
             raise
 
+    def _vkey(self, name: str, x: np.ndarray, algorithm: Any, out: Any) -> tuple | None:
+        """The key of NumPy call ``name`` in ``Preparer.vplans``; None where its arguments need the full checks
+        (or the communicator is closed): a 0-d or non-contiguous ``x``, an ``out`` that is not a writable
+        C-contiguous NumPy array of ``x``'s dtype apart from ``x``, an array of a retired window."""
+        if self._closed or x.ndim == 0 or not x.flags.c_contiguous or not (algorithm is None or type(algorithm) is str):
+            return None
+        if out is None:
+            oshape = None
+        elif type(out) is np.ndarray and out.dtype == x.dtype:
+            f = out.flags
+            if not (f.writeable and f.c_contiguous) or (out.size and x.size and np.may_share_memory(out, x)):
+                return None
+            oshape = out.shape
+        else:
+            return None
+        if shm_mod.RETIRED and (x.base is not None or out is not None):
+            return None
+        return name, x.shape, x.dtype, algorithm or self.algorithm, oshape
+
+    def _vrun(self, key: tuple, x: np.ndarray, splits: Any, algorithm: Any, out: Any, return_splits: bool) -> Any:
+        """Alltoall or allgather (``key[0]``) with the NumPy arguments of ``key``: a repeat from its plan where
+        there is one, else the ordinary path, keeping the plan it leaves (see ``Sequencer.vrepeat``)."""
+        name = key[0]
+        plan = self._prep.vplans.get(key)
+        if plan is not None:
+            r = self._seqr.vrepeat(plan, x, out, key, return_splits, functools.partial(
+                prepare_variable, name, x, 0, splits, algorithm, out, self.rank, self.size, self.algorithm,
+                self.single_node, return_splits))
+            if r is not MISS:
+                return r
+        c = self._prepare_v(name, x, 0, splits, algorithm, out, return_splits)
+        r = self._seqr.run(c)
+        if c.plan is not None:
+            vplans = self._prep.vplans
+            if len(vplans) > 256:  # a program with endlessly many shapes: keep it bounded
+                vplans.clear()
+            vplans[key] = c.plan
+        return r
+
     def _run(self, c: Any) -> Any:
         if type(c) is DeviceRequest:
             return self._device().run(c)
@@ -498,6 +537,10 @@ class Communicator:
             ranks = comm.allgather(np.array([comm.rank]))          # [0, 1, ..., P-1]
             rows = comm.allgather(np.ones((comm.rank + 1, 3)))     # P(P+1)/2 rows
         """
+        if type(x) is np.ndarray:
+            key = self._vkey("allgather", x, algorithm, out)
+            if key is not None:
+                return self._vrun(key, x, None, algorithm, out, False)
         return self._run(self._prepare_v("allgather", x, 0, None, algorithm, out))
 
     def allgather_async(self, x: Any, algorithm: str | None = None, out: Any = None) -> Work:
@@ -523,6 +566,10 @@ class Communicator:
 
             y, got = comm.alltoall(np.arange(2 * comm.size), return_splits=True)   # 2 rows from each rank
         """
+        if splits is None and type(x) is np.ndarray:
+            key = self._vkey("alltoall", x, algorithm, out)
+            if key is not None:
+                return self._vrun(key, x, None, algorithm, out, return_splits)
         return self._run(self._prepare_v("alltoall", x, 0, splits, algorithm, out, return_splits))
 
     def alltoall_async(self, x: Any, splits: Any = None, return_splits: bool = False, algorithm: str | None = None,

@@ -21,7 +21,7 @@ Terms (the names below follow them):
   rank whether all posted the same rows ``r`` and whether any rank's ``out``
   is wrong for that case (every other call posts zeros, so the exchange is the
   same MPI call whatever the collective); fenced in shm, every rank reads every
-  rank's rows and ``out`` rows (``ShmArena.exchange_counts``).
+  rank's rows and ``out`` rows (``ShmArena.exchange_pairs``).
   Only on a mismatch (or with ``COLLECTIVE_DEBUG=DETAIL``) do the ranks
   allgather a fixed-size *record* (utf-8 text of the signature, no pickle) to
   say which rank called what.
@@ -122,8 +122,8 @@ class Fingerprints:
         #: fingerprint in shared memory, ends a phase of the node's arena and returns whether every rank posted
         #: ``h`` (a phase and P reads instead of an MPI allreduce; see ShmArena.exchange).
         self.exchange: Callable[[int, int], bool] | None = None
-        #: With it, ``exchange_counts(h, seq, a, b)`` also posts two numbers (ShmArena.exchange_counts).
-        self.exchange_counts: Callable[[int, int, int, int], tuple[bool, Any]] | None = None
+        #: With it, ``exchange_pairs(h, seq, a, b)`` also posts two numbers (ShmArena.exchange_pairs).
+        self.exchange_pairs: Callable[[int, int, int, int], tuple[int, ...] | None] | None = None
 
     def _signature(self, name: str, alg: Any, opname: Any, dtype: Any, shape: Any, root: Any) -> tuple[int, list[str]]:
         key = (name, alg, opname, dtype, shape, root)
@@ -170,31 +170,53 @@ class Fingerprints:
             self._gather(seq, fields, thread.name, poison, always=True)
         else:
             post = getattr(call, "post", None) if poison is None else None
-            ex = self.exchange
-            if ex is not None:
-                if post is None:
+            if post is None:
+                ex = self.exchange
+                if ex is not None:
                     same = ex(h, seq)
                 else:
-                    same, call.known = self.exchange_counts(h, seq, post[0], post[1])  # type: ignore[misc]
-            else:
-                s = self._send
-                s[0] = h
-                s[1] = -h
-                if post is None:
+                    s = self._send
+                    s[0] = h
+                    s[1] = -h
                     s[2] = s[3] = s[4] = 0
-                else:
-                    s[2] = post[0]
-                    s[3] = -post[0]
-                    s[4] = post[2]
-                self._allreduce(self._sargs, self._rargs, self._max)
-                r = self._recv
-                same = r[0] == -r[1]
-                if same and post is not None and r[2] == -r[3] and r[4] == 0:  # every rank posted the same rows
-                    call.known = np.array([(post[0], -1)] * self.size, np.int64)
+                    self._allreduce(self._sargs, self._rargs, self._max)
+                    r = self._recv
+                    same = r[0] == -r[1]
+            else:
+                same, pairs = self.exchange_post(h, seq, post)
+                call.known = None if pairs is None else np.array(pairs, np.int64).reshape(self.size, 2)
             if not same:
                 self._gather(seq, fields, thread.name, poison, always=False)
         if poison is not None:
             raise poison
+
+    def exchange_post(self, h: int, seq: int, post: tuple[int, int, int]) -> tuple[bool, tuple[int, ...] | None]:
+        """Exchange fingerprint ``h`` of call ``seq`` with this rank's post ``(rows, out rows, bad)``.
+
+        Returns (whether every rank's fingerprint is ``h``, every rank's
+        (rows, out rows) as one flat tuple, or None where the exchange cannot
+        tell them). Fenced in shm every rank reads every post; by MPI the tuple
+        is ``(rows, -1) * P`` when every rank posted the same rows and no
+        ``out`` is wrong for them (the out rows -1: checked already), else None.
+        Every rank gets the same answer.
+        """
+        ex = self.exchange_pairs
+        if ex is not None:
+            pairs = ex(h, seq, post[0], post[1])
+            return pairs is not None, pairs
+        s = self._send
+        s[0] = h
+        s[1] = -h
+        s[2] = post[0]
+        s[3] = -post[0]
+        s[4] = post[2]
+        self._allreduce(self._sargs, self._rargs, self._max)
+        r = self._recv
+        if r[0] != -r[1]:
+            return False, None
+        if r[2] == -r[3] and r[4] == 0:  # every rank posted the same rows
+            return True, (post[0], -1) * self.size
+        return True, None
 
     def check_call(self, rec: Any, c: Any) -> bool:
         """:meth:`check` of prepared call ``c`` (its ``OpRecord`` ``rec``), as the communicator's check; returns True.

@@ -110,6 +110,9 @@ class Preparer:
         self._static: dict[tuple, tuple] = {}
         #: (shape, dtype, op, algorithm) -> the template of a synchronous NumPy allreduce (see the module docstring).
         self.templates: dict[tuple, Call] = {}
+        #: (name, shape, dtype, algorithm, out's shape) -> the ``collective.variable.VPlan`` of a synchronous NumPy
+        #: alltoall or allgather whose counts the check settled (see ``Sequencer.vrepeat``).
+        self.vplans: dict[tuple, Any] = {}
         #: (id(x), id(out)) -> (x, out, (name, op, algorithm, root), call) of calls on alloc'd arrays.
         self._hot: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, tuple, Call]] = {}
 
@@ -118,9 +121,10 @@ class Preparer:
         return cls(f"{describe(name, self.rank, self.size, shape, dtype, alg)}: {what}")
 
     def forget(self) -> None:
-        """Drop every template and hot call (their regions and windows are about to be freed)."""
+        """Drop every template, hot call and plan (their regions and windows are about to be freed)."""
         self.templates.clear()
         self._hot.clear()
+        self.vplans.clear()
 
     def hot_calls(self) -> list[Call]:
         """The prepared calls kept for ``comm.alloc`` arrays (the window path)."""

@@ -11,37 +11,120 @@ from .launcher import find_mpiexec
 __all__ = ["main", "mpiexec_command", "find_mpiexec", "horovodrun_args", "elastic_args", "torchrun_args",
            "TorchrunOptions", "rank_env_command"]
 
+#: How many values follow each option collective-run reads or passes on: mpiexec's (Open MPI's, in both
+#: spellings, and MPICH/Hydra's common ones), torchrun's (in its underscore spelling, see _torchrun_name),
+#: horovodrun's and collective-run's own. The one table the line is split by (see _split).
+_ARITY: dict[str, int] = {
+    # mpiexec
+    "-n": 1, "-np": 1, "--n": 1, "--np": 1, "-c": 1, "-N": 1, "--npernode": 1, "-npernode": 1, "--ppn": 1,
+    "-ppn": 1, "--host": 1, "-host": 1, "--hostfile": 1, "-hostfile": 1, "--machinefile": 1, "-machinefile": 1,
+    "--default-hostfile": 1, "--add-host": 1, "--add-hostfile": 1, "--rankfile": 1, "-rf": 1, "-x": 1,
+    "--env": 1, "-genv": 2, "-env": 2, "-genvlist": 1, "-envlist": 1, "--map-by": 1, "-map-by": 1,
+    "--bind-to": 1, "-bind-to": 1, "--rank-by": 1, "-rank-by": 1, "--cpus-per-proc": 1, "-cpus-per-proc": 1,
+    "--cpus-per-rank": 1, "--output-filename": 1, "-output-filename": 1, "--output": 1, "--wdir": 1, "-wdir": 1,
+    "--wd": 1, "-wd": 1, "--path": 1, "--prefix": 1, "--display": 1, "--timeout": 1, "--runtime-options": 1,
+    "--preload-files": 1, "--stream-buffering": 1, "--tune": 1, "--personality": 1, "--pset": 1,
+    "--initial-errhandler": 1, "--with-ft": 1, "--mca": 2, "-mca": 2, "--gmca": 2, "-gmca": 2, "--prtemca": 2,
+    "--pmixmca": 2, "--am": 1, "--tmpdir": 1, "--report-pid": 1, "--report-uri": 1,
+    "--oversubscribe": 0, "-oversubscribe": 0, "--tag-output": 0, "-tag-output": 0, "--timestamp-output": 0,
+    "--merge-stderr-to-stdout": 0, "--report-bindings": 0, "-report-bindings": 0, "--display-map": 0,
+    "--display-allocation": 0, "--allow-run-as-root": 0, "--use-hwthread-cpus": 0, "-v": 0, "--verbose": 0,
+    "-q": 0, "--quiet": 0, "--enable-recovery": 0, "--disable-recovery": 0, "--noprefix": 0, "-l": 0,
+    "-prepend-rank": 0, "-print-all-exitcodes": 0, "-verbose": 0,
+    # torchrun's (collective-run translates or refuses them)
+    "--nproc_per_node": 1, "--nnodes": 1, "--node_rank": 1, "--master_addr": 1, "--master_port": 1,
+    "--standalone": 0, "--no_python": 0, "--rdzv_backend": 1, "--rdzv_endpoint": 1, "--rdzv_id": 1,
+    "--rdzv_conf": 1, "--max_restarts": 1, "--monitor_interval": 1, "--start_method": 1, "--role": 1,
+    "--run_path": 0, "--log_dir": 1, "--redirects": 1, "--tee": 1, "--local_addr": 1, "--logs_specs": 1,
+    # horovodrun's
+    "--num-proc": 1, "-H": 1, "--hosts": 1, "--network-interface": 1, "--mpi-args": 1, "--mpi": 0, "--gloo": 0,
+    # collective-run's own
+    "--elastic": 0, "--min-ranks": 1, "--max-ranks": 1, "--emulate": 1, "--link": 1,
+}
+#: torchrun's -m: the rest of the line is the module and its arguments.
+_MODULE_FLAGS = ("-m", "--module")
 _NP_FLAGS = ("-n", "-np", "--n", "--np", "-c")
+_HOST_FLAGS = ("--host", "-host", "-H", "--hosts", "--hostfile", "-hostfile", "--machinefile", "-machinefile",
+               "--default-hostfile", "--rankfile", "-rf")
 
 
-def _nprocs(args: Sequence[str]) -> int | None:
-    for i, a in enumerate(args):
-        if a in _NP_FLAGS and i + 1 < len(args):
-            try:
-                return int(args[i + 1])
-            except ValueError:
-                return None
-        for f in _NP_FLAGS:
-            if a.startswith(f + "="):
-                try:
-                    return int(a.split("=", 1)[1])
-                except ValueError:
-                    return None
-    return None
+@dataclass
+class _Line:
+    """A launch line split once: its options (each a list of words: the flag, then its values) and the program.
+
+    Attributes:
+        options: the options before the program, e.g. ``[["-n", "2"], ["--host=a,b"], ["--oversubscribe"]]``.
+        program: the program and its arguments (MPMD contexts after a ``:`` included, as given).
+        marked: a ``--`` stood before the program: where it starts is known exactly.
+    """
+
+    options: list[list[str]]
+    program: list[str]
+    marked: bool = False
+
+    def words(self) -> list[str]:
+        """The line again: options, ``--`` where there was one, program."""
+        return [*(w for o in self.options for w in o), *(["--"] if self.marked else []), *self.program]
+
+    def flags(self) -> list[str]:
+        """Each option's flag, without an ``=value``."""
+        return [o[0].partition("=")[0] for o in self.options]
+
+    def value(self, names: Sequence[str]) -> str | None:
+        """The value of the first option named in ``names`` (inline or the next word); None if absent."""
+        for o in self.options:
+            flag, eq, inline = o[0].partition("=")
+            if flag in names:
+                return inline if eq else (o[1] if len(o) > 1 else None)
+        return None
 
 
-#: mpiexec options that take one value (two for the MCA settings): skipped whole while looking for the program.
-_MPI_VALUED = {"-x": 1, "--map-by": 1, "--bind-to": 1, "--rank-by": 1, "--output-filename": 1, "--host": 1,
-               "--hostfile": 1, "-hostfile": 1, "--machinefile": 1, "-n": 1, "-c": 1, "--n": 1, "--np": 1,
-               "--mca": 2, "-mca": 2, "--gmca": 2, "--prtemca": 2, "--pmixmca": 2, "--wdir": 1, "--wd": 1,
-               "--env": 1, "-N": 1, "--npernode": 1, "--rankfile": 1, "--default-hostfile": 1, "--add-host": 1,
-               "--add-hostfile": 1, "--path": 1, "--prefix": 1, "--output": 1, "--display": 1, "--timeout": 1,
-               "--runtime-options": 1, "--preload-files": 1, "--stream-buffering": 1, "--tune": 1,
-               "--personality": 1, "--pset": 1, "--initial-errhandler": 1, "--with-ft": 1,
-               # horovodrun's, which collective-run translates
-               "-np": 1, "--num-proc": 1, "-H": 1, "--hosts": 1, "--network-interface": 1, "--mpi-args": 1}
-_HOST_FLAGS = ("--host", "-H", "--hosts", "--hostfile", "-hostfile", "--machinefile", "--default-hostfile",
-               "--rankfile")
+def _arity(flag: str) -> int:
+    """The values that follow ``flag`` (0 for one this table does not know: the program may follow it)."""
+    k = _ARITY.get(flag)
+    return _ARITY.get(_torchrun_name(flag), 0) if k is None else k
+
+
+def _split(args: Sequence[str]) -> _Line:
+    """``args`` split into options and the program by :data:`_ARITY`: the program begins after ``--``, after
+    torchrun's ``-m``, or at the first word that is neither an option nor one of its values."""
+    options: list[list[str]] = []
+    i, n = 0, len(args)
+    while i < n:
+        a = args[i]
+        if a == "--":
+            return _Line(options, list(args[i + 1:]), True)
+        if not a.startswith("-") or a == "-":
+            break
+        flag, eq, _ = a.partition("=")
+        k = 0 if eq else _arity(flag)
+        options.append(list(args[i:i + 1 + k]))
+        i += 1 + k
+        if _torchrun_name(flag) in _MODULE_FLAGS:
+            break
+    return _Line(options, list(args[i:]))
+
+
+def _needs_values(line: _Line) -> None:
+    """Exit with a message if an option of ``line`` lacks its values."""
+    for o in line.options:
+        if "=" not in o[0] and len(o) < 1 + _arity(o[0]):
+            raise SystemExit(f"collective-run: {o[0]} needs a value")
+
+
+def _nprocs(args: Sequence[str] | _Line) -> int | None:
+    """The number of processes mpiexec's options ask for (the program's own arguments are not read)."""
+    line = args if isinstance(args, _Line) else _split(args)
+    raw = line.value(_NP_FLAGS)
+    try:
+        return None if raw is None else int(raw)
+    except ValueError:
+        return None
+
+
+def _has_host(line: _Line) -> bool:
+    """The options name hosts (``--host``, ``--hosts``, ``--hostfile``, ... in either form)."""
+    return any(f in _HOST_FLAGS for f in line.flags())
 
 
 def horovodrun_args(args: Sequence[str]) -> list[str]:
@@ -71,46 +154,34 @@ def horovodrun_args(args: Sequence[str]) -> list[str]:
         horovodrun_args(["-np", "4", "-H", "a:2,b:2", "python", "train.py"])
         # ['-n', '4', '--host', 'a:2,b:2', 'python', 'train.py']
     """
+    return _horovodrun(_split(args)).words()
+
+
+def _horovodrun(line: _Line) -> _Line:
     import shlex
 
-    out: list[str] = []
-    i, n = 0, len(args)
-
-    def value(flag: str) -> str:
-        if i + 1 >= n:
-            raise SystemExit(f"collective-run: {flag} needs a value")
-        return args[i + 1]
-
-    while i < n:
-        a = args[i]
-        flag, eq, inline = a.partition("=")
-        if not a.startswith("-") or a == "--":
-            out.extend(args[i:])
-            break
-        if flag in ("-np", "--num-proc", "-H", "--hosts", "--network-interface", "--mpi-args") or (
-                flag == "--hostfile" and eq):
-            v = inline if eq else value(flag)
-            i += 1 if eq else 2
-            if flag in ("-np", "--num-proc"):
-                out += ["-n", v]
-            elif flag in ("-H", "--hosts"):
-                out += ["--host", v]
-            elif flag == "--hostfile":
-                out += ["--hostfile", v]
-            elif flag == "--network-interface":
-                out += ["--mca", "btl_tcp_if_include", v]
-            else:
-                out += shlex.split(v)
+    _needs_values(line)
+    out: list[list[str]] = []
+    for o in line.options:
+        flag, eq, inline = o[0].partition("=")
+        v = inline if eq else (o[1] if len(o) > 1 else "")
+        if flag in ("-np", "--num-proc"):
+            out.append(["-n", v])
+        elif flag in ("-H", "--hosts"):
+            out.append(["--host", v])
+        elif flag == "--hostfile":
+            out.append(["--hostfile", v])
+        elif flag == "--network-interface":
+            out.append(["--mca", "btl_tcp_if_include", v])
+        elif flag == "--mpi-args":
+            out.extend(_split([*shlex.split(v), "--"]).options)
+        elif flag == "--mpi":
             continue
-        if a == "--mpi":
-            i += 1
-            continue
-        if a == "--gloo":
+        elif flag == "--gloo":
             raise SystemExit("collective-run: --gloo is not supported; collective runs over MPI (drop the flag)")
-        k = _MPI_VALUED.get(flag, 0) if not eq else 0
-        out.extend(args[i:i + 1 + k])
-        i += 1 + k
-    return out
+        else:
+            out.append(o)
+    return _Line(out, line.program, line.marked)
 
 
 def elastic_args(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -131,36 +202,31 @@ def elastic_args(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         # (['--with-ft', 'ulfm', '-x', 'COLLECTIVE_ELASTIC', '-x', 'COLLECTIVE_MIN_RANKS', '-n', '4', 'python',
         #   't.py'], {'COLLECTIVE_ELASTIC': '1', 'COLLECTIVE_MIN_RANKS': '2'})
     """
-    out: list[str] = []
+    line, env = _elastic(_split(args))
+    return line.words(), env
+
+
+def _elastic(line: _Line) -> tuple[_Line, dict[str, str]]:
+    out: list[list[str]] = []
     found: dict[str, str] = {}
     elastic = False
-    i, n = 0, len(args)
-    while i < n:
-        a = args[i]
-        flag, eq, inline = a.partition("=")
-        if not a.startswith("-") or a == "--":
-            out.extend(args[i:])
-            break
-        if a == "--elastic":
+    for o in line.options:
+        flag, eq, inline = o[0].partition("=")
+        if o[0] == "--elastic":
             elastic = True
-            i += 1
-            continue
-        if flag in ("--min-ranks", "--max-ranks"):
-            if not eq and i + 1 >= n:
+        elif flag in ("--min-ranks", "--max-ranks"):
+            if not eq and len(o) < 2:
                 raise SystemExit(f"collective-run: {flag} needs a value")
-            v = inline if eq else args[i + 1]
+            v = inline if eq else o[1]
             if not v.isdigit() or int(v) < 1:
                 raise SystemExit(f"collective-run: {flag} {v!r} must be a positive integer")
             found[flag] = v
-            i += 1 if eq else 2
-            continue
-        k = _MPI_VALUED.get(flag, 0) if not eq else 0
-        out.extend(args[i:i + 1 + k])
-        i += 1 + k
+        else:
+            out.append(o)
     if not elastic:
         if found:
             raise SystemExit(f"collective-run: {', '.join(found)} only apply with --elastic")
-        return out, {}
+        return line, {}
     if "--min-ranks" in found and "--max-ranks" in found and int(found["--min-ranks"]) > int(found["--max-ranks"]):
         raise SystemExit(f"collective-run: --min-ranks {found['--min-ranks']} is above --max-ranks "
                          f"{found['--max-ranks']}")
@@ -169,8 +235,8 @@ def elastic_args(args: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         env["COLLECTIVE_MIN_RANKS"] = found["--min-ranks"]
     if "--max-ranks" in found:
         env["COLLECTIVE_MAX_RANKS"] = found["--max-ranks"]
-    exports = [w for v in env for w in ("-x", v)]  # exported to every host, not only this one's ranks
-    return ["--with-ft", "ulfm", *exports, *out], env
+    exports = [["-x", v] for v in env]  # exported to every host, not only this one's ranks
+    return _Line([["--with-ft", "ulfm"], *exports, *out], line.program, line.marked), env
 
 
 @dataclass
@@ -181,17 +247,21 @@ class TorchrunOptions:
         nproc_per_node: processes on each node.
         nnodes: nodes.
         master_addr, master_port: ``--master_addr`` / ``--master_port``, None when not given.
+        by_node: collective-run placed ``nproc_per_node`` consecutive ranks on each node (``--map-by ppr:N:node``,
+            added for ``--nnodes`` above 1 unless the user gave a ``--map-by`` of their own), so a rank's node
+            index is ``rank // nproc_per_node``.
     """
 
     nproc_per_node: int = 1
     nnodes: int = 1
     master_addr: str | None = None
     master_port: int | None = None
+    by_node: bool = False
 
 
 #: torchrun's flags that collective-run translates (either spelling: ``--nproc_per_node``, ``--nproc-per-node``).
 _TORCHRUN_VALUED = ("--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port")
-_TORCHRUN_SWITCHES = ("--standalone", "--no_python", "-m", "--module")
+_TORCHRUN_SWITCHES = ("--standalone", "--no_python", *_MODULE_FLAGS)
 #: torchrun's flags with no meaning under MPI (one command starts every node; no restarts): refused, with why.
 _TORCHRUN_REFUSED = {
     "--rdzv_backend": "MPI's launcher is the rendezvous", "--rdzv_endpoint": "MPI's launcher is the rendezvous",
@@ -246,45 +316,38 @@ def torchrun_args(args: Sequence[str]) -> tuple[list[str], TorchrunOptions | Non
     Example::
 
         torchrun_args(["--nproc_per_node", "2", "train.py"])
-        # (['-n', '2', '/usr/bin/python3', 'train.py'], TorchrunOptions(nproc_per_node=2, ...))
+        # (['-n', '2', '--', '/usr/bin/python3', 'train.py'], TorchrunOptions(nproc_per_node=2, ...))
     """
-    rest: list[str] = []
+    line, opts = _torchrun(_split(args))
+    return line.words(), opts
+
+
+def _torchrun(line: _Line) -> tuple[_Line, TorchrunOptions | None]:
+    rest: list[list[str]] = []
     seen: dict[str, str] = {}
-    i, n = 0, len(args)
-    program: list[str] = []
-    while i < n:
-        a = args[i]
-        flag, eq, inline = a.partition("=")
+    program = line.program
+    for o in line.options:
+        flag, eq, inline = o[0].partition("=")
         name = _torchrun_name(flag)
-        if a == "--" or not a.startswith("-"):
-            program = list(args[i + 1:] if a == "--" else args[i:])
-            break
         if name in _TORCHRUN_REFUSED:
             raise SystemExit(f"collective-run: torchrun's {flag} has no collective-run equivalent: "
                              f"{_TORCHRUN_REFUSED[name]}; drop it")
         if name in _TORCHRUN_VALUED:
-            if not eq and i + 1 >= n:
+            if not eq and len(o) < 2:
                 raise SystemExit(f"collective-run: {flag} needs a value")
-            seen[name] = inline if eq else args[i + 1]
-            i += 1 if eq else 2
-            continue
-        if name in _TORCHRUN_SWITCHES:
+            seen[name] = inline if eq else o[1]
+        elif name in _TORCHRUN_SWITCHES:
             seen[name] = ""
-            i += 1
-            if name in ("-m", "--module"):  # the rest is the module and its arguments
-                program = list(args[i:])
-                break
-            continue
-        k = _MPI_VALUED.get(flag, 0) if not eq else 0
-        rest.extend(args[i:i + 1 + k])
-        i += 1 + k
+        else:
+            rest.append(o)
     if not any(f in seen for f in ("--nproc_per_node", "--nnodes", "--standalone", "--no_python", "-m", "--module")):
         if seen:
             given = ", ".join(seen)
             raise SystemExit(f"collective-run: {given}: torchrun's, for a torchrun-style launch: give "
                              "--nproc_per_node N too (or mpiexec's -n N without them)")
-        return list(args), None
-    if _nprocs(rest) is not None:
+        return line, None
+    kept = _Line(rest, [])
+    if _nprocs(kept) is not None:
         raise SystemExit("collective-run: give the number of processes once: -n N (mpiexec) or --nproc_per_node N "
                          "(torchrun), not both")
     opts = TorchrunOptions()
@@ -298,8 +361,7 @@ def torchrun_args(args: Sequence[str]) -> tuple[list[str], TorchrunOptions | Non
     if colon and lo != hi:
         raise SystemExit(f"collective-run: --nnodes {raw} is an elastic range; give one number of nodes")
     opts.nnodes = _positive(lo, "--nnodes")
-    hosts = any(a.partition("=")[0] in _HOST_FLAGS for a in rest)
-    if opts.nnodes > 1 and not hosts and not _allocated_nodes():
+    if opts.nnodes > 1 and not _has_host(kept) and not _allocated_nodes():
         raise SystemExit(f"collective-run: --nnodes {opts.nnodes} needs the hosts (--host a,b or --hostfile FILE): "
                          "one collective-run starts the processes of every node")
     if "--node_rank" in seen and (opts.nnodes > 1 or seen["--node_rank"] != "0"):
@@ -317,8 +379,9 @@ def torchrun_args(args: Sequence[str]) -> tuple[list[str], TorchrunOptions | Non
         run = [sys.executable, "-m", *program]
     else:
         run = [sys.executable, *program]
-    placement = ["--map-by", f"ppr:{opts.nproc_per_node}:node"] if opts.nnodes > 1 and "--map-by" not in rest else []
-    return ["-n", str(opts.nproc_per_node * opts.nnodes), *placement, *rest, *run], opts
+    opts.by_node = opts.nnodes > 1 and not any(f in ("--map-by", "-map-by") for f in kept.flags())
+    placement = [["--map-by", f"ppr:{opts.nproc_per_node}:node"]] if opts.by_node else []
+    return _Line([["-n", str(opts.nproc_per_node * opts.nnodes)], *placement, *rest], run, True), opts
 
 
 def _positive(raw: str, flag: str) -> int:
@@ -374,36 +437,45 @@ exec "$@"
 """
 
 
-def _program_at(args: Sequence[str]) -> int:
-    """Where the program begins in mpiexec's ``args`` (after its options and their values); len(args) if nowhere."""
-    i, n = 0, len(args)
-    while i < n:
-        a = args[i]
-        if a == "--":
-            return i + 1
-        if not a.startswith("-"):
-            return i
-        flag, eq, _ = a.partition("=")
-        i += 1 + (_MPI_VALUED.get(flag, 0) if not eq else 0)
-    return n
+def _contexts(line: _Line) -> list[_Line]:
+    """The MPMD app contexts of ``line`` (``a : b``), each split into its options and program."""
+    out = [line]
+    while ":" in out[-1].program:
+        last = out[-1]
+        k = last.program.index(":")
+        out[-1] = _Line(last.options, last.program[:k], last.marked)
+        out.append(_split(last.program[k + 1:]))
+    return out
 
 
-def _first_host(args: Sequence[str]) -> str | None:
+def _program_at(ctx: _Line) -> int | None:
+    """Where the program begins in the words of one app context (a ``--`` there included), if known exactly.
+
+    Known after a ``--``, or when every option is in :data:`_ARITY`: an
+    option it does not know may take values (``-someflag a,b``), so a word
+    that does not start with ``-`` may still be one of them. Returns the
+    index of the ``--`` or of the program's first word; None if unknown.
+    """
+    if ctx.marked or (ctx.program and all(f in _ARITY or _torchrun_name(f) in _ARITY for f in ctx.flags())):
+        return sum(len(o) for o in ctx.options)
+    return None
+
+
+def _first_host(line: _Line) -> str | None:
     """The first host of ``--host``/``-H`` or of ``--hostfile`` (rank 0's under mpiexec's default placement)."""
-    for i, a in enumerate(args):
-        flag, eq, inline = a.partition("=")
-        value = inline if eq else (args[i + 1] if i + 1 < len(args) else "")
-        if flag in ("--host", "-H", "--hosts") and value:
-            return value.split(",")[0].split(":")[0]
-        if flag in ("--hostfile", "-hostfile", "--machinefile") and value:
-            try:
-                with open(value, encoding="utf-8", errors="replace") as f:
-                    for line in f:
-                        words = line.split("#")[0].split()
-                        if words:
-                            return words[0]
-            except OSError:
-                return None
+    value = line.value(("--host", "-host", "-H", "--hosts"))
+    if value:
+        return value.split(",")[0].split(":")[0]
+    value = line.value(("--hostfile", "-hostfile", "--machinefile", "-machinefile"))
+    if value:
+        try:
+            with open(value, encoding="utf-8", errors="replace") as f:
+                for text in f:
+                    words = text.split("#")[0].split()
+                    if words:
+                        return words[0]
+        except OSError:
+            return None
     return None
 
 
@@ -434,38 +506,48 @@ def rank_env_command(args: Sequence[str], opts: TorchrunOptions | None = None,
         opts: what torchrun's flags gave (:func:`torchrun_args`), None for an mpiexec-style launch.
         env: the launcher's environment (default ``os.environ``).
 
+    The program's start is known after a ``--`` (which torchrun-style
+    launches put there) or when collective-run knows every option before it;
+    an app context with an option it does not know (it might take values) is
+    left as it is, with a note on stderr.
+
     Returns:
-        The arguments with ``sh -c SCRIPT collective-run NODES ADDR PORT THREADS`` before each program.
+        The arguments with ``sh -c SCRIPT collective-run NODES ADDR PORT THREADS`` before each program (in
+        place of its ``--``).
     """
+    return _rank_env(_split(args), opts, env)
+
+
+def _rank_env(line: _Line, opts: TorchrunOptions | None, env: dict[str, str] | None) -> list[str]:
     e = os.environ if env is None else env
-    contexts: list[list[str]] = [[]]
-    for a in args:
-        if a == ":":
-            contexts.append([])
-        else:
-            contexts[-1].append(a)
-    every = list(args)
-    allocated = _allocated_nodes()
-    on_hosts = any(a.partition("=")[0] in _HOST_FLAGS for a in every) or allocated > 1
-    if opts is not None and opts.nnodes > 1:
+    contexts = _contexts(line)
+    on_hosts = any(_has_host(c) for c in contexts) or _allocated_nodes() > 1
+    if opts is not None and opts.by_node:
         nodes = opts.nnodes
     else:
         nodes = 0 if on_hosts else 1
     addr = (opts.master_addr if opts is not None else None) or e.get("MASTER_ADDR") or (
-        (_first_host(every) or "") if on_hosts else "127.0.0.1")
+        (_first_host(contexts[0]) or "") if on_hosts else "127.0.0.1")
     port = (opts.master_port if opts is not None else None) or e.get("MASTER_PORT") or (
         29500 if on_hosts else _free_port())
     threads = "1" if opts is not None and opts.nproc_per_node > 1 and "OMP_NUM_THREADS" not in e else ""
     out: list[str] = []
+    unmarked = False
     for k, ctx in enumerate(contexts):
         if k:
             out.append(":")
+        words = ctx.words()
         at = _program_at(ctx)
-        if at >= len(ctx):
-            out.extend(ctx)
+        if at is None:
+            unmarked = unmarked or bool(words)
+            out.extend(words)
             continue
-        out.extend([*ctx[:at], "sh", "-c", _RANK_ENV_SH, "collective-run", str(nodes), addr, str(port), threads,
-                    *ctx[at:]])
+        out.extend([*words[:at], "sh", "-c", _RANK_ENV_SH, "collective-run", str(nodes), addr, str(port), threads,
+                    *words[at + ctx.marked:]])
+    if unmarked:
+        print("collective-run: RANK, LOCAL_RANK, ... (torchrun's environment) were not set: an mpiexec option here "
+              "is unknown to collective-run; put -- right after mpiexec's options to get them "
+              "(collective-run -n 2 --someflag v -- python train.py)", file=sys.stderr)
     return out
 
 
@@ -475,18 +557,26 @@ def mpiexec_command(args: Sequence[str], env: dict[str, str] | None = None) -> t
     Adds ``--oversubscribe`` when more ranks are asked for than this machine
     has cores, and the run-as-root variables when running as root.
     """
+    cmd, env = _mpiexec(_split(args), env)
+    return [*cmd, *args], env
+
+
+def _mpiexec(line: _Line, env: dict[str, str] | None) -> tuple[list[str], dict[str, str]]:
+    """mpiexec and the options it gets in front of ``line``, and the environment (see :func:`mpiexec_command`)."""
     env = dict(os.environ if env is None else env)
     cmd = [find_mpiexec()]
-    n = _nprocs(args)
-    has_host = any(a in ("--host", "-H", "--hostfile", "-hostfile", "--machinefile") for a in args)
-    if n is not None and n > (os.cpu_count() or 1) and not has_host and "--oversubscribe" not in args:
+    contexts = _contexts(line)
+    counts = [_nprocs(c) for c in contexts]
+    n = None if None in counts else sum(c for c in counts if c is not None)
+    flags = [f for c in contexts for f in c.flags()]
+    if n is not None and n > (os.cpu_count() or 1) and not any(_has_host(c) for c in contexts) and \
+            "--oversubscribe" not in flags:
         cmd.append("--oversubscribe")
         # Busy-polling ranks that outnumber cores starve each other; let idle ranks yield.
         env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    cmd.extend(args)
     return cmd, env
 
 
@@ -498,30 +588,14 @@ _EMULATE_USAGE = (
 )
 
 
-def _emulate(args: list[str]) -> int:
+def _emulate(line: _Line) -> int:
     """``--emulate HxR [--link RATE] [mpiexec options] [--] program...``: run on an emulated cluster."""
     from . import emulate
 
-    shape, rate, rest = None, None, []
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a in ("--emulate", "--link") and i + 1 < len(args):
-            if a == "--emulate":
-                shape = args[i + 1]
-            else:
-                rate = args[i + 1]
-            i += 2
-        elif a.startswith("--emulate=") or a.startswith("--link="):
-            key, val = a.split("=", 1)
-            shape, rate = (val, rate) if key == "--emulate" else (shape, val)
-            i += 1
-        elif a == "--":
-            rest.extend(args[i + 1:])
-            break
-        else:
-            rest.append(a)
-            i += 1
+    shape, rate = line.value(("--emulate",)), line.value(("--link",))
+    kept = _Line([o for o in line.options if o[0].partition("=")[0] not in ("--emulate", "--link")], line.program,
+                 line.marked)
+    rest = kept.words() if kept.program else []
     if shape is None or not rest:
         print(_EMULATE_USAGE, file=sys.stderr)
         return 2
@@ -534,10 +608,10 @@ def _emulate(args: list[str]) -> int:
     if why is not None:
         print(f"collective-run --emulate: {why}", file=sys.stderr)
         return 2
-    rest, extra = elastic_args(rest)
+    kept, extra = _elastic(kept)
     os.environ.update(extra)  # the ranks inherit the launcher's environment (and -x exports it to every host)
     try:
-        return emulate.run(hosts, per_host, rate, rest)
+        return emulate.run(hosts, per_host, rate, kept.words())
     except emulate.EmulationError as exc:
         print(f"collective-run: {exc}", file=sys.stderr)
         return 1
@@ -552,14 +626,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         # Asked for, the usage is the answer (status 0); with nothing to run it is an error (status 2).
-        print("usage: collective-run [mpiexec options] program [args...]\n"
+        print("usage: collective-run [mpiexec options] [--] program [args...]\n"
               "       collective-run --nproc_per_node N [--nnodes M --host/--hostfile ...] script.py [args...]\n"
               "Runs the installed mpiexec, adding --oversubscribe when ranks exceed cores and the\n"
               "run-as-root settings when run as root. Each process gets torchrun's environment: RANK,\n"
-              "WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and GROUP_RANK/NODE_RANK\n"
-              "where a rank's node is known). horovodrun's -np/--num-proc, -H/--hosts, --hostfile,\n"
-              "--network-interface, --mpi-args and --mpi are translated, and so are torchrun's\n"
-              "--nproc_per_node, --nnodes, --master_addr, --master_port, --standalone, -m and --no_python\n"
+              "WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (and GROUP_RANK/NODE_RANK where a\n"
+              "rank's node is known), unless an mpiexec option unknown to collective-run comes before the program\n"
+              "with no -- after it. horovodrun's\n"
+              "-np/--num-proc, -H/--hosts, --hostfile, --network-interface, --mpi-args and --mpi are\n"
+              "translated, and so are torchrun's --nproc_per_node, --nnodes, --master_addr, --master_port,\n"
+              "--standalone, -m and --no_python\n"
               "(the program is then a Python script, as under torchrun); everything else is passed through.\n"
               "--elastic [--min-ranks N] [--max-ranks M]: a lost rank raises RanksLostError on the survivors,\n"
               "which continue with comm.shrink() (Open MPI's --with-ft ulfm; see docs/guides/elastic.md).\n\n"
@@ -568,12 +644,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             print("collective-run: no program given; e.g. collective-run -n 4 python train.py", file=sys.stderr)
             sys.exit(2)
         return
-    if any(a == "--emulate" or a.startswith("--emulate=") for a in args):
-        sys.exit(_emulate(args))
-    args, extra = elastic_args(args)
-    args, torchrun = torchrun_args(args)
-    cmd, env = mpiexec_command(horovodrun_args(args), {**os.environ, **extra})
-    cmd = [cmd[0], *rank_env_command(cmd[1:], torchrun, env)]
+    line = _split(args)
+    if "--emulate" in line.flags():
+        sys.exit(_emulate(line))
+    line, extra = _elastic(line)
+    line, torchrun = _torchrun(line)
+    line = _horovodrun(line)
+    cmd, env = _mpiexec(line, {**os.environ, **extra})
+    cmd = [*cmd, *_rank_env(line, torchrun, env)]
     os.execvpe(cmd[0], cmd, env)
 
 

@@ -54,7 +54,10 @@ from .spec import ROOTED
 from .threads import TAGS, OrderedIssuers, ThreadTag, thread_tag
 from .ulfm import raise_lost
 
-__all__ = ["OpRecord", "FlightRecorder", "Work", "Sequencer"]
+__all__ = ["OpRecord", "FlightRecorder", "Work", "Sequencer", "MISS"]
+
+#: What :meth:`Sequencer.vrepeat` returns when the ordinary path must take the call.
+MISS = object()
 
 _monotonic = time.monotonic
 
@@ -620,6 +623,75 @@ class Sequencer:
             self.owner = self.owner_call = None
             gate.release()
         return self.ordinary(x, op, algorithm, out)
+
+    def vrepeat(self, plan: Any, x: np.ndarray, out: np.ndarray | None, key: Any, return_splits: bool,
+                remake: Callable[[], Any]) -> Any:
+        """A synchronous alltoall or allgather repeating the signature of ``plan`` (a ``collective.variable.VPlan``,
+        kept under ``key`` in ``prep.vplans``) with arrays ``x`` and ``out`` of the same shapes; its result, or
+        :data:`MISS` when the ordinary path must take the call (nothing sent).
+
+        The check runs in full: this rank posts the fingerprint and the sizes
+        the ordinary path would post, so the other ranks may take either path.
+        Only when every rank's posted (rows, out rows) are the plan's does the
+        data move from the plan; otherwise the call carries on by the ordinary
+        path from what the check returned (``remake()`` prepares it; the
+        caller checked its arguments against the plan's), which also raises
+        on every rank when some rank's ``out`` is wrong.
+        """
+        try:
+            tag = self._tags.tag
+        except AttributeError:
+            tag = self.thread_tag()
+        gate = self._gate
+        if not gate.acquire(False):
+            return MISS
+        self.owner = tag
+        self.owner_call = plan
+        try:
+            check = self.check
+            fp = check.fingerprints
+            if (self.pending or fp is None or fp.detail or check.nan_check
+                    or (plan.arena is not None and plan.arena is not self.engine.arena)):
+                return MISS
+            self.seq = seq = self.seq + 1
+            recorder = self.recorder
+            rec = recorder.slots[seq % recorder.length]
+            rec.seq, rec.op, rec.shape, rec.dtype = seq, plan.name, plan.shape, plan.dtype
+            rec.algorithm, rec.root = plan.algorithm, None
+            rec.thread = tag
+            rec.t_end = None
+            rec.t_start = _monotonic()
+            recorder.last_seq = seq
+            recorder.current = rec
+            try:
+                sig = plan.sig
+                same, pairs = fp.exchange_post(sig[0] ^ tag.h ^ seq, seq, plan.post)
+                if not same:
+                    fp.report(seq, sig[1], tag.name)
+                if pairs == plan.pairs:
+                    o = out if out is not None else np.empty((plan.n_out, *plan.row_shape), plan.dtype)
+                    plan.move(x, o, seq)
+                    return (o, list(plan.received)) if return_splits else o
+                # Some rank's sizes differ from the plan's: the ordinary path from what the check returned.
+                c = remake()
+                c.sig = sig
+                c.known = None if pairs is None else np.array(pairs, np.int64).reshape(self.size, 2)
+                r = self.engine.execute(c, None, seq)
+                vplans = self.prep.vplans
+                if c.plan is not None:
+                    vplans[key] = c.plan
+                else:
+                    vplans.pop(key, None)
+                return r.resolve() if type(r) is Deferred else r
+            except BaseException as exc:
+                self._failed(plan.name, exc, rec.t_start)
+                raise
+            finally:
+                rec.t_end = _monotonic()
+                recorder.current = None
+        finally:
+            self.owner = None
+            gate.release()
 
     def _window_repeat(self, hot: Any) -> Any:
         """The window path of a repeated allreduce on alloc'd arrays (see ``SharedArrays.quick_allreduce``)."""

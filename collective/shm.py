@@ -490,13 +490,22 @@ class ShmArena:
         flag's cache line next to the fingerprint, in a pair per slot, so the
         sizes of a variable-size collective travel with its check.
         """
+        pairs = self.exchange_pairs(h, seq, a, b)
+        if pairs is None:
+            return False, None
+        return True, np.array(pairs, np.int64).reshape(self.size, 2)
+
+    def exchange_pairs(self, h: int, seq: int, a: int, b: int) -> tuple[int, ...] | None:
+        """:meth:`exchange_counts` with every rank's two numbers as one flat tuple ``(a0, b0, a1, b1, ...)``, or
+        None when some rank posted another fingerprint (a repeated call compares the tuple with its plan's)."""
         w = 3 + 2 * (seq & 1)  # words 3-4 for even calls, 5-6 for odd ones (0: ticket, 1-2: fingerprints)
         f = self.my_flag
         f[w] = a  # before exchange posts the fingerprint: a rank that sees it sees these too
         f[w + 1] = b
         if not self.exchange(h, seq):
-            return False, None
-        return True, np.array([(fl[w], fl[w + 1]) for fl in self.flags], np.int64)
+            return None
+        w1 = w + 1
+        return tuple(v for fl in self.flags for v in (fl[w], fl[w1]))
 
     def quick_regions(self, dtype: np.dtype, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Every rank's region for even and for odd chunk numbers, cut to ``n`` elements (for quick_allreduce)."""

@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import queue
 import socket
@@ -57,8 +58,8 @@ from .ops import bfloat16
 from .p2p import ANY_SOURCE
 from .threads import set_name
 
-__all__ = ["BACKEND", "CollectiveProcessGroup", "MonitoredBarrierError", "create_store", "join_closing",
-           "mpi_launched"]
+__all__ = ["BACKEND", "CollectiveProcessGroup", "MonitoredBarrierError", "WorkTimeoutError", "create_store",
+           "join_closing", "mpi_launched"]
 
 #: The backend name torch knows us by.
 BACKEND = "collective"
@@ -69,6 +70,10 @@ MONITORED_BARRIER_TAG = 1 << 28
 
 class MonitoredBarrierError(CollectiveTimeoutError, RuntimeError):
     """A monitored barrier that some rank did not reach in time (a RuntimeError, as torch's gloo raises)."""
+
+
+class WorkTimeoutError(CollectiveTimeoutError, dist.DistBackendError):
+    """``Work.wait(timeout)`` ran out: a DistBackendError (so a RuntimeError), as torch's backends raise there."""
 
 # The enum's members, as ReduceOp carries them (torch's stub of RedOpType itself lists none).
 _R = dist.ReduceOp
@@ -186,22 +191,26 @@ class _Async(dist._Work):
     source: int | None = None
     _learn: Any = None
 
-    def __init__(self, fut: torch.futures.Future, done: threading.Event, name: str) -> None:
+    def __init__(self, fut: torch.futures.Future, done: threading.Event, name: str, source: int | None = None,
+                 learn: Any = None) -> None:
         super().__init__()
         self._fut, self._done, self._name = fut, done, name
+        self.source, self._learn = source, learn
 
     def wait(self, timeout: datetime.timedelta | None = None) -> bool:
         secs = timeout.total_seconds() if timeout is not None else 0.0
         if not self._done.wait(secs if secs > 0 else None):
-            raise CollectiveTimeoutError(f"{self._name}: not finished after {secs} s")
+            raise WorkTimeoutError(f"{self._name}: not finished after {secs} s")
         self._fut.wait()  # raises the call's error
         return True
 
+    # Completed means the future holds the outcome (the event is set just before the pool sets it): a Work
+    # reported complete has a value or an exception to give, and a failed one is never a success.
     def is_completed(self) -> bool:
-        return self._done.is_set()
+        return self._fut.done()
 
     def is_success(self) -> bool:
-        return self._done.is_set() and self.exception() is None
+        return self._fut.done() and self.exception() is None
 
     def exception(self) -> Any:
         if not self._fut.done():
@@ -218,8 +227,8 @@ class _Async(dist._Work):
     def _source_rank(self) -> int:
         """The sender of a completed receive (``dist.recv(src=None)`` returns it)."""
         self.wait()
-        src = getattr(self, "source", None)
-        if src is None and getattr(self, "_learn", None) is not None:
+        src = self.source
+        if src is None and self._learn is not None:
             src = self._learn.wait()
         if src is None:
             raise CollectiveError(f"{self._name}: not a receive, so it has no source rank")
@@ -244,7 +253,10 @@ class _Completer:
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="collective-torch-callbacks",
                                         initializer=set_name, initargs=("collective-torch-callbacks",))
 
-    def add(self, works: list[Any], post: Callable[[], None] | None, value: Any, name: str) -> _Async:
+    def add(self, works: list[Any], post: Callable[[], None] | None, value: Any, name: str,
+            source: int | None = None, learn: Any = None) -> _Async:
+        """Complete a new Work's future with ``value`` once ``works`` are done and ``post`` ran (a receive's
+        ``source`` and ``learn``: see _Async)."""
         fut: torch.futures.Future = torch.futures.Future()
         done = threading.Event()
         if self._thread is None:
@@ -253,7 +265,7 @@ class _Completer:
                     self._thread = threading.Thread(target=self._run, name="collective-torch-completion", daemon=True)
                     self._thread.start()
         self._q.put((works, post, value, fut, done))
-        return _Async(fut, done, name)
+        return _Async(fut, done, name, source, learn)
 
     def close(self) -> None:
         """End the completion thread once it has completed the Works already added, and the callback pool then.
@@ -379,7 +391,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         self._gdesc = ""
         self._label()
         # Synchronous calls (asyncOp False) come from torch's Python wrappers, which only wait() on the Work
-        # they get back: one completed Work serves them all, and no small call pays for a future of its own.
+        # they get back: this one completed Work serves every synchronous call, and no call pays for a future of
+        # its own.
         self._sync_done = _done([])
 
     # ---- names (DeviceMesh and torch's logs read them)
@@ -570,7 +583,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             return self._completer.add(ws, collect, [t], "all_reduce")
         got.extend((comm.allgather(idx), comm.allgather(vals)))
         finish()
-        return _done([t])
+        return self._sync_done
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:
         if opts is None:
@@ -655,7 +668,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             return self._completer.add([wk], collect, value, call)
         got.append(comm.reduce_scatter(a, op=name))
         finish()
-        return _done(value)
+        return self._sync_done
 
     # ---- data movement
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:  # type: ignore[override]
@@ -696,7 +709,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             wk = comm.allgather_async(src)
             return self._completer.add([wk], lambda: scatter_rows(wk.wait()), outputs, "all_gather")
         scatter_rows(comm.allgather(src))
-        return _done(outputs)
+        return self._sync_done
 
     def _agree_sizes(self, x: torch.Tensor, sizes: list[int], call: str) -> None:
         """Before an uneven all_gather: every rank's output sizes must be what the ranks send, else all raise.
@@ -764,10 +777,15 @@ class CollectiveProcessGroup(dist.ProcessGroup):
 
     def _join(self, works: list[Any], value: Any, is_async: bool, name: str) -> Any:
         if not is_async:
-            return _done(value)
+            return self._sync_done
         return self._completer.add([_TorchWait(w) for w in works], None, value, name)
 
     def barrier(self, opts: Any = None) -> Any:
+        """Block until every rank of the group has arrived (after this rank's queued async calls).
+
+        ``opts.asyncOp`` is ignored: the barrier has finished when this returns, and the Work returned is
+        already complete (as torch's own wrapper waits on it at once).
+        """
         self._comm.barrier()  # waits for the queued async calls first, like every rank's
         return self._sync_done
 
@@ -833,10 +851,12 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         P = self._comm.size
         _check_tensor(input, self._where("all_to_all_single", input))
         _check_tensor(output, self._where("all_to_all_single", output))
-        rows = input.shape[0] if input.dim() else 1
-        per = input.numel() // rows if rows else 0
-        splits = [int(s) * per for s in input_split_sizes] if input_split_sizes else [input.numel() // P] * P
-        want = [int(s) * per for s in output_split_sizes] if output_split_sizes else [output.numel() // P] * P
+        # Splits count rows (first-dim entries); each tensor's row holds its own trailing elements, so a rank
+        # that sends nothing (input (0, d)) still receives d elements per row.
+        splits = ([int(s) * math.prod(input.shape[1:]) for s in input_split_sizes] if input_split_sizes
+                  else [input.numel() // P] * P)
+        want = ([int(s) * math.prod(output.shape[1:]) for s in output_split_sizes] if output_split_sizes
+                else [output.numel() // P] * P)
         return self._alltoall(fn, _array(input.contiguous()).reshape(-1), splits, want, [output],
                               opts.asyncOp, "all_to_all_single")
 
@@ -872,7 +892,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             wk = self._comm.alltoall_async(a, splits=splits, return_splits=True)
             return self._completer.add([wk], lambda: place(wk.wait()), outs, call)
         place(fn(a, splits=splits, return_splits=True))
-        return _done(outs)
+        return self._sync_done
 
     def gather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> Any:  # type: ignore[override]
         if opts is None:
@@ -905,7 +925,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             wk = self._comm.gather_async(a, root=root)
             return self._completer.add([wk], lambda: place(wk.wait()), outputs, "gather")
         place(fn(a, root=root))
-        return _done(outputs)
+        return self._sync_done
 
     def scatter(self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None) -> Any:  # type: ignore[override]
         if opts is None:
@@ -936,7 +956,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             wk = self._comm.scatter_async(a, root=root, splits=splits)
             return self._completer.add([wk], lambda: place(wk.wait()), outputs, "scatter")
         place(fn(a, root=root, splits=splits))
-        return _done(outputs)
+        return self._sync_done
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Any:
         t = self._one(tensors, "send")
@@ -949,10 +969,9 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         fn = self._comm.irecv
         w, back = _work_tensor(t)
         ours = fn(_wire(w), src, tag)
-        work = self._completer.add([ours], back, tensors, "recv")
-        work.source = src if src != ANY_SOURCE else None
-        work._learn = ours  # a receive from any rank: the sender is what our receive's wait() returns
-        return work
+        # From any rank, the sender is what our receive's wait() returns.
+        return self._completer.add([ours], back, tensors, "recv", source=src if src != ANY_SOURCE else None,
+                                   learn=ours)
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> Any:
         return self.recv(tensors, ANY_SOURCE, tag)
@@ -994,7 +1013,9 @@ def _create(opts: Any, backend_options: Any) -> CollectiveProcessGroup:
     a ``timeout=`` holds even when ``collective.init()`` ran before, and the
     user's own calls on the default communicator stay apart from torch's. A
     ``new_group``'s is a subgroup of the default group's (world ranks), with
-    its own ``timeout=`` when given.
+    its own ``timeout=`` when given. Where torch's default group is another
+    backend's (``new_group(backend="collective")`` under gloo), its ranks are
+    the ones the subgroup is made of, so they must be MPI's.
     """
     secs = _seconds(opts.timeout)
     default = _comm(opts.timeout)
@@ -1002,6 +1023,9 @@ def _create(opts: Any, backend_options: Any) -> CollectiveProcessGroup:
     base = world.communicator if isinstance(world, CollectiveProcessGroup) and not world.communicator.closed \
         else default
     ranks = list(opts.global_ranks_in_group or [])
+    if world is not None and not isinstance(world, CollectiveProcessGroup):
+        _check_against_mpi(default, world.rank(), world.size(),
+                           f"torch's default group (backend {dist.get_backend(world)!r})")
     if world is None or not ranks:
         _check_against_mpi(default, opts.group_rank, opts.group_size, "the process group")
         ranks = list(range(default.size))
@@ -1027,7 +1051,8 @@ def _register() -> None:
     if BACKEND.upper() not in dist.Backend._plugins:
         dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu"])
     _install_rendezvous()
-    # Before MPI finalizes (mpi4py's handler, registered earlier, runs later): no communicator closing then.
+    # Before MPI finalizes: mpi4py finalizes in a Py_AtExit callback, which runs after every atexit handler,
+    # so no communicator is still closing then.
     atexit.register(join_closing)
 
 

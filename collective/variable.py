@@ -40,7 +40,7 @@ from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, 
 from .ops import check_dtype, dtype_code, dtype_from_code
 from .signature import check_algorithm, check_out_dtype
 
-__all__ = ["VCall", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
+__all__ = ["VCall", "VPlan", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
 
 #: The collectives this module runs.
 VARIABLE = ("alltoall", "gather", "scatter", "allgather")
@@ -73,7 +73,7 @@ class VCall:
     """
 
     __slots__ = ("name", "root", "algorithm", "shape", "dtype", "x", "splits", "out", "out_given", "wrap", "result",
-                 "received", "return_splits", "row_shape", "rop", "views", "xf", "sig", "post", "known")
+                 "received", "return_splits", "row_shape", "rop", "views", "xf", "sig", "post", "known", "plan")
 
     def __init__(self, name: str, root: int, algorithm: str, x: np.ndarray | None, splits: tuple[int, ...] | None,
                  out: np.ndarray | None, out_given: Any, wrap: Any, return_splits: bool) -> None:
@@ -88,6 +88,40 @@ class VCall:
         self.xf = x  # read by the NaN scan (the root's input of scatter only; None elsewhere)
         self.post: tuple[int, int, int] | None = None
         self.known: np.ndarray | None = None
+        #: After the call: its :class:`VPlan` when a repeat of it can run from one (see :func:`run_variable`).
+        self.plan: VPlan | None = None
+
+
+class VPlan:
+    """What a variable-size call that ran once needs to run again with new arrays of the same shapes.
+
+    Kept per signature by the communicator (``Preparer.vplans``) for
+    alltoall and allgather whose counts the cross-rank check settled: a
+    repeat posts the same fingerprint and post as the ordinary path would, and
+    runs from this plan only if every rank's posted (rows, out rows) equal
+    ``pairs``, which fixes every count this plan was made from; otherwise the
+    call carries on by the ordinary path from what the check returned
+    (:meth:`collective.sequencer.Sequencer.vrepeat`).
+
+    Attributes:
+        name, shape, dtype, algorithm: as the call's record shows them (``algorithm`` as called, "auto" unresolved:
+            the fingerprint was made from it); ``ran``: the algorithm that ran.
+        sig, post: the call's signature fingerprint and post (see ``collective.fingerprint``).
+        pairs: every rank's (rows, out rows), flat, as the check returned them.
+        n_out, row_shape: the rows and row shape of the result; ``received``: alltoall's rows from each rank.
+        move: ``move(x, out, seq)`` moves the data of op ``seq`` from ``x`` into ``out`` (C-contiguous arrays).
+        arena: the shm arena ``move`` uses, or None.
+    """
+
+    __slots__ = ("name", "shape", "dtype", "algorithm", "ran", "sig", "post", "pairs", "n_out", "row_shape",
+                 "received", "move", "arena")
+
+    def __init__(self, c: VCall, algorithm: str, pairs: tuple[int, ...], n_out: int,
+                 move: Callable[[np.ndarray, np.ndarray, int], None], arena: Any) -> None:
+        self.name, self.shape, self.dtype, self.algorithm, self.ran = c.name, c.shape, c.dtype, algorithm, c.algorithm
+        self.sig, self.post, self.pairs, self.n_out, self.row_shape = c.sig, c.post, pairs, n_out, c.row_shape
+        self.received = c.received
+        self.move, self.arena = move, arena
 
 
 def post_of(name: str, rows: int, splits: tuple[int, ...] | None, out_rows: int, root: int, rank: int,
@@ -221,19 +255,19 @@ def _finish(c: VCall, out: np.ndarray) -> Any:
     return res
 
 
-def _counts(c: VCall, comm: Any, rank: int, size: int) -> np.ndarray:
+def _counts(c: VCall, comm: Any, rank: int, size: int) -> tuple[np.ndarray, bool]:
     """Every rank's counts and ``out`` rows: alltoall (P, P + 1) [splits, out rows]; scatter (P, 1) [out rows];
-    allgather and gather (P, 2) [rows, out rows]. From what the check exchanged where that settles them
-    (``c.known``), else by one allgather."""
+    allgather and gather (P, 2) [rows, out rows]; and whether the check settled them. From what the check
+    exchanged where that settles them (``c.known``), else by one allgather."""
     known = c.known
     if known is not None:
         if c.name in ("allgather", "gather"):
-            return known
+            return known, True
         b = int(known[0, 0])
         if c.name == "alltoall" and b >= 0 and (known[:, 0] == b).all():  # every rank's blocks are b rows
             every = np.full((size, size + 1), b, np.int64)
             every[:, size] = known[:, 1]
-            return every
+            return every, True
     if c.name == "alltoall":
         mine = np.array([*c.splits, _out_rows(c)], np.int64)  # type: ignore[misc]
     elif c.name == "scatter":
@@ -241,10 +275,10 @@ def _counts(c: VCall, comm: Any, rank: int, size: int) -> np.ndarray:
     else:
         mine = np.array([c.x.shape[0], _out_rows(c)], np.int64)  # type: ignore[union-attr]
     if size == 1:
-        return mine.reshape(1, -1)
+        return mine.reshape(1, -1), False
     every = np.empty((size, mine.size), np.int64)
     comm.Allgather(mine, every)
-    return every
+    return every, False
 
 
 def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any, MPI: Any, executor: Any,
@@ -266,7 +300,8 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     assert dtype is not None  # scatter's came with the root's header
     rs = c.row_shape
     row = int(np.prod(rs)) if rs else 1
-    every = _counts(c, comm, rank, size)
+    called = c.algorithm
+    every, settled = _counts(c, comm, rank, size)
     if c.name == "alltoall":
         M = every[:, :size]
         recv = M[:, rank]
@@ -305,44 +340,16 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     out = None
     if n_out >= 0:
         out = c.out if c.out is not None else np.empty((n_out, *rs), dtype)  # type: ignore[misc]
-    xf = c.x.reshape(-1) if c.x is not None else None
-    of = out.reshape(-1) if out is not None else None
-    if alg == "shm":
-        assert arena is not None  # shm only where there is an arena (see above)
-        _shm(c, arena(), xf, of, every, counts if c.name in ("gather", "allgather") else None, row, rank, size)
-        if c.name == "alltoall":
-            assert recv is not None  # alltoall's, set above
-            c.received = [int(v) for v in recv]
-    elif c.name == "alltoall":
+    if c.name == "alltoall":
         assert recv is not None  # alltoall's, set above
-        sc = [int(v) * row for v in M[rank]]
-        rc = [int(v) * row for v in recv]
-        if alg == "native":
-            _native_bytes(comm, MPI, "alltoall", xf, of, dtype, sc, rc, 0)
-        else:
-            counts_e = tuple(tuple(int(v) * row for v in M[i]) for i in range(size))
-            sched = topologies.build(alg, "alltoall", size, sum(map(sum, counts_e)), counts=counts_e)
-            executor.run(executor.plan(sched, dtype.itemsize), {"input": xf, "output": of}, None, seq)
         c.received = [int(v) for v in recv]
-    elif c.name == "scatter":
-        ce = [int(v) * row for v in c.splits]  # type: ignore[union-attr]
-        if alg == "native":
-            _native_bytes(comm, MPI, "scatter", xf, of, dtype, ce, ce, c.root)
-        else:
-            sched = topologies.build("tree", "scatter", size, sum(ce), c.root, counts=ce)
-            bufs = {"input": xf if rank == c.root else None, "output": of}
-            executor.run(executor.plan(sched, dtype.itemsize), bufs, None, seq)
-    else:
-        ce = [int(v) * row for v in counts]
-        vname = "gather" if c.name == "gather" else "allgatherv"
-        if alg == "native":
-            _native_bytes(comm, MPI, vname, xf, of, dtype, ce, ce, c.root)
-        else:
-            salg = "tree" if vname == "gather" else "ring"
-            sched = topologies.build(salg, vname, size, sum(ce), c.root if vname == "gather" else 0, counts=ce,
-                                     nodes=nodes if vname == "allgatherv" else None)
-            bufs = {"input": xf, "output": of if (vname == "allgatherv" or rank == c.root) else None}
-            executor.run(executor.plan(sched, dtype.itemsize), bufs, None, seq)
+    move = _mover(c, alg, every, counts if c.name in ("gather", "allgather") else None, row, rank, size, comm, MPI,
+                  executor, nodes, arena)
+    move(c.x, out, seq)
+    if settled and c.sig is not None and c.name in ("alltoall", "allgather") and c.known is not None:
+        # Only rerunnable where the check fixed every count: a repeat posting the same pairs needs nothing else.
+        c.plan = VPlan(c, called, tuple(int(v) for v in c.known.ravel()), n_out, move,
+                       arena() if alg == "shm" else None)  # type: ignore[misc]
     if out is None:
         return None
     res = _finish(c, out)
@@ -351,14 +358,69 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     return res
 
 
-def _shm(c: VCall, arena: Any, xf: Any, of: Any, every: np.ndarray, counts: Any, row: int, rank: int,
-         size: int) -> None:
-    """The call over the node's shm arena: every rank posts its input once, reads its parts from the others'."""
-    assert c.dtype is not None  # run_variable settled it
-    isz = c.dtype.itemsize * row  # bytes per row
-    mine = xf.view(np.uint8) if xf is not None else np.empty(0, np.uint8)
-    ob = of.view(np.uint8) if of is not None else None
-    reads: list[tuple[int, int, int, np.ndarray]] = []
+def _mover(c: VCall, alg: str, every: np.ndarray, counts: Any, row: int, rank: int, size: int, comm: Any, MPI: Any,
+           executor: Any, nodes: tuple[int, ...], arena: Callable[[], Any] | None
+           ) -> Callable[[np.ndarray | None, np.ndarray | None, int], None]:
+    """``move(x, out, seq)``: the data movement of call ``c`` by ``alg`` for these counts, from any C-contiguous
+    ``x`` into any ``out`` of this call's shapes (None where this rank has none), as op ``seq``.
+
+    Everything that depends on the counts only (MPI's counts and displacements, a Schedule's plan, the shm
+    reads) is worked out here once, so a :class:`VPlan` reruns it with new arrays.
+    """
+    dtype = c.dtype
+    assert dtype is not None  # run_variable settled it
+    name = c.name
+    if alg == "shm":
+        assert arena is not None  # shm only where there is an arena (see run_variable)
+        sizes, reads = _shm_layout(c, every, counts, dtype.itemsize * row, rank, size)
+        scatter_bytes = arena().scatter_bytes
+        empty = np.empty(0, np.uint8)
+
+        def move_shm(x: np.ndarray | None, o: np.ndarray | None, seq: int) -> None:
+            ob = o.reshape(-1).view(np.uint8) if o is not None else None
+            scatter_bytes(x.reshape(-1).view(np.uint8) if x is not None else empty, sizes,
+                          [(q, off, n, ob[d:d + n]) for q, off, n, d in reads])  # type: ignore[index]
+        return move_shm
+    if name == "alltoall":
+        M = every[:, :size]
+        sc = [int(v) * row for v in M[rank]]
+        rc = [int(v) * row for v in M[:, rank]]
+        if alg == "native":
+            return _native_mover(comm, MPI, "alltoall", dtype, sc, rc, 0, rank)
+        counts_e = tuple(tuple(int(v) * row for v in M[i]) for i in range(size))
+        sched = topologies.build(alg, "alltoall", size, sum(map(sum, counts_e)), counts=counts_e)
+        vname, root = "alltoall", 0
+    elif name == "scatter":
+        ce = [int(v) * row for v in c.splits]  # type: ignore[union-attr]
+        if alg == "native":
+            return _native_mover(comm, MPI, "scatter", dtype, ce, ce, c.root, rank)
+        sched = topologies.build("tree", "scatter", size, sum(ce), c.root, counts=ce)
+        vname, root = "scatter", c.root
+    else:
+        ce = [int(v) * row for v in counts]
+        vname = "gather" if name == "gather" else "allgatherv"
+        if alg == "native":
+            return _native_mover(comm, MPI, vname, dtype, ce, ce, c.root, rank)
+        salg = "tree" if vname == "gather" else "ring"
+        root = c.root if vname == "gather" else 0
+        sched = topologies.build(salg, vname, size, sum(ce), root, counts=ce,
+                                 nodes=nodes if vname == "allgatherv" else None)
+    plan = executor.plan(sched, dtype.itemsize)
+    gets_input = vname != "scatter" or rank == root
+    gets_output = vname not in ("gather",) or rank == root
+
+    def move_schedule(x: np.ndarray | None, o: np.ndarray | None, seq: int) -> None:
+        bufs = {"input": x.reshape(-1) if gets_input and x is not None else None,
+                "output": o.reshape(-1) if gets_output and o is not None else None}
+        executor.run(plan, bufs, None, seq)
+    return move_schedule
+
+
+def _shm_layout(c: VCall, every: np.ndarray, counts: Any, isz: int, rank: int,
+                size: int) -> tuple[list[int], list[tuple[int, int, int, int]]]:
+    """The call over the node's shm arena (every rank posts its input once, reads its parts from the others'):
+    every rank's posted bytes, and this rank's reads as (rank, offset in its bytes, count, offset in ``out``)."""
+    reads: list[tuple[int, int, int, int]] = []
     if c.name == "alltoall":
         M = every[:, :size]
         sizes = [int(M[q].sum()) * isz for q in range(size)]
@@ -366,22 +428,21 @@ def _shm(c: VCall, arena: Any, xf: Any, of: Any, every: np.ndarray, counts: Any,
         for q in range(size):
             off = int(M[q, :rank].sum()) * isz
             n = int(M[q, rank]) * isz
-            reads.append((q, off, n, ob[dst:dst + n]))  # type: ignore[index]
+            reads.append((q, off, n, dst))
             dst += n
     elif c.name == "scatter":
         sizes = [0] * size
         sizes[c.root] = sum(c.splits) * isz  # type: ignore[arg-type]
         off = sum(c.splits[:rank]) * isz  # type: ignore[index]
-        n = c.splits[rank] * isz  # type: ignore[index]
-        reads.append((c.root, off, n, ob))  # type: ignore[arg-type]
+        reads.append((c.root, off, c.splits[rank] * isz, 0))  # type: ignore[index]
     else:
         sizes = [int(v) * isz for v in counts]
-        if ob is not None:  # allgather everywhere, gather at the root
+        if c.name == "allgather" or rank == c.root:  # gather writes the root's out only
             dst = 0
             for q in range(size):
-                reads.append((q, 0, sizes[q], ob[dst:dst + sizes[q]]))
+                reads.append((q, 0, sizes[q], dst))
                 dst += sizes[q]
-    arena.scatter_bytes(mine, sizes, reads)
+    return sizes, reads
 
 
 def _scatter_header(c: VCall, comm: Any, MPI: Any, rank: int, size: int) -> None:
@@ -415,9 +476,10 @@ def _scatter_header(c: VCall, comm: Any, MPI: Any, rank: int, size: int) -> None
         _fail_all(c, rank, size, bad)
 
 
-def _native_bytes(comm: Any, MPI: Any, name: str, xf: Any, of: Any, dtype: np.dtype, sc: list[int], rc: list[int],
-                  root: int) -> None:
-    """MPI's own v-collective, in bytes (so every dtype goes): element counts ``sc`` sent, ``rc`` received."""
+def _native_mover(comm: Any, MPI: Any, name: str, dtype: np.dtype, sc: list[int], rc: list[int], root: int,
+                  rank: int) -> Callable[[np.ndarray | None, np.ndarray | None, int], None]:
+    """MPI's own v-collective, in bytes (so every dtype goes): element counts ``sc`` sent, ``rc`` received; the
+    counts and displacements are worked out once."""
     isz = dtype.itemsize
     B = MPI.BYTE
 
@@ -429,19 +491,28 @@ def _native_bytes(comm: Any, MPI: Any, name: str, xf: Any, of: Any, dtype: np.dt
         return c, d
 
     empty = np.empty(0, np.uint8)
-    xb = xf.view(np.uint8) if xf is not None else empty
-    ob = of.view(np.uint8) if of is not None else empty
+    send, recv = layout(sc), layout(rc)
     if name == "alltoall":
-        comm.Alltoallv([xb, layout(sc), B], [ob, layout(rc), B])
+        f = comm.Alltoallv
+
+        def move(x: Any, o: Any, seq: int) -> None:
+            f([x, send, B], [o, recv, B])
     elif name == "gather":
-        if comm.Get_rank() == root:
-            comm.Gatherv([xb, B], [ob, layout(rc), B], root)
-        else:
-            comm.Gatherv([xb, B], None, root)
+        f = comm.Gatherv
+
+        def move(x: Any, o: Any, seq: int) -> None:
+            f([x, B], [o, recv, B] if rank == root else None, root)
     elif name == "scatter":
-        if comm.Get_rank() == root:
-            comm.Scatterv([xb, layout(sc), B], [ob, B], root)
-        else:
-            comm.Scatterv(None, [ob, B], root)
+        f = comm.Scatterv
+
+        def move(x: Any, o: Any, seq: int) -> None:
+            f([x, send, B] if rank == root else None, [o, B], root)
     else:
-        comm.Allgatherv([xb, B], [ob, layout(rc), B])
+        f = comm.Allgatherv
+
+        def move(x: Any, o: Any, seq: int) -> None:
+            f([x, B], [o, recv, B])
+
+    def safe(x: Any, o: Any, seq: int) -> None:
+        move(x if x is not None else empty, o if o is not None else empty, seq)
+    return safe if name in ("gather", "scatter") else move

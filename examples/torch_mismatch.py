@@ -4,13 +4,14 @@ Each rank makes one torch.distributed call whose arguments differ between
 ranks, as a bug in a training script does, and prints what happened to it:
 the result it got, or the error it raised and after how long.
 
-    collective-run -n 2 python examples/torch_mismatch.py --backend gloo --case size
-    collective-run -n 2 python examples/torch_mismatch.py --backend collective --case size
+    collective-run -n 2 -- python examples/torch_mismatch.py --backend gloo --case size
+    collective-run -n 2 -- python examples/torch_mismatch.py --backend collective --case size
 
 Cases: ``size`` (all_reduce of 4 elements on rank 0, 6 on the others),
 ``dtype`` (float32 on rank 0, float64 elsewhere), ``op`` (SUM on rank 0, MAX
 elsewhere), ``collective`` (rank 0 calls all_reduce, the others broadcast).
-The gloo group gets a 10 s timeout, so a call that waits forever ends.
+Both groups get a 10 s timeout, so a call that waits forever ends (gloo
+needs torchrun's environment, which collective-run sets after ``--``).
 """
 from __future__ import annotations
 

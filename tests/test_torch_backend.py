@@ -116,7 +116,7 @@ def _mismatch_demo(backend: str, case: str) -> tuple[JobResult, dict[int, str]]:
     backing = tempfile.mkdtemp(prefix="collective-job-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     env["OMPI_MCA_btl_sm_backing_directory"] = backing
     try:
-        p = subprocess.run([sys.executable, "-m", "collective.run", "-n", "2", sys.executable,
+        p = subprocess.run([sys.executable, "-m", "collective.run", "-n", "2", "--", sys.executable,
                             str(ROOT / "examples" / "torch_mismatch.py"), "--backend", backend, "--case", case],
                            env=env, capture_output=True, text=True, timeout=300, check=False)
     finally:
@@ -150,3 +150,21 @@ def test_mismatches_raise_on_every_rank_where_gloo_hangs_or_is_wrong() -> None:
     res, lines = _mismatch_demo("gloo", "collective")
     waited = [float(x) for x in re.findall(r"gloo raised \w+ after ([0-9.]+) s", lines[0] + lines[1])]
     assert res.returncode != 0 and waited and max(waited) >= 9.5, res.output[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["same", "reversed"])
+def test_collective_group_under_a_gloo_world_needs_mpi_ranks(mode: str) -> None:
+    """new_group(backend="collective") is made of torch's global ranks: they must be MPI's, or it refuses."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = mpirun("torch_gloo_world.py", 2, [str(port), mode], timeout=240, env=_ENV)
+    if mode == "same":
+        check(res, "a collective group under a gloo world")
+        assert res.output.count("OK ") == 2, res.output[-3000:]
+    else:
+        assert res.output.count("REFUSED ") == 2, res.output[-3000:]
+        assert "torch's default group (backend 'gloo') says rank 1 of world size 2, but MPI says rank 0 of 2" \
+            in res.output, res.output[-3000:]

@@ -103,6 +103,7 @@ class _Local:
     arrays: list
     handle: Handle
     outs: list | None = None  # where an allreduce writes each result (None: a new array)
+    scales: list | None = None  # what an allreduce multiplies each result by before completing (None: nothing)
 
 
 @dataclass
@@ -156,12 +157,16 @@ class Engine:
 
     # ---------------------------------------------------------------- caller side
     def submit(self, kind: str, name: str, arrays: list[np.ndarray], outs: list[np.ndarray | None] | None = None,
-               **meta: Any) -> Handle:
+               scales: list[float] | None = None, **meta: Any) -> Handle:
         """Announce ``name`` to the other ranks and return its handle (arrays are read by the engine thread).
 
         ``outs`` (allreduce only): for each array, a C-contiguous array of its
         shape and dtype that receives the result (it may be the array itself),
         or None for a new one; the handle's result then holds that array.
+        ``scales`` (allreduce only, floating-point arrays): for each array, a
+        factor its result is multiplied by before the handle completes (1.0:
+        none), so a finished handle's result is final (Horovod's average and
+        postscale fold into one such factor).
 
         Raises:
             ValueError: ``name`` is already in flight on this rank.
@@ -186,7 +191,7 @@ class Engine:
             req = {"seq": self._seq, "name": name, "kind": kind,
                    "dtypes": [str(a.dtype) for a in arrays], "shapes": [list(a.shape) for a in arrays]}
             req.update(meta)
-            self._local[name] = _Local(req, arrays, h, outs)
+            self._local[name] = _Local(req, arrays, h, outs, scales)
             self._outbox.append(req)
         self._wake.set()
         return h
@@ -196,13 +201,16 @@ class Engine:
 
         The other ranks drop the request when the next tick delivers the
         withdrawal; if the op becomes ready before that, this rank still takes
-        part with its arrays (its caller has already been given the error), so
-        the other ranks' results stay right.
+        part with its arrays as they were now (its caller has already been
+        given the error and owns its tensors again: a copy is kept, and the
+        result goes nowhere), so the other ranks' results stay right.
         """
         with self._lock:
             loc = self._local.pop(name, None)
             if loc is None:
                 return
+            loc.arrays = [np.array(a, copy=True) for a in loc.arrays]
+            loc.outs = None
             self._cancelled[name] = loc
             self._seq += 1
             self._outbox.append({"seq": self._seq, "name": name, "kind": "cancel"})
@@ -426,10 +434,11 @@ class Engine:
             checks.append(differ("whether splits were given", lambda q: q.get("splits") is not None))
         return next((c for c in checks if c), None)
 
-    def _prepare(self, name: str, joined: set[int]) -> tuple[str, list[np.ndarray], list | None, dict, dict] | None:
-        """Take ``name`` off the table: (kind, this rank's arrays, their outs, every rank's request, the first
-        request), or None after failing it on this rank because the ranks disagree (the same decision on every
-        rank)."""
+    def _prepare(self, name: str, joined: set[int]) -> tuple[str, list[np.ndarray], list | None, list | None, dict,
+                                                             dict] | None:
+        """Take ``name`` off the table: (kind, this rank's arrays, their outs, their scales, every rank's request,
+        the first request), or None after failing it on this rank because the ranks disagree (the same decision on
+        every rank)."""
         p = self._pop(name)
         reqs = p.reqs
         q = reqs[min(reqs)]
@@ -444,14 +453,14 @@ class Engine:
             self._complete(name, None, HorovodInternalError(f"{kind} {name!r} on rank {self.ranks[self.rank]} "
                                                              f"of {self.size}: {why}"))
             return None
-        with self._lock:
+        with self._lock:  # cancel() swaps a withdrawn op's arrays and outs under the lock
             loc = self._local.get(name) or self._cancelled.get(name)
-        outs = None
-        if loc is not None:
-            arrays, outs = loc.arrays, loc.outs
-        else:  # this rank joined: it contributes zeros of the agreed shapes
+            outs = scales = None
+            if loc is not None:
+                arrays, outs, scales = loc.arrays, loc.outs, loc.scales
+        if loc is None:  # this rank joined: it contributes zeros of the agreed shapes
             arrays = [np.zeros(s, np.dtype(d)) for s, d in zip(q["shapes"], q["dtypes"])]
-        return kind, arrays, outs, reqs, q
+        return kind, arrays, outs, scales, reqs, q
 
     def _run(self, names: list[str], joined: set[int]) -> None:
         """Run the ready ``names`` in order; consecutive allreduces with one op share fused collectives.
@@ -460,22 +469,24 @@ class Engine:
         travel as one buffer per dtype (up to ``_FUSION_BYTES``). Every rank
         sees the same ready list, so every rank fuses the same way.
         """
-        batch: list[tuple[str, list[np.ndarray], list | None]] = []
+        batch: list[tuple[str, list[np.ndarray], list | None, list | None]] = []
         batch_op, batch_bytes = None, 0
 
         def flush() -> None:
             nonlocal batch, batch_op, batch_bytes
             if batch:
-                flat = [a for _, arrays, _ in batch for a in arrays]
-                dest = [o for _, arrays, outs in batch for o in (outs or [None] * len(arrays))]
+                flat = [a for _, arrays, _, _ in batch for a in arrays]
+                dest = [o for _, arrays, outs, _ in batch for o in (outs or [None] * len(arrays))]
+                scale = [f for _, arrays, _, fs in batch for f in (fs or [1.0] * len(arrays))]
                 try:
-                    out = _fused_allreduce(self.comm, flat, batch_op, dest, self._fusion)  # type: ignore[arg-type]
+                    out = _fused_allreduce(self.comm, flat, batch_op, dest, self._fusion,  # type: ignore[arg-type]
+                                           scale)
                 except Exception as exc:  # noqa: BLE001 - handed to every waiter of the batch
-                    for n, _, _ in batch:
+                    for n, _, _, _ in batch:
                         self._complete(n, None, self._wrap("allreduce", n, exc))
                 else:
                     i = 0
-                    for n, arrays, _ in batch:
+                    for n, arrays, _, _ in batch:
                         self._complete(n, out[i:i + len(arrays)])
                         i += len(arrays)
             batch, batch_op, batch_bytes = [], None, 0
@@ -484,12 +495,12 @@ class Engine:
             got = self._prepare(name, joined)
             if got is None:
                 continue
-            kind, arrays, outs, reqs, q = got
+            kind, arrays, outs, scales, reqs, q = got
             if kind == "allreduce":
                 nbytes = sum(a.nbytes for a in arrays)
                 if batch and (q["op"] != batch_op or batch_bytes + nbytes > _FUSION_BYTES):
                     flush()
-                batch.append((name, arrays, outs))
+                batch.append((name, arrays, outs, scales))
                 batch_op, batch_bytes = q["op"], batch_bytes + nbytes
                 continue
             flush()
@@ -511,9 +522,7 @@ class Engine:
         return err
 
     def _execute(self, kind: str, arrays: list[np.ndarray], reqs: dict[int, dict], q: dict) -> Any:
-        comm = self.comm
-        if kind == "allreduce":
-            return _fused_allreduce(comm, arrays, q["op"], [None] * len(arrays), self._fusion)
+        comm = self.comm  # allreduce never reaches here: _run batches and fuses it
         if kind == "allgather":
             # The communicator's allgather takes uneven first dims; every rank's rows are known here, so the
             # result's shape is checked against the announcements.
@@ -543,13 +552,15 @@ class Engine:
 
 
 def _fused_allreduce(comm: Any, arrays: list[np.ndarray], op: str, outs: list[np.ndarray | None],
-                     fusion: dict[np.dtype, np.ndarray]) -> list[np.ndarray]:
+                     fusion: dict[np.dtype, np.ndarray], scales: list[float] | None = None) -> list[np.ndarray]:
     """Allreduce every array with one collective per dtype (Horovod's tensor fusion for one grouped op).
 
     A result goes into ``outs[i]`` when that is not None (no new array), else
-    into a new array. Several arrays of one dtype travel in ``fusion[dtype]``,
-    a buffer kept from call to call: allocating a large one each time costs
-    the kernel's page mapping on every call.
+    into a new array, multiplied by ``scales[i]`` where given and not 1.0
+    (in the same pass as the copy out of a fused buffer). Several arrays of
+    one dtype travel in ``fusion[dtype]``, a buffer kept from call to call:
+    allocating a large one each time costs the kernel's page mapping on every
+    call.
     """
     out: list[np.ndarray | None] = [None] * len(arrays)
     by_dtype: dict[np.dtype, list[int]] = {}
@@ -561,9 +572,11 @@ def _fused_allreduce(comm: Any, arrays: list[np.ndarray], op: str, outs: list[np
             a, dest = np.ascontiguousarray(arrays[i]), outs[i]
             if dest is not None:
                 comm.allreduce(a, op=op, out=dest)
-                out[i] = dest
             else:
-                out[i] = np.asarray(comm.allreduce(a, op=op)).reshape(a.shape)
+                dest = np.asarray(comm.allreduce(a, op=op)).reshape(a.shape)
+            if scales is not None and scales[i] != 1.0:
+                np.multiply(dest, scales[i], out=dest)
+            out[i] = dest
             continue
         total = sum(arrays[i].size for i in idx)
         buf = fusion.get(dt)
@@ -579,11 +592,13 @@ def _fused_allreduce(comm: Any, arrays: list[np.ndarray], op: str, outs: list[np
             n = arrays[i].size
             part = flat[off:off + n].reshape(arrays[i].shape)
             dest = outs[i]
-            if dest is not None:
-                dest[...] = part
-                out[i] = dest
+            if dest is None:
+                dest = np.empty_like(part)  # the buffer is reused by the next fused allreduce
+            if scales is not None and scales[i] != 1.0:
+                np.multiply(part, scales[i], out=dest)
             else:
-                out[i] = part.copy()  # the buffer is reused by the next fused allreduce
+                dest[...] = part
+            out[i] = dest
             off += n
     return out  # type: ignore[return-value]
 

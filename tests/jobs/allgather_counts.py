@@ -125,6 +125,69 @@ def main() -> None:
 
         cases.run(f"{mode}: mismatched row shapes, dtypes and outs raise on every rank", checks_still_hold)
 
+        def repeats() -> None:
+            """Repeated calls run from a plan (no counts exchange, the check still runs); a repeat whose sizes,
+            dtype or out change on one rank gets the right answer or raises on every rank, never a wrong one."""
+            plans = comm._prep.vplans
+            for alg in ("auto", "native", "pairwise") + (("shm",) if comm.single_node else ()):
+                plans.clear()
+                for it in range(4):  # equal blocks of 3 rows, fresh arrays each time
+                    x = np.arange(3 * P * 2, dtype=np.float32).reshape(3 * P, 2) + 1000 * R + it
+                    want = np.concatenate([x[3 * R:3 * R + 3] - 1000 * R + 1000 * q for q in range(P)])
+                    y = {}
+                    n = exchanges(lambda: y.setdefault("y", comm.alltoall(x, algorithm=alg, return_splits=True)))
+                    assert np.array_equal(y["y"][0], want) and y["y"][1] == [3] * P, (alg, it, y)
+                    assert n == 0, (alg, it, n)
+                    assert len(plans) == (1 if P > 1 else 0), (alg, it, plans)  # P=1: no check, no plan
+                    assert comm.trace()[-1].op == "alltoall"
+                # Rank 0's blocks grow to 4 rows on a repeat: the others still run their plans' check, learn it and
+                # carry on by the ordinary path; every rank gets the right rows.
+                b = 4 if R == 0 else 3
+                x = np.full((b * P, 2), R, np.float32)
+                got, sp = comm.alltoall(x, algorithm=alg, return_splits=True)
+                assert sp == [4 if q == 0 else 3 for q in range(P)], sp
+                assert np.array_equal(got, np.concatenate([np.full((sp[q], 2), q, np.float32) for q in range(P)]))
+                # Explicit uneven splits on the last rank only, then the repeat again.
+                if P > 1:
+                    sp_mine = [1] * (P - 1) + [3 * P - (P - 1)] if R == P - 1 else None
+                    x = np.full((3 * P, 2), R, np.float32)
+                    got, sp = comm.alltoall(x, splits=sp_mine, algorithm=alg, return_splits=True)
+                    assert sp == [3] * (P - 1) + ([3 * P - (P - 1)] if R == P - 1 else [1]), sp
+                    got = comm.alltoall(np.full((3 * P, 2), R, np.float32), algorithm=alg)
+                    assert np.array_equal(got, np.repeat(np.arange(P, dtype=np.float32), 3)[:, None] * [1, 1])
+                if P == 1:
+                    continue
+                # A repeat whose dtype differs on rank 1: a mismatch on every rank, before any data moves.
+                comm.alltoall(np.zeros((3 * P, 2), np.float32), algorithm=alg)
+                z = np.zeros((3 * P, 2), np.float64 if R == 1 else np.float32)
+                expect_raise(lambda: comm.alltoall(z, algorithm=alg), col.CollectiveMismatchError, "dtype")
+                # A repeat with an out one row too long on rank 1: every rank raises; no out is written.
+                outs = np.full((3 * P, 2), -1.0, np.float32)
+                comm.alltoall(np.zeros((3 * P, 2), np.float32), algorithm=alg, out=outs)
+                comm.alltoall(np.zeros((3 * P, 2), np.float32), algorithm=alg, out=outs)
+                outs[...] = -1
+                o = outs if R != 1 else np.full((3 * P + 1, 2), -1.0, np.float32)
+                cls = col.CollectiveValueError if R == 1 else col.CollectiveError
+                expect_raise(lambda: comm.alltoall(np.zeros((3 * P, 2), np.float32), algorithm=alg, out=o), cls,
+                             f"rank 1: out has {3 * P + 1} rows, the result has {3 * P}")
+                assert (o == -1).all()
+            for alg in algs:  # uneven allgather repeated, then one rank's rows change
+                plans.clear()
+                for it in range(3):
+                    rows = [q + 1 + (2 if it == 2 and q == 0 else 0) for q in range(P)]  # it 2: rank 0's grow
+                    x = np.full((rows[R], 3), R + it, np.int16)
+                    want = np.concatenate([np.full((rows[q], 3), q + it, np.int16) for q in range(P)])
+                    got = {}
+                    n = exchanges(lambda: got.setdefault("y", comm.allgather(x, algorithm=alg)))
+                    assert np.array_equal(got["y"], want), (alg, it, got["y"])
+                    assert n == (0 if fenced or P == 1 else 1), (alg, it, n)
+                if P > 1 and fenced:
+                    assert plans, plans  # the last call's (rank 0 keeps its first shape's too)
+                    z = np.zeros((R + 1, 3), np.int16 if R else np.int32)
+                    expect_raise(lambda: comm.allgather(z, algorithm=alg), col.CollectiveMismatchError, "dtype")
+
+        cases.run(f"{mode}: repeated alltoall and allgather", repeats)
+
     def auto_across_nodes() -> None:
         """"auto" across (emulated) nodes runs what the cost model picks, from counts every rank holds alike."""
         from collective.topologies.cluster import Cluster, LinkCost

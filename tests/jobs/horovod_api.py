@@ -14,6 +14,7 @@ Usage: horovod_api.py [--only ops,grad,match,helpers,optim,bn,alltoall,sets]
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 import numpy as np
@@ -93,8 +94,10 @@ def c_allreduce_ops() -> None:
             got = hvd.allreduce(xs[R], op=op, name=f"ops.{dt}.{op}")
             eq(got, e.to(dt), 0.0)
         avg = hvd.allreduce(xs[R], name=f"avg.{dt}")  # Average is the default
-        if dt.is_floating_point:
-            eq(avg, (sum(wide) / P).to(dt), 0.0 if dt in (torch.float32, torch.float64) else 1e-2 * P)
+        if dt in (torch.float32, torch.float64):  # the sum times 1 / size, as Horovod averages
+            eq(avg, sum(wide).to(dt) * (1.0 / P), 0.0)
+        elif dt.is_floating_point:
+            eq(avg, (sum(wide) / P).to(dt), 1e-2 * P)
         else:
             eq(avg, torch.div(sum(xs) if dt in (torch.uint8, torch.int8) else sum(wide).to(dt), P,
                               rounding_mode="trunc").to(dt))
@@ -105,10 +108,10 @@ def c_allreduce_flags() -> None:
     xs = [inp(r, (5,), torch.float64) for r in range(P)]
     s = sum(xs)
     eq(hvd.allreduce(xs[R], average=False), s)
-    eq(hvd.allreduce(xs[R], average=True), s / P)
+    eq(hvd.allreduce(xs[R], average=True), s * (1.0 / P))
     raises(ValueError, lambda: hvd.allreduce(xs[R], average=True, op=hvd.Sum), "supersedes")
     eq(hvd.allreduce(xs[R], op=hvd.Sum, prescale_factor=0.5, postscale_factor=3.0), s * 1.5)
-    eq(hvd.allreduce(xs[R], op=hvd.Average, postscale_factor=2.0), s * 2.0 / P)
+    eq(hvd.allreduce(xs[R], op=hvd.Average, postscale_factor=2.0), s * (2.0 / P))
     # integers scale in float64 and truncate, as in Horovod
     xi = [inp(r, (5,), torch.int32) for r in range(P)]
     pre = sum((x.double() * 0.3).to(torch.int32) for x in xi)
@@ -136,6 +139,25 @@ def c_in_place() -> None:
             eq(t, want)
         if dt in (torch.float32, torch.float64):
             eq(want, (sum(wide) * 1.5).to(dt))
+    # A finished handle's result is final: once poll() says done, the tensor holds the average (or the scaled sum)
+    # before synchronize runs anything on this thread; one tensor alone and several fused.
+    for dt in (torch.float32, torch.float64, torch.bfloat16):
+        for op, post in ((hvd.Average, 1.0), (hvd.Sum, 2.0), (hvd.Average, 3.0)):
+            factor = post / P if op == hvd.Average else post
+            xs = [[inp(r + k, (4, 3), dt) for k in range(3)] for r in range(P)]
+            for group in (False, True):
+                mine = [x.clone() for x in xs[R]]
+                h = (hvd.grouped_allreduce_async_(mine, op=op, postscale_factor=post, name=f"poll.{dt}") if group
+                     else hvd.allreduce_async_(mine[0], op=op, postscale_factor=post, name=f"poll.{dt}"))
+                while not hvd.poll(h):
+                    time.sleep(0.0005)
+                if dt != torch.bfloat16:  # bfloat16 results come back through a copy, in synchronize
+                    for k in range(3 if group else 1):
+                        eq(mine[k], (sum(x[k].double() for x in xs) * factor).to(dt), tol=1e-4)
+                hvd.synchronize(h)
+                for k in range(3 if group else 1):
+                    eq(mine[k], (sum(x[k].double() for x in xs) * factor).to(dt), tol=0.25 if dt == torch.bfloat16
+                       else 1e-4)
     # several tensors of one dtype in one op travel in the engine's fusion buffer, reused from op to op
     for rnd in range(3):
         xs = [[inp(r + rnd, (k + 2, 3)) for k in range(5)] for r in range(P)]
@@ -173,7 +195,8 @@ def c_async_grouped() -> None:
         eq(got, w)
     copies = [m.clone() for m in mixed]
     for got, w in zip(hvd.synchronize(hvd.grouped_allreduce_async_(copies, op=hvd.Average)), want):
-        eq(got, torch.div(w, P, rounding_mode="trunc") if not w.is_floating_point() else w / P)
+        # floats: the average and postscale are one factor, as in Horovod (sum * (postscale / size))
+        eq(got, torch.div(w, P, rounding_mode="trunc") if not w.is_floating_point() else w * (1.0 / P))
 
 
 def c_allgather() -> None:
@@ -318,6 +341,34 @@ def c_timeout_names_missing_ranks() -> None:
         eng.submit("barrier", "b2", []).wait()
         got = eng.submit("allreduce", "gone", [x], op="sum").wait()
         assert np.array_equal(got, [x * P]), got
+        # A withdrawn op that every rank had already requested still runs (the others need this rank's part):
+        # with the data as it was at the deadline, and its result never lands in the caller's array, which the
+        # caller owns again once told of the failure. The engine holds the op until rank 0's deadline passed.
+        gate = threading.Event()
+        run_ready = eng._run_ready
+
+        def gated() -> None:
+            with eng._lock:
+                ready = "late" in eng._table and len(eng._table["late"].reqs) == P
+            if ready:
+                gate.wait(60)
+            run_ready()
+
+        eng._run_ready = gated  # type: ignore[method-assign]
+        mine = np.full(3, float(R + 1), np.float32)
+        if R == 0:
+            eng.timeout = 1.0
+            late = eng.submit("allreduce", "late", [mine], outs=[mine], op="sum")
+            raises(HorovodInternalError, late.wait, "not finished")
+            eng.timeout = 60.0
+            mine[:] = -1.0  # the caller reuses its array
+            gate.set()
+        else:
+            gate.set()
+            got = eng.submit("allreduce", "late", [mine], outs=[mine], op="sum").wait()
+            assert np.array_equal(mine, np.full(3, P * (P + 1) / 2, np.float32)), mine
+        eng.submit("barrier", "b3", []).wait()
+        assert R != 0 or np.array_equal(mine, np.full(3, -1.0, np.float32)), mine
     finally:
         eng.shutdown()
 
@@ -330,7 +381,7 @@ def c_join() -> None:
             ha = hvd.allreduce_async(inp(R, (4,), torch.int32), name="join.a", op=hvd.Sum)
             hb = hvd.allreduce_async(inp(R, (2, 2), torch.float64), name="join.b")
             eq(hvd.synchronize(ha), sum(inp(r, (4,), torch.int32) for r in range(P) if r != first))
-            eq(hvd.synchronize(hb), sum(inp(r, (2, 2), torch.float64) for r in range(P) if r != first) / P)
+            eq(hvd.synchronize(hb), sum(inp(r, (2, 2), torch.float64) for r in range(P) if r != first) * (1.0 / P))
             if P > 1:
                 # named: the joined rank skips this call, so auto-generated names would differ from here on
                 raises(HorovodInternalError, lambda f=first: hvd.allgather(inp(R), name=f"join.ag.{f}"), "join")

@@ -273,12 +273,27 @@ def case_async_semantics() -> None:
             try:
                 w.wait(timeout=datetime.timedelta(seconds=0.3))
                 raise AssertionError("wait(timeout) returned while rank 1 had not called all_reduce yet")
-            except col.CollectiveTimeoutError:
+            except dist.DistBackendError as exc:  # what torch code catches from gloo and NCCL
+                assert isinstance(exc, col.CollectiveTimeoutError) and isinstance(exc, RuntimeError), type(exc)
                 assert time.monotonic() - t0 < 1.2
             assert not w.is_completed()
         w.wait()
         assert w.is_completed() and w.is_success()
         same(t, torch.full((2,), float(P)), "after the late rank")
+    # Reported complete means the future holds the outcome: a value for a success, the error for a failure.
+    for k in range(100):
+        w = dist.all_reduce(torch.ones(1), async_op=True)
+        while not w.is_completed():
+            pass
+        assert w.get_future().done() and w.is_success(), f"completed, but the future is not done (call {k})"
+        same(w.get_future().value()[0], torch.full((1,), float(P)), "the completed future's value")
+    if P > 1:  # shapes that differ across the ranks: the Work fails on every rank
+        w = dist.all_reduce(torch.ones(R + 1), async_op=True)
+        while not w.is_completed():
+            pass
+        assert not w.is_success() and isinstance(w.exception(), col.CollectiveMismatchError), w.exception()
+        expect_error(lambda: w.get_future().value(), col.CollectiveMismatchError, "shape differs",
+                     "a failed Work's future")
     # Many in flight at once, completed in order.
     ts = [torch.full((1000,), float(R + k)) for k in range(20)]
     ws = [dist.all_reduce(x, async_op=True) for x in ts]
@@ -421,6 +436,24 @@ def case_all_to_all() -> None:
             w.wait()
         for r in range(P):
             same(outs[r], torch.full((R + 1,), r * 10 + R, dtype=torch.int64), f"all_to_all from {r}")
+    # Rank 0 sends nothing (input (0, 3), as an MoE rank with no tokens routed) but receives, and the last rank
+    # receives nothing (output (0, 3)): rank r sends r rows to every rank but the last; each side's row size is
+    # its own tensor's.
+    def count(r: int, j: int) -> int:
+        return r if j != P - 1 else 0
+
+    def sent(r: int, j: int) -> torch.Tensor:
+        n = count(r, j)
+        return (100 * r + 10 * j + torch.arange(n, dtype=torch.float32)).reshape(n, 1).expand(n, 3)
+
+    for async_op in (False, True):
+        inp = torch.cat([sent(R, j) for j in range(P)])
+        out = torch.empty(sum(count(r, R) for r in range(P)), 3)
+        w = dist.all_to_all_single(out, inp, output_split_sizes=[count(r, R) for r in range(P)],
+                                   input_split_sizes=[count(R, j) for j in range(P)], async_op=async_op)
+        if async_op:
+            w.wait()
+        same(out, torch.cat([sent(r, R) for r in range(P)]), f"all_to_all_single with empty sides async={async_op}")
     # Output splits that disagree with what arrives raise on every rank that expects them.
     if P > 1:
         inp = torch.cat([torch.full((j + 1,), float(R)) for j in range(P)])

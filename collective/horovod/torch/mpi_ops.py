@@ -561,15 +561,14 @@ def _out_view(t: torch.Tensor, like: np.ndarray) -> np.ndarray | None:
     return v if v.dtype == like.dtype and v.shape == like.shape else None
 
 
+#: Results of these dtypes (bfloat16 travels as float32) are averaged and postscaled by the engine, with one
+#: factor, before their handle completes; integers and float16 are scaled the way Horovod scales them, in finish.
+_ENGINE_SCALED = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def _finish_in_place(t: torch.Tensor, postscale: float, average: bool, n: int) -> torch.Tensor:
-    """Scale and average ``t``, which already holds the sum, without a temporary where the dtype allows."""
+    """Scale and average ``t`` (an integer or float16 tensor), which already holds the sum."""
     with torch.no_grad():
-        if t.dtype in (torch.float32, torch.float64):
-            if postscale != 1.0:
-                t.mul_(postscale)
-            if average:
-                t.div_(n)
-            return t
         y = _scale(t, postscale)
         if average:
             y = _average(y, n)
@@ -627,24 +626,29 @@ def _allreduce_submit(tensors: list[torch.Tensor], outputs: list[torch.Tensor] |
     eng, ps = _engine_for(process_set, kind)
     for t in tensors:
         _check_tensor(t, kind)
-    if prescale != 1.0 and op in (Min, Max, Product):
-        pass  # scaling before min/max/product is well defined; Horovod applies it the same way
     arrays = [_to_numpy(_scale(t.detach(), prescale), reducing=True) for t in tensors]
     n = _set_size(ps)
     dest = None if outputs is None else [_out_view(o, a) for o, a in zip(outputs, arrays)]
-    h = eng.submit("allreduce", _name(kind, name, ps), arrays, outs=dest, op=_REDUCE[op], prescale=prescale,
-                   postscale=postscale)
+    by_engine = [a.dtype in _ENGINE_SCALED for a in arrays]
+    factor = postscale / n if op == Average else postscale
+    scales = [factor if e else 1.0 for e in by_engine] if factor != 1.0 else None
+    h = eng.submit("allreduce", _name(kind, name, ps), arrays, outs=dest, scales=scales, op=_REDUCE[op],
+                   prescale=prescale, postscale=postscale)
+    rest = postscale != 1.0 or op == Average  # what is left to do for the dtypes the engine does not scale
 
     def finish(results: list[np.ndarray]) -> torch.Tensor | list[torch.Tensor]:
         outs = []
         for i, (t, r) in enumerate(zip(tensors, results)):
             if dest is not None and dest[i] is not None and r is dest[i]:
-                outs.append(_finish_in_place(outputs[i], postscale, op == Average, n))  # type: ignore[index]
+                if rest and not by_engine[i]:
+                    _finish_in_place(outputs[i], postscale, op == Average, n)  # type: ignore[index]
+                outs.append(outputs[i])  # type: ignore[index]
                 continue
             y = _from_numpy(r, t)
-            y = _scale(y, postscale)
-            if op == Average:
-                y = _average(y, n)
+            if rest and not by_engine[i]:
+                y = _scale(y, postscale)
+                if op == Average:
+                    y = _average(y, n)
             if outputs is not None:
                 outputs[i].copy_(y)
                 y = outputs[i]
