@@ -620,7 +620,8 @@ class Sequencer:
                 finally:
                     c.xf = c.of = c.result = None
         finally:
-            self.owner = self.owner_call = None
+            # owner_call may stay: it is the template, emptied of this call's arrays above and kept by prep anyway.
+            self.owner = None
             gate.release()
         return self.ordinary(x, op, algorithm, out)
 
