@@ -656,14 +656,7 @@ class Sequencer:
                 return MISS
             self.seq = seq = self.seq + 1
             recorder = self.recorder
-            rec = recorder.slots[seq % recorder.length]
-            rec.seq, rec.op, rec.shape, rec.dtype = seq, plan.name, plan.shape, plan.dtype
-            rec.algorithm, rec.root = plan.algorithm, None
-            rec.thread = tag
-            rec.t_end = None
-            rec.t_start = _monotonic()
-            recorder.last_seq = seq
-            recorder.current = rec
+            rec = recorder.begin(seq, plan.name, plan.shape, plan.dtype, plan.algorithm, None, tag)
             try:
                 sig = plan.sig
                 same, pairs = fp.exchange_post(sig[0] ^ tag.h ^ seq, seq, plan.post)
@@ -688,8 +681,7 @@ class Sequencer:
                 self._failed(plan.name, exc, rec.t_start)
                 raise
             finally:
-                rec.t_end = _monotonic()
-                recorder.current = None
+                recorder.end(rec)
         finally:
             self.owner = None
             gate.release()
