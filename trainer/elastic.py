@@ -60,7 +60,7 @@ from .data import ShardedLoader
 from .loop import DataParallel, checkpoint_meta
 from .optim import Optimizer
 
-__all__ = ["ElasticState", "ElasticStop", "Recovery", "kill_point", "lost_rank_errors"]
+__all__ = ["ElasticCore", "ElasticState", "ElasticStop", "Recovery", "kill_point", "lost_rank_errors"]
 
 KILL_POINTS = ("forward", "allreduce", "shm", "late-allreduce", "update", "commit", "checkpoint", "finish")
 
@@ -184,7 +184,173 @@ def _load_kills() -> set[tuple[int, int, str]]:
 _KILLS = _load_kills()
 
 
-class ElasticState:
+class ElasticCore:
+    """What every elastic state shares: the recovery protocol (shrink, agree on the smallest commit, restore,
+    rebind, sync), the final agreement and the bookkeeping of recoveries.
+
+    A subclass holds the commits and says how to restore one (:meth:`restore`),
+    how to bind the model and data to a new communicator (``_bind``), how to
+    broadcast the committed state (:meth:`sync`) and how to write it to disk
+    (:meth:`save`); it sets ``_commits`` (a list whose entries start with the
+    step, newest last) in its constructor after calling ``_init_core``.
+    """
+
+    _commits: list[Any]
+
+    def _init_core(self, min_ranks: int | None, max_ranks: int | None, stop_dir: str | os.PathLike | None,
+                   step: int, name: str) -> None:
+        self.min_ranks = int(min_ranks if min_ranks is not None else config.get("MIN_RANKS"))
+        mx = max_ranks if max_ranks is not None else config.get("MAX_RANKS")
+        self.max_ranks = int(mx) if mx is not None else None
+        if self.min_ranks < 1:
+            raise ValueError(f"{name}: min_ranks={self.min_ranks} must be >= 1")
+        if self.max_ranks is not None and self.max_ranks < self.min_ranks:
+            raise ValueError(f"{name}: max_ranks={self.max_ranks} is below min_ranks={self.min_ranks}")
+        self.stop_dir = Path(stop_dir) if stop_dir is not None else None
+        self.recoveries: list[Recovery] = []
+        self._grow_at: int | None = None
+        self._shrunk: Any = None
+        self._step = int(step)
+        self._resumed: Recovery | None = None
+
+    # ------------------------------------------------------------ what a subclass provides
+    @property
+    def comm(self) -> Any:
+        """The communicator training runs on now."""
+        raise NotImplementedError
+
+    def restore(self, step: int) -> None:
+        """Make the committed state of ``step`` current again."""
+        raise NotImplementedError
+
+    def sync(self, root: int = 0, params: bool = True) -> None:
+        """Collective: every rank takes ``root``'s committed state."""
+        raise NotImplementedError
+
+    def save(self, directory: str | os.PathLike | None = None) -> Path | None:
+        """Collective: rank 0 writes the newest commit to disk."""
+        raise NotImplementedError
+
+    def _bind(self, comm: Any, rebuild: bool) -> None:
+        raise NotImplementedError
+
+    def _default_stop_dir(self) -> Path:
+        return Path("elastic-checkpoint")
+
+    def _stop_hint(self, where: Path) -> str:
+        return f" Resume with --checkpoint-dir {where} --resume"
+
+    # ------------------------------------------------------------ recovery (shared)
+    def recover(self, error: BaseException, failed_step: int | None = None) -> Recovery:
+        """Collective over the survivors: shrink, agree on the last step every survivor committed, restore it, reshard.
+
+        Args:
+            error: the ``RanksLostError`` caught (names the lost ranks and the op).
+            failed_step: the step that was under way (for the record).
+
+        Returns:
+            The :class:`Recovery`; training goes on from ``recovery.step``.
+
+        Raises:
+            ElasticStop: fewer than ``min_ranks`` ranks are left (after the
+                commit was written to disk by the new rank 0).
+        """
+        errors = lost_rank_errors()
+        while True:
+            try:
+                return self._recover_once(error, failed_step)
+            except errors as again:  # another rank was lost during the recovery: recover from that one too
+                error = again
+
+    def _recover_once(self, error: BaseException, failed_step: int | None) -> Recovery:
+        t_err = time.monotonic()
+        # A loss during an earlier attempt leaves the communicator that attempt shrank to, not yet bound.
+        old = self._shrunk if self._shrunk is not None else self.comm
+        size_before = self.comm.size
+        new = old.shrink()
+        self._shrunk = new
+        t1 = time.monotonic()
+        parts: dict[str, float] = {"shrink": t1 - t_err}
+        for k, v in (getattr(new, "recovery_times", None) or {}).items():
+            if k in ("detect", "revoke", "agree", "shrink", "rebuild"):  # durations (not instants, not sums)
+                parts[f"shrink.{k}"] = float(v)
+        # Agree and restore before the buckets are rebuilt: the rebuild copies the current parameters, and the
+        # state one step back lives only in the old buffers.
+        step = self.agree_on(new)
+        t2 = time.monotonic()
+        parts["agree"] = t2 - t1
+        self.restore(step)
+        t3 = time.monotonic()
+        self._bind(new, rebuild=True)
+        t4 = time.monotonic()
+        parts["rebuild"] = t4 - t3
+        self.sync(0)
+        parts["restore"] = (t3 - t2) + (time.monotonic() - t4)
+        rec = Recovery(lost=list(getattr(error, "lost_ranks", []) or []), op=str(getattr(error, "op", "?")),
+                       size_before=size_before, size_after=new.size,
+                       failed_step=failed_step if failed_step is not None else step, step=step, t_error=t_err,
+                       parts=parts)
+        self._shrunk = None
+        self.recoveries.append(rec)
+        self._resumed = rec
+        if new.size < self.min_ranks:
+            where = self.stop_dir if self.stop_dir is not None else self._default_stop_dir()
+            path = self.save(where)
+            msg = (f"elastic: {new.size} rank(s) left, fewer than the minimum {self.min_ranks} (--min-ranks); "
+                   f"training stopped at the commit of step {step}, written to {path}.{self._stop_hint(where)}")
+            raise ElasticStop(msg, step, str(path) if path is not None else None)
+        if self.max_ranks is not None and new.size < self.max_ranks:
+            self._grow_at = step + 1
+        return rec
+
+    # ------------------------------------------------------------ shared
+    def begin_step(self, step: int) -> None:
+        """Mark the start of ``step`` (0-based; the loop calls it): the test hooks' clock and the recovery's end."""
+        self._step = int(step)
+        if self._resumed is not None:
+            self._resumed.t_resumed = time.monotonic()
+            self._resumed = None
+        kill_point(self.comm, step, "forward")
+
+    @property
+    def committed_step(self) -> int:
+        """The step of the newest commit."""
+        return int(self._commits[-1][0])
+
+    def agree(self) -> int:
+        """Collective: the smallest committed step over the ranks (what every rank can restore)."""
+        return self.agree_on(self.comm)
+
+    def finish(self, step: int) -> None:
+        """Collective: end training after ``step`` steps, on every survivor alike (a fault-tolerant agreement).
+
+        A rank lost in the last step, after its reductions, is noticed here by
+        every survivor: each raises ``RanksLostError`` (then :meth:`recover`
+        and train again from the agreed commit), or none does and all leave
+        together. An ordinary collective here could complete on some survivors
+        (which would leave) and fail on others (which would wait in
+        ``shrink()`` for them until the deadline).
+        """
+        kill_point(self.comm, step, "finish")
+        comm = self.comm
+        if comm is not None and comm.size > 1:
+            comm.agree(True)
+
+    def agree_on(self, comm: Any) -> int:
+        """Collective over ``comm``: the smallest committed step over its ranks.
+
+        An ordinary allreduce is enough during recovery: what follows it
+        (rebuild, state broadcast, the next step) is collective on the same
+        communicator, so a survivor it failed on cannot leave without the
+        others noticing; they all recover again.
+        """
+        mine = np.array([self.committed_step], np.int64)
+        if comm is None or comm.size == 1:
+            return int(mine[0])
+        return int(comm.allreduce(mine, op="min")[0])
+
+
+class ElasticState(ElasticCore):
     """The training state that survives lost ranks: committed in memory every step, restored after a failure.
 
     It covers the parameters and the optimizer's state (double buffered: a
@@ -225,23 +391,11 @@ class ElasticState:
         self.optimizer = optimizer
         self.loader = loader
         self.checkpoint = checkpoint
-        self.min_ranks = int(min_ranks if min_ranks is not None else config.get("MIN_RANKS"))
-        mx = max_ranks if max_ranks is not None else config.get("MAX_RANKS")
-        self.max_ranks = int(mx) if mx is not None else None
-        if self.min_ranks < 1:
-            raise ValueError(f"ElasticState: min_ranks={self.min_ranks} must be >= 1")
-        if self.max_ranks is not None and self.max_ranks < self.min_ranks:
-            raise ValueError(f"ElasticState: max_ranks={self.max_ranks} is below min_ranks={self.min_ranks}")
-        self.stop_dir = Path(stop_dir) if stop_dir is not None else None
+        self._init_core(min_ranks, max_ranks, stop_dir, step, "ElasticState")
         self.extra: dict[str, Any] = dict(extra or {})
         optimizer.double_buffer()
         # The last two commits: (step, optimizer step, copy of extra), newest last.
         self._commits: list[tuple[int, int, dict[str, Any]]] = []
-        self.recoveries: list[Recovery] = []
-        self._grow_at: int | None = None
-        self._shrunk: Any = None
-        self._step = int(step)
-        self._resumed: Recovery | None = None
         self._commits = [(int(step), int(optimizer.t), dict(self.extra))]
         self._install_test_hooks()
 
@@ -275,24 +429,11 @@ class ElasticState:
 
         opt.update = upd  # type: ignore[method-assign]
 
-    def begin_step(self, step: int) -> None:
-        """Mark the start of ``step`` (0-based; the loop calls it): the test hooks' clock and the recovery's end."""
-        self._step = int(step)
-        if self._resumed is not None:
-            self._resumed.t_resumed = time.monotonic()
-            self._resumed = None
-        kill_point(self.comm, step, "forward")
-
     # ------------------------------------------------------------ commit
     @property
     def comm(self) -> Any:
         """The communicator training runs on now."""
         return self.dp.comm
-
-    @property
-    def committed_step(self) -> int:
-        """The step of the newest commit."""
-        return self._commits[-1][0]
 
     def commit(self, step: int) -> None:
         """Record that the state in memory is the one after ``step`` steps (no copy of the model; local, no message).
@@ -319,38 +460,6 @@ class ElasticState:
                 return
         raise ValueError(f"ElasticState.restore: step {step} is not committed in memory on rank "
                          f"{getattr(self.comm, 'rank', 0)} (held: {[c[0] for c in self._commits]})")
-
-    def agree(self) -> int:
-        """Collective: the smallest committed step over the ranks (what every rank can restore)."""
-        return self.agree_on(self.comm)
-
-    def finish(self, step: int) -> None:
-        """Collective: end training after ``step`` steps, on every survivor alike (a fault-tolerant agreement).
-
-        A rank lost in the last step, after its reductions, is noticed here by
-        every survivor: each raises ``RanksLostError`` (then :meth:`recover`
-        and train again from the agreed commit), or none does and all leave
-        together. An ordinary collective here could complete on some survivors
-        (which would leave) and fail on others (which would wait in
-        ``shrink()`` for them until the deadline).
-        """
-        kill_point(self.comm, step, "finish")
-        comm = self.comm
-        if comm is not None and comm.size > 1:
-            comm.agree(True)
-
-    def agree_on(self, comm: Any) -> int:
-        """Collective over ``comm``: the smallest committed step over its ranks.
-
-        An ordinary allreduce is enough during recovery: what follows it
-        (rebuild, state broadcast, the next step) is collective on the same
-        communicator, so a survivor it failed on cannot leave without the
-        others noticing; they all recover again.
-        """
-        mine = np.array([self.committed_step], np.int64)
-        if comm is None or comm.size == 1:
-            return int(mine[0])
-        return int(comm.allreduce(mine, op="min")[0])
 
     def sync(self, root: int = 0, params: bool = True) -> None:
         """Collective: every rank takes ``root``'s committed state (step, optimizer state, parameters, extra).
@@ -405,71 +514,6 @@ class ElasticState:
         return ck.save(step, lambda: self.dp.state_arrays(self.optimizer),
                        checkpoint_meta(self.dp, self.optimizer, sampler, step))
 
-    # ------------------------------------------------------------ recovery
-    def recover(self, error: BaseException, failed_step: int | None = None) -> Recovery:
-        """Collective over the survivors: shrink, agree on the last step every survivor committed, restore it, reshard.
-
-        Args:
-            error: the ``RanksLostError`` caught (names the lost ranks and the op).
-            failed_step: the step that was under way (for the record).
-
-        Returns:
-            The :class:`Recovery`; training goes on from ``recovery.step``.
-
-        Raises:
-            ElasticStop: fewer than ``min_ranks`` ranks are left (after the
-                commit was written to disk by the new rank 0).
-        """
-        errors = lost_rank_errors()
-        while True:
-            try:
-                return self._recover_once(error, failed_step)
-            except errors as again:  # another rank was lost during the recovery: recover from that one too
-                error = again
-
-    def _recover_once(self, error: BaseException, failed_step: int | None) -> Recovery:
-        t_err = time.monotonic()
-        # A loss during an earlier attempt leaves the communicator that attempt shrank to, not yet bound.
-        old = self._shrunk if self._shrunk is not None else self.comm
-        size_before = self.comm.size
-        new = old.shrink()
-        self._shrunk = new
-        t1 = time.monotonic()
-        parts: dict[str, float] = {"shrink": t1 - t_err}
-        for k, v in (getattr(new, "recovery_times", None) or {}).items():
-            if k in ("detect", "revoke", "agree", "shrink", "rebuild"):  # durations (not instants, not sums)
-                parts[f"shrink.{k}"] = float(v)
-        # Agree and restore before the buckets are rebuilt: the rebuild copies the current parameters, and the
-        # state one step back lives only in the old buffers.
-        step = self.agree_on(new)
-        t2 = time.monotonic()
-        parts["agree"] = t2 - t1
-        self.restore(step)
-        t3 = time.monotonic()
-        self._bind(new, rebuild=True)
-        t4 = time.monotonic()
-        parts["rebuild"] = t4 - t3
-        self.sync(0)
-        parts["restore"] = (t3 - t2) + (time.monotonic() - t4)
-        rec = Recovery(lost=list(getattr(error, "lost_ranks", []) or []), op=str(getattr(error, "op", "?")),
-                       size_before=size_before, size_after=new.size,
-                       failed_step=failed_step if failed_step is not None else step, step=step, t_error=t_err,
-                       parts=parts)
-        self._shrunk = None
-        self.recoveries.append(rec)
-        self._resumed = rec
-        if new.size < self.min_ranks:
-            where = self.stop_dir if self.stop_dir is not None else (
-                self.checkpoint.directory if self.checkpoint is not None else Path("elastic-checkpoint"))
-            path = self.save(where)
-            msg = (f"elastic: {new.size} rank(s) left, fewer than the minimum {self.min_ranks} (--min-ranks); "
-                   f"training stopped at the commit of step {step}, written to {path}. Resume with "
-                   f"--checkpoint-dir {where} --resume")
-            raise ElasticStop(msg, step, str(path) if path is not None else None)
-        if self.max_ranks is not None and new.size < self.max_ranks:
-            self._grow_at = step + 1
-        return rec
-
     def rebind(self, comm: Any) -> None:
         """Collective over ``comm``: go on training on another communicator (e.g. a subgroup), from rank 0's commit.
 
@@ -484,6 +528,9 @@ class ElasticState:
         """
         self._bind(comm, rebuild=True)
         self.sync(0)
+
+    def _default_stop_dir(self) -> Path:
+        return self.checkpoint.directory if self.checkpoint is not None else Path("elastic-checkpoint")
 
     def _bind(self, comm: Any, rebuild: bool) -> None:
         """Rebuild everything that holds the communicator (buckets, optimizer, data shard, checkpointer)."""

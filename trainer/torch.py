@@ -217,6 +217,7 @@ class DistributedDataParallel(torch.nn.Module):
         if keep_memory and self.comm.size > 1:
             keep_freed_memory(2 * sum(p.numel() * p.element_size() for p in params) + (64 << 20))
         P = self.comm.size
+        self._shared_auto = shared_memory is None  # decided again by rebind() for the new communicator
         if shared_memory is None:
             shared_memory = P > 1 and bool(getattr(self.comm, "single_node", False))
         self.shared_memory = shared_memory
@@ -332,6 +333,62 @@ class DistributedDataParallel(torch.nn.Module):
                 self.comm.broadcast(comm_buf, root=0, out=comm_buf)
                 if comm_buf is not buf:
                     buf.copy_(comm_buf)
+
+    def rebind(self, comm: Any) -> None:
+        """Collective over ``comm``: go on over another communicator (the survivors after a lost rank, a subgroup).
+
+        Rebuilds the buckets on ``comm`` (their shared windows too: the old
+        communicator's are not touched again), scales gradients by
+        ``1/comm.size``, drops the gradients of an unfinished step, checks that
+        every rank's model agrees and gives every rank the parameters and
+        buffers of ``comm``'s rank 0 (after a shrink, the lowest surviving
+        rank). The optimizer keeps working on the same parameter tensors.
+        :class:`~collective.trainer.torch_elastic.TorchElasticState` calls it
+        during a recovery.
+
+        Args:
+            comm: the communicator to train on from now on; every rank of it calls ``rebind``.
+
+        Raises:
+            ValueError: the optimizer is sharded (:meth:`shard_optimizer`: its parameters live in the old
+                communicator's shared window), or the models differ between the ranks of ``comm``.
+
+        Example::
+
+            try:
+                loss.backward()
+            except collective.RanksLostError:
+                model.rebind(model.comm.shrink())
+        """
+        where = f"DistributedDataParallel.rebind on rank {comm.rank} of {comm.size}"
+        if self._owner is not None:
+            raise ValueError(f"{where}: the optimizer is sharded (shard_optimizer): its parameters live in the old "
+                             "communicator's shared window and cannot move; elastic training needs a plain optimizer")
+        if self._queued or any(b.work is not None for b in self._buckets):
+            self._reset_step()
+        self.comm = comm
+        P = comm.size
+        if self._shared_auto:
+            self.shared_memory = P > 1 and bool(getattr(comm, "single_node", False))
+        self._scale = 1.0 / P
+        self._next = 0
+        self._buckets, self._where = [], {}
+        for p in self._params:  # the unfinished step's gradients point into the old buckets
+            p.grad = None
+        groups = self._assign(self._params)
+        if P > 1:
+            self._check_same_layout(groups)
+        for group in groups:
+            self._build(group)
+        if P > 1 and not self._hooks:
+            for p in self._params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_ready))
+        elif P == 1:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+        if P > 1:
+            self._broadcast_state()
 
     # ---------------------------------------------------------- per step
     def forward(self, *args: Any, **kwargs: Any) -> Any:
