@@ -279,7 +279,8 @@ class TorchElasticState(ElasticCore):
                 v = st[k]
                 if isinstance(v, torch.Tensor):
                     buf = v if v.is_contiguous() else v.contiguous()
-                    comm.broadcast(buf.view(-1), root=root, out=buf.view(-1))
+                    flat = buf.view(-1)
+                    comm.broadcast(flat, root=root, out=flat)
                     if buf is not v:
                         v.copy_(buf)
                 elif isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -290,11 +291,13 @@ class TorchElasticState(ElasticCore):
             v = self.extra[k]
             if isinstance(v, torch.Tensor):
                 buf = v.detach().contiguous()
-                comm.broadcast(buf.view(-1), root=root, out=buf.view(-1))
+                flat = buf.view(-1)
+                comm.broadcast(flat, root=root, out=flat)
                 self.extra[k] = buf
                 continue
             a = np.ascontiguousarray(np.array(v, dtype=np.float64) if not isinstance(v, np.ndarray) else v)
-            comm.broadcast(a.reshape(-1), root=root, out=a.reshape(-1))
+            flat_a = a.reshape(-1)
+            comm.broadcast(flat_a, root=root, out=flat_a)
             self.extra[k] = a if isinstance(v, np.ndarray) else type(v)(a.item()) if a.ndim == 0 else a
         self._commits = [self._take(step, snap)]
 
