@@ -28,6 +28,9 @@ takes over its duties (progress bar, checkpoints, saved parameters). Below
 the agreed commit to disk. With ``max_ranks``, replacements
 (``comm.grow``) join at the next commit and receive the state by broadcast.
 
+The recovery itself (:class:`ElasticCore`) is shared with the torch wrapper's
+state, ``trainer.torch_elastic.TorchElasticState``, which commits by copying.
+
 Test hook: ``COLLECTIVE_ELASTIC_TEST_KILL="RANK:STEP:POINT[,...]"`` makes the
 rank whose original (world) rank is RANK SIGKILL itself in step STEP at POINT:
 ``forward``, ``allreduce`` (just after bucket 0's reduction was launched), ``shm``
