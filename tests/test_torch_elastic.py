@@ -173,6 +173,19 @@ def test_rebind_on_one_rank_and_bad_arguments() -> None:
         m3.rebind(col.Communicator())
 
 
+def test_broadcast_extra_keeps_each_value_kind() -> None:
+    """Numbers come back as numbers of their type, arrays as arrays of their dtype and shape (shared by both
+    elastic states)."""
+    from collective.trainer.elastic import broadcast_extra
+
+    extra = {"f": 0.25, "i": 7, "a": np.arange(6, dtype=np.float32).reshape(2, 3), "l": [1.0, 2.0]}
+    broadcast_extra(col.Communicator(), extra)
+    assert type(extra["f"]) is float and extra["f"] == 0.25
+    assert type(extra["i"]) is int and extra["i"] == 7
+    assert extra["a"].dtype == np.float32 and extra["a"].shape == (2, 3)
+    assert isinstance(extra["l"], np.ndarray) and extra["l"].tolist() == [1.0, 2.0]
+
+
 # ------------------------------------------------------------------------------ collective-run --elastic jobs
 SCRIPT = ROOT / "examples" / "train_torch.py"
 STEPS, SEED, BATCH = 12, 3, 96

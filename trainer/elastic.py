@@ -63,7 +63,8 @@ from .data import ShardedLoader
 from .loop import DataParallel, checkpoint_meta
 from .optim import Optimizer
 
-__all__ = ["ElasticCore", "ElasticState", "ElasticStop", "Recovery", "kill_point", "lost_rank_errors"]
+__all__ = ["ElasticCore", "ElasticState", "ElasticStop", "Recovery", "broadcast_extra", "kill_point",
+           "lost_rank_errors"]
 
 KILL_POINTS = ("forward", "allreduce", "shm", "late-allreduce", "update", "commit", "checkpoint", "finish")
 
@@ -185,6 +186,29 @@ def _load_kills() -> set[tuple[int, int, str]]:
 
 
 _KILLS = _load_kills()
+
+
+def broadcast_extra(comm: Any, extra: dict[str, Any], root: int = 0) -> None:
+    """Collective: every rank's ``extra`` values take ``root``'s, in place of the dict, each keeping its kind.
+
+    Arrays stay arrays (of their dtype), numbers stay numbers of their type
+    (sent as float64), and anything else with a NumPy form comes back as a
+    float64 array. Every rank must hold the same names.
+    """
+    for k in sorted(extra):
+        v = extra[k]
+        if isinstance(v, np.ndarray):
+            a = np.ascontiguousarray(v)
+        else:
+            a = np.array(v, dtype=np.float64).reshape(-1)  # a number travels as one element
+        flat = a.reshape(-1)
+        comm.broadcast(flat, root=root, out=flat)
+        if isinstance(v, np.ndarray):
+            extra[k] = a
+        elif np.ndim(v) == 0:
+            extra[k] = type(v)(flat[0].item())
+        else:
+            extra[k] = a
 
 
 class ElasticCore:
@@ -482,12 +506,7 @@ class ElasticState(ElasticCore):
         for bufs in self.optimizer.state.values():
             for buf in bufs:
                 comm.broadcast(buf, root=root, out=buf)
-        for k in sorted(self.extra):
-            v = self.extra[k]
-            a = np.array(v, dtype=np.float64) if not isinstance(v, np.ndarray) else v
-            a = np.ascontiguousarray(a)
-            comm.broadcast(a, root=root, out=a)
-            self.extra[k] = a if isinstance(v, np.ndarray) else type(v)(a.item()) if a.ndim == 0 else a
+        broadcast_extra(comm, self.extra, root)
         self.optimizer.set_step(t)
         self._commits = [(step, t, dict(self.extra))]
 

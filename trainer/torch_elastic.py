@@ -32,7 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .elastic import _KILLS, ElasticCore, ElasticStop, Recovery, kill_in_flight, kill_point, lost_rank_errors
+from .elastic import (
+    _KILLS,
+    ElasticCore,
+    ElasticStop,
+    Recovery,
+    broadcast_extra,
+    kill_in_flight,
+    kill_point,
+    lost_rank_errors,
+)
 from .torch import DistributedDataParallel
 
 __all__ = ["TorchElasticState", "ElasticStop", "Recovery", "lost_rank_errors"]
@@ -287,18 +296,15 @@ class TorchElasticState(ElasticCore):
                     a = np.array([v], np.float64)
                     comm.broadcast(a, root=root, out=a)
                     st[k] = type(v)(a[0])
-        for k in sorted(self.extra):
-            v = self.extra[k]
-            if isinstance(v, torch.Tensor):
-                buf = v.detach().contiguous()
-                flat = buf.view(-1)
-                comm.broadcast(flat, root=root, out=flat)
-                self.extra[k] = buf
-                continue
-            a = np.ascontiguousarray(np.array(v, dtype=np.float64) if not isinstance(v, np.ndarray) else v)
-            flat_a = a.reshape(-1)
-            comm.broadcast(flat_a, root=root, out=flat_a)
-            self.extra[k] = a if isinstance(v, np.ndarray) else type(v)(a.item()) if a.ndim == 0 else a
+        tensors = {k: v for k, v in self.extra.items() if isinstance(v, torch.Tensor)}
+        for k in sorted(tensors):
+            buf = tensors[k].detach().contiguous()
+            flat = buf.view(-1)
+            comm.broadcast(flat, root=root, out=flat)
+            self.extra[k] = buf
+        rest = {k: v for k, v in self.extra.items() if k not in tensors}
+        broadcast_extra(comm, rest, root)
+        self.extra.update(rest)
         self._commits = [self._take(step, snap)]
 
     # ------------------------------------------------------------ rebind
