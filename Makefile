@@ -4,6 +4,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 NP ?= 4
+# Test files run on this many pytest workers (pytest-xdist), a file's tests on one worker: most of a job's time
+# is process start-up and waiting, so two workers keep a 2-core machine busy.
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-full docs install clean
@@ -23,11 +26,11 @@ demo: $(STAMP)
 	$(BIN)/collective-run -n $(NP) $(BIN)/python examples/allreduce_demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs -m "not slow" tests
+	$(BIN)/python -m pytest -q -rs -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
 # Everything, the slow cases too (a 2^31-element allreduce: minutes and about 10 GiB).
 test-full: $(STAMP)
-	$(BIN)/python -m pytest -q -rs tests
+	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadfile tests
 
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site

@@ -1,6 +1,7 @@
 """Exception types of collective; every message names the op, the rank, the shape, the dtype and the algorithm."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "RanksLostError",
     "describe",
     "format_uncaught",
+    "raise_lost",
 ]
 
 
@@ -170,3 +172,31 @@ class RanksLostError(CollectiveError):
 
     def __reduce__(self) -> Any:  # picklable with its attributes (object collectives, multiprocessing)
         return (type(self), (self.op, self.lost_ranks, self.survivors), {"args": self.args})
+
+
+def raise_lost(fault: Callable[[str, BaseException, float | None], BaseException | None] | None, op: str,
+               exc: BaseException, started: float | None = None) -> None:
+    """Raise the RanksLostError that ``exc``, raised inside call ``op``, becomes in elastic mode (chained to it);
+    return when it stays what it is (no elastic mode, no sign of a failure, or a RanksLostError already), and
+    the caller re-raises it.
+
+    Args:
+        fault: the communicator's failure handler, ``fault(op, exc, started)`` -> RanksLostError or None (None:
+            not elastic mode).
+        op: the call that raised.
+        exc: what it raised.
+        started: ``time.monotonic()`` when the call began (for the detection time).
+
+    Example::
+
+        try:
+            req.Wait()
+        except Exception as exc:
+            raise_lost(self.fault, "recv", exc, t0)
+            raise
+    """
+    if fault is None:
+        return
+    lost = fault(op, exc, started)
+    if lost is not None and lost is not exc:
+        raise lost from exc

@@ -31,9 +31,8 @@ import numpy as np
 
 from .arrays import to_numpy
 from .backends.mpi import abandon
-from .errors import CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
+from .errors import CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe, raise_lost
 from .ops import dtype_code, dtype_from_code
-from .ulfm import raise_lost
 
 __all__ = ["PointToPoint", "P2PWork", "ANY_SOURCE"]
 

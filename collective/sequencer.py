@@ -47,12 +47,11 @@ from typing import Any
 import numpy as np
 
 from .arrays import Deferred
-from .errors import BackendUnavailableError, CollectiveTimeoutError, CollectiveUsageError, describe
+from .errors import BackendUnavailableError, CollectiveTimeoutError, CollectiveUsageError, describe, raise_lost
 from .fingerprint import Poison
 from .shm import RETIRED, retired_window
 from .spec import ROOTED
 from .threads import TAGS, OrderedIssuers, ThreadTag, thread_tag
-from .ulfm import raise_lost
 
 __all__ = ["OpRecord", "FlightRecorder", "Work", "Sequencer", "MISS"]
 

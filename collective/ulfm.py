@@ -36,10 +36,9 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
-from .errors import CollectiveConfigError, CollectiveError, RanksLostError
+from .errors import CollectiveConfigError, CollectiveError, RanksLostError, raise_lost
 
 __all__ = ["FailureState", "PeerLost", "exit_status", "is_failure", "keep_connected", "leave_without_finalize",
            "raise_lost", "require_ulfm", "ulfm_enabled"]
@@ -82,34 +81,6 @@ class PeerLost(Exception):
 def is_failure(exc: BaseException, MPI: Any) -> bool:
     """Whether ``exc``, raised inside a call in elastic mode, may mean a lost peer (then recovery decides)."""
     return isinstance(exc, (MPI.Exception, PeerLost))
-
-
-def raise_lost(fault: Callable[[str, BaseException, float | None], BaseException | None] | None, op: str,
-               exc: BaseException, started: float | None = None) -> None:
-    """Raise the RanksLostError that ``exc``, raised inside call ``op``, becomes in elastic mode (chained to it);
-    return when it stays what it is (no elastic mode, no sign of a failure, or a RanksLostError already), and
-    the caller re-raises it.
-
-    Args:
-        fault: the communicator's failure handler, ``fault(op, exc, started)`` -> RanksLostError or None (None:
-            not elastic mode).
-        op: the call that raised.
-        exc: what it raised.
-        started: ``time.monotonic()`` when the call began (for the detection time).
-
-    Example::
-
-        try:
-            req.Wait()
-        except Exception as exc:
-            raise_lost(self.fault, "recv", exc, t0)
-            raise
-    """
-    if fault is None:
-        return
-    lost = fault(op, exc, started)
-    if lost is not None and lost is not exc:
-        raise lost from exc
 
 
 class FailureState:
