@@ -74,8 +74,17 @@ def _say(text: str) -> None:
     sys.stderr.flush()
 
 
+#: Seconds MPI_Abort may take before this process ends itself (the launcher then ends the job: a rank failed).
+ABORT_GRACE_S = 10.0
+
+
 def abort_job(message: str, code: int = 1) -> None:
-    """Print ``message`` to stderr and end every rank of the job (MPI_Abort on COMM_WORLD)."""
+    """Print ``message`` to stderr and end every rank of the job (MPI_Abort on COMM_WORLD).
+
+    MPI_Abort gets a deadline like every other blocking wait: should it not
+    end this process within ``ABORT_GRACE_S``, the process exits with
+    ``code`` and the launcher ends the rest.
+    """
     try:
         _say(message)
     finally:
@@ -83,6 +92,9 @@ def abort_job(message: str, code: int = 1) -> None:
             from mpi4py import MPI
 
             if MPI.Is_initialized() and not MPI.Is_finalized():
+                t = threading.Timer(ABORT_GRACE_S, os._exit, (code,))
+                t.daemon = True
+                t.start()
                 MPI.COMM_WORLD.Abort(code)
         finally:
             os._exit(code)
