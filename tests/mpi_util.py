@@ -193,3 +193,27 @@ def count_passed(res: JobResult) -> int:
     """The number of cases the job reported as passed (its 'PASSED n' line)."""
     m = re.findall(r"PASSED (\d+)", res.output)
     return int(m[-1]) if m else 0
+
+
+def run_training(name: str, cmd: list[str], cwd: Path, buckets: dict[str, str], kills: str = "",
+                 timeout: float = 420) -> tuple[int, str]:
+    """Run a training launch line (collective-run ...) in its own session and /dev/shm directory, with the
+    elastic test kill points ``kills``; (exit code, output). A launch still running at ``timeout`` is killed
+    with its whole process group and fails the test."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1", COLLECTIVE_TIMEOUT="120", **buckets)
+    env.pop("COLLECTIVE_ELASTIC_TEST_KILL", None)
+    if kills:
+        env["COLLECTIVE_ELASTIC_TEST_KILL"] = kills
+    backing = private_backing_dir(env)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(cwd),
+                         start_new_session=True)
+    try:
+        text, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        text, _ = p.communicate()
+        raise AssertionError(f"{name}: no end after {timeout} s:\n{text.decode(errors='replace')[-4000:]}") from None
+    finally:
+        if backing is not None:
+            shutil.rmtree(backing, ignore_errors=True)
+    return p.returncode, text.decode(errors="replace")

@@ -3,18 +3,14 @@ examples/train_digits.py whose ranks SIGKILL themselves (COLLECTIVE_ELASTIC_TEST
 survivors must finish with the parameters of an uninterrupted run with the same global batch."""
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import ROOT, check, count_passed, mpirun, private_backing_dir
+from mpi_util import ROOT, check, count_passed, mpirun, run_training
 
 pytestmark = pytest.mark.mpi
 
@@ -44,27 +40,12 @@ def launch(tmp: Path, name: str, *, elastic: bool = True, n: int = 4, kills: str
            save: bool = True) -> tuple[int, str, Path]:
     """Run train_digits.py under collective-run (``--elastic`` when asked); return (rc, output, params file)."""
     out = tmp / f"{name}.npz"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1", COLLECTIVE_TIMEOUT="120", **BUCKETS)
-    env.pop("COLLECTIVE_ELASTIC_TEST_KILL", None)
-    if kills:
-        env["COLLECTIVE_ELASTIC_TEST_KILL"] = kills
-    backing = private_backing_dir(env)
     cmd = [sys.executable, "-m", "collective.run", *(["--elastic"] if elastic else []), *(run_args or []),
            "-n", str(n), sys.executable, str(SCRIPT), "--steps", str(STEPS), "--seed", str(SEED), "--batch",
            str(BATCH), "--dtype", dtype, "--no-progress", *(["--elastic"] if elastic else []),
            *(["--save-params", str(out)] if save else []), *(args or [])]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(tmp),
-                         start_new_session=True)
-    try:
-        text, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        text, _ = p.communicate()
-        raise AssertionError(f"{name}: no end after {timeout} s:\n{text.decode(errors='replace')[-4000:]}") from None
-    finally:
-        if backing is not None:
-            shutil.rmtree(backing, ignore_errors=True)
-    return p.returncode, text.decode(errors="replace"), out
+    rc, text = run_training(name, cmd, tmp, BUCKETS, kills, timeout)
+    return rc, text, out
 
 
 _REFS: dict[str, dict[str, np.ndarray]] = {}

@@ -3,17 +3,13 @@ then `collective-run --elastic` jobs of examples/train_torch.py whose ranks SIGK
 survivors must finish with the parameters of an uninterrupted run with the same global batch."""
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import ROOT, private_backing_dir
+from mpi_util import ROOT, run_training
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'pycollective[torch]')")
 
@@ -208,26 +204,11 @@ def launch(tmp: Path, name: str, *, elastic: bool = True, kills: str = "", dtype
            batch: int = BATCH, timeout: float = 420) -> tuple[int, str, Path]:
     """Run train_torch.py on 4 ranks under collective-run (``--elastic`` when asked); (rc, output, params file)."""
     out = tmp / f"{name}.npz"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONFAULTHANDLER="1", COLLECTIVE_TIMEOUT="120", **BUCKETS)
-    env.pop("COLLECTIVE_ELASTIC_TEST_KILL", None)
-    if kills:
-        env["COLLECTIVE_ELASTIC_TEST_KILL"] = kills
-    backing = private_backing_dir(env)
     cmd = [sys.executable, "-m", "collective.run", *(["--elastic"] if elastic else []), "-n", "4",
            sys.executable, str(SCRIPT), "--steps", str(STEPS), "--seed", str(SEED), "--batch", str(batch),
            "--hidden", "32", "--dtype", dtype, "--save-params", str(out), *(["--elastic"] if elastic else [])]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=str(tmp),
-                         start_new_session=True)
-    try:
-        text, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        text, _ = p.communicate()
-        raise AssertionError(f"{name}: no end after {timeout} s:\n{text.decode(errors='replace')[-4000:]}") from None
-    finally:
-        if backing is not None:
-            shutil.rmtree(backing, ignore_errors=True)
-    return p.returncode, text.decode(errors="replace"), out
+    rc, text = run_training(name, cmd, tmp, BUCKETS, kills, timeout)
+    return rc, text, out
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
