@@ -205,9 +205,9 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
         for _ in range(3):  # checked, then given its regions: the one-phase path from the next call on
             comm.allreduce(np.full(64, comm.world_rank + 1.0), algorithm="shm")
     sub = comm.split(comm.world_rank % 2)  # a sub-communicator of the one that will lose ranks
-    if comm.world_rank in victims:
-        arm(comm, point)
     comm.barrier()
+    if comm.world_rank in victims:  # after the barrier: a barrier on one node is itself a shm phase
+        arm(comm, point)
     lost: set = set()
     first = True
     while lost != victims:
