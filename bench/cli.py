@@ -28,11 +28,13 @@ GLOO_COLLECTIVES: dict[str, str] = {"allreduce": "all_reduce", "alltoall": "all_
                                     "scatter": "scatter", "allgatherv": "all_gather (blocks padded to the largest)"}
 #: Reference columns that are not algorithms of the library.
 REFERENCE_ALGORITHMS: tuple[str, ...] = ("gloo", "memcpy")
-#: Library variants that are not algorithm names: "alloc" is shm on comm.alloc() buffers (in place, and out of
-#: place from one such buffer into another);
+#: Library variants that are not algorithm names: "alloc" is shm on comm.alloc() buffers (allreduce in place,
+#: and out of place from one such buffer into another; alltoall and allgatherv from one into another);
 #: "native-lib" is the library's native algorithm (MPI's own behind collective's checks and dispatch), while the
 #: "native" column is MPI's own called straight through mpi4py, the baseline every ratio is against.
 VARIANTS: tuple[str, ...] = ("alloc", "native-lib")
+#: The collectives with an alloc column (on one node).
+ALLOC_COLLECTIVES: tuple[str, ...] = ("allreduce", "alltoall", "allgatherv")
 #: The column of the library's native algorithm (what auto runs when it picks "native").
 LIB_NATIVE = "native-lib"
 #: Set to 1 to register the deliberately wrong `broken` column (tests of the check column): the library's native
@@ -112,7 +114,7 @@ def column_applies(col: str, coll: str) -> bool:
     """Whether column ``col`` measures something for collective ``coll``.
 
     native, native-lib, memcpy and broken apply to every collective; gloo to
-    ``GLOO_COLLECTIVES``; alloc to allreduce; a library algorithm to the
+    ``GLOO_COLLECTIVES``; alloc to ``ALLOC_COLLECTIVES``; a library algorithm to the
     collectives that have it: those of the collective's ``collective.spec``
     entry, else auto, native, shm and the Schedules
     ``topologies.ALGORITHMS_BY_COLLECTIVE`` lists for it (allgatherv); none
@@ -129,7 +131,7 @@ def column_applies(col: str, coll: str) -> bool:
     if col == "gloo":
         return coll in GLOO_COLLECTIVES
     if col == "alloc":
-        return coll == "allreduce"
+        return coll in ALLOC_COLLECTIVES
     if coll == "sendrecv":  # point-to-point: no algorithm to choose
         return False
     from collective.spec import SPECS
@@ -245,7 +247,8 @@ _COLUMN_NOTES = {
     "native": "MPI's own collective called straight through mpi4py, the baseline of every ratio",
     LIB_NATIVE: "the library's native algorithm (MPI's own behind its checks and dispatch)",
     "auto": "what the library picks per size",
-    "alloc": "shm on comm.alloc buffers, in place and from one into another (allreduce on one node)",
+    "alloc": "shm on comm.alloc buffers, in place and from one into another (allreduce; alltoall and allgatherv "
+             "out of place; one node)",
     "gloo": "torch.distributed over Gloo (allreduce only, when torch is installed)",
     "memcpy": "a local copy of the same bytes, no communication",
 }

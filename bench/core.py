@@ -40,7 +40,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .cli import LIB_NATIVE, ROOTED, Options, busbw_factor, column_applies
+from .cli import ALLOC_COLLECTIVES, LIB_NATIVE, ROOTED, Options, busbw_factor, column_applies
 from .gloo import unsupported_dtype
 from .predict import predicted_us
 
@@ -610,9 +610,9 @@ class _Run:
 
         cols, notes = [], []
         for c in self.opts.algorithms:
-            if c == "alloc" and (coll != "allreduce" or not self.comm.single_node):
-                notes.append(f"alloc: shm on comm.alloc buffers, allreduce on one node only; absent for {coll}"
-                             + ("" if self.comm.single_node else " across nodes"))
+            if c == "alloc" and (coll not in ALLOC_COLLECTIVES or not self.comm.single_node):
+                notes.append(f"alloc: shm on comm.alloc buffers, {', '.join(ALLOC_COLLECTIVES)} on one node only; "
+                             f"absent for {coll}" + ("" if self.comm.single_node else " across nodes"))
                 continue
             if c == "gloo" and coll not in GLOO_COLLECTIVES:
                 notes.append(f"gloo: measured for {', '.join(GLOO_COLLECTIVES)}; absent for {coll}")
@@ -660,8 +660,10 @@ class _Run:
         max_out = max(s[2] for s in shapes)
         alloc = None
         if "alloc" in cols:  # collective: every rank reaches it in the same column order
-            # In place on one window; out of place from one window into another.
-            alloc = _Buffers(*(self.comm.alloc(n, dtype) for n in (max_in, max_out, max_in)))
+            # In place on one window; out of place from one window into another. allgatherv's inputs differ by
+            # rank (up to the whole result's count), every rank's alloc the same size.
+            big_in = max(s[0] for s in shapes) if coll == "allgatherv" else max_in
+            alloc = _Buffers(*(self.comm.alloc(n, dtype) for n in (big_in, max_out, 0 if coll in _MORE else max_in)))
         seen_notes: set[str] = set(notes)
         for size, (count, n_in, n_out) in zip(sizes, shapes):
             own_in = self.own_input(coll, root, count, n_in)
@@ -720,7 +722,8 @@ class _Run:
             elif c == "broken":  # the bare MPI call: it exists whatever this version of the library has
                 fn = _broken(_native_call_v(self.mpi, coll, root, x, y), res if R == holder else None)
             else:
-                fn, returns = _library_call_v(comm, coll, "native" if c == LIB_NATIVE else c, root, x, y, P, R)
+                alg = "native" if c == LIB_NATIVE else "shm" if c == "alloc" else c
+                fn, returns = _library_call_v(comm, coll, alg, root, x, y, P, R)
             out.append(_Case(c, OOP, fn, None if returns else res, None, returns))
         return out
 

@@ -371,7 +371,7 @@ class Communicator:
                 raise CollectiveTypeError(f"{describe(name, self.rank, self.size)}: device arrays take allreduce, "
                                           "reduce, broadcast, reduce_scatter and allgather; copy to the host first")
             return prepare_variable(name, x, root, splits, algorithm, out, self.rank, self.size, self.algorithm,
-                                    self.single_node, return_splits)
+                                    self.single_node, return_splits, self._window_of)
         except Exception as exc:
             self._seqr.poison(name, exc)
             raise
@@ -391,9 +391,21 @@ class Communicator:
             oshape = out.shape
         else:
             return None
-        if shm_mod.RETIRED and (x.base is not None or out is not None):
+        if x.base is None:
+            win = -1
+        else:
+            if shm_mod.RETIRED:
+                return None
+            found = self._window_of(x)
+            win = -1 if found is None else found[0]  # a window's plan reads every rank's part of it
+        if shm_mod.RETIRED and out is not None:
             return None
-        return name, x.shape, x.dtype, algorithm or self.algorithm, oshape
+        return name, x.shape, x.dtype, algorithm or self.algorithm, oshape, win
+
+    def _window_of(self, a: np.ndarray) -> tuple[int, list[np.ndarray]] | None:
+        """(number, every node rank's part) of the ``alloc`` window that ``a`` starts, or None."""
+        shared = self._engine.shared
+        return None if shared is None else shared.whole(a)
 
     def _vrun(self, key: tuple, x: np.ndarray, splits: Any, algorithm: Any, out: Any, return_splits: bool) -> Any:
         """Alltoall or allgather (``key[0]``) with the NumPy arguments of ``key``: a repeat from its plan where
@@ -403,7 +415,7 @@ class Communicator:
         if plan is not None:
             r = self._seqr.vrepeat(plan, x, out, key, return_splits, functools.partial(
                 prepare_variable, name, x, 0, splits, algorithm, out, self.rank, self.size, self.algorithm,
-                self.single_node, return_splits))
+                self.single_node, return_splits, self._window_of))
             if r is not MISS:
                 return r
         c = self._prepare_v(name, x, 0, splits, algorithm, out, return_splits)

@@ -324,8 +324,8 @@ def mismatch_message(rank: int, size: int, records: list[list[str]]) -> str:
                          "so the two cannot be told apart across ranks: name every thread that calls collectives "
                          "distinctly.")
         if any(records[q][5].startswith("shm-window#") for q in good):
-            head += (" (shm-window#k is the k-th comm.alloc() array, reduced where it lies; #k->#j: into the j-th; "
-                     "every rank must pass the same ones)")
+            head += (" (shm-window#k is the k-th comm.alloc() array, used where it lies; #k->#j: reduced into the "
+                     "j-th; every rank must pass the same ones, or none)")
     else:
         head = (f"{me[0]} {seq} on rank {rank} of {size} cannot run: {'; '.join(parts)}. No data was sent; "
                 "every rank raises an error (a rank that rejected its arguments raises its own).")

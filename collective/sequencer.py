@@ -658,17 +658,31 @@ class Sequencer:
             rec = recorder.begin(seq, plan.name, plan.shape, plan.dtype, plan.algorithm, None, tag)
             try:
                 sig = plan.sig
-                same, pairs = fp.exchange_post(sig[0] ^ tag.h ^ seq, seq, plan.post)
-                if not same:
-                    fp.report(seq, sig[1], tag.name)
-                if pairs == plan.pairs:
+                quick = plan.quick
+                posted = False
+                if quick is not None and check.quick_arena is plan.arena:  # the check fenced in that arena
+                    # The data goes into the arena with the check: one phase, where every rank's post is its plan's.
                     o = out if out is not None else np.empty((plan.n_out, *plan.row_shape), plan.dtype)
-                    plan.move(x, o, seq)
-                    return (o, list(plan.received)) if return_splits else o
+                    verdict = quick.run(sig[0] ^ tag.h ^ seq, seq, x, o)
+                    if verdict == 0:
+                        return (o, list(plan.received)) if return_splits else o
+                    if verdict == 1:
+                        fp.report(seq, sig[1], tag.name)
+                    pairs: tuple[int, ...] | None = plan.arena.pairs_of(seq)
+                    posted = verdict == 2
+                else:
+                    same, pairs = fp.exchange_post(sig[0] ^ tag.h ^ seq, seq, plan.post)
+                    if not same:
+                        fp.report(seq, sig[1], tag.name)
+                    if pairs == plan.pairs:
+                        o = out if out is not None else np.empty((plan.n_out, *plan.row_shape), plan.dtype)
+                        plan.move(x, o, seq)
+                        return (o, list(plan.received)) if return_splits else o
                 # Some rank's sizes differ from the plan's: the ordinary path from what the check returned.
                 c = remake()
                 c.sig = sig
                 c.known = None if pairs is None else np.array(pairs, np.int64).reshape(self.size, 2)
+                c.posted = posted
                 r = self.engine.execute(c, None, seq)
                 vplans = self.prep.vplans
                 if c.plan is not None:

@@ -57,8 +57,8 @@ import numpy as np
 
 from .errors import CollectiveValueError, SharedMemoryError
 
-__all__ = ["ShmArena", "SharedArrays", "DEFAULT_CHUNK_BYTES", "ONE_PHASE_BYTES", "WINDOW_MIN_BYTES", "SHM_WAITS",
-           "MIN_CHUNK_BYTES", "arena_bytes", "fitting_chunk", "shm_space", "commit"]
+__all__ = ["ShmArena", "SharedArrays", "QuickScatter", "DEFAULT_CHUNK_BYTES", "ONE_PHASE_BYTES", "WINDOW_MIN_BYTES",
+           "SHM_WAITS", "MIN_CHUNK_BYTES", "arena_bytes", "fitting_chunk", "shm_space", "commit"]
 
 # Fewer phases won over cache-sized chunks in the chunk-size runs of docs/bench (above all when ranks outnumber
 # cores and every phase costs context switches).
@@ -72,6 +72,9 @@ ONE_PHASE_BYTES = 256 << 10
 #: window; smaller ones are copied in and take the one-phase path, which beats the window's two phases there.
 WINDOW_MIN_BYTES = 256 << 10
 _FLAG = 64  # one cache line for the flag, so flags of different ranks never share a line
+#: Word of the flag whose bit ``seq & 1`` says that this rank posted call ``seq``'s data with its check (see
+#: QuickScatter); words 0-6 are the ticket, the fingerprint slots and the variable-size posts (see exchange_pairs).
+_POSTED = 7
 # Waiting on a flag: this many plain reads (holding the interpreter lock, so a partner a few microseconds behind
 # is caught at once), then sched_yield (which lets other threads of this process run) for _YIELD_S, then naps,
 # for a rank that is far behind (a long step or a slow rank: a nap costs a fraction of a core where a spin takes
@@ -498,12 +501,20 @@ class ShmArena:
     def exchange_pairs(self, h: int, seq: int, a: int, b: int) -> tuple[int, ...] | None:
         """:meth:`exchange_counts` with every rank's two numbers as one flat tuple ``(a0, b0, a1, b1, ...)``, or
         None when some rank posted another fingerprint (a repeated call compares the tuple with its plan's)."""
-        w = 3 + 2 * (seq & 1)  # words 3-4 for even calls, 5-6 for odd ones (0: ticket, 1-2: fingerprints)
+        odd = seq & 1
+        w = 3 + 2 * odd  # words 3-4 for even calls, 5-6 for odd ones (0: ticket, 1-2: fingerprints)
         f = self.my_flag
         f[w] = a  # before exchange posts the fingerprint: a rank that sees it sees these too
         f[w + 1] = b
+        f[_POSTED] &= ~(1 << odd)  # this call's data is not in the region yet (see QuickScatter)
         if not self.exchange(h, seq):
             return None
+        return self.pairs_of(seq)
+
+    def pairs_of(self, seq: int) -> tuple[int, ...]:
+        """Every rank's two numbers of call ``seq`` (posted by :meth:`exchange_pairs` or :class:`QuickScatter`), as
+        one flat tuple; read after the call's phase (they stay until every rank has ended call seq+1's)."""
+        w = 3 + 2 * (seq & 1)
         w1 = w + 1
         return tuple(v for fl in self.flags for v in (fl[w], fl[w1]))
 
@@ -700,7 +711,8 @@ class ShmArena:
             for q in range(P):
                 np.copyto(out[q * m + c0:q * m + c1], regs[q][:c1 - c0])
 
-    def scatter_bytes(self, mine: np.ndarray, sizes: list[int], reads: list[tuple[int, int, int, np.ndarray]]) -> None:
+    def scatter_bytes(self, mine: np.ndarray, sizes: list[int], reads: list[tuple[int, int, int, np.ndarray]],
+                      posted: bool = False) -> None:
         """Move bytes between the node's ranks: each posts ``mine``; this rank copies out ``reads``.
 
         ``sizes``: every rank's ``mine`` in bytes (the same list on every
@@ -708,27 +720,61 @@ class ShmArena:
         array of that many bytes). In rounds of a chunk: every rank copies its
         next chunk into its region, a phase, then every rank copies what it
         reads of that chunk out (each byte is written once and read once,
-        straight between the ranks' arrays and the window). The variable-size
-        collectives (alltoall, gather, scatter, allgather) are this with
-        different ``reads``.
+        straight between the ranks' arrays and the window; this rank's own
+        bytes straight from ``mine``). The variable-size collectives
+        (alltoall, gather, scatter, allgather) are this with different
+        ``reads``.
+
+        ``posted``: every rank posted all of its bytes (at most a chunk) into
+        the last chunk counted, with the call's check as its phase (see
+        :class:`QuickScatter`): only the reads are left.
         """
         C = self.chunk
         rounds = max((n + C - 1) // C for n in sizes) if sizes else 0
         byte = np.dtype(np.uint8)
         me = self.rank
+        if posted:
+            assert rounds <= 1, "scatter_bytes: posted bytes span more than one chunk"
         for k in range(rounds):
-            g = self.chunks_done
-            self.chunks_done = g + 1
-            regs = self.regions(g, byte)
             a0 = k * C
-            part = mine[a0:a0 + C]
-            if part.size:
-                regs[me][:part.size] = part
-            self.phase()
+            if posted:
+                regs = self.regions(self.chunks_done - 1, byte)
+            else:
+                g = self.chunks_done
+                self.chunks_done = g + 1
+                regs = self.regions(g, byte)
+                part = mine[a0:a0 + C]
+                if part.size:
+                    regs[me][:part.size] = part
+                self.phase()
             for q, off, n, dst in reads:
                 lo, hi = max(off, a0), min(off + n, a0 + C)
                 if hi > lo:
-                    dst[lo - off:hi - off] = regs[q][lo - a0:hi - a0]
+                    dst[lo - off:hi - off] = mine[lo:hi] if q == me else regs[q][lo - a0:hi - a0]
+
+    def window_reader(self, segs: list[np.ndarray],
+                      reads: list[tuple[int, int, int, int]]) -> Callable[[np.ndarray], None]:
+        """``read(out)``: a variable-size call whose every rank's input lies in one ``alloc`` window (``segs``,
+        from :meth:`SharedArrays.whole`): this rank copies ``reads`` (rank, offset in its bytes, count, offset in
+        ``out``'s bytes) straight from the ranks' inputs into ``out``, then ends a phase.
+
+        No copy-in, so two phases: the cross-rank check, fenced in the
+        arena, says that every input is ready (without it a phase does); the
+        phase after the reads says that no rank reads another's input any
+        more, which its owner may then overwrite.
+        """
+        ar = self
+        srcs = tuple((segs[q][off:off + n], d, d + n) for q, off, n, d in reads if n)
+        byte = np.dtype(np.uint8)
+
+        def read(out: np.ndarray) -> None:
+            if not ar.check_fenced:
+                ar.phase()
+            ob = out.reshape(-1).view(byte)
+            for src, a, b in srcs:
+                ob[a:b] = src
+            ar.phase()
+        return read
 
     def free(self) -> None:
         """Release the window (collective over the node)."""
@@ -737,6 +783,106 @@ class ShmArena:
         self.segs = []
         self.win.Unlock_all()
         self.win.Free()
+
+
+class QuickScatter:
+    """A repeated alltoall or allgather on one node whose bytes travel with its cross-rank check: one phase a call.
+
+    :meth:`ShmArena.scatter_bytes` of at most one chunk, for the sizes a plan
+    fixed (``collective.variable.VPlan``), with :meth:`ShmArena.exchange_pairs`
+    as its phase. Before the check this rank copies its bytes into its
+    region (which sends nothing: no rank reads a region before the phase that
+    follows), leaving out ``private``, the part only it reads (its own block
+    of an alltoall); it sets bit ``seq & 1`` of its flag's word ``_POSTED``
+    to say so, posts its fingerprint and its (rows, out rows), and ends the
+    phase. Every rank reads the same flags, so every rank reaches the same
+    verdict on what follows (:meth:`run`): a mismatch, or whether every rank
+    posted its bytes. A rank that took the ordinary path (no plan, or another
+    one) posts through :meth:`ShmArena.exchange_pairs`, which clears the bit.
+
+    Args:
+        arena: the node's arena (the check is fenced in it).
+        sizes, reads: as :meth:`ShmArena.scatter_bytes` takes them, reads' destinations as offsets into the
+            output's bytes: (rank, offset in its bytes, count, offset in out).
+        private: [start, stop) of this rank's bytes that no other rank reads (not posted), or None.
+        post: this rank's (rows, out rows), as the check posts them.
+        expect: every rank's (rows, out rows), flat, as the plan was made from.
+    """
+
+    #: Verdicts of :meth:`run`.
+    DONE, MISMATCH, POSTED, APART = 0, 1, 2, 3
+    __slots__ = ("arena", "posts", "own", "reads", "post", "expect")
+
+    def __init__(self, arena: ShmArena, sizes: list[int], reads: list[tuple[int, int, int, int]],
+                 private: tuple[int, int] | None, post: tuple[int, int], expect: tuple[int, ...]) -> None:
+        me = arena.rank
+        n = sizes[me]
+        assert max(sizes) <= arena.chunk, "QuickScatter: more than one chunk"
+        byte = np.dtype(np.uint8)
+        lo, hi = private if private is not None else (n, n)
+        ranges = [(a, b) for a, b in ((0, lo), (hi, n)) if b > a]
+        self.arena, self.post, self.expect = arena, post, expect
+        #: Per region parity: (this rank's region part, start, stop of its bytes copied there).
+        self.posts = tuple(tuple((arena.regions(p, byte)[me][a:b], a, b) for a, b in ranges) for p in (0, 1))
+        #: Reads of this rank's own bytes: (start, stop in its bytes, start, stop in out).
+        self.own = tuple((off, off + c, d, d + c) for q, off, c, d in reads if q == me and c)
+        #: Per region parity: (another rank's region part, start, stop in out).
+        self.reads = tuple(tuple((arena.regions(p, byte)[q][off:off + c], d, d + c) for q, off, c, d in reads
+                                 if q != me and c) for p in (0, 1))
+
+    def run(self, h: int, seq: int, x: np.ndarray, o: np.ndarray) -> int:
+        """Post ``x`` (C-contiguous, the plan's shape) with fingerprint ``h`` of call ``seq``, end the phase, and
+        copy this rank's part into ``o`` if every rank's post is the plan's; the verdict:
+
+        * ``DONE``: every rank posted its bytes and every (rows, out rows) is the plan's; ``o`` holds the result.
+        * ``MISMATCH``: some rank posted another fingerprint. Nothing is written and the chunk count is as
+          before: every rank raises the mismatch report.
+        * ``POSTED``: every rank posted its bytes, but the (rows, out rows) differ from the plan's: the call
+          goes on by the ordinary path from them (``ShmArena.pairs_of``), its shm reads from the posted bytes
+          (``scatter_bytes(posted=True)``), with no other phase, as every rank's does.
+        * ``APART``: some rank took the ordinary path, so its bytes are not posted yet: the chunk count is as
+          before and the call goes on by the ordinary path (its own data phase), as on that rank.
+        """
+        ar = self.arena
+        g = ar.chunks_done
+        ar.chunks_done = g + 1
+        xb = x.reshape(-1).view(np.uint8)
+        for reg, a, b in self.posts[g & 1]:
+            reg[...] = xb[a:b]
+        odd = seq & 1
+        w = 3 + 2 * odd
+        slot = 1 + odd
+        bit = 1 << odd
+        f = ar.my_flag
+        post = self.post
+        f[w] = post[0]
+        f[w + 1] = post[1]
+        f[_POSTED] |= bit
+        f[slot] = h
+        ar.phase()
+        e = self.expect
+        i = 0
+        same = posted = True
+        for fl in ar.flags:
+            if fl[slot] != h:
+                ar.chunks_done = g
+                return 1
+            if not fl[_POSTED] & bit:
+                posted = False
+            elif fl[w] != e[i] or fl[w + 1] != e[i + 1]:
+                same = False
+            i += 2
+        if not posted:
+            ar.chunks_done = g
+            return 3
+        if not same:
+            return 2
+        ob = o.reshape(-1).view(np.uint8)
+        for a, b, c, d in self.own:
+            ob[c:d] = xb[a:b]
+        for src, c, d in self.reads[g & 1]:
+            ob[c:d] = src
+        return 0
 
 
 #: Windows of communicators that lost ranks (elastic mode): id of each rank's buffer object -> (the object, why).
@@ -893,6 +1039,16 @@ class SharedArrays:
                 self._views.clear()
             self._views[key] = found
         return found
+
+    def whole(self, a: np.ndarray) -> tuple[int, list[np.ndarray]] | None:
+        """(window number, every rank's whole part of the window, as bytes) when ``a`` is an alloc'd array or a
+        leading slice of one, else None (a plain array: decided by its ``base`` alone)."""
+        if a.base is None:
+            return None
+        ent = self._by_addr.get(a.__array_interface__["data"][0])
+        if ent is None or ent[1][self.arena.rank].nbytes < a.nbytes:
+            return None
+        return ent[2], ent[1]
 
     def own_slice(self, n: int) -> tuple[int, int]:
         """The part [start, stop) of an n-element array that this rank reduces in :meth:`allreduce`."""

@@ -59,9 +59,9 @@ SPECS: dict[str, CollectiveSpec] = {s.name: s for s in (
     CollectiveSpec("broadcast", True, False, _one, ALGORITHMS, NCCL_ALGORITHMS),
     CollectiveSpec("reduce_scatter", False, True, _one_fold, ALGORITHMS, NCCL_ALGORITHMS),
     CollectiveSpec("allgather", False, False, _one_fold, ALGORITHMS, NCCL_ALGORITHMS),
-    CollectiveSpec("alltoall", False, False, _one_fold, ("auto", "native", "pairwise", "bruck"), ()),
-    CollectiveSpec("gather", True, False, _one_fold, ("auto", "native", "tree"), ()),
-    CollectiveSpec("scatter", True, False, _one_fold, ("auto", "native", "tree"), ()),
+    CollectiveSpec("alltoall", False, False, _one_fold, ("auto", "native", "pairwise", "bruck", "shm"), ()),
+    CollectiveSpec("gather", True, False, _one_fold, ("auto", "native", "tree", "shm"), ()),
+    CollectiveSpec("scatter", True, False, _one_fold, ("auto", "native", "tree", "shm"), ()),
 )}
 #: The collectives every rank calls with the same shape (allgather: the same row shape), in a fixed order.
 COLLECTIVE_NAMES: tuple[str, ...] = ("allreduce", "reduce", "broadcast", "reduce_scatter", "allgather")

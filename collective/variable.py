@@ -38,6 +38,7 @@ from collective import topologies
 from .arrays import Deferred, to_numpy
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import check_dtype, dtype_code, dtype_from_code
+from .shm import QuickScatter
 from .signature import check_algorithm, check_out_dtype
 
 __all__ = ["VCall", "VPlan", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
@@ -73,7 +74,8 @@ class VCall:
     """
 
     __slots__ = ("name", "root", "algorithm", "shape", "dtype", "x", "splits", "out", "out_given", "wrap", "result",
-                 "received", "return_splits", "row_shape", "rop", "views", "xf", "sig", "post", "known", "plan")
+                 "received", "return_splits", "row_shape", "rop", "views", "xf", "sig", "post", "known", "plan",
+                 "posted", "segs")
 
     def __init__(self, name: str, root: int, algorithm: str, x: np.ndarray | None, splits: tuple[int, ...] | None,
                  out: np.ndarray | None, out_given: Any, wrap: Any, return_splits: bool) -> None:
@@ -90,6 +92,12 @@ class VCall:
         self.known: np.ndarray | None = None
         #: After the call: its :class:`VPlan` when a repeat of it can run from one (see :func:`run_variable`).
         self.plan: VPlan | None = None
+        #: Every rank posted its bytes into the shm arena with the check (``collective.shm.QuickScatter``'s
+        #: POSTED verdict): an shm move only reads them.
+        self.posted = False
+        #: The window path: every rank's whole part of the ``comm.alloc`` window ``x`` lies in (the algorithm is
+        #: then ``shm-window#k``, k the window's number, so the check compares windows); else None.
+        self.segs: list[np.ndarray] | None = None
 
 
 class VPlan:
@@ -111,17 +119,19 @@ class VPlan:
         n_out, row_shape: the rows and row shape of the result; ``received``: alltoall's rows from each rank.
         move: ``move(x, out, seq)`` moves the data of op ``seq`` from ``x`` into ``out`` (C-contiguous arrays).
         arena: the shm arena ``move`` uses, or None.
+        quick: for shm within one chunk, the :class:`collective.shm.QuickScatter` that posts the data with the
+            check (one phase a call); else None.
     """
 
     __slots__ = ("name", "shape", "dtype", "algorithm", "ran", "sig", "post", "pairs", "n_out", "row_shape",
-                 "received", "move", "arena")
+                 "received", "move", "arena", "quick")
 
     def __init__(self, c: VCall, algorithm: str, pairs: tuple[int, ...], n_out: int,
-                 move: Callable[[np.ndarray, np.ndarray, int], None], arena: Any) -> None:
+                 move: Callable[[np.ndarray, np.ndarray, int], None], arena: Any, quick: Any = None) -> None:
         self.name, self.shape, self.dtype, self.algorithm, self.ran = c.name, c.shape, c.dtype, algorithm, c.algorithm
         self.sig, self.post, self.pairs, self.n_out, self.row_shape = c.sig, c.post, pairs, n_out, c.row_shape
         self.received = c.received
-        self.move, self.arena = move, arena
+        self.move, self.arena, self.quick = move, arena, quick
 
 
 def post_of(name: str, rows: int, splits: tuple[int, ...] | None, out_rows: int, root: int, rank: int,
@@ -174,8 +184,15 @@ def _splits(name: str, splits: Any, rows: int, size: int, fail: Callable[[type, 
 
 
 def prepare_variable(name: str, x: Any, root: int, splits: Any, algorithm: str | None, out: Any, rank: int,
-                     size: int, default_alg: str, single_node: bool, return_splits: bool = False) -> VCall:
-    """Check every local argument of variable-size collective ``name``; raises before anything is sent."""
+                     size: int, default_alg: str, single_node: bool, return_splits: bool = False,
+                     window: Callable[[np.ndarray], tuple[int, list[np.ndarray]] | None] | None = None) -> VCall:
+    """Check every local argument of variable-size collective ``name``; raises before anything is sent.
+
+    ``window(x)``: (number, every rank's part) of the ``comm.alloc`` window
+    that ``x`` starts, or None (``SharedArrays.whole``); an alltoall or
+    allgather by shm or auto on such an ``x`` reads every rank's input where
+    it lies (algorithm ``shm-window#k``).
+    """
     alg = algorithm or (default_alg if default_alg in ALGORITHMS_OF[name] else "auto")
     shape: Any = getattr(x, "shape", None)
     dtype: Any = getattr(x, "dtype", None)
@@ -228,7 +245,14 @@ def prepare_variable(name: str, x: Any, root: int, splits: Any, algorithm: str |
             if o.size and arr.size and np.may_share_memory(o, arr):
                 raise fail(CollectiveValueError, "out overlaps the input; pass a separate array")
         wrap = owrap if owrap is not None else None
+    segs = None
+    if (window is not None and arr is not None and alg in ("auto", "shm") and single_node and size > 1
+            and name in ("alltoall", "allgather")):
+        found = window(arr)
+        if found is not None:
+            alg, segs = f"shm-window#{found[0]}", found[1]
     c = VCall(name, root, alg, arr, sp, o, out, wrap, return_splits)
+    c.segs = segs
     if arr is not None:
         c.post = post_of(name, int(arr.shape[0]), sp, -1 if o is None else int(o.shape[0]), root, rank, size)
     return c
@@ -320,7 +344,7 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
            if outs[q] >= 0 and want[q] >= 0 and outs[q] != want[q]]
     if bad:
         _fail_all(c, rank, size, bad)
-    if c.name == "allgather" and (counts == counts[0]).all():
+    if c.name == "allgather" and c.segs is None and (counts == counts[0]).all():
         return fixed(c)
     alg = c.algorithm
     if alg == "auto":
@@ -343,13 +367,26 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     if c.name == "alltoall":
         assert recv is not None  # alltoall's, set above
         c.received = [int(v) for v in recv]
-    move = _mover(c, alg, every, counts if c.name in ("gather", "allgather") else None, row, rank, size, comm, MPI,
-                  executor, nodes, arena)
-    move(c.x, out, seq)
+    cnts = counts if c.name in ("gather", "allgather") else None
+    move = _mover(c, alg, every, cnts, row, rank, size, comm, MPI, executor, nodes, arena)
+    if c.posted and alg == "shm":  # every rank's bytes are in the arena already: read them
+        assert arena is not None  # posted only through the arena
+        _shm_mover(c, every, cnts, row, rank, size, arena, posted=True)(c.x, out, seq)
+    else:
+        move(c.x, out, seq)
     if settled and c.sig is not None and c.name in ("alltoall", "allgather") and c.known is not None:
         # Only rerunnable where the check fixed every count: a repeat posting the same pairs needs nothing else.
-        c.plan = VPlan(c, called, tuple(int(v) for v in c.known.ravel()), n_out, move,
-                       arena() if alg == "shm" else None)  # type: ignore[misc]
+        pairs = tuple(int(v) for v in c.known.ravel())
+        quick = None
+        if alg == "shm":
+            assert arena is not None and c.post is not None  # shm only with an arena; a post for these two
+            ar = arena()
+            sizes, reads = _shm_layout(c, every, cnts, dtype.itemsize * row, rank, size)
+            if max(sizes) <= ar.chunk:
+                own = [(off, off + n) for q, off, n, _ in reads if q == rank]
+                quick = QuickScatter(ar, sizes, reads, own[0] if c.name == "alltoall" else None, c.post[:2], pairs)
+        c.plan = VPlan(c, called, pairs, n_out, move, arena() if alg == "shm" or c.segs is not None  # type: ignore[misc]
+                       else None, quick)
     if out is None:
         return None
     res = _finish(c, out)
@@ -372,15 +409,14 @@ def _mover(c: VCall, alg: str, every: np.ndarray, counts: Any, row: int, rank: i
     name = c.name
     if alg == "shm":
         assert arena is not None  # shm only where there is an arena (see run_variable)
-        sizes, reads = _shm_layout(c, every, counts, dtype.itemsize * row, rank, size)
-        scatter_bytes = arena().scatter_bytes
-        empty = np.empty(0, np.uint8)
+        return _shm_mover(c, every, counts, row, rank, size, arena)
+    if c.segs is not None:  # the window path: every rank's input is in one comm.alloc window
+        assert arena is not None  # a window exists only with the arena
+        read = arena().window_reader(c.segs, _shm_layout(c, every, counts, dtype.itemsize * row, rank, size)[1])
 
-        def move_shm(x: np.ndarray | None, o: np.ndarray | None, seq: int) -> None:
-            ob = o.reshape(-1).view(np.uint8) if o is not None else None
-            scatter_bytes(x.reshape(-1).view(np.uint8) if x is not None else empty, sizes,
-                          [(q, off, n, ob[d:d + n]) for q, off, n, d in reads])  # type: ignore[index]
-        return move_shm
+        def move_window(x: np.ndarray | None, o: np.ndarray | None, seq: int) -> None:
+            read(o)  # type: ignore[arg-type]
+        return move_window
     if name == "alltoall":
         M = every[:, :size]
         sc = [int(v) * row for v in M[rank]]
@@ -414,6 +450,20 @@ def _mover(c: VCall, alg: str, every: np.ndarray, counts: Any, row: int, rank: i
                 "output": o.reshape(-1) if gets_output and o is not None else None}
         executor.run(plan, bufs, None, seq)
     return move_schedule
+
+
+def _shm_mover(c: VCall, every: np.ndarray, counts: Any, row: int, rank: int, size: int, arena: Callable[[], Any],
+               posted: bool = False) -> Callable[[np.ndarray | None, np.ndarray | None, int], None]:
+    """:func:`_mover` for shm (``posted``: only the reads, see ``ShmArena.scatter_bytes``)."""
+    sizes, reads = _shm_layout(c, every, counts, c.dtype.itemsize * row, rank, size)  # type: ignore[union-attr]
+    scatter_bytes = arena().scatter_bytes
+    empty = np.empty(0, np.uint8)
+
+    def move_shm(x: np.ndarray | None, o: np.ndarray | None, seq: int) -> None:
+        ob = o.reshape(-1).view(np.uint8) if o is not None else None
+        scatter_bytes(x.reshape(-1).view(np.uint8) if x is not None else empty, sizes,
+                      [(q, off, n, ob[d:d + n]) for q, off, n, d in reads], posted)  # type: ignore[index]
+    return move_shm
 
 
 def _shm_layout(c: VCall, every: np.ndarray, counts: Any, isz: int, rank: int,

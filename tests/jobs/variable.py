@@ -169,6 +169,52 @@ def bad_input() -> None:
     assert (y == np.arange(P)).all()
 
 
+def window_cases() -> None:
+    """Inputs in a comm.alloc window (read where they lie, algorithm shm-window#k): exact answers for even and
+    uneven alltoall and uneven allgather, repeated with the input rewritten right after every call (a rank must
+    not return while another still reads its input); a rank passing a plain array instead is a mismatch on
+    every rank, with nothing written."""
+    if not comm.single_node or P == 1:
+        return
+    for dt in ("float32", "int8", "complex64"):
+        cap = max(scales) * 2 * P + 2 * P
+        win = comm.alloc((cap, 3), dt)
+        for scale in scales:
+            for alg in ("auto", "shm"):
+                for even in (True, False):
+                    sp = [scale] * P if even else splits_of(R, scale)
+                    n = sum(sp)
+                    x = win[:n]
+                    x[...] = np.concatenate([block(R, d, sp[d], dt) for d in range(P)])
+                    want_rows = [scale] * P if even else [splits_of(s, scale)[R] for s in range(P)]
+                    want = np.concatenate([block(s, R, want_rows[s], dt) for s in range(P)])
+                    y, got = comm.alltoall(x, splits=None if even else sp, return_splits=True, algorithm=alg)
+                    assert got == want_rows and y.dtype == want.dtype and (y == want).all(), ("window", dt, scale)
+                    assert comm.trace()[-1].algorithm.startswith("shm-window#"), comm.trace()[-1].algorithm
+                rows = ((R * 2) % 3) * scale
+                win[:rows] = block(R, 0, rows, dt)
+                y = comm.allgather(win[:rows], algorithm=alg)
+                want = np.concatenate([block(s, 0, ((s * 2) % 3) * scale, dt) for s in range(P)])
+                assert y.shape == want.shape and (y == want).all(), ("window allgather", dt, scale)
+                same_everywhere(y, "window allgather")
+        rows = 2 + max(scales) // 50
+        out = np.empty((rows * P, 3), dt)
+        for it in range(30):  # repeats from the plan; the input rewritten as soon as each call returns
+            win[:rows * P] = (np.arange(rows * P * 3).reshape(rows * P, 3) + 7 * R + it) % 101
+            comm.alltoall(win[:rows * P], out=out)
+            want = np.concatenate([(np.arange(rows * P * 3).reshape(rows * P, 3)[rows * R:rows * (R + 1)]
+                                    + 7 * s + it) % 101 for s in range(P)]).astype(dt)
+            assert (out == want).all(), ("window repeat", dt, it)
+            win[:rows * P] = -1
+        out[...] = 0
+        raises_everywhere("a plain array against a window", lambda: comm.alltoall(
+            win[:rows * P] if R else win[:rows * P].copy(), out=out), CollectiveMismatchError)
+        assert (out == 0).all()
+        del x
+        comm.free(win)
+
+
+cases.run("window inputs", window_cases)
 cases.run("async forms", async_forms)
 cases.run("0-d allgather", zero_d)
 cases.run("bad input", bad_input)
