@@ -413,9 +413,9 @@ class Communicator:
         name = key[0]
         plan = self._prep.vplans.get(key)
         if plan is not None:
-            r = self._seqr.vrepeat(plan, x, out, key, return_splits, functools.partial(
-                prepare_variable, name, x, 0, splits, algorithm, out, self.rank, self.size, self.algorithm,
-                self.single_node, return_splits, self._window_of))
+            r = self._seqr.vrepeat(plan, x, out, key, return_splits, lambda: prepare_variable(
+                name, x, 0, splits, algorithm, out, self.rank, self.size, self.algorithm, self.single_node,
+                return_splits, self._window_of))
             if r is not MISS:
                 return r
         c = self._prepare_v(name, x, 0, splits, algorithm, out, return_splits)
@@ -543,6 +543,9 @@ class Communicator:
 
         The first dims may differ across ranks (the rest of the shape and the
         dtype may not); a 0-d ``x`` is one row, so P of them give shape ``(P,)``.
+        With "auto" or "shm" on one node, an ``x`` that is an array from
+        :meth:`alloc` or a leading slice of one (the same alloc on every rank)
+        is read where it lies.
 
         Example::
 
@@ -568,7 +571,9 @@ class Communicator:
             splits: rows of each block (P counts adding up to ``x``'s rows); None: equal blocks (the rows must
                 divide by P). What each rank receives is exchanged internally.
             return_splits: also return the rows received from each rank.
-            algorithm: "auto", "native" (MPI's own), "pairwise" or "bruck".
+            algorithm: "auto", "native" (MPI's own), "pairwise", "bruck" or "shm" (one node). With "auto" or
+                "shm" on one node, an ``x`` from :meth:`alloc` (the same alloc on every rank) is read where it
+                lies: no copy-in.
             out: array for the result (the received rows; same dtype and row shape).
 
         Returns:

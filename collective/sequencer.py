@@ -654,8 +654,15 @@ class Sequencer:
                     or (plan.arena is not None and plan.arena is not self.engine.arena)):
                 return MISS
             self.seq = seq = self.seq + 1
-            recorder = self.recorder
-            rec = recorder.begin(seq, plan.name, plan.shape, plan.dtype, plan.algorithm, None, tag)
+            recorder = self.recorder  # its begin, written out (every frame counts at small sizes)
+            rec = recorder.slots[seq % recorder.length]
+            rec.seq, rec.op, rec.shape, rec.dtype = seq, plan.name, plan.shape, plan.dtype
+            rec.algorithm, rec.root = plan.algorithm, None
+            rec.thread = tag
+            rec.t_end = None
+            rec.t_start = _monotonic()
+            recorder.last_seq = seq
+            recorder.current = rec
             try:
                 sig = plan.sig
                 quick = plan.quick
@@ -694,7 +701,8 @@ class Sequencer:
                 self._failed(plan.name, exc, rec.t_start)
                 raise
             finally:
-                recorder.end(rec)
+                rec.t_end = _monotonic()
+                recorder.current = None
         finally:
             self.owner = None
             gate.release()

@@ -57,8 +57,8 @@ import numpy as np
 
 from .errors import CollectiveValueError, SharedMemoryError
 
-__all__ = ["ShmArena", "SharedArrays", "QuickScatter", "DEFAULT_CHUNK_BYTES", "ONE_PHASE_BYTES", "WINDOW_MIN_BYTES",
-           "SHM_WAITS", "MIN_CHUNK_BYTES", "arena_bytes", "fitting_chunk", "shm_space", "commit"]
+__all__ = ["ShmArena", "SharedArrays", "QuickScatter", "WindowRead", "DEFAULT_CHUNK_BYTES", "ONE_PHASE_BYTES",
+           "WINDOW_MIN_BYTES", "SHM_WAITS", "MIN_CHUNK_BYTES", "arena_bytes", "fitting_chunk", "shm_space", "commit"]
 
 # Fewer phases won over cache-sized chunks in the chunk-size runs of docs/bench (above all when ranks outnumber
 # cores and every phase costs context switches).
@@ -790,21 +790,22 @@ class QuickScatter:
 
     :meth:`ShmArena.scatter_bytes` of at most one chunk, for the sizes a plan
     fixed (``collective.variable.VPlan``), with :meth:`ShmArena.exchange_pairs`
-    as its phase. Before the check this rank copies its bytes into its
+    as its phase. Before the check this rank copies its input into its
     region (which sends nothing: no rank reads a region before the phase that
     follows), leaving out ``private``, the part only it reads (its own block
     of an alltoall); it sets bit ``seq & 1`` of its flag's word ``_POSTED``
     to say so, posts its fingerprint and its (rows, out rows), and ends the
     phase. Every rank reads the same flags, so every rank reaches the same
     verdict on what follows (:meth:`run`): a mismatch, or whether every rank
-    posted its bytes. A rank that took the ordinary path (no plan, or another
+    posted its input. A rank that took the ordinary path (no plan, or another
     one) posts through :meth:`ShmArena.exchange_pairs`, which clears the bit.
 
     Args:
         arena: the node's arena (the check is fenced in it).
-        sizes, reads: as :meth:`ShmArena.scatter_bytes` takes them, reads' destinations as offsets into the
-            output's bytes: (rank, offset in its bytes, count, offset in out).
-        private: [start, stop) of this rank's bytes that no other rank reads (not posted), or None.
+        dtype: the elements' dtype; every offset below counts elements of it.
+        sizes, reads: as :meth:`ShmArena.scatter_bytes` takes them, in elements, reads' destinations as
+            offsets into the output: (rank, offset in its input, count, offset in out).
+        private: [start, stop) of this rank's input that no other rank reads (not posted), or None.
         post: this rank's (rows, out rows), as the check posts them.
         expect: every rank's (rows, out rows), flat, as the plan was made from.
     """
@@ -813,42 +814,41 @@ class QuickScatter:
     DONE, MISMATCH, POSTED, APART = 0, 1, 2, 3
     __slots__ = ("arena", "posts", "own", "reads", "post", "expect")
 
-    def __init__(self, arena: ShmArena, sizes: list[int], reads: list[tuple[int, int, int, int]],
+    def __init__(self, arena: ShmArena, dtype: np.dtype, sizes: list[int], reads: list[tuple[int, int, int, int]],
                  private: tuple[int, int] | None, post: tuple[int, int], expect: tuple[int, ...]) -> None:
         me = arena.rank
         n = sizes[me]
-        assert max(sizes) <= arena.chunk, "QuickScatter: more than one chunk"
-        byte = np.dtype(np.uint8)
+        assert max(sizes) <= arena.chunk_elems(dtype), "QuickScatter: more than one chunk"
         lo, hi = private if private is not None else (n, n)
         ranges = [(a, b) for a, b in ((0, lo), (hi, n)) if b > a]
         self.arena, self.post, self.expect = arena, post, expect
-        #: Per region parity: (this rank's region part, start, stop of its bytes copied there).
-        self.posts = tuple(tuple((arena.regions(p, byte)[me][a:b], a, b) for a, b in ranges) for p in (0, 1))
-        #: Reads of this rank's own bytes: (start, stop in its bytes, start, stop in out).
+        #: Per region parity: (this rank's region part, start, stop of its input copied there).
+        self.posts = tuple(tuple((arena.regions(p, dtype)[me][a:b], a, b) for a, b in ranges) for p in (0, 1))
+        #: Reads of this rank's own input: (start, stop in its input, start, stop in out).
         self.own = tuple((off, off + c, d, d + c) for q, off, c, d in reads if q == me and c)
         #: Per region parity: (another rank's region part, start, stop in out).
-        self.reads = tuple(tuple((arena.regions(p, byte)[q][off:off + c], d, d + c) for q, off, c, d in reads
+        self.reads = tuple(tuple((arena.regions(p, dtype)[q][off:off + c], d, d + c) for q, off, c, d in reads
                                  if q != me and c) for p in (0, 1))
 
     def run(self, h: int, seq: int, x: np.ndarray, o: np.ndarray) -> int:
-        """Post ``x`` (C-contiguous, the plan's shape) with fingerprint ``h`` of call ``seq``, end the phase, and
-        copy this rank's part into ``o`` if every rank's post is the plan's; the verdict:
+        """Post ``x`` (C-contiguous, the plan's shape and dtype) with fingerprint ``h`` of call ``seq``, end the
+        phase, and copy this rank's part into ``o`` if every rank's post is the plan's; the verdict:
 
-        * ``DONE``: every rank posted its bytes and every (rows, out rows) is the plan's; ``o`` holds the result.
+        * ``DONE``: every rank posted its input and every (rows, out rows) is the plan's; ``o`` holds the result.
         * ``MISMATCH``: some rank posted another fingerprint. Nothing is written and the chunk count is as
           before: every rank raises the mismatch report.
-        * ``POSTED``: every rank posted its bytes, but the (rows, out rows) differ from the plan's: the call
+        * ``POSTED``: every rank posted its input, but the (rows, out rows) differ from the plan's: the call
           goes on by the ordinary path from them (``ShmArena.pairs_of``), its shm reads from the posted bytes
           (``scatter_bytes(posted=True)``), with no other phase, as every rank's does.
-        * ``APART``: some rank took the ordinary path, so its bytes are not posted yet: the chunk count is as
+        * ``APART``: some rank took the ordinary path, so its input is not posted yet: the chunk count is as
           before and the call goes on by the ordinary path (its own data phase), as on that rank.
         """
         ar = self.arena
         g = ar.chunks_done
         ar.chunks_done = g + 1
-        xb = x.reshape(-1).view(np.uint8)
+        xf = x if x.ndim == 1 else x.reshape(-1)
         for reg, a, b in self.posts[g & 1]:
-            reg[...] = xb[a:b]
+            reg[...] = xf[a:b]
         odd = seq & 1
         w = 3 + 2 * odd
         slot = 1 + odd
@@ -877,11 +877,69 @@ class QuickScatter:
             return 3
         if not same:
             return 2
-        ob = o.reshape(-1).view(np.uint8)
+        of = o if o.ndim == 1 else o.reshape(-1)
         for a, b, c, d in self.own:
-            ob[c:d] = xb[a:b]
+            of[c:d] = xf[a:b]
         for src, c, d in self.reads[g & 1]:
-            ob[c:d] = src
+            of[c:d] = src
+        return 0
+
+
+class WindowRead:
+    """A repeated alltoall or allgather whose every rank's input lies in one ``alloc`` window: the check, reads
+    straight from the inputs, a phase (:meth:`ShmArena.window_reader` with the check folded in).
+
+    Args:
+        arena: the node's arena (the check is fenced in it).
+        dtype: the elements' dtype; offsets count elements of it.
+        segs: every rank's whole part of the window, as bytes (``SharedArrays.whole``).
+        reads: (rank, offset in its input, count, offset in out), in elements.
+        post, expect: as :class:`QuickScatter`'s.
+    """
+
+    __slots__ = ("arena", "srcs", "post", "expect")
+
+    def __init__(self, arena: ShmArena, dtype: np.dtype, segs: list[np.ndarray], reads: list[tuple[int, int, int, int]],
+                 post: tuple[int, int], expect: tuple[int, ...]) -> None:
+        isz = dtype.itemsize
+        self.arena, self.post, self.expect = arena, post, expect
+        self.srcs = tuple((segs[q][off * isz:(off + c) * isz].view(dtype), d, d + c) for q, off, c, d in reads if c)
+
+    def run(self, h: int, seq: int, x: np.ndarray, o: np.ndarray) -> int:
+        """Post fingerprint ``h`` of call ``seq`` and this rank's (rows, out rows), end the phase, and if every
+        rank's post is the plan's, copy this rank's part of every input into ``o`` and end one more phase.
+
+        Verdicts as :meth:`QuickScatter.run`'s: ``DONE``; ``MISMATCH`` (nothing written: every rank raises);
+        ``APART`` where some rank's (rows, out rows) differ from the plan's: the call goes on by the ordinary
+        path from them (``ShmArena.pairs_of``), whose window reads and final phase every rank's path shares.
+        ``x`` is not read: its memory is this rank's part of the window.
+        """
+        ar = self.arena
+        odd = seq & 1
+        w = 3 + 2 * odd
+        slot = 1 + odd
+        f = ar.my_flag
+        post = self.post
+        f[w] = post[0]
+        f[w + 1] = post[1]
+        f[_POSTED] &= ~(1 << odd)
+        f[slot] = h
+        ar.phase()
+        e = self.expect
+        i = 0
+        same = True
+        for fl in ar.flags:
+            if fl[slot] != h:
+                return 1
+            if fl[w] != e[i] or fl[w + 1] != e[i + 1]:
+                same = False
+            i += 2
+        if not same:
+            return 3
+        of = o if o.ndim == 1 else o.reshape(-1)
+        for src, c, d in self.srcs:
+            of[c:d] = src
+        ar.phase()
         return 0
 
 
@@ -921,6 +979,8 @@ class SharedArrays:
         self._scratch_buf = np.empty(WINDOW_PIECE_BYTES, np.uint8)
         self._by_addr: dict[int, tuple[Any, list[np.ndarray], int]] = {}
         self._views: dict[tuple[int, int, np.dtype], tuple[int, list[np.ndarray]]] = {}
+        #: id(array) -> (the array, its answer) of :meth:`whole`.
+        self._whole: dict[int, tuple[np.ndarray, tuple[int, list[np.ndarray]]]] = {}
         self._number = -1
 
     def alloc(self, nbytes: int) -> np.ndarray:
@@ -993,10 +1053,12 @@ class SharedArrays:
                 if root is not None:
                     RETIRED[id(root)] = (root, why)
         self._views.clear()
+        self._whole.clear()
 
     def _plans_dropped(self) -> None:
-        """Forget cached views (a plan of the window path holds some)."""
+        """Forget cached views (a plan of the window path holds some) and the arrays :meth:`whole` kept."""
         self._views.clear()
+        self._whole.clear()
 
     def free_all(self) -> None:
         """Free every window (collective over the node; the same windows on every rank, in alloc order)."""
@@ -1005,6 +1067,7 @@ class SharedArrays:
             win.Free()
         self._by_addr.clear()
         self._views.clear()
+        self._whole.clear()
 
     def _scratch(self, n: int, dtype: np.dtype) -> np.ndarray:
         """n elements of ``dtype`` of scratch (at most one window piece)."""
@@ -1042,13 +1105,24 @@ class SharedArrays:
 
     def whole(self, a: np.ndarray) -> tuple[int, list[np.ndarray]] | None:
         """(window number, every rank's whole part of the window, as bytes) when ``a`` is an alloc'd array or a
-        leading slice of one, else None (a plain array: decided by its ``base`` alone)."""
+        leading slice of one, else None (a plain array: decided by its ``base`` alone).
+
+        The answer is kept for the array object (a loop passes the same one
+        call after call, and reading its address is the costly part); the
+        arrays kept are views of windows, dropped before a window is freed.
+        """
         if a.base is None:
             return None
+        hit = self._whole.get(id(a))
+        if hit is not None and hit[0] is a:
+            return hit[1]
         ent = self._by_addr.get(a.__array_interface__["data"][0])
-        if ent is None or ent[1][self.arena.rank].nbytes < a.nbytes:
-            return None
-        return ent[2], ent[1]
+        found = None if ent is None or ent[1][self.arena.rank].nbytes < a.nbytes else (ent[2], ent[1])
+        if found is not None:
+            if len(self._whole) >= 64:
+                self._whole.clear()
+            self._whole[id(a)] = (a, found)
+        return found
 
     def own_slice(self, n: int) -> tuple[int, int]:
         """The part [start, stop) of an n-element array that this rank reduces in :meth:`allreduce`."""

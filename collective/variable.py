@@ -38,7 +38,7 @@ from collective import topologies
 from .arrays import Deferred, to_numpy
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import check_dtype, dtype_code, dtype_from_code
-from .shm import QuickScatter
+from .shm import QuickScatter, WindowRead
 from .signature import check_algorithm, check_out_dtype
 
 __all__ = ["VCall", "VPlan", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
@@ -378,15 +378,17 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         # Only rerunnable where the check fixed every count: a repeat posting the same pairs needs nothing else.
         pairs = tuple(int(v) for v in c.known.ravel())
         quick = None
-        if alg == "shm":
-            assert arena is not None and c.post is not None  # shm only with an arena; a post for these two
-            ar = arena()
-            sizes, reads = _shm_layout(c, every, cnts, dtype.itemsize * row, rank, size)
-            if max(sizes) <= ar.chunk:
+        if (alg == "shm" or c.segs is not None) and c.post is not None:
+            ar = arena()  # type: ignore[misc]  # shm and windows only with an arena
+            sizes, reads = _shm_layout(c, every, cnts, row, rank, size)  # in elements
+            if c.segs is not None:
+                quick = WindowRead(ar, dtype, c.segs, reads, c.post[:2], pairs)
+            elif max(sizes) <= ar.chunk_elems(dtype):
                 own = [(off, off + n) for q, off, n, _ in reads if q == rank]
-                quick = QuickScatter(ar, sizes, reads, own[0] if c.name == "alltoall" else None, c.post[:2], pairs)
-        c.plan = VPlan(c, called, pairs, n_out, move, arena() if alg == "shm" or c.segs is not None  # type: ignore[misc]
-                       else None, quick)
+                quick = QuickScatter(ar, dtype, sizes, reads, own[0] if c.name == "alltoall" else None, c.post[:2],
+                                     pairs)
+        shm_arena = arena() if alg == "shm" or c.segs is not None else None  # type: ignore[misc]
+        c.plan = VPlan(c, called, pairs, n_out, move, shm_arena, quick)
     if out is None:
         return None
     res = _finish(c, out)
@@ -542,7 +544,13 @@ def _native_mover(comm: Any, MPI: Any, name: str, dtype: np.dtype, sc: list[int]
 
     empty = np.empty(0, np.uint8)
     send, recv = layout(sc), layout(rc)
-    if name == "alltoall":
+    if name == "alltoall" and len(set(sc)) == 1 and len(set(rc)) == 1:
+        f = comm.Alltoall  # equal blocks: MPI's alltoall, as a caller of MPI would use
+        each = [sc[0] * isz, B], [rc[0] * isz, B]
+
+        def move(x: Any, o: Any, seq: int) -> None:
+            f([x, *each[0]], [o, *each[1]])
+    elif name == "alltoall":
         f = comm.Alltoallv
 
         def move(x: Any, o: Any, seq: int) -> None:
