@@ -30,11 +30,15 @@ class Chooser:
         quick: returns whether small shm allreduces run in one phase (the check fenced in the arena).
         shm_ok: returns whether the node's shm arena can exist (False where /dev/shm is too small for it:
             "auto" then picks paths that need no shared window). None: always.
+        shared_cores: returns whether the node's ranks share cores (the arena's phases wait in MPI's barrier
+            rather than spin, ``ShmArena.spins``; the same answer on every rank). None: never.
     """
 
     def __init__(self, cluster: Cluster, rank: int, size: int, local_size: int, single_node: bool, tuning: Any,
-                 quick: Callable[[], bool], shm_ok: Callable[[], bool] | None = None) -> None:
+                 quick: Callable[[], bool], shm_ok: Callable[[], bool] | None = None,
+                 shared_cores: Callable[[], bool] | None = None) -> None:
         self._shm_ok = shm_ok
+        self._shared_cores = shared_cores
         self.cluster, self.rank, self.size, self.local_size = cluster, rank, size, local_size
         self.single_node = single_node
         self.tuning = tuning
@@ -80,15 +84,17 @@ class Chooser:
         ``nbytes`` per rank as ``topologies.cost.predict`` counts it (the mean
         of the ranks' inputs; scatter: the root's whole input), computed from
         counts every rank holds alike, so every rank picks the same. In order
-        (tuning tables do not cover these collectives): one rank: native; on one node,
-        native for alltoall (MPI's own pairwise exchange beats reading every
-        peer's block through the arena at every size measured, see
-        docs/bench/alltoall_allgatherv_p2.txt), shm for the others where the
-        node's arena can exist, else native (MPI's own runs these in bytes, so
-        every dtype goes); across nodes, the cost model's
+        (tuning tables do not cover these collectives): one rank: native; on
+        one node where the node's arena can exist (else native: MPI's own runs
+        these in bytes, so every dtype goes), alltoall and allgatherv take
+        shm from 4 KiB where the ranks share cores and native otherwise (with a
+        core each, MPI's own beat copying through the arena at P = 2; sharing
+        two cores, P = 4, shm won: docs/bench/alltoall_allgatherv_p2.txt and
+        _p4.txt), gather and scatter take shm; across nodes, the cost model's
         cheapest of native and the collective's Schedules (pairwise and Bruck
         alltoall, binomial-tree gather and scatter, ring allgatherv) on the
-        calibrated links.
+        calibrated links. Inputs from ``comm.alloc`` are read where they lie
+        whatever this says (``collective.variable.prepare_variable``).
 
         Example::
 
@@ -99,7 +105,12 @@ class Chooser:
         if self.size == 1:
             return "native"
         if self.single_node:
-            return "shm" if shm and name != "alltoall" else "native"
+            if not shm:
+                return "native"
+            if name in ("alltoall", "allgatherv"):
+                shared = self._shared_cores is not None and self._shared_cores()
+                return "shm" if shared and nbytes >= (4 << 10) else "native"
+            return "shm"
         return self.cost_choice(name, nbytes, dtype, root, cands).best
 
     def cost_choice(self, collective: str, nbytes: int, dtype: Any = "float32", root: int = 0,

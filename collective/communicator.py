@@ -247,7 +247,8 @@ class Communicator:
         self.single_node: bool = node_count == 1
         self._chooser = Chooser(self.cluster, self.rank, self.size, self.local_size, self.single_node, tuning,
                                 lambda: self._check.quick_arena is not None,
-                                shm_ok=lambda: self._engine.shm_problem is None)
+                                shm_ok=lambda: self._engine.shm_problem is None,
+                                shared_cores=lambda: self._engine.arena is not None and not self._engine.arena.spins)
         self._prep = Preparer(self.rank, self.size, alg, self._chooser.auto, self._engine.plan,
                               self.cluster.node_of_rank, node_count, lambda: self._engine.shared, chunk)
         self._engine.nodes = self.cluster.node_of_rank

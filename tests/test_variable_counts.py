@@ -21,10 +21,12 @@ def test_counts_travel_with_the_check(nprocs: int) -> None:
     assert count_passed(res) == (12 if nprocs == 1 else 25), res.output[-3000:]
 
 
-def _chooser(nodes: tuple[int, ...], single_node: bool = False, shm_ok: bool = True) -> Chooser:
+def _chooser(nodes: tuple[int, ...], single_node: bool = False, shm_ok: bool = True,
+             shared_cores: bool = False) -> Chooser:
     cl = Cluster(nodes, intra=INTRA, inter=INTER, gamma=1 / 3e9)
     local = sum(1 for n in nodes if n == nodes[0])
-    return Chooser(cl, 0, len(nodes), local, single_node, None, lambda: False, shm_ok=lambda: shm_ok)
+    return Chooser(cl, 0, len(nodes), local, single_node, None, lambda: False, shm_ok=lambda: shm_ok,
+                   shared_cores=lambda: shared_cores)
 
 
 SIZES = (0, 64, 4 << 10, 64 << 10, 1 << 20, 16 << 20)
@@ -69,9 +71,13 @@ def test_auto_schedules_win_where_the_model_says_so() -> None:
 def test_auto_on_one_node_and_one_rank() -> None:
     for name in VARIABLE_AUTO:
         for nbytes in SIZES:
-            # alltoall: MPI's own beats the arena on one node at every size measured
-            want = "native" if name == "alltoall" else "shm"
+            # alltoall and allgatherv: MPI's own where every rank has a core, shm from 4 KiB where they share
+            want = "native" if name in ("alltoall", "allgatherv") else "shm"
             assert _chooser((0,) * 4, single_node=True).auto_variable(name, nbytes, np.dtype("f4")) == want
+            want = "shm" if name in ("gather", "scatter") or nbytes >= 4 << 10 else "native"
+            assert _chooser((0,) * 4, single_node=True, shared_cores=True).auto_variable(name, nbytes, "f4") == want
+            assert _chooser((0,) * 4, single_node=True, shm_ok=False, shared_cores=True).auto_variable(
+                name, nbytes, "f4") == "native"
             assert _chooser((0,) * 4, single_node=True, shm_ok=False).auto_variable(name, nbytes, "f4") == "native"
             assert _chooser((0,), single_node=True).auto_variable(name, nbytes, np.dtype("f4")) == "native"
         # the public entry points take these names too
