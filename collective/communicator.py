@@ -251,6 +251,8 @@ class Communicator:
                                 shared_cores=lambda: self._engine.arena is not None and not self._engine.arena.spins)
         self._prep = Preparer(self.rank, self.size, alg, self._chooser.auto, self._engine.plan,
                               self.cluster.node_of_rank, node_count, lambda: self._engine.shared, chunk)
+        #: The repeat plans of alltoall and allgather (``Preparer.vplans``; the same dict for the communicator's life).
+        self._vplans = self._prep.vplans
         self._engine.nodes = self.cluster.node_of_rank
         self._engine.single_node = self.single_node
         self._engine.prepare_fixed = self._prep.prepare
@@ -381,27 +383,35 @@ class Communicator:
         """The key of NumPy call ``name`` in ``Preparer.vplans``; None where its arguments need the full checks
         (or the communicator is closed): a 0-d or non-contiguous ``x``, an ``out`` that is not a writable
         C-contiguous NumPy array of ``x``'s dtype apart from ``x``, an array of a retired window."""
-        if self._closed or x.ndim == 0 or not x.flags.c_contiguous or not (algorithm is None or type(algorithm) is str):
+        if self._closed or x.ndim == 0 or not (algorithm is None or type(algorithm) is str):
             return None
-        if out is None:
-            oshape = None
-        elif type(out) is np.ndarray and out.dtype == x.dtype:
-            f = out.flags
-            if not (f.writeable and f.c_contiguous) or (out.size and x.size and np.may_share_memory(out, x)):
-                return None
-            oshape = out.shape
-        else:
+        xf = x.flags
+        if not xf.c_contiguous:
             return None
-        if x.base is None:
-            win = -1
-        else:
+        win = -1
+        if not xf.owndata:
             if shm_mod.RETIRED:
                 return None
-            found = self._window_of(x)
-            win = -1 if found is None else found[0]  # a window's plan reads every rank's part of it
-        if shm_mod.RETIRED and out is not None:
+            shared = self._engine.shared
+            found = None if shared is None else shared.whole(x)
+            if found is not None:
+                win = found[0]  # a window's plan reads every rank's part of it
+        if out is None:
+            return name, x.shape, x.dtype, algorithm or self.algorithm, None, win
+        if type(out) is not np.ndarray or out.dtype != x.dtype:
             return None
-        return name, x.shape, x.dtype, algorithm or self.algorithm, oshape, win
+        f = out.flags
+        if not (f.writeable and f.c_contiguous) or (shm_mod.RETIRED and not f.owndata):
+            return None
+        # Memory NumPy allocated for out cannot be x's unless x is out or a view of it (a view's base is the array
+        # that owns the memory), nor lie in a window: that decides most calls without np.may_share_memory's cost.
+        if f.owndata and (xf.owndata or win >= 0):
+            apart = out is not x
+        else:
+            apart = not (out.size and x.size and np.may_share_memory(out, x))
+        if not apart:
+            return None
+        return name, x.shape, x.dtype, algorithm or self.algorithm, out.shape, win
 
     def _window_of(self, a: np.ndarray) -> tuple[int, list[np.ndarray]] | None:
         """(number, every node rank's part) of the ``alloc`` window that ``a`` starts, or None."""
@@ -419,7 +429,12 @@ class Communicator:
                 return_splits, self._window_of))
             if r is not MISS:
                 return r
-        c = self._prepare_v(name, x, 0, splits, algorithm, out, return_splits)
+        return self._vordinary(key, x, splits, algorithm, out, return_splits)
+
+    def _vordinary(self, key: tuple, x: np.ndarray, splits: Any, algorithm: Any, out: Any,
+                   return_splits: bool) -> Any:
+        """:meth:`_vrun` by the ordinary path, keeping the plan it leaves."""
+        c = self._prepare_v(key[0], x, 0, splits, algorithm, out, return_splits)
         r = self._seqr.run(c)
         if c.plan is not None:
             vplans = self._prep.vplans
@@ -586,8 +601,15 @@ class Communicator:
         """
         if splits is None and type(x) is np.ndarray:
             key = self._vkey("alltoall", x, algorithm, out)
-            if key is not None:
-                return self._vrun(key, x, None, algorithm, out, return_splits)
+            if key is not None:  # _vrun, written out: a repeat's whole cost is Python at small sizes
+                plan = self._vplans.get(key)
+                if plan is not None:
+                    r = self._seqr.vrepeat(plan, x, out, key, return_splits, lambda: prepare_variable(
+                        "alltoall", x, 0, None, algorithm, out, self.rank, self.size, self.algorithm,
+                        self.single_node, return_splits, self._window_of))
+                    if r is not MISS:
+                        return r
+                return self._vordinary(key, x, None, algorithm, out, return_splits)
         return self._run(self._prepare_v("alltoall", x, 0, splits, algorithm, out, return_splits))
 
     def alltoall_async(self, x: Any, splits: Any = None, return_splits: bool = False, algorithm: str | None = None,

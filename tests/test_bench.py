@@ -162,7 +162,8 @@ def test_columns_per_collective() -> None:
     assert [k for k in ALL_TEN if column_applies("gloo", k)] == ["allreduce", "alltoall", "gather", "scatter",
                                                                  "allgatherv"]
     assert [k for k in ALL_TEN if column_applies("auto", k)] == list(ALL_TEN[:-1])  # no algorithm for send/recv
-    assert not column_applies("shm", "sendrecv") and not column_applies("alloc", "alltoall")
+    assert not column_applies("shm", "sendrecv") and not column_applies("alloc", "gather")
+    assert [k for k in ALL_TEN if column_applies("alloc", k)] == ["allreduce", "alltoall", "allgatherv"]
     assert "pairwise" in default_algorithms() and "bruck" in default_algorithms()
     assert parse_args(["-a", "bruck,native"]).algorithms == ("bruck", "native")
 
