@@ -3,7 +3,7 @@ SIGKILLs itself mid-training; the survivors restore the last commit, go on over 
 --max-ranks (COLLECTIVE_MAX_RANKS) the survivors' next commit spawns replacements running this same command line:
 their hvd.init() joins, @hvd.elastic.run gives them rank 0's committed state, and every rank finishes together.
 
-Usage: horovod_elastic.py [--kill JOBRANK:STEP:POINT] [--commit-every C] [--epochs E]
+Usage: horovod_elastic.py [--kill JOBRANK:STEP:POINT] [--commit-every C] [--epochs E] [--final-ranks N]
 
 POINT: backward (in a gradient hook, after the DistributedOptimizer submitted that gradient's allreduce: the
 others wait inside the step's allreduces) or commit (after the step's update, just before its commit).
@@ -169,6 +169,9 @@ def main() -> None:
     ap.add_argument("--kill", default="")
     ap.add_argument("--commit-every", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--final-ranks", type=int, default=0,
+                    help="the ranks expected at the end (default: COLLECTIVE_MAX_RANKS after a kill, else the "
+                         "survivors)")
     args = ap.parse_args()
     hvd.init()
     from mpi4py import MPI
@@ -226,8 +229,8 @@ def main() -> None:
     # Rank 0 launched with the job and saw every resume; a replacement saw only the last.
     launched, history = hvd.broadcast_object((launched, resumes), 0, name="rank0-history")
     survivors = [j for j in range(launched) if j != victim]
-    grown = victim >= 0 and max_ranks > len(survivors)
-    final = max_ranks if grown else len(survivors)
+    final = args.final_ranks or (max(max_ranks, len(survivors)) if victim >= 0 else launched)
+    grown = final > len(survivors)
     ok(hvd.size() == final, f"size {hvd.size()}, expected {final}")
     if replacement:
         ok(hvd.rank() >= len(survivors), f"a replacement is rank {hvd.rank()}, expected after {len(survivors)}")
