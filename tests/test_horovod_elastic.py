@@ -82,7 +82,7 @@ def test_no_slot_for_a_replacement_the_survivors_go_on() -> None:
     # exits 0; a plain mpi4py Spawn into a full host does the same (docs/guides/elastic.md, upstream limits).
     assert rc in (0, 213), f"exit code {rc}\n{tail}"
     assert "FAIL" not in out and "dying (SIGKILL)" in out, tail
-    notes = [ln for ln in out.splitlines() if ln.startswith("hvd.elastic: no replacements")]
+    notes = [ln.strip() for ln in out.splitlines() if "hvd.elastic: no replacements" in ln]  # stderr interleaves
     assert len(notes) == 1 and notes[0].endswith("going on with 3 ranks"), tail
     passed = [ln for ln in out.splitlines() if "PASSED" in ln]
     assert len(passed) == 3 and all(ln.endswith(f"PASSED {PLAIN + 2}") and " of 3)" in ln for ln in passed), tail
