@@ -348,22 +348,22 @@ def _comm(what: str) -> Any:
 
 def size() -> int:
     """Number of ranks."""
-    return _comm("size").size
+    return int(_comm("size").size)
 
 
 def rank() -> int:
-    """This process's rank."""
-    return _comm("rank").rank
+    """This process's rank (a plain int, as Horovod returns)."""
+    return int(_comm("rank").rank)
 
 
 def local_size() -> int:
     """Number of ranks on this node."""
-    return _comm("local_size").local_size
+    return int(_comm("local_size").local_size)
 
 
 def local_rank() -> int:
     """This process's rank among the ranks of its node."""
-    return _comm("local_rank").local_rank
+    return int(_comm("local_rank").local_rank)
 
 
 def _nodes() -> list[int]:
