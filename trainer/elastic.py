@@ -534,7 +534,7 @@ class ElasticState(ElasticCore):
         Raises:
             ValueError: ``step`` is not one of the commits held in memory.
         """
-        for s, t, extra in self._commits:
+        for s, t, extra in reversed(self._commits):  # the newest of that step, if it was committed twice
             if s == step:
                 self.optimizer.use_generation(t)
                 self.extra = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in extra.items()}

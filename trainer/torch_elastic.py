@@ -15,6 +15,19 @@ rank dies inside step ``s``'s reductions, a survivor may have finished step
 ``s`` while another failed inside it, and no survivor can be further ahead
 (see ``trainer.elastic``).
 
+*Growing back* (``collective-run --max-ranks``): at the first commit after a
+loss, :meth:`~collective.trainer.elastic.ElasticCore.maybe_grow` spawns
+replacements (``comm.grow``) running the same program, rebinds the model and
+the sampler to the grown communicator and broadcasts rank 0's commit. A
+replacement's ``collective.init()`` returns that communicator with
+``is_replacement`` True; it builds the model and optimizer as every rank does
+(the wrapper's construction makes the same collective calls as the
+survivors' ``rebind``) and calls :meth:`TorchElasticState.join`, which gives
+it the step, the parameters and buffers, the optimizer's state (created where
+it has none yet) and hyperparameters, and ``extra``. The sampler's position
+is the step. Each step's global batch and sample order stay those of an
+uninterrupted run.
+
 Test hook: ``COLLECTIVE_ELASTIC_TEST_KILL="RANK:STEP:POINT[,...]"`` as for the
 NumPy trainer, with the points ``forward``, ``allreduce`` (just after bucket
 0's reduction was started or, reduced inline, done), ``shm`` (while bucket 0's
@@ -114,8 +127,13 @@ class TorchElasticState(ElasticCore):
     (:meth:`DistributedDataParallel.rebind`), gives the sampler the new rank's
     share of each global batch and broadcasts the new rank 0's state; training
     goes on from ``recovery.step``. The lowest surviving rank is the new rank
-    0 (read ``state.comm.rank``, not the rank of the launch). End with
-    :meth:`finish`, a fault-tolerant agreement every survivor leaves alike.
+    0 (read ``state.comm.rank``, not the rank of the launch). With
+    ``max_ranks``, call :meth:`maybe_grow` after each commit: at the first
+    commit after a loss the survivors spawn replacements up to ``max_ranks``
+    and hand them the commit; a replacement (``comm.is_replacement``) builds
+    the model and optimizer as the program does and calls :meth:`join`
+    instead of starting from step 0. End with :meth:`finish`, a
+    fault-tolerant agreement every survivor leaves alike.
 
     Args:
         model: the wrapped model; its communicator must be elastic for :meth:`recover` to work.
@@ -125,6 +143,8 @@ class TorchElasticState(ElasticCore):
             raises ``ValueError`` when the global batch cannot be split evenly over the survivors).
         min_ranks: stop below this many ranks (default ``COLLECTIVE_MIN_RANKS``, else 1): the new rank 0
             writes the agreed commit (:meth:`save`) and every survivor raises ``ElasticStop``.
+        max_ranks: grow back to this many ranks after a loss (default ``COLLECTIVE_MAX_RANKS``, set by
+            ``collective-run --max-ranks``; else no growing).
         stop_dir: where that commit goes (default ``elastic-checkpoint``).
         extra: small named values (numbers, arrays, tensors) committed and restored with the step.
         step: the step the state in memory belongs to (the first commit).
@@ -136,6 +156,8 @@ class TorchElasticState(ElasticCore):
 
         sampler = ShardedSampler(len(x), global_batch, comm.rank, comm.size, seed=0)
         state = TorchElasticState(model, opt, sampler)
+        if comm.is_replacement:           # spawned to grow the job back: take the survivors' commit
+            state.join()
         step = state.committed_step
         while True:
             try:
@@ -149,6 +171,7 @@ class TorchElasticState(ElasticCore):
                 opt.step()
                 step += 1
                 state.commit(step)
+                state.maybe_grow(step)        # after a loss, with max_ranks: replacements join here
             except collective.RanksLostError as exc:
                 step = state.recover(exc, step).step
     """
@@ -252,7 +275,7 @@ class TorchElasticState(ElasticCore):
         Raises:
             ValueError: ``step`` is not one of the commits held in memory.
         """
-        for snap in self._commits:
+        for snap in reversed(self._commits):  # the newest of that step, if it was committed twice
             if snap.step == step:
                 break
         else:
