@@ -238,13 +238,15 @@ def reference(tmp_path_factory: pytest.TempPathFactory, dtype: str) -> dict[str,
 
 
 def run_kills(tmp_path_factory: pytest.TempPathFactory, tmp: Path, kills: list[tuple[int, int, str]], dtype: str,
-              grow: bool = False) -> str:
-    """An elastic P=4 run with these kills (``grow``: with --max-ranks 4, so replacements join): rc 0, every kill
-    happened, 4 - kills ranks left (4 when growing), every rank's parameters alike and the uninterrupted run's
-    within TOL[dtype] relative."""
+              max_ranks: int | None = None) -> str:
+    """An elastic P=4 run with these kills (and ``--max-ranks``: 4 grows back): rc 0, every kill happened, 4 - kills
+    ranks left (4 when growing back), every rank's parameters alike and the uninterrupted run's within TOL[dtype]
+    relative."""
     ref = reference(tmp_path_factory, dtype)
     spec = ",".join(f"{r}:{s}:{p}" for r, s, p in kills)
-    rc, text, out = launch(tmp, "kill", kills=spec, dtype=dtype, run_args=["--max-ranks", "4"] if grow else None)
+    grow = max_ranks == 4
+    rc, text, out = launch(tmp, "kill", kills=spec, dtype=dtype,
+                           run_args=["--max-ranks", str(max_ranks)] if max_ranks else None)
     assert rc == 0, f"kills {spec}: exit code {rc}\n{text[-6000:]}"
     assert sorted(killed(text)) == sorted(kills), f"kills {spec}: saw {killed(text)}\n{text[-4000:]}"
     left = 4 if grow else 4 - len(kills)
@@ -272,8 +274,12 @@ def test_rank_killed_mid_allreduce_then_rank0(tmp_path_factory: pytest.TempPathF
 @pytest.mark.mpi
 @needs_elastic
 def test_rank0_killed_mid_allreduce_float64(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    """float64: job rank 0 dies mid-allreduce in the last bucket; the parameters match within 1e-10."""
-    run_kills(tmp_path_factory, tmp_path, [(0, 5, "late-allreduce")], "float64")
+    """float64: job rank 0 dies mid-allreduce in the last bucket; the parameters match within 1e-10. With
+    --max-ranks 5, which the global batch 96 does not split over, no replacement is spawned: the survivors say
+    so and go on alone."""
+    text = run_kills(tmp_path_factory, tmp_path, [(0, 5, "late-allreduce")], "float64", max_ranks=5)
+    assert ("elastic: no replacements (the global batch 96 cannot be split evenly over 5 ranks); going on with 3 "
+            "ranks") in text, text[-4000:]
 
 
 def _can_grow() -> bool:
@@ -289,7 +295,7 @@ def test_a_replacement_joins_and_the_run_ends_with_four_ranks(tmp_path_factory: 
     """--max-ranks 4: job rank 0 dies while bucket 0's allreduce is in flight; at the next commit the survivors
     spawn a replacement, which builds the model, receives the commit (parameters, optimizer state, step, extra) and
     its shard, and the run ends on 4 ranks, all alike, with the uninterrupted run's parameters."""
-    text = run_kills(tmp_path_factory, tmp_path, [(0, 4, "shm")], "float32", grow=True)
+    text = run_kills(tmp_path_factory, tmp_path, [(0, 4, "shm")], "float32", max_ranks=4)
     m = re.search(r"going on from the commit of step (\d+)", text)
     assert m, text[-4000:]
     assert f"elastic: 4 ranks again after step {int(m.group(1)) + 1}" in text, text[-4000:]

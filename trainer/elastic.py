@@ -372,8 +372,9 @@ class ElasticCore:
         everywhere). The survivors grow the communicator (``comm.grow``),
         rebind the model and the data to it, and broadcast rank 0's commit;
         the replacements, started with this program's command line, receive it
-        in :meth:`join`. Where no process can be spawned, rank 0 says so on
-        stderr and training goes on with the ranks there are.
+        in :meth:`join`. Where no process can be spawned, or the sampler's
+        global batch does not split evenly over ``max_ranks``, rank 0 says so
+        on stderr and training goes on with the ranks there are.
 
         Returns:
             True if the communicator grew.
@@ -385,20 +386,27 @@ class ElasticCore:
             return False
         self._grow_at = None
         comm = self.comm
-        count = (self.max_ranks or comm.size) - comm.size
+        target = self.max_ranks or comm.size
+        count = target - comm.size
         if count <= 0:
             return False
         from collective.errors import CollectiveError
 
+        def decline(why: str) -> bool:
+            if comm.rank == 0:
+                sys.stderr.write(f"elastic: no replacements ({why}); going on with {comm.size} ranks\n")
+                sys.stderr.flush()
+            return False
+
+        batch = getattr(self._sampler(), "global_batch", None)
+        if batch is not None and batch % target:  # decided before spawning: a replacement would wait in vain
+            return decline(f"the global batch {batch} cannot be split evenly over {target} ranks")
         try:
             merged = comm.grow(count)
         except lost_rank_errors():
             raise
         except CollectiveError as exc:  # no replacement could be started: train on with the ranks there are
-            if comm.rank == 0:
-                sys.stderr.write(f"elastic: no replacements ({exc}); going on with {comm.size} ranks\n")
-                sys.stderr.flush()
-            return False
+            return decline(str(exc))
         self._bind(merged, rebuild=True)
         self._match_new_ranks()
         self.sync(0, params=False)
@@ -413,6 +421,10 @@ class ElasticCore:
         """
         self._bind(self.comm, rebuild=False)
         self.sync(0, params=False, joining=True)
+
+    def _sampler(self) -> Any:
+        """The data's sampler (what ``global_batch`` is read from), or None."""
+        return None
 
     def _match_new_ranks(self) -> None:
         """After a grow, on the survivors: the collectives the replacements' model construction made beyond
@@ -622,6 +634,9 @@ class ElasticState(ElasticCore):
             self.loader.reshard(comm.rank, comm.size)
         if self.checkpoint is not None:
             self.checkpoint.rebind(comm)
+
+    def _sampler(self) -> Any:
+        return self.loader.sampler if self.loader is not None else None
 
     def _match_new_ranks(self) -> None:
         # The replacements' DataParallel broadcast the parameters from rank 0 as it was built; match it.

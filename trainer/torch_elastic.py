@@ -451,6 +451,9 @@ class TorchElasticState(ElasticCore):
             self.model.rebind(comm)
             self._params_sent = comm.size > 1
 
+    def _sampler(self) -> Any:
+        return self.sampler
+
     def rebind(self, comm: Any) -> None:
         """Collective over ``comm``: go on training on another communicator (e.g. a subgroup), from its rank 0's
         commit: rebuilds the model's buckets there, reshards the sampler and broadcasts the committed state.
