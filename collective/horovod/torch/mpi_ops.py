@@ -310,15 +310,11 @@ def _grown_communicator() -> Any:
     """In a process spawned by :func:`grow_to_max_ranks` (its first init only): the grown communicator, else None."""
     if _state.joined:
         return None
-    from collective.backends.mpi import require_mpi
-    from collective.communicator import join_as_replacement
+    from collective.communicator import take_parent
 
-    MPI = require_mpi()
-    parent = MPI.Comm.Get_parent()
-    if parent == MPI.COMM_NULL:
-        return None
-    _state.joined = True
-    return join_as_replacement(parent)
+    grown = take_parent("hvd.init()")
+    _state.joined = grown is not None
+    return grown
 
 
 def shutdown() -> None:
