@@ -13,6 +13,9 @@ from .backends.mpi import mpi_dtype
 
 __all__ = ["Chooser", "VARIABLE_AUTO"]
 
+#: Above this many bytes per rank an alltoall copies through the shm arena in several chunks, each a phase, and
+#: MPI's own won again where the ranks share cores (docs/bench/alltoall_allgatherv_p4.txt): the default chunk.
+_SHM_ALLTOALL_MAX = 4 << 20
 #: The variable-size collectives "auto" chooses for (``Chooser.auto_variable``), each with what it may pick
 #: besides shm: "native" and the Schedules ``topologies.cost.candidates_for`` lists (priced alike).
 VARIABLE_AUTO: dict[str, tuple[str, ...]] = {name: cost.candidates_for(name)
@@ -87,7 +90,8 @@ class Chooser:
         (tuning tables do not cover these collectives): one rank: native; on
         one node where the node's arena can exist (else native: MPI's own runs
         these in bytes, so every dtype goes), alltoall and allgatherv take
-        shm from 4 KiB where the ranks share cores and native otherwise (with a
+        shm from 4 KiB (alltoall up to 4 MiB) where the ranks share cores and
+        native otherwise (with a
         core each, MPI's own beat copying through the arena at P = 2; sharing
         two cores, P = 4, shm won: docs/bench/alltoall_allgatherv_p2.txt and
         _p4.txt), gather and scatter take shm; across nodes, the cost model's
@@ -109,7 +113,8 @@ class Chooser:
                 return "native"
             if name in ("alltoall", "allgatherv"):
                 shared = self._shared_cores is not None and self._shared_cores()
-                return "shm" if shared and nbytes >= (4 << 10) else "native"
+                top = _SHM_ALLTOALL_MAX if name == "alltoall" else None
+                return "shm" if shared and nbytes >= (4 << 10) and (top is None or nbytes <= top) else "native"
             return "shm"
         return self.cost_choice(name, nbytes, dtype, root, cands).best
 
