@@ -979,8 +979,8 @@ class SharedArrays:
         self._scratch_buf = np.empty(WINDOW_PIECE_BYTES, np.uint8)
         self._by_addr: dict[int, tuple[Any, list[np.ndarray], int]] = {}
         self._views: dict[tuple[int, int, np.dtype], tuple[int, list[np.ndarray]]] = {}
-        #: id(array) -> (the array, its answer) of :meth:`whole`.
-        self._whole: dict[int, tuple[np.ndarray, tuple[int, list[np.ndarray]]]] = {}
+        #: id(array) -> (the array, its answer, its window's address) of :meth:`whole`.
+        self._whole: dict[int, tuple[np.ndarray, tuple[int, list[np.ndarray]], int]] = {}
         self._number = -1
 
     def alloc(self, nbytes: int) -> np.ndarray:
@@ -1115,13 +1115,16 @@ class SharedArrays:
             return None
         hit = self._whole.get(id(a))
         if hit is not None and hit[0] is a:
-            return hit[1]
-        ent = self._by_addr.get(a.__array_interface__["data"][0])
+            live = self._by_addr.get(hit[2])
+            if live is not None and live[2] == hit[1][0]:  # the window still exists (numbers are never reused)
+                return hit[1]
+        addr = a.__array_interface__["data"][0]
+        ent = self._by_addr.get(addr)
         found = None if ent is None or ent[1][self.arena.rank].nbytes < a.nbytes else (ent[2], ent[1])
         if found is not None:
             if len(self._whole) >= 64:
                 self._whole.clear()
-            self._whole[id(a)] = (a, found)
+            self._whole[id(a)] = (a, found, addr)
         return found
 
     def own_slice(self, n: int) -> tuple[int, int]:
