@@ -81,6 +81,9 @@ _NAMED = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MA
 _BITWISE = {_R.BAND: ("band", "min"), _R.BOR: ("bor", "max"), _R.BXOR: ("bxor", "sum")}
 # bool follows torch's NCCL backend: a sum of booleans is their OR, a product their AND.
 _BOOL = {_R.SUM: "max", _R.MAX: "max", _R.BOR: "max", _R.PRODUCT: "min", _R.MIN: "min", _R.BAND: "min"}
+_SUM = _R.SUM
+#: The allreduce path keeps NumPy views of tensors up to this size, this many at most (see _hot_array).
+_HOT_MAX_BYTES, _HOT_ENTRIES = 1 << 18, 16
 # Reductions whose preparation or finish writes into the tensor reduced.
 _IN_PLACE_OPS = frozenset((_R.PREMUL_SUM, _R.BAND, _R.BOR, _R.BXOR))
 # torch dtypes whose tensors .numpy() views directly.
@@ -394,6 +397,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         # they get back: this one completed Work serves every synchronous call, and no call pays for a future of
         # its own.
         self._sync_done = _done([])
+        # Small tensors' NumPy views by id(tensor): (tensor, data_ptr, shape, dtype, view); see _hot_array.
+        self._hot: dict[int, tuple[Any, int, Any, Any, np.ndarray]] = {}
 
     # ---- names (DeviceMesh and torch's logs read them)
     def getBackendName(self) -> str:
@@ -471,6 +476,29 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         _check_tensor(t, self._where(call, t) if isinstance(t, torch.Tensor) else self._where(call))
         return t
 
+    def _hot_array(self, t: Any) -> np.ndarray | None:
+        """A NumPy view of ``t`` for the in-place allreduce path, or None where that path does not apply.
+
+        A small tensor's view is kept, keyed on the tensor's identity, with the pointer, shape and dtype that
+        it is valid for: a tensor reduced again and again (a loss, a counter, a small DDP bucket) then costs
+        no conversion per call. The entry holds the tensor, so its id cannot pass to another; the view keeps
+        its memory alive, so a later tensor with the same pointer, shape and dtype is the same memory.
+        """
+        if not isinstance(t, torch.Tensor) or not t.is_contiguous():
+            return None
+        try:
+            a = t.detach().numpy()  # refuses GPU, sparse, conjugate or negative bits, dtypes without a NumPy twin
+        except (TypeError, RuntimeError):
+            return None
+        if a.dtype.kind == "b":
+            return None  # bool: the full path maps the ops
+        if a.nbytes <= _HOT_MAX_BYTES:
+            hot = self._hot
+            if len(hot) >= _HOT_ENTRIES:
+                hot.clear()
+            hot[id(t)] = (t, t.data_ptr(), t.shape, t.dtype, a)
+        return a
+
     def _finish(self, is_async: bool, name: str, start: Callable[[], Any], post: Callable[[], None] | None,
                 value: Any) -> Any:
         """Run a prepared call: ``start`` starts it (async: returns our Works), ``post`` runs after it."""
@@ -527,17 +555,22 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:  # type: ignore[override]
         if opts is None:
             opts = dist.AllreduceOptions()
-        name = _NAMED.get(opts.reduceOp.op)
+        rop = opts.reduceOp
+        # ReduceOp == RedOpType compares in C++; hashing the enum for a dict costs several times more.
+        name = "sum" if rop == _SUM else _NAMED.get(rop.op)
         if name is not None and len(tensors) == 1:
-            # The common case in few steps: the tensor's own memory, reduced in place. numpy() refuses what
-            # this path must not take (a GPU or sparse tensor, bfloat16, requires_grad, a conjugate bit);
-            # the full path below explains those.
+            # The common case in few steps: the tensor's own memory, reduced in place. A small tensor seen
+            # before reuses its NumPy view (see _hot_array); numpy() refuses what this path must not take (a
+            # GPU or sparse tensor, bfloat16, a conjugate bit); the full path below explains those.
             t = tensors[0]
-            try:
-                a = t.numpy() if t.is_contiguous() else None
-            except (TypeError, RuntimeError):
-                a = None
-            if a is not None and a.dtype.kind != "b":
+            hot = self._hot.get(id(t))
+            a: np.ndarray | None
+            if (hot is not None and t.data_ptr() == hot[1] and t.shape == hot[2] and t.dtype is hot[3]
+                    and t.is_contiguous()):
+                a = hot[4]
+            else:
+                a = self._hot_array(t)
+            if a is not None:
                 if not opts.asyncOp:
                     self._comm.allreduce(a, op=name, out=a)
                     return self._sync_done
@@ -859,6 +892,18 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                 else [output.numel() // P] * P)
         return self._alltoall(fn, _array(input.contiguous()).reshape(-1), splits, want, [output],
                               opts.asyncOp, "all_to_all_single")
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],
+                          input_split_sizes: list[int], opts: Any = None) -> Any:
+        """``dist.all_to_all_single``'s entry: :meth:`alltoall_base`, and its Work as it is.
+
+        torch's own ``ProcessGroup.all_to_all_single`` reaches :meth:`alltoall_base` too, but hands back a Work
+        of its own whose ``is_completed()`` never turns True. ``opts`` may be the timeout (torch's other form).
+        """
+        if isinstance(opts, datetime.timedelta):
+            timeout, opts = opts, dist.AllToAllOptions()
+            opts.timeout = timeout
+        return self.alltoall_base(output, input, output_split_sizes, input_split_sizes, opts)
 
     def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> Any:
         if opts is None:

@@ -414,6 +414,9 @@ def case_all_to_all() -> None:
             w = dist.all_to_all_single(out, inp, async_op=async_op)
             if async_op:
                 w.wait()
+                # The group's own Work (torch's ProcessGroup.all_to_all_single would wrap it in one that never
+                # reports completion).
+                assert w.is_completed() and w.is_success(), f"all_to_all_single {dtype}: Work not complete after wait"
             same(out, torch.cat([value(r, dtype, P * 3)[R * 3:(R + 1) * 3] for r in range(P)]),
                  f"all_to_all_single {dtype} async={async_op}")
     # Uneven splits, rows of 3: rank R sends j + R + 1 rows to rank j; row k from rank r to rank j is 100r + 10j + k.
