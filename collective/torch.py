@@ -37,6 +37,7 @@ import queue
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -429,8 +430,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         # they get back: this one completed Work serves every synchronous call, and no call pays for a future of
         # its own.
         self._sync_done = _done([])
-        # Small tensors' NumPy views by id(tensor): (tensor, data_ptr, shape, dtype, view); see _hot_array.
-        self._hot: dict[int, tuple[Any, int, Any, Any, np.ndarray]] = {}
+        # Small tensors' NumPy views by id(tensor): (weak ref, data_ptr, shape, dtype, view); see _hot_array.
+        self._hot: dict[int, tuple[weakref.ref, int, Any, Any, np.ndarray]] = {}
 
     # ---- names (DeviceMesh and torch's logs read them)
     def getBackendName(self) -> str:
@@ -513,8 +514,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
 
         A small tensor's view is kept, keyed on the tensor's identity, with the pointer, shape and dtype that
         it is valid for: a tensor reduced again and again (a loss, a counter, a small DDP bucket) then costs
-        no conversion per call. The entry holds the tensor, so its id cannot pass to another; the view keeps
-        its memory alive, so a later tensor with the same pointer, shape and dtype is the same memory.
+        no conversion per call. The entry refers to the tensor weakly (a tensor that ends its autograd graph
+        must not keep the graph alive), and a hit must be that very tensor.
         """
         if not isinstance(t, torch.Tensor) or not t.is_contiguous():
             return None
@@ -528,7 +529,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             hot = self._hot
             if len(hot) >= _HOT_ENTRIES:
                 hot.clear()
-            hot[id(t)] = (t, t.data_ptr(), t.shape, t.dtype, a)
+            hot[id(t)] = (weakref.ref(t), t.data_ptr(), t.shape, t.dtype, a)
         return a
 
     def _finish(self, is_async: bool, name: str, start: Callable[[], Any], post: Callable[[], None] | None,
@@ -597,8 +598,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             t = tensors[0]
             hot = self._hot.get(id(t))
             a: np.ndarray | None
-            if (hot is not None and t.data_ptr() == hot[1] and t.shape == hot[2] and t.dtype is hot[3]
-                    and t.is_contiguous()):
+            if (hot is not None and hot[0]() is t and t.data_ptr() == hot[1] and t.shape == hot[2]
+                    and t.dtype is hot[3] and t.is_contiguous()):
                 a = hot[4]
             else:
                 a = self._hot_array(t)

@@ -6,9 +6,11 @@ Usage: python torch_backend.py [--only calls,ddp,fsdp,mismatch]
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -201,6 +203,12 @@ def case_repeated_small_tensors() -> None:
     if R == 0:
         u.unsqueeze_(0)
     expect_error(lambda: dist.all_reduce(u), col.CollectiveMismatchError, "shape", "a repeat whose shape differs")
+    g = torch.ones(3)
+    gone = weakref.ref(g)
+    dist.all_reduce(g)
+    del g
+    gc.collect()
+    assert gone() is None, "the group keeps a reduced tensor alive"
     comm = dist.group.WORLD.communicator
     x = torch.arange(4, dtype=torch.float64) + R
     want = torch.arange(4, dtype=torch.float64) * P + S
