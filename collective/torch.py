@@ -15,8 +15,9 @@ and, under an MPI launcher, for torch's default ``env://`` (``MASTER_ADDR`` and
 raises :class:`collective.CollectiveValueError`.
 
 Synchronous calls (``async_op=False``) run on the caller's thread;
-asynchronous ones go to the communicator's thread, and a completion thread of
-this module completes the torch Future when our Work finishes, so
+asynchronous ones go to the communicator's thread, which hands each finished
+op to a pool of this module's threads that completes the torch Future (point-
+to-point calls and joined ones reach the pool through a completion thread), so
 ``work.wait(timeout)`` raises on timeout and errors propagate through the
 future.
 
@@ -190,7 +191,7 @@ def _install_rendezvous() -> None:
 
 # ------------------------------------------------------ Work and completion
 class _Async(dist._Work):
-    """Work of an asynchronous call: completed by the completion thread, ``wait(timeout)`` raises on timeout."""
+    """Work of an asynchronous call: completed by the callback pool, ``wait(timeout)`` raises on timeout."""
 
     # A receive's: its source rank when one was given; from any rank, the receive whose wait() tells it.
     source: int | None = None
@@ -241,12 +242,15 @@ class _Async(dist._Work):
 
 
 class _Completer:
-    """One thread that waits on our Works in submission order; a pool completes their torch Futures.
+    """A pool that completes the torch Futures of our Works, and one thread that waits for the Works that
+    cannot tell it themselves.
 
     Completing a future runs its callbacks (DDP's, a comm hook's) on the completing thread, and a
     callback may block on another of our futures (torch's PowerSGD hook waits on an all_reduce it
-    starts inside a callback): so the waiting thread never runs callbacks itself, and the pool grows
-    a thread while all of its threads sit in such callbacks.
+    starts inside a callback): so neither the communication thread nor the waiting thread runs
+    callbacks itself, and the pool grows a thread while all of its threads sit in such callbacks. A
+    single op of the communication thread hands itself to the pool as it finishes (``Work.then``);
+    point-to-point Works and joined calls go through the waiting thread, in submission order.
     """
 
     def __init__(self) -> None:
