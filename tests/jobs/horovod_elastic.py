@@ -238,7 +238,8 @@ def main() -> None:
            f"a replacement starts once, from rank 0's last resume: resets {resets}, resumes {resumes}, rank 0's "
            f"{history}")
     else:
-        ok(hvd.rank() == survivors.index(JOB), f"rank {hvd.rank()}, expected {survivors.index(JOB)}")
+        ok(hvd.rank() == survivors.index(JOB) and type(hvd.rank()) is int,
+           f"rank {hvd.rank()!r} ({type(hvd.rank()).__name__}), expected the int {survivors.index(JOB)}")
     ok(sampler.num_replicas == hvd.size() and sampler.rank == hvd.rank(), "the sampler follows size and rank")
     if victim >= 0 and not replacement:
         sizes = [len(survivors), final] if grown else [len(survivors)]

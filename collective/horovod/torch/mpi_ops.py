@@ -310,15 +310,11 @@ def _grown_communicator() -> Any:
     """In a process spawned by :func:`grow_to_max_ranks` (its first init only): the grown communicator, else None."""
     if _state.joined:
         return None
-    from collective.backends.mpi import require_mpi
-    from collective.communicator import join_as_replacement
+    from collective.communicator import take_parent
 
-    MPI = require_mpi()
-    parent = MPI.Comm.Get_parent()
-    if parent == MPI.COMM_NULL:
-        return None
-    _state.joined = True
-    return join_as_replacement(parent)
+    grown = take_parent("hvd.init()")
+    _state.joined = grown is not None
+    return grown
 
 
 def shutdown() -> None:
@@ -348,22 +344,22 @@ def _comm(what: str) -> Any:
 
 def size() -> int:
     """Number of ranks."""
-    return _comm("size").size
+    return int(_comm("size").size)
 
 
 def rank() -> int:
-    """This process's rank."""
-    return _comm("rank").rank
+    """This process's rank (a plain int, as Horovod returns)."""
+    return int(_comm("rank").rank)
 
 
 def local_size() -> int:
     """Number of ranks on this node."""
-    return _comm("local_size").local_size
+    return int(_comm("local_size").local_size)
 
 
 def local_rank() -> int:
     """This process's rank among the ranks of its node."""
-    return _comm("local_rank").local_rank
+    return int(_comm("local_rank").local_rank)
 
 
 def _nodes() -> list[int]:
