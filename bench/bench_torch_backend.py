@@ -28,6 +28,8 @@ nothing (see _register_floor), i.e. what DDP's and FSDP2's own work costs, the f
 Models: 784-1024-1024-10 (7.5 MB of gradients) and 784-2048-2048-2048-10
 (40 MB).
 
+Part ``train`` also prints each column's CPU time per rank and step (every thread of the rank).
+
 Method: every iteration (round) runs each column once (a block of steps), in an order rotated by one per
 iteration, after a barrier; a time is the slowest rank's; the figure is the median over iterations.
 """
@@ -325,18 +327,23 @@ def _train_model(a: argparse.Namespace, name: str, gloo: object, floor: object, 
 
     names = list(models)
     times: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     for it in range(a.rounds + 1):  # round 0 warms up (buckets, first-call setup) and is not counted
         order = names[it % len(names):] + names[:it % len(names)]
         for k in order:
             world.Barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(a.steps):
                 step(k)
             dt = np.array([(time.perf_counter() - t0) / a.steps])
+            dc = np.array([(time.process_time() - c0) / a.steps])
             world.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
+            world.Allreduce(MPI.IN_PLACE, dc, op=MPI.SUM)
             if it >= 1:
                 times[k].append(float(dt[0]))
+                cpu[k].append(float(dc[0]) / P)
     med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    cmed = {k: float(np.median(v)) * 1e3 for k, v in cpu.items()}
     if R == 0:
         grad_mb = sum(p.numel() * 4 for p in models["local"].parameters()) / 1e6
         print(f"MLP {name} ({grad_mb:.1f} MB of gradients), P={P}, per-rank batch {a.batch}, one thread per "
@@ -350,6 +357,9 @@ def _train_model(a: argparse.Namespace, name: str, gloo: object, floor: object, 
             ratios += [f"fsdp gloo/collective {med['fsdp-gloo'] / med['fsdp-collective']:.2f}x",
                        f"fsdp gloo/floor {med['fsdp-gloo'] / med['fsdp-floor']:.2f}x"]
         print("  " + ", ".join(ratios))
+        # CPU time of a rank's every thread: on a machine shared with other jobs it moves far less than the
+        # wall time, and with one core per rank a step cannot take less wall time than it.
+        print("  CPU ms per rank and step: " + "  ".join(f"{k} {v:.1f}" for k, v in cmed.items()))
         sys.stdout.flush()
 
 
