@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [4, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
@@ -117,20 +118,7 @@ def _allreduce(a: argparse.Namespace, gloo: object, world: object) -> None:
                 world.Allreduce(MPI.IN_PLACE, arr)
 
         cols = {"collective": ours, "gloo": glo, "mpi4py": bare}
-        names = list(cols)
-        for f in cols.values():  # warm-up: first-call setup out of the figures
-            f()
-        times: dict[str, list[float]] = {k: [] for k in names}
-        for it in range(a.iters):
-            order = names[it % len(names):] + names[: it % len(names)]
-            for k in order:
-                t.zero_()  # sums of zeros stay finite over any number of calls
-                world.Barrier()
-                t0 = time.perf_counter()
-                cols[k]()
-                dt = np.array([(time.perf_counter() - t0) / n])
-                world.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
-                times[k].append(float(dt[0]))
+        times = _interleaved(cols, a.iters, n, t.zero_, world)
         med = {k: float(np.median(v)) for k, v in times.items()}
         rows.append((nbytes, med))
     if R == 0:
@@ -145,6 +133,32 @@ def _allreduce(a: argparse.Namespace, gloo: object, world: object) -> None:
             print(f"{nbytes:>10} {cells[0]:>20} {cells[1]:>20} {cells[2]:>20} "
                   f"{med['gloo'] / med['collective']:>9.2f}x {med['collective'] / med['mpi4py']:>16.2f}x")
         sys.stdout.flush()
+
+
+def _interleaved(cols: dict[str, Callable[[], object]], iters: int, n: int, reset: Callable[[], object],
+                 world: Any) -> dict[str, list[float]]:
+    """Seconds per call of each column (``n`` calls a block), the columns in a rotating order each iteration.
+
+    Every block starts after ``reset`` (sums of zeros stay finite over any
+    number of calls) and a barrier; a block's time is the slowest rank's.
+    """
+    import numpy as np
+    from mpi4py import MPI
+
+    names = list(cols)
+    for f in cols.values():  # warm-up: first-call setup out of the figures
+        f()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for it in range(iters):
+        for k in names[it % len(names):] + names[: it % len(names)]:
+            reset()
+            world.Barrier()
+            t0 = time.perf_counter()
+            cols[k]()
+            dt = np.array([(time.perf_counter() - t0) / n])
+            world.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
+            times[k].append(float(dt[0]))
+    return times
 
 
 def _register_floor() -> None:
@@ -241,20 +255,12 @@ def _latency(a: argparse.Namespace, world: object) -> None:
         "dist-floor": lambda: [dist.all_reduce(t, group=floor) for _ in range(n)],
     }
     names = list(cols)
-    for f in cols.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for it in range(a.iters):
-        order = names[it % len(names):] + names[: it % len(names)]
-        for k in order:
-            t.zero_()
-            arr[:] = 0
-            world.Barrier()
-            t0 = time.perf_counter()
-            cols[k]()
-            dt = np.array([(time.perf_counter() - t0) / n])
-            world.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
-            times[k].append(float(dt[0]))
+
+    def reset() -> None:
+        t.zero_()
+        arr[:] = 0
+
+    times = _interleaved(cols, a.iters, n, reset, world)
     if R == 0:
         med = {k: float(np.median(v)) for k, v in times.items()}
         print(f"one all_reduce of {a.latency_bytes} bytes (float32), P={P}: us per call, median of {a.iters} "
