@@ -214,10 +214,14 @@ class Engine:
         self._stopping = False
         self._finished = False  # every rank has shut down
         self._hot_until = 0.0
+        self._ticked_at = 0.0  # when this rank's last tick ended
         self._stopped = threading.Event()
         self._fatal: BaseException | None = None
         #: The RanksLostError of the communicator, once a collective of this engine raised one (elastic mode).
         self.lost: RanksLostError | None = None
+        self._slots = np.zeros((self.size, _SLOT_WORDS), np.int64)  # a tick's exchange: in, out
+        self._got = np.zeros((self.size, _SLOT_WORDS), np.int64)
+        self._used = _SLOT_WORDS  # words of this rank's row the last tick may have written
         self._fusion: dict[np.dtype, np.ndarray] = {}  # the fused allreduces' buffer per dtype, kept for reuse
         # The response cache: entry id -> the agreed request (no "seq"), the ids in least recently run order,
         # id(request) -> id, and this rank's own request keys -> id (and back, for eviction).
@@ -377,24 +381,32 @@ class Engine:
         set_name("collective-horovod")
         try:
             while self._fatal is None and not self._finished:
+                if self._callers and not self._stopping:  # a waiting caller runs the ticks
+                    self._wake.wait(_IDLE_S)
+                    self._wake.clear()
+                    continue
                 with self._lock:
-                    busy = bool(self._outbox or self._table or self._local)
-                    # This rank's ops that every rank has heard of here but some rank has not announced yet.
-                    # (join waits for the others' data to run out, which may take long: it keeps the cycle.)
-                    waiting = (self.eager and not self._callers
-                               and any(n in self._table for n in self._local if n != "join"))
-                if not waiting:
-                    # Ops come in bursts (a backward pass, a loop of calls): stay on the short cycle for a while
-                    # after any rank's activity, so a rank that is idle here answers the others' next op quickly.
-                    busy = busy or time.monotonic() < self._hot_until
-                    self._wake.wait(_CYCLE_S if busy else _IDLE_S)
+                    # Requests not sent yet, or this rank's ops that every rank has heard of here but some rank
+                    # has not announced yet (join waits for the others' data to run out, which may take long: it
+                    # keeps the cycle).
+                    eager = bool(self._outbox) or (self.eager and any(n in self._table for n in self._local
+                                                                      if n != "join"))
+                    busy = bool(self._table or self._local)
+                if not eager:
+                    # Otherwise tick only once nobody has for a cycle: the other ranks need this rank's ticks to
+                    # get through theirs (a waiting caller there sees its deadline pass, and every rank learns of a
+                    # cancel or a shutdown); a caller here that drives them saves this thread the wake-ups.
+                    idle = (_CYCLE_S if busy or time.monotonic() < self._hot_until else _IDLE_S)
+                    pause = self._ticked_at + idle - time.monotonic()
+                    if pause > 0:
+                        self._wake.wait(pause)
+                        self._wake.clear()
+                        continue
                 # else: go straight into the next exchange. It completes when the last rank's driver joins it,
                 # which is as soon as that rank submits, so the op starts without the pause of a cycle on this
                 # side. Every rank still sees the same exchanges in the same order, so the decisions stay
                 # identical on every rank.
                 self._wake.clear()
-                if self._callers and not self._stopping:
-                    continue  # a waiting caller runs the ticks
                 if not self._drive.acquire(timeout=_IDLE_S):
                     continue
                 try:
@@ -410,6 +422,7 @@ class Engine:
         engine: every waiter gets the error instead of hanging."""
         try:
             news, self._finished = self._tick_once()
+            self._ticked_at = time.monotonic()
         except BaseException as exc:
             self._die(exc)
             if not isinstance(exc, Exception):
@@ -463,12 +476,22 @@ class Engine:
         pairs, payload = self._encode(out) if out else ([], b"")
         comm, size, rank = self.comm, self.size, self.rank
         words = _HEAD + len(pairs) + -(-len(payload) // 8)
-        slots = np.zeros((size, _SLOT_WORDS), np.int64)
-        if words <= _SLOT_WORDS:
-            _fill(slots[rank], pairs, payload, flags)
+        slots, got = self._slots, self._got  # kept from tick to tick: only this rank's row is ever written
+        mine = slots[rank]
+        if words <= _SLOT_WORDS and not payload:  # the usual tick: header and cached pairs, one write
+            head = [len(pairs) // 2, flags, 0, *pairs]
+            if self._used > len(head):
+                mine[len(head):self._used] = 0
+            mine[:len(head)] = head
+            self._used = len(head)
         else:
-            slots[rank, :_HEAD] = len(pairs) // 2, flags, len(payload)
-        got = np.asarray(comm.allreduce(slots.reshape(-1), op="sum")).reshape(size, _SLOT_WORDS)
+            mine[:] = 0
+            if words <= _SLOT_WORDS:
+                _fill(mine, pairs, payload, flags)
+            else:
+                mine[:_HEAD] = len(pairs) // 2, flags, len(payload)
+            self._used = _SLOT_WORDS
+        comm.allreduce(slots, op="sum", out=got)
         self._tick += 1
         heads = got[:, :_HEAD].tolist()
         news = any(n or j for n, _, j in heads)
