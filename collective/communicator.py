@@ -1263,6 +1263,31 @@ def _join(inter: Any, spawned: bool, job: int, next_job: int, params: dict[str, 
     return new
 
 
-def join_as_replacement(parent: Any, **params: Any) -> Communicator:
-    """In a process spawned by :meth:`Communicator.grow`: the grown communicator (collective with the growers)."""
+_PARENT_TAKEN: list[str] = []  # which API's init joined the growers (a process joins them once)
+
+
+def take_parent(who: str, **params: Any) -> Communicator | None:
+    """In a process spawned by :meth:`Communicator.grow`: the grown communicator (collective with the growers).
+
+    None in a process that was not spawned. The growers wait for exactly one
+    join per spawned process, so only the first caller (``collective.init()``
+    or ``hvd.init()``) may join; a second one would wait for a join that
+    never comes.
+
+    Args:
+        who: the caller, for the error message (e.g. ``"hvd.init()"``).
+        **params: passed to :class:`Communicator`.
+
+    Raises:
+        CollectiveError: the grown job was joined already by another init in this process.
+    """
+    MPI = require_mpi()
+    parent = MPI.Comm.Get_parent()
+    if parent == MPI.COMM_NULL:
+        return None
+    if _PARENT_TAKEN:
+        raise CollectiveError(
+            f"{who}: this process replaces a lost rank and {_PARENT_TAKEN[0]} joined the grown job already; a "
+            "replacement joins once, so an elastic program uses one of collective.init() and hvd.init(), not both")
+    _PARENT_TAKEN.append(who)
     return _join(parent, True, -1, -1, params)
