@@ -807,7 +807,7 @@ def _fused_allreduce(comm: Any, arrays: list[np.ndarray], op: str, outs: list[np
             else:
                 dest = np.asarray(comm.allreduce(a, op=op)).reshape(a.shape)
             if scales is not None and scales[i] != 1.0:
-                _scale_into(dest, scales[i], dest)
+                np.multiply(dest, scales[i], out=dest)
             out[i] = dest
             continue
         total = sum(arrays[i].size for i in idx)
@@ -827,29 +827,12 @@ def _fused_allreduce(comm: Any, arrays: list[np.ndarray], op: str, outs: list[np
             if dest is None:
                 dest = np.empty_like(part)  # the buffer is reused by the next fused allreduce
             if scales is not None and scales[i] != 1.0:
-                _scale_into(part, scales[i], dest)
+                np.multiply(part, scales[i], out=dest)
             else:
                 dest[...] = part
             out[i] = dest
             off += n
     return out  # type: ignore[return-value]
-
-def _scale_into(src: np.ndarray, factor: float, dest: np.ndarray) -> None:
-    """``dest = src * factor`` as Horovod scales: the product in double precision, rounded to the dtype.
-
-    float32 data times a factor ``1/k`` (an average over k ranks) is divided
-    by k instead, which gives the same correctly rounded result without the
-    slower pass through float64.
-    """
-    if src.dtype == np.float32:
-        k = round(1.0 / factor) if factor else 0
-        if k > 0 and 1.0 / k == factor:
-            np.divide(src, k, out=dest)
-        else:
-            np.multiply(src, factor, out=dest, dtype=np.float64, casting="same_kind")
-    else:
-        np.multiply(src, factor, out=dest)
-
 
 def _fill(row: np.ndarray, pairs: list[int], payload: bytes, flags: int) -> None:
     """Write one rank's slot: the header, the cached requests' (id, seq) pairs, the JSON bytes."""
