@@ -32,6 +32,7 @@ from collective.topologies.cluster import Cluster
 
 from . import config
 from . import shm as shm_mod
+from .arrays import from_numpy_like, to_numpy
 from .backends import BACKENDS
 from .backends.device import DeviceCollectives, DeviceRequest
 from .backends.gpu_staging import is_device_array
@@ -464,7 +465,22 @@ class Communicator:
         return self._seqr.allreduce(x, op, algorithm, out)
 
     def _allreduce_ordinary(self, x: Any, op: Any, algorithm: Any, out: Any) -> Any:
-        """An allreduce that is no repeat (see Sequencer.allreduce): prepare, then run."""
+        """An allreduce that is no repeat (see Sequencer.allreduce): prepare, then run.
+
+        A contiguous CPU torch tensor, reduced into a new tensor or in place, is handed to the repeat path once
+        more as its NumPy view (which checks it like any array), so a repeated call on a tensor costs what one
+        on an array does; the result comes back as a tensor.
+        """
+        torch = sys.modules.get("torch")
+        if (torch is not None and type(x) is torch.Tensor and (out is None or out is x) and x.device.type == "cpu"
+                and x.layout == torch.strided and x.is_contiguous()):
+            try:
+                view, wrap = to_numpy(x)
+            except CollectiveTypeError:
+                pass  # the ordinary path below says what is wrong with it
+            else:
+                r = self._seqr.allreduce(view, op, algorithm, view if out is x else None)
+                return x if out is x else from_numpy_like(r, wrap)
         return self._run(self._prepare("allreduce", x, op, algorithm, 0, out))
 
     def allreduce_async(self, x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Work:
