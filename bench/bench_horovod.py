@@ -12,12 +12,11 @@ iteration runs each column once, in an order rotated by one per iteration, after
 the slowest rank's:
 
 * ``latency``: microseconds per blocking call on float32 data, 4 B .. 1 MiB. ``comm``: ``comm.allreduce(x,
-  out=y)`` on a Communicator of its own (the floor the engine stands on); ``engine cycle`` / ``engine eager``:
-  an Engine with ``eager=False`` (an op that a rank announced before the others waits for that rank's next
-  cycle, up to 1 ms) or ``eager=True`` (such a rank goes straight into the next exchange); ``hvd``:
-  ``hvd.allreduce(t, op=hvd.Sum)``; ``cycle, rank 0 late`` / ``eager, rank 0 late``: the two engines with rank 0
-  sleeping ``--late`` us before each call (busy without holding the GIL, like torch's kernels), the sleep
-  included.
+  out=y)`` on a Communicator of its own (the floor the engine stands on); ``engine``: an Engine's
+  ``submit(..., wake=False).wait()`` (the caller runs the exchange and the op itself, as a blocking hvd call
+  does); ``engine, thread``: ``submit(...)`` wakes the engine's thread, then ``wait()`` (an async op waited on at
+  once); ``hvd``: ``hvd.allreduce(t, op=hvd.Sum)``; ``engine, rank 0 late``: ``engine`` with rank 0 sleeping
+  ``--late`` us before each call (busy without holding the GIL, like torch's kernels), the sleep included.
 * ``busbw``: in-place allreduce of float32 torch tensors, ``--min-bytes`` .. ``--max-bytes`` (x4 steps);
   busbw = bytes / time x 2(P-1)/P, as nccl-tests. ``hvd``: ``hvd.allreduce_(t, op=hvd.Sum)``; ``gloo``:
   ``torch.distributed.all_reduce(t)`` on a gloo group over the same ranks; ``comm``: ``comm.allreduce(t,
@@ -119,8 +118,7 @@ def _latency(a: argparse.Namespace, comm: Any) -> None:
     from collective.horovod.engine import Engine
 
     R = comm.rank
-    cycle = Engine(collective.Communicator(), eager=False)
-    eager = Engine(collective.Communicator(), eager=True)
+    eng = Engine(collective.Communicator())
     rows = []
     for nbytes in LATENCY_SIZES:
         n = max(5, min(200, (16 << 20) // nbytes))  # calls per timed block: small ones above timer noise
@@ -132,25 +130,23 @@ def _latency(a: argparse.Namespace, comm: Any) -> None:
             for _ in range(n):
                 comm.allreduce(x, out=y)
 
-        def on_engine(eng: Engine, late: float = 0.0, x: np.ndarray = x, n: int = n) -> None:
+        def on_engine(wake: bool, late: float = 0.0, x: np.ndarray = x, y: np.ndarray = y, n: int = n) -> None:
             for _ in range(n):
                 if late and R == 0:  # rank 0 is busy a little (without the GIL, as torch's kernels run) first
                     time.sleep(late)
-                eng.submit("allreduce", "bench", [x], op="sum").wait()
+                eng.submit("allreduce", "bench", [x], outs=[y], wake=wake, op="sum").wait()
 
         def on_hvd(t: torch.Tensor = t, n: int = n) -> None:
             for _ in range(n):
                 hvd.allreduce(t, op=hvd.Sum, name="bench")
 
-        cols = {"comm": on_comm, "engine cycle": lambda: on_engine(cycle), "engine eager": lambda: on_engine(eager),
-                "hvd": on_hvd, "cycle, rank 0 late": lambda: on_engine(cycle, a.late * 1e-6),
-                "eager, rank 0 late": lambda: on_engine(eager, a.late * 1e-6)}
-        for fn in cols.values():  # warm up: buffers, templates, the engines' hot cycle
+        cols = {"comm": on_comm, "engine": lambda: on_engine(False), "engine, thread": lambda: on_engine(True),
+                "hvd": on_hvd, "engine, rank 0 late": lambda: on_engine(False, a.late * 1e-6)}
+        for fn in cols.values():  # warm up: buffers, templates, the response cache
             fn()
         med = _interleaved(cols, a.iters, comm)
         rows.append([str(nbytes)] + [f"{v / n * 1e6:.0f}" for v in med.values()])
-    cycle.shutdown()
-    eager.shutdown()
+    eng.shutdown()
     if R == 0:
         _table(f"latency, P={comm.size}: us per blocking call, median of {a.iters} interleaved iterations",
                ["bytes"] + [f"{k} us" for k in cols], rows)

@@ -4,13 +4,29 @@ Terms. A *request* is one rank's announcement of a named op: its kind
 (allreduce, allgather, broadcast, alltoall, reducescatter, barrier, join,
 add_process_set, remove_process_set), the dtype and shape of each array, the
 reduction op, the root, the splits. A *tick* is one exchange of the requests
-each rank made since the previous tick: every rank's (payload length, flags)
-and JSON payload (metadata only; array data never goes through JSON or
-pickle) reach every rank; see ``_tick_once``.
-Every rank sees every request, so every rank holds the same *table* of
-pending names and takes the same decisions without a coordinator: a name is
-*ready* once every rank that has not joined has requested it; ready names run
-in one order on every rank (by the lowest requesting rank's sequence number).
+each rank made since the previous tick: every rank's slot (a few header
+words, its cached requests, and the JSON of the others; metadata only: array
+data never goes through JSON or pickle) reaches every rank; see
+``_tick_once``. Every rank sees every request, so every rank holds the same
+*table* of pending names and takes the same decisions without a coordinator:
+a name is *ready* once every rank that has not joined has requested it; ready
+names run in one order on every rank (by the lowest requesting rank's
+sequence number), inside the tick that made them ready.
+
+The *response cache* is Horovod's: a request that ran before with the same
+name, kind, dtypes, shapes, op and factors (a training loop's gradients, a
+repeated named call) travels as two integers, its cache id and its sequence
+number, instead of JSON. Ids are handed out while ops run, which happens in
+one order on every rank, so every rank's cache is the same at every tick
+(least recently run entries make room first, also in that order).
+
+The *driver* is the thread that runs the ticks, one at a time per rank (a
+lock): a caller that waits on a handle drives them itself, so a blocking op
+goes from submit to its data collective and back without waking another
+thread; the engine thread drives them when no caller waits (async ops in
+flight, and an idle cycle that keeps answering the other ranks' ticks). Ticks
+are collectives on one communicator whichever thread runs them; the
+communicator is told so (``ordered_by_caller``).
 
 Matching follows Horovod: ops are matched by name, not by call order, so a
 rank may start ops in any order; ranks that disagree on a name's kind,
@@ -19,11 +35,8 @@ any data moving; a name already in flight on this rank is a ValueError at
 submission. A rank that called join contributes zeros to allreduces until
 every rank has joined; any other op that needs a joined rank fails with
 HorovodInternalError. A rank that shut down fails the ops that need it.
-
-One daemon thread per engine ticks and runs ready ops on the communicator
-(synchronous calls, so the communicator sees one caller); callers wait on a
-Handle with a deadline, and the error of a timed-out wait names the ranks
-that never requested the op.
+Callers wait on a Handle with a deadline, and the error of a timed-out wait
+names the ranks that never requested the op.
 """
 from __future__ import annotations
 
@@ -31,6 +44,7 @@ import json
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,96 +60,148 @@ __all__ = ["KINDS", "Engine", "Handle"]
 KINDS = ("allreduce", "allgather", "broadcast", "alltoall", "reducescatter", "barrier", "join",
          "add_process_set", "remove_process_set")
 _JOINABLE = frozenset(("allreduce",))
+#: Kinds whose requests are the same on every rank when the ranks agree (allgather's and alltoall's first
+#: dims and splits differ by rank), so one cache entry stands for every rank's request.
+_CACHED_KINDS = frozenset(("allreduce", "broadcast", "reducescatter"))
+#: Entries of the response cache (Horovod's HOROVOD_CACHE_CAPACITY default).
+_CACHE_CAPACITY = 1024
 _FLAG_SHUTDOWN = 2
 _CYCLE_S = 0.001
 _IDLE_S = 0.005
 _HOT_S = 0.05
-#: One rank's slot in a tick's exchange: length, flags, then the payload when it fits.
+#: A waiting caller whose ticks brought nothing new for this long paces them by the cycle (it spins meanwhile,
+#: so that a rank a little behind is answered at once).
+_PATIENT_S = 0.02
+#: One rank's slot in a tick's exchange: the header (number of cached requests, flags, JSON length), then the
+#: cached requests' (id, seq) pairs and the JSON of the others when they fit.
 _SLOT_WORDS = 64
-_INLINE_BYTES = (_SLOT_WORDS - 2) * 8
+_HEAD = 3
 #: Largest fused allreduce buffer (Horovod's default fusion threshold).
 _FUSION_BYTES = 64 << 20
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def _dtype_name(dt: np.dtype) -> str:
+    name = _DTYPE_NAMES.get(dt)
+    if name is None:
+        name = _DTYPE_NAMES[dt] = str(dt)
+    return name
 
 
 class Handle:
     """One submitted op: ``done()`` polls, ``wait()`` returns the result or raises its error."""
 
-    __slots__ = ("_event", "_exc", "_result", "engine", "kind", "name")
+    __slots__ = ("_done", "_exc", "_result", "engine", "kind", "name")
 
     def __init__(self, name: str, kind: str, engine: Engine) -> None:
         self.name, self.kind, self.engine = name, kind, engine
-        self._event = threading.Event()
+        self._done = False
         self._result: Any = None
         self._exc: BaseException | None = None
 
     def done(self) -> bool:
         """True once the op has finished (successfully or not)."""
-        if self._event.is_set():
+        if self._done:
             self.engine._claim(self.name)
             return True
         return False
 
     def wait(self, timeout: float | None = None) -> Any:
-        """The op's result; raises its error, or HorovodInternalError after ``timeout`` s naming the missing ranks."""
-        limit = self.engine.timeout if timeout is None else timeout
-        if self._event.wait(limit):
-            self.engine._claim(self.name)
-        else:
-            if timeout is None:  # the op's deadline passed: withdraw it so its name cannot match a later op
-                self.engine.cancel(self.name)
-            raise HorovodInternalError(
-                f"{self.kind} {self.name!r} on rank {self.engine.rank} of {self.engine.size}: not finished after "
-                f"{limit:.0f} s; {self.engine.missing(self.name)} (set COLLECTIVE_TIMEOUT to wait longer)")
+        """The op's result; raises its error, or HorovodInternalError after ``timeout`` s naming the missing ranks.
+
+        While the op is unfinished the calling thread runs the engine's ticks
+        itself (see the module docstring). Without ``timeout`` the engine's
+        deadline applies, and an op that misses it is withdrawn on every rank.
+        """
+        if not self._done:
+            eng = self.engine
+            limit = eng.timeout if timeout is None else timeout
+            eng._drive_until(self, limit)
+            if not self._done:
+                raise eng._unfinished(self, limit, withdraw=timeout is None)
+        self.engine._claim(self.name)
         if self._exc is not None:
             raise self._exc
         return self._result
 
+    def wait_done(self, timeout: float) -> bool:
+        """Like :meth:`wait` for at most ``timeout`` s, without raising: True once the op has finished."""
+        if not self._done:
+            self.engine._drive_until(self, timeout)
+        return self._done
+
     def _finish(self, result: Any, exc: BaseException | None) -> None:
         self._result, self._exc = result, exc
-        self._event.set()
+        self._done = True
 
 
 @dataclass
 class _Local:
     """This rank's own submitted op: its arrays and the handle its caller waits on."""
 
-    req: dict
+    kind: str
     arrays: list
     handle: Handle
     outs: list | None = None  # where an allreduce writes each result (None: a new array)
     scales: list | None = None  # what an allreduce multiplies each result by before completing (None: nothing)
+    key: tuple | None = None  # its key in the response cache (see _Out)
+
+
+@dataclass
+class _Out:
+    """A request not yet sent: what its JSON holds, and its key in this rank's side of the response cache."""
+
+    seq: int
+    name: str
+    kind: str
+    key: tuple | None  # (name, kind, ((dtype, shape), ...), meta items); None: never cached
+    sig: list  # (dtype, shape) of each array
+    meta: dict
+
+    def request(self) -> dict:
+        req = {"seq": self.seq, "name": self.name, "kind": self.kind,
+               "dtypes": [_dtype_name(d) for d, _ in self.sig], "shapes": [list(s) for _, s in self.sig]}
+        req.update(self.meta)
+        return req
 
 
 @dataclass
 class _Pending:
-    """A name in the table: every rank's request for it, and when each arrived."""
+    """A name in the table: every rank's request for it, and each rank's sequence number for it."""
 
-    reqs: dict = field(default_factory=dict)  # rank -> request dict
-    tick: dict = field(default_factory=dict)  # rank -> tick of arrival
+    reqs: dict = field(default_factory=dict)  # rank -> request dict (a cached one is shared, without "seq")
+    seqs: dict = field(default_factory=dict)  # rank -> seq
 
 
 class Engine:
     """Matches named ops across the ranks of ``comm`` and runs them on it (see the module docstring).
 
     Args:
-        comm: a collective Communicator (the global one or a process set's).
+        comm: a collective Communicator of the engine's own (the global one or a process set's); the engine
+            tags every thread's ops on it alike (the caller's and its own thread run its ticks).
         ranks: the global ranks of ``comm``'s members, in ``comm`` rank order (for messages).
-        on_control: called on the engine thread for add/remove_process_set ops once every rank requested them.
-        eager: while this rank has announced ops that wait for other ranks, start the next exchange at once
-            instead of after the cycle's pause (see ``_loop``); False keeps the fixed cycle.
+        on_control: called by the driver for add/remove_process_set ops once every rank requested them.
+        eager: while this rank has announced ops that wait for other ranks and no caller waits, the engine
+            thread starts the next exchange at once instead of after the cycle's pause (see ``_loop``); False
+            keeps the fixed cycle.
     """
 
     def __init__(self, comm: Any, ranks: list[int] | None = None,
                  on_control: Callable[[str, dict, Engine], Any] | None = None, eager: bool = True) -> None:
         self.comm = comm
+        seqr = getattr(comm, "sequencer", None)
+        if seqr is not None:
+            seqr.ordered_by_caller("collective-horovod")
         self.eager = eager
         self.rank, self.size = comm.rank, comm.size
         self.ranks = list(range(comm.size)) if ranks is None else list(ranks)
         self.timeout = float(os.environ.get("COLLECTIVE_TIMEOUT", "300") or 300)
         self._on_control = on_control
         self._lock = threading.Lock()
+        self._drive = threading.Lock()  # held by the thread that runs a tick
+        self._callers = 0  # callers inside wait(), which run the ticks themselves
         self._wake = threading.Event()
-        self._outbox: list[dict] = []
+        self._outbox: list[_Out] = []
         self._local: dict[str, _Local] = {}
         # Finished here, but neither waited on nor polled, and no other op submitted since (see submit).
         self._unclaimed: set[str] = set()
@@ -146,19 +212,31 @@ class Engine:
         self._joined: dict[int, int] = {}  # rank -> tick at which its join arrived
         self._shut: set[int] = set()
         self._stopping = False
+        self._finished = False  # every rank has shut down
         self._hot_until = 0.0
+        self._ticked_at = 0.0  # when this rank's last tick ended
         self._stopped = threading.Event()
         self._fatal: BaseException | None = None
         #: The RanksLostError of the communicator, once a collective of this engine raised one (elastic mode).
         self.lost: RanksLostError | None = None
+        self._slots = np.zeros((self.size, _SLOT_WORDS), np.int64)  # a tick's exchange: in, out
+        self._got = np.zeros((self.size, _SLOT_WORDS), np.int64)
+        self._used = _SLOT_WORDS  # words of this rank's row the last tick may have written
         self._fusion: dict[np.dtype, np.ndarray] = {}  # the fused allreduces' buffer per dtype, kept for reuse
+        # The response cache: entry id -> the agreed request (no "seq"), the ids in least recently run order,
+        # id(request) -> id, and this rank's own request keys -> id (and back, for eviction).
+        self._entries: list[dict | None] = []
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self._entry_id: dict[int, int] = {}
+        self._ids: dict[tuple, int] = {}
+        self._key_of: dict[int, tuple] = {}
         self._thread = threading.Thread(target=self._loop, name="collective-horovod", daemon=True)
         self._thread.start()
 
     # ---------------------------------------------------------------- caller side
     def submit(self, kind: str, name: str, arrays: list[np.ndarray], outs: list[np.ndarray | None] | None = None,
-               scales: list[float] | None = None, **meta: Any) -> Handle:
-        """Announce ``name`` to the other ranks and return its handle (arrays are read by the engine thread).
+               scales: list[float] | None = None, wake: bool = True, **meta: Any) -> Handle:
+        """Announce ``name`` to the other ranks and return its handle (arrays are read by the driver).
 
         ``outs`` (allreduce only): for each array, a C-contiguous array of its
         shape and dtype that receives the result (it may be the array itself),
@@ -166,13 +244,23 @@ class Engine:
         ``scales`` (allreduce only, floating-point arrays): for each array, a
         factor its result is multiplied by before the handle completes (1.0:
         none), so a finished handle's result is final (Horovod's average and
-        postscale fold into one such factor).
+        postscale fold into one such factor). ``wake``: start the engine
+        thread's next tick now; False when the caller waits on the handle at
+        once (it runs the tick itself).
 
         Raises:
             ValueError: ``name`` is already in flight on this rank.
             HorovodInternalError: the engine has shut down.
         """
         h = Handle(name, kind, self)
+        sig = [(a.dtype, a.shape) for a in arrays]
+        key: tuple | None = None
+        if kind in _CACHED_KINDS:
+            key = (name, kind, tuple(sig), tuple(meta.items()))
+            try:
+                hash(key)
+            except TypeError:  # a list in meta: such a request is never cached
+                key = None
         with self._lock:
             if self._fatal is not None or self._stopping:
                 raise HorovodInternalError(
@@ -188,12 +276,10 @@ class Engine:
                     "names must be unique among unfinished ops (synchronize the first one, or pick another name)")
             self._unclaimed.clear()
             self._seq += 1
-            req = {"seq": self._seq, "name": name, "kind": kind,
-                   "dtypes": [str(a.dtype) for a in arrays], "shapes": [list(a.shape) for a in arrays]}
-            req.update(meta)
-            self._local[name] = _Local(req, arrays, h, outs, scales)
-            self._outbox.append(req)
-        self._wake.set()
+            self._local[name] = _Local(kind, arrays, h, outs, scales, key)
+            self._outbox.append(_Out(self._seq, name, kind, key, sig, meta))
+        if wake:
+            self._wake.set()
         return h
 
     def cancel(self, name: str) -> None:
@@ -213,7 +299,7 @@ class Engine:
             loc.outs = None
             self._cancelled[name] = loc
             self._seq += 1
-            self._outbox.append({"seq": self._seq, "name": name, "kind": "cancel"})
+            self._outbox.append(_Out(self._seq, name, "cancel", None, [], {}))
         self._wake.set()
 
     def missing(self, name: str) -> str:
@@ -242,126 +328,239 @@ class Engine:
         did."""
         return self._stopped.wait(timeout)
 
-    # ---------------------------------------------------------------- engine thread
+    def _drive_until(self, h: Handle, limit: float) -> None:
+        """Run ticks on the calling thread until ``h`` finishes, ``limit`` s pass or the engine stops."""
+        clock = time.monotonic
+        deadline = clock() + limit
+        # join waits for the others' data to run out, which may take long: it keeps the cycle. Any other op
+        # spins while ticks bring news (a rank a few microseconds behind is answered at once), then paces.
+        patient = h.kind == "join"
+        news_at = clock()
+        with self._lock:
+            self._callers += 1
+        try:
+            while not h._done:
+                left = deadline - clock()
+                if left <= 0 or not self._drive.acquire(timeout=left):
+                    return
+                try:
+                    if h._done or self._fatal is not None or self._finished:
+                        return
+                    news = self._step()
+                finally:
+                    self._drive.release()
+                if h._done:
+                    return
+                now = clock()
+                if news:
+                    news_at = now
+                if patient or now - news_at > _PATIENT_S:
+                    time.sleep(min(_CYCLE_S, max(0.0, deadline - now)))
+        finally:
+            with self._lock:
+                self._callers -= 1
+
+    def _unfinished(self, h: Handle, limit: float, withdraw: bool) -> HorovodInternalError:
+        """The error of a wait on ``h`` that ended unfinished; ``withdraw``: its deadline passed, so it is withdrawn
+        on every rank (its name then cannot match a later op)."""
+        if self._fatal is not None or self._finished:
+            err = HorovodInternalError(f"{h.kind} {h.name!r} on rank {self.rank}: the engine stopped before the op "
+                                       "ran" + (f": {type(self._fatal).__name__}: {self._fatal}"
+                                                if self._fatal is not None else ""))
+            err.__cause__ = self._fatal
+            return err
+        if withdraw:
+            self.cancel(h.name)
+        return HorovodInternalError(
+            f"{h.kind} {h.name!r} on rank {self.rank} of {self.size}: not finished after {limit:.0f} s; "
+            f"{self.missing(h.name)} (set COLLECTIVE_TIMEOUT to wait longer)")
+
+    # ---------------------------------------------------------------- driver
     def _loop(self) -> None:
-        # Every engine (the global one, one per process set, the next after a shrink) has a thread of this name,
-        # each the only issuer on its own communicator: a shared name by design, so the name is its tag.
+        # Every engine (the global one, one per process set, the next after a shrink) has a thread of this name.
         set_name("collective-horovod")
         try:
-            while True:
+            while self._fatal is None and not self._finished:
+                if self._callers and not self._stopping:  # a waiting caller runs the ticks
+                    self._wake.wait(_IDLE_S)
+                    self._wake.clear()
+                    continue
                 with self._lock:
-                    busy = bool(self._outbox or self._table or self._local)
-                    # This rank's ops that every rank has heard of here but some rank has not announced yet.
-                    # (join waits for the others' data to run out, which may take long: it keeps the cycle.)
-                    waiting = self.eager and any(n in self._table for n in self._local if n != "join")
-                if not waiting:
-                    # Ops come in bursts (a backward pass, a loop of calls): stay on the short cycle for a while
-                    # after any rank's activity, so a rank that is idle here answers the others' next op quickly.
-                    busy = busy or time.monotonic() < self._hot_until
-                    self._wake.wait(_CYCLE_S if busy else _IDLE_S)
-                # else: go straight into the next exchange. It completes when the last rank's thread joins it,
-                # which is as soon as that rank submits (its submit wakes its thread), so the op starts without
-                # the pause of a cycle on this side. Every rank still sees the same exchanges in the same order,
-                # so the decisions stay identical on every rank.
+                    # Requests not sent yet, or this rank's ops that every rank has heard of here but some rank
+                    # has not announced yet (join waits for the others' data to run out, which may take long: it
+                    # keeps the cycle).
+                    eager = bool(self._outbox) or (self.eager and any(n in self._table for n in self._local
+                                                                      if n != "join"))
+                    busy = bool(self._table or self._local)
+                if not eager:
+                    # Otherwise tick only once nobody has for a cycle: the other ranks need this rank's ticks to
+                    # get through theirs (a waiting caller there sees its deadline pass, and every rank learns of a
+                    # cancel or a shutdown); a caller here that drives them saves this thread the wake-ups.
+                    idle = (_CYCLE_S if busy or time.monotonic() < self._hot_until else _IDLE_S)
+                    pause = self._ticked_at + idle - time.monotonic()
+                    if pause > 0:
+                        self._wake.wait(pause)
+                        self._wake.clear()
+                        continue
+                # else: go straight into the next exchange. It completes when the last rank's driver joins it,
+                # which is as soon as that rank submits, so the op starts without the pause of a cycle on this
+                # side. Every rank still sees the same exchanges in the same order, so the decisions stay
+                # identical on every rank.
                 self._wake.clear()
-                if self._tick_once():
-                    break
-        except BaseException as exc:  # noqa: BLE001 - every waiter gets the error instead of hanging
-            with self._lock:
-                if isinstance(exc, RanksLostError) and self.lost is None:
-                    self.lost = exc
-                self._fatal = exc
-                stranded = list(self._local.values())
-                self._local.clear()
-            for loc in stranded:
-                err = HorovodInternalError(f"{loc.req['kind']} {loc.req['name']!r} on rank {self.rank}: the engine "
-                                           f"stopped: {type(exc).__name__}: {exc}")
-                err.__cause__ = exc
-                loc.handle._finish(None, err)
+                if not self._drive.acquire(timeout=_IDLE_S):
+                    continue
+                try:
+                    if self._fatal is None and not self._finished:
+                        self._step()
+                finally:
+                    self._drive.release()
         finally:
             self._stopped.set()
 
-    def _tick_once(self) -> bool:
-        """One exchange of new requests, then every op that became ready; True when every rank has shut down.
+    def _step(self) -> bool:
+        """One tick on the driver (holding ``_drive``); True if it carried any request. A failure stops the
+        engine: every waiter gets the error instead of hanging."""
+        try:
+            news, self._finished = self._tick_once()
+            self._ticked_at = time.monotonic()
+        except BaseException as exc:
+            self._die(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return True
+        if self._finished:
+            self._wake.set()
+        return news
+
+    def _die(self, exc: BaseException) -> None:
+        with self._lock:
+            if isinstance(exc, RanksLostError) and self.lost is None:
+                self.lost = exc
+            self._fatal = exc
+            stranded = list(self._local.items())
+            self._local.clear()
+        for name, loc in stranded:
+            err = HorovodInternalError(f"{loc.kind} {name!r} on rank {self.rank}: the engine "
+                                       f"stopped: {type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+            loc.handle._finish(None, err)
+        self._wake.set()
+
+    def _encode(self, out: list[_Out]) -> tuple[list[int], bytes]:
+        """The (id, seq) pairs of ``out``'s cached requests and the JSON of the others."""
+        pairs: list[int] = []
+        full = []
+        ids = self._ids
+        for o in out:
+            i = ids.get(o.key) if o.key is not None else None
+            if i is None:
+                full.append(o.request() if o.kind != "cancel" else {"seq": o.seq, "name": o.name, "kind": "cancel"})
+            else:
+                pairs += (i, o.seq)
+        return pairs, (json.dumps(full, separators=(",", ":")).encode() if full else b"")
+
+    def _tick_once(self) -> tuple[bool, bool]:
+        """One exchange of new requests, then every op that became ready: (any request came, every rank has shut
+        down).
 
         The exchange is a sum-allreduce of int64 words in which each rank fills
-        only its own slot (length, flags, and the JSON payload when it fits):
-        every slot comes back exactly as its rank wrote it, and the
-        communicator's allreduce is its fastest collective for small
-        messages. Payloads longer than a slot travel in a second allreduce of
-        the same kind, which every rank knows to run from the first one.
+        only its own slot: every slot comes back exactly as its rank wrote it,
+        and the communicator's allreduce is its fastest collective for small
+        messages. When a slot is longer than ``_SLOT_WORDS`` (its header tells),
+        every slot travels again, whole, in a second allreduce of the same
+        kind.
         """
         with self._lock:
             out, self._outbox = self._outbox, []
             flags = (_FLAG_SHUTDOWN if self._stopping else 0)
-        payload = json.dumps(out, separators=(",", ":")).encode() if out else b""
-        comm, size = self.comm, self.size
-        slots = np.zeros((size, _SLOT_WORDS), np.int64)
-        slots[self.rank, 0], slots[self.rank, 1] = len(payload), flags
-        if len(payload) <= _INLINE_BYTES:
-            slots[self.rank, 2:].view(np.uint8)[:len(payload)] = np.frombuffer(payload, np.uint8)
-        got = np.asarray(comm.allreduce(slots.reshape(-1), op="sum")).reshape(size, _SLOT_WORDS)
+        pairs, payload = self._encode(out) if out else ([], b"")
+        comm, size, rank = self.comm, self.size, self.rank
+        words = _HEAD + len(pairs) + -(-len(payload) // 8)
+        slots, got = self._slots, self._got  # kept from tick to tick: only this rank's row is ever written
+        mine = slots[rank]
+        if words <= _SLOT_WORDS and not payload:  # the usual tick: header and cached pairs, one write
+            head = [len(pairs) // 2, flags, 0, *pairs]
+            if self._used > len(head):
+                mine[len(head):self._used] = 0
+            mine[:len(head)] = head
+            self._used = len(head)
+        else:
+            mine[:] = 0
+            if words <= _SLOT_WORDS:
+                _fill(mine, pairs, payload, flags)
+            else:
+                mine[:_HEAD] = len(pairs) // 2, flags, len(payload)
+            self._used = _SLOT_WORDS
+        comm.allreduce(slots, op="sum", out=got)
         self._tick += 1
-        lengths = [int(n) for n in got[:, 0]]
-        if any(lengths):
+        heads = got[:, :_HEAD].tolist()
+        news = any(n or j for n, _, j in heads)
+        if news:
             self._hot_until = time.monotonic() + _HOT_S
-            longest = max(lengths)
-            long_bufs = None
-            if longest > _INLINE_BYTES:
-                words = -(-longest // 8)
-                buf = np.zeros((size, words), np.int64)
-                if len(payload) > _INLINE_BYTES:
-                    buf[self.rank].view(np.uint8)[:len(payload)] = np.frombuffer(payload, np.uint8)
-                long_bufs = np.asarray(comm.allreduce(buf.reshape(-1), op="sum")).reshape(size, words)
+            longest = max(_HEAD + 2 * n + -(-j // 8) for n, _, j in heads)
+            if longest > _SLOT_WORDS:
+                buf = np.zeros((size, longest), np.int64)
+                _fill(buf[rank], pairs, payload, flags)  # every rank's whole slot again, read from here alone
+                got = np.asarray(comm.allreduce(buf.reshape(-1), op="sum")).reshape(size, longest)
             with self._lock:  # missing() reads the table from the callers' threads
-                for r, n in enumerate(lengths):
+                for r, (n, _, j) in enumerate(heads):
                     if n:
-                        src = got[r, 2:] if n <= _INLINE_BYTES else long_bufs[r]  # type: ignore[index]
-                        for req in json.loads(src.view(np.uint8)[:n].tobytes().decode()):
-                            self._record(r, req)
+                        row = got[r, _HEAD:_HEAD + 2 * n].tolist()
+                        for k in range(0, 2 * n, 2):
+                            self._record(r, self._entries[row[k]], row[k + 1])  # type: ignore[arg-type]
+                    if j:
+                        src = got[r, _HEAD + 2 * n:].view(np.uint8)[:j].tobytes()
+                        for req in json.loads(src.decode()):
+                            self._record(r, req, req["seq"])
         for r in range(size):
-            if got[r, 1] & _FLAG_SHUTDOWN:
+            if heads[r][1] & _FLAG_SHUTDOWN:
                 self._shut.add(r)
         self._run_ready()
-        return len(self._shut) == size
+        return news, len(self._shut) == size
 
-    def _record(self, r: int, req: dict) -> None:
+    def _record(self, r: int, req: dict, seq: int) -> None:
+        name = req["name"]
         if req["kind"] == "cancel":
-            p = self._table.get(req["name"])
+            p = self._table.get(name)
             if p is not None:
                 p.reqs.pop(r, None)
-                p.tick.pop(r, None)
+                p.seqs.pop(r, None)
                 if not p.reqs:
-                    del self._table[req["name"]]
+                    del self._table[name]
             if r == self.rank:
-                self._cancelled.pop(req["name"], None)
+                self._cancelled.pop(name, None)
             return
-        p = self._table.get(req["name"])
+        p = self._table.get(name)
         if p is None:
-            p = self._table[req["name"]] = _Pending()
+            p = self._table[name] = _Pending()
         p.reqs[r] = req
-        p.tick[r] = self._tick
+        p.seqs[r] = seq
         if req["kind"] == "join":
             self._joined[r] = self._tick
 
     def _run_ready(self) -> None:
+        if not self._table:
+            return
         joined = set(self._joined)
+        need = [r for r in range(self.size) if r not in joined]
         ready: list[tuple[tuple, str]] = []
         failed: list[tuple[str, str]] = []
         for name, p in self._table.items():
             if name == "join":
                 continue
-            need = [r for r in range(self.size) if r not in joined]
-            if all(r in p.reqs for r in need):
-                low = min(p.reqs)
-                ready.append(((p.reqs[low]["seq"], low), name))
+            reqs = p.reqs
+            if len(reqs) == self.size or all(r in reqs for r in need):
+                low = min(reqs)
+                ready.append(((p.seqs[low], low), name))
             else:
-                gone = [r for r in need if r not in p.reqs and r in self._shut]
+                gone = [r for r in need if r not in reqs and r in self._shut]
                 if gone:
                     failed.append((name, f"rank(s) {[self.ranks[r] for r in gone]} shut down before submitting it"))
         for name, why in failed:
             self._fail_all(name, why)
-        self._run([name for _, name in sorted(ready)], joined)
+        if ready:
+            ready.sort()
+            self._run([name for _, name in ready], joined)
         if "join" in self._table and len(self._table["join"].reqs) == self.size:
             last_tick = max(self._joined.values())
             last = max(r for r, t in self._joined.items() if t == last_tick)
@@ -387,8 +586,9 @@ class Engine:
 
     def _claim(self, name: str) -> None:
         """The caller has seen ``name`` finish (waited or polled): the name is free for a new op."""
-        with self._lock:
-            self._unclaimed.discard(name)
+        if name in self._unclaimed:
+            with self._lock:
+                self._unclaimed.discard(name)
 
     def _fail_all(self, name: str, why: str) -> None:
         p = self._pop(name)
@@ -396,9 +596,38 @@ class Engine:
             self._joined.clear()
         with self._lock:
             loc = self._local.get(name)
-        kind = loc.req["kind"] if loc is not None else next(iter(p.reqs.values()))["kind"]
+        kind = loc.kind if loc is not None else next(iter(p.reqs.values()))["kind"]
         self._complete(name, None, HorovodInternalError(f"{kind} {name!r} on rank {self.ranks[self.rank]} "
                                                          f"of {self.size}: {why}"))
+
+    def _remember(self, name: str, reqs: dict[int, dict], q: dict) -> None:
+        """Keep the agreed request of ``name`` (about to run) in the response cache, the same way on every rank."""
+        cid = self._entry_id.get(id(q))
+        if cid is not None and self._entries[cid] is q and all(v is q for v in reqs.values()):
+            self._lru.move_to_end(cid)  # every rank sent the cached request: it stays
+            return
+        entry = {k: v for k, v in q.items() if k != "seq"}
+        for v in reqs.values():
+            if v is not q and {k: x for k, x in v.items() if k != "seq"} != entry:
+                return  # requests that agree yet differ (e.g. by a field one rank left out) are not cached
+        if len(self._lru) >= _CACHE_CAPACITY:
+            cid, _ = self._lru.popitem(last=False)
+            old = self._entries[cid]
+            self._entry_id.pop(id(old), None)
+            key = self._key_of.pop(cid, None)
+            if key is not None and self._ids.get(key) == cid:
+                del self._ids[key]
+            self._entries[cid] = entry
+        else:
+            cid = len(self._entries)
+            self._entries.append(entry)
+        self._entry_id[id(entry)] = cid
+        self._lru[cid] = None
+        with self._lock:
+            loc = self._local.get(name)
+        if loc is not None and loc.key is not None:
+            self._ids[loc.key] = cid
+            self._key_of[cid] = loc.key
 
     def _mismatch(self, reqs: dict[int, dict]) -> str | None:
         """Why the ranks' requests for one name disagree (None if they agree)."""
@@ -443,7 +672,8 @@ class Engine:
         reqs = p.reqs
         q = reqs[min(reqs)]
         kind = q["kind"]
-        why = self._mismatch(reqs)
+        # Every rank sent the same cache entry: the requests agree by construction.
+        why = None if all(v is q for v in reqs.values()) else self._mismatch(reqs)
         if why is None and joined and kind not in _JOINABLE:
             why = (f"rank(s) {sorted(self.ranks[r] for r in joined)} called join; only allreduce continues "
                    f"while ranks have joined")
@@ -453,6 +683,8 @@ class Engine:
             self._complete(name, None, HorovodInternalError(f"{kind} {name!r} on rank {self.ranks[self.rank]} "
                                                              f"of {self.size}: {why}"))
             return None
+        if kind in _CACHED_KINDS and not joined:
+            self._remember(name, reqs, q)
         with self._lock:  # cancel() swaps a withdrawn op's arrays and outs under the lock
             loc = self._local.get(name) or self._cancelled.get(name)
             outs = scales = None
@@ -602,3 +834,11 @@ def _fused_allreduce(comm: Any, arrays: list[np.ndarray], op: str, outs: list[np
             off += n
     return out  # type: ignore[return-value]
 
+def _fill(row: np.ndarray, pairs: list[int], payload: bytes, flags: int) -> None:
+    """Write one rank's slot: the header, the cached requests' (id, seq) pairs, the JSON bytes."""
+    n = len(pairs)
+    row[0], row[1], row[2] = n // 2, flags, len(payload)
+    if n:
+        row[_HEAD:_HEAD + n] = pairs
+    if payload:
+        row[_HEAD + n:].view(np.uint8)[:len(payload)] = np.frombuffer(payload, np.uint8)

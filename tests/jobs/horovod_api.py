@@ -343,14 +343,16 @@ def c_timeout_names_missing_ranks() -> None:
         assert np.array_equal(got, [x * P]), got
         # A withdrawn op that every rank had already requested still runs (the others need this rank's part):
         # with the data as it was at the deadline, and its result never lands in the caller's array, which the
-        # caller owns again once told of the failure. The engine holds the op until rank 0's deadline passed.
-        gate = threading.Event()
+        # caller owns again once told of the failure. The engine holds the op until rank 0's deadline passed:
+        # rank 0's engine thread runs the tick that finds it ready (its caller waits only once that tick holds it).
+        gate, entered = threading.Event(), threading.Event()
         run_ready = eng._run_ready
 
         def gated() -> None:
             with eng._lock:
                 ready = "late" in eng._table and len(eng._table["late"].reqs) == P
             if ready:
+                entered.set()
                 gate.wait(60)
             run_ready()
 
@@ -359,6 +361,7 @@ def c_timeout_names_missing_ranks() -> None:
         if R == 0:
             eng.timeout = 1.0
             late = eng.submit("allreduce", "late", [mine], outs=[mine], op="sum")
+            assert entered.wait(60)
             raises(HorovodInternalError, late.wait, "not finished")
             eng.timeout = 60.0
             mine[:] = -1.0  # the caller reuses its array

@@ -722,19 +722,28 @@ def _register(h: Handle, finish: Any) -> int:
 
 
 # ------------------------------------------------------------------ allreduce
-def _allreduce_submit(tensors: list[torch.Tensor], outputs: list[torch.Tensor] | None, name: str | None, op: int,
-                      prescale: float, postscale: float, process_set: ProcessSet, kind: str,
-                      single: bool = False) -> int:
+def _allreduce_start(tensors: list[torch.Tensor], outputs: list[torch.Tensor] | None, name: str | None, op: int,
+                     prescale: float, postscale: float, process_set: ProcessSet, kind: str, single: bool = False,
+                     wake: bool = True) -> tuple[Handle, Any]:
+    """Submit an allreduce of ``tensors``: its handle, and the function that turns the handle's result into the
+    tensor(s) the caller gets. ``wake``: False when the caller waits at once (it then runs the engine's tick)."""
     eng, ps = _engine_for(process_set, kind)
     for t in tensors:
         _check_tensor(t, kind)
     arrays = [_to_numpy(_scale(t.detach(), prescale), reducing=True) for t in tensors]
     n = _set_size(ps)
-    dest = None if outputs is None else [_out_view(o, a) for o, a in zip(outputs, arrays)]
+    dest = None
+    if outputs is not None:
+        dest = []
+        for o, t, a in zip(outputs, tensors, arrays):
+            v = _out_view(o, a)
+            if v is not None and o is t and prescale == 1.0:
+                v = a  # a is already a view of o's memory: the very same array lets the collective run in place
+            dest.append(v)
     by_engine = [a.dtype in _ENGINE_SCALED for a in arrays]
     factor = postscale / n if op == Average else postscale
     scales = [factor if e else 1.0 for e in by_engine] if factor != 1.0 else None
-    h = eng.submit("allreduce", _name(kind, name, ps), arrays, outs=dest, scales=scales, op=_REDUCE[op],
+    h = eng.submit("allreduce", _name(kind, name, ps), arrays, outs=dest, scales=scales, wake=wake, op=_REDUCE[op],
                    prescale=prescale, postscale=postscale)
     rest = postscale != 1.0 or op == Average  # what is left to do for the dtypes the engine does not scale
 
@@ -757,7 +766,23 @@ def _allreduce_submit(tensors: list[torch.Tensor], outputs: list[torch.Tensor] |
             outs.append(y)
         return outs[0] if single else outs
 
-    return _register(h, finish)
+    return h, finish
+
+
+def _allreduce_submit(tensors: list[torch.Tensor], outputs: list[torch.Tensor] | None, name: str | None, op: int,
+                      prescale: float, postscale: float, process_set: ProcessSet, kind: str,
+                      single: bool = False) -> int:
+    """Start an allreduce (see :func:`_allreduce_start`); its handle id for :func:`poll` and :func:`synchronize`."""
+    return _register(*_allreduce_start(tensors, outputs, name, op, prescale, postscale, process_set, kind, single))
+
+
+def _allreduce_now(tensors: list[torch.Tensor], outputs: list[torch.Tensor] | None, name: str | None, op: int,
+                   prescale: float, postscale: float, process_set: ProcessSet, kind: str,
+                   single: bool = False) -> Any:
+    """Run an allreduce to the end on the calling thread (what :func:`synchronize` of a submitted one returns)."""
+    h, finish = _allreduce_start(tensors, outputs, name, op, prescale, postscale, process_set, kind, single,
+                                 wake=False)
+    return finish(h.wait())
 
 
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None, op: int | None = None,
@@ -798,8 +823,7 @@ class HorovodAllreduce(torch.autograd.Function):
     def forward(ctx: Any, tensor: torch.Tensor, name: Any, op: int, prescale: float, postscale: float,
                 process_set: ProcessSet) -> torch.Tensor:
         ctx.op, ctx.prescale, ctx.postscale, ctx.process_set = op, prescale, postscale, process_set
-        return synchronize(_allreduce_submit([tensor], None, name, op, prescale, postscale, process_set,
-                                             "allreduce", True))
+        return _allreduce_now([tensor], None, name, op, prescale, postscale, process_set, "allreduce", True)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
@@ -822,7 +846,11 @@ def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | Non
     compression = compression or Compression.none
     op = _resolve_op(op, average, "allreduce")
     compressed, cctx = compression.compress(tensor)
-    out = HorovodAllreduce.apply(compressed, name, op, prescale_factor, postscale_factor, process_set)
+    if torch.is_grad_enabled() and getattr(compressed, "requires_grad", False):
+        out = HorovodAllreduce.apply(compressed, name, op, prescale_factor, postscale_factor, process_set)
+    else:  # what apply would return, without the autograd node
+        out = _allreduce_now([compressed], None, name, op, prescale_factor, postscale_factor, process_set,
+                             "allreduce", True)
     return compression.decompress(out, cctx)
 
 
@@ -830,7 +858,9 @@ def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | No
                prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                process_set: ProcessSet = global_process_set) -> torch.Tensor:
     """In-place :func:`allreduce`: ``tensor`` holds the result, which is returned."""
-    return synchronize(allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor, process_set))
+    op = _resolve_op(op, average, "allreduce_")
+    return _allreduce_now([tensor], [tensor], name, op, prescale_factor, postscale_factor, process_set, "allreduce",
+                          True)
 
 
 def grouped_allreduce_async(tensors: Sequence[torch.Tensor], average: bool | None = None, name: str | None = None,
@@ -858,8 +888,8 @@ class HorovodGroupedAllreduce(torch.autograd.Function):
     def forward(ctx: Any, name: Any, op: int, prescale: float, postscale: float, process_set: ProcessSet,
                 *tensors: torch.Tensor) -> tuple:
         ctx.op, ctx.prescale, ctx.postscale, ctx.process_set = op, prescale, postscale, process_set
-        return tuple(synchronize(_allreduce_submit(list(tensors), None, name, op, prescale, postscale,
-                                                   process_set, "grouped_allreduce")))
+        return tuple(_allreduce_now(list(tensors), None, name, op, prescale, postscale, process_set,
+                                    "grouped_allreduce"))
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
@@ -886,8 +916,9 @@ def grouped_allreduce_(tensors: Sequence[torch.Tensor], average: bool | None = N
                        op: int | None = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                        process_set: ProcessSet = global_process_set) -> list:
     """In-place :func:`grouped_allreduce`."""
-    return synchronize(grouped_allreduce_async_(tensors, average, name, op, prescale_factor, postscale_factor,
-                                                process_set))
+    op = _resolve_op(op, average, "grouped_allreduce_")
+    return _allreduce_now(list(tensors), list(tensors), name, op, prescale_factor, postscale_factor, process_set,
+                          "grouped_allreduce")
 
 
 def sparse_allreduce_async(tensor: torch.Tensor, name: str | None, op: int,
@@ -1248,11 +1279,10 @@ def join(device: int = -1) -> int:
         The rank that joined last (the same on every rank).
     """
     eng, _ = _engine_for(global_process_set, "join")
-    h = eng.submit("join", "join", [])
-    while not h.done():  # no deadline: the other ranks may train for long; a rank that exits fails the join
-        if not eng.running:
-            break
-        h._event.wait(1.0)
+    h = eng.submit("join", "join", [], wake=False)
+    # No deadline: the other ranks may train for long; a rank that exits fails the join.
+    while eng.running and not h.wait_done(1.0):
+        pass
     return int(h.wait(0.0 if h.done() else None))
 
 
