@@ -5,18 +5,30 @@ Run (it launches its own mpiexec job when not started under one)::
     python bench/bench_torch_backend.py                  # P = 2: all_reduce 4 B .. 64 MiB, then the training steps
     python bench/bench_torch_backend.py --procs 4 --part allreduce --iters 5
     python bench/bench_torch_backend.py --part train --rounds 3 --steps 2
+    python bench/bench_torch_backend.py --part latency --iters 11
 
 Part ``allreduce``, columns: ``collective`` (``dist.all_reduce(t)`` on the default group, backend
 "collective"), ``gloo`` (``dist.all_reduce(t, group=g)`` on a gloo group over the same ranks, built from the
 same store) and ``mpi4py`` (``MPI.COMM_WORLD.Allreduce(IN_PLACE, ...)`` on the tensor's memory: the floor any
 Python layer stands on). busbw = bytes / time x 2(P-1)/P, as nccl-tests.
 
+Part ``latency`` (4 KiB by default, ``--latency-bytes``): where the time of one small ``dist.all_reduce`` goes,
+columns interleaved as above: ``mpi4py`` (bare ``Allreduce``), ``comm-numpy`` and ``comm-tensor`` (the group's
+communicator called on a NumPy array and on the tensor), ``group`` (the group's ``allreduce`` method called
+directly, synchronous), ``group-async`` (the same with ``asyncOp`` and ``wait()``), ``dist`` (``dist.all_reduce``
+on our group) and ``dist-floor`` (``dist.all_reduce`` on a group of a do-nothing ProcessGroup subclass
+registered the same way: torch's own Python around a call, which no backend can save).
+
 Part ``train``: one step (zero_grad, forward, cross-entropy, backward, SGD step) of an MLP, per-rank batch 64,
 one thread per rank: ``local`` (every rank trains alone at the same time: the ideal), ``ddp-collective`` and
 ``ddp-gloo`` (torch's ``DistributedDataParallel`` on the default group or on the gloo group), and for the
 40 MB MLP ``fsdp-collective`` and ``fsdp-gloo`` (FSDP2 ``fully_shard`` per layer and on the whole, on a
-DeviceMesh over either group). Models: 784-1024-1024-10 (7.5 MB of gradients) and 784-2048-2048-2048-10
+DeviceMesh over either group), and ``ddp-floor`` and ``fsdp-floor``: the same on a group that communicates
+nothing (see _register_floor), i.e. what DDP's and FSDP2's own work costs, the fastest any backend can be.
+Models: 784-1024-1024-10 (7.5 MB of gradients) and 784-2048-2048-2048-10
 (40 MB).
+
+Part ``train`` also prints each column's CPU time per rank and step (every thread of the rank).
 
 Method: every iteration (round) runs each column once (a block of steps), in an order rotated by one per
 iteration, after a barrier; a time is the slowest rank's; the figure is the median over iterations.
@@ -30,6 +42,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [4, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
@@ -43,7 +56,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--procs", type=int, default=2)
     p.add_argument("--iters", type=int, default=7, help="interleaved iterations per size (median reported)")
     p.add_argument("--max-bytes", type=int, default=64 << 20)
-    p.add_argument("--part", default="allreduce,train", help="allreduce, train or both (default both)")
+    p.add_argument("--part", default="allreduce,train",
+                   help="comma list of allreduce, latency, train (default allreduce,train)")
+    p.add_argument("--latency-bytes", type=int, default=4096, help="message size of part latency")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of MLP shapes (default both)")
     p.add_argument("--rounds", type=int, default=8, help="timed rounds per training column (median reported)")
     p.add_argument("--steps", type=int, default=3, help="steps per round")
@@ -64,11 +79,14 @@ def _bench(a: argparse.Namespace) -> None:
     import collective.torch  # noqa: F401  (registers the backend)
 
     torch.set_num_threads(1)
+    _register_floor()
     dist.init_process_group("collective")
     gloo = dist.new_group(list(range(dist.get_world_size())), backend="gloo")
     world = MPI.COMM_WORLD
     if "allreduce" in a.part:
         _allreduce(a, gloo, world)
+    if "latency" in a.part:
+        _latency(a, world)
     if "train" in a.part:
         _train(a, gloo, world)
     dist.destroy_process_group()
@@ -100,20 +118,7 @@ def _allreduce(a: argparse.Namespace, gloo: object, world: object) -> None:
                 world.Allreduce(MPI.IN_PLACE, arr)
 
         cols = {"collective": ours, "gloo": glo, "mpi4py": bare}
-        names = list(cols)
-        for f in cols.values():  # warm-up: first-call setup out of the figures
-            f()
-        times: dict[str, list[float]] = {k: [] for k in names}
-        for it in range(a.iters):
-            order = names[it % len(names):] + names[: it % len(names)]
-            for k in order:
-                t.zero_()  # sums of zeros stay finite over any number of calls
-                world.Barrier()
-                t0 = time.perf_counter()
-                cols[k]()
-                dt = np.array([(time.perf_counter() - t0) / n])
-                world.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
-                times[k].append(float(dt[0]))
+        times = _interleaved(cols, a.iters, n, t.zero_, world)
         med = {k: float(np.median(v)) for k, v in times.items()}
         rows.append((nbytes, med))
     if R == 0:
@@ -130,14 +135,150 @@ def _allreduce(a: argparse.Namespace, gloo: object, world: object) -> None:
         sys.stdout.flush()
 
 
+def _interleaved(cols: dict[str, Callable[[], object]], iters: int, n: int, reset: Callable[[], object],
+                 world: Any) -> dict[str, list[float]]:
+    """Seconds per call of each column (``n`` calls a block), the columns in a rotating order each iteration.
+
+    Every block starts after ``reset`` (sums of zeros stay finite over any
+    number of calls) and a barrier; a block's time is the slowest rank's.
+    """
+    import numpy as np
+    from mpi4py import MPI
+
+    names = list(cols)
+    for f in cols.values():  # warm-up: first-call setup out of the figures
+        f()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for it in range(iters):
+        for k in names[it % len(names):] + names[: it % len(names)]:
+            reset()
+            world.Barrier()
+            t0 = time.perf_counter()
+            cols[k]()
+            dt = np.array([(time.perf_counter() - t0) / n])
+            world.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
+            times[k].append(float(dt[0]))
+    return times
+
+
+def _register_floor() -> None:
+    """Register backend "nothing": a ProcessGroup that communicates nothing (the framework's own cost).
+
+    Its calls leave every rank with what a one-rank group would: all_reduce and broadcast touch nothing, an
+    all-gather copies the input into every slot, a reduce-scatter copies this rank's block. Every Work it
+    returns is complete.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch._C._distributed_c10d import _create_work_from_future  # type: ignore[attr-defined]
+
+    def done(value: object) -> object:
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result(value)
+        return _create_work_from_future(fut)
+
+    class Nothing(dist.ProcessGroup):
+        def __init__(self, rank: int, size: int) -> None:
+            super().__init__(rank, size)  # type: ignore[call-arg]
+            self._done = done([])
+            self._name = self._desc = ""
+
+        def getBackendName(self) -> str:
+            return "nothing"
+
+        # DeviceMesh reads the group's name, which torch sets through these.
+        def _set_group_name(self, name: str) -> None:
+            self._name = name
+
+        @property
+        def group_name(self) -> str:  # type: ignore[override]
+            return self._name
+
+        def _set_group_desc(self, desc: str) -> None:
+            self._desc = desc
+
+        @property
+        def group_desc(self) -> str:
+            return self._desc
+
+        def allreduce(self, tensors: list, opts: object = None) -> object:  # type: ignore[override]
+            return done(tensors)
+
+        def broadcast(self, tensors: list, opts: object = None) -> object:  # type: ignore[override]
+            return done(tensors)
+
+        def barrier(self, opts: object = None) -> object:
+            return self._done
+
+        def allgather(self, outputs: list, inputs: list, opts: object = None) -> object:  # type: ignore[override]
+            for o in outputs[0]:
+                o.copy_(inputs[0].reshape(o.shape))
+            return done(outputs)
+
+        def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: object = None) -> object:
+            for o in output.reshape(self.size(), -1):
+                o.copy_(input.reshape(-1))
+            return done([output])
+
+        def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: object = None) -> object:
+            output.reshape(-1).copy_(input.reshape(self.size(), -1)[self.rank()])
+            return done([output])
+
+    dist.Backend.register_backend("nothing", lambda o, _: Nothing(o.group_rank, o.group_size), extended_api=True,
+                                  devices=["cpu"])
+
+
+def _latency(a: argparse.Namespace, world: object) -> None:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    P, R = dist.get_world_size(), dist.get_rank()
+    floor = dist.new_group(list(range(P)), backend="nothing")
+    pg = dist.group.WORLD
+    comm = pg.communicator  # type: ignore[union-attr]
+    t = torch.zeros(a.latency_bytes // 4)
+    arr = np.zeros(t.numel(), np.float32)
+    sync, asyn = dist.AllreduceOptions(), dist.AllreduceOptions()
+    sync.asyncOp, asyn.asyncOp = False, True
+    n = 2000
+    one = [t]
+
+    cols = {
+        "mpi4py": lambda: [world.Allreduce(MPI.IN_PLACE, arr) for _ in range(n)],
+        "comm-numpy": lambda: [comm.allreduce(arr, out=arr) for _ in range(n)],
+        "comm-tensor": lambda: [comm.allreduce(t, out=t) for _ in range(n)],
+        "group": lambda: [pg.allreduce(one, sync) for _ in range(n)],
+        "group-async": lambda: [pg.allreduce(one, asyn).wait() for _ in range(n)],
+        "dist": lambda: [dist.all_reduce(t) for _ in range(n)],
+        "dist-floor": lambda: [dist.all_reduce(t, group=floor) for _ in range(n)],
+    }
+    names = list(cols)
+
+    def reset() -> None:
+        t.zero_()
+        arr[:] = 0
+
+    times = _interleaved(cols, a.iters, n, reset, world)
+    if R == 0:
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        print(f"one all_reduce of {a.latency_bytes} bytes (float32), P={P}: us per call, median of {a.iters} "
+              f"interleaved blocks of {n} calls")
+        for k in names:
+            print(f"  {k:12} {med[k] * 1e6:8.2f}  {med[k] / med['mpi4py']:5.2f}x mpi4py")
+        sys.stdout.flush()
+
+
 def _train(a: argparse.Namespace, gloo: object, world: object) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+    floor = dist.new_group(list(range(dist.get_world_size())), backend="nothing")
     meshes = {"collective": init_device_mesh("cpu", (dist.get_world_size(),)),
-              "gloo": DeviceMesh.from_group(gloo, "cpu")}
+              "gloo": DeviceMesh.from_group(gloo, "cpu"), "floor": DeviceMesh.from_group(floor, "cpu")}
     for name in a.shapes.split(","):
-        _train_model(a, name, gloo, meshes, world)
+        _train_model(a, name, gloo, floor, meshes, world)
 
 
 def _mlp(sizes: tuple[int, ...]) -> object:
@@ -162,7 +303,8 @@ def _sharded(sizes: tuple[int, ...], mesh: object) -> object:
     return fully_shard(m, mesh=mesh)
 
 
-def _train_model(a: argparse.Namespace, name: str, gloo: object, meshes: dict, world: object) -> None:
+def _train_model(a: argparse.Namespace, name: str, gloo: object, floor: object, meshes: dict,
+                 world: object) -> None:
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -172,10 +314,11 @@ def _train_model(a: argparse.Namespace, name: str, gloo: object, meshes: dict, w
     P, R = dist.get_world_size(), dist.get_rank()
     sizes = SHAPES[name]
     models = {"local": _mlp(sizes), "ddp-collective": DDP(_mlp(sizes)),
-              "ddp-gloo": DDP(_mlp(sizes), process_group=gloo)}
+              "ddp-gloo": DDP(_mlp(sizes), process_group=gloo), "ddp-floor": DDP(_mlp(sizes), process_group=floor)}
     if name in FSDP_SHAPES:
         models["fsdp-collective"] = _sharded(sizes, meshes["collective"])
         models["fsdp-gloo"] = _sharded(sizes, meshes["gloo"])
+        models["fsdp-floor"] = _sharded(sizes, meshes["floor"])
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
     g = torch.Generator().manual_seed(1 + R)
     x = torch.randn(a.batch, sizes[0], generator=g)
@@ -190,28 +333,39 @@ def _train_model(a: argparse.Namespace, name: str, gloo: object, meshes: dict, w
 
     names = list(models)
     times: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     for it in range(a.rounds + 1):  # round 0 warms up (buckets, first-call setup) and is not counted
         order = names[it % len(names):] + names[:it % len(names)]
         for k in order:
             world.Barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(a.steps):
                 step(k)
             dt = np.array([(time.perf_counter() - t0) / a.steps])
+            dc = np.array([(time.process_time() - c0) / a.steps])
             world.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
+            world.Allreduce(MPI.IN_PLACE, dc, op=MPI.SUM)
             if it >= 1:
                 times[k].append(float(dt[0]))
+                cpu[k].append(float(dc[0]) / P)
     med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    cmed = {k: float(np.median(v)) * 1e3 for k, v in cpu.items()}
     if R == 0:
         grad_mb = sum(p.numel() * 4 for p in models["local"].parameters()) / 1e6
         print(f"MLP {name} ({grad_mb:.1f} MB of gradients), P={P}, per-rank batch {a.batch}, one thread per "
               f"rank; step ms, median of {a.rounds} interleaved rounds of {a.steps} steps")
         print("  " + "  ".join(f"{k} {v:.1f}" for k, v in med.items()))
         ratios = [f"ddp gloo/collective {med['ddp-gloo'] / med['ddp-collective']:.2f}x",
-                  f"ddp-collective/local {med['ddp-collective'] / med['local']:.2f}x"]
+                  f"ddp-collective/local {med['ddp-collective'] / med['local']:.2f}x",
+                  f"ddp-floor/local {med['ddp-floor'] / med['local']:.2f}x",
+                  f"ddp gloo/floor {med['ddp-gloo'] / med['ddp-floor']:.2f}x"]
         if "fsdp-collective" in med:
-            ratios.append(f"fsdp gloo/collective {med['fsdp-gloo'] / med['fsdp-collective']:.2f}x")
+            ratios += [f"fsdp gloo/collective {med['fsdp-gloo'] / med['fsdp-collective']:.2f}x",
+                       f"fsdp gloo/floor {med['fsdp-gloo'] / med['fsdp-floor']:.2f}x"]
         print("  " + ", ".join(ratios))
+        # CPU time of a rank's every thread: on a machine shared with other jobs it moves far less than the
+        # wall time, and with one core per rank a step cannot take less wall time than it.
+        print("  CPU ms per rank and step: " + "  ".join(f"{k} {v:.1f}" for k, v in cmed.items()))
         sys.stdout.flush()
 
 

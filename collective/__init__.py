@@ -71,13 +71,11 @@ def init(**kwargs: Any) -> Communicator:
 
             MPI = require_mpi()
             check_launch(MPI.COMM_WORLD.Get_size())
-            parent = MPI.Comm.Get_parent() if _default is None else MPI.COMM_NULL
-            if parent != MPI.COMM_NULL:  # spawned by comm.grow(): join the growing ranks
-                from .communicator import join_as_replacement
+            from .communicator import take_parent
 
-                _default = join_as_replacement(parent, **kwargs)
-            else:
-                _default = Communicator(**kwargs)
+            # Spawned by comm.grow(): the first init joins the growing ranks.
+            grown = take_parent("collective.init()", **kwargs) if _default is None else None
+            _default = grown if grown is not None else Communicator(**kwargs)
             install_excepthook(_default.rank, _default.size)
         return _default
 

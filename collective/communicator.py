@@ -32,6 +32,7 @@ from collective.topologies.cluster import Cluster
 
 from . import config
 from . import shm as shm_mod
+from .arrays import from_numpy_like, to_numpy
 from .backends import BACKENDS
 from .backends.device import DeviceCollectives, DeviceRequest
 from .backends.gpu_staging import is_device_array
@@ -464,7 +465,22 @@ class Communicator:
         return self._seqr.allreduce(x, op, algorithm, out)
 
     def _allreduce_ordinary(self, x: Any, op: Any, algorithm: Any, out: Any) -> Any:
-        """An allreduce that is no repeat (see Sequencer.allreduce): prepare, then run."""
+        """An allreduce that is no repeat (see Sequencer.allreduce): prepare, then run.
+
+        A contiguous CPU torch tensor, reduced into a new tensor or in place, is handed to the repeat path once
+        more as its NumPy view (which checks it like any array), so a repeated call on a tensor costs what one
+        on an array does; the result comes back as a tensor.
+        """
+        torch = sys.modules.get("torch")
+        if (torch is not None and type(x) is torch.Tensor and (out is None or out is x) and x.device.type == "cpu"
+                and x.layout == torch.strided and x.is_contiguous()):
+            try:
+                view, wrap = to_numpy(x)
+            except CollectiveTypeError:
+                pass  # the ordinary path below says what is wrong with it
+            else:
+                r = self._seqr.allreduce(view, op, algorithm, view if out is x else None)
+                return x if out is x else from_numpy_like(r, wrap)
         return self._run(self._prepare("allreduce", x, op, algorithm, 0, out))
 
     def allreduce_async(self, x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Work:
@@ -1263,6 +1279,31 @@ def _join(inter: Any, spawned: bool, job: int, next_job: int, params: dict[str, 
     return new
 
 
-def join_as_replacement(parent: Any, **params: Any) -> Communicator:
-    """In a process spawned by :meth:`Communicator.grow`: the grown communicator (collective with the growers)."""
+_PARENT_TAKEN: list[str] = []  # which API's init joined the growers (a process joins them once)
+
+
+def take_parent(who: str, **params: Any) -> Communicator | None:
+    """In a process spawned by :meth:`Communicator.grow`: the grown communicator (collective with the growers).
+
+    None in a process that was not spawned. The growers wait for exactly one
+    join per spawned process, so only the first caller (``collective.init()``
+    or ``hvd.init()``) may join; a second one would wait for a join that
+    never comes.
+
+    Args:
+        who: the caller, for the error message (e.g. ``"hvd.init()"``).
+        **params: passed to :class:`Communicator`.
+
+    Raises:
+        CollectiveError: the grown job was joined already by another init in this process.
+    """
+    MPI = require_mpi()
+    parent = MPI.Comm.Get_parent()
+    if parent == MPI.COMM_NULL:
+        return None
+    if _PARENT_TAKEN:
+        raise CollectiveError(
+            f"{who}: this process replaces a lost rank and {_PARENT_TAKEN[0]} joined the grown job already; a "
+            "replacement joins once, so an elastic program uses one of collective.init() and hvd.init(), not both")
+    _PARENT_TAKEN.append(who)
     return _join(parent, True, -1, -1, params)

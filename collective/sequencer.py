@@ -156,6 +156,10 @@ class FlightRecorder:
         return [self.slots[s % self.length] for s in range(first, last + 1)]
 
 
+# Orders a handle's finish against the registration of its callback (both rare and short).
+_THEN_LOCK = threading.Lock()
+
+
 class Work:
     """Handle of an asynchronous collective: ``wait()`` returns its result, ``done()`` polls.
 
@@ -166,13 +170,14 @@ class Work:
         w.wait()
     """
 
-    __slots__ = ("_event", "_result", "_exc", "_name")
+    __slots__ = ("_event", "_result", "_exc", "_name", "_then")
 
     def __init__(self, name: str) -> None:
         self._event = threading.Event()
         self._result: Any = None
         self._exc: BaseException | None = None
         self._name = name
+        self._then: Callable[[Work], None] | None = None
 
     def done(self) -> bool:
         """True once the collective has finished (successfully or not)."""
@@ -192,9 +197,25 @@ class Work:
         return self._result
 
     def finish(self, result: Any, exc: BaseException | None) -> None:
-        """Complete the handle (called once, by the thread that ran the op)."""
-        self._result, self._exc = result, exc
-        self._event.set()
+        """Complete the handle (called once, by the thread that ran the op), then run its :meth:`then` callback."""
+        with _THEN_LOCK:
+            self._result, self._exc = result, exc
+            self._event.set()
+            then, self._then = self._then, None
+        if then is not None:
+            then(self)
+
+    def then(self, fn: Callable[[Work], None]) -> None:
+        """Call ``fn(self)`` once the op has finished: on the thread that finishes it, or here if it has.
+
+        One callback per handle. ``fn`` runs on the communication thread, which runs every later op: it must
+        be quick and must not wait on another op (hand longer work to a thread of its own).
+        """
+        with _THEN_LOCK:
+            if not self._event.is_set():
+                self._then = fn
+                return
+        fn(self)
 
 
 class Sequencer:

@@ -15,8 +15,9 @@ and, under an MPI launcher, for torch's default ``env://`` (``MASTER_ADDR`` and
 raises :class:`collective.CollectiveValueError`.
 
 Synchronous calls (``async_op=False``) run on the caller's thread;
-asynchronous ones go to the communicator's thread, and a completion thread of
-this module completes the torch Future when our Work finishes, so
+asynchronous ones go to the communicator's thread, which hands each finished
+op to a pool of this module's threads that completes the torch Future (point-
+to-point calls and joined ones reach the pool through a completion thread), so
 ``work.wait(timeout)`` raises on timeout and errors propagate through the
 future.
 
@@ -37,6 +38,7 @@ import queue
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -56,6 +58,7 @@ import collective as _col
 from .errors import CollectiveError, CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import bfloat16
 from .p2p import ANY_SOURCE
+from .sequencer import Work
 from .threads import set_name
 
 __all__ = ["BACKEND", "CollectiveProcessGroup", "MonitoredBarrierError", "WorkTimeoutError", "create_store",
@@ -81,6 +84,9 @@ _NAMED = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MA
 _BITWISE = {_R.BAND: ("band", "min"), _R.BOR: ("bor", "max"), _R.BXOR: ("bxor", "sum")}
 # bool follows torch's NCCL backend: a sum of booleans is their OR, a product their AND.
 _BOOL = {_R.SUM: "max", _R.MAX: "max", _R.BOR: "max", _R.PRODUCT: "min", _R.MIN: "min", _R.BAND: "min"}
+_SUM = _R.SUM
+#: The allreduce path keeps NumPy views of tensors up to this size, this many at most (see _hot_array).
+_HOT_MAX_BYTES, _HOT_ENTRIES = 1 << 18, 16
 # Reductions whose preparation or finish writes into the tensor reduced.
 _IN_PLACE_OPS = frozenset((_R.PREMUL_SUM, _R.BAND, _R.BOR, _R.BXOR))
 # torch dtypes whose tensors .numpy() views directly.
@@ -185,7 +191,7 @@ def _install_rendezvous() -> None:
 
 # ------------------------------------------------------ Work and completion
 class _Async(dist._Work):
-    """Work of an asynchronous call: completed by the completion thread, ``wait(timeout)`` raises on timeout."""
+    """Work of an asynchronous call: completed by the callback pool, ``wait(timeout)`` raises on timeout."""
 
     # A receive's: its source rank when one was given; from any rank, the receive whose wait() tells it.
     source: int | None = None
@@ -236,12 +242,15 @@ class _Async(dist._Work):
 
 
 class _Completer:
-    """One thread that waits on our Works in submission order; a pool completes their torch Futures.
+    """A pool that completes the torch Futures of our Works, and one thread that waits for the Works that
+    cannot tell it themselves.
 
     Completing a future runs its callbacks (DDP's, a comm hook's) on the completing thread, and a
     callback may block on another of our futures (torch's PowerSGD hook waits on an all_reduce it
-    starts inside a callback): so the waiting thread never runs callbacks itself, and the pool grows
-    a thread while all of its threads sit in such callbacks.
+    starts inside a callback): so neither the communication thread nor the waiting thread runs
+    callbacks itself, and the pool grows a thread while all of its threads sit in such callbacks. A
+    single op of the communication thread hands itself to the pool as it finishes (``Work.then``);
+    point-to-point Works and joined calls go through the waiting thread, in submission order.
     """
 
     def __init__(self) -> None:
@@ -259,6 +268,11 @@ class _Completer:
         ``source`` and ``learn``: see _Async)."""
         fut: torch.futures.Future = torch.futures.Future()
         done = threading.Event()
+        if len(works) == 1 and type(works[0]) is Work:
+            # One op of our communication thread: that thread hands the completion to the pool when the op ends
+            # (one thread switch fewer per call than the completion thread).
+            works[0].then(lambda w: self._hand_over(w, post, value, fut, done))
+            return _Async(fut, done, name, source, learn)
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
@@ -266,6 +280,20 @@ class _Completer:
                     self._thread.start()
         self._q.put((works, post, value, fut, done))
         return _Async(fut, done, name, source, learn)
+
+    def _hand_over(self, w: Any, post: Callable[[], None] | None, value: Any, fut: torch.futures.Future,
+                   done: threading.Event) -> None:
+        """On the communication thread, as ``w`` finishes: the pool completes the future (never raises)."""
+        try:
+            w.wait()  # finished: returns or raises at once
+        except BaseException as exc:  # noqa: BLE001 - handed to the future's waiter
+            args: tuple = (None, None, fut, done, exc)
+        else:
+            args = (post, value, fut, done)
+        try:
+            self._pool.submit(_complete, *args)
+        except BaseException:  # noqa: BLE001 - the pool is shut down (its group closed): complete it here
+            _complete(*args)
 
     def close(self) -> None:
         """End the completion thread once it has completed the Works already added, and the callback pool then.
@@ -289,14 +317,26 @@ class _Completer:
             try:
                 for w in works:
                     w.wait()
-                if post is not None:
-                    post()
             except BaseException as exc:  # noqa: BLE001 - handed to the future's waiter
-                done.set()
-                self._pool.submit(fut.set_exception, exc)
+                self._pool.submit(_complete, None, None, fut, done, exc)
             else:
-                done.set()
-                self._pool.submit(fut.set_result, value)
+                self._pool.submit(_complete, post, value, fut, done)
+
+
+def _complete(post: Callable[[], None] | None, value: Any, fut: torch.futures.Future, done: threading.Event,
+              exc: BaseException | None = None) -> None:
+    """Complete ``fut`` with ``value`` after ``post`` (the ops have finished), or with ``exc`` or post's error;
+    set ``done`` first."""
+    if exc is None and post is not None:
+        try:
+            post()
+        except BaseException as e:  # noqa: BLE001 - handed to the future's waiter
+            exc = e
+    done.set()
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
 
 
 def _done(value: Any) -> Any:
@@ -394,6 +434,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         # they get back: this one completed Work serves every synchronous call, and no call pays for a future of
         # its own.
         self._sync_done = _done([])
+        # Small tensors' NumPy views by id(tensor): (weak ref, data_ptr, shape, dtype, view); see _hot_array.
+        self._hot: dict[int, tuple[weakref.ref, int, Any, Any, np.ndarray]] = {}
 
     # ---- names (DeviceMesh and torch's logs read them)
     def getBackendName(self) -> str:
@@ -471,6 +513,29 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         _check_tensor(t, self._where(call, t) if isinstance(t, torch.Tensor) else self._where(call))
         return t
 
+    def _hot_array(self, t: Any) -> np.ndarray | None:
+        """A NumPy view of ``t`` for the in-place allreduce path, or None where that path does not apply.
+
+        A small tensor's view is kept, keyed on the tensor's identity, with the pointer, shape and dtype that
+        it is valid for: a tensor reduced again and again (a loss, a counter, a small DDP bucket) then costs
+        no conversion per call. The entry refers to the tensor weakly (a tensor that ends its autograd graph
+        must not keep the graph alive), and a hit must be that very tensor.
+        """
+        if not isinstance(t, torch.Tensor) or not t.is_contiguous():
+            return None
+        try:
+            a = t.detach().numpy()  # refuses GPU, sparse, conjugate or negative bits, dtypes without a NumPy twin
+        except (TypeError, RuntimeError):
+            return None
+        if a.dtype.kind == "b":
+            return None  # bool: the full path maps the ops
+        if a.nbytes <= _HOT_MAX_BYTES:
+            hot = self._hot
+            if len(hot) >= _HOT_ENTRIES:
+                hot.clear()
+            hot[id(t)] = (weakref.ref(t), t.data_ptr(), t.shape, t.dtype, a)
+        return a
+
     def _finish(self, is_async: bool, name: str, start: Callable[[], Any], post: Callable[[], None] | None,
                 value: Any) -> Any:
         """Run a prepared call: ``start`` starts it (async: returns our Works), ``post`` runs after it."""
@@ -527,17 +592,22 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:  # type: ignore[override]
         if opts is None:
             opts = dist.AllreduceOptions()
-        name = _NAMED.get(opts.reduceOp.op)
+        rop = opts.reduceOp
+        # ReduceOp == RedOpType compares in C++; hashing the enum for a dict costs several times more.
+        name = "sum" if rop == _SUM else _NAMED.get(rop.op)
         if name is not None and len(tensors) == 1:
-            # The common case in few steps: the tensor's own memory, reduced in place. numpy() refuses what
-            # this path must not take (a GPU or sparse tensor, bfloat16, requires_grad, a conjugate bit);
-            # the full path below explains those.
+            # The common case in few steps: the tensor's own memory, reduced in place. A small tensor seen
+            # before reuses its NumPy view (see _hot_array); numpy() refuses what this path must not take (a
+            # GPU or sparse tensor, bfloat16, a conjugate bit); the full path below explains those.
             t = tensors[0]
-            try:
-                a = t.numpy() if t.is_contiguous() else None
-            except (TypeError, RuntimeError):
-                a = None
-            if a is not None and a.dtype.kind != "b":
+            hot = self._hot.get(id(t))
+            a: np.ndarray | None
+            if (hot is not None and hot[0]() is t and t.data_ptr() == hot[1] and t.shape == hot[2]
+                    and t.dtype is hot[3] and t.is_contiguous()):
+                a = hot[4]
+            else:
+                a = self._hot_array(t)
+            if a is not None:
                 if not opts.asyncOp:
                     self._comm.allreduce(a, op=name, out=a)
                     return self._sync_done
@@ -859,6 +929,18 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                 else [output.numel() // P] * P)
         return self._alltoall(fn, _array(input.contiguous()).reshape(-1), splits, want, [output],
                               opts.asyncOp, "all_to_all_single")
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],
+                          input_split_sizes: list[int], opts: Any = None) -> Any:
+        """``dist.all_to_all_single``'s entry: :meth:`alltoall_base`, and its Work as it is.
+
+        torch's own ``ProcessGroup.all_to_all_single`` reaches :meth:`alltoall_base` too, but hands back a Work
+        of its own whose ``is_completed()`` never turns True. ``opts`` may be the timeout (torch's other form).
+        """
+        if isinstance(opts, datetime.timedelta):
+            timeout, opts = opts, dist.AllToAllOptions()
+            opts.timeout = timeout
+        return self.alltoall_base(output, input, output_split_sizes, input_split_sizes, opts)
 
     def alltoall(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None) -> Any:
         if opts is None:

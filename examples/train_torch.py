@@ -2,6 +2,7 @@
 
 Run: collective-run -n 2 python examples/train_torch.py [--epochs 8] [--batch 64] [--shard]
 Survive lost ranks: collective-run --elastic -n 4 python examples/train_torch.py --elastic [--save-params p.npz]
+...and grow back: collective-run --elastic -n 4 --max-ranks 4 python examples/train_torch.py --elastic
 
 Every rank builds the same model, wraps it in trainer.torch.DistributedDataParallel
 (which gives every rank rank 0's parameters), and takes its own slice of each
@@ -11,7 +12,11 @@ the ranks, so the ranks stay bitwise identical. With --elastic the state is
 committed in memory after every step (trainer.torch_elastic.TorchElasticState);
 when a rank dies the survivors roll back to the last step all of them
 committed, reshard the global batch over themselves and go on, the lowest
-surviving rank taking over rank 0's printing and --save-params. Data:
+surviving rank taking over rank 0's printing and --save-params. With
+collective-run --max-ranks, the survivors spawn replacements at the next
+commit: a replacement runs this same script, builds the model as every rank
+does, takes the survivors' commit (TorchElasticState.join) and trains on from
+its step with its share of each global batch. Data:
 scikit-learn's bundled 8x8 digits (nothing is downloaded), or a synthetic task
 without scikit-learn.
 """
@@ -100,7 +105,11 @@ def main() -> None:
     # The epoch's running loss is part of the committed state: after a rollback it is that of the agreed step.
     extra = {"loss_sum": 0.0}
     state = TorchElasticState(model, opt, sampler, extra=extra) if args.elastic else None
-    step, t0 = 0, time.perf_counter()
+    step = 0
+    if state is not None and comm.is_replacement:  # spawned by the survivors (--max-ranks): take their commit
+        state.join()
+        step = state.committed_step
+    t0 = time.perf_counter()
     model.train()
     while True:
         try:
@@ -133,6 +142,8 @@ def main() -> None:
                 t0 = time.perf_counter()
             if state is not None:
                 state.commit(step)
+                if state.maybe_grow(step) and model.comm.rank == 0:  # replacements joined (--max-ranks)
+                    print(f"elastic: {model.comm.size} ranks again after step {step}", file=sys.stderr, flush=True)
         except col.RanksLostError as exc:
             if state is None:
                 raise

@@ -24,8 +24,10 @@ TIMEOUT = 300
 
 def run_elastic(args: list[str], nprocs: int = 4, env: dict[str, str] | None = None, elastic: bool = True,
                 timeout: float = TIMEOUT, job: str = "elastic_core.py",
-                oversubscribe: bool = True) -> tuple[int, str, bool, float]:
-    """Run tests/jobs/elastic_core.py under collective-run's command line; (exit code, output, timed out, seconds)."""
+                oversubscribe: bool = True, launcher_flags: tuple[str, ...] = ()) -> tuple[int, str, bool, float]:
+    """Run tests/jobs/elastic_core.py under collective-run's command line; (exit code, output, timed out, seconds).
+
+    ``launcher_flags``: more of collective-run's flags before the program (``--max-ranks M``, ``--host ...``)."""
     e = dict(os.environ)
     e.setdefault("COLLECTIVE_TIMEOUT", "120")
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
@@ -36,7 +38,7 @@ def run_elastic(args: list[str], nprocs: int = 4, env: dict[str, str] | None = N
              *args]
     extra: dict[str, str] = {}
     if elastic:
-        words, extra = elastic_args(["--elastic", *words])
+        words, extra = elastic_args(["--elastic", *launcher_flags, *words])
     cmd, e = mpiexec_command(words, {**e, **extra})
     res = run_job(cmd, e, timeout)
     return res.returncode, res.output, res.timed_out, res.seconds

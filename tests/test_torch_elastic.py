@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import ROOT, run_training
+from mpi_util import ROOT, check, count_passed, mpirun, run_training
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'pycollective[torch]')")
 
@@ -201,10 +201,10 @@ needs_elastic = pytest.mark.skipif(not _elastic_available(), reason="the runtime
 
 
 def launch(tmp: Path, name: str, *, elastic: bool = True, kills: str = "", dtype: str = "float32",
-           batch: int = BATCH, timeout: float = 420) -> tuple[int, str, Path]:
+           batch: int = BATCH, run_args: list[str] | None = None, timeout: float = 420) -> tuple[int, str, Path]:
     """Run train_torch.py on 4 ranks under collective-run (``--elastic`` when asked); (rc, output, params file)."""
     out = tmp / f"{name}.npz"
-    cmd = [sys.executable, "-m", "collective.run", *(["--elastic"] if elastic else []), "-n", "4",
+    cmd = [sys.executable, "-m", "collective.run", *(["--elastic"] if elastic else []), *(run_args or []), "-n", "4",
            sys.executable, str(SCRIPT), "--steps", str(STEPS), "--seed", str(SEED), "--batch", str(batch),
            "--hidden", "32", "--dtype", dtype, "--save-params", str(out), *(["--elastic"] if elastic else [])]
     rc, text = run_training(name, cmd, tmp, BUCKETS, kills, timeout)
@@ -225,41 +225,91 @@ def killed(text: str) -> list[tuple[int, int, str]]:
             re.findall(r"elastic-test: killing world rank (\d+) at step (\d+) point (\S+)", text)]
 
 
-def run_kills(tmp: Path, kills: list[tuple[int, int, str]], dtype: str) -> str:
-    """A plain uninterrupted P=4 run, then an elastic one with these kills: rc 0, every kill happened, 4 - kills
-    ranks left, the uninterrupted run's parameters within TOL[dtype] relative."""
-    rc, text, ref_path = launch(tmp, "ref", elastic=False, dtype=dtype)
-    assert rc == 0, text[-4000:]
+_REFS: dict[str, dict[str, np.ndarray]] = {}
+
+
+def reference(tmp_path_factory: pytest.TempPathFactory, dtype: str) -> dict[str, np.ndarray]:
+    """An uninterrupted P=4 run (plain launch, no elastic state), once per dtype for the tests that compare with it."""
+    if dtype not in _REFS:
+        rc, text, path = launch(tmp_path_factory.mktemp(f"ref-{dtype}"), "ref", elastic=False, dtype=dtype)
+        assert rc == 0, text[-4000:]
+        _REFS[dtype] = _load(path)
+    return _REFS[dtype]
+
+
+def run_kills(tmp_path_factory: pytest.TempPathFactory, tmp: Path, kills: list[tuple[int, int, str]], dtype: str,
+              max_ranks: int | None = None) -> str:
+    """An elastic P=4 run with these kills (and ``--max-ranks``: 4 grows back): rc 0, every kill happened, 4 - kills
+    ranks left (4 when growing back), every rank's parameters alike and the uninterrupted run's within TOL[dtype]
+    relative."""
+    ref = reference(tmp_path_factory, dtype)
     spec = ",".join(f"{r}:{s}:{p}" for r, s, p in kills)
-    rc, text, out = launch(tmp, "kill", kills=spec, dtype=dtype)
+    grow = max_ranks == 4
+    rc, text, out = launch(tmp, "kill", kills=spec, dtype=dtype,
+                           run_args=["--max-ranks", str(max_ranks)] if max_ranks else None)
     assert rc == 0, f"kills {spec}: exit code {rc}\n{text[-6000:]}"
     assert sorted(killed(text)) == sorted(kills), f"kills {spec}: saw {killed(text)}\n{text[-4000:]}"
+    left = 4 if grow else 4 - len(kills)
     m = re.findall(r"^ranks (\d+), global batch", text, re.MULTILINE)
-    assert m and int(m[-1]) == 4 - len(kills), text[-4000:]
+    assert m and int(m[-1]) == left, text[-4000:]
     assert text.count("going on from the commit of step") >= len(kills), text[-4000:]
-    assert f"parameters identical on all {4 - len(kills)} ranks: True" in text, text[-4000:]
-    ref, got = _load(ref_path), _load(out)
+    assert f"parameters identical on all {left} ranks: True" in text, text[-4000:]
+    got = _load(out)
     assert got.keys() == ref.keys()
     worst = max(_rel(ref[k], got[k]) for k in ref)
     assert worst <= TOL[dtype], f"kills {spec}: parameters differ from the uninterrupted run by {worst:.3g}"
     print(f"kills {spec} ({dtype}): worst relative difference {worst:.3g};",
-          "; ".join(ln for ln in text.splitlines() if ln.startswith("elastic: lost")))
+          "; ".join(ln for ln in text.splitlines() if ln.startswith("elastic: ")))
     return text
 
 
 @pytest.mark.mpi
 @needs_elastic
-def test_rank_killed_mid_allreduce_then_rank0(tmp_path: Path) -> None:
+def test_rank_killed_mid_allreduce_then_rank0(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """float32: job rank 1 dies while bucket 0's allreduce is in flight, then job rank 0 (the lowest survivor,
     rank 1, takes over printing and --save-params) right after its bucket 0 was reduced: uneven completion."""
-    run_kills(tmp_path, [(1, 3, "shm"), (0, 8, "allreduce")], "float32")
+    run_kills(tmp_path_factory, tmp_path, [(1, 3, "shm"), (0, 8, "allreduce")], "float32")
 
 
 @pytest.mark.mpi
 @needs_elastic
-def test_rank0_killed_mid_allreduce_float64(tmp_path: Path) -> None:
-    """float64: job rank 0 dies mid-allreduce in the last bucket; the parameters match within 1e-10."""
-    run_kills(tmp_path, [(0, 5, "late-allreduce")], "float64")
+def test_rank0_killed_mid_allreduce_float64(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """float64: job rank 0 dies mid-allreduce in the last bucket; the parameters match within 1e-10. With
+    --max-ranks 5, which the global batch 96 does not split over, no replacement is spawned: the survivors say
+    so and go on alone."""
+    text = run_kills(tmp_path_factory, tmp_path, [(0, 5, "late-allreduce")], "float64", max_ranks=5)
+    assert ("elastic: no replacements (the global batch 96 cannot be split evenly over 5 ranks); going on with 3 "
+            "ranks") in text, text[-4000:]
+
+
+def _can_grow() -> bool:
+    from collective.communicator import Communicator
+
+    return _elastic_available() and hasattr(Communicator, "grow")
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not _can_grow(), reason="the runtime cannot grow a communicator (comm.grow)")
+def test_a_replacement_joins_and_the_run_ends_with_four_ranks(tmp_path_factory: pytest.TempPathFactory,
+                                                               tmp_path: Path) -> None:
+    """--max-ranks 4: job rank 0 dies while bucket 0's allreduce is in flight; at the next commit the survivors
+    spawn a replacement, which builds the model, receives the commit (parameters, optimizer state, step, extra) and
+    its shard, and the run ends on 4 ranks, all alike, with the uninterrupted run's parameters."""
+    text = run_kills(tmp_path_factory, tmp_path, [(0, 4, "shm")], "float32", max_ranks=4)
+    m = re.search(r"going on from the commit of step (\d+)", text)
+    assert m, text[-4000:]
+    assert f"elastic: 4 ranks again after step {int(m.group(1)) + 1}" in text, text[-4000:]
+
+
+@pytest.mark.mpi
+def test_join_receives_the_commit_p2() -> None:
+    """Without spawning, at P=2: a rank with a fresh model and optimizer joins while the other rebinds (the
+    collectives of a grow); it receives the step, parameters, buffers, optimizer state (SGD momentum, Adam's
+    moments and step, created where it had none), the scheduled lr and extra, and both train on as in an
+    uninterrupted run; a survivor whose state differs in structure is an error on every rank."""
+    res = mpirun("torch_elastic_join.py", 2, timeout=240)
+    check(res, "torch_elastic_join")
+    assert count_passed(res) == 3
 
 
 @pytest.mark.mpi

@@ -250,8 +250,8 @@ class ElasticCore:
         """Make the committed state of ``step`` current again."""
         raise NotImplementedError
 
-    def sync(self, root: int = 0, params: bool = True) -> None:
-        """Collective: every rank takes ``root``'s committed state."""
+    def sync(self, root: int = 0, params: bool = True, joining: bool = False) -> None:
+        """Collective: every rank takes ``root``'s committed state (``joining``: this rank is a replacement)."""
         raise NotImplementedError
 
     def save(self, directory: str | os.PathLike | None = None) -> Path | None:
@@ -362,6 +362,73 @@ class ElasticCore:
         comm = self.comm
         if comm is not None and comm.size > 1:
             comm.agree(True)
+
+    # ------------------------------------------------------------ growing back (shared)
+    def maybe_grow(self, step: int) -> bool:
+        """Collective: at the first commit after a shrink, spawn replacements up to ``max_ranks``; they get the state.
+
+        Call it after :meth:`commit` (``step`` being the step just committed).
+        Every rank decides alike (the step and the sizes are the same
+        everywhere). The survivors grow the communicator (``comm.grow``),
+        rebind the model and the data to it, and broadcast rank 0's commit;
+        the replacements, started with this program's command line, receive it
+        in :meth:`join`. Where no process can be spawned, or the sampler's
+        global batch does not split evenly over ``max_ranks``, rank 0 says so
+        on stderr and training goes on with the ranks there are.
+
+        Returns:
+            True if the communicator grew.
+
+        Raises:
+            RanksLostError: a rank was lost while growing (recover from it as from any other loss).
+        """
+        if self._grow_at is None or step < self._grow_at:
+            return False
+        self._grow_at = None
+        comm = self.comm
+        target = self.max_ranks or comm.size
+        count = target - comm.size
+        if count <= 0:
+            return False
+        from collective.errors import CollectiveError
+
+        def decline(why: str) -> bool:
+            if comm.rank == 0:
+                sys.stderr.write(f"elastic: no replacements ({why}); going on with {comm.size} ranks\n")
+                sys.stderr.flush()
+            return False
+
+        batch = getattr(self._sampler(), "global_batch", None)
+        if batch is not None and batch % target:  # decided before spawning: a replacement would wait in vain
+            return decline(f"the global batch {batch} cannot be split evenly over {target} ranks")
+        try:
+            merged = comm.grow(count)
+        except lost_rank_errors():
+            raise
+        except CollectiveError as exc:  # no replacement could be started: train on with the ranks there are
+            return decline(str(exc))
+        self._bind(merged, rebuild=True)
+        self._match_new_ranks()
+        self.sync(0, params=False)
+        return True
+
+    def join(self) -> None:
+        """Collective, on a replacement: take the survivors' committed state (they call :meth:`maybe_grow`).
+
+        Call it once the model and the optimizer are built as the program
+        builds them (``comm.is_replacement`` is True); training goes on from
+        :attr:`committed_step`.
+        """
+        self._bind(self.comm, rebuild=False)
+        self.sync(0, params=False, joining=True)
+
+    def _sampler(self) -> Any:
+        """The data's sampler (what ``global_batch`` is read from), or None."""
+        return None
+
+    def _match_new_ranks(self) -> None:
+        """After a grow, on the survivors: the collectives the replacements' model construction made beyond
+        what ``_bind`` did (none by default)."""
 
     def agree_on(self, comm: Any) -> int:
         """Collective over ``comm``: the smallest committed step over its ranks.
@@ -479,7 +546,7 @@ class ElasticState(ElasticCore):
         Raises:
             ValueError: ``step`` is not one of the commits held in memory.
         """
-        for s, t, extra in self._commits:
+        for s, t, extra in reversed(self._commits):  # the newest of that step, if it was committed twice
             if s == step:
                 self.optimizer.use_generation(t)
                 self.extra = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in extra.items()}
@@ -488,12 +555,15 @@ class ElasticState(ElasticCore):
         raise ValueError(f"ElasticState.restore: step {step} is not committed in memory on rank "
                          f"{getattr(self.comm, 'rank', 0)} (held: {[c[0] for c in self._commits]})")
 
-    def sync(self, root: int = 0, params: bool = True) -> None:
+    def sync(self, root: int = 0, params: bool = True, joining: bool = False) -> None:
         """Collective: every rank takes ``root``'s committed state (step, optimizer state, parameters, extra).
 
         New ranks (replacements) call it to receive the state; survivors call
         it after a recovery so every replica is the same bit for bit.
+        ``joining`` changes nothing here: the optimizer's buffers exist from
+        its construction, the same on every rank.
         """
+        del joining
         comm = self.comm
         if comm is None or comm.size == 1:
             return
@@ -565,37 +635,9 @@ class ElasticState(ElasticCore):
         if self.checkpoint is not None:
             self.checkpoint.rebind(comm)
 
-    def maybe_grow(self, step: int) -> bool:
-        """Collective: at a commit after a shrink, spawn replacements up to ``max_ranks``; they receive the state.
+    def _sampler(self) -> Any:
+        return self.loader.sampler if self.loader is not None else None
 
-        Every rank decides alike (the step and the sizes are the same
-        everywhere). Returns True if the communicator grew.
-        """
-        if self._grow_at is None or step < self._grow_at:
-            return False
-        self._grow_at = None
-        comm = self.comm
-        count = (self.max_ranks or comm.size) - comm.size
-        if count <= 0:
-            return False
-        from collective.errors import CollectiveError
-
-        try:
-            merged = comm.grow(count)
-        except lost_rank_errors():
-            raise
-        except CollectiveError as exc:  # no replacement could be started: train on with the ranks there are
-            if comm.rank == 0:
-                sys.stderr.write(f"elastic: no replacements ({exc}); going on with {comm.size} ranks\n")
-                sys.stderr.flush()
-            return False
-        self._bind(merged, rebuild=True)
+    def _match_new_ranks(self) -> None:
         # The replacements' DataParallel broadcast the parameters from rank 0 as it was built; match it.
         self.dp.buckets.broadcast_parameters(0)
-        self.sync(0, params=False)
-        return True
-
-    def join(self) -> None:
-        """Collective, on a replacement: take the survivors' committed state (they call :meth:`maybe_grow`)."""
-        self._bind(self.comm, rebuild=False)
-        self.sync(0, params=False)

@@ -191,15 +191,9 @@ class DistributedDataParallel(torch.nn.Module):
         self.algorithm = algorithm
         self.broadcast_buffers = broadcast_buffers
         self.find_unused_parameters = find_unused_parameters
-        if overlap is None:
-            # Whether a core is spare is each rank's own view (its affinity, its torch threads), but the bucket
-            # layout follows from it and must be the same on every rank: overlap only if every rank can.
-            spare = np.array([1 if _spare_core(self.comm) else 0], np.int32)
-            self.overlap = bool(self.comm.allreduce(spare, op="min")[0]) if self.comm.size > 1 else bool(spare[0])
-        else:
-            self.overlap = bool(overlap)
-        # Reduced inline, buckets overlap nothing: one bucket unless caps are given (as in the NumPy trainer)
-        self.first_cap, self.cap = bucket_caps(bucket_mb, first_bucket_mb, self.overlap)
+        # What rebind() decides again on another communicator, as a construction there would.
+        self._overlap_arg, self._bucket_args = overlap, (bucket_mb, first_bucket_mb)
+        self._decide_overlap()
         params: list[torch.nn.Parameter] = []
         seen: set[int] = set()
         for name, p in module.named_parameters():
@@ -253,6 +247,18 @@ class DistributedDataParallel(torch.nn.Module):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_ready))
 
     # ------------------------------------------------------------ layout
+    def _decide_overlap(self) -> None:
+        """Set ``overlap`` and the bucket caps for ``self.comm`` (collective when ``overlap`` was left to decide)."""
+        if self._overlap_arg is None:
+            # Whether a core is spare is each rank's own view (its affinity, its torch threads), but the bucket
+            # layout follows from it and must be the same on every rank: overlap only if every rank can.
+            spare = np.array([1 if _spare_core(self.comm) else 0], np.int32)
+            self.overlap = bool(self.comm.allreduce(spare, op="min")[0]) if self.comm.size > 1 else bool(spare[0])
+        else:
+            self.overlap = bool(self._overlap_arg)
+        # Reduced inline, buckets overlap nothing: one bucket unless caps are given (as in the NumPy trainer)
+        self.first_cap, self.cap = bucket_caps(*self._bucket_args, self.overlap)
+
     def _assign(self, params: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
         groups: list[list[torch.nn.Parameter]] = []
         cur: list[torch.nn.Parameter] = []
@@ -343,8 +349,12 @@ class DistributedDataParallel(torch.nn.Module):
         every rank's model agrees and gives every rank the parameters and
         buffers of ``comm``'s rank 0 (after a shrink, the lowest surviving
         rank). The optimizer keeps working on the same parameter tensors.
+        It makes the same collective calls, in the same order, as the
+        constructor on ``comm`` (``overlap`` and the bucket caps are decided
+        again there), so ranks new to ``comm`` (replacements after
+        ``comm.grow``) construct their wrapper while the others rebind.
         :class:`~collective.trainer.torch_elastic.TorchElasticState` calls it
-        during a recovery.
+        during a recovery and when the job grows back.
 
         Args:
             comm: the communicator to train on from now on; every rank of it calls ``rebind``.
@@ -368,6 +378,7 @@ class DistributedDataParallel(torch.nn.Module):
             self._reset_step()
         self.comm = comm
         P = comm.size
+        self._decide_overlap()
         if self._shared_auto:
             self.shared_memory = P > 1 and bool(getattr(comm, "single_node", False))
         self._scale = 1.0 / P

@@ -15,6 +15,19 @@ rank dies inside step ``s``'s reductions, a survivor may have finished step
 ``s`` while another failed inside it, and no survivor can be further ahead
 (see ``trainer.elastic``).
 
+*Growing back* (``collective-run --max-ranks``): at the first commit after a
+loss, :meth:`~collective.trainer.elastic.ElasticCore.maybe_grow` spawns
+replacements (``comm.grow``) running the same program, rebinds the model and
+the sampler to the grown communicator and broadcasts rank 0's commit. A
+replacement's ``collective.init()`` returns that communicator with
+``is_replacement`` True; it builds the model and optimizer as every rank does
+(the wrapper's construction makes the same collective calls as the
+survivors' ``rebind``) and calls :meth:`TorchElasticState.join`, which gives
+it the step, the parameters and buffers, the optimizer's state (created where
+it has none yet) and hyperparameters, and ``extra``. The sampler's position
+is the step. Each step's global batch and sample order stay those of an
+uninterrupted run.
+
 Test hook: ``COLLECTIVE_ELASTIC_TEST_KILL="RANK:STEP:POINT[,...]"`` as for the
 NumPy trainer, with the points ``forward``, ``allreduce`` (just after bucket
 0's reduction was started or, reduced inline, done), ``shm`` (while bucket 0's
@@ -24,6 +37,7 @@ reduction is in flight, as the flight recorder shows it), ``late-allreduce``
 """
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from pathlib import Path
@@ -68,6 +82,34 @@ def _copy_into(old: Any, new: torch.Tensor) -> torch.Tensor:
     return new.detach().clone()
 
 
+_NUMBERS: dict[str, type] = {"int": int, "float": float, "bool": bool}
+
+
+def _kind(v: Any) -> str:
+    """A value's kind for the layout checksum: its type, with the dtype and shape of arrays and tensors."""
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        return f"{type(v).__name__}:{v.dtype}:{tuple(v.shape)}"
+    if isinstance(v, (tuple, list)):
+        return f"{type(v).__name__}[" + ",".join(_kind(e) for e in v) + "]"
+    return type(v).__name__
+
+
+def _broadcast_value(comm: Any, v: Any, root: int) -> Any:
+    """``root``'s value of ``v`` (a tensor, filled in place, or a number of ``v``'s type); other values as they are."""
+    if isinstance(v, torch.Tensor):
+        buf = v if v.is_contiguous() else v.contiguous()
+        flat = buf.view(-1)
+        comm.broadcast(flat, root=root, out=flat)
+        if buf is not v:
+            v.copy_(buf)
+        return v
+    if isinstance(v, (int, float)):  # bool too
+        a = np.array([v], np.float64)
+        comm.broadcast(a, root=root, out=a)
+        return type(v)(a[0])
+    return v
+
+
 def _copy_extra(extra: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.copy() if isinstance(v, np.ndarray) else v.detach().clone() if isinstance(v, torch.Tensor) else v)
             for k, v in extra.items()}
@@ -85,8 +127,13 @@ class TorchElasticState(ElasticCore):
     (:meth:`DistributedDataParallel.rebind`), gives the sampler the new rank's
     share of each global batch and broadcasts the new rank 0's state; training
     goes on from ``recovery.step``. The lowest surviving rank is the new rank
-    0 (read ``state.comm.rank``, not the rank of the launch). End with
-    :meth:`finish`, a fault-tolerant agreement every survivor leaves alike.
+    0 (read ``state.comm.rank``, not the rank of the launch). With
+    ``max_ranks``, call :meth:`maybe_grow` after each commit: at the first
+    commit after a loss the survivors spawn replacements up to ``max_ranks``
+    and hand them the commit; a replacement (``comm.is_replacement``) builds
+    the model and optimizer as the program does and calls :meth:`join`
+    instead of starting from step 0. End with :meth:`finish`, a
+    fault-tolerant agreement every survivor leaves alike.
 
     Args:
         model: the wrapped model; its communicator must be elastic for :meth:`recover` to work.
@@ -96,6 +143,8 @@ class TorchElasticState(ElasticCore):
             raises ``ValueError`` when the global batch cannot be split evenly over the survivors).
         min_ranks: stop below this many ranks (default ``COLLECTIVE_MIN_RANKS``, else 1): the new rank 0
             writes the agreed commit (:meth:`save`) and every survivor raises ``ElasticStop``.
+        max_ranks: grow back to this many ranks after a loss (default ``COLLECTIVE_MAX_RANKS``, set by
+            ``collective-run --max-ranks``; else no growing).
         stop_dir: where that commit goes (default ``elastic-checkpoint``).
         extra: small named values (numbers, arrays, tensors) committed and restored with the step.
         step: the step the state in memory belongs to (the first commit).
@@ -107,6 +156,8 @@ class TorchElasticState(ElasticCore):
 
         sampler = ShardedSampler(len(x), global_batch, comm.rank, comm.size, seed=0)
         state = TorchElasticState(model, opt, sampler)
+        if comm.is_replacement:           # spawned to grow the job back: take the survivors' commit
+            state.join()
         step = state.committed_step
         while True:
             try:
@@ -120,13 +171,15 @@ class TorchElasticState(ElasticCore):
                 opt.step()
                 step += 1
                 state.commit(step)
+                state.maybe_grow(step)        # after a loss, with max_ranks: replacements join here
             except collective.RanksLostError as exc:
                 step = state.recover(exc, step).step
     """
 
     def __init__(self, model: DistributedDataParallel, optimizer: torch.optim.Optimizer, sampler: Any = None, *,
-                 min_ranks: int | None = None, stop_dir: str | os.PathLike | None = None,
-                 extra: dict[str, Any] | None = None, step: int = 0) -> None:
+                 min_ranks: int | None = None, max_ranks: int | None = None,
+                 stop_dir: str | os.PathLike | None = None, extra: dict[str, Any] | None = None,
+                 step: int = 0) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"TorchElasticState: the optimizer is a {type(optimizer).__name__}, not a "
                              "torch.optim.Optimizer (a sharded optimizer cannot move to another communicator)")
@@ -138,7 +191,7 @@ class TorchElasticState(ElasticCore):
         self.model = model
         self.optimizer = optimizer
         self.sampler = sampler
-        self._init_core(min_ranks, None, stop_dir, step, "TorchElasticState")
+        self._init_core(min_ranks, max_ranks, stop_dir, step, "TorchElasticState")
         self.extra: dict[str, Any] = dict(extra or {})
         self._spare = _Snapshot()
         self._commits: list[_Snapshot] = [self._take(int(step), _Snapshot())]
@@ -222,7 +275,7 @@ class TorchElasticState(ElasticCore):
         Raises:
             ValueError: ``step`` is not one of the commits held in memory.
         """
-        for snap in self._commits:
+        for snap in reversed(self._commits):  # the newest of that step, if it was committed twice
             if snap.step == step:
                 break
         else:
@@ -251,51 +304,103 @@ class TorchElasticState(ElasticCore):
         self._commits = [snap]
 
     # ------------------------------------------------------------ broadcast
-    def _layout(self) -> int:
-        """Checksum of the optimizer state's structure (names, shapes, dtypes) and of ``extra``'s names."""
-        parts = []
+    def _structure(self) -> list[dict[str, list[Any]] | None]:
+        """The optimizer state's structure, per parameter: None (no state) or each key's kind (``tensor`` with
+        its dtype and shape, ``int``, ``float``, ``bool``, or the name of a type no broadcast can carry)."""
+        out: list[dict[str, list[Any]] | None] = []
         for st in self._commits[-1].optim:
-            parts.append("-" if st is None else ";".join(
-                f"{k}:{tuple(v.shape)}:{v.dtype}" if isinstance(v, torch.Tensor) else f"{k}:{type(v).__name__}"
-                for k, v in sorted(st.items())))
-        parts.append(",".join(sorted(self.extra)))
-        return zlib.crc32("|".join(parts).encode()) & 0x7FFFFFFF
+            if st is None:
+                out.append(None)
+                continue
+            out.append({k: (["tensor", str(v.dtype).removeprefix("torch."), list(v.shape)]
+                            if isinstance(v, torch.Tensor) else [type(v).__name__]) for k, v in sorted(st.items())})
+        return out
+
+    def _layout(self) -> tuple[int, int]:
+        """Checksums of (the optimizer state's structure, everything else that must agree: the parameter groups'
+        keys and kinds, ``extra``'s names and shapes)."""
+        state = json.dumps(self._structure())
+        rest = []
+        for g in self.optimizer.param_groups:
+            rest.append(";".join(f"{k}:{_kind(v)}" for k, v in sorted(g.items()) if k != "params"))
+        # extra's numbers take root's value in the local type (broadcast_extra): their names must agree
+        rest.append(";".join(f"{k}:{_kind(v) if isinstance(v, (torch.Tensor, np.ndarray)) else ''}"
+                             for k, v in sorted(self.extra.items())))
+        crc = zlib.crc32
+        return crc(state.encode()) & 0x7FFFFFFF, crc("|".join(rest).encode()) & 0x7FFFFFFF
 
     @torch.no_grad()
-    def sync(self, root: int = 0, params: bool = True) -> None:
-        """Collective: every rank takes ``root``'s committed state (step, optimizer state, ``extra``; parameters and
-        buffers too unless ``params=False`` or :meth:`DistributedDataParallel.rebind` has just sent them).
+    def _adopt(self, structure: list[dict[str, list[Any]] | None], root: int) -> None:
+        """Give the optimizer state ``structure`` (root's), its values to be overwritten by the broadcast."""
+        where = f"TorchElasticState.sync on rank {self.comm.rank} of {self.comm.size}"
+        params = self._optim_params()
+        if len(structure) != len(params):
+            raise RuntimeError(f"{where}: rank {root}'s optimizer has state for {len(structure)} parameters, this "
+                               f"rank's optimizer updates {len(params)}")
+        state = self.optimizer.state
+        for p, spec in zip(params, structure):
+            if spec is None:
+                state.pop(p, None)
+                continue
+            st = state[p]
+            st.clear()
+            for k, kind in spec.items():
+                if kind[0] == "tensor":
+                    st[k] = torch.zeros(kind[2], dtype=getattr(torch, kind[1]), device=p.device)
+                else:
+                    st[k] = _NUMBERS[kind[0]](0)
+
+    @torch.no_grad()
+    def sync(self, root: int = 0, params: bool = True, joining: bool = False) -> None:
+        """Collective: every rank takes ``root``'s committed state: the step, the optimizer's state and
+        hyperparameters, ``extra``, and the parameters and buffers too unless ``params=False`` or
+        :meth:`DistributedDataParallel.rebind` has just sent them.
+
+        Args:
+            root: the rank whose commit every rank takes.
+            params: broadcast the parameters and buffers as well.
+            joining: this rank is a replacement (:meth:`join`): its optimizer state may differ in structure
+                from ``root``'s (no momentum before a first step, say); it takes ``root``'s.
 
         Raises:
-            RuntimeError: the optimizer state differs in structure between the ranks (on every rank alike).
+            RuntimeError: the optimizer state, its parameter groups or ``extra`` differ in structure between
+                the ranks (on every rank alike), or ``root``'s state holds values no broadcast can carry for a
+                joining rank.
         """
         comm = self.comm
         sent, self._params_sent = self._params_sent, False
         if comm is None or comm.size == 1:
             return
         snap = self._commits[-1]
-        every = comm.allgather(np.array([[snap.step, self._layout()]], np.int64))
-        odd = [r for r in range(comm.size) if every[r, 1] != every[root, 1]]
+        every = comm.allgather(np.array([[snap.step, *self._layout(), int(joining)]], np.int64))
+        odd = [r for r in range(comm.size) if every[r, 2] != every[root, 2]
+               or (every[r, 1] != every[root, 1] and not every[r, 3])]
         if odd:
-            raise RuntimeError(f"TorchElasticState.sync on rank {comm.rank} of {comm.size}: the optimizer state or "
-                               f"extra of rank(s) {odd} differs in structure from rank {root}'s")
+            raise RuntimeError(f"TorchElasticState.sync on rank {comm.rank} of {comm.size}: the optimizer state, its "
+                               f"parameter groups or extra of rank(s) {odd} differ in structure from rank {root}'s")
         step = int(every[root, 0])
+        if any(every[r, 1] != every[root, 1] for r in range(comm.size)):  # replacements take root's structure
+            text = json.dumps(self._structure()).encode() if comm.rank == root else b""
+            size = np.array([len(text)], np.int64)
+            comm.broadcast(size, root=root, out=size)
+            raw = np.frombuffer(text, np.uint8).copy() if comm.rank == root else np.empty(int(size[0]), np.uint8)
+            comm.broadcast(raw, root=root, out=raw)
+            structure = json.loads(raw.tobytes().decode())
+            carried = {"tensor", *_NUMBERS}
+            bad = sorted({kind[0] for spec in structure if spec for kind in spec.values()} - carried)
+            if bad:
+                raise RuntimeError(f"TorchElasticState.sync on rank {comm.rank} of {comm.size}: rank {root}'s "
+                                   f"optimizer state holds values of type(s) {bad}, which a joining rank cannot "
+                                   "receive (tensors and numbers only)")
+            if every[comm.rank, 1] != every[root, 1]:
+                self._adopt(structure, root)
         if params and not sent:
             self.model._broadcast_state()
         for p in self._optim_params():  # the parameters' order: the state dict's may differ after a restore
             st = self.optimizer.state.get(p) or {}
             for k in sorted(st):
-                v = st[k]
-                if isinstance(v, torch.Tensor):
-                    buf = v if v.is_contiguous() else v.contiguous()
-                    flat = buf.view(-1)
-                    comm.broadcast(flat, root=root, out=flat)
-                    if buf is not v:
-                        v.copy_(buf)
-                elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                    a = np.array([v], np.float64)
-                    comm.broadcast(a, root=root, out=a)
-                    st[k] = type(v)(a[0])
+                st[k] = _broadcast_value(comm, st[k], root)
+        self._broadcast_groups(root)
         tensors = {k: v for k, v in self.extra.items() if isinstance(v, torch.Tensor)}
         for k in sorted(tensors):
             buf = tensors[k].detach().contiguous()
@@ -307,6 +412,36 @@ class TorchElasticState(ElasticCore):
         self.extra.update(rest)
         self._commits = [self._take(step, snap)]
 
+    def _broadcast_groups(self, root: int) -> None:
+        """Every rank takes ``root``'s hyperparameters (``lr`` ...): numbers and tuples of numbers in one broadcast,
+        tensors each in place; other values (flags, None) are the program's, the same everywhere (checked)."""
+        comm = self.comm
+        numbers: list[float] = []
+        for g in self.optimizer.param_groups:
+            for k in sorted(g):
+                v = g[k]
+                if k == "params" or isinstance(v, torch.Tensor):
+                    continue
+                if isinstance(v, (int, float)):
+                    numbers.append(float(v))
+                elif isinstance(v, (tuple, list)) and all(isinstance(e, (int, float)) for e in v):
+                    numbers.extend(float(e) for e in v)
+        a = np.array(numbers, np.float64)
+        if a.size:
+            comm.broadcast(a, root=root, out=a)
+        it = iter(a.tolist())
+        for g in self.optimizer.param_groups:
+            for k in sorted(g):
+                v = g[k]
+                if k == "params":
+                    continue
+                if isinstance(v, torch.Tensor):
+                    g[k] = _broadcast_value(comm, v, root)
+                elif isinstance(v, (int, float)):
+                    g[k] = type(v)(next(it))
+                elif isinstance(v, (tuple, list)) and all(isinstance(e, (int, float)) for e in v):
+                    g[k] = type(v)(type(e)(next(it)) for e in v)
+
     # ------------------------------------------------------------ rebind
     def _bind(self, comm: Any, rebuild: bool) -> None:
         """Reshard first (a global batch the survivors cannot split raises before anything changes), then rebind."""
@@ -315,6 +450,9 @@ class TorchElasticState(ElasticCore):
         if rebuild:
             self.model.rebind(comm)
             self._params_sent = comm.size > 1
+
+    def _sampler(self) -> Any:
+        return self.sampler
 
     def rebind(self, comm: Any) -> None:
         """Collective over ``comm``: go on training on another communicator (e.g. a subgroup), from its rank 0's

@@ -5,13 +5,20 @@ must not lose when a rank dies: it lives in memory on every rank. *commit*
 saves a copy of it (``save``); *restore* rolls the live objects back to that
 copy; *sync* makes every rank's state rank 0's (a broadcast). A *reset* is
 what follows a lost rank: Horovod goes on over the survivors (the framework
-module supplies it), then the state's reset callbacks run.
+module supplies it), then the state's reset callbacks run. *Hosts updated*:
+ranks were added; a commit after a recovery grows the job back to
+``COLLECTIVE_MAX_RANKS`` (the framework module's check, see
+:func:`set_host_check`) and raises ``HostsUpdatedInterrupt``, as Horovod's
+commit does when hosts are added.
 
 The loop (:func:`run_fn`): sync, call the training function; when a rank is
 lost (``HorovodInternalError`` caused by ``RanksLostError``, or
 ``RanksLostError`` itself), restore the last commit, reset, and go round
 again, so every survivor starts the function from rank 0's last commit.
-Any other error propagates: the same call would only fail again.
+On ``HostsUpdatedInterrupt`` (raised by a commit that added ranks, or by the
+user's code), run the reset callbacks, sync (so the new ranks take rank 0's
+committed state) and go round again. Any other error propagates: the same
+call would only fail again.
 """
 from __future__ import annotations
 
@@ -23,7 +30,21 @@ from typing import Any
 from ..errors import RanksLostError
 from .exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
-__all__ = ["ObjectState", "State", "lost_ranks_in", "run_fn"]
+__all__ = ["ObjectState", "State", "lost_ranks_in", "run_fn", "set_host_check"]
+
+#: The framework module's ``check() -> bool``: collective, True when it added ranks (see :func:`set_host_check`).
+_host_check: Callable[[], bool] | None = None
+
+
+def set_host_check(check: Callable[[], bool] | None) -> None:
+    """Install the check that every :meth:`State.commit` makes for added ranks (the framework module does it).
+
+    Args:
+        check: collective over the ranks, ``check() -> bool``: True when ranks were added (Horovod's size and
+            ranks changed), which makes the commit raise ``HostsUpdatedInterrupt``; None removes it.
+    """
+    global _host_check
+    _host_check = check
 
 
 class State:
@@ -55,18 +76,31 @@ class State:
             callback()
 
     def commit(self) -> None:
-        """Save a copy of the state in host memory (:meth:`save`); what :meth:`restore` goes back to.
+        """Save a copy of the state in host memory (:meth:`save`), then check for added ranks (collective).
 
-        Horovod also checks here for hosts being added or removed (raising
-        ``HostsUpdatedInterrupt``); collective's elastic mode learns of a lost
-        rank from the failed collective itself and adds no ranks, so there is
-        nothing to check and a commit sends no message. Each commit copies
-        the state: commit every few steps when that copy is costly.
+        As in Horovod, a commit is where new ranks join: the first commit
+        after a recovery from lost ranks spawns replacements up to
+        ``COLLECTIVE_MAX_RANKS`` (``collective-run --max-ranks``) and raises
+        ``HostsUpdatedInterrupt``; ``hvd.elastic.run`` catches it, runs the reset
+        callbacks and syncs, so the new ranks start from this commit. (Lost
+        ranks need no check: the failed collective itself reports them.)
+        Every other commit sends no message. Each commit copies the state:
+        commit every few steps when that copy is costly.
+
+        Raises:
+            HostsUpdatedInterrupt: ranks were added (every rank raises it alike).
         """
         self.save()
+        self.check_host_updates()
 
     def check_host_updates(self) -> None:
-        """Horovod's check for added or removed hosts: nothing to check here (see :meth:`commit`)."""
+        """Collective: raise ``HostsUpdatedInterrupt`` if ranks were added here (see :meth:`commit`).
+
+        Raises:
+            HostsUpdatedInterrupt: replacements joined (``skip_sync`` False: they need the state).
+        """
+        if _host_check is not None and _host_check():
+            raise HostsUpdatedInterrupt(skip_sync=False)
 
     def save(self) -> None:
         """Save the state in host memory."""
@@ -160,7 +194,7 @@ def run_fn(func: Callable[..., Any], reset: Callable[[], Any],
                 state.restore()
                 skip_sync = False
                 reset()
-            except HostsUpdatedInterrupt as exc:  # raised by user code: re-sync (unless told not to) and go on
+            except HostsUpdatedInterrupt as exc:  # ranks added by a commit, or user code: re-sync unless told not to
                 skip_sync = exc.skip_sync
             state.on_reset()
     return wrapper

@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 import collective as col
+from collective.communicator import take_parent
 from collective.errors import CollectiveError, RanksLostError
 
 passed = 0
@@ -317,6 +318,11 @@ def main() -> None:
     JOB = comm.world_rank
     if comm.is_replacement:
         verify(comm, "replacement")
+        try:  # hvd.init() after collective.init() in a replacement: refused, not a wait for a join that never comes
+            take_parent("a second init")
+            fail("a second join of the grown job was not refused")
+        except col.CollectiveError as e:
+            ok("joins once" in str(e) and "collective.init()" in str(e), f"second join: {e}")
         print(f"job rank {JOB}: replacement PASSED {passed}", flush=True)
         return
     DEFAULT[0] = comm

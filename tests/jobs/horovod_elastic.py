@@ -1,17 +1,21 @@
 """hvd.elastic job: a small torch model trained with hvd.DistributedOptimizer inside @hvd.elastic.run; one rank
-SIGKILLs itself mid-training; the survivors restore the last commit, go on over fewer ranks and finish.
+SIGKILLs itself mid-training; the survivors restore the last commit, go on over fewer ranks and finish. Under
+--max-ranks (COLLECTIVE_MAX_RANKS) the survivors' next commit spawns replacements running this same command line:
+their hvd.init() joins, @hvd.elastic.run gives them rank 0's committed state, and every rank finishes together.
 
-Usage: horovod_elastic.py [--kill JOBRANK:STEP:POINT] [--commit-every C] [--epochs E]
+Usage: horovod_elastic.py [--kill JOBRANK:STEP:POINT] [--commit-every C] [--epochs E] [--final-ranks N]
 
 POINT: backward (in a gradient hook, after the DistributedOptimizer submitted that gradient's allreduce: the
 others wait inside the step's allreduces) or commit (after the step's update, just before its commit).
 STEP counts optimizer steps from 0.
 
-Each survivor checks: Horovod's size and rank follow the shrunken communicator, the reset callback ran once with
-the new size, training resumed from a commit of rank 0's, the parameters are the same bit for bit on every
-survivor, and they equal (1e-10, float64) a single-process re-run of the same schedule: the launched size up to
-the resumed commit, the survivors' size after it, the ElasticSampler's samples in both parts. It prints
-PASSED n, or FAIL lines.
+Each survivor checks: Horovod's size and rank follow the shrunken (then grown) communicator, the reset callbacks
+ran once per change with the new size, training resumed from a commit of rank 0's (and grew at the next commit),
+the parameters are the same bit for bit on every rank, and they equal (1e-10, float64) a single-process re-run of
+the same schedule: the launched size up to the resumed commit, the survivors' size after it (the grown size after
+the commit that grew), the ElasticSampler's samples in every part. A replacement checks that it joined last,
+started from rank 0's last resume (not from its own initial state) without a reset, and the same parameters.
+It prints PASSED n, or FAIL lines.
 """
 from __future__ import annotations
 
@@ -165,11 +169,19 @@ def main() -> None:
     ap.add_argument("--kill", default="")
     ap.add_argument("--commit-every", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--final-ranks", type=int, default=0,
+                    help="the ranks expected at the end (default: COLLECTIVE_MAX_RANKS after a kill, else the "
+                         "survivors)")
     args = ap.parse_args()
     hvd.init()
-    JOB = hvd.rank()
+    from mpi4py import MPI
+
+    replacement = MPI.Comm.Get_parent() != MPI.COMM_NULL  # spawned by the survivors' grow
+    JOB = REPLACEMENT + hvd.rank() if replacement else hvd.rank()
     launched = hvd.size()
-    semantics()
+    max_ranks = int(os.environ.get("COLLECTIVE_MAX_RANKS") or 0)
+    if not replacement:  # a replacement makes no op before run: the others wait in run's sync
+        semantics()
     victim, kill_step, point = -1, -1, ""
     if args.kill:
         v, s, point = args.kill.split(":")
@@ -214,35 +226,55 @@ def main() -> None:
 
     train(state)
 
+    # Rank 0 launched with the job and saw every resume; a replacement saw only the last.
+    launched, history = hvd.broadcast_object((launched, resumes), 0, name="rank0-history")
     survivors = [j for j in range(launched) if j != victim]
-    ok(hvd.size() == len(survivors), f"size {hvd.size()}, expected {len(survivors)}")
-    ok(hvd.rank() == survivors.index(JOB), f"rank {hvd.rank()}, expected {survivors.index(JOB)}")
+    final = args.final_ranks or (max(max_ranks, len(survivors)) if victim >= 0 else launched)
+    grown = final > len(survivors)
+    ok(hvd.size() == final, f"size {hvd.size()}, expected {final}")
+    if replacement:
+        ok(hvd.rank() >= len(survivors), f"a replacement is rank {hvd.rank()}, expected after {len(survivors)}")
+        ok(resets == [] and resumes == history[-1:] and len(history) == 3,
+           f"a replacement starts once, from rank 0's last resume: resets {resets}, resumes {resumes}, rank 0's "
+           f"{history}")
+    else:
+        ok(hvd.rank() == survivors.index(JOB) and type(hvd.rank()) is int,
+           f"rank {hvd.rank()!r} ({type(hvd.rank()).__name__}), expected the int {survivors.index(JOB)}")
     ok(sampler.num_replicas == hvd.size() and sampler.rank == hvd.rank(), "the sampler follows size and rank")
-    if victim >= 0:
-        ok(resets == [len(survivors)], f"reset callbacks saw sizes {resets}")
-        ok(len(resumes) == 2 and resumes[0] == (0, launched) and resumes[1][1] == len(survivors), f"{resumes}")
+    if victim >= 0 and not replacement:
+        sizes = [len(survivors), final] if grown else [len(survivors)]
+        ok(resets == sizes, f"reset callbacks saw sizes {resets}, expected {sizes}")
+        ok(len(resumes) == len(sizes) + 1 and resumes[0] == (0, launched) and resumes[1][1] == len(survivors),
+           f"{resumes}")
         # Rank 0's last commit: before the failed step (backward), or after the victim's last finished step
         # (commit; the others committed it before noticing).
         c = args.commit_every
         want = {(kill_step // c) * c} if point == "backward" else {kill_step + 1 if (kill_step + 1) % c == 0
                                                                   else (kill_step + 1) // c * c}
         ok(resumes[1][0] in want, f"resumed at step {resumes[1][0]}, expected one of {sorted(want)}")
-    else:
+        if grown:  # at the first commit after the resume: c steps on, or an epoch's end before that
+            ok(resumes[1][0] < resumes[2][0] <= resumes[1][0] + c and resumes[2][1] == final,
+               f"grew at {resumes[2]}, expected within {c} steps of {resumes[1]}")
+    elif not replacement:
         ok(resets == [] and resumes == [(0, launched)], f"{resets} {resumes}")
+    ok(resumes == history[-len(resumes):], f"this rank's resumes {resumes} are not rank 0's {history}")
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     every = hvd.allgather(flat.unsqueeze(0), name="final-params")
     ok(all(torch.equal(every[0], every[r]) for r in range(hvd.size())),
-       f"parameters differ across survivors: max diff {float((every - every[0]).abs().max())}")
-    ref, steps = reference(resumes, args.epochs)
+       f"parameters differ across ranks: max diff {float((every - every[0]).abs().max())}")
+    ref, steps = reference(history, args.epochs)
     ok(state.step == steps, f"{state.step} steps, the single-process re-run took {steps}")
     err = float(((flat - ref).abs() / ref.abs().clamp_min(1e-3)).max())
     ok(err <= 1e-10, f"parameters differ from the single-process re-run: max relative {err:.3g}")
-    print(f"job rank {JOB} (rank {hvd.rank()} of {hvd.size()}): resumed {resumes}, steps {state.step}, "
+    who = f"replacement {JOB}" if replacement else f"job rank {JOB}"
+    print(f"{who} (rank {hvd.rank()} of {hvd.size()}): resumed {resumes}, steps {state.step}, "
           f"PASSED {passed}", flush=True)
     sys.stdout.flush()
 
 
 JOB = -1
+#: A replacement's JOB: this plus its Horovod rank (never a launched rank's number, so never the victim's).
+REPLACEMENT = 1000
 
 if __name__ == "__main__":
     main()

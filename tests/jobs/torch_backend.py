@@ -6,9 +6,11 @@ Usage: python torch_backend.py [--only calls,ddp,fsdp,mismatch]
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -172,6 +174,57 @@ def case_requires_grad_and_empty() -> None:
     e = torch.empty(0)
     dist.all_reduce(e)
     assert e.numel() == 0
+
+
+def case_repeated_small_tensors() -> None:
+    """all_reduce keeps small tensors' NumPy views between calls: a tensor changed in place between calls (its
+    shape, storage or dtype) is reduced as it is now, and a repeat whose shape differs on one rank still raises
+    on every rank. The communicator's repeat path takes torch tensors too."""
+    S = sum(range(P))
+    t = torch.zeros(4)
+    for k in range(3):
+        t.fill_(R + k)
+        dist.all_reduce(t)
+        same(t, torch.full((4,), float(S + P * k)), f"repeat {k}")
+    t.unsqueeze_(0)  # the same memory, another shape
+    t.fill_(1.0)
+    dist.all_reduce(t)
+    same(t, torch.full((1, 4), float(P)), "after unsqueeze_")
+    t.set_(torch.full((6,), float(R)))  # other memory
+    dist.all_reduce(t)
+    same(t, torch.full((6,), float(S)), "after set_")
+    t.data = t.view(torch.int32)  # the same memory and shape, another dtype
+    t.fill_(R + 1)
+    dist.all_reduce(t)
+    same(t, torch.full((6,), S + P, dtype=torch.int32), "after a dtype change through .data")
+    u = torch.ones(3)
+    for _ in range(3):
+        dist.all_reduce(u)
+    if R == 0:
+        u.unsqueeze_(0)
+    expect_error(lambda: dist.all_reduce(u), col.CollectiveMismatchError, "shape", "a repeat whose shape differs")
+    g = torch.ones(3)
+    gone = weakref.ref(g)
+    dist.all_reduce(g)
+    del g
+    gc.collect()
+    assert gone() is None, "the group keeps a reduced tensor alive"
+    comm = dist.group.WORLD.communicator
+    x = torch.arange(4, dtype=torch.float64) + R
+    want = torch.arange(4, dtype=torch.float64) * P + S
+    for k in range(3):
+        y = comm.allreduce(x)
+        assert type(y) is torch.Tensor and y.data_ptr() != x.data_ptr(), f"comm.allreduce repeat {k}: {type(y)}"
+        same(y, want, f"comm.allreduce repeat {k}")
+        same(x, torch.arange(4, dtype=torch.float64) + R, f"comm.allreduce repeat {k} left its input")
+    for k in range(2):
+        z = torch.full((5,), float(R + k))
+        assert comm.allreduce(z, out=z) is z
+        same(z, torch.full((5,), float(S + P * k)), f"comm.allreduce in place {k}")
+    b = torch.ones(4, dtype=torch.bfloat16)
+    same(comm.allreduce(b), torch.full((4,), float(P), dtype=torch.bfloat16), "comm.allreduce bfloat16")
+    expect_error(lambda: comm.allreduce(torch.ones(4 if R else 3, dtype=torch.float64)), col.CollectiveMismatchError,
+                 "shape", "comm.allreduce of tensors whose shape differs")
 
 
 def case_broadcast_reduce() -> None:
@@ -414,6 +467,9 @@ def case_all_to_all() -> None:
             w = dist.all_to_all_single(out, inp, async_op=async_op)
             if async_op:
                 w.wait()
+                # The group's own Work (torch's ProcessGroup.all_to_all_single would wrap it in one that never
+                # reports completion).
+                assert w.is_completed() and w.is_success(), f"all_to_all_single {dtype}: Work not complete after wait"
             same(out, torch.cat([value(r, dtype, P * 3)[R * 3:(R + 1) * 3] for r in range(P)]),
                  f"all_to_all_single {dtype} async={async_op}")
     # Uneven splits, rows of 3: rank R sends j + R + 1 rows to rank j; row k from rank r to rank j is 100r + 10j + k.
@@ -688,6 +744,7 @@ run("calls", "all_reduce: every op x dtype, sync and async", case_all_reduce_ops
 run("calls", "premul_sum", case_premul_sum)
 run("calls", "non-contiguous", case_non_contiguous)
 run("calls", "requires_grad and empty", case_requires_grad_and_empty)
+run("calls", "repeated small tensors, changed in place; the communicator on tensors", case_repeated_small_tensors)
 run("calls", "broadcast and reduce", case_broadcast_reduce)
 run("calls", "all_gather family and objects", case_all_gather)
 run("calls", "reduce_scatter family", case_reduce_scatter)

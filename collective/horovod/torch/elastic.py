@@ -1,4 +1,4 @@
-"""hvd.elastic for collective.horovod.torch: training that goes on over the survivors when a rank dies.
+"""hvd.elastic for collective.horovod.torch: training that goes on when a rank dies, and grows back.
 
 Horovod's API (``hvd.elastic.run``, ``TorchState``, ``ElasticSampler``) on
 collective's elastic mode: launch with ``collective-run --elastic -np N``
@@ -10,10 +10,19 @@ survivors (``hvd.size()`` and ``hvd.rank()`` follow; the lowest surviving rank
 is the new rank 0), runs the reset callbacks, broadcasts rank 0's state
 (``state.sync()``) and calls the training function again.
 
+With ``--max-ranks M`` (``COLLECTIVE_MAX_RANKS``), the first ``state.commit()``
+after that spawns replacements up to M ranks, running the same command line,
+and raises ``HostsUpdatedInterrupt`` as Horovod's commit does when hosts are
+added; ``run`` catches it, runs the reset callbacks, syncs and calls the
+function again. In a replacement, ``hvd.init()`` joins the grown job (its
+rank comes after the others') and ``run``'s first sync gives it rank 0's
+committed state, so it starts where the others go on. If no process can be
+spawned, the job goes on with the ranks it has. Without ``--max-ranks`` the
+job goes on with fewer ranks, down to ``--min-ranks`` (below it ``run``
+raises ``HorovodInternalError``).
+
 Launched without ``--elastic``, the same script runs as a fixed-size job:
 the state syncs once and the function runs once; a lost rank ends the job.
-Replacements do not join: the job goes on with fewer ranks (down to
-``--min-ranks``; below it ``run`` raises ``HorovodInternalError``).
 
 Example::
 
@@ -36,11 +45,14 @@ from typing import Any
 import torch
 import torch.utils.data
 
-from ..elastic import ObjectState, State, lost_ranks_in, run_fn
+from ..elastic import ObjectState, State, lost_ranks_in, run_fn, set_host_check
 from .functions import broadcast_object, broadcast_optimizer_state, broadcast_parameters
-from .mpi_ops import continue_on_survivors, lost_ranks_error, rank, size
+from .mpi_ops import continue_on_survivors, grow_to_max_ranks, lost_ranks_error, rank, size
 
 __all__ = ["ElasticSampler", "ObjectState", "State", "TorchState", "run"]
+
+# Every state's commit checks for added ranks: after a recovery it grows Horovod back to COLLECTIVE_MAX_RANKS.
+set_host_check(grow_to_max_ranks)
 
 
 def run(func: Any) -> Any:
@@ -50,9 +62,14 @@ def run(func: Any) -> Any:
     When a rank dies, the survivors' Horovod ops raise; the wrapper then
     restores the last commit (``state.restore()``), continues Horovod on the
     survivors, runs the state's reset callbacks and calls ``func`` again.
+    When a commit added ranks (``--max-ranks``), it raises
+    ``HostsUpdatedInterrupt``: the wrapper runs the reset callbacks and calls
+    ``func`` again after the sync, which the new ranks' ``run`` joins.
     Errors that are not a lost rank propagate unchanged. The first argument
     of ``func`` must be the state; ``func`` must not be a collective op
-    itself.
+    itself. Make no Horovod op between ``hvd.init()`` and ``run`` (``run``'s
+    sync does the broadcasts): a replacement starts the script there while
+    the other ranks wait in ``run``.
 
     Args:
         func: the training function, ``func(state, *args, **kwargs)``.
@@ -89,10 +106,11 @@ class ElasticSampler(torch.utils.data.Sampler):
     The epoch's order is a permutation of the dataset (seeded by ``seed +
     epoch``, the same on every rank). Batches consume it from the front:
     ``record_batch`` counts ``batch_size * num_replicas`` more samples as
-    processed. After a reset (tracked by a :class:`TorchState`, which saves,
-    restores and syncs the count), the unprocessed rest is dealt out afresh
-    over the new number of ranks, so a rank loss neither repeats nor skips
-    the samples committed as processed. Each rank takes every
+    processed. After a reset (ranks lost or added; tracked by a
+    :class:`TorchState`, which saves, restores and syncs the count), the
+    unprocessed rest is dealt out afresh over the new number of ranks, so a
+    change of ranks neither repeats nor skips the samples committed as
+    processed. Each rank takes every
     ``num_replicas``-th index of the rest (padded by wrapping around to a
     multiple of ``num_replicas``).
 

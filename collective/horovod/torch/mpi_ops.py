@@ -98,6 +98,12 @@ class _State:
         self.handle_ids = itertools.count(1)
         self.counters: dict[str, int] = {}
         self.atexit = False
+        #: Set by a recovery from lost ranks: grow back to ``COLLECTIVE_MAX_RANKS`` at the next commit.
+        self.grow_pending = False
+        #: The RanksLostError of a failed grow (its engine had stopped cleanly, so it holds none).
+        self.lost: Any = None
+        #: This process was spawned by a grow and has joined the grown communicator (in its first init).
+        self.joined = False
 
 
 _state = _State()
@@ -252,6 +258,10 @@ def init(comm: Any = None, process_sets: Sequence[ProcessSet] | None = None) -> 
 
     The communicator is Horovod's own (a duplicate of the MPI communicator), so
     Horovod's ops never interleave with direct calls to collective in the same script.
+    In a process that ``hvd.elastic`` spawned to replace a lost rank (see
+    :func:`grow_to_max_ranks`), the first ``init()`` joins the running job
+    instead: ``size()`` and ``rank()`` are the grown job's (the new processes
+    come last), and ``@hvd.elastic.run`` then takes rank 0's committed state.
 
     Args:
         comm: None (``MPI.COMM_WORLD``), an mpi4py communicator, or a list of ranks of COMM_WORLD.
@@ -272,7 +282,7 @@ def init(comm: Any = None, process_sets: Sequence[ProcessSet] | None = None) -> 
         # A communicator of its own: the engine thread is then its only caller, so a script that also calls
         # collective directly (or torch.distributed on collective) never interleaves with Horovod's ops.
         if comm is None:
-            c = collective.Communicator()
+            c = _grown_communicator() or collective.Communicator()
         else:
             from mpi4py import MPI
 
@@ -294,6 +304,17 @@ def init(comm: Any = None, process_sets: Sequence[ProcessSet] | None = None) -> 
             _state.atexit = True
     for ps in process_sets or ():
         add_process_set(ps)
+
+
+def _grown_communicator() -> Any:
+    """In a process spawned by :func:`grow_to_max_ranks` (its first init only): the grown communicator, else None."""
+    if _state.joined:
+        return None
+    from collective.communicator import take_parent
+
+    grown = take_parent("hvd.init()")
+    _state.joined = grown is not None
+    return grown
 
 
 def shutdown() -> None:
@@ -323,22 +344,22 @@ def _comm(what: str) -> Any:
 
 def size() -> int:
     """Number of ranks."""
-    return _comm("size").size
+    return int(_comm("size").size)
 
 
 def rank() -> int:
-    """This process's rank."""
-    return _comm("rank").rank
+    """This process's rank (a plain int, as Horovod returns)."""
+    return int(_comm("rank").rank)
 
 
 def local_size() -> int:
     """Number of ranks on this node."""
-    return _comm("local_size").local_size
+    return int(_comm("local_size").local_size)
 
 
 def local_rank() -> int:
     """This process's rank among the ranks of its node."""
-    return _comm("local_rank").local_rank
+    return int(_comm("local_rank").local_rank)
 
 
 def _nodes() -> list[int]:
@@ -442,7 +463,9 @@ def lost_ranks_error() -> Any:
     recovery can mend.
     """
     eng = _state.engine
-    return eng.lost if eng is not None else None
+    if eng is not None and eng.lost is not None:
+        return eng.lost
+    return _state.lost
 
 
 def continue_on_survivors() -> Any:
@@ -453,7 +476,9 @@ def continue_on_survivors() -> Any:
     their old order, so the lowest survivor is the new rank 0), starts a new
     engine over it, and forgets the registered process sets (their ranks
     changed: register them again, e.g. in a reset callback). ``size()``,
-    ``rank()`` and every op then follow the new communicator.
+    ``rank()`` and every op then follow the new communicator. With
+    ``COLLECTIVE_MAX_RANKS`` above the survivors' number, the next commit
+    grows Horovod back to it (:func:`grow_to_max_ranks`).
 
     Raises:
         ValueError: Horovod is not initialized, or no rank was lost.
@@ -466,7 +491,7 @@ def continue_on_survivors() -> Any:
         eng, comm = _state.engine, _state.comm
         if eng is None or comm is None:
             raise ValueError("hvd.elastic: Horovod has not been initialized; call hvd.init() first")
-        lost = eng.lost
+        lost = eng.lost if eng.lost is not None else _state.lost
         if lost is None:
             raise ValueError(f"hvd.elastic on rank {comm.rank}: no rank was lost; nothing to recover from")
         # The failed communicator fails every call now, so its engine thread ends at its next exchange.
@@ -482,6 +507,8 @@ def continue_on_survivors() -> Any:
         global_process_set.ranks = list(range(new.size))
         _state.engine = Engine(new, on_control=_on_control)
         _state.counters.clear()
+        _state.lost = None
+        _state.grow_pending = True
     least = int(config_get("MIN_RANKS"))
     if new.size < least:
         raise HorovodInternalError(
@@ -489,6 +516,81 @@ def continue_on_survivors() -> Any:
             f"{list(lost.lost_ranks)}, fewer than the minimum {least} (collective-run --min-ranks); training stops "
             "at the last commit (the state was restored to it)")
     return lost
+
+
+def grow_to_max_ranks() -> bool:
+    """Collective: after a recovery from lost ranks, spawn replacements until Horovod has ``COLLECTIVE_MAX_RANKS``.
+
+    Does nothing (returns False) unless a recovery (:func:`continue_on_survivors`)
+    happened since the last call and ``COLLECTIVE_MAX_RANKS``
+    (``collective-run --max-ranks``) is above ``size()``; every rank decides
+    alike. Otherwise it stops the op engines (every op has finished: call it
+    between steps, as ``state.commit()`` does), grows the communicator
+    (``Communicator.grow``: the new processes run this program's command line,
+    and their ``hvd.init()`` joins), and starts a new engine over it.
+    ``size()`` and ``rank()`` then follow the grown communicator: the ranks
+    keep their numbers, the new ones come last. Registered process sets are
+    dropped, as at a recovery. If no process can be spawned here, Horovod
+    goes on with the ranks it has and rank 0 writes a one-line note to stderr.
+
+    Returns:
+        True if ranks were added.
+
+    Raises:
+        HorovodInternalError: a rank was lost while the engines stopped or while growing (its cause is the
+            ``RanksLostError``: ``@hvd.elastic.run`` recovers from it), or an engine did not stop within
+            the deadline (``COLLECTIVE_TIMEOUT``).
+
+    Example::
+
+        if grow_to_max_ranks():             # what state.commit() does (hvd.elastic)
+            raise hvd.HostsUpdatedInterrupt()
+    """
+    import sys
+
+    from ...config import get as config_get
+    from ...errors import CollectiveError, RanksLostError
+
+    with _state.lock:
+        eng, comm = _state.engine, _state.comm
+        if not _state.grow_pending or eng is None or comm is None:
+            return False
+        _state.grow_pending = False
+        top = config_get("MAX_RANKS")
+        if top is None or comm.size >= int(top):
+            return False
+        count = int(top) - comm.size
+        where = f"hvd.elastic on rank {comm.rank} of {comm.size}: growing back to {top} ranks"
+        sets = list(_state.sets.values())
+        _state.sets.clear()
+        for ps in sets:  # their sub-communicators end with the communicator they came from
+            if ps.engine is not None:
+                ps.engine.shutdown()
+            ps.engine, ps.process_set_id = None, None
+        # The engine thread is the communicator's only caller: it stops (every rank alike) before grow() runs.
+        eng.shutdown()
+        if eng.lost is not None:
+            raise HorovodInternalError(f"{where}: a rank was lost first ({eng.lost})") from eng.lost
+        if eng.running:
+            raise HorovodInternalError(f"{where}: the op engine did not stop within {eng.timeout:.0f} s "
+                                       "(COLLECTIVE_TIMEOUT)")
+        try:
+            new = comm.grow(count)
+        except RanksLostError as exc:
+            _state.lost = exc  # the engine stopped before the loss: the recovery finds the error here
+            raise HorovodInternalError(f"{where}: {exc}") from exc
+        except CollectiveError as exc:  # nothing could be spawned: go on with the ranks there are
+            if comm.rank == 0:
+                sys.stderr.write(f"hvd.elastic: no replacements ({exc}); going on with {comm.size} ranks\n")
+                sys.stderr.flush()
+            _state.engine = Engine(comm, on_control=_on_control)
+            _state.counters.clear()
+            return False
+        _state.comm = new
+        global_process_set.ranks = list(range(new.size))
+        _state.engine = Engine(new, on_control=_on_control)
+        _state.counters.clear()
+    return True
 
 
 # ------------------------------------------------------------------ tensor helpers
