@@ -518,23 +518,6 @@ class Sequencer:
             self._worker = None
 
     # --------------------------------------------------------------- repeats
-    def run_quick(self, c: Any, run: Callable[..., bool], tag: ThreadTag, *args: Any) -> None:
-        """Op ``c`` of thread ``tag`` whose check is its first phase: ``run(h, seq, *args)`` posts fingerprint ``h``
-        of op ``seq`` and moves the data; it returns False on a mismatch (nothing touched), and every rank then
-        raises the report. The caller holds the gate; ``c`` passed the check before (its fingerprint is ``c.sig``).
-        """
-        self.seq = seq = self.seq + 1
-        rec = self.recorder.begin(seq, "allreduce", c.shape, c.dtype, c.algorithm, None, tag)
-        try:
-            sig = c.sig
-            if not run(sig[0] ^ tag.h ^ seq, seq, *args):
-                self.check.mismatch(seq, sig[1], tag.name)
-        except BaseException as exc:
-            self._failed("allreduce", exc, rec.t_start)
-            raise
-        finally:
-            self.recorder.end(rec)
-
     def allreduce(self, x: Any, op: Any = "sum", algorithm: Any = None, out: Any = None) -> Any:
         """A synchronous allreduce: a repeat of a checked signature on NumPy ``x`` here, anything else by
         ``ordinary`` (prepare, then :meth:`run`; it also explains what is wrong with the arguments).
@@ -601,8 +584,8 @@ class Sequencer:
             if not self.pending:  # else an async call got in first: queue behind it, on the ordinary path
                 q = c.quick
                 if q:
-                    # A small shm allreduce repeated: check and data share one phase. run_quick and the recorder's
-                    # begin/end, written out: three frames fewer on the path whose whole cost is Python.
+                    # A small shm allreduce repeated: check and data share one phase, in this frame with the
+                    # recorder's begin/end written out: fewer frames on the path whose whole cost is Python.
                     self.seq = seq = self.seq + 1
                     recorder = self.recorder
                     rec = recorder.slots[seq % recorder.length]
@@ -729,8 +712,21 @@ class Sequencer:
             gate.release()
 
     def _window_repeat(self, hot: Any) -> Any:
-        """The window path of a repeated allreduce on alloc'd arrays (see ``SharedArrays.quick_allreduce``)."""
-        tag = self.thread_tag()
+        """The window path of a repeated allreduce on alloc'd arrays (see ``SharedArrays.quick_allreduce``); None
+        when the gate is held or an async op got in first (the ordinary path then takes the call).
+
+        Once ``hot`` has passed the check through :meth:`op`, the check is the
+        first phase of ``SharedArrays.quick_allreduce``: it posts fingerprint
+        ``sig ^ thread ^ seq`` and returns False on a mismatch (nothing
+        touched), and every rank then raises the report. The thread's tag and
+        the recorder's begin/end are written out as on the small path: a
+        training step between two calls leaves the caches cold, and every
+        frame and object the interpreter touches around the data then shows.
+        """
+        try:
+            tag = self._tags.tag  # one thread-local read (thread_tag() on the thread's first call)
+        except AttributeError:
+            tag = self.thread_tag()
         gate = self._gate
         if not gate.acquire(False):
             return None
@@ -739,15 +735,33 @@ class Sequencer:
             if self.pending:
                 return None
             plan = hot.quick
-            shared = self.engine.shared
             if plan is not False:  # a list of pieces (empty where this rank's slice is)
-                rop = hot.rop
-                self.run_quick(hot, shared.quick_allreduce, tag, plan, rop.ufunc,
-                               self.engine.finish_avg if rop.average else None)
+                self.seq = seq = self.seq + 1
+                recorder = self.recorder
+                rec = recorder.slots[seq % recorder.length]
+                rec.seq, rec.op, rec.shape, rec.dtype = seq, "allreduce", hot.shape, hot.dtype
+                rec.algorithm, rec.root = hot.algorithm, None
+                rec.thread = tag
+                rec.t_end = None
+                rec.t_start = _monotonic()
+                recorder.last_seq = seq
+                recorder.current = rec
+                try:
+                    sig = hot.sig
+                    rop = hot.rop
+                    if not self.engine.shared.quick_allreduce(sig[0] ^ tag.h ^ seq, seq, plan, rop.ufunc,
+                                                              self._finish_avg if rop.average else None):
+                        self.check.mismatch(seq, sig[1], tag.name)
+                except BaseException as exc:
+                    self._failed("allreduce", exc, rec.t_start)
+                    raise
+                finally:
+                    rec.t_end = _monotonic()
+                    recorder.current = None
                 return hot.result
             if hot.sig is not None and self.check.quick_arena is not None:
                 # Checked once through op(): the next call takes the lines above.
-                hot.quick = shared.plan(hot.views, hot.out_views)
+                hot.quick = self.engine.shared.plan(hot.views, hot.out_views)
             return self.op(hot, None, tag)
         finally:
             self.owner = self.owner_call = None
