@@ -306,10 +306,11 @@ def test_join_receives_the_commit_p2() -> None:
     """Without spawning, at P=2: a rank with a fresh model and optimizer joins while the other rebinds (the
     collectives of a grow); it receives the step, parameters, buffers, optimizer state (SGD momentum, Adam's
     moments and step, created where it had none), the scheduled lr and extra, and both train on as in an
-    uninterrupted run; a survivor whose state differs in structure is an error on every rank."""
+    uninterrupted run; a survivor whose state differs in structure, or a joining rank whose optimizer updates
+    other parameters, is an error on every rank."""
     res = mpirun("torch_elastic_join.py", 2, timeout=240)
     check(res, "torch_elastic_join")
-    assert count_passed(res) == 3
+    assert count_passed(res) == 4
 
 
 @pytest.mark.mpi

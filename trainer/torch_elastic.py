@@ -318,11 +318,15 @@ class TorchElasticState(ElasticCore):
 
     def _layout(self) -> tuple[int, int]:
         """Checksums of (the optimizer state's structure, everything else that must agree: the parameter groups'
-        keys and kinds, ``extra``'s names and shapes)."""
+        parameters (dtypes and shapes), keys and kinds, ``extra``'s names and shapes)."""
         state = json.dumps(self._structure())
         rest = []
         for g in self.optimizer.param_groups:
-            rest.append(";".join(f"{k}:{_kind(v)}" for k, v in sorted(g.items()) if k != "params"))
+            # The parameters too: a joining rank may differ from root in the state's structure alone, and one
+            # whose optimizer updates other parameters must fail here with every rank, not in _adopt by itself.
+            params = ",".join(f"{p.dtype}{tuple(p.shape)}" for p in g["params"])
+            rest.append(f"params:[{params}];" + ";".join(f"{k}:{_kind(v)}" for k, v in sorted(g.items())
+                                                          if k != "params"))
         # extra's numbers take root's value in the local type (broadcast_extra): their names must agree
         rest.append(";".join(f"{k}:{_kind(v) if isinstance(v, (torch.Tensor, np.ndarray)) else ''}"
                              for k, v in sorted(self.extra.items())))

@@ -135,7 +135,30 @@ def a_differing_survivor_is_refused() -> None:
         raise AssertionError("no error")
 
 
+def a_joining_rank_with_other_parameters_is_refused() -> None:
+    """A joining rank may lack root's optimizer state, but not root's parameters: one whose optimizer updates
+    fewer of them is an error on every rank, raised after the one exchange that shows it (nobody waits alone in
+    a broadcast that rank never makes)."""
+    model, opt, sampler = build(comm, "sgd", 1)
+    if comm.rank == 1:
+        opt = torch.optim.SGD(list(model.parameters())[:2], lr=0.05, momentum=0.9, weight_decay=1e-3)
+    state = TorchElasticState(model, opt, sampler)
+    if comm.rank == 0:
+        step_once(model, opt, sampler, 0)
+    else:  # rank 1 takes part in the step's reductions, but its optimizer does not step
+        idx = torch.from_numpy(sampler.indices(0))
+        torch.nn.functional.cross_entropy(model(X[idx]), Y[idx]).backward()
+    state.commit(1)
+    try:
+        state.sync(0, joining=comm.rank == 1)
+    except RuntimeError as exc:
+        assert "rank(s) [1] differ in structure from rank 0's" in str(exc), exc
+    else:
+        raise AssertionError("no error")
+
+
 for name in ("sgd", "adam"):
     cases.run(f"join_{name}", join_case(name))
 cases.run("differing_survivor_refused", a_differing_survivor_is_refused)
+cases.run("joining_rank_with_other_parameters_refused", a_joining_rank_with_other_parameters_is_refused)
 cases.finish()
