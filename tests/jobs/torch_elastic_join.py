@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from harness import Cases
-
-import collective as col
 from collective.trainer.data import ShardedSampler
 from collective.trainer.torch import DistributedDataParallel
 from collective.trainer.torch_elastic import TorchElasticState
+from harness import Cases
+
+import collective as col
 
 comm = col.init()
 cases = Cases(comm)
