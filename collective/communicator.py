@@ -236,6 +236,7 @@ class Communicator:
         self._engine = HostEngine(backend_, seg, chunk, wait, self._check)
         # Link costs for the cost model (explain, auto); rank 0's measurement, identical on every rank.
         self.cluster: Cluster = cluster or calibrate(backend_.comm, discover_cluster(backend_.comm, MPI))
+        self._tensor_views: dict[int, tuple[Any, ...]] = {}  # see _allreduce_ordinary
         self._params: dict[str, Any] = dict(algorithm=algorithm, timeout=timeout, segment_bytes=segment_bytes,
                                             backend=backend)
         node = self.cluster.node_of_rank[self.rank]
@@ -502,13 +503,27 @@ class Communicator:
         torch = sys.modules.get("torch")
         if (torch is not None and type(x) is torch.Tensor and (out is None or out is x) and x.device.type == "cpu"
                 and x.layout == torch.strided and x.is_contiguous()):
-            try:
-                view, wrap = to_numpy(x)
-            except CollectiveTypeError:
-                pass  # the ordinary path below says what is wrong with it
+            # The view is kept for the tensor: the repeat path knows an array by its identity, and a new view of
+            # the same memory each call would miss it (in a window, the one-phase path with the check folded in).
+            # The entry goes when the tensor does, so it keeps no memory alive.
+            hit = self._tensor_views.get(id(x))
+            if (hit is not None and hit[0]() is x and x.data_ptr() == hit[1] and x.shape == hit[2]
+                    and x.dtype is hit[3]):
+                view, wrap = hit[4], hit[5]
             else:
-                r = self._seqr.allreduce(view, op, algorithm, view if out is x else None)
-                return x if out is x else from_numpy_like(r, wrap)
+                try:
+                    view, wrap = to_numpy(x)
+                except CollectiveTypeError:
+                    return self._run(self._prepare("allreduce", x, op, algorithm, 0, out))  # it says what is wrong
+                views = self._tensor_views
+                if wrap is torch.from_numpy:  # other wraps (bfloat16's) refer to the tensor: kept, it would never go
+                    if len(views) >= 16:
+                        views.clear()
+                    key = id(x)
+                    views[key] = (weakref.ref(x, lambda _, k=key, d=views: d.pop(k, None)), x.data_ptr(), x.shape,
+                                  x.dtype, view, wrap)
+            r = self._seqr.allreduce(view, op, algorithm, view if out is x else None)
+            return x if out is x else from_numpy_like(r, wrap)
         return self._run(self._prepare("allreduce", x, op, algorithm, 0, out))
 
     def allreduce_async(self, x: Any, op: str = "sum", algorithm: str | None = None, out: Any = None) -> Work:

@@ -221,6 +221,23 @@ def case_repeated_small_tensors() -> None:
         z = torch.full((5,), float(R + k))
         assert comm.allreduce(z, out=z) is z
         same(z, torch.full((5,), float(S + P * k)), f"comm.allreduce in place {k}")
+    z = torch.zeros(5)
+    comm.allreduce(z, out=z)
+    z.set_(torch.full((7,), float(R)))  # the same tensor object, other memory: its kept view must not be used
+    assert comm.allreduce(z, out=z) is z
+    same(z, torch.full((7,), float(S)), "comm.allreduce in place after set_")
+    z.data = z.view(torch.int32)  # the same memory and shape, another dtype
+    z.fill_(R + 1)
+    comm.allreduce(z, out=z)
+    same(z, torch.full((7,), S + P, dtype=torch.int32), "comm.allreduce after a dtype change through .data")
+    w = comm.alloc((6,), "float32")  # a tensor in a window, reduced again and again where it lies
+    tw = torch.from_numpy(w)
+    for k in range(3):
+        tw.fill_(R + k)
+        assert comm.allreduce(tw, out=tw) is tw
+        same(tw, torch.full((6,), float(S + P * k)), f"comm.allreduce of a tensor in a window, repeat {k}")
+    del tw
+    comm.free(w)
     b = torch.ones(4, dtype=torch.bfloat16)
     same(comm.allreduce(b), torch.full((4,), float(P), dtype=torch.bfloat16), "comm.allreduce bfloat16")
     expect_error(lambda: comm.allreduce(torch.ones(4 if R else 3, dtype=torch.float64)), col.CollectiveMismatchError,
