@@ -520,7 +520,7 @@ class Communicator:
                     if len(views) >= 16:
                         views.clear()
                     key = id(x)
-                    views[key] = (weakref.ref(x, lambda _, k=key, d=views: d.pop(k, None)), x.data_ptr(), x.shape,
+                    views[key] = (weakref.ref(x, functools.partial(_drop_view, views, key)), x.data_ptr(), x.shape,
                                   x.dtype, view, wrap)
             r = self._seqr.allreduce(view, op, algorithm, view if out is x else None)
             return x if out is x else from_numpy_like(r, wrap)
@@ -1332,6 +1332,11 @@ def _join(inter: Any, spawned: bool, job: int, next_job: int, params: dict[str, 
     new.is_replacement = spawned
     keep_connected(inter, MPI)
     return new
+
+
+def _drop_view(views: dict[int, Any], key: int, _gone: Any) -> None:
+    """Weak-reference callback: a tensor whose NumPy view was kept (see _allreduce_ordinary) is gone."""
+    views.pop(key, None)
 
 
 _PARENT_TAKEN: list[str] = []  # which API's init joined the growers (a process joins them once)
