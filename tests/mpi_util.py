@@ -217,3 +217,19 @@ def run_training(name: str, cmd: list[str], cwd: Path, buckets: dict[str, str], 
         if backing is not None:
             shutil.rmtree(backing, ignore_errors=True)
     return p.returncode, text.decode(errors="replace")
+
+
+
+def elastic_available() -> bool:
+    """The runtime has elastic mode (comm.shrink over ULFM): for the elastic tests' skip marks."""
+    from collective import errors
+    from collective.communicator import Communicator
+
+    return hasattr(errors, "RanksLostError") and hasattr(Communicator, "shrink")
+
+
+def can_grow() -> bool:
+    """The runtime can also grow a communicator back (comm.grow)."""
+    from collective.communicator import Communicator
+
+    return elastic_available() and hasattr(Communicator, "grow")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import ROOT, check, count_passed, mpirun, run_training
+from mpi_util import ROOT, can_grow, check, count_passed, elastic_available, mpirun, run_training
 
 pytestmark = pytest.mark.mpi
 
@@ -19,16 +19,10 @@ STEPS, SEED, BATCH = 16, 3, 96
 #: Small buckets: the digits MLP then has three, so kills land between buckets' reductions and updates.
 BUCKETS = {"COLLECTIVE_BUCKET_MB": "0.03"}
 TOL = {"float32": 1e-5, "float64": 1e-10}
+needs_elastic = pytest.mark.skipif(not elastic_available(), reason="the runtime has no elastic mode (ULFM core)")
+needs_grow = pytest.mark.skipif(not can_grow(), reason="the runtime cannot grow a communicator (comm.grow)")
 
 
-def _elastic_available() -> bool:
-    from collective import errors
-    from collective.communicator import Communicator
-
-    return hasattr(errors, "RanksLostError") and hasattr(Communicator, "shrink")
-
-
-needs_elastic = pytest.mark.skipif(not _elastic_available(), reason="the runtime has no elastic mode (ULFM core)")
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -210,13 +204,8 @@ def test_without_elastic_a_kill_still_ends_the_job(tmp_path: Path) -> None:
     print(f"plain job ended rc={rc} after {time.monotonic() - t0:.1f} s")
 
 
-def _can_grow() -> bool:
-    from collective.communicator import Communicator
 
-    return _elastic_available() and hasattr(Communicator, "grow")
-
-
-@pytest.mark.skipif(not _can_grow(), reason="the runtime cannot grow a communicator (comm.grow)")
+@needs_grow
 def test_a_replacement_joins_and_the_run_ends_with_four_ranks(tmp_path_factory: pytest.TempPathFactory,
                                                                tmp_path: Path) -> None:
     """--max-ranks 4: after a kill the survivors spawn a replacement at the next commit; it receives the state and

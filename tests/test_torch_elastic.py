@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mpi_util import ROOT, check, count_passed, mpirun, run_training
+from mpi_util import ROOT, can_grow, check, count_passed, elastic_available, mpirun, run_training
 
 torch = pytest.importorskip("torch", reason="torch is not installed (pip install 'pycollective[torch]')")
 
@@ -188,16 +188,10 @@ STEPS, SEED, BATCH = 12, 3, 96
 #: Small buckets: several per step, so bucket 0's reduction is one of many.
 BUCKETS = {"COLLECTIVE_BUCKET_MB": "0.004"}
 TOL = {"float32": 1e-5, "float64": 1e-10}
+needs_elastic = pytest.mark.skipif(not elastic_available(), reason="the runtime has no elastic mode (ULFM core)")
+needs_grow = pytest.mark.skipif(not can_grow(), reason="the runtime cannot grow a communicator (comm.grow)")
 
 
-def _elastic_available() -> bool:
-    from collective import errors
-    from collective.communicator import Communicator
-
-    return hasattr(errors, "RanksLostError") and hasattr(Communicator, "shrink")
-
-
-needs_elastic = pytest.mark.skipif(not _elastic_available(), reason="the runtime has no elastic mode (ULFM core)")
 
 
 def launch(tmp: Path, name: str, *, elastic: bool = True, kills: str = "", dtype: str = "float32",
@@ -282,14 +276,9 @@ def test_rank0_killed_mid_allreduce_float64(tmp_path_factory: pytest.TempPathFac
             "ranks") in text, text[-4000:]
 
 
-def _can_grow() -> bool:
-    from collective.communicator import Communicator
-
-    return _elastic_available() and hasattr(Communicator, "grow")
-
 
 @pytest.mark.mpi
-@pytest.mark.skipif(not _can_grow(), reason="the runtime cannot grow a communicator (comm.grow)")
+@needs_grow
 def test_a_replacement_joins_and_the_run_ends_with_four_ranks(tmp_path_factory: pytest.TempPathFactory,
                                                                tmp_path: Path) -> None:
     """--max-ranks 4: job rank 0 dies while bucket 0's allreduce is in flight; at the next commit the survivors

@@ -116,17 +116,25 @@ def join_case(opt_name: str):
     return case
 
 
+def committed_with_rank1_not_stepped(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                                     sampler: ShardedSampler) -> TorchElasticState:
+    """A state committed at step 1 where rank 1 took part in the step's reductions but its optimizer did not step
+    (so it lacks rank 0's momentum)."""
+    state = TorchElasticState(model, opt, sampler)
+    if comm.rank == 0:
+        step_once(model, opt, sampler, 0)
+    else:
+        idx = torch.from_numpy(sampler.indices(0))
+        torch.nn.functional.cross_entropy(model(X[idx]), Y[idx]).backward()
+    state.commit(1)
+    return state
+
+
 def a_differing_survivor_is_refused() -> None:
     """Only a joining rank may take root's structure: a rank that is not joining and lacks root's momentum is an
     error on every rank, raised after the one exchange that shows it (nobody hangs)."""
     model, opt, sampler = build(comm, "sgd", 1)
-    state = TorchElasticState(model, opt, sampler)
-    if comm.rank == 0:
-        step_once(model, opt, sampler, 0)
-    else:  # rank 1 takes part in the step's reductions, but its optimizer does not step
-        idx = torch.from_numpy(sampler.indices(0))
-        torch.nn.functional.cross_entropy(model(X[idx]), Y[idx]).backward()
-    state.commit(1)
+    state = committed_with_rank1_not_stepped(model, opt, sampler)
     try:
         state.sync(0)
     except RuntimeError as exc:
@@ -142,13 +150,7 @@ def a_joining_rank_with_other_parameters_is_refused() -> None:
     model, opt, sampler = build(comm, "sgd", 1)
     if comm.rank == 1:
         opt = torch.optim.SGD(list(model.parameters())[:2], lr=0.05, momentum=0.9, weight_decay=1e-3)
-    state = TorchElasticState(model, opt, sampler)
-    if comm.rank == 0:
-        step_once(model, opt, sampler, 0)
-    else:  # rank 1 takes part in the step's reductions, but its optimizer does not step
-        idx = torch.from_numpy(sampler.indices(0))
-        torch.nn.functional.cross_entropy(model(X[idx]), Y[idx]).backward()
-    state.commit(1)
+    state = committed_with_rank1_not_stepped(model, opt, sampler)
     try:
         state.sync(0, joining=comm.rank == 1)
     except RuntimeError as exc:
