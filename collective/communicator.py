@@ -1120,7 +1120,7 @@ class Communicator:
             self._engine.close()  # collective over the node, like the free below over every rank
             self._backend.free()
 
-    def _withdrawn(self, rec: OpRecord, gone: bool) -> None:
+    def _withdrawn(self, rec: OpRecord, gone: int | None) -> None:
         """Op ``rec`` was withdrawn at its deadline (see ``on_timeout``): later calls raise; print the report.
 
         On the op's thread, under the gate: the repeat paths' templates and plans go, so a later call reaches

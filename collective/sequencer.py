@@ -281,9 +281,9 @@ class Sequencer:
         self.owner_call: Any = None
         #: Why every call on this communicator raises, once an op was withdrawn (see the module docstring).
         self.broken: str | None = None
-        #: ``on_withdrawn(rec, gone)``: op ``rec`` was withdrawn on this rank (``gone``: because another rank left
-        #: it first); set by the communicator, which marks itself broken and reports. Runs on the op's thread.
-        self.on_withdrawn: Callable[[OpRecord, bool], None] | None = None
+        #: ``on_withdrawn(rec, gone)``: op ``rec`` was withdrawn on this rank (``gone``: the rank that left it first,
+        #: else None); set by the communicator, which marks itself broken and reports. Runs on the op's thread.
+        self.on_withdrawn: Callable[[OpRecord, int | None], None] | None = None
         self._withdraw_why: tuple[int, str] = (0, "")
 
     # ------------------------------------------------------------ the gate
@@ -460,7 +460,7 @@ class Sequencer:
         self.broken += ("; every call on it raises. Other communicators are unaffected: make a new one to go on "
                         "(torch.distributed: a new process group)")
         if self.on_withdrawn is not None and rec is not None:
-            self.on_withdrawn(rec, exc.gone is not None)
+            self.on_withdrawn(rec, exc.gone)
         return CollectiveTimeoutError(f"{text}. This communicator is broken: every later call on it raises at once; "
                                       "other communicators are unaffected")
 

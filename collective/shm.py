@@ -73,8 +73,9 @@ import numpy as np
 
 from .errors import CollectiveTimeoutError, CollectiveValueError, SharedMemoryError
 
-__all__ = ["ShmArena", "SharedArrays", "QuickScatter", "WindowRead", "Withdrawn", "DEFAULT_CHUNK_BYTES", "ONE_PHASE_BYTES",
-           "WINDOW_MIN_BYTES", "SHM_WAITS", "MIN_CHUNK_BYTES", "arena_bytes", "fitting_chunk", "shm_space", "commit"]
+__all__ = ["ShmArena", "SharedArrays", "QuickScatter", "WindowRead", "Withdrawn", "DEFAULT_CHUNK_BYTES",
+           "ONE_PHASE_BYTES", "WINDOW_MIN_BYTES", "SHM_WAITS", "MIN_CHUNK_BYTES", "arena_bytes", "fitting_chunk",
+           "shm_space", "commit"]
 
 # Fewer phases won over cache-sized chunks in the chunk-size runs of docs/bench (above all when ranks outnumber
 # cores and every phase costs context switches).
@@ -603,16 +604,15 @@ class ShmArena:
         sleep = time.sleep
         watch = self.watch
         due = clock() + _WATCH_S
+        gone_at = -t - _FINAL
+        peers = self._peers
         while True:
             v = f[0]
-            if v >= t:
+            if v >= t or (v < 0 and _reached(v, t)):
                 return
-            if v < 0:
-                m, gone = _mark(v)
-                if m > t:
-                    return
-                if m == t and gone:  # it left this phase: no rank passes it, this one leaves too
-                    self._leave(t, [], q)
+            for p, g in peers:  # any rank that left this phase, not only q: no rank passes it, this one leaves too
+                if g[0] == gone_at:
+                    self._leave(t, [], p)
             if self.withdraw_seq == seq and self._declined != seq:
                 self._withdraw(t, seq)
             sleep(_NAP_S)
@@ -953,7 +953,8 @@ class ShmArena:
 
     def free(self) -> None:
         """Release the window (collective over the node)."""
-        self.flags = self._others = self._peers = []
+        self.flags = self._others = []
+        self._peers = []
         self._regions.clear()
         self.segs = []
         self.win.Unlock_all()

@@ -349,12 +349,12 @@ class Watchdog:
             time.sleep(0.005)
         return False
 
-    def withdrawal_report(self, rec: OpRecord, gone: bool) -> None:
-        """Print the report of op ``rec``, withdrawn on this rank (``gone``: because another rank left it first):
+    def withdrawal_report(self, rec: OpRecord, gone: int | None) -> None:
+        """Print the report of op ``rec``, withdrawn on this rank (``gone``: the rank that left it first, else None):
         what happened and, past its own deadline, what each other rank is doing. On the op's thread, before
         the call raises."""
-        if gone:
-            _say(self.report(rec, "cannot complete: another rank reached its timeout in it and left it; withdrawn on "
+        if gone is not None:
+            _say(self.report(rec, f"cannot complete: rank {gone} reached its timeout in it and left it; withdrawn on "
                                   "this rank too (no data had moved): the call raises, this communicator is broken "
                                   "(every later call on it raises), the job goes on", trace=False, waiting=False))
             return
