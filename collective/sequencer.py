@@ -645,6 +645,7 @@ class Sequencer:
         if (type(x) is np.ndarray and x.flags.c_contiguous and x.flags.writeable
                 and 0 < x.nbytes < self.prep.window_min):
             b.flat = x.reshape(-1)
+            b.bytes = b.flat.view(np.uint8).data
             b.key = (x.shape, x.dtype, op, None)
         return functools.partial(self._bound_allreduce, b)
 
@@ -681,9 +682,8 @@ class Sequencer:
                 try:
                     sig = c.sig
                     rop = c.rop
-                    xf = b.flat
                     if not self.check.quick_arena.quick_allreduce(
-                            sig[0] ^ tag.h ^ seq, seq, xf, xf, rop.ufunc,
+                            sig[0] ^ tag.h ^ seq, seq, b.bytes, b.flat, rop.ufunc,
                             self._finish_avg if rop.average else None, q):
                         self.check.mismatch(seq, sig[1], tag.name)
                 except BaseException as exc:
@@ -850,14 +850,15 @@ def _nothing() -> None:
 
 
 class _BoundAllreduce:
-    """What :meth:`Sequencer.bind_allreduce` settled for one array: the array, its flat view, the op, and the
-    template's key and template (``key`` None: the array takes the checked path on every call)."""
+    """What :meth:`Sequencer.bind_allreduce` settled for one array: the array, its flat view and its bytes, the
+    op, and the template's key and template (``key`` None: the array takes the checked path on every call)."""
 
-    __slots__ = ("x", "op", "flat", "key", "c")
+    __slots__ = ("x", "op", "flat", "bytes", "key", "c")
 
     def __init__(self, x: Any, op: str) -> None:
         self.x, self.op = x, op
         self.flat: np.ndarray | None = None
+        self.bytes: memoryview | None = None
         self.key: tuple | None = None
         self.c: Any = None
 
