@@ -639,7 +639,14 @@ class Sequencer:
         writeable NumPy array below the window path's size, and its template
         (looked up again whenever the template is dropped, see
         ``Preparer.forget``). The caller must not change ``x``'s flags
-        afterwards. Arrays that do not qualify take :meth:`allreduce` on every call.
+        afterwards. Arrays that do not qualify, and those whose template
+        never takes the one-phase path (another algorithm), take
+        :meth:`allreduce` on every call.
+
+        Example::
+
+            run = comm.sequencer.bind_allreduce(view, "sum")
+            run()  # as comm.allreduce(view, op="sum", out=view)
         """
         b = _BoundAllreduce(x, op)
         if (type(x) is np.ndarray and x.flags.c_contiguous and x.flags.writeable
@@ -702,7 +709,9 @@ class Sequencer:
         """:meth:`allreduce` for a bound call, then its template again (the call may have made or armed it)."""
         r = self.allreduce(b.x, b.op, None, b.x)
         if b.key is not None:
-            b.c = self._templates.get(b.key)
+            c = b.c = self._templates.get(b.key)
+            if c is not None and c.quick is False:  # kept, so not dropped: never one phase (another algorithm)
+                b.key = b.c = None
         return r
 
     def vrepeat(self, plan: Any, x: np.ndarray, out: np.ndarray | None, key: Any, return_splits: bool,

@@ -550,7 +550,7 @@ class ShmArena:
         odd = g & 1
         regs = regions[odd]
         if type(x) is memoryview:
-            regions[2 + odd][:] = x
+            (regions[3] if odd else regions[2])[:] = x
         else:
             regs[self.rank][...] = x  # half np.copyto's cost at 4 KiB
         # exchange(h, seq) and its phase(), inlined (the same operations): two frames fewer at 4 KiB.
