@@ -85,20 +85,26 @@ _BITWISE = {_R.BAND: ("band", "min"), _R.BOR: ("bor", "max"), _R.BXOR: ("bxor", 
 # bool follows torch's NCCL backend: a sum of booleans is their OR, a product their AND.
 _BOOL = {_R.SUM: "max", _R.MAX: "max", _R.BOR: "max", _R.PRODUCT: "min", _R.MIN: "min", _R.BAND: "min"}
 
-def _quick_ops() -> dict[int, str]:
-    """The allreduce fast path's ops by ``hash(opts.reduceOp)``: one C++ call where comparing ReduceOps costs two.
 
-    torch hashes a ReduceOp by its RedOpType; this table is built and checked
-    here against every op, so where a torch hashes otherwise a hash finds no
-    op or its own, and the checked path takes the call.
+def _quick_ops() -> dict[int, str]:
+    """The allreduce fast path's ops by ``hash(opts.reduceOp)`` (empty: no fast path).
+
+    Hashing a ReduceOp is one C++ call taking no argument, cheaper than
+    comparing it with an op, and reading its ``op`` makes an enum object.
+    torch hashes a ReduceOp by its RedOpType; this table is checked here
+    against every op, so where a torch hashes otherwise a hash finds no op or
+    its own, and the checked path takes the call.
     """
-    table = {hash(_R(op)): name for op, name in _NAMED.items()}
-    others = [hash(_R(op)) for op in (_R.BAND, _R.BOR, _R.BXOR)]
-    make_premul = getattr(dist, "_make_nccl_premul_sum", None)
-    if make_premul is not None:
-        others += [hash(make_premul(2.0)), hash(make_premul(0.5))]
-    if (len(table) != len(_NAMED) or any(h in table for h in others)
-            or any(hash(_R(op)) != h for op, h in zip(_NAMED, table))):  # not a function of the op alone
+    try:
+        table = {hash(_R(op)): name for op, name in _NAMED.items()}
+        others = [hash(_R(op)) for op in (_R.BAND, _R.BOR, _R.BXOR)]
+        make_premul = getattr(dist, "_make_nccl_premul_sum", None)
+        if make_premul is not None:
+            others += [hash(make_premul(2.0)), hash(make_premul(0.5))]
+        again = [hash(_R(op)) for op in _NAMED]
+    except (TypeError, RuntimeError):  # unhashable, or a ReduceOp that cannot be built so
+        return {}
+    if len(table) != len(_NAMED) or any(h in table for h in others) or again != list(table):
         return {}
     return table
 
@@ -616,7 +622,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         returns and returns None (torch's wrapper then waits on nothing), an asynchronous one its Work."""
         if opts is None:
             opts = dist.AllreduceOptions()
-        name = _QUICK_OPS.get(hash(opts.reduceOp))
+        name = _QUICK_OPS.get(hash(opts.reduceOp)) if _QUICK_OPS else None
         if name is not None and len(tensors) == 1:
             # The common case in few steps: the tensor's own memory, reduced in place. A small tensor seen
             # before reuses its NumPy view and, synchronous, the communicator's call bound to that view (see
