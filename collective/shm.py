@@ -732,16 +732,19 @@ class ShmArena:
         slot = 1 + (seq & 1)
         flag = self.my_flag
         flag[slot] = h
-        t = self.ticket = self.ticket + 1
-        self._sync()
-        flag[0] = t
-        if self.spins:
-            for f in self._others:
-                if f[0] < t:
-                    _await_flag(f, t, self.watch)
+        if self.withdrawable:  # its arrival, which this rank may leave at the deadline (see "withdrawal")
+            self._arrival(seq)
         else:
-            self._barrier()
-        self._sync()
+            t = self.ticket = self.ticket + 1
+            self._sync()
+            flag[0] = t
+            if self.spins:
+                for f in self._others:
+                    if f[0] < t:
+                        _await_flag(f, t, self.watch)
+            else:
+                self._barrier()
+            self._sync()
         for f in self._others:
             if f[slot] != h:
                 self.chunks_done = g
