@@ -28,6 +28,7 @@ takes the fixed-size path of ``collective.engine``.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,7 @@ from .ops import check_dtype, dtype_code, dtype_from_code
 from .shm import QuickScatter, WindowRead
 from .signature import check_algorithm, check_out_dtype
 
-__all__ = ["VCall", "VPlan", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
+__all__ = ["VCall", "VPlan", "VHot", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
 
 #: The collectives this module runs.
 VARIABLE = ("alltoall", "gather", "scatter", "allgather")
@@ -132,6 +133,38 @@ class VPlan:
         self.sig, self.post, self.pairs, self.n_out, self.row_shape = c.sig, c.post, pairs, n_out, c.row_shape
         self.received = c.received
         self.move, self.arena, self.quick = move, arena, quick
+
+
+class VHot:
+    """A :class:`VPlan` bound to the very array objects of the call that made or last repeated it.
+
+    Kept per ``id(x)`` by the communicator (``Preparer.vhot``): a loop that
+    passes the same arrays call after call finds its plan by one dict lookup
+    and a few identity tests (``collective.sequencer.Sequencer.vrepeat``)
+    instead of rebuilding the signature's key. The arrays are held weakly,
+    so an entry keeps no user array alive, and an entry whose arrays died
+    never matches another array that reuses an id.
+
+    Attributes:
+        name: "alltoall" or "allgather".
+        x, out: weak references to the input and the output (``out`` None: the call passed none).
+        algorithm: as the caller passed it; ``default``: the communicator's algorithm then.
+        shape, dtype, out_shape, out_dtype: of ``x`` and ``out`` then (their mutable attributes are compared).
+        plan, key: the plan and its key in ``Preparer.vplans``.
+    """
+
+    __slots__ = ("name", "x", "out", "algorithm", "default", "shape", "dtype", "out_shape", "out_dtype", "plan",
+                 "key")
+
+    def __init__(self, name: str, x: np.ndarray, out: np.ndarray | None, algorithm: str | None, default: str, plan: VPlan,
+                 key: tuple) -> None:
+        self.name = name
+        self.x = weakref.ref(x)
+        self.out = None if out is None else weakref.ref(out)
+        self.algorithm, self.default, self.plan, self.key = algorithm, default, plan, key
+        self.shape, self.dtype = x.shape, x.dtype
+        self.out_shape = None if out is None else out.shape
+        self.out_dtype = None if out is None else out.dtype
 
 
 def post_of(name: str, rows: int, splits: tuple[int, ...] | None, out_rows: int, root: int, rank: int,
