@@ -121,7 +121,9 @@ class VPlan:
         move: ``move(x, out, seq)`` moves the data of op ``seq`` from ``x`` into ``out`` (C-contiguous arrays).
         arena: the shm arena ``move`` uses, or None.
         quick: for shm within one chunk, the :class:`collective.shm.QuickScatter` that posts the data with the
-            check (one phase a call); else None.
+            check (one phase a call); for a window, the :class:`collective.shm.WindowRead` that reads every
+            input where it lies (two phases), or where the ranks share cores and it fits a chunk, QuickScatter;
+            else None.
     """
 
     __slots__ = ("name", "shape", "dtype", "algorithm", "ran", "sig", "post", "pairs", "n_out", "row_shape",
@@ -414,9 +416,13 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         if (alg == "shm" or c.segs is not None) and c.post is not None:
             ar = arena()  # type: ignore[misc]  # shm and windows only with an arena
             sizes, reads = _shm_layout(c, every, cnts, row, rank, size)  # in elements
-            if c.segs is not None:
+            fits = max(sizes) <= ar.chunk_elems(dtype)
+            # A window's inputs are read where they lie (two phases) where every rank spins on a core of its own;
+            # where the ranks share cores every phase is a round of context switches, so within a chunk the
+            # inputs are posted with the check instead (one phase and a copy more, as for plain arrays).
+            if c.segs is not None and (ar.spins or not fits):
                 quick = WindowRead(ar, dtype, c.segs, reads, c.post[:2], pairs)
-            elif max(sizes) <= ar.chunk_elems(dtype):
+            elif fits:
                 own = [(off, off + n) for q, off, n, _ in reads if q == rank]
                 quick = QuickScatter(ar, dtype, sizes, reads, own[0] if c.name == "alltoall" else None, c.post[:2],
                                      pairs)
