@@ -158,8 +158,8 @@ class VHot:
     __slots__ = ("name", "x", "out", "algorithm", "default", "shape", "dtype", "out_shape", "out_dtype", "plan",
                  "key")
 
-    def __init__(self, name: str, x: np.ndarray, out: np.ndarray | None, algorithm: str | None, default: str, plan: VPlan,
-                 key: tuple) -> None:
+    def __init__(self, name: str, x: np.ndarray, out: np.ndarray | None, algorithm: str | None, default: str,
+                 plan: VPlan, key: tuple) -> None:
         self.name = name
         self.x = weakref.ref(x)
         self.out = None if out is None else weakref.ref(out)
