@@ -453,7 +453,10 @@ class Communicator:
     def _vbind(self, key: tuple, x: np.ndarray, out: Any, algorithm: Any, plan: Any) -> None:
         """Keep ``plan`` for the next call on these very arrays (see ``collective.variable.VHot``)."""
         vhot = self._vhot
-        if len(vhot) >= 64:  # a program that passes new arrays every call: dead entries go
+        old = vhot.get(id(x))
+        if old is not None and old.x() is None:
+            return  # x took the id of an array bound before and dead since: new arrays every call, not worth binding
+        if len(vhot) >= 64:  # many arrays in turn: start afresh
             vhot.clear()
         vhot[id(x)] = VHot(key[0], x, out, algorithm, self.algorithm, plan, key)
 

@@ -258,6 +258,20 @@ def main() -> None:
                 assert (out == -1).all(), (alg, out)
                 y = comm.alltoall(x, algorithm=alg, out=out)  # and in step afterwards
                 assert np.array_equal(out, want), (alg, out)
+            if comm.single_node and P > 1:
+                # An alloc'd input, the same array every call: read where it lies (each rank a core of its own) or
+                # posted with the check (ranks sharing cores), the input rewritten as soon as each call returns.
+                win = comm.alloc((rows * P, 3), np.float32)
+                out = np.empty((rows * P, 3), np.float32)
+                for it in range(6):
+                    win[...] = base + 100 * R + it
+                    comm.alltoall(win, out=out)
+                    want = np.concatenate([base[rows * R:rows * (R + 1)] + 100 * q + it for q in range(P)])
+                    assert np.array_equal(out, want), ("window", it, out)
+                    assert comm.trace()[-1].algorithm.startswith("shm-window#"), comm.trace()[-1].algorithm
+                    win[...] = -1
+                assert id(win) in comm._prep.vhot, "no plan bound to the window"
+                comm.free(win)
 
         cases.run(f"{mode}: repeats on the very same arrays", same_arrays)
 
