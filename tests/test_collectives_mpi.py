@@ -71,7 +71,9 @@ def test_shm_quick_paths_give_the_plain_paths_bits(nprocs: int) -> None:
 @pytest.mark.parametrize("nprocs", [3, 4])
 def test_multi_segment_path(nprocs: int) -> None:
     """Tiny segments force every transfer through the segmented, overlapped receive-and-reduce path."""
-    res = mpirun("correctness.py", nprocs, ["--algorithms", "ring,tree,star", "--dtypes", "int8,float16,float64"],
+    # The bitwise cases' 65537 elements would be ~22,000 segments a transfer: the unsegmented jobs have that size.
+    res = mpirun("correctness.py", nprocs, ["--algorithms", "ring,tree,star", "--dtypes", "int8,float16,float64",
+                                            "--bitwise-sizes", "P+1,1009"],
                  timeout=300, env={"COLLECTIVE_SEGMENT_BYTES": "24"})
     check(res, f"segmented correctness at P={nprocs}")
     assert count_passed(res) > 500

@@ -259,22 +259,16 @@ def run_kills(tmp_path_factory: pytest.TempPathFactory, tmp: Path, kills: list[t
 
 @pytest.mark.mpi
 @needs_elastic
-def test_rank_killed_mid_allreduce_then_rank0(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    """float32: job rank 1 dies while bucket 0's allreduce is in flight, then job rank 0 (the lowest survivor,
-    rank 1, takes over printing and --save-params) right after its bucket 0 was reduced: uneven completion."""
-    run_kills(tmp_path_factory, tmp_path, [(1, 3, "shm"), (0, 8, "allreduce")], "float32")
-
-
-@pytest.mark.mpi
-@needs_elastic
-def test_rank0_killed_mid_allreduce_float64(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
-    """float64: job rank 0 dies mid-allreduce in the last bucket; the parameters match within 1e-10. With
-    --max-ranks 5, which the global batch 96 does not split over, no replacement is spawned: the survivors say
-    so and go on alone."""
-    text = run_kills(tmp_path_factory, tmp_path, [(0, 5, "late-allreduce")], "float64", max_ranks=5)
+def test_three_ranks_killed_in_turn_float64(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """float64, three losses in one run: job rank 1 dies while bucket 0's allreduce is in flight; then job rank 0
+    (the lowest survivor, rank 1, takes over printing and --save-params) right after its bucket 0 was reduced:
+    uneven completion; then job rank 2 mid-allreduce in the last bucket. The last survivor's parameters match the
+    uninterrupted run within 1e-10. With --max-ranks 5, which the global batch 96 does not split over, no
+    replacement is spawned: the survivors say so and go on alone."""
+    text = run_kills(tmp_path_factory, tmp_path, [(1, 3, "shm"), (0, 6, "allreduce"), (2, 9, "late-allreduce")],
+                     "float64", max_ranks=5)
     assert ("elastic: no replacements (the global batch 96 cannot be split evenly over 5 ranks); going on with 3 "
             "ranks") in text, text[-4000:]
-
 
 
 @pytest.mark.mpi

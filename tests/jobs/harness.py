@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import faulthandler
+import os
 import signal
 import sys
+import time
 import traceback
 from typing import Callable
 
@@ -17,12 +19,17 @@ class Cases:
         self.comm = comm
         self.failed: list[str] = []
         self.passed = 0
+        # CASE_TIMES=1: rank 0 prints each passed case's seconds ("CASETIME <s> <name>"), to find a job's slow cases.
+        self.times = bool(os.environ.get("CASE_TIMES")) and comm.rank == 0
 
     def run(self, name: str, fn: Callable[[], None]) -> None:
         """Run one case; a failure is recorded (not raised) so later cases still run on every rank."""
+        t0 = time.perf_counter()
         try:
             fn()
             self.passed += 1
+            if self.times:
+                print(f"CASETIME {time.perf_counter() - t0:.4f} {name}", flush=True)
         except Exception as exc:  # noqa: BLE001 - the point is to report any failure
             tb = traceback.format_exc(limit=4)
             self.failed.append(name)
