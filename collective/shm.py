@@ -906,8 +906,9 @@ class WindowRead:
     straight from the inputs, a phase (:meth:`ShmArena.window_reader` with the check folded in).
 
     Two phases a call where :class:`QuickScatter` takes one and a copy more: the plan takes this where each
-    rank spins on a core of its own (a phase is then a few reads of shared memory), and QuickScatter where the
-    ranks share cores and every phase is a round of context switches (see ``collective.variable``).
+    rank spins on a core of its own (a phase is then a few reads of shared memory), and QuickScatter for small
+    inputs where the ranks share cores and every phase is a round of context switches (see
+    ``collective.variable``).
 
     Args:
         arena: the node's arena (the check is fenced in it).

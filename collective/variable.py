@@ -56,6 +56,10 @@ ALGORITHMS_OF: dict[str, tuple[str, ...]] = {
 #: Algorithms that exist but may not run a given one of these collectives (a tuple: an unhashable argument
 #: is only unknown).
 _KNOWN_ELSEWHERE = tuple(sorted({"shm", *topologies.ALGORITHMS, *(a for algs in ALGORITHMS_OF.values() for a in algs)}))
+#: Where the node's ranks share cores, a repeated call on alloc'd inputs of at most this many bytes on every rank
+#: posts them with the check (one phase) rather than reading them in place (two): at P=4 on two cores the one
+#: phase won at 64 KiB and lost from 128 KiB on (the copy costs more than the phase it saves).
+_WINDOW_POST_MAX = 64 << 10
 _HEADER = 36  # scatter's header: dtype (16 bytes), ndim, a flag, then up to 32 dims of the row shape
 
 
@@ -122,8 +126,8 @@ class VPlan:
         arena: the shm arena ``move`` uses, or None.
         quick: for shm within one chunk, the :class:`collective.shm.QuickScatter` that posts the data with the
             check (one phase a call); for a window, the :class:`collective.shm.WindowRead` that reads every
-            input where it lies (two phases), or where the ranks share cores and it fits a chunk, QuickScatter;
-            else None.
+            input where it lies (two phases), or where the ranks share cores and the inputs are small,
+            QuickScatter; else None.
     """
 
     __slots__ = ("name", "shape", "dtype", "algorithm", "ran", "sig", "post", "pairs", "n_out", "row_shape",
@@ -417,10 +421,10 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
             ar = arena()  # type: ignore[misc]  # shm and windows only with an arena
             sizes, reads = _shm_layout(c, every, cnts, row, rank, size)  # in elements
             fits = max(sizes) <= ar.chunk_elems(dtype)
-            # A window's inputs are read where they lie (two phases) where every rank spins on a core of its own;
-            # where the ranks share cores every phase is a round of context switches, so within a chunk the
-            # inputs are posted with the check instead (one phase and a copy more, as for plain arrays).
-            if c.segs is not None and (ar.spins or not fits):
+            # A window's inputs are read where they lie (two phases), except where the ranks share cores and every
+            # phase is a round of context switches: there small inputs are posted with the check instead (one
+            # phase and a copy more, as for plain arrays), up to the size where the copy costs more than a phase.
+            if c.segs is not None and (ar.spins or not fits or max(sizes) * dtype.itemsize > _WINDOW_POST_MAX):
                 quick = WindowRead(ar, dtype, c.segs, reads, c.post[:2], pairs)
             elif fits:
                 own = [(off, off + n) for q, off, n, _ in reads if q == rank]
