@@ -124,10 +124,17 @@ class Preparer:
 
     def forget(self) -> None:
         """Drop every template, hot call and plan (their regions and windows are about to be freed)."""
-        self.templates.clear()
+        self._drop_templates()
         self._hot.clear()
         self.vplans.clear()
         self.vhot.clear()
+
+    def _drop_templates(self) -> None:
+        """Empty :attr:`templates`, disarming each: a template is live only while it is kept here, so a caller
+        holding one (``Sequencer.bind_allreduce``) sees ``quick`` False and takes the checked path again."""
+        for t in self.templates.values():
+            t.quick = False
+        self.templates.clear()
 
     def hot_calls(self) -> list[Call]:
         """The prepared calls kept for ``comm.alloc`` arrays (the window path)."""
@@ -241,7 +248,7 @@ class Preparer:
         if key in self.templates:
             return
         if len(self.templates) >= 256:
-            self.templates.clear()
+            self._drop_templates()
         q = self.templates[key] = Call(c.name, None, c.shape, c.dtype, c.rop, c.algorithm, c.root, None, None,
                                        c.blocks, False, c.plan)
         if (c.algorithm == "shm" and 0 < xf.nbytes <= ONE_PHASE_BYTES and c.rop is not None

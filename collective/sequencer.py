@@ -38,6 +38,7 @@ Terms (the names below follow them):
 """
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -633,6 +634,91 @@ class Sequencer:
             gate.release()
         return self.ordinary(x, op, algorithm, out)
 
+    def bind_allreduce(self, x: Any, op: str) -> Callable[[], Any]:
+        """A callable that runs ``allreduce(x, op, out=x)`` each time it is called: the in-place allreduce of one
+        array that its caller owns, repeated (a torch process group's view of a tensor it reduces again and again).
+
+        Each call is that allreduce, with the same checks, the same cross-rank
+        check and the same record; only what cannot change between calls of
+        one owned array is settled here once: that ``x`` is a C-contiguous,
+        writeable NumPy array below the window path's size, and its template
+        (looked up again whenever the template is dropped, see
+        ``Preparer.forget``). The caller must not change ``x``'s flags
+        afterwards. Arrays that do not qualify, and those whose template
+        never takes the one-phase path (another algorithm), take
+        :meth:`allreduce` on every call.
+
+        Example::
+
+            run = comm.sequencer.bind_allreduce(view, "sum")
+            run()  # as comm.allreduce(view, op="sum", out=view)
+        """
+        b = _BoundAllreduce(x, op)
+        if (type(x) is np.ndarray and x.flags.c_contiguous and x.flags.writeable
+                and 0 < x.nbytes < self.prep.window_min):
+            b.flat = x.reshape(-1)
+            b.bytes = b.flat.view(np.uint8).data
+            b.key = (x.shape, x.dtype, op, None)
+        return functools.partial(self._bound_allreduce, b)
+
+    def _bound_allreduce(self, b: _BoundAllreduce) -> Any:
+        """One call of a :meth:`bind_allreduce` callable: the quick block of :meth:`allreduce`, or that method."""
+        c = b.c
+        if c is None or self.pending or RETIRED:
+            return self._bound_miss(b)
+        q = c.quick
+        if not q:  # not armed yet, or dropped (then looked up again)
+            return self._bound_miss(b)
+        try:
+            tag = self._tags.tag
+        except AttributeError:
+            tag = self.thread_tag()
+        gate = self._gate
+        if not gate.acquire(False):
+            return self.ordinary(b.x, b.op, None, b.x)
+        self.owner = tag
+        self.owner_call = c
+        try:
+            if not self.pending:
+                # The same steps as allreduce's quick block.
+                self.seq = seq = self.seq + 1
+                recorder = self.recorder
+                rec = recorder.slots[seq % recorder.length]
+                rec.seq, rec.op, rec.shape, rec.dtype = seq, "allreduce", c.shape, c.dtype
+                rec.algorithm, rec.root = c.algorithm, None
+                rec.thread = tag
+                rec.t_end = None
+                rec.t_start = _monotonic()
+                recorder.last_seq = seq
+                recorder.current = rec
+                try:
+                    sig = c.sig
+                    rop = c.rop
+                    if not self.check.quick_arena.quick_allreduce(
+                            sig[0] ^ tag.h ^ seq, seq, b.bytes, b.flat, rop.ufunc,
+                            self._finish_avg if rop.average else None, q):
+                        self.check.mismatch(seq, sig[1], tag.name)
+                except BaseException as exc:
+                    self._failed("allreduce", exc, rec.t_start)
+                    raise
+                finally:
+                    rec.t_end = _monotonic()
+                    recorder.current = None
+                return b.x
+        finally:
+            self.owner = None
+            gate.release()
+        return self.ordinary(b.x, b.op, None, b.x)
+
+    def _bound_miss(self, b: _BoundAllreduce) -> Any:
+        """:meth:`allreduce` for a bound call, then its template again (the call may have made or armed it)."""
+        r = self.allreduce(b.x, b.op, None, b.x)
+        if b.key is not None:
+            c = b.c = self._templates.get(b.key)
+            if c is not None and c.quick is False:  # kept, so not dropped: never one phase (another algorithm)
+                b.key = b.c = None
+        return r
+
     def vrepeat(self, plan: Any, x: np.ndarray, out: np.ndarray | None, return_splits: bool, algorithm: Any,
                 key: Any = None, default: Any = None) -> Any:
         """A synchronous alltoall or allgather repeating the signature of ``plan`` with arrays ``x`` and ``out``; its
@@ -803,6 +889,20 @@ class Sequencer:
 
 def _nothing() -> None:
     return None
+
+
+class _BoundAllreduce:
+    """What :meth:`Sequencer.bind_allreduce` settled for one array: the array, its flat view and its bytes, the
+    op, and the template's key and template (``key`` None: the array takes the checked path on every call)."""
+
+    __slots__ = ("x", "op", "flat", "bytes", "key", "c")
+
+    def __init__(self, x: Any, op: str) -> None:
+        self.x, self.op = x, op
+        self.flat: np.ndarray | None = None
+        self.bytes: memoryview | None = None
+        self.key: tuple | None = None
+        self.c: Any = None
 
 
 class _Call0:

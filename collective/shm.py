@@ -454,7 +454,8 @@ class ShmArena:
         a rank that shares it. The window sync before the flag is raised and
         the one after the wait order every rank's writes before the phase
         before every rank's reads after it (release and acquire: Open MPI's
-        Win_sync is a full memory barrier).
+        Win_sync is a full memory barrier). :meth:`quick_allreduce` takes these
+        steps inline.
         """
         t = self.ticket = self.ticket + 1
         self._sync()
@@ -478,6 +479,7 @@ class ShmArena:
         slower one still reads call seq's, but not seq+2's, since that needs
         the slower rank to have ended call seq+1's phase. (Every rank is at
         the same seq until the first mismatch, which this reports.)
+        :meth:`quick_allreduce` takes these steps inline.
         """
         slot = 1 + (seq & 1)
         self.my_flag[slot] = h
@@ -520,32 +522,57 @@ class ShmArena:
         w1 = w + 1
         return tuple(v for fl in self.flags for v in (fl[w], fl[w1]))
 
-    def quick_regions(self, dtype: np.dtype, n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Every rank's region for even and for odd chunk numbers, cut to ``n`` elements (for quick_allreduce)."""
-        return tuple([r[:n] for r in self.regions(g, dtype)] for g in (0, 1))  # type: ignore[return-value]
+    def quick_regions(self, dtype: np.dtype, n: int) -> tuple[list[np.ndarray], list[np.ndarray], memoryview,
+                                                              memoryview]:
+        """Every rank's region for even and for odd chunk numbers, cut to ``n`` elements, then this rank's two
+        as bytes (for quick_allreduce)."""
+        even, odd = ([r[:n] for r in self.regions(g, dtype)] for g in (0, 1))
+        mine = self.rank
+        return even, odd, even[mine].view(np.uint8).data, odd[mine].view(np.uint8).data
 
-    def quick_allreduce(self, h: int, seq: int, x: np.ndarray, out: np.ndarray, ufunc: Callable[..., Any],
-                        finish: Callable[[np.ndarray], None] | None,
-                        regions: tuple[list[np.ndarray], list[np.ndarray]]) -> bool:
+    def quick_allreduce(self, h: int, seq: int, x: np.ndarray | memoryview, out: np.ndarray,
+                        ufunc: Callable[..., Any], finish: Callable[[np.ndarray], None] | None,
+                        regions: tuple[list[np.ndarray], list[np.ndarray], memoryview, memoryview]) -> bool:
         """:meth:`allreduce`'s one-phase path with :meth:`exchange` folded in; False (nothing reduced) on a mismatch.
 
         The same steps, regions and synchronisation as ``allreduce(x, out,
         ufunc, first=check)`` for ``x`` of at most ``ONE_PHASE_BYTES`` with the
-        check fenced in this arena, in two frames instead of seven: at 4 KiB
+        check fenced in this arena, in one frame instead of seven: at 4 KiB
         the Python around one phase is what a call costs. ``regions``: from
-        :meth:`quick_regions` for ``x``'s dtype and size; ``finish``, applied
-        to ``out`` (e.g. avg's division). ``x`` must not
+        :meth:`quick_regions` for ``x``'s dtype and size; ``x``: the array, or
+        its bytes (a memoryview of a C-contiguous array, which a caller
+        repeating calls on one array keeps: copying it costs half); ``finish``,
+        applied to ``out`` (e.g. avg's division). ``x`` must not
         overlap ``out`` unless it is ``out``. Every rank reads the same P
         fingerprints, so all return the same verdict; on False the chunk count
         goes back, as :meth:`arrive` does.
         """
         g = self.chunks_done
         self.chunks_done = g + 1
-        regs = regions[g & 1]
-        regs[self.rank][...] = x  # half np.copyto's cost at 4 KiB
-        if not self.exchange(h, seq):
-            self.chunks_done = g
-            return False
+        odd = g & 1
+        regs = regions[odd]
+        if type(x) is memoryview:
+            (regions[3] if odd else regions[2])[:] = x
+        else:
+            regs[self.rank][...] = x  # half np.copyto's cost at 4 KiB
+        # exchange(h, seq) and its phase(), inlined (the same operations): two frames fewer at 4 KiB.
+        slot = 1 + (seq & 1)
+        flag = self.my_flag
+        flag[slot] = h
+        t = self.ticket = self.ticket + 1
+        self._sync()
+        flag[0] = t
+        if self.spins:
+            for f in self.others:
+                if f[0] < t:
+                    _await_flag(f, t, self.watch)
+        else:
+            self.barrier()
+        self._sync()
+        for f in self.others:
+            if f[slot] != h:
+                self.chunks_done = g
+                return False
         # _reduce_into(ufunc, regs, out), inlined (the same operations): its frame cost 2-4 % at 4 KiB.
         if len(regs) > 1:
             ufunc(regs[0], regs[1], out)

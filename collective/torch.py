@@ -84,7 +84,32 @@ _NAMED = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MA
 _BITWISE = {_R.BAND: ("band", "min"), _R.BOR: ("bor", "max"), _R.BXOR: ("bxor", "sum")}
 # bool follows torch's NCCL backend: a sum of booleans is their OR, a product their AND.
 _BOOL = {_R.SUM: "max", _R.MAX: "max", _R.BOR: "max", _R.PRODUCT: "min", _R.MIN: "min", _R.BAND: "min"}
-_SUM = _R.SUM
+
+
+def _quick_ops() -> dict[int, str]:
+    """The allreduce fast path's ops by ``hash(opts.reduceOp)`` (empty: no fast path).
+
+    Hashing a ReduceOp is one C++ call taking no argument, cheaper than
+    comparing it with an op, and reading its ``op`` makes an enum object.
+    torch hashes a ReduceOp by its RedOpType; this table is checked here
+    against every op, so where a torch hashes otherwise a hash finds no op or
+    its own, and the checked path takes the call.
+    """
+    try:
+        table = {hash(_R(op)): name for op, name in _NAMED.items()}
+        others = [hash(_R(op)) for op in (_R.BAND, _R.BOR, _R.BXOR)]
+        make_premul = getattr(dist, "_make_nccl_premul_sum", None)
+        if make_premul is not None:
+            others += [hash(make_premul(2.0)), hash(make_premul(0.5))]
+        again = [hash(_R(op)) for op in _NAMED]
+    except (TypeError, RuntimeError):  # unhashable, or a ReduceOp that cannot be built so
+        return {}
+    if len(table) != len(_NAMED) or any(h in table for h in others) or again != list(table):
+        return {}
+    return table
+
+
+_QUICK_OPS = _quick_ops()
 #: The allreduce path keeps NumPy views of tensors up to this size, this many at most (see _hot_array).
 _HOT_MAX_BYTES, _HOT_ENTRIES = 1 << 18, 16
 # Reductions whose preparation or finish writes into the tensor reduced.
@@ -431,11 +456,12 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         self._gdesc = ""
         self._label()
         # Synchronous calls (asyncOp False) come from torch's Python wrappers, which only wait() on the Work
-        # they get back: this one completed Work serves every synchronous call, and no call pays for a future of
-        # its own.
+        # they get back: this one completed Work serves every synchronous call but allreduce's (which returns
+        # None, on which dist.all_reduce waits for nothing), and no call pays for a future of its own.
         self._sync_done = _done([])
-        # Small tensors' NumPy views by id(tensor): (weak ref, data_ptr, shape, dtype, view); see _hot_array.
-        self._hot: dict[int, tuple[weakref.ref, int, Any, Any, np.ndarray]] = {}
+        # Small tensors' NumPy views by id(tensor): (weak ref, data_ptr, shape, dtype, view, op name -> the
+        # communicator's allreduce bound to the view); see _hot_array.
+        self._hot: dict[int, tuple[weakref.ref, int, Any, Any, np.ndarray, dict[str, Callable[[], Any]]]] = {}
 
     # ---- names (DeviceMesh and torch's logs read them)
     def getBackendName(self) -> str:
@@ -518,8 +544,10 @@ class CollectiveProcessGroup(dist.ProcessGroup):
 
         A small tensor's view is kept, keyed on the tensor's identity, with the pointer, shape and dtype that
         it is valid for: a tensor reduced again and again (a loss, a counter, a small DDP bucket) then costs
-        no conversion per call. The entry refers to the tensor weakly (a tensor that ends its autograd graph
-        must not keep the graph alive), and a hit must be that very tensor.
+        no conversion per call, and its synchronous calls run the sequencer's allreduce bound to the view
+        (``Sequencer.bind_allreduce``: the view is this entry's alone, so its flags never change). The entry
+        refers to the tensor weakly (a tensor that ends its autograd graph must not keep the graph alive), and
+        a hit must be that very tensor.
         """
         if not isinstance(t, torch.Tensor) or not t.is_contiguous():
             return None
@@ -533,7 +561,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             hot = self._hot
             if len(hot) >= _HOT_ENTRIES:
                 hot.clear()
-            hot[id(t)] = (weakref.ref(t), t.data_ptr(), t.shape, t.dtype, a)
+            hot[id(t)] = (weakref.ref(t), t.data_ptr(), t.shape, t.dtype, a, {})
         return a
 
     def _finish(self, is_async: bool, name: str, start: Callable[[], Any], post: Callable[[], None] | None,
@@ -590,27 +618,34 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         raise CollectiveValueError(f"{self._where(call, t)}: unsupported reduce op {op}")
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:  # type: ignore[override]
+        """``dist.all_reduce``'s call: in place; a synchronous one (``opts.asyncOp`` False) has finished when it
+        returns and returns None (torch's wrapper then waits on nothing), an asynchronous one its Work."""
         if opts is None:
             opts = dist.AllreduceOptions()
-        rop = opts.reduceOp
-        # ReduceOp == RedOpType compares in C++; hashing the enum for a dict costs several times more.
-        name = "sum" if rop == _SUM else _NAMED.get(rop.op)
+        name = _QUICK_OPS.get(hash(opts.reduceOp)) if _QUICK_OPS else None
         if name is not None and len(tensors) == 1:
             # The common case in few steps: the tensor's own memory, reduced in place. A small tensor seen
-            # before reuses its NumPy view (see _hot_array); numpy() refuses what this path must not take (a
-            # GPU or sparse tensor, bfloat16, a conjugate bit); the full path below explains those.
+            # before reuses its NumPy view and, synchronous, the communicator's call bound to that view (see
+            # _hot_array); numpy() refuses what this path must not take (a GPU or sparse tensor, bfloat16, a
+            # conjugate bit); the full path below explains those.
             t = tensors[0]
             hot = self._hot.get(id(t))
             a: np.ndarray | None
             if (hot is not None and hot[0]() is t and t.data_ptr() == hot[1] and t.shape == hot[2]
                     and t.dtype is hot[3] and t.is_contiguous()):
+                if not opts.asyncOp:
+                    run = hot[5].get(name)
+                    if run is None:
+                        run = hot[5][name] = self._comm.sequencer.bind_allreduce(hot[4], name)
+                    run()
+                    return None
                 a = hot[4]
             else:
                 a = self._hot_array(t)
             if a is not None:
                 if not opts.asyncOp:
                     self._comm.allreduce(a, op=name, out=a)
-                    return self._sync_done
+                    return None
                 return self._completer.add([self._comm.allreduce_async(a, op=name, out=a)], None, tensors,
                                            "all_reduce")
         if len(tensors) == 1 and isinstance(tensors[0], torch.Tensor) and tensors[0].layout == torch.sparse_coo:
@@ -618,9 +653,12 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         t = self._one(tensors, "all_reduce")
         _, a, name, post = self._reduce_args(t, opts.reduceOp, "all_reduce")
         comm = self._comm
-        return self._finish(opts.asyncOp, "all_reduce",
-                            (lambda: comm.allreduce_async(a, op=name, out=a)) if opts.asyncOp else
-                            (lambda: comm.allreduce(a, op=name, out=a)), post, tensors)
+        if not opts.asyncOp:
+            comm.allreduce(a, op=name, out=a)
+            if post is not None:
+                post()
+            return None
+        return self._finish(True, "all_reduce", lambda: comm.allreduce_async(a, op=name, out=a), post, tensors)
 
     def _sparse_allreduce(self, t: torch.Tensor, opts: Any) -> Any:
         """SUM of sparse COO tensors: every rank's indices and values gathered, then added up (coalesced)."""

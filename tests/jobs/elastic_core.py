@@ -69,7 +69,7 @@ def arm(comm: col.Communicator, point: str) -> None:
         arena.phase = phase
     elif point == "quick":
         arena = comm.node_arena()
-        arena.exchange = lambda h, seq: die()
+        arena.quick_allreduce = lambda *args: die()
     elif point == "check":
         real_check = comm._check.check
         comm._check.check = lambda rec, c: die() if c.name == "allreduce" else real_check(rec, c)

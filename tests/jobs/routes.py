@@ -63,6 +63,21 @@ def one_phase() -> None:
         mismatch_raises("one-phase", lambda: comm.allreduce(x, op="max" if R == P - 1 else "sum"))
         expect(comm.allreduce(x), total)  # and the path still works afterwards, in step on every rank
         agree("one-phase after mismatch", "shm")
+    # The same path bound to one array (Sequencer.bind_allreduce, the torch backend's), in place.
+    y = np.empty((10, 100), np.float32)
+    run = comm.sequencer.bind_allreduce(y, "sum")
+    for _ in range(4):
+        y[:] = R + 1
+        assert run() is y
+        expect(y, total)
+        agree("one-phase bound", "shm" if P > 1 else "native")
+    y[:] = R + 1
+    # A mismatch on the bound path: the last rank binds another op to the same array.
+    mismatch_raises("one-phase bound", comm.sequencer.bind_allreduce(y, "max") if R == P - 1 else run)
+    y[:] = R + 1
+    run()
+    expect(y, total)
+    agree("one-phase bound after mismatch", "shm" if P > 1 else "native")
 
 
 def window() -> None:
@@ -83,6 +98,12 @@ def window() -> None:
         comm.allreduce(g, out=g, algorithm="shm")
         expect(g, total)
         agree("window after mismatch", "shm-window#")
+    run = comm.sequencer.bind_allreduce(g, "sum")  # at the window's size a bound call is the plain one
+    for _ in range(3):
+        g[:] = R + 1
+        run()
+        expect(g, total)
+        agree("window bound", "shm-window#" if P > 1 else "native")
 
 
 def native_and_schedules() -> None:
@@ -123,9 +144,12 @@ def closed() -> None:
     x = np.ones(10, np.float32)
     for _ in range(3):
         c.allreduce(x)  # the repeat path armed, then gone with close()
+    run = c.sequencer.bind_allreduce(x, "sum")
+    for _ in range(3):
+        run()  # the bound path armed: its template dropped by close()
     c.close()
     c.close()  # a second close does nothing
-    for call in (lambda: c.allreduce(x), lambda: c.allreduce_async(x), lambda: c.broadcast(x), c.barrier,
+    for call in (lambda: c.allreduce(x), run, lambda: c.allreduce_async(x), lambda: c.broadcast(x), c.barrier,
                  lambda: c.alloc(4)):
         try:
             call()

@@ -61,6 +61,13 @@ def one_phase(dtype: type, n: int, avg: bool) -> None:
     what = f"one-phase {np.dtype(dtype)} n={n}{' avg' if avg else ''}"
     same_bits(plain, quick, what)
     same_everywhere(quick, what)
+    inplace = x.copy()  # in place, the input given as its bytes (as Sequencer.bind_allreduce's calls give it)
+    seq[0] += 1
+    ok = arena.quick_allreduce(12345, seq[0], inplace.view(np.uint8).data, inplace, np.add, finish,
+                               arena.quick_regions(x.dtype, n))
+    fence()
+    assert ok
+    same_bits(plain, inplace, what + " in place from bytes")
 
 
 def window(dtype: type, n: int, avg: bool) -> None:

@@ -203,9 +203,20 @@ def case_repeated_small_tensors() -> None:
     if R == 0:
         u.unsqueeze_(0)
     expect_error(lambda: dist.all_reduce(u), col.CollectiveMismatchError, "shape", "a repeat whose shape differs")
+    v = torch.ones(5)
+    for _ in range(3):
+        dist.all_reduce(v)
+    expect_error(lambda: dist.all_reduce(v, op=RO.MAX if R == 0 else RO.SUM), col.CollectiveMismatchError, "op",
+                 "a repeat whose op differs")
+    for op, want in ((RO.MIN, 0.0), (RO.MAX, P - 1.0), (RO.AVG, S / P), (RO.SUM, float(S))):
+        for k in range(3):
+            v.fill_(R)
+            dist.all_reduce(v, op=op)
+            same(v, torch.full((5,), want), f"repeat {k} of {op}")
     g = torch.ones(3)
     gone = weakref.ref(g)
-    dist.all_reduce(g)
+    for _ in range(3):
+        dist.all_reduce(g)
     del g
     gc.collect()
     assert gone() is None, "the group keeps a reduced tensor alive"
@@ -237,7 +248,11 @@ def case_repeated_small_tensors() -> None:
         assert comm.allreduce(tw, out=tw) is tw
         same(tw, torch.full((6,), float(S + P * k)), f"comm.allreduce of a tensor in a window, repeat {k}")
     del tw
-    comm.free(w)
+    comm.free(w)  # drops the communicator's templates: a tensor reduced again and again before goes on
+    for k in range(3):
+        v.fill_(R + k)
+        dist.all_reduce(v)
+        same(v, torch.full((5,), float(S + P * k)), f"repeat {k} after comm.free")
     b = torch.ones(4, dtype=torch.bfloat16)
     same(comm.allreduce(b), torch.full((4,), float(P), dtype=torch.bfloat16), "comm.allreduce bfloat16")
     expect_error(lambda: comm.allreduce(torch.ones(4 if R else 3, dtype=torch.float64)), col.CollectiveMismatchError,
