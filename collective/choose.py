@@ -16,6 +16,10 @@ __all__ = ["Chooser", "VARIABLE_AUTO"]
 #: Above this many bytes per rank an alltoall copies through the shm arena in several chunks, each a phase, and
 #: MPI's own won again where the ranks share cores (docs/bench/alltoall_allgatherv_p4.txt): the default chunk.
 _SHM_ALLTOALL_MAX = 4 << 20
+#: Where every rank has a core of its own, shm alltoall and allgatherv beat the library's MPI path below this many
+#: bytes per rank (one phase that is also the check, against the check and then MPI's call), tied with it here,
+#: and lost above (MPI copies each byte once, shm twice): the P=2 tables of docs/bench.
+_SHM_OWN_CORES_BELOW = 64 << 10
 #: The variable-size collectives "auto" chooses for (``Chooser.auto_variable``), each with what it may pick
 #: besides shm: "native" and the Schedules ``topologies.cost.candidates_for`` lists (priced alike).
 VARIABLE_AUTO: dict[str, tuple[str, ...]] = {name: cost.candidates_for(name)
@@ -90,11 +94,12 @@ class Chooser:
         (tuning tables do not cover these collectives): one rank: native; on
         one node where the node's arena can exist (else native: MPI's own runs
         these in bytes, so every dtype goes), alltoall and allgatherv take
-        shm from 4 KiB (alltoall up to 4 MiB) where the ranks share cores and
-        native otherwise (with a
-        core each, MPI's own beat copying through the arena at P = 2; sharing
-        two cores, P = 4, shm won: docs/bench/alltoall_allgatherv_p2.txt and
-        _p4.txt), gather and scatter take shm; across nodes, the cost model's
+        shm from 4 KiB (alltoall up to 4 MiB) where the ranks share cores, and
+        where every rank has a core of its own shm from 4 KiB below 64 KiB and
+        native from there (with a core each, MPI's own beat copying through
+        the arena from 64 KiB at P = 2; sharing two cores, P = 4, shm won:
+        docs/bench/alltoall_allgatherv_p2.txt and _p4.txt), gather and scatter
+        take shm; across nodes, the cost model's
         cheapest of native and the collective's Schedules (pairwise and Bruck
         alltoall, binomial-tree gather and scatter, ring allgatherv) on the
         calibrated links. Inputs from ``comm.alloc`` are read where they lie
@@ -112,9 +117,11 @@ class Chooser:
             if not shm:
                 return "native"
             if name in ("alltoall", "allgatherv"):
-                shared = self._shared_cores is not None and self._shared_cores()
-                top = _SHM_ALLTOALL_MAX if name == "alltoall" else None
-                return "shm" if shared and nbytes >= (4 << 10) and (top is None or nbytes <= top) else "native"
+                if nbytes < (4 << 10):
+                    return "native"
+                if self._shared_cores is not None and self._shared_cores():
+                    return "shm" if name != "alltoall" or nbytes <= _SHM_ALLTOALL_MAX else "native"
+                return "shm" if nbytes < _SHM_OWN_CORES_BELOW else "native"
             return "shm"
         return self.cost_choice(name, nbytes, dtype, root, cands).best
 

@@ -56,7 +56,7 @@ from .sequencer import MISS, OpRecord, Sequencer, Work
 from .shm import WINDOW_MIN_BYTES
 from .spec import ALGORITHMS, COLLECTIVE_NAMES
 from .ulfm import FailureState, is_failure, raise_lost, require_ulfm
-from .variable import prepare_variable
+from .variable import VHot, prepare_variable
 from .watchdog import Watchdog, deadline
 
 __all__ = ["Communicator", "Work", "ALGORITHMS", "COLLECTIVE_NAMES", "WINDOW_MIN_BYTES"]
@@ -277,6 +277,8 @@ class Communicator:
                               self.cluster.node_of_rank, node_count, lambda: self._engine.shared, chunk)
         #: The repeat plans of alltoall and allgather (``Preparer.vplans``; the same dict for the communicator's life).
         self._vplans = self._prep.vplans
+        #: The plans bound to array objects (``Preparer.vhot``; the same dict for the communicator's life).
+        self._vhot = self._prep.vhot
         self._engine.nodes = self.cluster.node_of_rank
         self._engine.single_node = self.single_node
         self._engine.prepare_fixed = self._prep.prepare
@@ -291,6 +293,7 @@ class Communicator:
         # The sequencer's allreduce is this communicator's: a repeated call runs in that one frame (at small sizes
         # the Python around a call is its cost); Communicator.allreduce below documents it and does the same.
         self.allreduce = self._seqr.allreduce  # type: ignore[method-assign]
+        self._seqr.vprepare = self._vremake
         self.watchdog = Watchdog(self.rank, self.size, timeout=timeout, status=self._seqr, comm=backend_.comm)
         self._seqr.on_withdrawn = self._withdrawn
         self._p2p = self._seqr.p2p = PointToPoint(backend_.comm, MPI, self.watchdog.timeout)
@@ -453,30 +456,42 @@ class Communicator:
         shared = self._engine.shared
         return None if shared is None else shared.whole(a)
 
-    def _vrun(self, key: tuple, x: np.ndarray, splits: Any, algorithm: Any, out: Any, return_splits: bool) -> Any:
-        """Alltoall or allgather (``key[0]``) with the NumPy arguments of ``key``: a repeat from its plan where
-        there is one, else the ordinary path, keeping the plan it leaves (see ``Sequencer.vrepeat``)."""
-        name = key[0]
-        plan = self._prep.vplans.get(key)
-        if plan is not None:
-            r = self._seqr.vrepeat(plan, x, out, key, return_splits, lambda: prepare_variable(
-                name, x, 0, splits, algorithm, out, self.rank, self.size, self.algorithm, self.single_node,
-                return_splits, self._window_of))
-            if r is not MISS:
-                return r
-        return self._vordinary(key, x, splits, algorithm, out, return_splits)
+    def _vremake(self, name: str, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool) -> Any:
+        """The prepared call of a repeat that its check sent down the ordinary path (``Sequencer.vprepare``)."""
+        return prepare_variable(name, x, 0, None, algorithm, out, self.rank, self.size, self.algorithm,
+                                self.single_node, return_splits, self._window_of)
 
-    def _vordinary(self, key: tuple, x: np.ndarray, splits: Any, algorithm: Any, out: Any,
-                   return_splits: bool) -> Any:
-        """:meth:`_vrun` by the ordinary path, keeping the plan it leaves."""
-        c = self._prepare_v(key[0], x, 0, splits, algorithm, out, return_splits)
+    def _vrun(self, key: tuple, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool) -> Any:
+        """Alltoall (equal blocks) or allgather (``key[0]``) with the NumPy arguments of ``key``: a repeat from its
+        plan where there is one, else the ordinary path, keeping the plan it leaves and binding it to these very
+        arrays for the next call (``Preparer.vhot``; see ``Sequencer.vrepeat``)."""
+        vplans = self._vplans
+        plan = vplans.get(key)
+        if plan is not None:
+            r = self._seqr.vrepeat(plan, x, out, return_splits, algorithm, key)
+            if r is not MISS:
+                plan = vplans.get(key)  # a new one where the check sent the call down the ordinary path
+                if plan is not None:
+                    self._vbind(key, x, out, algorithm, plan)
+                return r
+        c = self._prepare_v(key[0], x, 0, None, algorithm, out, return_splits)
         r = self._seqr.run(c)
         if c.plan is not None:
-            vplans = self._prep.vplans
             if len(vplans) > 256:  # a program with endlessly many shapes: keep it bounded
                 vplans.clear()
             vplans[key] = c.plan
+            self._vbind(key, x, out, algorithm, c.plan)
         return r
+
+    def _vbind(self, key: tuple, x: np.ndarray, out: Any, algorithm: Any, plan: Any) -> None:
+        """Keep ``plan`` for the next call on these very arrays (see ``collective.variable.VHot``)."""
+        vhot = self._vhot
+        old = vhot.get(id(x))
+        if old is not None and old.x() is None:
+            return  # x took the id of an array bound before and dead since: new arrays every call, not worth binding
+        if len(vhot) >= 64:  # many arrays in turn: start afresh
+            vhot.clear()
+        vhot[id(x)] = VHot(key[0], x, out, algorithm, self.algorithm, plan, key)
 
     def _run(self, c: Any) -> Any:
         if type(c) is DeviceRequest:
@@ -633,9 +648,14 @@ class Communicator:
             rows = comm.allgather(np.ones((comm.rank + 1, 3)))     # P(P+1)/2 rows
         """
         if type(x) is np.ndarray:
+            hot = self._vhot.get(id(x))  # the plan of these very arrays: see Sequencer.vrepeat
+            if hot is not None and hot.name == "allgather":
+                r = self._seqr.vrepeat(hot, x, out, False, algorithm, None, self.algorithm)
+                if r is not MISS:
+                    return r
             key = self._vkey("allgather", x, algorithm, out)
             if key is not None:
-                return self._vrun(key, x, None, algorithm, out, False)
+                return self._vrun(key, x, algorithm, out, False)
         return self._run(self._prepare_v("allgather", x, 0, None, algorithm, out))
 
     def allgather_async(self, x: Any, algorithm: str | None = None, out: Any = None) -> Work:
@@ -664,16 +684,14 @@ class Communicator:
             y, got = comm.alltoall(np.arange(2 * comm.size), return_splits=True)   # 2 rows from each rank
         """
         if splits is None and type(x) is np.ndarray:
+            hot = self._vhot.get(id(x))  # the plan of these very arrays: see Sequencer.vrepeat
+            if hot is not None and hot.name == "alltoall":
+                r = self._seqr.vrepeat(hot, x, out, return_splits, algorithm, None, self.algorithm)
+                if r is not MISS:
+                    return r
             key = self._vkey("alltoall", x, algorithm, out)
-            if key is not None:  # _vrun, written out: a repeat's whole cost is Python at small sizes
-                plan = self._vplans.get(key)
-                if plan is not None:
-                    r = self._seqr.vrepeat(plan, x, out, key, return_splits, lambda: prepare_variable(
-                        "alltoall", x, 0, None, algorithm, out, self.rank, self.size, self.algorithm,
-                        self.single_node, return_splits, self._window_of))
-                    if r is not MISS:
-                        return r
-                return self._vordinary(key, x, None, algorithm, out, return_splits)
+            if key is not None:
+                return self._vrun(key, x, algorithm, out, return_splits)
         return self._run(self._prepare_v("alltoall", x, 0, splits, algorithm, out, return_splits))
 
     def alltoall_async(self, x: Any, splits: Any = None, return_splits: bool = False, algorithm: str | None = None,

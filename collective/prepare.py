@@ -113,6 +113,8 @@ class Preparer:
         #: (name, shape, dtype, algorithm, out's shape) -> the ``collective.variable.VPlan`` of a synchronous NumPy
         #: alltoall or allgather whose counts the check settled (see ``Sequencer.vrepeat``).
         self.vplans: dict[tuple, Any] = {}
+        #: id(x) -> the ``collective.variable.VHot`` of the last such call on the array object ``x``.
+        self.vhot: dict[int, Any] = {}
         #: (id(x), id(out)) -> (x, out, (name, op, algorithm, root), call) of calls on alloc'd arrays.
         self._hot: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, tuple, Call]] = {}
 
@@ -125,6 +127,7 @@ class Preparer:
         self._drop_templates()
         self._hot.clear()
         self.vplans.clear()
+        self.vhot.clear()
 
     def _drop_templates(self) -> None:
         """Empty :attr:`templates`, disarming each: a template is live only while it is kept here, so a caller

@@ -67,6 +67,7 @@ from .fingerprint import Poison, rank_list
 from .shm import RETIRED, Withdrawn, retired_window
 from .spec import ROOTED
 from .threads import TAGS, OrderedIssuers, ThreadTag, thread_tag
+from .variable import VHot
 
 __all__ = ["OpRecord", "FlightRecorder", "Work", "Sequencer", "MISS"]
 
@@ -264,6 +265,10 @@ class Sequencer:
         self.ordinary = ordinary
         self._templates = prep.templates
         self._finish_avg = engine.finish_avg
+        #: ``vprepare(name, x, algorithm, out, return_splits)``: the prepared call (``collective.variable.VCall``) of
+        #: an alltoall or allgather that :meth:`vrepeat` hands to the ordinary path after its check; set by the
+        #: communicator.
+        self.vprepare: Callable[[str, np.ndarray, Any, Any, bool], Any] | None = None
         #: The communicator's point-to-point messages (``collective.p2p.PointToPoint``), once attached.
         self.p2p: Any = None
         #: Elastic mode: ``fault(name, exc, started)`` -> the error a failed op raises instead of ``exc`` (None:
@@ -772,20 +777,47 @@ class Sequencer:
                 b.key = b.c = None
         return r
 
-    def vrepeat(self, plan: Any, x: np.ndarray, out: np.ndarray | None, key: Any, return_splits: bool,
-                remake: Callable[[], Any]) -> Any:
-        """A synchronous alltoall or allgather repeating the signature of ``plan`` (a ``collective.variable.VPlan``,
-        kept under ``key`` in ``prep.vplans``) with arrays ``x`` and ``out`` of the same shapes; its result, or
-        :data:`MISS` when the ordinary path must take the call (nothing sent).
+    def vrepeat(self, plan: Any, x: np.ndarray, out: np.ndarray | None, return_splits: bool, algorithm: Any,
+                key: Any = None, default: Any = None) -> Any:
+        """A synchronous alltoall or allgather repeating the signature of ``plan`` with arrays ``x`` and ``out``; its
+        result, or :data:`MISS` when the ordinary path must take the call (nothing sent).
+
+        ``plan`` is a ``collective.variable.VPlan`` kept under ``key`` in
+        ``prep.vplans`` (the caller matched ``x`` and ``out`` to it), or a
+        ``collective.variable.VHot`` from ``prep.vhot``: the plan of the very
+        same array objects, which this frame matches to ``x``, ``out``,
+        ``algorithm`` and the communicator's ``default`` algorithm itself
+        (their mutable attributes: shape, dtype, contiguity, writability).
+        Either way the call runs in this frame: at 64 KiB the Python around
+        the copies is a good part of a call.
 
         The check runs in full: this rank posts the fingerprint and the sizes
         the ordinary path would post, so the other ranks may take either path.
         Only when every rank's posted (rows, out rows) are the plan's does the
         data move from the plan; otherwise the call carries on by the ordinary
-        path from what the check returned (``remake()`` prepares it; the
+        path from what the check returned (``vprepare`` prepares it; the
         caller checked its arguments against the plan's), which also raises
         on every rank when some rank's ``out`` is wrong.
         """
+        if type(plan) is VHot:
+            # The same objects as when the plan was made; only their mutable attributes can differ.
+            if (plan.x() is not x or default is not plan.default or RETIRED
+                    or (algorithm is not plan.algorithm
+                        and (type(algorithm) is not str or algorithm != plan.algorithm))
+                    or x.dtype is not plan.dtype or x.shape != plan.shape or not x.flags.c_contiguous):
+                return MISS
+            if out is None:
+                if plan.out is not None:
+                    return MISS
+            elif (plan.out is None or plan.out() is not out or out.dtype is not plan.out_dtype
+                  or out.shape != plan.out_shape):
+                return MISS
+            else:
+                f = out.flags
+                if not (f.writeable and f.c_contiguous):
+                    return MISS
+            key = plan.key
+            plan = plan.plan
         try:
             tag = self._tags.tag
         except AttributeError:
@@ -834,7 +866,8 @@ class Sequencer:
                         plan.move(x, o, seq)
                         return (o, list(plan.received)) if return_splits else o
                 # Some rank's sizes differ from the plan's: the ordinary path from what the check returned.
-                c = remake()
+                self.prep.vhot.pop(id(x), None)  # its plan is about to change
+                c = self.vprepare(plan.name, x, algorithm, out, return_splits)  # type: ignore[misc]
                 c.sig = sig
                 c.known = None if pairs is None else np.array(pairs, np.int64).reshape(self.size, 2)
                 c.posted = posted

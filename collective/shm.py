@@ -502,10 +502,12 @@ class ShmArena:
         self._sync = self.win.Sync
         #: A full memory fence over the node's shared memory (the arena's and the alloc'd windows').
         self.fence = self._sync
-        self._barrier = node_comm.Barrier
+        #: The node communicator's barrier: how a phase waits where the ranks share cores (see :attr:`spins`).
+        self.barrier = node_comm.Barrier
         #: Phases wait by watching the other ranks' flags (else in MPI's barrier): see _node_spins.
         self.spins = _node_spins(node_comm, MPI, wait)
-        self._others = [f for p, f in enumerate(self.flags) if p != self.rank]
+        #: The other ranks' flags.
+        self.others = [f for p, f in enumerate(self.flags) if p != self.rank]
         self._regions: dict[tuple[int, np.dtype], list[np.ndarray]] = {}
         #: True once the cross-rank check runs through ``exchange``, which fences and synchronises itself.
         self.check_fenced = False
@@ -557,11 +559,11 @@ class ShmArena:
         self._sync()
         self.my_flag[0] = t
         if self.spins:
-            for f in self._others:
+            for f in self.others:
                 if f[0] < t:
                     _await_flag(f, t, self.watch)
         else:
-            self._barrier()
+            self.barrier()
         self._sync()
 
     def _arrival(self, seq: int = 0) -> None:
@@ -657,7 +659,7 @@ class ShmArena:
         slot = 1 + (seq & 1)
         self.my_flag[slot] = h
         self.arrival(seq)
-        for f in self._others:
+        for f in self.others:
             if f[slot] != h:
                 return False
         return True
@@ -739,13 +741,13 @@ class ShmArena:
             self._sync()
             flag[0] = t
             if self.spins:
-                for f in self._others:
+                for f in self.others:
                     if f[0] < t:
                         _await_flag(f, t, self.watch)
             else:
-                self._barrier()
+                self.barrier()
             self._sync()
-        for f in self._others:
+        for f in self.others:
             if f[slot] != h:
                 self.chunks_done = g
                 return False
@@ -983,7 +985,7 @@ class ShmArena:
 
     def free(self) -> None:
         """Release the window (collective over the node)."""
-        self.flags = self._others = []
+        self.flags = self.others = []
         self._peers = []
         self._regions.clear()
         self.segs = []
@@ -1005,6 +1007,11 @@ class QuickScatter:
     verdict on what follows (:meth:`run`): a mismatch, or whether every rank
     posted its input. A rank that took the ordinary path (no plan, or another
     one) posts through :meth:`ShmArena.exchange_pairs`, which clears the bit.
+
+    Everything that depends on the sizes alone (the region parts, the slices
+    of the input and the output) is cut here once: at 64 KiB the Python
+    around the copies is a good part of a call, the more so where ranks share
+    cores and each core runs several ranks' Python in turn.
 
     Args:
         arena: the node's arena (the check is fenced in it).
@@ -1028,12 +1035,12 @@ class QuickScatter:
         lo, hi = private if private is not None else (n, n)
         ranges = [(a, b) for a, b in ((0, lo), (hi, n)) if b > a]
         self.arena, self.post, self.expect = arena, post, expect
-        #: Per region parity: (this rank's region part, start, stop of its input copied there).
-        self.posts = tuple(tuple((arena.regions(p, dtype)[me][a:b], a, b) for a, b in ranges) for p in (0, 1))
-        #: Reads of this rank's own input: (start, stop in its input, start, stop in out).
-        self.own = tuple((off, off + c, d, d + c) for q, off, c, d in reads if q == me and c)
-        #: Per region parity: (another rank's region part, start, stop in out).
-        self.reads = tuple(tuple((arena.regions(p, dtype)[q][off:off + c], d, d + c) for q, off, c, d in reads
+        #: Per region parity: (this rank's region part, the slice of its input copied there).
+        self.posts = tuple(tuple((arena.regions(p, dtype)[me][a:b], slice(a, b)) for a, b in ranges) for p in (0, 1))
+        #: Reads of this rank's own input: (slice of out, slice of its input).
+        self.own = tuple((slice(d, d + c), slice(off, off + c)) for q, off, c, d in reads if q == me and c)
+        #: Per region parity: (slice of out, another rank's region part).
+        self.reads = tuple(tuple((slice(d, d + c), arena.regions(p, dtype)[q][off:off + c]) for q, off, c, d in reads
                                  if q != me and c) for p in (0, 1))
 
     def run(self, h: int, seq: int, x: np.ndarray, o: np.ndarray) -> int:
@@ -1053,19 +1060,30 @@ class QuickScatter:
         g = ar.chunks_done
         ar.chunks_done = g + 1
         xf = x if x.ndim == 1 else x.reshape(-1)
-        for reg, a, b in self.posts[g & 1]:
-            reg[...] = xf[a:b]
+        for reg, sl in self.posts[g & 1]:
+            reg[...] = xf[sl]
         odd = seq & 1
         w = 3 + 2 * odd
         slot = 1 + odd
         bit = 1 << odd
         f = ar.my_flag
-        post = self.post
-        f[w] = post[0]
-        f[w + 1] = post[1]
+        f[w], f[w + 1] = self.post
         f[_POSTED] |= bit
         f[slot] = h
-        ar.arrival(seq)
+        if ar.withdrawable:  # its arrival, which this rank may leave at the deadline (see "withdrawal")
+            ar.arrival(seq)
+        else:  # ShmArena.phase, written out: a frame less on a path whose cost is largely Python.
+            t = ar.ticket = ar.ticket + 1
+            sync = ar.fence
+            sync()
+            f[0] = t
+            if ar.spins:
+                for fl in ar.others:
+                    if fl[0] < t:
+                        _await_flag(fl, t, ar.watch)
+            else:
+                ar.barrier()
+            sync()
         e = self.expect
         i = 0
         same = posted = True
@@ -1084,16 +1102,21 @@ class QuickScatter:
         if not same:
             return 2
         of = o if o.ndim == 1 else o.reshape(-1)
-        for a, b, c, d in self.own:
-            of[c:d] = xf[a:b]
-        for src, c, d in self.reads[g & 1]:
-            of[c:d] = src
+        for d, s in self.own:
+            of[d] = xf[s]
+        for d, src in self.reads[g & 1]:
+            of[d] = src
         return 0
 
 
 class WindowRead:
     """A repeated alltoall or allgather whose every rank's input lies in one ``alloc`` window: the check, reads
     straight from the inputs, a phase (:meth:`ShmArena.window_reader` with the check folded in).
+
+    Two phases a call where :class:`QuickScatter` takes one and a copy more: the plan takes this where each
+    rank spins on a core of its own (a phase is then a few reads of shared memory), and QuickScatter for small
+    inputs where the ranks share cores and every phase is a round of context switches (see
+    ``collective.variable``).
 
     Args:
         arena: the node's arena (the check is fenced in it).
@@ -1109,7 +1132,9 @@ class WindowRead:
                  post: tuple[int, int], expect: tuple[int, ...]) -> None:
         isz = dtype.itemsize
         self.arena, self.post, self.expect = arena, post, expect
-        self.srcs = tuple((segs[q][off * isz:(off + c) * isz].view(dtype), d, d + c) for q, off, c, d in reads if c)
+        #: (slice of out, the part of a rank's input it gets).
+        self.srcs = tuple((slice(d, d + c), segs[q][off * isz:(off + c) * isz].view(dtype)) for q, off, c, d in reads
+                          if c)
 
     def run(self, h: int, seq: int, x: np.ndarray, o: np.ndarray) -> int:
         """Post fingerprint ``h`` of call ``seq`` and this rank's (rows, out rows), end the phase, and if every
@@ -1125,12 +1150,26 @@ class WindowRead:
         w = 3 + 2 * odd
         slot = 1 + odd
         f = ar.my_flag
-        post = self.post
-        f[w] = post[0]
-        f[w + 1] = post[1]
+        f[w], f[w + 1] = self.post
         f[_POSTED] &= ~(1 << odd)
         f[slot] = h
-        ar.arrival(seq)
+        # Both phases are ShmArena.phase written out: two frames less on a path whose cost is largely Python.
+        sync = ar.fence
+        spins = ar.spins
+        if ar.withdrawable:  # the first is its arrival, which this rank may leave at the deadline
+            ar.arrival(seq)
+            t = ar.ticket
+        else:
+            t = ar.ticket = ar.ticket + 1
+            sync()
+            f[0] = t
+            if spins:
+                for fl in ar.others:
+                    if fl[0] < t:
+                        _await_flag(fl, t, ar.watch)
+            else:
+                ar.barrier()
+            sync()
         e = self.expect
         i = 0
         same = True
@@ -1143,9 +1182,18 @@ class WindowRead:
         if not same:
             return 3
         of = o if o.ndim == 1 else o.reshape(-1)
-        for src, c, d in self.srcs:
-            of[c:d] = src
-        ar.phase()
+        for d, src in self.srcs:
+            of[d] = src
+        t = ar.ticket = t + 1
+        sync()
+        f[0] = t
+        if spins:
+            for fl in ar.others:
+                if fl[0] < t:
+                    _await_flag(fl, t, ar.watch)
+        else:
+            ar.barrier()
+        sync()
         return 0
 
 

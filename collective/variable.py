@@ -28,6 +28,7 @@ takes the fixed-size path of ``collective.engine``.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,7 @@ from .ops import check_dtype, dtype_code, dtype_from_code
 from .shm import QuickScatter, WindowRead
 from .signature import check_algorithm, check_out_dtype
 
-__all__ = ["VCall", "VPlan", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
+__all__ = ["VCall", "VPlan", "VHot", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
 
 #: The collectives this module runs.
 VARIABLE = ("alltoall", "gather", "scatter", "allgather")
@@ -55,6 +56,10 @@ ALGORITHMS_OF: dict[str, tuple[str, ...]] = {
 #: Algorithms that exist but may not run a given one of these collectives (a tuple: an unhashable argument
 #: is only unknown).
 _KNOWN_ELSEWHERE = tuple(sorted({"shm", *topologies.ALGORITHMS, *(a for algs in ALGORITHMS_OF.values() for a in algs)}))
+#: Where the node's ranks share cores, a repeated call on alloc'd inputs of at most this many bytes on every rank
+#: posts them with the check (one phase) rather than reading them in place (two): at P=4 on two cores the one
+#: phase won at 64 KiB and lost from 128 KiB on (the copy costs more than the phase it saves).
+_WINDOW_POST_MAX = 64 << 10
 _HEADER = 36  # scatter's header: dtype (16 bytes), ndim, a flag, then up to 32 dims of the row shape
 
 
@@ -120,7 +125,9 @@ class VPlan:
         move: ``move(x, out, seq)`` moves the data of op ``seq`` from ``x`` into ``out`` (C-contiguous arrays).
         arena: the shm arena ``move`` uses, or None.
         quick: for shm within one chunk, the :class:`collective.shm.QuickScatter` that posts the data with the
-            check (one phase a call); else None.
+            check (one phase a call); for a window, the :class:`collective.shm.WindowRead` that reads every
+            input where it lies (two phases), or where the ranks share cores and the inputs are small,
+            QuickScatter; else None.
     """
 
     __slots__ = ("name", "shape", "dtype", "algorithm", "ran", "sig", "post", "pairs", "n_out", "row_shape",
@@ -132,6 +139,38 @@ class VPlan:
         self.sig, self.post, self.pairs, self.n_out, self.row_shape = c.sig, c.post, pairs, n_out, c.row_shape
         self.received = c.received
         self.move, self.arena, self.quick = move, arena, quick
+
+
+class VHot:
+    """A :class:`VPlan` bound to the very array objects of the call that made or last repeated it.
+
+    Kept per ``id(x)`` by the communicator (``Preparer.vhot``): a loop that
+    passes the same arrays call after call finds its plan by one dict lookup
+    and a few identity tests (``collective.sequencer.Sequencer.vrepeat``)
+    instead of rebuilding the signature's key. The arrays are held weakly,
+    so an entry keeps no user array alive, and an entry whose arrays died
+    never matches another array that reuses an id.
+
+    Attributes:
+        name: "alltoall" or "allgather".
+        x, out: weak references to the input and the output (``out`` None: the call passed none).
+        algorithm: as the caller passed it; ``default``: the communicator's algorithm then.
+        shape, dtype, out_shape, out_dtype: of ``x`` and ``out`` then (their mutable attributes are compared).
+        plan, key: the plan and its key in ``Preparer.vplans``.
+    """
+
+    __slots__ = ("name", "x", "out", "algorithm", "default", "shape", "dtype", "out_shape", "out_dtype", "plan",
+                 "key")
+
+    def __init__(self, name: str, x: np.ndarray, out: np.ndarray | None, algorithm: str | None, default: str,
+                 plan: VPlan, key: tuple) -> None:
+        self.name = name
+        self.x = weakref.ref(x)
+        self.out = None if out is None else weakref.ref(out)
+        self.algorithm, self.default, self.plan, self.key = algorithm, default, plan, key
+        self.shape, self.dtype = x.shape, x.dtype
+        self.out_shape = None if out is None else out.shape
+        self.out_dtype = None if out is None else out.dtype
 
 
 def post_of(name: str, rows: int, splits: tuple[int, ...] | None, out_rows: int, root: int, rank: int,
@@ -381,9 +420,13 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         if (alg == "shm" or c.segs is not None) and c.post is not None:
             ar = arena()  # type: ignore[misc]  # shm and windows only with an arena
             sizes, reads = _shm_layout(c, every, cnts, row, rank, size)  # in elements
-            if c.segs is not None:
+            fits = max(sizes) <= ar.chunk_elems(dtype)
+            # A window's inputs are read where they lie (two phases), except where the ranks share cores and every
+            # phase is a round of context switches: there small inputs are posted with the check instead (one
+            # phase and a copy more, as for plain arrays), up to the size where the copy costs more than a phase.
+            if c.segs is not None and (ar.spins or not fits or max(sizes) * dtype.itemsize > _WINDOW_POST_MAX):
                 quick = WindowRead(ar, dtype, c.segs, reads, c.post[:2], pairs)
-            elif max(sizes) <= ar.chunk_elems(dtype):
+            elif fits:
                 own = [(off, off + n) for q, off, n, _ in reads if q == rank]
                 quick = QuickScatter(ar, dtype, sizes, reads, own[0] if c.name == "alltoall" else None, c.post[:2],
                                      pairs)

@@ -18,7 +18,7 @@ INTER = LinkCost(alpha=50e-6, beta=1 / 1e9)
 def test_counts_travel_with_the_check(nprocs: int) -> None:
     res = mpirun("allgather_counts.py", nprocs, timeout=400)
     check(res, f"counts of variable-size calls at P={nprocs}")
-    assert count_passed(res) == (12 if nprocs == 1 else 25), res.output[-3000:]
+    assert count_passed(res) == (13 if nprocs == 1 else 27), res.output[-3000:]
 
 
 def _chooser(nodes: tuple[int, ...], single_node: bool = False, shm_ok: bool = True,
@@ -71,8 +71,10 @@ def test_auto_schedules_win_where_the_model_says_so() -> None:
 def test_auto_on_one_node_and_one_rank() -> None:
     for name in VARIABLE_AUTO:
         for nbytes in SIZES:
-            # alltoall and allgatherv: MPI's own where every rank has a core, shm from 4 KiB where they share
-            want = "native" if name in ("alltoall", "allgatherv") else "shm"
+            # alltoall and allgatherv: where every rank has a core, shm from 4 KiB below 64 KiB and MPI's own from
+            # there; shm from 4 KiB where they share
+            want = ("native" if name in ("alltoall", "allgatherv") and not 4 << 10 <= nbytes < 64 << 10
+                    else "shm")
             assert _chooser((0,) * 4, single_node=True).auto_variable(name, nbytes, np.dtype("f4")) == want
             want = ("shm" if name in ("gather", "scatter") or (4 << 10 <= nbytes and (name != "alltoall"
                                                                                    or nbytes <= 4 << 20))

@@ -213,6 +213,68 @@ def main() -> None:
 
         cases.run(f"{mode}: repeats whose plans differ across ranks", plans_apart)
 
+        def same_arrays() -> None:
+            """Repeats on the very same array objects run from the plan bound to them (``Preparer.vhot``): exact
+            answers with the input rewritten between calls; a change of an array's mutable attributes (its shape
+            set in place, out made read-only) is seen; one rank's differing call raises on every rank with no
+            out written; the same x then passed to allgather gets allgather's answer."""
+            rows = 2
+            base = np.arange(rows * P * 3, dtype=np.float32).reshape(rows * P, 3)
+            for alg in ("auto", "shm") if comm.single_node and P > 1 else ("auto",):
+                comm._prep.forget()
+                x = np.empty((rows * P, 3), np.float32)
+                out = np.empty((rows * P, 3), np.float32)
+                for it in range(6):
+                    x[...] = base + 100 * R + it
+                    y = comm.alltoall(x, algorithm=alg, out=out)
+                    want = np.concatenate([base[rows * R:rows * (R + 1)] + 100 * q + it for q in range(P)])
+                    assert y is out and np.array_equal(out, want), (alg, it, out)
+                    got, sp = comm.alltoall(x, algorithm=alg, out=out, return_splits=True)
+                    assert got is out and sp == [rows] * P and np.array_equal(out, want), (alg, it, sp)
+                if P > 1:
+                    assert id(x) in comm._prep.vhot, "no plan bound to the arrays"
+                g = comm.allgather(x, algorithm=alg)  # the same x, another collective
+                assert np.array_equal(g, np.concatenate([base + 100 * q + 5 for q in range(P)])), (alg, g)
+                x.shape = (rows * P, 1, 3)  # in place: another signature
+                y = comm.alltoall(x, algorithm=alg)
+                assert y.shape == (rows * P, 1, 3) and np.array_equal(y[:, 0], want), (alg, y.shape)
+                x.shape = (rows * P, 3)
+                comm.alltoall(x, algorithm=alg, out=out)
+                if P == 1:
+                    continue
+                # out made read-only on rank 1 only: rank 1 names it, the others raise too; no out is written.
+                out[...] = -1
+                out.flags.writeable = R != 1
+                cls = col.CollectiveValueError if R == 1 else col.CollectiveError
+                expect_raise(lambda: comm.alltoall(x, algorithm=alg, out=out), cls)
+                out.flags.writeable = True
+                assert (out == -1).all(), (alg, out)
+                comm.alltoall(x, algorithm=alg, out=out)
+                # Rank 1 sends float64 while the others repeat on their bound arrays: a mismatch on every rank.
+                out[...] = -1
+                z = x.astype(np.float64) if R == 1 else x
+                o = np.empty((rows * P, 3), np.float64) if R == 1 else out
+                expect_raise(lambda: comm.alltoall(z, algorithm=alg, out=o), col.CollectiveMismatchError, "dtype")
+                assert (out == -1).all(), (alg, out)
+                y = comm.alltoall(x, algorithm=alg, out=out)  # and in step afterwards
+                assert np.array_equal(out, want), (alg, out)
+            if comm.single_node and P > 1:
+                # An alloc'd input, the same array every call: read where it lies (each rank a core of its own) or
+                # posted with the check (ranks sharing cores), the input rewritten as soon as each call returns.
+                win = comm.alloc((rows * P, 3), np.float32)
+                out = np.empty((rows * P, 3), np.float32)
+                for it in range(6):
+                    win[...] = base + 100 * R + it
+                    comm.alltoall(win, out=out)
+                    want = np.concatenate([base[rows * R:rows * (R + 1)] + 100 * q + it for q in range(P)])
+                    assert np.array_equal(out, want), ("window", it, out)
+                    assert comm.trace()[-1].algorithm.startswith("shm-window#"), comm.trace()[-1].algorithm
+                    win[...] = -1
+                assert id(win) in comm._prep.vhot, "no plan bound to the window"
+                comm.free(win)
+
+        cases.run(f"{mode}: repeats on the very same arrays", same_arrays)
+
     def auto_across_nodes() -> None:
         """"auto" across (emulated) nodes runs what the cost model picks, from counts every rank holds alike."""
         from collective.topologies.cluster import Cluster, LinkCost
