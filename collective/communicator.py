@@ -112,6 +112,17 @@ class Communicator:
         job_ranks: the job rank (see :attr:`world_ranks`) of each rank of
             ``comm``; default: their ranks in ``MPI.COMM_WORLD``. Set by
             :meth:`shrink` and :meth:`grow`.
+        on_timeout: what a collective does at its deadline. ``"abort"`` (the
+            default): report on every rank and end the job, since an MPI
+            operation in flight cannot be cancelled. ``"raise"`` (gloo's
+            semantics, which torch process groups given a ``timeout=`` get): a
+            collective still waiting for ranks to arrive, before any data
+            moved, is withdrawn on this rank: the report is printed, the call
+            raises :class:`~collective.CollectiveTimeoutError`, and the
+            communicator is broken (every later call on it raises at once,
+            naming that op); the job and the other communicators go on. One
+            past that point, or on several nodes (where the check is an MPI
+            call), still ends the job. Every rank passes the same value.
 
     Threads: one thread at a time may call collectives on a communicator, in
     the same order on every rank. A collective called while another thread's
@@ -134,12 +145,15 @@ class Communicator:
 
     def __init__(self, comm: Any = None, *, algorithm: str | None = None, timeout: float | None = None,
                  segment_bytes: int | None = None, backend: str | None = None, cluster: Cluster | None = None,
-                 job_ranks: tuple[int, ...] | None = None) -> None:
+                 job_ranks: tuple[int, ...] | None = None, on_timeout: str | None = None) -> None:
         MPI = require_mpi()
         if comm is None:
             comm = MPI.COMM_WORLD
         self._mpi = MPI
         self._closed = False
+        self._shut = False  # close() ran
+        #: Why every call raises, once an op was withdrawn at its deadline (``on_timeout="raise"``).
+        self._broken: str | None = None
         #: Why every call raises, once this communicator was replaced by :meth:`shrink` or :meth:`grow`.
         self._retired: str | None = None
         self._ft: FailureState | None = None
@@ -153,7 +167,7 @@ class Communicator:
         # must not hang the others forever.
         try:
             with deadline("init: duplicating the communicator, discovering nodes and calibrating links", timeout):
-                self._construct(comm, algorithm, timeout, segment_bytes, backend, cluster, job_ranks)
+                self._construct(comm, algorithm, timeout, segment_bytes, backend, cluster, job_ranks, on_timeout)
         except Exception as exc:
             self._abandon_construction(exc)
             raise
@@ -173,7 +187,8 @@ class Communicator:
             pass
 
     def _construct(self, comm: Any, algorithm: str | None, timeout: float | None, segment_bytes: int | None,
-                   backend: str | None, cluster: Cluster | None, job_ranks: tuple[int, ...] | None) -> None:
+                   backend: str | None, cluster: Cluster | None, job_ranks: tuple[int, ...] | None,
+                   on_timeout: str | None) -> None:
         MPI = self._mpi
         # Settings first, before any collective: a rank with a bad one raises (and, uncaught, aborts the job)
         # instead of leaving the others in the communicator's duplication until the deadline.
@@ -193,6 +208,9 @@ class Communicator:
         be = backend or config.get("BACKEND")
         if be not in BACKENDS:
             raise CollectiveValueError(f"{where}: unknown backend {be!r}; choose one of {', '.join(BACKENDS)}")
+        expiry = on_timeout or "abort"
+        if expiry not in ("abort", "raise"):
+            raise CollectiveValueError(f"{where}: on_timeout={on_timeout!r}; choose 'abort' or 'raise'")
         wait = config.get("SHM_WAIT")
         seg = segment_bytes or config.get("SEGMENT_BYTES")
         chunk = config.get("SHM_CHUNK_BYTES")
@@ -207,7 +225,9 @@ class Communicator:
         backend_ = self._backend = MPIBackend(comm)
         # Before anything that depends on them (node discovery, topology file, calibration, the check): a
         # rank whose settings differ would otherwise wait in a different collective until the deadline.
-        config.agree(backend_.comm, same, where)
+        # on_timeout too: a withdrawable arena waits its first phases by flags, so every rank's must be one.
+        config.agree(backend_.comm, [*same, config.Local("on_timeout", expiry.encode(), f"{expiry!r} (argument)")],
+                     where)
         if job_ranks is None:
             group, world = backend_.comm.Get_group(), MPI.COMM_WORLD.Get_group()
             job_ranks = tuple(MPI.Group.Translate_ranks(group, list(range(backend_.size)), world))
@@ -233,12 +253,14 @@ class Communicator:
         self._backend = backend_
         self._check = CrossRankCheck(backend_.comm, self.rank, self.size, fingerprints=check_on, detail=detail,
                                      nan_check=nan_check)
-        self._engine = HostEngine(backend_, seg, chunk, wait, self._check)
+        self._engine = HostEngine(backend_, seg, chunk, wait, self._check, withdrawable=expiry == "raise")
+        #: What a collective does at its deadline: "abort" or "raise" (see the class).
+        self.on_timeout: str = expiry
         # Link costs for the cost model (explain, auto); rank 0's measurement, identical on every rank.
         self.cluster: Cluster = cluster or calibrate(backend_.comm, discover_cluster(backend_.comm, MPI))
         self._tensor_views: dict[int, tuple[Any, ...]] = {}  # see _allreduce_ordinary
         self._params: dict[str, Any] = dict(algorithm=algorithm, timeout=timeout, segment_bytes=segment_bytes,
-                                            backend=backend)
+                                            backend=backend, on_timeout=on_timeout)
         node = self.cluster.node_of_rank[self.rank]
         peers = self.cluster.ranks_of_node(node)
         self.node: int = node
@@ -273,6 +295,7 @@ class Communicator:
         self.allreduce = self._seqr.allreduce  # type: ignore[method-assign]
         self._seqr.vprepare = self._vremake
         self.watchdog = Watchdog(self.rank, self.size, timeout=timeout, status=self._seqr, comm=backend_.comm)
+        self._seqr.on_withdrawn = self._withdrawn
         self._p2p = self._seqr.p2p = PointToPoint(backend_.comm, MPI, self.watchdog.timeout)
         self._device_colls: DeviceCollectives | None = None
         if elastic:
@@ -334,7 +357,15 @@ class Communicator:
     @property
     def closed(self) -> bool:
         """True once :meth:`close` has run: every call then raises CollectiveError."""
-        return self._closed and self._retired is None and (self._ft is None or self._ft.error is None)
+        return self._shut and self._retired is None and (self._ft is None or self._ft.error is None)
+
+    @property
+    def broken(self) -> str | None:
+        """Why every call raises, once an op timed out and was withdrawn (``on_timeout="raise"``); else None.
+
+        A broken communicator still needs :meth:`close` (collective, as ever: the other ranks close theirs).
+        """
+        return self._broken
 
     @property
     def elastic(self) -> bool:
@@ -343,6 +374,8 @@ class Communicator:
 
     def _open(self, name: str) -> None:
         if self._closed:
+            if self._broken is not None:
+                raise CollectiveError(f"{describe(name, self.rank, self.size)}: {self._broken}")
             if self._retired is not None:
                 raise CollectiveError(f"{describe(name, self.rank, self.size)}: {self._retired}")
             if self._ft is not None and self._ft.error is not None:
@@ -940,7 +973,8 @@ class Communicator:
         finally:
             sub.Free()
 
-    def subgroup(self, ranks: Any, *, timeout: float | None = None) -> Communicator | None:
+    def subgroup(self, ranks: Any, *, timeout: float | None = None,
+                 on_timeout: str | None = None) -> Communicator | None:
         """A communicator over ``ranks`` (ranks of this communicator, in that order; None off the list).
 
         Collective over the members only: ranks not in the list need not call
@@ -952,6 +986,8 @@ class Communicator:
             ranks: the members, ranks of this communicator.
             timeout: the new communicator's deadline in seconds (default: this
                 one's), e.g. a torch process group's ``timeout=``.
+            on_timeout: what its collectives do at that deadline, "abort" or
+                "raise" (see :class:`Communicator`; default: this one's).
 
         Returns:
             The new communicator on its members, None elsewhere.
@@ -974,6 +1010,9 @@ class Communicator:
                                     or not timeout > 0):
             raise CollectiveValueError(f"{describe('subgroup', self.rank, self.size)}: timeout={timeout!r} must be "
                                        "a number of seconds > 0 (or None for this communicator's)")
+        if on_timeout not in (None, "abort", "raise"):
+            raise CollectiveValueError(f"{describe('subgroup', self.rank, self.size)}: on_timeout={on_timeout!r}; "
+                                       "choose 'abort' or 'raise' (or None for this communicator's)")
         if self.rank not in members:
             return None
         comm = self._backend.comm
@@ -989,7 +1028,7 @@ class Communicator:
             finally:
                 group.Free()
             try:
-                child = self._child(sub, timeout, "subgroup")
+                child = self._child(sub, timeout, "subgroup", on_timeout)
             finally:
                 sub.Free()
         # The members must agree on the list (the check of the new communicator's first op compares it).
@@ -997,15 +1036,16 @@ class Communicator:
                         lambda c, f, s: None)
         return child
 
-    def _child(self, sub: Any, timeout: float | None = None, name: str = "split") -> Communicator:
+    def _child(self, sub: Any, timeout: float | None = None, name: str = "split",
+               on_timeout: str | None = None) -> Communicator:
         """The Communicator over MPI communicator ``sub`` (a split of this one), with this one's settings
-        (its deadline ``timeout`` when given); in elastic mode a rank lost meanwhile raises RanksLostError for
-        call ``name``, as this communicator's own calls do."""
+        (its deadline ``timeout`` and ``on_timeout`` when given); in elastic mode a rank lost meanwhile raises
+        RanksLostError for call ``name``, as this communicator's own calls do."""
         if self._ft is None:
-            return self._make_child(sub, timeout)
-        return self._elastic_call(name, lambda: self._make_child(sub, timeout))
+            return self._make_child(sub, timeout, on_timeout)
+        return self._elastic_call(name, lambda: self._make_child(sub, timeout, on_timeout))
 
-    def _make_child(self, sub: Any, timeout: float | None) -> Communicator:
+    def _make_child(self, sub: Any, timeout: float | None, on_timeout: str | None = None) -> Communicator:
         parent = np.array([self.rank], np.int64)
         every = np.empty(sub.Get_size(), np.int64)
         sub.Allgather(parent, every)
@@ -1015,6 +1055,8 @@ class Communicator:
         layout = Cluster(tuple(order[n] for n in nodes), cl.intra, cl.inter if len(order) > 1 else None, cl.gamma,
                          source=f"{cl.source}, ranks {every.tolist()}", links_declared=True)
         params = self._params if timeout is None else {**self._params, "timeout": float(timeout)}
+        if on_timeout is not None:
+            params = {**params, "on_timeout": on_timeout}
         child = Communicator(sub, cluster=layout, job_ranks=tuple(self.world_ranks[int(p)] for p in every), **params)
         self._children = [r for r in self._children if r() is not None]
         self._children.append(weakref.ref(child))
@@ -1076,13 +1118,16 @@ class Communicator:
     def close(self) -> None:
         """Stop the communication thread and free the private MPI communicator (collective; later calls raise).
 
-        Every rank must call it; it has a deadline like every collective.
+        Every rank must call it; it has a deadline like every collective. A
+        :attr:`broken` communicator is closed the same way: its ranks' calls no
+        longer line up, but nothing of the withdrawn op is left in MPI.
         """
-        if self._closed:
+        if self._closed and (self._broken is None or self._shut):
             if self._retired is None and self._ft is not None and self._ft.error is not None:
                 self._retire("this communicator is closed (it had lost ranks)")
             return
         self._closed = True
+        self._shut = True
         self.watchdog.close(announce=False)  # stop polling the control channel before the communicator goes
         with deadline(f"close of the communicator on rank {self.rank} of {self.size} (collective)",
                       self.watchdog.timeout):
@@ -1092,6 +1137,17 @@ class Communicator:
             self._prep.forget()  # templates' regions were in the arena, hot calls' windows go with it
             self._engine.close()  # collective over the node, like the free below over every rank
             self._backend.free()
+
+    def _withdrawn(self, rec: OpRecord, gone: int | None) -> None:
+        """Op ``rec`` was withdrawn at its deadline (see ``on_timeout``): later calls raise; print the report.
+
+        On the op's thread, under the gate: the repeat paths' templates and plans go, so a later call reaches
+        :meth:`_open`; the node's arena refuses any phase anyway (its flag stays marked).
+        """
+        self._broken = self._seqr.broken
+        self._closed = True
+        self._prep.forget()
+        self.watchdog.withdrawal_report(rec, gone)
 
     # ------------------------------------------------------------ elastic mode
     def _fault(self, name: str, exc: BaseException, started: float | None = None) -> BaseException | None:

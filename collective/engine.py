@@ -178,11 +178,13 @@ class HostEngine:
         chunk_bytes, shm_wait: the shm arena's chunk size and wait (``COLLECTIVE_SHM_CHUNK_BYTES``,
             ``COLLECTIVE_SHM_WAIT``).
         check: the cross-rank check, which the arena fences once it exists.
+        withdrawable: a rank may leave an op's first shm phase at its deadline (``on_timeout="raise"``).
     """
 
     def __init__(self, backend: MPIBackend, segment_bytes: int, chunk_bytes: int, shm_wait: str, check: Any,
-                 nodes: tuple[int, ...] = ()) -> None:
+                 nodes: tuple[int, ...] = (), withdrawable: bool = False) -> None:
         self.backend = backend
+        self.withdrawable = withdrawable
         self.rank, self.size = backend.rank, backend.size
         self._mpi = require_mpi()
         self._exec = Executor(backend, ExecutorOptions(segment_bytes=segment_bytes))
@@ -225,6 +227,22 @@ class HostEngine:
         plan, i = cur
         return plan.steps[i].peers
 
+    def withdraw(self, seq: int) -> bool:
+        """Ask op ``seq``, past its deadline, to leave its first phase on this rank; False where it cannot.
+
+        It can while it waits in that phase on a withdrawable arena that the
+        cross-rank check is fenced in: no rank has read another's data yet.
+        It then raises ``shm.Withdrawn`` from its wait, unless every rank
+        arrives meanwhile (it goes on). Elsewhere (a data phase, an MPI
+        call, an arena that does not cover the communicator) an op cannot be
+        taken back, and the caller ends the job.
+        """
+        ar = self.arena
+        if ar is None or not ar.withdrawable or not ar.check_fenced or ar.arriving != seq:
+            return False
+        ar.withdraw_seq = seq
+        return True
+
     # --------------------------------------------------------------- arena
     def make_arena(self, optional: bool = False) -> ShmArena | None:
         """The node's shm arena (created collectively over the node on first use); the check is fenced in it.
@@ -262,7 +280,7 @@ class HostEngine:
                 raise SharedMemoryError(space_message(
                     f"the shm arena ({P} ranks on the node; the smallest chunk)", int(need / ARENA_SHARE),
                     free, total, chunk_hint=None) + "; shm collectives and comm.alloc are unavailable")
-            self.arena = ShmArena(node, chunk, self.shm_wait)
+            self.arena = ShmArena(node, chunk, self.shm_wait, withdrawable=self.withdrawable)
         except SharedMemoryError as exc:
             node.Free()
             self.shm_problem = str(exc)

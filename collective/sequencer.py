@@ -30,6 +30,13 @@ Terms (the names below follow them):
   (nothing can be queued meanwhile: queueing takes the gate), else it queues
   it behind the pending ops; the one communication thread runs the queued
   ops one by one, and lowers ``pending`` only after an op is done.
+* **withdrawn** -- on a communicator made with ``on_timeout="raise"``, an op
+  still waiting in its first phase (no rank has read another's data) when
+  its deadline passes leaves it on this rank (:meth:`Sequencer.withdraw`,
+  asked by the watchdog; see ``collective.shm``): the call raises
+  CollectiveTimeoutError and the communicator is *broken*: this rank's
+  sequence numbers are one ahead of the ranks that never came, so every
+  later call on it raises at once (:attr:`Sequencer.broken`).
 * **repeat** -- a synchronous allreduce whose signature passed every check
   before: its prepared call is a template refilled with this call's arrays
   (:meth:`Sequencer.allreduce`), and on one node its check and its
@@ -48,9 +55,16 @@ from typing import Any
 import numpy as np
 
 from .arrays import Deferred
-from .errors import BackendUnavailableError, CollectiveTimeoutError, CollectiveUsageError, describe, raise_lost
-from .fingerprint import Poison
-from .shm import RETIRED, retired_window
+from .errors import (
+    BackendUnavailableError,
+    CollectiveError,
+    CollectiveTimeoutError,
+    CollectiveUsageError,
+    describe,
+    raise_lost,
+)
+from .fingerprint import Poison, rank_list
+from .shm import RETIRED, Withdrawn, retired_window
 from .spec import ROOTED
 from .threads import TAGS, OrderedIssuers, ThreadTag, thread_tag
 from .variable import VHot
@@ -271,6 +285,12 @@ class Sequencer:
         #: The tag of the thread that holds the gate, and its call, while one does (for the usage error).
         self.owner: ThreadTag | None = None
         self.owner_call: Any = None
+        #: Why every call on this communicator raises, once an op was withdrawn (see the module docstring).
+        self.broken: str | None = None
+        #: ``on_withdrawn(rec, gone)``: op ``rec`` was withdrawn on this rank (``gone``: the rank that left it first,
+        #: else None); set by the communicator, which marks itself broken and reports. Runs on the op's thread.
+        self.on_withdrawn: Callable[[OpRecord, int | None], None] | None = None
+        self._withdraw_why: tuple[int, str] = (0, "")
 
     # ------------------------------------------------------------ the gate
     def _overlap(self, c: Any, tag: ThreadTag) -> None:
@@ -409,8 +429,46 @@ class Sequencer:
         return r.resolve() if type(r) is Deferred else r
 
     def _failed(self, name: str, exc: BaseException, started: float) -> None:
-        """Raise what op ``name``'s error ``exc`` becomes in elastic mode (RanksLostError); return if it stays."""
+        """Raise what op ``name``'s error ``exc`` becomes (an op withdrawn: its timeout error; in elastic mode:
+        RanksLostError); return if it stays."""
+        if isinstance(exc, Withdrawn):
+            raise self._withdrawn(name, exc) from None
         raise_lost(self.fault, name, exc, started)
+
+    def withdraw(self, seq: int, why: str) -> bool:
+        """For the watchdog: op ``seq`` is past its deadline (``why`` says how long it took); leave it on this rank
+        if it is still in its first phase. True: asked (the op raises, unless every rank arrives meanwhile and it
+        goes on); False: it cannot be withdrawn (not opted in, or data moves), and the job must end."""
+        self._withdraw_why = (seq, why)
+        return bool(self.engine.withdraw(seq))
+
+    def _withdrawn(self, name: str, exc: Withdrawn) -> CollectiveError:
+        """The error of op ``name`` that left its first phase (``exc`` says why); the communicator is broken."""
+        if exc.again or self.broken is not None:
+            return CollectiveError(f"{describe(name, self.rank, self.size)}: {self.broken}")
+        rec = self.recorder.current
+        what = self.recorder.describe(rec, False) if rec is not None else name
+        seq, why = self._withdraw_why
+        if exc.gone is not None:
+            text = (f"{what} on rank {self.rank} of {self.size} cannot complete: rank {exc.gone} reached its "
+                    "timeout waiting in it and left it, so this rank left it too (no data had moved)")
+            self.broken = (f"this communicator is broken: rank {exc.gone} left its op {what} at its timeout, and so "
+                           f"did this rank; the ranks' calls no longer line up")
+        else:
+            if rec is None or seq != rec.seq:
+                why = "timed out (the communicator's timeout passed)"
+            missing = list(exc.missing)
+            text = (f"{what} on rank {self.rank} of {self.size} {why} waiting for {rank_list(missing)}, which "
+                    f"{'has' if len(missing) == 1 else 'have'} not arrived: withdrawn on this rank (no data had "
+                    "moved)")
+            self.broken = (f"this communicator is broken: its op {what} timed out on this rank and was withdrawn "
+                           f"while {rank_list(missing)} had not arrived; the ranks' calls no longer line up")
+        self.broken += ("; every call on it raises. Other communicators are unaffected: make a new one to go on "
+                        "(torch.distributed: a new process group)")
+        if self.on_withdrawn is not None and rec is not None:
+            self.on_withdrawn(rec, exc.gone)
+        return CollectiveTimeoutError(f"{text}. This communicator is broken: every later call on it raises at once; "
+                                      "other communicators are unaffected")
 
     def submit(self, c: Any, execute: Callable[[Any, Any, int], Any] | None = None) -> Work:
         """Queue op ``c`` on the communication thread; its handle.

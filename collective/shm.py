@@ -35,6 +35,22 @@ after finishing chunk g. So two phases per chunk, and no final phase. A call of
 at most ``ONE_PHASE_BYTES`` is one phase: after ARRIVED every rank reduces the
 whole chunk from all regions itself (in rank order, the same bits).
 
+**withdrawal** -- on an arena made *withdrawable* (a communicator with
+``on_timeout="raise"``), the first phase of a call (its *arrival*: the
+cross-rank check, before any rank reads another's data) waits by flags
+alone, and a rank may leave it when the watchdog says the op's deadline has
+passed (:meth:`ShmArena.arrival`). It lowers its flag to ``-t`` (ticket t,
+*deciding*), fences, and reads every other flag: if some rank has not
+arrived (its flag below t), no rank can have passed the phase, since passing
+takes every flag at t, read after its own flag was raised and fenced; the
+rank then marks its flag ``-t - _FINAL`` (*gone*) for good and raises. If
+every rank has arrived meanwhile, it raises its flag to t again and goes on.
+A rank that passes the phase reads every flag once more after a fence, so it
+never passes a phase that a deciding rank leaves; a rank waiting in it that
+finds a flag gone leaves too. The flags of a rank that left stay marked
+until the window is freed, and its regions are never written again, so a
+peer that comes later finds the mark and raises instead of reading them.
+
 ``alloc()`` hands out arrays that live in their own shared window; an
 allreduce on such an array, in place or into another alloc'd array, reads
 every rank's data where it lies (no copy-in): rank r reduces slice r and
@@ -55,10 +71,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CollectiveValueError, SharedMemoryError
+from .errors import CollectiveTimeoutError, CollectiveValueError, SharedMemoryError
 
-__all__ = ["ShmArena", "SharedArrays", "QuickScatter", "WindowRead", "DEFAULT_CHUNK_BYTES", "ONE_PHASE_BYTES",
-           "WINDOW_MIN_BYTES", "SHM_WAITS", "MIN_CHUNK_BYTES", "arena_bytes", "fitting_chunk", "shm_space", "commit"]
+__all__ = ["ShmArena", "SharedArrays", "QuickScatter", "WindowRead", "Withdrawn", "DEFAULT_CHUNK_BYTES",
+           "ONE_PHASE_BYTES", "WINDOW_MIN_BYTES", "SHM_WAITS", "MIN_CHUNK_BYTES", "arena_bytes", "fitting_chunk",
+           "shm_space", "commit"]
 
 # Fewer phases won over cache-sized chunks in the chunk-size runs of docs/bench (above all when ranks outnumber
 # cores and every phase costs context switches).
@@ -84,6 +101,56 @@ _YIELD_S = 2e-3
 _NAP_S = 20e-6
 #: How often a napping wait checks that its peers live (elastic mode): a failure is noticed within about this.
 _WATCH_S = 5e-3
+#: A flag below ``-_FINAL`` says its rank left the phase of ticket ``-flag - _FINAL`` for good; one in
+#: (-_FINAL, 0) that its rank is deciding whether to leave the phase of ticket ``-flag`` (see "withdrawal").
+_FINAL = 1 << 62
+
+
+def _mark(v: int) -> tuple[int, bool]:
+    """(ticket, gone) of a marked flag ``v`` (negative): the phase its rank withdraws or withdrew from."""
+    return (-v - _FINAL, True) if v < -_FINAL else (-v, False)
+
+
+def _reached(v: int, t: int) -> bool:
+    """Whether a flag reading ``v`` says its rank has ended the phase of ticket ``t``'s arrival for good: raised to
+    t or beyond, or marked at a later ticket (it passed t before it left a later phase)."""
+    return v >= t or (v < 0 and _mark(v)[0] > t)
+
+
+def _verdict(flags: list[tuple[int, int]], t: int) -> tuple[list[int], int | None]:
+    """A deciding rank's look at the other ranks' ``(rank, flag)`` in the phase of ticket ``t``: (the ranks that have
+    not arrived, a rank that has left it for good or None). Both empty: every rank arrived, and some may have
+    passed the phase, so the deciding rank must stay; a rank deciding too counts as arrived."""
+    missing: list[int] = []
+    gone = None
+    for q, v in flags:
+        if v >= t:
+            continue
+        if v < 0:
+            m, final = _mark(v)
+            if m > t or (m == t and not final):
+                continue
+            if m == t:
+                gone = q if gone is None else gone
+                continue
+        missing.append(q)
+    return missing, gone
+
+
+class Withdrawn(CollectiveTimeoutError):
+    """This rank left the first phase of an op (see "withdrawal"); the sequencer turns it into the call's error.
+
+    Attributes:
+        missing: the node ranks that had not arrived (empty when another rank left first).
+        gone: a node rank that had left the phase first, else None.
+        again: True when the arena refused a later call (this rank left an earlier op).
+    """
+
+    def __init__(self, missing: list[int], gone: int | None, again: bool = False) -> None:
+        self.missing, self.gone, self.again = tuple(missing), gone, again
+        super().__init__("left an op's first phase" + (f": node ranks {self.missing} had not arrived" if missing
+                                                       else f": node rank {gone} had left it" if gone is not None
+                                                       else " earlier"))
 
 
 # ------------------------------------------------------------ /dev/shm space
@@ -326,12 +393,18 @@ def _await_flag(f: memoryview, t: int, watch: Callable[[], None] | None = None) 
                 return
             yield_()
     sleep = time.sleep
+    # A negative flag: its rank left a later phase's arrival (see "withdrawal"), so it ended this one.
     if watch is None:
-        while f[0] < t:
+        while True:
+            v = f[0]
+            if v >= t or (v < 0 and _reached(v, t)):
+                return
             sleep(_NAP_S)
-        return
     due = clock() + _WATCH_S
-    while f[0] < t:
+    while True:
+        v = f[0]
+        if v >= t or (v < 0 and _reached(v, t)):
+            return
         sleep(_NAP_S)
         if clock() > due:
             watch()
@@ -396,9 +469,18 @@ def _allocate_committed(node_comm: Any, nbytes: int, what: str, chunk_hint: bool
 
 
 class ShmArena:
-    """The node's shared window of flags and double-buffered regions, plus the shm collectives."""
+    """The node's shared window of flags and double-buffered regions, plus the shm collectives.
 
-    def __init__(self, node_comm: Any, chunk_bytes: int = DEFAULT_CHUNK_BYTES, wait: str = "auto") -> None:
+    Args:
+        node_comm: the node's communicator (collective over it).
+        chunk_bytes: the region size (shrunk to a multiple of 64, at least 4096).
+        wait: how phases wait (one of SHM_WAITS, see :func:`_node_spins`).
+        withdrawable: a rank may leave a call's first phase at the op's deadline (see "withdrawal"); every
+            rank of the node must pass the same value.
+    """
+
+    def __init__(self, node_comm: Any, chunk_bytes: int = DEFAULT_CHUNK_BYTES, wait: str = "auto",
+                 withdrawable: bool = False) -> None:
         from mpi4py import MPI
 
         self._mpi = self.mpi = MPI
@@ -433,6 +515,17 @@ class ShmArena:
         self.chunks_done = 0
         #: Elastic mode: called while a phase waits on a flag; raises when a peer is gone (see collective.ulfm).
         self.watch: Callable[[], None] | None = None
+        self.withdrawable = withdrawable
+        #: ``arrival(seq)``: the first phase of op ``seq`` (:meth:`phase` itself unless withdrawable).
+        self.arrival: Callable[[int], None] = self._arrival if withdrawable else self.phase
+        self._peers = [(p, f) for p, f in enumerate(self.flags) if p != self.rank]
+        #: The op whose first phase this rank waits in, while it may leave it (0: none); the watchdog reads it.
+        self.arriving = 0
+        #: The op the watchdog asks to leave its first phase (0: none); set from the watchdog's thread.
+        self.withdraw_seq = 0
+        self._declined = 0  # the op that found every rank arrived when it meant to leave: it stays
+        #: The error of the op this rank left; from then on no phase runs here (its flag stays marked).
+        self.withdrawn: Withdrawn | None = None
         self.comm.Barrier()  # every flag is zeroed before anyone waits on it
 
     def waiting_on(self) -> tuple[int, ...]:
@@ -442,10 +535,15 @@ class ShmArena:
         if not flags:  # freed
             return ()
         t = flags[self.rank][0]
-        return tuple(p for p, f in enumerate(flags) if f[0] < t)
+        if t < 0:  # this rank is leaving (or left) a first phase: the ranks that had not arrived at it
+            t = _mark(t)[0]
+        me = self.rank
+        return tuple(p for p, f in enumerate(flags) if p != me and not _reached(f[0], t))
 
-    def phase(self) -> None:
+    def phase(self, seq: int = 0) -> None:
         """End a phase on this rank and wait until every rank of the node has ended it.
+
+        ``seq``: the op whose first phase this is, where it stands for :attr:`arrival` (unused here).
 
         The flag says how far this rank got. With :attr:`spins` the wait is
         for every other rank's flag to reach this phase's ticket (cheaper than a
@@ -468,6 +566,83 @@ class ShmArena:
             self.barrier()
         self._sync()
 
+    def _arrival(self, seq: int = 0) -> None:
+        """The first phase of op ``seq`` on a withdrawable arena: :meth:`phase` by flags, which this rank leaves,
+        raising :class:`Withdrawn`, when the watchdog asks (:attr:`withdraw_seq`) while some rank has not
+        arrived, or when another rank left it (see "withdrawal")."""
+        if self.withdrawn is not None:
+            raise Withdrawn([], None, again=True)
+        t = self.ticket = self.ticket + 1
+        sync = self._sync
+        sync()
+        self.my_flag[0] = t
+        peers = self._peers
+        self.arriving = seq
+        try:
+            while True:
+                for q, f in peers:
+                    if f[0] < t:
+                        self._await_arrival(q, f, t, seq)
+                sync()
+                # The second look: a rank that was deciding to leave, or left, after the first one lowered its flag.
+                if not [q for q, f in peers if f[0] < t and not _reached(f[0], t)]:
+                    return
+        finally:
+            self.arriving = 0
+
+    def _await_arrival(self, q: int, f: memoryview, t: int, seq: int) -> None:
+        """Return once rank ``q``'s flag ``f`` says it reached ticket ``t``; raise Withdrawn when it left the phase
+        or when this rank leaves it (see :meth:`_arrival`). Waits as :func:`_await_flag` does."""
+        for _ in range(_SPINS):
+            if f[0] >= t:
+                return
+        yield_ = os.sched_yield
+        clock = time.monotonic
+        end = clock() + _YIELD_S
+        while clock() < end:
+            for _ in range(64):
+                if f[0] >= t:
+                    return
+                yield_()
+        sleep = time.sleep
+        watch = self.watch
+        due = clock() + _WATCH_S
+        gone_at = -t - _FINAL
+        peers = self._peers
+        while True:
+            v = f[0]
+            if v >= t or (v < 0 and _reached(v, t)):
+                return
+            for p, g in peers:  # any rank that left this phase, not only q: no rank passes it, this one leaves too
+                if g[0] == gone_at:
+                    self._leave(t, [], p)
+            if self.withdraw_seq == seq and self._declined != seq:
+                self._withdraw(t, seq)
+            sleep(_NAP_S)
+            if watch is not None and clock() > due:
+                watch()
+                due = clock() + _WATCH_S
+
+    def _withdraw(self, t: int, seq: int) -> None:
+        """Leave the phase of ticket ``t`` (op ``seq``, past its deadline) unless every rank arrived meanwhile."""
+        mine = self.my_flag
+        mine[0] = -t  # deciding: no rank passes the phase while this holds
+        self._sync()  # a full fence: the flag is visible before the others are read
+        missing, gone = _verdict([(q, f[0]) for q, f in self._peers], t)
+        if not missing and gone is None:  # every rank is here: some may have passed already, so stay
+            mine[0] = t
+            self._sync()
+            self._declined = seq
+            return
+        self._leave(t, missing, gone)
+
+    def _leave(self, t: int, missing: list[int], gone: int | None) -> None:
+        """Mark this rank gone from the phase of ticket ``t`` for good and raise Withdrawn."""
+        self.my_flag[0] = -t - _FINAL
+        self._sync()
+        self.withdrawn = err = Withdrawn(missing, gone)
+        raise err
+
     def exchange(self, h: int, seq: int) -> bool:
         """Post fingerprint ``h`` of call ``seq``, end a phase, and return whether every rank posted ``h``.
 
@@ -483,7 +658,7 @@ class ShmArena:
         """
         slot = 1 + (seq & 1)
         self.my_flag[slot] = h
-        self.phase()
+        self.arrival(seq)
         for f in self.others:
             if f[slot] != h:
                 return False
@@ -559,16 +734,19 @@ class ShmArena:
         slot = 1 + (seq & 1)
         flag = self.my_flag
         flag[slot] = h
-        t = self.ticket = self.ticket + 1
-        self._sync()
-        flag[0] = t
-        if self.spins:
-            for f in self.others:
-                if f[0] < t:
-                    _await_flag(f, t, self.watch)
+        if self.withdrawable:  # its arrival, which this rank may leave at the deadline (see "withdrawal")
+            self._arrival(seq)
         else:
-            self.barrier()
-        self._sync()
+            t = self.ticket = self.ticket + 1
+            self._sync()
+            flag[0] = t
+            if self.spins:
+                for f in self.others:
+                    if f[0] < t:
+                        _await_flag(f, t, self.watch)
+            else:
+                self.barrier()
+            self._sync()
         for f in self.others:
             if f[slot] != h:
                 self.chunks_done = g
@@ -808,6 +986,7 @@ class ShmArena:
     def free(self) -> None:
         """Release the window (collective over the node)."""
         self.flags = self.others = []
+        self._peers = []
         self._regions.clear()
         self.segs = []
         self.win.Unlock_all()
@@ -891,18 +1070,20 @@ class QuickScatter:
         f[w], f[w + 1] = self.post
         f[_POSTED] |= bit
         f[slot] = h
-        # ShmArena.phase, written out: a frame less on a path whose cost is largely Python.
-        t = ar.ticket = ar.ticket + 1
-        sync = ar.fence
-        sync()
-        f[0] = t
-        if ar.spins:
-            for fl in ar.others:
-                if fl[0] < t:
-                    _await_flag(fl, t, ar.watch)
-        else:
-            ar.barrier()
-        sync()
+        if ar.withdrawable:  # its arrival, which this rank may leave at the deadline (see "withdrawal")
+            ar.arrival(seq)
+        else:  # ShmArena.phase, written out: a frame less on a path whose cost is largely Python.
+            t = ar.ticket = ar.ticket + 1
+            sync = ar.fence
+            sync()
+            f[0] = t
+            if ar.spins:
+                for fl in ar.others:
+                    if fl[0] < t:
+                        _await_flag(fl, t, ar.watch)
+            else:
+                ar.barrier()
+            sync()
         e = self.expect
         i = 0
         same = posted = True
@@ -973,18 +1154,22 @@ class WindowRead:
         f[_POSTED] &= ~(1 << odd)
         f[slot] = h
         # Both phases are ShmArena.phase written out: two frames less on a path whose cost is largely Python.
-        t = ar.ticket = ar.ticket + 1
         sync = ar.fence
         spins = ar.spins
-        sync()
-        f[0] = t
-        if spins:
-            for fl in ar.others:
-                if fl[0] < t:
-                    _await_flag(fl, t, ar.watch)
+        if ar.withdrawable:  # the first is its arrival, which this rank may leave at the deadline
+            ar.arrival(seq)
+            t = ar.ticket
         else:
-            ar.barrier()
-        sync()
+            t = ar.ticket = ar.ticket + 1
+            sync()
+            f[0] = t
+            if spins:
+                for fl in ar.others:
+                    if fl[0] < t:
+                        _await_flag(fl, t, ar.watch)
+            else:
+                ar.barrier()
+            sync()
         e = self.expect
         i = 0
         same = True

@@ -1136,6 +1136,11 @@ def _create(opts: Any, backend_options: Any) -> CollectiveProcessGroup:
     its own ``timeout=`` when given. Where torch's default group is another
     backend's (``new_group(backend="collective")`` under gloo), its ranks are
     the ones the subgroup is made of, so they must be MPI's.
+
+    A group given a ``timeout=`` gets gloo's semantics at that deadline
+    (``on_timeout="raise"``): a call that some rank never joins raises on the
+    ranks waiting in it and leaves the group broken, instead of ending the
+    job; a ``new_group`` without one inherits the default group's.
     """
     secs = _seconds(opts.timeout)
     default = _comm(opts.timeout)
@@ -1149,7 +1154,8 @@ def _create(opts: Any, backend_options: Any) -> CollectiveProcessGroup:
     if world is None or not ranks:
         _check_against_mpi(default, opts.group_rank, opts.group_size, "the process group")
         ranks = list(range(default.size))
-    return CollectiveProcessGroup(base.subgroup(ranks, timeout=secs), opts.timeout, default=world is None)
+    return CollectiveProcessGroup(base.subgroup(ranks, timeout=secs, on_timeout="raise" if secs is not None else None),
+                                  opts.timeout, default=world is None)
 
 
 _CLOSING: list[threading.Thread] = []

@@ -12,7 +12,11 @@ Terms (the names below follow them):
 * **deadline** -- every collective (and so every blocking wait inside one,
   sync or on the async thread) must end within ``timeout`` seconds of its
   start. A timed-out MPI operation cannot be cancelled safely, so expiry
-  reports and ends the whole job with MPI_Abort.
+  reports and ends the whole job with MPI_Abort. On a communicator made with
+  ``on_timeout="raise"`` (a torch process group given a ``timeout=``), an
+  op still in its first phase, where no rank has read another's data, is
+  *withdrawn* instead (``OpStatus.withdraw``): it raises on this rank, the
+  report is printed, the communicator is broken, and the job goes on.
 * **control channel** -- small ``int64[8]`` point-to-point messages between
   the watchdog threads, on the communicator's private MPI communicator with
   tag TAG_UB (the executor's tags stay below it). The watchdog thread polls it
@@ -64,6 +68,10 @@ class OpStatus(Protocol):
 
     def p2p_lines(self) -> list[str]:
         """The point-to-point messages in flight, a line each."""
+        ...
+
+    def withdraw(self, seq: int, why: str) -> bool:
+        """Ask op ``seq``, past its deadline, to leave its first phase on this rank; False where it cannot."""
         ...
 _QUERY, _STATUS, _EXIT = 1, 2, 3
 _RECENT = 20  # flight-recorder entries printed one per line; older ones are summarised by kind
@@ -303,6 +311,9 @@ class Watchdog:
                                                    f"without entering it; aborting the job", peers))
                 age = time.monotonic() - rec.t_start
                 if age > self.timeout and rec is self.recorder.current and rec.seq == seq:
+                    if self._withdraw(rec, seq, age):
+                        continue
+                    age = time.monotonic() - rec.t_start
                     peers = self._ask_peers(seq, dump=True)
                     if rec is self.recorder.current and rec.seq == seq:
                         abort_job(self.report(
@@ -320,6 +331,39 @@ class Watchdog:
                     failed = True
                     _say(f"collective: rank {self.rank}: watchdog error (deadlines still apply):\n"
                          f"{traceback.format_exc()}")
+
+    def _withdraw(self, rec: OpRecord, seq: int, age: float) -> bool:
+        """Op ``rec`` (number ``seq``) is past its deadline: ask it to leave its first phase; True once it ended
+        (it left and raised, its report printed by :meth:`withdrawal_report`, or every rank arrived and it
+        finished), False when it cannot leave or is still in flight after a grace (the caller ends the job)."""
+        st = self._status_src
+        ask = getattr(st, "withdraw", None)
+        if ask is None or not ask(seq, f"timed out after {age:.1f} s (the communicator's timeout is "
+                                       f"{self.timeout:g} s)"):
+            return False
+        # The op's thread leaves within a nap, then asks the other ranks for the report (at most _answer_wait).
+        end = time.monotonic() + self._answer_wait + max(2.0, 4 * self.interval)
+        while time.monotonic() < end:
+            if rec is not self.recorder.current or rec.seq != seq:
+                return True
+            time.sleep(0.005)
+        return False
+
+    def withdrawal_report(self, rec: OpRecord, gone: int | None) -> None:
+        """Print the report of op ``rec``, withdrawn on this rank (``gone``: the rank that left it first, else None):
+        what happened and, past its own deadline, what each other rank is doing. On the op's thread, before
+        the call raises."""
+        if gone is not None:
+            _say(self.report(rec, f"cannot complete: rank {gone} reached its timeout in it and left it; withdrawn on "
+                                  "this rank too (no data had moved): the call raises, this communicator is broken "
+                                  "(every later call on it raises), the job goes on", trace=False, waiting=False))
+            return
+        age = time.monotonic() - rec.t_start
+        peers = self._ask_peers(rec.seq, dump=False)
+        _say(self.report(rec, f"timed out after {age:.1f} s (COLLECTIVE_TIMEOUT={self.timeout:g}); withdrawn on "
+                              "this rank (no data had moved): the call raises CollectiveTimeoutError, this "
+                              "communicator is broken (every later call on it raises), the job goes on", peers,
+                         trace=False, waiting=False))
 
     def _poll(self) -> None:
         ctrl = self._ctrl
@@ -456,8 +500,10 @@ class Watchdog:
                        "whose program ends tells the others, and the launcher ends the job when a process dies)")
         return out
 
-    def report(self, rec: OpRecord, what: str, peers: dict[int, Any] | None = None, trace: bool = True) -> str:
-        """The report for op ``rec``: what happened, the peers it waits for, what each peer does, the flight record."""
+    def report(self, rec: OpRecord, what: str, peers: dict[int, Any] | None = None, trace: bool = True,
+               waiting: bool = True) -> str:
+        """The report for op ``rec``: what happened, the peers it waits for, what each peer does, the flight record
+        (``waiting``: the op still waits, so say how long it will wait for the peers that are busy)."""
         lines = [f"collective: rank {self.rank} of {self.size}: {self.recorder.describe(rec, False)} {what}"]
         queued = self._pending()
         if queued > 0:
@@ -465,14 +511,16 @@ class Watchdog:
                          "on this rank (this one, if it is async, and any queued behind it)")
         step = self._waiting_on()
         if step:
-            lines.append(f"collective: rank {self.rank} is waiting for {rank_list(list(step))} in the current step "
-                         f"of {rec.algorithm}")
+            lines.append(f"collective: rank {self.rank} {'is' if waiting else 'was'} waiting for "
+                         f"{rank_list(list(step))} in the current step of {rec.algorithm}")
         if peers:
             plines, missing = self.peer_lines(rec.seq, peers)
             if missing:
-                lines.append(f"collective: rank {self.rank} is still waiting for {rank_list(missing)}, which "
+                lines.append(f"collective: rank {self.rank} {'is still' if waiting else 'was'} waiting for "
+                             f"{rank_list(missing)}, which "
                              f"{'has' if len(missing) == 1 else 'have'} not entered #{rec.seq} {rec.op}")
-                lines.extend(self.liveness_lines(missing, peers))
+                if waiting:
+                    lines.extend(self.liveness_lines(missing, peers))
             lines.append(f"collective: rank {self.rank} asked the other ranks what they are doing:")
             lines.extend(plines)
         elif self._ctrl is None and self.size > 1:

@@ -35,7 +35,7 @@ SUITE_SUBSET = [
     "test_ddp_create_graph", "test_static_graph_api_cpu", "test_gather", "test_scatter_complex",
     "test_scatter_object_list", "test_send_recv_with_tag", "test_send_recv_any_source", "test_isend", "test_irecv",
     "test_batch_isend_irecv_gloo_tags", "test_sparse_all_reduce_sum", "test_grads_same_across_ranks_with_no_sync",
-    "test_monitored_barrier_gloo_rank_0_timeout",
+    "test_monitored_barrier_gloo_rank_0_timeout", "test_barrier_timeout_full_group",
 ]
 
 
@@ -99,6 +99,8 @@ def test_group_timeout_ends_a_stall_and_names_the_torch_call(where: str, nprocs:
     group = "group '0' (default_pg)" if where == "world" else "group '1'"
     assert f"[all_reduce via torch.distributed, {group}] timed out after" in out, out[-3000:]
     assert "COLLECTIVE_TIMEOUT=3)" in out and "COLLECTIVE_TIMEOUT=60" not in out, out[-3000:]
+    # The group has a timeout=, so the call raised on rank 0 (withdrawn: rank 1 never arrived), uncaught.
+    assert "withdrawn on this rank" in out and "CollectiveTimeoutError" in out, out[-3000:]
 
 
 def _mismatch_demo(backend: str, case: str) -> tuple[JobResult, dict[int, str]]:

@@ -5,8 +5,10 @@ Driver (no MPI launcher around it): launches ``mpiexec -n NP`` on itself with th
 the job) records that test as failed and relaunches with the tests after it.
 
 Worker (under mpiexec): sets the variables the suite expects (BACKEND, WORLD_SIZE, TEMP_DIR, INIT_METHOD),
-then per test: a fresh temporary directory, ``common_utils.set_rng_seed()``, ``init_process_group`` as torch's
-own launcher does, the test, ``destroy_process_group``. ``unittest.SkipTest`` and the suite's skip exit codes
+then per test: a fresh temporary directory, ``common_utils.set_rng_seed()``, torch's distributed debug level as
+the job started with (torch's launcher starts each test in a fresh process, and its ``with_dist_debug_levels`` leaves
+``TORCH_DISTRIBUTED_DEBUG=DETAIL`` behind), ``init_process_group`` as torch's own launcher does, the test,
+``destroy_process_group``. ``unittest.SkipTest`` and the suite's skip exit codes
 count as skips. Outcomes are agreed across ranks (a failure anywhere fails the test).
 
 Usage::
@@ -75,6 +77,7 @@ def _worker(a: argparse.Namespace) -> None:
         pass
 
     skip_codes = {s.exit_code: s.message for s in TEST_SKIPS.values()}
+    debug = os.environ.get("TORCH_DISTRIBUTED_DEBUG")
     names = [n for n in a.tests.split(",") if n] or sorted(n for n in dir(dt.DistributedTest._DistTestBase)
                                                              if n.startswith("test_"))
     for i, name in enumerate(names):
@@ -106,6 +109,11 @@ def _worker(a: argparse.Namespace) -> None:
             self.file_name = init_file
             dt.Barrier.barrier_id = 0
             common_utils.set_rng_seed()
+            if debug is None:
+                os.environ.pop("TORCH_DISTRIBUTED_DEBUG", None)
+            else:
+                os.environ["TORCH_DISTRIBUTED_DEBUG"] = debug
+            dist.set_debug_level_from_env()
             timeout = datetime.timedelta(seconds=dt.CUSTOM_PG_TIMEOUT.get(name, a.pg_timeout))
             dist.init_process_group(init_method=self.init_method, backend=a.backend, world_size=P, rank=R,
                                     timeout=timeout)

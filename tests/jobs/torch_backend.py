@@ -1,5 +1,6 @@
-"""torch.distributed on the backend "collective" under mpiexec: every dist.* call with exact answers, ops, dtypes, async,
-DDP and FSDP2 against single-process references, DeviceMesh/DTensor, and cross-rank mismatches.
+"""torch.distributed on the backend "collective" under mpiexec: every dist.* call with exact answers, ops, dtypes,
+async, a group's timeout= (gloo's semantics), DDP and FSDP2 against single-process references, DeviceMesh/DTensor,
+and cross-rank mismatches.
 
 Usage: python torch_backend.py [--only calls,ddp,fsdp,mismatch]
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import re
 import sys
 import time
 import weakref
@@ -772,6 +774,74 @@ def case_whole_world_group_and_mesh() -> None:
     same(y.full_tensor(), full.sum() * 2, "DTensor op")
 
 
+def raises_within(fn: object, kind: type, lo: float, hi: float, what: str) -> str:
+    """Call ``fn``; it must raise ``kind`` between ``lo`` and ``hi`` seconds in; the message."""
+    t0 = time.monotonic()
+    try:
+        fn()  # type: ignore[operator]
+    except kind as exc:
+        took = time.monotonic() - t0
+        assert lo <= took < hi, f"{what}: raised after {took:.2f} s (expected {lo}-{hi} s): {exc}"
+        return str(exc)
+    raise AssertionError(f"{what}: no {kind.__name__} on rank {R}")
+
+
+def case_group_timeout_withdraws() -> None:
+    """Groups given timeout=1 s that rank 0 alone enters (a barrier; a repeated all_reduce): rank 0's call raises
+    at the deadline, as gloo's does, and the group is broken on rank 0 (its next call raises at once, naming the
+    call that timed out) and, once they try it, on the others; the default group goes on with exact answers."""
+    if P < 2:
+        return
+    one = datetime.timedelta(seconds=1)
+    g, h = dist.new_group(list(range(P)), timeout=one), dist.new_group(list(range(P)), timeout=one)
+    for grp, what in ((g, "g"), (h, "h"), (h, "h again")):  # h's second all_reduce is a repeat (one shm phase)
+        t = torch.full((4,), float(R + 1))
+        dist.all_reduce(t, group=grp)
+        same(t, torch.full((4,), float(P * (P + 1) // 2)), f"all_reduce on {what} before the timeout")
+    others = f"rank {1}, which has" if P == 2 else f"ranks 1 and {P - 1}, which have" if P == 3 else "ranks 1-"
+    if R == 0:
+        # Past the deadline (1 s) by the watchdog's interval and the other ranks' answers to its report.
+        msg = raises_within(lambda: dist.barrier(group=g), col.CollectiveTimeoutError, 1.0, 8.0, "barrier on g")
+        assert re.search(" (Timed out|closed|timeout) ", msg), f"torch's own test's pattern: {msg}"
+        assert ("#3 barrier" in msg and "[barrier via torch.distributed" in msg and f"on rank 0 of {P} timed out" in msg
+                and others in msg and "not arrived" in msg and "timeout is 1 s" in msg and "broken" in msg), msg
+        msg = raises_within(lambda: dist.all_reduce(torch.full((4,), 1.0), group=h), col.CollectiveTimeoutError,
+                            1.0, 8.0, "a repeated all_reduce on h")
+        assert "#4 allreduce shape (4,) float32" in msg and others in msg, msg
+        late = raises_within(lambda: dist.all_reduce(torch.ones(2), group=g), col.CollectiveError, 0, 0.9,
+                             "a later call on g")
+        assert not isinstance(late, col.CollectiveTimeoutError)
+        assert "broken" in late and "#3 barrier" in late and "timed out on this rank" in late, late
+    dist.barrier()  # the default group, while rank 0 waited out its deadlines
+    t = torch.full((5,), float(R + 1), dtype=torch.float64)
+    dist.all_reduce(t)
+    same(t, torch.full((5,), float(P * (P + 1) // 2), dtype=torch.float64), "default group all_reduce")
+    outs = [torch.empty(3, dtype=torch.int64) for _ in range(P)]
+    dist.all_gather(outs, torch.full((3,), R * 10, dtype=torch.int64))
+    for q, o in enumerate(outs):
+        same(o, torch.full((3,), q * 10, dtype=torch.int64), f"default group all_gather from {q}")
+    b = torch.full((2,), float(R))
+    dist.broadcast(b, src=P - 1)
+    same(b, torch.full((2,), float(P - 1)), "default group broadcast")
+    if R != 0:  # rank 0 left both groups' calls: the others' next call there raises at once
+        msg = raises_within(lambda: dist.all_reduce(torch.ones(2), group=g), col.CollectiveTimeoutError, 0, 0.9,
+                            "a call on g after rank 0 left it")
+        assert "rank 0 reached its timeout waiting in it" in msg, msg
+        msg = raises_within(lambda: dist.barrier(group=h), col.CollectiveTimeoutError, 0, 0.9, "barrier on h")
+        assert "rank 0 reached its timeout waiting in it" in msg, msg
+        late = raises_within(lambda: dist.all_reduce(torch.ones(2), group=g), col.CollectiveError, 0, 0.9,
+                             "a later call on g")
+        assert "broken" in late, late
+    assert g.communicator.broken and h.communicator.broken
+    dist.destroy_process_group(g)
+    dist.destroy_process_group(h)
+    ctorch.join_closing()
+    assert g.communicator.closed and h.communicator.closed
+    t = torch.ones(3)
+    dist.all_reduce(t)
+    same(t, torch.full((3,), float(P)), "default group after the broken groups closed")
+
+
 run("calls", "all_reduce: every op x dtype, sync and async", case_all_reduce_ops_dtypes)
 run("calls", "premul_sum", case_premul_sum)
 run("calls", "non-contiguous", case_non_contiguous)
@@ -789,6 +859,7 @@ run("calls", "all_to_all and all_to_all_single, even and uneven", case_all_to_al
 run("calls", "send/recv/isend/irecv, any source, batch_isend_irecv", case_send_recv)
 run("calls", "new_group and new_subgroups over proper subsets", case_subgroups)
 run("calls", "monitored_barrier on the group", case_monitored_barrier)
+run("calls", "a group's timeout=: the call raises, the group is broken, the job goes on", case_group_timeout_withdraws)
 run("calls", "whole-world group, DeviceMesh, DTensor", case_whole_world_group_and_mesh)
 
 # ------------------------------------------------------------------ DDP

@@ -5,7 +5,8 @@ Usage:
   python torch_lifecycle.py destroy            cases; exits 0 when every rank passed them
   python torch_lifecycle.py stall world        rank 1 never calls all_reduce on the default group (timeout=3 s)
   python torch_lifecycle.py stall subgroup     rank 1 never calls all_reduce on new_group([0, 1], timeout=3 s)
-The stall modes end by the watchdog aborting the job; the test reads the report and the time.
+In the stall modes rank 0's call raises at the group's deadline (a group given a timeout= has gloo's semantics)
+after the watchdog's report; left uncaught, the error ends the job. The test reads the report and the time.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ elif MODE == "stall":
     dist.all_reduce(t, group=group)  # both arrive: the group works
     if R == 0:
         print(f"STALL START {time.time():.3f}", flush=True)
-        dist.all_reduce(t, group=group)  # rank 1 never comes: the group's deadline ends the job
+        dist.all_reduce(t, group=group)  # rank 1 never comes: it raises at the group's deadline, uncaught
     elif R == 1:
         time.sleep(120)
     else:
