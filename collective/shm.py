@@ -373,6 +373,23 @@ def _node_spins(node_comm: Any, MPI: Any, want: str) -> bool:
     return bool(v[0])
 
 
+def _spun(f: memoryview, t: int) -> bool:
+    """The first two stages of a wait for ``f[0] >= t``: spin, then yield the core for _YIELD_S (see _SPINS);
+    whether the flag got there. What is left is napping, which each waiter does its own way."""
+    for _ in range(_SPINS):
+        if f[0] >= t:
+            return True
+    yield_ = os.sched_yield
+    clock = time.monotonic
+    end = clock() + _YIELD_S
+    while clock() < end:
+        for _ in range(64):
+            if f[0] >= t:
+                return True
+            yield_()
+    return False
+
+
 def _await_flag(f: memoryview, t: int, watch: Callable[[], None] | None = None) -> None:
     """Return once ``f[0] >= t`` (another rank's flag): spin, then yield the core, then nap (see _SPINS).
 
@@ -381,17 +398,9 @@ def _await_flag(f: memoryview, t: int, watch: Callable[[], None] | None = None) 
     (elastic mode) is called about every ``_WATCH_S`` while napping and raises
     when a peer is gone: a dead rank never raises its flag.
     """
-    for _ in range(_SPINS):
-        if f[0] >= t:
-            return
-    yield_ = os.sched_yield
+    if _spun(f, t):
+        return
     clock = time.monotonic
-    end = clock() + _YIELD_S
-    while clock() < end:
-        for _ in range(64):
-            if f[0] >= t:
-                return
-            yield_()
     sleep = time.sleep
     # A negative flag: its rank left a later phase's arrival (see "withdrawal"), so it ended this one.
     if watch is None:
@@ -593,17 +602,9 @@ class ShmArena:
     def _await_arrival(self, q: int, f: memoryview, t: int, seq: int) -> None:
         """Return once rank ``q``'s flag ``f`` says it reached ticket ``t``; raise Withdrawn when it left the phase
         or when this rank leaves it (see :meth:`_arrival`). Waits as :func:`_await_flag` does."""
-        for _ in range(_SPINS):
-            if f[0] >= t:
-                return
-        yield_ = os.sched_yield
+        if _spun(f, t):
+            return
         clock = time.monotonic
-        end = clock() + _YIELD_S
-        while clock() < end:
-            for _ in range(64):
-                if f[0] >= t:
-                    return
-                yield_()
         sleep = time.sleep
         watch = self.watch
         due = clock() + _WATCH_S
