@@ -35,7 +35,9 @@ def measured() -> None:
     cl = cal.calibrate(world, layout)
     took = time.perf_counter() - t
     state["cl"] = cl
-    assert took < 1.0, f"calibration took {took:.2f} s"
+    # Bounded by its sizes' time budget (cal.BUDGET_S a pair): a few tenths of a second on an idle machine. The
+    # bound leaves room for a machine shared with other MPI jobs; what it catches is a budget that stopped working.
+    assert took < 5.0, f"calibration took {took:.2f} s"
     assert cl.node_of_rank == layout.node_of_rank
     assert 0 < cl.gamma < 1e-7, cl.gamma
     has_intra = any(len(layout.ranks_of_node(m)) > 1 for m in set(layout.node_of_rank))

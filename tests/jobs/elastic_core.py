@@ -23,6 +23,8 @@ import signal
 import sys
 import time
 
+from collections.abc import Callable
+
 import numpy as np
 
 import collective as col
@@ -59,14 +61,16 @@ def arm(comm: col.Communicator, point: str) -> None:
     elif point in ("shm", "window"):
         arena = comm.node_arena()
         n = [0]
-        real = arena.phase
 
-        def phase() -> None:
-            n[0] += 1
-            if n[0] == 2:  # the second phase: the others are inside the call, waiting for this rank's flag
-                die()
-            real()
-        arena.phase = phase
+        def counted(real: Callable[..., None]) -> Callable[..., None]:
+            def phase(*args: int) -> None:
+                n[0] += 1
+                if n[0] == 2:  # the second phase: the others are inside the call, waiting for this rank's flag
+                    die()
+                real(*args)
+            return phase
+        # A phase is ended by phase() or, where the check posts its fingerprint, by arrival(seq).
+        arena.phase, arena.arrival = counted(arena.phase), counted(arena.arrival)
     elif point == "quick":
         arena = comm.node_arena()
         arena.quick_allreduce = lambda *args: die()
