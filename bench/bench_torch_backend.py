@@ -9,8 +9,11 @@ Run (it launches its own mpiexec job when not started under one)::
 
 Part ``allreduce``, columns: ``collective`` (``dist.all_reduce(t)`` on the default group, backend
 "collective"), ``gloo`` (``dist.all_reduce(t, group=g)`` on a gloo group over the same ranks, built from the
-same store) and ``mpi4py`` (``MPI.COMM_WORLD.Allreduce(IN_PLACE, ...)`` on the tensor's memory: the floor any
-Python layer stands on). busbw = bytes / time x 2(P-1)/P, as nccl-tests.
+same store), ``mpi4py`` (``MPI.COMM_WORLD.Allreduce(IN_PLACE, ...)`` on the tensor's memory: the floor any
+Python layer stands on) and ``copy`` (every rank copies the tensor's bytes into another buffer at the same
+time, ``np.copyto``: an allreduce reads at least its input and writes its whole output, so at sizes where
+memory bandwidth is the limit no backend takes less than this). busbw = bytes / time x 2(P-1)/P, as
+nccl-tests.
 
 Part ``latency`` (4 KiB by default, ``--latency-bytes``): where the time of one small ``dist.all_reduce`` goes,
 columns interleaved as above: ``mpi4py`` (bare ``Allreduce``), ``comm-numpy`` and ``comm-tensor`` (the group's
@@ -41,8 +44,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [4, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
@@ -117,7 +121,11 @@ def _allreduce(a: argparse.Namespace, gloo: object, world: object) -> None:
             for _ in range(n):
                 world.Allreduce(MPI.IN_PLACE, arr)
 
-        cols = {"collective": ours, "gloo": glo, "mpi4py": bare}
+        def copy(arr: np.ndarray = arr, dst: np.ndarray = np.empty_like(arr), n: int = n) -> None:
+            for _ in range(n):
+                np.copyto(dst, arr)
+
+        cols = {"collective": ours, "gloo": glo, "mpi4py": bare, "copy": copy}
         times = _interleaved(cols, a.iters, n, t.zero_, world)
         med = {k: float(np.median(v)) for k, v in times.items()}
         rows.append((nbytes, med))
@@ -125,13 +133,14 @@ def _allreduce(a: argparse.Namespace, gloo: object, world: object) -> None:
         f = 2 * (P - 1) / P
         print(f"dist.all_reduce, float32 torch CPU tensors, in place, P={P}; busbw GB/s (time us); "
               f"median of {a.iters} interleaved iterations")
-        print(f"{'bytes':>10} {'collective':>20} {'gloo':>20} {'mpi4py':>20} {'coll/gloo':>10} "
-              f"{'coll/mpi4py time':>17}")
+        print(f"{'bytes':>10} {'collective':>20} {'gloo':>20} {'mpi4py':>20} {'copy (us)':>10} {'coll/gloo':>10} "
+              f"{'coll/mpi4py time':>17} {'coll/copy':>10} {'gloo/copy':>10}")
         for nbytes, med in rows:
             cells = [f"{f * nbytes / med[k] / 1e9:8.2f} ({med[k] * 1e6:8.1f})"
                      for k in ("collective", "gloo", "mpi4py")]
-            print(f"{nbytes:>10} {cells[0]:>20} {cells[1]:>20} {cells[2]:>20} "
-                  f"{med['gloo'] / med['collective']:>9.2f}x {med['collective'] / med['mpi4py']:>16.2f}x")
+            print(f"{nbytes:>10} {cells[0]:>20} {cells[1]:>20} {cells[2]:>20} {med['copy'] * 1e6:>10.1f} "
+                  f"{med['gloo'] / med['collective']:>9.2f}x {med['collective'] / med['mpi4py']:>16.2f}x "
+                  f"{med['collective'] / med['copy']:>9.2f}x {med['gloo'] / med['copy']:>9.2f}x")
         sys.stdout.flush()
 
 

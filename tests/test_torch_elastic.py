@@ -278,7 +278,7 @@ def test_a_replacement_joins_and_the_run_ends_with_four_ranks(tmp_path_factory: 
     """--max-ranks 4: job rank 0 dies while bucket 0's allreduce is in flight; at the next commit the survivors
     spawn a replacement, which builds the model, receives the commit (parameters, optimizer state, step, extra) and
     its shard, and the run ends on 4 ranks, all alike, with the uninterrupted run's parameters."""
-    text = run_kills(tmp_path_factory, tmp_path, [(0, 4, "shm")], "float32", max_ranks=4)
+    text = run_kills(tmp_path_factory, tmp_path, [(0, 4, "shm")], "float64", max_ranks=4)
     m = re.search(r"going on from the commit of step (\d+)", text)
     assert m, text[-4000:]
     assert f"elastic: 4 ranks again after step {int(m.group(1)) + 1}" in text, text[-4000:]

@@ -394,7 +394,8 @@ class ElasticCore:
 
         def decline(why: str) -> bool:
             if comm.rank == 0:
-                sys.stderr.write(f"elastic: no replacements ({why}); going on with {comm.size} ranks\n")
+                ranks = f"{comm.size} rank" + ("" if comm.size == 1 else "s")
+                sys.stderr.write(f"elastic: no replacements ({why}); going on with {ranks}\n")
                 sys.stderr.flush()
             return False
 

@@ -581,7 +581,8 @@ def grow_to_max_ranks() -> bool:
             raise HorovodInternalError(f"{where}: {exc}") from exc
         except CollectiveError as exc:  # nothing could be spawned: go on with the ranks there are
             if comm.rank == 0:
-                sys.stderr.write(f"hvd.elastic: no replacements ({exc}); going on with {comm.size} ranks\n")
+                ranks = f"{comm.size} rank" + ("" if comm.size == 1 else "s")
+                sys.stderr.write(f"hvd.elastic: no replacements ({exc}); going on with {ranks}\n")
                 sys.stderr.flush()
             _state.engine = Engine(comm, on_control=_on_control)
             _state.counters.clear()
