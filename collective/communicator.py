@@ -342,6 +342,8 @@ class Communicator:
 
     def node_arena(self) -> Any:
         """The node's shm arena (``collective.shm.ShmArena``); collective over the node the first time."""
+        if self._retired is not None:  # its arena may have been freed (see grow): a new one would be collective
+            raise CollectiveError(f"{describe('node_arena', self.rank, self.size)}: {self._retired}")
         return self._engine.make_arena()
 
     def trace(self) -> list[OpRecord]:
@@ -1319,7 +1321,9 @@ class Communicator:
         them its state (e.g. a broadcast from rank 0). This communicator's
         ranks keep their order and come first; the new ones get the next job
         ranks (:attr:`world_ranks`). If this is the default communicator, the
-        new one becomes the default; this one is not to be used afterwards.
+        new one becomes the default; this one is not to be used afterwards
+        (its calls raise, and its node arena is freed; its ``alloc``'d arrays
+        stay readable).
 
         Args:
             count: how many processes to add (at least 1); the total may not exceed ``COLLECTIVE_MAX_RANKS``.
@@ -1363,8 +1367,33 @@ class Communicator:
                                                            self._params))
         self._retire(f"this communicator was grown to {new.size} ranks: use the communicator comm.grow() returned "
                      "(collective.init() returns it too)")
+        self._release_arena(where)
         self._successor_of_default(new)
         return new
+
+    def _release_arena(self, where: str) -> None:
+        """After a grow: free the node arena of this communicator, now retired (collective over its node).
+
+        Every rank of this communicator is alive and in :meth:`grow` (each
+        took part in the merge), its calls all raise now, and its
+        communication thread has ended, so nothing touches the arena any more
+        and its node's ranks can free the window together. A shrink cannot do
+        the same: the communicator it replaces holds a dead rank, its window's
+        free is collective over a node that may include that rank (it would
+        wait for it), and MPI has no way to release one process's part of a
+        shared window alone; that arena stays mapped until the process ends.
+        The ``alloc``'d arrays stay too (they are their caller's: see
+        ``HostEngine.free_arena``), and so do the arenas of sub-communicators
+        (each would be freed over its own node, in an order the ranks do not
+        share).
+        """
+        MPI = self._mpi
+        with deadline(f"{where}: freeing the node arena of the communicator it replaced (collective over the node)",
+                      self.watchdog.timeout):
+            try:
+                self._engine.free_arena()
+            except MPI.Exception:  # a rank lost meanwhile: its peers are told by the new communicator's next call
+                pass
 
     def __repr__(self) -> str:
         return (f"Communicator(rank={self.rank}, size={self.size}, local_rank={self.local_rank}, "

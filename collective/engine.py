@@ -321,10 +321,19 @@ class HostEngine:
         if self.shared is not None:
             self.shared.free_all()
             self.shared = None
+        self.free_arena()
+
+    def free_arena(self) -> None:
+        """Free the arena, leaving the ``alloc`` windows (collective over the node; nothing may use it after).
+
+        An ``alloc``'d array is its caller's: unmapping its window would make a
+        later read of it crash the process, so only :meth:`close` (every rank
+        closing the communicator) or ``free`` releases those.
+        """
         if self.arena is not None:
             self._check.detach_arena()
-            self.arena.free()
-            self.arena = None
+            arena, self.arena = self.arena, None
+            arena.free()
 
     # ----------------------------------------------------------- execution
     def execute(self, c: Any, first: Callable[[], Any] | None, seq: int) -> Any:

@@ -266,6 +266,24 @@ class _Async(dist._Work):
         return int(src)
 
 
+class _Entry:
+    """One Work of ours that is not completed yet: its future and what completes it."""
+
+    __slots__ = ("done", "fut", "name", "post", "value", "works")
+
+    def __init__(self, works: list[Any], post: Callable[[], None] | None, value: Any, fut: torch.futures.Future,
+                 done: threading.Event, name: str) -> None:
+        self.works, self.post, self.value, self.fut, self.done, self.name = works, post, value, fut, done, name
+
+
+def _finished(w: Any) -> bool:
+    """True when Work ``w`` (ours, a point-to-point one, a joined torch Work) has ended, well or not; never blocks."""
+    try:
+        return bool(w.done())
+    except Exception:  # noqa: BLE001 - done() raised the op's error: it has ended
+        return True
+
+
 class _Completer:
     """A pool that completes the torch Futures of our Works, and one thread that waits for the Works that
     cannot tell it themselves.
@@ -276,12 +294,21 @@ class _Completer:
     callbacks itself, and the pool grows a thread while all of its threads sit in such callbacks. A
     single op of the communication thread hands itself to the pool as it finishes (``Work.then``);
     point-to-point Works and joined calls go through the waiting thread, in submission order.
+
+    Each future is completed once, by whoever *claims* its entry first under the lock: the thread
+    that saw its Works end, or :meth:`close`. Once ``close`` has claimed every entry, a Work that
+    ends later finds nothing to complete, so no callback of this completer starts after ``close``
+    returns (see there).
     """
 
     def __init__(self) -> None:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when _running drops to 0
+        self._pending: set[_Entry] = set()  # added, not claimed yet
+        self._running = 0  # claimed entries whose completion (post, the future's callbacks) has not ended
+        self._closed: str | None = None  # what close() was told: new work fails with it
         # One name for every pool thread: which of them runs a callback differs across ranks, and a callback that
         # starts a collective must be tagged the same on every rank (collective.threads).
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="collective-torch-callbacks",
@@ -290,62 +317,139 @@ class _Completer:
     def add(self, works: list[Any], post: Callable[[], None] | None, value: Any, name: str,
             source: int | None = None, learn: Any = None) -> _Async:
         """Complete a new Work's future with ``value`` once ``works`` are done and ``post`` ran (a receive's
-        ``source`` and ``learn``: see _Async)."""
+        ``source`` and ``learn``: see _Async); after :meth:`stop` its future fails at once (the group closed)."""
         fut: torch.futures.Future = torch.futures.Future()
         done = threading.Event()
+        e = _Entry(works, post, value, fut, done, name)
+        with self._lock:
+            closed = self._closed
+            if closed is None:
+                self._pending.add(e)
+        if closed is not None:
+            _complete(None, None, fut, done, self._closed_error(name, closed))
+            return _Async(fut, done, name, source, learn)
         if len(works) == 1 and type(works[0]) is Work:
             # One op of our communication thread: that thread hands the completion to the pool when the op ends
             # (one thread switch fewer per call than the completion thread).
-            works[0].then(lambda w: self._hand_over(w, post, value, fut, done))
+            works[0].then(lambda w: self._hand_over(w, e))
             return _Async(fut, done, name, source, learn)
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="collective-torch-completion", daemon=True)
                     self._thread.start()
-        self._q.put((works, post, value, fut, done))
+        self._q.put(e)
         return _Async(fut, done, name, source, learn)
 
-    def _hand_over(self, w: Any, post: Callable[[], None] | None, value: Any, fut: torch.futures.Future,
-                   done: threading.Event) -> None:
+    def _claim(self, e: _Entry) -> bool:
+        """Take ``e`` to complete it: False when another thread (or close) has."""
+        with self._lock:
+            if e not in self._pending:
+                return False
+            self._pending.discard(e)
+            self._running += 1
+            return True
+
+    def _settle(self, e: _Entry, exc: BaseException | None) -> None:
+        """Complete claimed ``e`` (on a pool thread): its future gets its value or ``exc``."""
+        try:
+            _complete(e.post, e.value, e.fut, e.done, exc)
+        finally:
+            with self._lock:
+                self._running -= 1
+                if not self._running:
+                    self._idle.notify_all()
+
+    def _submit(self, e: _Entry, exc: BaseException | None) -> None:
+        try:
+            self._pool.submit(self._settle, e, exc)
+        except RuntimeError:  # the interpreter is shutting down: no thread can start any more
+            self._settle(e, exc)
+
+    def _hand_over(self, w: Any, e: _Entry) -> None:
         """On the communication thread, as ``w`` finishes: the pool completes the future (never raises)."""
+        if not self._claim(e):
+            return  # the group closed before the op ended: close() failed its future
         try:
             w.wait()  # finished: returns or raises at once
         except BaseException as exc:  # noqa: BLE001 - handed to the future's waiter
-            args: tuple = (None, None, fut, done, exc)
+            self._submit(e, exc)
         else:
-            args = (post, value, fut, done)
-        try:
-            self._pool.submit(_complete, *args)
-        except BaseException:  # noqa: BLE001 - the pool is shut down (its group closed): complete it here
-            _complete(*args)
+            self._submit(e, None)
 
-    def close(self) -> None:
-        """End the completion thread once it has completed the Works already added, and the callback pool then.
-
-        Returns at once: a receive that never completes must not hold up the shutdown of its group.
-        """
+    def stop(self, what: str) -> None:
+        """Accept no new work: later calls' futures fail at once, saying that ``what`` (the group) was closed."""
         with self._lock:
+            if self._closed is None:
+                self._closed = what
+
+    def close(self, what: str, timeout: float) -> None:
+        """Complete or fail every future not completed yet, and see that none of their callbacks runs later.
+
+        Call it once the communicator has closed (its queued ops have run): a
+        future whose Works have ended completes (its result, or its op's
+        error); any other (a receive never matched) fails now with an error
+        saying that ``what`` was closed; a Work that ends after this finds its
+        future settled and runs nothing. Returns once every completion begun
+        has ended, or after ``timeout`` s if a callback is still blocked then
+        (it is named in a ResourceWarning; nothing new starts after this
+        returns either way). The waiting thread is not joined: it may sit in
+        a receive's wait until that receive's deadline, and completes nothing
+        after this.
+        """
+        self.stop(what)
+        with self._lock:
+            left, self._pending = list(self._pending), set()
+            self._running += len(left)
             thread, self._thread = self._thread, None
+        for e in left:
+            if all(_finished(w) for w in e.works):
+                try:
+                    for w in e.works:
+                        w.wait()
+                except BaseException as exc:  # noqa: BLE001 - handed to the future's waiter
+                    self._submit(e, exc)
+                else:
+                    self._submit(e, None)
+            else:
+                self._submit(e, self._closed_error(e.name, what))
         if thread is not None:
-            self._q.put(None)  # the thread shuts the pool down when it gets there
-        else:
-            self._pool.shutdown(wait=False)
+            self._q.put(None)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._running and self._idle.wait(max(0.0, deadline - time.monotonic())):
+                pass
+            stuck = self._running
+        self._pool.shutdown(wait=False)
+        if stuck:
+            import warnings
+
+            warnings.warn(f"{what}: closed with {stuck} completion callback(s) still running after {timeout:g} s "
+                          "(a callback blocked on something that will not happen); they were left running",
+                          ResourceWarning, stacklevel=2)
+
+    @staticmethod
+    def _closed_error(name: str, what: str) -> CollectiveError:
+        return CollectiveError(f"{name}: {what} was closed (destroy_process_group) before this op finished; "
+                               "wait on a group's Works before destroying it")
 
     def _run(self) -> None:
         while True:
-            item = self._q.get()
-            if item is None:
-                self._pool.shutdown(wait=False)
+            e = self._q.get()
+            if e is None:
                 return
-            works, post, value, fut, done = item
+            with self._lock:
+                if e not in self._pending:
+                    continue  # close() settled it
             try:
-                for w in works:
+                for w in e.works:
                     w.wait()
             except BaseException as exc:  # noqa: BLE001 - handed to the future's waiter
-                self._pool.submit(_complete, None, None, fut, done, exc)
+                err: BaseException | None = exc
             else:
-                self._pool.submit(_complete, post, value, fut, done)
+                err = None
+            if self._claim(e):
+                self._submit(e, err)
 
 
 def _complete(post: Callable[[], None] | None, value: Any, fut: torch.futures.Future, done: threading.Event,
@@ -520,8 +624,14 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         self._close()
 
     def _close(self) -> None:
-        self._comm.close()
-        self._completer.close()
+        comm = self._comm
+        what = (f"process group {self._gname!r}" if self._gname else "the process group") + \
+            f" (rank {comm.rank} of {comm.size})"
+        self._completer.stop(what)
+        try:
+            comm.close()
+        finally:
+            self._completer.close(what, comm.watchdog.timeout)
 
     def abort(self) -> None:
         """As :meth:`shutdown`: an MPI collective in flight cannot be cancelled, so the deadline ends it."""
@@ -1107,6 +1217,9 @@ class _TorchWait:
 
     def wait(self) -> None:
         self._w.wait()
+
+    def done(self) -> bool:
+        return bool(self._w.is_completed())
 
 
 def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

@@ -12,7 +12,7 @@ def test_horovod_api(nprocs: int) -> None:
     """Every call with exact answers, matching rules, join, helpers, DistributedOptimizer vs one process."""
     res = mpirun("horovod_api.py", nprocs, timeout=240)
     check(res, f"horovod api at P={nprocs}")
-    assert count_passed(res) == 21, res.output[-2000:]
+    assert count_passed(res) == 22, res.output[-2000:]
 
 
 def test_import_without_mpi_job() -> None:

@@ -118,7 +118,9 @@ class Handle:
             limit = eng.timeout if timeout is None else timeout
             eng._drive_until(self, limit)
             if not self._done:
-                raise eng._unfinished(self, limit, withdraw=timeout is None)
+                err = eng._unfinished(self, limit, withdraw=timeout is None)
+                if err is not None:
+                    raise err
         self.engine._claim(self.name)
         if self._exc is not None:
             raise self._exc
@@ -127,10 +129,16 @@ class Handle:
     def wait_done(self, timeout: float) -> bool:
         """Like :meth:`wait` for at most ``timeout`` s, without raising: True once the op has finished."""
         if not self._done:
-            self.engine._drive_until(self, timeout)
-        return self._done
+            eng = self.engine
+            eng._drive_until(self, timeout)
+            if not self._done:
+                # The engine thread may be publishing the op's completion right now: decide under its lock.
+                with eng._lock:
+                    return self._done
+        return True
 
     def _finish(self, result: Any, exc: BaseException | None) -> None:
+        """Publish the op's outcome; the engine calls it holding its ``_lock`` (see ``Engine._unfinished``)."""
         self._result, self._exc = result, exc
         self._done = True
 
@@ -145,6 +153,7 @@ class _Local:
     outs: list | None = None  # where an allreduce writes each result (None: a new array)
     scales: list | None = None  # what an allreduce multiplies each result by before completing (None: nothing)
     key: tuple | None = None  # its key in the response cache (see _Out)
+    taken: bool = False  # the driver has read its arrays and outs to run it: it can no longer be withdrawn
 
 
 @dataclass
@@ -198,6 +207,9 @@ class Engine:
         self.timeout = float(os.environ.get("COLLECTIVE_TIMEOUT", "300") or 300)
         self._on_control = on_control
         self._lock = threading.Lock()
+        # Notified (holding _lock) whenever handles finish: a caller whose deadline passed while its op was
+        # already running waits on it for the op's outcome (see _unfinished).
+        self._finished_cv = threading.Condition(self._lock)
         self._drive = threading.Lock()  # held by the thread that runs a tick
         self._callers = 0  # callers inside wait(), which run the ticks themselves
         self._wake = threading.Event()
@@ -292,15 +304,22 @@ class Engine:
         result goes nowhere), so the other ranks' results stay right.
         """
         with self._lock:
-            loc = self._local.pop(name, None)
-            if loc is None:
-                return
-            loc.arrays = [np.array(a, copy=True) for a in loc.arrays]
-            loc.outs = None
-            self._cancelled[name] = loc
-            self._seq += 1
-            self._outbox.append(_Out(self._seq, name, "cancel", None, [], {}))
+            self._withdraw_locked(name)
         self._wake.set()
+
+    def _withdraw_locked(self, name: str) -> bool:
+        """:meth:`cancel`'s work, the caller holding ``_lock``; False if ``name`` is not in flight here or is
+        already running (its outs are being written: too late to withdraw)."""
+        loc = self._local.get(name)
+        if loc is None or loc.taken:
+            return False
+        del self._local[name]
+        loc.arrays = [np.array(a, copy=True) for a in loc.arrays]
+        loc.outs = None
+        self._cancelled[name] = loc
+        self._seq += 1
+        self._outbox.append(_Out(self._seq, name, "cancel", None, [], {}))
+        return True
 
     def missing(self, name: str) -> str:
         """Which ranks have not requested ``name`` yet (for a timeout's message)."""
@@ -360,17 +379,43 @@ class Engine:
             with self._lock:
                 self._callers -= 1
 
-    def _unfinished(self, h: Handle, limit: float, withdraw: bool) -> HorovodInternalError:
-        """The error of a wait on ``h`` that ended unfinished; ``withdraw``: its deadline passed, so it is withdrawn
-        on every rank (its name then cannot match a later op)."""
+    def _unfinished(self, h: Handle, limit: float, withdraw: bool) -> HorovodInternalError | None:
+        """The error of a wait on ``h`` whose time ran out, or None if ``h`` finished after all; ``withdraw``: its
+        deadline passed, so it is withdrawn on every rank (its name then cannot match a later op).
+
+        The engine publishes a completion (pops the op, then finishes its
+        handle) under ``_lock``, so the decision here, taken under the same
+        lock, is atomic: either the op finished (its outs written) and the
+        wait returns it, or it is withdrawn before the driver takes it. An op
+        the driver has already taken runs on every rank and writes its outs
+        whatever happens here, so a withdrawing wait waits for its outcome
+        (its data collective has a deadline of its own) rather than hand the
+        caller arrays that are still being written.
+        """
+        with self._lock:
+            if h._done:
+                return None
+            running = False
+            if self._fatal is None and not self._finished and withdraw:
+                loc = self._local.get(h.name)
+                running = loc is not None and loc.taken
+                if running:
+                    self._finished_cv.wait_for(lambda: h._done, self.timeout)
+                    if h._done:
+                        return None
+                else:
+                    self._withdraw_locked(h.name)
         if self._fatal is not None or self._finished:
             err = HorovodInternalError(f"{h.kind} {h.name!r} on rank {self.rank}: the engine stopped before the op "
                                        "ran" + (f": {type(self._fatal).__name__}: {self._fatal}"
                                                 if self._fatal is not None else ""))
             err.__cause__ = self._fatal
             return err
-        if withdraw:
-            self.cancel(h.name)
+        self._wake.set()
+        if running:
+            return HorovodInternalError(
+                f"{h.kind} {h.name!r} on rank {self.rank} of {self.size}: its data collective started but did not "
+                f"finish within {limit + self.timeout:.0f} s (set COLLECTIVE_TIMEOUT to wait longer)")
         return HorovodInternalError(
             f"{h.kind} {h.name!r} on rank {self.rank} of {self.size}: not finished after {limit:.0f} s; "
             f"{self.missing(h.name)} (set COLLECTIVE_TIMEOUT to wait longer)")
@@ -437,13 +482,13 @@ class Engine:
             if isinstance(exc, RanksLostError) and self.lost is None:
                 self.lost = exc
             self._fatal = exc
-            stranded = list(self._local.items())
+            for name, loc in self._local.items():  # finished under the lock, as _complete does
+                err = HorovodInternalError(f"{loc.kind} {name!r} on rank {self.rank}: the engine "
+                                           f"stopped: {type(exc).__name__}: {exc}")
+                err.__cause__ = exc
+                loc.handle._finish(None, err)
             self._local.clear()
-        for name, loc in stranded:
-            err = HorovodInternalError(f"{loc.kind} {name!r} on rank {self.rank}: the engine "
-                                       f"stopped: {type(exc).__name__}: {exc}")
-            err.__cause__ = exc
-            loc.handle._finish(None, err)
+            self._finished_cv.notify_all()
         self._wake.set()
 
     def _encode(self, out: list[_Out]) -> tuple[list[int], bytes]:
@@ -577,12 +622,14 @@ class Engine:
             return self._table.pop(name)
 
     def _complete(self, name: str, result: Any, exc: BaseException | None = None) -> None:
+        # Popping the op and finishing its handle happen under one hold of the lock: a caller whose deadline
+        # passed decides under it too (see _unfinished), so it never sees a finished op as unfinished.
         with self._lock:
             loc = self._local.pop(name, None)
             if loc is not None:
                 self._unclaimed.add(name)
-        if loc is not None:
-            loc.handle._finish(result, exc)
+                loc.handle._finish(result, exc)
+                self._finished_cv.notify_all()
 
     def _claim(self, name: str) -> None:
         """The caller has seen ``name`` finish (waited or polled): the name is free for a new op."""
@@ -690,6 +737,7 @@ class Engine:
             outs = scales = None
             if loc is not None:
                 arrays, outs, scales = loc.arrays, loc.outs, loc.scales
+                loc.taken = True
         if loc is None:  # this rank joined: it contributes zeros of the agreed shapes
             arrays = [np.zeros(s, np.dtype(d)) for s, d in zip(q["shapes"], q["dtypes"])]
         return kind, arrays, outs, scales, reqs, q

@@ -297,6 +297,17 @@ DEFAULT: list = [None]
 DIE_IN_SHRINK: set = set()
 
 
+def mapping_at(addr: int) -> str | None:
+    """The mapping of this process that holds address ``addr`` (its range, device, inode and path), or None."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            if lo <= addr < hi:
+                return " ".join([parts[0], *parts[3:]])
+    return None
+
+
 def CollectiveError_of(comm: col.Communicator) -> CollectiveError:
     """The error a call on a replaced communicator raises."""
     try:
@@ -346,9 +357,23 @@ def main() -> None:
             except CollectiveError as e:
                 ok("COLLECTIVE_MAX_RANKS" in str(e), f"grow past the maximum: {e}")
         want = len(comm.world_ranks) + len(a.kill)
+        arena = comm.node_arena()
+        shared = arena.size > 1  # a one-rank node's window may be private memory that MPI keeps
+        addr = arena.segs[arena.rank].__array_interface__["data"][0]
+        del arena
+        before = mapping_at(addr)
         t0 = time.monotonic()
-        comm = comm.grow(len(a.kill))
+        old, comm = comm, comm.grow(len(a.kill))
         ok(comm.size == want and col.get_default() is comm, f"grow: size {comm.size}, want {want}")
+        # The replaced communicator's node arena is freed by the grow: its window is no longer mapped here.
+        after = mapping_at(addr)
+        ok(before is not None and (not shared or after != before),
+           f"the node arena of the communicator grow() replaced is still mapped: {after}")
+        try:
+            old.node_arena()
+            fail("node_arena() of a replaced communicator did not raise")
+        except CollectiveError as e:
+            ok("grown" in str(e), f"node_arena() of a replaced communicator: {e}")
         times.append({"grow": time.monotonic() - t0})
         verify(comm, "grown")
     if a.times and comm.rank == 0:

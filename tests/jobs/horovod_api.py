@@ -376,6 +376,84 @@ def c_timeout_names_missing_ranks() -> None:
         eng.shutdown()
 
 
+def c_timeout_races_completion() -> None:
+    """A wait whose time runs out while the engine thread completes its op returns the op's result.
+
+    Rank 0's engine thread (not its caller) runs each op here; a hook holds it
+    at the moment the race is about: between the op's completion (its outs
+    written) and the publication of its handle's result, or inside the data
+    collective once the op is taken. Rank 0's caller waits only once the hook
+    holds the engine thread, so its deadline always passes inside the window.
+    """
+    from collective.horovod import engine as engmod
+
+    eng = Engine(col.Communicator())
+    finish, fused = engmod.Handle._finish, engmod._fused_allreduce
+    entered = threading.Event()
+    hold = {"finish": "", "fused": 0.0}
+
+    def slow_finish(h: engmod.Handle, result: object, exc: BaseException | None) -> None:
+        if h.engine is eng and h.name == hold["finish"]:
+            entered.set()
+            time.sleep(0.5)  # the engine thread descheduled between the op's completion and its publication
+        finish(h, result, exc)
+
+    def slow_fused(comm: object, arrays: list, *a: object, **kw: object) -> list:
+        if comm is eng.comm and hold["fused"]:
+            entered.set()
+            time.sleep(hold["fused"])  # the data collective of a taken op outlasts the caller's deadline
+        return fused(comm, arrays, *a, **kw)  # type: ignore[arg-type]
+
+    engmod.Handle._finish = slow_finish  # type: ignore[method-assign]
+    engmod._fused_allreduce = slow_fused
+    try:
+        want = np.full(3, P * (P + 1) / 2, np.float32)
+        for name, how in (("raced_wait", "wait"), ("raced_deadline", "deadline"), ("raced_poll", "wait_done")):
+            mine = np.full(3, float(R + 1), np.float32)
+            if R == 0:
+                entered.clear()
+                hold["finish"] = name
+                h = eng.submit("allreduce", name, [mine], outs=[mine], op="sum")  # the engine thread runs it
+                assert entered.wait(60), name
+                if how == "wait":
+                    got = h.wait(0.05)
+                elif how == "deadline":
+                    eng.timeout = 0.05
+                    got = h.wait()
+                    eng.timeout = 60.0
+                else:
+                    assert h.wait_done(0.05), name
+                    got = h.wait(0.0)
+                hold["finish"] = ""
+                assert np.array_equal(got[0], want), (name, got)
+            else:
+                eng.submit("allreduce", name, [mine], outs=[mine], op="sum").wait()
+            assert np.array_equal(mine, want), (name, mine)
+            eng.submit("barrier", "b_" + name, []).wait()
+        # Taken: rank 0's deadline passes while its op's data collective runs. The op cannot be withdrawn any
+        # more (every rank runs it, and it writes rank 0's array), so the wait returns its result.
+        mine = np.full(3, float(R + 1), np.float32)
+        if R == 0:
+            entered.clear()
+            hold["fused"] = 3.0
+            h = eng.submit("allreduce", "taken", [mine], outs=[mine], op="sum")
+            assert entered.wait(60)
+            eng.timeout = 2.0
+            got = h.wait()
+            eng.timeout = 60.0
+            hold["fused"] = 0.0
+            assert np.array_equal(got[0], want), got
+        else:
+            eng.submit("allreduce", "taken", [mine], outs=[mine], op="sum").wait()
+        assert np.array_equal(mine, want), mine
+        eng.submit("barrier", "b_taken", []).wait()
+    finally:
+        engmod.Handle._finish = finish  # type: ignore[method-assign]
+        engmod._fused_allreduce = fused
+        eng.timeout = 60.0
+        eng.shutdown()
+
+
 def c_join() -> None:
     for first in range(P):
         if R == first:
@@ -750,6 +828,7 @@ run("ops", "reducescatter", c_reducescatter)
 run("grad", "grads", c_grads)
 run("match", "matching", c_matching)
 run("match", "timeout", c_timeout_names_missing_ranks)
+run("match", "timeout_race", c_timeout_races_completion)
 run("match", "join", c_join)
 run("match", "elastic", c_elastic_and_timeline)
 run("helpers", "helpers", c_helpers)
