@@ -3,9 +3,9 @@
 Terms (the names below follow them):
 
 * **arena** -- one ``MPI.Win.Allocate_shared`` window over the node
-  communicator. Every rank owns a *segment* of it: a 64-byte *flag* (a
+  communicator. Every rank owns a *segment* of it: a 128-byte *flag* (a
   monotonically increasing int64 counter, then two fingerprint slots: see
-  ``exchange``) followed by two *regions* of
+  ``exchange``, then what the calls post) followed by two *regions* of
   ``chunk`` bytes (double buffering). Every rank maps every segment.
 * **chunk** -- a piece of the user's buffer processed as a unit (4 MiB by
   default: fewer phases beat cache-sized chunks, see docs/bench).
@@ -51,6 +51,21 @@ finds a flag gone leaves too. The flags of a rank that left stay marked
 until the window is freed, and its regions are never written again, so a
 peer that comes later finds the mark and raises instead of reading them.
 
+**single copy** -- where the node's ranks may read and write each other's
+memory (cross-memory attach, probed when the arena is made: see
+collective.cma), an allreduce or reduce of at least ``CMA_MIN_BYTES`` never
+touches the regions: each rank posts its input's and output's addresses, its
+call number and size in its flag before the first phase (ARRIVED, the
+cross-rank check); then rank r, piece by piece of its slice, reads slice r
+of every other rank's input straight into its cache, reduces in rank order
+(the same bits as the copy-in path) and writes the result straight into
+every rank's output (the root's alone for a reduce); a second phase (DONE)
+says every result has landed and nobody reads an input any more. Each byte
+crosses between processes once, and a call is two phases whatever its size.
+A rank touches another's memory only at addresses that rank posted for the
+very call (same call number, same size), so a rank on another path, or
+with another size, is an error, never a stray write.
+
 ``alloc()`` hands out arrays that live in their own shared window; an
 allreduce on such an array, in place or into another alloc'd array, reads
 every rank's data where it lies (no copy-in): rank r reduces slice r and
@@ -71,7 +86,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CollectiveTimeoutError, CollectiveValueError, SharedMemoryError
+from .cma import CrossMemory, probe
+from .errors import (
+    CollectiveError,
+    CollectiveMismatchError,
+    CollectiveTimeoutError,
+    CollectiveValueError,
+    SharedMemoryError,
+)
 
 __all__ = ["ShmArena", "SharedArrays", "QuickScatter", "WindowRead", "Withdrawn", "DEFAULT_CHUNK_BYTES",
            "ONE_PHASE_BYTES", "WINDOW_MIN_BYTES", "SHM_WAITS", "MIN_CHUNK_BYTES", "arena_bytes", "fitting_chunk",
@@ -88,10 +110,20 @@ ONE_PHASE_BYTES = 256 << 10
 #: shm allreduces of alloc'd arrays (in place, or into another alloc'd array) from this size on run in their
 #: window; smaller ones are copied in and take the one-phase path, which beats the window's two phases there.
 WINDOW_MIN_BYTES = 256 << 10
-_FLAG = 64  # one cache line for the flag, so flags of different ranks never share a line
+#: Shm allreduces and reduces from this size on move each byte once between the ranks' own arrays by
+#: cross-memory attach where the node allows it (see collective.cma and "single copy"); below it the copy-in path's
+#: phases cost less than the system calls.
+CMA_MIN_BYTES = 4 << 20
+#: The piece of its slice a rank reduces at a time on the single-copy path: its operands and the result stay in
+#: the caches between the reads from the peers and the writes to them, and each system call moves this much.
+CMA_PIECE_BYTES = 1 << 20
+_FLAG = 128  # two cache lines for the flag, so flags of different ranks never share a line
 #: Word of the flag whose bit ``seq & 1`` says that this rank posted call ``seq``'s data with its check (see
 #: QuickScatter); words 0-6 are the ticket, the fingerprint slots and the variable-size posts (see exchange_pairs).
 _POSTED = 7
+#: Words of the flag where a single-copy call posts its number (calls counted by the arena), the addresses of its
+#: input and output in this process and the input's size in bytes (see "single copy").
+_CMA_CALL, _CMA_X, _CMA_OUT, _CMA_BYTES = 8, 9, 10, 11
 # Waiting on a flag: this many plain reads (holding the interpreter lock, so a partner a few microseconds behind
 # is caught at once), then sched_yield (which lets other threads of this process run) for _YIELD_S, then naps,
 # for a rank that is far behind (a long step or a slow rank: a nap costs a fraction of a core where a spin takes
@@ -486,10 +518,12 @@ class ShmArena:
         wait: how phases wait (one of SHM_WAITS, see :func:`_node_spins`).
         withdrawable: a rank may leave a call's first phase at the op's deadline (see "withdrawal"); every
             rank of the node must pass the same value.
+        single_copy: large allreduces move each byte once where the node allows it (see "single copy"); every
+            rank of the node must pass the same value.
     """
 
     def __init__(self, node_comm: Any, chunk_bytes: int = DEFAULT_CHUNK_BYTES, wait: str = "auto",
-                 withdrawable: bool = False) -> None:
+                 withdrawable: bool = False, single_copy: bool = True) -> None:
         from mpi4py import MPI
 
         self._mpi = self.mpi = MPI
@@ -535,6 +569,9 @@ class ShmArena:
         self._declined = 0  # the op that found every rank arrived when it meant to leave: it stays
         #: The error of the op this rank left; from then on no phase runs here (its flag stays marked).
         self.withdrawn: Withdrawn | None = None
+        #: Cross-memory access to the node's other ranks (see "single copy"), or None where the node lacks it.
+        self.cma: CrossMemory | None = probe(node_comm) if single_copy and self.size > 1 else None
+        self._cma_tmp = np.empty(0, np.uint8)
         self.comm.Barrier()  # every flag is zeroed before anyone waits on it
 
     def waiting_on(self) -> tuple[int, ...]:
@@ -853,6 +890,9 @@ class ShmArena:
         not touched (it may be None). ``first``: see :meth:`arrive`.
         """
         P, r = self.size, self.rank
+        if self.cma is not None and x.nbytes >= CMA_MIN_BYTES and (first is None or self.check_fenced):
+            self._single_copy(x, out, ufunc, root, first)
+            return
         if out is None:  # a reduce's non-root: it writes nothing, so x stands in and is never written
             assert root is not None and r != root, "allreduce: out is None on a rank that gets the result"
             out = x
@@ -888,6 +928,84 @@ class ShmArena:
                 q0, q1 = self.slice_of(m, q)
                 if q1 > q0:
                     np.copyto(out[c0 + q0:c0 + q1], regs[q][q0:q1])
+
+    def _single_copy(self, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any], root: int | None,
+                     first: Callable[[], Any] | None) -> None:
+        """:meth:`allreduce` by cross-memory attach: see "single copy"."""
+        cm = self.cma
+        assert cm is not None
+        P, r = self.size, self.rank
+        wants = root is None or r == root
+        assert out is not None or not wants, "allreduce: out is None on a rank that gets the result"
+        # The ticket before the first phase names the call: a rank on another path, or a call behind or ahead,
+        # posts another (tickets only grow, and no rank gets two phases past another), so a stale post never
+        # passes for this call's.
+        k = self.ticket
+        f = self.my_flag
+        f[_CMA_X] = x.ctypes.data
+        f[_CMA_OUT] = out.ctypes.data if out is not None and wants else 0
+        f[_CMA_BYTES] = nbytes = x.nbytes
+        f[_CMA_CALL] = k
+        if first is not None:
+            self.arrive(first, rollback=False)  # ARRIVED: every rank posted, and passed the check
+        else:
+            self.phase()
+        posts = [(int(fl[_CMA_CALL]), int(fl[_CMA_X]), int(fl[_CMA_OUT]), int(fl[_CMA_BYTES])) for fl in self.flags]
+        odd = [q for q, (c, _, _, b) in enumerate(posts) if c != k or b != nbytes]
+        if odd:
+            self.phase()
+            got = ", ".join(f"node rank {q}: {posts[q][3]} bytes at ticket {posts[q][0]}" for q in odd)
+            raise CollectiveMismatchError(
+                f"allreduce on node rank {r} ({x.dtype}, {x.size} elements): the single-copy path found other "
+                f"ranks in another call ({got}; this rank: {nbytes} bytes at ticket {k}); nothing was read or "
+                f"written (the cross-rank check is off, and the ranks called with different sizes)")
+        isz = x.dtype.itemsize
+        s0, s1 = self.slice_of(x.size, r)
+        step = max(1, CMA_PIECE_BYTES // isz)
+        if self._cma_tmp.nbytes < 3 * step * isz:
+            self._cma_tmp = np.empty(3 * step * isz, np.uint8)
+        tmp = self._cma_tmp[:3 * step * isz].view(x.dtype)
+        t0, t1, acc = tmp[:step], tmp[step:2 * step], tmp[2 * step:]
+        targets = [(q, posts[q][2]) for q in range(P) if q != r and (root is None or q == root)]
+        read, write = cm.read, cm.write
+        last = P - 1
+        try:
+            for a in range(s0, s1, step):
+                b = min(s1, a + step)
+                m = b - a
+                nb = m * isz
+                off = a * isz
+                mine = x[a:b]
+                ops = []
+                for q in (0, 1):
+                    if q == r:
+                        ops.append(mine)
+                    else:
+                        t = (t0, t1)[q][:m]
+                        read(q, t.ctypes.data, posts[q][1] + off, nb)
+                        ops.append(t)
+                res = out[a:b] if wants else acc[:m]  # type: ignore[index]
+                # Rank order, as every shm path: ((x0 op x1) op x2) ...; the last step writes the result.
+                ufunc(ops[0], ops[1], res if last == 1 else acc[:m])
+                for q in range(2, P):
+                    if q == r:
+                        o = mine
+                    else:
+                        o = t1[:m]
+                        read(q, o.ctypes.data, posts[q][1] + off, nb)
+                    ufunc(acc[:m], o, res if q == last else acc[:m])
+                src = res.ctypes.data
+                for q, dst in targets:
+                    write(q, dst + off, src, nb)
+        except CollectiveError:
+            watch = self.watch
+            if watch is not None:  # a peer that is gone: the elastic error, once its loss is known
+                until = time.monotonic() + 2.0
+                while time.monotonic() < until:
+                    watch()
+                    time.sleep(_WATCH_S)
+            raise
+        self.phase()  # DONE: every result has landed, and no rank reads another's input any more
 
     def broadcast(self, out: np.ndarray, root: int) -> None:
         """Copy ``root``'s ``out`` (1-D, contiguous) into every rank's ``out``."""

@@ -1,0 +1,117 @@
+"""Single-copy transfers between the processes of a node: Linux cross-memory attach (process_vm_readv/writev).
+
+The kernel copies straight from one process's memory into another's, so a
+byte crosses once instead of twice (into a shared window, then out of it).
+It needs ptrace permission over the peer (the same user, and a Yama
+``ptrace_scope`` of 0, or CAP_SYS_PTRACE) and a seccomp policy that allows the
+calls; :func:`probe` tries both directions between every pair of the node's
+ranks when the shm arena is made, and every rank of the node agrees on the
+outcome, so a node uses it everywhere or nowhere.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+import numpy as np
+
+from .errors import CollectiveError
+
+__all__ = ["CrossMemory", "probe"]
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _syscalls() -> tuple[Any, Any] | None:
+    """libc's process_vm_readv and process_vm_writev, typed, or None where libc lacks them."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        calls = libc.process_vm_readv, libc.process_vm_writev
+    except (OSError, AttributeError):
+        return None
+    for f in calls:
+        f.argtypes = (ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.POINTER(_Iovec), ctypes.c_ulong,
+                      ctypes.c_ulong)
+        f.restype = ctypes.c_ssize_t
+    return calls
+
+
+class CrossMemory:
+    """Reads from and writes into the memory of the node's other ranks, by node rank.
+
+    Args:
+        pids: every node rank's process id, in node-rank order.
+        rank: this process's node rank.
+    """
+
+    def __init__(self, pids: list[int], rank: int) -> None:
+        calls = _syscalls()
+        if calls is None:
+            raise OSError("process_vm_readv is not in this C library")
+        self._readv, self._writev = calls
+        self.pids = pids
+        self.rank = rank
+        self._local = _Iovec()
+        self._remote = _Iovec()
+        self._lp = ctypes.byref(self._local)
+        self._rp = ctypes.byref(self._remote)
+
+    def _move(self, call: Any, what: str, q: int, local: int, remote: int, nbytes: int) -> None:
+        loc, rem = self._local, self._remote
+        pid = self.pids[q]
+        while nbytes > 0:
+            loc.base, loc.len, rem.base, rem.len = local, nbytes, remote, nbytes
+            k = call(pid, self._lp, 1, self._rp, 1, 0)
+            if k <= 0:
+                e = ctypes.get_errno() if k < 0 else 0
+                raise CollectiveError(f"{what} of {nbytes} bytes at {remote:#x} of node rank {q} (pid {pid}) from "
+                                      f"node rank {self.rank} failed: {os.strerror(e) if e else 'nothing moved'}")
+            local += k
+            remote += k
+            nbytes -= k
+
+    def read(self, q: int, dst: int, src: int, nbytes: int) -> None:
+        """Copy ``nbytes`` from address ``src`` of node rank ``q`` to this process's address ``dst``."""
+        self._move(self._readv, "process_vm_readv", q, dst, src, nbytes)
+
+    def write(self, q: int, dst: int, src: int, nbytes: int) -> None:
+        """Copy ``nbytes`` from this process's address ``src`` to address ``dst`` of node rank ``q``."""
+        self._move(self._writev, "process_vm_writev", q, src, dst, nbytes)
+
+
+def probe(node_comm: Any) -> CrossMemory | None:
+    """A :class:`CrossMemory` over ``node_comm`` where every pair of its ranks can read and write each other's
+    memory, else None on every rank (collective over the node).
+
+    Each rank reads a known word from every other rank and writes its mark into a word of every other rank,
+    which then checks the marks; the node's ranks then agree, so all use it or none does.
+    """
+    from mpi4py import MPI
+
+    P, r = node_comm.Get_size(), node_comm.Get_rank()
+    words = np.zeros(P + 1, np.int64)
+    pid = os.getpid()
+    words[0] = pid
+    seen = node_comm.allgather((pid, words.ctypes.data))
+    ok = True
+    cm: CrossMemory | None = None
+    try:
+        cm = CrossMemory([p for p, _ in seen], r)
+        got = np.zeros(1, np.int64)
+        mark = np.array([r + 1], np.int64)
+        for q, (qpid, addr) in enumerate(seen):
+            if q == r:
+                continue
+            cm.read(q, got.ctypes.data, addr, 8)
+            cm.write(q, addr + 8 * (1 + r), mark.ctypes.data, 8)
+            ok = ok and int(got[0]) == qpid
+    except (OSError, CollectiveError):
+        ok = False
+    node_comm.Barrier()  # every write has landed before the marks are checked
+    ok = ok and all(int(words[1 + q]) == q + 1 for q in range(P) if q != r)
+    if not node_comm.allreduce(int(ok), op=MPI.MIN):
+        return None
+    return cm

@@ -1,0 +1,177 @@
+"""The single-copy shm allreduce (cross-memory attach): its probe, its bits against the copy-in path, its guards.
+
+Prints ``SINGLE_COPY yes`` or ``SINGLE_COPY no`` (rank 0): whether the node's ranks may read and write each
+other's memory here. The probe must agree with a direct attempt made by this job's own system call; where it is
+unavailable only that case and the copy-in cases run.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import zlib
+
+import numpy as np
+from harness import Cases
+
+import collective as col
+from collective.errors import CollectiveMismatchError
+from collective.shm import CMA_MIN_BYTES, CMA_PIECE_BYTES
+
+comm = col.init()
+P, R = comm.size, comm.rank
+cases = Cases(comm)
+mpi = comm.mpi_comm
+arena = comm.node_arena()
+fence = mpi.Barrier
+
+
+def direct_attempt() -> bool:
+    """Read one word of every other rank with process_vm_readv, written here independently of collective.cma."""
+    class Iov(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    word = np.array([os.getpid() * 7 + 1], np.int64)
+    peers = mpi.allgather((os.getpid(), word.ctypes.data))
+    ok = True
+    got = np.zeros(1, np.int64)
+    for q, (pid, addr) in enumerate(peers):
+        if q == R:
+            continue
+        loc, rem = Iov(got.ctypes.data, 8), Iov(addr, 8)
+        n = libc.process_vm_readv(pid, ctypes.byref(loc), 1, ctypes.byref(rem), 1, 0)
+        ok = ok and n == 8 and int(got[0]) == pid * 7 + 1
+    mpi.Barrier()  # every peer's word lives until every rank has read it
+    return bool(mpi.allreduce(int(ok), op=__import__("mpi4py").MPI.MIN))
+
+
+def probe_agrees() -> None:
+    direct = direct_attempt()
+    assert (arena.cma is not None) == direct, f"rank {R}: probe says {arena.cma is not None}, a direct read {direct}"
+    every = mpi.allgather(arena.cma is not None)
+    assert len(set(every)) == 1, f"the node's ranks disagree on single copy: {every}"
+
+
+cases.run("probe agrees with a direct attempt", probe_agrees)
+available = arena.cma is not None
+if R == 0:
+    print(f"SINGLE_COPY {'yes' if available else 'no'}", flush=True)
+
+
+def data(n: int, dtype: type, salt: int) -> np.ndarray:
+    rng = np.random.default_rng(1000 * R + salt)
+    if np.dtype(dtype).kind in "iu":
+        return rng.integers(-100, 100, n).astype(dtype)
+    scale = 10.0 ** rng.integers(-4, 3 if np.dtype(dtype).itemsize == 2 else 5, n)  # float16 tops out at 65504
+    v = rng.standard_normal(n) * scale
+    if np.dtype(dtype).kind == "c":
+        v = v + 1j * rng.standard_normal(n)
+    return v.astype(dtype)
+
+
+def same_everywhere(a: np.ndarray, what: str) -> None:
+    every = mpi.allgather(zlib.crc32(a.tobytes()))
+    assert len(set(every)) == 1, f"{what}: ranks' results differ"
+
+
+def copy_in(fn):  # the same call with the single-copy path switched off on this arena
+    keep = arena.cma
+    arena.cma = None
+    try:
+        return fn()
+    finally:
+        arena.cma = keep
+
+
+calls = [0]
+real = arena._single_copy
+
+
+def counting(*args, **kwargs):
+    calls[0] += 1
+    return real(*args, **kwargs)
+
+
+arena._single_copy = counting
+
+
+def bits(dtype: type, n: int, op: str) -> None:
+    x = data(n, dtype, n)
+    keep = x.copy()
+    before = calls[0]
+    y = comm.allreduce(x, op=op, algorithm="shm")
+    assert calls[0] == before + 1, f"rank {R}: {n} elements of {np.dtype(dtype)} did not take the single-copy path"
+    assert np.array_equal(x, keep), f"rank {R}: the input changed"
+    plain = copy_in(lambda: comm.allreduce(x, op=op, algorithm="shm"))
+    what = f"{op} {np.dtype(dtype)} n={n}"
+    assert y.tobytes() == plain.tobytes(), f"rank {R}: {what}: single copy's bits differ from copy-in's"
+    same_everywhere(y, what)
+    z = x.copy()
+    comm.allreduce(z, op=op, algorithm="shm", out=z)
+    assert z.tobytes() == plain.tobytes(), f"rank {R}: {what}: in place differs"
+    for root in range(P):
+        r = comm.reduce(x, root=root, op=op, algorithm="shm")
+        if R == root:
+            assert r.tobytes() == plain.tobytes(), f"rank {R}: {what}: reduce to {root} differs"
+        else:
+            assert r is None
+
+
+def piece_edges() -> None:
+    # Slices that end exactly on a piece, one element past it, and one short: every rank's loop bounds.
+    for n in (P * CMA_PIECE_BYTES // 4, P * CMA_PIECE_BYTES // 4 + 1, P * CMA_PIECE_BYTES // 4 - 1):
+        n = max(n, CMA_MIN_BYTES // 4)
+        bits(np.float32, n, "sum")
+
+
+def switched_off() -> None:
+    os.environ["COLLECTIVE_SHM_SINGLE_COPY"] = "0"
+    try:
+        sub = comm.split(0)
+    finally:
+        del os.environ["COLLECTIVE_SHM_SINGLE_COPY"]
+    assert sub is not None
+    try:
+        x = data(CMA_MIN_BYTES // 8 + 3, np.float64, 5)
+        y = sub.allreduce(x, algorithm="shm")
+        assert sub.node_arena().cma is None, f"rank {R}: COLLECTIVE_SHM_SINGLE_COPY=0 left single copy on"
+        want = copy_in(lambda: comm.allreduce(x, algorithm="shm"))
+        assert y.tobytes() == want.tobytes(), f"rank {R}: the switched-off communicator's result differs"
+    finally:
+        sub.close()
+
+
+def unchecked_sizes() -> None:
+    # With the cross-rank check off, ranks calling with different sizes: every rank raises, nothing is touched.
+    os.environ["COLLECTIVE_CHECK"] = "0"
+    try:
+        sub = comm.split(0)
+    finally:
+        del os.environ["COLLECTIVE_CHECK"]
+    assert sub is not None
+    try:
+        n = CMA_MIN_BYTES // 4 + (1000 if R == 0 else 0)
+        x = np.ones(n, np.float32)
+        out = np.zeros(n, np.float32)
+        try:
+            sub.allreduce(x, algorithm="shm", out=out)
+        except CollectiveMismatchError as exc:
+            assert "single-copy" in str(exc) and "other ranks" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"rank {R}: different sizes with the check off did not raise")
+        assert not out.any(), f"rank {R}: the output was written"
+        y = sub.allreduce(np.ones(CMA_MIN_BYTES // 4, np.float32), algorithm="shm")  # the group goes on
+        assert (y == P).all()
+    finally:
+        sub.close()
+
+
+if available:
+    for dtype in (np.float32, np.float64, np.float16, np.int8, np.complex64):
+        n = CMA_MIN_BYTES // np.dtype(dtype).itemsize + 2 * P + 1
+        for op in (("sum", "max") if np.dtype(dtype).kind != "c" else ("sum", "prod")):
+            cases.run(f"bits {np.dtype(dtype)} {op}", lambda: bits(dtype, n, op))
+    cases.run("avg", lambda: bits(np.float64, CMA_MIN_BYTES // 8 + 1, "avg"))
+    cases.run("piece edges", piece_edges)
+    cases.run("unchecked sizes raise", unchecked_sizes)
+cases.run("switched off", switched_off)
+cases.finish()
