@@ -117,6 +117,11 @@ CMA_MIN_BYTES = 4 << 20
 #: The piece of its slice a rank reduces at a time on the single-copy path: its operands and the result stay in
 #: the caches between the reads from the peers and the writes to them, and each system call moves this much.
 CMA_PIECE_BYTES = 1 << 20
+#: Alltoall, allgather, gather and scatter on one node from this many bytes per rank on (the mean of the ranks'
+#: inputs; scatter: the root's) read their blocks straight from the other ranks' inputs by cross-memory attach
+#: where the node allows it (see "single copy"): two phases and one copy a byte, where the copy-in path takes one
+#: phase (at most a chunk, see QuickScatter) and two copies a byte. The A/B runs of docs/bench chose it.
+CMA_READ_MIN_BYTES = 64 << 10
 _FLAG = 128  # two cache lines for the flag, so flags of different ranks never share a line
 #: Word of the flag whose bit ``seq & 1`` says that this rank posted call ``seq``'s data with its check (see
 #: QuickScatter); words 0-6 are the ticket, the fingerprint slots and the variable-size posts (see exchange_pairs).
@@ -124,6 +129,9 @@ _POSTED = 7
 #: Words of the flag where a single-copy call posts its number (calls counted by the arena), the addresses of its
 #: input and output in this process and the input's size in bytes (see "single copy").
 _CMA_CALL, _CMA_X, _CMA_OUT, _CMA_BYTES = 8, 9, 10, 11
+#: Words of the flag where a variable-size call posts, before its first phase, its number (the ticket then), its
+#: input's address in this process and its size in bytes, for the single-copy reads (see "single copy").
+_VAR_CALL, _VAR_X, _VAR_BYTES = 12, 13, 14
 # Waiting on a flag: this many plain reads (holding the interpreter lock, so a partner a few microseconds behind
 # is caught at once), then sched_yield (which lets other threads of this process run) for _YIELD_S, then naps,
 # for a rank that is far behind (a long step or a slow rank: a nap costs a fraction of a core where a spin takes
@@ -572,6 +580,7 @@ class ShmArena:
         #: Cross-memory access to the node's other ranks (see "single copy"), or None where the node lacks it.
         self.cma: CrossMemory | None = probe(node_comm) if single_copy and self.size > 1 else None
         self._cma_tmp = np.empty(0, np.uint8)
+        self._vpost = (0, -1)  # (op, ticket) of this rank's last post_input
         self.comm.Barrier()  # every flag is zeroed before anyone waits on it
 
     def waiting_on(self) -> tuple[int, ...]:
@@ -998,14 +1007,76 @@ class ShmArena:
                 for q, dst in targets:
                     write(q, dst + off, src, nb)
         except CollectiveError:
-            watch = self.watch
-            if watch is not None:  # a peer that is gone: the elastic error, once its loss is known
-                until = time.monotonic() + 2.0
-                while time.monotonic() < until:
-                    watch()
-                    time.sleep(_WATCH_S)
+            self._peer_failed()
             raise
         self.phase()  # DONE: every result has landed, and no rank reads another's input any more
+
+    def _peer_failed(self) -> None:
+        """After a cross-memory transfer failed: in elastic mode, wait a little for the watch to raise the loss of
+        the peer (the elastic error); return where it does not (the caller raises the transfer's error)."""
+        watch = self.watch
+        if watch is not None:
+            until = time.monotonic() + 2.0
+            while time.monotonic() < until:
+                watch()
+                time.sleep(_WATCH_S)
+
+    def post_input(self, x: np.ndarray | None, seq: int) -> None:
+        """Post where this rank's input of variable-size op ``seq`` lies (C-contiguous; None: no input), before
+        the op's first phase, for :meth:`cross_read` (see "single copy"): the ticket, which names the call, last."""
+        f = self.my_flag
+        if x is None or not x.size:
+            f[_VAR_X] = f[_VAR_BYTES] = 0
+        else:
+            f[_VAR_X] = x.ctypes.data
+            f[_VAR_BYTES] = x.nbytes
+        f[_VAR_CALL] = k = self.ticket
+        self._vpost = (seq, k)
+
+    def cross_read(self, seq: int, mine: np.ndarray | None, out: np.ndarray | None, sizes: list[int],
+                   reads: list[tuple[int, int, int, int]], what: str) -> None:
+        """A variable-size call of op ``seq`` by single copy: copy ``reads`` straight from the ranks' inputs into
+        ``out``, then end a phase (DONE: no rank reads another's input any more).
+
+        ``mine``: this rank's input as bytes (None: none), posted by :meth:`post_input` before the phase that just
+        ended (the op's check), else posted here and followed by a phase; ``sizes``: every rank's input in bytes,
+        as the call's counts say (the same on every rank); ``reads``: (rank, offset in its input, count, offset in
+        ``out``), in bytes; ``what``: the call, for the error. Every rank's post must name this call (the ticket
+        before the check) and its size must be ``sizes``' (a rank in another call, or with another size, where
+        the check is off): else every rank ends the phase and raises CollectiveMismatchError, having read
+        nothing.
+        """
+        cm = self.cma
+        assert cm is not None, "cross_read: the node has no cross-memory access"
+        k = self.ticket - 1
+        if self._vpost != (seq, k):  # the check was no phase of this arena: post now, then a phase
+            self.post_input(mine, seq)
+            self.phase()
+            k = self.ticket - 1
+        flags = self.flags
+        odd = [q for q, fl in enumerate(flags) if fl[_VAR_CALL] != k or fl[_VAR_BYTES] != sizes[q]]
+        if odd:
+            self.phase()
+            got = ", ".join(f"node rank {q}: {int(flags[q][_VAR_BYTES])} bytes at ticket {int(flags[q][_VAR_CALL])} "
+                            f"(expected {sizes[q]})" for q in odd)
+            raise CollectiveMismatchError(
+                f"{what}: the single-copy path found ranks in another call or with other sizes ({got}; this call: "
+                f"ticket {k}); nothing was read (the cross-rank check is off, and the ranks' calls differ)")
+        me = self.rank
+        base = out.ctypes.data if out is not None and out.size else 0
+        read = cm.read
+        try:
+            for q, off, n, d in reads:
+                if not n:
+                    continue
+                if q == me:
+                    out[d:d + n] = mine[off:off + n]  # type: ignore[index]
+                else:
+                    read(q, base + d, int(flags[q][_VAR_X]) + off, n)
+        except CollectiveError:
+            self._peer_failed()
+            raise
+        self.phase()
 
     def broadcast(self, out: np.ndarray, root: int) -> None:
         """Copy ``root``'s ``out`` (1-D, contiguous) into every rank's ``out``."""

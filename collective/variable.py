@@ -39,7 +39,7 @@ from collective import topologies
 from .arrays import Deferred, to_numpy
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import check_dtype, dtype_code, dtype_from_code
-from .shm import QuickScatter, WindowRead
+from .shm import CMA_READ_MIN_BYTES, QuickScatter, WindowRead
 from .signature import check_algorithm, check_out_dtype
 
 __all__ = ["VCall", "VPlan", "VHot", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
@@ -383,7 +383,8 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
            if outs[q] >= 0 and want[q] >= 0 and outs[q] != want[q]]
     if bad:
         _fail_all(c, rank, size, bad)
-    if c.name == "allgather" and c.segs is None and (counts == counts[0]).all():
+    if (c.name == "allgather" and c.segs is None and (counts == counts[0]).all()
+            and not _single_copy_equal(c, counts, row, arena)):
         return fixed(c)
     alg = c.algorithm
     if alg == "auto":
@@ -426,7 +427,8 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
             # phase and a copy more, as for plain arrays), up to the size where the copy costs more than a phase.
             if c.segs is not None and (ar.spins or not fits or max(sizes) * dtype.itemsize > _WINDOW_POST_MAX):
                 quick = WindowRead(ar, dtype, c.segs, reads, c.post[:2], pairs)
-            elif fits:
+            elif fits and (c.segs is not None or not single_copy(ar, [n * dtype.itemsize for n in sizes])):
+                # (Single copy, see _shm_mover, moves each byte once in two phases: no posting with the check.)
                 own = [(off, off + n) for q, off, n, _ in reads if q == rank]
                 quick = QuickScatter(ar, dtype, sizes, reads, own[0] if c.name == "alltoall" else None, c.post[:2],
                                      pairs)
@@ -438,6 +440,15 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     if c.return_splits:
         return res, c.received
     return res
+
+
+def _single_copy_equal(c: VCall, counts: np.ndarray, row: int, arena: Callable[[], Any] | None) -> bool:
+    """Whether an allgather whose counts are equal stays here for the single-copy path (shm, or auto, which takes
+    shm on one node at these sizes) rather than the fixed-size path, which copies through the arena."""
+    if arena is None or c.algorithm not in ("shm", "auto") or len(counts) < 2:
+        return False
+    isz = c.dtype.itemsize * row  # type: ignore[union-attr]
+    return single_copy(arena(), [int(v) * isz for v in counts])
 
 
 def _mover(c: VCall, alg: str, every: np.ndarray, counts: Any, row: int, rank: int, size: int, comm: Any, MPI: Any,
@@ -497,14 +508,42 @@ def _mover(c: VCall, alg: str, every: np.ndarray, counts: Any, row: int, rank: i
     return move_schedule
 
 
+def single_copy(ar: Any, sizes: list[int]) -> bool:
+    """Whether an shm call whose ranks' inputs are ``sizes`` bytes (the same list on every rank) reads them
+    straight from the ranks' inputs (``ShmArena.cross_read``, two phases) rather than copying through the arena's
+    regions (one phase a chunk, and one for the check unless a repeat posts its bytes with it).
+
+    Only where the node allows cross-memory attach. Where every rank spins on a core of its own, a phase costs
+    little and the copy saved wins from ``CMA_READ_MIN_BYTES`` per rank (the mean) on; where the ranks share cores,
+    a phase is a round of context switches, so only where some input spans more than one chunk (the copy-in path
+    then takes more phases than this one). The same verdict on every rank.
+    """
+    if ar.cma is None:
+        return False
+    if ar.spins:
+        return sum(sizes) >= CMA_READ_MIN_BYTES * len(sizes)
+    return max(sizes) > ar.chunk
+
+
 def _shm_mover(c: VCall, every: np.ndarray, counts: Any, row: int, rank: int, size: int, arena: Callable[[], Any],
                posted: bool = False) -> Callable[[np.ndarray | None, np.ndarray | None, int], None]:
-    """:func:`_mover` for shm (``posted``: only the reads, see ``ShmArena.scatter_bytes``)."""
+    """:func:`_mover` for shm (``posted``: only the reads, see ``ShmArena.scatter_bytes``): by single copy where
+    :func:`single_copy` says so (decided at each call: the node's verdict may be switched off), else through the
+    arena's regions."""
     sizes, reads = _shm_layout(c, every, counts, c.dtype.itemsize * row, rank, size)  # type: ignore[union-attr]
-    scatter_bytes = arena().scatter_bytes
+    ar = arena()
+    scatter_bytes = ar.scatter_bytes
     empty = np.empty(0, np.uint8)
+    what = f"{describe(c.name, rank, size, c.shape, c.dtype, 'shm')} (node rank {ar.rank})"
+    # Single copy reads from rank r+1 first, then r+2, ...: the ranks read from different peers at a time.
+    creads = sorted(reads, key=lambda t: (t[0] - ar.rank - 1) % ar.size)
+    byte = np.uint8
 
     def move_shm(x: np.ndarray | None, o: np.ndarray | None, seq: int) -> None:
+        if not posted and single_copy(ar, sizes):
+            ar.cross_read(seq, x.reshape(-1).view(byte) if x is not None else None,
+                          o.reshape(-1).view(byte) if o is not None else None, sizes, creads, what)
+            return
         ob = o.reshape(-1).view(np.uint8) if o is not None else None
         scatter_bytes(x.reshape(-1).view(np.uint8) if x is not None else empty, sizes,
                       [(q, off, n, ob[d:d + n]) for q, off, n, d in reads], posted)  # type: ignore[index]

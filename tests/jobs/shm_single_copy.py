@@ -14,6 +14,7 @@ import numpy as np
 from harness import Cases
 
 import collective as col
+import collective.variable as V
 from collective.errors import CollectiveMismatchError
 from collective.shm import CMA_MIN_BYTES, CMA_PIECE_BYTES
 
@@ -164,6 +165,159 @@ def unchecked_sizes() -> None:
     finally:
         sub.close()
 
+
+# ---------------------------------------------------------------- variable-size calls by single copy
+vcalls = [0]
+vreal = arena.cross_read
+
+
+def vcounting(*args, **kwargs):
+    vcalls[0] += 1
+    return vreal(*args, **kwargs)
+
+
+arena.cross_read = vcounting
+rule = V.single_copy
+
+
+def forced(ar, sizes):  # single copy at every size but empty calls, on whatever cores the ranks share
+    return ar.cma is not None and sum(sizes) > 0
+
+
+def rows_of(src: int, dst: int, rows: int, dt: str) -> np.ndarray:
+    v = (np.arange(rows * 3) * 7 + 1000 * src + 37 * dst) % 253
+    return v.astype(dt).reshape(rows, 3)
+
+
+def variable_calls(dt: str, scale: int) -> list:
+    """(name, call) pairs of every variable-size shape: even and uneven (with empty blocks) alltoall, uneven
+    and equal allgather, gather and scatter to every root."""
+    sp = [((R + 2 * d) % 3) * scale for d in range(P)]
+    uneven = np.concatenate([rows_of(R, d, sp[d], dt) for d in range(P)])
+    even = np.concatenate([rows_of(R, d, scale, dt) for d in range(P)])
+    mine = rows_of(R, 0, ((R * 2) % 3) * scale + 1, dt)
+    calls = [("alltoall even", lambda a: comm.alltoall(even, algorithm=a)),
+             ("alltoall uneven", lambda a: comm.alltoall(uneven, splits=sp, algorithm=a)),
+             ("allgather uneven", lambda a: comm.allgather(mine, algorithm=a)),
+             ("allgather equal", lambda a: comm.allgather(even, algorithm=a))]
+    for root in range(P):
+        full = rows_of(root, 1, scale * P + 1, dt)
+        calls.append((f"gather {root}", lambda a, root=root: comm.gather(mine, root=root, algorithm=a)))
+        calls.append((f"scatter {root}", lambda a, root=root, full=full: comm.scatter(
+            full if R == root else None, root=root, algorithm=a)))
+    return calls
+
+
+def variable_bits(dt: str) -> None:
+    """Every variable-size call by single copy gives the copy-in path's bytes and MPI's; the path was taken."""
+    V.single_copy = forced
+    try:
+        for scale in (1, 3000):
+            for name, call in variable_calls(dt, scale):
+                before = vcalls[0]
+                y = call("shm")
+                assert vcalls[0] == before + 1, f"rank {R}: {name} {dt} x{scale} did not take the single-copy path"
+                plain = copy_in(lambda: call("shm"))
+                native = call("native")
+                what = f"rank {R}: {name} {dt} x{scale}"
+                if y is None:
+                    assert plain is None and native is None, what
+                    continue
+                assert y.dtype == plain.dtype and y.shape == plain.shape, what
+                assert y.tobytes() == plain.tobytes() == native.tobytes(), f"{what}: single copy's bytes differ"
+    finally:
+        V.single_copy = rule
+
+
+def variable_repeats() -> None:
+    """Repeated calls on the same arrays (the plan's path): each sees its own input, rewritten right after the
+    call returned (no rank may return while another still reads its input)."""
+    V.single_copy = forced
+    try:
+        n = 2000 * P
+        x = np.empty((n, 3), np.float32)
+        out = np.empty((n, 3), np.float32)
+        g = np.empty((R + 1000, 3), np.float64)
+        before = vcalls[0]
+        for it in range(6):
+            x[...] = rows_of(R, it, n, "float32")
+            comm.alltoall(x, algorithm="shm", out=out)
+            x[...] = -1  # the next call's data: a peer still reading would see it
+            want = np.concatenate([rows_of(s, it, n, "float32")[R * 2000:(R + 1) * 2000] for s in range(P)])
+            assert (out == want).all(), f"rank {R}: repeat {it} of alltoall"
+            g[...] = rows_of(R, it, R + 1000, "float64")
+            y = comm.allgather(g, algorithm="shm")
+            g[...] = -1
+            want = np.concatenate([rows_of(s, it, s + 1000, "float64") for s in range(P)])
+            assert (y == want).all(), f"rank {R}: repeat {it} of allgather"
+        assert vcalls[0] == before + 12, f"rank {R}: {vcalls[0] - before} single-copy calls of 12"
+    finally:
+        V.single_copy = rule
+
+
+def variable_switched_off() -> None:
+    """COLLECTIVE_SHM_SINGLE_COPY=0: the same calls copy through the window, with the same results."""
+    os.environ["COLLECTIVE_SHM_SINGLE_COPY"] = "0"
+    try:
+        sub = comm.split(0)
+    finally:
+        del os.environ["COLLECTIVE_SHM_SINGLE_COPY"]
+    assert sub is not None
+    V.single_copy = forced
+    try:
+        x = np.concatenate([rows_of(R, d, 3000, "float32") for d in range(P)])
+        y = sub.alltoall(x, algorithm="shm")
+        sar = sub.node_arena()
+        assert sar.cma is None, f"rank {R}: COLLECTIVE_SHM_SINGLE_COPY=0 left single copy on"
+        assert y.tobytes() == comm.alltoall(x, algorithm="native").tobytes()
+
+        def refused(*args, **kwargs):
+            raise AssertionError(f"rank {R}: the single-copy path ran with it switched off")
+        sar.cross_read = refused
+        for _ in range(3):  # the first call and the plan's repeats
+            z = sub.allgather(x[:R + 5], algorithm="shm")
+            assert z.tobytes() == comm.allgather(x[:R + 5], algorithm="native").tobytes()
+            z = sub.scatter(x if R == 0 else None, root=0, algorithm="shm")
+            assert z.tobytes() == comm.scatter(x if R == 0 else None, root=0, algorithm="native").tobytes()
+    finally:
+        V.single_copy = rule
+        sub.close()
+
+
+def variable_unchecked() -> None:
+    """With the cross-rank check off, a rank whose rows are twice as wide in bytes (float64 where the others pass
+    float32): every rank raises CollectiveMismatchError, having read nothing; the group goes on."""
+    os.environ["COLLECTIVE_CHECK"] = "0"
+    try:
+        sub = comm.split(0)
+    finally:
+        del os.environ["COLLECTIVE_CHECK"]
+    assert sub is not None
+    V.single_copy = forced
+    try:
+        dt = np.float64 if R == 0 else np.float32
+        x = np.ones((1000 * P, 3), dt)
+        out = np.zeros((1000 * P, 3), dt)
+        try:
+            sub.alltoall(x, algorithm="shm", out=out)
+        except CollectiveMismatchError as exc:
+            assert "single-copy" in str(exc) and "alltoall" in str(exc) and "expected" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"rank {R}: different bytes per row with the check off did not raise")
+        assert not out.any(), f"rank {R}: the output was written"
+        y = sub.alltoall(np.full((1000 * P, 3), R, np.float32), algorithm="shm")  # the group goes on
+        assert (y == np.repeat(np.arange(P), 1000)[:, None]).all()
+    finally:
+        V.single_copy = rule
+        sub.close()
+
+
+if available:
+    for dt in ("float32", "int8", "complex64", "float16"):
+        cases.run(f"variable bits {dt}", lambda: variable_bits(dt))
+    cases.run("variable repeats", variable_repeats)
+    cases.run("variable unchecked sizes raise", variable_unchecked)
+cases.run("variable switched off", variable_switched_off)
 
 if available:
     for dtype in (np.float32, np.float64, np.float16, np.int8, np.complex64):
