@@ -20,6 +20,11 @@ _SHM_ALLTOALL_MAX = 4 << 20
 #: bytes per rank (one phase that is also the check, against the check and then MPI's call), tied with it here,
 #: and lost above (MPI copies each byte once, shm twice): the P=2 tables of docs/bench.
 _SHM_OWN_CORES_BELOW = 64 << 10
+#: Where every rank has a core of its own and the node allows single copy (``collective.shm``, "single copy"), shm
+#: alltoall and allgatherv read every block straight from its owner's input, and beat the library's MPI path again
+#: from this many bytes per rank (below it MPI's own, which copies each byte once too, costs less per call): the
+#: single-copy A/B runs of docs/bench. Where the ranks share cores MPI's own kept the lead above 4 MiB.
+_SINGLE_COPY_OWN_CORES_FROM = 16 << 20
 #: The variable-size collectives "auto" chooses for (``Chooser.auto_variable``), each with what it may pick
 #: besides shm: "native" and the Schedules ``topologies.cost.candidates_for`` lists (priced alike).
 VARIABLE_AUTO: dict[str, tuple[str, ...]] = {name: cost.candidates_for(name)
@@ -39,13 +44,17 @@ class Chooser:
             "auto" then picks paths that need no shared window). None: always.
         shared_cores: returns whether the node's ranks share cores (the arena's phases wait in MPI's barrier
             rather than spin, ``ShmArena.spins``; the same answer on every rank). None: never.
+        single_copy: returns whether the node's shm arena moves bytes by cross-memory attach (``ShmArena.cma``;
+            the same answer on every rank of the node). None: never.
     """
 
     def __init__(self, cluster: Cluster, rank: int, size: int, local_size: int, single_node: bool, tuning: Any,
                  quick: Callable[[], bool], shm_ok: Callable[[], bool] | None = None,
-                 shared_cores: Callable[[], bool] | None = None) -> None:
+                 shared_cores: Callable[[], bool] | None = None,
+                 single_copy: Callable[[], bool] | None = None) -> None:
         self._shm_ok = shm_ok
         self._shared_cores = shared_cores
+        self._single_copy = single_copy
         self.cluster, self.rank, self.size, self.local_size = cluster, rank, size, local_size
         self.single_node = single_node
         self.tuning = tuning
@@ -98,7 +107,9 @@ class Chooser:
         where every rank has a core of its own shm from 4 KiB below 64 KiB and
         native from there (with a core each, MPI's own beat copying through
         the arena from 64 KiB at P = 2; sharing two cores, P = 4, shm won:
-        docs/bench/alltoall_allgatherv_p2.txt and _p4.txt), gather and scatter
+        docs/bench/alltoall_allgatherv_p2.txt and _p4.txt), and shm again from
+        16 MiB where the node allows single copy (each byte read once, straight
+        from its owner's input: see ``collective.shm``), gather and scatter
         take shm; across nodes, the cost model's
         cheapest of native and the collective's Schedules (pairwise and Bruck
         alltoall, binomial-tree gather and scatter, ring allgatherv) on the
@@ -121,6 +132,8 @@ class Chooser:
                     return "native"
                 if self._shared_cores is not None and self._shared_cores():
                     return "shm" if name != "alltoall" or nbytes <= _SHM_ALLTOALL_MAX else "native"
+                if nbytes >= _SINGLE_COPY_OWN_CORES_FROM and self._single_copy is not None and self._single_copy():
+                    return "shm"
                 return "shm" if nbytes < _SHM_OWN_CORES_BELOW else "native"
             return "shm"
         return self.cost_choice(name, nbytes, dtype, root, cands).best

@@ -273,7 +273,8 @@ class Communicator:
         self._chooser = Chooser(self.cluster, self.rank, self.size, self.local_size, self.single_node, tuning,
                                 lambda: self._check.quick_arena is not None,
                                 shm_ok=lambda: self._engine.shm_problem is None,
-                                shared_cores=lambda: self._engine.arena is not None and not self._engine.arena.spins)
+                                shared_cores=lambda: self._engine.arena is not None and not self._engine.arena.spins,
+                                single_copy=lambda: getattr(self._engine.arena, "cma", None) is not None)
         self._prep = Preparer(self.rank, self.size, alg, self._chooser.auto, self._engine.plan,
                               self.cluster.node_of_rank, node_count, lambda: self._engine.shared, chunk)
         #: The repeat plans of alltoall and allgather (``Preparer.vplans``; the same dict for the communicator's life).

@@ -22,11 +22,11 @@ def test_counts_travel_with_the_check(nprocs: int) -> None:
 
 
 def _chooser(nodes: tuple[int, ...], single_node: bool = False, shm_ok: bool = True,
-             shared_cores: bool = False) -> Chooser:
+             shared_cores: bool = False, single_copy: bool = False) -> Chooser:
     cl = Cluster(nodes, intra=INTRA, inter=INTER, gamma=1 / 3e9)
     local = sum(1 for n in nodes if n == nodes[0])
     return Chooser(cl, 0, len(nodes), local, single_node, None, lambda: False, shm_ok=lambda: shm_ok,
-                   shared_cores=lambda: shared_cores)
+                   shared_cores=lambda: shared_cores, single_copy=lambda: single_copy)
 
 
 SIZES = (0, 64, 4 << 10, 64 << 10, 1 << 20, 16 << 20)
@@ -84,6 +84,16 @@ def test_auto_on_one_node_and_one_rank() -> None:
                 name, nbytes, "f4") == "native"
             assert _chooser((0,) * 4, single_node=True, shm_ok=False).auto_variable(name, nbytes, "f4") == "native"
             assert _chooser((0,), single_node=True).auto_variable(name, nbytes, np.dtype("f4")) == "native"
+            # with single copy on the node: shm again from 16 MiB where every rank has a core; unchanged where
+            # they share cores, across nodes, and without the arena
+            big = name in ("alltoall", "allgatherv") and nbytes >= 16 << 20
+            want_own = "shm" if big else _chooser((0,) * 4, single_node=True).auto_variable(name, nbytes, "f4")
+            assert _chooser((0,) * 4, single_node=True, single_copy=True).auto_variable(name, nbytes, "f4") == want_own
+            for kw in ({"shared_cores": True}, {"shm_ok": False}):
+                assert (_chooser((0,) * 4, single_node=True, single_copy=True, **kw).auto_variable(name, nbytes, "f4")
+                        == _chooser((0,) * 4, single_node=True, **kw).auto_variable(name, nbytes, "f4"))
+            assert _chooser((0, 0, 1, 1), single_copy=True).auto_variable(name, nbytes, "f4") == _chooser(
+                (0, 0, 1, 1)).auto_variable(name, nbytes, "f4")
         # the public entry points take these names too
         assert _chooser((0, 0, 1, 1)).auto(name, 1 << 20, np.dtype("float32")) in VARIABLE_AUTO[name]
 
