@@ -65,6 +65,13 @@ crosses between processes once, and a call is two phases whatever its size.
 A rank touches another's memory only at addresses that rank posted for the
 very call (same call number, same size), so a rank on another path, or
 with another size, is an error, never a stray write.
+The variable-size calls (alltoall, allgather, gather, scatter) use it too,
+reading only: each rank posts its input's address and size with the ticket
+before the call's first phase (the check; :meth:`ShmArena.post_input`),
+then reads its blocks from every owner's input straight into its output
+and ends one phase, after which no rank reads another's input
+(:meth:`ShmArena.cross_read`; which calls take it:
+``collective.variable.single_copy``).
 
 ``alloc()`` hands out arrays that live in their own shared window; an
 allreduce on such an array, in place or into another alloc'd array, reads
@@ -117,11 +124,12 @@ CMA_MIN_BYTES = 4 << 20
 #: The piece of its slice a rank reduces at a time on the single-copy path: its operands and the result stay in
 #: the caches between the reads from the peers and the writes to them, and each system call moves this much.
 CMA_PIECE_BYTES = 1 << 20
-#: Alltoall, allgather, gather and scatter on one node from this many bytes per rank on (the mean of the ranks'
-#: inputs; scatter: the root's) read their blocks straight from the other ranks' inputs by cross-memory attach
-#: where the node allows it (see "single copy"): two phases and one copy a byte, where the copy-in path takes one
-#: phase (at most a chunk, see QuickScatter) and two copies a byte. The A/B runs of docs/bench chose it.
-CMA_READ_MIN_BYTES = 64 << 10
+#: Where every rank spins on a core of its own, shm alltoall, allgather, gather and scatter from this many bytes
+#: per rank on (the mean of the ranks' inputs) read their blocks straight from the owners' inputs by cross-memory
+#: attach where the node allows it (see "single copy", and ``collective.variable.single_copy`` where ranks share
+#: cores): two phases and one copy a byte, where the copy-in path takes one phase (within a chunk, see
+#: QuickScatter) and two copies a byte; below it the system calls' fixed cost loses (the single-copy A/B runs).
+CMA_READ_MIN_BYTES = 256 << 10
 _FLAG = 128  # two cache lines for the flag, so flags of different ranks never share a line
 #: Word of the flag whose bit ``seq & 1`` says that this rank posted call ``seq``'s data with its check (see
 #: QuickScatter); words 0-6 are the ticket, the fingerprint slots and the variable-size posts (see exchange_pairs).
