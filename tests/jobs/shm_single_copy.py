@@ -82,24 +82,32 @@ def copy_in(fn):  # the same call with the single-copy path switched off on this
         arena.cma = keep
 
 
-calls = [0]
-real = arena._single_copy
+calls = {"_single_copy": 0, "_single_copy_scatter": 0, "_single_copy_gather": 0}
 
 
-def counting(*args, **kwargs):
-    calls[0] += 1
-    return real(*args, **kwargs)
+def counting(name: str):
+    real = getattr(arena, name)
+
+    def call(*args, **kwargs):
+        calls[name] += 1
+        return real(*args, **kwargs)
+    return call
 
 
-arena._single_copy = counting
+for name in calls:
+    setattr(arena, name, counting(name))
+
+
+def took(name: str, before: int, what: str) -> None:
+    assert calls[name] == before + 1, f"rank {R}: {what} did not take the single-copy path ({name})"
 
 
 def bits(dtype: type, n: int, op: str) -> None:
     x = data(n, dtype, n)
     keep = x.copy()
-    before = calls[0]
+    before = calls["_single_copy"]
     y = comm.allreduce(x, op=op, algorithm="shm")
-    assert calls[0] == before + 1, f"rank {R}: {n} elements of {np.dtype(dtype)} did not take the single-copy path"
+    took("_single_copy", before, f"allreduce of {n} elements of {np.dtype(dtype)}")
     assert np.array_equal(x, keep), f"rank {R}: the input changed"
     plain = copy_in(lambda: comm.allreduce(x, op=op, algorithm="shm"))
     what = f"{op} {np.dtype(dtype)} n={n}"
@@ -114,6 +122,30 @@ def bits(dtype: type, n: int, op: str) -> None:
             assert r.tobytes() == plain.tobytes(), f"rank {R}: {what}: reduce to {root} differs"
         else:
             assert r is None
+
+
+def scatter_bits(dtype: type, rows: int) -> None:
+    x = data(rows * 3, dtype, rows).reshape(rows, 3)
+    before = calls["_single_copy_scatter"]
+    y = comm.reduce_scatter(x, algorithm="shm")
+    took("_single_copy_scatter", before, f"reduce_scatter of {x.shape} {np.dtype(dtype)}")
+    plain = copy_in(lambda: comm.reduce_scatter(x, algorithm="shm"))
+    assert y.shape == plain.shape and y.tobytes() == plain.tobytes(), f"rank {R}: reduce_scatter bits differ"
+    every = mpi.allgather(y)
+    whole = copy_in(lambda: comm.allreduce(x, algorithm="shm"))
+    assert np.concatenate(every).tobytes() == whole.tobytes(), "reduce_scatter's blocks are not the allreduce"
+
+
+def gather_bits(dtype: type, rows: int) -> None:
+    x = data(rows * 5, dtype, rows + 1).reshape(rows, 5)
+    before = calls["_single_copy_gather"]
+    y = comm.allgather(x, algorithm="shm")
+    took("_single_copy_gather", before, f"allgather of {x.shape} {np.dtype(dtype)}")
+    want = np.concatenate(mpi.allgather(x))
+    assert y.tobytes() == want.tobytes(), f"rank {R}: allgather differs"
+    out = np.zeros_like(want)
+    comm.allgather(x, algorithm="shm", out=out)
+    assert out.tobytes() == want.tobytes(), f"rank {R}: allgather into out differs"
 
 
 def piece_edges() -> None:
@@ -172,6 +204,10 @@ if available:
             cases.run(f"bits {np.dtype(dtype)} {op}", lambda: bits(dtype, n, op))
     cases.run("avg", lambda: bits(np.float64, CMA_MIN_BYTES // 8 + 1, "avg"))
     cases.run("piece edges", piece_edges)
+    for dtype in (np.float32, np.int8):
+        rows = CMA_MIN_BYTES // (3 * np.dtype(dtype).itemsize) + P + 1  # uneven blocks
+        cases.run(f"reduce_scatter {np.dtype(dtype)}", lambda: scatter_bits(dtype, rows))
+        cases.run(f"allgather {np.dtype(dtype)}", lambda: gather_bits(dtype, CMA_MIN_BYTES // (5 * P * np.dtype(dtype).itemsize) + 3))
     cases.run("unchecked sizes raise", unchecked_sizes)
 cases.run("switched off", switched_off)
 cases.finish()
