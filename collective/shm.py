@@ -114,10 +114,11 @@ ONE_PHASE_BYTES = 256 << 10
 #: shm allreduces of alloc'd arrays (in place, or into another alloc'd array) from this size on run in their
 #: window; smaller ones are copied in and take the one-phase path, which beats the window's two phases there.
 WINDOW_MIN_BYTES = 256 << 10
-#: Shm allreduces and reduces from this size on move each byte once between the ranks' own arrays by
-#: cross-memory attach where the node allows it (see collective.cma and "single copy"); below it the copy-in path's
-#: phases cost less than the system calls.
-CMA_MIN_BYTES = 4 << 20
+#: Shm allreduces, reduces, reduce_scatters and allgathers from this size on move each byte once between the
+#: ranks' own arrays by cross-memory attach where the node allows it (see collective.cma and "single copy"). Below
+#: it the data stays in the last-level cache, where the copy-in path's extra copy costs less than the kernel's
+#: pinning of every page (docs/bench/shm_single_copy.txt).
+CMA_MIN_BYTES = 16 << 20
 #: The piece of its slice a rank reduces at a time on the single-copy path: its operands and the result stay in
 #: the caches between the reads from the peers and the writes to them, and each system call moves this much.
 CMA_PIECE_BYTES = 1 << 20

@@ -150,8 +150,8 @@ def gather_bits(dtype: type, rows: int) -> None:
 
 def piece_edges() -> None:
     # Slices that end exactly on a piece, one element past it, and one short: every rank's loop bounds.
-    for n in (P * CMA_PIECE_BYTES // 4, P * CMA_PIECE_BYTES // 4 + 1, P * CMA_PIECE_BYTES // 4 - 1):
-        n = max(n, CMA_MIN_BYTES // 4)
+    k = max(CMA_MIN_BYTES // CMA_PIECE_BYTES // P + 1, 1)  # pieces per slice, at least the threshold's size
+    for n in (k * P * CMA_PIECE_BYTES // 4 + 1, k * P * CMA_PIECE_BYTES // 4 - 1):
         bits(np.float32, n, "sum")
 
 
@@ -198,10 +198,10 @@ def unchecked_sizes() -> None:
 
 
 if available:
-    for dtype in (np.float32, np.float64, np.float16, np.int8, np.complex64):
+    for dtype, op in ((np.float32, "sum"), (np.float32, "max"), (np.float64, "sum"), (np.float16, "sum"),
+                      (np.int8, "max"), (np.complex64, "prod")):
         n = CMA_MIN_BYTES // np.dtype(dtype).itemsize + 2 * P + 1
-        for op in (("sum", "max") if np.dtype(dtype).kind != "c" else ("sum", "prod")):
-            cases.run(f"bits {np.dtype(dtype)} {op}", lambda: bits(dtype, n, op))
+        cases.run(f"bits {np.dtype(dtype)} {op}", lambda: bits(dtype, n, op))
     cases.run("avg", lambda: bits(np.float64, CMA_MIN_BYTES // 8 + 1, "avg"))
     cases.run("piece edges", piece_edges)
     for dtype in (np.float32, np.int8):
