@@ -207,7 +207,8 @@ if available:
     for dtype in (np.float32, np.int8):
         rows = CMA_MIN_BYTES // (3 * np.dtype(dtype).itemsize) + P + 1  # uneven blocks
         cases.run(f"reduce_scatter {np.dtype(dtype)}", lambda: scatter_bits(dtype, rows))
-        cases.run(f"allgather {np.dtype(dtype)}", lambda: gather_bits(dtype, CMA_MIN_BYTES // (5 * P * np.dtype(dtype).itemsize) + 3))
+        each = CMA_MIN_BYTES // (5 * P * np.dtype(dtype).itemsize) + 3
+        cases.run(f"allgather {np.dtype(dtype)}", lambda: gather_bits(dtype, each))
     cases.run("unchecked sizes raise", unchecked_sizes)
 cases.run("switched off", switched_off)
 cases.finish()
