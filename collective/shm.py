@@ -64,7 +64,11 @@ says every result has landed and nobody reads an input any more. Each byte
 crosses between processes once, and a call is two phases whatever its size.
 A rank touches another's memory only at addresses that rank posted for the
 very call (same call number, same size), so a rank on another path, or
-with another size, is an error, never a stray write.
+with another size, is an error, never a stray write. A reduce_scatter from
+``CMA_MIN_BYTES`` of input is the same with rank r's block in place of its
+slice and no writes (it reduces straight into its own output); an allgather
+from ``CMA_MIN_BYTES`` of output reads every other rank's input straight into
+its block of the output.
 The variable-size calls (alltoall, allgather, gather, scatter) use it too,
 reading only: each rank posts its input's address and size with the ticket
 before the call's first phase (the check; :meth:`ShmArena.post_input`),
@@ -117,10 +121,11 @@ ONE_PHASE_BYTES = 256 << 10
 #: shm allreduces of alloc'd arrays (in place, or into another alloc'd array) from this size on run in their
 #: window; smaller ones are copied in and take the one-phase path, which beats the window's two phases there.
 WINDOW_MIN_BYTES = 256 << 10
-#: Shm allreduces and reduces from this size on move each byte once between the ranks' own arrays by
-#: cross-memory attach where the node allows it (see collective.cma and "single copy"); below it the copy-in path's
-#: phases cost less than the system calls.
-CMA_MIN_BYTES = 4 << 20
+#: Shm allreduces, reduces, reduce_scatters and allgathers from this size on move each byte once between the
+#: ranks' own arrays by cross-memory attach where the node allows it (see collective.cma and "single copy"). Below
+#: it the data stays in the last-level cache, where the copy-in path's extra copy costs less than the kernel's
+#: pinning of every page (docs/bench/shm_single_copy.txt).
+CMA_MIN_BYTES = 16 << 20
 #: The piece of its slice a rank reduces at a time on the single-copy path: its operands and the result stay in
 #: the caches between the reads from the peers and the writes to them, and each system call moves this much.
 CMA_PIECE_BYTES = 1 << 20
@@ -946,49 +951,68 @@ class ShmArena:
                 if q1 > q0:
                     np.copyto(out[c0 + q0:c0 + q1], regs[q][q0:q1])
 
-    def _single_copy(self, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any], root: int | None,
-                     first: Callable[[], Any] | None) -> None:
-        """:meth:`allreduce` by cross-memory attach: see "single copy"."""
-        cm = self.cma
-        assert cm is not None
-        P, r = self.size, self.rank
-        wants = root is None or r == root
-        assert out is not None or not wants, "allreduce: out is None on a rank that gets the result"
+    def _post(self, what: str, x: np.ndarray, out: np.ndarray | None, first: Callable[[], Any] | None) -> list[int]:
+        """Post ``x``'s and ``out``'s addresses (0: none) for a single-copy call, end its first phase (``first``,
+        see :meth:`arrive`) and return every rank's input address (even indices) and output address (odd).
+
+        Raises CollectiveMismatchError, after a phase on every rank that gets here, when some rank posted another
+        call or size: nothing is read or written then.
+        """
+        r = self.rank
         # The ticket before the first phase names the call: a rank on another path, or a call behind or ahead,
         # posts another (tickets only grow, and no rank gets two phases past another), so a stale post never
         # passes for this call's.
         k = self.ticket
         f = self.my_flag
         f[_CMA_X] = x.ctypes.data
-        f[_CMA_OUT] = out.ctypes.data if out is not None and wants else 0
+        f[_CMA_OUT] = out.ctypes.data if out is not None else 0
         f[_CMA_BYTES] = nbytes = x.nbytes
         f[_CMA_CALL] = k
         if first is not None:
             self.arrive(first, rollback=False)  # ARRIVED: every rank posted, and passed the check
         else:
             self.phase()
-        posts = [(int(fl[_CMA_CALL]), int(fl[_CMA_X]), int(fl[_CMA_OUT]), int(fl[_CMA_BYTES])) for fl in self.flags]
-        odd = [q for q, (c, _, _, b) in enumerate(posts) if c != k or b != nbytes]
+        flags = self.flags
+        odd = [q for q, fl in enumerate(flags) if fl[_CMA_CALL] != k or fl[_CMA_BYTES] != nbytes]
         if odd:
             self.phase()
-            got = ", ".join(f"node rank {q}: {posts[q][3]} bytes at ticket {posts[q][0]}" for q in odd)
+            got = ", ".join(f"node rank {q}: {flags[q][_CMA_BYTES]} bytes at ticket {flags[q][_CMA_CALL]}"
+                            for q in odd)
             raise CollectiveMismatchError(
-                f"allreduce on node rank {r} ({x.dtype}, {x.size} elements): the single-copy path found other "
-                f"ranks in another call ({got}; this rank: {nbytes} bytes at ticket {k}); nothing was read or "
-                f"written (the cross-rank check is off, and the ranks called with different sizes)")
+                f"{what} on node rank {r} ({x.dtype}, {x.size} elements): the single-copy path found other ranks "
+                f"in another call ({got}; this rank: {nbytes} bytes at ticket {k}); nothing was read or written "
+                f"(the cross-rank check is off, and the ranks called with different sizes)")
+        return [int(v) for fl in flags for v in (fl[_CMA_X], fl[_CMA_OUT])]
+
+    def _lost(self) -> None:
+        """After a failed cross-memory transfer: raise the elastic error once a peer's loss is known (elastic
+        mode), else return (the caller re-raises the transfer's error)."""
+        watch = self.watch
+        if watch is not None:
+            until = time.monotonic() + 2.0
+            while time.monotonic() < until:
+                watch()
+                time.sleep(_WATCH_S)
+
+    def _reduce_posted(self, x: np.ndarray, posts: list[int], a0: int, a1: int, dst: np.ndarray | None,
+                       ufunc: Callable[..., Any], targets: list[int]) -> None:
+        """Reduce elements [a0, a1) of every rank's posted input, in rank order (the same bits as the copy-in
+        path), into ``dst`` (its element i is element a0 + i; None: a scratch piece), piece by piece, and write
+        each piece into the posted outputs of node ranks ``targets`` at its own offset."""
+        cm = self.cma
+        assert cm is not None
+        P, r = self.size, self.rank
         isz = x.dtype.itemsize
-        s0, s1 = self.slice_of(x.size, r)
         step = max(1, CMA_PIECE_BYTES // isz)
         if self._cma_tmp.nbytes < 3 * step * isz:
             self._cma_tmp = np.empty(3 * step * isz, np.uint8)
         tmp = self._cma_tmp[:3 * step * isz].view(x.dtype)
         t0, t1, acc = tmp[:step], tmp[step:2 * step], tmp[2 * step:]
-        targets = [(q, posts[q][2]) for q in range(P) if q != r and (root is None or q == root)]
         read, write = cm.read, cm.write
         last = P - 1
         try:
-            for a in range(s0, s1, step):
-                b = min(s1, a + step)
+            for a in range(a0, a1, step):
+                b = min(a1, a + step)
                 m = b - a
                 nb = m * isz
                 off = a * isz
@@ -999,9 +1023,9 @@ class ShmArena:
                         ops.append(mine)
                     else:
                         t = (t0, t1)[q][:m]
-                        read(q, t.ctypes.data, posts[q][1] + off, nb)
+                        read(q, t.ctypes.data, posts[2 * q] + off, nb)
                         ops.append(t)
-                res = out[a:b] if wants else acc[:m]  # type: ignore[index]
+                res = acc[:m] if dst is None else dst[a - a0:b - a0]
                 # Rank order, as every shm path: ((x0 op x1) op x2) ...; the last step writes the result.
                 ufunc(ops[0], ops[1], res if last == 1 else acc[:m])
                 for q in range(2, P):
@@ -1009,25 +1033,56 @@ class ShmArena:
                         o = mine
                     else:
                         o = t1[:m]
-                        read(q, o.ctypes.data, posts[q][1] + off, nb)
+                        read(q, o.ctypes.data, posts[2 * q] + off, nb)
                     ufunc(acc[:m], o, res if q == last else acc[:m])
                 src = res.ctypes.data
-                for q, dst in targets:
-                    write(q, dst + off, src, nb)
+                for q in targets:
+                    write(q, posts[2 * q + 1] + off, src, nb)
         except CollectiveError:
-            self._peer_failed()
+            self._lost()
             raise
+
+    def _single_copy(self, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any], root: int | None,
+                     first: Callable[[], Any] | None) -> None:
+        """:meth:`allreduce` by cross-memory attach: see "single copy"."""
+        r = self.rank
+        wants = root is None or r == root
+        assert out is not None or not wants, "allreduce: out is None on a rank that gets the result"
+        posts = self._post("allreduce" if root is None else "reduce", x, out if wants else None, first)
+        s0, s1 = self.slice_of(x.size, r)
+        targets = [q for q in range(self.size) if q != r and (root is None or q == root)]
+        self._reduce_posted(x, posts, s0, s1, out[s0:s1] if wants else None, ufunc, targets)  # type: ignore[index]
         self.phase()  # DONE: every result has landed, and no rank reads another's input any more
 
-    def _peer_failed(self) -> None:
-        """After a cross-memory transfer failed: in elastic mode, wait a little for the watch to raise the loss of
-        the peer (the elastic error); return where it does not (the caller raises the transfer's error)."""
-        watch = self.watch
-        if watch is not None:
-            until = time.monotonic() + 2.0
-            while time.monotonic() < until:
-                watch()
-                time.sleep(_WATCH_S)
+    def _single_copy_scatter(self, x: np.ndarray, out: np.ndarray, blocks: tuple[int, ...],
+                             ufunc: Callable[..., Any], first: Callable[[], Any] | None) -> None:
+        """:meth:`reduce_scatter` by cross-memory attach: rank r reduces its block of every rank's input straight
+        into its ``out``; then a phase (no rank reads another's input any more)."""
+        r = self.rank
+        posts = self._post("reduce_scatter", x, out, first)
+        self._reduce_posted(x, posts, blocks[r], blocks[r + 1], out, ufunc, [])
+        self.phase()
+
+    def _single_copy_gather(self, x: np.ndarray, out: np.ndarray, first: Callable[[], Any] | None) -> None:
+        """:meth:`allgather` by cross-memory attach: each rank reads every other rank's input straight into its
+        block of ``out``; then a phase (no rank reads another's input any more)."""
+        cm = self.cma
+        assert cm is not None
+        r, nb = self.rank, x.nbytes
+        posts = self._post("allgather", x, out, first)
+        ob = out.reshape(-1).view(np.uint8)
+        base = ob.ctypes.data
+        mine = ob[r * nb:(r + 1) * nb]
+        if mine.ctypes.data != x.ctypes.data:
+            np.copyto(mine, x.reshape(-1).view(np.uint8))
+        try:
+            for q in range(self.size):
+                if q != r:
+                    cm.read(q, base + q * nb, posts[2 * q], nb)
+        except CollectiveError:
+            self._lost()
+            raise
+        self.phase()
 
     def post_input(self, x: np.ndarray | None, seq: int) -> None:
         """Post where this rank's input of variable-size op ``seq`` lies (C-contiguous; None: no input), before
@@ -1082,7 +1137,7 @@ class ShmArena:
                 else:
                     read(q, base + d, int(flags[q][_VAR_X]) + off, n)
         except CollectiveError:
-            self._peer_failed()
+            self._lost()
             raise
         self.phase()
 
@@ -1102,6 +1157,9 @@ class ShmArena:
     def reduce_scatter(self, x: np.ndarray, out: np.ndarray, blocks: tuple[int, ...], ufunc: Callable[..., Any],
                        first: Callable[[], Any] | None = None) -> None:
         """Reduce ``x`` over the node; this rank's ``out`` gets ``[blocks[r], blocks[r+1])`` of the result."""
+        if self.cma is not None and x.nbytes >= CMA_MIN_BYTES and (first is None or self.check_fenced):
+            self._single_copy_scatter(x, out, blocks, ufunc, first)
+            return
         b0, b1 = blocks[self.rank], blocks[self.rank + 1]
         # One phase per chunk, as in broadcast: region g % 2 is rewritten only after all arrived at g+1.
         for c0, c1, regs in self._filled(x, first):
@@ -1112,6 +1170,9 @@ class ShmArena:
     def allgather(self, x: np.ndarray, out: np.ndarray, first: Callable[[], Any] | None = None) -> None:
         """Concatenate every rank's ``x`` (same size everywhere) into ``out`` in rank order."""
         P, m = self.size, x.size
+        if self.cma is not None and out.nbytes >= CMA_MIN_BYTES and (first is None or self.check_fenced):
+            self._single_copy_gather(x, out, first)
+            return
         for c0, c1, regs in self._filled(x, first):
             for q in range(P):
                 np.copyto(out[q * m + c0:q * m + c1], regs[q][:c1 - c0])

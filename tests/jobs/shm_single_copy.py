@@ -83,24 +83,32 @@ def copy_in(fn):  # the same call with the single-copy path switched off on this
         arena.cma = keep
 
 
-calls = [0]
-real = arena._single_copy
+calls = {"_single_copy": 0, "_single_copy_scatter": 0, "_single_copy_gather": 0}
 
 
-def counting(*args, **kwargs):
-    calls[0] += 1
-    return real(*args, **kwargs)
+def counting(name: str):
+    real = getattr(arena, name)
+
+    def call(*args, **kwargs):
+        calls[name] += 1
+        return real(*args, **kwargs)
+    return call
 
 
-arena._single_copy = counting
+for name in calls:
+    setattr(arena, name, counting(name))
+
+
+def took(name: str, before: int, what: str) -> None:
+    assert calls[name] == before + 1, f"rank {R}: {what} did not take the single-copy path ({name})"
 
 
 def bits(dtype: type, n: int, op: str) -> None:
     x = data(n, dtype, n)
     keep = x.copy()
-    before = calls[0]
+    before = calls["_single_copy"]
     y = comm.allreduce(x, op=op, algorithm="shm")
-    assert calls[0] == before + 1, f"rank {R}: {n} elements of {np.dtype(dtype)} did not take the single-copy path"
+    took("_single_copy", before, f"allreduce of {n} elements of {np.dtype(dtype)}")
     assert np.array_equal(x, keep), f"rank {R}: the input changed"
     plain = copy_in(lambda: comm.allreduce(x, op=op, algorithm="shm"))
     what = f"{op} {np.dtype(dtype)} n={n}"
@@ -117,10 +125,37 @@ def bits(dtype: type, n: int, op: str) -> None:
             assert r is None
 
 
+def scatter_bits(dtype: type, rows: int) -> None:
+    x = data(rows * 3, dtype, rows).reshape(rows, 3)
+    before = calls["_single_copy_scatter"]
+    y = comm.reduce_scatter(x, algorithm="shm")
+    took("_single_copy_scatter", before, f"reduce_scatter of {x.shape} {np.dtype(dtype)}")
+    plain = copy_in(lambda: comm.reduce_scatter(x, algorithm="shm"))
+    assert y.shape == plain.shape and y.tobytes() == plain.tobytes(), f"rank {R}: reduce_scatter bits differ"
+    every = mpi.allgather(y)
+    whole = copy_in(lambda: comm.allreduce(x, algorithm="shm"))
+    assert np.concatenate(every).tobytes() == whole.tobytes(), "reduce_scatter's blocks are not the allreduce"
+
+
+def gather_bits(dtype: type, rows: int) -> None:
+    x = data(rows * 5, dtype, rows + 1).reshape(rows, 5)
+    before = calls["_single_copy_gather"] + vcalls[0]
+    y = comm.allgather(x, algorithm="shm")
+    # Either single-copy path: the fixed-size one, or the variable-size calls' (which equal first dims take where
+    # collective.variable.single_copy says so: two phases, the check being the first).
+    assert calls["_single_copy_gather"] + vcalls[0] == before + 1, (
+        f"rank {R}: allgather of {x.shape} {np.dtype(dtype)} did not take a single-copy path")
+    want = np.concatenate(mpi.allgather(x))
+    assert y.tobytes() == want.tobytes(), f"rank {R}: allgather differs"
+    out = np.zeros_like(want)
+    comm.allgather(x, algorithm="shm", out=out)
+    assert out.tobytes() == want.tobytes(), f"rank {R}: allgather into out differs"
+
+
 def piece_edges() -> None:
     # Slices that end exactly on a piece, one element past it, and one short: every rank's loop bounds.
-    for n in (P * CMA_PIECE_BYTES // 4, P * CMA_PIECE_BYTES // 4 + 1, P * CMA_PIECE_BYTES // 4 - 1):
-        n = max(n, CMA_MIN_BYTES // 4)
+    k = max(CMA_MIN_BYTES // CMA_PIECE_BYTES // P + 1, 1)  # pieces per slice, at least the threshold's size
+    for n in (k * P * CMA_PIECE_BYTES // 4 + 1, k * P * CMA_PIECE_BYTES // 4 - 1):
         bits(np.float32, n, "sum")
 
 
@@ -196,16 +231,16 @@ def variable_calls(dt: str, scale: int) -> list:
     uneven = np.concatenate([rows_of(R, d, sp[d], dt) for d in range(P)])
     even = np.concatenate([rows_of(R, d, scale, dt) for d in range(P)])
     mine = rows_of(R, 0, ((R * 2) % 3) * scale + 1, dt)
-    calls = [("alltoall even", lambda a: comm.alltoall(even, algorithm=a)),
+    shapes = [("alltoall even", lambda a: comm.alltoall(even, algorithm=a)),
              ("alltoall uneven", lambda a: comm.alltoall(uneven, splits=sp, algorithm=a)),
              ("allgather uneven", lambda a: comm.allgather(mine, algorithm=a)),
              ("allgather equal", lambda a: comm.allgather(even, algorithm=a))]
     for root in range(P):
         full = rows_of(root, 1, scale * P + 1, dt)
-        calls.append((f"gather {root}", lambda a, root=root: comm.gather(mine, root=root, algorithm=a)))
-        calls.append((f"scatter {root}", lambda a, root=root, full=full: comm.scatter(
+        shapes.append((f"gather {root}", lambda a, root=root: comm.gather(mine, root=root, algorithm=a)))
+        shapes.append((f"scatter {root}", lambda a, root=root, full=full: comm.scatter(
             full if R == root else None, root=root, algorithm=a)))
-    return calls
+    return shapes
 
 
 def variable_bits(dt: str) -> None:
@@ -320,12 +355,17 @@ if available:
 cases.run("variable switched off", variable_switched_off)
 
 if available:
-    for dtype in (np.float32, np.float64, np.float16, np.int8, np.complex64):
+    for dtype, op in ((np.float32, "sum"), (np.float32, "max"), (np.float64, "sum"), (np.float16, "sum"),
+                      (np.int8, "max"), (np.complex64, "prod")):
         n = CMA_MIN_BYTES // np.dtype(dtype).itemsize + 2 * P + 1
-        for op in (("sum", "max") if np.dtype(dtype).kind != "c" else ("sum", "prod")):
-            cases.run(f"bits {np.dtype(dtype)} {op}", lambda: bits(dtype, n, op))
+        cases.run(f"bits {np.dtype(dtype)} {op}", lambda: bits(dtype, n, op))
     cases.run("avg", lambda: bits(np.float64, CMA_MIN_BYTES // 8 + 1, "avg"))
     cases.run("piece edges", piece_edges)
+    for dtype in (np.float32, np.int8):
+        rows = CMA_MIN_BYTES // (3 * np.dtype(dtype).itemsize) + P + 1  # uneven blocks
+        cases.run(f"reduce_scatter {np.dtype(dtype)}", lambda: scatter_bits(dtype, rows))
+        each = CMA_MIN_BYTES // (5 * P * np.dtype(dtype).itemsize) + 3
+        cases.run(f"allgather {np.dtype(dtype)}", lambda: gather_bits(dtype, each))
     cases.run("unchecked sizes raise", unchecked_sizes)
 cases.run("switched off", switched_off)
 cases.finish()
