@@ -71,6 +71,7 @@ needs_ulfm = pytest.mark.skipif(shutil.which("mpiexec") is None and not os.path.
     "async:1",       # an async allreduce on the communication thread, another queued behind it
     "shm:1",         # between two phases of a multi-chunk shm allreduce (the node barrier waits)
     "quick:3",       # the one-phase path of a repeated small shm allreduce
+    "cross:1",       # a single-copy shm alltoall: the others read the victim's input (or wait in the last phase)
     "window:0",      # an alloc'd array's window path; rank 0 dies
     "broadcast:2",   # a ring broadcast (a leaf may finish first: it raises at its next call)
     "check:1",       # the cross-rank check, before any data moves

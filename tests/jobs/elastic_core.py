@@ -74,6 +74,12 @@ def arm(comm: col.Communicator, point: str) -> None:
     elif point == "quick":
         arena = comm.node_arena()
         arena.quick_allreduce = lambda *args: die()
+    elif point == "cross":  # after the check, as the others read its input by single copy (or wait for it to)
+        arena = comm.node_arena()
+        if arena.cma is not None:
+            arena.cross_read = lambda *args: die()
+        else:  # no cross-memory attach here: the copy-in path's data phase instead
+            arena.scatter_bytes = lambda *args: die()
     elif point == "check":
         real_check = comm._check.check
         comm._check.check = lambda rec, c: die() if c.name == "allreduce" else real_check(rec, c)
@@ -111,6 +117,9 @@ def point_call(comm: col.Communicator, point: str, victims: set, bufs: dict) -> 
     if point == "quick":
         comm.allreduce(np.full(64, me + 1.0), algorithm="shm")
         return "allreduce"
+    if point == "cross":  # beyond one chunk per rank: single copy whether the ranks spin or share cores
+        comm.alltoall(np.full((comm.size, 1 << 16), me + 1.0), algorithm="shm")
+        return "alltoall"
     if point == "window":
         g = bufs["window"]
         comm.allreduce(g, out=g, algorithm="shm")
@@ -220,7 +229,7 @@ def lose(comm: col.Communicator, point: str, victims: set, times: list) -> col.C
         err = None
         where = None
         op = {"broadcast": "broadcast", "p2p": None, "p2p-send": None, "barrier": "barrier",
-              "agree": None}.get(point, "allreduce")
+              "agree": None, "cross": "alltoall"}.get(point, "allreduce")
         try:
             if first:
                 point_call(comm, point, victims, bufs)
