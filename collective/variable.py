@@ -384,7 +384,7 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     if bad:
         _fail_all(c, rank, size, bad)
     if (c.name == "allgather" and c.segs is None and (counts == counts[0]).all()
-            and not _single_copy_equal(c, counts, row, arena)):
+            and not _single_copy_equal(c, counts, row, arena, choose)):
         return fixed(c)
     alg = c.algorithm
     if alg == "auto":
@@ -442,13 +442,18 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     return res
 
 
-def _single_copy_equal(c: VCall, counts: np.ndarray, row: int, arena: Callable[[], Any] | None) -> bool:
-    """Whether an allgather whose counts are equal stays here for the single-copy path (shm, or auto, which takes
-    shm on one node at these sizes) rather than the fixed-size path, which copies through the arena."""
+def _single_copy_equal(c: VCall, counts: np.ndarray, row: int, arena: Callable[[], Any] | None,
+                       choose: Callable[[str, int, np.dtype, int], str]) -> bool:
+    """Whether an allgather whose counts are equal stays here for the single-copy path of :func:`_shm_mover`
+    (two phases, the check being the first) rather than take the fixed-size path: by shm, or by auto where auto
+    picks shm for it, and where :func:`single_copy` says so (the same verdict on every rank)."""
     if arena is None or c.algorithm not in ("shm", "auto") or len(counts) < 2:
         return False
     isz = c.dtype.itemsize * row  # type: ignore[union-attr]
-    return single_copy(arena(), [int(v) * isz for v in counts])
+    sizes = [int(v) * isz for v in counts]
+    if not single_copy(arena(), sizes):
+        return False
+    return c.algorithm == "shm" or choose("allgatherv", sum(sizes) // len(sizes), c.dtype, c.root) == "shm"  # type: ignore[arg-type]
 
 
 def _mover(c: VCall, alg: str, every: np.ndarray, counts: Any, row: int, rank: int, size: int, comm: Any, MPI: Any,
