@@ -420,7 +420,7 @@ class Sequencer:
             check = self.check
             ca = check.arena
             if ca is not None and ca.cma is not None and type(c) is VCall:
-                ca.post_input(c.x, seq)  # before the check: the shm path may read it by single copy
+                ca.post_input(c.x)  # before the check: the shm path may read it by single copy
             first = check.gate(rec, c) if check.on else None
             r = (execute or self.engine.execute)(c, first, seq)
         except BaseException as exc:
@@ -850,9 +850,8 @@ class Sequencer:
                 sig = plan.sig
                 quick = plan.quick
                 posted = False
-                qa = check.quick_arena
-                if qa is not None and qa.cma is not None:
-                    qa.post_input(x, seq)  # before the check: the shm path may read it by single copy
+                if plan.posts and check.quick_arena is plan.arena:
+                    plan.arena.post_input(x)  # before the check: the plan reads it by single copy
                 if quick is not None and check.quick_arena is plan.arena:  # the check fenced in that arena
                     # The data goes into the arena with the check: one phase, where every rank's post is its plan's.
                     o = out if out is not None else np.empty((plan.n_out, *plan.row_shape), plan.dtype)

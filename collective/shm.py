@@ -593,7 +593,6 @@ class ShmArena:
         #: Cross-memory access to the node's other ranks (see "single copy"), or None where the node lacks it.
         self.cma: CrossMemory | None = probe(node_comm) if single_copy and self.size > 1 else None
         self._cma_tmp = np.empty(0, np.uint8)
-        self._vpost = (0, -1)  # (op, ticket) of this rank's last post_input
         self.comm.Barrier()  # every flag is zeroed before anyone waits on it
 
     def waiting_on(self) -> tuple[int, ...]:
@@ -1084,39 +1083,44 @@ class ShmArena:
             raise
         self.phase()
 
-    def post_input(self, x: np.ndarray | None, seq: int) -> None:
-        """Post where this rank's input of variable-size op ``seq`` lies (C-contiguous; None: no input), before
-        the op's first phase, for :meth:`cross_read` (see "single copy"): the ticket, which names the call, last."""
+    def post_input(self, x: np.ndarray | None) -> None:
+        """Post where this rank's input of a variable-size call lies (C-contiguous; None: no input), before the
+        call's first phase, for :meth:`cross_read` (see "single copy"): the ticket, which names the call, last."""
         f = self.my_flag
         if x is None or not x.size:
             f[_VAR_X] = f[_VAR_BYTES] = 0
         else:
             f[_VAR_X] = x.ctypes.data
             f[_VAR_BYTES] = x.nbytes
-        f[_VAR_CALL] = k = self.ticket
-        self._vpost = (seq, k)
+        f[_VAR_CALL] = self.ticket
 
-    def cross_read(self, seq: int, mine: np.ndarray | None, out: np.ndarray | None, sizes: list[int],
+    def cross_read(self, mine: np.ndarray | None, out: np.ndarray | None, sizes: list[int],
                    reads: list[tuple[int, int, int, int]], what: str) -> None:
-        """A variable-size call of op ``seq`` by single copy: copy ``reads`` straight from the ranks' inputs into
-        ``out``, then end a phase (DONE: no rank reads another's input any more).
+        """A variable-size call by single copy: copy ``reads`` straight from the ranks' inputs into ``out``, then
+        end a phase (DONE: no rank reads another's input any more).
 
-        ``mine``: this rank's input as bytes (None: none), posted by :meth:`post_input` before the phase that just
-        ended (the op's check), else posted here and followed by a phase; ``sizes``: every rank's input in bytes,
-        as the call's counts say (the same on every rank); ``reads``: (rank, offset in its input, count, offset in
-        ``out``), in bytes; ``what``: the call, for the error. Every rank's post must name this call (the ticket
-        before the check) and its size must be ``sizes``' (a rank in another call, or with another size, where
-        the check is off): else every rank ends the phase and raises CollectiveMismatchError, having read
-        nothing.
+        ``mine``: this rank's input as bytes (None: none); ``sizes``: every rank's input in bytes, as the call's
+        counts say (the same on every rank); ``reads``: (rank, offset in its input, count, offset in ``out``), in
+        bytes; ``what``: the call, for the error.
+
+        Where the call's check was the phase that just ended (fenced in this arena) and every rank posted its
+        input with :meth:`post_input` before it (the ticket then in every post: a post of an earlier call names
+        an earlier ticket, as every call ends a phase after posting), the reads follow at once. Otherwise (the
+        check is off or runs by MPI; a rank took a path that posts nothing, e.g. a repeat whose plan never reads
+        by single copy) every rank posts now and ends a phase first: every rank reads the same posts after the
+        same phase, so all decide alike. Then every rank's post must name this call and its size must be
+        ``sizes``' (a rank in another call, or with another size, where the check is off): else every rank ends
+        the phase and raises CollectiveMismatchError, having read nothing.
         """
         cm = self.cma
         assert cm is not None, "cross_read: the node has no cross-memory access"
+        flags = self.flags
         k = self.ticket - 1
-        if self._vpost != (seq, k):  # the check was no phase of this arena: post now, then a phase
-            self.post_input(mine, seq)
+        if not self.check_fenced or any(fl[_VAR_CALL] != k for fl in flags):
+            # A rank that decides to post anew raises its word past k, so any rank still looking decides alike.
+            self.post_input(mine)
             self.phase()
             k = self.ticket - 1
-        flags = self.flags
         odd = [q for q, fl in enumerate(flags) if fl[_VAR_CALL] != k or fl[_VAR_BYTES] != sizes[q]]
         if odd:
             self.phase()

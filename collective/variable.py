@@ -128,17 +128,21 @@ class VPlan:
             check (one phase a call); for a window, the :class:`collective.shm.WindowRead` that reads every
             input where it lies (two phases), or where the ranks share cores and the inputs are small,
             QuickScatter; else None.
+        posts: ``move`` reads by single copy, so a repeat posts its input's address before the check
+            (``ShmArena.post_input``).
     """
 
     __slots__ = ("name", "shape", "dtype", "algorithm", "ran", "sig", "post", "pairs", "n_out", "row_shape",
-                 "received", "move", "arena", "quick")
+                 "received", "move", "arena", "quick", "posts")
 
     def __init__(self, c: VCall, algorithm: str, pairs: tuple[int, ...], n_out: int,
-                 move: Callable[[np.ndarray, np.ndarray, int], None], arena: Any, quick: Any = None) -> None:
+                 move: Callable[[np.ndarray, np.ndarray, int], None], arena: Any, quick: Any = None,
+                 posts: bool = False) -> None:
         self.name, self.shape, self.dtype, self.algorithm, self.ran = c.name, c.shape, c.dtype, algorithm, c.algorithm
         self.sig, self.post, self.pairs, self.n_out, self.row_shape = c.sig, c.post, pairs, n_out, c.row_shape
         self.received = c.received
         self.move, self.arena, self.quick = move, arena, quick
+        self.posts = posts
 
 
 class VHot:
@@ -418,22 +422,24 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         # Only rerunnable where the check fixed every count: a repeat posting the same pairs needs nothing else.
         pairs = tuple(int(v) for v in c.known.ravel())
         quick = None
+        posts = False
         if (alg == "shm" or c.segs is not None) and c.post is not None:
             ar = arena()  # type: ignore[misc]  # shm and windows only with an arena
             sizes, reads = _shm_layout(c, every, cnts, row, rank, size)  # in elements
             fits = max(sizes) <= ar.chunk_elems(dtype)
+            posts = alg == "shm" and single_copy(ar, [n * dtype.itemsize for n in sizes])
             # A window's inputs are read where they lie (two phases), except where the ranks share cores and every
             # phase is a round of context switches: there small inputs are posted with the check instead (one
             # phase and a copy more, as for plain arrays), up to the size where the copy costs more than a phase.
             if c.segs is not None and (ar.spins or not fits or max(sizes) * dtype.itemsize > _WINDOW_POST_MAX):
                 quick = WindowRead(ar, dtype, c.segs, reads, c.post[:2], pairs)
-            elif fits and (c.segs is not None or not single_copy(ar, [n * dtype.itemsize for n in sizes])):
+            elif fits and not posts:
                 # (Single copy, see _shm_mover, moves each byte once in two phases: no posting with the check.)
                 own = [(off, off + n) for q, off, n, _ in reads if q == rank]
                 quick = QuickScatter(ar, dtype, sizes, reads, own[0] if c.name == "alltoall" else None, c.post[:2],
                                      pairs)
         shm_arena = arena() if alg == "shm" or c.segs is not None else None  # type: ignore[misc]
-        c.plan = VPlan(c, called, pairs, n_out, move, shm_arena, quick)
+        c.plan = VPlan(c, called, pairs, n_out, move, shm_arena, quick, posts)
     if out is None:
         return None
     res = _finish(c, out)
@@ -546,7 +552,7 @@ def _shm_mover(c: VCall, every: np.ndarray, counts: Any, row: int, rank: int, si
 
     def move_shm(x: np.ndarray | None, o: np.ndarray | None, seq: int) -> None:
         if not posted and single_copy(ar, sizes):
-            ar.cross_read(seq, x.reshape(-1).view(byte) if x is not None else None,
+            ar.cross_read(x.reshape(-1).view(byte) if x is not None else None,
                           o.reshape(-1).view(byte) if o is not None else None, sizes, creads, what)
             return
         ob = o.reshape(-1).view(np.uint8) if o is not None else None

@@ -290,6 +290,32 @@ def variable_repeats() -> None:
         V.single_copy = rule
 
 
+def variable_one_rank_unposted() -> None:
+    """A rank that posted nothing before the check (a path that posts nothing): every rank sees it in the same
+    flags, posts again and ends one more phase, then reads; the results are right and the ranks stay in step."""
+    V.single_copy = forced
+    real_post = arena.post_input
+    try:
+        x = np.concatenate([rows_of(R, d, 3000, "float32") for d in range(P)])
+        want = comm.alltoall(x, algorithm="native")
+        for skip in range(P):
+            if R == skip:
+                def skip_once(*args) -> None:  # the post before the check; cross_read's own post goes through
+                    arena.post_input = real_post
+                arena.post_input = skip_once
+            t0 = arena.ticket
+            y = comm.alltoall(x, algorithm="shm")
+            arena.post_input = real_post
+            assert arena.ticket - t0 == 3, f"rank {R}: {arena.ticket - t0} phases with rank {skip} unposted, not 3"
+            assert y.tobytes() == want.tobytes(), f"rank {R}: rank {skip} unposted: the result differs"
+            t0 = arena.ticket
+            y = comm.alltoall(x, algorithm="shm")  # every rank posted: two phases
+            assert arena.ticket - t0 == 2 and y.tobytes() == want.tobytes(), f"rank {R}: after rank {skip}"
+    finally:
+        arena.post_input = real_post
+        V.single_copy = rule
+
+
 def variable_switched_off() -> None:
     """COLLECTIVE_SHM_SINGLE_COPY=0: the same calls copy through the window, with the same results."""
     os.environ["COLLECTIVE_SHM_SINGLE_COPY"] = "0"
@@ -351,6 +377,7 @@ if available:
     for dt in ("float32", "int8", "complex64", "float16"):
         cases.run(f"variable bits {dt}", lambda: variable_bits(dt))
     cases.run("variable repeats", variable_repeats)
+    cases.run("variable one rank unposted", variable_one_rank_unposted)
     cases.run("variable unchecked sizes raise", variable_unchecked)
 cases.run("variable switched off", variable_switched_off)
 
