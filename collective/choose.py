@@ -21,10 +21,10 @@ _SHM_ALLTOALL_MAX = 4 << 20
 #: and lost above (MPI copies each byte once, shm twice): the P=2 tables of docs/bench.
 _SHM_OWN_CORES_BELOW = 64 << 10
 #: Where every rank has a core of its own and the node allows single copy (``collective.shm``, "single copy"), shm
-#: alltoall and allgatherv read every block straight from its owner's input, and beat the library's MPI path again
-#: from this many bytes per rank (below it MPI's own, which copies each byte once too, costs less per call): the
-#: single-copy A/B runs of docs/bench. Where the ranks share cores MPI's own kept the lead above 4 MiB.
-_SINGLE_COPY_OWN_CORES_FROM = 16 << 20
+#: allgatherv reads every block straight from its owner's input and beats the library's MPI path again from this
+#: many bytes per rank (bench/bench_single_copy_variable.py); shm alltoall by single copy only tied with MPI's own
+#: (which copies each byte once too), as it did everywhere where the ranks share cores, so those stay MPI's.
+_SINGLE_COPY_OWN_CORES_FROM = 8 << 20
 #: The variable-size collectives "auto" chooses for (``Chooser.auto_variable``), each with what it may pick
 #: besides shm: "native" and the Schedules ``topologies.cost.candidates_for`` lists (priced alike).
 VARIABLE_AUTO: dict[str, tuple[str, ...]] = {name: cost.candidates_for(name)
@@ -107,10 +107,10 @@ class Chooser:
         where every rank has a core of its own shm from 4 KiB below 64 KiB and
         native from there (with a core each, MPI's own beat copying through
         the arena from 64 KiB at P = 2; sharing two cores, P = 4, shm won:
-        docs/bench/alltoall_allgatherv_p2.txt and _p4.txt), and shm again from
-        16 MiB where the node allows single copy (each byte read once, straight
-        from its owner's input: see ``collective.shm``), gather and scatter
-        take shm; across nodes, the cost model's
+        docs/bench/alltoall_allgatherv_p2.txt and _p4.txt), and allgatherv shm
+        again from 8 MiB where the node allows single copy (each byte read
+        once, straight from its owner's input: see ``collective.shm``), gather
+        and scatter take shm; across nodes, the cost model's
         cheapest of native and the collective's Schedules (pairwise and Bruck
         alltoall, binomial-tree gather and scatter, ring allgatherv) on the
         calibrated links. Inputs from ``comm.alloc`` are read where they lie
@@ -132,7 +132,8 @@ class Chooser:
                     return "native"
                 if self._shared_cores is not None and self._shared_cores():
                     return "shm" if name != "alltoall" or nbytes <= _SHM_ALLTOALL_MAX else "native"
-                if nbytes >= _SINGLE_COPY_OWN_CORES_FROM and self._single_copy is not None and self._single_copy():
+                if (name == "allgatherv" and nbytes >= _SINGLE_COPY_OWN_CORES_FROM and self._single_copy is not None
+                        and self._single_copy()):
                     return "shm"
                 return "shm" if nbytes < _SHM_OWN_CORES_BELOW else "native"
             return "shm"

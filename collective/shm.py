@@ -133,8 +133,9 @@ CMA_PIECE_BYTES = 1 << 20
 #: per rank on (the mean of the ranks' inputs) read their blocks straight from the owners' inputs by cross-memory
 #: attach where the node allows it (see "single copy", and ``collective.variable.single_copy`` where ranks share
 #: cores): two phases and one copy a byte, where the copy-in path takes one phase (within a chunk, see
-#: QuickScatter) and two copies a byte; below it the system calls' fixed cost loses (the single-copy A/B runs).
-CMA_READ_MIN_BYTES = 256 << 10
+#: QuickScatter) and two copies a byte; below it the copy-in path's copies stay in the caches and cost less than the
+#: system calls and the kernel's pinning of every page (bench/bench_single_copy_variable.py --every-size).
+CMA_READ_MIN_BYTES = 1 << 20
 _FLAG = 128  # two cache lines for the flag, so flags of different ranks never share a line
 #: Word of the flag whose bit ``seq & 1`` says that this rank posted call ``seq``'s data with its check (see
 #: QuickScatter); words 0-6 are the ticket, the fingerprint slots and the variable-size posts (see exchange_pairs).

@@ -84,9 +84,9 @@ def test_auto_on_one_node_and_one_rank() -> None:
                 name, nbytes, "f4") == "native"
             assert _chooser((0,) * 4, single_node=True, shm_ok=False).auto_variable(name, nbytes, "f4") == "native"
             assert _chooser((0,), single_node=True).auto_variable(name, nbytes, np.dtype("f4")) == "native"
-            # with single copy on the node: shm again from 16 MiB where every rank has a core; unchanged where
-            # they share cores, across nodes, and without the arena
-            big = name in ("alltoall", "allgatherv") and nbytes >= 16 << 20
+            # with single copy on the node: allgatherv shm again from 8 MiB where every rank has a core; unchanged
+            # for the others, where they share cores, across nodes, and without the arena
+            big = name == "allgatherv" and nbytes >= 8 << 20
             want_own = "shm" if big else _chooser((0,) * 4, single_node=True).auto_variable(name, nbytes, "f4")
             assert _chooser((0,) * 4, single_node=True, single_copy=True).auto_variable(name, nbytes, "f4") == want_own
             for kw in ({"shared_cores": True}, {"shm_ok": False}):
