@@ -14,7 +14,7 @@ import numpy as np
 from harness import Cases
 
 import collective as col
-from collective.errors import CollectiveMismatchError
+from collective.errors import CollectiveError, CollectiveMismatchError
 from collective.shm import CMA_MIN_BYTES, CMA_PIECE_BYTES
 
 comm = col.init()
@@ -165,6 +165,91 @@ def unchecked_sizes() -> None:
         sub.close()
 
 
+def unchecked_roots() -> None:
+    # With the check off, ranks that disagree on who gets the result (an allreduce against a reduce's non-roots, or
+    # reduces to different roots) post the same size at the same ticket: a non-root posts no output, so a rank
+    # that takes it for a receiver must raise with every other, never write at what that rank did not post.
+    os.environ["COLLECTIVE_CHECK"] = "0"
+    try:
+        sub = comm.split(0)
+    finally:
+        del os.environ["COLLECTIVE_CHECK"]
+    assert sub is not None
+    try:
+        n = CMA_MIN_BYTES // 4
+        x = np.ones(n, np.float32)
+        for label, call in (
+                ("allreduce against reduce", lambda out: sub.allreduce(x, algorithm="shm", out=out) if R == 0
+                 else sub.reduce(x, root=0, algorithm="shm")),
+                ("reduces to different roots", lambda out: sub.reduce(x, root=(R + 1) % P, algorithm="shm"))):
+            out = np.zeros(n, np.float32)
+            try:
+                call(out)
+            except CollectiveMismatchError as exc:
+                assert "single-copy" in str(exc), str(exc)
+            else:
+                raise AssertionError(f"rank {R}: {label} with the check off did not raise")
+            assert not out.any(), f"rank {R}: {label}: the output was written"
+            y = sub.allreduce(np.ones(n, np.float32), algorithm="shm")  # the group goes on, in step
+            assert (y == P).all(), f"rank {R}: {label}: the next allreduce gave {y[:4]}"
+    finally:
+        sub.close()
+
+
+def drop_ptrace() -> None:
+    """Take CAP_SYS_PTRACE out of this process's effective and permitted sets (for good)."""
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    head, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    assert libc.capget(ctypes.byref(head), data) == 0, os.strerror(ctypes.get_errno())
+    data[0].effective &= ~(1 << 19)  # CAP_SYS_PTRACE
+    data[0].permitted &= ~(1 << 19)
+    assert libc.capset(ctypes.byref(head), data) == 0, os.strerror(ctypes.get_errno())
+
+
+def refused_mid_call() -> None:
+    # The last rank loses the right to read the others' memory after the arena's probe passed (as a process that
+    # drops a capability or changes its credentials would): its reads fail inside the call. Every rank must raise
+    # the same error, none may hang in the second phase or return while another still touches its arrays, and the
+    # group goes on through the shared window. A new arena's probe then finds the one-way refusal.
+    sub = comm.split(0)
+    assert sub is not None and sub.node_arena().cma is not None
+    try:
+        if R == P - 1:
+            drop_ptrace()
+        if direct_attempt():
+            if R == 0:
+                print("NOTE refused mid call: dropping CAP_SYS_PTRACE refused nothing here", flush=True)
+            return
+        n = CMA_MIN_BYTES // 8 + 7
+        x = data(n, np.float64, 11)
+        out = np.zeros(n, np.float64)
+        try:
+            sub.allreduce(x, algorithm="shm", out=out)
+        except CollectiveError as exc:
+            assert f"node rank {P - 1}" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"rank {R}: a refused read inside the call did not raise")
+        every = mpi.allgather(sub.node_arena().cma is None)
+        assert all(every), f"single copy still on after the refusal: {every}"
+        y = sub.allreduce(x, algorithm="shm")
+        want = copy_in(lambda: comm.allreduce(x, algorithm="shm"))
+        assert y.tobytes() == want.tobytes(), f"rank {R}: the allreduce after the refusal differs"
+    finally:
+        sub.close()
+    again = comm.split(0)
+    assert again is not None
+    try:
+        every = mpi.allgather(again.node_arena().cma is None)
+        assert all(every), f"a new arena's probe missed the one-way refusal: {every}"
+    finally:
+        again.close()
+
+
 if available:
     for dtype in (np.float32, np.float64, np.float16, np.int8, np.complex64):
         n = CMA_MIN_BYTES // np.dtype(dtype).itemsize + 2 * P + 1
@@ -173,5 +258,8 @@ if available:
     cases.run("avg", lambda: bits(np.float64, CMA_MIN_BYTES // 8 + 1, "avg"))
     cases.run("piece edges", piece_edges)
     cases.run("unchecked sizes raise", unchecked_sizes)
+    cases.run("unchecked roots raise", unchecked_roots)
 cases.run("switched off", switched_off)
+if available:
+    cases.run("refused mid call", refused_mid_call)  # last: the last rank cannot read the others' memory after it
 cases.finish()
