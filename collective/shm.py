@@ -63,8 +63,12 @@ every rank's output (the root's alone for a reduce); a second phase (DONE)
 says every result has landed and nobody reads an input any more. Each byte
 crosses between processes once, and a call is two phases whatever its size.
 A rank touches another's memory only at addresses that rank posted for the
-very call (same call number, same size), so a rank on another path, or
-with another size, is an error, never a stray write.
+very call (same call number, size and root), so a rank on another path, or
+with another size or root, is an error, never a stray write. A rank whose
+transfers fail (a peer's memory refused, a peer gone) marks the call in its
+flag and still ends the second phase, so no rank returns while another
+touches its arrays; every rank then raises, and the node copies through the
+regions from then on.
 
 ``alloc()`` hands out arrays that live in their own shared window; an
 allreduce on such an array, in place or into another alloc'd array, reads
@@ -122,8 +126,9 @@ _FLAG = 128  # two cache lines for the flag, so flags of different ranks never s
 #: QuickScatter); words 0-6 are the ticket, the fingerprint slots and the variable-size posts (see exchange_pairs).
 _POSTED = 7
 #: Words of the flag where a single-copy call posts its number (calls counted by the arena), the addresses of its
-#: input and output in this process and the input's size in bytes (see "single copy").
-_CMA_CALL, _CMA_X, _CMA_OUT, _CMA_BYTES = 8, 9, 10, 11
+#: input and output in this process, the input's size in bytes and its root (-1: an allreduce), and where a rank
+#: whose transfers failed marks that call (its number plus one) before the second phase (see "single copy").
+_CMA_CALL, _CMA_X, _CMA_OUT, _CMA_BYTES, _CMA_ROOT, _CMA_FAILED = 8, 9, 10, 11, 12, 13
 # Waiting on a flag: this many plain reads (holding the interpreter lock, so a partner a few microseconds behind
 # is caught at once), then sched_yield (which lets other threads of this process run) for _YIELD_S, then naps,
 # for a rank that is far behind (a long step or a slow rank: a nap costs a fraction of a core where a spin takes
@@ -541,7 +546,8 @@ class ShmArena:
             self.segs.append(np.frombuffer(buf, np.uint8, count=seg_bytes))
         self.flags = [s[:_FLAG].data.cast("q") for s in self.segs]
         self.my_flag = self.flags[self.rank]
-        self.my_flag[0] = 0
+        for w in range(_FLAG // 8):  # a post read before this rank's first one must name no call
+            self.my_flag[w] = 0
         self._sync = self.win.Sync
         #: A full memory fence over the node's shared memory (the arena's and the alloc'd windows').
         self.fence = self._sync
@@ -939,26 +945,66 @@ class ShmArena:
         assert out is not None or not wants, "allreduce: out is None on a rank that gets the result"
         # The ticket before the first phase names the call: a rank on another path, or a call behind or ahead,
         # posts another (tickets only grow, and no rank gets two phases past another), so a stale post never
-        # passes for this call's.
+        # passes for this call's. A rank leaves only after the second phase (or, in its first, before any rank
+        # read a post), so a post that names this call is live until every rank is done with it.
         k = self.ticket
+        rt = -1 if root is None else root
         f = self.my_flag
         f[_CMA_X] = x.ctypes.data
         f[_CMA_OUT] = out.ctypes.data if out is not None and wants else 0
         f[_CMA_BYTES] = nbytes = x.nbytes
+        f[_CMA_ROOT] = rt
         f[_CMA_CALL] = k
         if first is not None:
             self.arrive(first, rollback=False)  # ARRIVED: every rank posted, and passed the check
         else:
             self.phase()
-        posts = [(int(fl[_CMA_CALL]), int(fl[_CMA_X]), int(fl[_CMA_OUT]), int(fl[_CMA_BYTES])) for fl in self.flags]
-        odd = [q for q, (c, _, _, b) in enumerate(posts) if c != k or b != nbytes]
+        posts = [(int(fl[_CMA_CALL]), int(fl[_CMA_X]), int(fl[_CMA_OUT]), int(fl[_CMA_BYTES]), int(fl[_CMA_ROOT]))
+                 for fl in self.flags]
+        # Every rank reads the same posts, so every rank finds the same odd ones (a receiver must have posted its
+        # output: a rank that takes a reduce's non-root for one would write where nothing was posted).
+        odd = [q for q, (c, _, o, b, t) in enumerate(posts)
+               if c != k or b != nbytes or t != rt or (o == 0 and (rt < 0 or q == rt))]
         if odd:
             self.phase()
-            got = ", ".join(f"node rank {q}: {posts[q][3]} bytes at ticket {posts[q][0]}" for q in odd)
+            got = ", ".join(f"node rank {q}: {posts[q][3]} bytes at ticket {posts[q][0]}"
+                            + (f", root {posts[q][4]}" if posts[q][4] >= 0 else "") for q in odd)
+            mine = f"{nbytes} bytes at ticket {k}" + (f", root {root}" if root is not None else "")
             raise CollectiveMismatchError(
-                f"allreduce on node rank {r} ({x.dtype}, {x.size} elements): the single-copy path found other "
-                f"ranks in another call ({got}; this rank: {nbytes} bytes at ticket {k}); nothing was read or "
-                f"written (the cross-rank check is off, and the ranks called with different sizes)")
+                f"{'reduce' if root is not None else 'allreduce'} on node rank {r} ({x.dtype}, {x.size} elements): "
+                f"the single-copy path found other ranks in another call ({got}; this rank: {mine}); nothing was "
+                f"read or written (the cross-rank check is off, and the ranks called differently)")
+        failed: BaseException | None = None
+        try:
+            self._transfer(cm, x, out if wants else None, ufunc, root, posts)
+        except BaseException as exc:  # noqa: BLE001 - whatever it was, the others must not wait for this rank
+            failed = exc
+            f[_CMA_FAILED] = k + 1
+        # DONE, after a failure too: every result has landed, no rank reads another's input any more, and every
+        # rank ends the same phases, so none returns while another still touches its arrays.
+        self.phase()
+        bad = [q for q, fl in enumerate(self.flags) if fl[_CMA_FAILED] == k + 1]
+        if not bad:
+            return
+        self.cma = None  # every rank saw the same marks: the node copies through the window from now on
+        watch = self.watch
+        if watch is not None:  # a peer that is gone: the elastic error, once its loss is known
+            until = time.monotonic() + 2.0
+            while time.monotonic() < until:
+                watch()
+                time.sleep(_WATCH_S)
+        if failed is not None and not isinstance(failed, CollectiveError):
+            raise failed
+        raise CollectiveError(
+            f"{'reduce' if root is not None else 'allreduce'} on node rank {r} ({x.dtype}, {x.size} elements): the "
+            f"single-copy transfers failed on {', '.join(f'node rank {q}' for q in bad)}" + (f" ({failed})" if failed is not None else "")
+            + "; the output is incomplete, and this node's later calls copy through the shared window") from failed
+
+    def _transfer(self, cm: CrossMemory, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any],
+                  root: int | None, posts: list[tuple[int, int, int, int, int]]) -> None:
+        """The single-copy call's data: rank r's slice of every rank's input (``posts``), reduced piece by piece in
+        rank order into ``out`` (None: this rank gets no result) and into every receiver's output."""
+        P, r = self.size, self.rank
         isz = x.dtype.itemsize
         s0, s1 = self.slice_of(x.size, r)
         step = max(1, CMA_PIECE_BYTES // isz)
@@ -969,43 +1015,33 @@ class ShmArena:
         targets = [(q, posts[q][2]) for q in range(P) if q != r and (root is None or q == root)]
         read, write = cm.read, cm.write
         last = P - 1
-        try:
-            for a in range(s0, s1, step):
-                b = min(s1, a + step)
-                m = b - a
-                nb = m * isz
-                off = a * isz
-                mine = x[a:b]
-                ops = []
-                for q in (0, 1):
-                    if q == r:
-                        ops.append(mine)
-                    else:
-                        t = (t0, t1)[q][:m]
-                        read(q, t.ctypes.data, posts[q][1] + off, nb)
-                        ops.append(t)
-                res = out[a:b] if wants else acc[:m]  # type: ignore[index]
-                # Rank order, as every shm path: ((x0 op x1) op x2) ...; the last step writes the result.
-                ufunc(ops[0], ops[1], res if last == 1 else acc[:m])
-                for q in range(2, P):
-                    if q == r:
-                        o = mine
-                    else:
-                        o = t1[:m]
-                        read(q, o.ctypes.data, posts[q][1] + off, nb)
-                    ufunc(acc[:m], o, res if q == last else acc[:m])
-                src = res.ctypes.data
-                for q, dst in targets:
-                    write(q, dst + off, src, nb)
-        except CollectiveError:
-            watch = self.watch
-            if watch is not None:  # a peer that is gone: the elastic error, once its loss is known
-                until = time.monotonic() + 2.0
-                while time.monotonic() < until:
-                    watch()
-                    time.sleep(_WATCH_S)
-            raise
-        self.phase()  # DONE: every result has landed, and no rank reads another's input any more
+        for a in range(s0, s1, step):
+            b = min(s1, a + step)
+            m = b - a
+            nb = m * isz
+            off = a * isz
+            mine = x[a:b]
+            ops = []
+            for q in (0, 1):
+                if q == r:
+                    ops.append(mine)
+                else:
+                    t = (t0, t1)[q][:m]
+                    read(q, t.ctypes.data, posts[q][1] + off, nb)
+                    ops.append(t)
+            res = out[a:b] if out is not None else acc[:m]
+            # Rank order, as every shm path: ((x0 op x1) op x2) ...; the last step writes the result.
+            ufunc(ops[0], ops[1], res if last == 1 else acc[:m])
+            for q in range(2, P):
+                if q == r:
+                    o = mine
+                else:
+                    o = t1[:m]
+                    read(q, o.ctypes.data, posts[q][1] + off, nb)
+                ufunc(acc[:m], o, res if q == last else acc[:m])
+            src = res.ctypes.data
+            for q, dst in targets:
+                write(q, dst + off, src, nb)
 
     def broadcast(self, out: np.ndarray, root: int) -> None:
         """Copy ``root``'s ``out`` (1-D, contiguous) into every rank's ``out``."""
