@@ -940,7 +940,7 @@ class ShmArena:
         """:meth:`allreduce` by cross-memory attach: see "single copy"."""
         cm = self.cma
         assert cm is not None
-        P, r = self.size, self.rank
+        r = self.rank
         wants = root is None or r == root
         assert out is not None or not wants, "allreduce: out is None on a rank that gets the result"
         # The ticket before the first phase names the call: a rank on another path, or a call behind or ahead,
@@ -995,9 +995,10 @@ class ShmArena:
                 time.sleep(_WATCH_S)
         if failed is not None and not isinstance(failed, CollectiveError):
             raise failed
+        where = ", ".join(f"node rank {q}" for q in bad)
         raise CollectiveError(
             f"{'reduce' if root is not None else 'allreduce'} on node rank {r} ({x.dtype}, {x.size} elements): the "
-            f"single-copy transfers failed on {', '.join(f'node rank {q}' for q in bad)}" + (f" ({failed})" if failed is not None else "")
+            f"single-copy transfers failed on {where}" + (f" ({failed})" if failed is not None else "")
             + "; the output is incomplete, and this node's later calls copy through the shared window") from failed
 
     def _transfer(self, cm: CrossMemory, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any],

@@ -9,10 +9,10 @@ them lost in one RanksLostError or in two (ULFM notices failures one by one), an
 
 POINT: native (in MPI's own allreduce), shm (mid-phase of a multi-chunk shm allreduce), cma (inside a large shm
 allreduce's single-copy transfers, while the others read and write its arrays; mid-phase where the node has no
-single copy), quick (a repeated small shm allreduce, its one phase), window (an alloc'd array's window path), broadcast (ring broadcast), check (the
-cross-rank check, before any data), p2p (the victim never sends what a survivor receives), p2p-send (a survivor
-sends 16 MB to the victim, which dies as the data starts to arrive), barrier, agree (the
-victim's successor waits for a message from it while the others are in comm.agree()).
+single copy), quick (a repeated small shm allreduce, its one phase), window (an alloc'd array's window path),
+broadcast (ring broadcast), check (the cross-rank check, before any data), p2p (the victim never sends what a
+survivor receives), p2p-send (a survivor sends 16 MB to the victim, which dies as the data starts to arrive),
+barrier, agree (the victim's successor waits for a message from it while the others are in comm.agree()).
 Each rank prints PASSED n when every check held; FAIL lines otherwise.
 """
 from __future__ import annotations
