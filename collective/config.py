@@ -156,12 +156,13 @@ def _rows() -> tuple[Setting, ...]:
           meaning="Chunk of the `shm` algorithm (rounded up to a multiple of 64 bytes, at least 4 KiB). The "
                   "node's shared window holds two chunks per rank, so a smaller chunk needs less /dev/shm."),
         S("COLLECTIVE_SHM_SINGLE_COPY", "bool", True, same_on_all_ranks=True,
-          meaning="`shm` allreduces and reduces of 4 MiB and more move each byte once, straight between the "
-                  "ranks' own arrays, by Linux cross-memory attach (`process_vm_readv`/`process_vm_writev`) "
-                  "where the node allows it: tried between every pair of ranks when the node's shared window is "
-                  "made (it needs ptrace permission over the other ranks: the same user and Yama `ptrace_scope` "
-                  "0, or CAP_SYS_PTRACE; a container's seccomp policy may forbid it); where it fails anywhere on "
-                  "the node, or with this off, they copy through the shared window."),
+          meaning="`shm` allreduces, reduces, reduce_scatters and allgathers of 16 MiB and more move each byte "
+                  "once, straight between the ranks' own arrays, by Linux cross-memory attach "
+                  "(`process_vm_readv`/`process_vm_writev`) where the node allows it: tried between every pair "
+                  "of ranks when the node's shared window is made (it needs ptrace permission over the other "
+                  "ranks: the same user and Yama `ptrace_scope` 0, or CAP_SYS_PTRACE; a container's seccomp "
+                  "policy may forbid it); where it fails anywhere on the node, or with this off, they copy "
+                  "through the shared window."),
         S("COLLECTIVE_SHM_WAIT", "choice", "auto", choices="collective.shm:SHM_WAITS",
           meaning="How a node's ranks wait for each other in `shm`: `spin` (watch each other's flags), "
                   "`barrier` (MPI's, which yields the core), or `auto`: spin when every rank can have a CPU "

@@ -63,12 +63,16 @@ every rank's output (the root's alone for a reduce); a second phase (DONE)
 says every result has landed and nobody reads an input any more. Each byte
 crosses between processes once, and a call is two phases whatever its size.
 A rank touches another's memory only at addresses that rank posted for the
-very call (same call number, size and root), so a rank on another path, or
-with another size or root, is an error, never a stray write. A rank whose
-transfers fail (a peer's memory refused, a peer gone) marks the call in its
-flag and still ends the second phase, so no rank returns while another
-touches its arrays; every rank then raises, and the node copies through the
-regions from then on.
+very call (same call number, collective, root and size), so a rank on
+another path, or with another collective, root or size, is an error, never a
+stray write. A rank whose transfers fail (a peer's memory refused, a peer
+gone) marks the call in its flag and still ends the last phase, so no rank
+returns while another touches its arrays; every rank then raises, and the
+node copies through the regions from then on. A reduce_scatter from
+``CMA_MIN_BYTES`` of input is the same with rank r's block in place of its
+slice and no writes (it reduces straight into its own output); an allgather
+from ``CMA_MIN_BYTES`` of output reads every other rank's input straight into
+its block of the output.
 
 ``alloc()`` hands out arrays that live in their own shared window; an
 allreduce on such an array, in place or into another alloc'd array, reads
@@ -114,10 +118,11 @@ ONE_PHASE_BYTES = 256 << 10
 #: shm allreduces of alloc'd arrays (in place, or into another alloc'd array) from this size on run in their
 #: window; smaller ones are copied in and take the one-phase path, which beats the window's two phases there.
 WINDOW_MIN_BYTES = 256 << 10
-#: Shm allreduces and reduces from this size on move each byte once between the ranks' own arrays by
-#: cross-memory attach where the node allows it (see collective.cma and "single copy"); below it the copy-in path's
-#: phases cost less than the system calls.
-CMA_MIN_BYTES = 4 << 20
+#: Shm allreduces, reduces, reduce_scatters and allgathers from this size on move each byte once between the
+#: ranks' own arrays by cross-memory attach where the node allows it (see collective.cma and "single copy"). Below
+#: it the data stays in the last-level cache, where the copy-in path's extra copy costs less than the kernel's
+#: pinning of every page (docs/bench/shm_single_copy.txt).
+CMA_MIN_BYTES = 16 << 20
 #: The piece of its slice a rank reduces at a time on the single-copy path: its operands and the result stay in
 #: the caches between the reads from the peers and the writes to them, and each system call moves this much.
 CMA_PIECE_BYTES = 1 << 20
@@ -126,9 +131,12 @@ _FLAG = 128  # two cache lines for the flag, so flags of different ranks never s
 #: QuickScatter); words 0-6 are the ticket, the fingerprint slots and the variable-size posts (see exchange_pairs).
 _POSTED = 7
 #: Words of the flag where a single-copy call posts its number (calls counted by the arena), the addresses of its
-#: input and output in this process, the input's size in bytes and its root (-1: an allreduce), and where a rank
-#: whose transfers failed marks that call (its number plus one) before the second phase (see "single copy").
-_CMA_CALL, _CMA_X, _CMA_OUT, _CMA_BYTES, _CMA_ROOT, _CMA_FAILED = 8, 9, 10, 11, 12, 13
+#: input and output in this process and the input's size in bytes (see "single copy").
+_CMA_CALL, _CMA_X, _CMA_OUT, _CMA_BYTES = 8, 9, 10, 11
+#: Words where a single-copy call also posts which collective it is (see _CMA_WHAT) and its root (-1: none), and where
+#: a rank whose transfers failed marks that call (its number plus one) before the last phase (see "single copy").
+_CMA_KIND, _CMA_ROOT, _CMA_FAILED = 12, 13, 14
+_CMA_WHAT = ("allreduce", "reduce", "reduce_scatter", "allgather")
 # Waiting on a flag: this many plain reads (holding the interpreter lock, so a partner a few microseconds behind
 # is caught at once), then sched_yield (which lets other threads of this process run) for _YIELD_S, then naps,
 # for a rank that is far behind (a long step or a slow rank: a nap costs a fraction of a core where a spin takes
@@ -578,6 +586,7 @@ class ShmArena:
         #: Cross-memory access to the node's other ranks (see "single copy"), or None where the node lacks it.
         self.cma: CrossMemory | None = probe(node_comm) if single_copy and self.size > 1 else None
         self._cma_tmp = np.empty(0, np.uint8)
+        self._cma_call = 0  # the ticket that names the single-copy call in flight (see _post)
         self.comm.Barrier()  # every flag is zeroed before anyone waits on it
 
     def waiting_on(self) -> tuple[int, ...]:
@@ -935,58 +944,69 @@ class ShmArena:
                 if q1 > q0:
                     np.copyto(out[c0 + q0:c0 + q1], regs[q][q0:q1])
 
-    def _single_copy(self, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any], root: int | None,
-                     first: Callable[[], Any] | None) -> None:
-        """:meth:`allreduce` by cross-memory attach: see "single copy"."""
-        cm = self.cma
-        assert cm is not None
+    def _post(self, what: str, x: np.ndarray, out: np.ndarray | None, first: Callable[[], Any] | None,
+              root: int | None = None) -> list[int]:
+        """Post ``x``'s and ``out``'s addresses (0: none) for a single-copy call ``what`` (one of _CMA_WHAT), end its
+        first phase (``first``, see :meth:`arrive`) and return every rank's input address (even indices) and output
+        address (odd).
+
+        Raises CollectiveMismatchError, after a phase on every rank that gets here, when some rank posted another
+        call, collective, root or size, or a rank that gets a result posted no output: nothing is read or written
+        then (every rank reads the same posts, so every rank finds the same odd ones).
+        """
         r = self.rank
-        wants = root is None or r == root
-        assert out is not None or not wants, "allreduce: out is None on a rank that gets the result"
         # The ticket before the first phase names the call: a rank on another path, or a call behind or ahead,
         # posts another (tickets only grow, and no rank gets two phases past another), so a stale post never
-        # passes for this call's. A rank leaves only after the second phase (or, in its first, before any rank
-        # read a post), so a post that names this call is live until every rank is done with it.
-        k = self.ticket
-        rt = -1 if root is None else root
+        # passes for this call's. A rank leaves only after the last phase (or in the first, before any rank read a
+        # post), so a post that names this call is live until every rank is done with it.
+        k = self._cma_call = self.ticket
+        kind, rt = _CMA_WHAT.index(what), -1 if root is None else root
         f = self.my_flag
         f[_CMA_X] = x.ctypes.data
-        f[_CMA_OUT] = out.ctypes.data if out is not None and wants else 0
+        f[_CMA_OUT] = out.ctypes.data if out is not None else 0
         f[_CMA_BYTES] = nbytes = x.nbytes
+        f[_CMA_KIND] = kind
         f[_CMA_ROOT] = rt
         f[_CMA_CALL] = k
         if first is not None:
             self.arrive(first, rollback=False)  # ARRIVED: every rank posted, and passed the check
         else:
             self.phase()
-        posts = [(int(fl[_CMA_CALL]), int(fl[_CMA_X]), int(fl[_CMA_OUT]), int(fl[_CMA_BYTES]), int(fl[_CMA_ROOT]))
-                 for fl in self.flags]
-        # Every rank reads the same posts, so every rank finds the same odd ones (a receiver must have posted its
-        # output: a rank that takes a reduce's non-root for one would write where nothing was posted).
-        odd = [q for q, (c, _, o, b, t) in enumerate(posts)
-               if c != k or b != nbytes or t != rt or (o == 0 and (rt < 0 or q == rt))]
+        flags = self.flags
+        odd = [q for q, fl in enumerate(flags)
+               if fl[_CMA_CALL] != k or fl[_CMA_BYTES] != nbytes or fl[_CMA_KIND] != kind or fl[_CMA_ROOT] != rt
+               or (fl[_CMA_OUT] == 0 and (rt < 0 or q == rt))]
         if odd:
             self.phase()
-            got = ", ".join(f"node rank {q}: {posts[q][3]} bytes at ticket {posts[q][0]}"
-                            + (f", root {posts[q][4]}" if posts[q][4] >= 0 else "") for q in odd)
-            mine = f"{nbytes} bytes at ticket {k}" + (f", root {root}" if root is not None else "")
+
+            def called(fl: Any) -> str:
+                w = int(fl[_CMA_KIND])
+                return (f"{_CMA_WHAT[w] if 0 <= w < len(_CMA_WHAT) else '?'} of {fl[_CMA_BYTES]} bytes at ticket "
+                        f"{fl[_CMA_CALL]}" + (f" to root {fl[_CMA_ROOT]}" if fl[_CMA_ROOT] >= 0 else ""))
+            got = ", ".join(f"node rank {q}: {called(flags[q])}" for q in odd)
             raise CollectiveMismatchError(
-                f"{'reduce' if root is not None else 'allreduce'} on node rank {r} ({x.dtype}, {x.size} elements): "
-                f"the single-copy path found other ranks in another call ({got}; this rank: {mine}); nothing was "
-                f"read or written (the cross-rank check is off, and the ranks called differently)")
+                f"{what} on node rank {r} ({x.dtype}, {x.size} elements): the single-copy path found other ranks "
+                f"in another call ({got}; this rank: {called(f)}); nothing was read or written (the cross-rank "
+                f"check is off, and the ranks called differently)")
+        return [int(v) for fl in flags for v in (fl[_CMA_X], fl[_CMA_OUT])]
+
+    def _finish(self, what: str, x: np.ndarray, transfer: Callable[[], None]) -> None:
+        """Run a posted single-copy call's ``transfer``, then its last phase, after a failure too: every result has
+        landed, no rank reads another's arrays any more, and every rank ends the same phases, so none returns while
+        another still touches its arrays. Where any rank's transfers failed, every rank raises (the elastic error
+        where a peer is gone), and the node copies through the regions from then on."""
+        k = self._cma_call
         failed: BaseException | None = None
         try:
-            self._transfer(cm, x, out if wants else None, ufunc, root, posts)
+            transfer()
         except BaseException as exc:  # noqa: BLE001 - whatever it was, the others must not wait for this rank
             failed = exc
-            f[_CMA_FAILED] = k + 1
-        # DONE, after a failure too: every result has landed, no rank reads another's input any more, and every
-        # rank ends the same phases, so none returns while another still touches its arrays.
+            self.my_flag[_CMA_FAILED] = k + 1
         self.phase()
         bad = [q for q, fl in enumerate(self.flags) if fl[_CMA_FAILED] == k + 1]
         if not bad:
             return
-        self.cma = None  # every rank saw the same marks: the node copies through the window from now on
+        self.cma = None  # every rank saw the same marks
         watch = self.watch
         if watch is not None:  # a peer that is gone: the elastic error, once its loss is known
             until = time.monotonic() + 2.0
@@ -997,27 +1017,28 @@ class ShmArena:
             raise failed
         where = ", ".join(f"node rank {q}" for q in bad)
         raise CollectiveError(
-            f"{'reduce' if root is not None else 'allreduce'} on node rank {r} ({x.dtype}, {x.size} elements): the "
-            f"single-copy transfers failed on {where}" + (f" ({failed})" if failed is not None else "")
-            + "; the output is incomplete, and this node's later calls copy through the shared window") from failed
+            f"{what} on node rank {self.rank} ({x.dtype}, {x.size} elements): the single-copy transfers failed on "
+            f"{where}" + (f" ({failed})" if failed is not None else "") + "; the output is incomplete, and this "
+            "node's later calls copy through the shared window") from failed
 
-    def _transfer(self, cm: CrossMemory, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any],
-                  root: int | None, posts: list[tuple[int, int, int, int, int]]) -> None:
-        """The single-copy call's data: rank r's slice of every rank's input (``posts``), reduced piece by piece in
-        rank order into ``out`` (None: this rank gets no result) and into every receiver's output."""
+    def _reduce_posted(self, x: np.ndarray, posts: list[int], a0: int, a1: int, dst: np.ndarray | None,
+                       ufunc: Callable[..., Any], targets: list[int]) -> None:
+        """Reduce elements [a0, a1) of every rank's posted input, in rank order (the same bits as the copy-in
+        path), into ``dst`` (its element i is element a0 + i; None: a scratch piece), piece by piece, and write
+        each piece into the posted outputs of node ranks ``targets`` at its own offset."""
+        cm = self.cma
+        assert cm is not None
         P, r = self.size, self.rank
         isz = x.dtype.itemsize
-        s0, s1 = self.slice_of(x.size, r)
         step = max(1, CMA_PIECE_BYTES // isz)
         if self._cma_tmp.nbytes < 3 * step * isz:
             self._cma_tmp = np.empty(3 * step * isz, np.uint8)
         tmp = self._cma_tmp[:3 * step * isz].view(x.dtype)
         t0, t1, acc = tmp[:step], tmp[step:2 * step], tmp[2 * step:]
-        targets = [(q, posts[q][2]) for q in range(P) if q != r and (root is None or q == root)]
         read, write = cm.read, cm.write
         last = P - 1
-        for a in range(s0, s1, step):
-            b = min(s1, a + step)
+        for a in range(a0, a1, step):
+            b = min(a1, a + step)
             m = b - a
             nb = m * isz
             off = a * isz
@@ -1028,9 +1049,9 @@ class ShmArena:
                     ops.append(mine)
                 else:
                     t = (t0, t1)[q][:m]
-                    read(q, t.ctypes.data, posts[q][1] + off, nb)
+                    read(q, t.ctypes.data, posts[2 * q] + off, nb)
                     ops.append(t)
-            res = out[a:b] if out is not None else acc[:m]
+            res = acc[:m] if dst is None else dst[a - a0:b - a0]
             # Rank order, as every shm path: ((x0 op x1) op x2) ...; the last step writes the result.
             ufunc(ops[0], ops[1], res if last == 1 else acc[:m])
             for q in range(2, P):
@@ -1038,11 +1059,53 @@ class ShmArena:
                     o = mine
                 else:
                     o = t1[:m]
-                    read(q, o.ctypes.data, posts[q][1] + off, nb)
+                    read(q, o.ctypes.data, posts[2 * q] + off, nb)
                 ufunc(acc[:m], o, res if q == last else acc[:m])
             src = res.ctypes.data
-            for q, dst in targets:
-                write(q, dst + off, src, nb)
+            for q in targets:
+                write(q, posts[2 * q + 1] + off, src, nb)
+
+    def _single_copy(self, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any], root: int | None,
+                     first: Callable[[], Any] | None) -> None:
+        """:meth:`allreduce` by cross-memory attach: see "single copy"."""
+        r = self.rank
+        wants = root is None or r == root
+        assert out is not None or not wants, "allreduce: out is None on a rank that gets the result"
+        what = "allreduce" if root is None else "reduce"
+        posts = self._post(what, x, out if wants else None, first, root)
+        s0, s1 = self.slice_of(x.size, r)
+        targets = [q for q in range(self.size) if q != r and (root is None or q == root)]
+        dst = out[s0:s1] if wants else None  # type: ignore[index]
+        # DONE: every result has landed, and no rank reads another's input any more
+        self._finish(what, x, lambda: self._reduce_posted(x, posts, s0, s1, dst, ufunc, targets))
+
+    def _single_copy_scatter(self, x: np.ndarray, out: np.ndarray, blocks: tuple[int, ...],
+                             ufunc: Callable[..., Any], first: Callable[[], Any] | None) -> None:
+        """:meth:`reduce_scatter` by cross-memory attach: rank r reduces its block of every rank's input straight
+        into its ``out``; then a phase (no rank reads another's input any more)."""
+        r = self.rank
+        posts = self._post("reduce_scatter", x, out, first)
+        self._finish("reduce_scatter", x, lambda: self._reduce_posted(x, posts, blocks[r], blocks[r + 1], out, ufunc,
+                                                                      []))
+
+    def _single_copy_gather(self, x: np.ndarray, out: np.ndarray, first: Callable[[], Any] | None) -> None:
+        """:meth:`allgather` by cross-memory attach: each rank reads every other rank's input straight into its
+        block of ``out``; then a phase (no rank reads another's input any more)."""
+        cm = self.cma
+        assert cm is not None
+        r, nb = self.rank, x.nbytes
+        posts = self._post("allgather", x, out, first)
+        ob = out.reshape(-1).view(np.uint8)
+        base = ob.ctypes.data
+        mine = ob[r * nb:(r + 1) * nb]
+        if mine.ctypes.data != x.ctypes.data:
+            np.copyto(mine, x.reshape(-1).view(np.uint8))
+
+        def transfer() -> None:
+            for q in range(self.size):
+                if q != r:
+                    cm.read(q, base + q * nb, posts[2 * q], nb)
+        self._finish("allgather", x, transfer)
 
     def broadcast(self, out: np.ndarray, root: int) -> None:
         """Copy ``root``'s ``out`` (1-D, contiguous) into every rank's ``out``."""
@@ -1060,6 +1123,9 @@ class ShmArena:
     def reduce_scatter(self, x: np.ndarray, out: np.ndarray, blocks: tuple[int, ...], ufunc: Callable[..., Any],
                        first: Callable[[], Any] | None = None) -> None:
         """Reduce ``x`` over the node; this rank's ``out`` gets ``[blocks[r], blocks[r+1])`` of the result."""
+        if self.cma is not None and x.nbytes >= CMA_MIN_BYTES and (first is None or self.check_fenced):
+            self._single_copy_scatter(x, out, blocks, ufunc, first)
+            return
         b0, b1 = blocks[self.rank], blocks[self.rank + 1]
         # One phase per chunk, as in broadcast: region g % 2 is rewritten only after all arrived at g+1.
         for c0, c1, regs in self._filled(x, first):
@@ -1070,6 +1136,9 @@ class ShmArena:
     def allgather(self, x: np.ndarray, out: np.ndarray, first: Callable[[], Any] | None = None) -> None:
         """Concatenate every rank's ``x`` (same size everywhere) into ``out`` in rank order."""
         P, m = self.size, x.size
+        if self.cma is not None and out.nbytes >= CMA_MIN_BYTES and (first is None or self.check_fenced):
+            self._single_copy_gather(x, out, first)
+            return
         for c0, c1, regs in self._filled(x, first):
             for q in range(P):
                 np.copyto(out[q * m + c0:q * m + c1], regs[q][:c1 - c0])

@@ -82,24 +82,32 @@ def copy_in(fn):  # the same call with the single-copy path switched off on this
         arena.cma = keep
 
 
-calls = [0]
-real = arena._single_copy
+calls = {"_single_copy": 0, "_single_copy_scatter": 0, "_single_copy_gather": 0}
 
 
-def counting(*args, **kwargs):
-    calls[0] += 1
-    return real(*args, **kwargs)
+def counting(name: str):
+    real = getattr(arena, name)
+
+    def call(*args, **kwargs):
+        calls[name] += 1
+        return real(*args, **kwargs)
+    return call
 
 
-arena._single_copy = counting
+for name in calls:
+    setattr(arena, name, counting(name))
+
+
+def took(name: str, before: int, what: str) -> None:
+    assert calls[name] == before + 1, f"rank {R}: {what} did not take the single-copy path ({name})"
 
 
 def bits(dtype: type, n: int, op: str) -> None:
     x = data(n, dtype, n)
     keep = x.copy()
-    before = calls[0]
+    before = calls["_single_copy"]
     y = comm.allreduce(x, op=op, algorithm="shm")
-    assert calls[0] == before + 1, f"rank {R}: {n} elements of {np.dtype(dtype)} did not take the single-copy path"
+    took("_single_copy", before, f"allreduce of {n} elements of {np.dtype(dtype)}")
     assert np.array_equal(x, keep), f"rank {R}: the input changed"
     plain = copy_in(lambda: comm.allreduce(x, op=op, algorithm="shm"))
     what = f"{op} {np.dtype(dtype)} n={n}"
@@ -116,10 +124,34 @@ def bits(dtype: type, n: int, op: str) -> None:
             assert r is None
 
 
+def scatter_bits(dtype: type, rows: int) -> None:
+    x = data(rows * 3, dtype, rows).reshape(rows, 3)
+    before = calls["_single_copy_scatter"]
+    y = comm.reduce_scatter(x, algorithm="shm")
+    took("_single_copy_scatter", before, f"reduce_scatter of {x.shape} {np.dtype(dtype)}")
+    plain = copy_in(lambda: comm.reduce_scatter(x, algorithm="shm"))
+    assert y.shape == plain.shape and y.tobytes() == plain.tobytes(), f"rank {R}: reduce_scatter bits differ"
+    every = mpi.allgather(y)
+    whole = copy_in(lambda: comm.allreduce(x, algorithm="shm"))
+    assert np.concatenate(every).tobytes() == whole.tobytes(), "reduce_scatter's blocks are not the allreduce"
+
+
+def gather_bits(dtype: type, rows: int) -> None:
+    x = data(rows * 5, dtype, rows + 1).reshape(rows, 5)
+    before = calls["_single_copy_gather"]
+    y = comm.allgather(x, algorithm="shm")
+    took("_single_copy_gather", before, f"allgather of {x.shape} {np.dtype(dtype)}")
+    want = np.concatenate(mpi.allgather(x))
+    assert y.tobytes() == want.tobytes(), f"rank {R}: allgather differs"
+    out = np.zeros_like(want)
+    comm.allgather(x, algorithm="shm", out=out)
+    assert out.tobytes() == want.tobytes(), f"rank {R}: allgather into out differs"
+
+
 def piece_edges() -> None:
     # Slices that end exactly on a piece, one element past it, and one short: every rank's loop bounds.
-    for n in (P * CMA_PIECE_BYTES // 4, P * CMA_PIECE_BYTES // 4 + 1, P * CMA_PIECE_BYTES // 4 - 1):
-        n = max(n, CMA_MIN_BYTES // 4)
+    k = max(CMA_MIN_BYTES // CMA_PIECE_BYTES // P + 1, 1)  # pieces per slice, at least the threshold's size
+    for n in (k * P * CMA_PIECE_BYTES // 4 + 1, k * P * CMA_PIECE_BYTES // 4 - 1):
         bits(np.float32, n, "sum")
 
 
@@ -192,6 +224,22 @@ def unchecked_roots() -> None:
             assert not out.any(), f"rank {R}: {label}: the output was written"
             y = sub.allreduce(np.ones(n, np.float32), algorithm="shm")  # the group goes on, in step
             assert (y == P).all(), f"rank {R}: {label}: the next allreduce gave {y[:4]}"
+        # A reduce_scatter's output is its block alone: an allreduce of the same input must not take it for a whole
+        # output (rank 0's block is followed by a canary that must stay zero).
+        space = np.zeros(n, np.float32)
+        out = space[:(n + P - 1) // P] if R == 0 else space
+        try:
+            if R == 0:
+                sub.reduce_scatter(x, algorithm="shm", out=out)
+            else:
+                sub.allreduce(x, algorithm="shm", out=out)
+        except CollectiveMismatchError as exc:
+            assert "single-copy" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"rank {R}: reduce_scatter against allreduce with the check off did not raise")
+        assert not space.any(), f"rank {R}: reduce_scatter against allreduce: memory was written"
+        y = sub.allreduce(np.ones(n, np.float32), algorithm="shm")
+        assert (y == P).all(), f"rank {R}: after reduce_scatter against allreduce the next allreduce gave {y[:4]}"
     finally:
         sub.close()
 
@@ -251,12 +299,17 @@ def refused_mid_call() -> None:
 
 
 if available:
-    for dtype in (np.float32, np.float64, np.float16, np.int8, np.complex64):
+    for dtype, op in ((np.float32, "sum"), (np.float32, "max"), (np.float64, "sum"), (np.float16, "sum"),
+                      (np.int8, "max"), (np.complex64, "prod")):
         n = CMA_MIN_BYTES // np.dtype(dtype).itemsize + 2 * P + 1
-        for op in (("sum", "max") if np.dtype(dtype).kind != "c" else ("sum", "prod")):
-            cases.run(f"bits {np.dtype(dtype)} {op}", lambda: bits(dtype, n, op))
+        cases.run(f"bits {np.dtype(dtype)} {op}", lambda: bits(dtype, n, op))
     cases.run("avg", lambda: bits(np.float64, CMA_MIN_BYTES // 8 + 1, "avg"))
     cases.run("piece edges", piece_edges)
+    for dtype in (np.float32, np.int8):
+        rows = CMA_MIN_BYTES // (3 * np.dtype(dtype).itemsize) + P + 1  # uneven blocks
+        cases.run(f"reduce_scatter {np.dtype(dtype)}", lambda: scatter_bits(dtype, rows))
+        each = CMA_MIN_BYTES // (5 * P * np.dtype(dtype).itemsize) + 3
+        cases.run(f"allgather {np.dtype(dtype)}", lambda: gather_bits(dtype, each))
     cases.run("unchecked sizes raise", unchecked_sizes)
     cases.run("unchecked roots raise", unchecked_roots)
 cases.run("switched off", switched_off)

@@ -1,0 +1,88 @@
+"""The shm allreduce's two ways of moving data on one node, interleaved: single copy (cross-memory attach) and copy-in.
+
+Run under a launcher (or let it launch itself)::
+
+    collective-run -n 2 python bench/bench_single_copy.py
+    python bench/bench_single_copy.py --procs 4 --sizes 4M,16M,64M --iters 15
+
+Columns (in-place float32 ``comm.allreduce(x, out=x, algorithm="shm")``; median over ``--iters`` interleaved
+rounds, each the slowest rank's time): ``single`` (the default communicator: single copy from
+``collective.shm.CMA_MIN_BYTES``, where the node allows it), ``copy-in`` (a communicator made with
+``COLLECTIVE_SHM_SINGLE_COPY=0``: every byte copied into the node's window and out again), ``mpi`` (bare
+``MPI.COMM_WORLD.Allreduce``) and ``copy`` (every rank copies the array at the same time: the memory-bound floor).
+Times are also given in copies (time / copy).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _size(text: str) -> int:
+    t = text.strip().upper().rstrip("B").rstrip("I")
+    return int(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else int(t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the options; launch P ranks unless already under MPI; print the table on rank 0."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--procs", type=int, default=2, help="ranks to launch when not started under MPI")
+    ap.add_argument("--sizes", default="4M,8M,16M,32M,64M", help="comma list of message sizes in bytes")
+    ap.add_argument("--iters", type=int, default=15)
+    a = ap.parse_args(argv)
+    if "OMPI_COMM_WORLD_SIZE" not in os.environ and "PMI_SIZE" not in os.environ:
+        from collective.run import main as run
+
+        sys.exit(run(["-n", str(a.procs), sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])]))
+    import collective as col
+    from mpi4py import MPI
+
+    comm = col.init()
+    os.environ["COLLECTIVE_SHM_SINGLE_COPY"] = "0"
+    plain = comm.split(0)
+    del os.environ["COLLECTIVE_SHM_SINGLE_COPY"]
+    assert plain is not None
+    w = MPI.COMM_WORLD
+    x = np.ones(1, np.float32)
+    comm.allreduce(x, algorithm="shm")  # makes both windows (and probes) before timing
+    plain.allreduce(x, algorithm="shm")
+    single = comm.node_arena().cma is not None
+    if w.rank == 0:
+        print(f"shm allreduce, float32, in place, P={w.size}; single copy {'available' if single else 'UNAVAILABLE'} "
+              f"here; median of {a.iters} interleaved rounds (slowest rank), ms and copies")
+        print(f"{'bytes':>10} {'single':>16} {'copy-in':>16} {'mpi':>16} {'copy':>8}  copy-in/single")
+    for nb in (_size(s) for s in a.sizes.split(",")):
+        x = np.ones(nb // 4, np.float32)
+        c = np.empty_like(x)
+        cols = {
+            "single": lambda: comm.allreduce(x, out=x, algorithm="shm"),
+            "copy-in": lambda: plain.allreduce(x, out=x, algorithm="shm"),
+            "mpi": lambda: w.Allreduce(MPI.IN_PLACE, x),
+            "copy": lambda: np.copyto(c, x),
+        }
+        res: dict[str, list[float]] = {k: [] for k in cols}
+        for _ in range(a.iters):
+            for k, f in cols.items():
+                x[:] = 0
+                w.Barrier()
+                t0 = time.perf_counter()
+                f()
+                dt = np.array([time.perf_counter() - t0])
+                w.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
+                res[k].append(float(dt[0]))
+        if w.rank == 0:
+            m = {k: float(np.median(v)) * 1e3 for k, v in res.items()}
+            cell = {k: f"{v:8.3f} ({v / m['copy']:4.2f})" for k, v in m.items()}
+            print(f"{nb:>10} {cell['single']:>16} {cell['copy-in']:>16} {cell['mpi']:>16} {m['copy']:8.3f}  "
+                  f"{m['copy-in'] / m['single']:.2f}x", flush=True)
+    plain.close()
+
+
+if __name__ == "__main__":
+    main()
