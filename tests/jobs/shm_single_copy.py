@@ -148,6 +148,18 @@ def gather_bits(dtype: type, rows: int) -> None:
     assert out.tobytes() == want.tobytes(), f"rank {R}: allgather into out differs"
 
 
+def async_ops() -> None:
+    # On the communication thread, several queued: each takes the path and gives the copy-in path's bits.
+    xs = [data(CMA_MIN_BYTES // 4 + 3 * i, np.float32, 40 + i) for i in range(3)]
+    before = calls["_single_copy"]
+    works = [comm.allreduce_async(x, algorithm="shm") for x in xs]
+    ys = [w.wait() for w in works]
+    assert calls["_single_copy"] == before + 3, f"rank {R}: async allreduces did not take the single-copy path"
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        plain = copy_in(lambda: comm.allreduce(x, algorithm="shm"))
+        assert y.tobytes() == plain.tobytes(), f"rank {R}: async allreduce {i} differs from copy-in's bits"
+
+
 def piece_edges() -> None:
     # Slices that end exactly on a piece, one element past it, and one short: every rank's loop bounds.
     k = max(CMA_MIN_BYTES // CMA_PIECE_BYTES // P + 1, 1)  # pieces per slice, at least the threshold's size
@@ -305,6 +317,7 @@ if available:
         cases.run(f"bits {np.dtype(dtype)} {op}", lambda: bits(dtype, n, op))
     cases.run("avg", lambda: bits(np.float64, CMA_MIN_BYTES // 8 + 1, "avg"))
     cases.run("piece edges", piece_edges)
+    cases.run("async on the communication thread", async_ops)
     for dtype in (np.float32, np.int8):
         rows = CMA_MIN_BYTES // (3 * np.dtype(dtype).itemsize) + P + 1  # uneven blocks
         cases.run(f"reduce_scatter {np.dtype(dtype)}", lambda: scatter_bits(dtype, rows))
