@@ -167,13 +167,19 @@ def piece_edges() -> None:
         bits(np.float32, n, "sum")
 
 
-def switched_off() -> None:
-    os.environ["COLLECTIVE_SHM_SINGLE_COPY"] = "0"
+def switched_off_in(var: str) -> col.Communicator:
+    """A communicator over every rank made while ``var`` is 0 (the settings are read when one is made)."""
+    os.environ[var] = "0"
     try:
         sub = comm.split(0)
     finally:
-        del os.environ["COLLECTIVE_SHM_SINGLE_COPY"]
+        del os.environ[var]
     assert sub is not None
+    return sub
+
+
+def switched_off() -> None:
+    sub = switched_off_in("COLLECTIVE_SHM_SINGLE_COPY")
     try:
         x = data(CMA_MIN_BYTES // 8 + 3, np.float64, 5)
         y = sub.allreduce(x, algorithm="shm")
@@ -186,12 +192,7 @@ def switched_off() -> None:
 
 def unchecked_sizes() -> None:
     # With the cross-rank check off, ranks calling with different sizes: every rank raises, nothing is touched.
-    os.environ["COLLECTIVE_CHECK"] = "0"
-    try:
-        sub = comm.split(0)
-    finally:
-        del os.environ["COLLECTIVE_CHECK"]
-    assert sub is not None
+    sub = switched_off_in("COLLECTIVE_CHECK")
     try:
         n = CMA_MIN_BYTES // 4 + (1000 if R == 0 else 0)
         x = np.ones(n, np.float32)
@@ -213,12 +214,7 @@ def unchecked_roots() -> None:
     # With the check off, ranks that disagree on who gets the result (an allreduce against a reduce's non-roots, or
     # reduces to different roots) post the same size at the same ticket: a non-root posts no output, so a rank
     # that takes it for a receiver must raise with every other, never write at what that rank did not post.
-    os.environ["COLLECTIVE_CHECK"] = "0"
-    try:
-        sub = comm.split(0)
-    finally:
-        del os.environ["COLLECTIVE_CHECK"]
-    assert sub is not None
+    sub = switched_off_in("COLLECTIVE_CHECK")
     try:
         n = CMA_MIN_BYTES // 4
         x = np.ones(n, np.float32)
