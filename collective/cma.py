@@ -82,12 +82,21 @@ class CrossMemory:
         self._move(self._writev, "process_vm_writev", q, src, dst, nbytes)
 
 
+def _pid_namespace() -> int:
+    """An id of this process's PID namespace (0 where it cannot be read)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def probe(node_comm: Any) -> CrossMemory | None:
     """A :class:`CrossMemory` over ``node_comm`` where every pair of its ranks can read and write each other's
     memory, else None on every rank (collective over the node).
 
-    Each rank reads a known word from every other rank and writes its mark into a word of every other rank,
-    which then checks the marks; the node's ranks then agree, so all use it or none does.
+    Each rank reads a known word (its pid) from every other rank and, only where that word is right, writes its
+    mark into a word of that rank, which then checks the marks; the node's ranks then agree, so all use it or none
+    does. Ranks in different PID namespaces never try.
     """
     from mpi4py import MPI
 
@@ -95,19 +104,25 @@ def probe(node_comm: Any) -> CrossMemory | None:
     words = np.zeros(P + 1, np.int64)
     pid = os.getpid()
     words[0] = pid
-    seen = node_comm.allgather((pid, words.ctypes.data))
-    ok = True
+    ns = _pid_namespace()
+    seen = node_comm.allgather((pid, ns, words.ctypes.data))
+    # A pid names a process only within its PID namespace: ranks in different ones (containers that share the
+    # node's shared memory) would reach some other process, so they never try (every rank sees the same list).
+    ok = len({n for _, n, _ in seen}) == 1
     cm: CrossMemory | None = None
     try:
-        cm = CrossMemory([p for p, _ in seen], r)
-        got = np.zeros(1, np.int64)
-        mark = np.array([r + 1], np.int64)
-        for q, (qpid, addr) in enumerate(seen):
-            if q == r:
-                continue
-            cm.read(q, got.ctypes.data, addr, 8)
-            cm.write(q, addr + 8 * (1 + r), mark.ctypes.data, 8)
-            ok = ok and int(got[0]) == qpid
+        if ok:
+            cm = CrossMemory([p for p, _, _ in seen], r)
+            got = np.zeros(1, np.int64)
+            mark = np.array([r + 1], np.int64)
+            for q, (qpid, _, addr) in enumerate(seen):
+                if q == r:
+                    continue
+                cm.read(q, got.ctypes.data, addr, 8)
+                if int(got[0]) != qpid:  # not that rank's word: write nothing there
+                    ok = False
+                    break
+                cm.write(q, addr + 8 * (1 + r), mark.ctypes.data, 8)
     except (OSError, CollectiveError):
         ok = False
     node_comm.Barrier()  # every write has landed before the marks are checked

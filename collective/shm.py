@@ -63,8 +63,12 @@ every rank's output (the root's alone for a reduce); a second phase (DONE)
 says every result has landed and nobody reads an input any more. Each byte
 crosses between processes once, and a call is two phases whatever its size.
 A rank touches another's memory only at addresses that rank posted for the
-very call (same call number, same size), so a rank on another path, or
-with another size, is an error, never a stray write. A reduce_scatter from
+very call (same call number, collective, root and size), so a rank on
+another path, or with another collective, root or size, is an error, never a
+stray write. A rank whose transfers fail (a peer's memory refused, a peer
+gone) marks the call in its flag and still ends the last phase, so no rank
+returns while another touches its arrays; every rank then raises, and the
+node copies through the regions from then on. A reduce_scatter from
 ``CMA_MIN_BYTES`` of input is the same with rank r's block in place of its
 slice and no writes (it reduces straight into its own output); an allgather
 from ``CMA_MIN_BYTES`` of output reads every other rank's input straight into
@@ -143,9 +147,13 @@ _POSTED = 7
 #: Words of the flag where a single-copy call posts its number (calls counted by the arena), the addresses of its
 #: input and output in this process and the input's size in bytes (see "single copy").
 _CMA_CALL, _CMA_X, _CMA_OUT, _CMA_BYTES = 8, 9, 10, 11
-#: Words of the flag where a variable-size call posts, before its first phase, its number (the ticket then), its
-#: input's address in this process and its size in bytes, for the single-copy reads (see "single copy").
-_VAR_CALL, _VAR_X, _VAR_BYTES = 12, 13, 14
+#: Words where a single-copy call also posts which collective it is (see _CMA_WHAT) and its root (-1: none), and where
+#: a rank whose transfers failed marks that call (its number plus one) before the last phase (see "single copy").
+_CMA_KIND, _CMA_ROOT, _CMA_FAILED = 12, 13, 14
+#: The kinds of single-copy call; "variable" is alltoall, allgather, gather and scatter by
+#: :meth:`ShmArena.cross_read`, whose posts give the input alone (the output is the reader's own).
+_CMA_WHAT = ("allreduce", "reduce", "reduce_scatter", "allgather", "variable")
+_CMA_VARIABLE = 4
 # Waiting on a flag: this many plain reads (holding the interpreter lock, so a partner a few microseconds behind
 # is caught at once), then sched_yield (which lets other threads of this process run) for _YIELD_S, then naps,
 # for a rank that is far behind (a long step or a slow rank: a nap costs a fraction of a core where a spin takes
@@ -563,7 +571,8 @@ class ShmArena:
             self.segs.append(np.frombuffer(buf, np.uint8, count=seg_bytes))
         self.flags = [s[:_FLAG].data.cast("q") for s in self.segs]
         self.my_flag = self.flags[self.rank]
-        self.my_flag[0] = 0
+        for w in range(_FLAG // 8):  # a post read before this rank's first one must name no call
+            self.my_flag[w] = 0
         self._sync = self.win.Sync
         #: A full memory fence over the node's shared memory (the arena's and the alloc'd windows').
         self.fence = self._sync
@@ -594,6 +603,7 @@ class ShmArena:
         #: Cross-memory access to the node's other ranks (see "single copy"), or None where the node lacks it.
         self.cma: CrossMemory | None = probe(node_comm) if single_copy and self.size > 1 else None
         self._cma_tmp = np.empty(0, np.uint8)
+        self._cma_call = 0  # the ticket that names the single-copy call in flight (see _post)
         self.comm.Barrier()  # every flag is zeroed before anyone waits on it
 
     def waiting_on(self) -> tuple[int, ...]:
@@ -951,48 +961,83 @@ class ShmArena:
                 if q1 > q0:
                     np.copyto(out[c0 + q0:c0 + q1], regs[q][q0:q1])
 
-    def _post(self, what: str, x: np.ndarray, out: np.ndarray | None, first: Callable[[], Any] | None) -> list[int]:
-        """Post ``x``'s and ``out``'s addresses (0: none) for a single-copy call, end its first phase (``first``,
-        see :meth:`arrive`) and return every rank's input address (even indices) and output address (odd).
+    def _post(self, what: str, x: np.ndarray, out: np.ndarray | None, first: Callable[[], Any] | None,
+              root: int | None = None) -> list[int]:
+        """Post ``x``'s and ``out``'s addresses (0: none) for a single-copy call ``what`` (one of _CMA_WHAT), end its
+        first phase (``first``, see :meth:`arrive`) and return every rank's input address (even indices) and output
+        address (odd).
 
         Raises CollectiveMismatchError, after a phase on every rank that gets here, when some rank posted another
-        call or size: nothing is read or written then.
+        call, collective, root or size, or a rank that gets a result posted no output: nothing is read or written
+        then (every rank reads the same posts, so every rank finds the same odd ones).
         """
         r = self.rank
         # The ticket before the first phase names the call: a rank on another path, or a call behind or ahead,
         # posts another (tickets only grow, and no rank gets two phases past another), so a stale post never
-        # passes for this call's.
-        k = self.ticket
+        # passes for this call's. A rank leaves only after the last phase (or in the first, before any rank read a
+        # post), so a post that names this call is live until every rank is done with it.
+        k = self._cma_call = self.ticket
+        kind, rt = _CMA_WHAT.index(what), -1 if root is None else root
         f = self.my_flag
         f[_CMA_X] = x.ctypes.data
         f[_CMA_OUT] = out.ctypes.data if out is not None else 0
         f[_CMA_BYTES] = nbytes = x.nbytes
+        f[_CMA_KIND] = kind
+        f[_CMA_ROOT] = rt
         f[_CMA_CALL] = k
         if first is not None:
             self.arrive(first, rollback=False)  # ARRIVED: every rank posted, and passed the check
         else:
             self.phase()
         flags = self.flags
-        odd = [q for q, fl in enumerate(flags) if fl[_CMA_CALL] != k or fl[_CMA_BYTES] != nbytes]
+        odd = [q for q, fl in enumerate(flags)
+               if fl[_CMA_CALL] != k or fl[_CMA_BYTES] != nbytes or fl[_CMA_KIND] != kind or fl[_CMA_ROOT] != rt
+               or (fl[_CMA_OUT] == 0 and (rt < 0 or q == rt))]
         if odd:
             self.phase()
-            got = ", ".join(f"node rank {q}: {flags[q][_CMA_BYTES]} bytes at ticket {flags[q][_CMA_CALL]}"
-                            for q in odd)
+
+            def called(fl: Any) -> str:
+                w = int(fl[_CMA_KIND])
+                return (f"{_CMA_WHAT[w] if 0 <= w < len(_CMA_WHAT) else '?'} of {fl[_CMA_BYTES]} bytes at ticket "
+                        f"{fl[_CMA_CALL]}" + (f" to root {fl[_CMA_ROOT]}" if fl[_CMA_ROOT] >= 0 else ""))
+            got = ", ".join(f"node rank {q}: {called(flags[q])}" for q in odd)
             raise CollectiveMismatchError(
                 f"{what} on node rank {r} ({x.dtype}, {x.size} elements): the single-copy path found other ranks "
-                f"in another call ({got}; this rank: {nbytes} bytes at ticket {k}); nothing was read or written "
-                f"(the cross-rank check is off, and the ranks called with different sizes)")
+                f"in another call ({got}; this rank: {called(f)}); nothing was read or written (the cross-rank "
+                f"check is off, and the ranks called differently)")
         return [int(v) for fl in flags for v in (fl[_CMA_X], fl[_CMA_OUT])]
 
-    def _lost(self) -> None:
-        """After a failed cross-memory transfer: raise the elastic error once a peer's loss is known (elastic
-        mode), else return (the caller re-raises the transfer's error)."""
+    def _finish(self, what: str, x: np.ndarray | None, transfer: Callable[[], None]) -> None:
+        """Run a posted single-copy call's ``transfer``, then its last phase, after a failure too: every result has
+        landed, no rank reads another's arrays any more, and every rank ends the same phases, so none returns while
+        another still touches its arrays. Where any rank's transfers failed, every rank raises (the elastic error
+        where a peer is gone), and the node copies through the regions from then on."""
+        k = self._cma_call
+        failed: BaseException | None = None
+        try:
+            transfer()
+        except BaseException as exc:  # noqa: BLE001 - whatever it was, the others must not wait for this rank
+            failed = exc
+            self.my_flag[_CMA_FAILED] = k + 1
+        self.phase()
+        bad = [q for q, fl in enumerate(self.flags) if fl[_CMA_FAILED] == k + 1]
+        if not bad:
+            return
+        self.cma = None  # every rank saw the same marks
         watch = self.watch
-        if watch is not None:
+        if watch is not None:  # a peer that is gone: the elastic error, once its loss is known
             until = time.monotonic() + 2.0
             while time.monotonic() < until:
                 watch()
                 time.sleep(_WATCH_S)
+        if failed is not None and not isinstance(failed, CollectiveError):
+            raise failed
+        where = ", ".join(f"node rank {q}" for q in bad)
+        arrays = f" ({x.dtype}, {x.size} elements)" if x is not None else ""
+        raise CollectiveError(
+            f"{what} on node rank {self.rank}{arrays}: the single-copy transfers failed on "
+            f"{where}" + (f" ({failed})" if failed is not None else "") + "; the output is incomplete, and this "
+            "node's later calls copy through the shared window") from failed
 
     def _reduce_posted(self, x: np.ndarray, posts: list[int], a0: int, a1: int, dst: np.ndarray | None,
                        ufunc: Callable[..., Any], targets: list[int]) -> None:
@@ -1010,37 +1055,33 @@ class ShmArena:
         t0, t1, acc = tmp[:step], tmp[step:2 * step], tmp[2 * step:]
         read, write = cm.read, cm.write
         last = P - 1
-        try:
-            for a in range(a0, a1, step):
-                b = min(a1, a + step)
-                m = b - a
-                nb = m * isz
-                off = a * isz
-                mine = x[a:b]
-                ops = []
-                for q in (0, 1):
-                    if q == r:
-                        ops.append(mine)
-                    else:
-                        t = (t0, t1)[q][:m]
-                        read(q, t.ctypes.data, posts[2 * q] + off, nb)
-                        ops.append(t)
-                res = acc[:m] if dst is None else dst[a - a0:b - a0]
-                # Rank order, as every shm path: ((x0 op x1) op x2) ...; the last step writes the result.
-                ufunc(ops[0], ops[1], res if last == 1 else acc[:m])
-                for q in range(2, P):
-                    if q == r:
-                        o = mine
-                    else:
-                        o = t1[:m]
-                        read(q, o.ctypes.data, posts[2 * q] + off, nb)
-                    ufunc(acc[:m], o, res if q == last else acc[:m])
-                src = res.ctypes.data
-                for q in targets:
-                    write(q, posts[2 * q + 1] + off, src, nb)
-        except CollectiveError:
-            self._lost()
-            raise
+        for a in range(a0, a1, step):
+            b = min(a1, a + step)
+            m = b - a
+            nb = m * isz
+            off = a * isz
+            mine = x[a:b]
+            ops = []
+            for q in (0, 1):
+                if q == r:
+                    ops.append(mine)
+                else:
+                    t = (t0, t1)[q][:m]
+                    read(q, t.ctypes.data, posts[2 * q] + off, nb)
+                    ops.append(t)
+            res = acc[:m] if dst is None else dst[a - a0:b - a0]
+            # Rank order, as every shm path: ((x0 op x1) op x2) ...; the last step writes the result.
+            ufunc(ops[0], ops[1], res if last == 1 else acc[:m])
+            for q in range(2, P):
+                if q == r:
+                    o = mine
+                else:
+                    o = t1[:m]
+                    read(q, o.ctypes.data, posts[2 * q] + off, nb)
+                ufunc(acc[:m], o, res if q == last else acc[:m])
+            src = res.ctypes.data
+            for q in targets:
+                write(q, posts[2 * q + 1] + off, src, nb)
 
     def _single_copy(self, x: np.ndarray, out: np.ndarray | None, ufunc: Callable[..., Any], root: int | None,
                      first: Callable[[], Any] | None) -> None:
@@ -1048,11 +1089,13 @@ class ShmArena:
         r = self.rank
         wants = root is None or r == root
         assert out is not None or not wants, "allreduce: out is None on a rank that gets the result"
-        posts = self._post("allreduce" if root is None else "reduce", x, out if wants else None, first)
+        what = "allreduce" if root is None else "reduce"
+        posts = self._post(what, x, out if wants else None, first, root)
         s0, s1 = self.slice_of(x.size, r)
         targets = [q for q in range(self.size) if q != r and (root is None or q == root)]
-        self._reduce_posted(x, posts, s0, s1, out[s0:s1] if wants else None, ufunc, targets)  # type: ignore[index]
-        self.phase()  # DONE: every result has landed, and no rank reads another's input any more
+        dst = out[s0:s1] if wants else None  # type: ignore[index]
+        # DONE: every result has landed, and no rank reads another's input any more
+        self._finish(what, x, lambda: self._reduce_posted(x, posts, s0, s1, dst, ufunc, targets))
 
     def _single_copy_scatter(self, x: np.ndarray, out: np.ndarray, blocks: tuple[int, ...],
                              ufunc: Callable[..., Any], first: Callable[[], Any] | None) -> None:
@@ -1060,8 +1103,8 @@ class ShmArena:
         into its ``out``; then a phase (no rank reads another's input any more)."""
         r = self.rank
         posts = self._post("reduce_scatter", x, out, first)
-        self._reduce_posted(x, posts, blocks[r], blocks[r + 1], out, ufunc, [])
-        self.phase()
+        self._finish("reduce_scatter", x, lambda: self._reduce_posted(x, posts, blocks[r], blocks[r + 1], out, ufunc,
+                                                                      []))
 
     def _single_copy_gather(self, x: np.ndarray, out: np.ndarray, first: Callable[[], Any] | None) -> None:
         """:meth:`allgather` by cross-memory attach: each rank reads every other rank's input straight into its
@@ -1075,25 +1118,26 @@ class ShmArena:
         mine = ob[r * nb:(r + 1) * nb]
         if mine.ctypes.data != x.ctypes.data:
             np.copyto(mine, x.reshape(-1).view(np.uint8))
-        try:
+
+        def transfer() -> None:
             for q in range(self.size):
                 if q != r:
                     cm.read(q, base + q * nb, posts[2 * q], nb)
-        except CollectiveError:
-            self._lost()
-            raise
-        self.phase()
+        self._finish("allgather", x, transfer)
 
     def post_input(self, x: np.ndarray | None) -> None:
         """Post where this rank's input of a variable-size call lies (C-contiguous; None: no input), before the
         call's first phase, for :meth:`cross_read` (see "single copy"): the ticket, which names the call, last."""
         f = self.my_flag
         if x is None or not x.size:
-            f[_VAR_X] = f[_VAR_BYTES] = 0
+            f[_CMA_X] = f[_CMA_BYTES] = 0
         else:
-            f[_VAR_X] = x.ctypes.data
-            f[_VAR_BYTES] = x.nbytes
-        f[_VAR_CALL] = self.ticket
+            f[_CMA_X] = x.ctypes.data
+            f[_CMA_BYTES] = x.nbytes
+        f[_CMA_OUT] = 0
+        f[_CMA_KIND] = _CMA_VARIABLE
+        f[_CMA_ROOT] = -1
+        f[_CMA_CALL] = self.ticket
 
     def cross_read(self, mine: np.ndarray | None, out: np.ndarray | None, sizes: list[int],
                    reads: list[tuple[int, int, int, int]], what: str) -> None:
@@ -1102,49 +1146,56 @@ class ShmArena:
 
         ``mine``: this rank's input as bytes (None: none); ``sizes``: every rank's input in bytes, as the call's
         counts say (the same on every rank); ``reads``: (rank, offset in its input, count, offset in ``out``), in
-        bytes; ``what``: the call, for the error.
+        bytes; ``what``: the call (its collective, shapes and dtype), for the errors.
 
         Where the call's check was the phase that just ended (fenced in this arena) and every rank posted its
         input with :meth:`post_input` before it (the ticket then in every post: a post of an earlier call names
         an earlier ticket, as every call ends a phase after posting), the reads follow at once. Otherwise (the
         check is off or runs by MPI; a rank took a path that posts nothing, e.g. a repeat whose plan never reads
         by single copy) every rank posts now and ends a phase first: every rank reads the same posts after the
-        same phase, so all decide alike. Then every rank's post must name this call and its size must be
-        ``sizes``' (a rank in another call, or with another size, where the check is off): else every rank ends
-        the phase and raises CollectiveMismatchError, having read nothing.
+        same phase, and a rank that posts again moves its post past the ticket, so all decide alike. Then every
+        rank's post must name this call and its size must be ``sizes``' (a rank in another call, or with another
+        size, where the check is off): else every rank ends the phase and raises CollectiveMismatchError, having
+        read nothing. A failed read ends the last phase too, and every rank raises (see :meth:`_finish`).
         """
         cm = self.cma
         assert cm is not None, "cross_read: the node has no cross-memory access"
         flags = self.flags
         k = self.ticket - 1
-        if not self.check_fenced or any(fl[_VAR_CALL] != k for fl in flags):
-            # A rank that decides to post anew raises its word past k, so any rank still looking decides alike.
+        if not self.check_fenced or any(fl[_CMA_CALL] != k or fl[_CMA_KIND] != _CMA_VARIABLE for fl in flags):
             self.post_input(mine)
             self.phase()
             k = self.ticket - 1
-        odd = [q for q, fl in enumerate(flags) if fl[_VAR_CALL] != k or fl[_VAR_BYTES] != sizes[q]]
+        self._cma_call = k
+        odd = [q for q, fl in enumerate(flags)
+               if fl[_CMA_CALL] != k or fl[_CMA_KIND] != _CMA_VARIABLE or fl[_CMA_BYTES] != sizes[q]]
         if odd:
             self.phase()
-            got = ", ".join(f"node rank {q}: {int(flags[q][_VAR_BYTES])} bytes at ticket {int(flags[q][_VAR_CALL])} "
-                            f"(expected {sizes[q]})" for q in odd)
+
+            def called(q: int) -> str:
+                fl, w = flags[q], int(flags[q][_CMA_KIND])
+                kind = "an alltoall, allgather, gather or scatter" if w == _CMA_VARIABLE else (
+                    f"an {_CMA_WHAT[w]}" if 0 <= w < len(_CMA_WHAT) else "another call")
+                return (f"node rank {q}: {kind} of {fl[_CMA_BYTES]} bytes at ticket {fl[_CMA_CALL]} "
+                        f"(expected {sizes[q]})")
             raise CollectiveMismatchError(
-                f"{what}: the single-copy path found ranks in another call or with other sizes ({got}; this call: "
-                f"ticket {k}); nothing was read (the cross-rank check is off, and the ranks' calls differ)")
+                f"{what} on node rank {self.rank}: the single-copy path found ranks in another call or with other "
+                f"sizes ({', '.join(called(q) for q in odd)}; this call: ticket {k}); nothing was read (the "
+                f"cross-rank check is off, and the ranks' calls differ)")
         me = self.rank
         base = out.ctypes.data if out is not None and out.size else 0
-        read = cm.read
-        try:
+        srcs = [int(fl[_CMA_X]) for fl in flags]
+
+        def transfer() -> None:
+            read = cm.read
             for q, off, n, d in reads:
                 if not n:
                     continue
                 if q == me:
                     out[d:d + n] = mine[off:off + n]  # type: ignore[index]
                 else:
-                    read(q, base + d, int(flags[q][_VAR_X]) + off, n)
-        except CollectiveError:
-            self._lost()
-            raise
-        self.phase()
+                    read(q, base + d, srcs[q] + off, n)
+        self._finish(what, None, transfer)
 
     def broadcast(self, out: np.ndarray, root: int) -> None:
         """Copy ``root``'s ``out`` (1-D, contiguous) into every rank's ``out``."""

@@ -545,7 +545,7 @@ def _shm_mover(c: VCall, every: np.ndarray, counts: Any, row: int, rank: int, si
     ar = arena()
     scatter_bytes = ar.scatter_bytes
     empty = np.empty(0, np.uint8)
-    what = f"{describe(c.name, rank, size, c.shape, c.dtype, 'shm')} (node rank {ar.rank})"
+    what = describe(c.name, rank, size, c.shape, c.dtype, "shm")
     # Single copy reads from rank r+1 first, then r+2, ...: the ranks read from different peers at a time.
     creads = sorted(reads, key=lambda t: (t[0] - ar.rank - 1) % ar.size)
     byte = np.uint8

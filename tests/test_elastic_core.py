@@ -70,6 +70,7 @@ needs_ulfm = pytest.mark.skipif(shutil.which("mpiexec") is None and not os.path.
     "native:2",      # inside MPI's own allreduce
     "async:1",       # an async allreduce on the communication thread, another queued behind it
     "shm:1",         # between two phases of a multi-chunk shm allreduce (the node barrier waits)
+    "cma:2",         # inside a large shm allreduce's single-copy transfers: the others read and write its arrays
     "quick:3",       # the one-phase path of a repeated small shm allreduce
     "cross:1",       # a single-copy shm alltoall: the others read the victim's input (or wait in the last phase)
     "window:0",      # an alloc'd array's window path; rank 0 dies

@@ -7,11 +7,14 @@ Usage: elastic_core.py --kill POINT:JOBRANK[+JOBRANK...] [--kill ...] [--die-in-
 Several job ranks in one --kill die at the same point (both ranks of an emulated host); the survivors may see
 them lost in one RanksLostError or in two (ULFM notices failures one by one), and shrink until all are gone.
 
-POINT: native (in MPI's own allreduce), shm (mid-phase of a multi-chunk shm allreduce), quick (a repeated small
-shm allreduce, its one phase), window (an alloc'd array's window path), broadcast (ring broadcast), check (the
-cross-rank check, before any data), p2p (the victim never sends what a survivor receives), p2p-send (a survivor
-sends 16 MB to the victim, which dies as the data starts to arrive), barrier, agree (the
-victim's successor waits for a message from it while the others are in comm.agree()).
+POINT: native (in MPI's own allreduce), shm (mid-phase of a multi-chunk shm allreduce), cma (inside a large shm
+allreduce's single-copy transfers, while the others read and write its arrays; mid-phase where the node has no
+single copy), cross (inside a single-copy shm alltoall's reads, while the others read its input; in the
+copy-in path's data phase where the node has no single copy), quick (a repeated small shm allreduce, its one
+phase), window (an alloc'd array's window path),
+broadcast (ring broadcast), check (the cross-rank check, before any data), p2p (the victim never sends what a
+survivor receives), p2p-send (a survivor sends 16 MB to the victim, which dies as the data starts to arrive),
+barrier, agree (the victim's successor waits for a message from it while the others are in comm.agree()).
 Each rank prints PASSED n when every check held; FAIL lines otherwise.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 import collective as col
 from collective.communicator import take_parent
 from collective.errors import CollectiveError, RanksLostError
+from collective.shm import CMA_MIN_BYTES
 
 passed = 0
 
@@ -58,7 +62,10 @@ def arm(comm: col.Communicator, point: str) -> None:
     if point in ("native", "broadcast", "async"):
         target = "broadcast" if point == "broadcast" else "allreduce"
         comm._engine.execute = lambda c, first, seq: die() if c.name == target else real(c, first, seq)
-    elif point in ("shm", "window"):
+    elif point == "cma" and comm.node_arena().cma is not None:
+        print(f"job rank {JOB}: dies in a single-copy transfer", flush=True)
+        comm.node_arena().cma.read = lambda *args: die()  # at its first read: the others are in their transfers
+    elif point in ("shm", "window", "cma"):
         arena = comm.node_arena()
         n = [0]
 
@@ -77,7 +84,7 @@ def arm(comm: col.Communicator, point: str) -> None:
     elif point == "cross":  # after the check, as the others read its input by single copy (or wait for it to)
         arena = comm.node_arena()
         if arena.cma is not None:
-            arena.cross_read = lambda *args: die()
+            arena.cma.read = lambda *args: die()  # at its first read: the others are in their reads
         else:  # no cross-memory attach here: the copy-in path's data phase instead
             arena.scatter_bytes = lambda *args: die()
     elif point == "check":
@@ -120,6 +127,9 @@ def point_call(comm: col.Communicator, point: str, victims: set, bufs: dict) -> 
     if point == "cross":  # beyond one chunk per rank: single copy whether the ranks spin or share cores
         comm.alltoall(np.full((comm.size, 1 << 16), me + 1.0), algorithm="shm")
         return "alltoall"
+    if point == "cma":
+        comm.allreduce(np.full(2 * CMA_MIN_BYTES // 8, me + 1.0), algorithm="shm")
+        return "allreduce"
     if point == "window":
         g = bufs["window"]
         comm.allreduce(g, out=g, algorithm="shm")

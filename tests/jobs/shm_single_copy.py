@@ -15,7 +15,7 @@ from harness import Cases
 
 import collective as col
 import collective.variable as V
-from collective.errors import CollectiveMismatchError
+from collective.errors import CollectiveError, CollectiveMismatchError
 from collective.shm import CMA_MIN_BYTES, CMA_PIECE_BYTES
 
 comm = col.init()
@@ -152,6 +152,18 @@ def gather_bits(dtype: type, rows: int) -> None:
     assert out.tobytes() == want.tobytes(), f"rank {R}: allgather into out differs"
 
 
+def async_ops() -> None:
+    # On the communication thread, several queued: each takes the path and gives the copy-in path's bits.
+    xs = [data(CMA_MIN_BYTES // 4 + 3 * i, np.float32, 40 + i) for i in range(3)]
+    before = calls["_single_copy"]
+    works = [comm.allreduce_async(x, algorithm="shm") for x in xs]
+    ys = [w.wait() for w in works]
+    assert calls["_single_copy"] == before + 3, f"rank {R}: async allreduces did not take the single-copy path"
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        plain = copy_in(lambda: comm.allreduce(x, algorithm="shm"))
+        assert y.tobytes() == plain.tobytes(), f"rank {R}: async allreduce {i} differs from copy-in's bits"
+
+
 def piece_edges() -> None:
     # Slices that end exactly on a piece, one element past it, and one short: every rank's loop bounds.
     k = max(CMA_MIN_BYTES // CMA_PIECE_BYTES // P + 1, 1)  # pieces per slice, at least the threshold's size
@@ -159,13 +171,19 @@ def piece_edges() -> None:
         bits(np.float32, n, "sum")
 
 
-def switched_off() -> None:
-    os.environ["COLLECTIVE_SHM_SINGLE_COPY"] = "0"
+def switched_off_in(var: str) -> col.Communicator:
+    """A communicator over every rank made while ``var`` is 0 (the settings are read when one is made)."""
+    os.environ[var] = "0"
     try:
         sub = comm.split(0)
     finally:
-        del os.environ["COLLECTIVE_SHM_SINGLE_COPY"]
+        del os.environ[var]
     assert sub is not None
+    return sub
+
+
+def switched_off() -> None:
+    sub = switched_off_in("COLLECTIVE_SHM_SINGLE_COPY")
     try:
         x = data(CMA_MIN_BYTES // 8 + 3, np.float64, 5)
         y = sub.allreduce(x, algorithm="shm")
@@ -178,12 +196,7 @@ def switched_off() -> None:
 
 def unchecked_sizes() -> None:
     # With the cross-rank check off, ranks calling with different sizes: every rank raises, nothing is touched.
-    os.environ["COLLECTIVE_CHECK"] = "0"
-    try:
-        sub = comm.split(0)
-    finally:
-        del os.environ["COLLECTIVE_CHECK"]
-    assert sub is not None
+    sub = switched_off_in("COLLECTIVE_CHECK")
     try:
         n = CMA_MIN_BYTES // 4 + (1000 if R == 0 else 0)
         x = np.ones(n, np.float32)
@@ -318,12 +331,7 @@ def variable_one_rank_unposted() -> None:
 
 def variable_switched_off() -> None:
     """COLLECTIVE_SHM_SINGLE_COPY=0: the same calls copy through the window, with the same results."""
-    os.environ["COLLECTIVE_SHM_SINGLE_COPY"] = "0"
-    try:
-        sub = comm.split(0)
-    finally:
-        del os.environ["COLLECTIVE_SHM_SINGLE_COPY"]
-    assert sub is not None
+    sub = switched_off_in("COLLECTIVE_SHM_SINGLE_COPY")
     V.single_copy = forced
     try:
         x = np.concatenate([rows_of(R, d, 3000, "float32") for d in range(P)])
@@ -348,12 +356,7 @@ def variable_switched_off() -> None:
 def variable_unchecked() -> None:
     """With the cross-rank check off, a rank whose rows are twice as wide in bytes (float64 where the others pass
     float32): every rank raises CollectiveMismatchError, having read nothing; the group goes on."""
-    os.environ["COLLECTIVE_CHECK"] = "0"
-    try:
-        sub = comm.split(0)
-    finally:
-        del os.environ["COLLECTIVE_CHECK"]
-    assert sub is not None
+    sub = switched_off_in("COLLECTIVE_CHECK")
     V.single_copy = forced
     try:
         dt = np.float64 if R == 0 else np.float32
@@ -373,13 +376,120 @@ def variable_unchecked() -> None:
         sub.close()
 
 
-if available:
-    for dt in ("float32", "int8", "complex64", "float16"):
-        cases.run(f"variable bits {dt}", lambda: variable_bits(dt))
-    cases.run("variable repeats", variable_repeats)
-    cases.run("variable one rank unposted", variable_one_rank_unposted)
-    cases.run("variable unchecked sizes raise", variable_unchecked)
-cases.run("variable switched off", variable_switched_off)
+
+def unchecked_roots() -> None:
+    # With the check off, ranks that disagree on who gets the result (an allreduce against a reduce's non-roots, or
+    # reduces to different roots) post the same size at the same ticket: a non-root posts no output, so a rank
+    # that takes it for a receiver must raise with every other, never write at what that rank did not post.
+    sub = switched_off_in("COLLECTIVE_CHECK")
+    try:
+        n = CMA_MIN_BYTES // 4
+        x = np.ones(n, np.float32)
+        for label, call in (
+                ("allreduce against reduce", lambda out: sub.allreduce(x, algorithm="shm", out=out) if R == 0
+                 else sub.reduce(x, root=0, algorithm="shm")),
+                ("reduces to different roots", lambda out: sub.reduce(x, root=(R + 1) % P, algorithm="shm"))):
+            out = np.zeros(n, np.float32)
+            try:
+                call(out)
+            except CollectiveMismatchError as exc:
+                assert "single-copy" in str(exc), str(exc)
+            else:
+                raise AssertionError(f"rank {R}: {label} with the check off did not raise")
+            assert not out.any(), f"rank {R}: {label}: the output was written"
+            y = sub.allreduce(np.ones(n, np.float32), algorithm="shm")  # the group goes on, in step
+            assert (y == P).all(), f"rank {R}: {label}: the next allreduce gave {y[:4]}"
+        # A reduce_scatter's output is its block alone: an allreduce of the same input must not take it for a whole
+        # output (rank 0's block is followed by a canary that must stay zero).
+        space = np.zeros(n, np.float32)
+        out = space[:(n + P - 1) // P] if R == 0 else space
+        try:
+            if R == 0:
+                sub.reduce_scatter(x, algorithm="shm", out=out)
+            else:
+                sub.allreduce(x, algorithm="shm", out=out)
+        except CollectiveMismatchError as exc:
+            assert "single-copy" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"rank {R}: reduce_scatter against allreduce with the check off did not raise")
+        assert not space.any(), f"rank {R}: reduce_scatter against allreduce: memory was written"
+        y = sub.allreduce(np.ones(n, np.float32), algorithm="shm")
+        assert (y == P).all(), f"rank {R}: after reduce_scatter against allreduce the next allreduce gave {y[:4]}"
+    finally:
+        sub.close()
+
+
+def drop_ptrace() -> None:
+    """Take CAP_SYS_PTRACE out of this process's effective and permitted sets (for good)."""
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    head, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    assert libc.capget(ctypes.byref(head), data) == 0, os.strerror(ctypes.get_errno())
+    data[0].effective &= ~(1 << 19)  # CAP_SYS_PTRACE
+    data[0].permitted &= ~(1 << 19)
+    assert libc.capset(ctypes.byref(head), data) == 0, os.strerror(ctypes.get_errno())
+
+
+def refused_mid_call() -> None:
+    # The last rank loses the right to read the others' memory after the arena's probe passed (as a process that
+    # drops a capability or changes its credentials would): its reads fail inside the call. Every rank must raise
+    # the same error, none may hang in the second phase or return while another still touches its arrays, and the
+    # group goes on through the shared window. A new arena's probe then finds the one-way refusal.
+    sub = comm.split(0)
+    assert sub is not None and sub.node_arena().cma is not None
+    vsub = comm.split(0)  # for an alltoall's reads refused the same way (the probe runs before the refusal)
+    assert vsub is not None and vsub.node_arena().cma is not None
+    try:
+        if R == P - 1:
+            drop_ptrace()
+        if direct_attempt():
+            if R == 0:
+                print("NOTE refused mid call: dropping CAP_SYS_PTRACE refused nothing here", flush=True)
+            return
+        n = CMA_MIN_BYTES // 8 + 7
+        x = data(n, np.float64, 11)
+        out = np.zeros(n, np.float64)
+        try:
+            sub.allreduce(x, algorithm="shm", out=out)
+        except CollectiveError as exc:
+            assert f"node rank {P - 1}" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"rank {R}: a refused read inside the call did not raise")
+        every = mpi.allgather(sub.node_arena().cma is None)
+        assert all(every), f"single copy still on after the refusal: {every}"
+        y = sub.allreduce(x, algorithm="shm")
+        want = copy_in(lambda: comm.allreduce(x, algorithm="shm"))
+        assert y.tobytes() == want.tobytes(), f"rank {R}: the allreduce after the refusal differs"
+        # An alltoall whose reads the last rank is refused: the same on every rank, and the group goes on.
+        V.single_copy = forced
+        a = np.concatenate([rows_of(R, d, 3000, "float32") for d in range(P)])
+        out = np.zeros_like(a)
+        try:
+            vsub.alltoall(a, algorithm="shm", out=out)
+        except CollectiveError as exc:
+            assert f"node rank {P - 1}" in str(exc) and "alltoall" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"rank {R}: a refused read inside an alltoall did not raise")
+        every = mpi.allgather(vsub.node_arena().cma is None)
+        assert all(every), f"single copy still on after the alltoall's refusal: {every}"
+        y = vsub.alltoall(a, algorithm="shm")
+        assert y.tobytes() == comm.alltoall(a, algorithm="native").tobytes(), f"rank {R}: alltoall after it"
+    finally:
+        V.single_copy = rule
+        vsub.close()
+        sub.close()
+    again = comm.split(0)
+    assert again is not None
+    try:
+        every = mpi.allgather(again.node_arena().cma is None)
+        assert all(every), f"a new arena's probe missed the one-way refusal: {every}"
+    finally:
+        again.close()
+
 
 if available:
     for dtype, op in ((np.float32, "sum"), (np.float32, "max"), (np.float64, "sum"), (np.float16, "sum"),
@@ -388,11 +498,22 @@ if available:
         cases.run(f"bits {np.dtype(dtype)} {op}", lambda: bits(dtype, n, op))
     cases.run("avg", lambda: bits(np.float64, CMA_MIN_BYTES // 8 + 1, "avg"))
     cases.run("piece edges", piece_edges)
+    cases.run("async on the communication thread", async_ops)
     for dtype in (np.float32, np.int8):
         rows = CMA_MIN_BYTES // (3 * np.dtype(dtype).itemsize) + P + 1  # uneven blocks
         cases.run(f"reduce_scatter {np.dtype(dtype)}", lambda: scatter_bits(dtype, rows))
         each = CMA_MIN_BYTES // (5 * P * np.dtype(dtype).itemsize) + 3
         cases.run(f"allgather {np.dtype(dtype)}", lambda: gather_bits(dtype, each))
     cases.run("unchecked sizes raise", unchecked_sizes)
+    cases.run("unchecked roots raise", unchecked_roots)
 cases.run("switched off", switched_off)
+if available:
+    for dt in ("float32", "int8", "complex64", "float16"):
+        cases.run(f"variable bits {dt}", lambda: variable_bits(dt))
+    cases.run("variable repeats", variable_repeats)
+    cases.run("variable one rank unposted", variable_one_rank_unposted)
+    cases.run("variable unchecked sizes raise", variable_unchecked)
+cases.run("variable switched off", variable_switched_off)
+if available:
+    cases.run("refused mid call", refused_mid_call)  # last: the last rank cannot read the others' memory after it
 cases.finish()
