@@ -555,12 +555,7 @@ def mpiexec_command(args: Sequence[str], env: dict[str, str] | None = None) -> t
     """The mpiexec command line and environment for ``args`` (everything is passed through).
 
     Adds ``--oversubscribe`` when more ranks are asked for than this machine
-    has cores, the run-as-root variables when running as root, and
-    ``THP_MEM_ALLOC_ENABLE=1`` unless it is set: torch then backs large
-    tensors with huge pages where the kernel gives them on request (NumPy
-    does that by itself), and the shm collectives' single-copy transfers,
-    which the kernel makes page by page, cost markedly less on them
-    (docs/concepts/shm.md).
+    has cores, and the run-as-root variables when running as root.
     """
     cmd, env = _mpiexec(_split(args), env)
     return [*cmd, *args], env
@@ -579,9 +574,6 @@ def _mpiexec(line: _Line, env: dict[str, str] | None) -> tuple[list[str], dict[s
         cmd.append("--oversubscribe")
         # Busy-polling ranks that outnumber cores starve each other; let idle ranks yield.
         env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
-    # torch's CPU allocator asks for huge pages for its large tensors only with this (NumPy always does): single
-    # copy (process_vm_readv/writev) pins every page it moves, 512 times fewer of them on huge pages.
-    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")

@@ -65,13 +65,6 @@ def test_process_count_and_hosts_come_from_the_options_only() -> None:
     assert cmd[1] == "--oversubscribe", "MPMD contexts add up"
 
 
-def test_torch_huge_pages_by_default_unless_set() -> None:
-    _, env = mpiexec_command(["-n", "2", "python", "t.py"], env={})
-    assert env["THP_MEM_ALLOC_ENABLE"] == "1"
-    _, env = mpiexec_command(["-n", "2", "python", "t.py"], env={"THP_MEM_ALLOC_ENABLE": "0"})
-    assert env["THP_MEM_ALLOC_ENABLE"] == "0", "a value the user set is kept"
-
-
 def test_node_environment_only_where_collective_run_placed_the_ranks() -> None:
     line = ["--nproc_per_node", "2", "--nnodes", "2", "--host", "a:2,b:2"]
     args, opts = torchrun_args([*line, "t.py"])
