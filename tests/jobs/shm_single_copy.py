@@ -303,6 +303,57 @@ def variable_repeats() -> None:
         V.single_copy = rule
 
 
+def variable_views() -> None:
+    """Inputs that are slices of larger arrays (canaries around them), non-contiguous views, empty on some ranks,
+    of itemsize 1 and 16, and a repeat whose array was replaced by another of the same shape: single copy gives
+    MPI's bytes, reads nothing beyond an input and writes nothing beyond an output."""
+    V.single_copy = forced
+    try:
+        for dt in ("int8", "complex128"):
+            rows = [(R + q) % 3 * 700 for q in range(P)]  # rank R's block for rank q; some ranks' blocks empty
+            body = np.concatenate([rows_of(R, q, rows[q], dt) for q in range(P)])
+            big = np.full((body.shape[0] + 6, 3), 77, dt)
+            big[3:-3] = body
+            sliced = big[3:-3]  # contiguous, inside a larger array
+            wide = np.full((body.shape[0], 6), 55, dt)
+            wide[:, ::2] = body
+            strided = wide[:, ::2]  # not contiguous: the library reads a contiguous copy
+            mine = rows_of(R, 9, 0 if R == 1 else 2000 + R, dt)  # rank 1 gives no rows
+            for label, x in (("slice", sliced), ("strided", strided)):
+                before = vcalls[0]
+                y = comm.alltoall(x, splits=rows, algorithm="shm")
+                want = comm.alltoall(body, splits=rows, algorithm="native")
+                assert vcalls[0] == before + 1, f"rank {R}: {label} {dt} alltoall did not take single copy"
+                assert y.tobytes() == want.tobytes(), f"rank {R}: {label} {dt} alltoall differs from MPI's"
+                room = np.full((want.shape[0] + 4, 3), 11, dt)
+                comm.alltoall(x, splits=rows, algorithm="shm", out=room[2:-2])
+                assert room[2:-2].tobytes() == want.tobytes(), f"rank {R}: {label} {dt} alltoall into a slice"
+                assert (room[:2] == 11).all() and (room[-2:] == 11).all(), f"rank {R}: written beyond out"
+            g = comm.allgather(mine, algorithm="shm")
+            assert g.tobytes() == comm.allgather(mine, algorithm="native").tobytes(), f"rank {R}: allgather {dt}"
+            for root in range(P):
+                z = comm.gather(mine, root=root, algorithm="shm")
+                w = comm.gather(mine, root=root, algorithm="native")
+                assert (z is None) == (w is None) and (z is None or z.tobytes() == w.tobytes()), \
+                    f"rank {R}: gather {dt} to {root}"
+                src = np.full((P * 900 + 2, 3), 66, dt)
+                src[1:-1] = rows_of(root, 4, P * 900, dt)
+                s = comm.scatter(src[1:-1] if R == root else None, root=root, algorithm="shm")
+                t = comm.scatter(src[1:-1] if R == root else None, root=root, algorithm="native")
+                assert s.tobytes() == t.tobytes(), f"rank {R}: scatter {dt} from {root}"
+            assert (big[:3] == 77).all() and (big[-3:] == 77).all() and (wide[:, 1::2] == 55).all()
+        # The repeat's plan with a fresh array of the same shape each call (the old one gone): each call reads its own.
+        n = 1500 * P
+        for it in range(4):
+            x = np.ascontiguousarray(rows_of(R, it, n, "float32"))
+            y = comm.alltoall(x, algorithm="shm")
+            want = np.concatenate([rows_of(s, it, n, "float32")[R * 1500:(R + 1) * 1500] for s in range(P)])
+            del x
+            assert y.tobytes() == want.tobytes(), f"rank {R}: fresh array repeat {it}"
+    finally:
+        V.single_copy = rule
+
+
 def variable_one_rank_unposted() -> None:
     """A rank that posted nothing before the check (a path that posts nothing): every rank sees it in the same
     flags, posts again and ends one more phase, then reads; the results are right and the ranks stay in step."""
@@ -511,6 +562,7 @@ if available:
     for dt in ("float32", "int8", "complex64", "float16"):
         cases.run(f"variable bits {dt}", lambda: variable_bits(dt))
     cases.run("variable repeats", variable_repeats)
+    cases.run("variable views, empty inputs, itemsize 1 and 16", variable_views)
     cases.run("variable one rank unposted", variable_one_rank_unposted)
     cases.run("variable unchecked sizes raise", variable_unchecked)
 cases.run("variable switched off", variable_switched_off)
