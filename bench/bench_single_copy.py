@@ -18,15 +18,36 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
-def _size(text: str) -> int:
+def size_arg(text: str) -> int:
+    """Bytes from ``4K``, ``16M``, ``1G`` (binary units) or a plain number."""
     t = text.strip().upper().rstrip("B").rstrip("I")
     return int(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else int(t)
+
+
+def communicators(script: str, procs: int, argv: list[str] | None) -> tuple[Any, Any]:
+    """Under MPI: the default communicator and one made with ``COLLECTIVE_SHM_SINGLE_COPY=0`` (copy-in), over
+    every rank. Otherwise launch ``script`` on ``procs`` ranks with the same arguments and exit with the job."""
+    if "OMPI_COMM_WORLD_SIZE" not in os.environ and "PMI_SIZE" not in os.environ:
+        from collective.run import main as run
+
+        sys.exit(run(["-n", str(procs), sys.executable, os.path.abspath(script), *(argv or sys.argv[1:])]))
+    import collective as col
+
+    comm = col.init()
+    os.environ["COLLECTIVE_SHM_SINGLE_COPY"] = "0"
+    try:
+        plain = comm.split(0)
+    finally:
+        del os.environ["COLLECTIVE_SHM_SINGLE_COPY"]
+    assert plain is not None
+    return comm, plain
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,18 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="4M,8M,16M,32M,64M", help="comma list of message sizes in bytes")
     ap.add_argument("--iters", type=int, default=15)
     a = ap.parse_args(argv)
-    if "OMPI_COMM_WORLD_SIZE" not in os.environ and "PMI_SIZE" not in os.environ:
-        from collective.run import main as run
-
-        sys.exit(run(["-n", str(a.procs), sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])]))
-    import collective as col
+    comm, plain = communicators(__file__, a.procs, argv)
     from mpi4py import MPI
 
-    comm = col.init()
-    os.environ["COLLECTIVE_SHM_SINGLE_COPY"] = "0"
-    plain = comm.split(0)
-    del os.environ["COLLECTIVE_SHM_SINGLE_COPY"]
-    assert plain is not None
     w = MPI.COMM_WORLD
     x = np.ones(1, np.float32)
     comm.allreduce(x, algorithm="shm")  # makes both windows (and probes) before timing
@@ -57,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"shm allreduce, float32, in place, P={w.size}; single copy {'available' if single else 'UNAVAILABLE'} "
               f"here; median of {a.iters} interleaved rounds (slowest rank), ms and copies")
         print(f"{'bytes':>10} {'single':>16} {'copy-in':>16} {'mpi':>16} {'copy':>8}  copy-in/single")
-    for nb in (_size(s) for s in a.sizes.split(",")):
+    for nb in (size_arg(s) for s in a.sizes.split(",")):
         x = np.ones(nb // 4, np.float32)
         c = np.empty_like(x)
         cols = {

@@ -18,22 +18,15 @@ from each rank on average (allgatherv: in proportion to r+1).
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from bench_single_copy import communicators, size_arg  # the script beside this one
 
-_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 COLLECTIVES = ("alltoall", "allgatherv", "gather", "scatter")
-
-
-def _size(text: str) -> int:
-    t = text.strip().upper().rstrip("B").rstrip("I")
-    return int(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else int(t)
 
 
 def _columns(coll: str, nbytes: int, comm: Any, plain: Any, w: Any, MPI: Any) -> dict[str, Callable[[], Any]]:
@@ -83,20 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     bad = [c for c in colls if c not in COLLECTIVES]
     if bad:
         ap.error(f"unknown collective {bad}; one of {', '.join(COLLECTIVES)}")
-    if "OMPI_COMM_WORLD_SIZE" not in os.environ and "PMI_SIZE" not in os.environ:
-        from collective.run import main as run
-
-        sys.exit(run(["-n", str(a.procs), sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])]))
+    comm, plain = communicators(__file__, a.procs, argv)
     from mpi4py import MPI
 
-    import collective as col
     import collective.variable as variable
 
-    comm = col.init()
-    os.environ["COLLECTIVE_SHM_SINGLE_COPY"] = "0"
-    plain = comm.split(0)
-    del os.environ["COLLECTIVE_SHM_SINGLE_COPY"]
-    assert plain is not None
     if a.every_size:
         variable.single_copy = lambda ar, sizes: ar.cma is not None and sum(sizes) > 0
     w = MPI.COMM_WORLD
@@ -111,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     for coll in colls:
         if w.rank == 0:
             print(f"{coll:>10} {'mpi (us)':>10} {'single':>8} {'copy-in':>8} {'lib':>8}  single/copy-in")
-        for nb in (_size(s) for s in a.sizes.split(",")):
+        for nb in (size_arg(s) for s in a.sizes.split(",")):
             cols = _columns(coll, nb, comm, plain, w, MPI)
             res: dict[str, list[float]] = {k: [] for k in cols}
             order = list(cols)
