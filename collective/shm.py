@@ -922,7 +922,7 @@ class ShmArena:
         not touched (it may be None). ``first``: see :meth:`arrive`.
         """
         P, r = self.size, self.rank
-        if self.cma is not None and x.nbytes >= CMA_MIN_BYTES and (first is None or self.check_fenced):
+        if self._single(x.nbytes, first):
             self._single_copy(x, out, ufunc, root, first)
             return
         if out is None:  # a reduce's non-root: it writes nothing, so x stands in and is never written
@@ -960,6 +960,12 @@ class ShmArena:
                 q0, q1 = self.slice_of(m, q)
                 if q1 > q0:
                     np.copyto(out[c0 + q0:c0 + q1], regs[q][q0:q1])
+
+    def _single(self, nbytes: int, first: Callable[[], Any] | None) -> bool:
+        """Whether a fixed-size call moving ``nbytes`` takes the single-copy path: the node allows it, the call is
+        large enough, and its first phase is one of this arena's (the check fenced here, or none), which the posts'
+        ticket names."""
+        return self.cma is not None and nbytes >= CMA_MIN_BYTES and (first is None or self.check_fenced)
 
     def _post(self, what: str, x: np.ndarray, out: np.ndarray | None, first: Callable[[], Any] | None,
               root: int | None = None) -> list[int]:
@@ -1213,7 +1219,7 @@ class ShmArena:
     def reduce_scatter(self, x: np.ndarray, out: np.ndarray, blocks: tuple[int, ...], ufunc: Callable[..., Any],
                        first: Callable[[], Any] | None = None) -> None:
         """Reduce ``x`` over the node; this rank's ``out`` gets ``[blocks[r], blocks[r+1])`` of the result."""
-        if self.cma is not None and x.nbytes >= CMA_MIN_BYTES and (first is None or self.check_fenced):
+        if self._single(x.nbytes, first):
             self._single_copy_scatter(x, out, blocks, ufunc, first)
             return
         b0, b1 = blocks[self.rank], blocks[self.rank + 1]
@@ -1226,7 +1232,7 @@ class ShmArena:
     def allgather(self, x: np.ndarray, out: np.ndarray, first: Callable[[], Any] | None = None) -> None:
         """Concatenate every rank's ``x`` (same size everywhere) into ``out`` in rank order."""
         P, m = self.size, x.size
-        if self.cma is not None and out.nbytes >= CMA_MIN_BYTES and (first is None or self.check_fenced):
+        if self._single(out.nbytes, first):
             self._single_copy_gather(x, out, first)
             return
         for c0, c1, regs in self._filled(x, first):

@@ -545,13 +545,16 @@ def _shm_mover(c: VCall, every: np.ndarray, counts: Any, row: int, rank: int, si
     ar = arena()
     scatter_bytes = ar.scatter_bytes
     empty = np.empty(0, np.uint8)
-    what = describe(c.name, rank, size, c.shape, c.dtype, "shm")
-    # Single copy reads from rank r+1 first, then r+2, ...: the ranks read from different peers at a time.
-    creads = sorted(reads, key=lambda t: (t[0] - ar.rank - 1) % ar.size)
     byte = np.uint8
+    cross: list[tuple[list[tuple[int, int, int, int]], str]] = []  # made at the first call that reads by single copy
 
     def move_shm(x: np.ndarray | None, o: np.ndarray | None, seq: int) -> None:
         if not posted and single_copy(ar, sizes):
+            if not cross:
+                # From rank r+1 first, then r+2, ...: the ranks read from different peers at a time.
+                cross.append((sorted(reads, key=lambda t: (t[0] - ar.rank - 1) % ar.size),
+                              describe(c.name, rank, size, c.shape, c.dtype, "shm")))
+            creads, what = cross[0]
             ar.cross_read(x.reshape(-1).view(byte) if x is not None else None,
                           o.reshape(-1).view(byte) if o is not None else None, sizes, creads, what)
             return
