@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import CollectiveError
 
-__all__ = ["CrossMemory", "probe"]
+__all__ = ["CrossMemory", "HugePages", "probe"]
 
 
 class _Iovec(ctypes.Structure):
@@ -80,6 +80,85 @@ class CrossMemory:
     def write(self, q: int, dst: int, src: int, nbytes: int) -> None:
         """Copy ``nbytes`` from this process's address ``src`` to address ``dst`` of node rank ``q``."""
         self._move(self._writev, "process_vm_writev", q, src, dst, nbytes)
+
+
+#: madvise advice that collapses a range's pages into transparent huge pages in place (Linux 6.1+).
+_MADV_COLLAPSE = 25
+_PMD_SIZE_FILE = "/sys/kernel/mm/transparent_hugepage/hpage_pmd_size"
+
+
+class HugePages:
+    """Backs the large arrays that a node's single-copy calls move again and again with transparent huge pages.
+
+    The kernel pins every page of a peer's array it copies from or into, so a
+    transfer between arrays on 4 KiB pages costs markedly more than one between
+    arrays on huge pages. NumPy asks for huge pages for its large arrays; other
+    allocators (torch's CPU tensors) do not. So a range of memory that a call
+    posts a second time (an array that lives, as a DDP bucket or a Horovod
+    fusion buffer does) is collapsed into huge pages in place, once: madvise
+    MADV_COLLAPSE on the whole huge pages inside it, which keeps its contents
+    and leaves the memory around it alone. A range the kernel refuses (before
+    Linux 6.1, transparent huge pages set to ``never``, shared or file-backed
+    memory, no huge page to be had) stays as it is and is not asked again.
+
+    Args:
+        size: the huge page size in bytes (None: the kernel's, 0 where it has none: then nothing is collapsed).
+    """
+
+    #: Ranges remembered at most (a job that posts ever new ranges forgets the oldest half).
+    LIMIT = 4096
+
+    def __init__(self, size: int | None = None) -> None:
+        self.size = _pmd_size() if size is None else size
+        self._madvise: Any = None
+        if self.size > 0:
+            try:
+                f = ctypes.CDLL(None, use_errno=True).madvise
+            except (OSError, AttributeError):
+                self.size = 0
+            else:
+                f.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+                f.restype = ctypes.c_int
+                self._madvise = f
+        #: (address, bytes) -> collapsed (True: asked already, whatever the answer; False: seen once).
+        self._seen: dict[tuple[int, int], bool] = {}
+        #: Bytes collapsed so far.
+        self.collapsed = 0
+
+    def note(self, addr: int, nbytes: int) -> None:
+        """A call posts ``nbytes`` at ``addr`` of this process: collapse the range if it was posted before."""
+        hp = self.size
+        if hp <= 0 or nbytes < 2 * hp:
+            return
+        key = (addr, nbytes)
+        seen = self._seen
+        done = seen.get(key)
+        if done:
+            return
+        if done is None:
+            if len(seen) >= self.LIMIT:
+                for k in list(seen)[: self.LIMIT // 2]:
+                    del seen[k]
+            seen[key] = False
+            return
+        seen[key] = True
+        lo = (addr + hp - 1) // hp * hp
+        hi = (addr + nbytes) // hp * hp
+        if hi <= lo:
+            return
+        if self._madvise(lo, hi - lo, _MADV_COLLAPSE) == 0:
+            self.collapsed += hi - lo
+        # Else the kernel refused this range (no huge page to be had now, memory it cannot collapse: shared or
+        # file-backed, or a kernel without the advice): it stays as it is, and is not asked again.
+
+
+def _pmd_size() -> int:
+    """The size of a transparent huge page in bytes, 0 where the kernel has none."""
+    try:
+        with open(_PMD_SIZE_FILE) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
 
 
 def _pid_namespace() -> int:

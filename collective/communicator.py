@@ -254,7 +254,8 @@ class Communicator:
         self._check = CrossRankCheck(backend_.comm, self.rank, self.size, fingerprints=check_on, detail=detail,
                                      nan_check=nan_check)
         self._engine = HostEngine(backend_, seg, chunk, wait, self._check, withdrawable=expiry == "raise",
-                                  single_copy=config.get("SHM_SINGLE_COPY"))
+                                  single_copy=config.get("SHM_SINGLE_COPY"),
+                                  huge_pages=config.get("SHM_HUGE_PAGES"))
         #: What a collective does at its deadline: "abort" or "raise" (see the class).
         self.on_timeout: str = expiry
         # Link costs for the cost model (explain, auto); rank 0's measurement, identical on every rank.

@@ -181,13 +181,17 @@ class HostEngine:
         withdrawable: a rank may leave an op's first shm phase at its deadline (``on_timeout="raise"``).
         single_copy: large shm allreduces move each byte once where the node allows it
             (``COLLECTIVE_SHM_SINGLE_COPY``).
+        huge_pages: arrays that single-copy calls post again and again go on huge pages
+            (``COLLECTIVE_SHM_HUGE_PAGES``).
     """
 
     def __init__(self, backend: MPIBackend, segment_bytes: int, chunk_bytes: int, shm_wait: str, check: Any,
-                 nodes: tuple[int, ...] = (), withdrawable: bool = False, single_copy: bool = True) -> None:
+                 nodes: tuple[int, ...] = (), withdrawable: bool = False, single_copy: bool = True,
+                 huge_pages: bool = True) -> None:
         self.backend = backend
         self.withdrawable = withdrawable
         self.single_copy = single_copy
+        self.huge_pages = huge_pages
         self.rank, self.size = backend.rank, backend.size
         self._mpi = require_mpi()
         self._exec = Executor(backend, ExecutorOptions(segment_bytes=segment_bytes))
@@ -284,7 +288,7 @@ class HostEngine:
                     f"the shm arena ({P} ranks on the node; the smallest chunk)", int(need / ARENA_SHARE),
                     free, total, chunk_hint=None) + "; shm collectives and comm.alloc are unavailable")
             self.arena = ShmArena(node, chunk, self.shm_wait, withdrawable=self.withdrawable,
-                                  single_copy=self.single_copy)
+                                  single_copy=self.single_copy, huge_pages=self.huge_pages)
         except SharedMemoryError as exc:
             node.Free()
             self.shm_problem = str(exc)

@@ -101,7 +101,7 @@ from typing import Any
 
 import numpy as np
 
-from .cma import CrossMemory, probe
+from .cma import CrossMemory, HugePages, probe
 from .errors import (
     CollectiveError,
     CollectiveMismatchError,
@@ -550,10 +550,12 @@ class ShmArena:
             rank of the node must pass the same value.
         single_copy: large allreduces move each byte once where the node allows it (see "single copy"); every
             rank of the node must pass the same value.
+        huge_pages: the arrays that single-copy calls post again and again are put on huge pages (see
+            ``collective.cma.HugePages``); this rank's alone.
     """
 
     def __init__(self, node_comm: Any, chunk_bytes: int = DEFAULT_CHUNK_BYTES, wait: str = "auto",
-                 withdrawable: bool = False, single_copy: bool = True) -> None:
+                 withdrawable: bool = False, single_copy: bool = True, huge_pages: bool = True) -> None:
         from mpi4py import MPI
 
         self._mpi = self.mpi = MPI
@@ -602,6 +604,10 @@ class ShmArena:
         self.withdrawn: Withdrawn | None = None
         #: Cross-memory access to the node's other ranks (see "single copy"), or None where the node lacks it.
         self.cma: CrossMemory | None = probe(node_comm) if single_copy and self.size > 1 else None
+        #: Puts the arrays that single-copy calls post again and again on huge pages, or None.
+        self.huge: HugePages | None = HugePages() if self.cma is not None and huge_pages else None
+        if self.huge is not None and not self.huge.size:
+            self.huge = None  # the kernel has no transparent huge pages
         self._cma_tmp = np.empty(0, np.uint8)
         self._cma_call = 0  # the ticket that names the single-copy call in flight (see _post)
         self.comm.Barrier()  # every flag is zeroed before anyone waits on it
@@ -985,8 +991,15 @@ class ShmArena:
         k = self._cma_call = self.ticket
         kind, rt = _CMA_WHAT.index(what), -1 if root is None else root
         f = self.my_flag
-        f[_CMA_X] = x.ctypes.data
-        f[_CMA_OUT] = out.ctypes.data if out is not None else 0
+        xa = x.ctypes.data
+        oa = out.ctypes.data if out is not None else 0
+        huge = self.huge
+        if huge is not None:  # before any peer reads or writes them: see HugePages
+            huge.note(xa, x.nbytes)
+            if oa and oa != xa:
+                huge.note(oa, out.nbytes)  # type: ignore[union-attr]
+        f[_CMA_X] = xa
+        f[_CMA_OUT] = oa
         f[_CMA_BYTES] = nbytes = x.nbytes
         f[_CMA_KIND] = kind
         f[_CMA_ROOT] = rt
@@ -1138,8 +1151,11 @@ class ShmArena:
         if x is None or not x.size:
             f[_CMA_X] = f[_CMA_BYTES] = 0
         else:
-            f[_CMA_X] = x.ctypes.data
+            f[_CMA_X] = xa = x.ctypes.data
             f[_CMA_BYTES] = x.nbytes
+            huge = self.huge
+            if huge is not None and x.nbytes >= CMA_MIN_BYTES:  # before any peer reads it
+                huge.note(xa, x.nbytes)
         f[_CMA_OUT] = 0
         f[_CMA_KIND] = _CMA_VARIABLE
         f[_CMA_ROOT] = -1

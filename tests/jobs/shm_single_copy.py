@@ -485,6 +485,79 @@ def drop_ptrace() -> None:
     assert libc.capset(ctypes.byref(head), data) == 0, os.strerror(ctypes.get_errno())
 
 
+def anonymous(nbytes: int) -> np.ndarray:
+    """``nbytes`` of fresh private anonymous memory on 4 KiB pages (as torch's CPU allocator gives), as bytes."""
+    import mmap
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+
+
+def huge_kb(a: np.ndarray) -> int:
+    """AnonHugePages (kB) of the mapping that holds ``a``'s first byte, from /proc/self/smaps."""
+    addr, inside, kb = a.ctypes.data, False, 0
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "AnonHugePages:":
+                kb = int(line.split()[1])
+    return kb
+
+
+def kernel_collapses() -> bool:
+    """Whether this kernel collapses fresh anonymous memory into huge pages (asked here, not through collective)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    b = anonymous(8 << 20)
+    b[:] = 1
+    lo = (b.ctypes.data + (2 << 20) - 1) // (2 << 20) * (2 << 20)
+    return libc.madvise(lo, 4 << 20, 25) == 0 and huge_kb(b) > 0
+
+
+def huge_pages() -> None:
+    # A large array on 4 KiB pages reduced twice in place: the second call puts it on huge pages first (the
+    # first call's never), and both results are the copy-in path's bits; the array's other bytes stay.
+    huge = arena.huge
+    if huge is None:  # the kernel has no transparent huge pages: the calls are as ever
+        assert not os.path.exists("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size"), f"rank {R}: no HugePages"
+        if R == 0:
+            print("NOTE huge pages: this kernel has no transparent huge pages", flush=True)
+        return
+    n = CMA_MIN_BYTES // 4 + (3 << 20) // 4 + 5
+    raw = anonymous(n * 4 + 4096)
+    x = raw[4:4 + n * 4].view(np.float32)  # not page aligned: only whole huge pages inside it are collapsed
+    src = data(n, np.float32, 21)
+    want = copy_in(lambda: comm.allreduce(src, algorithm="shm"))
+    raw[:4] = 7
+    raw[4 + n * 4:] = 9
+    before = huge.collapsed
+    for k in range(2):
+        x[:] = src
+        comm.allreduce(x, algorithm="shm", out=x)
+        assert x.tobytes() == want.tobytes(), f"rank {R}: call {k} on the anonymous array differs from copy-in"
+        if k == 0:
+            assert huge.collapsed == before and huge_kb(x) == 0, f"rank {R}: the first sighting collapsed"
+    assert (raw[:4] == 7).all() and (raw[4 + n * 4:] == 9).all(), f"rank {R}: bytes around the array changed"
+    can = kernel_collapses()
+    every = mpi.allgather((can, huge.collapsed > before, huge_kb(x)))
+    if R == 0:
+        print(f"NOTE huge pages: kernel collapses {can}; (kernel, collapsed, AnonHugePages kB) per rank {every}",
+              flush=True)
+    if can:
+        assert huge.collapsed > before and huge_kb(x) >= 2048, f"rank {R}: the repeated array stayed on 4 KiB pages"
+    off = switched_off_in("COLLECTIVE_SHM_HUGE_PAGES")
+    try:
+        assert off.node_arena().huge is None, f"rank {R}: COLLECTIVE_SHM_HUGE_PAGES=0 left huge pages on"
+        y = anonymous(n * 4).view(np.float32)
+        for _ in range(2):
+            y[:] = src
+            off.allreduce(y, algorithm="shm", out=y)
+        assert y.tobytes() == want.tobytes() and huge_kb(y) == 0, f"rank {R}: switched off, the array changed pages"
+    finally:
+        off.close()
+
+
 def refused_mid_call() -> None:
     # The last rank loses the right to read the others' memory after the arena's probe passed (as a process that
     # drops a capability or changes its credentials would): its reads fail inside the call. Every rank must raise
@@ -557,6 +630,7 @@ if available:
         cases.run(f"allgather {np.dtype(dtype)}", lambda: gather_bits(dtype, each))
     cases.run("unchecked sizes raise", unchecked_sizes)
     cases.run("unchecked roots raise", unchecked_roots)
+    cases.run("huge pages for repeated arrays", huge_pages)
 cases.run("switched off", switched_off)
 if available:
     for dt in ("float32", "int8", "complex64", "float16"):

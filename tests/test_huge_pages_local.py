@@ -1,0 +1,114 @@
+"""collective.cma.HugePages without MPI: which ranges it collapses into huge pages, when, and that it keeps the bytes.
+
+The multi-rank side (a repeated single-copy allreduce on such an array, and the switch) is in
+tests/jobs/shm_single_copy.py.
+"""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import pytest
+
+from collective.cma import HugePages
+
+MIB = 1 << 20
+
+
+class _Kernel:
+    """Stands in for madvise where only the bookkeeping is under test: records the ranges asked for."""
+
+    def __init__(self, answer: int = 0) -> None:
+        self.asked: list[tuple[int, int, int]] = []
+        self.answer = answer
+
+    def __call__(self, addr: int, nbytes: int, advice: int) -> int:
+        self.asked.append((addr, nbytes, advice))
+        return self.answer
+
+
+def _pages(answer: int = 0) -> tuple[HugePages, _Kernel]:
+    hp = HugePages(size=2 * MIB)
+    k = _Kernel(answer)
+    hp._madvise = k
+    return hp, k
+
+
+def test_second_sighting_collapses_whole_pages_inside() -> None:
+    hp, k = _pages()
+    addr = 2 * MIB * 1000 + 64  # not aligned: the first and last partial huge pages are left alone
+    hp.note(addr, 16 * MIB)
+    assert k.asked == [] and hp.collapsed == 0
+    hp.note(addr, 16 * MIB)
+    assert k.asked == [(2 * MIB * 1001, 14 * MIB, 25)] and hp.collapsed == 14 * MIB
+    hp.note(addr, 16 * MIB)  # once only
+    assert len(k.asked) == 1
+
+
+def test_small_ranges_and_other_sizes() -> None:
+    hp, k = _pages()
+    for _ in range(3):
+        hp.note(2 * MIB * 10 + 8, 4 * MIB - 16)  # under two huge pages: nothing whole inside, never asked
+    assert k.asked == []
+    hp.note(2 * MIB * 20, 8 * MIB)
+    hp.note(2 * MIB * 20, 6 * MIB)  # the same address with another size is another range
+    assert k.asked == []
+    hp.note(2 * MIB * 20, 6 * MIB)
+    assert k.asked == [(2 * MIB * 20, 6 * MIB, 25)]
+
+
+def test_refused_range_is_not_asked_again() -> None:
+    hp, k = _pages(answer=-1)
+    for _ in range(4):
+        hp.note(2 * MIB * 7, 8 * MIB)
+    assert len(k.asked) == 1 and hp.collapsed == 0
+    hp.note(2 * MIB * 50, 8 * MIB)
+    hp.note(2 * MIB * 50, 8 * MIB)
+    assert len(k.asked) == 2  # a refusal of one range stops none of the others
+
+
+def test_memory_is_bounded() -> None:
+    hp, k = _pages()
+    for i in range(HugePages.LIMIT + 10):
+        hp.note(2 * MIB * (i + 1), 4 * MIB)
+    assert len(hp._seen) <= HugePages.LIMIT
+    hp.note(2 * MIB * (HugePages.LIMIT + 10), 4 * MIB)  # a recent range is still remembered
+    assert len(k.asked) == 1
+
+
+def test_no_huge_pages() -> None:
+    hp = HugePages(size=0)
+    for _ in range(2):
+        hp.note(2 * MIB * 5, 64 * MIB)
+    assert hp.collapsed == 0
+
+
+def _anon_huge_kb(a: np.ndarray) -> int:
+    addr, inside, kb = a.ctypes.data, False, 0
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "AnonHugePages:":
+                kb = int(line.split()[1])
+    return kb
+
+
+def test_real_kernel_keeps_the_bytes() -> None:
+    hp = HugePages()
+    if not hp.size:
+        pytest.skip("this kernel has no transparent huge pages")
+    buf = np.frombuffer(mmap.mmap(-1, 12 * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+    a = buf[100:100 + 10 * MIB]
+    a[:] = np.arange(a.size, dtype=np.uint64).astype(np.uint8) * 7
+    buf[:100] = 3
+    buf[100 + 10 * MIB:] = 5
+    want = a.copy()
+    hp.note(a.ctypes.data, a.nbytes)
+    hp.note(a.ctypes.data, a.nbytes)
+    assert np.array_equal(a, want) and (buf[:100] == 3).all() and (buf[100 + 10 * MIB:] == 5).all()
+    if not hp.collapsed:
+        pytest.skip("the kernel refused MADV_COLLAPSE here (before Linux 6.1, THP off, or no huge page free)")
+    assert _anon_huge_kb(a) >= 2048
