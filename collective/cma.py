@@ -93,23 +93,34 @@ class HugePages:
     The kernel pins every page of a peer's array it copies from or into, so a
     transfer between arrays on 4 KiB pages costs markedly more than one between
     arrays on huge pages. NumPy asks for huge pages for its large arrays; other
-    allocators (torch's CPU tensors) do not. So a range of memory that a call
-    posts a second time (an array that lives, as a DDP bucket or a Horovod
+    allocators (torch's CPU tensors) do not. So a range of memory that calls
+    post again and again (an array that lives, as a DDP bucket or a Horovod
     fusion buffer does) is collapsed into huge pages in place, once: madvise
     MADV_COLLAPSE on the whole huge pages inside it, which keeps its contents
     and leaves the memory around it alone. A range the kernel refuses (before
     Linux 6.1, transparent huge pages set to ``never``, shared or file-backed
     memory, no huge page to be had) stays as it is and is not asked again.
 
+    Collapsing costs about as much as a few transfers of the range, and buys
+    nothing for memory that is freed soon after: FSDP2 allocates its gathered
+    parameters afresh every step, often at an address it used before. So a
+    range is collapsed only at its ``after``-th posting, and only until
+    ``budget`` bytes have been collapsed in all: a job's long-lived arrays are
+    few and are posted from the first steps on, and whatever else reaches
+    that count costs a bounded once.
+
     Args:
         size: the huge page size in bytes (None: the kernel's, 0 where it has none: then nothing is collapsed).
+        after: the posting of a range that collapses it.
+        budget: bytes collapsed at most, in all.
     """
 
     #: Ranges remembered at most (a job that posts ever new ranges forgets the oldest half).
     LIMIT = 4096
 
-    def __init__(self, size: int | None = None) -> None:
+    def __init__(self, size: int | None = None, after: int = 16, budget: int = 4 << 30) -> None:
         self.size = _pmd_size() if size is None else size
+        self.after, self.budget = after, budget
         self._madvise: Any = None
         if self.size > 0:
             try:
@@ -120,31 +131,30 @@ class HugePages:
                 f.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
                 f.restype = ctypes.c_int
                 self._madvise = f
-        #: (address, bytes) -> collapsed (True: asked already, whatever the answer; False: seen once).
-        self._seen: dict[tuple[int, int], bool] = {}
+        #: (address, bytes) -> how often it was posted (``after`` and beyond: asked already, whatever the answer).
+        self._seen: dict[tuple[int, int], int] = {}
         #: Bytes collapsed so far.
         self.collapsed = 0
 
     def note(self, addr: int, nbytes: int) -> None:
-        """A call posts ``nbytes`` at ``addr`` of this process: collapse the range if it was posted before."""
+        """A call posts ``nbytes`` at ``addr`` of this process: collapse the range at its ``after``-th posting."""
         hp = self.size
         if hp <= 0 or nbytes < 2 * hp:
             return
         key = (addr, nbytes)
         seen = self._seen
-        done = seen.get(key)
-        if done:
+        k = seen.get(key, 0) + 1
+        if k > self.after:
             return
-        if done is None:
-            if len(seen) >= self.LIMIT:
-                for k in list(seen)[: self.LIMIT // 2]:
-                    del seen[k]
-            seen[key] = False
+        if k == 1 and len(seen) >= self.LIMIT:
+            for old in list(seen)[: self.LIMIT // 2]:
+                del seen[old]
+        seen[key] = k
+        if k < self.after:
             return
-        seen[key] = True
         lo = (addr + hp - 1) // hp * hp
         hi = (addr + nbytes) // hp * hp
-        if hi <= lo:
+        if hi <= lo or self.collapsed + (hi - lo) > self.budget:
             return
         if self._madvise(lo, hi - lo, _MADV_COLLAPSE) == 0:
             self.collapsed += hi - lo

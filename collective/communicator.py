@@ -299,6 +299,7 @@ class Communicator:
         self._seqr.vprepare = self._vremake
         self.watchdog = Watchdog(self.rank, self.size, timeout=timeout, status=self._seqr, comm=backend_.comm)
         self._seqr.on_withdrawn = self._withdrawn
+        self._seqr.on_broken = self._broke
         self._p2p = self._seqr.p2p = PointToPoint(backend_.comm, MPI, self.watchdog.timeout)
         self._device_colls: DeviceCollectives | None = None
         if elastic:
@@ -366,7 +367,8 @@ class Communicator:
 
     @property
     def broken(self) -> str | None:
-        """Why every call raises, once an op timed out and was withdrawn (``on_timeout="raise"``); else None.
+        """Why every call raises, once an op timed out and was withdrawn (``on_timeout="raise"``) or an op failed on
+        this rank alone (an error other than the library's own, e.g. MemoryError, inside it); else None.
 
         A broken communicator still needs :meth:`close` (collective, as ever: the other ranks close theirs).
         """
@@ -1153,6 +1155,16 @@ class Communicator:
         self._closed = True
         self._prep.forget()
         self.watchdog.withdrawal_report(rec, gone)
+
+    def _broke(self) -> None:
+        """An op failed on this rank alone (see ``Sequencer._failed``): later calls raise at once.
+
+        On the op's thread, under the gate: the repeat paths' templates and plans go, so a later call reaches
+        :meth:`_open`.
+        """
+        self._broken = self._seqr.broken
+        self._closed = True
+        self._prep.forget()
 
     # ------------------------------------------------------------ elastic mode
     def _fault(self, name: str, exc: BaseException, started: float | None = None) -> BaseException | None:

@@ -290,6 +290,9 @@ class Sequencer:
         #: ``on_withdrawn(rec, gone)``: op ``rec`` was withdrawn on this rank (``gone``: the rank that left it first,
         #: else None); set by the communicator, which marks itself broken and reports. Runs on the op's thread.
         self.on_withdrawn: Callable[[OpRecord, int | None], None] | None = None
+        #: ``on_broken()``: an op failed on this rank alone (see :meth:`_failed`); set by the communicator, which
+        #: marks itself broken. Runs on the op's thread.
+        self.on_broken: Callable[[], None] | None = None
         self._withdraw_why: tuple[int, str] = (0, "")
 
     # ------------------------------------------------------------ the gate
@@ -433,10 +436,32 @@ class Sequencer:
 
     def _failed(self, name: str, exc: BaseException, started: float) -> None:
         """Raise what op ``name``'s error ``exc`` becomes (an op withdrawn: its timeout error; in elastic mode:
-        RanksLostError); return if it stays."""
+        RanksLostError); return if it stays.
+
+        The library's own errors inside an op (CollectiveError: a mismatch, a
+        failed single-copy transfer, bad sizes found from exchanged counts) are
+        raised by every rank at the same point, so the ranks' calls still line
+        up and the communicator goes on. Anything else (MemoryError allocating
+        a result, KeyboardInterrupt, an MPI error) left the op on this rank
+        alone, while the others may still wait in it or read this rank's
+        arrays: the communicator is broken from then on, as after a withdrawal,
+        so that no later call of this rank can stand in for the one it left
+        (which could hand the others this call's bytes as another's).
+        """
         if isinstance(exc, Withdrawn):
             raise self._withdrawn(name, exc) from None
         raise_lost(self.fault, name, exc, started)
+        if not isinstance(exc, CollectiveError) and self.broken is None:
+            rec = self.recorder.current
+            what = self.recorder.describe(rec, False) if rec is not None else name
+            self.broken = (f"this communicator is broken: its op {what} raised {type(exc).__name__} on this rank "
+                           f"({exc}) while the other ranks may still be in it; the ranks' calls no longer line up; "
+                           "every call on it raises. Other communicators are unaffected: make a new one to go on "
+                           "(torch.distributed: a new process group)")
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"collective: rank {self.rank} of {self.size}: {self.broken}")
+            if self.on_broken is not None:
+                self.on_broken()
 
     def withdraw(self, seq: int, why: str) -> bool:
         """For the watchdog: op ``seq`` is past its deadline (``why`` says how long it took); leave it on this rank

@@ -27,8 +27,8 @@ class _Kernel:
         return self.answer
 
 
-def _pages(answer: int = 0) -> tuple[HugePages, _Kernel]:
-    hp = HugePages(size=2 * MIB)
+def _pages(answer: int = 0, after: int = 2, budget: int = 1 << 40) -> tuple[HugePages, _Kernel]:
+    hp = HugePages(size=2 * MIB, after=after, budget=budget)
     k = _Kernel(answer)
     hp._madvise = k
     return hp, k
@@ -43,6 +43,27 @@ def test_second_sighting_collapses_whole_pages_inside() -> None:
     assert k.asked == [(2 * MIB * 1001, 14 * MIB, 25)] and hp.collapsed == 14 * MIB
     hp.note(addr, 16 * MIB)  # once only
     assert len(k.asked) == 1
+
+
+def test_collapsed_at_the_after_th_posting() -> None:
+    hp, k = _pages(after=16)
+    for i in range(15):
+        hp.note(2 * MIB * 3, 8 * MIB)
+    assert k.asked == []
+    hp.note(2 * MIB * 3, 8 * MIB)
+    assert k.asked == [(2 * MIB * 3, 8 * MIB, 25)]
+    for i in range(40):
+        hp.note(2 * MIB * 3, 8 * MIB)
+    assert len(k.asked) == 1
+    assert HugePages(size=2 * MIB).after == 16  # the default: long-lived arrays, not one step's
+
+
+def test_budget_bounds_the_bytes_collapsed() -> None:
+    hp, k = _pages(budget=20 * MIB)
+    for base in (10, 20, 30):
+        for _ in range(2):
+            hp.note(2 * MIB * base, 8 * MIB)
+    assert len(k.asked) == 2 and hp.collapsed == 16 * MIB  # the third would pass the budget
 
 
 def test_small_ranges_and_other_sizes() -> None:
@@ -97,7 +118,7 @@ def _anon_huge_kb(a: np.ndarray) -> int:
 
 
 def test_real_kernel_keeps_the_bytes() -> None:
-    hp = HugePages()
+    hp = HugePages(after=2)
     if not hp.size:
         pytest.skip("this kernel has no transparent huge pages")
     buf = np.frombuffer(mmap.mmap(-1, 12 * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)

@@ -71,6 +71,14 @@ SCENARIOS = [
              ["#5 allreduce shape (1000,) float32 algorithm shm timed out after", f"COLLECTIVE_TIMEOUT={TIMEOUT}",
               "is waiting for rank 1 in the current step of shm", "rank 1: has not entered #5"],
              env={"COLLECTIVE_SHM_WAIT": "spin"}),
+    # An op that fails on one rank alone after the check breaks the communicator there: the rank's next call
+    # raises at once instead of standing in for the call it left (the others still wait in that one).
+    *[Scenario(f"midcall-{a}", ["midcall", "--algorithm", a],
+               ["rank 1: the first call raised MemoryError (injected", "rank 1: the next call raised CollectiveError "
+                f"at once", f"this communicator is broken: its op #5 allreduce shape ({n},) float32 algorithm {a}",
+                "raised MemoryError on this rank", "broken: True",
+                f"#5 allreduce shape ({n},) float32 algorithm {a} timed out after"])
+      for a, n in (("ring", 1000), ("shm", 3 << 20))],
     Scenario("mismatch-uncaught", ["mismatch", "--algorithm", "ring"],
              ["CollectiveMismatchError", "rank 1: float64 (1001,); ranks 0 and 2: float32 (1000,)",
               "died of an uncaught exception"]),

@@ -11,6 +11,9 @@ while the others enter an allreduce with algorithm A:
   sysexit   the victim calls sys.exit(0)
   nojoin    the victim never joins (sleeps for an hour)
   mismatch  every rank raises CollectiveMismatchError and nobody catches it
+  midcall   the victim's allreduce fails on it alone after the check (MemoryError moving the data); it catches
+            the error and calls again: that call raises at once (the communicator is broken), and the others,
+            still in the first call, end the job at their deadline
 
 ``--marker`` is ignored: tests pass a unique token so they can look for orphans.
 """
@@ -28,7 +31,7 @@ import numpy as np
 import collective as col
 
 ap = argparse.ArgumentParser()
-ap.add_argument("scenario", choices=["sigkill", "exit1", "raise", "sysexit", "nojoin", "mismatch"])
+ap.add_argument("scenario", choices=["sigkill", "exit1", "raise", "sysexit", "nojoin", "mismatch", "midcall"])
 ap.add_argument("--algorithm", default="ring")
 ap.add_argument("--async", dest="use_async", action="store_true", help="the waiting ranks use allreduce_async().wait()")
 ap.add_argument("--marker", default="")
@@ -67,6 +70,8 @@ if args.scenario in ("sigkill", "exit1"):
         allreduce(big)
 
 x = np.ones(1000, np.float32)
+if args.scenario == "midcall" and alg == "shm":
+    x = np.ones(3 << 20, np.float32)  # 12 MiB: the copy-in path, three 4 MiB chunks, a phase each
 if R != VICTIM:
     if args.scenario == "mismatch":
         allreduce(x)
@@ -83,5 +88,35 @@ elif args.scenario == "nojoin":
     time.sleep(3600)
 elif args.scenario == "mismatch":
     allreduce(np.ones(1001, np.float64))
+elif args.scenario == "midcall":
+    if alg == "shm":  # inside the data movement: at the phase after the first chunk's
+        arena = comm.node_arena()
+        phase = arena.phase
+
+        def fail_once(*a, **kw):
+            arena.phase = phase
+            raise MemoryError("injected: no memory for the result")
+    else:  # after the check, before any data moves
+        engine = comm.sequencer.engine
+        execute = engine.execute
+
+        def fail_once(c, first, seq):
+            engine.execute = execute
+            raise MemoryError("injected: no memory for the result")
+    if alg == "shm":
+        arena.phase = fail_once
+    else:
+        engine.execute = fail_once
+    try:
+        allreduce(x)
+    except MemoryError as exc:
+        print(f"rank {R}: the first call raised MemoryError ({exc})", flush=True)
+    t0 = time.monotonic()
+    try:
+        allreduce(x * 2)
+    except col.CollectiveError as exc:
+        print(f"rank {R}: the next call raised {type(exc).__name__} at once ({time.monotonic() - t0:.3f} s): "
+              f"{exc}; broken: {comm.broken is not None}", flush=True)
+        time.sleep(3600)  # the others end the job at their deadline
 print(f"rank {R}: FAIL reached the end", flush=True)
 sys.exit(3)

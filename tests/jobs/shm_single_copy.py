@@ -16,6 +16,7 @@ from harness import Cases
 import collective as col
 import collective.variable as V
 from collective.errors import CollectiveError, CollectiveMismatchError
+from collective.cma import HugePages
 from collective.shm import CMA_MIN_BYTES, CMA_PIECE_BYTES
 
 comm = col.init()
@@ -516,8 +517,9 @@ def kernel_collapses() -> bool:
 
 
 def huge_pages() -> None:
-    # A large array on 4 KiB pages reduced twice in place: the second call puts it on huge pages first (the
-    # first call's never), and both results are the copy-in path's bits; the array's other bytes stay.
+    # A large array on 4 KiB pages reduced again and again in place: the call that posts it the HugePages.after-th
+    # time puts it on huge pages first (none before), and every result is the copy-in path's bits; the bytes
+    # around the array stay.
     huge = arena.huge
     if huge is None:  # the kernel has no transparent huge pages: the calls are as ever
         assert not os.path.exists("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size"), f"rank {R}: no HugePages"
@@ -532,12 +534,12 @@ def huge_pages() -> None:
     raw[:4] = 7
     raw[4 + n * 4:] = 9
     before = huge.collapsed
-    for k in range(2):
+    for k in range(huge.after):
         x[:] = src
         comm.allreduce(x, algorithm="shm", out=x)
         assert x.tobytes() == want.tobytes(), f"rank {R}: call {k} on the anonymous array differs from copy-in"
-        if k == 0:
-            assert huge.collapsed == before and huge_kb(x) == 0, f"rank {R}: the first sighting collapsed"
+        if k < huge.after - 1:
+            assert huge.collapsed == before and huge_kb(x) == 0, f"rank {R}: posting {k + 1} collapsed"
     assert (raw[:4] == 7).all() and (raw[4 + n * 4:] == 9).all(), f"rank {R}: bytes around the array changed"
     can = kernel_collapses()
     every = mpi.allgather((can, huge.collapsed > before, huge_kb(x)))
@@ -550,7 +552,7 @@ def huge_pages() -> None:
     try:
         assert off.node_arena().huge is None, f"rank {R}: COLLECTIVE_SHM_HUGE_PAGES=0 left huge pages on"
         y = anonymous(n * 4).view(np.float32)
-        for _ in range(2):
+        for _ in range(HugePages().after):
             y[:] = src
             off.allreduce(y, algorithm="shm", out=y)
         assert y.tobytes() == want.tobytes() and huge_kb(y) == 0, f"rank {R}: switched off, the array changed pages"
