@@ -67,6 +67,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--part", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}")
     p.add_argument("--iters", type=int, default=7, help="interleaved iterations per size (median reported)")
     p.add_argument("--late", type=float, default=300.0, help="latency: us rank 0 sleeps before each call in 'late'")
+    p.add_argument("--warmup", type=int, default=20,
+                   help="busbw: calls per column before timing (first-call setup, plans, and huge pages for tensors "
+                        "passed again and again, COLLECTIVE_SHM_HUGE_PAGES, out of the figures)")
     p.add_argument("--min-bytes", type=_size, default=4 << 10, help="busbw: smallest message")
     p.add_argument("--max-bytes", type=_size, default=64 << 20, help="busbw: largest message")
     p.add_argument("--model", default="auto", help="train: a model name of examples/horovod_synthetic_benchmark.py")
@@ -182,8 +185,9 @@ def _busbw(a: argparse.Namespace, comm: Any, dist: Any) -> None:
                 comm.allreduce(t, out=t)
 
         cols = {"hvd": on_hvd, "gloo": on_gloo, "comm": on_comm}
-        for fn in cols.values():
-            fn()
+        for fn in cols.values():  # the steady state of a training job that passes the same tensor every step
+            for _ in range(-(-a.warmup // reps)):
+                fn()
         med = _interleaved(cols, a.iters, comm)
         bw = {k: nbytes / (v / reps) * 2 * (P - 1) / P / 1e9 for k, v in med.items()}
         # Correctness: rank r contributes r + 1 + i % 7 at element i; the sum is exact in float32.

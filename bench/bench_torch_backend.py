@@ -63,6 +63,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--part", default="allreduce,train",
                    help="comma list of allreduce, latency, train (default allreduce,train)")
     p.add_argument("--latency-bytes", type=int, default=4096, help="message size of part latency")
+    p.add_argument("--warmup", type=int, default=20,
+                   help="allreduce: calls per column before timing (first-call setup, plans, and huge pages for "
+                        "tensors passed again and again, COLLECTIVE_SHM_HUGE_PAGES, out of the figures)")
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of MLP shapes (default both)")
     p.add_argument("--rounds", type=int, default=8, help="timed rounds per training column (median reported)")
     p.add_argument("--steps", type=int, default=3, help="steps per round")
@@ -126,7 +129,7 @@ def _allreduce(a: argparse.Namespace, gloo: object, world: object) -> None:
                 np.copyto(dst, arr)
 
         cols = {"collective": ours, "gloo": glo, "mpi4py": bare, "copy": copy}
-        times = _interleaved(cols, a.iters, n, t.zero_, world)
+        times = _interleaved(cols, a.iters, n, t.zero_, world, a.warmup)
         med = {k: float(np.median(v)) for k, v in times.items()}
         rows.append((nbytes, med))
     if R == 0:
@@ -145,18 +148,21 @@ def _allreduce(a: argparse.Namespace, gloo: object, world: object) -> None:
 
 
 def _interleaved(cols: dict[str, Callable[[], object]], iters: int, n: int, reset: Callable[[], object],
-                 world: Any) -> dict[str, list[float]]:
+                 world: Any, warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each column (``n`` calls a block), the columns in a rotating order each iteration.
 
-    Every block starts after ``reset`` (sums of zeros stay finite over any
-    number of calls) and a barrier; a block's time is the slowest rank's.
+    Every column first makes at least ``warmup`` calls (the steady state of a
+    job that passes the same tensor every step). Every block starts after
+    ``reset`` (sums of zeros stay finite over any number of calls) and a
+    barrier; a block's time is the slowest rank's.
     """
     import numpy as np
     from mpi4py import MPI
 
     names = list(cols)
-    for f in cols.values():  # warm-up: first-call setup out of the figures
-        f()
+    for f in cols.values():
+        for _ in range(max(1, -(-warmup // n))):
+            f()
     times: dict[str, list[float]] = {k: [] for k in names}
     for it in range(iters):
         for k in names[it % len(names):] + names[: it % len(names)]:

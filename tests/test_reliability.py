@@ -75,7 +75,7 @@ SCENARIOS = [
     # raises at once instead of standing in for the call it left (the others still wait in that one).
     *[Scenario(f"midcall-{a}", ["midcall", "--algorithm", a],
                ["rank 1: the first call raised MemoryError (injected", "rank 1: the next call raised CollectiveError "
-                f"at once", f"this communicator is broken: its op #5 allreduce shape ({n},) float32 algorithm {a}",
+                "at once", f"this communicator is broken: its op #5 allreduce shape ({n},) float32 algorithm {a}",
                 "raised MemoryError on this rank", "broken: True",
                 f"#5 allreduce shape ({n},) float32 algorithm {a} timed out after"])
       for a, n in (("ring", 1000), ("shm", 3 << 20))],
