@@ -11,6 +11,13 @@ rounds, each the slowest rank's time): ``single`` (the default communicator: sin
 ``COLLECTIVE_SHM_SINGLE_COPY=0``: every byte copied into the node's window and out again), ``mpi`` (bare
 ``MPI.COMM_WORLD.Allreduce``) and ``copy`` (every rank copies the array at the same time: the memory-bound floor).
 Times are also given in copies (time / copy).
+
+``--pages small`` runs every column on fresh private anonymous memory on 4 KiB pages (as torch allocates its CPU
+tensors) instead of NumPy arrays (which NumPy puts on huge pages where the kernel's transparent huge pages are
+``madvise`` or ``always``), after ``collective.cma.HugePages.after`` warm-up calls, and adds ``single-4k``: the
+single copy on another such array by a communicator made with ``COLLECTIVE_SHM_HUGE_PAGES=0``, whose arrays stay
+on 4 KiB pages (the default communicator's array is on huge pages by then: see "single copy" in
+docs/concepts/shm.md).
 """
 from __future__ import annotations
 
@@ -56,21 +63,35 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--procs", type=int, default=2, help="ranks to launch when not started under MPI")
     ap.add_argument("--sizes", default="4M,8M,16M,32M,64M", help="comma list of message sizes in bytes")
     ap.add_argument("--iters", type=int, default=15)
+    ap.add_argument("--pages", choices=("numpy", "small"), default="numpy",
+                    help="arrays: NumPy's, or fresh anonymous memory on 4 KiB pages (adds the single-4k column)")
     a = ap.parse_args(argv)
     comm, plain = communicators(__file__, a.procs, argv)
     from mpi4py import MPI
 
+    small = a.pages == "small"
+    four_k = None
+    if small:
+        os.environ["COLLECTIVE_SHM_HUGE_PAGES"] = "0"
+        try:
+            four_k = comm.split(0)
+        finally:
+            del os.environ["COLLECTIVE_SHM_HUGE_PAGES"]
     w = MPI.COMM_WORLD
     x = np.ones(1, np.float32)
-    comm.allreduce(x, algorithm="shm")  # makes both windows (and probes) before timing
-    plain.allreduce(x, algorithm="shm")
+    for cm in (comm, plain, four_k):  # makes the windows (and probes) before timing
+        if cm is not None:
+            cm.allreduce(x, algorithm="shm")
     single = comm.node_arena().cma is not None
+    names = ["single", *(["single-4k"] if small else []), "copy-in", "mpi"]
     if w.rank == 0:
         print(f"shm allreduce, float32, in place, P={w.size}; single copy {'available' if single else 'UNAVAILABLE'} "
-              f"here; median of {a.iters} interleaved rounds (slowest rank), ms and copies")
-        print(f"{'bytes':>10} {'single':>16} {'copy-in':>16} {'mpi':>16} {'copy':>8}  copy-in/single")
+              f"here; {'anonymous memory on 4 KiB pages' if small else 'NumPy arrays'}; median of {a.iters} "
+              "interleaved rounds (slowest rank), ms and copies")
+        print(f"{'bytes':>10} " + " ".join(f"{k:>16}" for k in names) + f" {'copy':>8}  copy-in/single"
+              + ("  single-4k/single" if small else ""))
     for nb in (size_arg(s) for s in a.sizes.split(",")):
-        x = np.ones(nb // 4, np.float32)
+        x = _anonymous(nb // 4) if small else np.ones(nb // 4, np.float32)
         c = np.empty_like(x)
         cols = {
             "single": lambda: comm.allreduce(x, out=x, algorithm="shm"),
@@ -78,10 +99,20 @@ def main(argv: list[str] | None = None) -> None:
             "mpi": lambda: w.Allreduce(MPI.IN_PLACE, x),
             "copy": lambda: np.copyto(c, x),
         }
+        if four_k is not None:
+            y = _anonymous(nb // 4)
+            cols["single-4k"] = lambda: four_k.allreduce(y, out=y, algorithm="shm")
+            from collective.cma import HugePages
+
+            for _ in range(HugePages().after):  # the default communicator's array goes on huge pages
+                x[:] = 0
+                comm.allreduce(x, out=x, algorithm="shm")
         res: dict[str, list[float]] = {k: [] for k in cols}
         for _ in range(a.iters):
             for k, f in cols.items():
                 x[:] = 0
+                if four_k is not None:
+                    y[:] = 0
                 w.Barrier()
                 t0 = time.perf_counter()
                 f()
@@ -91,9 +122,19 @@ def main(argv: list[str] | None = None) -> None:
         if w.rank == 0:
             m = {k: float(np.median(v)) * 1e3 for k, v in res.items()}
             cell = {k: f"{v:8.3f} ({v / m['copy']:4.2f})" for k, v in m.items()}
-            print(f"{nb:>10} {cell['single']:>16} {cell['copy-in']:>16} {cell['mpi']:>16} {m['copy']:8.3f}  "
-                  f"{m['copy-in'] / m['single']:.2f}x", flush=True)
+            print(f"{nb:>10} " + " ".join(f"{cell[k]:>16}" for k in names) + f" {m['copy']:8.3f}  "
+                  f"{m['copy-in'] / m['single']:.2f}x" + (f"  {m['single-4k'] / m['single']:.2f}x" if small else ""),
+                  flush=True)
+    if four_k is not None:
+        four_k.close()
     plain.close()
+
+
+def _anonymous(n: int) -> np.ndarray:
+    """``n`` float32 of fresh private anonymous memory, on 4 KiB pages until something asks for huge ones."""
+    import mmap
+
+    return np.frombuffer(mmap.mmap(-1, 4 * n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.float32, count=n)
 
 
 if __name__ == "__main__":
