@@ -408,6 +408,10 @@ class Sequencer:
         is the check when it is to be the call's first shm phase, else None
         (the check already ran). ``tag``: the issuing thread (default: the calling one).
         """
+        if self.broken is not None:
+            # Queued before an op broke this communicator (see _failed): run, it would stand in for the op this
+            # rank left while the others are still in it.
+            raise CollectiveError(f"{describe(c.name, self.rank, self.size)}: {self.broken}")
         self.seq = seq = self.seq + 1
         name = c.name
         recorder = self.recorder  # its begin and end, written out (every frame counts at small sizes)

@@ -79,6 +79,14 @@ SCENARIOS = [
                 "raised MemoryError on this rank", "broken: True",
                 f"#5 allreduce shape ({n},) float32 algorithm {a} timed out after"])
       for a, n in (("ring", 1000), ("shm", 3 << 20))],
+    # The same with async calls: the one queued behind the failed one raises at once as well (with the check off,
+    # a queued shm call that ran would hand the others its bytes as the failed call's, and they would return).
+    *[Scenario(f"queued-{a}", ["queued", "--algorithm", a],
+               ["rank 1: the first call raised MemoryError (injected", "rank 1: the queued call raised CollectiveError "
+                "at once", f"this communicator is broken: its op #5 allreduce shape ({n},) float32 algorithm {a}",
+                "broken: True", f"#5 allreduce shape ({n},) float32 algorithm {a} timed out after"],
+               env={"COLLECTIVE_CHECK": "0"})
+      for a, n in (("ring", 1000), ("shm", 3 << 20))],
     Scenario("mismatch-uncaught", ["mismatch", "--algorithm", "ring"],
              ["CollectiveMismatchError", "rank 1: float64 (1001,); ranks 0 and 2: float32 (1000,)",
               "died of an uncaught exception"]),

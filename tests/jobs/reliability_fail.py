@@ -14,6 +14,8 @@ while the others enter an allreduce with algorithm A:
   midcall   the victim's allreduce fails on it alone after the check (MemoryError moving the data); it catches
             the error and calls again: that call raises at once (the communicator is broken), and the others,
             still in the first call, end the job at their deadline
+  queued    as midcall, but the victim's calls are async and the second one was queued before the first failed:
+            it raises at once too, and never stands in for the call the others are still in
 
 ``--marker`` is ignored: tests pass a unique token so they can look for orphans.
 """
@@ -31,7 +33,7 @@ import numpy as np
 import collective as col
 
 ap = argparse.ArgumentParser()
-ap.add_argument("scenario", choices=["sigkill", "exit1", "raise", "sysexit", "nojoin", "mismatch", "midcall"])
+ap.add_argument("scenario", choices=["sigkill", "exit1", "raise", "sysexit", "nojoin", "mismatch", "midcall", "queued"])
 ap.add_argument("--algorithm", default="ring")
 ap.add_argument("--async", dest="use_async", action="store_true", help="the waiting ranks use allreduce_async().wait()")
 ap.add_argument("--marker", default="")
@@ -70,7 +72,7 @@ if args.scenario in ("sigkill", "exit1"):
         allreduce(big)
 
 x = np.ones(1000, np.float32)
-if args.scenario == "midcall" and alg == "shm":
+if args.scenario in ("midcall", "queued") and alg == "shm":
     x = np.ones(3 << 20, np.float32)  # 12 MiB: the copy-in path, three 4 MiB chunks, a phase each
 if R != VICTIM:
     if args.scenario == "mismatch":
@@ -88,13 +90,15 @@ elif args.scenario == "nojoin":
     time.sleep(3600)
 elif args.scenario == "mismatch":
     allreduce(np.ones(1001, np.float64))
-elif args.scenario == "midcall":
+elif args.scenario in ("midcall", "queued"):
+    delay = 0.5 if args.scenario == "queued" else 0.0  # the second async call is queued before the first fails
     if alg == "shm":  # inside the data movement: at the phase after the first chunk's
         arena = comm.node_arena()
         phase = arena.phase
 
         def fail_once(*a, **kw):
             arena.phase = phase
+            time.sleep(delay)
             raise MemoryError("injected: no memory for the result")
     else:  # after the check, before any data moves
         engine = comm.sequencer.engine
@@ -102,11 +106,28 @@ elif args.scenario == "midcall":
 
         def fail_once(c, first, seq):
             engine.execute = execute
+            time.sleep(delay)
             raise MemoryError("injected: no memory for the result")
     if alg == "shm":
         arena.phase = fail_once
     else:
         engine.execute = fail_once
+    if args.scenario == "queued":
+        x2 = x * 2
+        first, second = comm.allreduce_async(x, algorithm=alg), comm.allreduce_async(x2, algorithm=alg)
+        try:
+            first.wait()
+        except MemoryError as exc:
+            print(f"rank {R}: the first call raised MemoryError ({exc})", flush=True)
+        t0 = time.monotonic()
+        try:
+            got = second.wait()
+            print(f"rank {R}: FAIL the queued call ran on the broken communicator: {np.unique(got)[:4]}", flush=True)
+        except col.CollectiveError as exc:
+            print(f"rank {R}: the queued call raised {type(exc).__name__} at once ({time.monotonic() - t0:.3f} s): "
+                  f"{exc}; broken: {comm.broken is not None}", flush=True)
+            time.sleep(3600)  # the others end the job at their deadline
+        sys.exit(3)
     try:
         allreduce(x)
     except MemoryError as exc:
