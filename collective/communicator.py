@@ -965,10 +965,14 @@ class Communicator:
             half.allreduce(x)
         """
         self._open("split")
-        bad = color is not None and (isinstance(color, bool) or not isinstance(color, (int, np.integer)) or color < 0)
-        if bad or isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+        # MPI takes both as C ints: a larger value would fail inside the op, after its check, breaking the communicator.
+        top = 2**31 - 1
+        bad = color is not None and (isinstance(color, bool) or not isinstance(color, (int, np.integer))
+                                     or not 0 <= color <= top)
+        if bad or isinstance(key, bool) or not isinstance(key, (int, np.integer)) or not -top - 1 <= key <= top:
             raise CollectiveValueError(f"{describe('split', self.rank, self.size)}: color must be None or an integer "
-                                       f">= 0 and key an integer, got color={color!r}, key={key!r}")
+                                       f"in 0..{top} and key an integer in {-top - 1}..{top}, got color={color!r}, "
+                                       f"key={key!r}")
         MPI = self._mpi
         op = _CommOp("split")
         sub = self._seqr.run(op, lambda c, first, seq: self._backend.comm.Split(

@@ -83,6 +83,18 @@ def errors_name_world_ranks() -> None:
         else:
             raise AssertionError("no mismatch raised on the sub-communicator")
     sub.close()
+    # Colors and keys MPI cannot take are refused before the op: the communicator goes on.
+    for color, key in ((2**31, 0), (np.int64(2**40), 0), (0, 2**31), (0, -2**31 - 1), (-1, 0), (True, 0)):
+        try:
+            comm.split(color, key)
+        except CollectiveValueError as exc:
+            assert "color must be None or an integer" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"split({color!r}, {key!r}) was accepted")
+    assert comm.broken is None and (comm.allreduce(np.ones(2)) == P).all()
+    edge = comm.split(2**31 - 1, key=-2**31)
+    assert edge.size == P
+    edge.close()
     try:
         comm.subgroup([0, 0])
     except CollectiveValueError as exc:
