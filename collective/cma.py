@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,7 @@ class CrossMemory:
 #: madvise advice that collapses a range's pages into transparent huge pages in place (Linux 6.1+).
 _MADV_COLLAPSE = 25
 _PMD_SIZE_FILE = "/sys/kernel/mm/transparent_hugepage/hpage_pmd_size"
+_THP_ENABLED_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 class HugePages:
@@ -97,9 +99,11 @@ class HugePages:
     post again and again (an array that lives, as a DDP bucket or a Horovod
     fusion buffer does) is collapsed into huge pages in place, once: madvise
     MADV_COLLAPSE on the whole huge pages inside it, which keeps its contents
-    and leaves the memory around it alone. A range the kernel refuses (before
-    Linux 6.1, transparent huge pages set to ``never``, shared or file-backed
-    memory, no huge page to be had) stays as it is and is not asked again.
+    and leaves the memory around it alone. Where the node's transparent huge
+    pages are set to ``never`` nothing is collapsed (MADV_COLLAPSE itself
+    ignores that setting, so it is read here). A range the kernel refuses
+    (before Linux 6.1, shared or file-backed memory it does not put on huge
+    pages, no huge page to be had) stays as it is and is not asked again.
 
     Collapsing costs about as much as a few transfers of the range, and buys
     nothing for memory that is freed soon after: FSDP2 allocates its gathered
@@ -109,18 +113,35 @@ class HugePages:
     few and are posted from the first steps on, and whatever else reaches
     that count costs a bounded once.
 
+    Every communicator's arena notes into the process's one instance
+    (:meth:`process`): the budget is the process's, and a range counts its
+    postings through any communicator.
+
     Args:
-        size: the huge page size in bytes (None: the kernel's, 0 where it has none: then nothing is collapsed).
+        size: the huge page size in bytes (None: the kernel's, 0 where it has none or they are set to ``never``:
+            then nothing is collapsed).
         after: the posting of a range that collapses it.
         budget: bytes collapsed at most, in all.
     """
 
-    #: Ranges remembered at most (a job that posts ever new ranges forgets the oldest half).
+    #: Ranges remembered at most (a job that posts ever new ranges forgets those it posted least recently).
     LIMIT = 4096
+
+    _process: HugePages | None = None
+    _process_lock = threading.Lock()
+
+    @classmethod
+    def process(cls) -> HugePages:
+        """The process's instance, which every communicator's arena shares (made on first use)."""
+        with cls._process_lock:
+            if cls._process is None:
+                cls._process = cls()
+            return cls._process
 
     def __init__(self, size: int | None = None, after: int = 16, budget: int = 4 << 30) -> None:
         self.size = _pmd_size() if size is None else size
         self.after, self.budget = after, budget
+        self._lock = threading.Lock()  # communicators on different threads note into one instance
         self._madvise: Any = None
         if self.size > 0:
             try:
@@ -143,27 +164,34 @@ class HugePages:
             return
         key = (addr, nbytes)
         seen = self._seen
-        k = seen.get(key, 0) + 1
-        if k > self.after:
-            return
-        if k == 1 and len(seen) >= self.LIMIT:
-            for old in list(seen)[: self.LIMIT // 2]:
-                del seen[old]
-        seen[key] = k
-        if k < self.after:
-            return
-        lo = (addr + hp - 1) // hp * hp
-        hi = (addr + nbytes) // hp * hp
-        if hi <= lo or self.collapsed + (hi - lo) > self.budget:
-            return
-        if self._madvise(lo, hi - lo, _MADV_COLLAPSE) == 0:
-            self.collapsed += hi - lo
+        with self._lock:
+            # Taken out and put back: the dict's order is the order of the latest postings, so a long-lived range,
+            # collapsed already, is never the one forgotten (and collapsed, and counted, again).
+            k = seen.pop(key, 0) + 1
+            if k == 1 and len(seen) >= self.LIMIT:
+                for old in list(seen)[: self.LIMIT // 2]:
+                    del seen[old]
+            seen[key] = min(k, self.after + 1)
+            if k != self.after:
+                return
+            lo = (addr + hp - 1) // hp * hp
+            hi = (addr + nbytes) // hp * hp
+            if hi <= lo or self.collapsed + (hi - lo) > self.budget:
+                return
+            if self._madvise(lo, hi - lo, _MADV_COLLAPSE) == 0:
+                self.collapsed += hi - lo
         # Else the kernel refused this range (no huge page to be had now, memory it cannot collapse: shared or
         # file-backed, or a kernel without the advice): it stays as it is, and is not asked again.
 
 
 def _pmd_size() -> int:
-    """The size of a transparent huge page in bytes, 0 where the kernel has none."""
+    """The size of a transparent huge page in bytes, 0 where the kernel has none or they are set to ``never``."""
+    try:
+        with open(_THP_ENABLED_FILE) as f:
+            if "[never]" in f.read():
+                return 0
+    except OSError:
+        pass  # no such setting: the size file decides
     try:
         with open(_PMD_SIZE_FILE) as f:
             return int(f.read().strip())

@@ -169,7 +169,7 @@ def _rows() -> tuple[Setting, ...]:
                   "array of 16 MiB or more that calls pass again and again (the same memory, a 16th time: a DDP "
                   "bucket, a Horovod fusion buffer, a tensor reduced every step) is put on transparent huge pages "
                   "once, in place (`madvise(MADV_COLLAPSE)`, Linux 6.1 and later; its contents stay; at most 4 GiB "
-                  "in all), since the kernel pins every page it copies: see docs/concepts/shm.md. NumPy's large "
+                  "per process; nothing where the node's transparent huge pages are `never`), since the kernel pins every page it copies: see docs/concepts/shm.md. NumPy's large "
                   "arrays are on huge pages already; torch's CPU tensors are not. Off: arrays stay on the pages "
                   "they have."),
         S("COLLECTIVE_SHM_WAIT", "choice", "auto", choices="collective.shm:SHM_WAITS",

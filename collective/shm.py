@@ -605,7 +605,7 @@ class ShmArena:
         #: Cross-memory access to the node's other ranks (see "single copy"), or None where the node lacks it.
         self.cma: CrossMemory | None = probe(node_comm) if single_copy and self.size > 1 else None
         #: Puts the arrays that single-copy calls post again and again on huge pages, or None.
-        self.huge: HugePages | None = HugePages() if self.cma is not None and huge_pages else None
+        self.huge: HugePages | None = HugePages.process() if self.cma is not None and huge_pages else None
         if self.huge is not None and not self.huge.size:
             self.huge = None  # the kernel has no transparent huge pages
         self._cma_tmp = np.empty(0, np.uint8)

@@ -97,11 +97,48 @@ def test_memory_is_bounded() -> None:
     assert len(k.asked) == 1
 
 
+def test_a_range_posted_all_along_is_never_forgotten() -> None:
+    # Ranges are forgotten least recently posted first: a long-lived buffer, collapsed once, stays remembered among
+    # ever new ranges (forgetting it would collapse it, and count it against the budget, again and again).
+    hp, k = _pages()
+    hp.LIMIT = 8
+    bucket = 2 * MIB * 4000
+    hp.note(bucket, 8 * MIB)
+    hp.note(bucket, 8 * MIB)
+    assert len(k.asked) == 1
+    for i in range(10 * hp.LIMIT):
+        hp.note(2 * MIB * (i + 1), 4 * MIB)
+        hp.note(bucket, 8 * MIB)
+        assert len(hp._seen) <= hp.LIMIT
+    assert len(k.asked) == 1 and hp.collapsed == 8 * MIB
+
+
+def test_one_instance_per_process() -> None:
+    assert HugePages.process() is HugePages.process()
+
+
 def test_no_huge_pages() -> None:
     hp = HugePages(size=0)
     for _ in range(2):
         hp.note(2 * MIB * 5, 64 * MIB)
     assert hp.collapsed == 0
+
+
+def test_never_collapses_where_huge_pages_are_set_to_never(tmp_path, monkeypatch) -> None:
+    # MADV_COLLAPSE ignores the system's setting, so HugePages reads it: an administrator's "never" is kept.
+    import collective.cma as cma
+
+    size_file, enabled = tmp_path / "hpage_pmd_size", tmp_path / "enabled"
+    size_file.write_text("2097152\n")
+    monkeypatch.setattr(cma, "_PMD_SIZE_FILE", str(size_file))
+    monkeypatch.setattr(cma, "_THP_ENABLED_FILE", str(enabled))
+    enabled.write_text("always madvise [never]\n")
+    assert HugePages().size == 0
+    for setting in ("[always] madvise never\n", "always [madvise] never\n"):
+        enabled.write_text(setting)
+        assert HugePages().size == 2 * MIB
+    enabled.unlink()  # no such setting: the size file decides
+    assert HugePages().size == 2 * MIB
 
 
 def _anon_huge_kb(a: np.ndarray) -> int:

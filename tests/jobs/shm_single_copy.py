@@ -550,6 +550,11 @@ def huge_pages() -> None:
               flush=True)
     if can:
         assert huge.collapsed > before and huge_kb(x) - kb >= 2048, f"rank {R}: the repeated array stayed on 4K pages"
+    sub = comm.split(0)  # another communicator notes into the same instance: one budget and count per process
+    try:
+        assert sub.node_arena().huge is huge, f"rank {R}: a sub-communicator's arena has HugePages of its own"
+    finally:
+        sub.close()
     off = switched_off_in("COLLECTIVE_SHM_HUGE_PAGES")
     try:
         assert off.node_arena().huge is None, f"rank {R}: COLLECTIVE_SHM_HUGE_PAGES=0 left huge pages on"
