@@ -878,6 +878,35 @@ def test_device_collectives_setup_errors_and_fallback(comm, monkeypatch: pytest.
         strict.setup()
 
 
+def test_device_setup_failures_leave_the_host_communicator_usable() -> None:
+    """Errors of the device setup reach every rank after its agreement (no rank is left in it): the communicator's
+    host calls go on, and the error is the library's (BackendUnavailableError, the cause kept)."""
+    import collective as col
+    from collective.backends.device import DeviceCollectives
+
+    c = col.Communicator()
+    try:
+        def init_fails(mcomm: object) -> None:
+            raise RuntimeError("NCCL error: unhandled system error (fake)")
+
+        def no_device(comm: object) -> None:
+            raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected (fake)")
+
+        dev = DeviceCollectives(c, "auto", stager=GpuStager(FakeOps()), cuda_aware=False, nccl_problem=None,
+                                nccl_factory=init_fails)
+        with pytest.raises(BackendUnavailableError, match="unhandled system error") as info:
+            dev.setup()
+        assert isinstance(info.value.__cause__, RuntimeError) and dev.nccl is None
+        dev = DeviceCollectives(c, "auto", stager=GpuStager(FakeOps()), cuda_aware=False, nccl_problem=None)
+        dev._local_problem = no_device  # type: ignore[method-assign]
+        with pytest.raises(BackendUnavailableError, match="cudaErrorNoDevice") as info:
+            dev.setup()
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert c.broken is None and np.array_equal(c.allreduce(np.ones(3)), np.ones(3))
+    finally:
+        c.close()
+
+
 def test_device_collectives_refuses_nccl_when_unusable(comm) -> None:
     from collective.backends.device import DeviceCollectives
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..arrays import is_immutable
-from ..errors import BackendUnavailableError, CollectiveTypeError, CollectiveValueError, describe
+from ..errors import BackendUnavailableError, CollectiveError, CollectiveTypeError, CollectiveValueError, describe
 from ..spec import COLLECTIVE_NAMES as _NAMES
 from ..spec import REDUCING, blocks_of, result_shape
 from . import BACKENDS
@@ -173,7 +173,12 @@ class DeviceCollectives:
         every = np.empty((c.size, 3), np.int64)
         mcomm.Allgather(mine, every)
         if error is not None:
-            raise error
+            if isinstance(error, CollectiveError):
+                raise error
+            # The library's error: the others raise theirs at this point too, so the communicator goes on (an
+            # error of another type inside this gated work would break it, see Sequencer._failed).
+            raise BackendUnavailableError(f"{describe('setup', c.rank, c.size)}: device-array setup failed here: "
+                                          f"{type(error).__name__}: {error}") from error
         failed = [int(r) for r in np.flatnonzero(every[:, 2])]
         if failed:
             raise BackendUnavailableError(f"{describe('setup', c.rank, c.size)}: device-array setup failed on "
@@ -195,6 +200,11 @@ class DeviceCollectives:
                 if self.requested == "nccl":
                     raise
                 self.why = f"NCCL could not be set up ({exc}); {path}"
+            except Exception as exc:
+                # NCCL's own (ncclCommInitRank, a CUDA error): its init is collective, the others fail in it too.
+                # Raised as the library's, so the communicator's host calls go on; no fallback (not agreed).
+                raise BackendUnavailableError(f"{describe('setup', c.rank, c.size)}: NCCL could not be set up "
+                                              f"({type(exc).__name__}: {exc})") from exc
         else:
             self.why = f"NCCL not usable on rank(s) {', '.join(map(str, bad))}{here}; {path}"
 
