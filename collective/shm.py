@@ -1049,14 +1049,17 @@ class ShmArena:
             while time.monotonic() < until:
                 watch()
                 time.sleep(_WATCH_S)
-        if failed is not None and not isinstance(failed, CollectiveError):
-            raise failed
+        if failed is not None and not isinstance(failed, Exception):
+            raise failed  # KeyboardInterrupt, SystemExit: the program stops
+        # Any other error (MemoryError, a ufunc's FloatingPointError under np.errstate) is the library's here: every
+        # rank ended the same phases and raises, so the ranks' calls still line up (see Sequencer._failed).
         where = ", ".join(f"node rank {q}" for q in bad)
         arrays = f" ({x.dtype}, {x.size} elements)" if x is not None else ""
+        why = "" if failed is None else f" ({failed})" if isinstance(failed, CollectiveError) else \
+            f" ({type(failed).__name__}: {failed})"
         raise CollectiveError(
-            f"{what} on node rank {self.rank}{arrays}: the single-copy transfers failed on "
-            f"{where}" + (f" ({failed})" if failed is not None else "") + "; the output is incomplete, and this "
-            "node's later calls copy through the shared window") from failed
+            f"{what} on node rank {self.rank}{arrays}: the single-copy transfers failed on {where}{why}; the output "
+            "is incomplete, and this node's later calls copy through the shared window") from failed
 
     def _reduce_posted(self, x: np.ndarray, posts: list[int], a0: int, a1: int, dst: np.ndarray | None,
                        ufunc: Callable[..., Any], targets: list[int]) -> None:

@@ -569,6 +569,33 @@ def huge_pages() -> None:
         off.close()
 
 
+def one_rank_raises_inside() -> None:
+    # A non-library error inside one rank's transfers (a float16 overflow under np.errstate(over="raise") in the
+    # last rank's slice alone): every rank still ends the same phases and raises, so none may be left broken (a
+    # broken rank's next call would raise at once while the others wait in theirs), and the group goes on.
+    sub = comm.split(0)
+    assert sub is not None and sub.node_arena().cma is not None
+    try:
+        n = CMA_MIN_BYTES // 2 + 3
+        x = np.zeros(n, np.float16)
+        s0, s1 = sub.node_arena().slice_of(n, P - 1)
+        x[s0:s1] = 60000  # P times it is past float16's largest
+        with np.errstate(over="raise"):
+            try:
+                sub.allreduce(x, algorithm="shm")
+            except CollectiveError as exc:
+                assert f"node rank {P - 1}" in str(exc), str(exc)
+                assert R != P - 1 or "FloatingPointError" in str(exc), str(exc)
+            else:
+                raise AssertionError(f"rank {R}: the overflow in the last rank's slice raised nothing")
+        every = mpi.allgather(sub.broken)
+        assert all(b is None for b in every), f"rank {R}: broken after an error every rank raised: {every}"
+        y = sub.allreduce(np.ones(5, np.float32), algorithm="shm")
+        assert (y == P).all(), f"rank {R}: the group did not go on"
+    finally:
+        sub.close()
+
+
 def refused_mid_call() -> None:
     # The last rank loses the right to read the others' memory after the arena's probe passed (as a process that
     # drops a capability or changes its credentials would): its reads fail inside the call. Every rank must raise
@@ -641,6 +668,7 @@ if available:
         cases.run(f"allgather {np.dtype(dtype)}", lambda: gather_bits(dtype, each))
     cases.run("unchecked sizes raise", unchecked_sizes)
     cases.run("unchecked roots raise", unchecked_roots)
+    cases.run("an error of one rank's transfers raises everywhere", one_rank_raises_inside)
     cases.run("huge pages for repeated arrays", huge_pages)
 cases.run("switched off", switched_off)
 if available:
