@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 from harness import Cases
+from pages import anonymous, huge_kb
 
 import collective as col
 import collective.variable as V
@@ -484,27 +485,6 @@ def drop_ptrace() -> None:
     data[0].effective &= ~(1 << 19)  # CAP_SYS_PTRACE
     data[0].permitted &= ~(1 << 19)
     assert libc.capset(ctypes.byref(head), data) == 0, os.strerror(ctypes.get_errno())
-
-
-def anonymous(nbytes: int) -> np.ndarray:
-    """``nbytes`` of fresh private anonymous memory on 4 KiB pages (as torch's CPU allocator gives), as bytes."""
-    import mmap
-    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
-
-
-def huge_kb(a: np.ndarray) -> int:
-    """AnonHugePages (kB) of the mapping that holds ``a``'s first byte, from /proc/self/smaps (the kernel may have
-    merged the mapping with a neighbour: compare before and after)."""
-    addr, inside, kb = a.ctypes.data, False, 0
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and head == "AnonHugePages:":
-                kb = int(line.split()[1])
-    return kb
 
 
 def kernel_collapses() -> bool:
