@@ -544,6 +544,30 @@ def huge_pages() -> None:
         off.close()
 
 
+def huge_pages_native() -> None:
+    # MPI's own alltoall of large arrays on 4 KiB pages, again and again: both arrays go on huge pages by the
+    # HugePages.after-th call (the first call posts the input for the check as well), and every result is right.
+    huge = arena.huge
+    if huge is None:
+        return
+    rows = (CMA_MIN_BYTES + (3 << 20)) // 4 // P
+    x = anonymous(rows * P * 4 + 8)[8:].view(np.float32)
+    out = anonymous(rows * P * 4).view(np.float32)
+    for d in range(P):
+        x[d * rows:(d + 1) * rows] = 1000 * R + d
+    want = np.concatenate([np.full(rows, 1000 * q + R, np.float32) for q in range(P)])
+    before, kb_x, kb_out = huge.collapsed, huge_kb(x), huge_kb(out)
+    for k in range(huge.after):
+        out[:] = -1
+        comm.alltoall(x, algorithm="native", out=out)
+        assert np.array_equal(out, want), f"rank {R}: native alltoall {k} on anonymous arrays is wrong"
+        if k < huge.after - 2:
+            assert huge.collapsed == before, f"rank {R}: posting {k + 1} of a native alltoall collapsed"
+    if kernel_collapses():
+        assert huge_kb(x) - kb_x >= 2048 and huge_kb(out) - kb_out >= 2048, \
+            f"rank {R}: a native alltoall's repeated arrays stayed on 4 KiB pages"
+
+
 def refused_mid_call() -> None:
     # The last rank loses the right to read the others' memory after the arena's probe passed (as a process that
     # drops a capability or changes its credentials would): its reads fail inside the call. Every rank must raise
@@ -617,6 +641,7 @@ if available:
     cases.run("unchecked sizes raise", unchecked_sizes)
     cases.run("unchecked roots raise", unchecked_roots)
     cases.run("huge pages for repeated arrays", huge_pages)
+    cases.run("huge pages for MPI's own repeated calls", huge_pages_native)
 cases.run("switched off", switched_off)
 if available:
     for dt in ("float32", "int8", "complex64", "float16"):
