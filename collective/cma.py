@@ -94,7 +94,9 @@ class HugePages:
 
     The kernel pins every page of a peer's array it copies from or into, so a
     transfer between arrays on 4 KiB pages costs markedly more than one between
-    arrays on huge pages. NumPy asks for huge pages for its large arrays; other
+    arrays on huge pages. That holds for the library's single-copy path and for
+    MPI's own large messages on a node (Open MPI reads them by cross-memory
+    attach as well), so both tell this of their large arrays. NumPy asks for huge pages for its large arrays; other
     allocators (torch's CPU tensors) do not. So a range of memory that calls
     post again and again (an array that lives, as a DDP bucket or a Horovod
     fusion buffer does) is collapsed into huge pages in place, once: madvise

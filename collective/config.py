@@ -165,13 +165,14 @@ def _rows() -> tuple[Setting, ...]:
                   "policy may forbid it); where it fails anywhere on the node, or with this off, they copy "
                   "through the shared window."),
         S("COLLECTIVE_SHM_HUGE_PAGES", "bool", True,
-          meaning="Where `shm` calls move bytes by cross-memory attach (`COLLECTIVE_SHM_SINGLE_COPY`), an "
-                  "array of 16 MiB or more that calls pass again and again (the same memory, a 16th time: a DDP "
-                  "bucket, a Horovod fusion buffer, a tensor reduced every step) is put on transparent huge pages "
-                  "once, in place (`madvise(MADV_COLLAPSE)`, Linux 6.1 and later; its contents stay; at most 4 GiB "
-                  "per process; nothing where the node's transparent huge pages are `never`), since the kernel pins every page it copies: see docs/concepts/shm.md. NumPy's large "
-                  "arrays are on huge pages already; torch's CPU tensors are not. Off: arrays stay on the pages "
-                  "they have."),
+          meaning="Where `shm` calls move bytes by cross-memory attach (`COLLECTIVE_SHM_SINGLE_COPY`), and for "
+                  "MPI's own alltoall, allgather, gather and scatter on one node, which copy large messages the "
+                  "same way, an array of 16 MiB or more that calls pass again and again (the same memory, a 16th "
+                  "time: a DDP bucket, a Horovod fusion buffer, a tensor reduced every step) is put on transparent "
+                  "huge pages once, in place (`madvise(MADV_COLLAPSE)`, Linux 6.1 and later; its contents stay; at "
+                  "most 4 GiB per process; nothing where the node's transparent huge pages are `never`), since the "
+                  "kernel pins every page it copies: see docs/concepts/shm.md. NumPy's large arrays are on huge "
+                  "pages already; torch's CPU tensors are not. Off: arrays stay on the pages they have."),
         S("COLLECTIVE_SHM_WAIT", "choice", "auto", choices="collective.shm:SHM_WAITS",
           meaning="How a node's ranks wait for each other in `shm`: `spin` (watch each other's flags), "
                   "`barrier` (MPI's, which yields the core), or `auto`: spin when every rank can have a CPU "

@@ -354,7 +354,7 @@ class HostEngine:
             return run_variable(c, first, seq, self.backend.comm, self._mpi, self._exec, self.nodes,
                                 self._fixed_seq(seq),
                                 self.make_arena if self.single_node and self.shm_problem is None else None,
-                                self.choose_variable)
+                                self.choose_variable, self.arena.huge if self.arena is not None else None)
         alg = c.algorithm
         if alg == "native":
             self._native(c)

@@ -39,7 +39,7 @@ from collective import topologies
 from .arrays import Deferred, to_numpy
 from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import check_dtype, dtype_code, dtype_from_code
-from .shm import CMA_READ_MIN_BYTES, QuickScatter, WindowRead
+from .shm import CMA_MIN_BYTES, CMA_READ_MIN_BYTES, QuickScatter, WindowRead
 from .signature import check_algorithm, check_out_dtype
 
 __all__ = ["VCall", "VPlan", "VHot", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
@@ -350,13 +350,15 @@ def _counts(c: VCall, comm: Any, rank: int, size: int) -> tuple[np.ndarray, bool
 
 def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any, MPI: Any, executor: Any,
                  nodes: tuple[int, ...], fixed: Callable[[VCall], Any], arena: Callable[[], Any] | None,
-                 choose: Callable[[str, int, np.dtype, int], str]) -> Any:
+                 choose: Callable[[str, int, np.dtype, int], str], huge: Any = None) -> Any:
     """Run variable-size call ``c`` (op ``seq``) on mpi4py communicator ``comm``; its result.
 
     ``fixed(c)``: the fixed-size path of an allgather whose counts are equal.
     ``arena()``: the node's shm arena when every rank shares one node, else None.
     ``choose(name, nbytes, dtype, root)``: what "auto" runs ("allgatherv" for an uneven allgather; ``nbytes``
     per rank, as ``topologies.cost.predict`` counts them; the same on every rank).
+    ``huge``: the node arena's ``collective.cma.HugePages`` where it has one: MPI's own calls, which copy large
+    messages between the node's processes by cross-memory attach too, tell it their large arrays.
     """
     if first is not None:
         first()  # the check, handed over as an arrival phase: nothing else to arrive at here
@@ -413,6 +415,8 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         c.received = [int(v) for v in recv]
     cnts = counts if c.name in ("gather", "allgather") else None
     move = _mover(c, alg, every, cnts, row, rank, size, comm, MPI, executor, nodes, arena)
+    if huge is not None and alg == "native":
+        move = _noting(move, huge)
     if c.posted and alg == "shm":  # every rank's bytes are in the arena already: read them
         assert arena is not None  # posted only through the arena
         _shm_mover(c, every, cnts, row, rank, size, arena, posted=True)(c.x, out, seq)
@@ -622,6 +626,19 @@ def _scatter_header(c: VCall, comm: Any, MPI: Any, rank: int, size: int) -> None
            if not flags[q]]
     if bad:
         _fail_all(c, rank, size, bad)
+
+
+def _noting(move: Callable[[np.ndarray | None, np.ndarray | None, int], None], huge: Any
+            ) -> Callable[[np.ndarray | None, np.ndarray | None, int], None]:
+    """``move`` that first tells ``huge`` (``collective.cma.HugePages``) of its arrays of ``CMA_MIN_BYTES`` or
+    more: MPI copies a large message between the node's processes by pinning its pages, as the single-copy path
+    does, so an array passed again and again goes on huge pages too."""
+    def move_noting(x: np.ndarray | None, o: np.ndarray | None, seq: int) -> None:
+        for a in (x, o):
+            if a is not None and a.nbytes >= CMA_MIN_BYTES:
+                huge.note(a.ctypes.data, a.nbytes)
+        move(x, o, seq)
+    return move_noting
 
 
 def _native_mover(comm: Any, MPI: Any, name: str, dtype: np.dtype, sc: list[int], rc: list[int], root: int,

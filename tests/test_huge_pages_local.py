@@ -5,10 +5,9 @@ tests/jobs/shm_single_copy.py.
 """
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 import pytest
+from jobs.pages import anonymous, huge_kb
 
 from collective.cma import HugePages
 
@@ -141,32 +140,20 @@ def test_never_collapses_where_huge_pages_are_set_to_never(tmp_path, monkeypatch
     assert HugePages().size == 2 * MIB
 
 
-def _anon_huge_kb(a: np.ndarray) -> int:
-    addr, inside, kb = a.ctypes.data, False, 0
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and head == "AnonHugePages:":
-                kb = int(line.split()[1])
-    return kb
-
-
 def test_real_kernel_keeps_the_bytes() -> None:
     hp = HugePages(after=2)
     if not hp.size:
         pytest.skip("this kernel has no transparent huge pages")
-    buf = np.frombuffer(mmap.mmap(-1, 12 * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+    buf = anonymous(12 * MIB)
     a = buf[100:100 + 10 * MIB]
     a[:] = np.arange(a.size, dtype=np.uint64).astype(np.uint8) * 7
     buf[:100] = 3
     buf[100 + 10 * MIB:] = 5
     want = a.copy()
+    kb = huge_kb(a)
     hp.note(a.ctypes.data, a.nbytes)
     hp.note(a.ctypes.data, a.nbytes)
     assert np.array_equal(a, want) and (buf[:100] == 3).all() and (buf[100 + 10 * MIB:] == 5).all()
     if not hp.collapsed:
         pytest.skip("the kernel refused MADV_COLLAPSE here (before Linux 6.1, THP off, or no huge page free)")
-    assert _anon_huge_kb(a) >= 2048
+    assert huge_kb(a) - kb >= 2048

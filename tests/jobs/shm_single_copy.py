@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 from harness import Cases
+from pages import anonymous, huge_kb
 
 import collective as col
 import collective.variable as V
@@ -486,27 +487,6 @@ def drop_ptrace() -> None:
     assert libc.capset(ctypes.byref(head), data) == 0, os.strerror(ctypes.get_errno())
 
 
-def anonymous(nbytes: int) -> np.ndarray:
-    """``nbytes`` of fresh private anonymous memory on 4 KiB pages (as torch's CPU allocator gives), as bytes."""
-    import mmap
-    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
-
-
-def huge_kb(a: np.ndarray) -> int:
-    """AnonHugePages (kB) of the mapping that holds ``a``'s first byte, from /proc/self/smaps (the kernel may have
-    merged the mapping with a neighbour: compare before and after)."""
-    addr, inside, kb = a.ctypes.data, False, 0
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(v, 16) for v in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and head == "AnonHugePages:":
-                kb = int(line.split()[1])
-    return kb
-
-
 def kernel_collapses() -> bool:
     """Whether this kernel collapses fresh anonymous memory into huge pages (asked here, not through collective)."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -596,6 +576,30 @@ def one_rank_raises_inside() -> None:
         sub.close()
 
 
+def huge_pages_native() -> None:
+    # MPI's own alltoall of large arrays on 4 KiB pages, again and again: both arrays go on huge pages by the
+    # HugePages.after-th call (the first call posts the input for the check as well), and every result is right.
+    huge = arena.huge
+    if huge is None:
+        return
+    rows = (CMA_MIN_BYTES + (3 << 20)) // 4 // P
+    x = anonymous(rows * P * 4 + 8)[8:].view(np.float32)
+    out = anonymous(rows * P * 4).view(np.float32)
+    for d in range(P):
+        x[d * rows:(d + 1) * rows] = 1000 * R + d
+    want = np.concatenate([np.full(rows, 1000 * q + R, np.float32) for q in range(P)])
+    before, kb_x, kb_out = huge.collapsed, huge_kb(x), huge_kb(out)
+    for k in range(huge.after):
+        out[:] = -1
+        comm.alltoall(x, algorithm="native", out=out)
+        assert np.array_equal(out, want), f"rank {R}: native alltoall {k} on anonymous arrays is wrong"
+        if k < huge.after - 2:
+            assert huge.collapsed == before, f"rank {R}: posting {k + 1} of a native alltoall collapsed"
+    if kernel_collapses():
+        assert huge_kb(x) - kb_x >= 2048 and huge_kb(out) - kb_out >= 2048, \
+            f"rank {R}: a native alltoall's repeated arrays stayed on 4 KiB pages"
+
+
 def refused_mid_call() -> None:
     # The last rank loses the right to read the others' memory after the arena's probe passed (as a process that
     # drops a capability or changes its credentials would): its reads fail inside the call. Every rank must raise
@@ -670,6 +674,7 @@ if available:
     cases.run("unchecked roots raise", unchecked_roots)
     cases.run("an error of one rank's transfers raises everywhere", one_rank_raises_inside)
     cases.run("huge pages for repeated arrays", huge_pages)
+    cases.run("huge pages for MPI's own repeated calls", huge_pages_native)
 cases.run("switched off", switched_off)
 if available:
     for dt in ("float32", "int8", "complex64", "float16"):
