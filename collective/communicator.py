@@ -1163,12 +1163,12 @@ class Communicator:
     def _broke(self) -> None:
         """An op failed on this rank alone (see ``Sequencer._failed``): later calls raise at once.
 
-        On the op's thread, under the gate: the repeat paths' templates and plans go, so a later call reaches
-        :meth:`_open`.
+        Runs on the op's thread, which is the communication thread for an async op: it touches no prepared call
+        (the repeat paths check ``Sequencer.broken`` themselves, and a call that misses them reaches
+        :meth:`_open`).
         """
         self._broken = self._seqr.broken
         self._closed = True
-        self._prep.forget()
 
     # ------------------------------------------------------------ elastic mode
     def _fault(self, name: str, exc: BaseException, started: float | None = None) -> BaseException | None:

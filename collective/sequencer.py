@@ -677,7 +677,9 @@ class Sequencer:
         self.owner = tag
         self.owner_call = c
         try:
-            if not self.pending:  # else an async call got in first: queue behind it, on the ordinary path
+            # Else an async call got in first (queue behind it), or the communicator broke (see _failed): the
+            # ordinary path.
+            if not self.pending and self.broken is None:
                 q = c.quick
                 if q:
                     # A small shm allreduce repeated: check and data share one phase, in this frame with the
@@ -754,7 +756,7 @@ class Sequencer:
     def _bound_allreduce(self, b: _BoundAllreduce) -> Any:
         """One call of a :meth:`bind_allreduce` callable: the quick block of :meth:`allreduce`, or that method."""
         c = b.c
-        if c is None or self.pending or RETIRED:
+        if c is None or self.pending or RETIRED or self.broken is not None:
             return self._bound_miss(b)
         q = c.quick
         if not q:  # not armed yet, or dropped (then looked up again)
@@ -862,7 +864,7 @@ class Sequencer:
         try:
             check = self.check
             fp = check.fingerprints
-            if (self.pending or fp is None or fp.detail or check.nan_check
+            if (self.pending or self.broken is not None or fp is None or fp.detail or check.nan_check
                     or (plan.arena is not None and plan.arena is not self.engine.arena)):
                 return MISS
             self.seq = seq = self.seq + 1
@@ -943,7 +945,7 @@ class Sequencer:
             return None
         self.owner, self.owner_call = tag, hot
         try:
-            if self.pending:
+            if self.pending or self.broken is not None:
                 return None
             plan = hot.quick
             if plan is not False:  # a list of pieces (empty where this rank's slice is)

@@ -75,9 +75,10 @@ SCENARIOS = [
     # raises at once instead of standing in for the call it left (the others still wait in that one).
     *[Scenario(f"midcall-{a}", ["midcall", "--algorithm", a],
                ["rank 1: the first call raised MemoryError (injected", "rank 1: the next call raised CollectiveError "
-                "at once", f"this communicator is broken: its op #5 allreduce shape ({n},) float32 algorithm {a}",
-                "raised MemoryError on this rank", "broken: True",
-                f"#5 allreduce shape ({n},) float32 algorithm {a} timed out after"])
+                "at once", f"this communicator is broken: its op #11 allreduce shape ({n},) float32 algorithm {a}",
+                "raised MemoryError on this rank", "broken: True", "rank 1: the repeated small allreduce raised at "
+                "once", "rank 1: the repeated alltoall raised at once",
+                f"#11 allreduce shape ({n},) float32 algorithm {a} timed out after"])
       for a, n in (("ring", 1000), ("shm", 3 << 20))],
     # The same with async calls: the one queued behind the failed one raises at once as well (with the check off,
     # a queued shm call that ran would hand the others its bytes as the failed call's, and they would return).

@@ -71,6 +71,11 @@ if args.scenario in ("sigkill", "exit1"):
     while True:
         allreduce(big)
 
+small, blocks = np.ones(8, np.float32), np.ones(2 * P, np.float32)
+if args.scenario == "midcall":  # repeated calls that take the repeat paths (one shm phase, a kept plan) from now on
+    for _ in range(3):
+        comm.allreduce(small, algorithm="shm", out=small)
+        comm.alltoall(blocks, algorithm="shm")
 x = np.ones(1000, np.float32)
 if args.scenario in ("midcall", "queued") and alg == "shm":
     x = np.ones(3 << 20, np.float32)  # 12 MiB: the copy-in path, three 4 MiB chunks, a phase each
@@ -138,6 +143,13 @@ elif args.scenario in ("midcall", "queued"):
     except col.CollectiveError as exc:
         print(f"rank {R}: the next call raised {type(exc).__name__} at once ({time.monotonic() - t0:.3f} s): "
               f"{exc}; broken: {comm.broken is not None}", flush=True)
+        for what, call in (("the repeated small allreduce", lambda: comm.allreduce(small, algorithm="shm", out=small)),
+                           ("the repeated alltoall", lambda: comm.alltoall(blocks, algorithm="shm"))):
+            try:
+                call()
+                print(f"rank {R}: FAIL {what} ran on the broken communicator", flush=True)
+            except col.CollectiveError:
+                print(f"rank {R}: {what} raised at once", flush=True)
         time.sleep(3600)  # the others end the job at their deadline
 print(f"rank {R}: FAIL reached the end", flush=True)
 sys.exit(3)
