@@ -1152,12 +1152,12 @@ class Communicator:
     def _withdrawn(self, rec: OpRecord, gone: int | None) -> None:
         """Op ``rec`` was withdrawn at its deadline (see ``on_timeout``): later calls raise; print the report.
 
-        On the op's thread, under the gate: the repeat paths' templates and plans go, so a later call reaches
-        :meth:`_open`; the node's arena refuses any phase anyway (its flag stays marked).
+        Runs on the op's thread, which is the communication thread for an async op: it touches no prepared call
+        (the repeat paths check ``Sequencer.broken`` themselves, and a call that misses them reaches
+        :meth:`_open`); the node's arena refuses any phase anyway (its flag stays marked).
         """
         self._broken = self._seqr.broken
         self._closed = True
-        self._prep.forget()
         self.watchdog.withdrawal_report(rec, gone)
 
     def _broke(self) -> None:
