@@ -96,8 +96,9 @@ class HugePages:
     transfer between arrays on 4 KiB pages costs markedly more than one between
     arrays on huge pages. That holds for the library's single-copy path and for
     MPI's own large messages on a node (Open MPI reads them by cross-memory
-    attach as well), so both tell this of their large arrays. NumPy asks for huge pages for its large arrays; other
-    allocators (torch's CPU tensors) do not. So a range of memory that calls
+    attach as well), so both tell this of their large arrays. NumPy asks for
+    huge pages for its large arrays; other allocators (torch's CPU tensors) do
+    not. So a range of memory that calls
     post again and again (an array that lives, as a DDP bucket or a Horovod
     fusion buffer does) is collapsed into huge pages in place, once: madvise
     MADV_COLLAPSE on the whole huge pages inside it, which keeps its contents

@@ -409,8 +409,8 @@ class Sequencer:
         (the check already ran). ``tag``: the issuing thread (default: the calling one).
         """
         if self.broken is not None:
-            # Queued before an op broke this communicator (see _failed): run, it would stand in for the op this
-            # rank left while the others are still in it.
+            # Queued before an op broke this communicator (see _failed): run, it would stand in for the op that
+            # this rank left while the others are still in it, so it raises instead.
             raise CollectiveError(f"{describe(c.name, self.rank, self.size)}: {self.broken}")
         self.seq = seq = self.seq + 1
         name = c.name

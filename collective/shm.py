@@ -605,9 +605,8 @@ class ShmArena:
         #: Cross-memory access to the node's other ranks (see "single copy"), or None where the node lacks it.
         self.cma: CrossMemory | None = probe(node_comm) if single_copy and self.size > 1 else None
         #: Puts the arrays that single-copy calls post again and again on huge pages, or None.
-        self.huge: HugePages | None = HugePages.process() if self.cma is not None and huge_pages else None
-        if self.huge is not None and not self.huge.size:
-            self.huge = None  # the kernel has no transparent huge pages
+        huge = HugePages.process() if self.cma is not None and huge_pages else None
+        self.huge: HugePages | None = huge if huge is not None and huge.size else None  # size 0: the kernel has none
         self._cma_tmp = np.empty(0, np.uint8)
         self._cma_call = 0  # the ticket that names the single-copy call in flight (see _post)
         self.comm.Barrier()  # every flag is zeroed before anyone waits on it

@@ -415,8 +415,9 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         c.received = [int(v) for v in recv]
     cnts = counts if c.name in ("gather", "allgather") else None
     move = _mover(c, alg, every, cnts, row, rank, size, comm, MPI, executor, nodes, arena)
-    if huge is not None and alg == "native":
-        move = _noting(move, huge)
+    if (huge is not None and alg == "native"
+            and max(c.x.nbytes if c.x is not None else 0, n_out * row * dtype.itemsize) >= CMA_MIN_BYTES):
+        move = _noting(move, huge)  # decided once: a plan reruns these counts, and small calls keep their frame
     if c.posted and alg == "shm":  # every rank's bytes are in the arena already: read them
         assert arena is not None  # posted only through the arena
         _shm_mover(c, every, cnts, row, rank, size, arena, posted=True)(c.x, out, seq)
@@ -631,8 +632,8 @@ def _scatter_header(c: VCall, comm: Any, MPI: Any, rank: int, size: int) -> None
 def _noting(move: Callable[[np.ndarray | None, np.ndarray | None, int], None], huge: Any
             ) -> Callable[[np.ndarray | None, np.ndarray | None, int], None]:
     """``move`` that first tells ``huge`` (``collective.cma.HugePages``) of its arrays of ``CMA_MIN_BYTES`` or
-    more: MPI copies a large message between the node's processes by pinning its pages, as the single-copy path
-    does, so an array passed again and again goes on huge pages too."""
+    more (for calls where one may be that large): MPI copies a large message between the node's processes by
+    pinning its pages, as the single-copy path does, so an array passed again and again goes on huge pages too."""
     def move_noting(x: np.ndarray | None, o: np.ndarray | None, seq: int) -> None:
         for a in (x, o):
             if a is not None and a.nbytes >= CMA_MIN_BYTES:
