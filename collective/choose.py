@@ -95,12 +95,14 @@ class Chooser:
         return self.cost_choice(name, nbytes, dtype).best
 
     def auto_variable(self, name: str, nbytes: int, dtype: Any = "uint8", root: int = 0) -> str:
-        """What "auto" runs for variable-size collective ``name`` (a key of ``VARIABLE_AUTO``).
+        """What "auto" runs for variable-size collective ``name`` (a key of ``VARIABLE_AUTO``, or "allgather": an
+        allgather whose first dims are equal on every rank, which follows a tuning table's allgather entries where
+        it has them, and otherwise takes what allgatherv would).
 
         ``nbytes`` per rank as ``topologies.cost.predict`` counts it (the mean
         of the ranks' inputs; scatter: the root's whole input), computed from
         counts every rank holds alike, so every rank picks the same. In order
-        (tuning tables do not cover these collectives): one rank: native; on
+        (tuning tables cover none of these but allgather): one rank: native; on
         one node where the node's arena can exist (else native: MPI's own runs
         these in bytes, so every dtype goes), alltoall and allgatherv take
         shm from 4 KiB (alltoall up to 4 MiB) where the ranks share cores, and
@@ -120,8 +122,14 @@ class Chooser:
 
             chooser.auto_variable("alltoall", 64 << 10, "float32")   # e.g. "pairwise" across nodes
         """
-        cands = VARIABLE_AUTO[name]
         shm = self.single_node and (self._shm_ok is None or self._shm_ok())
+        if name == "allgather":  # first dims equal on every rank: a tuning table's allgather, else as allgatherv
+            if self.tuning is not None and mpi_dtype(np.dtype(dtype)) is not None:
+                chosen = self.tuning.choose(name, nbytes, self.size, self._ranks_per_node)
+                if chosen is not None and (chosen != "shm" or shm):
+                    return chosen
+            name = "allgatherv"
+        cands = VARIABLE_AUTO[name]
         if self.size == 1:
             return "native"
         if self.single_node:

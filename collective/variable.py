@@ -24,7 +24,8 @@ alltoall, binomial-tree gather and scatter, ring allgatherv) run by the
 executor on an input and an output buffer, chosen for "auto" from counts
 that every rank holds alike (``collective.choose``: shm or native on one
 node, the cost model across nodes). An allgather whose counts turn out equal
-takes the fixed-size path of ``collective.engine``.
+takes the fixed-size path of ``collective.engine`` for what only that path
+runs (tree, star, hierarchical, pipeline, and "auto" across nodes).
 """
 from __future__ import annotations
 
@@ -60,6 +61,10 @@ _KNOWN_ELSEWHERE = tuple(sorted({"shm", *topologies.ALGORITHMS, *(a for algs in 
 #: posts them with the check (one phase) rather than reading them in place (two): at P=4 on two cores the one
 #: phase won at 64 KiB and lost from 128 KiB on (the copy costs more than the phase it saves).
 _WINDOW_POST_MAX = 64 << 10
+#: An allgather whose counts are equal runs by the fixed-size path of ``collective.engine`` for the algorithms only
+#: that path has (also where a tuning table picks one), and for "auto" across nodes, where that path's chooser weighs
+#: them; native, ring and shm (and "auto" on one node) stay here, where a repeat reruns its plan after one check.
+_FIXED_ALLGATHER = ("auto", "tree", "star", "hierarchical", "pipeline")
 _HEADER = 36  # scatter's header: dtype (16 bytes), ndim, a flag, then up to 32 dims of the row shape
 
 
@@ -389,8 +394,8 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
            if outs[q] >= 0 and want[q] >= 0 and outs[q] != want[q]]
     if bad:
         _fail_all(c, rank, size, bad)
-    if (c.name == "allgather" and c.segs is None and (counts == counts[0]).all()
-            and not _single_copy_equal(c, counts, row, arena, choose)):
+    equal = c.name == "allgather" and c.segs is None and bool((counts == counts[0]).all())
+    if equal and c.algorithm in _FIXED_ALLGATHER and (c.algorithm != "auto" or arena is None):
         return fixed(c)
     alg = c.algorithm
     if alg == "auto":
@@ -402,7 +407,11 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
             nbytes = sum(c.splits) * isz  # type: ignore[arg-type]
         else:
             nbytes = int(counts.sum()) * isz // size
-        alg = choose("allgatherv" if c.name == "allgather" else c.name, nbytes, dtype, c.root)
+        alg = choose(("allgather" if equal else "allgatherv") if c.name == "allgather" else c.name, nbytes, dtype,
+                     c.root)
+        if alg in _FIXED_ALLGATHER:  # a tuning table's pick for allgather that only the fixed-size path runs
+            c.algorithm = alg
+            return fixed(c)
     if alg == "shm" and arena is None:
         alg = "native"
     c.algorithm = alg
@@ -451,20 +460,6 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     if c.return_splits:
         return res, c.received
     return res
-
-
-def _single_copy_equal(c: VCall, counts: np.ndarray, row: int, arena: Callable[[], Any] | None,
-                       choose: Callable[[str, int, np.dtype, int], str]) -> bool:
-    """Whether an allgather whose counts are equal stays here for the single-copy path of :func:`_shm_mover`
-    (two phases, the check being the first) rather than take the fixed-size path: by shm, or by auto where auto
-    picks shm for it, and where :func:`single_copy` says so (the same verdict on every rank)."""
-    if arena is None or c.algorithm not in ("shm", "auto") or len(counts) < 2:
-        return False
-    isz = c.dtype.itemsize * row  # type: ignore[union-attr]
-    sizes = [int(v) * isz for v in counts]
-    if not single_copy(arena(), sizes):
-        return False
-    return c.algorithm == "shm" or choose("allgatherv", sum(sizes) // len(sizes), c.dtype, c.root) == "shm"  # type: ignore[arg-type]
 
 
 def _mover(c: VCall, alg: str, every: np.ndarray, counts: Any, row: int, rank: int, size: int, comm: Any, MPI: Any,

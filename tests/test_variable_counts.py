@@ -18,7 +18,7 @@ INTER = LinkCost(alpha=50e-6, beta=1 / 1e9)
 def test_counts_travel_with_the_check(nprocs: int) -> None:
     res = mpirun("allgather_counts.py", nprocs, timeout=400)
     check(res, f"counts of variable-size calls at P={nprocs}")
-    assert count_passed(res) == (13 if nprocs == 1 else 27), res.output[-3000:]
+    assert count_passed(res) == (14 if nprocs == 1 else 29), res.output[-3000:]
 
 
 def _chooser(nodes: tuple[int, ...], single_node: bool = False, shm_ok: bool = True,
@@ -97,3 +97,20 @@ def test_auto_on_one_node_and_one_rank() -> None:
         # the public entry points take these names too
         assert _chooser((0, 0, 1, 1)).auto(name, 1 << 20, np.dtype("float32")) in VARIABLE_AUTO[name]
 
+
+
+def test_auto_for_equal_allgather_follows_a_tuning_table_else_allgatherv() -> None:
+    """An allgather whose first dims are equal ("allgather") takes a tuning table's allgather entries where it has
+    them (shm only where the arena can exist), and otherwise what allgatherv takes."""
+    from collective.tuning import Entry, TuningTable
+
+    table = TuningTable(4, (4,), "float32", "sum", {"allgather": (Entry(64 << 10, "shm"), Entry(None, "tree"))})
+    for kw in ({}, {"shared_cores": True}, {"single_copy": True}, {"shm_ok": False}):
+        for nbytes in SIZES:
+            plain = _chooser((0,) * 4, single_node=True, **kw)
+            assert plain.auto_variable("allgather", nbytes, "f4") == plain.auto_variable("allgatherv", nbytes, "f4")
+            tuned = _chooser((0,) * 4, single_node=True, **kw)
+            tuned.tuning = table
+            want = "tree" if nbytes > 64 << 10 else "shm" if kw.get("shm_ok", True) else "native"
+            assert tuned.auto_variable("allgather", nbytes, "f4") == want, (kw, nbytes)
+            assert tuned.auto_variable("allgatherv", nbytes, "f4") == plain.auto_variable("allgatherv", nbytes, "f4")

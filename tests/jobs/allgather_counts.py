@@ -188,6 +188,48 @@ def main() -> None:
 
         cases.run(f"{mode}: repeated alltoall and allgather", repeats)
 
+        def equal_repeats() -> None:
+            """Equal allgathers by native, ring, shm and auto on one node rerun their plan after one check (no
+            counts exchange, no second check through the fixed-size path); rank 0 repeats on its bound arrays
+            while the others pass fresh ones, then its rows grow: exact answers throughout. tree, star and
+            pipeline are the fixed-size path's: they keep no plan."""
+            plans = comm._prep.vplans
+            for alg in algs:
+                comm._prep.forget()
+                bound = np.empty((4, 3), np.float32)
+                out = np.empty((4 * P, 3), np.float32)
+                for it in range(5):
+                    if R == 0:
+                        x, o = bound, out
+                    else:
+                        x, o = np.empty((4, 3), np.float32), np.empty((4 * P, 3), np.float32)
+                    x[...] = np.arange(12).reshape(4, 3) + 100 * R + it
+                    want = np.concatenate([np.arange(12, dtype=np.float32).reshape(4, 3) + 100 * q + it
+                                           for q in range(P)])
+                    n = exchanges(lambda: comm.allgather(x, algorithm=alg, out=o))
+                    assert np.array_equal(o, want), (alg, it, o)
+                    assert n == 0, (alg, it, n)
+                    plain = alg in ("native", "ring", "shm") or comm.single_node
+                    assert len(plans) == (1 if P > 1 and plain else 0), (alg, it, plans)
+                    if P > 1 and plain:
+                        assert comm.trace()[-1].algorithm == alg, (alg, comm.trace()[-1].algorithm)
+                rows = [6 if q == 0 else 4 for q in range(P)]  # rank 0's rows grow: uneven, by the ordinary path
+                y = comm.allgather(np.full((rows[R], 3), R, np.float32), algorithm=alg)
+                assert np.array_equal(y, np.concatenate([np.full((rows[q], 3), q, np.float32) for q in range(P)]))
+                y = comm.allgather(bound if R == 0 else np.full((4, 3), 7.0, np.float32), algorithm=alg)
+                assert np.array_equal(y, np.concatenate([np.arange(12, dtype=np.float32).reshape(4, 3) + 4,  # rank 0's, it 4
+                                                    np.full((4 * (P - 1), 3), 7.0, np.float32)])), (alg, y)
+            for alg in ("tree", "star", "pipeline"):
+                plans.clear()
+                x = np.full((2, 3), R, np.int32)
+                for _ in range(2):
+                    y = comm.allgather(x, algorithm=alg)
+                    assert np.array_equal(y, np.repeat(np.arange(P, dtype=np.int32), 2)[:, None] * [1, 1, 1]), y
+                assert not plans, (alg, plans)
+                assert comm.trace()[-1].algorithm == alg, comm.trace()[-1].algorithm
+
+        cases.run(f"{mode}: repeated equal allgathers", equal_repeats)
+
         def plans_apart() -> None:
             """Rank 0 alternates between two shapes, so on some calls every rank repeats a plan but the plans were
             made from different sizes (on one node every rank then posts its bytes with the check, and those
