@@ -217,8 +217,8 @@ def main() -> None:
                 y = comm.allgather(np.full((rows[R], 3), R, np.float32), algorithm=alg)
                 assert np.array_equal(y, np.concatenate([np.full((rows[q], 3), q, np.float32) for q in range(P)]))
                 y = comm.allgather(bound if R == 0 else np.full((4, 3), 7.0, np.float32), algorithm=alg)
-                assert np.array_equal(y, np.concatenate([np.arange(12, dtype=np.float32).reshape(4, 3) + 4,  # rank 0's, it 4
-                                                    np.full((4 * (P - 1), 3), 7.0, np.float32)])), (alg, y)
+                first = np.arange(12, dtype=np.float32).reshape(4, 3) + 4  # rank 0's bound array, as of it 4
+                assert np.array_equal(y, np.concatenate([first, np.full((4 * (P - 1), 3), 7.0, np.float32)])), y
             for alg in ("tree", "star", "pipeline"):
                 plans.clear()
                 x = np.full((2, 3), R, np.int32)
