@@ -690,6 +690,8 @@ class Communicator:
 
             y, got = comm.alltoall(np.arange(2 * comm.size), return_splits=True)   # 2 rows from each rank
         """
+        if splits is not None and type(x) is np.ndarray and _equal_blocks(splits, x, self.size):
+            splits = None  # the same call: equal blocks take the repeat's plan below
         if splits is None and type(x) is np.ndarray:
             hot = self._vhot.get(id(x))  # the plan of these very arrays: see Sequencer.vrepeat
             if hot is not None and hot.name == "alltoall":
@@ -1489,3 +1491,17 @@ def take_parent(who: str, **params: Any) -> Communicator | None:
             "replacement joins once, so an elastic program uses one of collective.init() and hvd.init(), not both")
     _PARENT_TAKEN.append(who)
     return _join(parent, True, -1, -1, params)
+
+
+def _equal_blocks(splits: Any, x: np.ndarray, size: int) -> bool:
+    """Whether alltoall's ``splits`` are ``size`` equal row counts that add up to ``x``'s rows: the call with
+    ``splits=None`` (anything else, well formed or not, goes through the full checks)."""
+    if type(splits) is not list and type(splits) is not tuple or len(splits) != size or x.ndim == 0:
+        return False
+    b = splits[0]
+    if type(b) is not int:
+        return False
+    for v in splits:
+        if type(v) is not int or v != b:
+            return False
+    return b * size == x.shape[0]

@@ -1075,8 +1075,24 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                   else [input.numel() // P] * P)
         want = ([int(s) * math.prod(output.shape[1:]) for s in output_split_sizes] if output_split_sizes
                 else [output.numel() // P] * P)
-        return self._alltoall(fn, _array(input.contiguous()).reshape(-1), splits, want, [output],
-                              opts.asyncOp, "all_to_all_single")
+        a = _array(input.contiguous()).reshape(-1)
+        if (input.dtype == output.dtype and output.is_contiguous() and input.numel() == output.numel()
+                and sum(splits) == a.size and splits == want and splits.count(splits[0]) == P
+                and input.untyped_storage().data_ptr() != output.untyped_storage().data_ptr()):
+            # Equal blocks both ways: straight into the output (the common case, and a repeat's plan).
+            o = _array(output).reshape(-1)
+
+            def check(res: Any) -> None:
+                if res[1] != want:
+                    raise CollectiveValueError(f"{self._where('all_to_all_single', output)}: received "
+                                               f"{list(map(int, res[1]))} elements from the ranks, the output "
+                                               f"expects {want}")
+            if opts.asyncOp:
+                wk = self._comm.alltoall_async(a, return_splits=True, out=o)
+                return self._completer.add([wk], lambda: check(wk.wait()), [output], "all_to_all_single")
+            check(fn(a, return_splits=True, out=o))
+            return self._sync_done
+        return self._alltoall(fn, a, splits, want, [output], opts.asyncOp, "all_to_all_single")
 
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],
                           input_split_sizes: list[int], opts: Any = None) -> Any:

@@ -78,8 +78,15 @@ _RECENT = 20  # flight-recorder entries printed one per line; older ones are sum
 
 
 def _say(text: str) -> None:
-    sys.stderr.write(text if text.endswith("\n") else text + "\n")
-    sys.stderr.flush()
+    out = sys.stderr
+    try:
+        out.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        # A stand-in that is no file, e.g. the StringIO that torch.distributed's excepthook swaps in while it runs
+        # ours (it prints the text once ours returns, which an aborted process never does): the real stderr.
+        out = sys.__stderr__ or out
+    out.write(text if text.endswith("\n") else text + "\n")
+    out.flush()
 
 
 #: Seconds MPI_Abort may take before this process ends itself (the launcher then ends the job: a rank failed).

@@ -90,3 +90,27 @@ def test_two_ranks_still_abort_with_the_short_report(tmp_path: Path) -> None:
     assert "died of an uncaught exception; aborting the job" in out and "MPI_ABORT was invoked" in out, out[-3000:]
     assert "unknown op 'bogus'" in out and 'comm.allreduce(x, op="bogus")' in out
     assert _library_frames(out) == [], out[-3000:]
+
+
+TORCH_RAISES = """\
+import torch.distributed as dist
+import collective.torch
+
+dist.init_process_group("collective")
+if dist.get_rank() == 1:
+    raise ValueError("boom on rank 1")
+dist.barrier()
+"""
+
+
+@pytest.mark.mpi
+def test_the_report_survives_torch_distributeds_excepthook(tmp_path: Path) -> None:
+    """torch.distributed's excepthook runs ours with sys.stderr swapped for a StringIO that it prints once ours
+    returns, which an aborting rank never does: the report goes to the real stderr."""
+    pytest.importorskip("torch")
+    p = tmp_path / "torch_raises.py"
+    p.write_text(TORCH_RAISES)
+    res = mpirun(p, 2, timeout=120)
+    assert not res.timed_out and res.returncode != 0, res.output[-3000:]
+    out = res.output
+    assert "rank 1 of 2 died of an uncaught exception" in out and "ValueError: boom on rank 1" in out, out[-3000:]
