@@ -646,8 +646,14 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         if len(tensors) != 1:
             raise CollectiveValueError(f"{self._where(call)}: expected one tensor per call, got {len(tensors)}")
         t = tensors[0]
-        _check_tensor(t, self._where(call, t) if isinstance(t, torch.Tensor) else self._where(call))
+        self._check(t, call)
         return t
+
+    def _check(self, t: Any, call: str) -> None:
+        """:func:`_check_tensor`, naming ``call``, this rank and ``t``'s shape and dtype only when it raises."""
+        if type(t) is torch.Tensor and t.is_cpu and t.layout is torch.strided:
+            return
+        _check_tensor(t, self._where(call, t) if isinstance(t, torch.Tensor) else self._where(call))
 
     def _hot_array(self, t: Any) -> np.ndarray | None:
         """A NumPy view of ``t`` for the in-place allreduce path, or None where that path does not apply.
@@ -808,7 +814,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             opts = dist.AllreduceCoalescedOptions()
         comm, works, posts = self._comm, [], []
         for t in tensors:
-            _check_tensor(t, self._where("all_reduce_coalesced", t))
+            self._check(t, "all_reduce_coalesced")
             _, a, name, post = self._reduce_args(t, opts.reduceOp, "all_reduce_coalesced")
             if opts.asyncOp:
                 works.append(comm.allreduce_async(a, op=name, out=a))
@@ -838,7 +844,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             raise CollectiveValueError(f"{self._where('reduce_scatter', out)}: expected one list of "
                                        f"{self._comm.size} input tensors")
         for x in inputs[0]:
-            _check_tensor(x, self._where("reduce_scatter", x))
+            self._check(x, "reduce_scatter")
             if x.shape != out.shape or x.dtype != out.dtype:
                 raise CollectiveValueError(f"{self._where('reduce_scatter', out)}: every input must have the "
                                            f"output's shape and dtype; got {tuple(x.shape)} {x.dtype}")
@@ -848,8 +854,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:
         if opts is None:
             opts = dist.ReduceScatterOptions()
-        _check_tensor(output, self._where("reduce_scatter_tensor", output))
-        _check_tensor(input, self._where("reduce_scatter_tensor", input))
+        self._check(output, "reduce_scatter_tensor")
+        self._check(input, "reduce_scatter_tensor")
         P = self._comm.size
         if input.numel() != P * output.numel() or input.dtype != output.dtype:
             raise CollectiveValueError(f"{self._where('reduce_scatter_tensor', input)}: the input must hold "
@@ -908,7 +914,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         if outs is None or len(outs) != P:
             raise CollectiveValueError(f"{self._where('all_gather', x)}: expected one list of {P} output tensors")
         for o in outs:
-            _check_tensor(o, self._where("all_gather", o))
+            self._check(o, "all_gather")
             if o.dtype != x.dtype:
                 raise CollectiveTypeError(f"{self._where('all_gather', x)}: output dtype {o.dtype} is not the input's")
         a = _array(x.contiguous()).reshape(-1)
@@ -959,8 +965,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor, opts: Any = None) -> Any:
         if opts is None:
             opts = AllgatherOptions()
-        _check_tensor(output, self._where("all_gather_into_tensor", output))
-        _check_tensor(input, self._where("all_gather_into_tensor", input))
+        self._check(output, "all_gather_into_tensor")
+        self._check(input, "all_gather_into_tensor")
         P, comm = self._comm.size, self._comm
         if output.numel() != P * input.numel() or output.dtype != input.dtype:
             raise CollectiveValueError(f"{self._where('all_gather_into_tensor', input)}: the output must hold "
@@ -1067,8 +1073,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             opts = dist.AllToAllOptions()
         fn = self._comm.alltoall
         P = self._comm.size
-        _check_tensor(input, self._where("all_to_all_single", input))
-        _check_tensor(output, self._where("all_to_all_single", output))
+        self._check(input, "all_to_all_single")
+        self._check(output, "all_to_all_single")
         # Splits count rows (first-dim entries); each tensor's row holds its own trailing elements, so a rank
         # that sends nothing (input (0, d)) still receives d elements per row.
         splits = ([int(s) * math.prod(input.shape[1:]) for s in input_split_sizes] if input_split_sizes
@@ -1113,7 +1119,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         if len(inputs) != self._comm.size or len(outputs) != self._comm.size:
             raise CollectiveValueError(f"{self._where('all_to_all')}: expected {self._comm.size} inputs and outputs")
         for t in (*inputs, *outputs):
-            _check_tensor(t, self._where("all_to_all", t))
+            self._check(t, "all_to_all")
         flat = torch.cat([x.reshape(-1) for x in inputs]) if inputs else torch.empty(0)
         return self._alltoall(fn, _array(flat), [x.numel() for x in inputs], [o.numel() for o in outputs], outputs,
                               opts.asyncOp, "all_to_all")
@@ -1153,7 +1159,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
 
         if comm.rank == root:
             for o in outs:
-                _check_tensor(o, self._where("gather", o))
+                self._check(o, "gather")
                 if o.dtype != x.dtype:
                     raise CollectiveTypeError(f"{self._where('gather', x)}: output dtype {o.dtype} is not the input's")
 
@@ -1184,7 +1190,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             if len(ins) != comm.size:
                 raise CollectiveValueError(f"{self._where('scatter', y)}: the root needs {comm.size} input tensors")
             for t in ins:
-                _check_tensor(t, self._where("scatter", t))
+                self._check(t, "scatter")
                 if t.dtype != y.dtype:
                     raise CollectiveTypeError(f"{self._where('scatter', y)}: input dtype {t.dtype} is not the output's")
             a = _array(torch.cat([t.reshape(-1) for t in ins])) if ins else None

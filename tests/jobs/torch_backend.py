@@ -544,6 +544,31 @@ def case_all_to_all() -> None:
         if async_op:
             w.wait()
         same(out, torch.cat([sent(r, R) for r in range(P)]), f"all_to_all_single with empty sides async={async_op}")
+    # Equal blocks both ways take the direct path; explicit equal splits too, and a rank whose output is not
+    # contiguous (its own path) meets the others' direct path in the same call.
+    for async_op in (False, True):
+        inp = torch.arange(P * 4, dtype=torch.float32) + 100 * R
+        want = torch.cat([torch.arange(R * 4, R * 4 + 4, dtype=torch.float32) + 100 * r for r in range(P)])
+        out = torch.empty(P * 4)
+        w = dist.all_to_all_single(out, inp, output_split_sizes=[4] * P, input_split_sizes=[4] * P,
+                                   async_op=async_op)
+        if async_op:
+            w.wait()
+        same(out, want, f"all_to_all_single with explicit equal splits async={async_op}")
+        wide = torch.full((P * 4, 2), -1.0)
+        out = wide[:, 0] if R == 0 else torch.empty(P * 4)  # rank 0: a strided view
+        w = dist.all_to_all_single(out, inp, async_op=async_op)
+        if async_op:
+            w.wait()
+        same(out, want, f"all_to_all_single, rank 0's output strided async={async_op}")
+    if P > 1:
+        # Every rank's blocks equal on its own, but rank 0's hold 2 elements and the others' 3: every rank raises
+        # before anything is received (rank 0's output would take 2 + 3 (P-1) elements, not 2P).
+        b = 2 if R == 0 else 3
+        out = torch.full((P * b,), -1.0)
+        expect_error(lambda: dist.all_to_all_single(out, torch.zeros(P * b)), col.CollectiveError, "rows",
+                     "all_to_all_single with blocks that differ across ranks")
+        assert (out == -1).all(), out
     # Output splits that disagree with what arrives raise on every rank that expects them.
     if P > 1:
         inp = torch.cat([torch.full((j + 1,), float(R)) for j in range(P)])
