@@ -424,10 +424,11 @@ class Communicator:
             self._seqr.poison(name, exc)
             raise
 
-    def _vkey(self, name: str, x: np.ndarray, algorithm: Any, out: Any) -> tuple | None:
-        """The key of NumPy call ``name`` in ``Preparer.vplans``; None where its arguments need the full checks
-        (or the communicator is closed): a 0-d or non-contiguous ``x``, an ``out`` that is not a writable
-        C-contiguous NumPy array of ``x``'s dtype apart from ``x``, an array of a retired window."""
+    def _vkey(self, name: str, x: np.ndarray, algorithm: Any, out: Any, root: Any = 0) -> tuple | None:
+        """The key of NumPy call ``name`` (gather's to ``root``) in ``Preparer.vplans``; None where its arguments
+        need the full checks (or the communicator is closed): a 0-d or non-contiguous ``x``, an ``out`` that is
+        not a writable C-contiguous NumPy array of ``x``'s dtype apart from ``x``, an array of a retired window.
+        The root is the key's last item."""
         if self._closed or x.ndim == 0 or not (algorithm is None or type(algorithm) is str):
             return None
         xf = x.flags
@@ -442,7 +443,7 @@ class Communicator:
             if found is not None:
                 win = found[0]  # a window's plan reads every rank's part of it
         if out is None:
-            return name, x.shape, x.dtype, algorithm or self.algorithm, None, win
+            return name, x.shape, x.dtype, algorithm or self.algorithm, None, win, root
         if type(out) is not np.ndarray or out.dtype != x.dtype:
             return None
         f = out.flags
@@ -456,22 +457,24 @@ class Communicator:
             apart = not (out.size and x.size and np.may_share_memory(out, x))
         if not apart:
             return None
-        return name, x.shape, x.dtype, algorithm or self.algorithm, out.shape, win
+        return name, x.shape, x.dtype, algorithm or self.algorithm, out.shape, win, root
 
     def _window_of(self, a: np.ndarray) -> tuple[int, list[np.ndarray]] | None:
         """(number, every node rank's part) of the ``alloc`` window that ``a`` starts, or None."""
         shared = self._engine.shared
         return None if shared is None else shared.whole(a)
 
-    def _vremake(self, name: str, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool) -> Any:
+    def _vremake(self, name: str, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool,
+                 root: int = 0) -> Any:
         """The prepared call of a repeat that its check sent down the ordinary path (``Sequencer.vprepare``)."""
-        return prepare_variable(name, x, 0, None, algorithm, out, self.rank, self.size, self.algorithm,
+        return prepare_variable(name, x, root, None, algorithm, out, self.rank, self.size, self.algorithm,
                                 self.single_node, return_splits, self._window_of)
 
     def _vrun(self, key: tuple, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool) -> Any:
-        """Alltoall (equal blocks) or allgather (``key[0]``) with the NumPy arguments of ``key``: a repeat from its
-        plan where there is one, else the ordinary path, keeping the plan it leaves and binding it to these very
-        arrays for the next call (``Preparer.vhot``; see ``Sequencer.vrepeat``)."""
+        """Alltoall (equal blocks), allgather or gather (``key[0]``; gather's root: ``key[-1]``) with the NumPy
+        arguments of ``key``: a repeat from its plan where there is one, else the ordinary path, keeping the plan
+        it leaves and binding it to these very arrays for the next call (``Preparer.vhot``; see
+        ``Sequencer.vrepeat``)."""
         vplans = self._vplans
         plan = vplans.get(key)
         if plan is not None:
@@ -481,7 +484,7 @@ class Communicator:
                 if plan is not None:
                     self._vbind(key, x, out, algorithm, plan)
                 return r
-        c = self._prepare_v(key[0], x, 0, None, algorithm, out, return_splits)
+        c = self._prepare_v(key[0], x, key[-1], None, algorithm, out, return_splits)
         r = self._seqr.run(c)
         if c.plan is not None:
             if len(vplans) > 256:  # a program with endlessly many shapes: keep it bounded
@@ -717,6 +720,15 @@ class Communicator:
 
             everything = comm.gather(np.full((comm.rank + 1,), comm.rank), root=0)   # None off rank 0
         """
+        if type(x) is np.ndarray and type(root) is int:  # (any other root: the full checks)
+            hot = self._vhot.get(id(x))  # the plan of these very arrays: see Sequencer.vrepeat
+            if hot is not None and hot.name == "gather" and hot.key[-1] == root:
+                r = self._seqr.vrepeat(hot, x, out, False, algorithm, None, self.algorithm)
+                if r is not MISS:
+                    return r
+            key = self._vkey("gather", x, algorithm, out, root)
+            if key is not None:
+                return self._vrun(key, x, algorithm, out, False)
         return self._run(self._prepare_v("gather", x, root, None, algorithm, out))
 
     def gather_async(self, x: Any, root: int = 0, algorithm: str | None = None, out: Any = None) -> Work:

@@ -265,10 +265,10 @@ class Sequencer:
         self.ordinary = ordinary
         self._templates = prep.templates
         self._finish_avg = engine.finish_avg
-        #: ``vprepare(name, x, algorithm, out, return_splits)``: the prepared call (``collective.variable.VCall``) of
-        #: an alltoall or allgather that :meth:`vrepeat` hands to the ordinary path after its check; set by the
-        #: communicator.
-        self.vprepare: Callable[[str, np.ndarray, Any, Any, bool], Any] | None = None
+        #: ``vprepare(name, x, algorithm, out, return_splits, root)``: the prepared call
+        #: (``collective.variable.VCall``) of an alltoall, allgather or gather that :meth:`vrepeat` hands to the
+        #: ordinary path after its check; set by the communicator.
+        self.vprepare: Callable[[str, np.ndarray, Any, Any, bool, int], Any] | None = None
         #: The communicator's point-to-point messages (``collective.p2p.PointToPoint``), once attached.
         self.p2p: Any = None
         #: Elastic mode: ``fault(name, exc, started)`` -> the error a failed op raises instead of ``exc`` (None:
@@ -813,8 +813,8 @@ class Sequencer:
 
     def vrepeat(self, plan: Any, x: np.ndarray, out: np.ndarray | None, return_splits: bool, algorithm: Any,
                 key: Any = None, default: Any = None) -> Any:
-        """A synchronous alltoall or allgather repeating the signature of ``plan`` with arrays ``x`` and ``out``; its
-        result, or :data:`MISS` when the ordinary path must take the call (nothing sent).
+        """A synchronous alltoall, allgather or gather repeating the signature of ``plan`` with arrays ``x`` and
+        ``out``; its result, or :data:`MISS` when the ordinary path must take the call (nothing sent).
 
         ``plan`` is a ``collective.variable.VPlan`` kept under ``key`` in
         ``prep.vplans`` (the caller matched ``x`` and ``out`` to it), or a
@@ -871,7 +871,7 @@ class Sequencer:
             recorder = self.recorder  # its begin, written out (every frame counts at small sizes)
             rec = recorder.slots[seq % recorder.length]
             rec.seq, rec.op, rec.shape, rec.dtype = seq, plan.name, plan.shape, plan.dtype
-            rec.algorithm, rec.root = plan.algorithm, None
+            rec.algorithm, rec.root = plan.algorithm, plan.root if plan.name == "gather" else None
             rec.thread = tag
             rec.t_end = None
             rec.t_start = _monotonic()
@@ -885,7 +885,8 @@ class Sequencer:
                     plan.arena.post_input(x)  # before the check: the plan reads it by single copy
                 if quick is not None and check.quick_arena is plan.arena:  # the check fenced in that arena
                     # The data goes into the arena with the check: one phase, where every rank's post is its plan's.
-                    o = out if out is not None else np.empty((plan.n_out, *plan.row_shape), plan.dtype)
+                    o = (None if plan.n_out < 0 else out if out is not None  # none: gather off its root
+                         else np.empty((plan.n_out, *plan.row_shape), plan.dtype))
                     verdict = quick.run(sig[0] ^ tag.h ^ seq, seq, x, o)
                     if verdict == 0:
                         return (o, list(plan.received)) if return_splits else o
@@ -898,12 +899,13 @@ class Sequencer:
                     if not same:
                         fp.report(seq, sig[1], tag.name)
                     if pairs == plan.pairs:
-                        o = out if out is not None else np.empty((plan.n_out, *plan.row_shape), plan.dtype)
+                        o = (None if plan.n_out < 0 else out if out is not None  # none: gather off its root
+                             else np.empty((plan.n_out, *plan.row_shape), plan.dtype))
                         plan.move(x, o, seq)
                         return (o, list(plan.received)) if return_splits else o
                 # Some rank's sizes differ from the plan's: the ordinary path from what the check returned.
                 self.prep.vhot.pop(id(x), None)  # its plan is about to change
-                c = self.vprepare(plan.name, x, algorithm, out, return_splits)  # type: ignore[misc]
+                c = self.vprepare(plan.name, x, algorithm, out, return_splits, plan.root)  # type: ignore[misc]
                 c.sig = sig
                 c.known = None if pairs is None else np.array(pairs, np.int64).reshape(self.size, 2)
                 c.posted = posted

@@ -1333,7 +1333,8 @@ class ShmArena:
 
 
 class QuickScatter:
-    """A repeated alltoall or allgather on one node whose bytes travel with its cross-rank check: one phase a call.
+    """A repeated alltoall, allgather or gather on one node whose bytes travel with its cross-rank check: one phase a
+    call.
 
     :meth:`ShmArena.scatter_bytes` of at most one chunk, for the sizes a plan
     fixed (``collective.variable.VPlan``), with :meth:`ShmArena.exchange_pairs`
@@ -1382,9 +1383,10 @@ class QuickScatter:
         self.reads = tuple(tuple((slice(d, d + c), arena.regions(p, dtype)[q][off:off + c]) for q, off, c, d in reads
                                  if q != me and c) for p in (0, 1))
 
-    def run(self, h: int, seq: int, x: np.ndarray, o: np.ndarray) -> int:
+    def run(self, h: int, seq: int, x: np.ndarray, o: np.ndarray | None) -> int:
         """Post ``x`` (C-contiguous, the plan's shape and dtype) with fingerprint ``h`` of call ``seq``, end the
-        phase, and copy this rank's part into ``o`` if every rank's post is the plan's; the verdict:
+        phase, and copy this rank's part into ``o`` (None: gather off its root) if every rank's post is the
+        plan's; the verdict:
 
         * ``DONE``: every rank posted its input and every (rows, out rows) is the plan's; ``o`` holds the result.
         * ``MISMATCH``: some rank posted another fingerprint. Nothing is written and the chunk count is as
@@ -1440,6 +1442,8 @@ class QuickScatter:
             return 3
         if not same:
             return 2
+        if o is None:  # gather off its root: nothing to read
+            return 0
         of = o if o.ndim == 1 else o.reshape(-1)
         for d, s in self.own:
             of[d] = xf[s]

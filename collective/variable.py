@@ -114,7 +114,7 @@ class VPlan:
     """What a variable-size call that ran once needs to run again with new arrays of the same shapes.
 
     Kept per signature by the communicator (``Preparer.vplans``) for
-    alltoall and allgather whose counts the cross-rank check settled: a
+    alltoall, allgather and gather whose counts the cross-rank check settled: a
     repeat posts the same fingerprint and post as the ordinary path would, and
     runs from this plan only if every rank's posted (rows, out rows) equal
     ``pairs``, which fixes every count this plan was made from; otherwise the
@@ -126,7 +126,8 @@ class VPlan:
             the fingerprint was made from it); ``ran``: the algorithm that ran.
         sig, post: the call's signature fingerprint and post (see ``collective.fingerprint``).
         pairs: every rank's (rows, out rows), flat, as the check returned them.
-        n_out, row_shape: the rows and row shape of the result; ``received``: alltoall's rows from each rank.
+        n_out, row_shape: the rows and row shape of the result (-1: none here, gather off its root);
+            ``received``: alltoall's rows from each rank; ``root``: gather's.
         move: ``move(x, out, seq)`` moves the data of op ``seq`` from ``x`` into ``out`` (C-contiguous arrays).
         arena: the shm arena ``move`` uses, or None.
         quick: for shm within one chunk, the :class:`collective.shm.QuickScatter` that posts the data with the
@@ -138,7 +139,7 @@ class VPlan:
     """
 
     __slots__ = ("name", "shape", "dtype", "algorithm", "ran", "sig", "post", "pairs", "n_out", "row_shape",
-                 "received", "move", "arena", "quick", "posts")
+                 "received", "move", "arena", "quick", "posts", "root")
 
     def __init__(self, c: VCall, algorithm: str, pairs: tuple[int, ...], n_out: int,
                  move: Callable[[np.ndarray, np.ndarray, int], None], arena: Any, quick: Any = None,
@@ -148,6 +149,7 @@ class VPlan:
         self.received = c.received
         self.move, self.arena, self.quick = move, arena, quick
         self.posts = posts
+        self.root = c.root
 
 
 class VHot:
@@ -432,7 +434,7 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         _shm_mover(c, every, cnts, row, rank, size, arena, posted=True)(c.x, out, seq)
     else:
         move(c.x, out, seq)
-    if settled and c.sig is not None and c.name in ("alltoall", "allgather") and c.known is not None:
+    if settled and c.sig is not None and c.name in ("alltoall", "allgather", "gather") and c.known is not None:
         # Only rerunnable where the check fixed every count: a repeat posting the same pairs needs nothing else.
         pairs = tuple(int(v) for v in c.known.ravel())
         quick = None

@@ -230,6 +230,58 @@ def main() -> None:
 
         cases.run(f"{mode}: repeated equal allgathers", equal_repeats)
 
+        def gather_repeats() -> None:
+            """Repeated gathers run from a plan per root (no counts exchange): fresh and bound arrays, an out on
+            every rank (written on the root only; None returned elsewhere), the root alternating, uneven rows;
+            rank 0's rows then grow, one rank names another root, one another dtype: exact answers or a raise
+            on every rank with no out written."""
+            plans = comm._prep.vplans
+            galgs = ("auto", "native", "tree") + (("shm",) if comm.single_node else ())
+            for alg in galgs:
+                comm._prep.forget()
+                bound = np.empty((R + 1, 2), np.float32)
+                for it in range(6):
+                    root = (0, P - 1)[it % 2]
+                    x = bound if it < 4 else np.empty((R + 1, 2), np.float32)
+                    x[...] = 10 * R + it
+                    total = P * (P + 1) // 2
+                    out = np.full((total, 2), -1.0, np.float32)
+                    got = {}
+                    n = exchanges(lambda: got.setdefault("g", comm.gather(x, root=root, algorithm=alg, out=out)))
+                    want = np.concatenate([np.full((q + 1, 2), 10 * q + it, np.float32) for q in range(P)])
+                    if R == root:
+                        assert got["g"] is out and np.array_equal(out, want), (alg, it, out)
+                    else:
+                        assert got["g"] is None and (out == -1).all(), (alg, it, got["g"], out)
+                    assert n == (0 if fenced or P == 1 else 1), (alg, it, n)
+                    if P > 1 and fenced:
+                        assert len(plans) == min(it + 1, 2), (alg, it, list(plans))
+                        assert comm.trace()[-1].root == root, comm.trace()[-1]
+                if P == 1:
+                    continue
+                # Rank 0's rows grow on a repeat: the others still run their plans' check, learn it, and carry on
+                # by the ordinary path.
+                x = np.full((R + 3 if R == 0 else R + 1, 2), R, np.float32)
+                g = comm.gather(x, root=P - 1, algorithm=alg)
+                if R == P - 1:
+                    assert np.array_equal(g, np.concatenate([np.full((q + 3 if q == 0 else q + 1, 2), q, np.float32)
+                                                             for q in range(P)])), (alg, g)
+                else:
+                    assert g is None
+                y = np.full((R + 1, 2), R, np.float32)
+                comm.gather(y, root=0, algorithm=alg)
+                expect_raise(lambda: comm.gather(y, root=0 if R else 1, algorithm=alg), col.CollectiveMismatchError,
+                             "root")
+                z = y.astype(np.float64) if R == 1 else y
+                expect_raise(lambda: comm.gather(z, root=0, algorithm=alg), col.CollectiveMismatchError, "dtype")
+                g = comm.gather(y, root=0, algorithm=alg)  # and in step afterwards
+                if R == 0:
+                    assert np.array_equal(g, np.concatenate([np.full((q + 1, 2), q, np.float32) for q in range(P)]))
+            expect_raise(lambda: comm.gather(np.ones(2), root=P), col.CollectiveValueError, "root")
+            expect_raise(lambda: comm.gather(np.ones(2), root=0.0), col.CollectiveValueError, "root")
+
+        cases.run(f"{mode}: repeated gathers", gather_repeats)
+
         def plans_apart() -> None:
             """Rank 0 alternates between two shapes, so on some calls every rank repeats a plan but the plans were
             made from different sizes (on one node every rank then posts its bytes with the check, and those
