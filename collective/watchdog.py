@@ -77,14 +77,20 @@ _QUERY, _STATUS, _EXIT = 1, 2, 3
 _RECENT = 20  # flight-recorder entries printed one per line; older ones are summarised by kind
 
 
-def _say(text: str) -> None:
+def _say(text: str, dying: bool = False) -> None:
+    """Print ``text`` to ``sys.stderr``; ``dying`` (this process is about to end): to the real stderr where
+    ``sys.stderr`` is a stand-in that is no file.
+
+    A process that goes on keeps its reports where its program pointed ``sys.stderr`` (a log tee, a
+    redirect). One that is ending does not: the StringIO that torch.distributed's excepthook swaps in while it
+    runs ours is printed once ours returns, which an aborted process never does.
+    """
     out = sys.stderr
-    try:
-        out.fileno()
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
-        # A stand-in that is no file, e.g. the StringIO that torch.distributed's excepthook swaps in while it runs
-        # ours (it prints the text once ours returns, which an aborted process never does): the real stderr.
-        out = sys.__stderr__ or out
+    if dying:
+        try:
+            out.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+            out = sys.__stderr__ or out
     out.write(text if text.endswith("\n") else text + "\n")
     out.flush()
 
@@ -101,7 +107,7 @@ def abort_job(message: str, code: int = 1) -> None:
     ``code`` and the launcher ends the rest.
     """
     try:
-        _say(message)
+        _say(message, dying=True)
     finally:
         try:
             from mpi4py import MPI

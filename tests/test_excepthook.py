@@ -114,3 +114,32 @@ def test_the_report_survives_torch_distributeds_excepthook(tmp_path: Path) -> No
     assert not res.timed_out and res.returncode != 0, res.output[-3000:]
     out = res.output
     assert "rank 1 of 2 died of an uncaught exception" in out and "ValueError: boom on rank 1" in out, out[-3000:]
+
+
+class _Tee:
+    """A program's log tee in place of sys.stderr: a file-like object without a file descriptor."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, s: str) -> int:
+        self.text += s
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_reports_go_where_the_program_points_stderr_unless_the_process_is_ending(
+        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
+    """A report of a process that goes on (a stall warning, a withdrawn call) reaches the stand-in the program put
+    in sys.stderr; an aborting process's report reaches the real stderr, since nothing prints the stand-in then."""
+    from collective import watchdog
+
+    tee = _Tee()
+    monkeypatch.setattr(sys, "stderr", tee)
+    watchdog._say("collective: rank 0 of 2: #7 allreduce has been stalled for 60.0 s")
+    assert tee.text == "collective: rank 0 of 2: #7 allreduce has been stalled for 60.0 s\n"
+    watchdog._say("collective: rank 0 of 2: the job is aborted", dying=True)
+    assert "aborted" not in tee.text
+    assert "collective: rank 0 of 2: the job is aborted\n" in capfd.readouterr().err
