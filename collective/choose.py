@@ -94,6 +94,19 @@ class Chooser:
             return "native" if nbytes < small and mpi_dtype(dtype) is not None else "shm"
         return self.cost_choice(name, nbytes, dtype).best
 
+    def auto_call(self, name: str, nbytes: int, dtype: np.dtype, root: int = 0) -> str:
+        """What "auto" runs for a host (NumPy) call of ``name`` (``Communicator.auto_algorithm``): :meth:`auto`, but
+        an allgather on one node where the arena can exist runs by the variable-size path (its first dims equal on
+        every rank), which picks by :meth:`auto_variable` ("allgather").
+
+        Example::
+
+            chooser.auto_call("allgather", 8 << 10, np.dtype("float32"))   # e.g. "shm" on one node
+        """
+        if name == "allgather" and self.single_node and (self._shm_ok is None or self._shm_ok()):
+            return self.auto_variable(name, nbytes, dtype, root)
+        return self.auto(name, nbytes, dtype, root)
+
     def auto_variable(self, name: str, nbytes: int, dtype: Any = "uint8", root: int = 0) -> str:
         """What "auto" runs for variable-size collective ``name`` (a key of ``VARIABLE_AUTO``, or "allgather": an
         allgather whose first dims are equal on every rank, which follows a tuning table's allgather entries where
@@ -167,4 +180,4 @@ class Chooser:
         """Each algorithm's predicted time, the cost model's choice, what "auto" picks (``Communicator.explain``)."""
         dt = np.dtype(dtype)
         text = cost.explain(self.cost_choice(collective, nbytes, dt, root), self.cluster)
-        return f"{text}\n  auto picks now: {self.auto(collective, int(nbytes), dt, root)}"
+        return f"{text}\n  auto picks now: {self.auto_call(collective, int(nbytes), dt, root)}"

@@ -944,7 +944,7 @@ class Communicator:
             comm.auto_algorithm("alltoall", 1 << 20)    # e.g. "pairwise" across nodes
         """
         self._known(collective, "auto_algorithm")
-        return self._chooser.auto(collective, int(nbytes), np.dtype(dtype))
+        return self._chooser.auto_call(collective, int(nbytes), np.dtype(dtype))
 
     def explain(self, collective: str, nbytes: int, dtype: Any = "float32", root: int = 0) -> str:
         """Each algorithm's predicted time for one call, the cost model's choice, and what "auto" picks now.

@@ -114,3 +114,23 @@ def test_auto_for_equal_allgather_follows_a_tuning_table_else_allgatherv() -> No
             want = "tree" if nbytes > 64 << 10 else "shm" if kw.get("shm_ok", True) else "native"
             assert tuned.auto_variable("allgather", nbytes, "f4") == want, (kw, nbytes)
             assert tuned.auto_variable("allgatherv", nbytes, "f4") == plain.auto_variable("allgatherv", nbytes, "f4")
+
+
+def test_auto_algorithm_names_what_an_equal_allgather_runs() -> None:
+    """``comm.auto_algorithm("allgather")`` (``Chooser.auto_call``) answers what a NumPy allgather runs: on one node
+    where the arena can exist, the variable-size path's pick; elsewhere, and for every other collective, the
+    fixed-size path's."""
+    for kw in ({}, {"shared_cores": True}, {"single_copy": True}):
+        ch = _chooser((0,) * 4, single_node=True, **kw)
+        for nbytes in SIZES:
+            assert ch.auto_call("allgather", nbytes, np.dtype("f4")) == ch.auto_variable("allgather", nbytes, "f4")
+            assert ch.auto_call("allreduce", nbytes, np.dtype("f4")) == ch.auto("allreduce", nbytes, np.dtype("f4"))
+        assert "auto picks now: " + ch.auto_variable("allgather", 8 << 10, "f4") in ch.explain("allgather", 8 << 10)
+    # where they differ: 1 MiB with a core per rank runs native by the variable-size path; the fixed-size path's
+    # auto would say shm
+    ch = _chooser((0,) * 4, single_node=True)
+    assert ch.auto_call("allgather", 1 << 20, np.dtype("f4")) == "native"
+    assert ch.auto("allgather", 1 << 20, np.dtype("f4")) == "shm"
+    for ch in (_chooser((0,) * 4, single_node=True, shm_ok=False), _chooser((0, 0, 1, 1))):
+        for nbytes in SIZES:
+            assert ch.auto_call("allgather", nbytes, np.dtype("f4")) == ch.auto("allgather", nbytes, np.dtype("f4"))

@@ -219,6 +219,16 @@ def main() -> None:
                 y = comm.allgather(bound if R == 0 else np.full((4, 3), 7.0, np.float32), algorithm=alg)
                 first = np.arange(12, dtype=np.float32).reshape(4, 3) + 4  # rank 0's bound array, as of it 4
                 assert np.array_equal(y, np.concatenate([first, np.full((4 * (P - 1), 3), 7.0, np.float32)])), y
+            if comm.single_node and P > 1:
+                # "auto" names what ran: around the sizes where the variable-size path's rules and the fixed-size
+                # path's differ (4 KiB, 16 KiB, 64 KiB per rank)
+                for nbytes in (1 << 10, 8 << 10, 32 << 10, 128 << 10):
+                    plans.clear()
+                    comm.allgather(np.ones(nbytes // 4, np.float32))
+                    ran = [p.ran for p in plans.values()]
+                    said = comm.auto_algorithm("allgather", nbytes, "float32")
+                    assert ran == [said], (nbytes, ran, said)
+                    assert comm.explain("allgather", nbytes).endswith("auto picks now: " + said), nbytes
             for alg in ("tree", "star", "pipeline"):
                 plans.clear()
                 x = np.full((2, 3), R, np.int32)
