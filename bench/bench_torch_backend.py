@@ -6,6 +6,7 @@ Run (it launches its own mpiexec job when not started under one)::
     python bench/bench_torch_backend.py --procs 4 --part allreduce --iters 5
     python bench/bench_torch_backend.py --part train --rounds 3 --steps 2
     python bench/bench_torch_backend.py --part latency --iters 11
+    python bench/bench_torch_backend.py --part ops --ops-bytes 64K,1M --iters 9
 
 Part ``allreduce``, columns: ``collective`` (``dist.all_reduce(t)`` on the default group, backend
 "collective"), ``gloo`` (``dist.all_reduce(t, group=g)`` on a gloo group over the same ranks, built from the
@@ -21,6 +22,11 @@ communicator called on a NumPy array and on the tensor), ``group`` (the group's 
 directly, synchronous), ``group-async`` (the same with ``asyncOp`` and ``wait()``), ``dist`` (``dist.all_reduce``
 on our group) and ``dist-floor`` (``dist.all_reduce`` on a group of a do-nothing ProcessGroup subclass
 registered the same way: torch's own Python around a call, which no backend can save).
+
+Part ``ops`` (sizes ``--ops-bytes``, each rank's input): every other ``dist.*`` call with a gloo twin, columns
+interleaved as above: ``collective``, ``gloo`` and ``mpi4py`` (MPI's own call on the tensors' memory): broadcast,
+reduce, all_gather_into_tensor, all_gather (a list of outputs), reduce_scatter_tensor, all_to_all_single (equal
+blocks), gather and scatter (root 0), barrier.
 
 Part ``train``: one step (zero_grad, forward, cross-entropy, backward, SGD step) of an MLP, per-rank batch 64,
 one thread per rank: ``local`` (every rank trains alone at the same time: the ideal), ``ddp-collective`` and
@@ -61,8 +67,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=7, help="interleaved iterations per size (median reported)")
     p.add_argument("--max-bytes", type=int, default=64 << 20)
     p.add_argument("--part", default="allreduce,train",
-                   help="comma list of allreduce, latency, train (default allreduce,train)")
+                   help="comma list of allreduce, latency, ops, train (default allreduce,train)")
     p.add_argument("--latency-bytes", type=int, default=4096, help="message size of part latency")
+    p.add_argument("--ops-bytes", default="64K,1M", help="part ops: comma list of each rank's input bytes")
     p.add_argument("--warmup", type=int, default=20,
                    help="allreduce: calls per column before timing (first-call setup, plans, and huge pages for "
                         "tensors passed again and again, COLLECTIVE_SHM_HUGE_PAGES, out of the figures)")
@@ -94,6 +101,8 @@ def _bench(a: argparse.Namespace) -> None:
         _allreduce(a, gloo, world)
     if "latency" in a.part:
         _latency(a, world)
+    if "ops" in a.part:
+        _ops(a, gloo, world)
     if "train" in a.part:
         _train(a, gloo, world)
     dist.destroy_process_group()
@@ -145,6 +154,63 @@ def _allreduce(a: argparse.Namespace, gloo: object, world: object) -> None:
                   f"{med['gloo'] / med['collective']:>9.2f}x {med['collective'] / med['mpi4py']:>16.2f}x "
                   f"{med['collective'] / med['copy']:>9.2f}x {med['gloo'] / med['copy']:>9.2f}x")
         sys.stdout.flush()
+
+
+def _ops(a: argparse.Namespace, gloo: object, world: Any) -> None:
+    """Part ``ops``: each dist.* call on "collective", on gloo and as MPI's own call, interleaved (see the module
+    docstring)."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    P, R = dist.get_world_size(), dist.get_rank()
+    for nbytes in (_size(s) for s in a.ops_bytes.split(",")):
+        n = max(P, nbytes // 4 // P * P)
+        t, o, big, part = torch.ones(n), torch.empty(n), torch.empty(n * P), torch.empty(n // P)
+        outs = [torch.empty(n) for _ in range(P)]
+        ta, oa, ba, pa = t.numpy(), o.numpy(), big.numpy(), part.numpy()
+        root = R == 0
+        calls: dict[str, tuple[Callable[[Any], object], Callable[[], object]]] = {
+            "broadcast": (lambda g: dist.broadcast(t, 0, group=g), lambda: world.Bcast(ta, 0)),
+            "reduce": (lambda g: dist.reduce(t, 0, group=g),
+                       lambda: world.Reduce(MPI.IN_PLACE if root else ta, ta if root else None, root=0)),
+            "all_gather_into_tensor": (lambda g: dist.all_gather_into_tensor(big, t, group=g),
+                                       lambda: world.Allgather(ta, ba)),
+            "all_gather": (lambda g: dist.all_gather(outs, t, group=g), lambda: world.Allgather(ta, ba)),
+            "reduce_scatter_tensor": (lambda g: dist.reduce_scatter_tensor(part, t, group=g),
+                                      lambda: world.Reduce_scatter_block(ta, pa)),
+            "all_to_all_single": (lambda g: dist.all_to_all_single(o, t, group=g), lambda: world.Alltoall(ta, oa)),
+            "gather": (lambda g: dist.gather(t, outs if root else None, 0, group=g),
+                       lambda: world.Gather(ta, ba if root else None, 0)),
+            "scatter": (lambda g: dist.scatter(o, outs if root else None, 0, group=g),
+                        lambda: world.Scatter(ba if root else None, oa, 0)),
+            "barrier": (lambda g: dist.barrier(group=g), world.Barrier),
+        }
+        reps = _reps(nbytes)
+        if R == 0:
+            print(f"dist.* calls, float32 torch CPU tensors of {nbytes} bytes a rank, P={P}; us per call, median of "
+                  f"{a.iters} interleaved iterations")
+            print(f"{'call':>24} {'collective':>11} {'gloo':>11} {'mpi4py':>11} {'gloo/coll':>10} {'coll/mpi4py':>12}")
+        for name, (call, bare) in calls.items():
+            def block(fn: Callable[[], object], reps: int = reps) -> None:
+                for _ in range(reps):
+                    fn()
+            cols = {"collective": lambda: block(lambda: call(None)), "gloo": lambda: block(lambda: call(gloo)),
+                    "mpi4py": lambda: block(bare)}
+            times = _interleaved(cols, a.iters, reps, lambda: t.fill_(1.0), world, a.warmup)
+            med = {k: float(np.median(v)) * 1e6 for k, v in times.items()}
+            if R == 0:
+                print(f"{name:>24} {med['collective']:11.1f} {med['gloo']:11.1f} {med['mpi4py']:11.1f} "
+                      f"{med['gloo'] / med['collective']:9.2f}x {med['collective'] / med['mpi4py']:11.2f}x",
+                      flush=True)
+
+
+def _size(text: str) -> int:
+    """Bytes from ``64K``, ``1M`` or a plain number."""
+    t = text.strip().upper().rstrip("B")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
 
 
 def _interleaved(cols: dict[str, Callable[[], object]], iters: int, n: int, reset: Callable[[], object],
