@@ -1198,16 +1198,22 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         else:
             a, splits = None, None
 
+        # Straight into the output where it is contiguous and its dtype has a NumPy view (the library then checks
+        # every rank's output size against the root's splits before anything moves).
+        o = _array(y).reshape(-1) if y.is_contiguous() and y.numel() and y.dtype in _PLAIN else None
+
         def place(res: Any) -> None:
+            if o is not None:
+                return
             if res.size != y.numel():
                 raise CollectiveValueError(f"{self._where('scatter', y)}: received {res.size} elements from rank "
                                            f"{root}, the output holds {y.numel()}")
             y.copy_(_tensor(np.ascontiguousarray(res).reshape(-1), y.dtype).reshape(y.shape))
 
         if opts.asyncOp:
-            wk = self._comm.scatter_async(a, root=root, splits=splits)
+            wk = self._comm.scatter_async(a, root=root, splits=splits, out=o)
             return self._completer.add([wk], lambda: place(wk.wait()), outputs, "scatter")
-        place(fn(a, root=root, splits=splits))
+        place(fn(a, root=root, splits=splits, out=o))
         return self._sync_done
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Any:

@@ -62,13 +62,15 @@ RUNS = (
         "memory inside. The `native` column is the library's native algorithm."),
     Run("allreduce_emu2x2_1gbit_16k-256k_n20", "Allreduce, emulated cluster, small sizes with more iterations",
         "collective-run --emulate 2x2 --link 1gbit --", VM, "The `native` column is the library's native algorithm."),
-    Run("alltoall_allgatherv_p2", "Alltoall and uneven allgather, P = 2, one node", "collective-run -n 2", VM,
+    Run("alltoall_allgatherv_p2", "Alltoall and allgather (uneven and equal), P = 2, one node", "collective-run -n 2",
+        VM,
         "Two ranks, one per core. allgatherv: rank r contributes in proportion to r + 1 (see the benchmark's "
         "help); `gloo` pads every block to the largest. `alloc`: the input in a `comm.alloc` window, which every "
-        "rank reads where it lies (into an `alloc`'d output).", collectives=("alltoall", "allgatherv")),
-    Run("alltoall_allgatherv_p4", "Alltoall and uneven allgather, P = 4, one node", "collective-run -n 4", VM,
-        "Four ranks on two cores: the shm phases wait in MPI's barrier, and `auto` takes `shm` (alltoall up to "
-        "4 MiB a rank).", collectives=("alltoall", "allgatherv")),
+        "rank reads where it lies (into an `alloc`'d output). allgather: every rank's first dim the same.",
+        collectives=("alltoall", "allgatherv", "allgather")),
+    Run("alltoall_allgatherv_p4", "Alltoall and allgather (uneven and equal), P = 4, one node", "collective-run -n 4",
+        VM, "Four ranks on two cores: the shm phases wait in MPI's barrier, and `auto` takes `shm` (alltoall up to "
+        "4 MiB a rank).", collectives=("alltoall", "allgatherv", "allgather")),
     Run("gpu_h100_nccl_p1", "GPU: CuPy arrays over NCCL, P = 1", "collective-run -n 1", H100,
         "One rank: NCCL needs a GPU per rank, so this measures the algorithms' overhead over NCCL's own, "
         "not transfers between GPUs. busbw factor 2(P-1)/P is 0 at P = 1, so the table shows algbw.",

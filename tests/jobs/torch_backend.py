@@ -439,6 +439,17 @@ def case_gather_scatter() -> None:
             assert R != 0, "gather into outputs of the wrong size did not raise on the root"
         except col.CollectiveValueError as exc:
             assert R == 0 and "gather" in str(exc) and "elements" in str(exc), str(exc)
+        # A scatter whose piece for rank 1 does not fit rank 1's output: every rank raises before anything moves
+        # (rank 1 naming its output), and no output is written.
+        out = torch.full((2,), -1.0)
+        ins = [torch.ones(3 if r == 1 else 2) for r in range(P)] if R == 0 else None
+        try:
+            dist.scatter(out, ins, src=0)
+            raise AssertionError(f"scatter into an output of the wrong size did not raise on rank {R}")
+        except col.CollectiveError as exc:
+            assert "scatter" in str(exc) and "rank 1: out has 2 rows, the result has 3" in str(exc), str(exc)
+            assert isinstance(exc, col.CollectiveValueError) == (R == 1), (R, type(exc))
+        assert (out == -1).all(), out
 
 
 def case_all_gather_uneven() -> None:
