@@ -882,6 +882,15 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             else:
                 out.copy_(_tensor(res[0], w.dtype).reshape(out.shape))
 
+        if (post is None and out.is_contiguous() and out.dtype is w.dtype and out.dtype in _PLAIN
+                and out.untyped_storage().data_ptr() != w.untyped_storage().data_ptr()):
+            # Straight into the output (its row of the result), unless it lies in the input (torch's in-place
+            # form): no result array to allocate and copy.
+            o = _array(out).reshape(1, -1)
+            if opts.asyncOp:
+                return self._completer.add([comm.reduce_scatter_async(a, op=name, out=o)], None, value, call)
+            comm.reduce_scatter(a, op=name, out=o)
+            return self._sync_done
         if opts.asyncOp:
             wk = comm.reduce_scatter_async(a, op=name)
 

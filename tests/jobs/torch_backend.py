@@ -313,6 +313,21 @@ def case_reduce_scatter() -> None:
             w = dist.reduce_scatter(out2, [value(R * P + j, dtype, 3) for j in range(P)], op=op, async_op=True)
             w.wait()
             same(out2, out, f"reduce_scatter (list) {dtype} {op}")
+    # The output a view of the input's own block (torch's in-place form), or of another shape, sync and async.
+    for async_op in (False, True):
+        full = torch.arange(P * 4, dtype=torch.float32) + 100 * R
+        out = full[R * 4:(R + 1) * 4]
+        w = dist.reduce_scatter_tensor(out, full, async_op=async_op)
+        if async_op:
+            w.wait()
+        mine = torch.arange(R * 4, R * 4 + 4, dtype=torch.float32)
+        same(out, mine * P + 100 * sum(range(P)), f"reduce_scatter_tensor into its own block async={async_op}")
+        out = torch.full((2, 2), -1.0)
+        w = dist.reduce_scatter_tensor(out, torch.arange(P * 4, dtype=torch.float32).reshape(P * 2, 2) + R,
+                                       op=RO.MAX, async_op=async_op)
+        if async_op:
+            w.wait()
+        same(out, (mine + P - 1).reshape(2, 2), f"reduce_scatter_tensor into a 2x2 output async={async_op}")
 
 
 def _fold(xs: list, op: object, dtype: torch.dtype) -> torch.Tensor:
