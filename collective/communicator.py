@@ -470,6 +470,20 @@ class Communicator:
         return prepare_variable(name, x, root, None, algorithm, out, self.rank, self.size, self.algorithm,
                                 self.single_node, return_splits, self._window_of)
 
+    def _vcall(self, name: str, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool, root: int = 0) -> Any:
+        """A NumPy alltoall (equal blocks), allgather or gather (to ``root``) by the repeat paths: the plan bound to
+        these very arrays (``Preparer.vhot``), else :meth:`_vrun` on the call's key; :data:`MISS` where the
+        arguments need the full checks (see :meth:`_vkey`)."""
+        hot = self._vhot.get(id(x))  # the plan of these very arrays: see Sequencer.vrepeat
+        if hot is not None and hot.name == name and hot.key[-1] == root:
+            r = self._seqr.vrepeat(hot, x, out, return_splits, algorithm, None, self.algorithm)
+            if r is not MISS:
+                return r
+        key = self._vkey(name, x, algorithm, out, root)
+        if key is None:
+            return MISS
+        return self._vrun(key, x, algorithm, out, return_splits)
+
     def _vrun(self, key: tuple, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool) -> Any:
         """Alltoall (equal blocks), allgather or gather (``key[0]``; gather's root: ``key[-1]``) with the NumPy
         arguments of ``key``: a repeat from its plan where there is one, else the ordinary path, keeping the plan
@@ -658,14 +672,9 @@ class Communicator:
             rows = comm.allgather(np.ones((comm.rank + 1, 3)))     # P(P+1)/2 rows
         """
         if type(x) is np.ndarray:
-            hot = self._vhot.get(id(x))  # the plan of these very arrays: see Sequencer.vrepeat
-            if hot is not None and hot.name == "allgather":
-                r = self._seqr.vrepeat(hot, x, out, False, algorithm, None, self.algorithm)
-                if r is not MISS:
-                    return r
-            key = self._vkey("allgather", x, algorithm, out)
-            if key is not None:
-                return self._vrun(key, x, algorithm, out, False)
+            r = self._vcall("allgather", x, algorithm, out, False)
+            if r is not MISS:
+                return r
         return self._run(self._prepare_v("allgather", x, 0, None, algorithm, out))
 
     def allgather_async(self, x: Any, algorithm: str | None = None, out: Any = None) -> Work:
@@ -696,14 +705,9 @@ class Communicator:
         if splits is not None and type(x) is np.ndarray and _equal_blocks(splits, x, self.size):
             splits = None  # the same call: equal blocks take the repeat's plan below
         if splits is None and type(x) is np.ndarray:
-            hot = self._vhot.get(id(x))  # the plan of these very arrays: see Sequencer.vrepeat
-            if hot is not None and hot.name == "alltoall":
-                r = self._seqr.vrepeat(hot, x, out, return_splits, algorithm, None, self.algorithm)
-                if r is not MISS:
-                    return r
-            key = self._vkey("alltoall", x, algorithm, out)
-            if key is not None:
-                return self._vrun(key, x, algorithm, out, return_splits)
+            r = self._vcall("alltoall", x, algorithm, out, return_splits)
+            if r is not MISS:
+                return r
         return self._run(self._prepare_v("alltoall", x, 0, splits, algorithm, out, return_splits))
 
     def alltoall_async(self, x: Any, splits: Any = None, return_splits: bool = False, algorithm: str | None = None,
@@ -721,14 +725,9 @@ class Communicator:
             everything = comm.gather(np.full((comm.rank + 1,), comm.rank), root=0)   # None off rank 0
         """
         if type(x) is np.ndarray and type(root) is int:  # (any other root: the full checks)
-            hot = self._vhot.get(id(x))  # the plan of these very arrays: see Sequencer.vrepeat
-            if hot is not None and hot.name == "gather" and hot.key[-1] == root:
-                r = self._seqr.vrepeat(hot, x, out, False, algorithm, None, self.algorithm)
-                if r is not MISS:
-                    return r
-            key = self._vkey("gather", x, algorithm, out, root)
-            if key is not None:
-                return self._vrun(key, x, algorithm, out, False)
+            r = self._vcall("gather", x, algorithm, out, False, root)
+            if r is not MISS:
+                return r
         return self._run(self._prepare_v("gather", x, root, None, algorithm, out))
 
     def gather_async(self, x: Any, root: int = 0, algorithm: str | None = None, out: Any = None) -> Work:

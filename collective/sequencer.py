@@ -883,10 +883,10 @@ class Sequencer:
                 posted = False
                 if plan.posts and check.quick_arena is plan.arena:
                     plan.arena.post_input(x)  # before the check: the plan reads it by single copy
+                o = (None if plan.n_out < 0 else out if out is not None  # none: gather off its root
+                     else np.empty((plan.n_out, *plan.row_shape), plan.dtype))
                 if quick is not None and check.quick_arena is plan.arena:  # the check fenced in that arena
                     # The data goes into the arena with the check: one phase, where every rank's post is its plan's.
-                    o = (None if plan.n_out < 0 else out if out is not None  # none: gather off its root
-                         else np.empty((plan.n_out, *plan.row_shape), plan.dtype))
                     verdict = quick.run(sig[0] ^ tag.h ^ seq, seq, x, o)
                     if verdict == 0:
                         return (o, list(plan.received)) if return_splits else o
@@ -899,8 +899,6 @@ class Sequencer:
                     if not same:
                         fp.report(seq, sig[1], tag.name)
                     if pairs == plan.pairs:
-                        o = (None if plan.n_out < 0 else out if out is not None  # none: gather off its root
-                             else np.empty((plan.n_out, *plan.row_shape), plan.dtype))
                         plan.move(x, o, seq)
                         return (o, list(plan.received)) if return_splits else o
                 # Some rank's sizes differ from the plan's: the ordinary path from what the check returned.

@@ -61,10 +61,11 @@ _KNOWN_ELSEWHERE = tuple(sorted({"shm", *topologies.ALGORITHMS, *(a for algs in 
 #: posts them with the check (one phase) rather than reading them in place (two): at P=4 on two cores the one
 #: phase won at 64 KiB and lost from 128 KiB on (the copy costs more than the phase it saves).
 _WINDOW_POST_MAX = 64 << 10
-#: An allgather whose counts are equal runs by the fixed-size path of ``collective.engine`` for the algorithms only
-#: that path has (also where a tuning table picks one), and for "auto" across nodes, where that path's chooser weighs
-#: them; native, ring and shm (and "auto" on one node) stay here, where a repeat reruns its plan after one check.
-_FIXED_ALLGATHER = ("auto", "tree", "star", "hierarchical", "pipeline")
+#: The allgather algorithms only the fixed-size path of ``collective.engine`` has. An allgather whose counts are
+#: equal runs there by these (named, or a tuning table's pick for "auto") and by "auto" across nodes, where that
+#: path's chooser weighs them; native, ring and shm (and "auto" on one node) stay here, where a repeat reruns its
+#: plan after one check.
+_FIXED_ONLY = ("tree", "star", "hierarchical", "pipeline")
 _HEADER = 36  # scatter's header: dtype (16 bytes), ndim, a flag, then up to 32 dims of the row shape
 
 
@@ -362,8 +363,9 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
 
     ``fixed(c)``: the fixed-size path of an allgather whose counts are equal.
     ``arena()``: the node's shm arena when every rank shares one node, else None.
-    ``choose(name, nbytes, dtype, root)``: what "auto" runs ("allgatherv" for an uneven allgather; ``nbytes``
-    per rank, as ``topologies.cost.predict`` counts them; the same on every rank).
+    ``choose(name, nbytes, dtype, root)``: what "auto" runs ("allgather" for an allgather whose counts are
+    equal, "allgatherv" for an uneven one; ``nbytes`` per rank, as ``topologies.cost.predict`` counts them; the
+    same on every rank).
     ``huge``: the node arena's ``collective.cma.HugePages`` where it has one: MPI's own calls, which copy large
     messages between the node's processes by cross-memory attach too, tell it their large arrays.
     """
@@ -397,7 +399,7 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     if bad:
         _fail_all(c, rank, size, bad)
     equal = c.name == "allgather" and c.segs is None and bool((counts == counts[0]).all())
-    if equal and c.algorithm in _FIXED_ALLGATHER and (c.algorithm != "auto" or arena is None):
+    if equal and (c.algorithm in _FIXED_ONLY or (c.algorithm == "auto" and arena is None)):
         return fixed(c)
     alg = c.algorithm
     if alg == "auto":
@@ -411,7 +413,7 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
             nbytes = int(counts.sum()) * isz // size
         alg = choose(("allgather" if equal else "allgatherv") if c.name == "allgather" else c.name, nbytes, dtype,
                      c.root)
-        if alg in _FIXED_ALLGATHER:  # a tuning table's pick for allgather that only the fixed-size path runs
+        if alg in _FIXED_ONLY:  # a tuning table's pick for allgather that only the fixed-size path runs
             c.algorithm = alg
             return fixed(c)
     if alg == "shm" and arena is None:
