@@ -409,7 +409,7 @@ class Communicator:
             raise
 
     def _prepare_v(self, name: str, x: Any, root: Any, splits: Any, algorithm: str | None, out: Any,
-                   return_splits: bool = False) -> Any:
+                   return_splits: bool = False, recv_splits: Any = None) -> Any:
         if self._closed:
             self._open(name)
         if name == "allgather" and type(x) is not np.ndarray and is_device_array(x):
@@ -419,16 +419,18 @@ class Communicator:
                 raise CollectiveTypeError(f"{describe(name, self.rank, self.size)}: device arrays take allreduce, "
                                           "reduce, broadcast, reduce_scatter and allgather; copy to the host first")
             return prepare_variable(name, x, root, splits, algorithm, out, self.rank, self.size, self.algorithm,
-                                    self.single_node, return_splits, self._window_of)
+                                    self.single_node, return_splits, self._window_of, recv_splits)
         except Exception as exc:
             self._seqr.poison(name, exc)
             raise
 
-    def _vkey(self, name: str, x: np.ndarray, algorithm: Any, out: Any, root: Any = 0) -> tuple | None:
-        """The key of NumPy call ``name`` (gather's to ``root``) in ``Preparer.vplans``; None where its arguments
-        need the full checks (or the communicator is closed): a 0-d or non-contiguous ``x``, an ``out`` that is
-        not a writable C-contiguous NumPy array of ``x``'s dtype apart from ``x``, an array of a retired window.
-        The root is the key's last item."""
+    def _vkey(self, name: str, x: np.ndarray, algorithm: Any, out: Any, root: Any = 0,
+              expect: bool = False) -> tuple | None:
+        """The key of NumPy call ``name`` (gather's to ``root``; ``expect``: an alltoall that named what it
+        expects, equal blocks) in ``Preparer.vplans``; None where its arguments need the full checks (or the
+        communicator is closed): a 0-d or non-contiguous ``x``, an ``out`` that is not a writable C-contiguous
+        NumPy array of ``x``'s dtype apart from ``x``, an array of a retired window. The key ends with
+        ``expect``, then the root."""
         if self._closed or x.ndim == 0 or not (algorithm is None or type(algorithm) is str):
             return None
         xf = x.flags
@@ -443,7 +445,7 @@ class Communicator:
             if found is not None:
                 win = found[0]  # a window's plan reads every rank's part of it
         if out is None:
-            return name, x.shape, x.dtype, algorithm or self.algorithm, None, win, root
+            return name, x.shape, x.dtype, algorithm or self.algorithm, None, win, expect, root
         if type(out) is not np.ndarray or out.dtype != x.dtype:
             return None
         f = out.flags
@@ -457,7 +459,7 @@ class Communicator:
             apart = not (out.size and x.size and np.may_share_memory(out, x))
         if not apart:
             return None
-        return name, x.shape, x.dtype, algorithm or self.algorithm, out.shape, win, root
+        return name, x.shape, x.dtype, algorithm or self.algorithm, out.shape, win, expect, root
 
     def _window_of(self, a: np.ndarray) -> tuple[int, list[np.ndarray]] | None:
         """(number, every node rank's part) of the ``alloc`` window that ``a`` starts, or None."""
@@ -465,28 +467,30 @@ class Communicator:
         return None if shared is None else shared.whole(a)
 
     def _vremake(self, name: str, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool,
-                 root: int = 0) -> Any:
+                 root: int = 0, expect: bool = False) -> Any:
         """The prepared call of a repeat that its check sent down the ordinary path (``Sequencer.vprepare``)."""
         return prepare_variable(name, x, root, None, algorithm, out, self.rank, self.size, self.algorithm,
-                                self.single_node, return_splits, self._window_of)
+                                self.single_node, return_splits, self._window_of, _equal_recv(x, self.size, expect))
 
-    def _vcall(self, name: str, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool, root: int = 0) -> Any:
-        """A NumPy alltoall (equal blocks), allgather or gather (to ``root``) by the repeat paths: the plan bound to
-        these very arrays (``Preparer.vhot``), else :meth:`_vrun` on the call's key; :data:`MISS` where the
-        arguments need the full checks (see :meth:`_vkey`)."""
+    def _vcall(self, name: str, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool, root: int = 0,
+               expect: bool = False) -> Any:
+        """A NumPy alltoall (equal blocks; ``expect``: it expects equal blocks from every rank, ``recv_splits``),
+        allgather or gather (to ``root``) by the repeat paths: the plan bound to these very arrays
+        (``Preparer.vhot``), else :meth:`_vrun` on the call's key; :data:`MISS` where the arguments need the full
+        checks (see :meth:`_vkey`)."""
         hot = self._vhot.get(id(x))  # the plan of these very arrays: see Sequencer.vrepeat
-        if hot is not None and hot.name == name and hot.key[-1] == root:
+        if hot is not None and hot.name == name and hot.key[-1] == root and hot.key[-2] is expect:
             r = self._seqr.vrepeat(hot, x, out, return_splits, algorithm, None, self.algorithm)
             if r is not MISS:
                 return r
-        key = self._vkey(name, x, algorithm, out, root)
+        key = self._vkey(name, x, algorithm, out, root, expect)
         if key is None:
             return MISS
         return self._vrun(key, x, algorithm, out, return_splits)
 
     def _vrun(self, key: tuple, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool) -> Any:
-        """Alltoall (equal blocks), allgather or gather (``key[0]``; gather's root: ``key[-1]``) with the NumPy
-        arguments of ``key``: a repeat from its plan where there is one, else the ordinary path, keeping the plan
+        """Alltoall (equal blocks; expected from every rank: ``key[-2]``), allgather or gather (``key[0]``;
+        gather's root: ``key[-1]``) with the NumPy arguments of ``key``: a repeat from its plan where there is one, else the ordinary path, keeping the plan
         it leaves and binding it to these very arrays for the next call (``Preparer.vhot``; see
         ``Sequencer.vrepeat``)."""
         vplans = self._vplans
@@ -498,7 +502,8 @@ class Communicator:
                 if plan is not None:
                     self._vbind(key, x, out, algorithm, plan)
                 return r
-        c = self._prepare_v(key[0], x, key[-1], None, algorithm, out, return_splits)
+        c = self._prepare_v(key[0], x, key[-1], None, algorithm, out, return_splits,
+                            _equal_recv(x, self.size, key[-2]))
         r = self._seqr.run(c)
         if c.plan is not None:
             if len(vplans) > 256:  # a program with endlessly many shapes: keep it bounded
@@ -682,7 +687,7 @@ class Communicator:
         return self._submit(self._prepare_v("allgather", x, 0, None, algorithm, out))
 
     def alltoall(self, x: Any, splits: Any = None, return_splits: bool = False, algorithm: str | None = None,
-                 out: Any = None) -> Any:
+                 out: Any = None, recv_splits: Any = None) -> Any:
         """Send block j of ``x``'s rows to rank j; return the rows received from ranks 0..P-1, in rank order.
 
         Args:
@@ -694,6 +699,10 @@ class Communicator:
                 "shm" on one node, an ``x`` from :meth:`alloc` (the same alloc on every rank) is read where it
                 lies: no copy-in.
             out: array for the result (the received rows; same dtype and row shape).
+            recv_splits: the rows this rank expects from each rank (P counts), as MPI's ``Alltoallv`` and
+                torch's ``output_split_sizes`` state them; None: whatever the ranks send. Where some rank sends
+                another rows it does not expect, every rank raises ``CollectiveMismatchError`` before any data
+                moves.
 
         Returns:
             The received rows (and, with ``return_splits``, a list of P row counts).
@@ -702,18 +711,20 @@ class Communicator:
 
             y, got = comm.alltoall(np.arange(2 * comm.size), return_splits=True)   # 2 rows from each rank
         """
-        if splits is not None and type(x) is np.ndarray and _equal_blocks(splits, x, self.size):
-            splits = None  # the same call: equal blocks take the repeat's plan below
-        if splits is None and type(x) is np.ndarray:
-            r = self._vcall("alltoall", x, algorithm, out, return_splits)
-            if r is not MISS:
-                return r
-        return self._run(self._prepare_v("alltoall", x, 0, splits, algorithm, out, return_splits))
+        if type(x) is np.ndarray:
+            if splits is not None and _equal_blocks(splits, x, self.size):
+                splits = None  # the same call: equal blocks take the repeat's plan below
+            expect = recv_splits is not None
+            if splits is None and (not expect or _equal_blocks(recv_splits, x, self.size)):
+                r = self._vcall("alltoall", x, algorithm, out, return_splits, 0, expect)
+                if r is not MISS:
+                    return r
+        return self._run(self._prepare_v("alltoall", x, 0, splits, algorithm, out, return_splits, recv_splits))
 
     def alltoall_async(self, x: Any, splits: Any = None, return_splits: bool = False, algorithm: str | None = None,
-                       out: Any = None) -> Work:
+                       out: Any = None, recv_splits: Any = None) -> Work:
         """Asynchronous :meth:`alltoall`."""
-        return self._submit(self._prepare_v("alltoall", x, 0, splits, algorithm, out, return_splits))
+        return self._submit(self._prepare_v("alltoall", x, 0, splits, algorithm, out, return_splits, recv_splits))
 
     def gather(self, x: Any, root: int = 0, algorithm: str | None = None, out: Any = None) -> Any:
         """On ``root``, every rank's ``x`` concatenated along the first axis in rank order; None elsewhere.
@@ -1502,6 +1513,11 @@ def take_parent(who: str, **params: Any) -> Communicator | None:
             "replacement joins once, so an elastic program uses one of collective.init() and hvd.init(), not both")
     _PARENT_TAKEN.append(who)
     return _join(parent, True, -1, -1, params)
+
+
+def _equal_recv(x: np.ndarray, size: int, expect: bool) -> tuple[int, ...] | None:
+    """The ``recv_splits`` of an alltoall of equal blocks that expects as many rows from every rank (``expect``)."""
+    return (x.shape[0] // size,) * size if expect else None
 
 
 def _equal_blocks(splits: Any, x: np.ndarray, size: int) -> bool:

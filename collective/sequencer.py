@@ -265,10 +265,10 @@ class Sequencer:
         self.ordinary = ordinary
         self._templates = prep.templates
         self._finish_avg = engine.finish_avg
-        #: ``vprepare(name, x, algorithm, out, return_splits, root)``: the prepared call
+        #: ``vprepare(name, x, algorithm, out, return_splits, root, expect)``: the prepared call
         #: (``collective.variable.VCall``) of an alltoall, allgather or gather that :meth:`vrepeat` hands to the
         #: ordinary path after its check; set by the communicator.
-        self.vprepare: Callable[[str, np.ndarray, Any, Any, bool, int], Any] | None = None
+        self.vprepare: Callable[[str, np.ndarray, Any, Any, bool, int, bool], Any] | None = None
         #: The communicator's point-to-point messages (``collective.p2p.PointToPoint``), once attached.
         self.p2p: Any = None
         #: Elastic mode: ``fault(name, exc, started)`` -> the error a failed op raises instead of ``exc`` (None:
@@ -903,7 +903,8 @@ class Sequencer:
                         return (o, list(plan.received)) if return_splits else o
                 # Some rank's sizes differ from the plan's: the ordinary path from what the check returned.
                 self.prep.vhot.pop(id(x), None)  # its plan is about to change
-                c = self.vprepare(plan.name, x, algorithm, out, return_splits, plan.root)  # type: ignore[misc]
+                c = self.vprepare(plan.name, x, algorithm, out, return_splits,  # type: ignore[misc]
+                                  plan.root, plan.recv_equal)
                 c.sig = sig
                 c.known = None if pairs is None else np.array(pairs, np.int64).reshape(self.size, 2)
                 c.posted = posted

@@ -1091,21 +1091,17 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         want = ([int(s) * math.prod(output.shape[1:]) for s in output_split_sizes] if output_split_sizes
                 else [output.numel() // P] * P)
         a = _array(input.contiguous()).reshape(-1)
-        if (input.dtype == output.dtype and output.is_contiguous() and input.numel() == output.numel()
-                and sum(splits) == a.size and splits == want and splits.count(splits[0]) == P
+        if (input.dtype == output.dtype and output.is_contiguous() and sum(splits) == a.size
+                and sum(want) == output.numel()
                 and input.untyped_storage().data_ptr() != output.untyped_storage().data_ptr()):
-            # Equal blocks both ways: straight into the output (the common case, and a repeat's plan).
+            # Straight into the output: every rank checks what it gets from each rank against output_split_sizes
+            # (recv_splits) before anything moves. Equal blocks both ways take a repeat's plan.
             o = _array(output).reshape(-1)
-
-            def check(res: Any) -> None:
-                if res[1] != want:
-                    raise CollectiveValueError(f"{self._where('all_to_all_single', output)}: received "
-                                               f"{list(map(int, res[1]))} elements from the ranks, the output "
-                                               f"expects {want}")
+            sp: list[int] | None = None if splits == want and splits.count(splits[0]) == P else splits
             if opts.asyncOp:
-                wk = self._comm.alltoall_async(a, return_splits=True, out=o)
-                return self._completer.add([wk], lambda: check(wk.wait()), [output], "all_to_all_single")
-            check(fn(a, return_splits=True, out=o))
+                wk = self._comm.alltoall_async(a, splits=sp, out=o, recv_splits=want)
+                return self._completer.add([wk], wk.wait, [output], "all_to_all_single")
+            fn(a, splits=sp, out=o, recv_splits=want)
             return self._sync_done
         return self._alltoall(fn, a, splits, want, [output], opts.asyncOp, "all_to_all_single")
 
@@ -1137,11 +1133,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                   outs: list[torch.Tensor], is_async: bool, call: str) -> Any:
         dtype = outs[0].dtype
 
-        def place(res: Any) -> None:
-            got, counts = res
-            if [int(c) for c in counts] != want:
-                raise CollectiveValueError(f"{self._where(call)}: received {list(map(int, counts))} elements "
-                                           f"from the ranks, the outputs expect {want}")
+        def place(got: Any) -> None:  # (what each rank sends, recv_splits, was checked before anything moved)
             flat = _tensor(np.ascontiguousarray(got).reshape(-1), dtype)
             if len(outs) == 1:
                 outs[0].copy_(flat.reshape(outs[0].shape))
@@ -1150,9 +1142,9 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                     o.copy_(piece.reshape(o.shape))
 
         if is_async:
-            wk = self._comm.alltoall_async(a, splits=splits, return_splits=True)
+            wk = self._comm.alltoall_async(a, splits=splits, recv_splits=want)
             return self._completer.add([wk], lambda: place(wk.wait()), outs, call)
-        place(fn(a, splits=splits, return_splits=True))
+        place(fn(a, splits=splits, recv_splits=want))
         return self._sync_done
 
     def gather(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None) -> Any:  # type: ignore[override]

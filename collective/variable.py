@@ -13,8 +13,10 @@ Terms (the names below follow them):
   same rows and whether any ``out`` is wrong for that case. When that
   settles the counts (equal rows; on one node, any rows of allgather and
   gather) nothing more is exchanged; otherwise one small allgather gives
-  every rank every count and every ``out`` size. Either way every rank
-  reaches the same verdict on a bad ``out`` and raises before any data moves.
+  every rank every count, every ``out`` size and what each alltoall rank
+  said it expects from each (``recv_splits``). Either way every rank
+  reaches the same verdict on a bad ``out`` or an unmet expectation and
+  raises before any data moves.
 * **header** -- scatter's non-root ranks pass no input: the root broadcasts
   the dtype, the row shape and the splits first.
 
@@ -38,7 +40,7 @@ import numpy as np
 from collective import topologies
 
 from .arrays import Deferred, to_numpy
-from .errors import CollectiveError, CollectiveTypeError, CollectiveValueError, describe
+from .errors import CollectiveError, CollectiveMismatchError, CollectiveTypeError, CollectiveValueError, describe
 from .ops import check_dtype, dtype_code, dtype_from_code
 from .shm import CMA_MIN_BYTES, CMA_READ_MIN_BYTES, QuickScatter, WindowRead
 from .signature import check_algorithm, check_out_dtype
@@ -78,6 +80,8 @@ class VCall:
         dtype: None for scatter (the root's travels in the header).
         x: this rank's input as a NumPy array of shape (rows, *row shape); None off scatter's root.
         splits: alltoall's rows for each destination, or scatter's at the root; None to split evenly.
+        recv_splits: alltoall's rows this rank expects from each rank (checked on every rank before anything
+            moves), or None: whatever the ranks send.
         out: the caller's output (a NumPy view), or None; ``wrap`` turns the result into the caller's type.
         result: what the call returns, set when it has run; ``received``: alltoall's rows from each rank.
         post: what this rank posts with its fingerprint: (rows, out rows or -1, bad), see :func:`post_of`;
@@ -86,11 +90,13 @@ class VCall:
 
     __slots__ = ("name", "root", "algorithm", "shape", "dtype", "x", "splits", "out", "out_given", "wrap", "result",
                  "received", "return_splits", "row_shape", "rop", "views", "xf", "sig", "post", "known", "plan",
-                 "posted", "segs")
+                 "posted", "segs", "recv_splits")
 
     def __init__(self, name: str, root: int, algorithm: str, x: np.ndarray | None, splits: tuple[int, ...] | None,
-                 out: np.ndarray | None, out_given: Any, wrap: Any, return_splits: bool) -> None:
+                 out: np.ndarray | None, out_given: Any, wrap: Any, return_splits: bool,
+                 recv_splits: tuple[int, ...] | None = None) -> None:
         self.name, self.root, self.algorithm, self.x, self.splits = name, root, algorithm, x, splits
+        self.recv_splits = recv_splits
         self.out, self.out_given, self.wrap, self.return_splits = out, out_given, wrap, return_splits
         self.row_shape: tuple[int, ...] | None = None if x is None else tuple(x.shape[1:])
         self.dtype = None if (x is None or name == "scatter") else x.dtype
@@ -129,6 +135,8 @@ class VPlan:
         pairs: every rank's (rows, out rows), flat, as the check returned them.
         n_out, row_shape: the rows and row shape of the result (-1: none here, gather off its root);
             ``received``: alltoall's rows from each rank; ``root``: gather's.
+        recv_equal: the alltoall named what it expects from each rank (``recv_splits``, equal blocks): a repeat
+            that the check sends down the ordinary path names it again.
         move: ``move(x, out, seq)`` moves the data of op ``seq`` from ``x`` into ``out`` (C-contiguous arrays).
         arena: the shm arena ``move`` uses, or None.
         quick: for shm within one chunk, the :class:`collective.shm.QuickScatter` that posts the data with the
@@ -140,7 +148,7 @@ class VPlan:
     """
 
     __slots__ = ("name", "shape", "dtype", "algorithm", "ran", "sig", "post", "pairs", "n_out", "row_shape",
-                 "received", "move", "arena", "quick", "posts", "root")
+                 "received", "move", "arena", "quick", "posts", "root", "recv_equal")
 
     def __init__(self, c: VCall, algorithm: str, pairs: tuple[int, ...], n_out: int,
                  move: Callable[[np.ndarray, np.ndarray, int], None], arena: Any, quick: Any = None,
@@ -151,6 +159,7 @@ class VPlan:
         self.move, self.arena, self.quick = move, arena, quick
         self.posts = posts
         self.root = c.root
+        self.recv_equal = c.recv_splits is not None
 
 
 class VHot:
@@ -186,11 +195,13 @@ class VHot:
 
 
 def post_of(name: str, rows: int, splits: tuple[int, ...] | None, out_rows: int, root: int, rank: int,
-            size: int) -> tuple[int, int, int] | None:
+            size: int, recv_splits: tuple[int, ...] | None = None) -> tuple[int, int, int] | None:
     """What a rank posts with its fingerprint: ``(r, o, bad)``; None for scatter (its header says it all).
 
     ``r``: the rows of allgather's and gather's input, alltoall's rows per
-    block when every block has as many (else -1); ``o``: the rows of ``out``
+    block when every block has as many and ``recv_splits`` (what this rank
+    expects from each rank) is None or as many each (else -1: the ranks then
+    exchange every count); ``o``: the rows of ``out``
     (-1: none, or gather off the root, where ``out`` is not written); ``bad``:
     1 if ``o`` is wrong should every rank post the same ``r`` (then the
     result has ``size * r`` rows), else 0.
@@ -203,6 +214,8 @@ def post_of(name: str, rows: int, splits: tuple[int, ...] | None, out_rows: int,
         return None
     if name == "alltoall":
         r = splits[0] if splits and min(splits) == max(splits) else -1  # type: ignore[index]
+        if recv_splits is not None and any(v != r for v in recv_splits):
+            r = -1
     else:
         r = rows
     o = -1 if (name == "gather" and rank != root) else out_rows
@@ -234,9 +247,26 @@ def _splits(name: str, splits: Any, rows: int, size: int, fail: Callable[[type, 
     return s
 
 
+def _recv_splits(recv_splits: Any, size: int, out_rows: int, fail: Callable[[type, str], CollectiveError]) -> tuple:
+    """alltoall's ``recv_splits`` as a tuple of ``size`` row counts, checked against ``out``'s rows (-1: none)."""
+    try:
+        s = tuple(int(v) for v in recv_splits)
+        ok = all(int(v) == v for v in recv_splits)
+    except (TypeError, ValueError):
+        raise fail(CollectiveValueError, f"recv_splits {recv_splits!r} is not a list of {size} row counts") from None
+    if not ok or len(s) != size:
+        raise fail(CollectiveValueError, f"recv_splits has {len(s)} entries; it needs one row count per rank ({size})")
+    if min(s) < 0:
+        raise fail(CollectiveValueError, f"recv_splits {list(s)} has a negative count")
+    if out_rows >= 0 and sum(s) != out_rows:
+        raise fail(CollectiveValueError, f"recv_splits {list(s)} add up to {sum(s)} rows, but out has {out_rows}")
+    return s
+
+
 def prepare_variable(name: str, x: Any, root: int, splits: Any, algorithm: str | None, out: Any, rank: int,
                      size: int, default_alg: str, single_node: bool, return_splits: bool = False,
-                     window: Callable[[np.ndarray], tuple[int, list[np.ndarray]] | None] | None = None) -> VCall:
+                     window: Callable[[np.ndarray], tuple[int, list[np.ndarray]] | None] | None = None,
+                     recv_splits: Any = None) -> VCall:
     """Check every local argument of variable-size collective ``name``; raises before anything is sent.
 
     ``window(x)``: (number, every rank's part) of the ``comm.alloc`` window
@@ -302,19 +332,26 @@ def prepare_variable(name: str, x: Any, root: int, splits: Any, algorithm: str |
         found = window(arr)
         if found is not None:
             alg, segs = f"shm-window#{found[0]}", found[1]
-    c = VCall(name, root, alg, arr, sp, o, out, wrap, return_splits)
+    rs = None
+    if recv_splits is not None:
+        if name != "alltoall":
+            raise fail(CollectiveValueError, "recv_splits= is only for alltoall")
+        rs = _recv_splits(recv_splits, size, -1 if o is None else int(o.shape[0]), fail)
+    c = VCall(name, root, alg, arr, sp, o, out, wrap, return_splits, rs)
     c.segs = segs
     if arr is not None:
-        c.post = post_of(name, int(arr.shape[0]), sp, -1 if o is None else int(o.shape[0]), root, rank, size)
+        c.post = post_of(name, int(arr.shape[0]), sp, -1 if o is None else int(o.shape[0]), root, rank, size, rs)
     return c
 
 
 # ----------------------------------------------------------------- running
-def _fail_all(c: VCall, rank: int, size: int, bad: list[tuple[int, str]]) -> None:
-    """Raise on every rank (they all computed ``bad`` from the same exchanged numbers)."""
+def _fail_all(c: VCall, rank: int, size: int, bad: list[tuple[int, str]], cls: type | None = None) -> None:
+    """Raise on every rank (they all computed ``bad`` from the same exchanged numbers): ``cls``, else
+    CollectiveValueError on the ranks named in ``bad`` and CollectiveError on the others."""
     mine = [w for q, w in bad if q == rank]
     what = "; ".join(f"rank {q}: {w}" for q, w in bad[:8])
-    cls = CollectiveValueError if mine else CollectiveError
+    if cls is None:
+        cls = CollectiveValueError if mine else CollectiveError
     raise cls(f"{describe(c.name, rank, size, c.shape, c.dtype, c.algorithm)}: {what}. No data was sent; every "
               "rank raises this error")
 
@@ -331,7 +368,8 @@ def _finish(c: VCall, out: np.ndarray) -> Any:
 
 
 def _counts(c: VCall, comm: Any, rank: int, size: int) -> tuple[np.ndarray, bool]:
-    """Every rank's counts and ``out`` rows: alltoall (P, P + 1) [splits, out rows]; scatter (P, 1) [out rows];
+    """Every rank's counts and ``out`` rows: alltoall (P, 2P + 1) [splits, out rows, recv_splits or -1 each];
+    scatter (P, 1) [out rows];
     allgather and gather (P, 2) [rows, out rows]; and whether the check settled them. From what the check
     exchanged where that settles them (``c.known``), else by one allgather."""
     known = c.known
@@ -340,11 +378,13 @@ def _counts(c: VCall, comm: Any, rank: int, size: int) -> tuple[np.ndarray, bool
             return known, True
         b = int(known[0, 0])
         if c.name == "alltoall" and b >= 0 and (known[:, 0] == b).all():  # every rank's blocks are b rows
-            every = np.full((size, size + 1), b, np.int64)
+            # (A rank expecting anything but b from some rank posted -1: every expectation here is met.)
+            every = np.full((size, 2 * size + 1), -1, np.int64)
+            every[:, :size] = b
             every[:, size] = known[:, 1]
             return every, True
     if c.name == "alltoall":
-        mine = np.array([*c.splits, _out_rows(c)], np.int64)  # type: ignore[misc]
+        mine = np.array([*c.splits, _out_rows(c), *(c.recv_splits or (-1,) * size)], np.int64)  # type: ignore[misc]
     elif c.name == "scatter":
         mine = np.array([_out_rows(c)], np.int64)
     else:
@@ -398,6 +438,12 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
            if outs[q] >= 0 and want[q] >= 0 and outs[q] != want[q]]
     if bad:
         _fail_all(c, rank, size, bad)
+    if c.name == "alltoall":
+        E = every[:, size + 1:]
+        bad = [(q, f"expects {E[q].tolist()} rows from ranks 0..{size - 1}, they send {M[:, q].tolist()}")
+               for q in range(size) if E[q, 0] >= 0 and (E[q] != M[:, q]).any()]
+        if bad:  # what some rank sends another is not what that one expects: the ranks' calls differ
+            _fail_all(c, rank, size, bad, CollectiveMismatchError)
     equal = c.name == "allgather" and c.segs is None and bool((counts == counts[0]).all())
     if equal and (c.algorithm in _FIXED_ONLY or (c.algorithm == "auto" and arena is None)):
         return fixed(c)
@@ -493,7 +539,7 @@ def _mover(c: VCall, alg: str, every: np.ndarray, counts: Any, row: int, rank: i
         sc = [int(v) * row for v in M[rank]]
         rc = [int(v) * row for v in M[:, rank]]
         if alg == "native":
-            return _native_mover(comm, MPI, "alltoall", dtype, sc, rc, 0, rank)
+            return _native_mover(comm, MPI, "alltoall", dtype, sc, rc, 0, rank, bool((M == M[0, 0]).all()))
         counts_e = tuple(tuple(int(v) * row for v in M[i]) for i in range(size))
         sched = topologies.build(alg, "alltoall", size, sum(map(sum, counts_e)), counts=counts_e)
         vname, root = "alltoall", 0
@@ -642,9 +688,10 @@ def _noting(move: Callable[[np.ndarray | None, np.ndarray | None, int], None], h
 
 
 def _native_mover(comm: Any, MPI: Any, name: str, dtype: np.dtype, sc: list[int], rc: list[int], root: int,
-                  rank: int) -> Callable[[np.ndarray | None, np.ndarray | None, int], None]:
+                  rank: int, equal: bool = False) -> Callable[[np.ndarray | None, np.ndarray | None, int], None]:
     """MPI's own v-collective, in bytes (so every dtype goes): element counts ``sc`` sent, ``rc`` received; the
-    counts and displacements are worked out once."""
+    counts and displacements are worked out once. ``equal``: every rank's alltoall blocks are alike (every rank
+    knows it alike: MPI's Alltoall on some ranks and Alltoallv on others would hang)."""
     isz = dtype.itemsize
     B = MPI.BYTE
 
@@ -657,7 +704,7 @@ def _native_mover(comm: Any, MPI: Any, name: str, dtype: np.dtype, sc: list[int]
 
     empty = np.empty(0, np.uint8)
     send, recv = layout(sc), layout(rc)
-    if name == "alltoall" and len(set(sc)) == 1 and len(set(rc)) == 1:
+    if name == "alltoall" and equal:
         f = comm.Alltoall  # equal blocks: MPI's alltoall, as a caller of MPI would use
         each = [sc[0] * isz, B], [rc[0] * isz, B]
 

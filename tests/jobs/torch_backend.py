@@ -595,14 +595,46 @@ def case_all_to_all() -> None:
         expect_error(lambda: dist.all_to_all_single(out, torch.zeros(P * b)), col.CollectiveError, "rows",
                      "all_to_all_single with blocks that differ across ranks")
         assert (out == -1).all(), out
-    # Output splits that disagree with what arrives raise on every rank that expects them.
+    # Output splits that disagree with what arrives raise on every rank before anything moves, outputs untouched.
     if P > 1:
         inp = torch.cat([torch.full((j + 1,), float(R)) for j in range(P)])
         want = [R + 1] * P
         want[0], want[1] = want[0] + 1, want[1] - 1
-        expect_error(lambda: dist.all_to_all_single(torch.empty(P * (R + 1)), inp, output_split_sizes=want,
+        out = torch.full((P * (R + 1),), -1.0)
+        expect_error(lambda: dist.all_to_all_single(out, inp, output_split_sizes=want,
                                                     input_split_sizes=[j + 1 for j in range(P)]),
-                     col.CollectiveValueError, "received", "all_to_all_single with wrong output splits")
+                     col.CollectiveMismatchError, "expects", "all_to_all_single with wrong output splits")
+        assert (out == -1).all(), out
+        outs = [torch.full((w,), -1.0) for w in want]
+        expect_error(lambda: dist.all_to_all(outs, list(torch.split(inp, [j + 1 for j in range(P)]))),
+                     col.CollectiveMismatchError, "expects", "all_to_all with wrong output sizes")
+        assert all((o == -1).all() for o in outs), outs
+    # Rank 0's blocks equal both ways (the direct path), the others' not, every total right: rank 0 gets 1 element
+    # from rank 1 and 3 from the last rank where it expects 2 from each, and every rank raises, nothing written.
+    if P > 2:
+        sp = [2] * P
+        if R == 1:
+            sp[0], sp[-1] = 1, 3
+        elif R == P - 1:
+            sp[0], sp[-1] = 3, 1
+        got = [2] * P
+        if R == P - 1:
+            got[1], got[-1] = 3, 1
+        for async_op in (False, True):
+            out = torch.full((2 * P,), -1.0)
+            if R == 0:
+                call = lambda: dist.all_to_all_single(out, torch.zeros(2 * P), async_op=async_op)  # noqa: E731
+            else:
+                call = lambda: dist.all_to_all_single(out, torch.zeros(2 * P), output_split_sizes=got,  # noqa: E731
+                                                      input_split_sizes=sp, async_op=async_op)
+
+            def run_and_wait(call=call) -> None:
+                w = call()
+                if w is not None:
+                    w.wait()
+            expect_error(run_and_wait, col.CollectiveMismatchError, "expects",
+                         f"all_to_all_single, per-sender counts wrong, totals right, async={async_op}")
+            assert (out == -1).all(), out
 
 
 def expect_error(fn: object, kind: type, text: str, what: str) -> None:

@@ -214,8 +214,71 @@ def window_cases() -> None:
         comm.free(win)
 
 
+ALLTOALL_ALGS = ("auto", "native", "pairwise", "bruck", "shm")
+
+
+def one_rank_even() -> None:
+    """Rank 0 sends and receives equal blocks, the others do not: every rank must run the same kind of call
+    (MPI's Alltoall on rank 0 and Alltoallv on the others would hang)."""
+    M = [[2 if i == 0 or j == 0 else (i + j) % 3 for j in range(P)] for i in range(P)]  # M[i][j]: rows i sends j
+    x = np.concatenate([block(R, d, M[R][d], "float32") for d in range(P)])
+    want = np.concatenate([block(s, R, M[s][R], "float32") for s in range(P)])
+    for alg in ALLTOALL_ALGS:
+        for _ in range(2):
+            y, got = comm.alltoall(x, splits=M[R], return_splits=True, algorithm=alg)
+            assert got == [M[s][R] for s in range(P)] and (y == want).all(), (alg, got)
+
+
+def recv_splits_cases() -> None:
+    """recv_splits: the rows a rank expects from each rank. Met: the result lands in ``out`` (uneven and equal
+    blocks, repeated: the plan path); unmet, with every total right: every rank raises CollectiveMismatchError
+    before anything moves (``out`` untouched); malformed: the rank raises its own error, the others the mismatch."""
+    M = [[(i + 2 * j) % 3 + (i == j) for j in range(P)] for i in range(P)]
+    x = np.concatenate([block(R, d, M[R][d], "int8") for d in range(P)])
+    mine = [M[s][R] for s in range(P)]
+    want = np.concatenate([block(s, R, mine[s], "int8") for s in range(P)])
+    e = block(R, 0, 2 * P, "float64")
+    e_want = np.concatenate([block(s, 0, 2 * P, "float64")[2 * R:2 * R + 2] for s in range(P)])
+    for alg in ALLTOALL_ALGS:
+        out = np.empty_like(want)
+        for _ in range(3):
+            r = comm.alltoall(x, splits=M[R], recv_splits=mine, algorithm=alg, out=out)
+            assert r is out and (out == want).all(), alg
+            eo = np.empty_like(e_want)
+            assert comm.alltoall(e, recv_splits=[2] * P, algorithm=alg, out=eo) is eo and (eo == e_want).all()
+        if P == 1:
+            continue
+        # Rank 0 expects 2 rows from everyone and gets 2P in all, but not 2 from each: from P=3 rank 1 sends it
+        # 1 and the last rank 3, every other total staying 2P (rank 0's call is the equal one above, so its
+        # plan's); at P=2 it sends itself 1.
+        sp = [2] * P
+        if P == 2:
+            sp = [1, 3] if R == 0 else [3, 1]
+        elif R == 1:
+            sp[0], sp[-1] = 1, 3
+        elif R == P - 1:
+            sp[0], sp[-1] = 3, 1  # and itself 1: it gets 3 from rank 1
+        for _ in range(2):
+            eo = np.full_like(e_want, -5)
+            raises_everywhere("an unmet recv_splits", lambda: comm.alltoall(
+                e, splits=None if R == 0 and P > 2 else sp, recv_splits=[2] * P if R == 0 else None, algorithm=alg,
+                out=eo), CollectiveMismatchError)
+            assert (eo == -5).all(), "out written before the mismatch raised"
+    if P == 1:
+        return
+    raises_everywhere("recv_splits of the wrong length", lambda: comm.alltoall(e, recv_splits=[2] if R == 0 else None))
+    raises_everywhere("a negative recv_split", lambda: comm.alltoall(
+        e, recv_splits=[-1, 2 * P + 1] + [2] * (P - 2) if R == 0 else None))
+    raises_everywhere("recv_splits against out", lambda: comm.alltoall(
+        e, recv_splits=[3] * P if R == 0 else None, out=np.empty((2 * P, 3))))
+    y = comm.allgather(np.full((1,), R, np.int64))  # still in step
+    assert (y == np.arange(P)).all()
+
+
 cases.run("window inputs", window_cases)
 cases.run("async forms", async_forms)
 cases.run("0-d allgather", zero_d)
 cases.run("bad input", bad_input)
+cases.run("alltoall: one rank's blocks equal", one_rank_even)
+cases.run("alltoall recv_splits", recv_splits_cases)
 cases.finish()
