@@ -420,31 +420,36 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     row = int(np.prod(rs)) if rs else 1
     called = c.algorithm
     every, settled = _counts(c, comm, rank, size)
+    # As Python ints from here on: with a few ranks, NumPy's per-operation cost on these tiny arrays is most of
+    # a small call's time.
+    ev = every.tolist()
+    M: list[list[int]] | None = None
+    counts: list[int] | None = None
     if c.name == "alltoall":
-        M = every[:, :size]
-        recv = M[:, rank]
-        want = [int(M[:, q].sum()) for q in range(size)]
-        outs = every[:, size]
+        M = [r[:size] for r in ev]
+        cols = [list(col) for col in zip(*M)]  # cols[q]: what every rank sends rank q
+        recv = cols[rank]
+        want = [sum(col) for col in cols]
+        outs = [r[size] for r in ev]
     elif c.name == "scatter":
         recv = None
         want = list(c.splits)  # type: ignore[arg-type]
-        outs = every[:, 0]
+        outs = [r[0] for r in ev]
     else:
-        counts = every[:, 0]
-        total = int(counts.sum())
+        counts = [r[0] for r in ev]
+        total = sum(counts)
         want = [total if (c.name == "allgather" or q == c.root) else -1 for q in range(size)]
-        outs = every[:, 1]
-    bad = [(q, f"out has {int(outs[q])} rows, the result has {want[q]}") for q in range(size)
+        outs = [r[1] for r in ev]
+    bad = [(q, f"out has {outs[q]} rows, the result has {want[q]}") for q in range(size)
            if outs[q] >= 0 and want[q] >= 0 and outs[q] != want[q]]
     if bad:
         _fail_all(c, rank, size, bad)
     if c.name == "alltoall":
-        E = every[:, size + 1:]
-        bad = [(q, f"expects {E[q].tolist()} rows from ranks 0..{size - 1}, they send {M[:, q].tolist()}")
-               for q in range(size) if E[q, 0] >= 0 and (E[q] != M[:, q]).any()]
+        bad = [(q, f"expects {ev[q][size + 1:]} rows from ranks 0..{size - 1}, they send {cols[q]}")
+               for q in range(size) if ev[q][size + 1] >= 0 and ev[q][size + 1:] != cols[q]]
         if bad:  # what some rank sends another is not what that one expects: the ranks' calls differ
             _fail_all(c, rank, size, bad, CollectiveMismatchError)
-    equal = c.name == "allgather" and c.segs is None and bool((counts == counts[0]).all())
+    equal = c.name == "allgather" and c.segs is None and counts.count(counts[0]) == size  # type: ignore[union-attr]
     if equal and (c.algorithm in _FIXED_ONLY or (c.algorithm == "auto" and arena is None)):
         return fixed(c)
     alg = c.algorithm
@@ -452,11 +457,11 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         # From what every rank holds alike: the total of the counts, not this rank's own part.
         isz = dtype.itemsize * row
         if c.name == "alltoall":
-            nbytes = int(M.sum()) * isz // size
+            nbytes = sum(want) * isz // size
         elif c.name == "scatter":
             nbytes = sum(c.splits) * isz  # type: ignore[arg-type]
         else:
-            nbytes = int(counts.sum()) * isz // size
+            nbytes = total * isz // size
         alg = choose(("allgather" if equal else "allgatherv") if c.name == "allgather" else c.name, nbytes, dtype,
                      c.root)
         if alg in _FIXED_ONLY:  # a tuning table's pick for allgather that only the fixed-size path runs
@@ -471,15 +476,14 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         out = c.out if c.out is not None else np.empty((n_out, *rs), dtype)  # type: ignore[misc]
     if c.name == "alltoall":
         assert recv is not None  # alltoall's, set above
-        c.received = [int(v) for v in recv]
-    cnts = counts if c.name in ("gather", "allgather") else None
-    move = _mover(c, alg, every, cnts, row, rank, size, comm, MPI, executor, nodes, arena)
+        c.received = recv
+    move = _mover(c, alg, M, counts, row, rank, size, comm, MPI, executor, nodes, arena)
     if (huge is not None and alg == "native"
             and max(c.x.nbytes if c.x is not None else 0, n_out * row * dtype.itemsize) >= CMA_MIN_BYTES):
         move = _noting(move, huge)  # decided once: a plan reruns these counts, and small calls keep their frame
     if c.posted and alg == "shm":  # every rank's bytes are in the arena already: read them
         assert arena is not None  # posted only through the arena
-        _shm_mover(c, every, cnts, row, rank, size, arena, posted=True)(c.x, out, seq)
+        _shm_mover(c, M, counts, row, rank, size, arena, posted=True)(c.x, out, seq)
     else:
         move(c.x, out, seq)
     if settled and c.sig is not None and c.name in ("alltoall", "allgather", "gather") and c.known is not None:
@@ -489,7 +493,7 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         posts = False
         if (alg == "shm" or c.segs is not None) and c.post is not None:
             ar = arena()  # type: ignore[misc]  # shm and windows only with an arena
-            sizes, reads = _shm_layout(c, every, cnts, row, rank, size)  # in elements
+            sizes, reads = _shm_layout(c, M, counts, row, rank, size)  # in elements
             fits = max(sizes) <= ar.chunk_elems(dtype)
             posts = alg == "shm" and single_copy(ar, [n * dtype.itemsize for n in sizes])
             # A window's inputs are read where they lie (two phases), except where the ranks share cores and every
@@ -512,8 +516,8 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     return res
 
 
-def _mover(c: VCall, alg: str, every: np.ndarray, counts: Any, row: int, rank: int, size: int, comm: Any, MPI: Any,
-           executor: Any, nodes: tuple[int, ...], arena: Callable[[], Any] | None
+def _mover(c: VCall, alg: str, M: list[list[int]] | None, counts: list[int] | None, row: int, rank: int, size: int,
+           comm: Any, MPI: Any, executor: Any, nodes: tuple[int, ...], arena: Callable[[], Any] | None
            ) -> Callable[[np.ndarray | None, np.ndarray | None, int], None]:
     """``move(x, out, seq)``: the data movement of call ``c`` by ``alg`` for these counts, from any C-contiguous
     ``x`` into any ``out`` of this call's shapes (None where this rank has none), as op ``seq``.
@@ -526,31 +530,33 @@ def _mover(c: VCall, alg: str, every: np.ndarray, counts: Any, row: int, rank: i
     name = c.name
     if alg == "shm":
         assert arena is not None  # shm only where there is an arena (see run_variable)
-        return _shm_mover(c, every, counts, row, rank, size, arena)
+        return _shm_mover(c, M, counts, row, rank, size, arena)
     if c.segs is not None:  # the window path: every rank's input is in one comm.alloc window
         assert arena is not None  # a window exists only with the arena
-        read = arena().window_reader(c.segs, _shm_layout(c, every, counts, dtype.itemsize * row, rank, size)[1])
+        read = arena().window_reader(c.segs, _shm_layout(c, M, counts, dtype.itemsize * row, rank, size)[1])
 
         def move_window(x: np.ndarray | None, o: np.ndarray | None, seq: int) -> None:
             read(o)  # type: ignore[arg-type]
         return move_window
     if name == "alltoall":
-        M = every[:, :size]
-        sc = [int(v) * row for v in M[rank]]
-        rc = [int(v) * row for v in M[:, rank]]
+        assert M is not None  # alltoall's matrix
+        sc = [v * row for v in M[rank]]
+        rc = [M[q][rank] * row for q in range(size)]
         if alg == "native":
-            return _native_mover(comm, MPI, "alltoall", dtype, sc, rc, 0, rank, bool((M == M[0, 0]).all()))
-        counts_e = tuple(tuple(int(v) * row for v in M[i]) for i in range(size))
+            b = M[0][0]
+            return _native_mover(comm, MPI, "alltoall", dtype, sc, rc, 0, rank,
+                                 all(r.count(b) == size for r in M))
+        counts_e = tuple(tuple(v * row for v in M[i]) for i in range(size))
         sched = topologies.build(alg, "alltoall", size, sum(map(sum, counts_e)), counts=counts_e)
         vname, root = "alltoall", 0
     elif name == "scatter":
-        ce = [int(v) * row for v in c.splits]  # type: ignore[union-attr]
+        ce = [v * row for v in c.splits]  # type: ignore[union-attr]
         if alg == "native":
             return _native_mover(comm, MPI, "scatter", dtype, ce, ce, c.root, rank)
         sched = topologies.build("tree", "scatter", size, sum(ce), c.root, counts=ce)
         vname, root = "scatter", c.root
     else:
-        ce = [int(v) * row for v in counts]
+        ce = [v * row for v in counts]  # type: ignore[union-attr]
         vname = "gather" if name == "gather" else "allgatherv"
         if alg == "native":
             return _native_mover(comm, MPI, vname, dtype, ce, ce, c.root, rank)
@@ -586,12 +592,13 @@ def single_copy(ar: Any, sizes: list[int]) -> bool:
     return max(sizes) > ar.chunk
 
 
-def _shm_mover(c: VCall, every: np.ndarray, counts: Any, row: int, rank: int, size: int, arena: Callable[[], Any],
-               posted: bool = False) -> Callable[[np.ndarray | None, np.ndarray | None, int], None]:
+def _shm_mover(c: VCall, M: list[list[int]] | None, counts: list[int] | None, row: int, rank: int, size: int,
+               arena: Callable[[], Any], posted: bool = False
+               ) -> Callable[[np.ndarray | None, np.ndarray | None, int], None]:
     """:func:`_mover` for shm (``posted``: only the reads, see ``ShmArena.scatter_bytes``): by single copy where
     :func:`single_copy` says so (decided at each call: the node's verdict may be switched off), else through the
     arena's regions."""
-    sizes, reads = _shm_layout(c, every, counts, c.dtype.itemsize * row, rank, size)  # type: ignore[union-attr]
+    sizes, reads = _shm_layout(c, M, counts, c.dtype.itemsize * row, rank, size)  # type: ignore[union-attr]
     ar = arena()
     scatter_bytes = ar.scatter_bytes
     empty = np.empty(0, np.uint8)
@@ -614,18 +621,19 @@ def _shm_mover(c: VCall, every: np.ndarray, counts: Any, row: int, rank: int, si
     return move_shm
 
 
-def _shm_layout(c: VCall, every: np.ndarray, counts: Any, isz: int, rank: int,
+def _shm_layout(c: VCall, M: list[list[int]] | None, counts: list[int] | None, isz: int, rank: int,
                 size: int) -> tuple[list[int], list[tuple[int, int, int, int]]]:
     """The call over the node's shm arena (every rank posts its input once, reads its parts from the others'):
-    every rank's posted bytes, and this rank's reads as (rank, offset in its bytes, count, offset in ``out``)."""
+    every rank's posted bytes, and this rank's reads as (rank, offset in its bytes, count, offset in ``out``).
+    ``M``: alltoall's rows from each rank to each; ``counts``: allgather's and gather's rows of each rank."""
     reads: list[tuple[int, int, int, int]] = []
     if c.name == "alltoall":
-        M = every[:, :size]
-        sizes = [int(M[q].sum()) * isz for q in range(size)]
+        assert M is not None  # alltoall's matrix
+        sizes = [sum(r) * isz for r in M]
         dst = 0
         for q in range(size):
-            off = int(M[q, :rank].sum()) * isz
-            n = int(M[q, rank]) * isz
+            off = sum(M[q][:rank]) * isz
+            n = M[q][rank] * isz
             reads.append((q, off, n, dst))
             dst += n
     elif c.name == "scatter":
@@ -634,7 +642,7 @@ def _shm_layout(c: VCall, every: np.ndarray, counts: Any, isz: int, rank: int,
         off = sum(c.splits[:rank]) * isz  # type: ignore[index]
         reads.append((c.root, off, c.splits[rank] * isz, 0))  # type: ignore[index]
     else:
-        sizes = [int(v) * isz for v in counts]
+        sizes = [v * isz for v in counts]  # type: ignore[union-attr]
         if c.name == "allgather" or rank == c.root:  # gather writes the root's out only
             dst = 0
             for q in range(size):
