@@ -490,9 +490,9 @@ class Communicator:
 
     def _vrun(self, key: tuple, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool) -> Any:
         """Alltoall (equal blocks; expected from every rank: ``key[-2]``), allgather or gather (``key[0]``;
-        gather's root: ``key[-1]``) with the NumPy arguments of ``key``: a repeat from its plan where there is one, else the ordinary path, keeping the plan
-        it leaves and binding it to these very arrays for the next call (``Preparer.vhot``; see
-        ``Sequencer.vrepeat``)."""
+        gather's root: ``key[-1]``) with the NumPy arguments of ``key``: a repeat from its plan where there is
+        one, else the ordinary path, keeping the plan it leaves and binding it to these very arrays for the next
+        call (``Preparer.vhot``; see ``Sequencer.vrepeat``)."""
         vplans = self._vplans
         plan = vplans.get(key)
         if plan is not None:
