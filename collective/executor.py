@@ -144,6 +144,21 @@ def compile_plan(sched: Schedule, rank: int, itemsize: int, segment_bytes: int) 
     return Plan(sched, rank, itemsize, tuple(steps), scratch, max_tag, buffers, extents)
 
 
+def _channel_segments(sched: Schedule, itemsize: int, segment_bytes: int) -> int:
+    """The most segments any channel (sender -> receiver) of ``sched`` carries, cut as :func:`compile_plan` cuts
+    them: the same number on every rank, since it counts every rank's sends (a receive is cut as its send is)."""
+    seg = max(1, segment_bytes // itemsize)
+    most = 0
+    for steps in sched.steps:
+        sent: dict[int, int] = {}
+        for step in steps:
+            for s in step.sends:
+                sent[s.peer] = sent.get(s.peer, 0) + (s.stop - s.start + seg - 1) // seg
+        if sent:
+            most = max(most, max(sent.values()))
+    return most
+
+
 def no_reduction(*args: Any, **kwargs: Any) -> Any:
     """The reduction of a plan run with ufunc None: only a plan without reducing receives may be, so never called."""
     raise CollectiveValueError("executor: the plan reduces what it receives, but no ufunc was given")
@@ -174,10 +189,11 @@ class Executor:
         p = self._plans.get(key)
         if p is None or p.schedule is not sched:
             seg_bytes = self.options.segment_bytes
-            p = compile_plan(sched, self.backend.rank, itemsize, seg_bytes)
-            while p.max_tag >= (1 << self.counter_bits):  # too many segments for the tag space: use bigger ones
+            # Too many segments on some channel for the tag space: bigger ones. Counted over every rank's channels,
+            # not this rank's: both ends of a channel must cut its transfers alike.
+            while _channel_segments(sched, itemsize, seg_bytes) > (1 << self.counter_bits):
                 seg_bytes *= 2
-                p = compile_plan(sched, self.backend.rank, itemsize, seg_bytes)
+            p = compile_plan(sched, self.backend.rank, itemsize, seg_bytes)
             if len(self._plans) > 512:
                 self._plans.clear()
             self._plans[key] = p

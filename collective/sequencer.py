@@ -865,8 +865,9 @@ class Sequencer:
             check = self.check
             fp = check.fingerprints
             if (self.pending or self.broken is not None or fp is None or fp.detail or check.nan_check
-                    or (plan.arena is not None and plan.arena is not self.engine.arena)):
-                return MISS
+                    or (plan.arena is not None and plan.arena is not self.engine.arena)
+                    or (plan.cma is not None and plan.cma is (getattr(self.engine.arena, "cma", None) is None))):
+                return MISS  # (the last: single copy went since the plan was made, so "auto" picks again)
             self.seq = seq = self.seq + 1
             recorder = self.recorder  # its begin, written out (every frame counts at small sizes)
             rec = recorder.slots[seq % recorder.length]

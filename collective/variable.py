@@ -145,14 +145,18 @@ class VPlan:
             QuickScatter; else None.
         posts: ``move`` reads by single copy, so a repeat posts its input's address before the check
             (``ShmArena.post_input``).
+        cma: whether the node's arena had cross-memory access when the plan was made (what "auto" picked may rest
+            on it; None: made without the arena). A repeat where that changed since (a failed single-copy transfer
+            switches it off on every rank of the node at once) takes the ordinary path, which picks again, as a rank
+            without a plan does.
     """
 
     __slots__ = ("name", "shape", "dtype", "algorithm", "ran", "sig", "post", "pairs", "n_out", "row_shape",
-                 "received", "move", "arena", "quick", "posts", "root", "recv_equal")
+                 "received", "move", "arena", "quick", "posts", "root", "recv_equal", "cma")
 
     def __init__(self, c: VCall, algorithm: str, pairs: tuple[int, ...], n_out: int,
                  move: Callable[[np.ndarray, np.ndarray, int], None], arena: Any, quick: Any = None,
-                 posts: bool = False) -> None:
+                 posts: bool = False, cma: bool | None = None) -> None:
         self.name, self.shape, self.dtype, self.algorithm, self.ran = c.name, c.shape, c.dtype, algorithm, c.algorithm
         self.sig, self.post, self.pairs, self.n_out, self.row_shape = c.sig, c.post, pairs, n_out, c.row_shape
         self.received = c.received
@@ -160,6 +164,7 @@ class VPlan:
         self.posts = posts
         self.root = c.root
         self.recv_equal = c.recv_splits is not None
+        self.cma = cma
 
 
 class VHot:
@@ -507,7 +512,8 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
                 quick = QuickScatter(ar, dtype, sizes, reads, own[0] if c.name == "alltoall" else None, c.post[:2],
                                      pairs)
         shm_arena = arena() if alg == "shm" or c.segs is not None else None  # type: ignore[misc]
-        c.plan = VPlan(c, called, pairs, n_out, move, shm_arena, quick, posts)
+        cma = None if arena is None else arena().cma is not None  # made already: the check (on) is fenced in it
+        c.plan = VPlan(c, called, pairs, n_out, move, shm_arena, quick, posts, cma)
     if out is None:
         return None
     res = _finish(c, out)

@@ -79,7 +79,7 @@ def test_shm_single_copy(nprocs: int) -> None:
         pytest.skip("this machine forbids cross-memory attach between processes (the probe and a direct "
                     "process_vm_readv agree): the copy-in path ran")
     assert "SINGLE_COPY yes" in res.output
-    assert count_passed(res) == 30
+    assert count_passed(res) == 31
 
 
 @pytest.mark.parametrize("nprocs", [3, 4])

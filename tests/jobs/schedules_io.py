@@ -156,6 +156,28 @@ def main() -> None:
         cases.run(f"gather every root {root}", lambda root=root, s=s, seed=seed: job.gather(s, root, np.dtype("float64"), seed))
         cases.run(f"scatter every root {root}",
                   lambda root=root, s=s, seed=seed: job.scatter(s, root, np.dtype("float64"), seed))
+    # An MPI whose tag bound is the standard's least (32767) leaves 4096 segments a channel. Rank 1's block, in
+    # 64-byte segments, takes more: every rank's plan then cuts bigger segments, also where its own channels stay
+    # below that (rank 2's), since both ends of a channel must cut its transfers alike.
+    if P >= 3:
+        narrow = MPIBackend(require_mpi().COMM_WORLD)
+        narrow.tag_ub = 32767
+        tight = Executor(narrow, ExecutorOptions(segment_bytes=64))
+        assert tight.counter_bits == 12, tight.counter_bits
+        wide = [1, 4097 * 64 + 5, 3 * 64 + 7] + [2] * (P - 3)
+
+        def narrow_tags(kind: str, root: int, dt: np.dtype) -> None:
+            saved = job.ex
+            job.ex = tight
+            try:
+                getattr(job, kind)(wide if root == 0 else wide[::-1], root, dt, 7)
+            finally:
+                job.ex = saved
+        for kind in ("gather", "scatter"):
+            for root in (0, P - 1):
+                for name in ("int8", "float64"):
+                    cases.run(f"{kind} past the tag space of one channel root={root} {name}",
+                              lambda kind=kind, root=root, dt=np.dtype(name): narrow_tags(kind, root, dt))
     # Bad buffers are refused before anything is sent, on the rank that has them, naming buffer and rank.
     def refused(sched, buffers: dict, itemsize: int, words: tuple[str, ...]) -> None:
         try:

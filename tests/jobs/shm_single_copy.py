@@ -576,6 +576,38 @@ def one_rank_raises_inside() -> None:
         sub.close()
 
 
+def plan_after_losing_single_copy() -> None:
+    # An allgather of 9 MiB a rank by "auto" picks shm by single copy where every rank has a core of its own and the
+    # node allows it, MPI's own once a failed transfer has switched single copy off. Rank 0 repeats from its plan,
+    # the others pass strided views (the ordinary path, which picks at every call): after the loss rank 0's plan
+    # must pick again too, not copy through the window while the others wait in MPI's allgatherv.
+    sub = comm.split(0)
+    assert sub is not None and sub.node_arena().cma is not None
+    try:
+        n = (9 << 20) // 4
+        full = [np.arange(2 * n, dtype=np.float32) + q for q in range(P)]
+        x = full[R][:n].copy() if R == 0 else full[R][::2]
+        want = np.concatenate([full[q][:n] if q == 0 else full[q][::2] for q in range(P)])
+        for k in range(2):
+            assert np.array_equal(sub.allgather(x), want), f"rank {R}: allgather {k} with single copy"
+        m = CMA_MIN_BYTES // 2 + 3
+        h = np.zeros(m, np.float16)
+        s0, s1 = sub.node_arena().slice_of(m, P - 1)
+        h[s0:s1] = 60000  # P times it is past float16's largest: the last rank's transfer fails
+        with np.errstate(over="raise"):
+            try:
+                sub.allreduce(h, algorithm="shm")
+            except CollectiveError:
+                pass
+            else:
+                raise AssertionError(f"rank {R}: the overflow in the last rank's slice raised nothing")
+        assert sub.node_arena().cma is None, f"rank {R}: single copy still on after a failed transfer"
+        for k in range(2):
+            assert np.array_equal(sub.allgather(x), want), f"rank {R}: allgather {k} after single copy was lost"
+    finally:
+        sub.close()
+
+
 def huge_pages_native() -> None:
     # MPI's own alltoall of large arrays on 4 KiB pages, again and again: both arrays go on huge pages by the
     # HugePages.after-th call (the first call posts the input for the check as well), and every result is right.
@@ -673,6 +705,7 @@ if available:
     cases.run("unchecked sizes raise", unchecked_sizes)
     cases.run("unchecked roots raise", unchecked_roots)
     cases.run("an error of one rank's transfers raises everywhere", one_rank_raises_inside)
+    cases.run("a repeat's plan after the node lost single copy", plan_after_losing_single_copy)
     cases.run("huge pages for repeated arrays", huge_pages)
     cases.run("huge pages for MPI's own repeated calls", huge_pages_native)
 cases.run("switched off", switched_off)
