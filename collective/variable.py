@@ -238,33 +238,24 @@ def _splits(name: str, splits: Any, rows: int, size: int, fail: Callable[[type, 
                                              f"(a list of {size} row counts)")
         base, extra = divmod(rows, size)
         return tuple(base + (1 if i < extra else 0) for i in range(size))
-    try:
-        s = tuple(int(v) for v in splits)
-        ok = all(int(v) == v for v in splits)
-    except (TypeError, ValueError):
-        raise fail(CollectiveValueError, f"splits {splits!r} is not a list of {size} row counts") from None
-    if not ok or len(s) != size:
-        raise fail(CollectiveValueError, f"splits has {len(s)} entries; it needs one row count per rank ({size})")
-    if min(s) < 0:
-        raise fail(CollectiveValueError, f"splits {list(s)} has a negative count")
-    if sum(s) != rows:
-        raise fail(CollectiveValueError, f"splits {list(s)} add up to {sum(s)} rows, but the input has {rows}")
-    return s
+    return _row_counts("splits", splits, size, rows, "the input", fail)
 
 
-def _recv_splits(recv_splits: Any, size: int, out_rows: int, fail: Callable[[type, str], CollectiveError]) -> tuple:
-    """alltoall's ``recv_splits`` as a tuple of ``size`` row counts, checked against ``out``'s rows (-1: none)."""
+def _row_counts(what: str, values: Any, size: int, total: int, total_of: str,
+                fail: Callable[[type, str], CollectiveError]) -> tuple:
+    """``values`` (argument ``what``) as a tuple of ``size`` non-negative row counts adding up to ``total`` rows,
+    which ``total_of`` holds (-1: any total)."""
     try:
-        s = tuple(int(v) for v in recv_splits)
-        ok = all(int(v) == v for v in recv_splits)
+        s = tuple(int(v) for v in values)
+        ok = all(int(v) == v for v in values)
     except (TypeError, ValueError):
-        raise fail(CollectiveValueError, f"recv_splits {recv_splits!r} is not a list of {size} row counts") from None
+        raise fail(CollectiveValueError, f"{what} {values!r} is not a list of {size} row counts") from None
     if not ok or len(s) != size:
-        raise fail(CollectiveValueError, f"recv_splits has {len(s)} entries; it needs one row count per rank ({size})")
+        raise fail(CollectiveValueError, f"{what} has {len(s)} entries; it needs one row count per rank ({size})")
     if min(s) < 0:
-        raise fail(CollectiveValueError, f"recv_splits {list(s)} has a negative count")
-    if out_rows >= 0 and sum(s) != out_rows:
-        raise fail(CollectiveValueError, f"recv_splits {list(s)} add up to {sum(s)} rows, but out has {out_rows}")
+        raise fail(CollectiveValueError, f"{what} {list(s)} has a negative count")
+    if total >= 0 and sum(s) != total:
+        raise fail(CollectiveValueError, f"{what} {list(s)} add up to {sum(s)} rows, but {total_of} has {total}")
     return s
 
 
@@ -341,7 +332,7 @@ def prepare_variable(name: str, x: Any, root: int, splits: Any, algorithm: str |
     if recv_splits is not None:
         if name != "alltoall":
             raise fail(CollectiveValueError, "recv_splits= is only for alltoall")
-        rs = _recv_splits(recv_splits, size, -1 if o is None else int(o.shape[0]), fail)
+        rs = _row_counts("recv_splits", recv_splits, size, -1 if o is None else int(o.shape[0]), "out", fail)
     c = VCall(name, root, alg, arr, sp, o, out, wrap, return_splits, rs)
     c.segs = segs
     if arr is not None:
