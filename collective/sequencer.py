@@ -106,7 +106,10 @@ class OpRecord:
         elif self.op == "barrier":
             s = f"#{self.seq} barrier"
         else:
-            s = f"#{self.seq} {self.op} shape {tuple(self.shape)} {self.dtype} algorithm {self.algorithm}"
+            # A scatter off its root has neither shape nor dtype of its own (the root's rows define them).
+            shape = "-" if self.shape is None else tuple(self.shape)
+            dtype = "-" if self.dtype is None else self.dtype
+            s = f"#{self.seq} {self.op} shape {shape} {dtype} algorithm {self.algorithm}"
             if self.root is not None:
                 s += f" root {self.root}"
         th = self.thread

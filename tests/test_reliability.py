@@ -235,6 +235,9 @@ def test_flight_recorder_keeps_the_last_n_and_summarises_older_ones() -> None:
     assert any("5 x allreduce shape (4,) float32 algorithm ring (#11..#19)" in ln for ln in lines), lines
     assert lines[-1].startswith("  #40 broadcast shape (4,) float32 algorithm ring root 0")
     assert [r.seq for r in st.recorder.records()] == list(range(11, 41))
+    # A scatter off its root records no shape or dtype (the root's rows define them): its line still prints.
+    st.recorder.end(st.recorder.begin(41, "scatter", None, None, "auto", 0))
+    assert wd.trace_lines()[-1].startswith("  #41 scatter shape - - algorithm auto root 0"), wd.trace_lines()[-1]
 
 
 def test_deadline_aborts_a_blocked_call() -> None:
