@@ -963,6 +963,28 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                 f"{lo.tolist()} .. {hi.tolist()} elements" + (", and some rank's input is not the size its own "
                                                                "output expects" if bad else ""))
 
+    def _agree_gather(self, x: torch.Tensor, sizes: list[int], root: int) -> None:
+        """Before a gather: what each rank sends must be what the root's output tensors hold, else every rank raises.
+
+        Only the root knows its outputs' sizes and only each rank its own input's, so one allreduce (max) joins
+        them: slot r holds rank r's input size, slots P.. the root's output sizes. Without it a rank sending
+        another size than the root expects would raise on the root only, after the data moved, or (the total
+        unchanged) cut the root's outputs in the wrong places.
+        """
+        comm, P = self._comm, self._comm.size
+        v = np.full(2 * P, -1, np.int64)
+        v[comm.rank] = x.numel()
+        if comm.rank == root:
+            v[P:] = sizes
+        m = comm.allreduce(v, op="max")
+        sent, want = m[:P], m[P:]
+        if (sent != want).any():
+            bad = [r for r in range(P) if sent[r] != want[r]]
+            raise CollectiveValueError(
+                f"{self._where('gather', x)}: the root's output tensors (rank {root}) expect other sizes than the "
+                f"ranks send: rank(s) {bad} send {sent[bad].tolist()} elements, the root's outputs hold "
+                f"{want[bad].tolist()}. Nothing was gathered; every rank raises this error")
+
     def allgather_coalesced(self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor],
                             opts: Any = None) -> Any:
         if opts is None:
@@ -1163,6 +1185,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                 self._check(o, "gather")
                 if o.dtype != x.dtype:
                     raise CollectiveTypeError(f"{self._where('gather', x)}: output dtype {o.dtype} is not the input's")
+        if type(root) is int and 0 <= root < comm.size:  # (a bad root: the library's call below says so everywhere)
+            self._agree_gather(x, [o.numel() for o in outs], root)
 
         def place(res: Any) -> None:
             if comm.rank != root:
@@ -1199,23 +1223,14 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         else:
             a, splits = None, None
 
-        # Straight into the output where it is contiguous and its dtype has a NumPy view (the library then checks
-        # every rank's output size against the root's splits before anything moves).
-        o = _array(y).reshape(-1) if y.is_contiguous() and y.numel() and y.dtype in _PLAIN else None
-
-        def place(res: Any) -> None:
-            if o is not None:
-                return
-            if res.size != y.numel():
-                raise CollectiveValueError(f"{self._where('scatter', y)}: received {res.size} elements from rank "
-                                           f"{root}, the output holds {y.numel()}")
-            y.copy_(_tensor(np.ascontiguousarray(res).reshape(-1), y.dtype).reshape(y.shape))
-
-        if opts.asyncOp:
-            wk = self._comm.scatter_async(a, root=root, splits=splits, out=o)
-            return self._completer.add([wk], lambda: place(wk.wait()), outputs, "scatter")
-        place(fn(a, root=root, splits=splits, out=o))
-        return self._sync_done
+        # Always through out= (the output itself where contiguous, else a contiguous stand-in copied back after):
+        # the library then checks every rank's output size against the root's splits before anything moves, so a
+        # piece that does not fit raises on every rank and writes nothing, whatever the output's dtype or strides.
+        w, back = _work_tensor(y)
+        o = _array(w).reshape(-1)
+        return self._finish(opts.asyncOp, "scatter",
+                            (lambda: comm.scatter_async(a, root=root, splits=splits, out=o)) if opts.asyncOp else
+                            (lambda: fn(a, root=root, splits=splits, out=o)), back, outputs)
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> Any:
         t = self._one(tensors, "send")

@@ -445,15 +445,22 @@ def case_gather_scatter() -> None:
         mine = [None]
         dist.scatter_object_list(mine, [("to", r, list(range(r))) for r in range(P)] if R == root else None, src=root)
         assert mine == [("to", R, list(range(R)))], mine
-    # A root whose outputs cannot hold what the ranks send raises there, naming the call (the others finish).
+    # Outputs on the root that do not match what the ranks send: every rank raises before anything moves, and no
+    # output is written, sync and async; also where the total fits but rank 0 sends more and rank 1 less than the
+    # root expects (which would otherwise cut the root's outputs in the wrong places).
     if P > 1:
-        x = torch.ones(3)
-        outs = [torch.empty(2) for _ in range(P)] if R == 0 else None
-        try:
-            dist.gather(x, outs, dst=0)
-            assert R != 0, "gather into outputs of the wrong size did not raise on the root"
-        except col.CollectiveValueError as exc:
-            assert R == 0 and "gather" in str(exc) and "elements" in str(exc), str(exc)
+        for async_op in (False, True):
+            for mine, want in ((3, [2] * P), (5 if R == 0 else 3 if R == 1 else 4, [4] * P)):
+                x = torch.full((mine,), float(R))
+                outs = [torch.full((n,), -1.0) for n in want] if R == 0 else None
+                try:
+                    w = dist.gather(x, outs, dst=0, async_op=async_op)
+                    if async_op:
+                        w.wait()
+                    raise AssertionError(f"gather of {mine} elements into outputs of {want} did not raise on rank {R}")
+                except col.CollectiveValueError as exc:
+                    assert f"gather on rank {R} of {P}" in str(exc) and "root's outputs hold" in str(exc), str(exc)
+                assert R != 0 or all((o == -1).all() for o in outs), outs
         # A scatter whose piece for rank 1 does not fit rank 1's output: every rank raises before anything moves
         # (rank 1 naming its output), and no output is written.
         out = torch.full((2,), -1.0)
@@ -465,6 +472,22 @@ def case_gather_scatter() -> None:
             assert "scatter" in str(exc) and "rank 1: out has 2 rows, the result has 3" in str(exc), str(exc)
             assert isinstance(exc, col.CollectiveValueError) == (R == 1), (R, type(exc))
         assert (out == -1).all(), out
+        # The same for outputs that the library cannot receive into directly: bfloat16, bool, strided, empty.
+        for dtype, strided, n in ((torch.bfloat16, False, 2), (torch.bool, False, 2), (torch.float32, True, 2),
+                                  (torch.float32, False, 0)):
+            for async_op in (False, True):
+                base = torch.zeros((n if R == 1 else 2, 2), dtype=dtype)
+                out = base[:, 0] if strided else base.reshape(-1)[:n if R == 1 else 2]
+                ins = [torch.ones(3 if r == 1 else 2, dtype=dtype) for r in range(P)] if R == 0 else None
+                what = f"scatter into a {dtype} output (strided {strided}, {n} elements on rank 1) async={async_op}"
+                try:
+                    w = dist.scatter(out, ins, src=0, async_op=async_op)
+                    if async_op:
+                        w.wait()
+                    raise AssertionError(f"{what} did not raise on rank {R}")
+                except col.CollectiveError as exc:
+                    assert "scatter" in str(exc) and "rank 1: out has" in str(exc), (what, str(exc))
+                assert not base.any(), (what, base)
 
 
 def case_all_gather_uneven() -> None:
