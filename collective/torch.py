@@ -39,6 +39,7 @@ import socket
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -815,6 +816,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         comm, works, posts = self._comm, [], []
         for t in tensors:
             self._check(t, "all_reduce_coalesced")
+        self._agree_list(tensors, opts.reduceOp.op, "all_reduce_coalesced")
+        for t in tensors:
             _, a, name, post = self._reduce_args(t, opts.reduceOp, "all_reduce_coalesced")
             if opts.asyncOp:
                 works.append(comm.allreduce_async(a, op=name, out=a))
@@ -823,6 +826,24 @@ class CollectiveProcessGroup(dist.ProcessGroup):
             posts.append(post)
         post = _chain(*posts)
         return self._finish(opts.asyncOp, "all_reduce_coalesced", lambda: works, post, tensors)
+
+    def _agree_list(self, tensors: list[torch.Tensor], op: Any, call: str) -> None:
+        """Before one call per tensor: every rank must pass as many tensors, of the same sizes and dtypes, with the
+        same op, else every rank raises with nothing written.
+
+        One allreduce (max) of a checksum of the list and its negative (so the minimum too). Without it a rank
+        with fewer tensors would return with its tensors reduced against the first of another rank's, and a
+        list that differs in its k-th tensor would raise only after the tensors before it were written.
+        """
+        sig = repr((str(op), [(t.numel(), str(t.dtype)) for t in tensors])).encode()
+        h = zlib.crc32(sig)
+        m = self._comm.allreduce(np.array([h, -h], np.int64), op="max")
+        if m[0] != -m[1]:
+            mine = [(tuple(t.shape), str(t.dtype)) for t in tensors]
+            raise CollectiveValueError(
+                f"{self._where(call)}: the ranks' tensor lists differ (count, sizes, dtypes or op); this rank has "
+                f"{len(tensors)} tensor(s) {mine[:8]}{' ...' if len(mine) > 8 else ''} and op {op}. Nothing was "
+                "reduced; every rank raises this error")
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> Any:  # type: ignore[override]
         if opts is None:

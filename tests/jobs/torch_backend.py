@@ -1153,6 +1153,20 @@ def case_mismatch_op() -> None:
     expect_mismatch(lambda: dist.all_reduce(torch.ones(4), op=RO.SUM if R else RO.MAX), "ops differ")
 
 
+def case_mismatch_coalesced() -> None:
+    """all_reduce_coalesced lists that differ in count or in a later tensor: every rank raises, nothing written."""
+    for async_op in (False, True):
+        for ts in ([torch.ones(4) for _ in range(2 + (R == 1))], [torch.ones(4), torch.ones(3 + (R == 1))]):
+            before = [t.clone() for t in ts]
+
+            def call() -> None:
+                w = dist.all_reduce_coalesced(ts, async_op=async_op)
+                if async_op:
+                    w.wait()
+            expect_mismatch(call, f"all_reduce_coalesced of {[tuple(t.shape) for t in ts]} async={async_op}")
+            assert all(torch.equal(a, b) for a, b in zip(ts, before)), f"written before the error: {ts}"
+
+
 def case_after_mismatch() -> None:
     t = torch.ones(2)
     dist.all_reduce(t)
@@ -1164,6 +1178,7 @@ if P > 1:
     run("mismatch", "mismatch: dtype", case_mismatch_dtype)
     run("mismatch", "mismatch: async shape", case_mismatch_async)
     run("mismatch", "mismatch: op", case_mismatch_op)
+    run("mismatch", "mismatch: all_reduce_coalesced lists", case_mismatch_coalesced)
     run("mismatch", "a call after the mismatches", case_after_mismatch)
 
 cases.finish()
