@@ -445,7 +445,8 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
                for q in range(size) if ev[q][size + 1] >= 0 and ev[q][size + 1:] != cols[q]]
         if bad:  # what some rank sends another is not what that one expects: the ranks' calls differ
             _fail_all(c, rank, size, bad, CollectiveMismatchError)
-    equal = c.name == "allgather" and c.segs is None and counts.count(counts[0]) == size  # type: ignore[union-attr]
+    equal = (c.name == "allgather" and c.segs is None
+             and counts.count(counts[0]) == size)  # type: ignore[union-attr,index]
     if equal and (c.algorithm in _FIXED_ONLY or (c.algorithm == "auto" and arena is None)):
         return fixed(c)
     alg = c.algorithm
