@@ -363,9 +363,9 @@ def _finish(c: VCall, out: np.ndarray) -> Any:
     return res
 
 
-def _counts(c: VCall, comm: Any, rank: int, size: int) -> tuple[np.ndarray, bool]:
+def _counts(c: VCall, comm: Any, rank: int, size: int, out_ok: bool = True) -> tuple[np.ndarray, bool]:
     """Every rank's counts and ``out`` rows: alltoall (P, 2P + 1) [splits, out rows, recv_splits or -1 each];
-    scatter (P, 1) [out rows];
+    scatter (P, 2) [out rows, whether its ``out`` holds the root's rows (``out_ok``)];
     allgather and gather (P, 2) [rows, out rows]; and whether the check settled them. From what the check
     exchanged where that settles them (``c.known``), else by one allgather."""
     known = c.known
@@ -382,7 +382,7 @@ def _counts(c: VCall, comm: Any, rank: int, size: int) -> tuple[np.ndarray, bool
     if c.name == "alltoall":
         mine = np.array([*c.splits, _out_rows(c), *(c.recv_splits or (-1,) * size)], np.int64)  # type: ignore[misc]
     elif c.name == "scatter":
-        mine = np.array([_out_rows(c)], np.int64)
+        mine = np.array([_out_rows(c), int(out_ok)], np.int64)
     else:
         mine = np.array([c.x.shape[0], _out_rows(c)], np.int64)  # type: ignore[union-attr]
     if size == 1:
@@ -408,14 +408,13 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
     if first is not None:
         first()  # the check, handed over as an arrival phase: nothing else to arrive at here
     rank, size = comm.Get_rank(), comm.Get_size()
-    if c.name == "scatter":
-        _scatter_header(c, comm, MPI, rank, size)
+    out_ok = _scatter_header(c, comm, MPI, rank, size) if c.name == "scatter" else True
     dtype = c.dtype
     assert dtype is not None  # scatter's came with the root's header
     rs = c.row_shape
     row = int(np.prod(rs)) if rs else 1
     called = c.algorithm
-    every, settled = _counts(c, comm, rank, size)
+    every, settled = _counts(c, comm, rank, size, out_ok)
     # As Python ints from here on: with a few ranks, NumPy's per-operation cost on these tiny arrays is most of
     # a small call's time.
     ev = every.tolist()
@@ -428,6 +427,10 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         want = [sum(col) for col in cols]
         outs = [r[size] for r in ev]
     elif c.name == "scatter":
+        bad = [(q, f"out does not hold rows of shape {rs} and dtype {dtype} (the root's)") for q in range(size)
+               if not ev[q][1]]
+        if bad:
+            _fail_all(c, rank, size, bad)
         recv = None
         want = list(c.splits)  # type: ignore[arg-type]
         outs = [r[0] for r in ev]
@@ -445,7 +448,8 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
                for q in range(size) if ev[q][size + 1] >= 0 and ev[q][size + 1:] != cols[q]]
         if bad:  # what some rank sends another is not what that one expects: the ranks' calls differ
             _fail_all(c, rank, size, bad, CollectiveMismatchError)
-    equal = c.name == "allgather" and c.segs is None and counts.count(counts[0]) == size  # type: ignore[union-attr]
+    equal = (c.name == "allgather" and c.segs is None
+             and counts.count(counts[0]) == size)  # type: ignore[union-attr,index]
     if equal and (c.algorithm in _FIXED_ONLY or (c.algorithm == "auto" and arena is None)):
         return fixed(c)
     alg = c.algorithm
@@ -648,8 +652,9 @@ def _shm_layout(c: VCall, M: list[list[int]] | None, counts: list[int] | None, i
     return sizes, reads
 
 
-def _scatter_header(c: VCall, comm: Any, MPI: Any, rank: int, size: int) -> None:
-    """The root's dtype, row shape and splits, on every rank (checked against the ranks' ``out``)."""
+def _scatter_header(c: VCall, comm: Any, MPI: Any, rank: int, size: int) -> bool:
+    """The root's dtype, row shape and splits, on every rank; whether this rank's ``out`` (if any) holds rows of
+    them (every rank learns every rank's answer with the counts, see :func:`_counts`)."""
     head = np.zeros(_HEADER + size, np.int64)
     if rank == c.root:
         x = c.x
@@ -670,13 +675,7 @@ def _scatter_header(c: VCall, comm: Any, MPI: Any, rank: int, size: int) -> None
     if rank != c.root:
         c.row_shape, c.splits = rs, tuple(int(v) for v in head[_HEADER:])
     c.dtype = dtype
-    ok = c.out is None or (c.out.dtype == dtype and c.out.shape[1:] == rs)
-    flags = np.empty(size, np.int64)
-    comm.Allgather(np.array([1 if ok else 0], np.int64), flags)
-    bad = [(q, f"out does not hold rows of shape {rs} and dtype {dtype} (the root's)") for q in range(size)
-           if not flags[q]]
-    if bad:
-        _fail_all(c, rank, size, bad)
+    return c.out is None or (c.out.dtype == dtype and c.out.shape[1:] == rs)
 
 
 def _noting(move: Callable[[np.ndarray | None, np.ndarray | None, int], None], huge: Any
