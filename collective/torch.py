@@ -639,6 +639,15 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         self.shutdown()
 
     # ---- helpers
+    def _refused(self, call: str, exc: CollectiveError, seq: int) -> None:
+        """This rank refused torch call ``call``'s arguments (``exc``): where no op of the communicator ran since
+        its sequence number was ``seq`` (the refusal is this layer's, before anything was sent), take part in
+        the op the other ranks are entering with a poison fingerprint, so that they raise naming this rank and
+        its error instead of waiting for it until the deadline (as the communicator's own calls do)."""
+        seqr = self._comm.sequencer
+        if seqr.seq == seq:
+            seqr.poison(call, exc)
+
     def _where(self, call: str, t: torch.Tensor | None = None) -> str:
         c = self._comm
         return describe(call, c.rank, c.size, None if t is None else tuple(t.shape), None if t is None else t.dtype)
@@ -765,10 +774,15 @@ class CollectiveProcessGroup(dist.ProcessGroup):
                     return None
                 return self._completer.add([self._comm.allreduce_async(a, op=name, out=a)], None, tensors,
                                            "all_reduce")
-        if len(tensors) == 1 and isinstance(tensors[0], torch.Tensor) and tensors[0].layout == torch.sparse_coo:
-            return self._sparse_allreduce(tensors[0], opts)
-        t = self._one(tensors, "all_reduce")
-        _, a, name, post = self._reduce_args(t, opts.reduceOp, "all_reduce")
+        seq = self._comm.sequencer.seq  # (the quick path above refuses nothing: it hands over or runs)
+        try:
+            if len(tensors) == 1 and isinstance(tensors[0], torch.Tensor) and tensors[0].layout == torch.sparse_coo:
+                return self._sparse_allreduce(tensors[0], opts)
+            t = self._one(tensors, "all_reduce")
+            _, a, name, post = self._reduce_args(t, opts.reduceOp, "all_reduce")
+        except CollectiveError as exc:
+            self._refused("all_reduce", exc, seq)
+            raise
         comm = self._comm
         if not opts.asyncOp:
             comm.allreduce(a, op=name, out=a)
@@ -1295,6 +1309,30 @@ def _tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(a.view(np.bool_))
     return torch.from_numpy(a)
 
+
+def _refusing(call: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Method ``fn`` of the group (torch call ``call``) whose own argument errors reach the other ranks (see
+    :meth:`CollectiveProcessGroup._refused`)."""
+    def method(self: CollectiveProcessGroup, *args: Any, **kwargs: Any) -> Any:
+        seq = self._comm.sequencer.seq
+        try:
+            return fn(self, *args, **kwargs)
+        except CollectiveError as exc:
+            self._refused(call, exc, seq)
+            raise
+    method.__name__, method.__qualname__, method.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return method
+
+
+for _m, _call in (("allreduce_coalesced", "all_reduce_coalesced"), ("reduce", "reduce"),
+                  ("reduce_scatter", "reduce_scatter"), ("reduce_scatter_single", "reduce_scatter_tensor"),
+                  ("broadcast", "broadcast"), ("allgather", "all_gather"),
+                  ("allgather_coalesced", "all_gather_coalesced"), ("all_gather_single", "all_gather_into_tensor"),
+                  ("all_gather_single_coalesced", "all_gather_into_tensor_coalesced"),
+                  ("reduce_scatter_single_coalesced", "reduce_scatter_tensor_coalesced"),
+                  ("alltoall_base", "all_to_all_single"), ("alltoall", "all_to_all"), ("gather", "gather"),
+                  ("scatter", "scatter")):
+    setattr(CollectiveProcessGroup, _m, _refusing(_call, getattr(CollectiveProcessGroup, _m)))
 
 #: How torch's calls reach our ops (several torch calls share one of ours), for stall reports.
 _TORCH_CALLS = {"allreduce": "all_reduce", "reduce": "reduce", "broadcast": "broadcast",

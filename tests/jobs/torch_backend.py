@@ -1167,6 +1167,44 @@ def case_mismatch_coalesced() -> None:
             assert all(torch.equal(a, b) for a, b in zip(ts, before)), f"written before the error: {ts}"
 
 
+def case_refused_arguments() -> None:
+    """One rank's arguments refused by the backend itself (an op its dtype has not, list lengths, the root's
+    outputs), sync and async: that rank raises its error at once, every other rank a mismatch naming it at once
+    (not at the deadline), and the group goes on in step."""
+    if P == 1:
+        return
+    bad = R == P - 1
+    calls = {
+        "BAND on floats": lambda a: dist.all_reduce(torch.ones(4), op=RO.BAND if bad else RO.SUM, async_op=a),
+        "all_to_all list": lambda a: dist.all_to_all([torch.empty(1) for _ in range(P + bad)],
+                                                     [torch.ones(1) for _ in range(P)], async_op=a),
+        "all_gather list": lambda a: dist.all_gather([torch.empty(2) for _ in range(P + bad)], torch.ones(2),
+                                                     async_op=a),
+        "the root's gather outputs": lambda a: dist.gather(
+            torch.ones(2), [torch.empty(2) for _ in range(P - 1)] if R == 0 else None, dst=0, async_op=a),
+    }
+    for what, call in calls.items():
+        for async_op in (False, True):
+            def go(call=call, async_op=async_op) -> None:
+                w = call(async_op)
+                if async_op and w is not None:
+                    w.wait()
+            t0 = time.monotonic()
+            try:
+                go()
+            except col.CollectiveError as exc:
+                took = time.monotonic() - t0
+                assert took < 5, f"{what}: raised after {took:.1f} s"
+                refuser = 0 if what == "the root's gather outputs" else P - 1
+                if R != refuser:
+                    assert isinstance(exc, col.CollectiveMismatchError) and f"rank {refuser}" in str(exc), str(exc)
+            else:
+                raise AssertionError(f"{what} async={async_op}: no error on rank {R}")
+    t = torch.ones(2)
+    dist.all_reduce(t)
+    same(t, torch.full((2,), float(P)), "a call after the refusals")
+
+
 def case_after_mismatch() -> None:
     t = torch.ones(2)
     dist.all_reduce(t)
@@ -1179,6 +1217,7 @@ if P > 1:
     run("mismatch", "mismatch: async shape", case_mismatch_async)
     run("mismatch", "mismatch: op", case_mismatch_op)
     run("mismatch", "mismatch: all_reduce_coalesced lists", case_mismatch_coalesced)
+    run("mismatch", "arguments one rank refuses", case_refused_arguments)
     run("mismatch", "a call after the mismatches", case_after_mismatch)
 
 cases.finish()
