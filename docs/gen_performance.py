@@ -66,11 +66,15 @@ RUNS = (
         VM,
         "Two ranks, one per core. allgatherv: rank r contributes in proportion to r + 1 (see the benchmark's "
         "help); `gloo` pads every block to the largest. `alloc`: the input in a `comm.alloc` window, which every "
-        "rank reads where it lies (into an `alloc`'d output). allgather: every rank's first dim the same.",
+        "rank reads where it lies (into an `alloc`'d output). allgather: every rank's first dim the same. "
+        "`memcpy`: every rank copying the same bytes locally at the same time, its copy speed over native's "
+        "busbw; an out-of-place alltoall writes every byte of its output at least once, so the copy's time is "
+        "a floor for any of the columns.",
         collectives=("alltoall", "allgatherv", "allgather")),
     Run("alltoall_allgatherv_p4", "Alltoall and allgather (uneven and equal), P = 4, one node", "collective-run -n 4",
         VM, "Four ranks on two cores: the shm phases wait in MPI's barrier, and `auto` takes `shm` (alltoall up to "
-        "4 MiB a rank).", collectives=("alltoall", "allgatherv", "allgather")),
+        "4 MiB a rank). `memcpy` as at P = 2: four ranks copying at once on the two cores.",
+        collectives=("alltoall", "allgatherv", "allgather")),
     Run("gpu_h100_nccl_p1", "GPU: CuPy arrays over NCCL, P = 1", "collective-run -n 1", H100,
         "One rank: NCCL needs a GPU per rank, so this measures the algorithms' overhead over NCCL's own, "
         "not transfers between GPUs. busbw factor 2(P-1)/P is 0 at P = 1, so the table shows algbw.",
