@@ -466,11 +466,12 @@ class Communicator:
         shared = self._engine.shared
         return None if shared is None else shared.whole(a)
 
-    def _vremake(self, name: str, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool,
-                 root: int = 0, expect: bool = False) -> Any:
+    def _vremake(self, name: str, x: np.ndarray | None, algorithm: Any, out: Any, return_splits: bool,
+                 root: int = 0, expect: bool = False, splits: Any = None) -> Any:
         """The prepared call of a repeat that its check sent down the ordinary path (``Sequencer.vprepare``)."""
-        return prepare_variable(name, x, root, None, algorithm, out, self.rank, self.size, self.algorithm,
-                                self.single_node, return_splits, self._window_of, _equal_recv(x, self.size, expect))
+        return prepare_variable(name, x, root, splits, algorithm, out, self.rank, self.size, self.algorithm,
+                                self.single_node, return_splits, self._window_of,
+                                None if x is None else _equal_recv(x, self.size, expect))
 
     def _vcall(self, name: str, x: np.ndarray, algorithm: Any, out: Any, return_splits: bool, root: int = 0,
                expect: bool = False) -> Any:
@@ -757,7 +758,55 @@ class Communicator:
 
             mine = comm.scatter(np.arange(10) if comm.rank == 0 else None, root=0)
         """
+        if type(root) is int and (type(x) is np.ndarray or x is None):  # (anything else: the full checks)
+            key = self._skey(x, root, splits, algorithm, out)
+            if key is not None:
+                return self._srun(key, x, root, splits, algorithm, out)
         return self._run(self._prepare_v("scatter", x, root, splits, algorithm, out))
+
+    def _skey(self, x: np.ndarray | None, root: int, splits: Any, algorithm: Any, out: Any) -> tuple | None:
+        """The key of a NumPy scatter in ``Preparer.vplans``: at the root :meth:`_vkey`'s with the splits (a tuple
+        of ints, or None) in place of ``expect``; elsewhere the ``out`` (None, or a writable C-contiguous NumPy
+        array), the algorithm and the root. None where the arguments need the full checks."""
+        if (x is None) is (root == self.rank):
+            return None  # a root without input, or input off the root: the full checks say so
+        if x is None:
+            if splits is not None or self._closed or not (algorithm is None or type(algorithm) is str):
+                return None
+            if out is None:
+                return "scatter", None, None, algorithm or self.algorithm, None, None, root
+            if type(out) is not np.ndarray:
+                return None
+            f = out.flags
+            if not (f.writeable and f.c_contiguous) or (shm_mod.RETIRED and not f.owndata):
+                return None
+            return "scatter", None, out.dtype, algorithm or self.algorithm, out.shape, None, root
+        if splits is not None:
+            if type(splits) is not list and type(splits) is not tuple or len(splits) != self.size:
+                return None
+            if not all(type(v) is int for v in splits):
+                return None
+            splits = tuple(splits)
+        key = self._vkey("scatter", x, algorithm, out, root, False)
+        return None if key is None else (*key[:-2], splits, root)
+
+    def _srun(self, key: tuple, x: np.ndarray | None, root: int, splits: Any, algorithm: Any, out: Any) -> Any:
+        """Scatter with the NumPy arguments of ``key``: a repeat from its plan where there is one (see
+        ``collective.variable.VPlan``: it runs only where every rank holds a plan of one op), else the ordinary
+        path, keeping the plan it leaves."""
+        vplans = self._vplans
+        plan = vplans.get(key)
+        if plan is not None:
+            r = self._seqr.vrepeat(plan, x, out, False, algorithm, key, None, splits)
+            if r is not MISS:
+                return r
+        c = self._prepare_v("scatter", x, root, splits, algorithm, out)
+        r = self._seqr.run(c)
+        if c.plan is not None:
+            if len(vplans) > 256:  # a program with endlessly many shapes: keep it bounded
+                vplans.clear()
+            vplans[key] = c.plan
+        return r
 
     def scatter_async(self, x: Any = None, root: int = 0, splits: Any = None, algorithm: str | None = None,
                       out: Any = None) -> Work:

@@ -268,10 +268,10 @@ class Sequencer:
         self.ordinary = ordinary
         self._templates = prep.templates
         self._finish_avg = engine.finish_avg
-        #: ``vprepare(name, x, algorithm, out, return_splits, root, expect)``: the prepared call
-        #: (``collective.variable.VCall``) of an alltoall, allgather or gather that :meth:`vrepeat` hands to the
-        #: ordinary path after its check; set by the communicator.
-        self.vprepare: Callable[[str, np.ndarray, Any, Any, bool, int, bool], Any] | None = None
+        #: ``vprepare(name, x, algorithm, out, return_splits, root, expect, splits)``: the prepared call
+        #: (``collective.variable.VCall``) of an alltoall, allgather, gather or scatter that :meth:`vrepeat` hands to
+        #: the ordinary path after its check; set by the communicator.
+        self.vprepare: Callable[[str, Any, Any, Any, bool, int, bool, Any], Any] | None = None
         #: The communicator's point-to-point messages (``collective.p2p.PointToPoint``), once attached.
         self.p2p: Any = None
         #: Elastic mode: ``fault(name, exc, started)`` -> the error a failed op raises instead of ``exc`` (None:
@@ -814,10 +814,11 @@ class Sequencer:
                 b.key = b.c = None
         return r
 
-    def vrepeat(self, plan: Any, x: np.ndarray, out: np.ndarray | None, return_splits: bool, algorithm: Any,
-                key: Any = None, default: Any = None) -> Any:
-        """A synchronous alltoall, allgather or gather repeating the signature of ``plan`` with arrays ``x`` and
-        ``out``; its result, or :data:`MISS` when the ordinary path must take the call (nothing sent).
+    def vrepeat(self, plan: Any, x: np.ndarray | None, out: np.ndarray | None, return_splits: bool, algorithm: Any,
+                key: Any = None, default: Any = None, splits: Any = None) -> Any:
+        """A synchronous alltoall, allgather, gather or scatter repeating the signature of ``plan`` with arrays ``x``
+        (None: scatter off its root) and ``out``; its result, or :data:`MISS` when the ordinary path must take the
+        call (nothing sent). ``splits``: scatter's, as the root passed them.
 
         ``plan`` is a ``collective.variable.VPlan`` kept under ``key`` in
         ``prep.vplans`` (the caller matched ``x`` and ``out`` to it), or a
@@ -834,7 +835,10 @@ class Sequencer:
         data move from the plan; otherwise the call carries on by the ordinary
         path from what the check returned (``vprepare`` prepares it; the
         caller checked its arguments against the plan's), which also raises
-        on every rank when some rank's ``out`` is wrong.
+        on every rank when some rank's ``out`` is wrong. A scatter posts its
+        plan's token instead of rows and runs from the plan only where every
+        rank posted that token (``collective.variable.VPlan``); otherwise
+        every rank takes the ordinary path, the root's header included.
         """
         if type(plan) is VHot:
             # The same objects as when the plan was made; only their mutable attributes can differ.
@@ -875,7 +879,7 @@ class Sequencer:
             recorder = self.recorder  # its begin, written out (every frame counts at small sizes)
             rec = recorder.slots[seq % recorder.length]
             rec.seq, rec.op, rec.shape, rec.dtype = seq, plan.name, plan.shape, plan.dtype
-            rec.algorithm, rec.root = plan.algorithm, plan.root if plan.name == "gather" else None
+            rec.algorithm, rec.root = plan.algorithm, plan.root if plan.name in ("gather", "scatter") else None
             rec.thread = tag
             rec.t_end = None
             rec.t_start = _monotonic()
@@ -902,13 +906,15 @@ class Sequencer:
                     same, pairs = fp.exchange_post(sig[0] ^ tag.h ^ seq, seq, plan.post)
                     if not same:
                         fp.report(seq, sig[1], tag.name)
-                    if pairs == plan.pairs:
+                    token = plan.token
+                    if (pairs == plan.pairs if token is None  # scatter: every rank posted its plan's token
+                            else pairs is not None and pairs[::2].count(token) == self.size):
                         plan.move(x, o, seq)
                         return (o, list(plan.received)) if return_splits else o
                 # Some rank's sizes differ from the plan's: the ordinary path from what the check returned.
                 self.prep.vhot.pop(id(x), None)  # its plan is about to change
                 c = self.vprepare(plan.name, x, algorithm, out, return_splits,  # type: ignore[misc]
-                                  plan.root, plan.recv_equal)
+                                  plan.root, plan.recv_equal, splits)
                 c.sig = sig
                 c.known = None if pairs is None else np.array(pairs, np.int64).reshape(self.size, 2)
                 c.posted = posted

@@ -18,7 +18,9 @@ Terms (the names below follow them):
   reaches the same verdict on a bad ``out`` or an unmet expectation and
   raises before any data moves.
 * **header** -- scatter's non-root ranks pass no input: the root broadcasts
-  the dtype, the row shape and the splits first.
+  the dtype, the row shape and the splits first. A repeated scatter skips it
+  (and the counts) only where every rank posted the token of a plan made in
+  one op from one header (:class:`VPlan`).
 
 The data then moves by MPI's own v-collective (``native``, counted in bytes,
 so every dtype goes) or by a Schedule of ``topologies`` (pairwise or Bruck
@@ -32,6 +34,7 @@ runs (tree, star, hierarchical, pipeline, and "auto" across nodes).
 from __future__ import annotations
 
 import weakref
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +48,8 @@ from .ops import check_dtype, dtype_code, dtype_from_code
 from .shm import CMA_MIN_BYTES, CMA_READ_MIN_BYTES, QuickScatter, WindowRead
 from .signature import check_algorithm, check_out_dtype
 
-__all__ = ["VCall", "VPlan", "VHot", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable"]
+__all__ = ["VCall", "VPlan", "VHot", "VARIABLE", "ALGORITHMS_OF", "prepare_variable", "run_variable", "scatter_post",
+           "scatter_token"]
 
 #: The collectives this module runs.
 VARIABLE = ("alltoall", "gather", "scatter", "allgather")
@@ -85,7 +89,7 @@ class VCall:
         out: the caller's output (a NumPy view), or None; ``wrap`` turns the result into the caller's type.
         result: what the call returns, set when it has run; ``received``: alltoall's rows from each rank.
         post: what this rank posts with its fingerprint: (rows, out rows or -1, bad), see :func:`post_of`;
-            None for scatter. known: every rank's (rows, out rows) when the check settled them, else None.
+            scatter's: :func:`scatter_post`. known: every rank's (rows, out rows) when the check settled them, else None.
     """
 
     __slots__ = ("name", "root", "algorithm", "shape", "dtype", "x", "splits", "out", "out_given", "wrap", "result",
@@ -128,6 +132,16 @@ class VPlan:
     call carries on by the ordinary path from what the check returned
     (:meth:`collective.sequencer.Sequencer.vrepeat`).
 
+    And for every scatter that ran with the check on: its ranks other than
+    the root cannot tell the root's header (dtype, row shape, splits) from
+    their own arguments, so a repeat posts ``token`` instead of rows, a hash
+    of that header and of the op that made the plan (every rank made its plan
+    in that one op, from one header and one choice of algorithm). The
+    ordinary path posts -2 at the root and -1 elsewhere, which no token
+    equals: a repeat runs from its plan only where every rank posted its
+    plan's token, and otherwise every rank takes the ordinary path, header
+    and counts included (see :func:`scatter_post`).
+
     Attributes:
         name, shape, dtype, algorithm: as the call's record shows them (``algorithm`` as called, "auto" unresolved:
             the fingerprint was made from it); ``ran``: the algorithm that ran.
@@ -145,6 +159,7 @@ class VPlan:
             QuickScatter; else None.
         posts: ``move`` reads by single copy, so a repeat posts its input's address before the check
             (``ShmArena.post_input``).
+        token: scatter's (see above); None for the others.
         cma: whether the node's arena had cross-memory access when the plan was made (what "auto" picked may rest
             on it; None: made without the arena). A repeat where that changed since (a failed single-copy transfer
             switches it off on every rank of the node at once) takes the ordinary path, which picks again, as a rank
@@ -152,11 +167,11 @@ class VPlan:
     """
 
     __slots__ = ("name", "shape", "dtype", "algorithm", "ran", "sig", "post", "pairs", "n_out", "row_shape",
-                 "received", "move", "arena", "quick", "posts", "root", "recv_equal", "cma")
+                 "received", "move", "arena", "quick", "posts", "root", "recv_equal", "cma", "token")
 
     def __init__(self, c: VCall, algorithm: str, pairs: tuple[int, ...], n_out: int,
                  move: Callable[[np.ndarray, np.ndarray, int], None], arena: Any, quick: Any = None,
-                 posts: bool = False, cma: bool | None = None) -> None:
+                 posts: bool = False, cma: bool | None = None, token: int | None = None) -> None:
         self.name, self.shape, self.dtype, self.algorithm, self.ran = c.name, c.shape, c.dtype, algorithm, c.algorithm
         self.sig, self.post, self.pairs, self.n_out, self.row_shape = c.sig, c.post, pairs, n_out, c.row_shape
         self.received = c.received
@@ -165,6 +180,9 @@ class VPlan:
         self.root = c.root
         self.recv_equal = c.recv_splits is not None
         self.cma = cma
+        self.token = token
+        if token is not None:  # scatter: what a repeat posts (its out rows are the key's, fixed)
+            self.post = (token, c.post[1] if c.post is not None else -1, 0)
 
 
 class VHot:
@@ -201,7 +219,7 @@ class VHot:
 
 def post_of(name: str, rows: int, splits: tuple[int, ...] | None, out_rows: int, root: int, rank: int,
             size: int, recv_splits: tuple[int, ...] | None = None) -> tuple[int, int, int] | None:
-    """What a rank posts with its fingerprint: ``(r, o, bad)``; None for scatter (its header says it all).
+    """What a rank posts with its fingerprint: ``(r, o, bad)``; None for scatter (see :func:`scatter_post`).
 
     ``r``: the rows of allgather's and gather's input, alltoall's rows per
     block when every block has as many and ``recv_splits`` (what this rank
@@ -225,6 +243,31 @@ def post_of(name: str, rows: int, splits: tuple[int, ...] | None, out_rows: int,
         r = rows
     o = -1 if (name == "gather" and rank != root) else out_rows
     return r, o, int(o >= 0 and r >= 0 and o != size * r)
+
+
+def scatter_post(rank: int, root: int, out_rows: int) -> tuple[int, int, int]:
+    """What a scatter on the ordinary path posts with its fingerprint: ``(-2 at the root, -1 elsewhere, out rows
+    or -1, 0)``. No repeat's token (:func:`scatter_token`, never negative) equals either, so a rank that takes
+    the ordinary path sends every rank down it (the header included); and every scatter posts, so a repeat never
+    reads another rank's words left from an earlier call.
+
+    Example::
+
+        scatter_post(1, 0, -1)   # (-1, -1, 0)
+    """
+    return -2 if rank == root else -1, out_rows, 0
+
+
+def scatter_token(dtype: np.dtype, row_shape: tuple[int, ...], splits: tuple[int, ...], seq: int) -> int:
+    """The 62-bit token a scatter's plan posts: a hash (crc32, the same in every process) of the root's header
+    (dtype, row shape, splits) and of ``seq``, the op that made the plan on every rank.
+
+    Example::
+
+        scatter_token(np.dtype("float32"), (3,), (2, 2), 7)   # the same int on every rank
+    """
+    text = dtype_code(dtype) + np.array([len(row_shape), *row_shape, len(splits), *splits, seq], np.int64).tobytes()
+    return (zlib.crc32(text) | (zlib.crc32(text, 0x5BD1E995) << 32)) & ((1 << 62) - 1)
 
 
 def _rows_of(a: np.ndarray) -> np.ndarray:
@@ -335,7 +378,9 @@ def prepare_variable(name: str, x: Any, root: int, splits: Any, algorithm: str |
         rs = _row_counts("recv_splits", recv_splits, size, -1 if o is None else int(o.shape[0]), "out", fail)
     c = VCall(name, root, alg, arr, sp, o, out, wrap, return_splits, rs)
     c.segs = segs
-    if arr is not None:
+    if name == "scatter":
+        c.post = scatter_post(rank, root, -1 if o is None else int(o.shape[0]))
+    elif arr is not None:
         c.post = post_of(name, int(arr.shape[0]), sp, -1 if o is None else int(o.shape[0]), root, rank, size, rs)
     return c
 
@@ -486,7 +531,14 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         _shm_mover(c, M, counts, row, rank, size, arena, posted=True)(c.x, out, seq)
     else:
         move(c.x, out, seq)
-    if settled and c.sig is not None and c.name in ("alltoall", "allgather", "gather") and c.known is not None:
+    if c.name == "scatter" and c.sig is not None:
+        # Every rank makes its plan in this op from this header: the token names both (see VPlan).
+        shm_arena = arena() if alg == "shm" else None  # type: ignore[misc]  # shm only with an arena
+        posts = shm_arena is not None and shm_arena.cma is not None  # its reads may go by single copy
+        cma = None if arena is None else arena().cma is not None
+        c.plan = VPlan(c, called, (), n_out, move, shm_arena, None, posts, cma,
+                       scatter_token(dtype, rs or (), c.splits, seq))  # type: ignore[arg-type]
+    elif settled and c.sig is not None and c.name in ("alltoall", "allgather", "gather") and c.known is not None:
         # Only rerunnable where the check fixed every count: a repeat posting the same pairs needs nothing else.
         pairs = tuple(int(v) for v in c.known.ravel())
         quick = None

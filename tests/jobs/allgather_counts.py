@@ -292,6 +292,90 @@ def main() -> None:
 
         cases.run(f"{mode}: repeated gathers", gather_repeats)
 
+        def scatter_repeats() -> None:
+            """Repeated scatters run from a plan per root (no header, no counts exchange) where every rank holds
+            one made in one op: every root in turn, uneven splits, an out on some ranks and not others; the root's
+            splits, dtype or row shape then change (every rank takes the ordinary path, with its counts exchange,
+            and right answers, also back on an older plan of the root's); a non-root's out of the wrong size and a
+            rank naming another root raise on every rank with no out written."""
+            plans = comm._prep.vplans
+            salgs = ("auto", "native", "tree") + (("shm",) if comm.single_node else ())
+
+            def source(n: int, it: int, dtype=np.float32, cols: int = 3) -> np.ndarray:
+                return (np.arange(n * cols).reshape(n, cols) + 1000 * it).astype(dtype)
+
+            def scatter(root, x, splits=None, alg="auto", out=None):
+                got = {}
+                n = exchanges(lambda: got.setdefault("s", comm.scatter(x if R == root else None, root=root,
+                                                                       splits=splits if R == root else None,
+                                                                       algorithm=alg, out=out)))
+                return got["s"], n
+
+            for alg in salgs:
+                comm._prep.forget()
+                for root in range(P):
+                    sp = [q + 1 for q in range(P)] if root % 2 else None
+                    n = sum(sp) if sp else 2 * P + 1
+                    parts = sp or [len(a) for a in np.array_split(np.arange(n), P)]
+                    start = sum(parts[:R])
+                    for it in range(5):
+                        out = np.full((parts[R], 3), -1.0, np.float32) if (R + root) % 2 else None
+                        got, ex = scatter(root, source(n, it), sp, alg, out)
+                        want = source(n, it)[start:start + parts[R]]
+                        assert np.array_equal(got, want) and got.dtype == np.float32, (alg, root, it, got, want)
+                        assert out is None or got is out, (alg, root, it)
+                        if P > 1:  # the first call at a root makes the plans; the repeats need no counts
+                            assert ex == (1 if it == 0 else 0), (alg, root, it, ex)
+                            assert any(k[0] == "scatter" and k[-1] == root for k in plans), (alg, root, list(plans))
+                            assert comm.trace()[-1].root == root, comm.trace()[-1]
+                        else:
+                            assert ex == 0, ex
+                if P == 1:
+                    continue
+                root = P - 1
+                n = 2 * P + 1
+                parts = [len(a) for a in np.array_split(np.arange(n), P)]
+                start = sum(parts[:R])
+                sp2 = [2] * (P - 1) + [3]
+                start2 = 2 * R
+                # (splits, dtype, columns, counts exchanges): a change at the root reaches every rank by its
+                # ordinary path; the same call again runs from the new plans; back to the first, whose plan the
+                # root still holds but the others replaced, every rank takes the ordinary path again.
+                steps = [(None, np.float32, 3, 1), (None, np.float32, 3, 0), (sp2, np.float32, 3, 1), (sp2, np.float32, 3, 0),
+                         (None, np.float32, 3, 1), (None, np.float32, 3, 0), (None, np.float64, 3, 1),
+                         (None, np.float64, 3, 0), (None, np.float32, 2, 1), (None, np.float32, 2, 0),
+                         (None, np.float32, 3, 1)]
+                for it, (splits, dt, cols, want_ex) in enumerate(steps):
+                    m = sum(splits) if splits else n
+                    got, ex = scatter(root, source(m, it, dt, cols), splits, alg)
+                    lo, k = (start2, 2 + (R == P - 1)) if splits else (start, parts[R])
+                    want = source(m, it, dt, cols)[lo:lo + k]
+                    assert got.dtype == dt and np.array_equal(got, want), (alg, it, got, want)
+                    assert ex == want_ex, (alg, it, ex, want_ex)
+                # A non-root's out of the wrong size: every rank raises, no out is written.
+                outs = np.full((parts[R] + (R == 0), 3), -1.0, np.float32)
+                cls = col.CollectiveValueError if R == 0 else col.CollectiveError
+                expect_raise(lambda: scatter(root, source(n, 0), None, alg, outs), cls, "rows")
+                assert (outs == -1).all(), (alg, outs)
+                got, ex = scatter(root, source(n, 1), None, alg)  # in step afterwards, from the plans
+                assert np.array_equal(got, source(n, 1)[start:start + parts[R]]) and ex == 0, (alg, got, ex)
+                # Rank 0 names itself the root while the others repeat their plans of root P-1.
+                o = np.full((parts[R], 3), -1.0, np.float32)
+                mine = 0 if R == 0 else root
+                expect_raise(lambda: comm.scatter(source(n, 2) if R == mine else None, root=mine, algorithm=alg,
+                                                  out=o), col.CollectiveMismatchError, "root")
+                assert (o == -1).all(), (alg, o)
+                got, ex = scatter(root, source(n, 3), None, alg)  # in step afterwards, from the plans
+                assert np.array_equal(got, source(n, 3)[start:start + parts[R]]) and ex == 0, (alg, ex)
+                # An out on the non-roots now: a plan of theirs from another op (or none): every rank's ordinary
+                # path, then the plans of this call.
+                for it, want_ex in ((4, 1), (5, 0)):
+                    got, ex = scatter(root, source(n, it), None, alg, o if R != root else None)
+                    assert np.array_equal(got, source(n, it)[start:start + parts[R]]) and ex == want_ex, (alg, ex)
+                    assert R == root or got is o
+
+        cases.run(f"{mode}: repeated scatters", scatter_repeats)
+
         def plans_apart() -> None:
             """Rank 0 alternates between two shapes, so on some calls every rank repeats a plan but the plans were
             made from different sizes (on one node every rank then posts its bytes with the check, and those
