@@ -1333,8 +1333,8 @@ class ShmArena:
 
 
 class QuickScatter:
-    """A repeated alltoall, allgather or gather on one node whose bytes travel with its cross-rank check: one phase a
-    call.
+    """A repeated alltoall, allgather, gather or scatter on one node whose bytes travel with its cross-rank check: one
+    phase a call.
 
     :meth:`ShmArena.scatter_bytes` of at most one chunk, for the sizes a plan
     fixed (``collective.variable.VPlan``), with :meth:`ShmArena.exchange_pairs`
@@ -1383,8 +1383,8 @@ class QuickScatter:
         self.reads = tuple(tuple((slice(d, d + c), arena.regions(p, dtype)[q][off:off + c]) for q, off, c, d in reads
                                  if q != me and c) for p in (0, 1))
 
-    def run(self, h: int, seq: int, x: np.ndarray, o: np.ndarray | None) -> int:
-        """Post ``x`` (C-contiguous, the plan's shape and dtype) with fingerprint ``h`` of call ``seq``, end the
+    def run(self, h: int, seq: int, x: np.ndarray | None, o: np.ndarray | None) -> int:
+        """Post ``x`` (C-contiguous, the plan's shape and dtype; None: scatter off its root) with fingerprint ``h`` of call ``seq``, end the
         phase, and copy this rank's part into ``o`` (None: gather off its root) if every rank's post is the
         plan's; the verdict:
 
@@ -1400,7 +1400,7 @@ class QuickScatter:
         ar = self.arena
         g = ar.chunks_done
         ar.chunks_done = g + 1
-        xf = x if x.ndim == 1 else x.reshape(-1)
+        xf = x if x is None or x.ndim == 1 else x.reshape(-1)  # None: scatter off its root (nothing posted)
         for reg, sl in self.posts[g & 1]:
             reg[...] = xf[sl]
         odd = seq & 1

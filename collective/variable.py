@@ -533,11 +533,20 @@ def run_variable(c: VCall, first: Callable[[], Any] | None, seq: int, comm: Any,
         move(c.x, out, seq)
     if c.name == "scatter" and c.sig is not None:
         # Every rank makes its plan in this op from this header: the token names both (see VPlan).
+        token = scatter_token(dtype, rs or (), c.splits, seq)  # type: ignore[arg-type]
         shm_arena = arena() if alg == "shm" else None  # type: ignore[misc]  # shm only with an arena
-        posts = shm_arena is not None and shm_arena.cma is not None  # its reads may go by single copy
+        quick = None
+        posts = False
+        if shm_arena is not None:
+            sizes, reads = _shm_layout(c, M, counts, row, rank, size)  # in elements
+            posts = single_copy(shm_arena, [n * dtype.itemsize for n in sizes])
+            if max(sizes) <= shm_arena.chunk_elems(dtype) and not posts:
+                # The root's bytes go into the arena with the check (one phase); every rank's post is its token and
+                # out rows, which the plan's token fixes (a rank's plan of another op posts another token).
+                quick = QuickScatter(shm_arena, dtype, sizes, reads, None, (token, _out_rows(c)),
+                                     tuple(v for q in range(size) for v in (token, outs[q])))
         cma = None if arena is None else arena().cma is not None
-        c.plan = VPlan(c, called, (), n_out, move, shm_arena, None, posts, cma,
-                       scatter_token(dtype, rs or (), c.splits, seq))  # type: ignore[arg-type]
+        c.plan = VPlan(c, called, (), n_out, move, shm_arena, quick, posts, cma, token)
     elif settled and c.sig is not None and c.name in ("alltoall", "allgather", "gather") and c.known is not None:
         # Only rerunnable where the check fixed every count: a repeat posting the same pairs needs nothing else.
         pairs = tuple(int(v) for v in c.known.ravel())
