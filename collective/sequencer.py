@@ -845,7 +845,8 @@ class Sequencer:
             if (plan.x() is not x or default is not plan.default or RETIRED
                     or (algorithm is not plan.algorithm
                         and (type(algorithm) is not str or algorithm != plan.algorithm))
-                    or x.dtype is not plan.dtype or x.shape != plan.shape or not x.flags.c_contiguous):
+                    or x.dtype is not plan.dtype or x.shape != plan.shape  # type: ignore[union-attr]
+                    or not x.flags.c_contiguous):  # type: ignore[union-attr]  # (bound: alltoall and allgather)
                 return MISS
             if out is None:
                 if plan.out is not None:

@@ -1384,9 +1384,9 @@ class QuickScatter:
                                  if q != me and c) for p in (0, 1))
 
     def run(self, h: int, seq: int, x: np.ndarray | None, o: np.ndarray | None) -> int:
-        """Post ``x`` (C-contiguous, the plan's shape and dtype; None: scatter off its root) with fingerprint ``h`` of call ``seq``, end the
-        phase, and copy this rank's part into ``o`` (None: gather off its root) if every rank's post is the
-        plan's; the verdict:
+        """Post ``x`` (C-contiguous, the plan's shape and dtype; None: scatter off its root) with fingerprint ``h``
+        of call ``seq``, end the phase, and copy this rank's part into ``o`` (None: gather off its root) if every
+        rank's post is the plan's; the verdict:
 
         * ``DONE``: every rank posted its input and every (rows, out rows) is the plan's; ``o`` holds the result.
         * ``MISMATCH``: some rank posted another fingerprint. Nothing is written and the chunk count is as
@@ -1402,7 +1402,7 @@ class QuickScatter:
         ar.chunks_done = g + 1
         xf = x if x is None or x.ndim == 1 else x.reshape(-1)  # None: scatter off its root (nothing posted)
         for reg, sl in self.posts[g & 1]:
-            reg[...] = xf[sl]
+            reg[...] = xf[sl]  # type: ignore[index]  # (a rank without input posts nothing)
         odd = seq & 1
         w = 3 + 2 * odd
         slot = 1 + odd
@@ -1446,7 +1446,7 @@ class QuickScatter:
             return 0
         of = o if o.ndim == 1 else o.reshape(-1)
         for d, s in self.own:
-            of[d] = xf[s]
+            of[d] = xf[s]  # type: ignore[index]  # (a rank without input reads none of its own)
         for d, src in self.reads[g & 1]:
             of[d] = src
         return 0

@@ -89,7 +89,8 @@ class VCall:
         out: the caller's output (a NumPy view), or None; ``wrap`` turns the result into the caller's type.
         result: what the call returns, set when it has run; ``received``: alltoall's rows from each rank.
         post: what this rank posts with its fingerprint: (rows, out rows or -1, bad), see :func:`post_of`;
-            scatter's: :func:`scatter_post`. known: every rank's (rows, out rows) when the check settled them, else None.
+            scatter's: :func:`scatter_post`. known: every rank's (rows, out rows) when the check settled them, else
+            None.
     """
 
     __slots__ = ("name", "root", "algorithm", "shape", "dtype", "x", "splits", "out", "out_given", "wrap", "result",

@@ -343,9 +343,10 @@ def main() -> None:
                 # (splits, dtype, columns, counts exchanges): a change at the root reaches every rank by its
                 # ordinary path; the same call again runs from the new plans; back to the first, whose plan the
                 # root still holds but the others replaced, every rank takes the ordinary path again.
-                steps = [(None, np.float32, 3, 1), (None, np.float32, 3, 0), (sp2, np.float32, 3, 1), (sp2, np.float32, 3, 0),
-                         (None, np.float32, 3, 1), (None, np.float32, 3, 0), (None, np.float64, 3, 1),
-                         (None, np.float64, 3, 0), (None, np.float32, 2, 1), (None, np.float32, 2, 0),
+                steps = [(None, np.float32, 3, 1), (None, np.float32, 3, 0), (sp2, np.float32, 3, 1),
+                         (sp2, np.float32, 3, 0), (None, np.float32, 3, 1), (None, np.float32, 3, 0),
+                         (None, np.float64, 3, 1), (None, np.float64, 3, 0), (None, np.float32, 2, 1),
+                         (None, np.float32, 2, 0),
                          (None, np.float32, 3, 1)]
                 for it, (splits, dt, cols, want_ex) in enumerate(steps):
                     m = sum(splits) if splits else n
