@@ -453,13 +453,10 @@ def case_gather_scatter() -> None:
             for mine, want in ((3, [2] * P), (5 if R == 0 else 3 if R == 1 else 4, [4] * P)):
                 x = torch.full((mine,), float(R))
                 outs = [torch.full((n,), -1.0) for n in want] if R == 0 else None
-                try:
-                    w = dist.gather(x, outs, dst=0, async_op=async_op)
-                    if async_op:
-                        w.wait()
-                    raise AssertionError(f"gather of {mine} elements into outputs of {want} did not raise on rank {R}")
-                except col.CollectiveValueError as exc:
-                    assert f"gather on rank {R} of {P}" in str(exc) and "root's outputs hold" in str(exc), str(exc)
+                exc = error_of(lambda: dist.gather(x, outs, dst=0, async_op=async_op), async_op,
+                               f"gather of {mine} elements into outputs of {want}")
+                assert isinstance(exc, col.CollectiveValueError), repr(exc)
+                assert f"gather on rank {R} of {P}" in str(exc) and "root's outputs hold" in str(exc), str(exc)
                 assert R != 0 or all((o == -1).all() for o in outs), outs
         # A scatter whose piece for rank 1 does not fit rank 1's output: every rank raises before anything moves
         # (rank 1 naming its output), and no output is written.
@@ -480,14 +477,20 @@ def case_gather_scatter() -> None:
                 out = base[:, 0] if strided else base.reshape(-1)[:n if R == 1 else 2]
                 ins = [torch.ones(3 if r == 1 else 2, dtype=dtype) for r in range(P)] if R == 0 else None
                 what = f"scatter into a {dtype} output (strided {strided}, {n} elements on rank 1) async={async_op}"
-                try:
-                    w = dist.scatter(out, ins, src=0, async_op=async_op)
-                    if async_op:
-                        w.wait()
-                    raise AssertionError(f"{what} did not raise on rank {R}")
-                except col.CollectiveError as exc:
-                    assert "scatter" in str(exc) and "rank 1: out has" in str(exc), (what, str(exc))
+                exc = error_of(lambda: dist.scatter(out, ins, src=0, async_op=async_op), async_op, what)
+                assert "scatter" in str(exc) and "rank 1: out has" in str(exc), (what, str(exc))
                 assert not base.any(), (what, base)
+
+
+def error_of(call: object, async_op: bool, what: str) -> col.CollectiveError:
+    """The library error that ``call()`` (waited on when ``async_op``) raises on this rank; fails if none."""
+    try:
+        w = call()  # type: ignore[operator]
+        if async_op:
+            w.wait()
+    except col.CollectiveError as exc:
+        return exc
+    raise AssertionError(f"{what} did not raise on rank {R}")
 
 
 def case_all_gather_uneven() -> None:
