@@ -34,7 +34,6 @@ runs (tree, star, hierarchical, pipeline, and "auto" across nodes).
 from __future__ import annotations
 
 import weakref
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +43,7 @@ from collective import topologies
 
 from .arrays import Deferred, to_numpy
 from .errors import CollectiveError, CollectiveMismatchError, CollectiveTypeError, CollectiveValueError, describe
+from .fingerprint import hash62
 from .ops import check_dtype, dtype_code, dtype_from_code
 from .shm import CMA_MIN_BYTES, CMA_READ_MIN_BYTES, QuickScatter, WindowRead
 from .signature import check_algorithm, check_out_dtype
@@ -267,8 +267,8 @@ def scatter_token(dtype: np.dtype, row_shape: tuple[int, ...], splits: tuple[int
 
         scatter_token(np.dtype("float32"), (3,), (2, 2), 7)   # the same int on every rank
     """
-    text = dtype_code(dtype) + np.array([len(row_shape), *row_shape, len(splits), *splits, seq], np.int64).tobytes()
-    return (zlib.crc32(text) | (zlib.crc32(text, 0x5BD1E995) << 32)) & ((1 << 62) - 1)
+    return hash62(dtype_code(dtype)
+                  + np.array([len(row_shape), *row_shape, len(splits), *splits, seq], np.int64).tobytes())
 
 
 def _rows_of(a: np.ndarray) -> np.ndarray:
