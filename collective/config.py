@@ -179,6 +179,10 @@ def _rows() -> tuple[Setting, ...]:
                   "of its own within the ranks' affinities and a cgroup v2 CPU quota (`/sys/fs/cgroup/cpu.max`, as a "
                   "container sees it) allows that many. The ranks of a node "
                   "vote: they spin only if every one of them would, so ranks may differ here."),
+        S("COLLECTIVE_SHM_FENCES", "choice", "auto", choices="collective.shm:SHM_FENCES",
+          meaning="Where `shm` puts a memory fence (`MPI_Win_sync`) on each side of a rank's flag: `always`, or "
+                  "`auto`: where the processor may reorder stores or loads (not on x86-64, whose total store "
+                  "order already publishes what a rank wrote before its flag)."),
         S("COLLECTIVE_NODE_SIZE", "int", None, low=1, high=1 << 20, same_on_all_ranks=True,
           default_text="unset (MPI's node layout)",
           meaning="Pretend nodes are this many consecutive ranks (to exercise node-aware algorithms on one "

@@ -183,15 +183,17 @@ class HostEngine:
             (``COLLECTIVE_SHM_SINGLE_COPY``).
         huge_pages: arrays that single-copy calls post again and again go on huge pages
             (``COLLECTIVE_SHM_HUGE_PAGES``).
+        shm_fences: where shm phases fence (``COLLECTIVE_SHM_FENCES``).
     """
 
     def __init__(self, backend: MPIBackend, segment_bytes: int, chunk_bytes: int, shm_wait: str, check: Any,
                  nodes: tuple[int, ...] = (), withdrawable: bool = False, single_copy: bool = True,
-                 huge_pages: bool = True) -> None:
+                 huge_pages: bool = True, shm_fences: str = "auto") -> None:
         self.backend = backend
         self.withdrawable = withdrawable
         self.single_copy = single_copy
         self.huge_pages = huge_pages
+        self.shm_fences = shm_fences
         self.rank, self.size = backend.rank, backend.size
         self._mpi = require_mpi()
         self._exec = Executor(backend, ExecutorOptions(segment_bytes=segment_bytes))
@@ -288,7 +290,8 @@ class HostEngine:
                     f"the shm arena ({P} ranks on the node; the smallest chunk)", int(need / ARENA_SHARE),
                     free, total, chunk_hint=None) + "; shm collectives and comm.alloc are unavailable")
             self.arena = ShmArena(node, chunk, self.shm_wait, withdrawable=self.withdrawable,
-                                  single_copy=self.single_copy, huge_pages=self.huge_pages)
+                                  single_copy=self.single_copy, huge_pages=self.huge_pages,
+                                  fences=self.shm_fences)
         except SharedMemoryError as exc:
             node.Free()
             self.shm_problem = str(exc)
@@ -373,12 +376,13 @@ class HostEngine:
 
     def _barrier(self, check: Callable[[], Any] | None) -> None:
         arena = self.arena
-        if arena is not None:  # a fence on each side, as between the phases of shm
-            arena.fence()
+        fence = arena.fence if arena is not None else None
+        if fence is not None:  # a fence on each side, as between the phases of shm
+            fence()
         if check is None or not check():  # the check already synchronised every rank
             self.backend.comm.Barrier()
-        if arena is not None:
-            arena.fence()
+        if fence is not None:
+            fence()
 
     def _work(self, n: int, dtype: np.dtype) -> np.ndarray:
         nbytes = n * dtype.itemsize

@@ -94,6 +94,7 @@ import ctypes.util
 import errno
 import mmap
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -406,6 +407,27 @@ def _own_cpus(cpus: list[set[int]]) -> bool:
 #: How the ranks of a node wait for each other in a phase (COLLECTIVE_SHM_WAIT): see _node_spins.
 SHM_WAITS = ("auto", "spin", "barrier")
 
+#: Where a phase puts a memory fence on each side of its flag (COLLECTIVE_SHM_FENCES): see _fenced.
+SHM_FENCES = ("auto", "always")
+
+
+def _fenced(want: str, machine: str | None = None) -> bool:
+    """Whether a phase needs fence instructions on this processor (``want``: one of SHM_FENCES).
+
+    A phase publishes a rank's writes by raising its flag after them, and a
+    rank that sees the flag reads what was written before it. That needs
+    stores to reach memory in program order and loads not to pass older
+    loads. x86-64 guarantees both (total store order; its string and
+    non-temporal copies end with a fence, or are followed by an ordinary
+    store, the flag): the ordering costs nothing there, and ``auto`` leaves
+    the fences out. Elsewhere (Arm, POWER) loads and stores reorder, and
+    ``Win_sync``, a full barrier, orders them. A rank withdrawing from a
+    phase (elastic mode) fences everywhere: it writes its flag and then
+    reads the others', an order that total store order does not keep.
+    """
+    arch = (machine if machine is not None else platform.machine()).lower()
+    return want == "always" or arch not in ("x86_64", "amd64", "i386", "i686")
+
 
 def _node_spins(node_comm: Any, MPI: Any, want: str) -> bool:
     """Whether the node's ranks wait for each other by watching flags (collective; the same answer on every rank).
@@ -552,10 +574,12 @@ class ShmArena:
             rank of the node must pass the same value.
         huge_pages: the arrays that single-copy calls post again and again are put on huge pages (see
             ``collective.cma.HugePages``); this rank's alone.
+        fences: where phases fence (one of SHM_FENCES, see :func:`_fenced`); this rank's alone.
     """
 
     def __init__(self, node_comm: Any, chunk_bytes: int = DEFAULT_CHUNK_BYTES, wait: str = "auto",
-                 withdrawable: bool = False, single_copy: bool = True, huge_pages: bool = True) -> None:
+                 withdrawable: bool = False, single_copy: bool = True, huge_pages: bool = True,
+                 fences: str = "auto") -> None:
         from mpi4py import MPI
 
         self._mpi = self.mpi = MPI
@@ -575,9 +599,11 @@ class ShmArena:
         self.my_flag = self.flags[self.rank]
         for w in range(_FLAG // 8):  # a post read before this rank's first one must name no call
             self.my_flag[w] = 0
-        self._sync = self.win.Sync
         #: A full memory fence over the node's shared memory (the arena's and the alloc'd windows').
-        self.fence = self._sync
+        self._sync = self.win.Sync
+        #: The fence a phase puts on each side of its flag, or None where the processor keeps the order without
+        #: one (see _fenced).
+        self.fence: Callable[[], None] | None = self._sync if _fenced(fences) else None
         #: The node communicator's barrier: how a phase waits where the ranks share cores (see :attr:`spins`).
         self.barrier = node_comm.Barrier
         #: Phases wait by watching the other ranks' flags (else in MPI's barrier): see _node_spins.
@@ -635,11 +661,13 @@ class ShmArena:
         a rank that shares it. The window sync before the flag is raised and
         the one after the wait order every rank's writes before the phase
         before every rank's reads after it (release and acquire: Open MPI's
-        Win_sync is a full memory barrier). :meth:`quick_allreduce` takes these
-        steps inline.
+        Win_sync is a full memory barrier), where the processor needs them
+        (:attr:`fence`). :meth:`quick_allreduce` takes these steps inline.
         """
         t = self.ticket = self.ticket + 1
-        self._sync()
+        fence = self.fence
+        if fence is not None:
+            fence()
         self.my_flag[0] = t
         if self.spins:
             for f in self.others:
@@ -647,7 +675,8 @@ class ShmArena:
                     _await_flag(f, t, self.watch)
         else:
             self.barrier()
-        self._sync()
+        if fence is not None:
+            fence()
 
     def _arrival(self, seq: int = 0) -> None:
         """The first phase of op ``seq`` on a withdrawable arena: :meth:`phase` by flags, which this rank leaves,
@@ -813,7 +842,9 @@ class ShmArena:
             self._arrival(seq)
         else:
             t = self.ticket = self.ticket + 1
-            self._sync()
+            fence = self.fence
+            if fence is not None:
+                fence()
             flag[0] = t
             if self.spins:
                 for f in self.others:
@@ -821,7 +852,8 @@ class ShmArena:
                         _await_flag(f, t, self.watch)
             else:
                 self.barrier()
-            self._sync()
+            if fence is not None:
+                fence()
         for f in self.others:
             if f[slot] != h:
                 self.chunks_done = g
@@ -855,8 +887,9 @@ class ShmArena:
         process, which is what every shm path relies on.
         """
         fenced = self.check_fenced
-        if not fenced:
-            self._sync()
+        fence = self.fence
+        if not fenced and fence is not None:
+            fence()
         try:
             synced = first()
         except BaseException:
@@ -866,7 +899,8 @@ class ShmArena:
         if fenced and synced:  # the check was a phase of this arena (exchange): fences and all
             return
         if synced:
-            self._sync()
+            if fence is not None:
+                fence()
         else:
             self.phase()
 
@@ -1415,8 +1449,9 @@ class QuickScatter:
             ar.arrival(seq)
         else:  # ShmArena.phase, written out: a frame less on a path whose cost is largely Python.
             t = ar.ticket = ar.ticket + 1
-            sync = ar.fence
-            sync()
+            fence = ar.fence
+            if fence is not None:
+                fence()
             f[0] = t
             if ar.spins:
                 for fl in ar.others:
@@ -1424,7 +1459,8 @@ class QuickScatter:
                         _await_flag(fl, t, ar.watch)
             else:
                 ar.barrier()
-            sync()
+            if fence is not None:
+                fence()
         e = self.expect
         i = 0
         same = posted = True
@@ -1497,14 +1533,15 @@ class WindowRead:
         f[_POSTED] &= ~(1 << odd)
         f[slot] = h
         # Both phases are ShmArena.phase written out: two frames less on a path whose cost is largely Python.
-        sync = ar.fence
+        fence = ar.fence
         spins = ar.spins
         if ar.withdrawable:  # the first is its arrival, which this rank may leave at the deadline
             ar.arrival(seq)
             t = ar.ticket
         else:
             t = ar.ticket = ar.ticket + 1
-            sync()
+            if fence is not None:
+                fence()
             f[0] = t
             if spins:
                 for fl in ar.others:
@@ -1512,7 +1549,8 @@ class WindowRead:
                         _await_flag(fl, t, ar.watch)
             else:
                 ar.barrier()
-            sync()
+            if fence is not None:
+                fence()
         e = self.expect
         i = 0
         same = True
@@ -1528,7 +1566,8 @@ class WindowRead:
         for d, src in self.srcs:
             of[d] = src
         t = ar.ticket = t + 1
-        sync()
+        if fence is not None:
+            fence()
         f[0] = t
         if spins:
             for fl in ar.others:
@@ -1536,7 +1575,8 @@ class WindowRead:
                     _await_flag(fl, t, ar.watch)
         else:
             ar.barrier()
-        sync()
+        if fence is not None:
+            fence()
         return 0
 
 

@@ -116,8 +116,11 @@ def test_shm_small_chunks_and_alloc(nprocs: int) -> None:
 @pytest.mark.parametrize("nprocs,wait", [(2, "barrier"), (3, "spin"), (2, None), (3, None)])
 def test_shm_wait_modes(nprocs: int, wait: str | None) -> None:
     """Phases waiting on flags and in MPI's barrier, each forced where auto would pick the other (2 CI cores):
-    the same answers; the ranks agree on one way even when they ask for different ones."""
+    the same answers; the ranks agree on one way even when they ask for different ones. The spinning case also
+    fences every phase, as on processors without total store order (elsewhere x86-64 leaves the fences out)."""
     env = {"COLLECTIVE_SHM_WAIT": wait} if wait else {}
+    if wait == "spin":
+        env["COLLECTIVE_SHM_FENCES"] = "always"
     res = mpirun("shm_wait.py", nprocs, timeout=120, env=env)
     check(res, f"shm wait {wait or 'auto'} at P={nprocs}")
     assert count_passed(res) == 4

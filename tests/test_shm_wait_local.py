@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from collective.shm import _FINAL, ShmArena, Withdrawn, _cpu_quota, _mark, _own_cpus, _reached, _verdict
+from collective.shm import _FINAL, ShmArena, Withdrawn, _cpu_quota, _fenced, _mark, _own_cpus, _reached, _verdict
 
 
 @pytest.mark.parametrize("cpus,fits", [
@@ -31,6 +31,15 @@ def test_cpu_quota(tmp_path: Path, text: str, cpus: int | None) -> None:
 
 def test_cpu_quota_without_the_file(tmp_path: Path) -> None:
     assert _cpu_quota(str(tmp_path / "absent")) is None
+
+
+@pytest.mark.parametrize("want,machine,fenced", [
+    ("auto", "x86_64", False), ("auto", "AMD64", False),        # total store order: the flag publishes in order
+    ("auto", "aarch64", True), ("auto", "ppc64le", True), ("auto", "riscv64", True),
+    ("always", "x86_64", True), ("always", "aarch64", True),
+])
+def test_fenced(want: str, machine: str, fenced: bool) -> None:
+    assert _fenced(want, machine) is fenced
 
 
 # ------------------------------------------------------------------ withdrawal (on_timeout="raise")

@@ -8,7 +8,7 @@ from mpi4py import MPI
 
 import collective as col
 from collective.errors import CollectiveValueError
-from collective.shm import ShmArena, _cpu_quota, _own_cpus
+from collective.shm import ShmArena, _cpu_quota, _fenced, _own_cpus
 from harness import Cases
 
 comm = col.init()
@@ -31,6 +31,8 @@ def agreed() -> None:
         quota = _cpu_quota()
         fits = _own_cpus([set(c) for c in cpus]) and (quota is None or P <= quota)
         assert arena.spins == fits, f"affinities {cpus}, quota {quota}: spins={arena.spins}"
+    fences = os.environ.get("COLLECTIVE_SHM_FENCES", "auto")
+    assert (arena.fence is not None) is _fenced(fences), f"COLLECTIVE_SHM_FENCES={fences}: fence {arena.fence}"
 
 
 cases.run("wait agreed", agreed)
