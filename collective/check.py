@@ -125,7 +125,8 @@ class CrossRankCheck:
             if poison is not None:
                 raise poison
             return False
-        fp.check(rec.seq, rec.op, rec.algorithm, getattr(c, "rop", None), rec.dtype, rec.shape, rec.root, poison,
+        op, shape, dtype, algorithm, root = rec.what
+        fp.check(rec.seq, op, algorithm, getattr(c, "rop", None), dtype, shape, root, poison,
                  None if poison is not None else c, thread=rec.thread)
         return True
 

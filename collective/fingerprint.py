@@ -239,7 +239,8 @@ class Fingerprints:
         sig = getattr(c, "sig", None)
         if ex is None or sig is None or self.detail or getattr(c, "post", None) is not None:
             poisoned = type(c) is Poison
-            self.check(rec.seq, rec.op, rec.algorithm, getattr(c, "rop", None), rec.dtype, rec.shape, rec.root,
+            op, shape, dtype, algorithm, root = rec.what
+            self.check(rec.seq, op, algorithm, getattr(c, "rop", None), dtype, shape, root,
                        c.error if poisoned else None, None if poisoned else c, thread=rec.thread)
             return True
         seq = rec.seq

@@ -47,10 +47,12 @@ class Call:
             regions the quick path runs in (``ShmArena.quick_regions``). A hot call's (every one is eligible):
             False until armed, then its ``SharedArrays.plan`` (armed once checked with the check fenced in
             the arena, see ``Sequencer._window_repeat``).
+        what: the flight recorder's (op, shape, dtype, algorithm, root) of a template or hot call repeated from
+            the quick path, once :meth:`record` made it (None before).
     """
 
     __slots__ = ("name", "xf", "shape", "dtype", "rop", "algorithm", "root", "of", "result", "blocks", "inplace",
-                 "plan", "views", "out_views", "own", "sig", "mpi", "quick")
+                 "plan", "views", "out_views", "own", "sig", "mpi", "quick", "what")
 
     def __init__(self, name: str, xf: Any, shape: tuple, dtype: np.dtype, rop: ReduceOp | None,
                  algorithm: str, root: int, of: Any, result: Any, blocks: tuple | None,
@@ -64,6 +66,12 @@ class Call:
         self.sig: Any = None
         self.mpi: Any = None
         self.quick: Any = False
+        self.what: tuple | None = None
+
+    def record(self) -> tuple:
+        """The flight recorder's (op, shape, dtype, algorithm, root) of this allreduce, kept for its repeats."""
+        self.what = w = (self.name, self.shape, self.dtype, self.algorithm, None)
+        return w
 
 
 class Barrier:

@@ -82,6 +82,8 @@ class OpRecord:
 
     Attributes:
         seq: the op's sequence number on this communicator.
+        what: (op, shape, dtype, algorithm, root), read through the properties of those names: a call repeated
+            from a plan records its plan's tuple, one store instead of five.
         op: the collective's name ("allreduce", ..., "barrier").
         shape, dtype: of this rank's input (None for a barrier or a rejected call).
         algorithm: the algorithm that ran ("auto" resolved; None: this rank rejected its arguments).
@@ -90,13 +92,39 @@ class OpRecord:
         t_start, t_end: ``time.monotonic()`` when it began and ended (``t_end`` None while in flight).
     """
 
-    __slots__ = ("seq", "op", "shape", "dtype", "algorithm", "root", "thread", "t_start", "t_end")
+    __slots__ = ("seq", "what", "thread", "t_start", "t_end")
 
     def __init__(self) -> None:
-        self.seq, self.op, self.shape, self.dtype, self.algorithm, self.root = 0, "", None, None, None, None
+        self.seq = 0
+        self.what: tuple[str, Any, Any, Any, Any] = ("", None, None, None, None)
         self.thread: ThreadTag | None = None
         self.t_start: float = 0.0
         self.t_end: float | None = None
+
+    @property
+    def op(self) -> str:
+        """The collective's name."""
+        return self.what[0]
+
+    @property
+    def shape(self) -> Any:
+        """This rank's input shape (None for a barrier or a rejected call)."""
+        return self.what[1]
+
+    @property
+    def dtype(self) -> Any:
+        """This rank's input dtype (None for a barrier or a rejected call)."""
+        return self.what[2]
+
+    @property
+    def algorithm(self) -> Any:
+        """The algorithm that ran (None: this rank rejected its arguments)."""
+        return self.what[3]
+
+    @property
+    def root(self) -> Any:
+        """The root of a rooted collective, else None."""
+        return self.what[4]
 
     def describe(self, timing: bool = True) -> str:
         """One line: ``#7 allreduce shape (4,) float32 algorithm ring (12 us)`` (and ``from thread 'x'`` when the
@@ -146,7 +174,7 @@ class FlightRecorder:
               thread: ThreadTag | None = None) -> OpRecord:
         """Record op ``seq`` (issued by ``thread``) as begun and in flight; returns its record."""
         rec = self.slots[seq % self.length]
-        rec.seq, rec.op, rec.shape, rec.dtype, rec.algorithm, rec.root = seq, name, shape, dtype, algorithm, root
+        rec.seq, rec.what = seq, (name, shape, dtype, algorithm, root)
         rec.thread = thread
         rec.t_end = None
         rec.t_start = _monotonic()
@@ -419,8 +447,7 @@ class Sequencer:
         name = c.name
         recorder = self.recorder  # its begin and end, written out (every frame counts at small sizes)
         rec = recorder.slots[seq % recorder.length]
-        rec.seq, rec.op, rec.shape, rec.dtype, rec.algorithm = seq, name, c.shape, c.dtype, c.algorithm
-        rec.root = c.root if name in ROOTED else None
+        rec.seq, rec.what = seq, (name, c.shape, c.dtype, c.algorithm, c.root if name in ROOTED else None)
         rec.thread = tag if tag is not None else self.thread_tag()
         rec.t_end = None
         rec.t_start = _monotonic()
@@ -690,8 +717,7 @@ class Sequencer:
                     self.seq = seq = self.seq + 1
                     recorder = self.recorder
                     rec = recorder.slots[seq % recorder.length]
-                    rec.seq, rec.op, rec.shape, rec.dtype = seq, "allreduce", c.shape, c.dtype
-                    rec.algorithm, rec.root = c.algorithm, None
+                    rec.seq, rec.what = seq, c.what or c.record()
                     rec.thread = tag
                     rec.t_end = None
                     rec.t_start = _monotonic()
@@ -779,8 +805,7 @@ class Sequencer:
                 self.seq = seq = self.seq + 1
                 recorder = self.recorder
                 rec = recorder.slots[seq % recorder.length]
-                rec.seq, rec.op, rec.shape, rec.dtype = seq, "allreduce", c.shape, c.dtype
-                rec.algorithm, rec.root = c.algorithm, None
+                rec.seq, rec.what = seq, c.what or c.record()
                 rec.thread = tag
                 rec.t_end = None
                 rec.t_start = _monotonic()
@@ -879,8 +904,7 @@ class Sequencer:
             self.seq = seq = self.seq + 1
             recorder = self.recorder  # its begin, written out (every frame counts at small sizes)
             rec = recorder.slots[seq % recorder.length]
-            rec.seq, rec.op, rec.shape, rec.dtype = seq, plan.name, plan.shape, plan.dtype
-            rec.algorithm, rec.root = plan.algorithm, plan.root if plan.name in ("gather", "scatter") else None
+            rec.seq, rec.what = seq, plan.what
             rec.thread = tag
             rec.t_end = None
             rec.t_start = _monotonic()
@@ -964,8 +988,7 @@ class Sequencer:
                 self.seq = seq = self.seq + 1
                 recorder = self.recorder
                 rec = recorder.slots[seq % recorder.length]
-                rec.seq, rec.op, rec.shape, rec.dtype = seq, "allreduce", hot.shape, hot.dtype
-                rec.algorithm, rec.root = hot.algorithm, None
+                rec.seq, rec.what = seq, hot.what or hot.record()
                 rec.thread = tag
                 rec.t_end = None
                 rec.t_start = _monotonic()

@@ -144,6 +144,7 @@ class VPlan:
     and counts included (see :func:`scatter_post`).
 
     Attributes:
+        what: the flight recorder's (op, shape, dtype, algorithm, root) of a repeat (``OpRecord.what``).
         name, shape, dtype, algorithm: as the call's record shows them (``algorithm`` as called, "auto" unresolved:
             the fingerprint was made from it); ``ran``: the algorithm that ran.
         sig, post: the call's signature fingerprint and post (see ``collective.fingerprint``).
@@ -168,7 +169,7 @@ class VPlan:
     """
 
     __slots__ = ("name", "shape", "dtype", "algorithm", "ran", "sig", "post", "pairs", "n_out", "row_shape",
-                 "received", "move", "arena", "quick", "posts", "root", "recv_equal", "cma", "token")
+                 "received", "move", "arena", "quick", "posts", "root", "recv_equal", "cma", "token", "what")
 
     def __init__(self, c: VCall, algorithm: str, pairs: tuple[int, ...], n_out: int,
                  move: Callable[[np.ndarray, np.ndarray, int], None], arena: Any, quick: Any = None,
@@ -182,6 +183,8 @@ class VPlan:
         self.recv_equal = c.recv_splits is not None
         self.cma = cma
         self.token = token
+        #: What the flight recorder shows of a repeat (``OpRecord.what``).
+        self.what = (c.name, c.shape, c.dtype, algorithm, c.root if c.name in ("gather", "scatter") else None)
         if token is not None:  # scatter: what a repeat posts (its out rows are the key's, fixed)
             self.post = (token, c.post[1] if c.post is not None else -1, 0)
 
