@@ -40,7 +40,9 @@ Models: 784-1024-1024-10 (7.5 MB of gradients) and 784-2048-2048-2048-10
 Part ``train`` also prints each column's CPU time per rank and step (every thread of the rank).
 
 Method: every iteration (round) runs each column once (a block of steps), in an order rotated by one per
-iteration, after a barrier; a time is the slowest rank's; the figure is the median over iterations.
+iteration, after a barrier; a time is the slowest rank's; the figure is the median over iterations. Part
+``train`` first runs ``--train-warmup`` untimed steps of each column: a training job's steady state, in which
+DDP's buckets of 16 MiB and more, passed step after step, are on huge pages.
 """
 from __future__ import annotations
 
@@ -76,6 +78,10 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma list of MLP shapes (default both)")
     p.add_argument("--rounds", type=int, default=8, help="timed rounds per training column (median reported)")
     p.add_argument("--steps", type=int, default=3, help="steps per round")
+    p.add_argument("--train-warmup", type=int, default=20,
+                   help="train: untimed steps per column first (first-call setup, DDP's buckets, and huge pages for "
+                        "the buckets a training job passes again and again, COLLECTIVE_SHM_HUGE_PAGES: its steady "
+                        "state)")
     p.add_argument("--batch", type=int, default=64, help="per-rank batch")
     return p.parse_args(argv)
 
@@ -415,12 +421,12 @@ def _train_model(a: argparse.Namespace, name: str, gloo: object, floor: object, 
     names = list(models)
     times: dict[str, list[float]] = {k: [] for k in names}
     cpu: dict[str, list[float]] = {k: [] for k in names}
-    for it in range(a.rounds + 1):  # round 0 warms up (buckets, first-call setup) and is not counted
+    for it in range(a.rounds + 1):  # round 0 warms up (--train-warmup steps) and is not counted
         order = names[it % len(names):] + names[:it % len(names)]
         for k in order:
             world.Barrier()
             t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(a.steps):
+            for _ in range(a.steps if it else a.train_warmup):
                 step(k)
             dt = np.array([(time.perf_counter() - t0) / a.steps])
             dc = np.array([(time.process_time() - c0) / a.steps])
