@@ -87,9 +87,10 @@ def check_dtype(dtype: np.dtype, op: ReduceOp | None) -> str | None:
     """Why ``dtype`` cannot be reduced with ``op`` (None if it can; op None = no reduction).
 
     Every numeric NumPy dtype is accepted: signed and unsigned integers, float16/32/64,
-    longdouble, complex64/128/256, and bfloat16 when ml_dtypes is installed. bool and
-    object are refused: a "sum" of booleans is ambiguous (or vs count) and objects
-    cannot travel without pickle. Complex values have no order, so min/max refuse them.
+    longdouble, complex64/128/256, and bfloat16 when ml_dtypes is installed. bool moves
+    (broadcast, allgather, alltoall, gather, scatter) but is not reduced: a "sum" of
+    booleans is ambiguous (or vs count). object is refused: objects cannot travel
+    without pickle. Complex values have no order, so min/max refuse them.
     """
     if dtype.kind in "iuf" or dtype.kind == "c":
         if op is not None and op.ordered and dtype.kind == "c":
@@ -98,6 +99,8 @@ def check_dtype(dtype: np.dtype, op: ReduceOp | None) -> str | None:
     if dtype.name == "bfloat16" and dtype == bfloat16():  # ml_dtypes is imported already where such arrays exist
         return None
     if dtype.kind == "b":
+        if op is None:
+            return None
         return "bool arrays are not reduced (convert to uint8 for counts, or use max/min on uint8 for or/and)"
     if dtype.kind == "O":
         return "object arrays cannot be sent without pickle; use a numeric dtype"

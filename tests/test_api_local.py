@@ -38,6 +38,8 @@ def test_numeric_dtypes_accepted(dt: str) -> None:
 
 def test_bool_object_and_complex_order_refused() -> None:
     assert "bool" in check_dtype(np.dtype(bool), OPS["sum"])
+    assert check_dtype(np.dtype(bool), None) is None  # moved (broadcast, gather, ...), never reduced
+    assert "object" in check_dtype(np.dtype(object), None)
     assert "object" in check_dtype(np.dtype(object), OPS["sum"])
     assert "complex" in check_dtype(np.dtype("complex64"), OPS["max"])
     assert check_dtype(np.dtype("complex64"), OPS["prod"]) is None

@@ -127,6 +127,33 @@ for alg in ALGS:
                         cases.run(f"{alg} {name} {dtype} {op} n={n} root={root}",
                                   lambda: check_collective(alg, name, n, dtype, op, root))
 
+# 1b. bool moves (broadcast from every root, allgather) by every algorithm; it is never reduced (see 5), and a rank
+# passing bool where another passes uint8 (the same bytes) is a mismatch on every rank.
+BOOL = np.dtype(bool)
+for alg in ALGS:
+    for n in sizes():
+        for root in range(P):
+            cases.run(f"{alg} broadcast bool n={n} root={root}",
+                      lambda: check_collective(alg, "broadcast", n, BOOL, "sum", root))
+        cases.run(f"{alg} allgather bool n={n}", lambda: check_collective(alg, "allgather", n, BOOL, "sum", 0))
+
+
+def bool_against_uint8() -> None:
+    if P == 1:
+        return
+    x = np.ones(7, bool if R == 0 else np.uint8)
+    for fn in (lambda: comm.broadcast(x, root=0), lambda: comm.allgather(x)):
+        try:
+            fn()
+        except col.CollectiveMismatchError as exc:
+            assert "bool" in str(exc) and "uint8" in str(exc), str(exc)
+        else:
+            raise AssertionError("bool on rank 0 against uint8 elsewhere did not raise")
+    same(comm.allreduce(np.ones(4, np.int32)), np.full(4, P, np.int32), "after the mismatch")
+
+
+cases.run("bool against uint8", bool_against_uint8)
+
 # 2. Shapes: 2-D and 0-d inputs, non-contiguous input, the result shape.
 for alg in ALGS:
     def shapes_case() -> None:

@@ -113,6 +113,17 @@ for dt in DTYPES:
             cases.run(f"allgatherv {alg} {dt} {scale}", lambda: allgatherv_case(alg, dt, scale))
 
 
+# bool moves through every variable-size collective and algorithm (it is never reduced).
+for alg in ("auto", "native", "pairwise", "bruck", "shm"):
+    for even in (True, False):
+        cases.run(f"alltoall {alg} bool {even}", lambda: alltoall_case(alg, "bool", 5, even))
+for alg in ("auto", "native", "tree", "shm"):
+    cases.run(f"gather {alg} bool", lambda: gather_case(alg, "bool", 5, P - 1))
+    cases.run(f"scatter {alg} bool", lambda: scatter_case(alg, "bool", 5, P - 1, False))
+for alg in ("auto", "native", "ring", "shm"):
+    cases.run(f"allgatherv {alg} bool", lambda: allgatherv_case(alg, "bool", 5))
+
+
 def bfloat16_scatter() -> None:
     """The root's dtype travels in the header: bfloat16 (an extension dtype) must arrive as bfloat16."""
     import ml_dtypes
