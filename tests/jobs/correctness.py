@@ -127,14 +127,12 @@ for alg in ALGS:
                         cases.run(f"{alg} {name} {dtype} {op} n={n} root={root}",
                                   lambda: check_collective(alg, name, n, dtype, op, root))
 
-# 1b. bool moves (broadcast from every root, allgather) by every algorithm; it is never reduced (see 5), and a rank
-# passing bool where another passes uint8 (the same bytes) is a mismatch on every rank.
+# 1b. bool moves (broadcast, allgather) by every algorithm; it is never reduced (see 5), and a rank passing bool
+# where another passes uint8 (the same bytes) is a mismatch on every rank. A byte a value, as int8 and uint8 above.
 BOOL = np.dtype(bool)
 for alg in ALGS:
-    for n in sizes():
-        for root in range(P):
-            cases.run(f"{alg} broadcast bool n={n} root={root}",
-                      lambda: check_collective(alg, "broadcast", n, BOOL, "sum", root))
+    for n in (0, 1, P + 1, 1009):
+        cases.run(f"{alg} broadcast bool n={n}", lambda: check_collective(alg, "broadcast", n, BOOL, "sum", P - 1))
         cases.run(f"{alg} allgather bool n={n}", lambda: check_collective(alg, "allgather", n, BOOL, "sum", 0))
 
 
