@@ -507,11 +507,16 @@ class Communicator:
                             _equal_recv(x, self.size, key[-2]))
         r = self._seqr.run(c)
         if c.plan is not None:
-            if len(vplans) > 256:  # a program with endlessly many shapes: keep it bounded
-                vplans.clear()
-            vplans[key] = c.plan
+            self._vkeep(key, c.plan)
             self._vbind(key, x, out, algorithm, c.plan)
         return r
+
+    def _vkeep(self, key: tuple, plan: Any) -> None:
+        """Keep ``plan`` under ``key`` in ``Preparer.vplans`` for the next call of that signature."""
+        vplans = self._vplans
+        if len(vplans) > 256:  # a program with endlessly many shapes: keep it bounded
+            vplans.clear()
+        vplans[key] = plan
 
     def _vbind(self, key: tuple, x: np.ndarray, out: Any, algorithm: Any, plan: Any) -> None:
         """Keep ``plan`` for the next call on these very arrays (see ``collective.variable.VHot``)."""
@@ -802,8 +807,7 @@ class Communicator:
         """Scatter with the NumPy arguments of ``key``: a repeat from its plan where there is one (see
         ``collective.variable.VPlan``: it runs only where every rank holds a plan of one op), else the ordinary
         path, keeping the plan it leaves."""
-        vplans = self._vplans
-        plan = vplans.get(key)
+        plan = self._vplans.get(key)
         if plan is not None:
             r = self._seqr.vrepeat(plan, x, out, False, algorithm, key, None, splits)
             if r is not MISS:
@@ -811,9 +815,7 @@ class Communicator:
         c = self._prepare_v("scatter", x, root, splits, algorithm, out)
         r = self._seqr.run(c)
         if c.plan is not None:
-            if len(vplans) > 256:  # a program with endlessly many shapes: keep it bounded
-                vplans.clear()
-            vplans[key] = c.plan
+            self._vkeep(key, c.plan)
         return r
 
     def scatter_async(self, x: Any = None, root: int = 0, splits: Any = None, algorithm: str | None = None,

@@ -882,9 +882,10 @@ class ShmArena:
         synchronised every rank; when it did not (the NaN check alone, with
         the fingerprint check off), a phase follows.
 
-        Memory: ``Win_sync`` on the arena is the fence for the ``alloc``'d
-        windows too; Open MPI's (and MPICH's) is a full memory barrier of the
-        process, which is what every shm path relies on.
+        Memory: the arena's :attr:`fence` (``Win_sync``, a full memory barrier
+        of the process in Open MPI and MPICH; none where the processor keeps
+        the order, see :func:`_fenced`) is the fence for the ``alloc``'d
+        windows too.
         """
         fenced = self.check_fenced
         fence = self.fence

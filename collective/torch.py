@@ -39,7 +39,6 @@ import socket
 import threading
 import time
 import weakref
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -57,6 +56,7 @@ from torch.distributed.constants import default_pg_timeout
 import collective as _col
 
 from .errors import CollectiveError, CollectiveTimeoutError, CollectiveTypeError, CollectiveValueError, describe
+from .fingerprint import hash62
 from .ops import bfloat16
 from .p2p import ANY_SOURCE
 from .sequencer import Work
@@ -850,7 +850,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         list that differs in its k-th tensor would raise only after the tensors before it were written.
         """
         sig = repr((str(op), [(t.numel(), str(t.dtype)) for t in tensors])).encode()
-        h = zlib.crc32(sig)
+        h = hash62(sig)
         m = self._comm.allreduce(np.array([h, -h], np.int64), op="max")
         if m[0] != -m[1]:
             mine = [(tuple(t.shape), str(t.dtype)) for t in tensors]
