@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 
 # constraints.txt pins what this project's own installs take (a torch build that is quick to get here);
 # users of the package inherit no upper bound.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py collective/_stream.c constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[mpi,test,trainer,bench,torch,jax,docs]'
@@ -36,4 +36,4 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache site
+	rm -rf $(VENV) *.egg-info .pytest_cache site build collective/*.so

@@ -255,7 +255,8 @@ class Communicator:
                                      nan_check=nan_check)
         self._engine = HostEngine(backend_, seg, chunk, wait, self._check, withdrawable=expiry == "raise",
                                   single_copy=config.get("SHM_SINGLE_COPY"),
-                                  huge_pages=config.get("SHM_HUGE_PAGES"), shm_fences=config.get("SHM_FENCES"))
+                                  huge_pages=config.get("SHM_HUGE_PAGES"), shm_fences=config.get("SHM_FENCES"),
+                                  shm_stream_bytes=config.get("SHM_STREAM_BYTES"))
         #: What a collective does at its deadline: "abort" or "raise" (see the class).
         self.on_timeout: str = expiry
         # Link costs for the cost model (explain, auto); rank 0's measurement, identical on every rank.

@@ -183,6 +183,13 @@ def _rows() -> tuple[Setting, ...]:
           meaning="Where `shm` puts a memory fence (`MPI_Win_sync`) on each side of a rank's flag: `always`, or "
                   "`auto`: where the processor may reorder stores or loads (not on x86-64, whose total store "
                   "order already publishes what a rank wrote before its flag)."),
+        S("COLLECTIVE_SHM_STREAM_BYTES", "size", 8 << 20, low=0, high=1 << 62,
+          meaning="alltoall, allgather and gather on `comm.alloc` arrays read every rank's input straight out of "
+                  "the window; where that writes at least this many bytes into a rank's output, the rank copies "
+                  "with streaming stores, which write around the caches instead of first reading every line of "
+                  "the output into them: an output too large for the caches to keep moves at a memory transfer "
+                  "a byte less (x86-64; a plain copy elsewhere, and where the package was built without a C "
+                  "compiler). 0: plain copies only."),
         S("COLLECTIVE_NODE_SIZE", "int", None, low=1, high=1 << 20, same_on_all_ranks=True,
           default_text="unset (MPI's node layout)",
           meaning="Pretend nodes are this many consecutive ranks (to exercise node-aware algorithms on one "

@@ -184,16 +184,19 @@ class HostEngine:
         huge_pages: arrays that single-copy calls post again and again go on huge pages
             (``COLLECTIVE_SHM_HUGE_PAGES``).
         shm_fences: where shm phases fence (``COLLECTIVE_SHM_FENCES``).
+        shm_stream_bytes: reads out of ``alloc`` windows from this many output bytes use streaming stores
+            (``COLLECTIVE_SHM_STREAM_BYTES``; 0: never).
     """
 
     def __init__(self, backend: MPIBackend, segment_bytes: int, chunk_bytes: int, shm_wait: str, check: Any,
                  nodes: tuple[int, ...] = (), withdrawable: bool = False, single_copy: bool = True,
-                 huge_pages: bool = True, shm_fences: str = "auto") -> None:
+                 huge_pages: bool = True, shm_fences: str = "auto", shm_stream_bytes: int = 8 << 20) -> None:
         self.backend = backend
         self.withdrawable = withdrawable
         self.single_copy = single_copy
         self.huge_pages = huge_pages
         self.shm_fences = shm_fences
+        self.shm_stream_bytes = shm_stream_bytes
         self.rank, self.size = backend.rank, backend.size
         self._mpi = require_mpi()
         self._exec = Executor(backend, ExecutorOptions(segment_bytes=segment_bytes))
@@ -291,7 +294,7 @@ class HostEngine:
                     free, total, chunk_hint=None) + "; shm collectives and comm.alloc are unavailable")
             self.arena = ShmArena(node, chunk, self.shm_wait, withdrawable=self.withdrawable,
                                   single_copy=self.single_copy, huge_pages=self.huge_pages,
-                                  fences=self.shm_fences)
+                                  fences=self.shm_fences, stream_bytes=self.shm_stream_bytes)
         except SharedMemoryError as exc:
             node.Free()
             self.shm_problem = str(exc)

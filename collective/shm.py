@@ -103,6 +103,11 @@ from typing import Any
 import numpy as np
 
 from .cma import CrossMemory, HugePages, probe
+
+try:  # streaming copies (collective/_stream.c); absent where the package was built without a C compiler
+    from ._stream import copy as _stream_copy
+except ImportError:
+    _stream_copy = None
 from .errors import (
     CollectiveError,
     CollectiveMismatchError,
@@ -118,6 +123,8 @@ __all__ = ["ShmArena", "SharedArrays", "QuickScatter", "WindowRead", "Withdrawn"
 # Fewer phases won over cache-sized chunks in the chunk-size runs of docs/bench (above all when ranks outnumber
 # cores and every phase costs context switches).
 DEFAULT_CHUNK_BYTES = 4 << 20
+#: COLLECTIVE_SHM_STREAM_BYTES's default (see ShmArena.streams).
+DEFAULT_STREAM_BYTES = 8 << 20
 #: Piece of its slice a rank reduces and then pushes to the others in the window path (alloc'd arrays).
 WINDOW_PIECE_BYTES = 1 << 20
 #: Allreduce and reduce up to this many bytes (in one chunk) run in one phase: every rank reduces all of
@@ -575,11 +582,13 @@ class ShmArena:
         huge_pages: the arrays that single-copy calls post again and again are put on huge pages (see
             ``collective.cma.HugePages``); this rank's alone.
         fences: where phases fence (one of SHM_FENCES, see :func:`_fenced`); this rank's alone.
+        stream_bytes: a read out of ``alloc`` windows that writes at least this many bytes into this rank's
+            output writes them with streaming stores (see :attr:`stream`; 0: never); this rank's alone.
     """
 
     def __init__(self, node_comm: Any, chunk_bytes: int = DEFAULT_CHUNK_BYTES, wait: str = "auto",
                  withdrawable: bool = False, single_copy: bool = True, huge_pages: bool = True,
-                 fences: str = "auto") -> None:
+                 fences: str = "auto", stream_bytes: int = DEFAULT_STREAM_BYTES) -> None:
         from mpi4py import MPI
 
         self._mpi = self.mpi = MPI
@@ -633,6 +642,12 @@ class ShmArena:
         #: Puts the arrays that single-copy calls post again and again on huge pages, or None.
         huge = HugePages.process() if self.cma is not None and huge_pages else None
         self.huge: HugePages | None = huge if huge is not None and huge.size else None  # size 0: the kernel has none
+        #: Reads out of ``alloc`` windows of at least this many bytes copy with ``stream_copy`` (0: never).
+        self.stream = stream_bytes if _stream_copy is not None else 0
+        #: ``stream_copy(dst, src)``: copies bytes with streaming stores, which write around the caches rather
+        #: than first reading every destination line into them, and fences them: a large output that the caches
+        #: could not keep anyway costs one memory transfer a byte less. None where the extension is not built.
+        self.stream_copy = _stream_copy
         self._cma_tmp = np.empty(0, np.uint8)
         self._cma_call = 0  # the ticket that names the single-copy call in flight (see _post)
         self.comm.Barrier()  # every flag is zeroed before anyone waits on it
@@ -1347,15 +1362,26 @@ class ShmArena:
         ar = self
         srcs = tuple((segs[q][off:off + n], d, d + n) for q, off, n, d in reads if n)
         byte = np.dtype(np.uint8)
+        stream = self.stream_copy if self.streams(sum(n for _, _, n, _ in reads)) else None
 
         def read(out: np.ndarray) -> None:
             if not ar.check_fenced:
                 ar.phase()
             ob = out.reshape(-1).view(byte)
-            for src, a, b in srcs:
-                ob[a:b] = src
+            if stream is not None:
+                for src, a, b in srcs:
+                    stream(ob[a:b], src)
+            else:
+                for src, a, b in srcs:
+                    ob[a:b] = src
             ar.phase()
         return read
+
+    def streams(self, nbytes: int) -> bool:
+        """Whether a read out of ``alloc`` windows that writes ``nbytes`` into this rank's output copies with
+        :attr:`stream_copy`: from :attr:`stream` bytes (``COLLECTIVE_SHM_STREAM_BYTES``), where the output is
+        too large for the caches to keep until it is used. Below that, plain copies leave it in the caches."""
+        return 0 < self.stream <= nbytes
 
     def free(self) -> None:
         """Release the window (collective over the node)."""
@@ -1506,12 +1532,18 @@ class WindowRead:
         post, expect: as :class:`QuickScatter`'s.
     """
 
-    __slots__ = ("arena", "srcs", "post", "expect")
+    __slots__ = ("arena", "srcs", "post", "expect", "stream")
 
     def __init__(self, arena: ShmArena, dtype: np.dtype, segs: list[np.ndarray], reads: list[tuple[int, int, int, int]],
                  post: tuple[int, int], expect: tuple[int, ...]) -> None:
         isz = dtype.itemsize
         self.arena, self.post, self.expect = arena, post, expect
+        #: ``stream_copy(dst, src)`` where the reads copy with streaming stores (:meth:`ShmArena.streams`), and
+        #: then :attr:`srcs` count bytes, else None.
+        self.stream = arena.stream_copy if arena.streams(sum(c for _, _, c, _ in reads) * isz) else None
+        if self.stream is not None:
+            reads = [(q, off * isz, c * isz, d * isz) for q, off, c, d in reads]
+            dtype, isz = np.dtype(np.uint8), 1
         #: (slice of out, the part of a rank's input it gets).
         self.srcs = tuple((slice(d, d + c), segs[q][off * isz:(off + c) * isz].view(dtype)) for q, off, c, d in reads
                           if c)
@@ -1563,9 +1595,15 @@ class WindowRead:
             i += 2
         if not same:
             return 3
-        of = o if o.ndim == 1 else o.reshape(-1)
-        for d, src in self.srcs:
-            of[d] = src
+        stream = self.stream
+        if stream is not None:
+            ob = o.reshape(-1).view(np.uint8)
+            for d, src in self.srcs:
+                stream(ob[d], src)
+        else:
+            of = o if o.ndim == 1 else o.reshape(-1)
+            for d, src in self.srcs:
+                of[d] = src
         t = ar.ticket = t + 1
         if fence is not None:
             fence()

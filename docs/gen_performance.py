@@ -66,10 +66,11 @@ RUNS = (
         VM,
         "Two ranks, one per core. allgatherv: rank r contributes in proportion to r + 1 (see the benchmark's "
         "help); `gloo` pads every block to the largest. `alloc`: the input in a `comm.alloc` window, which every "
-        "rank reads where it lies (into an `alloc`'d output). allgather: every rank's first dim the same. "
-        "`memcpy`: every rank copying the same bytes locally at the same time, its copy speed over native's "
-        "busbw; an out-of-place alltoall writes every byte of its output at least once, so the copy's time is "
-        "a floor for any of the columns.",
+        "rank reads where it lies (into an `alloc`'d output; from 8 MiB of output with streaming stores, see "
+        "[streaming copies](concepts/shm.md#streaming-copies)). allgather: every rank's first dim the same. "
+        "`memcpy`: every rank copying the same bytes locally at the same time with NumPy, its copy speed over "
+        "native's busbw; an out-of-place alltoall writes every byte of its output at least once, so the copy's "
+        "time is a floor for any column that copies as NumPy does.",
         collectives=("alltoall", "allgatherv", "allgather")),
     Run("alltoall_allgatherv_p4", "Alltoall and allgather (uneven and equal), P = 4, one node", "collective-run -n 4",
         VM, "Four ranks on two cores: the shm phases wait in MPI's barrier, and `auto` takes `shm` (alltoall up to "

@@ -38,9 +38,10 @@ def test_alltoall_gather_scatter_allgatherv(nprocs: int) -> None:
     res = mpirun("variable.py", nprocs, args, timeout=300)
     check(res, f"variable-size collectives at P={nprocs}")
     assert count_passed(res) > 300
-    if nprocs == 3:  # shm in many rounds of a 4 KiB chunk
-        res = mpirun("variable.py", nprocs, timeout=300, env={"COLLECTIVE_SHM_CHUNK_BYTES": "4096"})
-        check(res, f"variable-size collectives at P={nprocs} with 4 KiB shm chunks")
+    if nprocs == 3:  # shm in many rounds of a 4 KiB chunk; every read out of an alloc window streamed
+        res = mpirun("variable.py", nprocs, timeout=300,
+                     env={"COLLECTIVE_SHM_CHUNK_BYTES": "4096", "COLLECTIVE_SHM_STREAM_BYTES": "1"})
+        check(res, f"variable-size collectives at P={nprocs} with 4 KiB shm chunks and streaming window reads")
 
 
 @pytest.mark.parametrize("nprocs", [2, 3, 5])

@@ -3,6 +3,7 @@ root; bad input raising on every rank before any data moves; async forms."""
 from __future__ import annotations
 
 import argparse
+import os
 import zlib
 
 import numpy as np
@@ -187,6 +188,10 @@ def window_cases() -> None:
     every rank, with nothing written."""
     if not comm.single_node or P == 1:
         return
+    # COLLECTIVE_SHM_STREAM_BYTES=1 (one of the jobs): every read below copies with streaming stores.
+    want = int(os.environ.get("COLLECTIVE_SHM_STREAM_BYTES", 8 << 20))
+    stream = comm.node_arena().stream
+    assert stream == (want if comm.node_arena().stream_copy is not None else 0), (stream, want)
     for dt in ("float32", "int8", "complex64"):
         cap = max(scales) * 2 * P + 2 * P
         win = comm.alloc((cap, 3), dt)
