@@ -32,6 +32,8 @@ Example::
 from __future__ import annotations
 
 import datetime
+import functools
+import importlib
 import math
 import os
 import queue
@@ -194,8 +196,6 @@ def _mpi_rendezvous(url: str, timeout: datetime.timedelta | None = None, **_: An
 
 
 def _install_rendezvous() -> None:
-    import importlib
-
     rdzv = importlib.import_module("torch.distributed.rendezvous")
 
     handlers = rdzv._rendezvous_handlers  # private, but the only way to extend env:// rather than replace it
@@ -213,6 +213,32 @@ def _install_rendezvous() -> None:
 
         env_or_mpi._collective = True  # type: ignore[attr-defined]
         handlers["env"] = env_or_mpi
+
+
+def _install_monitored_barrier() -> None:
+    """``dist.monitored_barrier`` on a group of this backend runs the group's own :meth:`~CollectiveProcessGroup.
+    monitored_barrier`: torch's function refuses every backend but gloo by name before it reaches the group.
+    Every other group (gloo's, a rank outside the group) goes to torch's own function, unchanged."""
+    c10d = importlib.import_module("torch.distributed.distributed_c10d")
+    torch_own = c10d.monitored_barrier
+    if getattr(torch_own, "_collective", False):
+        return
+
+    @functools.wraps(torch_own)
+    def monitored_barrier(group: Any = None, timeout: Any = None, wait_all_ranks: bool = False) -> Any:
+        pg = group if group is not None or not dist.is_initialized() else c10d._get_default_group()
+        if not isinstance(pg, CollectiveProcessGroup) or c10d._rank_not_in_group(group):
+            return torch_own(group, timeout, wait_all_ranks)
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):  # as torch's: seconds
+            timeout = datetime.timedelta(seconds=timeout)
+        if timeout is not None and not isinstance(timeout, datetime.timedelta):
+            raise TypeError(f"monitored_barrier: timeout must be a datetime.timedelta, got {type(timeout).__name__} "
+                            f"(rank {pg.rank()})")
+        return pg.monitored_barrier(timeout, wait_all_ranks=wait_all_ranks)
+
+    monitored_barrier._collective = True  # type: ignore[attr-defined]
+    c10d.monitored_barrier = monitored_barrier
+    dist.monitored_barrier = monitored_barrier  # type: ignore[attr-defined]  # (absent from torch's stub)
 
 
 # ------------------------------------------------------ Work and completion
@@ -1082,7 +1108,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
     def monitored_barrier(self, timeout: datetime.timedelta | None = None, wait_all_ranks: bool = False) -> None:
         """A barrier that names the ranks that did not reach it within ``timeout`` (torch's gloo semantics).
 
-        torch's ``dist.monitored_barrier`` refuses every backend but gloo, so call it on the group itself.
+        ``dist.monitored_barrier`` on this group calls it (``import collective.torch`` lets torch's function
+        through to this backend, which it otherwise refuses by name).
         Rank 0 waits for a message from each other rank, then releases them all; the messages are
         point-to-point (tag :data:`MONITORED_BARRIER_TAG`), so a rank that never comes cannot hang the
         others beyond ``timeout``.
@@ -1393,6 +1420,7 @@ def _register() -> None:
     if BACKEND.upper() not in dist.Backend._plugins:
         dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu"])
     _install_rendezvous()
+    _install_monitored_barrier()
     # Before MPI finalizes: mpi4py finalizes in a Py_AtExit callback, which runs after every atexit handler,
     # so no communicator is still closing then.
     atexit.register(join_closing)

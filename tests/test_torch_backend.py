@@ -35,7 +35,8 @@ SUITE_SUBSET = [
     "test_ddp_create_graph", "test_static_graph_api_cpu", "test_gather", "test_scatter_complex",
     "test_scatter_object_list", "test_send_recv_with_tag", "test_send_recv_any_source", "test_isend", "test_irecv",
     "test_batch_isend_irecv_gloo_tags", "test_sparse_all_reduce_sum", "test_grads_same_across_ranks_with_no_sync",
-    "test_monitored_barrier_gloo_rank_0_timeout", "test_barrier_timeout_full_group",
+    "test_monitored_barrier_gloo", "test_monitored_barrier_gloo_subgroup", "test_monitored_barrier_gloo_rank_0_timeout",
+    "test_barrier_timeout_full_group",
 ]
 
 

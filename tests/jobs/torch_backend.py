@@ -749,22 +749,36 @@ def case_send_recv() -> None:
     dist.barrier()
 
 
+_gloo = None
+
+
+def gloo_group() -> object:
+    global _gloo
+    if _gloo is None:
+        _gloo = dist.new_group(list(range(P)), backend="gloo")
+    return _gloo
+
+
 def case_monitored_barrier() -> None:
     pg = dist.group.WORLD
     pg.monitored_barrier(datetime.timedelta(seconds=30))
     pg.monitored_barrier(datetime.timedelta(seconds=30), wait_all_ranks=True)
-    try:  # torch's wrapper accepts gloo groups only; the group's own method is the way in
-        dist.monitored_barrier(timeout=datetime.timedelta(seconds=5))
-        raise AssertionError("dist.monitored_barrier accepted a non-gloo group")
-    except ValueError as exc:
-        assert "GLOO" in str(exc), str(exc)
+    # torch's own function refuses every backend but gloo by name; import collective.torch lets ours through
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+    dist.monitored_barrier(dist.group.WORLD, 30.0, wait_all_ranks=True)  # seconds, as torch takes them
+    expect_error(lambda: dist.monitored_barrier(timeout="30s"), TypeError, "timedelta", "a timeout in a string")
+    dist.monitored_barrier(gloo_group(), timeout=datetime.timedelta(seconds=30))  # a gloo group: torch's own
     if P < 2:
         return
+    if R != 0:  # the group's own method and torch's function are the same barrier
+        pg.monitored_barrier(datetime.timedelta(seconds=30))
+    else:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
     # The last rank stays away: rank 0 names it within the timeout, the others hear that rank 0 failed.
     if R != P - 1:
         t0 = time.monotonic()
         try:
-            pg.monitored_barrier(datetime.timedelta(seconds=1.0), wait_all_ranks=R == 0 and P > 2)
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=1.0), wait_all_ranks=R == 0 and P > 2)
             raise AssertionError(f"monitored_barrier passed on rank {R} although rank {P - 1} never came")
         except ctorch.MonitoredBarrierError as exc:
             assert isinstance(exc, RuntimeError) and time.monotonic() - t0 < 10, exc
@@ -1057,16 +1071,6 @@ def case_ddp_no_sync() -> None:
 
 def case_ddp_unused() -> None:
     close(ddp_run(True), reference_run(True), 1e-6, "find_unused_parameters")
-
-
-_gloo = None
-
-
-def gloo_group() -> object:
-    global _gloo
-    if _gloo is None:
-        _gloo = dist.new_group(list(range(P)), backend="gloo")
-    return _gloo
 
 
 def case_ddp_hooks() -> None:
