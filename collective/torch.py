@@ -219,7 +219,7 @@ def _install_monitored_barrier() -> None:
     """``dist.monitored_barrier`` on a group of this backend runs the group's own :meth:`~CollectiveProcessGroup.
     monitored_barrier`: torch's function refuses every backend but gloo by name before it reaches the group.
     Every other group (gloo's, a rank outside the group) goes to torch's own function, unchanged."""
-    c10d = importlib.import_module("torch.distributed.distributed_c10d")
+    c10d: Any = importlib.import_module("torch.distributed.distributed_c10d")
     torch_own = c10d.monitored_barrier
     if getattr(torch_own, "_collective", False):
         return
