@@ -105,8 +105,11 @@ import numpy as np
 from .cma import CrossMemory, HugePages, probe
 
 try:  # streaming copies (collective/_stream.c); absent where the package was built without a C compiler
+    from ._stream import STREAMS as _STREAMS
     from ._stream import copy as _stream_copy
 except ImportError:
+    _STREAMS, _stream_copy = 0, None
+if not _STREAMS:  # a processor without the streaming stores it knows (x86-64's): NumPy's copies, as without it
     _stream_copy = None
 from .errors import (
     CollectiveError,
