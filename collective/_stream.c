@@ -60,8 +60,13 @@ copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (d.len != s.len) {
         PyErr_Format(PyExc_ValueError, "copy: destination of %zd bytes, source of %zd", d.len, s.len);
     } else {
+        const char *dp = d.buf, *sp = s.buf;
+        int apart = dp + d.len <= sp || sp + s.len <= dp;
         Py_BEGIN_ALLOW_THREADS
-        stream_copy(d.buf, s.buf, (size_t)d.len);
+        if (apart)
+            stream_copy(d.buf, s.buf, (size_t)d.len);
+        else /* overlapping buffers: the streaming loop reads ahead of what it writes */
+            memmove(d.buf, s.buf, (size_t)d.len);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&s);
@@ -73,7 +78,8 @@ copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef methods[] = {
     {"copy", (PyCFunction)(void (*)(void))copy, METH_FASTCALL,
-     "copy(dst, src): copy the C-contiguous buffer src into dst (same length) with streaming stores."},
+     "copy(dst, src): copy the C-contiguous buffer src into dst (same length) with streaming stores, fenced "
+     "(buffers that overlap: a plain memmove)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -184,7 +184,7 @@ def _rows() -> tuple[Setting, ...]:
                   "`auto`: where the processor may reorder stores or loads (not on x86-64, whose total store "
                   "order already publishes what a rank wrote before its flag)."),
         S("COLLECTIVE_SHM_STREAM_BYTES", "size", 8 << 20, low=0, high=1 << 62,
-          meaning="alltoall, allgather and gather on `comm.alloc` arrays read every rank's input straight out of "
+          meaning="alltoall and allgather on `comm.alloc` arrays read every rank's input straight out of "
                   "the window; where that writes at least this many bytes into a rank's output, the rank copies "
                   "with streaming stores, which write around the caches instead of first reading every line of "
                   "the output into them: an output too large for the caches to keep moves at a memory transfer "

@@ -427,10 +427,11 @@ def _fenced(want: str, machine: str | None = None) -> bool:
     A phase publishes a rank's writes by raising its flag after them, and a
     rank that sees the flag reads what was written before it. That needs
     stores to reach memory in program order and loads not to pass older
-    loads. x86-64 guarantees both (total store order; its string and
-    non-temporal copies end with a fence, or are followed by an ordinary
-    store, the flag): the ordering costs nothing there, and ``auto`` leaves
-    the fences out. Elsewhere (Arm, POWER) loads and stores reorder, and
+    loads. x86-64 guarantees both for ordinary and string stores (total
+    store order); its non-temporal stores it does not order, so every copy
+    made with them ends with a store fence of its own (glibc's ``memcpy``,
+    ``collective._stream.copy``): the ordering costs nothing there, and
+    ``auto`` leaves the fences out. Elsewhere (Arm, POWER) loads and stores reorder, and
     ``Win_sync``, a full barrier, orders them. A rank withdrawing from a
     phase (elastic mode) fences everywhere: it writes its flag and then
     reads the others', an order that total store order does not keep.

@@ -40,6 +40,7 @@ import queue
 import socket
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -229,7 +230,9 @@ def _install_monitored_barrier() -> None:
         pg = group if group is not None or not dist.is_initialized() else c10d._get_default_group()
         if not isinstance(pg, CollectiveProcessGroup) or c10d._rank_not_in_group(group):
             return torch_own(group, timeout, wait_all_ranks)
-        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):  # as torch's: seconds
+        if isinstance(timeout, float):  # as torch's function takes it: seconds, with its warning
+            warnings.warn("Please specify timeout arg as a timedelta. Converting current value of "
+                          f"{timeout} assuming it represents seconds", stacklevel=2)
             timeout = datetime.timedelta(seconds=timeout)
         if timeout is not None and not isinstance(timeout, datetime.timedelta):
             raise TypeError(f"monitored_barrier: timeout must be a datetime.timedelta, got {type(timeout).__name__} "

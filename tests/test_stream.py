@@ -47,3 +47,14 @@ def test_copy_refuses_what_it_cannot_copy_whole() -> None:
         stream.copy(np.zeros(16, np.uint8)[::2], np.zeros(8, np.uint8))
     with pytest.raises(TypeError, match="two buffers"):
         stream.copy(np.zeros(8, np.uint8))
+
+
+@pytest.mark.parametrize("shift", [8, -8, 100, -100])
+def test_copy_between_overlapping_parts_of_one_buffer(shift: int) -> None:
+    n = (1 << 16) + 7
+    buf = np.arange(n + 200, dtype=np.uint8)
+    want = buf.copy()
+    lo = 100
+    want[lo + shift:lo + shift + n - 100] = buf[lo:lo + n - 100].copy()
+    stream.copy(buf[lo + shift:lo + shift + n - 100], buf[lo:lo + n - 100])
+    assert (buf == want).all()

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+import warnings
 import weakref
 
 import torch
@@ -765,8 +766,12 @@ def case_monitored_barrier() -> None:
     pg.monitored_barrier(datetime.timedelta(seconds=30), wait_all_ranks=True)
     # torch's own function refuses every backend but gloo by name; import collective.torch lets ours through
     dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
-    dist.monitored_barrier(dist.group.WORLD, 30.0, wait_all_ranks=True)  # seconds, as torch takes them
+    with warnings.catch_warnings(record=True) as seen:  # seconds, as torch's function takes them, with its warning
+        warnings.simplefilter("always")
+        dist.monitored_barrier(dist.group.WORLD, 30.0, wait_all_ranks=True)
+    assert any("timedelta" in str(w.message) for w in seen), [str(w.message) for w in seen]
     expect_error(lambda: dist.monitored_barrier(timeout="30s"), TypeError, "timedelta", "a timeout in a string")
+    expect_error(lambda: dist.monitored_barrier(timeout=30), TypeError, "timedelta", "a timeout in int seconds")
     dist.monitored_barrier(gloo_group(), timeout=datetime.timedelta(seconds=30))  # a gloo group: torch's own
     if P < 2:
         return

@@ -189,7 +189,7 @@ def window_cases() -> None:
     if not comm.single_node or P == 1:
         return
     # COLLECTIVE_SHM_STREAM_BYTES=1 (one of the jobs): every read below copies with streaming stores.
-    want = int(os.environ.get("COLLECTIVE_SHM_STREAM_BYTES", 8 << 20))
+    want = int(os.environ.get("COLLECTIVE_SHM_STREAM_BYTES") or 8 << 20)  # unset or empty: the default
     stream = comm.node_arena().stream
     assert stream == (want if comm.node_arena().stream_copy is not None else 0), (stream, want)
     for dt in ("float32", "int8", "complex64"):
@@ -227,6 +227,42 @@ def window_cases() -> None:
             win[:rows * P] if R else win[:rows * P].copy(), out=out), CollectiveMismatchError)
         assert (out == 0).all()
         del x
+        comm.free(win)
+    window_plan_cases()
+
+
+def window_plan_cases() -> None:
+    """Repeats on window inputs over 64 KiB run from a WindowRead plan whatever the cores (the reads straight from
+    the inputs, not posted with the check): exact answers with the inputs rewritten after every call, for dtypes
+    of 1 and 16 bytes (the plan's element offsets turned into bytes where it streams), and the plan streaming
+    exactly when the output reaches COLLECTIVE_SHM_STREAM_BYTES."""
+    from collective.shm import WindowRead
+
+    for dt in ("int8", "complex128"):
+        rows = (96 << 10) // (3 * np.dtype(dt).itemsize) // P * P + P  # over 64 KiB a rank
+        win = comm.alloc((rows, 3), dt)
+        out = np.empty((rows, 3), dt)
+        b = rows // P
+        for it in range(5):
+            win[...] = ((np.arange(rows * 3).reshape(rows, 3) + 1000 * R + it) % 113).astype(dt)
+            comm.alltoall(win, out=out)
+            want = np.concatenate([((np.arange(rows * 3).reshape(rows, 3) + 1000 * s + it) % 113)[b * R:b * (R + 1)]
+                                   for s in range(P)]).astype(dt)
+            assert (out == want).all(), ("window plan alltoall", dt, it)
+            win[...] = -1
+        quick = comm._vhot[id(win)].plan.quick
+        assert type(quick) is WindowRead, type(quick)
+        assert (quick.stream is not None) == (0 < comm.node_arena().stream <= out.nbytes), (quick.stream, dt)
+        del quick  # it holds views of the window, which free needs gone
+        mine = rows - 5 * R  # uneven allgather from a leading slice, repeated into the same out
+        gout = np.empty((sum(rows - 5 * s for s in range(P)), 3), dt)
+        for it in range(5):
+            win[:mine] = ((np.arange(mine * 3).reshape(mine, 3) + 7 * R + it) % 101).astype(dt)
+            comm.allgather(win[:mine], out=gout)
+            want = np.concatenate([(np.arange((rows - 5 * s) * 3).reshape(-1, 3) + 7 * s + it) % 101
+                                   for s in range(P)]).astype(dt)
+            assert (gout == want).all(), ("window plan allgather", dt, it)
+            win[...] = -1
         comm.free(win)
 
 
