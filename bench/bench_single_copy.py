@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,9 +40,11 @@ def size_arg(text: str) -> int:
     return int(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else int(t)
 
 
-def communicators(script: str, procs: int, argv: list[str] | None) -> tuple[Any, Any]:
-    """Under MPI: the default communicator and one made with ``COLLECTIVE_SHM_SINGLE_COPY=0`` (copy-in), over
-    every rank. Otherwise launch ``script`` on ``procs`` ranks with the same arguments and exit with the job."""
+def communicators(script: str, procs: int, argv: list[str] | None,
+                  off: str = "COLLECTIVE_SHM_SINGLE_COPY") -> tuple[Any, Any]:
+    """Under MPI: the default communicator and one made with ``off=0`` (by default ``COLLECTIVE_SHM_SINGLE_COPY``:
+    copy-in), over every rank. Otherwise launch ``script`` on ``procs`` ranks with the same arguments and exit
+    with the job."""
     if "OMPI_COMM_WORLD_SIZE" not in os.environ and "PMI_SIZE" not in os.environ:
         from collective.run import main as run
 
@@ -48,13 +52,33 @@ def communicators(script: str, procs: int, argv: list[str] | None) -> tuple[Any,
     import collective as col
 
     comm = col.init()
-    os.environ["COLLECTIVE_SHM_SINGLE_COPY"] = "0"
+    os.environ[off] = "0"
     try:
         plain = comm.split(0)
     finally:
-        del os.environ["COLLECTIVE_SHM_SINGLE_COPY"]
+        del os.environ[off]
     assert plain is not None
     return comm, plain
+
+
+def interleaved(cols: dict[str, Callable[[], Any]], iters: int, seed: int, w: Any, MPI: Any) -> dict[str, float]:
+    """Each column's median time in seconds over ``iters`` rounds (after three untimed ones, which make the plans
+    and touch the pages), the columns in a shuffled order each round, each call after a barrier and timed on the
+    slowest rank."""
+    res: dict[str, list[float]] = {k: [] for k in cols}
+    order = list(cols)
+    rng = random.Random(seed)
+    for it in range(iters + 3):
+        rng.shuffle(order)
+        for k in order:
+            w.Barrier()
+            t0 = time.perf_counter()
+            cols[k]()
+            dt = np.array([time.perf_counter() - t0])
+            w.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
+            if it >= 3:
+                res[k].append(float(dt[0]))
+    return {k: float(np.median(v)) for k, v in res.items()}
 
 
 def main(argv: list[str] | None = None) -> None:

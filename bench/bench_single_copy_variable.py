@@ -18,13 +18,11 @@ from each rank on average (allgatherv: in proportion to r+1).
 from __future__ import annotations
 
 import argparse
-import random
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from bench_single_copy import communicators, size_arg  # the script beside this one
+from bench_single_copy import communicators, interleaved, size_arg  # the script beside this one
 
 COLLECTIVES = ("alltoall", "allgatherv", "gather", "scatter")
 
@@ -97,21 +95,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{coll:>10} {'mpi (us)':>10} {'single':>8} {'copy-in':>8} {'lib':>8}  single/copy-in")
         for nb in (size_arg(s) for s in a.sizes.split(",")):
             cols = _columns(coll, nb, comm, plain, w, MPI)
-            res: dict[str, list[float]] = {k: [] for k in cols}
-            order = list(cols)
-            rng = random.Random(nb)
-            for it in range(a.iters + 3):  # three untimed rounds make the plans and touch the pages
-                rng.shuffle(order)
-                for k in order:
-                    w.Barrier()
-                    t0 = time.perf_counter()
-                    cols[k]()
-                    dt = np.array([time.perf_counter() - t0])
-                    w.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
-                    if it >= 3:
-                        res[k].append(float(dt[0]))
+            m = interleaved(cols, a.iters, nb, w, MPI)
             if w.rank == 0:
-                m = {k: float(np.median(v)) for k, v in res.items()}
                 print(f"{nb:>10} {m['mpi'] * 1e6:>10.1f} " + " ".join(f"{m['mpi'] / m[k]:>7.2f}x"
                                                                      for k in ("single", "copy-in", "lib"))
                       + f"  {m['copy-in'] / m['single']:.2f}x", flush=True)

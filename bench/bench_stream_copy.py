@@ -17,15 +17,11 @@ alltoall each rank's input; allgatherv the result, SIZE/P from each rank on aver
 from __future__ import annotations
 
 import argparse
-import os
-import random
-import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from bench_single_copy import size_arg  # the script beside this one
+from bench_single_copy import communicators, interleaved, size_arg  # the script beside this one
 
 COLLECTIVES = ("alltoall", "allgatherv")
 
@@ -71,45 +67,22 @@ def main(argv: list[str] | None = None) -> None:
     bad = [c for c in colls if c not in COLLECTIVES]
     if bad:
         ap.error(f"unknown collective {bad}; one of {', '.join(COLLECTIVES)}")
-    if "OMPI_COMM_WORLD_SIZE" not in os.environ and "PMI_SIZE" not in os.environ:
-        from collective.run import main as run
-
-        sys.exit(run(["-n", str(a.procs), sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])]))
-    import collective as col
+    comm, plain = communicators(__file__, a.procs, argv, off="COLLECTIVE_SHM_STREAM_BYTES")
     from mpi4py import MPI
 
-    comm = col.init()
-    os.environ["COLLECTIVE_SHM_STREAM_BYTES"] = "0"
-    try:
-        plain = comm.split(0)
-    finally:
-        del os.environ["COLLECTIVE_SHM_STREAM_BYTES"]
-    assert plain is not None
     w = MPI.COMM_WORLD
     arena = comm.node_arena()
     if w.rank == 0:
-        print(f"P={w.size}; streaming copies {'from ' + str(arena.stream) + ' bytes of output' if arena.stream else 'OFF'}"
-              f"; busbw / mpi's, median of {a.iters} interleaved rounds (slowest rank)")
+        how = f"from {arena.stream} bytes of output" if arena.stream else "OFF"
+        print(f"P={w.size}; streaming copies {how}; busbw / mpi's, median of {a.iters} interleaved rounds "
+              "(slowest rank)")
     for coll in colls:
         if w.rank == 0:
             print(f"{coll:>10} {'mpi (us)':>10} {'stream':>8} {'plain':>8}  stream/plain")
         for nb in (size_arg(s) for s in a.sizes.split(",")):
             cols, held = _columns(coll, nb, comm, plain, w, MPI)
-            res: dict[str, list[float]] = {k: [] for k in cols}
-            order = list(cols)
-            rng = random.Random(nb)
-            for it in range(a.iters + 3):  # three untimed rounds make the plans and touch the pages
-                rng.shuffle(order)
-                for k in order:
-                    w.Barrier()
-                    t0 = time.perf_counter()
-                    cols[k]()
-                    dt = np.array([time.perf_counter() - t0])
-                    w.Allreduce(MPI.IN_PLACE, dt, op=MPI.MAX)
-                    if it >= 3:
-                        res[k].append(float(dt[0]))
+            m = interleaved(cols, a.iters, nb, w, MPI)
             if w.rank == 0:
-                m = {k: float(np.median(v)) for k, v in res.items()}
                 print(f"{nb:>10} {m['mpi'] * 1e6:>10.1f} " + " ".join(f"{m['mpi'] / m[k]:>7.2f}x"
                                                                      for k in ("stream", "plain"))
                       + f"  {m['plain'] / m['stream']:.2f}x", flush=True)
