@@ -73,6 +73,9 @@ BACKEND = "collective"
 
 #: The point-to-point tag of monitored_barrier's messages (user tags of dist.send stay below it).
 MONITORED_BARRIER_TAG = 1 << 28
+# monitored_barrier's messages: an arrival, rank 0's question whether it is the rank's current one, the answers,
+# the release (each with the arrival's number).
+_MB_ARRIVE, _MB_ASK, _MB_YES, _MB_STALE, _MB_RELEASE = 1, 2, 3, 4, 5
 
 
 class MonitoredBarrierError(CollectiveTimeoutError, RuntimeError):
@@ -588,6 +591,7 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         self._completer = _Completer()
         self._gname = ""
         self._gdesc = ""
+        self._mb_calls = 0  # this rank's monitored barriers so far: the nonce of its next arrival
         self._label()
         # Synchronous calls (asyncOp False) come from torch's Python wrappers, which only wait() on the Work
         # they get back: this one completed Work serves every synchronous call but allreduce's (which returns
@@ -1115,7 +1119,11 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         through to this backend, which it otherwise refuses by name).
         Rank 0 waits for a message from each other rank, then releases them all; the messages are
         point-to-point (tag :data:`MONITORED_BARRIER_TAG`), so a rank that never comes cannot hang the
-        others beyond ``timeout``.
+        others beyond ``timeout``. An arrival carries a number of its own (the rank's count of monitored
+        barriers), which rank 0 asks the rank to confirm before counting it and echoes in the release, so rank
+        0 counts only ranks waiting in a monitored barrier at that moment: the arrival of a rank that has
+        given up waiting (in a call rank 0 gave up on), or a release it no longer waits for, is set aside
+        rather than taken for the next call's.
 
         Args:
             timeout: how long to wait (the group's timeout when None).
@@ -1134,24 +1142,55 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         limit = (span if span is not None else datetime.timedelta(seconds=300)).total_seconds()
         ms = int(limit * 1000)
         t0 = time.monotonic()
-        token = np.zeros(1, np.int64)
+        msg = np.zeros(2, np.int64)  # (kind, nonce)
+
+        def left() -> float:
+            return limit - (time.monotonic() - t0)
+
+        def send(kind: int, nonce: int, to: int) -> None:
+            comm.isend(np.array([kind, nonce], np.int64), to, tag).wait()
+
         if comm.rank != 0:
-            comm.isend(token, 0, tag).wait()
+            self._mb_calls = mine = self._mb_calls + 1
+            send(_MB_ARRIVE, mine, 0)
             try:
-                comm.irecv(np.zeros(1, np.int64), 0, tag).wait(timeout=max(limit - (time.monotonic() - t0), 1e-3))
+                while True:  # rank 0's messages for earlier calls are answered or dropped, never taken for this one
+                    comm.irecv(msg, 0, tag).wait(timeout=max(left(), 1e-3))
+                    kind, nonce = int(msg[0]), int(msg[1])
+                    if kind == _MB_RELEASE and nonce == mine:
+                        return
+                    if kind == _MB_ASK:  # is this arrival the current one?
+                        send(_MB_YES if nonce == mine else _MB_STALE, nonce, 0)
             except CollectiveTimeoutError:
                 raise MonitoredBarrierError(f"Rank {comm.rank} successfully reached monitoredBarrier, but received "
                                             f"errors while waiting for send/recv from rank 0: no release within "
                                             f"{ms} ms") from None
-            return
         late: list[int] = []
+        came: dict[int, int] = {}
         for r in range(1, comm.size):
-            left = limit - (time.monotonic() - t0)
-            if left <= 0 and not late and not wait_all_ranks:
+            if left() <= 0 and not late and not wait_all_ranks:
                 raise MonitoredBarrierError(f"Rank 0 timed out in monitoredBarrier after {ms} ms (ranks "
                                             f"{list(range(r, comm.size))} not heard from)")
             try:
-                comm.irecv(np.zeros(1, np.int64), r, tag).wait(timeout=max(left, 1e-3))
+                newer: int | None = None  # an arrival that came while rank 0 waited for an answer
+                while r not in came:
+                    if newer is None:
+                        comm.irecv(msg, r, tag).wait(timeout=max(left(), 1e-3))
+                        if int(msg[0]) != _MB_ARRIVE:
+                            continue  # an answer to an earlier call's question
+                        nonce = int(msg[1])
+                    else:
+                        nonce, newer = newer, None
+                    send(_MB_ASK, nonce, r)
+                    while True:
+                        comm.irecv(msg, r, tag).wait(timeout=max(left(), 1e-3))
+                        kind = int(msg[0])
+                        if kind == _MB_ARRIVE:  # sent before the rank read the question: ask about it next
+                            newer = int(msg[1])
+                        elif kind in (_MB_YES, _MB_STALE) and int(msg[1]) == nonce:
+                            break
+                    if kind == _MB_YES:
+                        came[r] = nonce
             except CollectiveTimeoutError:
                 if not wait_all_ranks:
                     raise MonitoredBarrierError(f"Rank {r} failed to pass monitoredBarrier in {ms} ms") from None
@@ -1159,8 +1198,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         if late:
             raise MonitoredBarrierError(f"Ranks {', '.join(map(str, late))} failed to pass monitoredBarrier in "
                                         f"{ms} ms")
-        for w in [comm.isend(token, r, tag) for r in range(1, comm.size)]:
-            w.wait()
+        for r, nonce in came.items():
+            send(_MB_RELEASE, nonce, r)
 
     # ---- all-to-all, gather, scatter, point to point
     def alltoall_base(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: list[int],

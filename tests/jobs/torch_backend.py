@@ -799,6 +799,25 @@ def case_monitored_barrier() -> None:
             assert "Rank 0 timed out in monitoredBarrier" in str(exc), str(exc)
     dist.barrier()
     pg.monitored_barrier(datetime.timedelta(seconds=30))  # and it works again
+    # The last rank comes to a monitored barrier that rank 0 is not in (it gives up, as a rank does that arrives
+    # after rank 0 gave up): its arrival must not pass the group's next one, where it comes a second late.
+    if R == P - 1:
+        try:
+            pg.monitored_barrier(datetime.timedelta(seconds=0.5))
+            raise AssertionError(f"rank {R} passed a monitored barrier rank 0 is not in")
+        except ctorch.MonitoredBarrierError as exc:
+            assert f"Rank {R} successfully reached monitoredBarrier" in str(exc), str(exc)
+    dist.barrier()
+    if R == P - 1:
+        time.sleep(0.5)
+    came = time.monotonic()  # one clock for every process of the node
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+    passed = time.monotonic()
+    last_came = torch.tensor([came], dtype=torch.float64)
+    dist.broadcast(last_came, src=P - 1)
+    assert R != 0 or passed > float(last_came), \
+        f"rank 0 passed {float(last_came) - passed:.3f} s before rank {P - 1} came: it took an earlier call's arrival"
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
 
 
 def case_subgroups() -> None:
