@@ -74,8 +74,8 @@ BACKEND = "collective"
 #: The point-to-point tag of monitored_barrier's messages (user tags of dist.send stay below it).
 MONITORED_BARRIER_TAG = 1 << 28
 # monitored_barrier's messages: an arrival, rank 0's question whether it is the rank's current one, the answers,
-# the release (each with the arrival's number).
-_MB_ARRIVE, _MB_ASK, _MB_YES, _MB_STALE, _MB_RELEASE = 1, 2, 3, 4, 5
+# the release and the failure (each with the arrival's number).
+_MB_ARRIVE, _MB_ASK, _MB_YES, _MB_STALE, _MB_RELEASE, _MB_FAIL = 1, 2, 3, 4, 5, 6
 
 
 class MonitoredBarrierError(CollectiveTimeoutError, RuntimeError):
@@ -1123,7 +1123,8 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         barriers), which rank 0 asks the rank to confirm before counting it and echoes in the release, so rank
         0 counts only ranks waiting in a monitored barrier at that moment: the arrival of a rank that has
         given up waiting (in a call rank 0 gave up on), or a release it no longer waits for, is set aside
-        rather than taken for the next call's.
+        rather than taken for the next call's. When rank 0 fails a call, it tells every rank whose arrival has
+        reached it, which raises at once (as on gloo) instead of waiting out its own timeout.
 
         Args:
             timeout: how long to wait (the group's timeout when None).
@@ -1141,63 +1142,93 @@ class CollectiveProcessGroup(dist.ProcessGroup):
         span = timeout if timeout is not None else self._timeout  # a timedelta of 0 is falsy, but given
         limit = (span if span is not None else datetime.timedelta(seconds=300)).total_seconds()
         ms = int(limit * 1000)
+        # How long rank 0 waits for a rank's answer once that rank's arrival is here, whatever its own deadline:
+        # the rank came in time, and only its answer may be slow (a loaded machine).
+        grace = min(limit, 1.0)
         t0 = time.monotonic()
+        end = t0 + limit
         msg = np.zeros(2, np.int64)  # (kind, nonce)
-
-        def left() -> float:
-            return limit - (time.monotonic() - t0)
 
         def send(kind: int, nonce: int, to: int) -> None:
             comm.isend(np.array([kind, nonce], np.int64), to, tag).wait()
+
+        def receive(src: int, until: float) -> tuple[int, int]:
+            comm.irecv(msg, src, tag).wait(timeout=max(until - time.monotonic(), 1e-3))
+            return int(msg[0]), int(msg[1])
 
         if comm.rank != 0:
             self._mb_calls = mine = self._mb_calls + 1
             send(_MB_ARRIVE, mine, 0)
             try:
                 while True:  # rank 0's messages for earlier calls are answered or dropped, never taken for this one
-                    comm.irecv(msg, 0, tag).wait(timeout=max(left(), 1e-3))
-                    kind, nonce = int(msg[0]), int(msg[1])
-                    if kind == _MB_RELEASE and nonce == mine:
-                        return
+                    kind, nonce = receive(0, end)
                     if kind == _MB_ASK:  # is this arrival the current one?
                         send(_MB_YES if nonce == mine else _MB_STALE, nonce, 0)
+                        if nonce == mine:  # counted: wait for rank 0's verdict, which comes within its deadline
+                            end = max(end, time.monotonic() + limit + (comm.size - 1) * grace)
+                    elif nonce == mine and kind in (_MB_RELEASE, _MB_FAIL):
+                        break
             except CollectiveTimeoutError:
                 raise MonitoredBarrierError(f"Rank {comm.rank} successfully reached monitoredBarrier, but received "
                                             f"errors while waiting for send/recv from rank 0: no release within "
                                             f"{ms} ms") from None
+            if kind == _MB_FAIL:
+                raise MonitoredBarrierError(f"Rank {comm.rank} successfully reached monitoredBarrier, but received "
+                                            "errors while waiting for send/recv from rank 0: rank 0 failed the "
+                                            "barrier (some rank did not arrive in time)")
+            return
         late: list[int] = []
-        came: dict[int, int] = {}
+        came: dict[int, int] = {}  # rank: its current arrival
+        asking: dict[int, int] = {}  # rank: an arrival whose answer rank 0 did not get
+
+        def fail(text: str) -> MonitoredBarrierError:
+            # Every rank whose arrival is here hears that the call failed (a rank still waiting in it raises at
+            # once, as on gloo; one that has moved on drops it), so no arrival of this call is left for the next.
+            # The queued arrivals are all read before any rank is told: a rank told early could come to its next
+            # call in time to have that call's arrival read here too.
+            told = [*came.items(), *asking.items()]
+            for r in range(1, comm.size):
+                while True:
+                    try:
+                        kind, nonce = receive(r, 0.0)
+                    except CollectiveTimeoutError:
+                        break
+                    if kind == _MB_ARRIVE:
+                        told.append((r, nonce))
+            for r, nonce in told:
+                send(_MB_FAIL, nonce, r)
+            return MonitoredBarrierError(text)
+
         for r in range(1, comm.size):
-            if left() <= 0 and not late and not wait_all_ranks:
-                raise MonitoredBarrierError(f"Rank 0 timed out in monitoredBarrier after {ms} ms (ranks "
-                                            f"{list(range(r, comm.size))} not heard from)")
+            if time.monotonic() >= end and not late and not wait_all_ranks:
+                raise fail(f"Rank 0 timed out in monitoredBarrier after {ms} ms (ranks "
+                           f"{list(range(r, comm.size))} not heard from)")
             try:
                 newer: int | None = None  # an arrival that came while rank 0 waited for an answer
                 while r not in came:
                     if newer is None:
-                        comm.irecv(msg, r, tag).wait(timeout=max(left(), 1e-3))
-                        if int(msg[0]) != _MB_ARRIVE:
+                        kind, nonce = receive(r, end)
+                        if kind != _MB_ARRIVE:
                             continue  # an answer to an earlier call's question
-                        nonce = int(msg[1])
                     else:
                         nonce, newer = newer, None
                     send(_MB_ASK, nonce, r)
+                    asking[r] = nonce
                     while True:
-                        comm.irecv(msg, r, tag).wait(timeout=max(left(), 1e-3))
-                        kind = int(msg[0])
+                        kind, got = receive(r, max(end, time.monotonic() + grace))
                         if kind == _MB_ARRIVE:  # sent before the rank read the question: ask about it next
-                            newer = int(msg[1])
-                        elif kind in (_MB_YES, _MB_STALE) and int(msg[1]) == nonce:
+                            newer = got
+                        elif kind in (_MB_YES, _MB_STALE) and got == nonce:
                             break
+                    del asking[r]
                     if kind == _MB_YES:
                         came[r] = nonce
             except CollectiveTimeoutError:
                 if not wait_all_ranks:
-                    raise MonitoredBarrierError(f"Rank {r} failed to pass monitoredBarrier in {ms} ms") from None
+                    raise fail(f"Rank {r} failed to pass monitoredBarrier in {ms} ms") from None
                 late.append(r)
         if late:
-            raise MonitoredBarrierError(f"Ranks {', '.join(map(str, late))} failed to pass monitoredBarrier in "
-                                        f"{ms} ms")
+            raise fail(f"Ranks {', '.join(map(str, late))} failed to pass monitoredBarrier in {ms} ms")
         for r, nonce in came.items():
             send(_MB_RELEASE, nonce, r)
 

@@ -818,6 +818,22 @@ def case_monitored_barrier() -> None:
     assert R != 0 or passed > float(last_came), \
         f"rank 0 passed {float(last_came) - passed:.3f} s before rank {P - 1} came: it took an earlier call's arrival"
     dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+    if P < 3:
+        return
+    # Rank 1 stays away and rank 0 fails the call before it reads rank 2's arrival: rank 2, still waiting in that
+    # call, must fail it too (rank 0 tells it), not pass it when rank 0's next call comes.
+    dist.barrier()
+    if R == 1:
+        time.sleep(2.5)
+    else:
+        time.sleep(0.2 if R >= 2 else 0)
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=2.0 if R == 0 else 10.0))
+            raise AssertionError(f"rank {R} passed a monitored barrier that rank 0 failed")
+        except ctorch.MonitoredBarrierError as exc:
+            assert ("Rank 1 failed to pass monitoredBarrier" if R == 0 else
+                    f"Rank {R} successfully reached monitoredBarrier") in str(exc), str(exc)
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=30))
 
 
 def case_subgroups() -> None:
